@@ -1,0 +1,1 @@
+//! ftrt-runtime
