@@ -1,0 +1,310 @@
+//! The CUDA device: one context, one compute stream, cached kernel functions, plain
+//! allocations and host<->device copies. Kernels take raw addresses ([`DevPtr`]).
+
+use crate::driver_probe::probe_driver;
+use crate::error::RuntimeError;
+use crate::kernel_source::module_ptx;
+pub use cudarc;
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+/// PTX of one kernel family embedded at build time (ops' build.rs makes these statics).
+pub struct PtxModule {
+    /// Module name; also the file stem looked up in `FTRT_KERNEL_DIR` (`<name>.cu`).
+    pub name: &'static str,
+    /// PTX text (NUL-free), loaded with `cuModuleLoadData`.
+    pub ptx: &'static str,
+    /// The CUDA C the PTX was compiled from (for diagnostics).
+    pub cuda_source: &'static str,
+}
+
+/// A typed raw device address (a view into the arena or any allocation).
+/// `T` is the element type; the address is in bytes.
+#[derive(Debug)]
+#[repr(transparent)]
+pub struct DevPtr<T> {
+    pub addr: u64,
+    _t: PhantomData<T>,
+}
+
+impl<T> Clone for DevPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for DevPtr<T> {}
+
+impl<T> PartialEq for DevPtr<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.addr == other.addr
+    }
+}
+impl<T> Eq for DevPtr<T> {}
+
+impl<T> DevPtr<T> {
+    /// The pointer at byte address `addr`.
+    pub fn new(addr: u64) -> Self {
+        Self {
+            addr,
+            _t: PhantomData,
+        }
+    }
+    /// The null pointer (address 0).
+    pub fn null() -> Self {
+        Self::new(0)
+    }
+    /// The pointer `elems` elements of `T` further on.
+    pub fn offset(self, elems: usize) -> Self {
+        Self::new(self.addr + (elems * std::mem::size_of::<T>()) as u64)
+    }
+    /// The same address viewed as another element type.
+    pub fn cast<U>(self) -> DevPtr<U> {
+        DevPtr::new(self.addr)
+    }
+}
+
+/// What the device reports at open.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    /// (major, minor), e.g. (9, 0) for Hopper.
+    pub compute_capability: (i32, i32),
+    pub total_bytes: usize,
+    /// Free device memory when the device was opened.
+    pub free_bytes: usize,
+    /// `cuDriverGetVersion` encoding: 1000 * major + 10 * minor.
+    pub driver_version: i32,
+    pub sm_count: i32,
+}
+
+impl fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const GIB: f64 = (1u64 << 30) as f64;
+        write!(
+            f,
+            "GPU {}: {} (sm_{}{}, {} SMs), {:.1} GiB total, {:.1} GiB free, driver CUDA {}.{}",
+            self.ordinal,
+            self.name,
+            self.compute_capability.0,
+            self.compute_capability.1,
+            self.sm_count,
+            self.total_bytes as f64 / GIB,
+            self.free_bytes as f64 / GIB,
+            self.driver_version / 1000,
+            (self.driver_version % 1000) / 10
+        )
+    }
+}
+
+/// One plain device allocation (`cuMemAlloc`, never managed memory), freed on drop.
+pub struct DeviceBuffer {
+    ctx: Arc<CudaContext>,
+    addr: u64,
+    bytes: usize,
+}
+
+impl DeviceBuffer {
+    /// The start of the allocation as a typed pointer.
+    pub fn ptr<T>(&self) -> DevPtr<T> {
+        DevPtr::new(self.addr)
+    }
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.addr != 0 {
+            self.ctx.record_err(self.ctx.bind_to_thread());
+            // SAFETY: addr came from cuMemAlloc in this context and is freed once.
+            self.ctx.record_err(unsafe { result::free_sync(self.addr) });
+        }
+    }
+}
+
+/// One CUDA device: its primary context, one compute stream and a cache of loaded modules
+/// and function handles. cudarc's per-slice event tracking is disabled: the runtime orders
+/// work itself with streams and events.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    info: DeviceInfo,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`. Without a driver or GPU this is one clear error, never a panic.
+    pub fn open(ordinal: usize) -> Result<Gpu, RuntimeError> {
+        let driver_version = probe_driver(ordinal)?;
+        let ctx = CudaContext::new(ordinal)?;
+        // SAFETY: the runtime never uses CudaSlice; it orders streams with explicit events.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
+        let (free_bytes, total_bytes) = ctx.mem_get_info()?;
+        let info = DeviceInfo {
+            ordinal,
+            name: ctx.name()?,
+            compute_capability: ctx.compute_capability()?,
+            total_bytes,
+            free_bytes,
+            driver_version,
+            sm_count: ctx
+                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+        };
+        Ok(Gpu {
+            ctx,
+            stream,
+            info,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Device name, compute capability, memory, driver version, SM count.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// The compute stream every kernel and GEMM is launched on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The CUDA context (for creating more streams and events).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Loads `module` once per `Gpu` (cached by name) and returns the cached handle of the
+    /// function `name`. If `FTRT_KERNEL_DIR` holds `<module.name>.cu`, that source is compiled
+    /// with NVRTC (compute_80, includes from `FTRT_CUDA_INCLUDE`) instead of using `module.ptx`.
+    pub fn function(
+        &self,
+        module: &'static PtxModule,
+        name: &str,
+    ) -> Result<CudaFunction, RuntimeError> {
+        let mut functions = self.functions.lock().expect("function cache poisoned");
+        if let Some(f) = functions.get(&(module.name, name.to_string())) {
+            return Ok(f.clone());
+        }
+        let loaded = self.module(module)?;
+        let f = loaded.load_function(name).map_err(|e| {
+            RuntimeError::Module(format!("function {name} in module {}: {e}", module.name))
+        })?;
+        functions.insert((module.name, name.to_string()), f.clone());
+        Ok(f)
+    }
+
+    fn module(&self, module: &'static PtxModule) -> Result<Arc<CudaModule>, RuntimeError> {
+        let mut modules = self.modules.lock().expect("module cache poisoned");
+        if let Some(m) = modules.get(module.name) {
+            return Ok(m.clone());
+        }
+        let ptx = module_ptx(module)?;
+        let m = self
+            .ctx
+            .load_module(ptx)
+            .map_err(|e| RuntimeError::Module(format!("loading {}: {e}", module.name)))?;
+        modules.insert(module.name, m.clone());
+        Ok(m)
+    }
+
+    /// Waits until all work on the compute stream is done.
+    pub fn synchronize(&self) -> Result<(), RuntimeError> {
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// Allocates `bytes` of device memory (`cuMemAlloc`; 256-byte aligned by the driver).
+    pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer, RuntimeError> {
+        self.ctx.bind_to_thread()?;
+        let addr = if bytes == 0 {
+            0
+        } else {
+            // SAFETY: plain allocation; freed by DeviceBuffer's Drop.
+            unsafe { result::malloc_sync(bytes) }?
+        };
+        Ok(DeviceBuffer {
+            ctx: self.ctx.clone(),
+            addr,
+            bytes,
+        })
+    }
+
+    /// Copies `src` to `dst` (ordered on the compute stream) and waits for the copy.
+    pub fn upload<T: bytemuck::Pod>(&self, dst: DevPtr<T>, src: &[T]) -> Result<(), RuntimeError> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread()?;
+        // SAFETY: dst holds src.len() elements (caller's contract); we wait before returning,
+        // so src outlives the copy.
+        unsafe { result::memcpy_htod_async(dst.addr, src, self.stream.cu_stream()) }?;
+        self.synchronize()
+    }
+
+    /// Copies `dst.len()` elements from `src` (ordered on the compute stream) and waits.
+    pub fn download<T: bytemuck::Pod>(
+        &self,
+        src: DevPtr<T>,
+        dst: &mut [T],
+    ) -> Result<(), RuntimeError> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread()?;
+        // SAFETY: src holds dst.len() elements (caller's contract); we wait before returning.
+        unsafe { result::memcpy_dtoh_async(dst, src.addr, self.stream.cu_stream()) }?;
+        self.synchronize()
+    }
+
+    /// Zeroes `bytes` bytes at `dst`, asynchronously on the compute stream.
+    pub fn memset_zero(&self, dst: DevPtr<u8>, bytes: usize) -> Result<(), RuntimeError> {
+        self.ctx.bind_to_thread()?;
+        // SAFETY: caller guarantees [dst, dst+bytes) is device memory.
+        unsafe { result::memset_d8_async(dst.addr, 0, bytes, self.stream.cu_stream()) }?;
+        Ok(())
+    }
+
+    /// Copies `bytes` bytes device-to-device, asynchronously on the compute stream.
+    pub fn copy_d2d(
+        &self,
+        dst: DevPtr<u8>,
+        src: DevPtr<u8>,
+        bytes: usize,
+    ) -> Result<(), RuntimeError> {
+        self.ctx.bind_to_thread()?;
+        // SAFETY: caller guarantees both ranges are device memory of `bytes` bytes.
+        unsafe { result::memcpy_dtod_async(dst.addr, src.addr, bytes, self.stream.cu_stream()) }?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devptr_offset_and_cast() {
+        let p = DevPtr::<u16>::new(1024);
+        assert_eq!(p.offset(3).addr, 1030);
+        assert_eq!(p.cast::<f32>().offset(2).addr, 1032);
+        assert_eq!(DevPtr::<f32>::null().addr, 0);
+        assert_eq!(std::mem::size_of::<DevPtr<f64>>(), 8);
+    }
+
+    #[test]
+    fn open_without_gpu_is_one_line() {
+        if let Err(e) = Gpu::open(0) {
+            let line = e.to_string();
+            assert!(!line.is_empty() && !line.contains('\n'), "{line}");
+        }
+    }
+}
