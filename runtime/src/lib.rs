@@ -13,8 +13,11 @@ pub mod driver_probe;
 pub mod dtype;
 pub mod error;
 pub mod gemm;
+pub mod graph;
 pub mod kernel_source;
+pub mod planner;
 pub mod rng;
+pub mod synthetic;
 
 pub use device::{cudarc, DevPtr, DeviceBuffer, DeviceInfo, Gpu, PtxModule};
 pub use dtype::DType;

@@ -1,0 +1,82 @@
+//! The human-readable plan report (`ftrt plan`).
+
+use super::{Plan, SavedChoice};
+use std::fmt;
+
+/// `1.50 GiB`, `12.0 MiB`, `512 B`.
+pub fn fmt_bytes(b: usize) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if b < 1024 {
+        return format!("{b} B");
+    }
+    let mut v = b as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.2} {}", UNITS[u])
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let frag = if self.live_peak_bytes == 0 {
+            0.0
+        } else {
+            100.0 * (self.arena_bytes as f64 / self.live_peak_bytes as f64 - 1.0)
+        };
+        writeln!(
+            f,
+            "memory plan: {} nodes, {} tensors",
+            self.num_nodes,
+            self.tensor_labels.len()
+        )?;
+        writeln!(f, "  device arena (peak): {}", fmt_bytes(self.arena_bytes))?;
+        writeln!(
+            f,
+            "  live peak:           {} at node {} ({frag:.1}% placement overhead)",
+            fmt_bytes(self.live_peak_bytes),
+            self.peak_node
+        )?;
+        if let Some(b) = self.budget {
+            writeln!(f, "  VRAM budget:         {}", fmt_bytes(b))?;
+        }
+        writeln!(f, "  pinned host pool:    {}", fmt_bytes(self.host_bytes))?;
+        writeln!(
+            f,
+            "  {:<16} {:>8} {:>12} {:>12}",
+            "class", "tensors", "total", "at peak"
+        )?;
+        for c in &self.classes {
+            writeln!(
+                f,
+                "  {:<16} {:>8} {:>12} {:>12}",
+                c.lifetime.to_string(),
+                c.tensors,
+                fmt_bytes(c.total_bytes),
+                fmt_bytes(c.at_peak_bytes)
+            )?;
+        }
+        let count = |c: SavedChoice| self.decisions.iter().filter(|d| d.choice == c).count();
+        writeln!(
+            f,
+            "  saved tensors: {} kept, {} offloaded, {} recomputed",
+            count(SavedChoice::Keep),
+            count(SavedChoice::Offload),
+            count(SavedChoice::Recompute)
+        )?;
+        for d in &self.decisions {
+            let choice = match d.choice {
+                SavedChoice::Keep => "keep",
+                SavedChoice::Offload => "offload",
+                SavedChoice::Recompute => "recompute",
+            };
+            writeln!(
+                f,
+                "    {choice:<9} {}: {}",
+                self.tensor_labels[d.tensor.0], d.reason
+            )?;
+        }
+        Ok(())
+    }
+}
