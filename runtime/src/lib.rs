@@ -15,6 +15,7 @@ pub mod error;
 pub mod gemm;
 pub mod graph;
 pub mod kernel_source;
+pub mod offload;
 pub mod planner;
 pub mod rng;
 pub mod synthetic;
