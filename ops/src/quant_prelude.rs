@@ -606,7 +606,7 @@ mod tests {
             // 3. offset: ours is the exactly rounded mean, bnb's is torch.mean's
             let offset_bnb = f32s(&st, "offset")[0];
             let offset = absmax_mean(&absmax);
-            let tol = 4.0 * f32::EPSILON * offset.abs().max(f32::MIN_POSITIVE);
+            let tol = 32.0 * f32::EPSILON * offset.abs().max(f32::MIN_POSITIVE); // torch.mean: f32 tree sum
             assert!((offset - offset_bnb).abs() <= tol, "{f}: offset {offset} vs bnb {offset_bnb}");
 
             // 4. nested quantization with bnb's offset
