@@ -12,6 +12,7 @@ pub mod device;
 pub mod driver_probe;
 pub mod dtype;
 pub mod error;
+pub mod executor;
 pub mod gemm;
 pub mod graph;
 pub mod kernel_source;

@@ -1,0 +1,155 @@
+//! CPU executor tests: planned runs (with and without offloads and recomputes) against an
+//! unplanned interpreter that gives every tensor its own buffer.
+
+use super::CpuExecutor;
+use crate::dtype::DType;
+use crate::error::RuntimeError;
+use crate::gemm::GemmDesc;
+use crate::graph::{CpuArgs, Graph, GraphBuilder, Lifetime, Node, NodeKind, TensorId};
+use crate::planner::{plan, PlanOptions};
+use crate::rng::SplitMix64;
+use crate::synthetic::training_graph;
+
+/// Runs `g` with one private buffer per tensor (kernel nodes only); returns all buffers.
+fn interpret(g: &Graph, init: &[(TensorId, Vec<f32>)]) -> Vec<Vec<u8>> {
+    let mut bufs: Vec<Vec<u8>> = g.tensors.iter().map(|t| vec![0u8; t.bytes()]).collect();
+    for (t, v) in init {
+        bufs[t.0] = bytemuck::cast_slice(v).to_vec();
+    }
+    for node in &g.nodes {
+        let NodeKind::Kernel { cpu: Some(k), .. } = &node.kind else {
+            panic!("interpreter runs CPU kernels only");
+        };
+        let ins: Vec<Vec<u8>> = node.inputs().iter().map(|t| bufs[t.0].clone()).collect();
+        let mut outs: Vec<Vec<u8>> = node
+            .writes
+            .iter()
+            .map(|t| std::mem::take(&mut bufs[t.0]))
+            .collect();
+        k.run(&mut CpuArgs {
+            inputs: ins.iter().map(Vec::as_slice).collect(),
+            outputs: outs.iter_mut().map(Vec::as_mut_slice).collect(),
+        })
+        .unwrap();
+        for (t, o) in node.writes.iter().zip(outs) {
+            bufs[t.0] = o;
+        }
+    }
+    bufs
+}
+
+/// Random initial values for the whole-step tensors.
+fn inputs(g: &Graph, seed: u64) -> Vec<(TensorId, Vec<f32>)> {
+    let mut rng = SplitMix64::new(seed);
+    (0..g.tensors.len())
+        .map(TensorId)
+        .filter(|&t| g.whole_step(t))
+        .map(|t| {
+            (
+                t,
+                (0..g.tensor(t).elems())
+                    .map(|_| rng.symmetric_f32())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn planned_runs_match_the_unplanned_interpreter_with_offload_and_recompute() {
+    let (mut offloaded, mut recomputed) = (0, 0);
+    for seed in 0..100 {
+        let g = training_graph(seed, 2 + seed as usize % 6, 1 << 13);
+        let init = inputs(&g, seed);
+        let want = interpret(&g, &init);
+        let full = plan(&g, &PlanOptions::default()).unwrap();
+        for frac in [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7] {
+            let opts = PlanOptions {
+                vram_budget: Some((full.arena_bytes as f64 * frac) as usize),
+                ..PlanOptions::default()
+            };
+            let Ok(p) = plan(&g, &opts) else { continue };
+            offloaded += p.offloads.len();
+            recomputed += p.recomputes.len();
+            let mut ex = CpuExecutor::new(&g, &p);
+            for (t, v) in &init {
+                ex.write(*t, v).unwrap();
+            }
+            ex.run_step().unwrap();
+            for t in (0..g.tensors.len())
+                .map(TensorId)
+                .filter(|&t| g.whole_step(t))
+            {
+                assert_eq!(
+                    ex.tensor(t).unwrap(),
+                    want[t.0].as_slice(),
+                    "seed {seed} frac {frac} tensor {}",
+                    g.tensor(t).name
+                );
+            }
+        }
+    }
+    eprintln!("offloaded {offloaded}, recomputed {recomputed}");
+    assert!(
+        offloaded > 10 && recomputed > 10,
+        "offloaded {offloaded}, recomputed {recomputed}"
+    );
+}
+
+#[test]
+fn gemm_copy_and_host_callback_nodes() {
+    let mut b = GraphBuilder::new();
+    let x = b.tensor("x", &[3, 5], DType::F32, Lifetime::Weight);
+    let w = b.tensor("w", &[4, 5], DType::F32, Lifetime::Weight);
+    let bias = b.tensor("bias", &[4], DType::F32, Lifetime::Weight);
+    let y = b.tensor("y", &[3, 4], DType::F32, Lifetime::Activation);
+    let y2 = b.tensor("y2", &[3, 4], DType::F32, Lifetime::Activation);
+    let out = b.tensor("out", &[3, 4], DType::F32, Lifetime::Weight);
+    let desc = GemmDesc::new(3, 4, 5).transposed(false, true);
+    b.node(Node::gemm("y = x w^T + bias", desc, x, w, y, Some(bias)));
+    b.node(Node::copy("y2 = y", y, y2));
+    b.node(Node::host(
+        "out = 2 y2",
+        &[y2],
+        &[out],
+        |a: &mut CpuArgs<'_>| {
+            let (i, mut o) = a.split::<f32>();
+            for (d, s) in o[0].iter_mut().zip(i[0]) {
+                *d = 2.0 * s;
+            }
+            Ok(())
+        },
+    ));
+    let g = b.build().unwrap();
+    let p = plan(&g, &PlanOptions::default()).unwrap();
+    let mut ex = CpuExecutor::new(&g, &p);
+    let xs: Vec<f32> = (0..15).map(|i| i as f32).collect();
+    let ws: Vec<f32> = (0..20).map(|i| (i % 3) as f32 - 1.0).collect();
+    ex.write(x, &xs).unwrap();
+    ex.write(w, &ws).unwrap();
+    ex.write(bias, &[0.5f32, 1.0, 1.5, 2.0]).unwrap();
+    ex.run_step().unwrap();
+    let got = ex.read::<f32>(out).unwrap();
+    for i in 0..3 {
+        for j in 0..4 {
+            let dot: f32 = (0..5).map(|k| xs[i * 5 + k] * ws[j * 5 + k]).sum();
+            assert_eq!(got[i * 4 + j], 2.0 * (dot + 0.5 * (j + 1) as f32));
+        }
+    }
+    assert!(ex.write(x, &[0f32; 3]).is_err());
+}
+
+#[test]
+fn missing_cpu_kernel_is_an_error() {
+    let mut b = GraphBuilder::new();
+    let x = b.tensor("x", &[4], DType::F32, Lifetime::Weight);
+    let y = b.tensor("y", &[4], DType::F32, Lifetime::Activation);
+    b.node(Node::kernel("gpu_only", &[x], &[y]));
+    let g = b.build().unwrap();
+    let p = plan(&g, &PlanOptions::default()).unwrap();
+    let err = CpuExecutor::new(&g, &p).run_step().unwrap_err();
+    assert!(
+        matches!(err, RuntimeError::Unsupported(ref m) if m.contains("gpu_only")),
+        "{err}"
+    );
+}
