@@ -171,11 +171,11 @@ impl<'g> CpuExecutor<'g> {
                 let bias_idx = bias.map(|_| 2);
                 match dt {
                     DType::F32 => {
-                        let (i, o) = args.split::<f32>();
+                        let (i, mut o) = args.split::<f32>();
                         gemm(desc, i[0], i[1], o[0], bias_idx.map(|k| i[k]))
                     }
                     DType::F64 => {
-                        let (i, o) = args.split::<f64>();
+                        let (i, mut o) = args.split::<f64>();
                         gemm(desc, i[0], i[1], o[0], bias_idx.map(|k| i[k]))
                     }
                     other => Err(err(&format!("CPU GEMM supports f32 and f64, not {other}"))),
