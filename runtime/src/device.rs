@@ -136,7 +136,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     info: DeviceInfo,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    /// Module name -> function name -> handle (looked up without allocating).
+    functions: Mutex<HashMap<&'static str, HashMap<String, CudaFunction>>>,
 }
 
 impl Gpu {
@@ -191,14 +192,17 @@ impl Gpu {
         name: &str,
     ) -> Result<CudaFunction, RuntimeError> {
         let mut functions = self.functions.lock().expect("function cache poisoned");
-        if let Some(f) = functions.get(&(module.name, name.to_string())) {
+        if let Some(f) = functions.get(module.name).and_then(|m| m.get(name)) {
             return Ok(f.clone());
         }
         let loaded = self.module(module)?;
         let f = loaded.load_function(name).map_err(|e| {
             RuntimeError::Module(format!("function {name} in module {}: {e}", module.name))
         })?;
-        functions.insert((module.name, name.to_string()), f.clone());
+        functions
+            .entry(module.name)
+            .or_default()
+            .insert(name.to_string(), f.clone());
         Ok(f)
     }
 
