@@ -1,1 +1,10 @@
-//! ftrt-ops
+//! ftrt-ops: every op, forward and backward together, one file per family, written once in
+//! the op DSL (`op!`). Each op expands here into its CPU reference, typed GPU launcher and
+//! gradient check; `build.rs` compiles the same definitions to CUDA/HIP in `kernels-generated/`.
+pub mod dsl;
+pub mod kernels {
+    //! Embedded PTX modules, one per kernel family.
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+pub mod norm;
+pub mod quant_prelude;

@@ -1,0 +1,514 @@
+//! CUDA C (and HIP C) emitter: one `template` body per pass plus `extern "C"` entry points for
+//! each launch shape the launcher may pick.
+//!
+//! Row passes: `TPR` threads per row (32: a warp per row, 8 rows per block; 256: a block per
+//! row), the row swept `VEC` elements per thread per step. Flat passes: one thread per `VEC`
+//! consecutive elements of the loop nest, grid-stride. `VEC` is 8 (16-byte bf16 accesses) when
+//! the launcher proves alignment, else 1.
+use crate::ast::*;
+use crate::lower::{flat_offset, lower, pass_args, pass_fn_name, Arg, Lowered, Reduction, Shape, Step};
+use crate::validate::{Name, Scope, Ty};
+use crate::vectorize::{vec_access, vec_loads, VecAccess};
+use std::fmt::Write;
+
+/// Threads per row of the row-kernel variants, and the inner extent up to which the
+/// warp-per-row variant is used.
+pub const ROW_VARIANTS: [u32; 2] = [32, 256];
+pub const WARP_ROW_MAX_INNER: i64 = 1024;
+/// Threads per block of flat kernels.
+pub const FLAT_THREADS: u32 = 256;
+
+/// Entry-point name of one variant: `rms_norm_forward_w32_v8`, `swiglu_forward_v1`.
+pub fn variant_name(base: &str, shape: Shape, tpr: u32, vec: u32) -> String {
+    match shape {
+        Shape::Row => format!("{base}_w{tpr}_v{vec}"),
+        Shape::Flat => format!("{base}_v{vec}"),
+    }
+}
+
+/// The kernels of one op, as CUDA C (the prelude is added once per file by the pipeline).
+pub fn emit_op(op: &OpDef) -> String {
+    let mut out = String::new();
+    writeln!(out, "// ==== op `{}` ====", op.name).unwrap();
+    for line in &op.doc {
+        writeln!(out, "// {line}").unwrap();
+    }
+    for pass in &op.passes {
+        out.push('\n');
+        emit_pass(&mut out, op, pass);
+    }
+    out
+}
+
+fn c_type(d: DType) -> &'static str {
+    match d {
+        DType::T => "ftrt_t",
+        DType::F32 => "float",
+        DType::I32 => "int",
+        DType::U8 => "unsigned char",
+    }
+}
+
+fn c_param_list(args: &[Arg]) -> String {
+    args.iter()
+        .map(|a| match a {
+            Arg::Dim(d) => format!("long long {d}"),
+            Arg::Scalar(s) if s.dtype.is_float() => format!("float {}", s.name),
+            Arg::Scalar(s) => format!("long long {}", s.name),
+            Arg::Tensor { decl, written: true } => format!("{}* __restrict__ {}", c_type(decl.dtype), decl.name),
+            Arg::Tensor { decl, written: false } => {
+                format!("const {}* __restrict__ {}", c_type(decl.dtype), decl.name)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn c_arg_names(args: &[Arg]) -> String {
+    args.iter()
+        .map(|a| match a {
+            Arg::Dim(d) => d.clone(),
+            Arg::Scalar(s) => s.name.clone(),
+            Arg::Tensor { decl, .. } => decl.name.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn emit_pass(out: &mut String, op: &OpDef, pass: &Pass) {
+    let lowered = lower(op, pass);
+    let args = pass_args(op, pass);
+    let base = pass_fn_name(op, pass);
+    let params = c_param_list(&args);
+    let names = c_arg_names(&args);
+    let title = crate::validate::pass_title(pass);
+    writeln!(out, "// {} {title}: {} pass over ({})", op.name, shape_word(lowered.shape), loop_desc(pass)).unwrap();
+    let mut e = Emitter { out: String::new(), scope: lowered.scope.clone(), vregs: Vec::new(), indent: 1 };
+    match lowered.shape {
+        Shape::Row => {
+            writeln!(out, "template <int TPR, int VEC>").unwrap();
+            writeln!(out, "__device__ __forceinline__ void {base}_body({params}) {{").unwrap();
+            e.row_body(pass, &lowered);
+            out.push_str(&e.out);
+            out.push_str("}\n");
+            for tpr in ROW_VARIANTS {
+                for vec in [8, 1] {
+                    let bpb = if tpr == 32 { 256 } else { tpr };
+                    writeln!(
+                        out,
+                        "extern \"C\" __global__ void __launch_bounds__({bpb}) {}({params}) {{ {base}_body<{tpr}, {vec}>({names}); }}",
+                        variant_name(&base, Shape::Row, tpr, vec)
+                    )
+                    .unwrap();
+                }
+            }
+        }
+        Shape::Flat => {
+            writeln!(out, "template <int VEC>").unwrap();
+            writeln!(out, "__device__ __forceinline__ void {base}_body({params}) {{").unwrap();
+            e.flat_body(pass, &lowered);
+            out.push_str(&e.out);
+            out.push_str("}\n");
+            for vec in [8, 1] {
+                writeln!(
+                    out,
+                    "extern \"C\" __global__ void __launch_bounds__({FLAT_THREADS}) {}({params}) {{ {base}_body<{vec}>({names}); }}",
+                    variant_name(&base, Shape::Flat, 0, vec)
+                )
+                .unwrap();
+            }
+        }
+    }
+}
+
+fn shape_word(s: Shape) -> &'static str {
+    match s {
+        Shape::Row => "row",
+        Shape::Flat => "flat",
+    }
+}
+
+fn loop_desc(pass: &Pass) -> String {
+    pass.indices.iter().map(|i| format!("{} in {}", i.name, expr_text(&i.extent))).collect::<Vec<_>>().join(", ")
+}
+
+/// Plain text of an expression, for comments.
+pub fn expr_text(e: &Expr) -> String {
+    match e {
+        Expr::Float(v) => format!("{v:?}"),
+        Expr::Int(v) => v.to_string(),
+        Expr::Var(v) => v.clone(),
+        Expr::Load { tensor, index } => {
+            format!("{tensor}[{}]", index.iter().map(expr_text).collect::<Vec<_>>().join(", "))
+        }
+        Expr::Unary { op: UnOp::Neg, arg } => format!("-{}", expr_text(arg)),
+        Expr::Unary { op: UnOp::Not, arg } => format!("!{}", expr_text(arg)),
+        Expr::Binary { op, lhs, rhs } => format!("({} {} {})", expr_text(lhs), op.symbol(), expr_text(rhs)),
+        Expr::Call { func, args } => {
+            format!("{func}({})", args.iter().map(expr_text).collect::<Vec<_>>().join(", "))
+        }
+        Expr::RowReduce { op, body } => format!("{op:?}(row, {})", expr_text(body)),
+        Expr::SerialReduce { op, var, lo, hi, body } => {
+            format!("{op:?}({var} in {}..{}, {})", expr_text(lo), expr_text(hi), expr_text(body))
+        }
+    }
+}
+
+struct Emitter {
+    out: String,
+    scope: Scope,
+    /// Register arrays of the vector accesses live in the current sweep: (key, array name).
+    vregs: Vec<(String, String)>,
+    indent: usize,
+}
+
+impl Emitter {
+    fn line(&mut self, s: &str) {
+        for _ in 0..self.indent {
+            self.out.push_str("    ");
+        }
+        self.out.push_str(s);
+        self.out.push('\n');
+    }
+
+    /// Decomposes `flat` into the given loop indices (innermost last) as C locals.
+    fn decompose(&mut self, flat: &str, indices: &[LoopIndex]) {
+        self.line(&format!("long long rem_ = {flat};"));
+        for (i, idx) in indices.iter().enumerate().rev() {
+            let ext = self.expr(&idx.extent);
+            if i == 0 {
+                self.line(&format!("const long long {} = rem_;", idx.name));
+            } else {
+                self.line(&format!("const long long {} = rem_ % ({ext});", idx.name));
+                self.line(&format!("rem_ /= ({ext});"));
+            }
+        }
+        self.line("(void)rem_;");
+    }
+
+    fn row_body(&mut self, pass: &Pass, lowered: &Lowered) {
+        let (outer, inner) = pass.indices.split_at(pass.indices.len() - 1);
+        let inner = &inner[0];
+        let nrows = if outer.is_empty() {
+            "1LL".to_string()
+        } else {
+            outer.iter().map(|i| format!("({})", self.expr(&i.extent))).collect::<Vec<_>>().join(" * ")
+        };
+        self.line("const int lane = threadIdx.x;");
+        self.line("const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;");
+        self.line(&format!("if (row >= {nrows}) return;"));
+        if !outer.is_empty() {
+            self.decompose("row", outer);
+        }
+        let inner_ext = self.expr(&inner.extent);
+        for step in &lowered.steps {
+            match step {
+                Step::Stmt(s) => self.scalar_stmt(s, true),
+                Step::Reduce(reds) => self.reduce_sweep(reds, &inner.name, &inner_ext),
+                Step::Stores(stores) => self.store_sweep(stores, &inner.name, &inner_ext, "lane", "TPR"),
+            }
+        }
+    }
+
+    fn flat_body(&mut self, pass: &Pass, lowered: &Lowered) {
+        let total =
+            pass.indices.iter().map(|i| format!("({})", self.expr(&i.extent))).collect::<Vec<_>>().join(" * ");
+        let (outer, inner) = pass.indices.split_at(pass.indices.len() - 1);
+        let inner = &inner[0];
+        self.line(&format!("const long long nchunks = ({total}) / VEC;"));
+        self.line("for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;");
+        self.line("     chunk += (long long)gridDim.x * blockDim.x) {");
+        self.indent += 1;
+        let mut idx: Vec<LoopIndex> = outer.to_vec();
+        idx.push(LoopIndex { name: format!("{}0_", inner.name), extent: inner.extent.clone() });
+        self.decompose("chunk * VEC", &idx);
+        // Lets that do not move along the row are computed once per chunk.
+        let mut per_elem = Vec::new();
+        for step in &lowered.steps {
+            match step {
+                Step::Stmt(s @ Stmt::Let { name, .. }) if !self.scope.varying.contains(name) => {
+                    self.scalar_stmt(s, false)
+                }
+                Step::Stmt(s) => per_elem.push(s.clone()),
+                Step::Stores(st) => per_elem.extend(st.iter().cloned()),
+                Step::Reduce(_) => unreachable!("flat passes have no row reductions"),
+            }
+        }
+        self.element_loop(&per_elem, &inner.name, &format!("{}0_", inner.name));
+        self.indent -= 1;
+        self.line("}");
+    }
+
+    fn scalar_stmt(&mut self, s: &Stmt, lane0_stores: bool) {
+        match s {
+            Stmt::Let { name, value } => {
+                let ty = if self.scope.ty(value).expect("validated") == Ty::Float { "float" } else { "long long" };
+                let v = self.expr(value);
+                self.line(&format!("const {ty} {name} = {v};"));
+            }
+            Stmt::Store { tensor, index, value } => {
+                let st = self.store_expr(tensor, index, value);
+                if lane0_stores {
+                    self.line(&format!("if (lane == 0) {{ {st} }}"));
+                } else {
+                    self.line(&st);
+                }
+            }
+        }
+    }
+
+    fn store_expr(&mut self, tensor: &str, index: &[Expr], value: &Expr) -> String {
+        let t = self.scope.tensors[tensor].clone();
+        let off = self.expr(&flat_offset(&t, index));
+        let v = self.expr(value);
+        format!("{tensor}[{off}] = {};", convert_to(t.dtype, &v))
+    }
+
+    /// Loads every vector access of `exprs` for the `VEC` elements starting at `c0`.
+    fn preload(&mut self, accesses: &[VecAccess], inner: &str, c0: &str) {
+        for a in accesses {
+            let name = format!("v{}_", self.vregs.len());
+            let t = self.scope.tensors[&a.tensor].clone();
+            let index: Vec<Expr> = a
+                .index
+                .iter()
+                .map(|i| crate::validate::map(i, &mut |x| match x {
+                    Expr::Var(v) if v == inner => Expr::Var(c0.to_string()),
+                    o => o,
+                }))
+                .collect();
+            let off = self.expr(&flat_offset(&t, &index));
+            self.line(&format!("float {name}[VEC]; ftrt_load_vec<VEC>({name}, {} + ({off}));", a.tensor));
+            self.vregs.push((a.key(), name));
+        }
+    }
+
+    fn reduce_sweep(&mut self, reds: &[Reduction], inner: &str, inner_ext: &str) {
+        for r in reds {
+            match r.op {
+                ReduceOp::LogSumExp => {
+                    self.line(&format!("float {0}_m = -INFINITY, {0}_s = 0.f;", r.acc));
+                }
+                op => self.line(&format!("float {}_p = {};", r.acc, reduce_init(op))),
+            }
+        }
+        self.line(&format!(
+            "for (long long {inner}0_ = (long long)lane * VEC; {inner}0_ < ({inner_ext}); {inner}0_ += (long long)TPR * VEC) {{"
+        ));
+        self.indent += 1;
+        let accesses = vec_loads(&self.scope, reds.iter().map(|r| &r.body));
+        self.preload(&accesses, inner, &format!("{inner}0_"));
+        self.line("#pragma unroll");
+        self.line("for (int k_ = 0; k_ < VEC; ++k_) {");
+        self.indent += 1;
+        self.line(&format!("const long long {inner} = {inner}0_ + k_; (void){inner};"));
+        for r in reds {
+            let b = self.expr(&r.body);
+            let upd = match r.op {
+                ReduceOp::Sum | ReduceOp::Mean => format!("{0}_p += {b};", r.acc),
+                ReduceOp::Max => format!("{0}_p = fmaxf({0}_p, {b});", r.acc),
+                ReduceOp::Min => format!("{0}_p = fminf({0}_p, {b});", r.acc),
+                ReduceOp::LogSumExp => format!("ftrt_lse_push({0}_m, {0}_s, {b});", r.acc),
+            };
+            self.line(&upd);
+        }
+        self.indent -= 1;
+        self.line("}");
+        self.vregs.clear();
+        self.indent -= 1;
+        self.line("}");
+        for r in reds {
+            let fin = match r.op {
+                ReduceOp::Sum => format!("ftrt_row_sum<TPR>({}_p)", r.acc),
+                ReduceOp::Mean => format!("ftrt_row_sum<TPR>({}_p) / (float)({inner_ext})", r.acc),
+                ReduceOp::Max => format!("ftrt_row_max<TPR>({}_p)", r.acc),
+                ReduceOp::Min => format!("ftrt_row_min<TPR>({}_p)", r.acc),
+                ReduceOp::LogSumExp => format!("ftrt_row_lse<TPR>({0}_m, {0}_s)", r.acc),
+            };
+            self.line(&format!("const float {} = {fin};", r.acc));
+        }
+    }
+
+    fn store_sweep(&mut self, stores: &[Stmt], inner: &str, inner_ext: &str, lane: &str, step: &str) {
+        self.line(&format!(
+            "for (long long {inner}0_ = (long long){lane} * VEC; {inner}0_ < ({inner_ext}); {inner}0_ += (long long){step} * VEC) {{"
+        ));
+        self.indent += 1;
+        self.element_loop(stores, inner, &format!("{inner}0_"));
+        self.indent -= 1;
+        self.line("}");
+    }
+
+    /// The `VEC` elements from `c0`: vector loads, then per element every statement (values
+    /// first, writes last), then vector stores.
+    fn element_loop(&mut self, stmts: &[Stmt], inner: &str, c0: &str) {
+        let exprs: Vec<&Expr> = stmts
+            .iter()
+            .flat_map(|s| match s {
+                Stmt::Let { value, .. } => vec![value],
+                Stmt::Store { index, value, .. } => index.iter().chain(std::iter::once(value)).collect(),
+            })
+            .collect();
+        let accesses = vec_loads(&self.scope, exprs);
+        self.preload(&accesses, inner, c0);
+        // Vectorised stores collect into register arrays.
+        let mut vstores: Vec<(usize, VecAccess, String)> = Vec::new();
+        for (i, s) in stmts.iter().enumerate() {
+            if let Stmt::Store { tensor, index, .. } = s {
+                if let Some(a) = vec_access(&self.scope, tensor, index) {
+                    let name = format!("s{i}_");
+                    self.line(&format!("float {name}[VEC];"));
+                    vstores.push((i, a, name));
+                }
+            }
+        }
+        self.line("#pragma unroll");
+        self.line("for (int k_ = 0; k_ < VEC; ++k_) {");
+        self.indent += 1;
+        self.line(&format!("const long long {inner} = {c0} + k_; (void){inner};"));
+        let mut writes = Vec::new();
+        for (i, s) in stmts.iter().enumerate() {
+            match s {
+                Stmt::Let { .. } => self.scalar_stmt(s, false),
+                Stmt::Store { tensor, index, value } => {
+                    let v = self.expr(value);
+                    self.line(&format!("const float w{i}_ = {v};"));
+                    match vstores.iter().find(|(j, _, _)| *j == i) {
+                        Some((_, _, name)) => writes.push(format!("{name}[k_] = w{i}_;")),
+                        None => {
+                            let t = self.scope.tensors[tensor].clone();
+                            let off = self.expr(&flat_offset(&t, index));
+                            writes.push(format!("{tensor}[{off}] = {};", convert_to(t.dtype, &format!("w{i}_"))));
+                        }
+                    }
+                }
+            }
+        }
+        for w in writes {
+            self.line(&w);
+        }
+        self.indent -= 1;
+        self.line("}");
+        for (_, a, name) in vstores {
+            let t = self.scope.tensors[&a.tensor].clone();
+            let index: Vec<Expr> = a
+                .index
+                .iter()
+                .map(|i| crate::validate::map(i, &mut |x| match x {
+                    Expr::Var(v) if v == inner => Expr::Var(c0.to_string()),
+                    o => o,
+                }))
+                .collect();
+            let off = self.expr(&flat_offset(&t, &index));
+            self.line(&format!("ftrt_store_vec<VEC>({} + ({off}), {name});", a.tensor));
+        }
+        self.vregs.clear();
+    }
+
+    fn ty(&self, e: &Expr) -> Ty {
+        self.scope.ty(e).expect("validated")
+    }
+
+    fn expr(&mut self, e: &Expr) -> String {
+        match e {
+            Expr::Float(v) if v.is_infinite() => (if *v > 0.0 { "INFINITY" } else { "-INFINITY" }).into(),
+            Expr::Float(v) => format!("{v:?}f"),
+            Expr::Int(v) => format!("{v}LL"),
+            Expr::Var(v) => v.clone(),
+            Expr::Load { tensor, index } => {
+                if let Some(a) = vec_access(&self.scope, tensor, index) {
+                    if let Some((_, name)) = self.vregs.iter().find(|(k, _)| *k == a.key()) {
+                        return format!("{name}[k_]");
+                    }
+                }
+                let t = self.scope.tensors[tensor].clone();
+                let off = self.expr(&flat_offset(&t, index));
+                format!("ftrt_ld({tensor}[{off}])")
+            }
+            Expr::Unary { op: UnOp::Neg, arg } => format!("(-{})", self.expr(arg)),
+            Expr::Unary { op: UnOp::Not, arg } => format!("(!{})", self.expr(arg)),
+            Expr::Binary { op, lhs, rhs } => {
+                let (l, r) = (self.expr(lhs), self.expr(rhs));
+                // Mixed int/float arithmetic promotes the int in f32, as C does.
+                format!("({l} {} {r})", op.symbol())
+            }
+            Expr::Call { func, args } => self.call(func, args),
+            Expr::RowReduce { .. } => unreachable!("row reductions are lowered to sweeps"),
+            Expr::SerialReduce { op, var, lo, hi, body } => {
+                let (lo, hi) = (self.expr(lo), self.expr(hi));
+                let saved = self.scope.clone();
+                self.scope.names.insert(var.clone(), Name::Index);
+                let b = self.expr(body);
+                self.scope = saved;
+                let (init, upd, fin) = match op {
+                    ReduceOp::Sum => ("float a_ = 0.f;".to_string(), format!("a_ += {b};"), "a_".to_string()),
+                    ReduceOp::Mean => (
+                        "float a_ = 0.f;".to_string(),
+                        format!("a_ += {b};"),
+                        format!("a_ / (float)(({hi}) - ({lo}))"),
+                    ),
+                    ReduceOp::Max => ("float a_ = -INFINITY;".into(), format!("a_ = fmaxf(a_, {b});"), "a_".into()),
+                    ReduceOp::Min => ("float a_ = INFINITY;".into(), format!("a_ = fminf(a_, {b});"), "a_".into()),
+                    ReduceOp::LogSumExp => (
+                        "float m_ = -INFINITY, s_ = 0.f;".into(),
+                        format!("ftrt_lse_push(m_, s_, {b});"),
+                        "(m_ + logf(s_))".into(),
+                    ),
+                };
+                format!("([&]() {{ {init} for (long long {var} = {lo}; {var} < {hi}; ++{var}) {{ {upd} }} return {fin}; }}())")
+            }
+        }
+    }
+
+    fn call(&mut self, func: &str, args: &[Expr]) -> String {
+        let float_result = self.ty(&Expr::Call { func: func.into(), args: args.to_vec() }) == Ty::Float;
+        if func == "dynamic_index" {
+            let Expr::Var(code) = &args[0] else { unreachable!("validated") };
+            let x = self.expr(&args[1]);
+            return format!("((long long)ftrt_dynamic_index({code}, {x}))");
+        }
+        let a: Vec<String> = args.iter().map(|x| self.expr(x)).collect();
+        match func {
+            "T" => format!("ftrt_round_t({})", a[0]),
+            "f32" => format!("((float)({}))", a[0]),
+            "i32" => format!("((long long)({}))", a[0]),
+            "exp" => format!("expf({})", a[0]),
+            "log" => format!("logf({})", a[0]),
+            "sqrt" => format!("sqrtf({})", a[0]),
+            "rsqrt" => format!("rsqrtf({})", a[0]),
+            "tanh" => format!("tanhf({})", a[0]),
+            "erf" => format!("erff({})", a[0]),
+            "sigmoid" => format!("ftrt_sigmoid({})", a[0]),
+            "abs" if float_result => format!("fabsf({})", a[0]),
+            "abs" => format!("llabs({})", a[0]),
+            "max" if float_result => format!("fmaxf({}, {})", a[0], a[1]),
+            "min" if float_result => format!("fminf({}, {})", a[0], a[1]),
+            "max" => format!("ftrt_max_ll({}, {})", a[0], a[1]),
+            "min" => format!("ftrt_min_ll({}, {})", a[0], a[1]),
+            "logaddexp" => format!("ftrt_logaddexp({}, {})", a[0], a[1]),
+            "select" if float_result => format!("(({}) ? (float)({}) : (float)({}))", a[0], a[1], a[2]),
+            "select" => format!("(({}) ? ({}) : ({}))", a[0], a[1], a[2]),
+            "nf4_index" => format!("((long long)ftrt_nf4_index({}))", a[0]),
+            other => unreachable!("validated builtin `{other}`"),
+        }
+    }
+}
+
+fn reduce_init(op: ReduceOp) -> &'static str {
+    match op {
+        ReduceOp::Sum | ReduceOp::Mean => "0.f",
+        ReduceOp::Max => "-INFINITY",
+        ReduceOp::Min => "INFINITY",
+        ReduceOp::LogSumExp => unreachable!("online"),
+    }
+}
+
+/// C expression converting the f32/int value `v` to a stored element of `d`.
+fn convert_to(d: DType, v: &str) -> String {
+    match d {
+        DType::T => format!("ftrt_to_t({v})"),
+        DType::F32 => format!("(float)({v})"),
+        DType::I32 => format!("(int)({v})"),
+        DType::U8 => format!("(unsigned char)({v})"),
+    }
+}
