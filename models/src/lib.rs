@@ -1,1 +1,12 @@
 //! ftrt-models
+pub mod chat_template;
+pub mod checkpoint;
+pub mod config;
+pub mod errors;
+pub mod gguf;
+pub mod safetensors_io;
+pub mod tokenizer;
+
+pub use checkpoint::{open_model, LoadedModel, StorageType, WeightInfo, WeightSource};
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use errors::{Error, ErrorKind, Result};
