@@ -209,7 +209,7 @@ __device__ __forceinline__ void rms_norm_backward_dx_body(long long R, long long
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const long long c = c0_ + k_; (void)c;
-            const float w0_ = (ftrt_ld(rstd[r]) * ((v0_[k_] * v1_[k_]) - (((v2_[k_] * ftrt_ld(rstd[r])) * m) * 0.999f)));
+            const float w0_ = (ftrt_ld(rstd[r]) * ((v0_[k_] * v1_[k_]) - ((v2_[k_] * ftrt_ld(rstd[r])) * m)));
             s0_[k_] = w0_;
         }
         ftrt_store_vec<VEC>(dx + (((r * C) + c0_)), s0_);

@@ -89,7 +89,8 @@ pub struct Pass {
 #[derive(Clone, Debug)]
 pub enum Stmt {
     Let { name: String, value: Expr },
-    Store { tensor: String, index: Vec<Expr>, value: Expr },
+    /// `t[i] = v;`, or `if g { t[i] = v; }`: a store that happens only where `guard` holds.
+    Store { tensor: String, index: Vec<Expr>, value: Expr, guard: Option<Expr> },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

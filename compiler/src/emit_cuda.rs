@@ -246,8 +246,11 @@ impl Emitter {
                 let v = self.expr(value);
                 self.line(&format!("const {ty} {name} = {v};"));
             }
-            Stmt::Store { tensor, index, value } => {
-                let st = self.store_expr(tensor, index, value);
+            Stmt::Store { tensor, index, value, guard } => {
+                let mut st = self.store_expr(tensor, index, value);
+                if let Some(g) = guard {
+                    st = format!("if ({}) {{ {st} }}", self.expr(g));
+                }
                 if lane0_stores {
                     self.line(&format!("if (lane == 0) {{ {st} }}"));
                 } else {
@@ -346,7 +349,9 @@ impl Emitter {
             .iter()
             .flat_map(|s| match s {
                 Stmt::Let { value, .. } => vec![value],
-                Stmt::Store { index, value, .. } => index.iter().chain(std::iter::once(value)).collect(),
+                Stmt::Store { index, value, guard, .. } => {
+                    index.iter().chain(std::iter::once(value)).chain(guard.iter()).collect()
+                }
             })
             .collect();
         let accesses = vec_loads(&self.scope, exprs);
@@ -354,7 +359,7 @@ impl Emitter {
         // Vectorised stores collect into register arrays.
         let mut vstores: Vec<(usize, VecAccess, String)> = Vec::new();
         for (i, s) in stmts.iter().enumerate() {
-            if let Stmt::Store { tensor, index, .. } = s {
+            if let Stmt::Store { tensor, index, guard: None, .. } = s {
                 if let Some(a) = vec_access(&self.scope, tensor, index) {
                     let name = format!("s{i}_");
                     self.line(&format!("float {name}[VEC];"));
@@ -370,15 +375,20 @@ impl Emitter {
         for (i, s) in stmts.iter().enumerate() {
             match s {
                 Stmt::Let { .. } => self.scalar_stmt(s, false),
-                Stmt::Store { tensor, index, value } => {
+                Stmt::Store { tensor, index, value, guard } => {
                     let v = self.expr(value);
-                    self.line(&format!("const float w{i}_ = {v};"));
+                    let ty = if self.ty(value) == Ty::Float { "float" } else { "long long" };
+                    self.line(&format!("const {ty} w{i}_ = {v};"));
                     match vstores.iter().find(|(j, _, _)| *j == i) {
                         Some((_, _, name)) => writes.push(format!("{name}[k_] = w{i}_;")),
                         None => {
                             let t = self.scope.tensors[tensor].clone();
                             let off = self.expr(&flat_offset(&t, index));
-                            writes.push(format!("{tensor}[{off}] = {};", convert_to(t.dtype, &format!("w{i}_"))));
+                            let mut w = format!("{tensor}[{off}] = {};", convert_to(t.dtype, &format!("w{i}_")));
+                            if let Some(g) = guard {
+                                w = format!("if ({}) {{ {w} }}", self.expr(g));
+                            }
+                            writes.push(w);
                         }
                     }
                 }

@@ -219,10 +219,14 @@ impl RustEmitter {
                     let v = rx(&self.scope, value);
                     self.line(&format!("let {name} = {v};"));
                 }
-                Stmt::Store { tensor, index, value } => {
+                Stmt::Store { tensor, index, value, guard } => {
                     let v = rx(&self.scope, value);
                     self.line(&format!("let w{i}_ = {v};"));
-                    writes.push(self.store(tensor, index, &format!("w{i}_"), value));
+                    let mut w = self.store(tensor, index, &format!("w{i}_"), value);
+                    if let Some(g) = guard {
+                        w = format!("if {} {{ {w} }}", rx(&self.scope, g));
+                    }
+                    writes.push(w);
                 }
             }
         }
@@ -422,10 +426,13 @@ fn emit_launcher(o: &mut String, op: &OpDef, pass: &Pass) {
     for s in &pass.body {
         match s {
             Stmt::Let { value, .. } => exprs.push(value),
-            Stmt::Store { tensor, index, value } => {
+            Stmt::Store { tensor, index, value, guard } => {
                 exprs.push(value);
                 exprs.extend(index.iter());
-                stores.extend(vec_access(scope, tensor, index));
+                exprs.extend(guard.iter());
+                if guard.is_none() {
+                    stores.extend(vec_access(scope, tensor, index));
+                }
             }
         }
     }

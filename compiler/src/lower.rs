@@ -87,9 +87,11 @@ pub fn lower(op: &OpDef, pass: &Pass) -> Lowered {
                 other => other,
             })
         };
-        let (value, index) = match s {
-            Stmt::Let { value, .. } => (subst(value), Vec::new()),
-            Stmt::Store { value, index, .. } => (subst(value), index.iter().map(subst).collect()),
+        let (value, index, guard) = match s {
+            Stmt::Let { value, .. } => (subst(value), Vec::new(), None),
+            Stmt::Store { value, index, guard, .. } => {
+                (subst(value), index.iter().map(subst).collect(), guard.as_ref().map(subst))
+            }
         };
         // Pull out the row reductions, each becoming an accumulator.
         let mut found = Vec::new();
@@ -114,7 +116,9 @@ pub fn lower(op: &OpDef, pass: &Pass) -> Lowered {
             }
             group.extend(found);
         }
-        let varies = scope.varies(&value) || index.iter().any(|i| scope.varies(i));
+        let varies = scope.varies(&value)
+            || index.iter().any(|i| scope.varies(i))
+            || guard.as_ref().is_some_and(|g| scope.varies(g));
         match s {
             Stmt::Let { name, .. } => {
                 let t = scope.ty(&value).expect("validated");
@@ -130,7 +134,7 @@ pub fn lower(op: &OpDef, pass: &Pass) -> Lowered {
                 }
             }
             Stmt::Store { tensor, .. } => {
-                let st = Stmt::Store { tensor: tensor.clone(), index, value };
+                let st = Stmt::Store { tensor: tensor.clone(), index, value, guard };
                 if varies {
                     flush_group(&mut steps, &mut group, &mut post, &mut group_names);
                     stores.push(st);
@@ -188,7 +192,7 @@ pub fn touched_tensors(pass: &Pass) -> Vec<String> {
     for s in &pass.body {
         let (value, extra) = match s {
             Stmt::Let { value, .. } => (value, None),
-            Stmt::Store { tensor, index, value } => (value, Some((tensor, index))),
+            Stmt::Store { tensor, index, value, guard } => (value, Some((tensor, index, guard))),
         };
         let mut f = |e: &Expr| match e {
             Expr::Load { tensor, .. } => add(tensor),
@@ -200,8 +204,9 @@ pub fn touched_tensors(pass: &Pass) -> Vec<String> {
             _ => {}
         };
         walk(value, &mut f);
-        if let Some((t, index)) = extra {
+        if let Some((t, index, guard)) = extra {
             index.iter().for_each(|i| walk(i, &mut f));
+            guard.iter().for_each(|g| walk(g, &mut f));
             add(t);
         }
     }

@@ -6,7 +6,8 @@
 //! pass    := "forward" "for" loops block
 //!          | "backward" [LABEL] "(" NAME,* ")" "->" "(" NAME,* ")" "for" loops block
 //! loops   := NAME "in" expr ("," NAME "in" expr)*
-//! stmt    := "let" NAME "=" expr ";" | NAME "[" expr,* "]" "=" expr ";"
+//! stmt    := "let" NAME "=" expr ";" | store | "if" expr "{" store "}"
+//! store   := NAME "[" expr,* "]" "=" expr ";"
 //! check   := "check" "{" (NAME ("in" expr ".." expr | "in" "[" expr,* "]" | "=" expr)),* "}"
 //! expr    := C-like precedence: || && comparisons | & << >> + - * / % unary(- !)
 //! primary := number | inf | NAME | NAME "[" expr,* "]" | NAME "(" expr,* ")"
@@ -185,6 +186,19 @@ fn parse_stmt(input: ParseStream) -> syn::Result<Stmt> {
         input.parse::<Token![;]>()?;
         return Ok(Stmt::Let { name: name.to_string(), value });
     }
+    if input.peek(Token![if]) {
+        input.parse::<Token![if]>()?;
+        let guard = parse_expr(input)?;
+        let inner;
+        braced!(inner in input);
+        let Stmt::Store { tensor, index, value, .. } = parse_stmt(&inner)? else {
+            return Err(inner.error("an `if` may only guard one store"));
+        };
+        if !inner.is_empty() {
+            return Err(inner.error("an `if` may only guard one store"));
+        }
+        return Ok(Stmt::Store { tensor, index, value, guard: Some(guard) });
+    }
     let tensor: Ident = input.parse()?;
     let idx;
     bracketed!(idx in input);
@@ -192,7 +206,7 @@ fn parse_stmt(input: ParseStream) -> syn::Result<Stmt> {
     input.parse::<Token![=]>()?;
     let value = parse_expr(input)?;
     input.parse::<Token![;]>()?;
-    Ok(Stmt::Store { tensor: tensor.to_string(), index, value })
+    Ok(Stmt::Store { tensor: tensor.to_string(), index, value, guard: None })
 }
 
 fn parse_check(input: ParseStream) -> syn::Result<Vec<(String, CheckRule)>> {

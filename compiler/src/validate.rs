@@ -164,8 +164,11 @@ pub fn resolve_reductions(op: &mut OpDef) {
         for s in &mut pass.body {
             match s {
                 Stmt::Let { value, .. } => *value = map(value, &mut fix),
-                Stmt::Store { index, value, .. } => {
+                Stmt::Store { index, value, guard, .. } => {
                     *value = map(value, &mut fix);
+                    if let Some(g) = guard {
+                        *g = map(g, &mut fix);
+                    }
                     for i in index.iter_mut() {
                         *i = map(i, &mut fix);
                     }
@@ -435,7 +438,10 @@ fn validate_pass(op: &OpDef, pass: &Pass) -> Result<(), String> {
                 }
                 scope.names.insert(name.clone(), Name::Let(t));
             }
-            Stmt::Store { tensor, index, value } => {
+            Stmt::Store { tensor, index, value, guard } => {
+                if let Some(g) = guard {
+                    expect(scope.ty(g)?, Ty::Bool, "a store's `if` condition")?;
+                }
                 if !writable.contains(tensor) {
                     return Err(format!(
                         "`{tensor}` is not written by this pass (writable here: {})",

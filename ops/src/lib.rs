@@ -8,3 +8,7 @@ pub mod kernels {
 }
 pub mod norm;
 pub mod quant_prelude;
+pub mod activation;
+pub mod cross_entropy;
+pub mod embedding;
+pub mod rope;

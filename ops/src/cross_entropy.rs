@@ -1,0 +1,41 @@
+//! Cross-entropy over vocabulary chunks: the full (tokens x vocabulary) logits are never held.
+//!
+//! For each chunk of logits (R, V) covering vocabulary ids v0..v0+V (a GEMM's output), the
+//! forward folds the chunk's logsumexp into the running `lse` (start: -inf) and adds the target's
+//! logit to `picked` (start: 0); after the last chunk the loss of token r is lse - picked.
+//! The backward, given the final lse, writes dlogits over the chunk (it may alias the logits).
+//! Targets equal to -100 (ignore index) match no vocabulary id and get zero gradient when the
+//! caller passes dlse = dpicked = 0 for them; the mean over counted tokens is the caller's scale.
+use crate::kernels::CROSS_ENTROPY as KERNELS;
+use ftrt_macros::op;
+
+op! {
+    /// z = cap * tanh(logits / cap) when cap > 0 (Gemma 2 logit softcap), else z = logits.
+    /// lse[r] = logaddexp(lse[r], logsumexp(z[r, :])),  picked[r] += z[r, target[r] - v0].
+    /// Backward: dlogits = (dlse * exp(z - lse) + dpicked * [c + v0 == target]) * dz/dlogits.
+    cross_entropy(logits: [R, V] T, target: [R] i32, v0: i32, cap: f32, mut lse: [R] f32, mut picked: [R] f32) {
+        forward for r in R, c in V {
+            let z = select(cap > 0.0, cap * tanh(logits[r, c] / cap), logits[r, c]);
+            let chunk_lse = logsumexp(c, z);
+            let hit = sum(c, select(c + v0 == target[r], z, 0.0));
+            lse[r] = logaddexp(lse[r], chunk_lse);
+            picked[r] = picked[r] + hit;
+        }
+        backward (dlse, dpicked) -> (dlogits) for r in R, c in V {
+            let t = tanh(logits[r, c] / cap);
+            let z = select(cap > 0.0, cap * t, logits[r, c]);
+            let dz = dlse[r] * exp(z - lse[r]) + select(c + v0 == target[r], dpicked[r], 0.0);
+            dlogits[r, c] = dz * select(cap > 0.0, 1.0 - t * t, 1.0);
+        }
+        check { target in -2..V, v0 = 0, cap in [0.0, 3.0], lse = -inf, picked = 0.0 }
+    }
+}
+
+op! {
+    /// Per-token loss from the merged chunks: lse - picked, 0 for ignored targets (-100).
+    cross_entropy_loss(lse: [R] f32, picked: [R] f32, target: [R] i32) -> (loss: [R] f32) {
+        forward for r in R {
+            loss[r] = select(target[r] == -100, 0.0, lse[r] - picked[r]);
+        }
+    }
+}
