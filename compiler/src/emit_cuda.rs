@@ -376,7 +376,7 @@ impl Emitter {
             match s {
                 Stmt::Let { .. } => self.scalar_stmt(s, false),
                 Stmt::Store { tensor, index, value, guard } => {
-                    let v = self.expr(value);
+                    let v = self.expr(&crate::lower::guarded(&self.scope, value, guard.as_ref()));
                     let ty = if self.ty(value) == Ty::Float { "float" } else { "long long" };
                     self.line(&format!("const {ty} w{i}_ = {v};"));
                     match vstores.iter().find(|(j, _, _)| *j == i) {
@@ -499,6 +499,9 @@ impl Emitter {
             "select" if float_result => format!("(({}) ? (float)({}) : (float)({}))", a[0], a[1], a[2]),
             "select" => format!("(({}) ? ({}) : ({}))", a[0], a[1], a[2]),
             "nf4_index" => format!("((long long)ftrt_nf4_index({}))", a[0]),
+            "signbit" => format!("signbit({})", a[0]),
+            "bnb_recip" => format!("ftrt_bnb_recip({})", a[0]),
+            "mul_ftz" => format!("ftrt_mul_ftz({}, {})", a[0], a[1]),
             other => unreachable!("validated builtin `{other}`"),
         }
     }

@@ -220,7 +220,7 @@ impl RustEmitter {
                     self.line(&format!("let {name} = {v};"));
                 }
                 Stmt::Store { tensor, index, value, guard } => {
-                    let v = rx(&self.scope, value);
+                    let v = rx(&self.scope, &crate::lower::guarded(&self.scope, value, guard.as_ref()));
                     self.line(&format!("let w{i}_ = {v};"));
                     let mut w = self.store(tensor, index, &format!("w{i}_"), value);
                     if let Some(g) = guard {
@@ -370,6 +370,9 @@ fn rcall(scope: &Scope, func: &str, args: &[Expr]) -> String {
             rx(scope, &args[2])
         ),
         "nf4_index" => format!("(crate::quant_prelude::nf4_index({}.to_f32()) as i64)", f(0)),
+        "signbit" => format!("{}.to_f64().is_sign_negative()", f(0)),
+        "bnb_recip" => format!("S::from_f32(crate::quant_prelude::bnb_recip({}.to_f32()))", f(0)),
+        "mul_ftz" => format!("S::from_f32(crate::quant_prelude::mul_ftz({}.to_f32(), {}.to_f32()))", f(0), f(1)),
         other => unreachable!("validated builtin `{other}`"),
     }
 }

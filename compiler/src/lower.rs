@@ -271,3 +271,18 @@ pub fn flat_offset(t: &TensorDecl, index: &[Expr]) -> Expr {
     }
     off
 }
+
+/// The value of a store, evaluated only where its guard holds (`select(g, v, 0)`), so a guarded
+/// store never reads out of bounds to compute a value it will not write.
+pub fn guarded(scope: &Scope, value: &Expr, guard: Option<&Expr>) -> Expr {
+    match guard {
+        None => value.clone(),
+        Some(g) => {
+            let zero = match scope.ty(value).expect("validated") {
+                crate::validate::Ty::Float => Expr::Float(0.0),
+                _ => Expr::Int(0),
+            };
+            Expr::Call { func: "select".into(), args: vec![g.clone(), value.clone(), zero] }
+        }
+    }
+}

@@ -38,7 +38,10 @@ const BUILTINS: &[(&str, usize, Option<Ty>)] = &[
     ("min", 2, None),
     ("logaddexp", 2, Some(Ty::Float)),
     ("select", 3, None),
+    ("signbit", 1, Some(Ty::Bool)),
     ("nf4_index", 1, Some(Ty::Int)),
+    ("bnb_recip", 1, Some(Ty::Float)),
+    ("mul_ftz", 2, Some(Ty::Float)),
     ("dynamic_index", 2, Some(Ty::Int)),
 ];
 
@@ -244,7 +247,9 @@ impl Scope {
                     expect(a, Ty::Int, op.symbol())?;
                     expect(b, Ty::Int, op.symbol())?;
                     Ty::Int
-                } else if a == Ty::Bool || b == Ty::Bool {
+                } else if (a == Ty::Bool) != (b == Ty::Bool)
+                    || (a == Ty::Bool && !matches!(op, BinOp::Eq | BinOp::Ne))
+                {
                     return Err(format!("`{}` on a boolean", op.symbol()));
                 } else if op.is_comparison() {
                     Ty::Bool

@@ -12,3 +12,5 @@ pub mod activation;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod rope;
+pub mod adamw;
+pub mod nf4;

@@ -1,0 +1,66 @@
+//! NF4 4-bit weights exactly as bitsandbytes stores them (`quantize_4bit(..., blocksize=64,
+//! compress_statistics=True, quant_type="nf4")`): per block of 64 an f32 absmax, each value
+//! scaled by bitsandbytes' reciprocal and mapped to the nearest NF4 code (ties to the lower
+//! index), two codes per byte (element 2i in the high nibble); the absmax themselves
+//! double-quantized to 8 bits per block of 256 with the signed dynamic map, around their mean.
+//! The bit-level algorithm is in `ops/fixtures/BNB_NOTES.md`; the device functions it needs
+//! (`nf4_index`, `dynamic_index`, `bnb_recip`, `mul_ftz`) are in `quant_prelude`.
+use crate::kernels::NF4 as KERNELS;
+use ftrt_macros::op;
+
+op! {
+    /// NF4 quantization of x (N) in blocks of 64 (N a multiple of 64):
+    /// absmax[b] = max |x| over the block;  code = nf4_index(x * bnb_recip(absmax)).
+    nf4_quantize(x: [N] T) -> (packed: [N / 2] u8, absmax: [N / 64] f32) {
+        forward for b in N / 64, j in 32 {
+            let x0 = x[b * 64 + 2 * j];
+            let x1 = x[b * 64 + 2 * j + 1];
+            let am = max(j, max(abs(x0), abs(x1)));
+            absmax[b] = am;
+            let r = bnb_recip(am);
+            packed[b * 32 + j] = nf4_index(mul_ftz(x0, r)) * 16 + nf4_index(mul_ftz(x1, r));
+        }
+    }
+}
+
+op! {
+    /// Double quantization of the NF4 absmax (NA of them) around `offset` (their mean):
+    /// per block of 256, absmax2 = max |a - offset|, q = dynamic_index(code, (a - offset) * bnb_recip(absmax2)).
+    absmax_quantize(a: [NA] f32, code: [256] f32, offset: f32) -> (q: [NA] u8, absmax2: [(NA + 255) / 256] f32) {
+        forward for b in (NA + 255) / 256, j in 256 {
+            let i = b * 256 + j;
+            let v = select(i < NA, a[i] - offset, 0.0);
+            let m = max(j, abs(v));
+            absmax2[b] = m;
+            if i < NA { q[i] = dynamic_index(code, mul_ftz(v, bnb_recip(m))); }
+        }
+    }
+}
+
+op! {
+    /// NF4 dequantization with double-quantized absmax (N a multiple of 64):
+    /// w[i] = T(nf4[q_i] * (code2[absmax_q[i / 64]] * absmax2[i / 16384] + offset)).
+    nf4_dequantize(packed: [N / 2] u8, absmax_q: [N / 64] u8, absmax2: [(N / 64 + 255) / 256] f32, code2: [256] f32, nf4: [16] f32, offset: f32) -> (w: [N] T) {
+        forward for i in N {
+            let byte = packed[i / 2];
+            let q = select(i % 2 == 0, byte >> 4, byte & 15);
+            let am = mul_ftz(code2[absmax_q[i / 64]], absmax2[i / 16384]) + offset;
+            w[i] = mul_ftz(nf4[q], am);
+        }
+    }
+}
+
+op! {
+    /// NF4 dequantization with plain f32 absmax (checkpoints without double quantization):
+    /// w[i] = T(nf4[q_i] * absmax[i / 64]).
+    nf4_dequantize_f32_absmax(packed: [N / 2] u8, absmax: [N / 64] f32, nf4: [16] f32) -> (w: [N] T) {
+        forward for i in N {
+            let byte = packed[i / 2];
+            let q = select(i % 2 == 0, byte >> 4, byte & 15);
+            w[i] = mul_ftz(nf4[q], absmax[i / 64]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
