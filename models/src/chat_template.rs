@@ -171,13 +171,7 @@ impl ChatTemplate {
     /// Reads the template and special tokens from a `tokenizer_config.json`. Returns `Ok(None)`
     /// when the config has no `chat_template`. A list of named templates selects `default`.
     pub fn from_tokenizer_config(path: &Path) -> Result<Option<Self>, ChatTemplateError> {
-        let config_error = |reason: String| ChatTemplateError::Config {
-            path: path.display().to_string(),
-            reason,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| config_error(e.to_string()))?;
-        let config: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| config_error(format!("invalid JSON: {e}")))?;
+        let config = read_config(path)?;
         let Some(source) = template_source(&config) else {
             return Ok(None);
         };
@@ -351,6 +345,21 @@ fn upsert(entries: &mut Vec<(Value, Value)>, key: Value, value: Value) {
         Some(entry) => entry.1 = value,
         None => entries.push((key, value)),
     }
+}
+
+/// The named special tokens (`bos_token`, `eos_token`, ...) of a `tokenizer_config.json`.
+pub fn read_special_tokens(path: &Path) -> Result<BTreeMap<String, String>, ChatTemplateError> {
+    read_config(path).map(|config| special_tokens_of(&config))
+}
+
+/// Reads a JSON config file.
+fn read_config(path: &Path) -> Result<serde_json::Value, ChatTemplateError> {
+    let config_error = |reason: String| ChatTemplateError::Config {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| config_error(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| config_error(format!("invalid JSON: {e}")))
 }
 
 /// The template text of a tokenizer config: a string, or the `default` of a named list.

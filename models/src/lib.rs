@@ -2,6 +2,7 @@
 pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod errors;
 pub mod gguf;
 pub mod safetensors_io;
