@@ -1,0 +1,820 @@
+//! Causal self-attention, a raw op: hand-written flash-style CUDA C in
+//! `ops/kernels/attention.cu` (read its header for the tiling), this CPU reference, and the
+//! typed launchers.
+//!
+//! Layouts (row-major; N = tokens of one packed micro-batch, S sequences):
+//! - `q`, `out`, `dout`, `dq`: (N, Hq, D) bf16; `k`, `v`, `dk`, `dv`: (N, Hkv, D) bf16;
+//! - `lse`: (Hq, N) f32, the natural-log logsumexp of each query row's scaled scores, saved by
+//!   the forward for the backward;
+//! - `cu_seqlens`: (S + 1) i32 prefix sums with `cu[0] = 0`, nondecreasing, `cu[S] <= N`.
+//!
+//! Math, with x_ij = scale * (q_i . k_j) over the keys j that query i sees:
+//! ```text
+//! lse_i = log sum_j exp(x_ij)        p_ij = exp(x_ij - lse_i)        out_i = sum_j p_ij v_j
+//! dvec_i = dout_i . out_i            dp_ij = dout_i . v_j            ds_ij = p_ij (dp_ij - dvec_i)
+//! dq_i = scale sum_j ds_ij k_j       dk_j = scale sum_i ds_ij q_i    dv_j = sum_i p_ij dout_i
+//! ```
+//! Query head h reads kv head h / (Hq / Hkv); dk and dv of a kv head sum over its query heads.
+//! Token i of segment [cu[s], cu[s+1]) sees keys j with cu[s] <= j <= i. Tokens at or after
+//! cu[S] (padding up to the token budget) form one more trailing segment, so every row sees at
+//! least itself and nothing becomes NaN; attention never crosses segments.
+//!
+//! GPU: all four kernels are deterministic (no atomics): dk/dv blocks own a key tile and loop
+//! over the group's query heads and query tiles; dq has its own pass over key tiles (it repeats
+//! the p and dp products: ~7 instead of 5 matmul-equivalents per backward, the price of
+//! bit-reproducible dq without an f32 scratch). Scratch: `dvec`, Hq * N f32.
+
+#[cfg(test)]
+mod tests;
+
+use ftrt_runtime::cudarc::driver::PushKernelArg;
+use ftrt_runtime::{cudarc, DevPtr, Gpu, RuntimeError};
+use half::bf16;
+use std::fmt::Debug;
+use std::ops::{Add, AddAssign, Div, Mul, Sub};
+
+use crate::kernels::ATTENTION as KERNELS;
+
+/// Query rows (and keys) per tile, threads per block: fixed by the kernels.
+const TILE: usize = 64;
+const THREADS: u32 = 128;
+/// Head dims the kernels are instantiated for.
+pub const HEAD_DIMS: [usize; 2] = [64, 128];
+/// GPU vs CPU tolerance (max |gpu - ref| / max |ref|), bf16 outputs.
+pub const TOLERANCE: f64 = 1e-2;
+
+/// Shape of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionDims {
+    /// N: tokens of the packed micro-batch (the token budget, padding included).
+    pub n_tokens: usize,
+    /// S: sequences; `cu_seqlens` has S + 1 entries.
+    pub num_seqs: usize,
+    /// Hq: query heads.
+    pub n_heads_q: usize,
+    /// Hkv: key/value heads; divides Hq.
+    pub n_heads_kv: usize,
+    /// D: head dim, 64 or 128 on the GPU (any on the CPU).
+    pub head_dim: usize,
+    /// Softmax scale, normally 1 / sqrt(D).
+    pub scale: f32,
+}
+
+impl AttentionDims {
+    /// Dims with the standard scale 1 / sqrt(head_dim).
+    pub fn new(n_tokens: usize, num_seqs: usize, n_heads_q: usize, n_heads_kv: usize, head_dim: usize) -> Self {
+        Self {
+            n_tokens,
+            num_seqs,
+            n_heads_q,
+            n_heads_kv,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+    /// Elements of q / out / dout / dq.
+    pub fn q_len(&self) -> usize {
+        self.n_tokens * self.n_heads_q * self.head_dim
+    }
+    /// Elements of k / v / dk / dv.
+    pub fn kv_len(&self) -> usize {
+        self.n_tokens * self.n_heads_kv * self.head_dim
+    }
+    /// Elements of lse (and of the backward's dvec scratch).
+    pub fn lse_len(&self) -> usize {
+        self.n_heads_q * self.n_tokens
+    }
+    /// Query heads per kv head.
+    pub fn group(&self) -> usize {
+        self.n_heads_q / self.n_heads_kv
+    }
+    fn check(&self) -> Result<(), String> {
+        if self.n_heads_kv == 0 || self.n_heads_q == 0 || self.n_heads_q % self.n_heads_kv != 0 {
+            return Err(format!("Hq {} must be a positive multiple of Hkv {}", self.n_heads_q, self.n_heads_kv));
+        }
+        if self.head_dim == 0 {
+            return Err("head_dim must be positive".into());
+        }
+        Ok(())
+    }
+    fn check_gpu(&self) -> Result<(), RuntimeError> {
+        self.check().map_err(RuntimeError::InvalidArgument)?;
+        if !HEAD_DIMS.contains(&self.head_dim) {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "attention kernels exist for head_dim {HEAD_DIMS:?}, not {}",
+                self.head_dim
+            )));
+        }
+        if self.n_tokens > i32::MAX as usize || self.num_seqs >= i32::MAX as usize || self.n_heads_q > 65535 {
+            return Err(RuntimeError::InvalidArgument(format!("attention dims out of range: {self:?}")));
+        }
+        Ok(())
+    }
+    /// Useful forward FLOPs (QK^T and PV over the visible pairs only) for these sequence lengths.
+    pub fn forward_flops(&self, cu_seqlens: &[i32]) -> f64 {
+        let pairs: f64 = segments(cu_seqlens, self.n_tokens)
+            .iter()
+            .map(|&(s, e)| {
+                let l = (e - s) as f64;
+                l * (l + 1.0) / 2.0
+            })
+            .sum();
+        4.0 * pairs * self.head_dim as f64 * self.n_heads_q as f64
+    }
+    /// Useful backward FLOPs (the usual 2.5x the forward: S, dP, dV, dK, dQ).
+    pub fn backward_flops(&self, cu_seqlens: &[i32]) -> f64 {
+        2.5 * self.forward_flops(cu_seqlens)
+    }
+}
+
+/// Bytes of scratch the backward needs (dvec: Hq * N f32).
+pub fn scratch_bytes(dims: &AttentionDims) -> usize {
+    dims.lse_len() * 4
+}
+
+/// The segments [start, end) of the token axis: the S sequences, then (if cu[S] < N) the
+/// trailing padding segment. Panics on a malformed `cu_seqlens`.
+pub fn segments(cu_seqlens: &[i32], n_tokens: usize) -> Vec<(usize, usize)> {
+    assert!(!cu_seqlens.is_empty() && cu_seqlens[0] == 0, "cu_seqlens must start with 0");
+    let mut v = Vec::with_capacity(cu_seqlens.len());
+    for w in cu_seqlens.windows(2) {
+        assert!(w[0] <= w[1], "cu_seqlens must be nondecreasing: {cu_seqlens:?}");
+        v.push((w[0] as usize, w[1] as usize));
+    }
+    let last = *cu_seqlens.last().unwrap() as usize;
+    assert!(last <= n_tokens, "cu_seqlens ends at {last} > n_tokens {n_tokens}");
+    if last < n_tokens {
+        v.push((last, n_tokens));
+    }
+    v
+}
+
+/// (start, end) of the segment of every token.
+fn token_bounds(cu_seqlens: &[i32], n_tokens: usize) -> Vec<(usize, usize)> {
+    let mut b = vec![(0, 0); n_tokens];
+    for (s, e) in segments(cu_seqlens, n_tokens) {
+        for x in &mut b[s..e] {
+            *x = (s, e);
+        }
+    }
+    b
+}
+
+/// The scalar type of the CPU reference (f32 or f64).
+pub trait Real:
+    Copy + Debug + Default + PartialOrd + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self> + AddAssign
+{
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+}
+impl Real for f32 {
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+}
+impl Real for f64 {
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+}
+
+fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut s = T::default();
+    for (&x, &y) in a.iter().zip(b) {
+        s += x * y;
+    }
+    s
+}
+
+/// The CPU reference, row by row, so callers can check any subset of rows (the GPU selftest
+/// does); [`attention_forward_cpu`] and [`attention_backward_cpu`] run it on everything.
+pub struct Reference<'a, T: Real> {
+    pub dims: AttentionDims,
+    bounds: Vec<(usize, usize)>,
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+}
+
+impl<'a, T: Real> Reference<'a, T> {
+    pub fn new(dims: AttentionDims, cu_seqlens: &[i32], q: &'a [T], k: &'a [T], v: &'a [T]) -> Self {
+        dims.check().unwrap();
+        assert_eq!(cu_seqlens.len(), dims.num_seqs + 1, "cu_seqlens needs num_seqs + 1 entries");
+        assert_eq!(q.len(), dims.q_len());
+        assert_eq!(k.len(), dims.kv_len());
+        assert_eq!(v.len(), dims.kv_len());
+        Self {
+            dims,
+            bounds: token_bounds(cu_seqlens, dims.n_tokens),
+            q,
+            k,
+            v,
+        }
+    }
+    fn qrow(&self, i: usize, h: usize) -> &'a [T] {
+        let d = self.dims.head_dim;
+        &self.q[(i * self.dims.n_heads_q + h) * d..][..d]
+    }
+    fn krow(&self, j: usize, hk: usize) -> &'a [T] {
+        let d = self.dims.head_dim;
+        &self.k[(j * self.dims.n_heads_kv + hk) * d..][..d]
+    }
+    fn vrow(&self, j: usize, hk: usize) -> &'a [T] {
+        let d = self.dims.head_dim;
+        &self.v[(j * self.dims.n_heads_kv + hk) * d..][..d]
+    }
+    /// Keys visible to query i.
+    pub fn keys_of(&self, i: usize) -> std::ops::Range<usize> {
+        self.bounds[i].0..i + 1
+    }
+    /// Queries that see key j.
+    pub fn queries_of(&self, j: usize) -> std::ops::Range<usize> {
+        j..self.bounds[j].1
+    }
+    /// Scaled scores of query i, head h, over keys_of(i).
+    fn scores(&self, i: usize, h: usize) -> Vec<T> {
+        let hk = h / self.dims.group();
+        let scale = T::from_f64(self.dims.scale as f64);
+        let qi = self.qrow(i, h);
+        self.keys_of(i).map(|j| dot(qi, self.krow(j, hk)) * scale).collect()
+    }
+    /// Forward of query row i, head h: writes out_i (D values), returns lse_i.
+    pub fn forward_row(&self, i: usize, h: usize, out: &mut [T]) -> T {
+        let hk = h / self.dims.group();
+        let x = self.scores(i, h);
+        let mut m = x[0];
+        for &s in &x {
+            if s > m {
+                m = s;
+            }
+        }
+        let mut l = T::default();
+        let p: Vec<T> = x
+            .iter()
+            .map(|&s| {
+                let e = (s - m).exp();
+                l += e;
+                e
+            })
+            .collect();
+        out.iter_mut().for_each(|o| *o = T::default());
+        for (pj, j) in p.iter().zip(self.keys_of(i)) {
+            for (o, &vv) in out.iter_mut().zip(self.vrow(j, hk)) {
+                *o += *pj * vv;
+            }
+        }
+        for o in out.iter_mut() {
+            *o = *o / l;
+        }
+        m + l.ln()
+    }
+    /// dq_i of query row i, head h, given the forward's lse_i and dvec_i = dout_i . out_i.
+    pub fn dq_row(&self, i: usize, h: usize, lse_i: T, dvec_i: T, dout_i: &[T], dq: &mut [T]) {
+        let hk = h / self.dims.group();
+        let scale = T::from_f64(self.dims.scale as f64);
+        dq.iter_mut().for_each(|o| *o = T::default());
+        for (x, j) in self.scores(i, h).into_iter().zip(self.keys_of(i)) {
+            let p = (x - lse_i).exp();
+            let ds = p * (dot(dout_i, self.vrow(j, hk)) - dvec_i);
+            for (o, &kk) in dq.iter_mut().zip(self.krow(j, hk)) {
+                *o += scale * ds * kk;
+            }
+        }
+    }
+    /// dk_j, dv_j of key j of kv head hk (summed over the group's query heads).
+    /// `lse`, `dvec`: (Hq, N); `dout`: (N, Hq, D).
+    pub fn dkdv_row(&self, j: usize, hk: usize, lse: &[T], dvec: &[T], dout: &[T], dk: &mut [T], dv: &mut [T]) {
+        let (d, n, hq, g) = (self.dims.head_dim, self.dims.n_tokens, self.dims.n_heads_q, self.dims.group());
+        let scale = T::from_f64(self.dims.scale as f64);
+        dk.iter_mut().for_each(|o| *o = T::default());
+        dv.iter_mut().for_each(|o| *o = T::default());
+        let (kj, vj) = (self.krow(j, hk), self.vrow(j, hk));
+        for h in hk * g..(hk + 1) * g {
+            for i in self.queries_of(j) {
+                let qi = self.qrow(i, h);
+                let doi = &dout[(i * hq + h) * d..][..d];
+                let p = (scale * dot(qi, kj) - lse[h * n + i]).exp();
+                let ds = p * (dot(doi, vj) - dvec[h * n + i]);
+                for c in 0..d {
+                    dk[c] += scale * ds * qi[c];
+                    dv[c] += p * doi[c];
+                }
+            }
+        }
+    }
+}
+
+/// dvec = rowsum(dout * out), (Hq, N).
+pub fn attention_dvec_cpu<T: Real>(dims: &AttentionDims, out: &[T], dout: &[T]) -> Vec<T> {
+    let (d, n, hq) = (dims.head_dim, dims.n_tokens, dims.n_heads_q);
+    let mut dvec = vec![T::default(); hq * n];
+    for i in 0..n {
+        for h in 0..hq {
+            let r = (i * hq + h) * d;
+            dvec[h * n + i] = dot(&out[r..r + d], &dout[r..r + d]);
+        }
+    }
+    dvec
+}
+
+/// CPU forward: out (N, Hq, D), lse (Hq, N).
+pub fn attention_forward_cpu<T: Real>(
+    dims: &AttentionDims,
+    cu_seqlens: &[i32],
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &mut [T],
+    lse: &mut [T],
+) {
+    let r = Reference::new(*dims, cu_seqlens, q, k, v);
+    let (d, n, hq) = (dims.head_dim, dims.n_tokens, dims.n_heads_q);
+    assert_eq!(out.len(), dims.q_len());
+    assert_eq!(lse.len(), dims.lse_len());
+    for i in 0..n {
+        for h in 0..hq {
+            lse[h * n + i] = r.forward_row(i, h, &mut out[(i * hq + h) * d..][..d]);
+        }
+    }
+}
+
+/// CPU backward from the forward's out and lse: dq (N, Hq, D), dk, dv (N, Hkv, D).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_cpu<T: Real>(
+    dims: &AttentionDims,
+    cu_seqlens: &[i32],
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    lse: &[T],
+    dout: &[T],
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    let r = Reference::new(*dims, cu_seqlens, q, k, v);
+    let (d, n, hq, hkv) = (dims.head_dim, dims.n_tokens, dims.n_heads_q, dims.n_heads_kv);
+    assert_eq!(out.len(), dims.q_len());
+    assert_eq!(dout.len(), dims.q_len());
+    assert_eq!(lse.len(), dims.lse_len());
+    assert_eq!((dq.len(), dk.len(), dv.len()), (dims.q_len(), dims.kv_len(), dims.kv_len()));
+    let dvec = attention_dvec_cpu(dims, out, dout);
+    for i in 0..n {
+        for h in 0..hq {
+            let o = (i * hq + h) * d;
+            r.dq_row(i, h, lse[h * n + i], dvec[h * n + i], &dout[o..o + d], &mut dq[o..o + d]);
+        }
+    }
+    for j in 0..n {
+        for hk in 0..hkv {
+            let o = (j * hkv + hk) * d;
+            let (dkj, dvj) = (&mut dk[o..o + d], &mut dv[o..o + d]);
+            r.dkdv_row(j, hk, lse, &dvec, dout, dkj, dvj);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ GPU launchers
+
+fn check_aligned(name: &str, addr: u64) -> Result<(), RuntimeError> {
+    if addr % 16 != 0 {
+        return Err(RuntimeError::InvalidArgument(format!("attention: {name} must be 16-byte aligned (0x{addr:x})")));
+    }
+    Ok(())
+}
+
+fn function(gpu: &Gpu, name: &str, smem: u32) -> Result<cudarc::driver::CudaFunction, RuntimeError> {
+    let f = gpu.function(&KERNELS, name)?;
+    if smem > 48 * 1024 {
+        // opt in to more than 48 KiB of dynamic shared memory (idempotent, host-side only)
+        gpu.context().bind_to_thread()?;
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )?;
+    }
+    Ok(f)
+}
+
+fn config(grid: (u32, u32), smem: u32) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+/// Dynamic shared memory of each kernel (must match the layouts in attention.cu).
+fn smem_fwd(d: usize) -> u32 {
+    (2 * TILE * (d + 8) * 2) as u32
+}
+fn smem_dq(d: usize) -> u32 {
+    (4 * TILE * (d + 8) * 2) as u32
+}
+fn dkdv_query_rows(d: usize) -> usize {
+    if d >= 128 {
+        32
+    } else {
+        64
+    }
+}
+fn smem_dkdv(d: usize) -> u32 {
+    let bmb = dkdv_query_rows(d);
+    ((2 * TILE + 2 * bmb) * (d + 8) * 2 + 2 * bmb * 4) as u32
+}
+
+/// Forward on the compute stream: out (N, Hq, D) bf16, lse (Hq, N) f32 from q, k, v.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    gpu: &Gpu,
+    dims: AttentionDims,
+    q: DevPtr<bf16>,
+    k: DevPtr<bf16>,
+    v: DevPtr<bf16>,
+    cu_seqlens: DevPtr<i32>,
+    out: DevPtr<bf16>,
+    lse: DevPtr<f32>,
+) -> Result<(), RuntimeError> {
+    dims.check_gpu()?;
+    if dims.n_tokens == 0 {
+        return Ok(());
+    }
+    for (name, p) in [("q", q.addr), ("k", k.addr), ("v", v.addr), ("out", out.addr)] {
+        check_aligned(name, p)?;
+    }
+    let d = dims.head_dim;
+    let smem = smem_fwd(d);
+    let f = function(gpu, &format!("attention_fwd_d{d}"), smem)?;
+    let (s, n, hq, hkv) = (dims.num_seqs as i32, dims.n_tokens as i32, dims.n_heads_q as i32, dims.n_heads_kv as i32);
+    let scale = dims.scale;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&q.addr);
+    b.arg(&k.addr);
+    b.arg(&v.addr);
+    b.arg(&cu_seqlens.addr);
+    b.arg(&s);
+    b.arg(&n);
+    b.arg(&hq);
+    b.arg(&hkv);
+    b.arg(&scale);
+    b.arg(&out.addr);
+    b.arg(&lse.addr);
+    let grid = (dims.n_tokens.div_ceil(TILE) as u32, dims.n_heads_q as u32);
+    unsafe { b.launch(config(grid, smem)) }?;
+    Ok(())
+}
+
+/// Backward on the compute stream: dq (N, Hq, D), dk, dv (N, Hkv, D) bf16 (overwritten, not
+/// accumulated) from the forward's inputs, its out and lse, and dout. `scratch` holds
+/// [`scratch_bytes`] bytes (dvec). Deterministic: the same inputs give the same bits.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    gpu: &Gpu,
+    dims: AttentionDims,
+    q: DevPtr<bf16>,
+    k: DevPtr<bf16>,
+    v: DevPtr<bf16>,
+    out: DevPtr<bf16>,
+    lse: DevPtr<f32>,
+    dout: DevPtr<bf16>,
+    cu_seqlens: DevPtr<i32>,
+    dq: DevPtr<bf16>,
+    dk: DevPtr<bf16>,
+    dv: DevPtr<bf16>,
+    scratch: DevPtr<f32>,
+) -> Result<(), RuntimeError> {
+    dims.check_gpu()?;
+    if dims.n_tokens == 0 {
+        return Ok(());
+    }
+    for (name, p) in [
+        ("q", q.addr),
+        ("k", k.addr),
+        ("v", v.addr),
+        ("out", out.addr),
+        ("dout", dout.addr),
+        ("dq", dq.addr),
+        ("dk", dk.addr),
+        ("dv", dv.addr),
+    ] {
+        check_aligned(name, p)?;
+    }
+    let d = dims.head_dim;
+    let (s, n, hq, hkv) = (dims.num_seqs as i32, dims.n_tokens as i32, dims.n_heads_q as i32, dims.n_heads_kv as i32);
+    let scale = dims.scale;
+    let dvec = scratch;
+    let tiles = dims.n_tokens.div_ceil(TILE) as u32;
+
+    // dvec = rowsum(dout * out): one warp per (token, head) row
+    let f = function(gpu, &format!("attention_bwd_dot_d{d}"), 0)?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&out.addr);
+    b.arg(&dout.addr);
+    b.arg(&n);
+    b.arg(&hq);
+    b.arg(&dvec.addr);
+    let rows = dims.n_tokens * dims.n_heads_q;
+    unsafe { b.launch(config((rows.div_ceil(4) as u32, 1), 0)) }?;
+
+    // dk, dv: one block per (64-key tile, kv head)
+    let smem = smem_dkdv(d);
+    let f = function(gpu, &format!("attention_bwd_dkdv_d{d}"), smem)?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&q.addr);
+    b.arg(&k.addr);
+    b.arg(&v.addr);
+    b.arg(&dout.addr);
+    b.arg(&lse.addr);
+    b.arg(&dvec.addr);
+    b.arg(&cu_seqlens.addr);
+    b.arg(&s);
+    b.arg(&n);
+    b.arg(&hq);
+    b.arg(&hkv);
+    b.arg(&scale);
+    b.arg(&dk.addr);
+    b.arg(&dv.addr);
+    unsafe { b.launch(config((tiles, dims.n_heads_kv as u32), smem)) }?;
+
+    // dq: one block per (64-query tile, query head)
+    let smem = smem_dq(d);
+    let f = function(gpu, &format!("attention_bwd_dq_d{d}"), smem)?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&q.addr);
+    b.arg(&k.addr);
+    b.arg(&v.addr);
+    b.arg(&dout.addr);
+    b.arg(&lse.addr);
+    b.arg(&dvec.addr);
+    b.arg(&cu_seqlens.addr);
+    b.arg(&s);
+    b.arg(&n);
+    b.arg(&hq);
+    b.arg(&hkv);
+    b.arg(&scale);
+    b.arg(&dq.addr);
+    unsafe { b.launch(config((tiles, dims.n_heads_q as u32), smem)) }?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------ GPU selftest
+
+/// Random packed inputs of one selftest / emulator case (bf16 values, as f32 too).
+pub struct Case {
+    pub dims: AttentionDims,
+    pub cu_seqlens: Vec<i32>,
+    pub q: Vec<bf16>,
+    pub k: Vec<bf16>,
+    pub v: Vec<bf16>,
+    pub dout: Vec<bf16>,
+}
+
+impl Case {
+    /// `seqlens` must sum to at most `n_tokens` (the rest is trailing padding). q is drawn
+    /// from [-q_amp, q_amp) so the softmax is neither flat nor one-hot; k, v, dout from [-1, 1).
+    pub fn random(seed: u64, n_tokens: usize, seqlens: &[usize], hq: usize, hkv: usize, d: usize, q_amp: f32) -> Case {
+        let mut rng = ftrt_runtime::rng::SplitMix64::new(seed);
+        let mut cu = vec![0i32];
+        for &l in seqlens {
+            cu.push(cu.last().unwrap() + l as i32);
+        }
+        assert!(*cu.last().unwrap() as usize <= n_tokens);
+        let dims = AttentionDims::new(n_tokens, seqlens.len(), hq, hkv, d);
+        let mut gen = |n: usize, amp: f32| -> Vec<bf16> { (0..n).map(|_| bf16::from_f32(amp * rng.symmetric_f32())).collect() };
+        let q = gen(dims.q_len(), q_amp);
+        let k = gen(dims.kv_len(), 1.0);
+        let v = gen(dims.kv_len(), 1.0);
+        let dout = gen(dims.q_len(), 1.0);
+        Case {
+            dims,
+            cu_seqlens: cu,
+            q,
+            k,
+            v,
+            dout,
+        }
+    }
+}
+
+pub fn to_f64(x: &[bf16]) -> Vec<f64> {
+    x.iter().map(|v| v.to_f64()).collect()
+}
+
+/// max |a - b| / max |b| over paired slices.
+fn rel_err(pairs: &[(f64, f64)]) -> f64 {
+    let mut num = 0f64;
+    let mut den = 0f64;
+    for &(a, b) in pairs {
+        num = num.max((a - b).abs());
+        den = den.max(b.abs());
+    }
+    if den == 0.0 {
+        num
+    } else {
+        num / den
+    }
+}
+
+/// Errors of GPU outputs against the CPU reference (f64) on a subset of rows: every
+/// `stride`-th query row of query heads {0, Hq-1} (out, lse, dq) and every `stride`-th key of
+/// kv heads {0, Hkv-1} (dk, dv). The backward reference takes the GPU's out and lse as its
+/// inputs (they are checked separately), like the GPU backward does.
+/// Returns [out, lse, dq, dk, dv] relative errors.
+#[allow(clippy::too_many_arguments)]
+pub fn check_against_reference(
+    c: &Case,
+    out: &[bf16],
+    lse: &[f32],
+    dq: &[bf16],
+    dk: &[bf16],
+    dv: &[bf16],
+    stride: usize,
+) -> [f64; 5] {
+    let dims = c.dims;
+    let (d, n, hq, hkv) = (dims.head_dim, dims.n_tokens, dims.n_heads_q, dims.n_heads_kv);
+    let (q, k, v, dout) = (to_f64(&c.q), to_f64(&c.k), to_f64(&c.v), to_f64(&c.dout));
+    let out64 = to_f64(out);
+    let lse64: Vec<f64> = lse.iter().map(|&x| x as f64).collect();
+    let r = Reference::new(dims, &c.cu_seqlens, &q, &k, &v);
+    let dvec = attention_dvec_cpu(&dims, &out64, &dout);
+    let mut e_out = vec![];
+    let mut e_lse = vec![];
+    let mut e_dq = vec![];
+    let mut e_dk = vec![];
+    let mut e_dv = vec![];
+    let mut row = vec![0f64; d];
+    let mut row2 = vec![0f64; d];
+    let heads = |h: usize| if h == 1 { vec![0] } else { vec![0, h - 1] };
+    for h in heads(hq) {
+        // rows stride apart, plus each segment's first and last row
+        let mut rows: Vec<usize> = (0..n).step_by(stride).collect();
+        for (s, e) in segments(&c.cu_seqlens, n) {
+            if e > s {
+                rows.push(s);
+                rows.push(e - 1);
+            }
+        }
+        for i in rows {
+            let o = (i * hq + h) * d;
+            let l = r.forward_row(i, h, &mut row);
+            e_lse.push((lse64[h * n + i], l));
+            e_out.extend(out64[o..o + d].iter().copied().zip(row.iter().copied()));
+            r.dq_row(i, h, lse64[h * n + i], dvec[h * n + i], &dout[o..o + d], &mut row);
+            e_dq.extend(dq[o..o + d].iter().map(|x| x.to_f64()).zip(row.iter().copied()));
+        }
+    }
+    for hk in heads(hkv) {
+        for j in (0..n).step_by(stride) {
+            let o = (j * hkv + hk) * d;
+            r.dkdv_row(j, hk, &lse64, &dvec, &dout, &mut row, &mut row2);
+            e_dk.extend(dk[o..o + d].iter().map(|x| x.to_f64()).zip(row.iter().copied()));
+            e_dv.extend(dv[o..o + d].iter().map(|x| x.to_f64()).zip(row2.iter().copied()));
+        }
+    }
+    [rel_err(&e_out), rel_err(&e_lse), rel_err(&e_dq), rel_err(&e_dk), rel_err(&e_dv)]
+}
+
+/// The selftest's cases: (name, case, row stride of the CPU check).
+fn selftest_cases() -> Vec<(String, Case, usize)> {
+    let mut v = vec![];
+    // Llama-like: D = 128, GQA 4, four uneven sequences filling the 8192-token budget
+    let s = [2999, 1001, 2500, 1692];
+    v.push(("d128 N=8192 S=4 Hq=32 Hkv=8".to_string(), Case::random(1, 8192, &s, 32, 8, 128, 2.0), 41));
+    // SmolLM2-135M-like: D = 64, GQA 3, a one-token sequence, a short one and two long ones
+    let s = [1, 4095, 63, 4033];
+    v.push(("d64 N=8192 S=4 Hq=9 Hkv=3".to_string(), Case::random(2, 8192, &s, 9, 3, 64, 2.0), 37));
+    // many short sequences, GQA 1, trailing padding (cu[S] < N)
+    let mut rng = ftrt_runtime::rng::SplitMix64::new(3);
+    let s: Vec<usize> = (0..40).map(|_| rng.range(1, 90)).collect();
+    let name = "d128 N=4096 S=40 (+padding) Hq=8 Hkv=8".to_string();
+    v.push((name, Case::random(4, 4096, &s, 8, 8, 128, 3.0), 13));
+    v
+}
+
+/// Runs forward and backward on the GPU for each case, checks them against the CPU reference
+/// (a subset of rows; see [`check_against_reference`]) and times them. Rows: (name with
+/// TFLOP/s and per-tensor errors, max relative error, ms per call). The backward is also run
+/// twice to check that it is bit-for-bit deterministic (a mismatch reports error 1.0).
+pub fn selftest(gpu: &Gpu) -> Result<Vec<(String, f64, f64)>, RuntimeError> {
+    use cudarc::driver::sys::CUevent_flags;
+    let mut rows = vec![];
+    for (name, c, stride) in selftest_cases() {
+        let dims = c.dims;
+        let buf_q = gpu.alloc(dims.q_len() * 2)?;
+        let buf_k = gpu.alloc(dims.kv_len() * 2)?;
+        let buf_v = gpu.alloc(dims.kv_len() * 2)?;
+        let buf_do = gpu.alloc(dims.q_len() * 2)?;
+        let buf_o = gpu.alloc(dims.q_len() * 2)?;
+        let buf_lse = gpu.alloc(dims.lse_len() * 4)?;
+        let buf_dq = gpu.alloc(dims.q_len() * 2)?;
+        let buf_dk = gpu.alloc(dims.kv_len() * 2)?;
+        let buf_dv = gpu.alloc(dims.kv_len() * 2)?;
+        let buf_cu = gpu.alloc(c.cu_seqlens.len() * 4)?;
+        let buf_s = gpu.alloc(scratch_bytes(&dims))?;
+        gpu.upload(buf_q.ptr(), &c.q)?;
+        gpu.upload(buf_k.ptr(), &c.k)?;
+        gpu.upload(buf_v.ptr(), &c.v)?;
+        gpu.upload(buf_do.ptr(), &c.dout)?;
+        gpu.upload(buf_cu.ptr(), &c.cu_seqlens)?;
+        let fwd = || attention_forward(gpu, dims, buf_q.ptr(), buf_k.ptr(), buf_v.ptr(), buf_cu.ptr(), buf_o.ptr(), buf_lse.ptr());
+        let bwd = || {
+            attention_backward(
+                gpu,
+                dims,
+                buf_q.ptr(),
+                buf_k.ptr(),
+                buf_v.ptr(),
+                buf_o.ptr(),
+                buf_lse.ptr(),
+                buf_do.ptr(),
+                buf_cu.ptr(),
+                buf_dq.ptr(),
+                buf_dk.ptr(),
+                buf_dv.ptr(),
+                buf_s.ptr(),
+            )
+        };
+        let time = |f: &dyn Fn() -> Result<(), RuntimeError>| -> Result<f64, RuntimeError> {
+            f()?;
+            let start = gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            let end = gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            let iters = 10;
+            start.record(gpu.stream())?;
+            for _ in 0..iters {
+                f()?;
+            }
+            end.record(gpu.stream())?;
+            Ok(start.elapsed_ms(&end)? as f64 / iters as f64)
+        };
+        let ms_f = time(&fwd)?;
+        let ms_b = time(&bwd)?;
+        gpu.synchronize()?;
+        let mut out = vec![bf16::ZERO; dims.q_len()];
+        let mut lse = vec![0f32; dims.lse_len()];
+        let mut dq = vec![bf16::ZERO; dims.q_len()];
+        let mut dk = vec![bf16::ZERO; dims.kv_len()];
+        let mut dv = vec![bf16::ZERO; dims.kv_len()];
+        gpu.download(buf_o.ptr(), &mut out)?;
+        gpu.download(buf_lse.ptr(), &mut lse)?;
+        gpu.download(buf_dq.ptr(), &mut dq)?;
+        gpu.download(buf_dk.ptr(), &mut dk)?;
+        gpu.download(buf_dv.ptr(), &mut dv)?;
+        // determinism: one more backward must give the same bits
+        gpu.memset_zero(buf_dq.ptr(), dims.q_len() * 2)?;
+        gpu.memset_zero(buf_dk.ptr(), dims.kv_len() * 2)?;
+        gpu.memset_zero(buf_dv.ptr(), dims.kv_len() * 2)?;
+        bwd()?;
+        let mut dq2 = vec![bf16::ZERO; dims.q_len()];
+        let mut dk2 = vec![bf16::ZERO; dims.kv_len()];
+        let mut dv2 = vec![bf16::ZERO; dims.kv_len()];
+        gpu.download(buf_dq.ptr(), &mut dq2)?;
+        gpu.download(buf_dk.ptr(), &mut dk2)?;
+        gpu.download(buf_dv.ptr(), &mut dv2)?;
+        let same = |a: &[bf16], b: &[bf16]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        let deterministic = same(&dq, &dq2) && same(&dk, &dk2) && same(&dv, &dv2);
+        let finite = out.iter().chain(&dq).chain(&dk).chain(&dv).all(|x| x.is_finite()) && lse.iter().all(|x| x.is_finite());
+
+        let e = check_against_reference(&c, &out, &lse, &dq, &dk, &dv, stride);
+        let tf = dims.forward_flops(&c.cu_seqlens) / (ms_f * 1e-3) / 1e12;
+        let tb = dims.backward_flops(&c.cu_seqlens) / (ms_b * 1e-3) / 1e12;
+        let nonfinite = if finite { 0.0 } else { f64::INFINITY };
+        rows.push((
+            format!("attention fwd {name}: {tf:.1} TFLOP/s (out {:.1e}, lse {:.1e})", e[0], e[1]),
+            e[0].max(e[1]).max(nonfinite),
+            ms_f,
+        ));
+        rows.push((
+            format!(
+                "attention bwd {name}: {tb:.1} TFLOP/s (dq {:.1e}, dk {:.1e}, dv {:.1e}; {})",
+                e[2],
+                e[3],
+                e[4],
+                if deterministic { "deterministic" } else { "NOT DETERMINISTIC" }
+            ),
+            e[2].max(e[3]).max(e[4]).max(if deterministic { 0.0 } else { 1.0 }).max(nonfinite),
+            ms_b,
+        ));
+    }
+    Ok(rows)
+}

@@ -1,0 +1,13 @@
+//! The attention op's module compiled standalone (its CPU tests run here too), plus tests that
+//! run the CUDA C kernels on the CPU emulator and compare them with the CPU reference.
+pub mod kernels {
+    pub static ATTENTION: ftrt_runtime::PtxModule = ftrt_runtime::PtxModule {
+        name: "attention",
+        ptx: "",
+        cuda_source: include_str!("../../../../kernels/attention.cu"),
+    };
+}
+#[path = "../../mod.rs"]
+pub mod attention;
+#[cfg(test)]
+mod sim_tests;
