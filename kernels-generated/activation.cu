@@ -26,7 +26,10 @@ __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
 }
 // Online logsumexp: running max `m` and sum `s` of exp(x - m).
 __device__ __forceinline__ void ftrt_lse_push(float& m, float& s, float x) {
-    if (x > m) { s = s * expf(m - x) + 1.f; m = x; } else if (x != -INFINITY) { s += expf(x - m); }
+    const float mn = fmaxf(m, x);
+    if (mn == -INFINITY) return;
+    s = s * __expf(m - mn) + __expf(x - mn);
+    m = mn;
 }
 __device__ __forceinline__ void ftrt_lse_merge(float& m, float& s, float m2, float s2) {
     if (m2 > m) { s = s * expf(m - m2) + s2; m = m2; } else if (m2 != -INFINITY) { s += s2 * expf(m2 - m); }
@@ -135,7 +138,7 @@ template <int TPR> __device__ __forceinline__ float ftrt_row_lse(float m, float 
 
 // ==== op `swiglu` ====
 // SwiGLU: h = T(silu(g)) * u,  silu(g) = g * sigmoid(g).
-// Backward: du = dh * T(silu(g)),  dg = dh * u * s * (1 + g * (1 - s)),  s = sigmoid(g).
+// Backward: du = dh * T(silu(g)),  dg = T(dh * u) * s * (1 + g * (1 - s)),  s = sigmoid(g).
 
 // swiglu forward: flat pass over (i in N)
 template <int VEC>
@@ -180,7 +183,7 @@ __device__ __forceinline__ void swiglu_backward_body(long long N, const ftrt_t* 
             const long long i = i0_ + k_; (void)i;
             const float s = ftrt_sigmoid(v0_[k_]);
             const float w1_ = (v1_[k_] * ftrt_round_t((v0_[k_] * s)));
-            const float w2_ = (((v1_[k_] * v2_[k_]) * s) * (1.0f + (v0_[k_] * (1.0f - s))));
+            const float w2_ = ((ftrt_round_t((v1_[k_] * v2_[k_])) * s) * (1.0f + (v0_[k_] * (1.0f - s))));
             s1_[k_] = w1_;
             s2_[k_] = w2_;
         }
@@ -241,7 +244,7 @@ __device__ __forceinline__ void geglu_tanh_backward_body(long long N, const ftrt
             const float t = tanhf((0.7978845608028654f * (x + (((0.044715f * x) * x) * x))));
             const float w2_ = (v1_[k_] * ftrt_round_t(((0.5f * x) * (1.0f + t))));
             const float dt = (0.7978845608028654f * (1.0f + ((0.134145f * x) * x)));
-            const float w4_ = ((v1_[k_] * v2_[k_]) * ((0.5f * (1.0f + t)) + (((0.5f * x) * (1.0f - (t * t))) * dt)));
+            const float w4_ = (ftrt_round_t((v1_[k_] * v2_[k_])) * ((0.5f * (1.0f + t)) + (((0.5f * x) * (1.0f - (t * t))) * dt)));
             s2_[k_] = w2_;
             s4_[k_] = w4_;
         }
@@ -300,7 +303,7 @@ __device__ __forceinline__ void geglu_erf_backward_body(long long N, const ftrt_
             const float x = v0_[k_];
             const float cdf = (0.5f * (1.0f + erff((x * 0.7071067811865476f))));
             const float w2_ = (v1_[k_] * ftrt_round_t((x * cdf)));
-            const float w3_ = ((v1_[k_] * v2_[k_]) * (cdf + ((x * expf((((-0.5f) * x) * x))) * 0.3989422804014327f)));
+            const float w3_ = (ftrt_round_t((v1_[k_] * v2_[k_])) * (cdf + ((x * __expf((((-0.5f) * x) * x))) * 0.3989422804014327f)));
             s2_[k_] = w2_;
             s3_[k_] = w3_;
         }

@@ -22,7 +22,10 @@ __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
     return m + logf(expf(a - m) + expf(b - m));
 }
 __device__ __forceinline__ void ftrt_lse_push(float& m, float& s, float x) {
-    if (x > m) { s = s * expf(m - x) + 1.f; m = x; } else if (x != -INFINITY) { s += expf(x - m); }
+    const float mn = fmaxf(m, x);
+    if (mn == -INFINITY) return;
+    s = s * __expf(m - mn) + __expf(x - mn);
+    m = mn;
 }
 __device__ __forceinline__ void ftrt_lse_merge(float& m, float& s, float m2, float s2) {
     if (m2 > m) { s = s * expf(m - m2) + s2; m = m2; } else if (m2 != -INFINITY) { s += s2 * expf(m2 - m); }
@@ -100,9 +103,14 @@ template <int TPR> __device__ __forceinline__ float ftrt_row_lse(float m, float 
 }
 
 // ==== op `cross_entropy` ====
-// z = cap * tanh(logits / cap) when cap > 0 (Gemma 2 logit softcap), else z = logits.
+// z = T(T(tanh(T(logits / cap))) * cap) when cap > 0 (Gemma 2's logit softcap, in the
+// logits' dtype as Gemma2ForCausalLM computes it), else z = logits.
 // lse[r] = logaddexp(lse[r], logsumexp(z[r, :])),  picked[r] += z[r, target[r] - v0].
-// Backward: dlogits = (dlse * exp(z - lse) + dpicked * [c + v0 == target]) * dz/dlogits.
+// Backward: dz = dlse * exp(z - lse) + dpicked * [c + v0 == target];  dlogits = dz without
+// a cap, else T(T(T(dz) * cap) * (1 - y^2)) / cap with y = T(tanh(T(logits / cap))):
+// autograd's roundings through the softcap's three ops. Both divisions are multiplies by
+// 1 / cap (IEEE divisions per element made the backward spill registers on sm_80/sm_90;
+// forward and backward must compute the same z).
 
 // cross_entropy forward: row pass over (r in R, c in V)
 template <int TPR, int VEC>
@@ -115,13 +123,14 @@ __device__ __forceinline__ void cross_entropy_forward_body(long long R, long lon
     (void)rem_;
     float acc0_m = -INFINITY, acc0_s = 0.f;
     float acc1_p = 0.f;
+    const long long h0_ = ftrt_ld(target[r]);
     for (long long c0_ = (long long)lane * VEC; c0_ < (V); c0_ += (long long)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, logits + (((r * V) + c0_)));
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const long long c = c0_ + k_; (void)c;
-            ftrt_lse_push(acc0_m, acc0_s, (((cap > 0.0f)) ? (float)((cap * tanhf((v0_[k_] / cap)))) : (float)(v0_[k_])));
-            acc1_p += ((((c + v0) == ftrt_ld(target[r]))) ? (float)((((cap > 0.0f)) ? (float)((cap * tanhf((v0_[k_] / cap)))) : (float)(v0_[k_]))) : (float)(0.0f));
+            ftrt_lse_push(acc0_m, acc0_s, (((cap > 0.0f)) ? (float)(ftrt_round_t((ftrt_round_t(tanhf(ftrt_round_t((v0_[k_] * (1.0f / cap))))) * cap))) : (float)(v0_[k_])));
+            acc1_p += ((((c + v0) == h0_)) ? (float)((((cap > 0.0f)) ? (float)(ftrt_round_t((ftrt_round_t(tanhf(ftrt_round_t((v0_[k_] * (1.0f / cap))))) * cap))) : (float)(v0_[k_]))) : (float)(0.0f));
         }
     }
     const float acc0 = ftrt_row_lse<TPR>(acc0_m, acc0_s);
@@ -147,15 +156,18 @@ __device__ __forceinline__ void cross_entropy_backward_body(long long R, long lo
         rem_ /= (V);
         const long long r = rem_;
         (void)rem_;
+        const float h0_ = ftrt_ld(dlse[r]);
+        const float h1_ = ftrt_ld(lse[r]);
+        const long long h2_ = ftrt_ld(target[r]);
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, logits + (((r * V) + c0_)));
         float s3_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const long long c = c0_ + k_; (void)c;
-            const float t = tanhf((v0_[k_] / cap));
-            const float z = (((cap > 0.0f)) ? (float)((cap * t)) : (float)(v0_[k_]));
-            const float dz = ((ftrt_ld(dlse[r]) * expf((z - ftrt_ld(lse[r])))) + ((((c + v0) == ftrt_ld(target[r]))) ? (float)(ftrt_ld(dpicked[r])) : (float)(0.0f)));
-            const float w3_ = (dz * (((cap > 0.0f)) ? (float)((1.0f - (t * t))) : (float)(1.0f)));
+            const float y = ftrt_round_t(tanhf(ftrt_round_t((v0_[k_] * (1.0f / cap)))));
+            const float z = (((cap > 0.0f)) ? (float)(ftrt_round_t((y * cap))) : (float)(v0_[k_]));
+            const float dz = ((h0_ * __expf((z - h1_))) + ((((c + v0) == h2_)) ? (float)(ftrt_ld(dpicked[r])) : (float)(0.0f)));
+            const float w3_ = (((cap > 0.0f)) ? (float)((ftrt_round_t((ftrt_round_t((ftrt_round_t(dz) * cap)) * (1.0f - (y * y)))) * (1.0f / cap))) : (float)(dz));
             s3_[k_] = w3_;
         }
         ftrt_store_vec<VEC>(dlogits + (((r * V) + c0_)), s3_);

@@ -26,7 +26,10 @@ __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
 }
 // Online logsumexp: running max `m` and sum `s` of exp(x - m).
 __device__ __forceinline__ void ftrt_lse_push(float& m, float& s, float x) {
-    if (x > m) { s = s * expf(m - x) + 1.f; m = x; } else if (x != -INFINITY) { s += expf(x - m); }
+    const float mn = fmaxf(m, x);
+    if (mn == -INFINITY) return;
+    s = s * __expf(m - mn) + __expf(x - mn);
+    m = mn;
 }
 __device__ __forceinline__ void ftrt_lse_merge(float& m, float& s, float m2, float s2) {
     if (m2 > m) { s = s * expf(m - m2) + s2; m = m2; } else if (m2 != -INFINITY) { s += s2 * expf(m2 - m); }
@@ -137,8 +140,9 @@ template <int TPR> __device__ __forceinline__ float ftrt_row_lse(float m, float 
 // RMSNorm over the last dim with Hugging Face Llama's cast points: the row is normalised in
 // f32, cast to the input dtype, then multiplied by the weight in that dtype.
 // y = T(w * T(x * rstd)),  rstd = 1 / sqrt(mean(x^2) + eps).  Saves rstd (R) f32.
-// `backward dx` gives dx = rstd * (g - xhat * mean(g * xhat)) with g = dy * w, xhat = x * rstd;
-// `backward dw` gives dw = sum over rows of dy * T(x * rstd) (full fine-tuning only).
+// `backward dx` gives dx = rstd * (g - xhat * mean(g * xhat)) with g = T(dy * w) (autograd
+// rounds the product's gradient to T), xhat = x * rstd;
+// `backward dw` gives dw = sum over rows of T(dy * T(x * rstd)) (full fine-tuning only).
 
 // rms_norm forward: row pass over (r in R, c in C)
 template <int TPR, int VEC>
@@ -181,7 +185,7 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_w256_v1(long 
 
 // rms_norm backward dx: row pass over (r in R, c in C)
 template <int TPR, int VEC>
-__device__ __forceinline__ void rms_norm_backward_dx_body(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) {
+__device__ __forceinline__ void rms_norm_backward_dx_body(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) {
     const int lane = threadIdx.x;
     const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
     if (row >= (R)) return;
@@ -189,6 +193,7 @@ __device__ __forceinline__ void rms_norm_backward_dx_body(long long R, long long
     const long long r = rem_;
     (void)rem_;
     float acc0_p = 0.f;
+    const float h0_ = ftrt_ld(rstd[r]);
     for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dy + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, w + (c0_));
@@ -196,11 +201,12 @@ __device__ __forceinline__ void rms_norm_backward_dx_body(long long R, long long
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const long long c = c0_ + k_; (void)c;
-            acc0_p += ((v0_[k_] * v1_[k_]) * (v2_[k_] * ftrt_ld(rstd[r])));
+            acc0_p += (ftrt_round_t((v0_[k_] * v1_[k_])) * (v2_[k_] * h0_));
         }
     }
     const float acc0 = ftrt_row_sum<TPR>(acc0_p) / (float)(C);
     const float m = acc0;
+    const float h1_ = ftrt_ld(rstd[r]);
     for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dy + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, w + (c0_));
@@ -209,20 +215,20 @@ __device__ __forceinline__ void rms_norm_backward_dx_body(long long R, long long
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const long long c = c0_ + k_; (void)c;
-            const float w0_ = (ftrt_ld(rstd[r]) * ((v0_[k_] * v1_[k_]) - ((v2_[k_] * ftrt_ld(rstd[r])) * m)));
+            const float w0_ = (h1_ * (ftrt_round_t((v0_[k_] * v1_[k_])) - ((v2_[k_] * h1_) * m)));
             s0_[k_] = w0_;
         }
         ftrt_store_vec<VEC>(dx + (((r * C) + c0_)), s0_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_w32_v8(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<32, 8>(R, C, eps, x, w, rstd, dy, dx); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_w32_v1(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<32, 1>(R, C, eps, x, w, rstd, dy, dx); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_w256_v8(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<256, 8>(R, C, eps, x, w, rstd, dy, dx); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_w256_v1(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<256, 1>(R, C, eps, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_w32_v8(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<32, 8>(R, C, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_w32_v1(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<32, 1>(R, C, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_w256_v8(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<256, 8>(R, C, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_w256_v1(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<256, 1>(R, C, x, w, rstd, dy, dx); }
 
 // rms_norm backward dw: row pass over (c in C, r in R)
 template <int TPR, int VEC>
-__device__ __forceinline__ void rms_norm_backward_dw_body(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) {
+__device__ __forceinline__ void rms_norm_backward_dw_body(long long R, long long C, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) {
     const int lane = threadIdx.x;
     const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
     if (row >= (C)) return;
@@ -235,16 +241,16 @@ __device__ __forceinline__ void rms_norm_backward_dw_body(long long R, long long
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const long long r = r0_ + k_; (void)r;
-            acc0_p += (ftrt_ld(dy[((r * C) + c)]) * ftrt_round_t((ftrt_ld(x[((r * C) + c)]) * v0_[k_])));
+            acc0_p += ftrt_round_t((ftrt_ld(dy[((r * C) + c)]) * ftrt_round_t((ftrt_ld(x[((r * C) + c)]) * v0_[k_]))));
         }
     }
     const float acc0 = ftrt_row_sum<TPR>(acc0_p);
     if (lane == 0) { dw[c] = ftrt_to_t(acc0); }
 }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_w32_v8(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<32, 8>(R, C, eps, x, rstd, dy, dw); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_w32_v1(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<32, 1>(R, C, eps, x, rstd, dy, dw); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_w256_v8(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<256, 8>(R, C, eps, x, rstd, dy, dw); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_w256_v1(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<256, 1>(R, C, eps, x, rstd, dy, dw); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_w32_v8(long long R, long long C, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<32, 8>(R, C, x, rstd, dy, dw); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_w32_v1(long long R, long long C, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<32, 1>(R, C, x, rstd, dy, dw); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_w256_v8(long long R, long long C, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<256, 8>(R, C, x, rstd, dy, dw); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_w256_v1(long long R, long long C, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<256, 1>(R, C, x, rstd, dy, dw); }
 
 // ==== op `rms_norm_gemma` ====
 // Gemma's RMSNorm: everything in f32, the weight offset by one, one cast at the end.
@@ -291,7 +297,7 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_w256_v1
 
 // rms_norm_gemma backward dx: row pass over (r in R, c in C)
 template <int TPR, int VEC>
-__device__ __forceinline__ void rms_norm_gemma_backward_dx_body(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) {
+__device__ __forceinline__ void rms_norm_gemma_backward_dx_body(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) {
     const int lane = threadIdx.x;
     const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
     if (row >= (R)) return;
@@ -299,6 +305,7 @@ __device__ __forceinline__ void rms_norm_gemma_backward_dx_body(long long R, lon
     const long long r = rem_;
     (void)rem_;
     float acc0_p = 0.f;
+    const float h0_ = ftrt_ld(rstd[r]);
     for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dy + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, w + (c0_));
@@ -306,11 +313,12 @@ __device__ __forceinline__ void rms_norm_gemma_backward_dx_body(long long R, lon
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const long long c = c0_ + k_; (void)c;
-            acc0_p += ((v0_[k_] * (1.0f + v1_[k_])) * (v2_[k_] * ftrt_ld(rstd[r])));
+            acc0_p += ((v0_[k_] * (1.0f + v1_[k_])) * (v2_[k_] * h0_));
         }
     }
     const float acc0 = ftrt_row_sum<TPR>(acc0_p) / (float)(C);
     const float m = acc0;
+    const float h1_ = ftrt_ld(rstd[r]);
     for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dy + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, w + (c0_));
@@ -319,21 +327,22 @@ __device__ __forceinline__ void rms_norm_gemma_backward_dx_body(long long R, lon
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const long long c = c0_ + k_; (void)c;
-            const float w0_ = (ftrt_ld(rstd[r]) * ((v0_[k_] * (1.0f + v1_[k_])) - ((v2_[k_] * ftrt_ld(rstd[r])) * m)));
+            const float w0_ = (h1_ * ((v0_[k_] * (1.0f + v1_[k_])) - ((v2_[k_] * h1_) * m)));
             s0_[k_] = w0_;
         }
         ftrt_store_vec<VEC>(dx + (((r * C) + c0_)), s0_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_w32_v8(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<32, 8>(R, C, eps, x, w, rstd, dy, dx); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_w32_v1(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<32, 1>(R, C, eps, x, w, rstd, dy, dx); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_w256_v8(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<256, 8>(R, C, eps, x, w, rstd, dy, dx); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_w256_v1(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<256, 1>(R, C, eps, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_w32_v8(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<32, 8>(R, C, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_w32_v1(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<32, 1>(R, C, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_w256_v8(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<256, 8>(R, C, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_w256_v1(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<256, 1>(R, C, x, w, rstd, dy, dx); }
 
 // ==== op `add_rms_norm` ====
 // Residual add fused with Llama RMSNorm: h = T(x + res) is the new residual stream,
 // y = rms_norm(h). One kernel reads x and res once per sweep and writes h and y.
-// Backward: dx = dres = dh + rstd * (g - hhat * mean(g * hhat)), g = dy * w.
+// Backward: dx = dres = dh + T(rstd * (g - hhat * mean(g * hhat))), g = T(dy * w): the
+// norm's gradient rounded to T before it joins the residual's, as autograd does.
 
 // add_rms_norm forward: row pass over (r in R, c in C)
 template <int TPR, int VEC>
@@ -382,7 +391,7 @@ extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_w256_v1(l
 
 // add_rms_norm backward: row pass over (r in R, c in C)
 template <int TPR, int VEC>
-__device__ __forceinline__ void add_rms_norm_backward_body(long long R, long long C, float eps, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) {
+__device__ __forceinline__ void add_rms_norm_backward_body(long long R, long long C, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) {
     const int lane = threadIdx.x;
     const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
     if (row >= (R)) return;
@@ -390,6 +399,7 @@ __device__ __forceinline__ void add_rms_norm_backward_body(long long R, long lon
     const long long r = rem_;
     (void)rem_;
     float acc0_p = 0.f;
+    const float h0_ = ftrt_ld(rstd[r]);
     for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dy + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, w + (c0_));
@@ -397,11 +407,12 @@ __device__ __forceinline__ void add_rms_norm_backward_body(long long R, long lon
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const long long c = c0_ + k_; (void)c;
-            acc0_p += ((v0_[k_] * v1_[k_]) * (v2_[k_] * ftrt_ld(rstd[r])));
+            acc0_p += (ftrt_round_t((v0_[k_] * v1_[k_])) * (v2_[k_] * h0_));
         }
     }
     const float acc0 = ftrt_row_sum<TPR>(acc0_p) / (float)(C);
     const float m = acc0;
+    const float h1_ = ftrt_ld(rstd[r]);
     for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dh + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, dy + (((r * C) + c0_)));
@@ -412,8 +423,8 @@ __device__ __forceinline__ void add_rms_norm_backward_body(long long R, long lon
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const long long c = c0_ + k_; (void)c;
-            const float w0_ = (v0_[k_] + (ftrt_ld(rstd[r]) * ((v1_[k_] * v2_[k_]) - ((v3_[k_] * ftrt_ld(rstd[r])) * m))));
-            const float w1_ = (v0_[k_] + (ftrt_ld(rstd[r]) * ((v1_[k_] * v2_[k_]) - ((v3_[k_] * ftrt_ld(rstd[r])) * m))));
+            const float w0_ = (v0_[k_] + ftrt_round_t((h1_ * (ftrt_round_t((v1_[k_] * v2_[k_])) - ((v3_[k_] * h1_) * m)))));
+            const float w1_ = (v0_[k_] + ftrt_round_t((h1_ * (ftrt_round_t((v1_[k_] * v2_[k_])) - ((v3_[k_] * h1_) * m)))));
             s0_[k_] = w0_;
             s1_[k_] = w1_;
         }
@@ -421,7 +432,7 @@ __device__ __forceinline__ void add_rms_norm_backward_body(long long R, long lon
         ftrt_store_vec<VEC>(dres + (((r * C) + c0_)), s1_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_w32_v8(long long R, long long C, float eps, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<32, 8>(R, C, eps, w, h, rstd, dy, dh, dx, dres); }
-extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_w32_v1(long long R, long long C, float eps, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<32, 1>(R, C, eps, w, h, rstd, dy, dh, dx, dres); }
-extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_w256_v8(long long R, long long C, float eps, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<256, 8>(R, C, eps, w, h, rstd, dy, dh, dx, dres); }
-extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_w256_v1(long long R, long long C, float eps, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<256, 1>(R, C, eps, w, h, rstd, dy, dh, dx, dres); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_w32_v8(long long R, long long C, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<32, 8>(R, C, w, h, rstd, dy, dh, dx, dres); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_w32_v1(long long R, long long C, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<32, 1>(R, C, w, h, rstd, dy, dh, dx, dres); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_w256_v8(long long R, long long C, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<256, 8>(R, C, w, h, rstd, dy, dh, dx, dres); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_w256_v1(long long R, long long C, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<256, 1>(R, C, w, h, rstd, dy, dh, dx, dres); }

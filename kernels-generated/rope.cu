@@ -26,7 +26,10 @@ __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
 }
 // Online logsumexp: running max `m` and sum `s` of exp(x - m).
 __device__ __forceinline__ void ftrt_lse_push(float& m, float& s, float x) {
-    if (x > m) { s = s * expf(m - x) + 1.f; m = x; } else if (x != -INFINITY) { s += expf(x - m); }
+    const float mn = fmaxf(m, x);
+    if (mn == -INFINITY) return;
+    s = s * __expf(m - mn) + __expf(x - mn);
+    m = mn;
 }
 __device__ __forceinline__ void ftrt_lse_merge(float& m, float& s, float m2, float s2) {
     if (m2 > m) { s = s * expf(m - m2) + s2; m = m2; } else if (m2 != -INFINITY) { s += s2 * expf(m2 - m); }
@@ -138,7 +141,8 @@ template <int TPR> __device__ __forceinline__ float ftrt_row_lse(float m, float 
 // x1 = x[..D/2], x2 = x[D/2..];  y1 = T(x1 * cos1) - T(x2 * sin1),  y2 = T(x2 * cos2) + T(x1 * sin2)
 // with cos/sin rows picked by the token's position id (tables (P, D) in T, as HF casts them).
 // Call once for Q (H = query heads) and once for K (H = key/value heads).
-// Backward (in place on the gradient): dx1 = g1 * cos1 + g2 * sin2,  dx2 = g2 * cos2 - g1 * sin1.
+// Backward (in place on the gradient), with autograd's roundings in T:
+// dx1 = T(g1 * cos1) + T(g2 * sin2),  dx2 = T(g2 * cos2) - T(g1 * sin1).
 
 // rope forward: flat pass over (n in N, h in H, c in (D / 2))
 template <int VEC>
@@ -206,8 +210,8 @@ __device__ __forceinline__ void rope_backward_body(long long N, long long H, lon
             const long long c = c0_ + k_; (void)c;
             const float g1 = v0_[k_];
             const float g2 = v1_[k_];
-            const float w2_ = ((g1 * v2_[k_]) + (g2 * v3_[k_]));
-            const float w3_ = ((g2 * v4_[k_]) - (g1 * v5_[k_]));
+            const float w2_ = (ftrt_round_t((g1 * v2_[k_])) + ftrt_round_t((g2 * v3_[k_])));
+            const float w3_ = (ftrt_round_t((g2 * v4_[k_])) - ftrt_round_t((g1 * v5_[k_])));
             s2_[k_] = w2_;
             s3_[k_] = w3_;
         }

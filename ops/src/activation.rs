@@ -1,11 +1,12 @@
 //! Gated activations of the MLP: SwiGLU (Llama, Qwen, Mistral) and GeGLU (Gemma), each
-//! h = T(act(g)) * u as Hugging Face computes it in the model's dtype.
+//! h = T(act(g)) * u as Hugging Face computes it in the model's dtype. In every backward the
+//! activation's upstream gradient is T(dh * u), rounded as autograd rounds it.
 use crate::kernels::ACTIVATION as KERNELS;
 use ftrt_macros::op;
 
 op! {
     /// SwiGLU: h = T(silu(g)) * u,  silu(g) = g * sigmoid(g).
-    /// Backward: du = dh * T(silu(g)),  dg = dh * u * s * (1 + g * (1 - s)),  s = sigmoid(g).
+    /// Backward: du = dh * T(silu(g)),  dg = T(dh * u) * s * (1 + g * (1 - s)),  s = sigmoid(g).
     swiglu(g: [N] T, u: [N] T) -> (h: [N] T) {
         forward for i in N {
             h[i] = T(g[i] * sigmoid(g[i])) * u[i];
@@ -13,7 +14,7 @@ op! {
         backward (dh) -> (dg, du) for i in N {
             let s = sigmoid(g[i]);
             du[i] = dh[i] * T(g[i] * s);
-            dg[i] = dh[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            dg[i] = T(dh[i] * u[i]) * s * (1.0 + g[i] * (1.0 - s));
         }
     }
 }
@@ -31,7 +32,7 @@ op! {
             let t = tanh(0.7978845608028654 * (x + 0.044715 * x * x * x));
             du[i] = dh[i] * T(0.5 * x * (1.0 + t));
             let dt = 0.7978845608028654 * (1.0 + 0.134145 * x * x);
-            dg[i] = dh[i] * u[i] * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt);
+            dg[i] = T(dh[i] * u[i]) * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dt);
         }
     }
 }
@@ -47,7 +48,10 @@ op! {
             let x = g[i];
             let cdf = 0.5 * (1.0 + erf(x * 0.7071067811865476));
             du[i] = dh[i] * T(x * cdf);
-            dg[i] = dh[i] * u[i] * (cdf + x * exp(-0.5 * x * x) * 0.3989422804014327);
+            dg[i] = T(dh[i] * u[i]) * (cdf + x * exp(-0.5 * x * x) * 0.3989422804014327);
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

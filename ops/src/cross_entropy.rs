@@ -10,22 +10,27 @@ use crate::kernels::CROSS_ENTROPY as KERNELS;
 use ftrt_macros::op;
 
 op! {
-    /// z = cap * tanh(logits / cap) when cap > 0 (Gemma 2 logit softcap), else z = logits.
+    /// z = T(T(tanh(T(logits / cap))) * cap) when cap > 0 (Gemma 2's logit softcap, in the
+    /// logits' dtype as Gemma2ForCausalLM computes it), else z = logits.
     /// lse[r] = logaddexp(lse[r], logsumexp(z[r, :])),  picked[r] += z[r, target[r] - v0].
-    /// Backward: dlogits = (dlse * exp(z - lse) + dpicked * [c + v0 == target]) * dz/dlogits.
+    /// Backward: dz = dlse * exp(z - lse) + dpicked * [c + v0 == target];  dlogits = dz without
+    /// a cap, else T(T(T(dz) * cap) * (1 - y^2)) / cap with y = T(tanh(T(logits / cap))):
+    /// autograd's roundings through the softcap's three ops. Both divisions are multiplies by
+    /// 1 / cap (IEEE divisions per element made the backward spill registers on sm_80/sm_90;
+    /// forward and backward must compute the same z).
     cross_entropy(logits: [R, V] T, target: [R] i32, v0: i32, cap: f32, mut lse: [R] f32, mut picked: [R] f32) {
         forward for r in R, c in V {
-            let z = select(cap > 0.0, cap * tanh(logits[r, c] / cap), logits[r, c]);
+            let z = select(cap > 0.0, T(T(tanh(T(logits[r, c] * (1.0 / cap)))) * cap), logits[r, c]);
             let chunk_lse = logsumexp(c, z);
             let hit = sum(c, select(c + v0 == target[r], z, 0.0));
             lse[r] = logaddexp(lse[r], chunk_lse);
             picked[r] = picked[r] + hit;
         }
         backward (dlse, dpicked) -> (dlogits) for r in R, c in V {
-            let t = tanh(logits[r, c] / cap);
-            let z = select(cap > 0.0, cap * t, logits[r, c]);
+            let y = T(tanh(T(logits[r, c] * (1.0 / cap))));
+            let z = select(cap > 0.0, T(y * cap), logits[r, c]);
             let dz = dlse[r] * exp(z - lse[r]) + select(c + v0 == target[r], dpicked[r], 0.0);
-            dlogits[r, c] = dz * select(cap > 0.0, 1.0 - t * t, 1.0);
+            dlogits[r, c] = select(cap > 0.0, T(T(T(dz) * cap) * (1.0 - y * y)) * (1.0 / cap), dz);
         }
         check { target in -2..V, v0 = 0, cap in [0.0, 3.0], lse = -inf, picked = 0.0 }
     }
@@ -39,3 +44,6 @@ op! {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

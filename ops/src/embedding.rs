@@ -18,3 +18,6 @@ op! {
         check { ids in 0..V }
     }
 }
+
+#[cfg(test)]
+mod tests;

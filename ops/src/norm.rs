@@ -6,8 +6,9 @@ op! {
     /// RMSNorm over the last dim with Hugging Face Llama's cast points: the row is normalised in
     /// f32, cast to the input dtype, then multiplied by the weight in that dtype.
     /// y = T(w * T(x * rstd)),  rstd = 1 / sqrt(mean(x^2) + eps).  Saves rstd (R) f32.
-    /// `backward dx` gives dx = rstd * (g - xhat * mean(g * xhat)) with g = dy * w, xhat = x * rstd;
-    /// `backward dw` gives dw = sum over rows of dy * T(x * rstd) (full fine-tuning only).
+    /// `backward dx` gives dx = rstd * (g - xhat * mean(g * xhat)) with g = T(dy * w) (autograd
+    /// rounds the product's gradient to T), xhat = x * rstd;
+    /// `backward dw` gives dw = sum over rows of T(dy * T(x * rstd)) (full fine-tuning only).
     rms_norm(x: [R, C] T, w: [C] T, eps: f32) -> (y: [R, C] T) saves (rstd: [R] f32) {
         forward for r in R, c in C {
             let rs = rsqrt(mean(c, x[r, c] * x[r, c]) + eps);
@@ -15,13 +16,13 @@ op! {
             y[r, c] = w[c] * T(x[r, c] * rs);
         }
         backward dx (dy) -> (dx) for r in R, c in C {
-            let g = dy[r, c] * w[c];
+            let g = T(dy[r, c] * w[c]);
             let xhat = x[r, c] * rstd[r];
             let m = mean(c, g * xhat);
             dx[r, c] = rstd[r] * (g - xhat * m);
         }
         backward dw (dy) -> (dw) for c in C, r in R {
-            dw[c] = sum(r, dy[r, c] * T(x[r, c] * rstd[r]));
+            dw[c] = sum(r, T(dy[r, c] * T(x[r, c] * rstd[r])));
         }
         check { eps = 1e-5 }
     }
@@ -49,7 +50,8 @@ op! {
 op! {
     /// Residual add fused with Llama RMSNorm: h = T(x + res) is the new residual stream,
     /// y = rms_norm(h). One kernel reads x and res once per sweep and writes h and y.
-    /// Backward: dx = dres = dh + rstd * (g - hhat * mean(g * hhat)), g = dy * w.
+    /// Backward: dx = dres = dh + T(rstd * (g - hhat * mean(g * hhat))), g = T(dy * w): the
+    /// norm's gradient rounded to T before it joins the residual's, as autograd does.
     add_rms_norm(x: [R, C] T, res: [R, C] T, w: [C] T, eps: f32) -> (y: [R, C] T, h: [R, C] T) saves (rstd: [R] f32) {
         forward for r in R, c in C {
             let hv = T(x[r, c] + res[r, c]);
@@ -59,13 +61,16 @@ op! {
             y[r, c] = w[c] * T(hv * rs);
         }
         backward (dy, dh) -> (dx, dres) for r in R, c in C {
-            let g = dy[r, c] * w[c];
+            let g = T(dy[r, c] * w[c]);
             let hhat = h[r, c] * rstd[r];
             let m = mean(c, g * hhat);
-            let dsum = dh[r, c] + rstd[r] * (g - hhat * m);
+            let dsum = dh[r, c] + T(rstd[r] * (g - hhat * m));
             dx[r, c] = dsum;
             dres[r, c] = dsum;
         }
         check { eps = 1e-5 }
     }
 }
+
+#[cfg(test)]
+mod tests;

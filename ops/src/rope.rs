@@ -9,7 +9,8 @@ op! {
     /// x1 = x[..D/2], x2 = x[D/2..];  y1 = T(x1 * cos1) - T(x2 * sin1),  y2 = T(x2 * cos2) + T(x1 * sin2)
     /// with cos/sin rows picked by the token's position id (tables (P, D) in T, as HF casts them).
     /// Call once for Q (H = query heads) and once for K (H = key/value heads).
-    /// Backward (in place on the gradient): dx1 = g1 * cos1 + g2 * sin2,  dx2 = g2 * cos2 - g1 * sin1.
+    /// Backward (in place on the gradient), with autograd's roundings in T:
+    /// dx1 = T(g1 * cos1) + T(g2 * sin2),  dx2 = T(g2 * cos2) - T(g1 * sin1).
     rope(mut x: [N, H, D] T, pos: [N] i32, cos: [P, D] T, sin: [P, D] T) {
         forward for n in N, h in H, c in D / 2 {
             let p = pos[n];
@@ -22,8 +23,8 @@ op! {
             let p = pos[n];
             let g1 = dx[n, h, c];
             let g2 = dx[n, h, c + D / 2];
-            dx[n, h, c] = g1 * cos[p, c] + g2 * sin[p, c + D / 2];
-            dx[n, h, c + D / 2] = g2 * cos[p, c + D / 2] - g1 * sin[p, c];
+            dx[n, h, c] = T(g1 * cos[p, c]) + T(g2 * sin[p, c + D / 2]);
+            dx[n, h, c + D / 2] = T(g2 * cos[p, c + D / 2]) - T(g1 * sin[p, c]);
         }
         check { D in [2, 4, 8, 16], P in 1..12, pos in 0..P }
     }
@@ -80,3 +81,6 @@ pub fn cos_sin_tables(positions: usize, inv_freq: &[f32]) -> (Vec<f32>, Vec<f32>
     }
     (cos, sin)
 }
+
+#[cfg(test)]
+mod tests;
