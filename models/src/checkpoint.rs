@@ -100,7 +100,10 @@ pub struct LoadedModel {
 pub fn open_model(path: &Path) -> Result<LoadedModel> {
     if path.is_dir() {
         open_hf_folder(path)
-    } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+    } else if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
         open_gguf(path)
     } else if path.exists() {
         Err(Error::new(
@@ -109,7 +112,11 @@ pub fn open_model(path: &Path) -> Result<LoadedModel> {
             "expected a Hugging Face model folder or a .gguf file",
         ))
     } else {
-        Err(Error::new(path, ErrorKind::Missing, "no such file or folder"))
+        Err(Error::new(
+            path,
+            ErrorKind::Missing,
+            "no such file or folder",
+        ))
     }
 }
 
@@ -128,7 +135,14 @@ fn open_hf_folder(dir: &Path) -> Result<LoadedModel> {
     if gc_path.is_file() {
         eos.extend(generation_eos_ids(&gc_path)?);
     }
-    Ok(finish(dir, config, weights, tokenizer, tokenizer_config, eos))
+    Ok(finish(
+        dir,
+        config,
+        weights,
+        tokenizer,
+        tokenizer_config,
+        eos,
+    ))
 }
 
 fn open_gguf(path: &Path) -> Result<LoadedModel> {
@@ -137,7 +151,14 @@ fn open_gguf(path: &Path) -> Result<LoadedModel> {
     let (tokenizer, tokenizer_config) = tokenizer_from_gguf(&file)?;
     let eos = config.eos_token_ids.clone();
     let weights = WeightSource::Gguf(GgufWeights::new(file, &config)?);
-    Ok(finish(path, config, weights, tokenizer, tokenizer_config, eos))
+    Ok(finish(
+        path,
+        config,
+        weights,
+        tokenizer,
+        tokenizer_config,
+        eos,
+    ))
 }
 
 fn finish(
@@ -184,9 +205,15 @@ fn generation_eos_ids(path: &Path) -> Result<Vec<u32>> {
     };
     ids.into_iter()
         .map(|v| {
-            v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| {
-                Error::new(path, ErrorKind::Malformed, "field \"eos_token_id\" must hold token ids")
-            })
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| {
+                    Error::new(
+                        path,
+                        ErrorKind::Malformed,
+                        "field \"eos_token_id\" must hold token ids",
+                    )
+                })
         })
         .collect()
 }

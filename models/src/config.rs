@@ -132,7 +132,11 @@ impl ModelConfig {
         let value: Value = serde_json::from_str(text)
             .map_err(|e| Error::new(path, ErrorKind::Malformed, format!("invalid JSON: {e}")))?;
         let Value::Object(obj) = value else {
-            return Err(Error::new(path, ErrorKind::Malformed, "config is not a JSON object"));
+            return Err(Error::new(
+                path,
+                ErrorKind::Malformed,
+                "config is not a JSON object",
+            ));
         };
         Fields { obj: &obj, path }.parse()
     }
@@ -187,13 +191,13 @@ impl Fields<'_> {
             rope_theta: self.opt_f64("rope_theta")?.unwrap_or(10_000.0),
             rope_scaling: self.rope_scaling()?,
             tie_word_embeddings: self.opt_bool("tie_word_embeddings")?.unwrap_or(false),
-            max_position_embeddings: self
-                .opt_usize("max_position_embeddings")?
-                .unwrap_or(match arch {
+            max_position_embeddings: self.opt_usize("max_position_embeddings")?.unwrap_or(
+                match arch {
                     Architecture::Llama => 2048,
                     Architecture::Mistral => 4096 * 32,
                     Architecture::Qwen2 | Architecture::Qwen3 => 32768,
-                }),
+                },
+            ),
             qkv_bias,
             o_proj_bias,
             mlp_bias,
@@ -253,7 +257,9 @@ impl Fields<'_> {
             other => Err(Error::new(
                 self.path,
                 ErrorKind::Unsupported,
-                format!("unsupported rope_scaling rope_type \"{other}\"; supported: llama3, default"),
+                format!(
+                    "unsupported rope_scaling rope_type \"{other}\"; supported: llama3, default"
+                ),
             )),
         }
     }
@@ -285,7 +291,10 @@ impl Fields<'_> {
             None | Some(Value::Null) => Ok(Vec::new()),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| as_token_id(v).ok_or_else(|| self.bad("eos_token_id", "list entries must be token ids")))
+                .map(|v| {
+                    as_token_id(v)
+                        .ok_or_else(|| self.bad("eos_token_id", "list entries must be token ids"))
+                })
                 .collect(),
             Some(v) => as_token_id(v)
                 .map(|id| vec![id])
@@ -326,14 +335,20 @@ impl Fields<'_> {
     fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.obj.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.bad(key, "must be a number")),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.bad(key, "must be a number")),
         }
     }
 
     fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
         match self.obj.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.bad(key, "must be true or false")),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.bad(key, "must be true or false")),
         }
     }
 
@@ -354,7 +369,11 @@ impl Fields<'_> {
     }
 
     fn bad(&self, key: &str, why: &str) -> Error {
-        Error::new(self.path, ErrorKind::Malformed, format!("field \"{key}\" {why}"))
+        Error::new(
+            self.path,
+            ErrorKind::Malformed,
+            format!("field \"{key}\" {why}"),
+        )
     }
 }
 

@@ -46,9 +46,15 @@ impl Error {
         }
     }
 
-    /// An I/O failure while doing `what` (e.g. "cannot open") on `path`.
+    /// An I/O failure while doing `what` (e.g. "cannot open") on `path`; a file that does not
+    /// exist is [`ErrorKind::Missing`].
     pub fn io(path: &Path, what: &str, err: &std::io::Error) -> Self {
-        Self::new(path, ErrorKind::Io, format!("{what}: {err}"))
+        let kind = if err.kind() == std::io::ErrorKind::NotFound {
+            ErrorKind::Missing
+        } else {
+            ErrorKind::Io
+        };
+        Self::new(path, kind, format!("{what}: {err}"))
     }
 }
 

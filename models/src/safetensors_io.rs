@@ -91,7 +91,11 @@ impl SafetensorsFiles {
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| Error::new(index, ErrorKind::Malformed, format!("invalid JSON: {e}")))?;
         let Some(Value::Object(map)) = value.get("weight_map") else {
-            return Err(Error::new(index, ErrorKind::Missing, "missing object \"weight_map\""));
+            return Err(Error::new(
+                index,
+                ErrorKind::Missing,
+                "missing object \"weight_map\"",
+            ));
         };
         let mut weight_map = BTreeMap::new();
         for (name, file) in map {
@@ -187,7 +191,10 @@ impl SafetensorsFiles {
             Error::new(
                 &self.shards[entry.shard].path,
                 ErrorKind::Unsupported,
-                format!("tensor \"{name}\" has dtype {} with no f32 conversion", entry.meta.dtype),
+                format!(
+                    "tensor \"{name}\" has dtype {} with no f32 conversion",
+                    entry.meta.dtype
+                ),
             )
         })
     }
@@ -250,7 +257,11 @@ fn open_shard(path: &Path) -> Result<(Shard, ShardTensors)> {
     let data_len = mmap.len() - data_start;
     check_offsets(path, &mmap[8..data_start], data_len)?;
     let tensors = SafeTensors::deserialize(&mmap).map_err(|e| {
-        Error::new(path, ErrorKind::Malformed, format!("invalid safetensors header: {e}"))
+        Error::new(
+            path,
+            ErrorKind::Malformed,
+            format!("invalid safetensors header: {e}"),
+        )
     })?;
     let listed = tensors
         .tensors()
@@ -277,10 +288,18 @@ fn open_shard(path: &Path) -> Result<(Shard, ShardTensors)> {
 /// tensor whose bytes lie past the end of the file.
 fn check_offsets(path: &Path, header: &[u8], data_len: usize) -> Result<()> {
     let header: Value = serde_json::from_slice(header).map_err(|e| {
-        Error::new(path, ErrorKind::Malformed, format!("header is not valid JSON: {e}"))
+        Error::new(
+            path,
+            ErrorKind::Malformed,
+            format!("header is not valid JSON: {e}"),
+        )
     })?;
     let Value::Object(map) = header else {
-        return Err(Error::new(path, ErrorKind::Malformed, "header is not a JSON object"));
+        return Err(Error::new(
+            path,
+            ErrorKind::Malformed,
+            "header is not a JSON object",
+        ));
     };
     for (name, info) in map.iter().filter(|(k, _)| *k != "__metadata__") {
         let offsets = info

@@ -55,8 +55,17 @@ impl TokenizerConfig {
 /// Loads a `tokenizer.json`.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     if !path.is_file() {
-        return Err(Error::new(path, ErrorKind::Missing, "tokenizer file not found"));
+        return Err(Error::new(
+            path,
+            ErrorKind::Missing,
+            "tokenizer file not found",
+        ));
     }
-    Tokenizer::from_file(path)
-        .map_err(|e| Error::new(path, ErrorKind::Tokenizer, format!("cannot load tokenizer: {e}")))
+    Tokenizer::from_file(path).map_err(|e| {
+        Error::new(
+            path,
+            ErrorKind::Tokenizer,
+            format!("cannot load tokenizer: {e}"),
+        )
+    })
 }

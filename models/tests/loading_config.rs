@@ -30,11 +30,17 @@ fn smollm2_config_from_assets() {
         (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
         (576, 1536, 30)
     );
-    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (9, 3, 64));
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (9, 3, 64)
+    );
     assert_eq!((c.vocab_size, c.max_position_embeddings), (49152, 8192));
     assert_eq!((c.rms_norm_eps, c.rope_theta), (1e-5, 100000.0));
     assert!(c.tie_word_embeddings && c.rope_scaling.is_none());
-    assert_eq!((c.bos_token_id, c.eos_token_ids.clone()), (Some(1), vec![2]));
+    assert_eq!(
+        (c.bos_token_id, c.eos_token_ids.clone()),
+        (Some(1), vec![2])
+    );
     assert_eq!(c.torch_dtype.as_deref(), Some("bfloat16"));
     assert!(!c.qkv_bias && !c.o_proj_bias && !c.mlp_bias && !c.qk_norm);
 }
@@ -118,7 +124,10 @@ fn missing_field_names_path_and_field() {
     assert!(msg.contains("\"hidden_size\""), "{msg}");
 
     let err = parse(&LLAMA31.replace(r#""high_freq_factor": 4.0,"#, "")).unwrap_err();
-    assert!(err.to_string().contains("rope_scaling.high_freq_factor"), "{err}");
+    assert!(
+        err.to_string().contains("rope_scaling.high_freq_factor"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -127,7 +136,14 @@ fn unknown_architecture_lists_supported() {
         .unwrap_err();
     assert_eq!(err.kind, ErrorKind::Unsupported);
     let msg = err.to_string();
-    for name in ["gemma3", "llama", "mistral", "qwen2", "qwen3", "LlamaForCausalLM"] {
+    for name in [
+        "gemma3",
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "LlamaForCausalLM",
+    ] {
         assert!(msg.contains(name), "{msg}");
     }
 }
@@ -137,7 +153,10 @@ fn bad_input_is_an_error_not_a_panic() {
     for (json, kind) in [
         ("{", ErrorKind::Malformed),
         ("[]", ErrorKind::Malformed),
-        (r#"{"model_type": "llama", "hidden_size": "big"}"#, ErrorKind::Malformed),
+        (
+            r#"{"model_type": "llama", "hidden_size": "big"}"#,
+            ErrorKind::Malformed,
+        ),
         (r#"{"hidden_size": 1}"#, ErrorKind::Missing),
     ] {
         assert_eq!(parse(json).unwrap_err().kind, kind, "{json}");
@@ -145,6 +164,6 @@ fn bad_input_is_an_error_not_a_panic() {
     let bad_rope = LLAMA31.replace(r#""rope_type": "llama3""#, r#""rope_type": "yarn""#);
     assert_eq!(parse(&bad_rope).unwrap_err().kind, ErrorKind::Unsupported);
     let missing = ModelConfig::from_file(Path::new("/nonexistent/config.json")).unwrap_err();
-    assert_eq!(missing.kind, ErrorKind::Io);
+    assert_eq!(missing.kind, ErrorKind::Missing);
     assert!(missing.to_string().contains("/nonexistent/config.json"));
 }

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use ftrt_models::gguf::permute::unpermute_rows;
 use ftrt_models::gguf::{GgmlType, GgufFile, MetaValue};
 use ftrt_models::ErrorKind;
-use loading_common::{f32_bytes, permute_rows, quantize_q4_0, quantize_q4_1, quantize_q8_0, test_values, write_gguf, Kv, RawTensor};
+use loading_common::{
+    f32_bytes, permute_rows, quantize_q4_0, quantize_q4_1, quantize_q8_0, test_values, write_gguf,
+    Kv, RawTensor,
+};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quants.gguf")
@@ -24,7 +27,10 @@ fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
 fn fixture_matches_gguf_python_dequantizer() {
     let file = GgufFile::open(&fixture()).unwrap();
     assert_eq!(file.version(), 3);
-    assert_eq!(file.get("general.architecture"), Some(&MetaValue::String("llama".into())));
+    assert_eq!(
+        file.get("general.architecture"),
+        Some(&MetaValue::String("llama".into()))
+    );
     for (name, ty) in [
         ("Q4_K", GgmlType::Q4_K),
         ("Q6_K", GgmlType::Q6_K),
@@ -57,16 +63,30 @@ fn legacy_quants_round_trip_through_reference_quantizers() {
     ];
     let tensors: Vec<RawTensor> = quants
         .iter()
-        .map(|(n, id, data)| RawTensor { name: n.to_string(), dims: vec![64, 3], type_id: *id, data: data.clone() })
+        .map(|(n, id, data)| RawTensor {
+            name: n.to_string(),
+            dims: vec![64, 3],
+            type_id: *id,
+            data: data.clone(),
+        })
         .collect();
-    write_gguf(&path, &[("general.architecture", Kv::Str("llama".into()))], &tensors);
+    write_gguf(
+        &path,
+        &[("general.architecture", Kv::Str("llama".into()))],
+        &tensors,
+    );
     let file = GgufFile::open(&path).unwrap();
     // Worst-case error of each format relative to the block's range: half a quantization step.
-    for (name, tol) in [("q8", 0.5 / 127.0), ("q40", 1.0 / 8.0), ("q41", 0.5 / 15.0 + 1e-3)] {
+    for (name, tol) in [
+        ("q8", 0.5 / 127.0),
+        ("q40", 1.0 / 8.0),
+        ("q41", 0.5 / 15.0 + 1e-3),
+    ] {
         let y = file.dequantize(name).unwrap();
         for (bx, by) in x.chunks(32).zip(y.chunks(32)) {
             let amax = bx.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let range = bx.iter().copied().fold(f32::MIN, f32::max) - bx.iter().copied().fold(f32::MAX, f32::min);
+            let range = bx.iter().copied().fold(f32::MIN, f32::max)
+                - bx.iter().copied().fold(f32::MAX, f32::min);
             let bound = if name == "q41" { range } else { amax } * tol * 1.01;
             for (a, b) in bx.iter().zip(by) {
                 assert!((a - b).abs() <= bound, "{name}: {a} vs {b} (bound {bound})");
@@ -78,9 +98,21 @@ fn legacy_quants_round_trip_through_reference_quantizers() {
     block.extend_from_slice(&half::f16::from_f32(-1.0).to_le_bytes());
     block.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
     let path2 = dir.path().join("exact.gguf");
-    write_gguf(&path2, &[], &[RawTensor { name: "b".into(), dims: vec![32], type_id: 3, data: block }]);
+    write_gguf(
+        &path2,
+        &[],
+        &[RawTensor {
+            name: "b".into(),
+            dims: vec![32],
+            type_id: 3,
+            data: block,
+        }],
+    );
     let y = GgufFile::open(&path2).unwrap().dequantize("b").unwrap();
-    let want: Vec<f32> = (0..16).map(|j| 0.5 * j as f32 - 1.0).chain((0..16).map(|j| 0.5 * (15 - j) as f32 - 1.0)).collect();
+    let want: Vec<f32> = (0..16)
+        .map(|j| 0.5 * j as f32 - 1.0)
+        .chain((0..16).map(|j| 0.5 * (15 - j) as f32 - 1.0))
+        .collect();
     assert_eq!(y, want);
 }
 
@@ -100,7 +132,12 @@ fn metadata_of_every_value_type() {
             ("a.ints", Kv::I32Array(vec![1, -2])),
             ("general.alignment", Kv::U32(32)),
         ],
-        &[RawTensor { name: "t".into(), dims: vec![2, 2], type_id: 0, data: f32_bytes(&[1.0, 2.0, 3.0, 4.0]) }],
+        &[RawTensor {
+            name: "t".into(),
+            dims: vec![2, 2],
+            type_id: 0,
+            data: f32_bytes(&[1.0, 2.0, 3.0, 4.0]),
+        }],
     );
     let f = GgufFile::open(&path).unwrap();
     assert_eq!(f.get("a.u32").and_then(MetaValue::as_u64), Some(7));
@@ -110,12 +147,27 @@ fn metadata_of_every_value_type() {
     assert_eq!(f.get("a.bool").and_then(MetaValue::as_bool), Some(true));
     assert_eq!(f.get("a.str").and_then(MetaValue::as_str), Some("héllo"));
     let strs = f.get("a.strs").and_then(MetaValue::as_array).unwrap();
-    assert_eq!(strs, [MetaValue::String("x".into()), MetaValue::String(String::new())]);
-    assert_eq!(f.get("a.ints"), Some(&MetaValue::Array(vec![MetaValue::I32(1), MetaValue::I32(-2)])));
+    assert_eq!(
+        strs,
+        [
+            MetaValue::String("x".into()),
+            MetaValue::String(String::new())
+        ]
+    );
+    assert_eq!(
+        f.get("a.ints"),
+        Some(&MetaValue::Array(vec![
+            MetaValue::I32(1),
+            MetaValue::I32(-2)
+        ]))
+    );
     assert_eq!(f.alignment(), 32);
     assert_eq!(f.data_offset() % 32, 0);
     let t = f.tensor("t").unwrap();
-    assert_eq!((t.dims.clone(), t.shape(), t.n_bytes()), (vec![2, 2], vec![2, 2], 16));
+    assert_eq!(
+        (t.dims.clone(), t.shape(), t.n_bytes()),
+        (vec![2, 2], vec![2, 2], 16)
+    );
     assert_eq!(f.dequantize("t").unwrap(), [1.0, 2.0, 3.0, 4.0]);
 }
 
@@ -135,7 +187,10 @@ fn open_err(bytes: &[u8]) -> ftrt_models::Error {
     let path = dir.path().join("bad.gguf");
     std::fs::write(&path, bytes).unwrap();
     let err = GgufFile::open(&path).err().expect("bad file must not open");
-    assert!(err.to_string().starts_with(&path.display().to_string()), "{err}");
+    assert!(
+        err.to_string().starts_with(&path.display().to_string()),
+        "{err}"
+    );
     err
 }
 
@@ -145,7 +200,12 @@ fn small_file(type_id: u32, data: Vec<u8>) -> Vec<u8> {
     write_gguf(
         &path,
         &[("general.architecture", Kv::Str("llama".into()))],
-        &[RawTensor { name: "blk.0.attn_q.weight".into(), dims: vec![32, 2], type_id, data }],
+        &[RawTensor {
+            name: "blk.0.attn_q.weight".into(),
+            dims: vec![32, 2],
+            type_id,
+            data,
+        }],
     );
     std::fs::read(path).unwrap()
 }
@@ -154,22 +214,35 @@ fn small_file(type_id: u32, data: Vec<u8>) -> Vec<u8> {
 fn unknown_tensor_type_names_id_and_tensor() {
     let err = open_err(&small_file(77, vec![0; 128]));
     assert_eq!(err.kind, ErrorKind::Unsupported);
-    assert!(err.reason.contains("77") && err.reason.contains("blk.0.attn_q.weight"), "{err}");
+    assert!(
+        err.reason.contains("77") && err.reason.contains("blk.0.attn_q.weight"),
+        "{err}"
+    );
     // A known type without a dequantizer opens, and dequantizing names the type and tensor.
     let bytes = small_file(6, vec![0; 44]);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q5.gguf");
     std::fs::write(&path, bytes).unwrap();
-    let err = GgufFile::open(&path).unwrap().dequantize("blk.0.attn_q.weight").unwrap_err();
+    let err = GgufFile::open(&path)
+        .unwrap()
+        .dequantize("blk.0.attn_q.weight")
+        .unwrap_err();
     assert_eq!(err.kind, ErrorKind::Unsupported);
-    assert!(err.reason.contains("Q5_0") && err.reason.contains("blk.0.attn_q.weight"), "{err}");
+    assert!(
+        err.reason.contains("Q5_0") && err.reason.contains("blk.0.attn_q.weight"),
+        "{err}"
+    );
 }
 
 #[test]
 fn truncated_and_malformed_files() {
     let good = small_file(0, vec![0; 256]);
     for cut in [0, 10, 30, 60, good.len() - 1] {
-        assert_eq!(open_err(&good[..cut]).kind, ErrorKind::Truncated, "cut at {cut}");
+        assert_eq!(
+            open_err(&good[..cut]).kind,
+            ErrorKind::Truncated,
+            "cut at {cut}"
+        );
     }
     let mut magic = good.clone();
     magic[0] = b'X';
@@ -186,7 +259,10 @@ fn truncated_and_malformed_files() {
     key_len[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes());
     assert_eq!(open_err(&key_len).kind, ErrorKind::Truncated);
     assert_eq!(
-        GgufFile::open(Path::new("/nonexistent/x.gguf")).err().unwrap().kind,
-        ErrorKind::Io
+        GgufFile::open(Path::new("/nonexistent/x.gguf"))
+            .err()
+            .unwrap()
+            .kind,
+        ErrorKind::Missing
     );
 }

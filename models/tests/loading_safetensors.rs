@@ -18,7 +18,9 @@ fn write(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
 }
 
 fn bf16_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect()
+    v.iter()
+        .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+        .collect()
 }
 
 #[test]
@@ -30,15 +32,35 @@ fn single_file_dtypes_and_conversions() {
         &path,
         &[
             ("w.bf16", Dtype::BF16, vec![2, 3], bf16_bytes(&vals)),
-            ("w.f16", Dtype::F16, vec![6], vals.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect()),
-            ("w.f32", Dtype::F32, vec![3, 2], vals.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            (
+                "w.f16",
+                Dtype::F16,
+                vec![6],
+                vals.iter()
+                    .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+                    .collect(),
+            ),
+            (
+                "w.f32",
+                Dtype::F32,
+                vec![3, 2],
+                vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
             ("q.u8", Dtype::U8, vec![4], vec![0, 1, 200, 255]),
-            ("i.i32", Dtype::I32, vec![2], [-5i32, 9].iter().flat_map(|x| x.to_le_bytes()).collect()),
+            (
+                "i.i32",
+                Dtype::I32,
+                vec![2],
+                [-5i32, 9].iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
         ],
     );
     // Opening the folder finds model.safetensors.
     let st = SafetensorsFiles::open(dir.path()).unwrap();
-    assert_eq!(st.names().collect::<Vec<_>>(), ["i.i32", "q.u8", "w.bf16", "w.f16", "w.f32"]);
+    assert_eq!(
+        st.names().collect::<Vec<_>>(),
+        ["i.i32", "q.u8", "w.bf16", "w.f16", "w.f32"]
+    );
     let meta = st.meta("w.bf16").unwrap();
     assert_eq!((meta.dtype, meta.shape.clone()), (Dtype::BF16, vec![2, 3]));
     let rounded: Vec<f32> = vals.iter().map(|x| bf16::from_f32(*x).to_f32()).collect();
@@ -62,7 +84,10 @@ fn sharded_lookup_across_files() {
     let dir = tempfile::tempdir().unwrap();
     let a = "model-00001-of-00002.safetensors";
     let b = "model-00002-of-00002.safetensors";
-    write(&dir.path().join(a), &[("x", Dtype::F32, vec![1], 1f32.to_le_bytes().to_vec())]);
+    write(
+        &dir.path().join(a),
+        &[("x", Dtype::F32, vec![1], 1f32.to_le_bytes().to_vec())],
+    );
     write(
         &dir.path().join(b),
         &[
@@ -70,7 +95,9 @@ fn sharded_lookup_across_files() {
             ("z", Dtype::BF16, vec![1], bf16_bytes(&[3.0])),
         ],
     );
-    let index = format!(r#"{{"metadata": {{"total_size": 10}}, "weight_map": {{"x": "{a}", "y": "{b}", "z": "{b}"}}}}"#);
+    let index = format!(
+        r#"{{"metadata": {{"total_size": 10}}, "weight_map": {{"x": "{a}", "y": "{b}", "z": "{b}"}}}}"#
+    );
     std::fs::write(dir.path().join("model.safetensors.index.json"), &index).unwrap();
     let st = SafetensorsFiles::open(dir.path()).unwrap();
     assert_eq!(st.names().collect::<Vec<_>>(), ["x", "y", "z"]);
@@ -84,7 +111,10 @@ fn sharded_lookup_across_files() {
     std::fs::write(dir.path().join("model.safetensors.index.json"), wrong).unwrap();
     let err = SafetensorsFiles::open(dir.path()).err().unwrap();
     assert_eq!(err.kind, ErrorKind::Missing);
-    assert!(err.to_string().contains(b) && err.to_string().contains("\"x\""), "{err}");
+    assert!(
+        err.to_string().contains(b) && err.to_string().contains("\"x\""),
+        "{err}"
+    );
 }
 
 fn valid_file_bytes() -> Vec<u8> {
@@ -98,15 +128,22 @@ fn open_bytes(bytes: &[u8]) -> ftrt_models::Error {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.safetensors");
     std::fs::write(&path, bytes).unwrap();
-    let err = SafetensorsFiles::open(&path).err().expect("bad file must not open");
-    assert!(err.to_string().starts_with(&path.display().to_string()), "{err}");
+    let err = SafetensorsFiles::open(&path)
+        .err()
+        .expect("bad file must not open");
+    assert!(
+        err.to_string().starts_with(&path.display().to_string()),
+        "{err}"
+    );
     err
 }
 
 #[test]
 fn missing_file() {
-    let err = SafetensorsFiles::open(Path::new("/nonexistent/m.safetensors")).err().unwrap();
-    assert_eq!(err.kind, ErrorKind::Io);
+    let err = SafetensorsFiles::open(Path::new("/nonexistent/m.safetensors"))
+        .err()
+        .unwrap();
+    assert_eq!(err.kind, ErrorKind::Missing);
     assert!(err.to_string().contains("/nonexistent/m.safetensors"));
     let dir = tempfile::tempdir().unwrap();
     let err = SafetensorsFiles::open(dir.path()).err().unwrap();
@@ -152,6 +189,12 @@ fn header_lying_about_sizes() {
     assert_eq!(open_bytes(&huge).kind, ErrorKind::Truncated);
     // Begin after end, and a non-JSON header.
     let backwards = header.replace("[0,64]", "[64,0]");
-    assert_eq!(open_bytes(&rebuild(&backwards, 64)).kind, ErrorKind::Malformed);
-    assert_eq!(open_bytes(&rebuild("not json", 0)).kind, ErrorKind::Malformed);
+    assert_eq!(
+        open_bytes(&rebuild(&backwards, 64)).kind,
+        ErrorKind::Malformed
+    );
+    assert_eq!(
+        open_bytes(&rebuild("not json", 0)).kind,
+        ErrorKind::Malformed
+    );
 }

@@ -8,7 +8,9 @@ mod loading_common;
 
 use std::sync::OnceLock;
 
-use ftrt_models::gguf::{config_from_gguf, smollm2_gguf_path, tokenizer_from_gguf, GgmlType, GgufFile};
+use ftrt_models::gguf::{
+    config_from_gguf, smollm2_gguf_path, tokenizer_from_gguf, GgmlType, GgufFile,
+};
 use ftrt_models::tokenizer::load_tokenizer;
 use ftrt_models::{open_model, LoadedModel, ModelConfig, StorageType};
 use loading_common::{assets, vocab_vectors};
@@ -22,7 +24,13 @@ fn model() -> &'static LoadedModel {
 fn config_matches_hf_config_json() {
     let hf = ModelConfig::from_file(&assets().join("tokenizers/smollm2/config.json")).unwrap();
     let gguf = config_from_gguf(&GgufFile::open(&smollm2_gguf_path().unwrap()).unwrap()).unwrap();
-    assert_eq!(gguf, ModelConfig { torch_dtype: None, ..hf });
+    assert_eq!(
+        gguf,
+        ModelConfig {
+            torch_dtype: None,
+            ..hf
+        }
+    );
     assert_eq!(model().config, gguf);
 }
 
@@ -31,7 +39,8 @@ fn tokenizer_matches_tokenizer_json() {
     let file = GgufFile::open(&smollm2_gguf_path().unwrap()).unwrap();
     let (tok, config) = tokenizer_from_gguf(&file).unwrap();
     let reference = load_tokenizer(&assets().join("tokenizers/smollm2/tokenizer.json")).unwrap();
-    let encode = |t: &tokenizers::Tokenizer, s: &str| t.encode(s, false).unwrap().get_ids().to_vec();
+    let encode =
+        |t: &tokenizers::Tokenizer, s: &str| t.encode(s, false).unwrap().get_ids().to_vec();
     assert_eq!(encode(&tok, "Hello world"), [19556, 905]);
     let mut texts: Vec<String> = ["llama-bpe", "qwen2", "gpt-2"]
         .iter()
@@ -43,9 +52,13 @@ fn tokenizer_matches_tokenizer_json() {
     }
     let ids = encode(&tok, &texts[texts.len() - 1]);
     assert_eq!(tok.decode(&ids, false).unwrap(), texts[texts.len() - 1]);
-    let hf_template = std::fs::read_to_string(assets().join("tokenizers/smollm2/tokenizer_config.json")).unwrap();
+    let hf_template =
+        std::fs::read_to_string(assets().join("tokenizers/smollm2/tokenizer_config.json")).unwrap();
     let hf_template: serde_json::Value = serde_json::from_str(&hf_template).unwrap();
-    assert_eq!(config.chat_template.as_deref(), hf_template["chat_template"].as_str());
+    assert_eq!(
+        config.chat_template.as_deref(),
+        hf_template["chat_template"].as_str()
+    );
     assert_eq!(config.eos_token.as_deref(), Some("<|im_end|>"));
     assert_eq!(config.bos_token.as_deref(), Some("<|im_start|>"));
 }
@@ -54,26 +67,74 @@ fn tokenizer_matches_tokenizer_json() {
 fn open_model_gives_weights_tokenizer_and_eos() {
     let m = model();
     assert_eq!(m.eos_token_ids, [2]);
-    assert!(m.tokenizer_config.chat_template.as_deref().unwrap().contains("<|im_start|>"));
+    assert!(m
+        .tokenizer_config
+        .chat_template
+        .as_deref()
+        .unwrap()
+        .contains("<|im_start|>"));
     let names = m.weights.names();
     // 30 layers × 9 tensors + embedding + final norm; tied embeddings: no lm_head.
     assert_eq!(names.len(), 30 * 9 + 2);
     assert!(!names.contains(&"lm_head.weight"));
     let expect = [
-        ("model.embed_tokens.weight", vec![49152, 576], GgmlType::Q8_0),
+        (
+            "model.embed_tokens.weight",
+            vec![49152, 576],
+            GgmlType::Q8_0,
+        ),
         ("model.norm.weight", vec![576], GgmlType::F32),
-        ("model.layers.0.self_attn.q_proj.weight", vec![576, 576], GgmlType::Q4_1),
-        ("model.layers.0.self_attn.k_proj.weight", vec![192, 576], GgmlType::Q4_1),
-        ("model.layers.29.self_attn.v_proj.weight", vec![192, 576], GgmlType::Q4_1),
-        ("model.layers.29.self_attn.o_proj.weight", vec![576, 576], GgmlType::Q4_1),
-        ("model.layers.3.mlp.gate_proj.weight", vec![1536, 576], GgmlType::Q4_1),
-        ("model.layers.3.mlp.down_proj.weight", vec![576, 1536], GgmlType::Q4_1),
-        ("model.layers.3.input_layernorm.weight", vec![576], GgmlType::F32),
-        ("model.layers.3.post_attention_layernorm.weight", vec![576], GgmlType::F32),
+        (
+            "model.layers.0.self_attn.q_proj.weight",
+            vec![576, 576],
+            GgmlType::Q4_1,
+        ),
+        (
+            "model.layers.0.self_attn.k_proj.weight",
+            vec![192, 576],
+            GgmlType::Q4_1,
+        ),
+        (
+            "model.layers.29.self_attn.v_proj.weight",
+            vec![192, 576],
+            GgmlType::Q4_1,
+        ),
+        (
+            "model.layers.29.self_attn.o_proj.weight",
+            vec![576, 576],
+            GgmlType::Q4_1,
+        ),
+        (
+            "model.layers.3.mlp.gate_proj.weight",
+            vec![1536, 576],
+            GgmlType::Q4_1,
+        ),
+        (
+            "model.layers.3.mlp.down_proj.weight",
+            vec![576, 1536],
+            GgmlType::Q4_1,
+        ),
+        (
+            "model.layers.3.input_layernorm.weight",
+            vec![576],
+            GgmlType::F32,
+        ),
+        (
+            "model.layers.3.post_attention_layernorm.weight",
+            vec![576],
+            GgmlType::F32,
+        ),
     ];
     for (name, shape, ty) in expect {
-        let info = m.weights.info(name).unwrap_or_else(|| panic!("{name} missing"));
-        assert_eq!((info.shape.clone(), info.storage), (shape.clone(), StorageType::Gguf(ty)), "{name}");
+        let info = m
+            .weights
+            .info(name)
+            .unwrap_or_else(|| panic!("{name} missing"));
+        assert_eq!(
+            (info.shape.clone(), info.storage),
+            (shape.clone(), StorageType::Gguf(ty)),
+            "{name}"
+        );
         let data = m.weights.to_f32(name).unwrap();
         assert_eq!(data.len(), shape.iter().product::<usize>(), "{name}");
         assert!(data.iter().all(|v| v.is_finite()), "{name}");
@@ -82,7 +143,10 @@ fn open_model_gives_weights_tokenizer_and_eos() {
     }
     let bf = m.weights.to_bf16("model.norm.weight").unwrap();
     let f = m.weights.to_f32("model.norm.weight").unwrap();
-    assert!(bf.iter().zip(&f).all(|(b, x)| (b.to_f32() - x).abs() <= x.abs() / 128.0));
+    assert!(bf
+        .iter()
+        .zip(&f)
+        .all(|(b, x)| (b.to_f32() - x).abs() <= x.abs() / 128.0));
 }
 
 /// Q and K come back un-permuted: each head's rows are the GGUF rows with the even-indexed
@@ -90,19 +154,35 @@ fn open_model_gives_weights_tokenizer_and_eos() {
 #[test]
 fn q_and_k_rows_are_unpermuted() {
     let m = model();
-    let LoadedModel { weights: ftrt_models::WeightSource::Gguf(g), .. } = m else {
+    let LoadedModel {
+        weights: ftrt_models::WeightSource::Gguf(g),
+        ..
+    } = m
+    else {
         panic!("expected GGUF weights")
     };
     for (name, gguf_name, heads) in [
-        ("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight", 9),
-        ("model.layers.0.self_attn.k_proj.weight", "blk.0.attn_k.weight", 3),
+        (
+            "model.layers.0.self_attn.q_proj.weight",
+            "blk.0.attn_q.weight",
+            9,
+        ),
+        (
+            "model.layers.0.self_attn.k_proj.weight",
+            "blk.0.attn_k.weight",
+            3,
+        ),
     ] {
         let hf = m.weights.to_f32(name).unwrap();
         let raw = g.file().dequantize(gguf_name).unwrap();
         let (cols, head_dim) = (576, 64);
         for h in 0..heads {
             for i in 0..head_dim {
-                let src = if i < head_dim / 2 { 2 * i } else { 2 * (i - head_dim / 2) + 1 };
+                let src = if i < head_dim / 2 {
+                    2 * i
+                } else {
+                    2 * (i - head_dim / 2) + 1
+                };
                 let hf_row = &hf[(h * head_dim + i) * cols..][..cols];
                 let gguf_row = &raw[(h * head_dim + src) * cols..][..cols];
                 assert_eq!(hf_row, gguf_row, "{name} head {h} row {i}");
@@ -110,6 +190,9 @@ fn q_and_k_rows_are_unpermuted() {
         }
     }
     // V is not permuted.
-    let v = m.weights.to_f32("model.layers.0.self_attn.v_proj.weight").unwrap();
+    let v = m
+        .weights
+        .to_f32("model.layers.0.self_attn.v_proj.weight")
+        .unwrap();
     assert_eq!(v, g.file().dequantize("blk.0.attn_v.weight").unwrap());
 }

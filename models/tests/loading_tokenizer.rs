@@ -29,7 +29,11 @@ fn assert_vectors(tok: &Tokenizer, vectors: &str) {
 
 #[test]
 fn tokenizer_json_matches_llama_cpp_vectors() {
-    for (dir, vectors) in [("llama3", "llama-bpe"), ("qwen3", "qwen2"), ("gpt2", "gpt-2")] {
+    for (dir, vectors) in [
+        ("llama3", "llama-bpe"),
+        ("qwen3", "qwen2"),
+        ("gpt2", "gpt-2"),
+    ] {
         let tok = load_tokenizer(&tokenizer_dir(dir).join("tokenizer.json")).unwrap();
         assert_vectors(&tok, vectors);
     }
@@ -37,7 +41,11 @@ fn tokenizer_json_matches_llama_cpp_vectors() {
 
 #[test]
 fn hello_world_ids() {
-    for (dir, ids) in [("smollm2", [19556, 905]), ("llama3", [9906, 1917]), ("gpt2", [15496, 995])] {
+    for (dir, ids) in [
+        ("smollm2", [19556, 905]),
+        ("llama3", [9906, 1917]),
+        ("gpt2", [15496, 995]),
+    ] {
         let tok = load_tokenizer(&tokenizer_dir(dir).join("tokenizer.json")).unwrap();
         assert_eq!(encode(&tok, "Hello world"), ids, "{dir}");
     }
@@ -45,13 +53,16 @@ fn hello_world_ids() {
 
 #[test]
 fn tokenizer_configs() {
-    let smol = TokenizerConfig::from_file(&tokenizer_dir("smollm2").join("tokenizer_config.json")).unwrap();
+    let smol = TokenizerConfig::from_file(&tokenizer_dir("smollm2").join("tokenizer_config.json"))
+        .unwrap();
     assert_eq!(smol.eos_token.as_deref(), Some("<|im_end|>"));
     assert!(smol.chat_template.unwrap().contains("<|im_start|>"));
-    let qwen = TokenizerConfig::from_file(&tokenizer_dir("qwen3").join("tokenizer_config.json")).unwrap();
+    let qwen =
+        TokenizerConfig::from_file(&tokenizer_dir("qwen3").join("tokenizer_config.json")).unwrap();
     assert_eq!((qwen.bos_token, qwen.add_bos_token), (None, Some(false)));
     assert!(qwen.chat_template.unwrap().contains("<think>"));
-    let llama = TokenizerConfig::from_file(&tokenizer_dir("llama3").join("tokenizer_config.json")).unwrap();
+    let llama =
+        TokenizerConfig::from_file(&tokenizer_dir("llama3").join("tokenizer_config.json")).unwrap();
     assert_eq!(llama.bos_token.as_deref(), Some("<|begin_of_text|>"));
     let missing = load_tokenizer(&tokenizer_dir("nope").join("tokenizer.json")).unwrap_err();
     assert!(missing.to_string().contains("nope"));
@@ -72,14 +83,21 @@ fn gguf_from_tokenizer_json(dir: &str, pre: &str, path: &std::path::Path) {
         .collect();
     for added in json["added_tokens"].as_array().unwrap() {
         let id = added["id"].as_u64().unwrap();
-        let ty = if added["special"].as_bool().unwrap() { 3 } else { 4 };
+        let ty = if added["special"].as_bool().unwrap() {
+            3
+        } else {
+            4
+        };
         match tokens.iter_mut().find(|t| t.0 == id) {
             Some(t) => t.2 = ty,
             None => tokens.push((id, added["content"].as_str().unwrap().to_string(), ty)),
         }
     }
     tokens.sort();
-    assert!(tokens.iter().enumerate().all(|(i, t)| t.0 == i as u64), "{dir}: ids not dense");
+    assert!(
+        tokens.iter().enumerate().all(|(i, t)| t.0 == i as u64),
+        "{dir}: ids not dense"
+    );
     let merges: Vec<String> = json["model"]["merges"]
         .as_array()
         .unwrap()
@@ -96,10 +114,19 @@ fn gguf_from_tokenizer_json(dir: &str, pre: &str, path: &std::path::Path) {
             ("general.architecture", Kv::Str("llama".into())),
             ("tokenizer.ggml.model", Kv::Str("gpt2".into())),
             ("tokenizer.ggml.pre", Kv::Str(pre.into())),
-            ("tokenizer.ggml.tokens", Kv::StrArray(tokens.iter().map(|t| t.1.clone()).collect())),
-            ("tokenizer.ggml.token_type", Kv::I32Array(tokens.iter().map(|t| t.2).collect())),
+            (
+                "tokenizer.ggml.tokens",
+                Kv::StrArray(tokens.iter().map(|t| t.1.clone()).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type",
+                Kv::I32Array(tokens.iter().map(|t| t.2).collect()),
+            ),
             ("tokenizer.ggml.merges", Kv::StrArray(merges)),
-            ("tokenizer.ggml.eos_token_id", Kv::U32(tokens.iter().position(|t| t.2 == 3).unwrap() as u32)),
+            (
+                "tokenizer.ggml.eos_token_id",
+                Kv::U32(tokens.iter().position(|t| t.2 == 3).unwrap() as u32),
+            ),
             ("tokenizer.chat_template", Kv::Str("{{ messages }}".into())),
         ],
         &[],
@@ -109,7 +136,11 @@ fn gguf_from_tokenizer_json(dir: &str, pre: &str, path: &std::path::Path) {
 #[test]
 fn gguf_built_tokenizers_match_vectors_and_tokenizer_json() {
     let tmp = tempfile::tempdir().unwrap();
-    for (dir, pre, vectors) in [("llama3", "llama-bpe", "llama-bpe"), ("qwen3", "qwen2", "qwen2"), ("gpt2", "gpt-2", "gpt-2")] {
+    for (dir, pre, vectors) in [
+        ("llama3", "llama-bpe", "llama-bpe"),
+        ("qwen3", "qwen2", "qwen2"),
+        ("gpt2", "gpt-2", "gpt-2"),
+    ] {
         let path = tmp.path().join(format!("{dir}.gguf"));
         gguf_from_tokenizer_json(dir, pre, &path);
         let (tok, config) = tokenizer_from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
@@ -118,7 +149,11 @@ fn gguf_built_tokenizers_match_vectors_and_tokenizer_json() {
         let reference = load_tokenizer(&tokenizer_dir(dir).join("tokenizer.json")).unwrap();
         let text = "<|im_start|>user\nHello world, 12345 déjà vu!<|im_end|>\n  \t<|begin_of_text|>";
         assert_eq!(encode(&tok, text), encode(&reference, text), "{dir}");
-        assert_eq!(tok.get_vocab_size(true), reference.get_vocab_size(true), "{dir}");
+        assert_eq!(
+            tok.get_vocab_size(true),
+            reference.get_vocab_size(true),
+            "{dir}"
+        );
     }
 }
 
@@ -126,9 +161,18 @@ fn gguf_built_tokenizers_match_vectors_and_tokenizer_json() {
 fn unsupported_gguf_tokenizers_are_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("spm.gguf");
-    write_gguf(&path, &[("tokenizer.ggml.model", Kv::Str("llama".into()))], &[]);
-    let err = tokenizer_from_gguf(&GgufFile::open(&path).unwrap()).err().unwrap();
-    assert!(err.reason.contains("\"llama\"") && err.reason.contains("gpt2"), "{err}");
+    write_gguf(
+        &path,
+        &[("tokenizer.ggml.model", Kv::Str("llama".into()))],
+        &[],
+    );
+    let err = tokenizer_from_gguf(&GgufFile::open(&path).unwrap())
+        .err()
+        .unwrap();
+    assert!(
+        err.reason.contains("\"llama\"") && err.reason.contains("gpt2"),
+        "{err}"
+    );
     let path = tmp.path().join("pre.gguf");
     write_gguf(
         &path,
@@ -140,6 +184,11 @@ fn unsupported_gguf_tokenizers_are_errors() {
         ],
         &[],
     );
-    let err = tokenizer_from_gguf(&GgufFile::open(&path).unwrap()).err().unwrap();
-    assert!(err.reason.contains("tekken") && err.reason.contains("smollm"), "{err}");
+    let err = tokenizer_from_gguf(&GgufFile::open(&path).unwrap())
+        .err()
+        .unwrap();
+    assert!(
+        err.reason.contains("tekken") && err.reason.contains("smollm"),
+        "{err}"
+    );
 }

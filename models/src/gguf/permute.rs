@@ -10,12 +10,22 @@
 /// Restores Hugging Face row order of a `[rows, cols]` row-major matrix (or a bias, `cols = 1`)
 /// that llama.cpp permuted with `n_head` heads. Errors if `rows` is not `n_head` heads of an
 /// even width or the data is not `rows * cols` long.
-pub fn unpermute_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Result<Vec<f32>, String> {
-    if n_head == 0 || rows % n_head != 0 || (rows / n_head) % 2 != 0 {
-        return Err(format!("{rows} rows do not split into {n_head} heads of even width"));
+pub fn unpermute_rows(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    n_head: usize,
+) -> Result<Vec<f32>, String> {
+    if n_head == 0 || !rows.is_multiple_of(n_head) || !(rows / n_head).is_multiple_of(2) {
+        return Err(format!(
+            "{rows} rows do not split into {n_head} heads of even width"
+        ));
     }
     if data.len() != rows * cols {
-        return Err(format!("{} values are not {rows} rows of {cols}", data.len()));
+        return Err(format!(
+            "{} values are not {rows} rows of {cols}",
+            data.len()
+        ));
     }
     let head_dim = rows / n_head;
     let half = head_dim / 2;

@@ -169,27 +169,48 @@ impl GgufFile {
     pub fn dequantize(&self, name: &str) -> Result<Vec<f32>> {
         let info = self.info_or_err(name)?;
         dequant::dequantize(info.ggml_type, self.tensor_bytes(name)?).map_err(|reason| {
-            Error::new(&self.path, ErrorKind::Unsupported, format!("tensor \"{name}\": {reason}"))
+            Error::new(
+                &self.path,
+                ErrorKind::Unsupported,
+                format!("tensor \"{name}\": {reason}"),
+            )
         })
     }
 
     fn info_or_err(&self, name: &str) -> Result<&GgufTensorInfo> {
         self.tensor(name).ok_or_else(|| {
-            Error::new(&self.path, ErrorKind::Missing, format!("no tensor named \"{name}\""))
+            Error::new(
+                &self.path,
+                ErrorKind::Missing,
+                format!("no tensor named \"{name}\""),
+            )
         })
     }
 }
 
-type Parsed = (u32, HashMap<String, MetaValue>, Vec<GgufTensorInfo>, u64, u64);
+type Parsed = (
+    u32,
+    HashMap<String, MetaValue>,
+    Vec<GgufTensorInfo>,
+    u64,
+    u64,
+);
 
 fn parse(c: &mut Cursor) -> Result<Parsed> {
     let magic: [u8; 4] = c.array("magic")?;
     if &magic != b"GGUF" {
-        return Err(c.err(ErrorKind::Malformed, format!("bad magic {magic:?}, not a GGUF file")));
+        return Err(c.err(
+            ErrorKind::Malformed,
+            format!("bad magic {magic:?}, not a GGUF file"),
+        ));
     }
     let version = c.u32("version")?;
     if version != 2 && version != 3 {
-        let hint = if version.swap_bytes() <= 3 { " (big-endian files are not supported)" } else { "" };
+        let hint = if version.swap_bytes() <= 3 {
+            " (big-endian files are not supported)"
+        } else {
+            ""
+        };
         return Err(c.err(
             ErrorKind::Unsupported,
             format!("GGUF version {version}{hint}; supported: 2, 3"),
@@ -233,7 +254,10 @@ fn parse(c: &mut Cursor) -> Result<Parsed> {
         if t.offset % alignment != 0 {
             return Err(c.err(
                 ErrorKind::Malformed,
-                format!("tensor \"{}\" offset {} is not a multiple of the alignment {alignment}", t.name, t.offset),
+                format!(
+                    "tensor \"{}\" offset {} is not a multiple of the alignment {alignment}",
+                    t.name, t.offset
+                ),
             ));
         }
         let end = data_offset
@@ -271,7 +295,10 @@ impl Cursor<'_> {
         if n > remaining {
             return Err(self.err(
                 ErrorKind::Truncated,
-                format!("{what} at byte {} needs {n} bytes, only {remaining} remain", self.pos),
+                format!(
+                    "{what} at byte {} needs {n} bytes, only {remaining} remain",
+                    self.pos
+                ),
             ));
         }
         let start = self.pos;
@@ -299,7 +326,10 @@ impl Cursor<'_> {
         let at = self.pos;
         let bytes = self.bytes(len, what)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| {
-            self.err(ErrorKind::Malformed, format!("{what} at byte {at} is not valid UTF-8"))
+            self.err(
+                ErrorKind::Malformed,
+                format!("{what} at byte {at} is not valid UTF-8"),
+            )
         })
     }
 
@@ -336,7 +366,9 @@ impl Cursor<'_> {
                 if count > (self.buf.len() - self.pos) as u64 {
                     return Err(self.err(
                         ErrorKind::Truncated,
-                        format!("metadata \"{key}\": array of {count} elements cannot fit in the file"),
+                        format!(
+                            "metadata \"{key}\": array of {count} elements cannot fit in the file"
+                        ),
                     ));
                 }
                 let mut items = Vec::with_capacity(count as usize);

@@ -20,7 +20,14 @@ const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// Qwen2's split regex (digits one at a time).
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// `tokenizer.ggml.pre` values that [`tokenizer_from_gguf`] maps to a pre-tokenizer.
-pub const SUPPORTED_PRE: [&str; 6] = ["gpt-2", "smollm", "llama3", "llama-v3", "llama-bpe", "qwen2"];
+pub const SUPPORTED_PRE: [&str; 6] = [
+    "gpt-2",
+    "smollm",
+    "llama3",
+    "llama-v3",
+    "llama-bpe",
+    "qwen2",
+];
 
 /// ggml token type of control tokens (`<|im_start|>`, `<|begin_of_text|>`...).
 const TOKEN_TYPE_CONTROL: i64 = 3;
@@ -43,15 +50,23 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<(Tokenizer, TokenizerConfi
         .unwrap_or("gpt-2");
     let tokens = string_array(file, "tokenizer.ggml.tokens")?;
     let merges = string_array(file, "tokenizer.ggml.merges")?;
-    let types = match file.get("tokenizer.ggml.token_type").and_then(MetaValue::as_array) {
+    let types = match file
+        .get("tokenizer.ggml.token_type")
+        .and_then(MetaValue::as_array)
+    {
         Some(t) => t.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
         None => vec![1; tokens.len()],
     };
     let token_at = |key: &str| -> Result<Option<String>> {
         match file.get(key).map(|v| v.as_u64()) {
             None => Ok(None),
-            Some(Some(id)) if (id as usize) < tokens.len() => Ok(Some(tokens[id as usize].to_string())),
-            Some(_) => Err(err(ErrorKind::Malformed, format!("{key} is not a token id in the vocabulary"))),
+            Some(Some(id)) if (id as usize) < tokens.len() => {
+                Ok(Some(tokens[id as usize].to_string()))
+            }
+            Some(_) => Err(err(
+                ErrorKind::Malformed,
+                format!("{key} is not a token id in the vocabulary"),
+            )),
         }
     };
     let bos_token = token_at("tokenizer.ggml.bos_token_id")?;
@@ -64,7 +79,10 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<(Tokenizer, TokenizerConfi
     let (normalizer, pre_tokenizer, ignore_merges) = pre_tokenizer(pre).ok_or_else(|| {
         err(
             ErrorKind::Unsupported,
-            format!("tokenizer.ggml.pre \"{pre}\" is not supported; supported: {}", SUPPORTED_PRE.join(", ")),
+            format!(
+                "tokenizer.ggml.pre \"{pre}\" is not supported; supported: {}",
+                SUPPORTED_PRE.join(", ")
+            ),
         )
     })?;
     let vocab: Map<String, Value> = tokens
@@ -76,7 +94,10 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<(Tokenizer, TokenizerConfi
         .iter()
         .map(|m| match m.split_once(' ') {
             Some((a, b)) => Ok(json!([a, b])),
-            None => Err(err(ErrorKind::Malformed, format!("merge \"{m}\" is not two tokens separated by a space"))),
+            None => Err(err(
+                ErrorKind::Malformed,
+                format!("merge \"{m}\" is not two tokens separated by a space"),
+            )),
         })
         .collect::<Result<Vec<Value>>>()?;
     let added_tokens: Vec<Value> = tokens
@@ -119,10 +140,12 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<(Tokenizer, TokenizerConfi
             "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges
         }
     });
-    let tokenizer: Tokenizer = spec
-        .to_string()
-        .parse()
-        .map_err(|e| err(ErrorKind::Tokenizer, format!("cannot build tokenizer from metadata: {e}")))?;
+    let tokenizer: Tokenizer = spec.to_string().parse().map_err(|e| {
+        err(
+            ErrorKind::Tokenizer,
+            format!("cannot build tokenizer from metadata: {e}"),
+        )
+    })?;
     let config = TokenizerConfig {
         chat_template: file
             .get("tokenizer.chat_template")
@@ -138,12 +161,8 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<(Tokenizer, TokenizerConfi
 /// (normalizer, pre-tokenizer, ignore_merges) of a llama.cpp pre-tokenizer name, as the
 /// Hugging Face tokenizer of that family writes them.
 fn pre_tokenizer(pre: &str) -> Option<(Value, Value, bool)> {
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
-    let split = |regex: &str| {
-        json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
     Some(match pre {
         "gpt-2" => (Value::Null, byte_level(true), false),
         "smollm" => (
@@ -168,19 +187,31 @@ fn pre_tokenizer(pre: &str) -> Option<(Value, Value, bool)> {
 
 fn str_key<'a>(file: &'a GgufFile, key: &str) -> Result<&'a str> {
     file.get(key).and_then(MetaValue::as_str).ok_or_else(|| {
-        Error::new(file.path(), ErrorKind::Missing, format!("missing string metadata \"{key}\""))
+        Error::new(
+            file.path(),
+            ErrorKind::Missing,
+            format!("missing string metadata \"{key}\""),
+        )
     })
 }
 
 fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
     let items = file.get(key).and_then(MetaValue::as_array).ok_or_else(|| {
-        Error::new(file.path(), ErrorKind::Missing, format!("missing array metadata \"{key}\""))
+        Error::new(
+            file.path(),
+            ErrorKind::Missing,
+            format!("missing array metadata \"{key}\""),
+        )
     })?;
     items
         .iter()
         .map(|v| {
             v.as_str().ok_or_else(|| {
-                Error::new(file.path(), ErrorKind::Malformed, format!("metadata \"{key}\" holds a non-string"))
+                Error::new(
+                    file.path(),
+                    ErrorKind::Malformed,
+                    format!("metadata \"{key}\" holds a non-string"),
+                )
             })
         })
         .collect()

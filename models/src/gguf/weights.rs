@@ -65,7 +65,11 @@ impl GgufWeights {
     /// Weight `hf` as f32, row-major over its Hugging Face shape ([`GgufTensorInfo::shape`]).
     pub fn to_f32(&self, hf: &str) -> Result<Vec<f32>> {
         let info = self.info(hf).ok_or_else(|| {
-            Error::new(self.file.path(), ErrorKind::Missing, format!("no tensor named \"{hf}\""))
+            Error::new(
+                self.file.path(),
+                ErrorKind::Missing,
+                format!("no tensor named \"{hf}\""),
+            )
         })?;
         let data = self.file.dequantize(&info.name)?;
         let heads = match permuted_projection(hf) {

@@ -109,9 +109,13 @@ pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
 
 /// Deterministic pseudo-random normal-ish values (sum of uniforms), for test data.
 pub fn test_values(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut uniform = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((state >> 40) as f32) / ((1u64 << 24) as f32)
     };
     (0..n)
@@ -191,7 +195,11 @@ pub fn vocab_vectors(name: &str) -> Vec<(String, Vec<u32>)> {
     let texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
     let lines: Vec<&str> = out.split('\n').collect();
     // Both files end with a separator / newline: the last piece is empty.
-    assert_eq!(texts.len(), lines.len(), "{name}: text and id line counts differ");
+    assert_eq!(
+        texts.len(),
+        lines.len(),
+        "{name}: text and id line counts differ"
+    );
     texts[..texts.len() - 1]
         .iter()
         .zip(&lines[..lines.len() - 1])

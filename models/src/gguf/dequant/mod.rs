@@ -27,7 +27,7 @@ pub const SUPPORTED: [GgmlType; 8] = [
 /// Dequantizes `bytes`, whole blocks of `ty`, to f32 in storage order.
 /// Errors (as a reason string) for types outside [`SUPPORTED`] or a partial block.
 pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, String> {
-    if bytes.len() % ty.type_size() != 0 {
+    if !bytes.len().is_multiple_of(ty.type_size()) {
         return Err(format!(
             "{} bytes is not a whole number of {ty} blocks of {} bytes",
             bytes.len(),

@@ -27,7 +27,8 @@ pub(super) fn block(b: &[u8], out: &mut Vec<f32>) {
         let mut y = [0f32; 128];
         for l in 0..32 {
             let is = l / 16;
-            let q = |low: u8, shift: u8| f32::from(((low | (((qh[l] >> shift) & 3) << 4)) as i8) - 32);
+            let q =
+                |low: u8, shift: u8| f32::from(((low | (((qh[l] >> shift) & 3) << 4)) as i8) - 32);
             let s = |k: usize| d * f32::from(sc[is + k] as i8);
             y[l] = s(0) * q(ql[l] & 0xF, 0);
             y[l + 32] = s(2) * q(ql[l + 32] & 0xF, 2);
