@@ -22,7 +22,10 @@ __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
     return m + logf(expf(a - m) + expf(b - m));
 }
 __device__ __forceinline__ void ftrt_lse_push(float& m, float& s, float x) {
-    if (x > m) { s = s * expf(m - x) + 1.f; m = x; } else if (x != -INFINITY) { s += expf(x - m); }
+    const float mn = fmaxf(m, x);
+    if (mn == -INFINITY) return;
+    s = s * __expf(m - mn) + __expf(x - mn);
+    m = mn;
 }
 __device__ __forceinline__ void ftrt_lse_merge(float& m, float& s, float m2, float s2) {
     if (m2 > m) { s = s * expf(m - m2) + s2; m = m2; } else if (m2 != -INFINITY) { s += s2 * expf(m2 - m); }
@@ -117,7 +120,8 @@ __device__ __forceinline__ void embedding_forward_body(long long N, long long V,
         rem_ /= (C);
         const long long n = rem_;
         (void)rem_;
-        float v0_[VEC]; ftrt_load_vec<VEC>(v0_, w + (((ftrt_ld(ids[n]) * C) + c0_)));
+        const long long h0_ = ftrt_ld(ids[n]);
+        float v0_[VEC]; ftrt_load_vec<VEC>(v0_, w + (((h0_ * C) + c0_)));
         float s0_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {

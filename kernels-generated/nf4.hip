@@ -22,7 +22,10 @@ __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
     return m + logf(expf(a - m) + expf(b - m));
 }
 __device__ __forceinline__ void ftrt_lse_push(float& m, float& s, float x) {
-    if (x > m) { s = s * expf(m - x) + 1.f; m = x; } else if (x != -INFINITY) { s += expf(x - m); }
+    const float mn = fmaxf(m, x);
+    if (mn == -INFINITY) return;
+    s = s * __expf(m - mn) + __expf(x - mn);
+    m = mn;
 }
 __device__ __forceinline__ void ftrt_lse_merge(float& m, float& s, float m2, float s2) {
     if (m2 > m) { s = s * expf(m - m2) + s2; m = m2; } else if (m2 != -INFINITY) { s += s2 * expf(m2 - m); }
@@ -326,29 +329,32 @@ extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_w256_v
 extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_w256_v1(long long NA, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<256, 1>(NA, offset, a, code, q, absmax2); }
 
 // ==== op `nf4_dequantize` ====
-// NF4 dequantization with double-quantized absmax (N a multiple of 64):
+// NF4 dequantization with double-quantized absmax (N a multiple of 64), one block of 64
+// per row so the block's absmax is computed once:
 // w[i] = T(nf4[q_i] * (code2[absmax_q[i / 64]] * absmax2[i / 16384] + offset)).
 
-// nf4_dequantize forward: flat pass over (i in N)
+// nf4_dequantize forward: flat pass over (b in (N / 64), j in 64)
 template <int VEC>
 __device__ __forceinline__ void nf4_dequantize_forward_body(long long N, float offset, const unsigned char* __restrict__ packed, const unsigned char* __restrict__ absmax_q, const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ nf4, ftrt_t* __restrict__ w) {
-    const long long nchunks = ((N)) / VEC;
+    const long long nchunks = (((N / 64LL)) * (64LL)) / VEC;
     for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
          chunk += (long long)gridDim.x * blockDim.x) {
         long long rem_ = chunk * VEC;
-        const long long i0_ = rem_;
+        const long long j0_ = rem_ % (64LL);
+        rem_ /= (64LL);
+        const long long b = rem_;
         (void)rem_;
-        float s3_[VEC];
+        const float am = (ftrt_mul_ftz(ftrt_ld(code2[ftrt_ld(absmax_q[b])]), ftrt_ld(absmax2[(b / 256LL)])) + offset);
+        float s2_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long i = i0_ + k_; (void)i;
-            const long long byte = ftrt_ld(packed[(i / 2LL)]);
-            const long long q = ((((i % 2LL) == 0LL)) ? ((byte >> 4LL)) : ((byte & 15LL)));
-            const float am = (ftrt_mul_ftz(ftrt_ld(code2[ftrt_ld(absmax_q[(i / 64LL)])]), ftrt_ld(absmax2[(i / 16384LL)])) + offset);
-            const float w3_ = ftrt_mul_ftz(ftrt_ld(nf4[q]), am);
-            s3_[k_] = w3_;
+            const long long j = j0_ + k_; (void)j;
+            const long long byte = ftrt_ld(packed[((b * 32LL) + (j / 2LL))]);
+            const long long q = ((((j % 2LL) == 0LL)) ? ((byte >> 4LL)) : ((byte & 15LL)));
+            const float w2_ = ftrt_mul_ftz(ftrt_ld(nf4[q]), am);
+            s2_[k_] = w2_;
         }
-        ftrt_store_vec<VEC>(w + (i0_), s3_);
+        ftrt_store_vec<VEC>(w + (((b * 64LL) + j0_)), s2_);
     }
 }
 extern "C" __global__ void __launch_bounds__(256) nf4_dequantize_forward_v8(long long N, float offset, const unsigned char* __restrict__ packed, const unsigned char* __restrict__ absmax_q, const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ nf4, ftrt_t* __restrict__ w) { nf4_dequantize_forward_body<8>(N, offset, packed, absmax_q, absmax2, code2, nf4, w); }
@@ -358,25 +364,28 @@ extern "C" __global__ void __launch_bounds__(256) nf4_dequantize_forward_v1(long
 // NF4 dequantization with plain f32 absmax (checkpoints without double quantization):
 // w[i] = T(nf4[q_i] * absmax[i / 64]).
 
-// nf4_dequantize_f32_absmax forward: flat pass over (i in N)
+// nf4_dequantize_f32_absmax forward: flat pass over (b in (N / 64), j in 64)
 template <int VEC>
 __device__ __forceinline__ void nf4_dequantize_f32_absmax_forward_body(long long N, const unsigned char* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ nf4, ftrt_t* __restrict__ w) {
-    const long long nchunks = ((N)) / VEC;
+    const long long nchunks = (((N / 64LL)) * (64LL)) / VEC;
     for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
          chunk += (long long)gridDim.x * blockDim.x) {
         long long rem_ = chunk * VEC;
-        const long long i0_ = rem_;
+        const long long j0_ = rem_ % (64LL);
+        rem_ /= (64LL);
+        const long long b = rem_;
         (void)rem_;
+        const float h0_ = ftrt_ld(absmax[b]);
         float s2_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long i = i0_ + k_; (void)i;
-            const long long byte = ftrt_ld(packed[(i / 2LL)]);
-            const long long q = ((((i % 2LL) == 0LL)) ? ((byte >> 4LL)) : ((byte & 15LL)));
-            const float w2_ = ftrt_mul_ftz(ftrt_ld(nf4[q]), ftrt_ld(absmax[(i / 64LL)]));
+            const long long j = j0_ + k_; (void)j;
+            const long long byte = ftrt_ld(packed[((b * 32LL) + (j / 2LL))]);
+            const long long q = ((((j % 2LL) == 0LL)) ? ((byte >> 4LL)) : ((byte & 15LL)));
+            const float w2_ = ftrt_mul_ftz(ftrt_ld(nf4[q]), h0_);
             s2_[k_] = w2_;
         }
-        ftrt_store_vec<VEC>(w + (i0_), s2_);
+        ftrt_store_vec<VEC>(w + (((b * 64LL) + j0_)), s2_);
     }
 }
 extern "C" __global__ void __launch_bounds__(256) nf4_dequantize_f32_absmax_forward_v8(long long N, const unsigned char* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ nf4, ftrt_t* __restrict__ w) { nf4_dequantize_f32_absmax_forward_body<8>(N, packed, absmax, nf4, w); }

@@ -83,7 +83,7 @@ fn emit_pass(out: &mut String, op: &OpDef, pass: &Pass) {
     let names = c_arg_names(&args);
     let title = crate::validate::pass_title(pass);
     writeln!(out, "// {} {title}: {} pass over ({})", op.name, shape_word(lowered.shape), loop_desc(pass)).unwrap();
-    let mut e = Emitter { out: String::new(), scope: lowered.scope.clone(), vregs: Vec::new(), indent: 1 };
+    let mut e = Emitter { out: String::new(), scope: lowered.scope.clone(), vregs: Vec::new(), hoisted: Vec::new(), n_locals: 0, indent: 1 };
     match lowered.shape {
         Shape::Row => {
             writeln!(out, "template <int TPR, int VEC>").unwrap();
@@ -159,6 +159,10 @@ struct Emitter {
     scope: Scope,
     /// Register arrays of the vector accesses live in the current sweep: (key, array name).
     vregs: Vec<(String, String)>,
+    /// Loop-invariant subexpressions computed before the current sweep: (key, local name).
+    hoisted: Vec<(String, String)>,
+    /// Locals named so far (hoisted names stay unique across sweeps).
+    n_locals: usize,
     indent: usize,
 }
 
@@ -234,7 +238,10 @@ impl Emitter {
                 Step::Reduce(_) => unreachable!("flat passes have no row reductions"),
             }
         }
+        let exprs = self.stmt_exprs(&per_elem);
+        self.hoist(&exprs.iter().collect::<Vec<_>>());
         self.element_loop(&per_elem, &inner.name, &format!("{}0_", inner.name));
+        self.hoisted.clear();
         self.indent -= 1;
         self.line("}");
     }
@@ -295,6 +302,8 @@ impl Emitter {
                 op => self.line(&format!("float {}_p = {};", r.acc, reduce_init(op))),
             }
         }
+        let bodies: Vec<&Expr> = reds.iter().map(|r| &r.body).collect();
+        self.hoist(&bodies);
         self.line(&format!(
             "for (long long {inner}0_ = (long long)lane * VEC; {inner}0_ < ({inner_ext}); {inner}0_ += (long long)TPR * VEC) {{"
         ));
@@ -318,6 +327,7 @@ impl Emitter {
         self.indent -= 1;
         self.line("}");
         self.vregs.clear();
+        self.hoisted.clear();
         self.indent -= 1;
         self.line("}");
         for r in reds {
@@ -333,13 +343,76 @@ impl Emitter {
     }
 
     fn store_sweep(&mut self, stores: &[Stmt], inner: &str, inner_ext: &str, lane: &str, step: &str) {
+        let exprs = self.stmt_exprs(stores);
+        self.hoist(&exprs.iter().collect::<Vec<_>>());
         self.line(&format!(
             "for (long long {inner}0_ = (long long){lane} * VEC; {inner}0_ < ({inner_ext}); {inner}0_ += (long long){step} * VEC) {{"
         ));
         self.indent += 1;
         self.element_loop(stores, inner, &format!("{inner}0_"));
+        self.hoisted.clear();
         self.indent -= 1;
         self.line("}");
+    }
+
+    /// Computes, once before a sweep, every maximal subexpression of `exprs` that does not
+    /// change along the row and does real work (a load or a call). Never looks inside a
+    /// varying `select`'s branches or a serial reduction, whose loads may be guarded.
+    fn hoist(&mut self, exprs: &[&Expr]) {
+        let mut found: Vec<Expr> = Vec::new();
+        for e in exprs {
+            self.collect_hoistable(e, &mut found);
+        }
+        for e in found {
+            let key = format!("{e:?}");
+            if self.hoisted.iter().any(|(k, _)| *k == key) {
+                continue;
+            }
+            let ty = if self.ty(&e) == Ty::Float { "float" } else { "long long" };
+            let v = self.expr(&e);
+            let name = format!("h{}_", self.n_locals);
+            self.n_locals += 1;
+            self.line(&format!("const {ty} {name} = {v};"));
+            self.hoisted.push((key, name));
+        }
+    }
+
+    /// The expressions of a run of statements: indices, and values under their guards.
+    fn stmt_exprs(&self, stmts: &[Stmt]) -> Vec<Expr> {
+        let mut out = Vec::new();
+        for s in stmts {
+            match s {
+                Stmt::Let { value, .. } => out.push(value.clone()),
+                Stmt::Store { index, value, guard, .. } => {
+                    out.extend(index.iter().cloned());
+                    out.push(crate::lower::guarded(&self.scope, value, guard.as_ref()));
+                }
+            }
+        }
+        out
+    }
+
+    fn collect_hoistable(&self, e: &Expr, out: &mut Vec<Expr>) {
+        if !self.scope.varies(e) {
+            let mut work = false;
+            crate::validate::walk(e, &mut |x| work |= matches!(x, Expr::Load { .. } | Expr::Call { .. }));
+            let bool_ty = self.scope.ty(e).map_or(true, |t| t == Ty::Bool);
+            if work && !bool_ty && !matches!(e, Expr::Var(_)) {
+                out.push(e.clone());
+            }
+            return;
+        }
+        match e {
+            Expr::Call { func, args } if func == "select" => self.collect_hoistable(&args[0], out),
+            Expr::Call { args, .. } => args.iter().for_each(|a| self.collect_hoistable(a, out)),
+            Expr::Load { index, .. } => index.iter().for_each(|i| self.collect_hoistable(i, out)),
+            Expr::Unary { arg, .. } => self.collect_hoistable(arg, out),
+            Expr::Binary { lhs, rhs, .. } => {
+                self.collect_hoistable(lhs, out);
+                self.collect_hoistable(rhs, out);
+            }
+            _ => {}
+        }
     }
 
     /// The `VEC` elements from `c0`: vector loads, then per element every statement (values
@@ -420,6 +493,12 @@ impl Emitter {
     }
 
     fn expr(&mut self, e: &Expr) -> String {
+        if !self.hoisted.is_empty() {
+            let key = format!("{e:?}");
+            if let Some((_, name)) = self.hoisted.iter().find(|(k, _)| *k == key) {
+                return name.clone();
+            }
+        }
         match e {
             Expr::Float(v) if v.is_infinite() => (if *v > 0.0 { "INFINITY" } else { "-INFINITY" }).into(),
             Expr::Float(v) => format!("{v:?}f"),
@@ -482,8 +561,8 @@ impl Emitter {
             "T" => format!("ftrt_round_t({})", a[0]),
             "f32" => format!("((float)({}))", a[0]),
             "i32" => format!("((long long)({}))", a[0]),
-            "exp" => format!("expf({})", a[0]),
-            "log" => format!("logf({})", a[0]),
+            "exp" => format!("__expf({})", a[0]),
+            "log" => format!("__logf({})", a[0]),
             "sqrt" => format!("sqrtf({})", a[0]),
             "rsqrt" => format!("rsqrtf({})", a[0]),
             "tanh" => format!("tanhf({})", a[0]),
@@ -525,3 +604,4 @@ fn convert_to(d: DType, v: &str) -> String {
         DType::U8 => format!("(unsigned char)({v})"),
     }
 }
+

@@ -113,7 +113,7 @@ fn emit_cpu_pass(o: &mut String, op: &OpDef, pass: &Pass) {
     writeln!(o, "/// CPU reference of the {} pass.", crate::validate::pass_title(pass)).unwrap();
     writeln!(o, "pub fn {name}_cpu<S: Real>({}) {{", cpu_params(&args)).unwrap();
     bind_dims(o, op, "d");
-    for s in &op.scalars {
+    for s in args.iter().filter_map(|a| if let Arg::Scalar(s) = a { Some(s) } else { None }) {
         if s.dtype.is_float() {
             writeln!(o, "        let {0}: S = S::from_f32({0});", s.name).unwrap();
         } else {
@@ -285,8 +285,11 @@ fn serial(op: ReduceOp, var: &str, lo: &str, hi: &str, body: &str) -> String {
         ),
         ReduceOp::Max => format!("{{ let mut a_ = S::from_f64(f64::NEG_INFINITY); {lp} {{ a_ = a_.max({body}); }} a_ }}"),
         ReduceOp::Min => format!("{{ let mut a_ = S::from_f64(f64::INFINITY); {lp} {{ a_ = a_.min({body}); }} a_ }}"),
+        // Online: running max m and sum s of exp(x - m), as the GPU kernel computes it.
         ReduceOp::LogSumExp => format!(
-            "{{ let mut a_ = S::from_f64(f64::NEG_INFINITY); {lp} {{ a_ = a_.logaddexp({body}); }} a_ }}"
+            "{{ let ninf = S::from_f64(f64::NEG_INFINITY); let (mut m_, mut s_) = (ninf, S::zero()); \
+             {lp} {{ let x_ = {body}; if x_ > m_ {{ s_ = s_ * (m_ - x_).exp() + S::from_f64(1.0); m_ = x_; }} \
+             else if x_ > ninf {{ s_ = s_ + (x_ - m_).exp(); }} }} if m_ > ninf {{ m_ + s_.ln() }} else {{ m_ }} }}"
         ),
     }
 }
@@ -405,7 +408,7 @@ fn emit_launcher(o: &mut String, op: &OpDef, pass: &Pass) {
     writeln!(o, "/// Launches the {} pass on the GPU's stream.", crate::validate::pass_title(pass)).unwrap();
     writeln!(o, "pub fn {fname}({}) -> Result<(), ftrt_runtime::RuntimeError> {{", params.join(", ")).unwrap();
     bind_dims(o, op, "d");
-    for s in &op.scalars {
+    for s in args.iter().filter_map(|a| if let Arg::Scalar(s) = a { Some(s) } else { None }) {
         if !s.dtype.is_float() {
             writeln!(o, "        let {0}: i64 = {0} as i64;", s.name).unwrap();
         }

@@ -213,6 +213,30 @@ pub fn touched_tensors(pass: &Pass) -> Vec<String> {
     out
 }
 
+/// Every bare name a pass mentions (loop extents, bodies, indices and guards).
+fn referenced_names(pass: &Pass) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut f = |e: &Expr| {
+        if let Expr::Var(v) = e {
+            out.push(v.clone());
+        }
+    };
+    for i in &pass.indices {
+        walk(&i.extent, &mut f);
+    }
+    for s in &pass.body {
+        match s {
+            Stmt::Let { value, .. } => walk(value, &mut f),
+            Stmt::Store { index, value, guard, .. } => {
+                walk(value, &mut f);
+                index.iter().for_each(|i| walk(i, &mut f));
+                guard.iter().for_each(|g| walk(g, &mut f));
+            }
+        }
+    }
+    out
+}
+
 /// Tensors a pass writes.
 pub fn written_tensors(pass: &Pass) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -237,7 +261,8 @@ pub enum Arg {
 
 pub fn pass_args(op: &OpDef, pass: &Pass) -> Vec<Arg> {
     let mut args: Vec<Arg> = crate::validate::dims(op).into_iter().map(Arg::Dim).collect();
-    args.extend(op.scalars.iter().cloned().map(Arg::Scalar));
+    let used = referenced_names(pass);
+    args.extend(op.scalars.iter().filter(|s| used.contains(&s.name)).cloned().map(Arg::Scalar));
     let touched = touched_tensors(pass);
     let written = written_tensors(pass);
     for t in crate::validate::pass_tensors(op, pass) {

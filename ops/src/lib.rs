@@ -14,3 +14,5 @@ pub mod embedding;
 pub mod rope;
 pub mod adamw;
 pub mod nf4;
+pub mod selftest;
+pub mod attention;

@@ -38,14 +38,15 @@ op! {
 }
 
 op! {
-    /// NF4 dequantization with double-quantized absmax (N a multiple of 64):
+    /// NF4 dequantization with double-quantized absmax (N a multiple of 64), one block of 64
+    /// per row so the block's absmax is computed once:
     /// w[i] = T(nf4[q_i] * (code2[absmax_q[i / 64]] * absmax2[i / 16384] + offset)).
-    nf4_dequantize(packed: [N / 2] u8, absmax_q: [N / 64] u8, absmax2: [(N / 64 + 255) / 256] f32, code2: [256] f32, nf4: [16] f32, offset: f32) -> (w: [N] T) {
-        forward for i in N {
-            let byte = packed[i / 2];
-            let q = select(i % 2 == 0, byte >> 4, byte & 15);
-            let am = mul_ftz(code2[absmax_q[i / 64]], absmax2[i / 16384]) + offset;
-            w[i] = mul_ftz(nf4[q], am);
+    nf4_dequantize(packed: [N / 64, 32] u8, absmax_q: [N / 64] u8, absmax2: [(N / 64 + 255) / 256] f32, code2: [256] f32, nf4: [16] f32, offset: f32) -> (w: [N / 64, 64] T) {
+        forward for b in N / 64, j in 64 {
+            let am = mul_ftz(code2[absmax_q[b]], absmax2[b / 256]) + offset;
+            let byte = packed[b, j / 2];
+            let q = select(j % 2 == 0, byte >> 4, byte & 15);
+            w[b, j] = mul_ftz(nf4[q], am);
         }
     }
 }
@@ -53,11 +54,11 @@ op! {
 op! {
     /// NF4 dequantization with plain f32 absmax (checkpoints without double quantization):
     /// w[i] = T(nf4[q_i] * absmax[i / 64]).
-    nf4_dequantize_f32_absmax(packed: [N / 2] u8, absmax: [N / 64] f32, nf4: [16] f32) -> (w: [N] T) {
-        forward for i in N {
-            let byte = packed[i / 2];
-            let q = select(i % 2 == 0, byte >> 4, byte & 15);
-            w[i] = mul_ftz(nf4[q], absmax[i / 64]);
+    nf4_dequantize_f32_absmax(packed: [N / 64, 32] u8, absmax: [N / 64] f32, nf4: [16] f32) -> (w: [N / 64, 64] T) {
+        forward for b in N / 64, j in 64 {
+            let byte = packed[b, j / 2];
+            let q = select(j % 2 == 0, byte >> 4, byte & 15);
+            w[b, j] = mul_ftz(nf4[q], absmax[b]);
         }
     }
 }

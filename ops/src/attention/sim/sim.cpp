@@ -3,17 +3,20 @@
 // Compiles the kernel source as C++ with FTRT_ATTN_CPU_SIM, i.e. its portable path: every
 // ldmatrix and mma.m16n8k16 is reproduced from warp shuffles with the exact register fragments
 // the PTX ISA defines, so the emulator executes the real tiling, masking, online softmax,
-// pipelining and index arithmetic of the CUDA kernels. Each CUDA thread of a block is a fiber;
-// __syncthreads and every shuffle are block barriers (the kernels keep all control flow
-// block-uniform; the scheduler aborts on any divergent barrier). cp.async copies are deferred
-// until the matching cp.async.wait_group, so a read that is not properly waited for sees stale
-// shared memory; shared memory starts filled with NaN bytes.
+// pipelining and index arithmetic of the CUDA kernels. Each CUDA thread of a block is a fiber:
+// __syncthreads is a block barrier, each shuffle a warp barrier, and the scheduler runs one warp
+// as far as it can before the next (ATTN_SIM_ORDER=reverse: last warp first), so a missing
+// __syncthreads lets a warp overwrite shared memory another warp has not read yet; divergent
+// barriers abort. cp.async copies are deferred until the matching cp.async.wait_group, so a read
+// that is not properly waited for sees stale shared memory (ATTN_SIM_CP=eager: they land at
+// issue instead, which exposes copies into a buffer other warps still read). Shared memory
+// starts as NaNs.
 //
 // Entry points (C ABI, pointers are host memory in the kernels' layouts):
 //   attn_sim_fwd(D, q, k, v, cu, S, N, Hq, Hkv, scale, out, lse)
 //   attn_sim_bwd(D, q, k, v, out, dout, lse, cu, S, N, Hq, Hkv, scale, dq, dk, dv, dvec)
-// ops/src/attention/tests.rs (feature-free; see mod.rs) compares them with the CPU reference
-// when built with `--cfg attn_sim` and this file linked (see sim/run.sh).
+// Run: cd ops/src/attention/sim && cargo test --release   (src/sim_tests.rs; set the two
+// environment variables above to vary the schedule and the cp.async model).
 
 #include <cmath>
 #include <cstdint>
@@ -39,8 +42,7 @@ struct Fiber {
     void* sp = nullptr;
     std::vector<char> stack;
     attn_dim3 tid{0, 0, 0};
-    int state = 0; // 0 runnable, 1 at barrier, 2 done
-    int bar_kind = 0;
+    int state = 0; // 0 runnable, 1 at __syncthreads, 2 done, 3 at a shuffle
     unsigned parity = 0;
     std::vector<Copy> open;
     std::vector<std::vector<Copy>> groups;
@@ -52,6 +54,11 @@ static std::vector<unsigned> slots[2];
 static std::vector<unsigned char> smem;
 static std::function<void()> body;
 static attn_dim3 block_idx, grid_dim;
+// ATTN_SIM_CP=eager: cp.async copies land at issue (exposes write-after-read races on a
+// buffer other warps still read); default (deferred): at the wait (exposes reads before it)
+static bool cp_eager = false;
+// ATTN_SIM_ORDER=reverse: warps run last to first between barriers
+static bool reverse = false;
 } // namespace sim
 
 extern "C" void attn_sim_switch(void** save_sp, void* new_sp);
@@ -78,9 +85,14 @@ attn_sim_switch:
 )");
 
 static inline void attn_sim_yield() { attn_sim_switch(&sim::fibers[sim::cur].sp, sim::sched_sp); }
-static inline void attn_sim_barrier(int kind) {
+// __syncthreads (block barrier)
+static inline void attn_sim_barrier() {
     sim::fibers[sim::cur].state = 1;
-    sim::fibers[sim::cur].bar_kind = kind;
+    attn_sim_yield();
+}
+// the rendezvous of one shuffle (warp barrier)
+static inline void attn_sim_warp_barrier() {
+    sim::fibers[sim::cur].state = 3;
     attn_sim_yield();
 }
 static inline unsigned attn_sim_shfl(unsigned v, int src) {
@@ -88,7 +100,7 @@ static inline unsigned attn_sim_shfl(unsigned v, int src) {
     std::vector<unsigned>& s = sim::slots[f.parity];
     f.parity ^= 1u;
     s[sim::cur] = v;
-    attn_sim_barrier(1);
+    attn_sim_warp_barrier();
     return s[(sim::cur & ~31) + (src & 31)];
 }
 static inline unsigned attn_sim_f2u(float f) {
@@ -105,6 +117,11 @@ static inline float attn_sim_shfl_xor(float v, int m) {
     return attn_sim_u2f(attn_sim_shfl(attn_sim_f2u(v), (sim::cur & 31) ^ m));
 }
 static inline void attn_sim_cp_async16(void* dst, const void* src, bool valid) {
+    if (sim::cp_eager) {
+        if (valid) std::memcpy(dst, src, 16);
+        else std::memset(dst, 0, 16);
+        return;
+    }
     sim::fibers[sim::cur].open.push_back({dst, src, valid});
 }
 static inline void attn_sim_cp_commit() {
@@ -129,7 +146,7 @@ static inline void attn_sim_cp_wait(int n) {
 #define ATTN_DEV static inline
 #define ATTN_KERNEL(name) extern "C" void name
 #define ATTN_DYN_SMEM(name) unsigned char* name = sim::smem.data()
-#define ATTN_SYNC() attn_sim_barrier(0)
+#define ATTN_SYNC() attn_sim_barrier()
 #define ATTN_NEG_INF (-INFINITY)
 #define ATTN_POS_INF (INFINITY)
 #define __restrict__ __restrict
@@ -156,6 +173,10 @@ static void launch(unsigned gx, unsigned gy, size_t smem_bytes, std::function<vo
     slots[0].assign(nt, 0);
     slots[1].assign(nt, 0);
     body = std::move(kernel);
+    const char* mode = std::getenv("ATTN_SIM_CP");
+    cp_eager = mode && std::strcmp(mode, "eager") == 0;
+    const char* order = std::getenv("ATTN_SIM_ORDER");
+    reverse = order && std::strcmp(order, "reverse") == 0;
     grid_dim = {gx, gy, 1};
     for (unsigned by = 0; by < gy; ++by) {
         for (unsigned bx = 0; bx < gx; ++bx) {
@@ -177,10 +198,26 @@ static void launch(unsigned gx, unsigned gy, size_t smem_bytes, std::function<vo
                 f.groups.clear();
             }
             for (;;) {
-                for (int i = 0; i < nt; ++i) {
-                    if (fibers[i].state != 0) continue;
-                    cur = i;
-                    attn_sim_switch(&sched_sp, fibers[i].sp);
+                // one warp at a time, each as far as it can go (its shuffles release as soon as
+                // its 32 lanes arrive), so a warp runs ahead of the others up to the next
+                // __syncthreads, as far as real hardware may let it
+                for (int wi = 0; wi < nt / 32; ++wi) {
+                    const int w = reverse ? nt / 32 - 1 - wi : wi;
+                    for (;;) {
+                        for (int i = 32 * w; i < 32 * w + 32; ++i) {
+                            if (fibers[i].state != 0) continue;
+                            cur = i;
+                            attn_sim_switch(&sched_sp, fibers[i].sp);
+                        }
+                        int at_warp = 0;
+                        for (int i = 32 * w; i < 32 * w + 32; ++i) at_warp += fibers[i].state == 3;
+                        if (at_warp == 0) break;
+                        if (at_warp != 32) {
+                            std::fprintf(stderr, "attn sim: block (%u,%u) warp %d: divergent shuffle\n", bx, by, w);
+                            std::abort();
+                        }
+                        for (int i = 32 * w; i < 32 * w + 32; ++i) fibers[i].state = 0;
+                    }
                 }
                 int at_bar = 0, done = 0;
                 for (int i = 0; i < nt; ++i) {
@@ -189,15 +226,8 @@ static void launch(unsigned gx, unsigned gy, size_t smem_bytes, std::function<vo
                 }
                 if (done == nt) break;
                 if (done != 0) {
-                    std::fprintf(stderr, "attn sim: block (%u,%u): %d threads exited while %d wait at a barrier\n", bx, by, done, at_bar);
+                    std::fprintf(stderr, "attn sim: block (%u,%u): %d threads exited while %d wait at __syncthreads\n", bx, by, done, at_bar);
                     std::abort();
-                }
-                for (int i = 1; i < nt; ++i) {
-                    if (fibers[i].bar_kind != fibers[0].bar_kind) {
-                        std::fprintf(stderr, "attn sim: block (%u,%u): divergent barrier (thread 0 kind %d, thread %d kind %d)\n",
-                                     bx, by, fibers[0].bar_kind, i, fibers[i].bar_kind);
-                        std::abort();
-                    }
                 }
                 for (int i = 0; i < nt; ++i) fibers[i].state = 0;
             }
