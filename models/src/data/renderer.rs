@@ -12,7 +12,7 @@
 use std::ops::Range;
 use std::path::Path;
 
-use tokenizers::Tokenizer;
+use tokenizers::{Encoding, Tokenizer};
 
 use super::spans::render_with_spans;
 use super::{DataError, Example, Record, IGNORE_INDEX};
@@ -112,7 +112,11 @@ impl PromptRenderer {
         }
         let (prompt, completion) = plain_prompt(record)?;
         let text = format!("{prompt}{completion}");
-        let mut example = self.encode_with_spans(&text, &[prompt.len()..text.len()], true)?;
+        let mut example = self.encode_with_spans(
+            &text,
+            std::slice::from_ref(&(prompt.len()..text.len())),
+            true,
+        )?;
         if let Some((_, eos)) = &self.eos {
             if example.input_ids.last() != Some(eos) {
                 example.input_ids.push(*eos);
@@ -131,22 +135,16 @@ impl PromptRenderer {
                 chat.truncate(last);
             }
             let text = template.render(&chat, true).map_err(|e| e.to_string())?;
-            return self.encode(&text, false).map(|(ids, _)| ids);
+            return self.encode(&text, false).map(|e| e.get_ids().to_vec());
         }
         let (prompt, _) = plain_prompt(record)?;
-        self.encode(&prompt, true).map(|(ids, _)| ids)
+        self.encode(&prompt, true).map(|e| e.get_ids().to_vec())
     }
 
-    fn encode(
-        &self,
-        text: &str,
-        add_special_tokens: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), String> {
-        let encoding = self
-            .tokenizer
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Encoding, String> {
+        self.tokenizer
             .encode(text, add_special_tokens)
-            .map_err(|err| format!("tokenizer: {err}"))?;
-        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
+            .map_err(|err| format!("tokenizer: {err}"))
     }
 
     /// Encodes `text`; a token is labelled when its bytes overlap one of `spans` (the rule
@@ -157,14 +155,16 @@ impl PromptRenderer {
         spans: &[Range<usize>],
         add_special_tokens: bool,
     ) -> Result<Example, String> {
-        let (input_ids, offsets) = self.encode(text, add_special_tokens)?;
+        let encoding = self.encode(text, add_special_tokens)?;
+        let input_ids = encoding.get_ids().to_vec();
+        let offsets = encoding.get_offsets();
         let labels = input_ids
             .iter()
-            .zip(&offsets)
+            .zip(offsets)
             .map(|(&id, &(start, end))| {
                 let inside = spans
                     .iter()
-                    .any(|span| end > span.start && start < span.end && end > start);
+                    .any(|span| end > span.start && start < span.end);
                 if inside {
                     id as i32
                 } else {
