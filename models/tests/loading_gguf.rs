@@ -266,3 +266,124 @@ fn truncated_and_malformed_files() {
         ErrorKind::Missing
     );
 }
+
+/// A two-layer llama-shaped GGUF with the given extra tensors, all F32.
+fn tiny_llama(path: &Path, arch: &str, extra: &[(&str, Vec<u64>)]) {
+    let kv = |k: &str| format!("{arch}.{k}");
+    let mut tensors = vec![
+        ("token_embd.weight", vec![8u64, 16]),
+        ("blk.0.attn_q.weight", vec![8, 8]),
+        ("blk.0.attn_k.weight", vec![8, 4]),
+        ("blk.0.attn_q.bias", vec![8]),
+        ("output_norm.weight", vec![8]),
+    ];
+    tensors.extend(extra.iter().cloned());
+    let raw: Vec<RawTensor> = tensors
+        .iter()
+        .map(|(name, dims)| {
+            let n = dims.iter().product::<u64>() as usize;
+            let values: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            RawTensor {
+                name: name.to_string(),
+                dims: dims.clone(),
+                type_id: 0,
+                data: f32_bytes(&values),
+            }
+        })
+        .collect();
+    write_gguf(
+        path,
+        &[
+            ("general.architecture", Kv::Str(arch.into())),
+            (&kv("block_count"), Kv::U32(1)),
+            (&kv("context_length"), Kv::U32(128)),
+            (&kv("embedding_length"), Kv::U32(8)),
+            (&kv("feed_forward_length"), Kv::U32(24)),
+            (&kv("attention.head_count"), Kv::U32(2)),
+            (&kv("attention.head_count_kv"), Kv::U32(1)),
+            (&kv("attention.layer_norm_rms_epsilon"), Kv::F32(1e-6)),
+            (&kv("rope.freq_base"), Kv::F32(500000.0)),
+            (
+                "tokenizer.ggml.tokens",
+                Kv::StrArray((0..16).map(|i| format!("t{i}")).collect()),
+            ),
+            ("tokenizer.ggml.eos_token_id", Kv::U32(3)),
+            ("tokenizer.ggml.eot_token_id", Kv::U32(5)),
+        ],
+        &raw,
+    );
+}
+
+#[test]
+fn config_and_weights_from_gguf_metadata() {
+    use ftrt_models::gguf::{config_from_gguf, GgufWeights};
+    use ftrt_models::{Architecture, RopeScaling};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    tiny_llama(
+        &path,
+        "llama",
+        &[
+            ("rope_freqs.weight", vec![2]),
+            ("output.weight", vec![8, 16]),
+        ],
+    );
+    let file = GgufFile::open(&path).unwrap();
+    let c = config_from_gguf(&file).unwrap();
+    assert_eq!(c.arch, Architecture::Llama);
+    assert_eq!(
+        (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+        (8, 24, 1)
+    );
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (2, 1, 4)
+    );
+    assert_eq!((c.vocab_size, c.max_position_embeddings), (16, 128));
+    assert_eq!((c.rms_norm_eps, c.rope_theta), (1e-6, 500000.0));
+    assert_eq!(
+        c.rope_scaling,
+        Some(RopeScaling::FreqFactors(vec![0.0, 1.0]))
+    );
+    assert!(!c.tie_word_embeddings && c.qkv_bias && !c.qk_norm);
+    assert_eq!(c.eos_token_ids, [3, 5]);
+    let w = GgufWeights::new(file, &c).unwrap();
+    assert!(w.names().all(|n| n != "rope_freqs.weight"));
+    assert_eq!(w.info("lm_head.weight").unwrap().shape(), [16, 8]);
+    // q bias [8] = 2 heads of 4: rows (0, 2, 1, 3) per head become (0, 1, 2, 3).
+    assert_eq!(
+        w.to_f32("model.layers.0.self_attn.q_proj.bias").unwrap(),
+        [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]
+    );
+
+    // qwen2 files are not permuted.
+    let qwen = dir.path().join("qwen.gguf");
+    tiny_llama(&qwen, "qwen2", &[]);
+    let file = GgufFile::open(&qwen).unwrap();
+    let c = config_from_gguf(&file).unwrap();
+    assert!(c.tie_word_embeddings && c.rope_scaling.is_none());
+    let w = GgufWeights::new(file, &c).unwrap();
+    let bias = w.to_f32("model.layers.0.self_attn.q_proj.bias").unwrap();
+    assert_eq!(bias, (0..8).map(|i| i as f32).collect::<Vec<_>>());
+}
+
+#[test]
+fn unsupported_gguf_models_are_errors() {
+    use ftrt_models::gguf::{config_from_gguf, GgufWeights};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gemma.gguf");
+    tiny_llama(&path, "gemma2", &[]);
+    let err = config_from_gguf(&GgufFile::open(&path).unwrap()).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Unsupported);
+    assert!(
+        err.reason.contains("gemma2") && err.reason.contains("qwen3"),
+        "{err}"
+    );
+
+    let path = dir.path().join("odd.gguf");
+    tiny_llama(&path, "llama", &[("blk.0.mystery.weight", vec![8])]);
+    let file = GgufFile::open(&path).unwrap();
+    let c = config_from_gguf(&file).unwrap();
+    let err = GgufWeights::new(file, &c).err().unwrap();
+    assert!(err.reason.contains("blk.0.mystery.weight"), "{err}");
+}

@@ -70,7 +70,7 @@ fn tokenizer_configs() {
 
 /// Writes the vocabulary of a tokenizer.json as GGUF tokenizer metadata with pre-tokenizer
 /// `pre`, the way llama.cpp's converter does (ids by index, special added tokens as control).
-fn gguf_from_tokenizer_json(dir: &str, pre: &str, path: &std::path::Path) {
+fn gguf_from_tokenizer_json(dir: &str, pre: &str, bos: Option<u32>, path: &std::path::Path) {
     let json: Value = serde_json::from_str(
         &std::fs::read_to_string(tokenizer_dir(dir).join("tokenizer.json")).unwrap(),
     )
@@ -108,41 +108,42 @@ fn gguf_from_tokenizer_json(dir: &str, pre: &str, path: &std::path::Path) {
             _ => panic!("bad merge"),
         })
         .collect();
-    write_gguf(
-        path,
-        &[
-            ("general.architecture", Kv::Str("llama".into())),
-            ("tokenizer.ggml.model", Kv::Str("gpt2".into())),
-            ("tokenizer.ggml.pre", Kv::Str(pre.into())),
-            (
-                "tokenizer.ggml.tokens",
-                Kv::StrArray(tokens.iter().map(|t| t.1.clone()).collect()),
-            ),
-            (
-                "tokenizer.ggml.token_type",
-                Kv::I32Array(tokens.iter().map(|t| t.2).collect()),
-            ),
-            ("tokenizer.ggml.merges", Kv::StrArray(merges)),
-            (
-                "tokenizer.ggml.eos_token_id",
-                Kv::U32(tokens.iter().position(|t| t.2 == 3).unwrap() as u32),
-            ),
-            ("tokenizer.chat_template", Kv::Str("{{ messages }}".into())),
-        ],
-        &[],
-    );
+    let mut kvs = vec![
+        ("general.architecture", Kv::Str("llama".into())),
+        ("tokenizer.ggml.model", Kv::Str("gpt2".into())),
+        ("tokenizer.ggml.pre", Kv::Str(pre.into())),
+        (
+            "tokenizer.ggml.tokens",
+            Kv::StrArray(tokens.iter().map(|t| t.1.clone()).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            Kv::I32Array(tokens.iter().map(|t| t.2).collect()),
+        ),
+        ("tokenizer.ggml.merges", Kv::StrArray(merges)),
+        (
+            "tokenizer.ggml.eos_token_id",
+            Kv::U32(tokens.iter().position(|t| t.2 == 3).unwrap() as u32),
+        ),
+        ("tokenizer.chat_template", Kv::Str("{{ messages }}".into())),
+    ];
+    if let Some(bos) = bos {
+        kvs.push(("tokenizer.ggml.bos_token_id", Kv::U32(bos)));
+        kvs.push(("tokenizer.ggml.add_bos_token", Kv::Bool(true)));
+    }
+    write_gguf(path, &kvs, &[]);
 }
 
 #[test]
 fn gguf_built_tokenizers_match_vectors_and_tokenizer_json() {
     let tmp = tempfile::tempdir().unwrap();
-    for (dir, pre, vectors) in [
-        ("llama3", "llama-bpe", "llama-bpe"),
-        ("qwen3", "qwen2", "qwen2"),
-        ("gpt2", "gpt-2", "gpt-2"),
+    for (dir, pre, vectors, bos) in [
+        ("llama3", "llama-bpe", "llama-bpe", Some(128000)),
+        ("qwen3", "qwen2", "qwen2", None),
+        ("gpt2", "gpt-2", "gpt-2", None),
     ] {
         let path = tmp.path().join(format!("{dir}.gguf"));
-        gguf_from_tokenizer_json(dir, pre, &path);
+        gguf_from_tokenizer_json(dir, pre, bos, &path);
         let (tok, config) = tokenizer_from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
         assert_eq!(config.chat_template.as_deref(), Some("{{ messages }}"));
         assert_vectors(&tok, vectors);
@@ -154,6 +155,11 @@ fn gguf_built_tokenizers_match_vectors_and_tokenizer_json() {
             reference.get_vocab_size(true),
             "{dir}"
         );
+        // add_bos_token: encoding with special tokens prepends bos.
+        let with_special = tok.encode("Hello world", true).unwrap().get_ids().to_vec();
+        let expected: Vec<u32> = bos.into_iter().chain(encode(&tok, "Hello world")).collect();
+        assert_eq!(with_special, expected, "{dir}");
+        assert_eq!(config.add_bos_token, Some(bos.is_some()));
     }
 }
 

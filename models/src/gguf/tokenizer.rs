@@ -57,11 +57,12 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<(Tokenizer, TokenizerConfi
         Some(t) => t.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
         None => vec![1; tokens.len()],
     };
-    let token_at = |key: &str| -> Result<Option<String>> {
-        match file.get(key).map(|v| v.as_u64()) {
+    // (id, text) of the token whose id is stored under `key`.
+    let token_at = |key: &str| -> Result<Option<(u32, String)>> {
+        match file.get(key).map(MetaValue::as_u64) {
             None => Ok(None),
             Some(Some(id)) if (id as usize) < tokens.len() => {
-                Ok(Some(tokens[id as usize].to_string()))
+                Ok(Some((id as u32, tokens[id as usize].to_string())))
             }
             Some(_) => Err(err(
                 ErrorKind::Malformed,
@@ -69,8 +70,8 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<(Tokenizer, TokenizerConfi
             )),
         }
     };
-    let bos_token = token_at("tokenizer.ggml.bos_token_id")?;
-    let eos_token = token_at("tokenizer.ggml.eos_token_id")?;
+    let bos = token_at("tokenizer.ggml.bos_token_id")?;
+    let eos = token_at("tokenizer.ggml.eos_token_id")?;
     let add_bos = file
         .get("tokenizer.ggml.add_bos_token")
         .and_then(MetaValue::as_bool)
@@ -111,9 +112,8 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<(Tokenizer, TokenizerConfi
         })
         .collect();
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
-    let post_processor = match (&bos_token, add_bos) {
-        (Some(bos), true) => {
-            let bos_id = tokens.iter().position(|t| t == bos).unwrap_or_default();
+    let post_processor = match (&bos, add_bos) {
+        (Some((bos_id, bos)), true) => {
             let special = json!({"SpecialToken": {"id": bos, "type_id": 0}});
             json!({"type": "Sequence", "processors": [byte_level, {
                 "type": "TemplateProcessing",
@@ -151,8 +151,8 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<(Tokenizer, TokenizerConfi
             .get("tokenizer.chat_template")
             .and_then(MetaValue::as_str)
             .map(str::to_string),
-        bos_token,
-        eos_token,
+        bos_token: bos.map(|(_, t)| t),
+        eos_token: eos.map(|(_, t)| t),
         add_bos_token: Some(add_bos),
     };
     Ok((tokenizer, config))
