@@ -196,3 +196,66 @@ fn q_and_k_rows_are_unpermuted() {
         .unwrap();
     assert_eq!(v, g.file().dequantize("blk.0.attn_v.weight").unwrap());
 }
+
+/// Rotates each head of `v` by position `pos`: with `pairs(i)` giving the two lanes of
+/// frequency `i`, lanes (a, b) become (a cos - b sin, a sin + b cos), angle `pos * theta^(-2i/d)`.
+fn rope(v: &mut [f32], head_dim: usize, pos: f32, pairs: impl Fn(usize) -> (usize, usize)) {
+    for head in v.chunks_mut(head_dim) {
+        for i in 0..head_dim / 2 {
+            let angle = pos * 100_000f32.powf(-2.0 * i as f32 / head_dim as f32);
+            let (a, b) = pairs(i);
+            let (x, y) = (head[a], head[b]);
+            head[a] = x * angle.cos() - y * angle.sin();
+            head[b] = x * angle.sin() + y * angle.cos();
+        }
+    }
+}
+
+fn matvec(w: &[f32], x: &[f32]) -> Vec<f32> {
+    w.chunks(x.len())
+        .map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum())
+        .collect()
+}
+
+/// The point of un-permuting: attention scores computed the Hugging Face way (rotate_half RoPE
+/// on our Q/K) equal those computed the llama.cpp way (adjacent-pair RoPE on the GGUF rows).
+#[test]
+fn unpermuted_q_k_give_llama_cpp_attention_scores_under_hf_rope() {
+    let m = model();
+    let ftrt_models::WeightSource::Gguf(g) = &m.weights else {
+        panic!("expected GGUF weights")
+    };
+    let x1 = loading_common::test_values(576, 1);
+    let x2 = loading_common::test_values(576, 2);
+    let d = 64;
+    let scores = |q_w: &[f32], k_w: &[f32], pairs: &dyn Fn(usize) -> (usize, usize)| {
+        let (mut q, mut k) = (matvec(q_w, &x1), matvec(k_w, &x2));
+        rope(&mut q, d, 7.0, pairs);
+        rope(&mut k, d, 3.0, pairs);
+        // Query head h reads key/value head h / 3 (9 query heads, 3 kv heads).
+        (0..9)
+            .map(|h| {
+                let kh = h / 3;
+                (0..d).map(|i| q[h * d + i] * k[kh * d + i]).sum::<f32>()
+            })
+            .collect::<Vec<f32>>()
+    };
+    let ours = scores(
+        &m.weights
+            .to_f32("model.layers.0.self_attn.q_proj.weight")
+            .unwrap(),
+        &m.weights
+            .to_f32("model.layers.0.self_attn.k_proj.weight")
+            .unwrap(),
+        &|i| (i, i + d / 2),
+    );
+    let llama_cpp = scores(
+        &g.file().dequantize("blk.0.attn_q.weight").unwrap(),
+        &g.file().dequantize("blk.0.attn_k.weight").unwrap(),
+        &|i| (2 * i, 2 * i + 1),
+    );
+    let scale = llama_cpp.iter().fold(0f32, |a, v| a.max(v.abs()));
+    for (a, b) in ours.iter().zip(&llama_cpp) {
+        assert!((a - b).abs() <= 1e-4 * scale, "{ours:?} vs {llama_cpp:?}");
+    }
+}
