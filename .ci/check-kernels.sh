@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Assembles every committed PTX with ptxas for sm_80 and sm_90 (registers per kernel; any
+# register spill fails), and compiles every HIP kernel for gfx90a with hipcc.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${FTRT_PTXAS:?source .ci/nvrtc-env.sh first}"
+fail=0
+for ptx in kernels-generated/*.ptx; do
+    for arch in sm_80 sm_90; do
+        log=$("$FTRT_PTXAS" -arch=$arch -v "$ptx" -o /dev/null 2>&1) || { echo "$log"; echo "ptxas failed: $ptx $arch"; exit 1; }
+        # "Compiling entry function 'f' for 'sm_90'" ... "Used N registers" ... "X bytes spill stores, Y bytes spill loads"
+        echo "$log" | awk -v f="$(basename "$ptx")" -v a="$arch" '
+            /Compiling entry function/ { match($0, /'"'"'[^'"'"']+'"'"'/); k = substr($0, RSTART + 1, RLENGTH - 2) }
+            /bytes spill stores/ { split($0, p, " "); for (i = 1; i <= NF; i++) if ($i == "bytes" && $(i+1) == "spill" && $(i+2) ~ /stores/) st = $(i-1); for (i = 1; i <= NF; i++) if ($i == "bytes" && $(i+1) == "spill" && $(i+2) ~ /loads/) ld = $(i-1) }
+            /Used [0-9]+ registers/ { match($0, /Used [0-9]+ registers/); r = substr($0, RSTART + 5, RLENGTH - 15); printf "%-16s %-6s %-52s %4s regs  spill %s/%s\n", f, a, k, r, st, ld; if (st + 0 > 0 || ld + 0 > 0) bad = 1 }
+            END { exit bad }' || fail=1
+    done
+done
+[ "$fail" = 0 ] || { echo "register spills found (see above)"; exit 1; }
+if command -v hipcc >/dev/null; then
+    for src in kernels-generated/*.hip kernels-generated/attention.cu; do
+        [ -f "$src" ] || continue
+        hipcc --offload-arch=gfx90a --genco -x hip "$src" -o /tmp/ftrt-$(basename "$src").hsaco
+        echo "hipcc gfx90a ok: $src"
+    done
+fi
