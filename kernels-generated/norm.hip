@@ -306,7 +306,8 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_w25
 
 // ==== op `add_rms_norm` ====
 // Residual add fused with Llama RMSNorm: h = T(x + res) is the new residual stream,
-// y = rms_norm(h). One kernel reads x and res once per sweep and writes h and y.
+// y = rms_norm(h). Composed from `rms_norm`'s passes; the compiler fuses the add into the
+// norm's sweeps, so one kernel reads x and res and writes h and y.
 // Backward: dx = dres = dh + T(rstd * (g - hhat * mean(g * hhat))), g = T(dy * w): the
 // norm's gradient rounded to T before it joins the residual's, as autograd does.
 
@@ -330,24 +331,24 @@ __device__ __forceinline__ void add_rms_norm_forward_body(long long R, long long
         }
     }
     const float acc0 = ftrt_row_sum<TPR>(acc0_p) / (float)(C);
-    const float rs = rsqrtf((acc0 + eps));
-    if (lane == 0) { rstd[r] = (float)(rs); }
+    const float rms_norm_rs = rsqrtf((acc0 + eps));
+    if (lane == 0) { rstd[r] = (float)(rms_norm_rs); }
     for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
-        float v0_[VEC]; ftrt_load_vec<VEC>(v0_, x + (((r * C) + c0_)));
-        float v1_[VEC]; ftrt_load_vec<VEC>(v1_, res + (((r * C) + c0_)));
-        float v2_[VEC]; ftrt_load_vec<VEC>(v2_, w + (c0_));
+        float v0_[VEC]; ftrt_load_vec<VEC>(v0_, w + (c0_));
+        float v1_[VEC]; ftrt_load_vec<VEC>(v1_, x + (((r * C) + c0_)));
+        float v2_[VEC]; ftrt_load_vec<VEC>(v2_, res + (((r * C) + c0_)));
         float s0_[VEC];
         float s1_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const long long c = c0_ + k_; (void)c;
-            const float w0_ = ftrt_round_t((v0_[k_] + v1_[k_]));
-            const float w1_ = (v2_[k_] * ftrt_round_t((ftrt_round_t((v0_[k_] + v1_[k_])) * rs)));
+            const float w0_ = (v0_[k_] * ftrt_round_t((ftrt_round_t((v1_[k_] + v2_[k_])) * rms_norm_rs)));
+            const float w1_ = ftrt_round_t((v1_[k_] + v2_[k_]));
             s0_[k_] = w0_;
             s1_[k_] = w1_;
         }
-        ftrt_store_vec<VEC>(h + (((r * C) + c0_)), s0_);
-        ftrt_store_vec<VEC>(y + (((r * C) + c0_)), s1_);
+        ftrt_store_vec<VEC>(y + (((r * C) + c0_)), s0_);
+        ftrt_store_vec<VEC>(h + (((r * C) + c0_)), s1_);
     }
 }
 extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_w32_v8(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<32, 8>(R, C, eps, x, res, w, y, h, rstd); }
@@ -377,7 +378,7 @@ __device__ __forceinline__ void add_rms_norm_backward_body(long long R, long lon
         }
     }
     const float acc0 = ftrt_row_sum<TPR>(acc0_p) / (float)(C);
-    const float m = acc0;
+    const float rms_norm_m = acc0;
     const float h1_ = ftrt_ld(rstd[r]);
     for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dh + (((r * C) + c0_)));
@@ -389,8 +390,8 @@ __device__ __forceinline__ void add_rms_norm_backward_body(long long R, long lon
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const long long c = c0_ + k_; (void)c;
-            const float w0_ = (v0_[k_] + ftrt_round_t((h1_ * (ftrt_round_t((v1_[k_] * v2_[k_])) - ((v3_[k_] * h1_) * m)))));
-            const float w1_ = (v0_[k_] + ftrt_round_t((h1_ * (ftrt_round_t((v1_[k_] * v2_[k_])) - ((v3_[k_] * h1_) * m)))));
+            const float w0_ = (v0_[k_] + ftrt_round_t((h1_ * (ftrt_round_t((v1_[k_] * v2_[k_])) - ((v3_[k_] * h1_) * rms_norm_m)))));
+            const float w1_ = (v0_[k_] + ftrt_round_t((h1_ * (ftrt_round_t((v1_[k_] * v2_[k_])) - ((v3_[k_] * h1_) * rms_norm_m)))));
             s0_[k_] = w0_;
             s1_[k_] = w1_;
         }

@@ -93,6 +93,17 @@ pub enum Stmt {
     Store { tensor: String, index: Vec<Expr>, value: Expr, guard: Option<Expr> },
 }
 
+/// What a callee's tensor or scalar is bound to in a `use op.pass(...)` statement, which the
+/// parser replaces by the callee's statements (see `compose`).
+#[derive(Clone, Debug)]
+pub enum Binding {
+    /// A tensor, scalar or `let` of the caller.
+    Name(String),
+    /// `let g`: the callee's output becomes the caller's new `let g` (its value at the current
+    /// loop indices) instead of being stored.
+    NewLet(String),
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BinOp {
     Add,

@@ -4,6 +4,7 @@
 //! reference, a typed launcher and a finite-difference gradient check. `ops/build.rs` uses
 //! [`pipeline`] to write `kernels-generated/`; the `op!` proc-macro uses [`emit_rust`].
 pub mod ast;
+pub mod compose;
 pub mod emit_cuda;
 pub mod emit_rust;
 pub mod lower;
@@ -14,7 +15,7 @@ pub mod vectorize;
 
 pub use ast::OpDef;
 
-/// Parses one op from the tokens inside `op! { ... }`.
-pub fn parse_op(tokens: proc_macro2::TokenStream) -> syn::Result<OpDef> {
-    syn::parse2(tokens)
+/// Parses the ops inside one `op! { ... }` block (later ops may `use` earlier ones).
+pub fn parse_ops(tokens: proc_macro2::TokenStream) -> syn::Result<Vec<OpDef>> {
+    syn::parse2::<parse::OpBlock>(tokens).map(|b| b.0)
 }

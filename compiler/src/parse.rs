@@ -1,12 +1,14 @@
 //! Parser for the op DSL, on `syn`'s token-stream primitives.
 //!
 //! ```text
+//! block   := op+   (an op may `use` the passes of the ops before it in the block)
 //! op      := doc* NAME "(" params ")" ["->" "(" tensors ")"] ["saves" "(" tensors ")"] "{" pass* [check] "}"
 //! param   := ["mut"] NAME ":" ( "[" expr,* "]" DTYPE | DTYPE )
 //! pass    := "forward" "for" loops block
 //!          | "backward" [LABEL] "(" NAME,* ")" "->" "(" NAME,* ")" "for" loops block
 //! loops   := NAME "in" expr ("," NAME "in" expr)*
 //! stmt    := "let" NAME "=" expr ";" | store | "if" expr "{" store "}"
+//!          | "use" OP "." PASS "(" (NAME "=" (NAME | "let" NAME)),* ")" ";"
 //! store   := NAME "[" expr,* "]" "=" expr ";"
 //! check   := "check" "{" (NAME ("in" expr ".." expr | "in" "[" expr,* "]" | "=" expr)),* "}"
 //! expr    := C-like precedence: || && comparisons | & << >> + - * / % unary(- !)
@@ -17,8 +19,9 @@ use crate::ast::*;
 use syn::parse::{Parse, ParseStream};
 use syn::{braced, bracketed, parenthesized, Ident, LitFloat, LitInt, Token};
 
-impl Parse for OpDef {
-    fn parse(input: ParseStream) -> syn::Result<Self> {
+/// Parses one op; `library` holds the ops before it in the block (for `use`).
+fn parse_op_def(input: ParseStream, library: &[OpDef]) -> syn::Result<OpDef> {
+    {
         let doc = parse_doc(input)?;
         let name: Ident = input.parse()?;
         let params;
@@ -46,13 +49,14 @@ impl Parse for OpDef {
         }
         let body;
         braced!(body in input);
+        let mut op = OpDef { name: name.to_string(), doc, inputs, scalars, outputs, saves, passes: vec![], check: vec![] };
         let mut passes = Vec::new();
         let mut check = Vec::new();
         while !body.is_empty() {
             let kw: Ident = body.parse()?;
             match kw.to_string().as_str() {
-                "forward" => passes.push(parse_pass(&body, PassKind::Forward)?),
-                "backward" => passes.push(parse_pass(&body, PassKind::Backward)?),
+                "forward" => passes.push(parse_pass(&body, PassKind::Forward, &op, library)?),
+                "backward" => passes.push(parse_pass(&body, PassKind::Backward, &op, library)?),
                 "check" => check = parse_check(&body)?,
                 other => {
                     return Err(syn::Error::new(
@@ -62,10 +66,26 @@ impl Parse for OpDef {
                 }
             }
         }
-        let mut op = OpDef { name: name.to_string(), doc, inputs, scalars, outputs, saves, passes, check };
+        op.passes = passes;
+        op.check = check;
         crate::validate::resolve_reductions(&mut op);
-        crate::validate::validate(&op).map_err(|e| syn::Error::new(name.span(), e))?;
         Ok(op)
+    }
+}
+
+/// The ops of one `op! { ... }` block, in order; an op may `use` the passes of ops before it.
+pub struct OpBlock(pub Vec<OpDef>);
+
+impl Parse for OpBlock {
+    fn parse(input: ParseStream) -> syn::Result<Self> {
+        let mut ops: Vec<OpDef> = Vec::new();
+        while !input.is_empty() {
+            let span = input.span();
+            let op = parse_op_def(input, &ops)?;
+            crate::validate::validate(&op).map_err(|e| syn::Error::new(span, format!("op `{}`: {e}", op.name)))?;
+            ops.push(op);
+        }
+        Ok(OpBlock(ops))
     }
 }
 
@@ -145,7 +165,7 @@ fn parse_names(input: ParseStream) -> syn::Result<Vec<String>> {
     Ok(names.into_iter().map(|i| i.to_string()).collect())
 }
 
-fn parse_pass(input: ParseStream, kind: PassKind) -> syn::Result<Pass> {
+fn parse_pass(input: ParseStream, kind: PassKind, op: &OpDef, library: &[OpDef]) -> syn::Result<Pass> {
     let mut label = None;
     let (mut grads_in, mut grads_out) = (Vec::new(), Vec::new());
     if kind == PassKind::Backward {
@@ -170,11 +190,51 @@ fn parse_pass(input: ParseStream, kind: PassKind) -> syn::Result<Pass> {
     }
     let block;
     braced!(block in input);
-    let mut body = Vec::new();
+    let mut pass = Pass { kind, label, grads_in, grads_out, indices, body: Vec::new() };
     while !block.is_empty() {
-        body.push(parse_stmt(&block)?);
+        if block.peek(Token![use]) {
+            let span = block.span();
+            let (callee, pass_name, bindings) = parse_use(&block)?;
+            let lib = library.iter().find(|o| o.name == callee).ok_or_else(|| {
+                syn::Error::new(span, format!("`use {callee}.{pass_name}`: no op `{callee}` earlier in this block"))
+            })?;
+            let stmts = crate::compose::inline(op, &pass, lib, &pass_name, &bindings)
+                .map_err(|e| syn::Error::new(span, e))?;
+            pass.body.extend(stmts);
+        } else {
+            pass.body.push(parse_stmt(&block)?);
+        }
     }
-    Ok(Pass { kind, label, grads_in, grads_out, indices, body })
+    Ok(pass)
+}
+
+/// `use op.pass(name = binding, ...);`
+fn parse_use(input: ParseStream) -> syn::Result<(String, String, Vec<(String, Binding)>)> {
+    {
+        input.parse::<Token![use]>()?;
+        let op: Ident = input.parse()?;
+        input.parse::<Token![.]>()?;
+        let pass: Ident = input.parse()?;
+        let args;
+        parenthesized!(args in input);
+        let mut bindings = Vec::new();
+        while !args.is_empty() {
+            let name: Ident = args.parse()?;
+            args.parse::<Token![=]>()?;
+            let b = if args.peek(Token![let]) {
+                args.parse::<Token![let]>()?;
+                Binding::NewLet(args.parse::<Ident>()?.to_string())
+            } else {
+                Binding::Name(args.parse::<Ident>()?.to_string())
+            };
+            bindings.push((name.to_string(), b));
+            if !args.is_empty() {
+                args.parse::<Token![,]>()?;
+            }
+        }
+        input.parse::<Token![;]>()?;
+        Ok((op.to_string(), pass.to_string(), bindings))
+    }
 }
 
 fn parse_stmt(input: ParseStream) -> syn::Result<Stmt> {

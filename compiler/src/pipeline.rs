@@ -25,11 +25,11 @@ pub fn scan_ops(path: &Path) -> Result<Vec<OpDef>, String> {
     for item in file.items {
         if let syn::Item::Macro(m) = item {
             if m.mac.path.segments.last().is_some_and(|s| s.ident == "op") {
-                let op = crate::parse_op(m.mac.tokens.clone()).map_err(|e| {
+                let block = crate::parse_ops(m.mac.tokens.clone()).map_err(|e| {
                     let start = e.span().start();
                     format!("{}:{}:{}: {e}", path.display(), start.line, start.column)
                 })?;
-                ops.push(op);
+                ops.extend(block);
             }
         }
     }

@@ -26,9 +26,7 @@ op! {
         }
         check { eps = 1e-5 }
     }
-}
 
-op! {
     /// Gemma's RMSNorm: everything in f32, the weight offset by one, one cast at the end.
     /// y = T(x * rstd * (1 + w)).  Saves rstd (R) f32.
     rms_norm_gemma(x: [R, C] T, w: [C] T, eps: f32) -> (y: [R, C] T) saves (rstd: [R] f32) {
@@ -45,26 +43,21 @@ op! {
         }
         check { eps = 1e-6 }
     }
-}
 
-op! {
     /// Residual add fused with Llama RMSNorm: h = T(x + res) is the new residual stream,
-    /// y = rms_norm(h). One kernel reads x and res once per sweep and writes h and y.
+    /// y = rms_norm(h). Composed from `rms_norm`'s passes; the compiler fuses the add into the
+    /// norm's sweeps, so one kernel reads x and res and writes h and y.
     /// Backward: dx = dres = dh + T(rstd * (g - hhat * mean(g * hhat))), g = T(dy * w): the
     /// norm's gradient rounded to T before it joins the residual's, as autograd does.
     add_rms_norm(x: [R, C] T, res: [R, C] T, w: [C] T, eps: f32) -> (y: [R, C] T, h: [R, C] T) saves (rstd: [R] f32) {
         forward for r in R, c in C {
             let hv = T(x[r, c] + res[r, c]);
-            let rs = rsqrt(mean(c, hv * hv) + eps);
-            rstd[r] = rs;
+            use rms_norm.forward(x = hv, w = w, eps = eps, y = y, rstd = rstd);
             h[r, c] = hv;
-            y[r, c] = w[c] * T(hv * rs);
         }
         backward (dy, dh) -> (dx, dres) for r in R, c in C {
-            let g = T(dy[r, c] * w[c]);
-            let hhat = h[r, c] * rstd[r];
-            let m = mean(c, g * hhat);
-            let dsum = dh[r, c] + T(rstd[r] * (g - hhat * m));
+            use rms_norm.backward_dx(x = h, w = w, rstd = rstd, dy = dy, dx = let dnorm);
+            let dsum = dh[r, c] + T(dnorm);
             dx[r, c] = dsum;
             dres[r, c] = dsum;
         }
