@@ -11,3 +11,4 @@ pub mod tokenizer;
 pub use checkpoint::{open_model, LoadedModel, StorageType, WeightInfo, WeightSource};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use errors::{Error, ErrorKind, Result};
+pub mod llama;
