@@ -70,6 +70,13 @@ namespace attn {
 constexpr int NT = 128; // threads per block (4 warps)
 constexpr int BM = 64;  // query rows per block (16 per warp) in fwd and dq
 constexpr int BN = 64;  // keys per tile (16 per warp in dkdv)
+// shared-memory row pitch is D + PAD elements: +8 (16 bytes) makes the 8 row addresses of every
+// ldmatrix hit distinct banks; HIP drops it so dq at D = 128 fits gfx90a's 64 KiB of LDS
+#if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
+constexpr int PAD = 0;
+#else
+constexpr int PAD = 8;
+#endif
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
@@ -239,11 +246,11 @@ ATTN_DEV int seg_end(const int* cu, int S, int N, int i) {
 ATTN_DEV int imin(int a, int b) { return a < b ? a : b; }
 
 // ROWS token rows starting at row0 of one head (g points at that head's first element; rows are
-// `stride` elements apart) into shared memory with row pitch D + 8; rows >= N become zeros.
+// `stride` elements apart) into shared memory with row pitch D + PAD; rows >= N become zeros.
 template <int D, int ROWS>
 ATTN_DEV void load_rows(bf16_t* s, const bf16_t* g, int row0, int N, long long stride) {
     constexpr int CPR = D / 8; // 16-byte chunks per row
-    constexpr int LD = D + 8;
+    constexpr int LD = D + PAD;
     for (int c = (int)threadIdx.x; c < ROWS * CPR; c += NT) {
         const int r = c / CPR, cc = c % CPR;
         const int tok = row0 + r;
@@ -251,11 +258,11 @@ ATTN_DEV void load_rows(bf16_t* s, const bf16_t* g, int row0, int N, long long s
         cp_async16(s + r * LD + cc * 8, g + (ok ? (long long)tok * stride : 0ll) + cc * 8, ok);
     }
 }
-// ROWS rows from shared memory (pitch D + 8) to global rows row0.. (< N only)
+// ROWS rows from shared memory (pitch D + PAD) to global rows row0.. (< N only)
 template <int D, int ROWS>
 ATTN_DEV void store_rows(bf16_t* g, const bf16_t* s, int row0, int N, long long stride) {
     constexpr int CPR = D / 8;
-    constexpr int LD = D + 8;
+    constexpr int LD = D + PAD;
     for (int c = (int)threadIdx.x; c < ROWS * CPR; c += NT) {
         const int r = c / CPR, cc = c % CPR;
         const int tok = row0 + r;
@@ -288,7 +295,7 @@ ATTN_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ 
                        const bf16_t* __restrict__ v, const int* __restrict__ cu, int S, int N,
                        int Hq, int Hkv, float scale, bf16_t* __restrict__ out,
                        float* __restrict__ lse) {
-    constexpr int LD = D + 8, KD = D / 16, NTD = D / 8, NTS = BN / 8;
+    constexpr int LD = D + PAD, KD = D / 16, NTD = D / 8, NTS = BN / 8;
     ATTN_DYN_SMEM(smem);
     bf16_t* sK = (bf16_t*)smem;
     bf16_t* sV = sK + BN * LD; // also stages the Q tile before the loop
@@ -460,7 +467,7 @@ ATTN_DEV void dkdv_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__
                         const float* __restrict__ lse, const float* __restrict__ dvec,
                         const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
                         bf16_t* __restrict__ dk, bf16_t* __restrict__ dv) {
-    constexpr int LD = D + 8, KD = D / 16, NTD = D / 8, NQ = BMB / 8;
+    constexpr int LD = D + PAD, KD = D / 16, NTD = D / 8, NQ = BMB / 8;
     ATTN_DYN_SMEM(smem);
     bf16_t* sK = (bf16_t*)smem;
     bf16_t* sV = sK + BN * LD;
@@ -590,7 +597,7 @@ ATTN_DEV void dq_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k
                       const float* __restrict__ lse, const float* __restrict__ dvec,
                       const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
                       bf16_t* __restrict__ dq) {
-    constexpr int LD = D + 8, KD = D / 16, NTD = D / 8, NTS = BN / 8;
+    constexpr int LD = D + PAD, KD = D / 16, NTD = D / 8, NTS = BN / 8;
     ATTN_DYN_SMEM(smem);
     bf16_t* sQ = (bf16_t*)smem;
     bf16_t* sO = sQ + BM * LD;
@@ -698,7 +705,7 @@ template <int D> struct DkdvRows { static constexpr int value = D >= 128 ? 32 : 
 } // namespace attn
 
 // ---------------------------------------------------------------- entry points
-// Dynamic shared memory (bytes), as the launcher computes it (LD = D + 8):
+// Dynamic shared memory (bytes), as the launcher computes it (LD = D + PAD: D + 8 on CUDA, D on HIP):
 //   fwd  2 * 64 * LD * 2          dot  0
 //   dq   4 * 64 * LD * 2          dkdv (128 + 2 * BMB) * LD * 2 + 2 * BMB * 4,  BMB = 64 (D=64), 32 (D=128)
 

@@ -23,6 +23,16 @@
 //! over the group's query heads and query tiles; dq has its own pass over key tiles (it repeats
 //! the p and dp products: ~7 instead of 5 matmul-equivalents per backward, the price of
 //! bit-reproducible dq without an f32 scratch). Scratch: `dvec`, Hq * N f32.
+//!
+//! Dynamic shared memory per block (CUDA, pitch D + 8): fwd 2*64*(D+8)*2 (18/34 KiB), dq
+//! 4*64*(D+8)*2 (36/68 KiB), dkdv (128 + 2*BMB)*(D+8)*2 + 8*BMB with BMB = 64 / 32 rows at
+//! D = 64 / 128 (37/51 KiB): the launchers opt in above 48 KiB. The HIP build uses pitch D so
+//! that dq at D = 128 fits gfx90a's 64 KiB (a HIP launcher must use D there); the HIP path
+//! emulates the MMA fragments with shuffles and is correct-first, not fast.
+//!
+//! `sim/` runs these CUDA C kernels on a CPU emulator (every MMA / ldmatrix fragment, warp
+//! schedule and cp.async ordering emulated) against this reference:
+//! `cd ops/src/attention/sim && cargo test --release`.
 
 #[cfg(test)]
 mod tests;
@@ -303,6 +313,7 @@ impl<'a, T: Real> Reference<'a, T> {
     }
     /// dk_j, dv_j of key j of kv head hk (summed over the group's query heads).
     /// `lse`, `dvec`: (Hq, N); `dout`: (N, Hq, D).
+    #[allow(clippy::too_many_arguments)]
     pub fn dkdv_row(&self, j: usize, hk: usize, lse: &[T], dvec: &[T], dout: &[T], dk: &mut [T], dv: &mut [T]) {
         let (d, n, hq, g) = (self.dims.head_dim, self.dims.n_tokens, self.dims.n_heads_q, self.dims.group());
         let scale = T::from_f64(self.dims.scale as f64);

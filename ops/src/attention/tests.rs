@@ -173,6 +173,7 @@ fn loss(x: &Inputs) -> f64 {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)]
 fn gradient_check_finite_differences() {
     let eps = 1e-5;
     for (seed, (n, lens, hq, hkv, d)) in shapes().into_iter().enumerate() {
