@@ -191,6 +191,9 @@ pub struct Node {
     pub kind: NodeKind,
     pub reads: Vec<TensorId>,
     pub writes: Vec<TensorId>,
+    /// Floating-point operations of a kernel node (attention, fused loss, ...), for the
+    /// planner's time estimate ([`crate::planner::CostModel`]); GEMM nodes count their own.
+    pub flops: Option<f64>,
 }
 
 impl fmt::Debug for Node {
@@ -220,7 +223,14 @@ impl Node {
             },
             reads: reads.to_vec(),
             writes: writes.to_vec(),
+            flops: None,
         }
+    }
+
+    /// Sets the node's FLOP count for the planner's time estimate (see [`Node::flops`]).
+    pub fn with_flops(mut self, flops: f64) -> Self {
+        self.flops = Some(flops);
+        self
     }
 
     /// Attaches the CPU implementation of a kernel node (no-op for other kinds).
@@ -264,6 +274,7 @@ impl Node {
             },
             reads,
             writes: vec![c],
+            flops: None,
         }
     }
 
@@ -274,6 +285,7 @@ impl Node {
             kind: NodeKind::Copy { src, dst },
             reads: vec![src],
             writes: vec![dst],
+            flops: None,
         }
     }
 
@@ -289,6 +301,7 @@ impl Node {
             kind: NodeKind::HostCallback(Arc::new(f)),
             reads: reads.to_vec(),
             writes: writes.to_vec(),
+            flops: None,
         }
     }
 

@@ -18,8 +18,8 @@
 
 use crate::device::Gpu;
 use crate::error::RuntimeError;
-use crate::graph::TensorId;
-use crate::planner::Plan;
+use crate::graph::{Graph, TensorId};
+use crate::planner::{CostModel, Plan};
 use cudarc::driver::{result, CudaContext, CudaEvent, CudaStream};
 use std::sync::Arc;
 
@@ -79,7 +79,17 @@ pub fn schedule(plan: &Plan) -> OffloadSchedule {
     };
     let offset =
         |t: TensorId, node: usize| plan.offset_at(t, node).expect("offloaded tensor is placed");
-    for (k, o) in plan.offloads.iter().enumerate() {
+    // Issue order on each copy stream: copies out by producer, prefetches by issue node then
+    // consumer (the streams are first-in first-out, and the planner timed them so).
+    let mut out_order: Vec<usize> = (0..plan.offloads.len()).collect();
+    out_order.sort_by_key(|&k| (plan.offloads[k].d2h_after, plan.offloads[k].tensor));
+    let mut in_order = out_order.clone();
+    in_order.sort_by_key(|&k| {
+        let o = &plan.offloads[k];
+        (o.prefetch_before, o.first_consumer, o.tensor)
+    });
+    for &k in &out_order {
+        let o = &plan.offloads[k];
         let [produced, d2h_done] = [EventId(4 * k), EventId(4 * k + 1)];
         s.after[o.d2h_after].extend([
             Action::RecordCompute(produced),
@@ -94,7 +104,8 @@ pub fn schedule(plan: &Plan) -> OffloadSchedule {
         ]);
         s.before[o.device_free_from].push(Action::ComputeWaits(d2h_done));
     }
-    for (k, o) in plan.offloads.iter().enumerate() {
+    for &k in &in_order {
+        let o = &plan.offloads[k];
         let [d2h_done, free, h2d_done] =
             [EventId(4 * k + 1), EventId(4 * k + 2), EventId(4 * k + 3)];
         s.before[o.prefetch_before].extend([
@@ -110,10 +121,80 @@ pub fn schedule(plan: &Plan) -> OffloadSchedule {
             Action::RecordCopy(CopyStream::HostToDevice, h2d_done),
         ]);
     }
-    for (k, o) in plan.offloads.iter().enumerate() {
+    for &k in &in_order {
+        let o = &plan.offloads[k];
         s.before[o.first_consumer].push(Action::ComputeWaits(EventId(4 * k + 3)));
     }
     s
+}
+
+/// What [`estimate`] predicts for one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepEstimate {
+    /// Sum of the estimated node times (recomputes included): the step without copies.
+    pub compute_s: f64,
+    /// Estimated step time with the copies' waits.
+    pub step_s: f64,
+    /// Time the compute stream waits for copies (`step_s - compute_s`).
+    pub stall_s: f64,
+    /// Busy time of the device-to-host and host-to-device streams.
+    pub d2h_busy_s: f64,
+    pub h2d_busy_s: f64,
+}
+
+/// Simulates `plan`'s step with its offload schedule in issue order: the compute stream runs
+/// the estimated node times of `cost`, each copy stream its copies at the nominal bandwidths
+/// (no margin), events carry times between streams. Stalls are the compute stream's waits.
+pub fn estimate(graph: &Graph, plan: &Plan, cost: &CostModel) -> StepEstimate {
+    let s = schedule(plan);
+    let mut ev = vec![0.0f64; s.num_events];
+    let (mut tc, mut td, mut th) = (0.0f64, 0.0f64, 0.0f64);
+    let (mut compute, mut d2h_busy, mut h2d_busy) = (0.0, 0.0, 0.0);
+    let mut recompute_before = vec![Vec::new(); plan.num_nodes];
+    for r in &plan.recomputes {
+        recompute_before[r.before].push(r.producer);
+    }
+    let mut issue = |acts: &[Action], tc: &mut f64, td: &mut f64, th: &mut f64| {
+        for a in acts {
+            match *a {
+                Action::RecordCompute(e) => ev[e.0] = *tc,
+                Action::ComputeWaits(e) => *tc = tc.max(ev[e.0]),
+                Action::CopyWaits(CopyStream::DeviceToHost, e) => *td = td.max(ev[e.0]),
+                Action::CopyWaits(CopyStream::HostToDevice, e) => *th = th.max(ev[e.0]),
+                Action::RecordCopy(CopyStream::DeviceToHost, e) => ev[e.0] = *td,
+                Action::RecordCopy(CopyStream::HostToDevice, e) => ev[e.0] = *th,
+                Action::CopyToHost { bytes, .. } => {
+                    let d = bytes as f64 / cost.d2h_bytes_per_s;
+                    *td += d;
+                    d2h_busy += d;
+                }
+                Action::CopyToDevice { bytes, .. } => {
+                    let d = bytes as f64 / cost.h2d_bytes_per_s;
+                    *th += d;
+                    h2d_busy += d;
+                }
+            }
+        }
+    };
+    for n in 0..plan.num_nodes {
+        issue(&s.before[n], &mut tc, &mut td, &mut th);
+        for &p in &recompute_before[n] {
+            let d = cost.node_seconds(graph, p);
+            tc += d;
+            compute += d;
+        }
+        let d = cost.node_seconds(graph, n);
+        tc += d;
+        compute += d;
+        issue(&s.after[n], &mut tc, &mut td, &mut th);
+    }
+    StepEstimate {
+        compute_s: compute,
+        step_s: tc,
+        stall_s: tc - compute,
+        d2h_busy_s: d2h_busy,
+        h2d_busy_s: h2d_busy,
+    }
 }
 
 /// Page-locked host memory (`cuMemHostAlloc`), freed on drop.

@@ -63,11 +63,14 @@ fn planned_runs_match_the_unplanned_interpreter_with_offload_and_recompute() {
         let init = inputs(&g, seed);
         let want = interpret(&g, &init);
         let full = plan(&g, &PlanOptions::default()).unwrap();
-        for frac in [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7] {
-            let opts = PlanOptions {
-                vram_budget: Some((full.arena_bytes as f64 * frac) as usize),
-                ..PlanOptions::default()
-            };
+        let modes = [PlanOptions::default(), PlanOptions::by_node_count()];
+        for (frac, mode) in [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7]
+            .into_iter()
+            .flat_map(|f| modes.iter().map(move |m| (f, m)))
+        {
+            let opts = mode
+                .clone()
+                .with_budget((full.arena_bytes as f64 * frac) as usize);
             let Ok(p) = plan(&g, &opts) else { continue };
             offloaded += p.offloads.len();
             recomputed += p.recomputes.len();

@@ -12,11 +12,14 @@ fn offloading_plans() -> Vec<(Graph, Plan)> {
     for seed in 0..200 {
         let g = training_graph(seed, 2 + seed as usize % 6, 1 << 16);
         let full = plan(&g, &PlanOptions::default()).unwrap();
-        for frac in [0.95, 0.85, 0.75] {
-            let opts = PlanOptions {
-                vram_budget: Some((full.arena_bytes as f64 * frac) as usize),
-                ..PlanOptions::default()
-            };
+        let modes = [PlanOptions::default(), PlanOptions::by_node_count()];
+        for (frac, mode) in [0.95, 0.85, 0.75]
+            .into_iter()
+            .flat_map(|f| modes.iter().map(move |m| (f, m)))
+        {
+            let opts = mode
+                .clone()
+                .with_budget((full.arena_bytes as f64 * frac) as usize);
             if let Ok(p) = plan(&g, &opts) {
                 if !p.offloads.is_empty() {
                     out.push((g.clone(), p));

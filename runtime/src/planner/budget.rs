@@ -1,10 +1,12 @@
 //! Budget decisions: while the step does not fit, move the largest saved tensor that is live
 //! at the peak node (and idle there) off the device: recompute it when the graph allows and
-//! its producer can be re-run, else offload it to pinned host memory.
+//! its producer can be re-run, else offload it to pinned host memory. The copies of all
+//! offloaded tensors are timed jointly ([`super::timing`]) after every decision.
 
 use super::liveness::{base_interval, longest_gap, recompute_producer, uses, Use};
-use super::placement::{align_up, live_profile, place};
+use super::placement::{align_up, live_profile, place, place_host};
 use super::report::fmt_bytes;
+use super::timing::{node_starts, offload_specs, GapUses};
 use super::{
     ClassUsage, Decision, OffloadSpec, Plan, PlanOptions, RecomputeSpec, SavedChoice, Segment,
     ARENA_ALIGNMENT,
@@ -16,8 +18,9 @@ use crate::graph::{Graph, Lifetime, TensorId};
 enum State {
     Keep,
     Offload {
-        spec: OffloadSpec,
-        reason: String,
+        gap: (usize, usize),
+        /// Why it was chosen (completed with the final copy nodes in `finish`).
+        context: String,
     },
     Recompute {
         spec: RecomputeSpec,
@@ -31,6 +34,8 @@ struct Planner<'g> {
     opts: &'g PlanOptions,
     uses: Vec<Vec<Use>>,
     states: Vec<State>,
+    /// Per tensor, the current copy nodes of offloaded tensors (jointly timed).
+    specs: Vec<Option<OffloadSpec>>,
 }
 
 /// Plans with decisions for `opts.vram_budget`.
@@ -40,6 +45,7 @@ pub fn plan_with_budget(graph: &Graph, opts: &PlanOptions) -> Result<Plan, Runti
         opts,
         uses: uses(graph),
         states: vec![State::Keep; graph.tensors.len()],
+        specs: vec![None; graph.tensors.len()],
     };
     loop {
         let mut segs = p.segments();
@@ -77,14 +83,6 @@ impl Planner<'_> {
         align_up(self.graph.tensor(t).bytes(), ARENA_ALIGNMENT)
     }
 
-    /// Tensors that must stay on the device: inputs of recomputed producers.
-    fn pinned(&self, t: TensorId) -> bool {
-        self.states.iter().any(|s| match s {
-            State::Recompute { spec, .. } => self.graph.nodes[spec.producer].inputs().contains(&t),
-            _ => false,
-        })
-    }
-
     /// Segments (unplaced) for the current states.
     fn segments(&self) -> Vec<Segment> {
         let n = self.graph.tensors.len();
@@ -114,7 +112,8 @@ impl Planner<'_> {
             };
             match &self.states[i] {
                 State::Keep => segs.push(seg(start, end)),
-                State::Offload { spec, .. } => {
+                State::Offload { .. } => {
+                    let spec = self.specs[i].expect("offloaded tensors have copy nodes");
                     segs.push(seg(start, spec.device_free_from - 1));
                     segs.push(seg(spec.prefetch_before, end));
                 }
@@ -127,24 +126,54 @@ impl Planner<'_> {
         segs
     }
 
-    /// The offload of `t` around its longest gap, if it frees at least one node.
-    fn offload_spec(&self, t: TensorId) -> Option<OffloadSpec> {
-        let u = &self.uses[t.0];
-        let (j, k) = longest_gap(u)?;
-        let last_write = u[..=j].iter().rev().find(|x| x.write)?.node;
-        let device_free_from = u[j].node.max(last_write + self.opts.d2h_slack) + 1;
-        let first_consumer = u[k].node;
-        let prefetch_before =
-            device_free_from.max(first_consumer.saturating_sub(self.opts.prefetch_lead));
-        (device_free_from < prefetch_before).then_some(OffloadSpec {
-            tensor: t,
-            bytes: self.graph.tensor(t).bytes(),
-            host_offset: 0,
-            d2h_after: last_write,
-            device_free_from,
-            prefetch_before,
-            first_consumer,
-        })
+    /// Per node, the producers recomputed before it under the current states.
+    fn recompute_before(&self) -> Vec<Vec<usize>> {
+        let mut out = vec![Vec::new(); self.graph.nodes.len()];
+        for s in &self.states {
+            if let State::Recompute { spec, .. } = s {
+                out[spec.before].push(spec.producer);
+            }
+        }
+        out
+    }
+
+    /// The gap uses of every offloaded tensor, plus `extra` (a candidate) if given.
+    fn gap_uses(&self, extra: Option<TensorId>) -> Vec<GapUses> {
+        let mut out = Vec::new();
+        for (i, s) in self.states.iter().enumerate() {
+            let gap = match s {
+                State::Offload { gap, .. } => *gap,
+                _ if extra == Some(TensorId(i)) => match longest_gap(&self.uses[i]) {
+                    Some(g) => g,
+                    None => continue,
+                },
+                _ => continue,
+            };
+            let t = TensorId(i);
+            if let Some(u) = GapUses::new(t, self.graph.tensor(t).bytes(), &self.uses[i], gap) {
+                out.push(u);
+            }
+        }
+        out
+    }
+
+    /// Joint copy nodes of the offloaded tensors plus `extra`; `None` if any offloaded
+    /// tensor (or the candidate) could not free the device for even one node.
+    fn joint_specs(&self, extra: Option<TensorId>) -> Option<Vec<Option<OffloadSpec>>> {
+        let gaps = self.gap_uses(extra);
+        let starts = match self.opts.cost {
+            Some(cost) => node_starts(self.graph, &cost, &self.recompute_before()),
+            None => Vec::new(),
+        };
+        let specs = offload_specs(&gaps, self.opts, &starts);
+        let mut out = vec![None; self.graph.tensors.len()];
+        for (u, s) in gaps.iter().zip(specs) {
+            out[u.tensor.0] = Some(s?);
+        }
+        if let Some(t) = extra {
+            out[t.0]?;
+        }
+        Some(out)
     }
 
     /// The recompute of `t`, or why it is not possible.
@@ -187,64 +216,74 @@ impl Planner<'_> {
     }
 
     /// Moves the largest saved tensor idle at `peak` off the device; false if there is none.
+    /// Candidates are tried by decreasing size (then tensor id); the first that can leave the
+    /// device across the peak wins.
     fn move_one_off(&mut self, peak: usize, over: usize) -> bool {
-        let mut best: Option<(usize, TensorId, State)> = None;
-        for i in 0..self.graph.tensors.len() {
-            let t = TensorId(i);
-            if self.graph.tensor(t).lifetime != Lifetime::Saved
-                || self.states[i] != State::Keep
-                || self.pinned(t)
-            {
-                continue;
+        let mut pinned = vec![false; self.graph.tensors.len()];
+        for s in &self.states {
+            if let State::Recompute { spec, .. } = s {
+                for t in self.graph.nodes[spec.producer].inputs() {
+                    pinned[t.0] = true;
+                }
             }
-            let bytes = self.bytes(t);
-            if best.as_ref().is_some_and(|b| b.0 >= bytes) {
-                continue;
-            }
-            let peak_name = &self.graph.nodes[peak].name;
+        }
+        let mut candidates: Vec<TensorId> = (0..self.graph.tensors.len())
+            .map(TensorId)
+            .filter(|&t| {
+                self.graph.tensor(t).lifetime == Lifetime::Saved
+                    && self.states[t.0] == State::Keep
+                    && !pinned[t.0]
+            })
+            .collect();
+        candidates.sort_by_key(|&t| (std::cmp::Reverse(self.bytes(t)), t));
+        let peak_name = &self.graph.nodes[peak].name;
+        for t in candidates {
+            let i = t.0;
             let recompute = self.recompute_spec(t);
-            let state = match recompute {
-                Ok((spec, gap)) if self.uses[i][gap.0].node < peak && peak < spec.before => State::Recompute {
-                    reason: format!(
-                        "recomputed: idle at the peak (node {peak} '{peak_name}', {} over budget) and marked \
-                         recomputable; re-running '{}' before node {} costs no PCIe traffic or host memory",
-                        fmt_bytes(over),
-                        self.graph.nodes[spec.producer].name,
-                        spec.before
-                    ),
-                    spec,
-                    gap,
-                },
-                _ => match self.offload_spec(t) {
-                    Some(spec) if spec.device_free_from <= peak && peak < spec.prefetch_before => {
-                        let why_not = match (&recompute, self.graph.tensor(t).recomputable) {
-                            (Err(e), true) => format!("; marked recomputable but {e}"),
-                            (Ok(_), _) => "; recomputing it would not free the peak node".into(),
-                            _ => String::new(),
-                        };
-                        State::Offload {
-                            reason: format!(
-                                "offloaded: idle on the device from node {} to {} across the peak (node {peak} \
-                                 '{peak_name}', {} over budget){why_not}",
-                                spec.device_free_from,
-                                spec.prefetch_before - 1,
-                                fmt_bytes(over)
-                            ),
-                            spec,
-                        }
+            if let Ok((spec, gap)) = &recompute {
+                if self.uses[i][gap.0].node < peak && peak < spec.before {
+                    self.states[i] = State::Recompute {
+                        reason: format!(
+                            "recomputed: idle at the peak (node {peak} '{peak_name}', {} over budget) and marked \
+                             recomputable; re-running '{}' before node {} costs no PCIe traffic or host memory",
+                            fmt_bytes(over),
+                            self.graph.nodes[spec.producer].name,
+                            spec.before
+                        ),
+                        spec: *spec,
+                        gap: *gap,
+                    };
+                    if let Some(specs) = self.joint_specs(None) {
+                        self.specs = specs;
+                        return true;
                     }
-                    _ => continue,
-                },
-            };
-            best = Some((bytes, t, state));
-        }
-        match best {
-            Some((_, t, state)) => {
-                self.states[t.0] = state;
-                true
+                    // Recomputing shifts node times so that an offload no longer works.
+                    self.states[i] = State::Keep;
+                }
             }
-            None => false,
+            let Some(specs) = self.joint_specs(Some(t)) else {
+                continue;
+            };
+            let spec = specs[i].expect("joint_specs checks the candidate");
+            if !(spec.device_free_from <= peak && peak < spec.prefetch_before) {
+                continue;
+            }
+            let why_not = match (&recompute, self.graph.tensor(t).recomputable) {
+                (Err(e), true) => format!("; marked recomputable but {e}"),
+                (Ok(_), _) => "; recomputing it would not free the peak node".into(),
+                _ => String::new(),
+            };
+            self.states[i] = State::Offload {
+                gap: longest_gap(&self.uses[i]).expect("an offload spec implies a gap"),
+                context: format!(
+                    "across the peak (node {peak} '{peak_name}', {} over budget){why_not}",
+                    fmt_bytes(over)
+                ),
+            };
+            self.specs = specs;
+            return true;
         }
+        false
     }
 
     fn does_not_fit(
@@ -320,8 +359,7 @@ impl Planner<'_> {
             seg_index[t] = i..j;
             i = j;
         }
-        let (mut offloads, mut recomputes, mut decisions, mut host_bytes) =
-            (Vec::new(), Vec::new(), Vec::new(), 0);
+        let (mut offloads, mut recomputes, mut decisions) = (Vec::new(), Vec::new(), Vec::new());
         for (i, state) in self.states.iter().enumerate() {
             let t = TensorId(i);
             if g.tensor(t).lifetime != Lifetime::Saved {
@@ -335,13 +373,30 @@ impl Planner<'_> {
                         Some(_) => "kept: the step fits the budget without moving it".to_string(),
                     },
                 ),
-                State::Offload { spec, reason } => {
-                    offloads.push(OffloadSpec {
-                        host_offset: host_bytes,
-                        ..*spec
-                    });
-                    host_bytes += align_up(spec.bytes, ARENA_ALIGNMENT);
-                    (SavedChoice::Offload, reason.clone())
+                State::Offload { context, .. } => {
+                    let spec = self.specs[i].expect("offloaded tensors have copy nodes");
+                    offloads.push(spec);
+                    let timing = match &self.opts.cost {
+                        Some(c) => format!(
+                            "; copies of {} planned at {:.0} us out, {:.0} us in",
+                            fmt_bytes(spec.bytes),
+                            c.d2h_seconds(spec.bytes) * 1e6,
+                            c.h2d_seconds(spec.bytes) * 1e6
+                        ),
+                        None => String::new(),
+                    };
+                    (
+                        SavedChoice::Offload,
+                        format!(
+                            "offloaded: copied out after node {}, off the device from node {} to {}, \
+                             prefetched before node {} for node {} {context}{timing}",
+                            spec.d2h_after,
+                            spec.device_free_from,
+                            spec.prefetch_before - 1,
+                            spec.prefetch_before,
+                            spec.first_consumer
+                        ),
+                    )
                 }
                 State::Recompute { spec, reason, .. } => {
                     recomputes.push(*spec);
@@ -355,6 +410,8 @@ impl Planner<'_> {
             });
         }
         recomputes.sort_by_key(|r| (r.before, r.tensor));
+        let host_bytes = place_host(&mut offloads);
+        let offloaded_bytes = offloads.iter().map(|o| o.bytes).sum();
         let classes = Lifetime::ALL
             .iter()
             .map(|&lt| {
@@ -387,6 +444,7 @@ impl Planner<'_> {
             offloads,
             recomputes,
             host_bytes,
+            offloaded_bytes,
             classes,
             budget: self.opts.vram_budget,
             tensor_labels: (0..g.tensors.len())

@@ -5,7 +5,10 @@
 //! Time is the node index. A tensor occupies arena bytes over one or two *segments*
 //! (inclusive node ranges): one when kept, two when offloaded or recomputed (before and after
 //! its longest idle gap). Offloaded tensors get a device-side region per segment and a
-//! private region of the pinned host pool.
+//! region of the pinned host pool, shared with offloaded tensors whose host lifetimes do not
+//! overlap ([`placement::place_host`]). When the copies leave the device and come back is
+//! decided by bytes and bandwidth against the estimated compute time of the nodes in between
+//! ([`CostModel`], [`timing`]), or by fixed node counts without a cost model.
 //!
 //! Fragmentation bound (see the property tests): over 1500 random graphs (random DAGs and
 //! synthetic training steps) the greedy placement's arena stayed within
@@ -16,10 +19,13 @@
 
 mod budget;
 mod liveness;
-mod placement;
+pub mod placement;
 mod report;
+pub mod timing;
 
 pub use placement::align_up;
+pub use report::fmt_bytes;
+pub use timing::CostModel;
 
 use crate::error::RuntimeError;
 use crate::graph::{Graph, Lifetime, TensorId};
@@ -37,10 +43,14 @@ pub const FRAGMENTATION_BOUND: f64 = 1.5;
 pub struct PlanOptions {
     /// Device memory the arena may use; `None` keeps every saved tensor.
     pub vram_budget: Option<usize>,
-    /// Nodes between issuing a prefetch and the consumer that waits for it.
+    /// Times copies by bytes and bandwidth against estimated node times (default: the
+    /// H200's). `None`: by the node counts below.
+    pub cost: Option<CostModel>,
+    /// Without a cost model: nodes between issuing a prefetch and the consumer that waits.
     pub prefetch_lead: usize,
-    /// Nodes after the producer during which the device copy of an offloaded tensor stays
-    /// reserved, so the device-to-host copy normally finishes before the memory is reused.
+    /// Without a cost model: nodes after the producer during which the device copy of an
+    /// offloaded tensor stays reserved, so the device-to-host copy normally finishes before
+    /// the memory is reused.
     pub d2h_slack: usize,
 }
 
@@ -48,9 +58,26 @@ impl Default for PlanOptions {
     fn default() -> Self {
         Self {
             vram_budget: None,
+            cost: Some(CostModel::H200),
             prefetch_lead: 2,
             d2h_slack: 2,
         }
+    }
+}
+
+impl PlanOptions {
+    /// Copies timed by fixed node counts (no cost model): `d2h_slack` 2, `prefetch_lead` 2.
+    pub fn by_node_count() -> Self {
+        Self {
+            cost: None,
+            ..Self::default()
+        }
+    }
+
+    /// The same options with a VRAM budget.
+    pub fn with_budget(mut self, bytes: usize) -> Self {
+        self.vram_budget = Some(bytes);
+        self
     }
 }
 
@@ -89,7 +116,7 @@ pub struct OffloadSpec {
     pub tensor: TensorId,
     /// Bytes copied each way (unaligned tensor size).
     pub bytes: usize,
-    /// Offset in the pinned host pool.
+    /// Offset in the pinned host pool (shared over time, see [`placement::place_host`]).
     pub host_offset: usize,
     /// The device-to-host copy is issued right after this node (the last write before the gap).
     pub d2h_after: usize,
@@ -137,8 +164,10 @@ pub struct Plan {
     pub decisions: Vec<Decision>,
     pub offloads: Vec<OffloadSpec>,
     pub recomputes: Vec<RecomputeSpec>,
-    /// Size of the pinned host pool for offloaded tensors.
+    /// Size of the pinned host pool for offloaded tensors (regions reused over time).
     pub host_bytes: usize,
+    /// Bytes copied to the host (and back) per step: the pool without reuse, unaligned.
+    pub offloaded_bytes: usize,
     pub classes: Vec<ClassUsage>,
     pub budget: Option<usize>,
     /// Tensor names and shapes for the report (index = tensor id).

@@ -73,3 +73,27 @@ pub fn live_profile(segments: &[Segment], nodes: usize) -> Vec<usize> {
     }
     live
 }
+
+/// Places the offloaded tensors in the pinned host pool; returns the pool size. A tensor
+/// occupies its host region from its device-to-host copy (issued after node `d2h_after`) until
+/// its prefetch has landed (the compute stream waits for it before node `first_consumer`), i.e.
+/// over nodes `[d2h_after, first_consumer - 1]`: a tensor whose copy out is issued at or after
+/// another's first consumer may reuse that one's bytes, because its copy waits for an event
+/// recorded after the compute stream has waited for the other's prefetch.
+pub fn place_host(offloads: &mut [super::OffloadSpec]) -> usize {
+    let mut segs: Vec<Segment> = offloads
+        .iter()
+        .map(|o| Segment {
+            tensor: o.tensor,
+            start: o.d2h_after,
+            end: o.first_consumer - 1,
+            bytes: align_up(o.bytes, super::ARENA_ALIGNMENT),
+            offset: 0,
+        })
+        .collect();
+    let pool = place(&mut segs);
+    for (o, s) in offloads.iter_mut().zip(&segs) {
+        o.host_offset = s.offset;
+    }
+    pool
+}

@@ -41,7 +41,21 @@ impl fmt::Display for Plan {
         if let Some(b) = self.budget {
             writeln!(f, "  VRAM budget:         {}", fmt_bytes(b))?;
         }
-        writeln!(f, "  pinned host pool:    {}", fmt_bytes(self.host_bytes))?;
+        writeln!(
+            f,
+            "  pinned host pool:    {} ({} offloaded per step, each way; regions reused over time)",
+            fmt_bytes(self.host_bytes),
+            fmt_bytes(self.offloaded_bytes)
+        )?;
+        if let Some(b) = self.budget {
+            writeln!(
+                f,
+                "  fits the budget:     {} ({} of {})",
+                if self.arena_bytes <= b { "yes" } else { "no" },
+                fmt_bytes(self.arena_bytes),
+                fmt_bytes(b)
+            )?;
+        }
         writeln!(
             f,
             "  {:<16} {:>8} {:>12} {:>12}",

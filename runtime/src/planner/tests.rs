@@ -172,11 +172,13 @@ fn budgets_offload_or_recompute_or_fail_clearly() {
         // Budgets between the ideal and the full plan, and one below the ideal.
         let budgets =
             [0.9, 0.6, 0.3].map(|f| ideal + ((full.arena_bytes - ideal) as f64 * f) as usize);
-        for budget in budgets.into_iter().chain([ideal.saturating_sub(1)]) {
-            let opts = PlanOptions {
-                vram_budget: Some(budget),
-                ..PlanOptions::default()
-            };
+        let modes = [PlanOptions::default(), PlanOptions::by_node_count()];
+        for (budget, mode) in budgets
+            .into_iter()
+            .chain([ideal.saturating_sub(1)])
+            .flat_map(|b| modes.iter().map(move |m| (b, m)))
+        {
+            let opts = mode.clone().with_budget(budget);
             match plan(&g, &opts) {
                 Ok(p) => {
                     fitted += 1;
@@ -279,14 +281,11 @@ fn offload_splits_a_saved_tensor_around_its_gap() {
     let out = b.tensor("out", &[256], DType::U8, Lifetime::Activation);
     b.node(Node::kernel("consume", &[s, prev], &[out]));
     let g = b.build().unwrap();
-    let full = plan(&g, &PlanOptions::default()).unwrap();
+    let full = plan(&g, &PlanOptions::by_node_count()).unwrap();
     assert_eq!(full.live_peak_bytes, 256 + (3 << 20));
     let p = plan(
         &g,
-        &PlanOptions {
-            vram_budget: Some(full.arena_bytes - 1),
-            ..PlanOptions::default()
-        },
+        &PlanOptions::by_node_count().with_budget(full.arena_bytes - 1),
     )
     .unwrap();
     let o = p.offloads[0];
