@@ -12,7 +12,9 @@ use crate::gemm::GemmDesc;
 use crate::graph::{Graph, TensorId};
 use crate::planner::{plan, Plan, PlanOptions};
 use crate::rng::SplitMix64;
-use crate::synthetic::training_graph;
+use crate::offload::estimate;
+use crate::planner::{fmt_bytes, CostModel};
+use crate::synthetic::{offload_bar_plans, offload_graph, training_graph, OffloadGraphShape};
 use cudarc::driver::sys::CUevent_flags;
 use half::bf16;
 use std::time::Instant;
@@ -65,12 +67,20 @@ pub fn selftest_runtime(gpu: &Gpu) -> Result<Vec<SelftestRow>, RuntimeError> {
         }
     }
     rows.push(gemm_throughput(gpu, &blas, ws, 8192)?);
-    for seed in 0..4 {
+    for seed in offloading_seeds(4, 6, 1 << 20) {
         rows.push(graph_gpu_vs_cpu(gpu, seed)?);
     }
     rows.push(replay_vs_eager(gpu)?);
+    rows.extend(offload_bar(gpu, &OffloadGraphShape::SELFTEST, OFFLOAD_BAR_FORCE)?);
     Ok(rows)
 }
+
+/// Saved activations per micro-batch the offload bar's budget removes from the kept plan
+/// (12 of 16: the planner then offloads 24 of the 32 saved tensors of the step).
+pub const OFFLOAD_BAR_FORCE: usize = 12;
+
+/// The bar: offloaded step time / kept step time, both captured CUDA graphs.
+pub const OFFLOAD_BAR_RATIO: f64 = 1.05;
 
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     let scale = want
@@ -227,22 +237,35 @@ fn whole_step_inputs(g: &Graph, seed: u64) -> Vec<(TensorId, Vec<f32>)> {
         .collect()
 }
 
-/// The tightest of a few budgets that still plans, preferring plans that offload.
+/// Among budgets from 95% down to 20% of the full arena, timed by node counts (so that tiny
+/// synthetic nodes still leave room for copies) or by bandwidth, the plan that offloads the
+/// most tensors (then recomputes the most, then the smallest arena).
 fn tight_plan(g: &Graph) -> Result<Plan, RuntimeError> {
-    let full = plan(g, &PlanOptions::default())?;
+    let full = plan(g, &PlanOptions::by_node_count())?;
     let mut best = full.clone();
-    for frac in [0.95, 0.9, 0.85, 0.8, 0.75, 0.7] {
-        let opts = PlanOptions {
-            vram_budget: Some((full.arena_bytes as f64 * frac) as usize),
-            ..PlanOptions::default()
-        };
-        if let Ok(p) = plan(g, &opts) {
-            if !p.offloads.is_empty() || best.offloads.is_empty() {
-                best = p;
+    let key = |p: &Plan| (p.offloads.len(), p.recomputes.len(), std::cmp::Reverse(p.arena_bytes));
+    for mode in [PlanOptions::by_node_count(), PlanOptions::default()] {
+        for pct in (20..=95).rev().step_by(5) {
+            let budget = full.arena_bytes / 100 * pct;
+            if let Ok(p) = plan(g, &mode.clone().with_budget(budget)) {
+                if key(&p) > key(&best) {
+                    best = p;
+                }
             }
         }
     }
     Ok(best)
+}
+
+/// The first `count` seeds from 0 whose synthetic graph (`layers`, `max_elems`) has a tight
+/// plan that offloads (some graphs' peaks have no saved tensor idle at them).
+fn offloading_seeds(count: usize, layers: usize, max_elems: usize) -> Vec<u64> {
+    (0..200u64)
+        .filter(|&s| {
+            tight_plan(&training_graph(s, layers, max_elems)).is_ok_and(|p| !p.offloads.is_empty())
+        })
+        .take(count)
+        .collect()
 }
 
 /// A synthetic graph under a tight budget (offloads, recomputes) GPU vs CPU.
@@ -283,9 +306,12 @@ fn graph_gpu_vs_cpu(gpu: &Gpu, seed: u64) -> Result<SelftestRow, RuntimeError> {
 
 /// Captured replay vs eager launches of a many-node graph: same results, host overheads.
 fn replay_vs_eager(gpu: &Gpu) -> Result<SelftestRow, RuntimeError> {
-    let g = training_graph(99, 32, 1 << 14);
+    let seed = *offloading_seeds(1, 32, 1 << 14)
+        .first()
+        .ok_or_else(|| RuntimeError::Unsupported("no 32-layer synthetic graph offloads".into()))?;
+    let g = training_graph(seed, 32, 1 << 14);
     let p = tight_plan(&g)?;
-    let init = whole_step_inputs(&g, 99);
+    let init = whole_step_inputs(&g, seed);
     let mut ex = CudaExecutor::new(gpu, &g, &p)?;
     let load = |ex: &CudaExecutor<'_>| init.iter().try_for_each(|(t, v)| ex.write(*t, v));
     load(&ex)?;
@@ -332,6 +358,221 @@ fn replay_vs_eager(gpu: &Gpu) -> Result<SelftestRow, RuntimeError> {
     fail_if(row, 0.0)
 }
 
+/// Host data for the offload graph: weights uniform in `±sqrt(3 / hidden)` (activations keep
+/// their scale through the GEMMs), token activations uniform in `±1`; 8 distinct weight
+/// matrices reused round-robin to keep generation short.
+fn offload_inputs(
+    g: &Graph,
+    shape: &OffloadGraphShape,
+    inputs: &[TensorId],
+) -> Vec<(TensorId, std::sync::Arc<Vec<bf16>>)> {
+    let mut rng = SplitMix64::new(0x0ff1_0ad);
+    let scale = (3.0 / shape.hidden as f32).sqrt();
+    let mut gen = |n: usize, scale: f32| {
+        std::sync::Arc::new(
+            (0..n)
+                .map(|_| bf16::from_f32(rng.symmetric_f32() * scale))
+                .collect::<Vec<bf16>>(),
+        )
+    };
+    let hh = shape.hidden * shape.hidden;
+    let weights: Vec<_> = (0..8).map(|_| gen(hh, scale)).collect();
+    let mut out = Vec::new();
+    let mut k = 0;
+    for &t in inputs {
+        let n = g.tensor(t).elems();
+        let data = if n == hh {
+            k += 1;
+            weights[(k - 1) % weights.len()].clone()
+        } else {
+            gen(n, 1.0)
+        };
+        out.push((t, data));
+    }
+    out
+}
+
+/// Every output of the offload graph as raw bytes.
+fn read_outputs(ex: &CudaExecutor<'_>, outputs: &[TensorId]) -> Result<Vec<Vec<u8>>, RuntimeError> {
+    outputs.iter().map(|&t| ex.read::<u8>(t)).collect()
+}
+
+/// Bytes that differ between two sets of outputs.
+fn differing_bytes(a: &[Vec<u8>], b: &[Vec<u8>]) -> usize {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.iter().zip(y).filter(|(p, q)| p != q).count() + x.len().abs_diff(y.len()))
+        .sum()
+}
+
+/// Largest magnitude in the outputs (bf16 or f32 per tensor), NaN if any is not finite.
+fn outputs_scale(g: &Graph, outputs: &[TensorId], data: &[Vec<u8>]) -> f64 {
+    let mut m = 0f64;
+    for (&t, bytes) in outputs.iter().zip(data) {
+        let vals: Vec<f32> = match g.tensor(t).dtype {
+            crate::dtype::DType::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            _ => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        };
+        for v in vals {
+            if !v.is_finite() {
+                return f64::NAN;
+            }
+            m = m.max(v.abs() as f64);
+        }
+    }
+    m
+}
+
+/// Mean step time (ms) of `reps` replays, timed with events on the compute stream.
+fn replay_ms(gpu: &Gpu, ex: &CudaExecutor<'_>, reps: usize) -> Result<f64, RuntimeError> {
+    let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let (start, end) = (gpu.context().new_event(flags)?, gpu.context().new_event(flags)?);
+    start.record(gpu.stream())?;
+    for _ in 0..reps {
+        ex.replay()?;
+    }
+    end.record(gpu.stream())?;
+    Ok(start.elapsed_ms(&end)? as f64 / reps as f64)
+}
+
+/// The offload bar: the same bf16 GEMM step (see [`offload_graph`]) planned with everything
+/// kept and under a budget that offloads most saved activations to pinned host memory, both
+/// captured as CUDA graphs (the copy streams join the capture through events) and replayed.
+/// Reports both step times and their ratio (bar: <= [`OFFLOAD_BAR_RATIO`]; a miss is reported,
+/// not an error), bytes offloaded, the pinned pool with and without reuse, and the planner's
+/// estimate. Errors if the offloaded step's outputs (eager and replayed) differ in any byte
+/// from the kept step's, or are not finite.
+pub fn offload_bar(
+    gpu: &Gpu,
+    shape: &OffloadGraphShape,
+    force: usize,
+) -> Result<Vec<SelftestRow>, RuntimeError> {
+    let t0 = Instant::now();
+    let (g, io) = offload_graph(shape);
+    let (kept, off) = offload_bar_plans(&g, shape, force, &PlanOptions::default())?;
+    if off.offloads.is_empty() {
+        return Err(RuntimeError::Unsupported(
+            "offload bar: the budget offloaded nothing".into(),
+        ));
+    }
+    let init = offload_inputs(&g, shape, &io.inputs);
+    let mut ek = CudaExecutor::new(gpu, &g, &kept)?;
+    let mut eo = CudaExecutor::new(gpu, &g, &off)?;
+    for ex in [&ek, &eo] {
+        for (t, v) in &init {
+            ex.write(*t, v.as_slice())?;
+        }
+    }
+    drop(init);
+    // capture() runs one eager step first: its results are in the arena when it returns.
+    ek.capture()?;
+    let kept_eager = read_outputs(&ek, &io.outputs)?;
+    eo.capture()?;
+    let off_eager = read_outputs(&eo, &io.outputs)?;
+    ek.replay()?;
+    eo.replay()?;
+    gpu.synchronize()?;
+    let kept_replay = read_outputs(&ek, &io.outputs)?;
+    let off_replay = read_outputs(&eo, &io.outputs)?;
+    let diff_eager = differing_bytes(&kept_eager, &off_eager);
+    let diff_replay = differing_bytes(&kept_replay, &off_replay);
+    let diff_kept = differing_bytes(&kept_eager, &kept_replay);
+    let scale = outputs_scale(&g, &io.outputs, &kept_replay);
+    let compared: usize = kept_replay.iter().map(Vec::len).sum();
+    let (mut kept_ms, mut off_ms) = (f64::INFINITY, f64::INFINITY);
+    let reps = 10;
+    for _ in 0..3 {
+        kept_ms = kept_ms.min(replay_ms(gpu, &ek, reps)?);
+        off_ms = off_ms.min(replay_ms(gpu, &eo, reps)?);
+    }
+    let ratio = off_ms / kept_ms;
+    let cost = CostModel::H200;
+    let (est_k, est_o) = (estimate(&g, &kept, &cost), estimate(&g, &off, &cost));
+    let host_unshared: usize = off
+        .offloads
+        .iter()
+        .map(|o| crate::planner::align_up(o.bytes, crate::planner::ARENA_ALIGNMENT))
+        .sum();
+    let gemms = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.kind, crate::graph::NodeKind::Gemm { .. }))
+        .count();
+    let tflops = g
+        .nodes
+        .iter()
+        .filter_map(|n| match &n.kind {
+            crate::graph::NodeKind::Gemm { desc, .. } => Some(desc.flops()),
+            _ => None,
+        })
+        .sum::<f64>()
+        / (kept_ms * 1e-3)
+        / 1e12;
+    let kept_row = SelftestRow {
+        name: "offload bar: kept step (CUDA graph)".into(),
+        max_rel_err: 0.0,
+        time_us: kept_ms * 1e3,
+        detail: format!(
+            "{} layers x {} micro-batches, {gemms} bf16 GEMMs {}x{}x{} ({tflops:.0} TFLOP/s), \
+             arena {}, all {} saved kept; estimated {:.1} ms",
+            shape.layers,
+            shape.micro_batches,
+            shape.tokens,
+            shape.hidden,
+            shape.hidden,
+            fmt_bytes(kept.arena_bytes),
+            io.saved.len(),
+            est_k.step_s * 1e3
+        ),
+    };
+    let off_row = SelftestRow {
+        name: "offload bar: offloaded step (CUDA graph)".into(),
+        max_rel_err: 0.0,
+        time_us: off_ms * 1e3,
+        detail: format!(
+            "ratio {ratio:.4} vs kept ({}: <= {OFFLOAD_BAR_RATIO}); {} of {} saved offloaded, {} each way \
+             per step ({:.1} GB/s each way averaged over the step); arena {} (budget {}) vs {} kept; \
+             pinned pool {} ({} without reuse); estimated {:.1} ms, {:.2} ms stall, copy streams busy \
+             {:.1}/{:.1} ms",
+            if ratio <= OFFLOAD_BAR_RATIO { "bar met" } else { "BAR MISSED" },
+            off.offloads.len(),
+            io.saved.len(),
+            fmt_bytes(off.offloaded_bytes),
+            off.offloaded_bytes as f64 / (off_ms * 1e-3) / 1e9,
+            fmt_bytes(off.arena_bytes),
+            fmt_bytes(off.budget.unwrap_or(0)),
+            fmt_bytes(kept.arena_bytes),
+            fmt_bytes(off.host_bytes),
+            fmt_bytes(host_unshared),
+            est_o.step_s * 1e3,
+            est_o.stall_s * 1e3,
+            est_o.d2h_busy_s * 1e3,
+            est_o.h2d_busy_s * 1e3
+        ),
+    };
+    let check = SelftestRow {
+        name: "offload bar: outputs offloaded vs kept".into(),
+        max_rel_err: if scale.is_finite() && scale > 0.0 {
+            (diff_eager + diff_replay + diff_kept) as f64
+        } else {
+            f64::NAN
+        },
+        time_us: t0.elapsed().as_secs_f64() * 1e6,
+        detail: format!(
+            "{compared} output bytes ({} tensors, max |x| {scale:.3e}): differing bytes offloaded vs kept \
+             {diff_eager} eager, {diff_replay} replayed; kept eager vs replayed {diff_kept} (must all be 0)",
+            io.outputs.len()
+        ),
+    };
+    Ok(vec![kept_row, off_row, fail_if(check, 0.0)?])
+}
+
 /// Prints rows as an aligned table.
 pub fn format_rows(rows: &[SelftestRow]) -> String {
     let mut out = format!(
@@ -362,6 +603,16 @@ mod tests {
             detail: "d".into(),
         }]);
         assert!(t.contains("max rel err") && t.lines().count() == 2);
+    }
+
+    #[test]
+    fn selftest_graphs_offload() {
+        let seeds = offloading_seeds(4, 6, 1 << 20);
+        eprintln!("offloading seeds {seeds:?}");
+        assert_eq!(seeds.len(), 4);
+        let replay = offloading_seeds(1, 32, 1 << 14);
+        eprintln!("replay seed {replay:?}");
+        assert_eq!(replay.len(), 1);
     }
 
     #[test]

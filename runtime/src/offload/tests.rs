@@ -27,6 +27,33 @@ fn offloading_plans() -> Vec<(Graph, Plan)> {
             }
         }
     }
+    // The offload bar's graph at toy size, copies timed by a cost model scaled to it
+    // (micro-batches share host regions, so the host side of the race check matters).
+    for (layers, gl) in [(3, 3), (6, 4), (8, 5)] {
+        let shape = crate::synthetic::OffloadGraphShape {
+            layers,
+            micro_batches: 2,
+            gemms_per_layer: gl,
+            tokens: 64,
+            hidden: 32,
+            dtype: crate::dtype::DType::F32,
+        };
+        let (g, _) = crate::synthetic::offload_graph(&shape);
+        let opts = PlanOptions {
+            cost: Some(crate::planner::CostModel {
+                gemm_flops_per_s: 1e9,
+                d2h_bytes_per_s: 25e6,
+                h2d_bytes_per_s: 25e6,
+                ..crate::planner::CostModel::H200
+            }),
+            ..PlanOptions::default()
+        };
+        for force in 1..layers {
+            let (_, p) = crate::synthetic::offload_bar_plans(&g, &shape, force, &opts).unwrap();
+            assert!(!p.offloads.is_empty());
+            out.push((g.clone(), p));
+        }
+    }
     out
 }
 
