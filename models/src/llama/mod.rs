@@ -20,6 +20,7 @@
 pub mod activations;
 pub mod attention;
 pub mod backward;
+pub mod chat;
 pub mod lora;
 pub mod model;
 pub mod sampling;
@@ -27,6 +28,7 @@ pub mod weights;
 
 pub use activations::{Activations, LayerActivations};
 pub use attention::KvCache;
+pub use chat::{chat_template_of, decode_text, encode_prompt, parse_prompts_jsonl, render_prompt, Prompt};
 pub use lora::{LoraAdapter, LoraSlot};
 pub use model::{Batch, LlamaModel};
 pub use sampling::{Sampler, SamplingParams};

@@ -1,0 +1,154 @@
+//! `ftrt generate`: text generation with a Llama-family checkpoint (Hugging Face folder or
+//! GGUF) on the CPU, optionally with a PEFT LoRA adapter. The chat template is applied with
+//! `add_generation_prompt` unless `--no-chat-template`; temperature 0 is greedy; a sequence
+//! stops at an EOS token or after `--max-new-tokens`. All prompts decode together, one token
+//! per unfinished sequence per step, over one KV cache.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ftrt_models::llama::{
+    chat_template_of, decode_text, encode_prompt, parse_prompts_jsonl, LlamaModel, LoraAdapter, Prompt, Rounding,
+    Sampler, SamplingParams,
+};
+use ftrt_models::open_model;
+
+/// Arguments of `ftrt generate`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// A Hugging Face model folder or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// One prompt (a user message, or raw text with --no-chat-template).
+    #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
+    pub prompt: Option<String>,
+    /// A JSONL file of prompts: strings, or objects with "messages", "prompt", "text" or
+    /// "instruction" (+ "input").
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Most tokens generated per prompt.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens whose probabilities sum to P (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Feed the prompt text as is instead of rendering the chat template.
+    #[arg(long)]
+    pub no_chat_template: bool,
+    /// Also print the prompt's and the generated token ids.
+    #[arg(long)]
+    pub show_ids: bool,
+    /// Print timings: load, prefill and decode tokens/s.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+/// Runs `ftrt generate`.
+pub fn run(args: &GenerateArgs) -> Result<(), String> {
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        return Err(format!("--temperature must be >= 0, got {}", args.temperature));
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        return Err(format!("--top-p must be in (0, 1], got {}", args.top_p));
+    }
+    let prompts: Vec<Prompt> = match (&args.prompt, &args.prompts) {
+        (Some(p), None) => vec![Prompt::Text(p.clone())],
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f).map_err(|e| format!("{}: cannot read: {e}", f.display()))?;
+            parse_prompts_jsonl(&text).map_err(|e| format!("{}: {e}", f.display()))?
+        }
+        _ => return Err("give exactly one of --prompt and --prompts".into()),
+    };
+
+    let t0 = Instant::now();
+    let loaded = open_model(&args.model).map_err(|e| e.to_string())?;
+    let model = LlamaModel::from_loaded(&loaded, Rounding::F32).map_err(|e| format!("{}: {e}", args.model.display()))?;
+    let adapter = match &args.adapter {
+        Some(dir) => Some(LoraAdapter::load_peft(dir, &model.dims).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let template = if args.no_chat_template { None } else { chat_template_of(&loaded).map_err(|e| e.to_string())? };
+    if template.is_none() && !args.no_chat_template {
+        eprintln!("note: {} has no chat template; prompts are fed as raw text", args.model.display());
+    }
+    let load_s = t0.elapsed().as_secs_f64();
+
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| encode_prompt(&loaded, template.as_ref(), p))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let params = SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
+    let eos = &loaded.eos_token_ids;
+
+    // Prefill all prompts, then decode one token per unfinished sequence per step.
+    let s = ids.len();
+    let v = model.dims.vocab;
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); s];
+    let mut sampler = Sampler::new(params);
+    let mut cache = model.new_cache(s);
+    let slots: Vec<usize> = (0..s).collect();
+    let t1 = Instant::now();
+    let mut prefill_s = 0.0;
+    let mut decode_tokens = 0usize;
+    if args.max_new_tokens > 0 {
+        let mut logits = model.prefill(&mut cache, &slots, &ids, adapter.as_ref()).map_err(|e| e.to_string())?;
+        prefill_s = t1.elapsed().as_secs_f64();
+        let mut active = slots.clone();
+        loop {
+            let mut next = Vec::new();
+            let mut still = Vec::new();
+            for (row, &sl) in active.iter().enumerate() {
+                let t = sampler.pick(&logits[row * v..(row + 1) * v]);
+                out[sl].push(t);
+                if !eos.contains(&t) && out[sl].len() < args.max_new_tokens {
+                    still.push(sl);
+                    next.push(t);
+                }
+            }
+            if still.is_empty() {
+                break;
+            }
+            active = still;
+            decode_tokens += next.len();
+            logits = model.decode(&mut cache, &active, &next, adapter.as_ref()).map_err(|e| e.to_string())?;
+        }
+    }
+    let decode_s = t1.elapsed().as_secs_f64() - prefill_s;
+
+    for (i, gen) in out.iter().enumerate() {
+        let text_ids: Vec<u32> = gen.iter().copied().filter(|t| !eos.contains(t)).collect();
+        let text = decode_text(&loaded, &text_ids).map_err(|e| e.to_string())?;
+        if s > 1 {
+            println!("=== prompt {} ===", i + 1);
+        }
+        println!("{text}");
+        if args.show_ids {
+            println!("prompt ids ({}): {:?}", ids[i].len(), ids[i]);
+            println!("generated ids ({}): {:?}", gen.len(), gen);
+        }
+    }
+    if args.stats {
+        let prompt_tokens: usize = ids.iter().map(Vec::len).sum();
+        let generated: usize = out.iter().map(Vec::len).sum();
+        eprintln!(
+            "load {load_s:.2} s | prefill {prompt_tokens} tokens in {prefill_s:.2} s ({:.1} tok/s) | \
+             decode {decode_tokens} tokens in {decode_s:.2} s ({:.1} tok/s) | {generated} generated, {s} sequence(s), CPU f32",
+            prompt_tokens as f64 / prefill_s.max(1e-9),
+            decode_tokens as f64 / decode_s.max(1e-9),
+        );
+    }
+    Ok(())
+}
