@@ -12,3 +12,5 @@ pub use checkpoint::{open_model, LoadedModel, StorageType, WeightInfo, WeightSou
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use errors::{Error, ErrorKind, Result};
 pub mod llama;
+pub mod lora;
+pub mod train;
