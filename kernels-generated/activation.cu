@@ -11,14 +11,15 @@ typedef __nv_bfloat16 ftrt_t;
 
 __device__ __forceinline__ float ftrt_ld(ftrt_t v) { return __bfloat162float(v); }
 __device__ __forceinline__ float ftrt_ld(float v) { return v; }
-__device__ __forceinline__ long long ftrt_ld(int v) { return (long long)v; }
-__device__ __forceinline__ long long ftrt_ld(unsigned char v) { return (long long)v; }
+__device__ __forceinline__ int ftrt_ld(int v) { return v; }
+__device__ __forceinline__ int ftrt_ld(unsigned char v) { return (int)v; }
 __device__ __forceinline__ ftrt_t ftrt_to_t(float v) { return __float2bfloat16(v); }
 __device__ __forceinline__ float ftrt_round_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
 __device__ __forceinline__ float ftrt_round_t(float v) { return ftrt_round_bf16(v); }
 __device__ __forceinline__ float ftrt_sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
-__device__ __forceinline__ long long ftrt_max_ll(long long a, long long b) { return a > b ? a : b; }
-__device__ __forceinline__ long long ftrt_min_ll(long long a, long long b) { return a < b ? a : b; }
+template <typename A, typename B> __device__ __forceinline__ auto ftrt_max_i(A a, B b) -> decltype(a + b) { return a > b ? a : b; }
+template <typename A, typename B> __device__ __forceinline__ auto ftrt_min_i(A a, B b) -> decltype(a + b) { return a < b ? a : b; }
+template <typename A> __device__ __forceinline__ A ftrt_abs_i(A a) { return a < 0 ? -a : a; }
 __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
     const float m = fmaxf(a, b);
     if (m == -INFINITY) return -INFINITY;
@@ -141,37 +142,42 @@ template <int TPR> __device__ __forceinline__ float ftrt_row_lse(float m, float 
 // Backward: du = dh * T(silu(g)),  dg = T(dh * u) * s * (1 + g * (1 - s)),  s = sigmoid(g).
 
 // swiglu forward: flat pass over (i in N)
-template <int VEC>
-__device__ __forceinline__ void swiglu_forward_body(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) {
-    const long long nchunks = ((N)) / VEC;
-    for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
-         chunk += (long long)gridDim.x * blockDim.x) {
-        long long rem_ = chunk * VEC;
-        const long long i0_ = rem_;
+template <typename I, int VEC>
+__device__ __forceinline__ void swiglu_forward_body(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) {
+    const I N = (I)N_;
+    const I nchunks = ((N)) / VEC;
+    for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
+         chunk += (I)gridDim.x * blockDim.x) {
+        I rem_ = chunk * VEC;
+        const I i0_ = rem_;
         (void)rem_;
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, g + (i0_));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, u + (i0_));
         float s0_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long i = i0_ + k_; (void)i;
+            __builtin_assume(i0_ % VEC == 0);
+            const I i = i0_ + k_; (void)i;
             const float w0_ = (ftrt_round_t((v0_[k_] * ftrt_sigmoid(v0_[k_]))) * v1_[k_]);
             s0_[k_] = w0_;
         }
         ftrt_store_vec<VEC>(h + (i0_), s0_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) swiglu_forward_v8(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { swiglu_forward_body<8>(N, g, u, h); }
-extern "C" __global__ void __launch_bounds__(256) swiglu_forward_v1(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { swiglu_forward_body<1>(N, g, u, h); }
+extern "C" __global__ void __launch_bounds__(256) swiglu_forward_i32_v8(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { swiglu_forward_body<int, 8>(N_, g, u, h); }
+extern "C" __global__ void __launch_bounds__(256) swiglu_forward_i32_v1(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { swiglu_forward_body<int, 1>(N_, g, u, h); }
+extern "C" __global__ void __launch_bounds__(256) swiglu_forward_i64_v8(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { swiglu_forward_body<long long, 8>(N_, g, u, h); }
+extern "C" __global__ void __launch_bounds__(256) swiglu_forward_i64_v1(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { swiglu_forward_body<long long, 1>(N_, g, u, h); }
 
 // swiglu backward: flat pass over (i in N)
-template <int VEC>
-__device__ __forceinline__ void swiglu_backward_body(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) {
-    const long long nchunks = ((N)) / VEC;
-    for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
-         chunk += (long long)gridDim.x * blockDim.x) {
-        long long rem_ = chunk * VEC;
-        const long long i0_ = rem_;
+template <typename I, int VEC>
+__device__ __forceinline__ void swiglu_backward_body(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) {
+    const I N = (I)N_;
+    const I nchunks = ((N)) / VEC;
+    for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
+         chunk += (I)gridDim.x * blockDim.x) {
+        I rem_ = chunk * VEC;
+        const I i0_ = rem_;
         (void)rem_;
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, g + (i0_));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, dh + (i0_));
@@ -180,7 +186,8 @@ __device__ __forceinline__ void swiglu_backward_body(long long N, const ftrt_t* 
         float s2_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long i = i0_ + k_; (void)i;
+            __builtin_assume(i0_ % VEC == 0);
+            const I i = i0_ + k_; (void)i;
             const float s = ftrt_sigmoid(v0_[k_]);
             const float w1_ = (v1_[k_] * ftrt_round_t((v0_[k_] * s)));
             const float w2_ = ((ftrt_round_t((v1_[k_] * v2_[k_])) * s) * (1.0f + (v0_[k_] * (1.0f - s))));
@@ -191,28 +198,32 @@ __device__ __forceinline__ void swiglu_backward_body(long long N, const ftrt_t* 
         ftrt_store_vec<VEC>(dg + (i0_), s2_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) swiglu_backward_v8(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { swiglu_backward_body<8>(N, g, u, dh, dg, du); }
-extern "C" __global__ void __launch_bounds__(256) swiglu_backward_v1(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { swiglu_backward_body<1>(N, g, u, dh, dg, du); }
+extern "C" __global__ void __launch_bounds__(256) swiglu_backward_i32_v8(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { swiglu_backward_body<int, 8>(N_, g, u, dh, dg, du); }
+extern "C" __global__ void __launch_bounds__(256) swiglu_backward_i32_v1(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { swiglu_backward_body<int, 1>(N_, g, u, dh, dg, du); }
+extern "C" __global__ void __launch_bounds__(256) swiglu_backward_i64_v8(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { swiglu_backward_body<long long, 8>(N_, g, u, dh, dg, du); }
+extern "C" __global__ void __launch_bounds__(256) swiglu_backward_i64_v1(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { swiglu_backward_body<long long, 1>(N_, g, u, dh, dg, du); }
 
 // ==== op `geglu_tanh` ====
 // GeGLU with the tanh approximation (`gelu_pytorch_tanh`):
 // h = T(gelu(g)) * u,  gelu(g) = 0.5 g (1 + tanh(k (g + 0.044715 g^3))),  k = sqrt(2 / pi).
 
 // geglu_tanh forward: flat pass over (i in N)
-template <int VEC>
-__device__ __forceinline__ void geglu_tanh_forward_body(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) {
-    const long long nchunks = ((N)) / VEC;
-    for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
-         chunk += (long long)gridDim.x * blockDim.x) {
-        long long rem_ = chunk * VEC;
-        const long long i0_ = rem_;
+template <typename I, int VEC>
+__device__ __forceinline__ void geglu_tanh_forward_body(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) {
+    const I N = (I)N_;
+    const I nchunks = ((N)) / VEC;
+    for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
+         chunk += (I)gridDim.x * blockDim.x) {
+        I rem_ = chunk * VEC;
+        const I i0_ = rem_;
         (void)rem_;
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, g + (i0_));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, u + (i0_));
         float s1_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long i = i0_ + k_; (void)i;
+            __builtin_assume(i0_ % VEC == 0);
+            const I i = i0_ + k_; (void)i;
             const float x = v0_[k_];
             const float w1_ = (ftrt_round_t(((0.5f * x) * (1.0f + tanhf((0.7978845608028654f * (x + (((0.044715f * x) * x) * x))))))) * v1_[k_]);
             s1_[k_] = w1_;
@@ -220,17 +231,20 @@ __device__ __forceinline__ void geglu_tanh_forward_body(long long N, const ftrt_
         ftrt_store_vec<VEC>(h + (i0_), s1_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) geglu_tanh_forward_v8(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { geglu_tanh_forward_body<8>(N, g, u, h); }
-extern "C" __global__ void __launch_bounds__(256) geglu_tanh_forward_v1(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { geglu_tanh_forward_body<1>(N, g, u, h); }
+extern "C" __global__ void __launch_bounds__(256) geglu_tanh_forward_i32_v8(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { geglu_tanh_forward_body<int, 8>(N_, g, u, h); }
+extern "C" __global__ void __launch_bounds__(256) geglu_tanh_forward_i32_v1(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { geglu_tanh_forward_body<int, 1>(N_, g, u, h); }
+extern "C" __global__ void __launch_bounds__(256) geglu_tanh_forward_i64_v8(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { geglu_tanh_forward_body<long long, 8>(N_, g, u, h); }
+extern "C" __global__ void __launch_bounds__(256) geglu_tanh_forward_i64_v1(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { geglu_tanh_forward_body<long long, 1>(N_, g, u, h); }
 
 // geglu_tanh backward: flat pass over (i in N)
-template <int VEC>
-__device__ __forceinline__ void geglu_tanh_backward_body(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) {
-    const long long nchunks = ((N)) / VEC;
-    for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
-         chunk += (long long)gridDim.x * blockDim.x) {
-        long long rem_ = chunk * VEC;
-        const long long i0_ = rem_;
+template <typename I, int VEC>
+__device__ __forceinline__ void geglu_tanh_backward_body(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) {
+    const I N = (I)N_;
+    const I nchunks = ((N)) / VEC;
+    for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
+         chunk += (I)gridDim.x * blockDim.x) {
+        I rem_ = chunk * VEC;
+        const I i0_ = rem_;
         (void)rem_;
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, g + (i0_));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, dh + (i0_));
@@ -239,7 +253,8 @@ __device__ __forceinline__ void geglu_tanh_backward_body(long long N, const ftrt
         float s4_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long i = i0_ + k_; (void)i;
+            __builtin_assume(i0_ % VEC == 0);
+            const I i = i0_ + k_; (void)i;
             const float x = v0_[k_];
             const float t = tanhf((0.7978845608028654f * (x + (((0.044715f * x) * x) * x))));
             const float w2_ = (v1_[k_] * ftrt_round_t(((0.5f * x) * (1.0f + t))));
@@ -252,45 +267,52 @@ __device__ __forceinline__ void geglu_tanh_backward_body(long long N, const ftrt
         ftrt_store_vec<VEC>(dg + (i0_), s4_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) geglu_tanh_backward_v8(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { geglu_tanh_backward_body<8>(N, g, u, dh, dg, du); }
-extern "C" __global__ void __launch_bounds__(256) geglu_tanh_backward_v1(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { geglu_tanh_backward_body<1>(N, g, u, dh, dg, du); }
+extern "C" __global__ void __launch_bounds__(256) geglu_tanh_backward_i32_v8(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { geglu_tanh_backward_body<int, 8>(N_, g, u, dh, dg, du); }
+extern "C" __global__ void __launch_bounds__(256) geglu_tanh_backward_i32_v1(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { geglu_tanh_backward_body<int, 1>(N_, g, u, dh, dg, du); }
+extern "C" __global__ void __launch_bounds__(256) geglu_tanh_backward_i64_v8(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { geglu_tanh_backward_body<long long, 8>(N_, g, u, dh, dg, du); }
+extern "C" __global__ void __launch_bounds__(256) geglu_tanh_backward_i64_v1(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { geglu_tanh_backward_body<long long, 1>(N_, g, u, dh, dg, du); }
 
 // ==== op `geglu_erf` ====
 // GeGLU with the exact GeLU: h = T(gelu(g)) * u,  gelu(g) = 0.5 g (1 + erf(g / sqrt 2)).
 // Backward: dgelu = 0.5 (1 + erf(g / sqrt 2)) + g exp(-g^2 / 2) / sqrt(2 pi).
 
 // geglu_erf forward: flat pass over (i in N)
-template <int VEC>
-__device__ __forceinline__ void geglu_erf_forward_body(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) {
-    const long long nchunks = ((N)) / VEC;
-    for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
-         chunk += (long long)gridDim.x * blockDim.x) {
-        long long rem_ = chunk * VEC;
-        const long long i0_ = rem_;
+template <typename I, int VEC>
+__device__ __forceinline__ void geglu_erf_forward_body(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) {
+    const I N = (I)N_;
+    const I nchunks = ((N)) / VEC;
+    for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
+         chunk += (I)gridDim.x * blockDim.x) {
+        I rem_ = chunk * VEC;
+        const I i0_ = rem_;
         (void)rem_;
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, g + (i0_));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, u + (i0_));
         float s0_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long i = i0_ + k_; (void)i;
+            __builtin_assume(i0_ % VEC == 0);
+            const I i = i0_ + k_; (void)i;
             const float w0_ = (ftrt_round_t(((0.5f * v0_[k_]) * (1.0f + erff((v0_[k_] * 0.7071067811865476f))))) * v1_[k_]);
             s0_[k_] = w0_;
         }
         ftrt_store_vec<VEC>(h + (i0_), s0_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) geglu_erf_forward_v8(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { geglu_erf_forward_body<8>(N, g, u, h); }
-extern "C" __global__ void __launch_bounds__(256) geglu_erf_forward_v1(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { geglu_erf_forward_body<1>(N, g, u, h); }
+extern "C" __global__ void __launch_bounds__(256) geglu_erf_forward_i32_v8(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { geglu_erf_forward_body<int, 8>(N_, g, u, h); }
+extern "C" __global__ void __launch_bounds__(256) geglu_erf_forward_i32_v1(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { geglu_erf_forward_body<int, 1>(N_, g, u, h); }
+extern "C" __global__ void __launch_bounds__(256) geglu_erf_forward_i64_v8(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { geglu_erf_forward_body<long long, 8>(N_, g, u, h); }
+extern "C" __global__ void __launch_bounds__(256) geglu_erf_forward_i64_v1(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, ftrt_t* __restrict__ h) { geglu_erf_forward_body<long long, 1>(N_, g, u, h); }
 
 // geglu_erf backward: flat pass over (i in N)
-template <int VEC>
-__device__ __forceinline__ void geglu_erf_backward_body(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) {
-    const long long nchunks = ((N)) / VEC;
-    for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
-         chunk += (long long)gridDim.x * blockDim.x) {
-        long long rem_ = chunk * VEC;
-        const long long i0_ = rem_;
+template <typename I, int VEC>
+__device__ __forceinline__ void geglu_erf_backward_body(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) {
+    const I N = (I)N_;
+    const I nchunks = ((N)) / VEC;
+    for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
+         chunk += (I)gridDim.x * blockDim.x) {
+        I rem_ = chunk * VEC;
+        const I i0_ = rem_;
         (void)rem_;
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, g + (i0_));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, dh + (i0_));
@@ -299,7 +321,8 @@ __device__ __forceinline__ void geglu_erf_backward_body(long long N, const ftrt_
         float s3_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long i = i0_ + k_; (void)i;
+            __builtin_assume(i0_ % VEC == 0);
+            const I i = i0_ + k_; (void)i;
             const float x = v0_[k_];
             const float cdf = (0.5f * (1.0f + erff((x * 0.7071067811865476f))));
             const float w2_ = (v1_[k_] * ftrt_round_t((x * cdf)));
@@ -311,5 +334,7 @@ __device__ __forceinline__ void geglu_erf_backward_body(long long N, const ftrt_
         ftrt_store_vec<VEC>(dg + (i0_), s3_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) geglu_erf_backward_v8(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { geglu_erf_backward_body<8>(N, g, u, dh, dg, du); }
-extern "C" __global__ void __launch_bounds__(256) geglu_erf_backward_v1(long long N, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { geglu_erf_backward_body<1>(N, g, u, dh, dg, du); }
+extern "C" __global__ void __launch_bounds__(256) geglu_erf_backward_i32_v8(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { geglu_erf_backward_body<int, 8>(N_, g, u, dh, dg, du); }
+extern "C" __global__ void __launch_bounds__(256) geglu_erf_backward_i32_v1(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { geglu_erf_backward_body<int, 1>(N_, g, u, dh, dg, du); }
+extern "C" __global__ void __launch_bounds__(256) geglu_erf_backward_i64_v8(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { geglu_erf_backward_body<long long, 8>(N_, g, u, dh, dg, du); }
+extern "C" __global__ void __launch_bounds__(256) geglu_erf_backward_i64_v1(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { geglu_erf_backward_body<long long, 1>(N_, g, u, dh, dg, du); }

@@ -8,14 +8,15 @@ typedef hip_bfloat16 ftrt_t;
 
 __device__ __forceinline__ float ftrt_ld(ftrt_t v) { return (float)v; }
 __device__ __forceinline__ float ftrt_ld(float v) { return v; }
-__device__ __forceinline__ long long ftrt_ld(int v) { return (long long)v; }
-__device__ __forceinline__ long long ftrt_ld(unsigned char v) { return (long long)v; }
+__device__ __forceinline__ int ftrt_ld(int v) { return v; }
+__device__ __forceinline__ int ftrt_ld(unsigned char v) { return (int)v; }
 __device__ __forceinline__ ftrt_t ftrt_to_t(float v) { return ftrt_t(v); }
 __device__ __forceinline__ float ftrt_round_bf16(float v) { return (float)ftrt_t(v); }
 __device__ __forceinline__ float ftrt_round_t(float v) { return ftrt_round_bf16(v); }
 __device__ __forceinline__ float ftrt_sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
-__device__ __forceinline__ long long ftrt_max_ll(long long a, long long b) { return a > b ? a : b; }
-__device__ __forceinline__ long long ftrt_min_ll(long long a, long long b) { return a < b ? a : b; }
+template <typename A, typename B> __device__ __forceinline__ auto ftrt_max_i(A a, B b) -> decltype(a + b) { return a > b ? a : b; }
+template <typename A, typename B> __device__ __forceinline__ auto ftrt_min_i(A a, B b) -> decltype(a + b) { return a < b ? a : b; }
+template <typename A> __device__ __forceinline__ A ftrt_abs_i(A a) { return a < 0 ? -a : a; }
 __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
     const float m = fmaxf(a, b);
     if (m == -INFINITY) return -INFINITY;
@@ -257,13 +258,14 @@ __device__ __forceinline__ float ftrt_nf4_nested_absmax(const float* code2, unsi
 // p -= step_size * m / (sqrt(v) / bc2_sqrt + eps),  step_size = lr / (1 - b1^t),  bc2_sqrt = sqrt(1 - b2^t).
 
 // adamw forward: flat pass over (i in N)
-template <int VEC>
-__device__ __forceinline__ void adamw_forward_body(long long N, float lr, float wd, float beta1, float beta2, float eps, float step_size, float bc2_sqrt, float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v) {
-    const long long nchunks = ((N)) / VEC;
-    for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
-         chunk += (long long)gridDim.x * blockDim.x) {
-        long long rem_ = chunk * VEC;
-        const long long i0_ = rem_;
+template <typename I, int VEC>
+__device__ __forceinline__ void adamw_forward_body(long long N_, float lr, float wd, float beta1, float beta2, float eps, float step_size, float bc2_sqrt, float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v) {
+    const I N = (I)N_;
+    const I nchunks = ((N)) / VEC;
+    for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
+         chunk += (I)gridDim.x * blockDim.x) {
+        I rem_ = chunk * VEC;
+        const I i0_ = rem_;
         (void)rem_;
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, g + (i0_));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, m + (i0_));
@@ -274,7 +276,8 @@ __device__ __forceinline__ void adamw_forward_body(long long N, float lr, float 
         float s5_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long i = i0_ + k_; (void)i;
+            __builtin_assume(i0_ % VEC == 0);
+            const I i = i0_ + k_; (void)i;
             const float gi = v0_[k_];
             const float mi = (v1_[k_] + ((1.0f - beta1) * (gi - v1_[k_])));
             const float vi = ((beta2 * v2_[k_]) + (((1.0f - beta2) * gi) * gi));
@@ -290,8 +293,10 @@ __device__ __forceinline__ void adamw_forward_body(long long N, float lr, float 
         ftrt_store_vec<VEC>(p + (i0_), s5_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) adamw_forward_v8(long long N, float lr, float wd, float beta1, float beta2, float eps, float step_size, float bc2_sqrt, float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v) { adamw_forward_body<8>(N, lr, wd, beta1, beta2, eps, step_size, bc2_sqrt, p, g, m, v); }
-extern "C" __global__ void __launch_bounds__(256) adamw_forward_v1(long long N, float lr, float wd, float beta1, float beta2, float eps, float step_size, float bc2_sqrt, float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v) { adamw_forward_body<1>(N, lr, wd, beta1, beta2, eps, step_size, bc2_sqrt, p, g, m, v); }
+extern "C" __global__ void __launch_bounds__(256) adamw_forward_i32_v8(long long N_, float lr, float wd, float beta1, float beta2, float eps, float step_size, float bc2_sqrt, float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v) { adamw_forward_body<int, 8>(N_, lr, wd, beta1, beta2, eps, step_size, bc2_sqrt, p, g, m, v); }
+extern "C" __global__ void __launch_bounds__(256) adamw_forward_i32_v1(long long N_, float lr, float wd, float beta1, float beta2, float eps, float step_size, float bc2_sqrt, float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v) { adamw_forward_body<int, 1>(N_, lr, wd, beta1, beta2, eps, step_size, bc2_sqrt, p, g, m, v); }
+extern "C" __global__ void __launch_bounds__(256) adamw_forward_i64_v8(long long N_, float lr, float wd, float beta1, float beta2, float eps, float step_size, float bc2_sqrt, float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v) { adamw_forward_body<long long, 8>(N_, lr, wd, beta1, beta2, eps, step_size, bc2_sqrt, p, g, m, v); }
+extern "C" __global__ void __launch_bounds__(256) adamw_forward_i64_v1(long long N_, float lr, float wd, float beta1, float beta2, float eps, float step_size, float bc2_sqrt, float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v) { adamw_forward_body<long long, 1>(N_, lr, wd, beta1, beta2, eps, step_size, bc2_sqrt, p, g, m, v); }
 
 // ==== op `adamw_8bit` ====
 // 8-bit blockwise AdamW in the style of bitsandbytes' AdamW8bit (blocks of 256): m uses the
@@ -301,24 +306,25 @@ extern "C" __global__ void __launch_bounds__(256) adamw_forward_v1(long long N, 
 // step_size = -lr * sqrt(1 - b2^t) / (1 - b1^t),  eps2 = sqrt(1 - b2^t) * eps,  decay = 1 - lr * wd.
 
 // adamw_8bit forward: row pass over (b in ((N + 255) / 256), j in 256)
-template <int TPR, int VEC>
-__device__ __forceinline__ void adamw_8bit_forward_body(long long N, float beta1, float beta2, float eps2, float step_size, float decay, float* __restrict__ p, const float* __restrict__ g, unsigned char* __restrict__ qm, unsigned char* __restrict__ qv, float* __restrict__ am, float* __restrict__ av, const float* __restrict__ code_m, const float* __restrict__ code_v) {
+template <typename I, int TPR, int VEC>
+__device__ __forceinline__ void adamw_8bit_forward_body(long long N_, float beta1, float beta2, float eps2, float step_size, float decay, float* __restrict__ p, const float* __restrict__ g, unsigned char* __restrict__ qm, unsigned char* __restrict__ qv, float* __restrict__ am, float* __restrict__ av, const float* __restrict__ code_m, const float* __restrict__ code_v) {
+    const I N = (I)N_;
     const int lane = threadIdx.x;
-    const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
-    if (row >= (((N + 255LL) / 256LL))) return;
-    long long rem_ = row;
-    const long long b = rem_;
+    const I row = (I)((long long)blockIdx.x * blockDim.y + threadIdx.y);
+    if (row >= (((N + 255) / 256))) return;
+    I rem_ = row;
+    const I b = rem_;
     (void)rem_;
     const float old_am = ftrt_ld(am[b]);
     const float old_av = ftrt_ld(av[b]);
     float acc0_p = -INFINITY;
     float acc1_p = -INFINITY;
-    for (long long j0_ = (long long)lane * VEC; j0_ < (256LL); j0_ += (long long)TPR * VEC) {
+    for (I j0_ = (I)lane * VEC; j0_ < (256); j0_ += (I)TPR * VEC) {
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long j = j0_ + k_; (void)j;
-            acc0_p = fmaxf(acc0_p, fabsf((((((((b * 256LL) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256LL) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256LL) + j) < N)) ? (float)(ftrt_ld(g[((b * 256LL) + j)])) : (float)(0.0f))))));
-            acc1_p = fmaxf(acc1_p, (((((((b * 256LL) + j) < N)) ? (float)((ftrt_ld(code_v[ftrt_ld(qv[((b * 256LL) + j)])]) * old_av)) : (float)(0.0f)) * beta2) + (((1.0f - beta2) * (((((b * 256LL) + j) < N)) ? (float)(ftrt_ld(g[((b * 256LL) + j)])) : (float)(0.0f))) * (((((b * 256LL) + j) < N)) ? (float)(ftrt_ld(g[((b * 256LL) + j)])) : (float)(0.0f)))));
+            const I j = j0_ + k_; (void)j;
+            acc0_p = fmaxf(acc0_p, fabsf((((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f))))));
+            acc1_p = fmaxf(acc1_p, (((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_v[ftrt_ld(qv[((b * 256) + j)])]) * old_av)) : (float)(0.0f)) * beta2) + (((1.0f - beta2) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f))) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f)))));
         }
     }
     const float acc0 = ftrt_row_max<TPR>(acc0_p);
@@ -327,20 +333,25 @@ __device__ __forceinline__ void adamw_8bit_forward_body(long long N, float beta1
     const float new_av = acc1;
     if (lane == 0) { am[b] = (float)(new_am); }
     if (lane == 0) { av[b] = (float)(new_av); }
-    for (long long j0_ = (long long)lane * VEC; j0_ < (256LL); j0_ += (long long)TPR * VEC) {
+    for (I j0_ = (I)lane * VEC; j0_ < (256); j0_ += (I)TPR * VEC) {
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long j = j0_ + k_; (void)j;
-            const float w0_ = (((((b * 256LL) + j) < N)) ? (float)(((ftrt_ld(p[((b * 256LL) + j)]) + ((step_size * (((((((b * 256LL) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256LL) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256LL) + j) < N)) ? (float)(ftrt_ld(g[((b * 256LL) + j)])) : (float)(0.0f))))) / (sqrtf((((((((b * 256LL) + j) < N)) ? (float)((ftrt_ld(code_v[ftrt_ld(qv[((b * 256LL) + j)])]) * old_av)) : (float)(0.0f)) * beta2) + (((1.0f - beta2) * (((((b * 256LL) + j) < N)) ? (float)(ftrt_ld(g[((b * 256LL) + j)])) : (float)(0.0f))) * (((((b * 256LL) + j) < N)) ? (float)(ftrt_ld(g[((b * 256LL) + j)])) : (float)(0.0f))))) + eps2))) * decay)) : (float)(0.0f));
-            const long long w1_ = (((((b * 256LL) + j) < N)) ? ((((long long)ftrt_dynamic_index(code_m, ((((((((b * 256LL) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256LL) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256LL) + j) < N)) ? (float)(ftrt_ld(g[((b * 256LL) + j)])) : (float)(0.0f)))) / new_am))) + (((signbit(ftrt_ld(code_m[((long long)ftrt_dynamic_index(code_m, ((((((((b * 256LL) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256LL) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256LL) + j) < N)) ? (float)(ftrt_ld(g[((b * 256LL) + j)])) : (float)(0.0f)))) / new_am)))])) != signbit((((((((b * 256LL) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256LL) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256LL) + j) < N)) ? (float)(ftrt_ld(g[((b * 256LL) + j)])) : (float)(0.0f))))))) ? (((((((((((b * 256LL) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256LL) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256LL) + j) < N)) ? (float)(ftrt_ld(g[((b * 256LL) + j)])) : (float)(0.0f)))) > 0.0f)) ? (1LL) : ((-1LL)))) : (0LL)))) : (0LL));
-            const long long w2_ = (((((b * 256LL) + j) < N)) ? (((long long)ftrt_dynamic_index(code_v, ((((((((b * 256LL) + j) < N)) ? (float)((ftrt_ld(code_v[ftrt_ld(qv[((b * 256LL) + j)])]) * old_av)) : (float)(0.0f)) * beta2) + (((1.0f - beta2) * (((((b * 256LL) + j) < N)) ? (float)(ftrt_ld(g[((b * 256LL) + j)])) : (float)(0.0f))) * (((((b * 256LL) + j) < N)) ? (float)(ftrt_ld(g[((b * 256LL) + j)])) : (float)(0.0f)))) / new_av)))) : (0LL));
-            if ((((b * 256LL) + j) < N)) { p[((b * 256LL) + j)] = (float)(w0_); }
-            if ((((b * 256LL) + j) < N)) { qm[((b * 256LL) + j)] = (unsigned char)(w1_); }
-            if ((((b * 256LL) + j) < N)) { qv[((b * 256LL) + j)] = (unsigned char)(w2_); }
+            __builtin_assume(j0_ % VEC == 0);
+            const I j = j0_ + k_; (void)j;
+            const float w0_ = (((((b * 256) + j) < N)) ? (float)(((ftrt_ld(p[((b * 256) + j)]) + ((step_size * (((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f))))) / (sqrtf((((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_v[ftrt_ld(qv[((b * 256) + j)])]) * old_av)) : (float)(0.0f)) * beta2) + (((1.0f - beta2) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f))) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f))))) + eps2))) * decay)) : (float)(0.0f));
+            const I w1_ = (((((b * 256) + j) < N)) ? ((((I)ftrt_dynamic_index(code_m, ((((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f)))) / new_am))) + (((signbit(ftrt_ld(code_m[((I)ftrt_dynamic_index(code_m, ((((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f)))) / new_am)))])) != signbit((((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f))))))) ? (((((((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f)))) > 0.0f)) ? (1) : ((-1)))) : (0)))) : (0));
+            const I w2_ = (((((b * 256) + j) < N)) ? (((I)ftrt_dynamic_index(code_v, ((((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_v[ftrt_ld(qv[((b * 256) + j)])]) * old_av)) : (float)(0.0f)) * beta2) + (((1.0f - beta2) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f))) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f)))) / new_av)))) : (0));
+            if ((((b * 256) + j) < N)) { p[((b * 256) + j)] = (float)(w0_); }
+            if ((((b * 256) + j) < N)) { qm[((b * 256) + j)] = (unsigned char)(w1_); }
+            if ((((b * 256) + j) < N)) { qv[((b * 256) + j)] = (unsigned char)(w2_); }
         }
     }
 }
-extern "C" __global__ void __launch_bounds__(256) adamw_8bit_forward_w32_v8(long long N, float beta1, float beta2, float eps2, float step_size, float decay, float* __restrict__ p, const float* __restrict__ g, unsigned char* __restrict__ qm, unsigned char* __restrict__ qv, float* __restrict__ am, float* __restrict__ av, const float* __restrict__ code_m, const float* __restrict__ code_v) { adamw_8bit_forward_body<32, 8>(N, beta1, beta2, eps2, step_size, decay, p, g, qm, qv, am, av, code_m, code_v); }
-extern "C" __global__ void __launch_bounds__(256) adamw_8bit_forward_w32_v1(long long N, float beta1, float beta2, float eps2, float step_size, float decay, float* __restrict__ p, const float* __restrict__ g, unsigned char* __restrict__ qm, unsigned char* __restrict__ qv, float* __restrict__ am, float* __restrict__ av, const float* __restrict__ code_m, const float* __restrict__ code_v) { adamw_8bit_forward_body<32, 1>(N, beta1, beta2, eps2, step_size, decay, p, g, qm, qv, am, av, code_m, code_v); }
-extern "C" __global__ void __launch_bounds__(256) adamw_8bit_forward_w256_v8(long long N, float beta1, float beta2, float eps2, float step_size, float decay, float* __restrict__ p, const float* __restrict__ g, unsigned char* __restrict__ qm, unsigned char* __restrict__ qv, float* __restrict__ am, float* __restrict__ av, const float* __restrict__ code_m, const float* __restrict__ code_v) { adamw_8bit_forward_body<256, 8>(N, beta1, beta2, eps2, step_size, decay, p, g, qm, qv, am, av, code_m, code_v); }
-extern "C" __global__ void __launch_bounds__(256) adamw_8bit_forward_w256_v1(long long N, float beta1, float beta2, float eps2, float step_size, float decay, float* __restrict__ p, const float* __restrict__ g, unsigned char* __restrict__ qm, unsigned char* __restrict__ qv, float* __restrict__ am, float* __restrict__ av, const float* __restrict__ code_m, const float* __restrict__ code_v) { adamw_8bit_forward_body<256, 1>(N, beta1, beta2, eps2, step_size, decay, p, g, qm, qv, am, av, code_m, code_v); }
+extern "C" __global__ void __launch_bounds__(256) adamw_8bit_forward_i32_w32_v8(long long N_, float beta1, float beta2, float eps2, float step_size, float decay, float* __restrict__ p, const float* __restrict__ g, unsigned char* __restrict__ qm, unsigned char* __restrict__ qv, float* __restrict__ am, float* __restrict__ av, const float* __restrict__ code_m, const float* __restrict__ code_v) { adamw_8bit_forward_body<int, 32, 8>(N_, beta1, beta2, eps2, step_size, decay, p, g, qm, qv, am, av, code_m, code_v); }
+extern "C" __global__ void __launch_bounds__(256) adamw_8bit_forward_i32_w32_v1(long long N_, float beta1, float beta2, float eps2, float step_size, float decay, float* __restrict__ p, const float* __restrict__ g, unsigned char* __restrict__ qm, unsigned char* __restrict__ qv, float* __restrict__ am, float* __restrict__ av, const float* __restrict__ code_m, const float* __restrict__ code_v) { adamw_8bit_forward_body<int, 32, 1>(N_, beta1, beta2, eps2, step_size, decay, p, g, qm, qv, am, av, code_m, code_v); }
+extern "C" __global__ void __launch_bounds__(256) adamw_8bit_forward_i32_w256_v8(long long N_, float beta1, float beta2, float eps2, float step_size, float decay, float* __restrict__ p, const float* __restrict__ g, unsigned char* __restrict__ qm, unsigned char* __restrict__ qv, float* __restrict__ am, float* __restrict__ av, const float* __restrict__ code_m, const float* __restrict__ code_v) { adamw_8bit_forward_body<int, 256, 8>(N_, beta1, beta2, eps2, step_size, decay, p, g, qm, qv, am, av, code_m, code_v); }
+extern "C" __global__ void __launch_bounds__(256) adamw_8bit_forward_i32_w256_v1(long long N_, float beta1, float beta2, float eps2, float step_size, float decay, float* __restrict__ p, const float* __restrict__ g, unsigned char* __restrict__ qm, unsigned char* __restrict__ qv, float* __restrict__ am, float* __restrict__ av, const float* __restrict__ code_m, const float* __restrict__ code_v) { adamw_8bit_forward_body<int, 256, 1>(N_, beta1, beta2, eps2, step_size, decay, p, g, qm, qv, am, av, code_m, code_v); }
+extern "C" __global__ void __launch_bounds__(256) adamw_8bit_forward_i64_w32_v8(long long N_, float beta1, float beta2, float eps2, float step_size, float decay, float* __restrict__ p, const float* __restrict__ g, unsigned char* __restrict__ qm, unsigned char* __restrict__ qv, float* __restrict__ am, float* __restrict__ av, const float* __restrict__ code_m, const float* __restrict__ code_v) { adamw_8bit_forward_body<long long, 32, 8>(N_, beta1, beta2, eps2, step_size, decay, p, g, qm, qv, am, av, code_m, code_v); }
+extern "C" __global__ void __launch_bounds__(256) adamw_8bit_forward_i64_w32_v1(long long N_, float beta1, float beta2, float eps2, float step_size, float decay, float* __restrict__ p, const float* __restrict__ g, unsigned char* __restrict__ qm, unsigned char* __restrict__ qv, float* __restrict__ am, float* __restrict__ av, const float* __restrict__ code_m, const float* __restrict__ code_v) { adamw_8bit_forward_body<long long, 32, 1>(N_, beta1, beta2, eps2, step_size, decay, p, g, qm, qv, am, av, code_m, code_v); }
+extern "C" __global__ void __launch_bounds__(256) adamw_8bit_forward_i64_w256_v8(long long N_, float beta1, float beta2, float eps2, float step_size, float decay, float* __restrict__ p, const float* __restrict__ g, unsigned char* __restrict__ qm, unsigned char* __restrict__ qv, float* __restrict__ am, float* __restrict__ av, const float* __restrict__ code_m, const float* __restrict__ code_v) { adamw_8bit_forward_body<long long, 256, 8>(N_, beta1, beta2, eps2, step_size, decay, p, g, qm, qv, am, av, code_m, code_v); }
+extern "C" __global__ void __launch_bounds__(256) adamw_8bit_forward_i64_w256_v1(long long N_, float beta1, float beta2, float eps2, float step_size, float decay, float* __restrict__ p, const float* __restrict__ g, unsigned char* __restrict__ qm, unsigned char* __restrict__ qv, float* __restrict__ am, float* __restrict__ av, const float* __restrict__ code_m, const float* __restrict__ code_v) { adamw_8bit_forward_body<long long, 256, 1>(N_, beta1, beta2, eps2, step_size, decay, p, g, qm, qv, am, av, code_m, code_v); }

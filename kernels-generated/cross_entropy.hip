@@ -8,14 +8,15 @@ typedef hip_bfloat16 ftrt_t;
 
 __device__ __forceinline__ float ftrt_ld(ftrt_t v) { return (float)v; }
 __device__ __forceinline__ float ftrt_ld(float v) { return v; }
-__device__ __forceinline__ long long ftrt_ld(int v) { return (long long)v; }
-__device__ __forceinline__ long long ftrt_ld(unsigned char v) { return (long long)v; }
+__device__ __forceinline__ int ftrt_ld(int v) { return v; }
+__device__ __forceinline__ int ftrt_ld(unsigned char v) { return (int)v; }
 __device__ __forceinline__ ftrt_t ftrt_to_t(float v) { return ftrt_t(v); }
 __device__ __forceinline__ float ftrt_round_bf16(float v) { return (float)ftrt_t(v); }
 __device__ __forceinline__ float ftrt_round_t(float v) { return ftrt_round_bf16(v); }
 __device__ __forceinline__ float ftrt_sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
-__device__ __forceinline__ long long ftrt_max_ll(long long a, long long b) { return a > b ? a : b; }
-__device__ __forceinline__ long long ftrt_min_ll(long long a, long long b) { return a < b ? a : b; }
+template <typename A, typename B> __device__ __forceinline__ auto ftrt_max_i(A a, B b) -> decltype(a + b) { return a > b ? a : b; }
+template <typename A, typename B> __device__ __forceinline__ auto ftrt_min_i(A a, B b) -> decltype(a + b) { return a < b ? a : b; }
+template <typename A> __device__ __forceinline__ A ftrt_abs_i(A a) { return a < 0 ? -a : a; }
 __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
     const float m = fmaxf(a, b);
     if (m == -INFINITY) return -INFINITY;
@@ -113,57 +114,70 @@ template <int TPR> __device__ __forceinline__ float ftrt_row_lse(float m, float 
 // forward and backward must compute the same z).
 
 // cross_entropy forward: row pass over (r in R, c in V)
-template <int TPR, int VEC>
-__device__ __forceinline__ void cross_entropy_forward_body(long long R, long long V, long long v0, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) {
+template <typename I, int TPR, int VEC>
+__device__ __forceinline__ void cross_entropy_forward_body(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) {
+    const I R = (I)R_;
+    const I V = (I)V_;
+    const I v0 = (I)v0_;
     const int lane = threadIdx.x;
-    const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
+    const I row = (I)((long long)blockIdx.x * blockDim.y + threadIdx.y);
     if (row >= (R)) return;
-    long long rem_ = row;
-    const long long r = rem_;
+    I rem_ = row;
+    const I r = rem_;
     (void)rem_;
-    float acc0_m = -INFINITY, acc0_s = 0.f;
+    float acc0_m[VEC], acc0_s[VEC];
+    for (int k_ = 0; k_ < VEC; ++k_) { acc0_m[k_] = -INFINITY; acc0_s[k_] = 0.f; }
     float acc1_p = 0.f;
-    const long long h0_ = ftrt_ld(target[r]);
-    for (long long c0_ = (long long)lane * VEC; c0_ < (V); c0_ += (long long)TPR * VEC) {
+    const I h0_ = ftrt_ld(target[r]);
+    for (I c0_ = (I)lane * VEC; c0_ < (V); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, logits + (((r * V) + c0_)));
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
-            ftrt_lse_push(acc0_m, acc0_s, (((cap > 0.0f)) ? (float)(ftrt_round_t((ftrt_round_t(tanhf(ftrt_round_t((v0_[k_] * (1.0f / cap))))) * cap))) : (float)(v0_[k_])));
+            const I c = c0_ + k_; (void)c;
+            ftrt_lse_push(acc0_m[k_], acc0_s[k_], (((cap > 0.0f)) ? (float)(ftrt_round_t((ftrt_round_t(tanhf(ftrt_round_t((v0_[k_] * (1.0f / cap))))) * cap))) : (float)(v0_[k_])));
             acc1_p += ((((c + v0) == h0_)) ? (float)((((cap > 0.0f)) ? (float)(ftrt_round_t((ftrt_round_t(tanhf(ftrt_round_t((v0_[k_] * (1.0f / cap))))) * cap))) : (float)(v0_[k_]))) : (float)(0.0f));
         }
     }
-    const float acc0 = ftrt_row_lse<TPR>(acc0_m, acc0_s);
+    for (int k_ = 1; k_ < VEC; ++k_) ftrt_lse_merge(acc0_m[0], acc0_s[0], acc0_m[k_], acc0_s[k_]);
+    const float acc0 = ftrt_row_lse<TPR>(acc0_m[0], acc0_s[0]);
     const float acc1 = ftrt_row_sum<TPR>(acc1_p);
     const float chunk_lse = acc0;
     const float hit = acc1;
     if (lane == 0) { lse[r] = (float)(ftrt_logaddexp(ftrt_ld(lse[r]), chunk_lse)); }
     if (lane == 0) { picked[r] = (float)((ftrt_ld(picked[r]) + hit)); }
 }
-extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_w32_v8(long long R, long long V, long long v0, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<32, 8>(R, V, v0, cap, logits, target, lse, picked); }
-extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_w32_v1(long long R, long long V, long long v0, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<32, 1>(R, V, v0, cap, logits, target, lse, picked); }
-extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_w256_v8(long long R, long long V, long long v0, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<256, 8>(R, V, v0, cap, logits, target, lse, picked); }
-extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_w256_v1(long long R, long long V, long long v0, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<256, 1>(R, V, v0, cap, logits, target, lse, picked); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i32_w32_v8(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<int, 32, 8>(R_, V_, v0_, cap, logits, target, lse, picked); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i32_w32_v1(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<int, 32, 1>(R_, V_, v0_, cap, logits, target, lse, picked); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i32_w256_v8(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<int, 256, 8>(R_, V_, v0_, cap, logits, target, lse, picked); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i32_w256_v1(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<int, 256, 1>(R_, V_, v0_, cap, logits, target, lse, picked); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i64_w32_v8(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<long long, 32, 8>(R_, V_, v0_, cap, logits, target, lse, picked); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i64_w32_v1(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<long long, 32, 1>(R_, V_, v0_, cap, logits, target, lse, picked); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i64_w256_v8(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<long long, 256, 8>(R_, V_, v0_, cap, logits, target, lse, picked); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i64_w256_v1(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<long long, 256, 1>(R_, V_, v0_, cap, logits, target, lse, picked); }
 
 // cross_entropy backward: flat pass over (r in R, c in V)
-template <int VEC>
-__device__ __forceinline__ void cross_entropy_backward_body(long long R, long long V, long long v0, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, const float* __restrict__ lse, const float* __restrict__ dlse, const float* __restrict__ dpicked, ftrt_t* __restrict__ dlogits) {
-    const long long nchunks = ((R) * (V)) / VEC;
-    for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
-         chunk += (long long)gridDim.x * blockDim.x) {
-        long long rem_ = chunk * VEC;
-        const long long c0_ = rem_ % (V);
+template <typename I, int VEC>
+__device__ __forceinline__ void cross_entropy_backward_body(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, const float* __restrict__ lse, const float* __restrict__ dlse, const float* __restrict__ dpicked, ftrt_t* __restrict__ dlogits) {
+    const I R = (I)R_;
+    const I V = (I)V_;
+    const I v0 = (I)v0_;
+    const I nchunks = ((R) * (V)) / VEC;
+    for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
+         chunk += (I)gridDim.x * blockDim.x) {
+        I rem_ = chunk * VEC;
+        const I c0_ = rem_ % (V);
         rem_ /= (V);
-        const long long r = rem_;
+        const I r = rem_;
         (void)rem_;
         const float h0_ = ftrt_ld(dlse[r]);
         const float h1_ = ftrt_ld(lse[r]);
-        const long long h2_ = ftrt_ld(target[r]);
+        const I h2_ = ftrt_ld(target[r]);
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, logits + (((r * V) + c0_)));
         float s3_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
+            __builtin_assume(c0_ % VEC == 0);
+            const I c = c0_ + k_; (void)c;
             const float y = ftrt_round_t(tanhf(ftrt_round_t((v0_[k_] * (1.0f / cap)))));
             const float z = (((cap > 0.0f)) ? (float)(ftrt_round_t((y * cap))) : (float)(v0_[k_]));
             const float dz = ((h0_ * __expf((z - h1_))) + ((((c + v0) == h2_)) ? (float)(ftrt_ld(dpicked[r])) : (float)(0.0f)));
@@ -173,32 +187,38 @@ __device__ __forceinline__ void cross_entropy_backward_body(long long R, long lo
         ftrt_store_vec<VEC>(dlogits + (((r * V) + c0_)), s3_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) cross_entropy_backward_v8(long long R, long long V, long long v0, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, const float* __restrict__ lse, const float* __restrict__ dlse, const float* __restrict__ dpicked, ftrt_t* __restrict__ dlogits) { cross_entropy_backward_body<8>(R, V, v0, cap, logits, target, lse, dlse, dpicked, dlogits); }
-extern "C" __global__ void __launch_bounds__(256) cross_entropy_backward_v1(long long R, long long V, long long v0, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, const float* __restrict__ lse, const float* __restrict__ dlse, const float* __restrict__ dpicked, ftrt_t* __restrict__ dlogits) { cross_entropy_backward_body<1>(R, V, v0, cap, logits, target, lse, dlse, dpicked, dlogits); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_backward_i32_v8(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, const float* __restrict__ lse, const float* __restrict__ dlse, const float* __restrict__ dpicked, ftrt_t* __restrict__ dlogits) { cross_entropy_backward_body<int, 8>(R_, V_, v0_, cap, logits, target, lse, dlse, dpicked, dlogits); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_backward_i32_v1(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, const float* __restrict__ lse, const float* __restrict__ dlse, const float* __restrict__ dpicked, ftrt_t* __restrict__ dlogits) { cross_entropy_backward_body<int, 1>(R_, V_, v0_, cap, logits, target, lse, dlse, dpicked, dlogits); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_backward_i64_v8(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, const float* __restrict__ lse, const float* __restrict__ dlse, const float* __restrict__ dpicked, ftrt_t* __restrict__ dlogits) { cross_entropy_backward_body<long long, 8>(R_, V_, v0_, cap, logits, target, lse, dlse, dpicked, dlogits); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_backward_i64_v1(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, const float* __restrict__ lse, const float* __restrict__ dlse, const float* __restrict__ dpicked, ftrt_t* __restrict__ dlogits) { cross_entropy_backward_body<long long, 1>(R_, V_, v0_, cap, logits, target, lse, dlse, dpicked, dlogits); }
 
 // ==== op `cross_entropy_loss` ====
 // Per-token loss from the merged chunks: lse - picked, 0 for ignored targets (-100).
 
 // cross_entropy_loss forward: flat pass over (r in R)
-template <int VEC>
-__device__ __forceinline__ void cross_entropy_loss_forward_body(long long R, const float* __restrict__ lse, const float* __restrict__ picked, const int* __restrict__ target, float* __restrict__ loss) {
-    const long long nchunks = ((R)) / VEC;
-    for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
-         chunk += (long long)gridDim.x * blockDim.x) {
-        long long rem_ = chunk * VEC;
-        const long long r0_ = rem_;
+template <typename I, int VEC>
+__device__ __forceinline__ void cross_entropy_loss_forward_body(long long R_, const float* __restrict__ lse, const float* __restrict__ picked, const int* __restrict__ target, float* __restrict__ loss) {
+    const I R = (I)R_;
+    const I nchunks = ((R)) / VEC;
+    for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
+         chunk += (I)gridDim.x * blockDim.x) {
+        I rem_ = chunk * VEC;
+        const I r0_ = rem_;
         (void)rem_;
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, lse + (r0_));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, picked + (r0_));
         float s0_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long r = r0_ + k_; (void)r;
-            const float w0_ = (((ftrt_ld(target[r]) == (-100LL))) ? (float)(0.0f) : (float)((v0_[k_] - v1_[k_])));
+            __builtin_assume(r0_ % VEC == 0);
+            const I r = r0_ + k_; (void)r;
+            const float w0_ = (((ftrt_ld(target[r]) == (-100))) ? (float)(0.0f) : (float)((v0_[k_] - v1_[k_])));
             s0_[k_] = w0_;
         }
         ftrt_store_vec<VEC>(loss + (r0_), s0_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) cross_entropy_loss_forward_v8(long long R, const float* __restrict__ lse, const float* __restrict__ picked, const int* __restrict__ target, float* __restrict__ loss) { cross_entropy_loss_forward_body<8>(R, lse, picked, target, loss); }
-extern "C" __global__ void __launch_bounds__(256) cross_entropy_loss_forward_v1(long long R, const float* __restrict__ lse, const float* __restrict__ picked, const int* __restrict__ target, float* __restrict__ loss) { cross_entropy_loss_forward_body<1>(R, lse, picked, target, loss); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_loss_forward_i32_v8(long long R_, const float* __restrict__ lse, const float* __restrict__ picked, const int* __restrict__ target, float* __restrict__ loss) { cross_entropy_loss_forward_body<int, 8>(R_, lse, picked, target, loss); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_loss_forward_i32_v1(long long R_, const float* __restrict__ lse, const float* __restrict__ picked, const int* __restrict__ target, float* __restrict__ loss) { cross_entropy_loss_forward_body<int, 1>(R_, lse, picked, target, loss); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_loss_forward_i64_v8(long long R_, const float* __restrict__ lse, const float* __restrict__ picked, const int* __restrict__ target, float* __restrict__ loss) { cross_entropy_loss_forward_body<long long, 8>(R_, lse, picked, target, loss); }
+extern "C" __global__ void __launch_bounds__(256) cross_entropy_loss_forward_i64_v1(long long R_, const float* __restrict__ lse, const float* __restrict__ picked, const int* __restrict__ target, float* __restrict__ loss) { cross_entropy_loss_forward_body<long long, 1>(R_, lse, picked, target, loss); }

@@ -8,14 +8,15 @@ typedef hip_bfloat16 ftrt_t;
 
 __device__ __forceinline__ float ftrt_ld(ftrt_t v) { return (float)v; }
 __device__ __forceinline__ float ftrt_ld(float v) { return v; }
-__device__ __forceinline__ long long ftrt_ld(int v) { return (long long)v; }
-__device__ __forceinline__ long long ftrt_ld(unsigned char v) { return (long long)v; }
+__device__ __forceinline__ int ftrt_ld(int v) { return v; }
+__device__ __forceinline__ int ftrt_ld(unsigned char v) { return (int)v; }
 __device__ __forceinline__ ftrt_t ftrt_to_t(float v) { return ftrt_t(v); }
 __device__ __forceinline__ float ftrt_round_bf16(float v) { return (float)ftrt_t(v); }
 __device__ __forceinline__ float ftrt_round_t(float v) { return ftrt_round_bf16(v); }
 __device__ __forceinline__ float ftrt_sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
-__device__ __forceinline__ long long ftrt_max_ll(long long a, long long b) { return a > b ? a : b; }
-__device__ __forceinline__ long long ftrt_min_ll(long long a, long long b) { return a < b ? a : b; }
+template <typename A, typename B> __device__ __forceinline__ auto ftrt_max_i(A a, B b) -> decltype(a + b) { return a > b ? a : b; }
+template <typename A, typename B> __device__ __forceinline__ auto ftrt_min_i(A a, B b) -> decltype(a + b) { return a < b ? a : b; }
+template <typename A> __device__ __forceinline__ A ftrt_abs_i(A a) { return a < 0 ? -a : a; }
 __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
     const float m = fmaxf(a, b);
     if (m == -INFINITY) return -INFINITY;
@@ -110,51 +111,63 @@ template <int TPR> __device__ __forceinline__ float ftrt_row_lse(float m, float 
 // trains the embedding.
 
 // embedding forward: flat pass over (n in N, c in C)
-template <int VEC>
-__device__ __forceinline__ void embedding_forward_body(long long N, long long V, long long C, const int* __restrict__ ids, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y) {
-    const long long nchunks = ((N) * (C)) / VEC;
-    for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
-         chunk += (long long)gridDim.x * blockDim.x) {
-        long long rem_ = chunk * VEC;
-        const long long c0_ = rem_ % (C);
+template <typename I, int VEC>
+__device__ __forceinline__ void embedding_forward_body(long long N_, long long V_, long long C_, const int* __restrict__ ids, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y) {
+    const I N = (I)N_;
+    const I V = (I)V_;
+    const I C = (I)C_;
+    const I nchunks = ((N) * (C)) / VEC;
+    for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
+         chunk += (I)gridDim.x * blockDim.x) {
+        I rem_ = chunk * VEC;
+        const I c0_ = rem_ % (C);
         rem_ /= (C);
-        const long long n = rem_;
+        const I n = rem_;
         (void)rem_;
-        const long long h0_ = ftrt_ld(ids[n]);
+        const I h0_ = ftrt_ld(ids[n]);
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, w + (((h0_ * C) + c0_)));
         float s0_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
+            __builtin_assume(c0_ % VEC == 0);
+            const I c = c0_ + k_; (void)c;
             const float w0_ = v0_[k_];
             s0_[k_] = w0_;
         }
         ftrt_store_vec<VEC>(y + (((n * C) + c0_)), s0_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) embedding_forward_v8(long long N, long long V, long long C, const int* __restrict__ ids, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y) { embedding_forward_body<8>(N, V, C, ids, w, y); }
-extern "C" __global__ void __launch_bounds__(256) embedding_forward_v1(long long N, long long V, long long C, const int* __restrict__ ids, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y) { embedding_forward_body<1>(N, V, C, ids, w, y); }
+extern "C" __global__ void __launch_bounds__(256) embedding_forward_i32_v8(long long N_, long long V_, long long C_, const int* __restrict__ ids, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y) { embedding_forward_body<int, 8>(N_, V_, C_, ids, w, y); }
+extern "C" __global__ void __launch_bounds__(256) embedding_forward_i32_v1(long long N_, long long V_, long long C_, const int* __restrict__ ids, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y) { embedding_forward_body<int, 1>(N_, V_, C_, ids, w, y); }
+extern "C" __global__ void __launch_bounds__(256) embedding_forward_i64_v8(long long N_, long long V_, long long C_, const int* __restrict__ ids, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y) { embedding_forward_body<long long, 8>(N_, V_, C_, ids, w, y); }
+extern "C" __global__ void __launch_bounds__(256) embedding_forward_i64_v1(long long N_, long long V_, long long C_, const int* __restrict__ ids, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y) { embedding_forward_body<long long, 1>(N_, V_, C_, ids, w, y); }
 
 // embedding backward: flat pass over (v in V, c in C)
-template <int VEC>
-__device__ __forceinline__ void embedding_backward_body(long long N, long long V, long long C, const int* __restrict__ ids, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) {
-    const long long nchunks = ((V) * (C)) / VEC;
-    for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
-         chunk += (long long)gridDim.x * blockDim.x) {
-        long long rem_ = chunk * VEC;
-        const long long c0_ = rem_ % (C);
+template <typename I, int VEC>
+__device__ __forceinline__ void embedding_backward_body(long long N_, long long V_, long long C_, const int* __restrict__ ids, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) {
+    const I N = (I)N_;
+    const I V = (I)V_;
+    const I C = (I)C_;
+    const I nchunks = ((V) * (C)) / VEC;
+    for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
+         chunk += (I)gridDim.x * blockDim.x) {
+        I rem_ = chunk * VEC;
+        const I c0_ = rem_ % (C);
         rem_ /= (C);
-        const long long v = rem_;
+        const I v = rem_;
         (void)rem_;
         float s0_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
-            const float w0_ = ([&]() { float a_ = 0.f; for (long long k = 0LL; k < N; ++k) { a_ += (((ftrt_ld(ids[k]) == v)) ? (float)(ftrt_ld(dy[((k * C) + c)])) : (float)(0.0f)); } return a_; }());
+            __builtin_assume(c0_ % VEC == 0);
+            const I c = c0_ + k_; (void)c;
+            const float w0_ = ([&]() { float a_ = 0.f; for (I k = 0; k < N; ++k) { a_ += (((ftrt_ld(ids[k]) == v)) ? (float)(ftrt_ld(dy[((k * C) + c)])) : (float)(0.0f)); } return a_; }());
             s0_[k_] = w0_;
         }
         ftrt_store_vec<VEC>(dw + (((v * C) + c0_)), s0_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) embedding_backward_v8(long long N, long long V, long long C, const int* __restrict__ ids, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { embedding_backward_body<8>(N, V, C, ids, dy, dw); }
-extern "C" __global__ void __launch_bounds__(256) embedding_backward_v1(long long N, long long V, long long C, const int* __restrict__ ids, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { embedding_backward_body<1>(N, V, C, ids, dy, dw); }
+extern "C" __global__ void __launch_bounds__(256) embedding_backward_i32_v8(long long N_, long long V_, long long C_, const int* __restrict__ ids, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { embedding_backward_body<int, 8>(N_, V_, C_, ids, dy, dw); }
+extern "C" __global__ void __launch_bounds__(256) embedding_backward_i32_v1(long long N_, long long V_, long long C_, const int* __restrict__ ids, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { embedding_backward_body<int, 1>(N_, V_, C_, ids, dy, dw); }
+extern "C" __global__ void __launch_bounds__(256) embedding_backward_i64_v8(long long N_, long long V_, long long C_, const int* __restrict__ ids, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { embedding_backward_body<long long, 8>(N_, V_, C_, ids, dy, dw); }
+extern "C" __global__ void __launch_bounds__(256) embedding_backward_i64_v1(long long N_, long long V_, long long C_, const int* __restrict__ ids, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { embedding_backward_body<long long, 1>(N_, V_, C_, ids, dy, dw); }

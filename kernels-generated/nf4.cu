@@ -11,14 +11,15 @@ typedef __nv_bfloat16 ftrt_t;
 
 __device__ __forceinline__ float ftrt_ld(ftrt_t v) { return __bfloat162float(v); }
 __device__ __forceinline__ float ftrt_ld(float v) { return v; }
-__device__ __forceinline__ long long ftrt_ld(int v) { return (long long)v; }
-__device__ __forceinline__ long long ftrt_ld(unsigned char v) { return (long long)v; }
+__device__ __forceinline__ int ftrt_ld(int v) { return v; }
+__device__ __forceinline__ int ftrt_ld(unsigned char v) { return (int)v; }
 __device__ __forceinline__ ftrt_t ftrt_to_t(float v) { return __float2bfloat16(v); }
 __device__ __forceinline__ float ftrt_round_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
 __device__ __forceinline__ float ftrt_round_t(float v) { return ftrt_round_bf16(v); }
 __device__ __forceinline__ float ftrt_sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
-__device__ __forceinline__ long long ftrt_max_ll(long long a, long long b) { return a > b ? a : b; }
-__device__ __forceinline__ long long ftrt_min_ll(long long a, long long b) { return a < b ? a : b; }
+template <typename A, typename B> __device__ __forceinline__ auto ftrt_max_i(A a, B b) -> decltype(a + b) { return a > b ? a : b; }
+template <typename A, typename B> __device__ __forceinline__ auto ftrt_min_i(A a, B b) -> decltype(a + b) { return a < b ? a : b; }
+template <typename A> __device__ __forceinline__ A ftrt_abs_i(A a) { return a < 0 ? -a : a; }
 __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
     const float m = fmaxf(a, b);
     if (m == -INFINITY) return -INFINITY;
@@ -290,77 +291,89 @@ __device__ __forceinline__ float ftrt_nf4_nested_absmax(const float* code2, unsi
 // absmax[b] = max |x| over the block;  code = nf4_index(x * bnb_recip(absmax)).
 
 // nf4_quantize forward: row pass over (b in (N / 64), j in 32)
-template <int TPR, int VEC>
-__device__ __forceinline__ void nf4_quantize_forward_body(long long N, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) {
+template <typename I, int TPR, int VEC>
+__device__ __forceinline__ void nf4_quantize_forward_body(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) {
+    const I N = (I)N_;
     const int lane = threadIdx.x;
-    const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
-    if (row >= ((N / 64LL))) return;
-    long long rem_ = row;
-    const long long b = rem_;
+    const I row = (I)((long long)blockIdx.x * blockDim.y + threadIdx.y);
+    if (row >= ((N / 64))) return;
+    I rem_ = row;
+    const I b = rem_;
     (void)rem_;
     float acc0_p = -INFINITY;
-    for (long long j0_ = (long long)lane * VEC; j0_ < (32LL); j0_ += (long long)TPR * VEC) {
+    for (I j0_ = (I)lane * VEC; j0_ < (32); j0_ += (I)TPR * VEC) {
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long j = j0_ + k_; (void)j;
-            acc0_p = fmaxf(acc0_p, fmaxf(fabsf(ftrt_ld(x[((b * 64LL) + (2LL * j))])), fabsf(ftrt_ld(x[(((b * 64LL) + (2LL * j)) + 1LL)]))));
+            const I j = j0_ + k_; (void)j;
+            acc0_p = fmaxf(acc0_p, fmaxf(fabsf(ftrt_ld(x[((b * 64) + (2 * j))])), fabsf(ftrt_ld(x[(((b * 64) + (2 * j)) + 1)]))));
         }
     }
     const float acc0 = ftrt_row_max<TPR>(acc0_p);
     const float am = acc0;
     if (lane == 0) { absmax[b] = (float)(am); }
     const float r = ftrt_bnb_recip(am);
-    for (long long j0_ = (long long)lane * VEC; j0_ < (32LL); j0_ += (long long)TPR * VEC) {
+    for (I j0_ = (I)lane * VEC; j0_ < (32); j0_ += (I)TPR * VEC) {
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long j = j0_ + k_; (void)j;
-            const long long w0_ = ((((long long)ftrt_nf4_index(ftrt_mul_ftz(ftrt_ld(x[((b * 64LL) + (2LL * j))]), r))) * 16LL) + ((long long)ftrt_nf4_index(ftrt_mul_ftz(ftrt_ld(x[(((b * 64LL) + (2LL * j)) + 1LL)]), r))));
-            packed[((b * 32LL) + j)] = (unsigned char)(w0_);
+            __builtin_assume(j0_ % VEC == 0);
+            const I j = j0_ + k_; (void)j;
+            const I w0_ = ((((I)ftrt_nf4_index(ftrt_mul_ftz(ftrt_ld(x[((b * 64) + (2 * j))]), r))) * 16) + ((I)ftrt_nf4_index(ftrt_mul_ftz(ftrt_ld(x[(((b * 64) + (2 * j)) + 1)]), r))));
+            packed[((b * 32) + j)] = (unsigned char)(w0_);
         }
     }
 }
-extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_w32_v8(long long N, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<32, 8>(N, x, packed, absmax); }
-extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_w32_v1(long long N, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<32, 1>(N, x, packed, absmax); }
-extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_w256_v8(long long N, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<256, 8>(N, x, packed, absmax); }
-extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_w256_v1(long long N, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<256, 1>(N, x, packed, absmax); }
+extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_i32_w32_v8(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<int, 32, 8>(N_, x, packed, absmax); }
+extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_i32_w32_v1(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<int, 32, 1>(N_, x, packed, absmax); }
+extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_i32_w256_v8(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<int, 256, 8>(N_, x, packed, absmax); }
+extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_i32_w256_v1(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<int, 256, 1>(N_, x, packed, absmax); }
+extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_i64_w32_v8(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<long long, 32, 8>(N_, x, packed, absmax); }
+extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_i64_w32_v1(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<long long, 32, 1>(N_, x, packed, absmax); }
+extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_i64_w256_v8(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<long long, 256, 8>(N_, x, packed, absmax); }
+extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_i64_w256_v1(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<long long, 256, 1>(N_, x, packed, absmax); }
 
 // ==== op `absmax_quantize` ====
 // Double quantization of the NF4 absmax (NA of them) around `offset` (their mean):
 // per block of 256, absmax2 = max |a - offset|, q = dynamic_index(code, (a - offset) * bnb_recip(absmax2)).
 
 // absmax_quantize forward: row pass over (b in ((NA + 255) / 256), j in 256)
-template <int TPR, int VEC>
-__device__ __forceinline__ void absmax_quantize_forward_body(long long NA, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) {
+template <typename I, int TPR, int VEC>
+__device__ __forceinline__ void absmax_quantize_forward_body(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) {
+    const I NA = (I)NA_;
     const int lane = threadIdx.x;
-    const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
-    if (row >= (((NA + 255LL) / 256LL))) return;
-    long long rem_ = row;
-    const long long b = rem_;
+    const I row = (I)((long long)blockIdx.x * blockDim.y + threadIdx.y);
+    if (row >= (((NA + 255) / 256))) return;
+    I rem_ = row;
+    const I b = rem_;
     (void)rem_;
     float acc0_p = -INFINITY;
-    for (long long j0_ = (long long)lane * VEC; j0_ < (256LL); j0_ += (long long)TPR * VEC) {
+    for (I j0_ = (I)lane * VEC; j0_ < (256); j0_ += (I)TPR * VEC) {
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long j = j0_ + k_; (void)j;
-            acc0_p = fmaxf(acc0_p, fabsf((((((b * 256LL) + j) < NA)) ? (float)((ftrt_ld(a[((b * 256LL) + j)]) - offset)) : (float)(0.0f))));
+            const I j = j0_ + k_; (void)j;
+            acc0_p = fmaxf(acc0_p, fabsf((((((b * 256) + j) < NA)) ? (float)((ftrt_ld(a[((b * 256) + j)]) - offset)) : (float)(0.0f))));
         }
     }
     const float acc0 = ftrt_row_max<TPR>(acc0_p);
     const float m = acc0;
     if (lane == 0) { absmax2[b] = (float)(m); }
-    for (long long j0_ = (long long)lane * VEC; j0_ < (256LL); j0_ += (long long)TPR * VEC) {
+    for (I j0_ = (I)lane * VEC; j0_ < (256); j0_ += (I)TPR * VEC) {
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long j = j0_ + k_; (void)j;
-            const long long w0_ = (((((b * 256LL) + j) < NA)) ? (((long long)ftrt_dynamic_index(code, ftrt_mul_ftz((((((b * 256LL) + j) < NA)) ? (float)((ftrt_ld(a[((b * 256LL) + j)]) - offset)) : (float)(0.0f)), ftrt_bnb_recip(m))))) : (0LL));
-            if ((((b * 256LL) + j) < NA)) { q[((b * 256LL) + j)] = (unsigned char)(w0_); }
+            __builtin_assume(j0_ % VEC == 0);
+            const I j = j0_ + k_; (void)j;
+            const I w0_ = (((((b * 256) + j) < NA)) ? (((I)ftrt_dynamic_index(code, ftrt_mul_ftz((((((b * 256) + j) < NA)) ? (float)((ftrt_ld(a[((b * 256) + j)]) - offset)) : (float)(0.0f)), ftrt_bnb_recip(m))))) : (0));
+            if ((((b * 256) + j) < NA)) { q[((b * 256) + j)] = (unsigned char)(w0_); }
         }
     }
 }
-extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_w32_v8(long long NA, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<32, 8>(NA, offset, a, code, q, absmax2); }
-extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_w32_v1(long long NA, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<32, 1>(NA, offset, a, code, q, absmax2); }
-extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_w256_v8(long long NA, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<256, 8>(NA, offset, a, code, q, absmax2); }
-extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_w256_v1(long long NA, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<256, 1>(NA, offset, a, code, q, absmax2); }
+extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_i32_w32_v8(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<int, 32, 8>(NA_, offset, a, code, q, absmax2); }
+extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_i32_w32_v1(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<int, 32, 1>(NA_, offset, a, code, q, absmax2); }
+extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_i32_w256_v8(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<int, 256, 8>(NA_, offset, a, code, q, absmax2); }
+extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_i32_w256_v1(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<int, 256, 1>(NA_, offset, a, code, q, absmax2); }
+extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_i64_w32_v8(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<long long, 32, 8>(NA_, offset, a, code, q, absmax2); }
+extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_i64_w32_v1(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<long long, 32, 1>(NA_, offset, a, code, q, absmax2); }
+extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_i64_w256_v8(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<long long, 256, 8>(NA_, offset, a, code, q, absmax2); }
+extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_i64_w256_v1(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<long long, 256, 1>(NA_, offset, a, code, q, absmax2); }
 
 // ==== op `nf4_dequantize` ====
 // NF4 dequantization with double-quantized absmax (N a multiple of 64), one block of 64
@@ -368,59 +381,67 @@ extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_w256_v
 // w[i] = T(nf4[q_i] * (code2[absmax_q[i / 64]] * absmax2[i / 16384] + offset)).
 
 // nf4_dequantize forward: flat pass over (b in (N / 64), j in 64)
-template <int VEC>
-__device__ __forceinline__ void nf4_dequantize_forward_body(long long N, float offset, const unsigned char* __restrict__ packed, const unsigned char* __restrict__ absmax_q, const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ nf4, ftrt_t* __restrict__ w) {
-    const long long nchunks = (((N / 64LL)) * (64LL)) / VEC;
-    for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
-         chunk += (long long)gridDim.x * blockDim.x) {
-        long long rem_ = chunk * VEC;
-        const long long j0_ = rem_ % (64LL);
-        rem_ /= (64LL);
-        const long long b = rem_;
+template <typename I, int VEC>
+__device__ __forceinline__ void nf4_dequantize_forward_body(long long N_, float offset, const unsigned char* __restrict__ packed, const unsigned char* __restrict__ absmax_q, const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ nf4, ftrt_t* __restrict__ w) {
+    const I N = (I)N_;
+    const I nchunks = (((N / 64)) * (64)) / VEC;
+    for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
+         chunk += (I)gridDim.x * blockDim.x) {
+        I rem_ = chunk * VEC;
+        const I j0_ = rem_ % (64);
+        rem_ /= (64);
+        const I b = rem_;
         (void)rem_;
-        const float am = (ftrt_mul_ftz(ftrt_ld(code2[ftrt_ld(absmax_q[b])]), ftrt_ld(absmax2[(b / 256LL)])) + offset);
+        const float am = (ftrt_mul_ftz(ftrt_ld(code2[ftrt_ld(absmax_q[b])]), ftrt_ld(absmax2[(b / 256)])) + offset);
         float s2_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long j = j0_ + k_; (void)j;
-            const long long byte = ftrt_ld(packed[((b * 32LL) + (j / 2LL))]);
-            const long long q = ((((j % 2LL) == 0LL)) ? ((byte >> 4LL)) : ((byte & 15LL)));
+            __builtin_assume(j0_ % VEC == 0);
+            const I j = j0_ + k_; (void)j;
+            const I byte = ftrt_ld(packed[((b * 32) + (j / 2))]);
+            const I q = ((((j % 2) == 0)) ? ((byte >> 4)) : ((byte & 15)));
             const float w2_ = ftrt_mul_ftz(ftrt_ld(nf4[q]), am);
             s2_[k_] = w2_;
         }
-        ftrt_store_vec<VEC>(w + (((b * 64LL) + j0_)), s2_);
+        ftrt_store_vec<VEC>(w + (((b * 64) + j0_)), s2_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) nf4_dequantize_forward_v8(long long N, float offset, const unsigned char* __restrict__ packed, const unsigned char* __restrict__ absmax_q, const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ nf4, ftrt_t* __restrict__ w) { nf4_dequantize_forward_body<8>(N, offset, packed, absmax_q, absmax2, code2, nf4, w); }
-extern "C" __global__ void __launch_bounds__(256) nf4_dequantize_forward_v1(long long N, float offset, const unsigned char* __restrict__ packed, const unsigned char* __restrict__ absmax_q, const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ nf4, ftrt_t* __restrict__ w) { nf4_dequantize_forward_body<1>(N, offset, packed, absmax_q, absmax2, code2, nf4, w); }
+extern "C" __global__ void __launch_bounds__(256) nf4_dequantize_forward_i32_v8(long long N_, float offset, const unsigned char* __restrict__ packed, const unsigned char* __restrict__ absmax_q, const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ nf4, ftrt_t* __restrict__ w) { nf4_dequantize_forward_body<int, 8>(N_, offset, packed, absmax_q, absmax2, code2, nf4, w); }
+extern "C" __global__ void __launch_bounds__(256) nf4_dequantize_forward_i32_v1(long long N_, float offset, const unsigned char* __restrict__ packed, const unsigned char* __restrict__ absmax_q, const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ nf4, ftrt_t* __restrict__ w) { nf4_dequantize_forward_body<int, 1>(N_, offset, packed, absmax_q, absmax2, code2, nf4, w); }
+extern "C" __global__ void __launch_bounds__(256) nf4_dequantize_forward_i64_v8(long long N_, float offset, const unsigned char* __restrict__ packed, const unsigned char* __restrict__ absmax_q, const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ nf4, ftrt_t* __restrict__ w) { nf4_dequantize_forward_body<long long, 8>(N_, offset, packed, absmax_q, absmax2, code2, nf4, w); }
+extern "C" __global__ void __launch_bounds__(256) nf4_dequantize_forward_i64_v1(long long N_, float offset, const unsigned char* __restrict__ packed, const unsigned char* __restrict__ absmax_q, const float* __restrict__ absmax2, const float* __restrict__ code2, const float* __restrict__ nf4, ftrt_t* __restrict__ w) { nf4_dequantize_forward_body<long long, 1>(N_, offset, packed, absmax_q, absmax2, code2, nf4, w); }
 
 // ==== op `nf4_dequantize_f32_absmax` ====
 // NF4 dequantization with plain f32 absmax (checkpoints without double quantization):
 // w[i] = T(nf4[q_i] * absmax[i / 64]).
 
 // nf4_dequantize_f32_absmax forward: flat pass over (b in (N / 64), j in 64)
-template <int VEC>
-__device__ __forceinline__ void nf4_dequantize_f32_absmax_forward_body(long long N, const unsigned char* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ nf4, ftrt_t* __restrict__ w) {
-    const long long nchunks = (((N / 64LL)) * (64LL)) / VEC;
-    for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
-         chunk += (long long)gridDim.x * blockDim.x) {
-        long long rem_ = chunk * VEC;
-        const long long j0_ = rem_ % (64LL);
-        rem_ /= (64LL);
-        const long long b = rem_;
+template <typename I, int VEC>
+__device__ __forceinline__ void nf4_dequantize_f32_absmax_forward_body(long long N_, const unsigned char* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ nf4, ftrt_t* __restrict__ w) {
+    const I N = (I)N_;
+    const I nchunks = (((N / 64)) * (64)) / VEC;
+    for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
+         chunk += (I)gridDim.x * blockDim.x) {
+        I rem_ = chunk * VEC;
+        const I j0_ = rem_ % (64);
+        rem_ /= (64);
+        const I b = rem_;
         (void)rem_;
         const float h0_ = ftrt_ld(absmax[b]);
         float s2_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long j = j0_ + k_; (void)j;
-            const long long byte = ftrt_ld(packed[((b * 32LL) + (j / 2LL))]);
-            const long long q = ((((j % 2LL) == 0LL)) ? ((byte >> 4LL)) : ((byte & 15LL)));
+            __builtin_assume(j0_ % VEC == 0);
+            const I j = j0_ + k_; (void)j;
+            const I byte = ftrt_ld(packed[((b * 32) + (j / 2))]);
+            const I q = ((((j % 2) == 0)) ? ((byte >> 4)) : ((byte & 15)));
             const float w2_ = ftrt_mul_ftz(ftrt_ld(nf4[q]), h0_);
             s2_[k_] = w2_;
         }
-        ftrt_store_vec<VEC>(w + (((b * 64LL) + j0_)), s2_);
+        ftrt_store_vec<VEC>(w + (((b * 64) + j0_)), s2_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) nf4_dequantize_f32_absmax_forward_v8(long long N, const unsigned char* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ nf4, ftrt_t* __restrict__ w) { nf4_dequantize_f32_absmax_forward_body<8>(N, packed, absmax, nf4, w); }
-extern "C" __global__ void __launch_bounds__(256) nf4_dequantize_f32_absmax_forward_v1(long long N, const unsigned char* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ nf4, ftrt_t* __restrict__ w) { nf4_dequantize_f32_absmax_forward_body<1>(N, packed, absmax, nf4, w); }
+extern "C" __global__ void __launch_bounds__(256) nf4_dequantize_f32_absmax_forward_i32_v8(long long N_, const unsigned char* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ nf4, ftrt_t* __restrict__ w) { nf4_dequantize_f32_absmax_forward_body<int, 8>(N_, packed, absmax, nf4, w); }
+extern "C" __global__ void __launch_bounds__(256) nf4_dequantize_f32_absmax_forward_i32_v1(long long N_, const unsigned char* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ nf4, ftrt_t* __restrict__ w) { nf4_dequantize_f32_absmax_forward_body<int, 1>(N_, packed, absmax, nf4, w); }
+extern "C" __global__ void __launch_bounds__(256) nf4_dequantize_f32_absmax_forward_i64_v8(long long N_, const unsigned char* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ nf4, ftrt_t* __restrict__ w) { nf4_dequantize_f32_absmax_forward_body<long long, 8>(N_, packed, absmax, nf4, w); }
+extern "C" __global__ void __launch_bounds__(256) nf4_dequantize_f32_absmax_forward_i64_v1(long long N_, const unsigned char* __restrict__ packed, const float* __restrict__ absmax, const float* __restrict__ nf4, ftrt_t* __restrict__ w) { nf4_dequantize_f32_absmax_forward_body<long long, 1>(N_, packed, absmax, nf4, w); }

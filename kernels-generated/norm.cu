@@ -11,14 +11,15 @@ typedef __nv_bfloat16 ftrt_t;
 
 __device__ __forceinline__ float ftrt_ld(ftrt_t v) { return __bfloat162float(v); }
 __device__ __forceinline__ float ftrt_ld(float v) { return v; }
-__device__ __forceinline__ long long ftrt_ld(int v) { return (long long)v; }
-__device__ __forceinline__ long long ftrt_ld(unsigned char v) { return (long long)v; }
+__device__ __forceinline__ int ftrt_ld(int v) { return v; }
+__device__ __forceinline__ int ftrt_ld(unsigned char v) { return (int)v; }
 __device__ __forceinline__ ftrt_t ftrt_to_t(float v) { return __float2bfloat16(v); }
 __device__ __forceinline__ float ftrt_round_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
 __device__ __forceinline__ float ftrt_round_t(float v) { return ftrt_round_bf16(v); }
 __device__ __forceinline__ float ftrt_sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
-__device__ __forceinline__ long long ftrt_max_ll(long long a, long long b) { return a > b ? a : b; }
-__device__ __forceinline__ long long ftrt_min_ll(long long a, long long b) { return a < b ? a : b; }
+template <typename A, typename B> __device__ __forceinline__ auto ftrt_max_i(A a, B b) -> decltype(a + b) { return a > b ? a : b; }
+template <typename A, typename B> __device__ __forceinline__ auto ftrt_min_i(A a, B b) -> decltype(a + b) { return a < b ? a : b; }
+template <typename A> __device__ __forceinline__ A ftrt_abs_i(A a) { return a < 0 ? -a : a; }
 __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
     const float m = fmaxf(a, b);
     if (m == -INFINITY) return -INFINITY;
@@ -145,198 +146,232 @@ template <int TPR> __device__ __forceinline__ float ftrt_row_lse(float m, float 
 // `backward dw` gives dw = sum over rows of T(dy * T(x * rstd)) (full fine-tuning only).
 
 // rms_norm forward: row pass over (r in R, c in C)
-template <int TPR, int VEC>
-__device__ __forceinline__ void rms_norm_forward_body(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) {
+template <typename I, int TPR, int VEC>
+__device__ __forceinline__ void rms_norm_forward_body(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) {
+    const I R = (I)R_;
+    const I C = (I)C_;
     const int lane = threadIdx.x;
-    const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
+    const I row = (I)((long long)blockIdx.x * blockDim.y + threadIdx.y);
     if (row >= (R)) return;
-    long long rem_ = row;
-    const long long r = rem_;
+    I rem_ = row;
+    const I r = rem_;
     (void)rem_;
     float acc0_p = 0.f;
-    for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
+    for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, x + (((r * C) + c0_)));
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
+            const I c = c0_ + k_; (void)c;
             acc0_p += (v0_[k_] * v0_[k_]);
         }
     }
     const float acc0 = ftrt_row_sum<TPR>(acc0_p) / (float)(C);
     const float rs = rsqrtf((acc0 + eps));
     if (lane == 0) { rstd[r] = (float)(rs); }
-    for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
+    for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, w + (c0_));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, x + (((r * C) + c0_)));
         float s0_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
+            __builtin_assume(c0_ % VEC == 0);
+            const I c = c0_ + k_; (void)c;
             const float w0_ = (v0_[k_] * ftrt_round_t((v1_[k_] * rs)));
             s0_[k_] = w0_;
         }
         ftrt_store_vec<VEC>(y + (((r * C) + c0_)), s0_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_w32_v8(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<32, 8>(R, C, eps, x, w, y, rstd); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_w32_v1(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<32, 1>(R, C, eps, x, w, y, rstd); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_w256_v8(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<256, 8>(R, C, eps, x, w, y, rstd); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_w256_v1(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<256, 1>(R, C, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_i32_w32_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<int, 32, 8>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_i32_w32_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<int, 32, 1>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_i32_w256_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<int, 256, 8>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_i32_w256_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<int, 256, 1>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_i64_w32_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<long long, 32, 8>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_i64_w32_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<long long, 32, 1>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_i64_w256_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<long long, 256, 8>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_i64_w256_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<long long, 256, 1>(R_, C_, eps, x, w, y, rstd); }
 
 // rms_norm backward dx: row pass over (r in R, c in C)
-template <int TPR, int VEC>
-__device__ __forceinline__ void rms_norm_backward_dx_body(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) {
+template <typename I, int TPR, int VEC>
+__device__ __forceinline__ void rms_norm_backward_dx_body(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) {
+    const I R = (I)R_;
+    const I C = (I)C_;
     const int lane = threadIdx.x;
-    const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
+    const I row = (I)((long long)blockIdx.x * blockDim.y + threadIdx.y);
     if (row >= (R)) return;
-    long long rem_ = row;
-    const long long r = rem_;
+    I rem_ = row;
+    const I r = rem_;
     (void)rem_;
     float acc0_p = 0.f;
     const float h0_ = ftrt_ld(rstd[r]);
-    for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
+    for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dy + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, w + (c0_));
         float v2_[VEC]; ftrt_load_vec<VEC>(v2_, x + (((r * C) + c0_)));
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
+            const I c = c0_ + k_; (void)c;
             acc0_p += (ftrt_round_t((v0_[k_] * v1_[k_])) * (v2_[k_] * h0_));
         }
     }
     const float acc0 = ftrt_row_sum<TPR>(acc0_p) / (float)(C);
     const float m = acc0;
     const float h1_ = ftrt_ld(rstd[r]);
-    for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
+    for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dy + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, w + (c0_));
         float v2_[VEC]; ftrt_load_vec<VEC>(v2_, x + (((r * C) + c0_)));
         float s0_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
+            __builtin_assume(c0_ % VEC == 0);
+            const I c = c0_ + k_; (void)c;
             const float w0_ = (h1_ * (ftrt_round_t((v0_[k_] * v1_[k_])) - ((v2_[k_] * h1_) * m)));
             s0_[k_] = w0_;
         }
         ftrt_store_vec<VEC>(dx + (((r * C) + c0_)), s0_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_w32_v8(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<32, 8>(R, C, x, w, rstd, dy, dx); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_w32_v1(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<32, 1>(R, C, x, w, rstd, dy, dx); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_w256_v8(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<256, 8>(R, C, x, w, rstd, dy, dx); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_w256_v1(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<256, 1>(R, C, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_i32_w32_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<int, 32, 8>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_i32_w32_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<int, 32, 1>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_i32_w256_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<int, 256, 8>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_i32_w256_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<int, 256, 1>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_i64_w32_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<long long, 32, 8>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_i64_w32_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<long long, 32, 1>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_i64_w256_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<long long, 256, 8>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_i64_w256_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<long long, 256, 1>(R_, C_, x, w, rstd, dy, dx); }
 
 // rms_norm backward dw: row pass over (c in C, r in R)
-template <int TPR, int VEC>
-__device__ __forceinline__ void rms_norm_backward_dw_body(long long R, long long C, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) {
+template <typename I, int TPR, int VEC>
+__device__ __forceinline__ void rms_norm_backward_dw_body(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) {
+    const I R = (I)R_;
+    const I C = (I)C_;
     const int lane = threadIdx.x;
-    const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
+    const I row = (I)((long long)blockIdx.x * blockDim.y + threadIdx.y);
     if (row >= (C)) return;
-    long long rem_ = row;
-    const long long c = rem_;
+    I rem_ = row;
+    const I c = rem_;
     (void)rem_;
     float acc0_p = 0.f;
-    for (long long r0_ = (long long)lane * VEC; r0_ < (R); r0_ += (long long)TPR * VEC) {
+    for (I r0_ = (I)lane * VEC; r0_ < (R); r0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, rstd + (r0_));
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long r = r0_ + k_; (void)r;
+            const I r = r0_ + k_; (void)r;
             acc0_p += ftrt_round_t((ftrt_ld(dy[((r * C) + c)]) * ftrt_round_t((ftrt_ld(x[((r * C) + c)]) * v0_[k_]))));
         }
     }
     const float acc0 = ftrt_row_sum<TPR>(acc0_p);
     if (lane == 0) { dw[c] = ftrt_to_t(acc0); }
 }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_w32_v8(long long R, long long C, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<32, 8>(R, C, x, rstd, dy, dw); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_w32_v1(long long R, long long C, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<32, 1>(R, C, x, rstd, dy, dw); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_w256_v8(long long R, long long C, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<256, 8>(R, C, x, rstd, dy, dw); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_w256_v1(long long R, long long C, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<256, 1>(R, C, x, rstd, dy, dw); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_i32_w32_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<int, 32, 8>(R_, C_, x, rstd, dy, dw); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_i32_w32_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<int, 32, 1>(R_, C_, x, rstd, dy, dw); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_i32_w256_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<int, 256, 8>(R_, C_, x, rstd, dy, dw); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_i32_w256_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<int, 256, 1>(R_, C_, x, rstd, dy, dw); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_i64_w32_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<long long, 32, 8>(R_, C_, x, rstd, dy, dw); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_i64_w32_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<long long, 32, 1>(R_, C_, x, rstd, dy, dw); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_i64_w256_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<long long, 256, 8>(R_, C_, x, rstd, dy, dw); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_i64_w256_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<long long, 256, 1>(R_, C_, x, rstd, dy, dw); }
 
 // ==== op `rms_norm_gemma` ====
 // Gemma's RMSNorm: everything in f32, the weight offset by one, one cast at the end.
 // y = T(x * rstd * (1 + w)).  Saves rstd (R) f32.
 
 // rms_norm_gemma forward: row pass over (r in R, c in C)
-template <int TPR, int VEC>
-__device__ __forceinline__ void rms_norm_gemma_forward_body(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) {
+template <typename I, int TPR, int VEC>
+__device__ __forceinline__ void rms_norm_gemma_forward_body(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) {
+    const I R = (I)R_;
+    const I C = (I)C_;
     const int lane = threadIdx.x;
-    const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
+    const I row = (I)((long long)blockIdx.x * blockDim.y + threadIdx.y);
     if (row >= (R)) return;
-    long long rem_ = row;
-    const long long r = rem_;
+    I rem_ = row;
+    const I r = rem_;
     (void)rem_;
     float acc0_p = 0.f;
-    for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
+    for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, x + (((r * C) + c0_)));
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
+            const I c = c0_ + k_; (void)c;
             acc0_p += (v0_[k_] * v0_[k_]);
         }
     }
     const float acc0 = ftrt_row_sum<TPR>(acc0_p) / (float)(C);
     const float rs = rsqrtf((acc0 + eps));
     if (lane == 0) { rstd[r] = (float)(rs); }
-    for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
+    for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, x + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, w + (c0_));
         float s0_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
+            __builtin_assume(c0_ % VEC == 0);
+            const I c = c0_ + k_; (void)c;
             const float w0_ = ((v0_[k_] * rs) * (1.0f + v1_[k_]));
             s0_[k_] = w0_;
         }
         ftrt_store_vec<VEC>(y + (((r * C) + c0_)), s0_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_w32_v8(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<32, 8>(R, C, eps, x, w, y, rstd); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_w32_v1(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<32, 1>(R, C, eps, x, w, y, rstd); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_w256_v8(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<256, 8>(R, C, eps, x, w, y, rstd); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_w256_v1(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<256, 1>(R, C, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_i32_w32_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<int, 32, 8>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_i32_w32_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<int, 32, 1>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_i32_w256_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<int, 256, 8>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_i32_w256_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<int, 256, 1>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_i64_w32_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<long long, 32, 8>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_i64_w32_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<long long, 32, 1>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_i64_w256_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<long long, 256, 8>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_i64_w256_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<long long, 256, 1>(R_, C_, eps, x, w, y, rstd); }
 
 // rms_norm_gemma backward dx: row pass over (r in R, c in C)
-template <int TPR, int VEC>
-__device__ __forceinline__ void rms_norm_gemma_backward_dx_body(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) {
+template <typename I, int TPR, int VEC>
+__device__ __forceinline__ void rms_norm_gemma_backward_dx_body(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) {
+    const I R = (I)R_;
+    const I C = (I)C_;
     const int lane = threadIdx.x;
-    const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
+    const I row = (I)((long long)blockIdx.x * blockDim.y + threadIdx.y);
     if (row >= (R)) return;
-    long long rem_ = row;
-    const long long r = rem_;
+    I rem_ = row;
+    const I r = rem_;
     (void)rem_;
     float acc0_p = 0.f;
     const float h0_ = ftrt_ld(rstd[r]);
-    for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
+    for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dy + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, w + (c0_));
         float v2_[VEC]; ftrt_load_vec<VEC>(v2_, x + (((r * C) + c0_)));
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
+            const I c = c0_ + k_; (void)c;
             acc0_p += ((v0_[k_] * (1.0f + v1_[k_])) * (v2_[k_] * h0_));
         }
     }
     const float acc0 = ftrt_row_sum<TPR>(acc0_p) / (float)(C);
     const float m = acc0;
     const float h1_ = ftrt_ld(rstd[r]);
-    for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
+    for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dy + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, w + (c0_));
         float v2_[VEC]; ftrt_load_vec<VEC>(v2_, x + (((r * C) + c0_)));
         float s0_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
+            __builtin_assume(c0_ % VEC == 0);
+            const I c = c0_ + k_; (void)c;
             const float w0_ = (h1_ * ((v0_[k_] * (1.0f + v1_[k_])) - ((v2_[k_] * h1_) * m)));
             s0_[k_] = w0_;
         }
         ftrt_store_vec<VEC>(dx + (((r * C) + c0_)), s0_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_w32_v8(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<32, 8>(R, C, x, w, rstd, dy, dx); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_w32_v1(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<32, 1>(R, C, x, w, rstd, dy, dx); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_w256_v8(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<256, 8>(R, C, x, w, rstd, dy, dx); }
-extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_w256_v1(long long R, long long C, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<256, 1>(R, C, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_i32_w32_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<int, 32, 8>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_i32_w32_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<int, 32, 1>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_i32_w256_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<int, 256, 8>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_i32_w256_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<int, 256, 1>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_i64_w32_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<long long, 32, 8>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_i64_w32_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<long long, 32, 1>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_i64_w256_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<long long, 256, 8>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_i64_w256_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<long long, 256, 1>(R_, C_, x, w, rstd, dy, dx); }
 
 // ==== op `add_rms_norm` ====
 // Residual add fused with Llama RMSNorm: h = T(x + res) is the new residual stream,
@@ -346,28 +381,30 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_w25
 // norm's gradient rounded to T before it joins the residual's, as autograd does.
 
 // add_rms_norm forward: row pass over (r in R, c in C)
-template <int TPR, int VEC>
-__device__ __forceinline__ void add_rms_norm_forward_body(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) {
+template <typename I, int TPR, int VEC>
+__device__ __forceinline__ void add_rms_norm_forward_body(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) {
+    const I R = (I)R_;
+    const I C = (I)C_;
     const int lane = threadIdx.x;
-    const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
+    const I row = (I)((long long)blockIdx.x * blockDim.y + threadIdx.y);
     if (row >= (R)) return;
-    long long rem_ = row;
-    const long long r = rem_;
+    I rem_ = row;
+    const I r = rem_;
     (void)rem_;
     float acc0_p = 0.f;
-    for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
+    for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, x + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, res + (((r * C) + c0_)));
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
+            const I c = c0_ + k_; (void)c;
             acc0_p += (ftrt_round_t((v0_[k_] + v1_[k_])) * ftrt_round_t((v0_[k_] + v1_[k_])));
         }
     }
     const float acc0 = ftrt_row_sum<TPR>(acc0_p) / (float)(C);
     const float rms_norm_rs = rsqrtf((acc0 + eps));
     if (lane == 0) { rstd[r] = (float)(rms_norm_rs); }
-    for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
+    for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, w + (c0_));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, x + (((r * C) + c0_)));
         float v2_[VEC]; ftrt_load_vec<VEC>(v2_, res + (((r * C) + c0_)));
@@ -375,7 +412,8 @@ __device__ __forceinline__ void add_rms_norm_forward_body(long long R, long long
         float s1_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
+            __builtin_assume(c0_ % VEC == 0);
+            const I c = c0_ + k_; (void)c;
             const float w0_ = (v0_[k_] * ftrt_round_t((ftrt_round_t((v1_[k_] + v2_[k_])) * rms_norm_rs)));
             const float w1_ = ftrt_round_t((v1_[k_] + v2_[k_]));
             s0_[k_] = w0_;
@@ -385,36 +423,42 @@ __device__ __forceinline__ void add_rms_norm_forward_body(long long R, long long
         ftrt_store_vec<VEC>(h + (((r * C) + c0_)), s1_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_w32_v8(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<32, 8>(R, C, eps, x, res, w, y, h, rstd); }
-extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_w32_v1(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<32, 1>(R, C, eps, x, res, w, y, h, rstd); }
-extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_w256_v8(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<256, 8>(R, C, eps, x, res, w, y, h, rstd); }
-extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_w256_v1(long long R, long long C, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<256, 1>(R, C, eps, x, res, w, y, h, rstd); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_i32_w32_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<int, 32, 8>(R_, C_, eps, x, res, w, y, h, rstd); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_i32_w32_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<int, 32, 1>(R_, C_, eps, x, res, w, y, h, rstd); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_i32_w256_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<int, 256, 8>(R_, C_, eps, x, res, w, y, h, rstd); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_i32_w256_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<int, 256, 1>(R_, C_, eps, x, res, w, y, h, rstd); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_i64_w32_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<long long, 32, 8>(R_, C_, eps, x, res, w, y, h, rstd); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_i64_w32_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<long long, 32, 1>(R_, C_, eps, x, res, w, y, h, rstd); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_i64_w256_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<long long, 256, 8>(R_, C_, eps, x, res, w, y, h, rstd); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_i64_w256_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<long long, 256, 1>(R_, C_, eps, x, res, w, y, h, rstd); }
 
 // add_rms_norm backward: row pass over (r in R, c in C)
-template <int TPR, int VEC>
-__device__ __forceinline__ void add_rms_norm_backward_body(long long R, long long C, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) {
+template <typename I, int TPR, int VEC>
+__device__ __forceinline__ void add_rms_norm_backward_body(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) {
+    const I R = (I)R_;
+    const I C = (I)C_;
     const int lane = threadIdx.x;
-    const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
+    const I row = (I)((long long)blockIdx.x * blockDim.y + threadIdx.y);
     if (row >= (R)) return;
-    long long rem_ = row;
-    const long long r = rem_;
+    I rem_ = row;
+    const I r = rem_;
     (void)rem_;
     float acc0_p = 0.f;
     const float h0_ = ftrt_ld(rstd[r]);
-    for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
+    for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dy + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, w + (c0_));
         float v2_[VEC]; ftrt_load_vec<VEC>(v2_, h + (((r * C) + c0_)));
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
+            const I c = c0_ + k_; (void)c;
             acc0_p += (ftrt_round_t((v0_[k_] * v1_[k_])) * (v2_[k_] * h0_));
         }
     }
     const float acc0 = ftrt_row_sum<TPR>(acc0_p) / (float)(C);
     const float rms_norm_m = acc0;
     const float h1_ = ftrt_ld(rstd[r]);
-    for (long long c0_ = (long long)lane * VEC; c0_ < (C); c0_ += (long long)TPR * VEC) {
+    for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dh + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, dy + (((r * C) + c0_)));
         float v2_[VEC]; ftrt_load_vec<VEC>(v2_, w + (c0_));
@@ -423,7 +467,8 @@ __device__ __forceinline__ void add_rms_norm_backward_body(long long R, long lon
         float s1_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
+            __builtin_assume(c0_ % VEC == 0);
+            const I c = c0_ + k_; (void)c;
             const float w0_ = (v0_[k_] + ftrt_round_t((h1_ * (ftrt_round_t((v1_[k_] * v2_[k_])) - ((v3_[k_] * h1_) * rms_norm_m)))));
             const float w1_ = (v0_[k_] + ftrt_round_t((h1_ * (ftrt_round_t((v1_[k_] * v2_[k_])) - ((v3_[k_] * h1_) * rms_norm_m)))));
             s0_[k_] = w0_;
@@ -433,7 +478,11 @@ __device__ __forceinline__ void add_rms_norm_backward_body(long long R, long lon
         ftrt_store_vec<VEC>(dres + (((r * C) + c0_)), s1_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_w32_v8(long long R, long long C, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<32, 8>(R, C, w, h, rstd, dy, dh, dx, dres); }
-extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_w32_v1(long long R, long long C, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<32, 1>(R, C, w, h, rstd, dy, dh, dx, dres); }
-extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_w256_v8(long long R, long long C, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<256, 8>(R, C, w, h, rstd, dy, dh, dx, dres); }
-extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_w256_v1(long long R, long long C, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<256, 1>(R, C, w, h, rstd, dy, dh, dx, dres); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_i32_w32_v8(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<int, 32, 8>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_i32_w32_v1(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<int, 32, 1>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_i32_w256_v8(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<int, 256, 8>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_i32_w256_v1(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<int, 256, 1>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_i64_w32_v8(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<long long, 32, 8>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_i64_w32_v1(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<long long, 32, 1>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_i64_w256_v8(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<long long, 256, 8>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
+extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_i64_w256_v1(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<long long, 256, 1>(R_, C_, w, h, rstd, dy, dh, dx, dres); }

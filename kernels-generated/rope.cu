@@ -11,14 +11,15 @@ typedef __nv_bfloat16 ftrt_t;
 
 __device__ __forceinline__ float ftrt_ld(ftrt_t v) { return __bfloat162float(v); }
 __device__ __forceinline__ float ftrt_ld(float v) { return v; }
-__device__ __forceinline__ long long ftrt_ld(int v) { return (long long)v; }
-__device__ __forceinline__ long long ftrt_ld(unsigned char v) { return (long long)v; }
+__device__ __forceinline__ int ftrt_ld(int v) { return v; }
+__device__ __forceinline__ int ftrt_ld(unsigned char v) { return (int)v; }
 __device__ __forceinline__ ftrt_t ftrt_to_t(float v) { return __float2bfloat16(v); }
 __device__ __forceinline__ float ftrt_round_bf16(float v) { return __bfloat162float(__float2bfloat16(v)); }
 __device__ __forceinline__ float ftrt_round_t(float v) { return ftrt_round_bf16(v); }
 __device__ __forceinline__ float ftrt_sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
-__device__ __forceinline__ long long ftrt_max_ll(long long a, long long b) { return a > b ? a : b; }
-__device__ __forceinline__ long long ftrt_min_ll(long long a, long long b) { return a < b ? a : b; }
+template <typename A, typename B> __device__ __forceinline__ auto ftrt_max_i(A a, B b) -> decltype(a + b) { return a > b ? a : b; }
+template <typename A, typename B> __device__ __forceinline__ auto ftrt_min_i(A a, B b) -> decltype(a + b) { return a < b ? a : b; }
+template <typename A> __device__ __forceinline__ A ftrt_abs_i(A a) { return a < 0 ? -a : a; }
 __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
     const float m = fmaxf(a, b);
     if (m == -INFINITY) return -INFINITY;
@@ -145,30 +146,35 @@ template <int TPR> __device__ __forceinline__ float ftrt_row_lse(float m, float 
 // dx1 = T(g1 * cos1) + T(g2 * sin2),  dx2 = T(g2 * cos2) - T(g1 * sin1).
 
 // rope forward: flat pass over (n in N, h in H, c in (D / 2))
-template <int VEC>
-__device__ __forceinline__ void rope_forward_body(long long N, long long H, long long D, long long P, ftrt_t* __restrict__ x, const int* __restrict__ pos, const ftrt_t* __restrict__ cos, const ftrt_t* __restrict__ sin) {
-    const long long nchunks = ((N) * (H) * ((D / 2LL))) / VEC;
-    for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
-         chunk += (long long)gridDim.x * blockDim.x) {
-        long long rem_ = chunk * VEC;
-        const long long c0_ = rem_ % ((D / 2LL));
-        rem_ /= ((D / 2LL));
-        const long long h = rem_ % (H);
+template <typename I, int VEC>
+__device__ __forceinline__ void rope_forward_body(long long N_, long long H_, long long D_, long long P_, ftrt_t* __restrict__ x, const int* __restrict__ pos, const ftrt_t* __restrict__ cos, const ftrt_t* __restrict__ sin) {
+    const I N = (I)N_;
+    const I H = (I)H_;
+    const I D = (I)D_;
+    const I P = (I)P_;
+    const I nchunks = ((N) * (H) * ((D / 2))) / VEC;
+    for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
+         chunk += (I)gridDim.x * blockDim.x) {
+        I rem_ = chunk * VEC;
+        const I c0_ = rem_ % ((D / 2));
+        rem_ /= ((D / 2));
+        const I h = rem_ % (H);
         rem_ /= (H);
-        const long long n = rem_;
+        const I n = rem_;
         (void)rem_;
-        const long long p = ftrt_ld(pos[n]);
+        const I p = ftrt_ld(pos[n]);
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, x + (((((n * H) + h) * D) + c0_)));
-        float v1_[VEC]; ftrt_load_vec<VEC>(v1_, x + (((((n * H) + h) * D) + (c0_ + (D / 2LL)))));
+        float v1_[VEC]; ftrt_load_vec<VEC>(v1_, x + (((((n * H) + h) * D) + (c0_ + (D / 2)))));
         float v2_[VEC]; ftrt_load_vec<VEC>(v2_, cos + (((p * D) + c0_)));
         float v3_[VEC]; ftrt_load_vec<VEC>(v3_, sin + (((p * D) + c0_)));
-        float v4_[VEC]; ftrt_load_vec<VEC>(v4_, cos + (((p * D) + (c0_ + (D / 2LL)))));
-        float v5_[VEC]; ftrt_load_vec<VEC>(v5_, sin + (((p * D) + (c0_ + (D / 2LL)))));
+        float v4_[VEC]; ftrt_load_vec<VEC>(v4_, cos + (((p * D) + (c0_ + (D / 2)))));
+        float v5_[VEC]; ftrt_load_vec<VEC>(v5_, sin + (((p * D) + (c0_ + (D / 2)))));
         float s2_[VEC];
         float s3_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
+            __builtin_assume(c0_ % VEC == 0);
+            const I c = c0_ + k_; (void)c;
             const float x1 = v0_[k_];
             const float x2 = v1_[k_];
             const float w2_ = (ftrt_round_t((x1 * v2_[k_])) - ftrt_round_t((x2 * v3_[k_])));
@@ -177,37 +183,44 @@ __device__ __forceinline__ void rope_forward_body(long long N, long long H, long
             s3_[k_] = w3_;
         }
         ftrt_store_vec<VEC>(x + (((((n * H) + h) * D) + c0_)), s2_);
-        ftrt_store_vec<VEC>(x + (((((n * H) + h) * D) + (c0_ + (D / 2LL)))), s3_);
+        ftrt_store_vec<VEC>(x + (((((n * H) + h) * D) + (c0_ + (D / 2)))), s3_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) rope_forward_v8(long long N, long long H, long long D, long long P, ftrt_t* __restrict__ x, const int* __restrict__ pos, const ftrt_t* __restrict__ cos, const ftrt_t* __restrict__ sin) { rope_forward_body<8>(N, H, D, P, x, pos, cos, sin); }
-extern "C" __global__ void __launch_bounds__(256) rope_forward_v1(long long N, long long H, long long D, long long P, ftrt_t* __restrict__ x, const int* __restrict__ pos, const ftrt_t* __restrict__ cos, const ftrt_t* __restrict__ sin) { rope_forward_body<1>(N, H, D, P, x, pos, cos, sin); }
+extern "C" __global__ void __launch_bounds__(256) rope_forward_i32_v8(long long N_, long long H_, long long D_, long long P_, ftrt_t* __restrict__ x, const int* __restrict__ pos, const ftrt_t* __restrict__ cos, const ftrt_t* __restrict__ sin) { rope_forward_body<int, 8>(N_, H_, D_, P_, x, pos, cos, sin); }
+extern "C" __global__ void __launch_bounds__(256) rope_forward_i32_v1(long long N_, long long H_, long long D_, long long P_, ftrt_t* __restrict__ x, const int* __restrict__ pos, const ftrt_t* __restrict__ cos, const ftrt_t* __restrict__ sin) { rope_forward_body<int, 1>(N_, H_, D_, P_, x, pos, cos, sin); }
+extern "C" __global__ void __launch_bounds__(256) rope_forward_i64_v8(long long N_, long long H_, long long D_, long long P_, ftrt_t* __restrict__ x, const int* __restrict__ pos, const ftrt_t* __restrict__ cos, const ftrt_t* __restrict__ sin) { rope_forward_body<long long, 8>(N_, H_, D_, P_, x, pos, cos, sin); }
+extern "C" __global__ void __launch_bounds__(256) rope_forward_i64_v1(long long N_, long long H_, long long D_, long long P_, ftrt_t* __restrict__ x, const int* __restrict__ pos, const ftrt_t* __restrict__ cos, const ftrt_t* __restrict__ sin) { rope_forward_body<long long, 1>(N_, H_, D_, P_, x, pos, cos, sin); }
 
 // rope backward: flat pass over (n in N, h in H, c in (D / 2))
-template <int VEC>
-__device__ __forceinline__ void rope_backward_body(long long N, long long H, long long D, long long P, const int* __restrict__ pos, const ftrt_t* __restrict__ cos, const ftrt_t* __restrict__ sin, ftrt_t* __restrict__ dx) {
-    const long long nchunks = ((N) * (H) * ((D / 2LL))) / VEC;
-    for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
-         chunk += (long long)gridDim.x * blockDim.x) {
-        long long rem_ = chunk * VEC;
-        const long long c0_ = rem_ % ((D / 2LL));
-        rem_ /= ((D / 2LL));
-        const long long h = rem_ % (H);
+template <typename I, int VEC>
+__device__ __forceinline__ void rope_backward_body(long long N_, long long H_, long long D_, long long P_, const int* __restrict__ pos, const ftrt_t* __restrict__ cos, const ftrt_t* __restrict__ sin, ftrt_t* __restrict__ dx) {
+    const I N = (I)N_;
+    const I H = (I)H_;
+    const I D = (I)D_;
+    const I P = (I)P_;
+    const I nchunks = ((N) * (H) * ((D / 2))) / VEC;
+    for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
+         chunk += (I)gridDim.x * blockDim.x) {
+        I rem_ = chunk * VEC;
+        const I c0_ = rem_ % ((D / 2));
+        rem_ /= ((D / 2));
+        const I h = rem_ % (H);
         rem_ /= (H);
-        const long long n = rem_;
+        const I n = rem_;
         (void)rem_;
-        const long long p = ftrt_ld(pos[n]);
+        const I p = ftrt_ld(pos[n]);
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dx + (((((n * H) + h) * D) + c0_)));
-        float v1_[VEC]; ftrt_load_vec<VEC>(v1_, dx + (((((n * H) + h) * D) + (c0_ + (D / 2LL)))));
+        float v1_[VEC]; ftrt_load_vec<VEC>(v1_, dx + (((((n * H) + h) * D) + (c0_ + (D / 2)))));
         float v2_[VEC]; ftrt_load_vec<VEC>(v2_, cos + (((p * D) + c0_)));
-        float v3_[VEC]; ftrt_load_vec<VEC>(v3_, sin + (((p * D) + (c0_ + (D / 2LL)))));
-        float v4_[VEC]; ftrt_load_vec<VEC>(v4_, cos + (((p * D) + (c0_ + (D / 2LL)))));
+        float v3_[VEC]; ftrt_load_vec<VEC>(v3_, sin + (((p * D) + (c0_ + (D / 2)))));
+        float v4_[VEC]; ftrt_load_vec<VEC>(v4_, cos + (((p * D) + (c0_ + (D / 2)))));
         float v5_[VEC]; ftrt_load_vec<VEC>(v5_, sin + (((p * D) + c0_)));
         float s2_[VEC];
         float s3_[VEC];
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
-            const long long c = c0_ + k_; (void)c;
+            __builtin_assume(c0_ % VEC == 0);
+            const I c = c0_ + k_; (void)c;
             const float g1 = v0_[k_];
             const float g2 = v1_[k_];
             const float w2_ = (ftrt_round_t((g1 * v2_[k_])) + ftrt_round_t((g2 * v3_[k_])));
@@ -216,8 +229,10 @@ __device__ __forceinline__ void rope_backward_body(long long N, long long H, lon
             s3_[k_] = w3_;
         }
         ftrt_store_vec<VEC>(dx + (((((n * H) + h) * D) + c0_)), s2_);
-        ftrt_store_vec<VEC>(dx + (((((n * H) + h) * D) + (c0_ + (D / 2LL)))), s3_);
+        ftrt_store_vec<VEC>(dx + (((((n * H) + h) * D) + (c0_ + (D / 2)))), s3_);
     }
 }
-extern "C" __global__ void __launch_bounds__(256) rope_backward_v8(long long N, long long H, long long D, long long P, const int* __restrict__ pos, const ftrt_t* __restrict__ cos, const ftrt_t* __restrict__ sin, ftrt_t* __restrict__ dx) { rope_backward_body<8>(N, H, D, P, pos, cos, sin, dx); }
-extern "C" __global__ void __launch_bounds__(256) rope_backward_v1(long long N, long long H, long long D, long long P, const int* __restrict__ pos, const ftrt_t* __restrict__ cos, const ftrt_t* __restrict__ sin, ftrt_t* __restrict__ dx) { rope_backward_body<1>(N, H, D, P, pos, cos, sin, dx); }
+extern "C" __global__ void __launch_bounds__(256) rope_backward_i32_v8(long long N_, long long H_, long long D_, long long P_, const int* __restrict__ pos, const ftrt_t* __restrict__ cos, const ftrt_t* __restrict__ sin, ftrt_t* __restrict__ dx) { rope_backward_body<int, 8>(N_, H_, D_, P_, pos, cos, sin, dx); }
+extern "C" __global__ void __launch_bounds__(256) rope_backward_i32_v1(long long N_, long long H_, long long D_, long long P_, const int* __restrict__ pos, const ftrt_t* __restrict__ cos, const ftrt_t* __restrict__ sin, ftrt_t* __restrict__ dx) { rope_backward_body<int, 1>(N_, H_, D_, P_, pos, cos, sin, dx); }
+extern "C" __global__ void __launch_bounds__(256) rope_backward_i64_v8(long long N_, long long H_, long long D_, long long P_, const int* __restrict__ pos, const ftrt_t* __restrict__ cos, const ftrt_t* __restrict__ sin, ftrt_t* __restrict__ dx) { rope_backward_body<long long, 8>(N_, H_, D_, P_, pos, cos, sin, dx); }
+extern "C" __global__ void __launch_bounds__(256) rope_backward_i64_v1(long long N_, long long H_, long long D_, long long P_, const int* __restrict__ pos, const ftrt_t* __restrict__ cos, const ftrt_t* __restrict__ sin, ftrt_t* __restrict__ dx) { rope_backward_body<long long, 1>(N_, H_, D_, P_, pos, cos, sin, dx); }

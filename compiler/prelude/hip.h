@@ -6,14 +6,15 @@ typedef hip_bfloat16 ftrt_t;
 
 __device__ __forceinline__ float ftrt_ld(ftrt_t v) { return (float)v; }
 __device__ __forceinline__ float ftrt_ld(float v) { return v; }
-__device__ __forceinline__ long long ftrt_ld(int v) { return (long long)v; }
-__device__ __forceinline__ long long ftrt_ld(unsigned char v) { return (long long)v; }
+__device__ __forceinline__ int ftrt_ld(int v) { return v; }
+__device__ __forceinline__ int ftrt_ld(unsigned char v) { return (int)v; }
 __device__ __forceinline__ ftrt_t ftrt_to_t(float v) { return ftrt_t(v); }
 __device__ __forceinline__ float ftrt_round_bf16(float v) { return (float)ftrt_t(v); }
 __device__ __forceinline__ float ftrt_round_t(float v) { return ftrt_round_bf16(v); }
 __device__ __forceinline__ float ftrt_sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
-__device__ __forceinline__ long long ftrt_max_ll(long long a, long long b) { return a > b ? a : b; }
-__device__ __forceinline__ long long ftrt_min_ll(long long a, long long b) { return a < b ? a : b; }
+template <typename A, typename B> __device__ __forceinline__ auto ftrt_max_i(A a, B b) -> decltype(a + b) { return a > b ? a : b; }
+template <typename A, typename B> __device__ __forceinline__ auto ftrt_min_i(A a, B b) -> decltype(a + b) { return a < b ? a : b; }
+template <typename A> __device__ __forceinline__ A ftrt_abs_i(A a) { return a < 0 ? -a : a; }
 __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
     const float m = fmaxf(a, b);
     if (m == -INFINITY) return -INFINITY;

@@ -18,11 +18,15 @@ pub const WARP_ROW_MAX_INNER: i64 = 1024;
 /// Threads per block of flat kernels.
 pub const FLAT_THREADS: u32 = 256;
 
-/// Entry-point name of one variant: `rms_norm_forward_w32_v8`, `swiglu_forward_v1`.
-pub fn variant_name(base: &str, shape: Shape, tpr: u32, vec: u32) -> String {
+/// Index types of the variants: 32-bit when every tensor and the loop nest have fewer than
+/// 2^31 elements (cheaper index math), else 64-bit.
+pub const INDEX_TYPES: [(&str, &str); 2] = [("i32", "int"), ("i64", "long long")];
+
+/// Entry-point name of one variant: `rms_norm_forward_i32_w32_v8`, `swiglu_forward_i64_v1`.
+pub fn variant_name(base: &str, shape: Shape, index: &str, tpr: u32, vec: u32) -> String {
     match shape {
-        Shape::Row => format!("{base}_w{tpr}_v{vec}"),
-        Shape::Flat => format!("{base}_v{vec}"),
+        Shape::Row => format!("{base}_{index}_w{tpr}_v{vec}"),
+        Shape::Flat => format!("{base}_{index}_v{vec}"),
     }
 }
 
@@ -52,9 +56,9 @@ fn c_type(d: DType) -> &'static str {
 fn c_param_list(args: &[Arg]) -> String {
     args.iter()
         .map(|a| match a {
-            Arg::Dim(d) => format!("long long {d}"),
+            Arg::Dim(d) => format!("long long {d}_"),
             Arg::Scalar(s) if s.dtype.is_float() => format!("float {}", s.name),
-            Arg::Scalar(s) => format!("long long {}", s.name),
+            Arg::Scalar(s) => format!("long long {}_", s.name),
             Arg::Tensor { decl, written: true } => format!("{}* __restrict__ {}", c_type(decl.dtype), decl.name),
             Arg::Tensor { decl, written: false } => {
                 format!("const {}* __restrict__ {}", c_type(decl.dtype), decl.name)
@@ -67,8 +71,9 @@ fn c_param_list(args: &[Arg]) -> String {
 fn c_arg_names(args: &[Arg]) -> String {
     args.iter()
         .map(|a| match a {
-            Arg::Dim(d) => d.clone(),
-            Arg::Scalar(s) => s.name.clone(),
+            Arg::Dim(d) => format!("{d}_"),
+            Arg::Scalar(s) if s.dtype.is_float() => s.name.clone(),
+            Arg::Scalar(s) => format!("{}_", s.name),
             Arg::Tensor { decl, .. } => decl.name.clone(),
         })
         .collect::<Vec<_>>()
@@ -84,38 +89,50 @@ fn emit_pass(out: &mut String, op: &OpDef, pass: &Pass) {
     let title = crate::validate::pass_title(pass);
     writeln!(out, "// {} {title}: {} pass over ({})", op.name, shape_word(lowered.shape), loop_desc(pass)).unwrap();
     let mut e = Emitter { out: String::new(), scope: lowered.scope.clone(), vregs: Vec::new(), hoisted: Vec::new(), n_locals: 0, indent: 1 };
+    // Dims and integer scalars arrive as 64-bit and are narrowed to the index type I.
+    for a in &args {
+        match a {
+            Arg::Dim(d) => e.line(&format!("const I {d} = (I){d}_;")),
+            Arg::Scalar(s) if !s.dtype.is_float() => e.line(&format!("const I {0} = (I){0}_;", s.name)),
+            _ => {}
+        }
+    }
     match lowered.shape {
         Shape::Row => {
-            writeln!(out, "template <int TPR, int VEC>").unwrap();
+            writeln!(out, "template <typename I, int TPR, int VEC>").unwrap();
             writeln!(out, "__device__ __forceinline__ void {base}_body({params}) {{").unwrap();
             e.row_body(pass, &lowered);
             out.push_str(&e.out);
             out.push_str("}\n");
-            for tpr in ROW_VARIANTS {
-                for vec in [8, 1] {
-                    let bpb = if tpr == 32 { 256 } else { tpr };
-                    writeln!(
-                        out,
-                        "extern \"C\" __global__ void __launch_bounds__({bpb}) {}({params}) {{ {base}_body<{tpr}, {vec}>({names}); }}",
-                        variant_name(&base, Shape::Row, tpr, vec)
-                    )
-                    .unwrap();
+            for (iname, ity) in INDEX_TYPES {
+                for tpr in ROW_VARIANTS {
+                    for vec in [8, 1] {
+                        let bpb = if tpr == 32 { 256 } else { tpr };
+                        writeln!(
+                            out,
+                            "extern \"C\" __global__ void __launch_bounds__({bpb}) {}({params}) {{ {base}_body<{ity}, {tpr}, {vec}>({names}); }}",
+                            variant_name(&base, Shape::Row, iname, tpr, vec)
+                        )
+                        .unwrap();
+                    }
                 }
             }
         }
         Shape::Flat => {
-            writeln!(out, "template <int VEC>").unwrap();
+            writeln!(out, "template <typename I, int VEC>").unwrap();
             writeln!(out, "__device__ __forceinline__ void {base}_body({params}) {{").unwrap();
             e.flat_body(pass, &lowered);
             out.push_str(&e.out);
             out.push_str("}\n");
-            for vec in [8, 1] {
-                writeln!(
-                    out,
-                    "extern \"C\" __global__ void __launch_bounds__({FLAT_THREADS}) {}({params}) {{ {base}_body<{vec}>({names}); }}",
-                    variant_name(&base, Shape::Flat, 0, vec)
-                )
-                .unwrap();
+            for (iname, ity) in INDEX_TYPES {
+                for vec in [8, 1] {
+                    writeln!(
+                        out,
+                        "extern \"C\" __global__ void __launch_bounds__({FLAT_THREADS}) {}({params}) {{ {base}_body<{ity}, {vec}>({names}); }}",
+                        variant_name(&base, Shape::Flat, iname, 0, vec)
+                    )
+                    .unwrap();
+                }
             }
         }
     }
@@ -177,13 +194,13 @@ impl Emitter {
 
     /// Decomposes `flat` into the given loop indices (innermost last) as C locals.
     fn decompose(&mut self, flat: &str, indices: &[LoopIndex]) {
-        self.line(&format!("long long rem_ = {flat};"));
+        self.line(&format!("I rem_ = {flat};"));
         for (i, idx) in indices.iter().enumerate().rev() {
             let ext = self.expr(&idx.extent);
             if i == 0 {
-                self.line(&format!("const long long {} = rem_;", idx.name));
+                self.line(&format!("const I {} = rem_;", idx.name));
             } else {
-                self.line(&format!("const long long {} = rem_ % ({ext});", idx.name));
+                self.line(&format!("const I {} = rem_ % ({ext});", idx.name));
                 self.line(&format!("rem_ /= ({ext});"));
             }
         }
@@ -194,12 +211,12 @@ impl Emitter {
         let (outer, inner) = pass.indices.split_at(pass.indices.len() - 1);
         let inner = &inner[0];
         let nrows = if outer.is_empty() {
-            "1LL".to_string()
+            "1".to_string()
         } else {
             outer.iter().map(|i| format!("({})", self.expr(&i.extent))).collect::<Vec<_>>().join(" * ")
         };
         self.line("const int lane = threadIdx.x;");
-        self.line("const long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;");
+        self.line("const I row = (I)((long long)blockIdx.x * blockDim.y + threadIdx.y);");
         self.line(&format!("if (row >= {nrows}) return;"));
         if !outer.is_empty() {
             self.decompose("row", outer);
@@ -219,9 +236,9 @@ impl Emitter {
             pass.indices.iter().map(|i| format!("({})", self.expr(&i.extent))).collect::<Vec<_>>().join(" * ");
         let (outer, inner) = pass.indices.split_at(pass.indices.len() - 1);
         let inner = &inner[0];
-        self.line(&format!("const long long nchunks = ({total}) / VEC;"));
-        self.line("for (long long chunk = (long long)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;");
-        self.line("     chunk += (long long)gridDim.x * blockDim.x) {");
+        self.line(&format!("const I nchunks = ({total}) / VEC;"));
+        self.line("for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;");
+        self.line("     chunk += (I)gridDim.x * blockDim.x) {");
         self.indent += 1;
         let mut idx: Vec<LoopIndex> = outer.to_vec();
         idx.push(LoopIndex { name: format!("{}0_", inner.name), extent: inner.extent.clone() });
@@ -249,7 +266,7 @@ impl Emitter {
     fn scalar_stmt(&mut self, s: &Stmt, lane0_stores: bool) {
         match s {
             Stmt::Let { name, value } => {
-                let ty = if self.scope.ty(value).expect("validated") == Ty::Float { "float" } else { "long long" };
+                let ty = if self.scope.ty(value).expect("validated") == Ty::Float { "float" } else { "I" };
                 let v = self.expr(value);
                 self.line(&format!("const {ty} {name} = {v};"));
             }
@@ -296,8 +313,10 @@ impl Emitter {
     fn reduce_sweep(&mut self, reds: &[Reduction], inner: &str, inner_ext: &str) {
         for r in reds {
             match r.op {
+                // One online (max, sum) pair per vector slot: VEC independent exp chains.
                 ReduceOp::LogSumExp => {
-                    self.line(&format!("float {0}_m = -INFINITY, {0}_s = 0.f;", r.acc));
+                    self.line(&format!("float {0}_m[VEC], {0}_s[VEC];", r.acc));
+                    self.line(&format!("for (int k_ = 0; k_ < VEC; ++k_) {{ {0}_m[k_] = -INFINITY; {0}_s[k_] = 0.f; }}", r.acc));
                 }
                 op => self.line(&format!("float {}_p = {};", r.acc, reduce_init(op))),
             }
@@ -305,7 +324,7 @@ impl Emitter {
         let bodies: Vec<&Expr> = reds.iter().map(|r| &r.body).collect();
         self.hoist(&bodies);
         self.line(&format!(
-            "for (long long {inner}0_ = (long long)lane * VEC; {inner}0_ < ({inner_ext}); {inner}0_ += (long long)TPR * VEC) {{"
+            "for (I {inner}0_ = (I)lane * VEC; {inner}0_ < ({inner_ext}); {inner}0_ += (I)TPR * VEC) {{"
         ));
         self.indent += 1;
         let accesses = vec_loads(&self.scope, reds.iter().map(|r| &r.body));
@@ -313,14 +332,14 @@ impl Emitter {
         self.line("#pragma unroll");
         self.line("for (int k_ = 0; k_ < VEC; ++k_) {");
         self.indent += 1;
-        self.line(&format!("const long long {inner} = {inner}0_ + k_; (void){inner};"));
+        self.line(&format!("const I {inner} = {inner}0_ + k_; (void){inner};"));
         for r in reds {
             let b = self.expr(&r.body);
             let upd = match r.op {
                 ReduceOp::Sum | ReduceOp::Mean => format!("{0}_p += {b};", r.acc),
                 ReduceOp::Max => format!("{0}_p = fmaxf({0}_p, {b});", r.acc),
                 ReduceOp::Min => format!("{0}_p = fminf({0}_p, {b});", r.acc),
-                ReduceOp::LogSumExp => format!("ftrt_lse_push({0}_m, {0}_s, {b});", r.acc),
+                ReduceOp::LogSumExp => format!("ftrt_lse_push({0}_m[k_], {0}_s[k_], {b});", r.acc),
             };
             self.line(&upd);
         }
@@ -336,7 +355,10 @@ impl Emitter {
                 ReduceOp::Mean => format!("ftrt_row_sum<TPR>({}_p) / (float)({inner_ext})", r.acc),
                 ReduceOp::Max => format!("ftrt_row_max<TPR>({}_p)", r.acc),
                 ReduceOp::Min => format!("ftrt_row_min<TPR>({}_p)", r.acc),
-                ReduceOp::LogSumExp => format!("ftrt_row_lse<TPR>({0}_m, {0}_s)", r.acc),
+                ReduceOp::LogSumExp => {
+                    self.line(&format!("for (int k_ = 1; k_ < VEC; ++k_) ftrt_lse_merge({0}_m[0], {0}_s[0], {0}_m[k_], {0}_s[k_]);", r.acc));
+                    format!("ftrt_row_lse<TPR>({0}_m[0], {0}_s[0])", r.acc)
+                }
             };
             self.line(&format!("const float {} = {fin};", r.acc));
         }
@@ -346,7 +368,7 @@ impl Emitter {
         let exprs = self.stmt_exprs(stores);
         self.hoist(&exprs.iter().collect::<Vec<_>>());
         self.line(&format!(
-            "for (long long {inner}0_ = (long long){lane} * VEC; {inner}0_ < ({inner_ext}); {inner}0_ += (long long){step} * VEC) {{"
+            "for (I {inner}0_ = (I){lane} * VEC; {inner}0_ < ({inner_ext}); {inner}0_ += (I){step} * VEC) {{"
         ));
         self.indent += 1;
         self.element_loop(stores, inner, &format!("{inner}0_"));
@@ -368,7 +390,7 @@ impl Emitter {
             if self.hoisted.iter().any(|(k, _)| *k == key) {
                 continue;
             }
-            let ty = if self.ty(&e) == Ty::Float { "float" } else { "long long" };
+            let ty = if self.ty(&e) == Ty::Float { "float" } else { "I" };
             let v = self.expr(&e);
             let name = format!("h{}_", self.n_locals);
             self.n_locals += 1;
@@ -443,14 +465,15 @@ impl Emitter {
         self.line("#pragma unroll");
         self.line("for (int k_ = 0; k_ < VEC; ++k_) {");
         self.indent += 1;
-        self.line(&format!("const long long {inner} = {c0} + k_; (void){inner};"));
+        self.line(&format!("__builtin_assume({c0} % VEC == 0);"));
+        self.line(&format!("const I {inner} = {c0} + k_; (void){inner};"));
         let mut writes = Vec::new();
         for (i, s) in stmts.iter().enumerate() {
             match s {
                 Stmt::Let { .. } => self.scalar_stmt(s, false),
                 Stmt::Store { tensor, index, value, guard } => {
                     let v = self.expr(&crate::lower::guarded(&self.scope, value, guard.as_ref()));
-                    let ty = if self.ty(value) == Ty::Float { "float" } else { "long long" };
+                    let ty = if self.ty(value) == Ty::Float { "float" } else { "I" };
                     self.line(&format!("const {ty} w{i}_ = {v};"));
                     match vstores.iter().find(|(j, _, _)| *j == i) {
                         Some((_, _, name)) => writes.push(format!("{name}[k_] = w{i}_;")),
@@ -502,6 +525,7 @@ impl Emitter {
         match e {
             Expr::Float(v) if v.is_infinite() => (if *v > 0.0 { "INFINITY" } else { "-INFINITY" }).into(),
             Expr::Float(v) => format!("{v:?}f"),
+            Expr::Int(v) if i32::try_from(*v).is_ok() => v.to_string(),
             Expr::Int(v) => format!("{v}LL"),
             Expr::Var(v) => v.clone(),
             Expr::Load { tensor, index } => {
@@ -544,7 +568,7 @@ impl Emitter {
                         "(m_ + logf(s_))".into(),
                     ),
                 };
-                format!("([&]() {{ {init} for (long long {var} = {lo}; {var} < {hi}; ++{var}) {{ {upd} }} return {fin}; }}())")
+                format!("([&]() {{ {init} for (I {var} = {lo}; {var} < {hi}; ++{var}) {{ {upd} }} return {fin}; }}())")
             }
         }
     }
@@ -554,13 +578,13 @@ impl Emitter {
         if func == "dynamic_index" {
             let Expr::Var(code) = &args[0] else { unreachable!("validated") };
             let x = self.expr(&args[1]);
-            return format!("((long long)ftrt_dynamic_index({code}, {x}))");
+            return format!("((I)ftrt_dynamic_index({code}, {x}))");
         }
         let a: Vec<String> = args.iter().map(|x| self.expr(x)).collect();
         match func {
             "T" => format!("ftrt_round_t({})", a[0]),
             "f32" => format!("((float)({}))", a[0]),
-            "i32" => format!("((long long)({}))", a[0]),
+            "i32" => format!("((I)({}))", a[0]),
             "exp" => format!("__expf({})", a[0]),
             "log" => format!("__logf({})", a[0]),
             "sqrt" => format!("sqrtf({})", a[0]),
@@ -569,15 +593,15 @@ impl Emitter {
             "erf" => format!("erff({})", a[0]),
             "sigmoid" => format!("ftrt_sigmoid({})", a[0]),
             "abs" if float_result => format!("fabsf({})", a[0]),
-            "abs" => format!("llabs({})", a[0]),
+            "abs" => format!("ftrt_abs_i({})", a[0]),
             "max" if float_result => format!("fmaxf({}, {})", a[0], a[1]),
             "min" if float_result => format!("fminf({}, {})", a[0], a[1]),
-            "max" => format!("ftrt_max_ll({}, {})", a[0], a[1]),
-            "min" => format!("ftrt_min_ll({}, {})", a[0], a[1]),
+            "max" => format!("ftrt_max_i({}, {})", a[0], a[1]),
+            "min" => format!("ftrt_min_i({}, {})", a[0], a[1]),
             "logaddexp" => format!("ftrt_logaddexp({}, {})", a[0], a[1]),
             "select" if float_result => format!("(({}) ? (float)({}) : (float)({}))", a[0], a[1], a[2]),
             "select" => format!("(({}) ? ({}) : ({}))", a[0], a[1], a[2]),
-            "nf4_index" => format!("((long long)ftrt_nf4_index({}))", a[0]),
+            "nf4_index" => format!("((I)ftrt_nf4_index({}))", a[0]),
             "signbit" => format!("signbit({})", a[0]),
             "bnb_recip" => format!("ftrt_bnb_recip({})", a[0]),
             "mul_ftz" => format!("ftrt_mul_ftz({}, {})", a[0], a[1]),

@@ -6,7 +6,7 @@
 //! harness) and `ftrt_runtime`; the op's family module must bring its PTX module into scope
 //! as `KERNELS`.
 use crate::ast::*;
-use crate::emit_cuda::{variant_name, FLAT_THREADS, ROW_VARIANTS, WARP_ROW_MAX_INNER};
+use crate::emit_cuda::{FLAT_THREADS, ROW_VARIANTS, WARP_ROW_MAX_INNER};
 use crate::lower::{flat_offset, lower, pass_args, pass_fn_name, Arg, Lowered, Shape, Step};
 use crate::validate::{dims, grad_decl, Name, Scope, Ty};
 use crate::vectorize::{vec_conditions, vec_loads, vec_access};
@@ -453,6 +453,16 @@ fn emit_launcher(o: &mut String, op: &OpDef, pass: &Pass) {
         }
     }
     writeln!(o, "        let vec: u32 = if {} {{ 8 }} else {{ 1 }};", conds.join(" && ")).unwrap();
+    // 32-bit index math unless a tensor or the loop nest reaches 2^31 elements.
+    let sizes: Vec<String> = args
+        .iter()
+        .filter_map(|a| match a {
+            Arg::Tensor { decl, .. } => Some(format!("d.numel({:?}) as i64", decl.name)),
+            _ => None,
+        })
+        .chain(std::iter::once("inner * outer".to_string()))
+        .collect();
+    writeln!(o, "        let idx = if [{}].iter().all(|n| *n < (1i64 << 31)) {{ \"i32\" }} else {{ \"i64\" }};", sizes.join(", ")).unwrap();
     match lowered.shape {
         Shape::Row => {
             let [w, b] = ROW_VARIANTS;
@@ -460,12 +470,7 @@ fn emit_launcher(o: &mut String, op: &OpDef, pass: &Pass) {
             writeln!(o, "        let rows_per_block: u32 = if tpr == {w} {{ 8 }} else {{ 1 }};").unwrap();
             writeln!(o, "        let grid = ((outer + rows_per_block as i64 - 1) / rows_per_block as i64) as u32;").unwrap();
             writeln!(o, "        let block = (tpr, rows_per_block, 1);").unwrap();
-            let names: Vec<String> = ROW_VARIANTS
-                .iter()
-                .flat_map(|t| [8u32, 1].map(|v| (format!("({t}, {v})"), variant_name(&base, Shape::Row, *t, v))))
-                .map(|(k, n)| format!("{k} => {n:?}"))
-                .collect();
-            writeln!(o, "        let name = match (tpr, vec) {{ {}, _ => unreachable!() }};", names.join(", ")).unwrap();
+            writeln!(o, "        let name = format!(\"{base}_{{idx}}_w{{tpr}}_v{{vec}}\");").unwrap();
         }
         Shape::Flat => {
             writeln!(o, "        let chunks = inner * outer / vec as i64;").unwrap();
@@ -475,16 +480,10 @@ fn emit_launcher(o: &mut String, op: &OpDef, pass: &Pass) {
             )
             .unwrap();
             writeln!(o, "        let block = ({FLAT_THREADS}u32, 1u32, 1u32);").unwrap();
-            writeln!(
-                o,
-                "        let name = if vec == 8 {{ {:?} }} else {{ {:?} }};",
-                variant_name(&base, Shape::Flat, 0, 8),
-                variant_name(&base, Shape::Flat, 0, 1)
-            )
-            .unwrap();
+            writeln!(o, "        let name = format!(\"{base}_{{idx}}_v{{vec}}\");").unwrap();
         }
     }
-    writeln!(o, "        let f = gpu.function(&super::KERNELS, name)?;").unwrap();
+    writeln!(o, "        let f = gpu.function(&super::KERNELS, &name)?;").unwrap();
     writeln!(o, "        let mut b = gpu.stream().launch_builder(&f);").unwrap();
     for a in &args {
         match a {
