@@ -82,7 +82,8 @@ fn packed_prefill_equals_separate_runs() {
         let sel = m.forward_rows(&b, &rows, None).unwrap();
         let v = m.dims.vocab;
         for (j, &r) in rows.iter().enumerate() {
-            assert_eq!(&sel[j * v..(j + 1) * v], &got[r * v..(r + 1) * v]);
+            // (few rows take the dot-product path, many the packed GEMM: same sums, other order)
+            assert!(rel_err(&sel[j * v..(j + 1) * v], &got[r * v..(r + 1) * v]) < 1e-6);
         }
     }
 }

@@ -109,10 +109,42 @@ pub(crate) fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, n: usize, inn: 
     if n == 0 {
         return y;
     }
-    let d = GemmDesc::new(n, out, inn).transposed(false, true);
-    gemm::<f32>(&d, x, w, &mut y, bias).expect("linear: shapes are consistent");
+    if n <= GEMV_MAX_ROWS {
+        // Decoding: a few rows. Dot products over W's contiguous rows read W once, where the
+        // packed GEMM would first copy all of W into panels.
+        assert!(x.len() >= n * inn && w.len() >= out * inn, "linear: shapes are consistent");
+        for (o, wr) in w.chunks_exact(inn).take(out).enumerate() {
+            let b = bias.map_or(0.0, |b| b[o]);
+            for r in 0..n {
+                y[r * out + o] = dot8(&x[r * inn..(r + 1) * inn], wr) + b;
+            }
+        }
+    } else {
+        let d = GemmDesc::new(n, out, inn).transposed(false, true);
+        gemm::<f32>(&d, x, w, &mut y, bias).expect("linear: shapes are consistent");
+    }
     round_all(&mut y, rt);
     y
+}
+
+/// Rows up to which [`linear`] uses dot products instead of the packed GEMM.
+const GEMV_MAX_ROWS: usize = 4;
+
+/// Dot product with eight independent accumulators (vectorizes; f32 sums like a GEMM's).
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
 }
 
 pub(crate) fn round_all(x: &mut [f32], rt: Rounding) {
