@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use ftrt_models::llama::{
-    chat_template_of, decode_text, encode_prompt, parse_prompts_jsonl, LlamaModel, LoraAdapter, Prompt, Rounding,
-    Sampler, SamplingParams,
+    chat_template_of, decode_text, encode_prompt, parse_prompts_jsonl, LlamaModel, LoraAdapter,
+    Prompt, Rounding, Sampler, SamplingParams,
 };
 use ftrt_models::open_model;
 
@@ -58,7 +58,10 @@ pub struct GenerateArgs {
 /// Runs `ftrt generate`.
 pub fn run(args: &GenerateArgs) -> Result<(), String> {
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
-        return Err(format!("--temperature must be >= 0, got {}", args.temperature));
+        return Err(format!(
+            "--temperature must be >= 0, got {}",
+            args.temperature
+        ));
     }
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         return Err(format!("--top-p must be in (0, 1], got {}", args.top_p));
@@ -66,7 +69,8 @@ pub fn run(args: &GenerateArgs) -> Result<(), String> {
     let prompts: Vec<Prompt> = match (&args.prompt, &args.prompts) {
         (Some(p), None) => vec![Prompt::Text(p.clone())],
         (None, Some(f)) => {
-            let text = std::fs::read_to_string(f).map_err(|e| format!("{}: cannot read: {e}", f.display()))?;
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| format!("{}: cannot read: {e}", f.display()))?;
             parse_prompts_jsonl(&text).map_err(|e| format!("{}: {e}", f.display()))?
         }
         _ => return Err("give exactly one of --prompt and --prompts".into()),
@@ -74,14 +78,22 @@ pub fn run(args: &GenerateArgs) -> Result<(), String> {
 
     let t0 = Instant::now();
     let loaded = open_model(&args.model).map_err(|e| e.to_string())?;
-    let model = LlamaModel::from_loaded(&loaded, Rounding::F32).map_err(|e| format!("{}: {e}", args.model.display()))?;
+    let model = LlamaModel::from_loaded(&loaded, Rounding::F32)
+        .map_err(|e| format!("{}: {e}", args.model.display()))?;
     let adapter = match &args.adapter {
         Some(dir) => Some(LoraAdapter::load_peft(dir, &model.dims).map_err(|e| e.to_string())?),
         None => None,
     };
-    let template = if args.no_chat_template { None } else { chat_template_of(&loaded).map_err(|e| e.to_string())? };
+    let template = if args.no_chat_template {
+        None
+    } else {
+        chat_template_of(&loaded).map_err(|e| e.to_string())?
+    };
     if template.is_none() && !args.no_chat_template {
-        eprintln!("note: {} has no chat template; prompts are fed as raw text", args.model.display());
+        eprintln!(
+            "note: {} has no chat template; prompts are fed as raw text",
+            args.model.display()
+        );
     }
     let load_s = t0.elapsed().as_secs_f64();
 
@@ -90,7 +102,12 @@ pub fn run(args: &GenerateArgs) -> Result<(), String> {
         .map(|p| encode_prompt(&loaded, template.as_ref(), p))
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
-    let params = SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+    };
     let eos = &loaded.eos_token_ids;
 
     // Prefill all prompts, then decode one token per unfinished sequence per step.
@@ -104,7 +121,9 @@ pub fn run(args: &GenerateArgs) -> Result<(), String> {
     let mut prefill_s = 0.0;
     let mut decode_tokens = 0usize;
     if args.max_new_tokens > 0 {
-        let mut logits = model.prefill(&mut cache, &slots, &ids, adapter.as_ref()).map_err(|e| e.to_string())?;
+        let mut logits = model
+            .prefill(&mut cache, &slots, &ids, adapter.as_ref())
+            .map_err(|e| e.to_string())?;
         prefill_s = t1.elapsed().as_secs_f64();
         let mut active = slots.clone();
         loop {
@@ -123,7 +142,9 @@ pub fn run(args: &GenerateArgs) -> Result<(), String> {
             }
             active = still;
             decode_tokens += next.len();
-            logits = model.decode(&mut cache, &active, &next, adapter.as_ref()).map_err(|e| e.to_string())?;
+            logits = model
+                .decode(&mut cache, &active, &next, adapter.as_ref())
+                .map_err(|e| e.to_string())?;
         }
     }
     let decode_s = t1.elapsed().as_secs_f64() - prefill_s;

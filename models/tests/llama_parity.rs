@@ -13,7 +13,9 @@ const ARCHS: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 const TOL: f64 = 2e-5;
 
 fn dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/llama")
+        .join(name)
 }
 
 fn model(name: &str, rt: Rounding) -> LlamaModel {
@@ -42,13 +44,21 @@ impl Golden {
 
 /// The prompts of the generator (PROMPTS there).
 fn prompts() -> Vec<Vec<u32>> {
-    vec![vec![1, 17, 33, 5, 99, 64, 2, 120, 45], vec![7, 3, 88, 12, 127], vec![42]]
+    vec![
+        vec![1, 17, 33, 5, 99, 64, 2, 120, 45],
+        vec![7, 3, 88, 12, 127],
+        vec![42],
+    ]
 }
 
 /// max |a - b| / max |b|.
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let num = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max);
+    let num = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, f64::max);
     let den = b.iter().map(|y| (*y as f64).abs()).fold(0.0, f64::max);
     num / den.max(1e-30)
 }
@@ -59,7 +69,9 @@ fn prefill_logits_match_transformers() {
         let m = model(arch, Rounding::F32);
         let g = Golden::open(arch);
         for (i, p) in prompts().iter().enumerate() {
-            let got = m.forward(&Batch::packed(&[p.clone()]), None).unwrap();
+            let got = m
+                .forward(&Batch::packed(std::slice::from_ref(p)), None)
+                .unwrap();
             let e = rel_err(&got, &g.f(&format!("logits.{i}")));
             eprintln!("{arch} prompt {i}: prefill rel err {e:.2e}");
             assert!(e < TOL, "{arch} prompt {i}: rel err {e:e}");
@@ -98,8 +110,12 @@ fn decode_with_kv_cache_matches_transformers_step_by_step() {
         let mut cache = m.new_cache(ps.len());
         let slots: Vec<usize> = (0..ps.len()).collect();
         let mut logits = m.prefill(&mut cache, &slots, &ps, None).unwrap();
-        let toks: Vec<Vec<i32>> = (0..ps.len()).map(|i| g.ints(&format!("tokens.{i}"))).collect();
-        let dec: Vec<Vec<f32>> = (0..ps.len()).map(|i| g.f(&format!("decode_logits.{i}"))).collect();
+        let toks: Vec<Vec<i32>> = (0..ps.len())
+            .map(|i| g.ints(&format!("tokens.{i}")))
+            .collect();
+        let dec: Vec<Vec<f32>> = (0..ps.len())
+            .map(|i| g.f(&format!("decode_logits.{i}")))
+            .collect();
         let steps = toks[0].len();
         let mut worst = 0.0f64;
         for s in 0..steps {
@@ -114,11 +130,13 @@ fn decode_with_kv_cache_matches_transformers_step_by_step() {
             }
         }
         eprintln!("{arch}: decode worst rel err {worst:.2e}");
-        for i in 0..ps.len() {
-            assert_eq!(cache.len(i), ps[i].len() + steps - 1);
+        for (i, p) in ps.iter().enumerate() {
+            assert_eq!(cache.len(i), p.len() + steps - 1);
         }
         // Greedy generation reproduces transformers' continuation.
-        let got = m.generate(&ps, steps, &[], SamplingParams::default(), None).unwrap();
+        let got = m
+            .generate(&ps, steps, &[], SamplingParams::default(), None)
+            .unwrap();
         for i in 0..ps.len() {
             let want: Vec<u32> = toks[i].iter().map(|&t| t as u32).collect();
             assert_eq!(got[i], want, "{arch} greedy continuation of prompt {i}");
@@ -174,7 +192,10 @@ fn bad_input_is_an_error_not_a_panic() {
 fn train_batch(g: &Golden) -> (Batch, Vec<i32>) {
     let ids: Vec<u32> = g.ints("train.ids").into_iter().map(|t| t as u32).collect();
     let cu = g.ints("train.cu_seqlens");
-    let seqs: Vec<Vec<u32>> = cu.windows(2).map(|w| ids[w[0] as usize..w[1] as usize].to_vec()).collect();
+    let seqs: Vec<Vec<u32>> = cu
+        .windows(2)
+        .map(|w| ids[w[0] as usize..w[1] as usize].to_vec())
+        .collect();
     let b = Batch::packed(&seqs);
     assert_eq!(b.cu_seqlens, cu);
     (b, g.ints("train.targets"))
@@ -191,7 +212,10 @@ fn loss_matches_transformers_with_chunked_vocabulary() {
         for chunk in [8192, 50, 7] {
             m.vocab_chunk = chunk;
             let got = m.loss(&b, &t, Some(&ad)).unwrap() as f64;
-            assert!((got - want).abs() / want < TOL, "{arch} chunk {chunk}: loss {got} vs {want}");
+            assert!(
+                (got - want).abs() / want < TOL,
+                "{arch} chunk {chunk}: loss {got} vs {want}"
+            );
         }
     }
 }
@@ -211,7 +235,10 @@ fn lora_gradients_match_peft() {
         }
         let (loss, grads) = m.loss_and_lora_grads(&b, &t, &ad).unwrap();
         let want = g.f("train.loss")[0];
-        assert!(((loss - want) / want).abs() < 1e-5, "{arch}: loss {loss} vs {want}");
+        assert!(
+            ((loss - want) / want).abs() < 1e-5,
+            "{arch}: loss {loss} vs {want}"
+        );
         let mut checked = 0;
         let mut worst = 0.0f64;
         for l in 0..m.dims.layers {
@@ -219,7 +246,12 @@ fn lora_gradients_match_peft() {
                 for which_b in [false, true] {
                     let key = format!("grad.{}", LoraAdapter::peft_name(l, p, which_b));
                     assert!(g.has(&key), "{key} missing from the golden");
-                    let got = if which_b { grads.b(l, p) } else { grads.a(l, p) }.unwrap();
+                    let got = if which_b {
+                        grads.b(l, p)
+                    } else {
+                        grads.a(l, p)
+                    }
+                    .unwrap();
                     let e = rel_err(got, &g.f(&key));
                     worst = worst.max(e);
                     assert!(e < 1e-5, "{arch} {key}: rel err {e:e}");

@@ -6,22 +6,41 @@
 //! too slow to be pleasant); the GGUF comes from `FTRT_SMOLLM2_GGUF`, the cache, or PyPI.
 
 use ftrt_models::gguf::smollm2_gguf_path;
-use ftrt_models::llama::{chat_template_of, decode_text, encode_prompt, LlamaModel, Prompt, Rounding, SamplingParams};
+use ftrt_models::llama::{
+    chat_template_of, decode_text, encode_prompt, LlamaModel, Prompt, Rounding, SamplingParams,
+};
 use ftrt_models::open_model;
 
 #[test]
-#[cfg_attr(debug_assertions, ignore = "slow in debug builds: run with cargo test --release")]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "slow in debug builds: run with cargo test --release"
+)]
 fn smollm2_answers_the_capital_of_france() {
     let t0 = std::time::Instant::now();
     let loaded = open_model(&smollm2_gguf_path().unwrap()).unwrap();
     let model = LlamaModel::from_loaded(&loaded, Rounding::F32).unwrap();
-    let template = chat_template_of(&loaded).unwrap().expect("SmolLM2 has a chat template");
+    let template = chat_template_of(&loaded)
+        .unwrap()
+        .expect("SmolLM2 has a chat template");
     let prompt = Prompt::Text("What is the capital of France?".into());
     let ids = encode_prompt(&loaded, Some(&template), &prompt).unwrap();
     let t1 = std::time::Instant::now();
-    let out = model.generate(&[ids.clone()], 32, &loaded.eos_token_ids, SamplingParams::default(), None).unwrap();
+    let out = model
+        .generate(
+            std::slice::from_ref(&ids),
+            32,
+            &loaded.eos_token_ids,
+            SamplingParams::default(),
+            None,
+        )
+        .unwrap();
     let gen = &out[0];
-    let text_ids: Vec<u32> = gen.iter().copied().filter(|t| !loaded.eos_token_ids.contains(t)).collect();
+    let text_ids: Vec<u32> = gen
+        .iter()
+        .copied()
+        .filter(|t| !loaded.eos_token_ids.contains(t))
+        .collect();
     let text = decode_text(&loaded, &text_ids).unwrap();
     eprintln!(
         "prompt {} tokens, {} generated: {text:?} (load {:.1} s, generate {:.1} s)",
@@ -31,5 +50,8 @@ fn smollm2_answers_the_capital_of_france() {
         t1.elapsed().as_secs_f64()
     );
     assert_eq!(text.trim(), "The capital of France is Paris.");
-    assert!(loaded.eos_token_ids.contains(gen.last().unwrap()), "stopped at EOS");
+    assert!(
+        loaded.eos_token_ids.contains(gen.last().unwrap()),
+        "stopped at EOS"
+    );
 }

@@ -36,7 +36,9 @@ impl KvCache {
 
     /// Tokens cached for `slot`.
     pub fn len(&self, slot: usize) -> usize {
-        self.k.first().map_or(0, |l| l[slot].len() / self.kv_dim.max(1))
+        self.k
+            .first()
+            .map_or(0, |l| l[slot].len() / self.kv_dim.max(1))
     }
 
     /// Whether every slot is empty.
@@ -54,7 +56,12 @@ impl KvCache {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).flatten().map(|s| s.len() * 4).sum()
+        self.k
+            .iter()
+            .chain(&self.v)
+            .flatten()
+            .map(|s| s.len() * 4)
+            .sum()
     }
 }
 

@@ -35,7 +35,11 @@ pub fn chat_template_of(m: &LoadedModel) -> Result<Option<ChatTemplate>, LlamaEr
 }
 
 /// The text the model sees for `prompt` (the rendered template, or the raw text).
-pub fn render_prompt(m: &LoadedModel, template: Option<&ChatTemplate>, prompt: &Prompt) -> Result<String, LlamaError> {
+pub fn render_prompt(
+    m: &LoadedModel,
+    template: Option<&ChatTemplate>,
+    prompt: &Prompt,
+) -> Result<String, LlamaError> {
     match (template, prompt) {
         (Some(t), Prompt::Text(s)) => t
             .render(&[ChatMessage::new("user", s.as_str())], true)
@@ -51,7 +55,11 @@ pub fn render_prompt(m: &LoadedModel, template: Option<&ChatTemplate>, prompt: &
 
 /// Token ids of `prompt`: with a template, the rendered text without added special tokens;
 /// without one, the text with the tokenizer's special tokens (e.g. a leading bos).
-pub fn encode_prompt(m: &LoadedModel, template: Option<&ChatTemplate>, prompt: &Prompt) -> Result<Vec<u32>, LlamaError> {
+pub fn encode_prompt(
+    m: &LoadedModel,
+    template: Option<&ChatTemplate>,
+    prompt: &Prompt,
+) -> Result<Vec<u32>, LlamaError> {
     let text = render_prompt(m, template, prompt)?;
     let enc = m
         .tokenizer
@@ -83,16 +91,25 @@ pub fn parse_prompts_jsonl(text: &str) -> Result<Vec<Prompt>, LlamaError> {
             continue;
         }
         let bad = |why: &str| LlamaError::Input(format!("line {}: {why}", i + 1));
-        let v: Value = serde_json::from_str(line).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
         let str_of = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
         let p = if let Some(s) = v.as_str() {
             Prompt::Text(s.to_string())
         } else if let Some(ms) = v.get("messages") {
-            let arr = ms.as_array().ok_or_else(|| bad("\"messages\" must be a list"))?;
+            let arr = ms
+                .as_array()
+                .ok_or_else(|| bad("\"messages\" must be a list"))?;
             let mut msgs = Vec::with_capacity(arr.len());
             for m in arr {
-                let role = m.get("role").and_then(Value::as_str).ok_or_else(|| bad("a message lacks a string \"role\""))?;
-                let content = m.get("content").and_then(Value::as_str).ok_or_else(|| bad("a message lacks a string \"content\""))?;
+                let role = m
+                    .get("role")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad("a message lacks a string \"role\""))?;
+                let content = m
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad("a message lacks a string \"content\""))?;
                 msgs.push(ChatMessage::new(role, content));
             }
             if msgs.is_empty() {

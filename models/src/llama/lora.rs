@@ -50,13 +50,27 @@ impl LoraAdapter {
             }
             slots.push(row);
         }
-        let scale = if rslora { alpha / (r as f32).sqrt() } else { alpha / r as f32 };
-        Self { r, scale, data, slots }
+        let scale = if rslora {
+            alpha / (r as f32).sqrt()
+        } else {
+            alpha / r as f32
+        };
+        Self {
+            r,
+            scale,
+            data,
+            slots,
+        }
     }
 
     /// The same layout, all zeros (a gradient buffer).
     pub fn zeros_like(&self) -> Self {
-        Self { r: self.r, scale: self.scale, data: vec![0.0; self.data.len()], slots: self.slots.clone() }
+        Self {
+            r: self.r,
+            scale: self.scale,
+            data: vec![0.0; self.data.len()],
+            slots: self.slots.clone(),
+        }
     }
 
     /// The slot of `proj` in `layer`, if adapted.
@@ -76,27 +90,46 @@ impl LoraAdapter {
 
     /// PEFT's parameter name of A or B (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
     pub fn peft_name(layer: usize, proj: Proj, which_b: bool) -> String {
-        format!("base_model.model.{}.lora_{}.weight", proj.hf_prefix(layer), if which_b { "B" } else { "A" })
+        format!(
+            "base_model.model.{}.lora_{}.weight",
+            proj.hf_prefix(layer),
+            if which_b { "B" } else { "A" }
+        )
     }
 
     /// Loads a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for a
     /// model of `dims`. Only plain LoRA (no DoRA, no bias training) is supported.
     pub fn load_peft(dir: &Path, dims: &Dims) -> Result<Self, LlamaError> {
         let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| LlamaError::Adapter(format!("{}: cannot read: {e}", cfg_path.display())))?;
-        let cfg: Value = serde_json::from_str(&text)
-            .map_err(|e| LlamaError::Adapter(format!("{}: invalid JSON: {e}", cfg_path.display())))?;
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
+            LlamaError::Adapter(format!("{}: cannot read: {e}", cfg_path.display()))
+        })?;
+        let cfg: Value = serde_json::from_str(&text).map_err(|e| {
+            LlamaError::Adapter(format!("{}: invalid JSON: {e}", cfg_path.display()))
+        })?;
         let bad = |why: &str| LlamaError::Adapter(format!("{}: {why}", cfg_path.display()));
-        if cfg.get("peft_type").and_then(Value::as_str).is_some_and(|t| t != "LORA") {
+        if cfg
+            .get("peft_type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t != "LORA")
+        {
             return Err(bad("peft_type is not LORA"));
         }
         if cfg.get("use_dora").and_then(Value::as_bool) == Some(true) {
             return Err(bad("DoRA adapters are not supported"));
         }
-        let r = cfg.get("r").and_then(Value::as_u64).ok_or_else(|| bad("missing \"r\""))? as usize;
-        let alpha = cfg.get("lora_alpha").and_then(Value::as_f64).ok_or_else(|| bad("missing \"lora_alpha\""))?;
-        let rslora = cfg.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+        let r = cfg
+            .get("r")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("missing \"r\""))? as usize;
+        let alpha = cfg
+            .get("lora_alpha")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| bad("missing \"lora_alpha\""))?;
+        let rslora = cfg
+            .get("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         if r == 0 {
             return Err(bad("r must be positive"));
         }
@@ -118,11 +151,12 @@ impl LoraAdapter {
             for &p in &targets {
                 let (out, inn) = p.shape(dims);
                 let slot = ad.slots[l][p.index()].clone().expect("allocated");
-                for (which_b, range, shape) in [(false, slot.a, [r, inn]), (true, slot.b, [out, r])] {
+                for (which_b, range, shape) in [(false, slot.a, [r, inn]), (true, slot.b, [out, r])]
+                {
                     let name = Self::peft_name(l, p, which_b);
-                    let meta = files
-                        .meta(&name)
-                        .ok_or_else(|| LlamaError::Adapter(format!("{}: missing \"{name}\"", dir.display())))?;
+                    let meta = files.meta(&name).ok_or_else(|| {
+                        LlamaError::Adapter(format!("{}: missing \"{name}\"", dir.display()))
+                    })?;
                     if meta.shape != shape {
                         return Err(LlamaError::Adapter(format!(
                             "{}: \"{name}\" has shape {:?}, expected {shape:?}",

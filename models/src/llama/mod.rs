@@ -28,7 +28,9 @@ pub mod weights;
 
 pub use activations::{Activations, LayerActivations};
 pub use attention::KvCache;
-pub use chat::{chat_template_of, decode_text, encode_prompt, parse_prompts_jsonl, render_prompt, Prompt};
+pub use chat::{
+    chat_template_of, decode_text, encode_prompt, parse_prompts_jsonl, render_prompt, Prompt,
+};
 pub use lora::{LoraAdapter, LoraSlot};
 pub use model::{Batch, LlamaModel};
 pub use sampling::{Sampler, SamplingParams};

@@ -21,7 +21,12 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        }
     }
 }
 
@@ -34,7 +39,10 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        Self { params, state: params.seed ^ 0x9E37_79B9_7F4A_7C15 }
+        Self {
+            params,
+            state: params.seed ^ 0x9E37_79B9_7F4A_7C15,
+        }
     }
 
     /// splitmix64 step: a uniform in [0, 1).
@@ -60,7 +68,10 @@ impl Sampler {
         }
         let t = p.temperature as f64;
         let m = logits[idx[0]] as f64 / t;
-        let mut probs: Vec<f64> = idx.iter().map(|&i| (logits[i] as f64 / t - m).exp()).collect();
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| (logits[i] as f64 / t - m).exp())
+            .collect();
         let z: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= z);
         if p.top_p < 1.0 {

@@ -24,7 +24,15 @@ pub enum Proj {
 
 impl Proj {
     /// All seven, in index order.
-    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
 
     /// Position in [`Proj::ALL`].
     pub fn index(self) -> usize {
@@ -150,9 +158,17 @@ impl WeightStore {
 
     /// Loads every weight of `config`'s architecture from `source`, checking shapes; values are
     /// rounded to bf16 when `rt` is a bf16 model.
-    pub fn load(config: &ModelConfig, source: &WeightSource, rt: Rounding) -> Result<Self, LlamaError> {
+    pub fn load(
+        config: &ModelConfig,
+        source: &WeightSource,
+        rt: Rounding,
+    ) -> Result<Self, LlamaError> {
         let d = Dims::of(config);
-        let mut b = Builder { source, data: Vec::new(), prec: rt.t };
+        let mut b = Builder {
+            source,
+            data: Vec::new(),
+            prec: rt.t,
+        };
         let embed = b.take("model.embed_tokens.weight", &[d.vocab, d.hidden])?;
         let mut layers = Vec::with_capacity(d.layers);
         for l in 0..d.layers {
@@ -182,7 +198,14 @@ impl WeightStore {
                 (None, None)
             };
             let post_norm = b.take(&p("post_attention_layernorm.weight"), &[d.hidden])?;
-            layers.push(LayerWeights { input_norm, proj, bias, q_norm, k_norm, post_norm });
+            layers.push(LayerWeights {
+                input_norm,
+                proj,
+                bias,
+                q_norm,
+                k_norm,
+                post_norm,
+            });
         }
         let final_norm = b.take("model.norm.weight", &[d.hidden])?;
         let lm_head = if config.tie_word_embeddings {
@@ -190,7 +213,13 @@ impl WeightStore {
         } else {
             Some(b.take("lm_head.weight", &[d.vocab, d.hidden])?)
         };
-        Ok(Self { data: b.data, embed, layers, final_norm, lm_head })
+        Ok(Self {
+            data: b.data,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        })
     }
 }
 
@@ -202,10 +231,9 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Range<usize>, LlamaError> {
-        let info = self
-            .source
-            .info(name)
-            .ok_or_else(|| LlamaError::Weights(format!("weight \"{name}\" is missing from the checkpoint")))?;
+        let info = self.source.info(name).ok_or_else(|| {
+            LlamaError::Weights(format!("weight \"{name}\" is missing from the checkpoint"))
+        })?;
         if info.shape != shape {
             return Err(LlamaError::Weights(format!(
                 "weight \"{name}\" has shape {:?}, the config implies {shape:?}",
@@ -215,8 +243,12 @@ impl Builder<'_> {
         let values = self.source.to_f32(name).map_err(LlamaError::Load)?;
         let start = self.data.len();
         match self.prec {
-            Prec::Bf16 => self.data.extend(values.iter().map(|&v| half::bf16::from_f32(v).to_f32())),
-            Prec::F16 => self.data.extend(values.iter().map(|&v| half::f16::from_f32(v).to_f32())),
+            Prec::Bf16 => self
+                .data
+                .extend(values.iter().map(|&v| half::bf16::from_f32(v).to_f32())),
+            Prec::F16 => self
+                .data
+                .extend(values.iter().map(|&v| half::f16::from_f32(v).to_f32())),
             Prec::F32 | Prec::Exact => self.data.extend_from_slice(&values),
         }
         Ok(start..self.data.len())
