@@ -176,9 +176,9 @@ pub fn estimate(graph: &Graph, plan: &Plan, cost: &CostModel) -> StepEstimate {
             }
         }
     };
-    for n in 0..plan.num_nodes {
+    for (n, recomputes) in recompute_before.iter().enumerate() {
         issue(&s.before[n], &mut tc, &mut td, &mut th);
-        for &p in &recompute_before[n] {
+        for &p in recomputes {
             let d = cost.node_seconds(graph, p);
             tc += d;
             compute += d;

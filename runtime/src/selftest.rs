@@ -10,10 +10,10 @@ use crate::gemm::cpu::gemm;
 use crate::gemm::cublaslt::{CublasLt, GemmWorkspace, DEFAULT_WORKSPACE_BYTES};
 use crate::gemm::GemmDesc;
 use crate::graph::{Graph, TensorId};
-use crate::planner::{plan, Plan, PlanOptions};
-use crate::rng::SplitMix64;
 use crate::offload::estimate;
 use crate::planner::{fmt_bytes, CostModel};
+use crate::planner::{plan, Plan, PlanOptions};
+use crate::rng::SplitMix64;
 use crate::synthetic::{offload_bar_plans, offload_graph, training_graph, OffloadGraphShape};
 use cudarc::driver::sys::CUevent_flags;
 use half::bf16;
@@ -71,7 +71,11 @@ pub fn selftest_runtime(gpu: &Gpu) -> Result<Vec<SelftestRow>, RuntimeError> {
         rows.push(graph_gpu_vs_cpu(gpu, seed)?);
     }
     rows.push(replay_vs_eager(gpu)?);
-    rows.extend(offload_bar(gpu, &OffloadGraphShape::SELFTEST, OFFLOAD_BAR_FORCE)?);
+    rows.extend(offload_bar(
+        gpu,
+        &OffloadGraphShape::SELFTEST,
+        OFFLOAD_BAR_FORCE,
+    )?);
     Ok(rows)
 }
 
@@ -243,7 +247,13 @@ fn whole_step_inputs(g: &Graph, seed: u64) -> Vec<(TensorId, Vec<f32>)> {
 fn tight_plan(g: &Graph) -> Result<Plan, RuntimeError> {
     let full = plan(g, &PlanOptions::by_node_count())?;
     let mut best = full.clone();
-    let key = |p: &Plan| (p.offloads.len(), p.recomputes.len(), std::cmp::Reverse(p.arena_bytes));
+    let key = |p: &Plan| {
+        (
+            p.offloads.len(),
+            p.recomputes.len(),
+            std::cmp::Reverse(p.arena_bytes),
+        )
+    };
     for mode in [PlanOptions::by_node_count(), PlanOptions::default()] {
         for pct in (20..=95).rev().step_by(5) {
             let budget = full.arena_bytes / 100 * pct;
@@ -366,7 +376,7 @@ fn offload_inputs(
     shape: &OffloadGraphShape,
     inputs: &[TensorId],
 ) -> Vec<(TensorId, std::sync::Arc<Vec<bf16>>)> {
-    let mut rng = SplitMix64::new(0x0ff1_0ad);
+    let mut rng = SplitMix64::new(0x00ff_10ad);
     let scale = (3.0 / shape.hidden as f32).sqrt();
     let mut gen = |n: usize, scale: f32| {
         std::sync::Arc::new(
@@ -432,7 +442,10 @@ fn outputs_scale(g: &Graph, outputs: &[TensorId], data: &[Vec<u8>]) -> f64 {
 /// Mean step time (ms) of `reps` replays, timed with events on the compute stream.
 fn replay_ms(gpu: &Gpu, ex: &CudaExecutor<'_>, reps: usize) -> Result<f64, RuntimeError> {
     let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-    let (start, end) = (gpu.context().new_event(flags)?, gpu.context().new_event(flags)?);
+    let (start, end) = (
+        gpu.context().new_event(flags)?,
+        gpu.context().new_event(flags)?,
+    );
     start.record(gpu.stream())?;
     for _ in 0..reps {
         ex.replay()?;

@@ -364,7 +364,14 @@ pub fn offload_graph(shape: &OffloadGraphShape) -> (Graph, OffloadGraphIo) {
     // Weight-gradient accumulators, whole step (declared optimizer state): the optimizer
     // reads them after the last micro-batch, and every micro-batch's peak sees them.
     let gw: Vec<TensorId> = (0..layers)
-        .map(|l| b.tensor(format!("gw{l}"), &[h, h], DType::F32, Lifetime::OptimizerState))
+        .map(|l| {
+            b.tensor(
+                format!("gw{l}"),
+                &[h, h],
+                DType::F32,
+                Lifetime::OptimizerState,
+            )
+        })
         .collect();
     io.outputs.extend(&gw);
     let fwd = GemmDesc::new(t, h, h);
@@ -377,7 +384,14 @@ pub fn offload_graph(shape: &OffloadGraphShape) -> (Graph, OffloadGraphIo) {
         let mut saved = Vec::new();
         for (l, wl) in w.iter().enumerate() {
             let s = b.tensor(format!("s{l}.mb{m}"), &[t, h], dt, Lifetime::Saved);
-            b.node(Node::gemm(format!("fwd{l}.0.mb{m}"), fwd, x, wl[0], s, None));
+            b.node(Node::gemm(
+                format!("fwd{l}.0.mb{m}"),
+                fwd,
+                x,
+                wl[0],
+                s,
+                None,
+            ));
             let mut y = s;
             for (j, &wj) in wl.iter().enumerate().skip(1) {
                 let z = b.tensor(format!("h{l}.{j}.mb{m}"), &[t, h], dt, Lifetime::Activation);
@@ -393,15 +407,36 @@ pub fn offload_graph(shape: &OffloadGraphShape) -> (Graph, OffloadGraphIo) {
             let mut d = g;
             for j in (2..gl).rev() {
                 let z = b.tensor(format!("d{l}.{j}.mb{m}"), &[t, h], dt, Lifetime::Gradient);
-                b.node(Node::gemm(format!("bwd{l}.{j}.mb{m}"), bwd, d, w[l][j], z, None));
+                b.node(Node::gemm(
+                    format!("bwd{l}.{j}.mb{m}"),
+                    bwd,
+                    d,
+                    w[l][j],
+                    z,
+                    None,
+                ));
                 d = z;
             }
             let wgrad = GemmDesc::new(h, h, t)
                 .transposed(true, false)
                 .scaled(1.0, if m == 0 { 0.0 } else { 1.0 });
-            b.node(Node::gemm(format!("wgrad{l}.mb{m}"), wgrad, saved[l], d, gw[l], None));
+            b.node(Node::gemm(
+                format!("wgrad{l}.mb{m}"),
+                wgrad,
+                saved[l],
+                d,
+                gw[l],
+                None,
+            ));
             let z = b.tensor(format!("g{l}.mb{m}"), &[t, h], dt, Lifetime::Gradient);
-            b.node(Node::gemm(format!("bwd{l}.1.mb{m}"), bwd, d, w[l][1], z, None));
+            b.node(Node::gemm(
+                format!("bwd{l}.1.mb{m}"),
+                bwd,
+                d,
+                w[l][1],
+                z,
+                None,
+            ));
             g = z;
         }
         let out = b.tensor(format!("dx.mb{m}"), &[t, h], dt, Lifetime::OptimizerState);
@@ -453,6 +488,10 @@ mod offload_graph_tests {
         eprintln!("{off}");
         eprintln!("kept {ek:?}\noffloaded {eo:?}");
         assert!(kept.offloads.is_empty());
-        assert!(off.offloads.len() * 4 >= io.saved.len() * 3, "{}", off.offloads.len());
+        assert!(
+            off.offloads.len() * 4 >= io.saved.len() * 3,
+            "{}",
+            off.offloads.len()
+        );
     }
 }

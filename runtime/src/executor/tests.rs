@@ -194,8 +194,17 @@ fn offload_graph_offloaded_equals_kept_on_cpu() {
         .inputs
         .iter()
         .map(|&t| {
-            let scale = if g.tensor(t).shape[0] == shape.hidden { 0.3 } else { 1.0 };
-            (t, (0..g.tensor(t).elems()).map(|_| rng.symmetric_f32() * scale).collect())
+            let scale = if g.tensor(t).shape[0] == shape.hidden {
+                0.3
+            } else {
+                1.0
+            };
+            (
+                t,
+                (0..g.tensor(t).elems())
+                    .map(|_| rng.symmetric_f32() * scale)
+                    .collect(),
+            )
         })
         .collect();
     let run = |p| {

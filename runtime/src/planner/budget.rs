@@ -6,7 +6,7 @@
 use super::liveness::{base_interval, longest_gap, recompute_producer, uses, Use};
 use super::placement::{align_up, live_profile, place, place_host};
 use super::report::fmt_bytes;
-use super::timing::{node_starts, offload_specs, GapUses};
+use super::timing::{node_starts_from, offload_specs, GapUses};
 use super::{
     ClassUsage, Decision, OffloadSpec, Plan, PlanOptions, RecomputeSpec, SavedChoice, Segment,
     ARENA_ALIGNMENT,
@@ -36,6 +36,8 @@ struct Planner<'g> {
     states: Vec<State>,
     /// Per tensor, the current copy nodes of offloaded tensors (jointly timed).
     specs: Vec<Option<OffloadSpec>>,
+    /// Estimated node durations (with a cost model).
+    durations: Vec<f64>,
 }
 
 /// Plans with decisions for `opts.vram_budget`.
@@ -46,6 +48,12 @@ pub fn plan_with_budget(graph: &Graph, opts: &PlanOptions) -> Result<Plan, Runti
         uses: uses(graph),
         states: vec![State::Keep; graph.tensors.len()],
         specs: vec![None; graph.tensors.len()],
+        durations: match &opts.cost {
+            Some(c) => (0..graph.nodes.len())
+                .map(|n| c.node_seconds(graph, n))
+                .collect(),
+            None => Vec::new(),
+        },
     };
     loop {
         let mut segs = p.segments();
@@ -162,7 +170,7 @@ impl Planner<'_> {
     fn joint_specs(&self, extra: Option<TensorId>) -> Option<Vec<Option<OffloadSpec>>> {
         let gaps = self.gap_uses(extra);
         let starts = match self.opts.cost {
-            Some(cost) => node_starts(self.graph, &cost, &self.recompute_before()),
+            Some(_) => node_starts_from(&self.durations, &self.recompute_before()),
             None => Vec::new(),
         };
         let specs = offload_specs(&gaps, self.opts, &starts);
@@ -239,6 +247,11 @@ impl Planner<'_> {
         let peak_name = &self.graph.nodes[peak].name;
         for t in candidates {
             let i = t.0;
+            // Only a tensor idle across the peak can free it.
+            match longest_gap(&self.uses[i]) {
+                Some((j, k)) if self.uses[i][j].node < peak && peak < self.uses[i][k].node => {}
+                _ => continue,
+            }
             let recompute = self.recompute_spec(t);
             if let Ok((spec, gap)) = &recompute {
                 if self.uses[i][gap.0].node < peak && peak < spec.before {
@@ -445,6 +458,7 @@ impl Planner<'_> {
             recomputes,
             host_bytes,
             offloaded_bytes,
+            copies_by_bandwidth: self.opts.cost.is_some(),
             classes,
             budget: self.opts.vram_budget,
             tensor_labels: (0..g.tensors.len())

@@ -168,6 +168,9 @@ pub struct Plan {
     pub host_bytes: usize,
     /// Bytes copied to the host (and back) per step: the pool without reuse, unaligned.
     pub offloaded_bytes: usize,
+    /// Copies were timed by bytes and bandwidth (hidden behind compute by the estimate);
+    /// false: by node counts (no cost model, or the budget needed copies that stall).
+    pub copies_by_bandwidth: bool,
     pub classes: Vec<ClassUsage>,
     pub budget: Option<usize>,
     /// Tensor names and shapes for the report (index = tensor id).
@@ -191,10 +194,26 @@ impl Plan {
     }
 }
 
-/// Plans `graph`: liveness, budget decisions, placement.
+/// Plans `graph`: liveness, budget decisions, placement. With a cost model, a budget that
+/// cannot be met with every copy hidden behind compute (the copies of the saved tensors
+/// would not leave the device early enough) is planned again with copies timed by node
+/// counts: the step then fits, but its compute stream waits for copies
+/// ([`Plan::copies_by_bandwidth`] is false; [`crate::offload::estimate`] says how long).
 pub fn plan(graph: &Graph, opts: &PlanOptions) -> Result<Plan, RuntimeError> {
     graph.validate()?;
-    budget::plan_with_budget(graph, opts)
+    match budget::plan_with_budget(graph, opts) {
+        Err(RuntimeError::DoesNotFit(msg)) if opts.cost.is_some() => {
+            let by_nodes = PlanOptions {
+                cost: None,
+                ..opts.clone()
+            };
+            budget::plan_with_budget(graph, &by_nodes).map_err(|e| match e {
+                RuntimeError::DoesNotFit(m) => RuntimeError::DoesNotFit(m),
+                _ => RuntimeError::DoesNotFit(msg),
+            })
+        }
+        other => other,
+    }
 }
 
 #[cfg(test)]

@@ -47,6 +47,18 @@ impl fmt::Display for Plan {
             fmt_bytes(self.host_bytes),
             fmt_bytes(self.offloaded_bytes)
         )?;
+        if !self.offloads.is_empty() {
+            writeln!(
+                f,
+                "  copies timed:        {}",
+                if self.copies_by_bandwidth {
+                    "by bytes and bandwidth against estimated node times (hidden behind compute)"
+                } else {
+                    "by node counts (with copies hidden behind compute the budget is not met: \
+                     the compute stream will wait for some copies)"
+                }
+            )?;
+        }
         if let Some(b) = self.budget {
             writeln!(
                 f,

@@ -339,7 +339,12 @@ fn copies_are_timed_by_bytes_and_bandwidth() {
     let one = offload_specs(&[gap(0, 0, 11)], &opts, &starts);
     let o = one[0].unwrap();
     assert_eq!(
-        (o.d2h_after, o.device_free_from, o.prefetch_before, o.first_consumer),
+        (
+            o.d2h_after,
+            o.device_free_from,
+            o.prefetch_before,
+            o.first_consumer
+        ),
         (0, 4, 8, 11)
     );
     // Two back to back share each stream first-in first-out: the second copy out waits for
@@ -373,7 +378,11 @@ fn planner_uses_node_times_for_the_copies() {
     b.node(Node::kernel("produce", &[w], &[s]).with_flops(1e8));
     let mut prev = w;
     for i in 0..10 {
-        let size = if (2..=6).contains(&i) { 1 << 20 } else { 1 << 10 };
+        let size = if (2..=6).contains(&i) {
+            1 << 20
+        } else {
+            1 << 10
+        };
         let a = b.tensor(format!("a{i}"), &[size], DType::U8, Lifetime::Activation);
         b.node(Node::kernel(format!("mid{i}"), &[prev], &[a]).with_flops(1e8));
         prev = a;
@@ -390,16 +399,29 @@ fn planner_uses_node_times_for_the_copies() {
     let o = p.offloads[0];
     // Same as the hand computation above: 100 us nodes, 250 us copies.
     assert_eq!(
-        (o.d2h_after, o.device_free_from, o.prefetch_before, o.first_consumer),
+        (
+            o.d2h_after,
+            o.device_free_from,
+            o.prefetch_before,
+            o.first_consumer
+        ),
         (0, 4, 8, 11)
     );
-    assert!(p.decisions[0].reason.contains("planned at 250 us out"), "{}", p.decisions[0].reason);
+    assert!(
+        p.decisions[0].reason.contains("planned at 250 us out"),
+        "{}",
+        p.decisions[0].reason
+    );
     let est = crate::offload::estimate(&g, &p, &round_cost());
     assert!(est.stall_s.abs() < 1e-12, "{est:?}");
     // Node counts (free from node 3, prefetch before node 9) make the compute stream wait
     // 50 us for the copy out (ends at 350 us, node 3 starts at 300 us) and 50 us for the
     // prefetch (starts at 950 us after that stall, ends at 1200 us, consumer at 1150 us).
-    let q = plan(&g, &PlanOptions::by_node_count().with_budget(full.arena_bytes - 1)).unwrap();
+    let q = plan(
+        &g,
+        &PlanOptions::by_node_count().with_budget(full.arena_bytes - 1),
+    )
+    .unwrap();
     let est = crate::offload::estimate(&g, &q, &round_cost());
     assert!((est.stall_s - 100e-6).abs() < 1e-9, "{est:?}");
 }
@@ -477,8 +499,7 @@ fn micro_batches_share_the_pinned_pool() {
     let c = CostModel::H200;
     let est = crate::offload::estimate(&g, &off, &c);
     assert!(est.stall_s < 1e-9 && est.step_s > 0.1, "{est:?}");
-    let (_, by_nodes) =
-        offload_bar_plans(&g, &shape, 12, &PlanOptions::by_node_count()).unwrap();
+    let (_, by_nodes) = offload_bar_plans(&g, &shape, 12, &PlanOptions::by_node_count()).unwrap();
     let est_nodes = crate::offload::estimate(&g, &by_nodes, &c);
     assert!(est_nodes.stall_s > 1e-3, "{est_nodes:?}");
 }

@@ -82,14 +82,22 @@ impl CostModel {
 /// Estimated start time of every node, plus the end of the step at index `nodes`:
 /// `start[n + 1] = start[n] + recomputes before n + node n`.
 pub fn node_starts(g: &Graph, cost: &CostModel, recompute_before: &[Vec<usize>]) -> Vec<f64> {
-    let mut starts = Vec::with_capacity(g.nodes.len() + 1);
+    let durations: Vec<f64> = (0..g.nodes.len())
+        .map(|n| cost.node_seconds(g, n))
+        .collect();
+    node_starts_from(&durations, recompute_before)
+}
+
+/// [`node_starts`] from precomputed node durations.
+pub fn node_starts_from(durations: &[f64], recompute_before: &[Vec<usize>]) -> Vec<f64> {
+    let mut starts = Vec::with_capacity(durations.len() + 1);
     let mut t = 0.0;
-    for n in 0..g.nodes.len() {
+    for (n, d) in durations.iter().enumerate() {
         for &p in recompute_before.get(n).map_or(&[][..], |v| v.as_slice()) {
-            t += cost.node_seconds(g, p);
+            t += durations[p];
         }
         starts.push(t);
-        t += cost.node_seconds(g, n);
+        t += d;
     }
     starts.push(t);
     starts
@@ -134,8 +142,8 @@ pub fn offload_specs(
             .iter()
             .map(|u| {
                 let device_free_from = u.last_use.max(u.last_write + opts.d2h_slack) + 1;
-                let prefetch_before = device_free_from
-                    .max(u.first_consumer.saturating_sub(opts.prefetch_lead));
+                let prefetch_before =
+                    device_free_from.max(u.first_consumer.saturating_sub(opts.prefetch_lead));
                 spec(u, device_free_from, prefetch_before)
             })
             .collect(),
