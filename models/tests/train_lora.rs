@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ftrt_models::config::ModelConfig;
-use ftrt_models::lora::{adapter_config_json, linear_targets, select_targets, LoraConfig, LoraTarget, LoraWeights};
+use ftrt_models::lora::{
+    adapter_config_json, linear_targets, select_targets, LoraConfig, LoraTarget, LoraWeights,
+};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -64,8 +66,16 @@ fn peft_adapters_load_with_their_tensors() {
 #[test]
 fn adapter_config_matches_peft_golden() {
     let golden = read_json(&fixtures().join("qv/adapter_config.json"));
-    let cfg = LoraConfig { r: 4, lora_alpha: 8.0, ..LoraConfig::default() };
-    let ours = adapter_config_json(&cfg, &["v_proj".into(), "q_proj".into(), "q_proj".into()], Some("tiny-random-llama"));
+    let cfg = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        ..LoraConfig::default()
+    };
+    let ours = adapter_config_json(
+        &cfg,
+        &["v_proj".into(), "q_proj".into(), "q_proj".into()],
+        Some("tiny-random-llama"),
+    );
     assert_eq!(ours, golden);
 
     // all-linear with rslora and dropout: every key equal; PEFT writes the expanded module
@@ -83,11 +93,25 @@ fn adapter_config_matches_peft_golden() {
     let modules: Vec<String> = w.tensors.iter().map(|t| t.target.module.clone()).collect();
     let mut ours = adapter_config_json(&cfg, &modules, Some("tiny-random-llama"));
     let mut golden_obj = golden.as_object().unwrap().clone();
-    let peft_targets: Vec<String> = serde_json::from_value(golden_obj.remove("target_modules").unwrap()).unwrap();
-    let our_targets: Vec<String> = serde_json::from_value(ours.as_object_mut().unwrap().remove("target_modules").unwrap()).unwrap();
+    let peft_targets: Vec<String> =
+        serde_json::from_value(golden_obj.remove("target_modules").unwrap()).unwrap();
+    let our_targets: Vec<String> = serde_json::from_value(
+        ours.as_object_mut()
+            .unwrap()
+            .remove("target_modules")
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(Value::Object(golden_obj), ours);
     let sel = |names: Vec<String>| {
-        select_targets(&LoraConfig { target_modules: names, ..cfg.clone() }, &targets()).unwrap()
+        select_targets(
+            &LoraConfig {
+                target_modules: names,
+                ..cfg.clone()
+            },
+            &targets(),
+        )
+        .unwrap()
     };
     assert_eq!(sel(peft_targets), sel(our_targets.clone()));
     assert_eq!(our_targets.len(), 7);
@@ -95,10 +119,21 @@ fn adapter_config_matches_peft_golden() {
 
 #[test]
 fn init_is_peft_kaiming_uniform_and_zero_b() {
-    let cfg = LoraConfig { r: 8, target_modules: vec!["all-linear".into()], ..LoraConfig::default() };
+    let cfg = LoraConfig {
+        r: 8,
+        target_modules: vec!["all-linear".into()],
+        ..LoraConfig::default()
+    };
     let w = LoraWeights::init(&cfg, &targets(), 123).unwrap();
-    assert_eq!(w, LoraWeights::init(&cfg, &targets(), 123).unwrap(), "seeded");
-    assert_ne!(w.data, LoraWeights::init(&cfg, &targets(), 124).unwrap().data);
+    assert_eq!(
+        w,
+        LoraWeights::init(&cfg, &targets(), 123).unwrap(),
+        "seeded"
+    );
+    assert_ne!(
+        w.data,
+        LoraWeights::init(&cfg, &targets(), 124).unwrap().data
+    );
     let (mut n, mut sum, mut sq) = (0usize, 0f64, 0f64);
     for t in &w.tensors {
         let bound = 1.0 / (t.target.in_features as f32).sqrt();
@@ -132,11 +167,18 @@ fn save_then_load_round_trips() {
 #[test]
 fn bad_adapters_and_targets_are_errors() {
     let err = LoraWeights::zeros(
-        &LoraConfig { target_modules: vec!["q_proj".into(), "c_attn".into()], ..LoraConfig::default() },
+        &LoraConfig {
+            target_modules: vec!["q_proj".into(), "c_attn".into()],
+            ..LoraConfig::default()
+        },
         &targets(),
     )
     .unwrap_err();
-    assert!(err.contains("\"c_attn\"") && err.contains("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"), "{err}");
+    assert!(
+        err.contains("\"c_attn\"")
+            && err.contains("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
+        "{err}"
+    );
     // An adapter of another model shape: the shapes are checked.
     let mut other = ModelConfig::from_file(&fixtures().join("config.json")).unwrap();
     other.hidden_size = 32;
@@ -144,13 +186,24 @@ fn bad_adapters_and_targets_are_errors() {
     assert!(err.contains("shape"), "{err}");
     let err = LoraWeights::load_peft(Path::new("/nonexistent-adapter"), &targets()).unwrap_err();
     assert!(err.contains("cannot read"), "{err}");
-    assert!(LoraConfig { bias: "all".into(), ..LoraConfig::default() }.validate().is_err());
-    assert!(LoraConfig { r: 0, ..LoraConfig::default() }.validate().is_err());
+    assert!(LoraConfig {
+        bias: "all".into(),
+        ..LoraConfig::default()
+    }
+    .validate()
+    .is_err());
+    assert!(LoraConfig {
+        r: 0,
+        ..LoraConfig::default()
+    }
+    .validate()
+    .is_err());
 }
 
 /// The Python that has torch, transformers and peft, if any.
 fn peft_python() -> Option<String> {
-    let python = std::env::var("FTRT_PYTHON").unwrap_or_else(|_| "/opt/ftrtpy/bin/python".to_owned());
+    let python =
+        std::env::var("FTRT_PYTHON").unwrap_or_else(|_| "/opt/ftrtpy/bin/python".to_owned());
     let ok = Command::new(&python)
         .args(["-c", "import torch, transformers, peft"])
         .output()
@@ -207,13 +260,23 @@ fn peft_loads_our_adapter() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "PEFT failed: {}", String::from_utf8_lossy(&out.stderr));
-    let json = stdout.lines().find_map(|l| l.strip_prefix("JSON")).expect("PEFT's output");
+    assert!(
+        out.status.success(),
+        "PEFT failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("JSON"))
+        .expect("PEFT's output");
     let got: BTreeMap<String, Value> = serde_json::from_str(json).unwrap();
     assert_eq!(got.len(), w.tensors.len());
     for t in &w.tensors {
         let g = &got[&t.target.path];
-        assert!((g["scaling"].as_f64().unwrap() - 8.0).abs() < 1e-6, "rslora scale 16/sqrt(4)");
+        assert!(
+            (g["scaling"].as_f64().unwrap() - 8.0).abs() < 1e-6,
+            "rslora scale 16/sqrt(4)"
+        );
         let a: Vec<f32> = serde_json::from_value(g["a"].clone()).unwrap();
         let b: Vec<f32> = serde_json::from_value(g["b"].clone()).unwrap();
         assert_eq!(&a[..], &w.data[t.a.clone()]);

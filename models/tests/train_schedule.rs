@@ -5,7 +5,12 @@ use ftrt_models::train::optim::Optimizer;
 use ftrt_models::train::{warmup_from_ratio, AdamHyper, LrSchedule, OptimKind, SchedulerKind};
 
 fn sched(kind: SchedulerKind, warmup: usize, total: usize) -> LrSchedule {
-    LrSchedule { kind, base_lr: 1.0, warmup_steps: warmup, total_steps: total }
+    LrSchedule {
+        kind,
+        base_lr: 1.0,
+        warmup_steps: warmup,
+        total_steps: total,
+    }
 }
 
 /// transformers' `_get_linear_schedule_with_warmup_lr_lambda`, transcribed.
@@ -31,8 +36,14 @@ fn linear_and_cosine_match_transformers() {
         for t in 0..=total {
             let l = sched(SchedulerKind::Linear, w, total).factor(t);
             let c = sched(SchedulerKind::Cosine, w, total).factor(t);
-            assert!((l - hf_linear(t, w, total)).abs() < 1e-15, "linear t={t} w={w} T={total}");
-            assert!((c - hf_cosine(t, w, total)).abs() < 1e-15, "cosine t={t} w={w} T={total}");
+            assert!(
+                (l - hf_linear(t, w, total)).abs() < 1e-15,
+                "linear t={t} w={w} T={total}"
+            );
+            assert!(
+                (c - hf_cosine(t, w, total)).abs() < 1e-15,
+                "cosine t={t} w={w} T={total}"
+            );
         }
     }
 }
@@ -40,7 +51,9 @@ fn linear_and_cosine_match_transformers() {
 #[test]
 fn hand_computed_values() {
     let lin = sched(SchedulerKind::Linear, 2, 10);
-    let want = [0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0];
+    let want = [
+        0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0,
+    ];
     for (t, w) in want.iter().enumerate() {
         assert_eq!(lin.factor(t), *w, "t = {t}");
     }
@@ -48,8 +61,14 @@ fn hand_computed_values() {
     assert!((cos.factor(2) - 0.5).abs() < 1e-15);
     assert!((cos.factor(1) - (0.5 + 0.5 * std::f64::consts::FRAC_1_SQRT_2)).abs() < 1e-15);
     assert_eq!(sched(SchedulerKind::Constant, 5, 10).factor(0), 1.0);
-    assert_eq!(sched(SchedulerKind::ConstantWithWarmup, 4, 10).factor(1), 0.25);
-    assert_eq!(sched(SchedulerKind::ConstantWithWarmup, 4, 10).factor(7), 1.0);
+    assert_eq!(
+        sched(SchedulerKind::ConstantWithWarmup, 4, 10).factor(1),
+        0.25
+    );
+    assert_eq!(
+        sched(SchedulerKind::ConstantWithWarmup, 4, 10).factor(7),
+        1.0
+    );
     // Step 1 (1-based) uses factor(0): zero under warmup, as in the HF Trainer.
     assert_eq!(lin.lr_for_step(1), 0.0);
     assert_eq!(lin.lr_for_step(3), 1.0);
@@ -61,14 +80,18 @@ fn hand_computed_values() {
 /// p = 1, g = 0.5, lr = 0.1, wd = 0.01, t = 1, as torch.optim.AdamW computes it.
 #[test]
 fn adamw_step_matches_torch_update() {
-    let hyper = AdamHyper { weight_decay: 0.01, ..AdamHyper::default() };
-    let mut opt = Optimizer::new(OptimKind::AdamW, hyper, &[0..1]);
+    let hyper = AdamHyper {
+        weight_decay: 0.01,
+        ..AdamHyper::default()
+    };
+    let mut opt = Optimizer::new(OptimKind::AdamW, hyper, std::slice::from_ref(&(0..1)));
     let mut p = vec![1.0f32];
     opt.step(&mut p, &[0.5], 0.1);
     let (b1, b2) = (0.9f64, 0.999f64);
     let m = (1.0 - b1) * 0.5;
     let v = (1.0 - b2) * 0.25;
-    let want = 1.0 * (1.0 - 0.1 * 0.01) - 0.1 / (1.0 - b1) * m / (v.sqrt() / (1.0 - b2).sqrt() + 1e-8);
+    let want =
+        1.0 * (1.0 - 0.1 * 0.01) - 0.1 / (1.0 - b1) * m / (v.sqrt() / (1.0 - b2).sqrt() + 1e-8);
     assert!((p[0] as f64 - want).abs() < 1e-6, "{} vs {want}", p[0]);
     assert_eq!(opt.steps, 1);
 }

@@ -106,8 +106,9 @@ impl LoraWeights {
                 (false, &t.a, vec![r, t.target.in_features]),
                 (true, &t.b, vec![t.target.out_features, r]),
             ] {
-                let view = TensorView::new(Dtype::F32, shape, &bytes[range.start * 4..range.end * 4])
-                    .map_err(|e| format!("adapter tensor {}: {e}", t.target.path))?;
+                let view =
+                    TensorView::new(Dtype::F32, shape, &bytes[range.start * 4..range.end * 4])
+                        .map_err(|e| format!("adapter tensor {}: {e}", t.target.path))?;
                 views.push((peft_tensor_name(&t.target.path, is_b), view));
             }
         }
@@ -117,12 +118,24 @@ impl LoraWeights {
 
     /// Writes PEFT's adapter folder into `dir` (created if needed); each file is written
     /// atomically.
-    pub fn save_peft(&self, dir: &Path, base_model_name_or_path: Option<&str>) -> Result<(), String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create: {e}", dir.display()))?;
-        let modules: Vec<String> = self.tensors.iter().map(|t| t.target.module.clone()).collect();
+    pub fn save_peft(
+        &self,
+        dir: &Path,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<(), String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("{}: cannot create: {e}", dir.display()))?;
+        let modules: Vec<String> = self
+            .tensors
+            .iter()
+            .map(|t| t.target.module.clone())
+            .collect();
         let config = adapter_config_json(&self.config, &modules, base_model_name_or_path);
         let text = serde_json::to_string_pretty(&config).map_err(|e| e.to_string())? + "\n";
-        write_atomic(&dir.join(ADAPTER_WEIGHTS_FILE), &self.peft_safetensors_bytes()?)?;
+        write_atomic(
+            &dir.join(ADAPTER_WEIGHTS_FILE),
+            &self.peft_safetensors_bytes()?,
+        )?;
         write_atomic(&dir.join(ADAPTER_CONFIG_FILE), text.as_bytes())
     }
 
@@ -173,9 +186,12 @@ impl LoraWeights {
         if used != total {
             let extra: Vec<&str> = files
                 .names()
-                .filter(|n| !w.tensors.iter().any(|t| {
-                    *n == peft_tensor_name(&t.target.path, false) || *n == peft_tensor_name(&t.target.path, true)
-                }))
+                .filter(|n| {
+                    !w.tensors.iter().any(|t| {
+                        *n == peft_tensor_name(&t.target.path, false)
+                            || *n == peft_tensor_name(&t.target.path, true)
+                    })
+                })
                 .take(5)
                 .collect();
             return Err(format!(
@@ -191,9 +207,10 @@ impl LoraWeights {
 
 /// Parses `adapter_config.json` into a [`LoraConfig`], refusing what plain LoRA cannot run.
 fn read_adapter_config(path: &Path) -> Result<LoraConfig, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    let v: Map<String, Value> =
-        serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let v: Map<String, Value> = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: invalid JSON: {e}", path.display()))?;
     let bad = |why: String| format!("{}: {why}", path.display());
     if let Some(t) = v.get("peft_type").and_then(Value::as_str) {
         if t != "LORA" {
@@ -206,7 +223,10 @@ fn read_adapter_config(path: &Path) -> Result<LoraConfig, String> {
         }
     }
     for key in ["rank_pattern", "alpha_pattern"] {
-        if v.get(key).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+        if v.get(key)
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty())
+        {
             return Err(bad(format!("a non-empty {key} is not supported")));
         }
     }
@@ -233,8 +253,15 @@ fn read_adapter_config(path: &Path) -> Result<LoraConfig, String> {
         lora_alpha,
         target_modules,
         lora_dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
-        use_rslora: v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
-        bias: v.get("bias").and_then(Value::as_str).unwrap_or("none").to_owned(),
+        use_rslora: v
+            .get("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        bias: v
+            .get("bias")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_owned(),
     };
     config.validate().map_err(bad)?;
     Ok(config)

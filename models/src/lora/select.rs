@@ -145,7 +145,12 @@ mod tests {
         let got = select_targets(&cfg(&["layers.1.self_attn.q_proj"]), &model()).unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].layer, 1);
-        assert_eq!(select_targets(&cfg(&["all-linear"]), &model()).unwrap().len(), 4);
+        assert_eq!(
+            select_targets(&cfg(&["all-linear"]), &model())
+                .unwrap()
+                .len(),
+            4
+        );
     }
 
     #[test]

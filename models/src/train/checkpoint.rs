@@ -87,7 +87,11 @@ impl Fnv {
 }
 
 /// The bytes of a checkpoint file.
-pub fn checkpoint_bytes(progress: &Progress, lora: &[f32], opt: &Optimizer) -> Result<Vec<u8>, String> {
+pub fn checkpoint_bytes(
+    progress: &Progress,
+    lora: &[f32],
+    opt: &Optimizer,
+) -> Result<Vec<u8>, String> {
     let mut owned: Vec<(String, Dtype, Vec<usize>, &[u8])> = vec![(
         "lora".to_owned(),
         Dtype::F32,
@@ -98,7 +102,12 @@ pub fn checkpoint_bytes(progress: &Progress, lora: &[f32], opt: &Optimizer) -> R
         match &st.moments {
             Moments::F32 { m, v } => {
                 for (f, x) in [("m", m), ("v", v)] {
-                    owned.push((format!("opt.{i}.{f}"), Dtype::F32, vec![x.len()], bytemuck::cast_slice(x)));
+                    owned.push((
+                        format!("opt.{i}.{f}"),
+                        Dtype::F32,
+                        vec![x.len()],
+                        bytemuck::cast_slice(x),
+                    ));
                 }
             }
             Moments::Q8 { qm, qv, am, av } => {
@@ -106,7 +115,12 @@ pub fn checkpoint_bytes(progress: &Progress, lora: &[f32], opt: &Optimizer) -> R
                     owned.push((format!("opt.{i}.{f}"), Dtype::U8, vec![x.len()], x));
                 }
                 for (f, x) in [("am", am), ("av", av)] {
-                    owned.push((format!("opt.{i}.{f}"), Dtype::F32, vec![x.len()], bytemuck::cast_slice(x)));
+                    owned.push((
+                        format!("opt.{i}.{f}"),
+                        Dtype::F32,
+                        vec![x.len()],
+                        bytemuck::cast_slice(x),
+                    ));
                 }
             }
         }
@@ -125,18 +139,29 @@ pub fn checkpoint_bytes(progress: &Progress, lora: &[f32], opt: &Optimizer) -> R
 }
 
 /// Writes the checkpoint's temporary file (synced) without renaming it over `path` yet.
-pub fn stage_checkpoint(path: &Path, progress: &Progress, lora: &[f32], opt: &Optimizer) -> Result<Staged, String> {
+pub fn stage_checkpoint(
+    path: &Path,
+    progress: &Progress,
+    lora: &[f32],
+    opt: &Optimizer,
+) -> Result<Staged, String> {
     stage(path, &checkpoint_bytes(progress, lora, opt)?)
 }
 
 /// Saves a checkpoint atomically.
-pub fn save_checkpoint(path: &Path, progress: &Progress, lora: &[f32], opt: &Optimizer) -> Result<(), String> {
+pub fn save_checkpoint(
+    path: &Path,
+    progress: &Progress,
+    lora: &[f32],
+    opt: &Optimizer,
+) -> Result<(), String> {
     stage_checkpoint(path, progress, lora, opt)?.commit()
 }
 
 /// Reads a checkpoint file.
 pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read the checkpoint: {e}", path.display()))?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("{}: cannot read the checkpoint: {e}", path.display()))?;
     let bad = |why: String| format!("{}: not a valid checkpoint: {why}", path.display());
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
     let state = meta
@@ -146,20 +171,33 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, String> {
         .ok_or_else(|| bad(format!("no {STATE_KEY} metadata")))?;
     let progress: Progress = serde_json::from_str(state).map_err(|e| bad(e.to_string()))?;
     if progress.format != FORMAT {
-        return Err(bad(format!("layout version {} (this build reads {FORMAT})", progress.format)));
+        return Err(bad(format!(
+            "layout version {} (this build reads {FORMAT})",
+            progress.format
+        )));
     }
     let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let mut tensors = HashMap::new();
     for (name, view) in st.tensors() {
         tensors.insert(name, view.data().to_vec());
     }
-    let lora = f32s(&tensors.remove("lora").ok_or_else(|| bad("no lora tensor".to_owned()))?);
-    Ok(Checkpoint { progress, lora, tensors })
+    let lora = f32s(
+        &tensors
+            .remove("lora")
+            .ok_or_else(|| bad("no lora tensor".to_owned()))?,
+    );
+    Ok(Checkpoint {
+        progress,
+        lora,
+        tensors,
+    })
 }
 
 /// Little-endian f32 values of raw bytes.
 fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 impl Checkpoint {
@@ -167,12 +205,16 @@ impl Checkpoint {
     /// its step count.
     pub fn restore_optimizer(&self, opt: &mut Optimizer) -> Result<(), String> {
         let get = |name: String, len: usize| -> Result<&Vec<u8>, String> {
-            let b = self
-                .tensors
-                .get(&name)
-                .ok_or_else(|| format!("the checkpoint has no {name}: it was written by another optimizer or layout"))?;
+            let b = self.tensors.get(&name).ok_or_else(|| {
+                format!(
+                    "the checkpoint has no {name}: it was written by another optimizer or layout"
+                )
+            })?;
             if b.len() != len {
-                return Err(format!("checkpoint tensor {name} has {} bytes, expected {len}", b.len()));
+                return Err(format!(
+                    "checkpoint tensor {name} has {} bytes, expected {len}",
+                    b.len()
+                ));
             }
             Ok(b)
         };

@@ -69,7 +69,10 @@ impl TrainConfig {
     /// Checks values that would make the run meaningless.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
-            return Err(format!("learning_rate {} must be a non-negative number", self.learning_rate));
+            return Err(format!(
+                "learning_rate {} must be a non-negative number",
+                self.learning_rate
+            ));
         }
         if self.gradient_accumulation_steps == 0 {
             return Err("gradient_accumulation_steps must be at least 1".to_owned());
@@ -82,7 +85,10 @@ impl TrainConfig {
         }
         let a = self.adam;
         if !(0.0..1.0).contains(&a.beta1) || !(0.0..1.0).contains(&a.beta2) {
-            return Err(format!("adam betas ({}, {}) must be in [0, 1)", a.beta1, a.beta2));
+            return Err(format!(
+                "adam betas ({}, {}) must be in [0, 1)",
+                a.beta1, a.beta2
+            ));
         }
         if !(a.weight_decay.is_finite() && a.weight_decay >= 0.0) {
             return Err(format!("weight_decay {} must be >= 0", a.weight_decay));

@@ -57,7 +57,9 @@ impl MetricsFile {
         let kept: Vec<String> = if resume_step > 0 && path.exists() {
             read_lines(path)?
                 .into_iter()
-                .filter(|(v, _)| v.get("step").and_then(Value::as_u64).unwrap_or(0) as usize <= resume_step)
+                .filter(|(v, _)| {
+                    v.get("step").and_then(Value::as_u64).unwrap_or(0) as usize <= resume_step
+                })
                 .map(|(_, line)| line)
                 .collect()
         } else {
@@ -80,7 +82,8 @@ impl MetricsFile {
 
     /// Appends one object as a line.
     pub fn write(&mut self, value: &Value) -> Result<(), String> {
-        writeln!(self.file, "{value}").map_err(|e| format!("{}: cannot write: {e}", self.path.display()))
+        writeln!(self.file, "{value}")
+            .map_err(|e| format!("{}: cannot write: {e}", self.path.display()))
     }
 
     /// The file's path.

@@ -225,7 +225,10 @@ pub fn grad_norm(grads: &[f32], ranges: &[Range<usize>]) -> f32 {
     let total: f64 = ranges
         .iter()
         .map(|r| {
-            let n2: f64 = grads[r.clone()].iter().map(|&g| (g as f64) * (g as f64)).sum();
+            let n2: f64 = grads[r.clone()]
+                .iter()
+                .map(|&g| (g as f64) * (g as f64))
+                .sum();
             n2
         })
         .sum();

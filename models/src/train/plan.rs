@@ -11,7 +11,7 @@ use std::fmt;
 
 use super::optim::{OptimKind, BLOCK, MIN_8BIT_SIZE};
 use crate::config::ModelConfig;
-use crate::lora::LoraWeights;
+use crate::lora::LoraTarget;
 
 /// Vocabulary columns of one cross-entropy chunk on the CPU path.
 const CE_CHUNK: usize = 8192;
@@ -32,9 +32,15 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
-    /// The estimate for a model of `config` training `lora` with micro-batches of
-    /// `token_budget` tokens.
-    pub fn estimate(config: &ModelConfig, lora: &LoraWeights, token_budget: usize, optim: OptimKind) -> Self {
+    /// The estimate for a model of `config` training rank-`r` adapters on `targets` with
+    /// micro-batches of `token_budget` tokens. Nothing is allocated.
+    pub fn estimate(
+        config: &ModelConfig,
+        targets: &[LoraTarget],
+        r: usize,
+        token_budget: usize,
+        optim: OptimKind,
+    ) -> Self {
         let c = config.hidden_size as u64;
         let q = (config.num_attention_heads * config.head_dim) as u64;
         let kv = (config.num_key_value_heads * config.head_dim) as u64;
@@ -44,13 +50,15 @@ impl MemoryPlan {
         let per_layer = c * q * 2 + c * kv * 2 + 3 * c * i + 2 * c;
         let head = if config.tie_word_embeddings { 0 } else { v * c };
         let weights = 4 * (v * c + head + c + layers * per_layer);
-        let n = lora.len() as u64;
-        let optimizer: u64 = lora
-            .param_ranges()
+        let sizes: Vec<u64> = targets
             .iter()
-            .map(|r| {
-                let len = r.len() as u64;
-                if optim == OptimKind::AdamW8bit && r.len() >= MIN_8BIT_SIZE {
+            .flat_map(|t| [(r * t.in_features) as u64, (t.out_features * r) as u64])
+            .collect();
+        let n: u64 = sizes.iter().sum();
+        let optimizer: u64 = sizes
+            .iter()
+            .map(|&len| {
+                if optim == OptimKind::AdamW8bit && len >= MIN_8BIT_SIZE as u64 {
                     2 * len + 8 * len.div_ceil(BLOCK as u64)
                 } else {
                     8 * len
@@ -58,7 +66,7 @@ impl MemoryPlan {
             })
             .sum();
         let t = token_budget as u64;
-        let r = lora.config.r as u64;
+        let r = r as u64;
         let heads = config.num_attention_heads as u64;
         let per_token_layer = 4 * c + 2 * q + 2 * kv + 3 * i + heads + 2 + 7 * r;
         let activations = 4 * t * (layers * per_token_layer + 3 * c + 2 * q);

@@ -32,7 +32,8 @@ impl BatchStream {
         let n = self.len as u64;
         let epoch = k / n;
         if self.epoch != Some(epoch) {
-            self.order = SplitMix64::derived(self.seed, SHUFFLE_STREAM | epoch).permutation(self.len);
+            self.order =
+                SplitMix64::derived(self.seed, SHUFFLE_STREAM | epoch).permutation(self.len);
             self.epoch = Some(epoch);
         }
         self.order[(k % n) as usize]

@@ -56,7 +56,12 @@ pub fn loss_curve_svg(title: &str, train: &[(usize, f64)], eval: &[(usize, f64)]
         escape(title)
     );
     if all.is_empty() {
-        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">no data</text>"#, W / 2.0, H / 2.0);
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">no data</text>"#,
+            W / 2.0,
+            H / 2.0
+        );
         s.push_str("</svg>\n");
         return s;
     }
@@ -155,7 +160,9 @@ pub fn loss_curve_svg(title: &str, train: &[(usize, f64)], eval: &[(usize, f64)]
 
 /// Escapes text for SVG.
 fn escape(t: &str) -> String {
-    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 #[cfg(test)]
@@ -167,7 +174,10 @@ mod tests {
         assert_eq!(ticks(0.0, 10.0, 5), vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
         let t = ticks(1.3, 2.1, 4);
         assert_eq!(t.len(), 4, "{t:?}");
-        assert!((t[0] - 1.4).abs() < 1e-9 && (t[3] - 2.0).abs() < 1e-9, "{t:?}");
+        assert!(
+            (t[0] - 1.4).abs() < 1e-9 && (t[3] - 2.0).abs() < 1e-9,
+            "{t:?}"
+        );
     }
 
     #[test]

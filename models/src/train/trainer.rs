@@ -13,7 +13,10 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::checkpoint::{load_checkpoint, save_checkpoint, stage_checkpoint, Fnv, Progress as CkptProgress, CHECKPOINT_FILE};
+use super::checkpoint::{
+    load_checkpoint, save_checkpoint, stage_checkpoint, Fnv, Progress as CkptProgress,
+    CHECKPOINT_FILE,
+};
 use super::config::TrainConfig;
 use super::metrics::{series, MetricsFile, StepLog};
 use super::model::LoraModel;
@@ -88,7 +91,8 @@ pub fn layout_fingerprint(lora: &LoraWeights) -> u64 {
     h.u64(lora.config.r as u64);
     for t in &lora.tensors {
         h.bytes(t.target.path.as_bytes());
-        h.u64(t.target.in_features as u64).u64(t.target.out_features as u64);
+        h.u64(t.target.in_features as u64)
+            .u64(t.target.out_features as u64);
     }
     h.finish()
 }
@@ -128,8 +132,12 @@ impl<'a> Trainer<'a> {
                 t.target.path, t.target.in_features, t.target.out_features
             ));
         }
-        std::fs::create_dir_all(&cfg.output_dir)
-            .map_err(|e| format!("{}: cannot create the output folder: {e}", cfg.output_dir.display()))?;
+        std::fs::create_dir_all(&cfg.output_dir).map_err(|e| {
+            format!(
+                "{}: cannot create the output folder: {e}",
+                cfg.output_dir.display()
+            )
+        })?;
         let ranges = lora.param_ranges();
         let mut opt = Optimizer::new(cfg.optim, cfg.adam, &ranges);
         let data_fp = data_fingerprint(train);
@@ -227,7 +235,9 @@ impl<'a> Trainer<'a> {
             let batch = &self.train[self.stream.at(self.micro)];
             self.micro += 1;
             self.model.set_dropout(dropout, self.rng.next_u64())?;
-            let l = self.model.loss_and_grads(batch, &self.lora, &mut self.grads)?;
+            let l = self
+                .model
+                .loss_and_grads(batch, &self.lora, &mut self.grads)?;
             loss_sum += l as f64;
             loss_tokens += batch.num_loss_tokens;
             tokens += batch.input_ids.len();
@@ -237,11 +247,18 @@ impl<'a> Trainer<'a> {
         self.grads.data.iter_mut().for_each(|g| *g /= denom);
         let loss = (loss_sum / loss_tokens.max(1) as f64) as f32;
         if !loss.is_finite() {
-            return Err(format!("the training loss is {loss} at step {step}; stopping (try a lower learning rate)"));
+            return Err(format!(
+                "the training loss is {loss} at step {step}; stopping (try a lower learning rate)"
+            ));
         }
-        let grad_norm = clip_grad_norm(&mut self.grads.data, &self.lora.param_ranges(), self.cfg.max_grad_norm);
+        let grad_norm = clip_grad_norm(
+            &mut self.grads.data,
+            &self.lora.param_ranges(),
+            self.cfg.max_grad_norm,
+        );
         let lr = self.schedule.lr_for_step(step);
-        self.opt.step(&mut self.lora.data, &self.grads.data, lr as f32);
+        self.opt
+            .step(&mut self.lora.data, &self.grads.data, lr as f32);
         self.step = step;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         let log = StepLog {
@@ -291,13 +308,23 @@ impl<'a> Trainer<'a> {
 
     /// Writes the checkpoint atomically.
     pub fn save_checkpoint(&self) -> Result<(), String> {
-        save_checkpoint(&self.checkpoint_file(), &self.checkpoint_progress(), &self.lora.data, &self.opt)
+        save_checkpoint(
+            &self.checkpoint_file(),
+            &self.checkpoint_progress(),
+            &self.lora.data,
+            &self.opt,
+        )
     }
 
     /// Writes the checkpoint's temporary file but does not rename it into place: what a run
     /// killed in the middle of saving leaves behind (for tests of crash safety).
     pub fn save_checkpoint_interrupted(&self) -> Result<(), String> {
-        let staged = stage_checkpoint(&self.checkpoint_file(), &self.checkpoint_progress(), &self.lora.data, &self.opt)?;
+        let staged = stage_checkpoint(
+            &self.checkpoint_file(),
+            &self.checkpoint_progress(),
+            &self.lora.data,
+            &self.opt,
+        )?;
         drop(staged);
         Ok(())
     }
@@ -324,9 +351,11 @@ impl<'a> Trainer<'a> {
             if (self.cfg.eval_steps > 0 && s % self.cfg.eval_steps == 0) || last {
                 if let Some(e) = self.evaluate()? {
                     let tokens: usize = self.eval.iter().map(|b| b.num_loss_tokens).sum();
-                    self.metrics.write(&json!({"step": s, "eval_loss": e, "eval_tokens": tokens}))?;
+                    self.metrics
+                        .write(&json!({"step": s, "eval_loss": e, "eval_tokens": tokens}))?;
                     self.eval_losses.push((s, e));
-                    self.progress.println(&format!("step {s}: eval_loss {e:.4}"), quiet);
+                    self.progress
+                        .println(&format!("step {s}: eval_loss {e:.4}"), quiet);
                 }
             }
             if (self.cfg.save_steps > 0 && s % self.cfg.save_steps == 0) || last {
@@ -342,7 +371,8 @@ impl<'a> Trainer<'a> {
         self.run_until(self.cfg.max_steps)?;
         self.progress.finish();
         let dir = self.cfg.output_dir.clone();
-        self.lora.save_peft(&dir, self.cfg.base_model_name_or_path.as_deref())?;
+        self.lora
+            .save_peft(&dir, self.cfg.base_model_name_or_path.as_deref())?;
         let metrics = self.metrics.path().to_owned();
         let svg = loss_curve_svg(
             "ftrt train: loss",

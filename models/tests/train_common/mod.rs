@@ -6,6 +6,8 @@
 //! `labels[t + 1]` (the packed-batch convention). Computed in f64.
 
 #![allow(dead_code)]
+// Index loops read like the math of the backward here.
+#![allow(clippy::needless_range_loop)]
 
 use ftrt_models::data::{pack, Example, PackedBatch, IGNORE_INDEX};
 use ftrt_models::lora::{LoraTarget, LoraWeights};
@@ -40,9 +42,18 @@ fn branch(lora: &LoraWeights, module: &str) -> Option<Branch> {
 }
 
 /// y (out) = W x + s B (A x); returns (y, z = A x).
-fn linear(w: &[f64], br: Option<&Branch>, x: &[f64], out: usize, r: usize, s: f64) -> (Vec<f64>, Vec<f64>) {
+fn linear(
+    w: &[f64],
+    br: Option<&Branch>,
+    x: &[f64],
+    out: usize,
+    r: usize,
+    s: f64,
+) -> (Vec<f64>, Vec<f64>) {
     let inn = x.len();
-    let mut y: Vec<f64> = (0..out).map(|o| (0..inn).map(|i| w[o * inn + i] * x[i]).sum()).collect();
+    let mut y: Vec<f64> = (0..out)
+        .map(|o| (0..inn).map(|i| w[o * inn + i] * x[i]).sum())
+        .collect();
     let mut z = vec![0.0; r];
     if let Some(br) = br {
         for (k, zk) in z.iter_mut().enumerate() {
@@ -59,7 +70,9 @@ impl Toy {
     pub fn new(vocab: usize, d: usize, seed: u64) -> Self {
         let mut rng = SplitMix64::new(seed);
         let mut draw = |n: usize, scale: f64| -> Vec<f64> {
-            (0..n).map(|_| (rng.next_f32() as f64 * 2.0 - 1.0) * scale).collect()
+            (0..n)
+                .map(|_| (rng.next_f32() as f64 * 2.0 - 1.0) * scale)
+                .collect()
         };
         Self {
             vocab,
@@ -80,7 +93,12 @@ impl Toy {
     }
 
     /// Sum of token losses in f64, and (when `grads` is given) the gradient added into it.
-    pub fn loss_f64(&self, batch: &PackedBatch, lora: &LoraWeights, mut grads: Option<&mut LoraWeights>) -> f64 {
+    pub fn loss_f64(
+        &self,
+        batch: &PackedBatch,
+        lora: &LoraWeights,
+        mut grads: Option<&mut LoraWeights>,
+    ) -> f64 {
         let (d, v, r, s) = (self.d, self.vocab, lora.config.r, lora.scale() as f64);
         let (b1, b2) = (branch(lora, "q_proj"), branch(lora, "down_proj"));
         let n = batch.input_ids.len();
@@ -98,14 +116,20 @@ impl Toy {
             let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let lse = m + logits.iter().map(|l| (l - m).exp()).sum::<f64>().ln();
             total += lse - logits[target as usize];
-            let Some(g) = grads.as_deref_mut() else { continue };
+            let Some(g) = grads.as_deref_mut() else {
+                continue;
+            };
             let dl: Vec<f64> = (0..v)
                 .map(|j| (logits[j] - lse).exp() - if j == target as usize { 1.0 } else { 0.0 })
                 .collect();
             // down_proj: out = W2 h1 + s B2 z2.
-            let mut dh1: Vec<f64> = (0..d).map(|i| (0..v).map(|o| self.w2[o * d + i] * dl[o]).sum()).collect();
+            let mut dh1: Vec<f64> = (0..d)
+                .map(|i| (0..v).map(|o| self.w2[o * d + i] * dl[o]).sum())
+                .collect();
             if let Some(br) = &b2 {
-                let dz2: Vec<f64> = (0..r).map(|k| s * (0..v).map(|o| br.b[o * r + k] * dl[o]).sum::<f64>()).collect();
+                let dz2: Vec<f64> = (0..r)
+                    .map(|k| s * (0..v).map(|o| br.b[o * r + k] * dl[o]).sum::<f64>())
+                    .collect();
                 for o in 0..v {
                     for k in 0..r {
                         g.data[br.b_range.start + o * r + k] += (s * dl[o] * z2[k]) as f32;
@@ -120,7 +144,9 @@ impl Toy {
             }
             let dy1: Vec<f64> = (0..d).map(|i| dh1[i] * (1.0 - h1[i] * h1[i])).collect();
             if let Some(br) = &b1 {
-                let dz1: Vec<f64> = (0..r).map(|k| s * (0..d).map(|o| br.b[o * r + k] * dy1[o]).sum::<f64>()).collect();
+                let dz1: Vec<f64> = (0..r)
+                    .map(|k| s * (0..d).map(|o| br.b[o * r + k] * dy1[o]).sum::<f64>())
+                    .collect();
                 for o in 0..d {
                     for k in 0..r {
                         g.data[br.b_range.start + o * r + k] += (s * dy1[o] * z1[k]) as f32;
@@ -157,7 +183,12 @@ impl LoraModel for Toy {
         ]
     }
 
-    fn loss_and_grads(&mut self, batch: &PackedBatch, lora: &LoraWeights, grads: &mut LoraWeights) -> Result<f32, String> {
+    fn loss_and_grads(
+        &mut self,
+        batch: &PackedBatch,
+        lora: &LoraWeights,
+        grads: &mut LoraWeights,
+    ) -> Result<f32, String> {
         Ok(self.loss_f64(batch, lora, Some(grads)) as f32)
     }
 
@@ -165,7 +196,13 @@ impl LoraModel for Toy {
         Ok(self.loss_f64(batch, lora, None) as f32)
     }
 
-    fn generate(&mut self, prompt: &[u32], lora: &LoraWeights, max_new: usize, eos: &[u32]) -> Result<Vec<u32>, String> {
+    fn generate(
+        &mut self,
+        prompt: &[u32],
+        lora: &LoraWeights,
+        max_new: usize,
+        eos: &[u32],
+    ) -> Result<Vec<u32>, String> {
         let mut out = Vec::new();
         let mut last = *prompt.last().ok_or("empty prompt")?;
         for _ in 0..max_new {
@@ -195,12 +232,18 @@ pub fn rule_examples(count: usize, vocab: usize, seed: u64) -> Vec<Example> {
             }
             let mut labels: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
             labels[0] = IGNORE_INDEX;
-            Example { input_ids: ids, labels }
+            Example {
+                input_ids: ids,
+                labels,
+            }
         })
         .collect()
 }
 
 /// Packed training and held-out batches of [`rule_examples`].
 pub fn toy_data(vocab: usize, budget: usize) -> (Vec<PackedBatch>, Vec<PackedBatch>) {
-    (pack(&rule_examples(40, vocab, 1), budget), pack(&rule_examples(8, vocab, 2), budget))
+    (
+        pack(&rule_examples(40, vocab, 1), budget),
+        pack(&rule_examples(8, vocab, 2), budget),
+    )
 }
