@@ -21,7 +21,9 @@ mod peft;
 mod select;
 mod weights;
 
-pub use peft::{adapter_config_json, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_FORMAT_VERSION};
+pub use peft::{
+    adapter_config_json, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_FORMAT_VERSION,
+};
 pub use select::{linear_targets, select_targets, LINEAR_MODULES};
 pub use weights::{LoraTensor, LoraWeights};
 
@@ -78,7 +80,10 @@ impl LoraConfig {
             return Err("lora r must be positive".to_owned());
         }
         if !self.lora_alpha.is_finite() {
-            return Err(format!("lora_alpha {} is not a finite number", self.lora_alpha));
+            return Err(format!(
+                "lora_alpha {} is not a finite number",
+                self.lora_alpha
+            ));
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(format!(
