@@ -163,6 +163,7 @@ __device__ __forceinline__ void cross_entropy_forward_body(long long R_, long lo
     for (int k_ = 0; k_ < VEC; ++k_) { acc0_m[k_] = -INFINITY; acc0_s[k_] = 0.f; }
     float acc1_p = 0.f;
     const I h0_ = ftrt_ld(target[r]);
+    #pragma unroll 2
     for (I c0_ = (I)lane * VEC; c0_ < (V); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, logits + (((r * V) + c0_)));
         #pragma unroll
@@ -184,10 +185,14 @@ extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i32_w32_
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i32_w32_v1(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<int, 32, 1>(R_, V_, v0_, cap, logits, target, lse, picked); }
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i32_w256_v8(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<int, 256, 8>(R_, V_, v0_, cap, logits, target, lse, picked); }
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i32_w256_v1(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<int, 256, 1>(R_, V_, v0_, cap, logits, target, lse, picked); }
+extern "C" __global__ void __launch_bounds__(1024, 1) cross_entropy_forward_i32_w1024_v8(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<int, 1024, 8>(R_, V_, v0_, cap, logits, target, lse, picked); }
+extern "C" __global__ void __launch_bounds__(1024, 1) cross_entropy_forward_i32_w1024_v1(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<int, 1024, 1>(R_, V_, v0_, cap, logits, target, lse, picked); }
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i64_w32_v8(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<long long, 32, 8>(R_, V_, v0_, cap, logits, target, lse, picked); }
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i64_w32_v1(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<long long, 32, 1>(R_, V_, v0_, cap, logits, target, lse, picked); }
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i64_w256_v8(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<long long, 256, 8>(R_, V_, v0_, cap, logits, target, lse, picked); }
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i64_w256_v1(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<long long, 256, 1>(R_, V_, v0_, cap, logits, target, lse, picked); }
+extern "C" __global__ void __launch_bounds__(1024, 1) cross_entropy_forward_i64_w1024_v8(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<long long, 1024, 8>(R_, V_, v0_, cap, logits, target, lse, picked); }
+extern "C" __global__ void __launch_bounds__(1024, 1) cross_entropy_forward_i64_w1024_v1(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<long long, 1024, 1>(R_, V_, v0_, cap, logits, target, lse, picked); }
 
 // cross_entropy backward: flat pass over (r in R, c in V)
 template <typename I, int VEC>

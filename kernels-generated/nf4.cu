@@ -301,6 +301,7 @@ __device__ __forceinline__ void nf4_quantize_forward_body(long long N_, const ft
     const I b = rem_;
     (void)rem_;
     float acc0_p = -INFINITY;
+    #pragma unroll 2
     for (I j0_ = (I)lane * VEC; j0_ < (32); j0_ += (I)TPR * VEC) {
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
@@ -324,12 +325,8 @@ __device__ __forceinline__ void nf4_quantize_forward_body(long long N_, const ft
 }
 extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_i32_w32_v8(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<int, 32, 8>(N_, x, packed, absmax); }
 extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_i32_w32_v1(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<int, 32, 1>(N_, x, packed, absmax); }
-extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_i32_w256_v8(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<int, 256, 8>(N_, x, packed, absmax); }
-extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_i32_w256_v1(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<int, 256, 1>(N_, x, packed, absmax); }
 extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_i64_w32_v8(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<long long, 32, 8>(N_, x, packed, absmax); }
 extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_i64_w32_v1(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<long long, 32, 1>(N_, x, packed, absmax); }
-extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_i64_w256_v8(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<long long, 256, 8>(N_, x, packed, absmax); }
-extern "C" __global__ void __launch_bounds__(256) nf4_quantize_forward_i64_w256_v1(long long N_, const ftrt_t* __restrict__ x, unsigned char* __restrict__ packed, float* __restrict__ absmax) { nf4_quantize_forward_body<long long, 256, 1>(N_, x, packed, absmax); }
 
 // ==== op `absmax_quantize` ====
 // Double quantization of the NF4 absmax (NA of them) around `offset` (their mean):
@@ -346,6 +343,7 @@ __device__ __forceinline__ void absmax_quantize_forward_body(long long NA_, floa
     const I b = rem_;
     (void)rem_;
     float acc0_p = -INFINITY;
+    #pragma unroll 2
     for (I j0_ = (I)lane * VEC; j0_ < (256); j0_ += (I)TPR * VEC) {
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
@@ -368,12 +366,8 @@ __device__ __forceinline__ void absmax_quantize_forward_body(long long NA_, floa
 }
 extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_i32_w32_v8(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<int, 32, 8>(NA_, offset, a, code, q, absmax2); }
 extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_i32_w32_v1(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<int, 32, 1>(NA_, offset, a, code, q, absmax2); }
-extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_i32_w256_v8(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<int, 256, 8>(NA_, offset, a, code, q, absmax2); }
-extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_i32_w256_v1(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<int, 256, 1>(NA_, offset, a, code, q, absmax2); }
 extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_i64_w32_v8(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<long long, 32, 8>(NA_, offset, a, code, q, absmax2); }
 extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_i64_w32_v1(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<long long, 32, 1>(NA_, offset, a, code, q, absmax2); }
-extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_i64_w256_v8(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<long long, 256, 8>(NA_, offset, a, code, q, absmax2); }
-extern "C" __global__ void __launch_bounds__(256) absmax_quantize_forward_i64_w256_v1(long long NA_, float offset, const float* __restrict__ a, const float* __restrict__ code, unsigned char* __restrict__ q, float* __restrict__ absmax2) { absmax_quantize_forward_body<long long, 256, 1>(NA_, offset, a, code, q, absmax2); }
 
 // ==== op `nf4_dequantize` ====
 // NF4 dequantization with double-quantized absmax (N a multiple of 64), one block of 64

@@ -157,6 +157,7 @@ __device__ __forceinline__ void rms_norm_forward_body(long long R_, long long C_
     const I r = rem_;
     (void)rem_;
     float acc0_p = 0.f;
+    #pragma unroll 2
     for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, x + (((r * C) + c0_)));
         #pragma unroll
@@ -186,10 +187,14 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_i32_w32_v8(lo
 extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_i32_w32_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<int, 32, 1>(R_, C_, eps, x, w, y, rstd); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_i32_w256_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<int, 256, 8>(R_, C_, eps, x, w, y, rstd); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_i32_w256_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<int, 256, 1>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_forward_i32_w1024_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<int, 1024, 8>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_forward_i32_w1024_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<int, 1024, 1>(R_, C_, eps, x, w, y, rstd); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_i64_w32_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<long long, 32, 8>(R_, C_, eps, x, w, y, rstd); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_i64_w32_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<long long, 32, 1>(R_, C_, eps, x, w, y, rstd); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_i64_w256_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<long long, 256, 8>(R_, C_, eps, x, w, y, rstd); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_forward_i64_w256_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<long long, 256, 1>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_forward_i64_w1024_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<long long, 1024, 8>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_forward_i64_w1024_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_forward_body<long long, 1024, 1>(R_, C_, eps, x, w, y, rstd); }
 
 // rms_norm backward dx: row pass over (r in R, c in C)
 template <typename I, int TPR, int VEC>
@@ -204,6 +209,7 @@ __device__ __forceinline__ void rms_norm_backward_dx_body(long long R_, long lon
     (void)rem_;
     float acc0_p = 0.f;
     const float h0_ = ftrt_ld(rstd[r]);
+    #pragma unroll 2
     for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dy + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, w + (c0_));
@@ -236,10 +242,14 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_i32_w32_v
 extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_i32_w32_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<int, 32, 1>(R_, C_, x, w, rstd, dy, dx); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_i32_w256_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<int, 256, 8>(R_, C_, x, w, rstd, dy, dx); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_i32_w256_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<int, 256, 1>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_backward_dx_i32_w1024_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<int, 1024, 8>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_backward_dx_i32_w1024_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<int, 1024, 1>(R_, C_, x, w, rstd, dy, dx); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_i64_w32_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<long long, 32, 8>(R_, C_, x, w, rstd, dy, dx); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_i64_w32_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<long long, 32, 1>(R_, C_, x, w, rstd, dy, dx); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_i64_w256_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<long long, 256, 8>(R_, C_, x, w, rstd, dy, dx); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dx_i64_w256_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<long long, 256, 1>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_backward_dx_i64_w1024_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<long long, 1024, 8>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_backward_dx_i64_w1024_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_backward_dx_body<long long, 1024, 1>(R_, C_, x, w, rstd, dy, dx); }
 
 // rms_norm backward dw: row pass over (c in C, r in R)
 template <typename I, int TPR, int VEC>
@@ -253,6 +263,7 @@ __device__ __forceinline__ void rms_norm_backward_dw_body(long long R_, long lon
     const I c = rem_;
     (void)rem_;
     float acc0_p = 0.f;
+    #pragma unroll 2
     for (I r0_ = (I)lane * VEC; r0_ < (R); r0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, rstd + (r0_));
         #pragma unroll
@@ -268,10 +279,14 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_i32_w32_v
 extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_i32_w32_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<int, 32, 1>(R_, C_, x, rstd, dy, dw); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_i32_w256_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<int, 256, 8>(R_, C_, x, rstd, dy, dw); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_i32_w256_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<int, 256, 1>(R_, C_, x, rstd, dy, dw); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_backward_dw_i32_w1024_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<int, 1024, 8>(R_, C_, x, rstd, dy, dw); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_backward_dw_i32_w1024_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<int, 1024, 1>(R_, C_, x, rstd, dy, dw); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_i64_w32_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<long long, 32, 8>(R_, C_, x, rstd, dy, dw); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_i64_w32_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<long long, 32, 1>(R_, C_, x, rstd, dy, dw); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_i64_w256_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<long long, 256, 8>(R_, C_, x, rstd, dy, dw); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_backward_dw_i64_w256_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<long long, 256, 1>(R_, C_, x, rstd, dy, dw); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_backward_dw_i64_w1024_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<long long, 1024, 8>(R_, C_, x, rstd, dy, dw); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_backward_dw_i64_w1024_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dw) { rms_norm_backward_dw_body<long long, 1024, 1>(R_, C_, x, rstd, dy, dw); }
 
 // ==== op `rms_norm_gemma` ====
 // Gemma's RMSNorm: everything in f32, the weight offset by one, one cast at the end.
@@ -289,6 +304,7 @@ __device__ __forceinline__ void rms_norm_gemma_forward_body(long long R_, long l
     const I r = rem_;
     (void)rem_;
     float acc0_p = 0.f;
+    #pragma unroll 2
     for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, x + (((r * C) + c0_)));
         #pragma unroll
@@ -318,10 +334,14 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_i32_w32
 extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_i32_w32_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<int, 32, 1>(R_, C_, eps, x, w, y, rstd); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_i32_w256_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<int, 256, 8>(R_, C_, eps, x, w, y, rstd); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_i32_w256_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<int, 256, 1>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_gemma_forward_i32_w1024_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<int, 1024, 8>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_gemma_forward_i32_w1024_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<int, 1024, 1>(R_, C_, eps, x, w, y, rstd); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_i64_w32_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<long long, 32, 8>(R_, C_, eps, x, w, y, rstd); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_i64_w32_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<long long, 32, 1>(R_, C_, eps, x, w, y, rstd); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_i64_w256_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<long long, 256, 8>(R_, C_, eps, x, w, y, rstd); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_forward_i64_w256_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<long long, 256, 1>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_gemma_forward_i64_w1024_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<long long, 1024, 8>(R_, C_, eps, x, w, y, rstd); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_gemma_forward_i64_w1024_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, float* __restrict__ rstd) { rms_norm_gemma_forward_body<long long, 1024, 1>(R_, C_, eps, x, w, y, rstd); }
 
 // rms_norm_gemma backward dx: row pass over (r in R, c in C)
 template <typename I, int TPR, int VEC>
@@ -336,6 +356,7 @@ __device__ __forceinline__ void rms_norm_gemma_backward_dx_body(long long R_, lo
     (void)rem_;
     float acc0_p = 0.f;
     const float h0_ = ftrt_ld(rstd[r]);
+    #pragma unroll 2
     for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dy + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, w + (c0_));
@@ -368,10 +389,14 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_i32
 extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_i32_w32_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<int, 32, 1>(R_, C_, x, w, rstd, dy, dx); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_i32_w256_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<int, 256, 8>(R_, C_, x, w, rstd, dy, dx); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_i32_w256_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<int, 256, 1>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_gemma_backward_dx_i32_w1024_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<int, 1024, 8>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_gemma_backward_dx_i32_w1024_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<int, 1024, 1>(R_, C_, x, w, rstd, dy, dx); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_i64_w32_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<long long, 32, 8>(R_, C_, x, w, rstd, dy, dx); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_i64_w32_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<long long, 32, 1>(R_, C_, x, w, rstd, dy, dx); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_i64_w256_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<long long, 256, 8>(R_, C_, x, w, rstd, dy, dx); }
 extern "C" __global__ void __launch_bounds__(256) rms_norm_gemma_backward_dx_i64_w256_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<long long, 256, 1>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_gemma_backward_dx_i64_w1024_v8(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<long long, 1024, 8>(R_, C_, x, w, rstd, dy, dx); }
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_gemma_backward_dx_i64_w1024_v1(long long R_, long long C_, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ w, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, ftrt_t* __restrict__ dx) { rms_norm_gemma_backward_dx_body<long long, 1024, 1>(R_, C_, x, w, rstd, dy, dx); }
 
 // ==== op `add_rms_norm` ====
 // Residual add fused with Llama RMSNorm: h = T(x + res) is the new residual stream,
@@ -392,6 +417,7 @@ __device__ __forceinline__ void add_rms_norm_forward_body(long long R_, long lon
     const I r = rem_;
     (void)rem_;
     float acc0_p = 0.f;
+    #pragma unroll 2
     for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, x + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, res + (((r * C) + c0_)));
@@ -427,10 +453,14 @@ extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_i32_w32_v
 extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_i32_w32_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<int, 32, 1>(R_, C_, eps, x, res, w, y, h, rstd); }
 extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_i32_w256_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<int, 256, 8>(R_, C_, eps, x, res, w, y, h, rstd); }
 extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_i32_w256_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<int, 256, 1>(R_, C_, eps, x, res, w, y, h, rstd); }
+extern "C" __global__ void __launch_bounds__(1024, 1) add_rms_norm_forward_i32_w1024_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<int, 1024, 8>(R_, C_, eps, x, res, w, y, h, rstd); }
+extern "C" __global__ void __launch_bounds__(1024, 1) add_rms_norm_forward_i32_w1024_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<int, 1024, 1>(R_, C_, eps, x, res, w, y, h, rstd); }
 extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_i64_w32_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<long long, 32, 8>(R_, C_, eps, x, res, w, y, h, rstd); }
 extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_i64_w32_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<long long, 32, 1>(R_, C_, eps, x, res, w, y, h, rstd); }
 extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_i64_w256_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<long long, 256, 8>(R_, C_, eps, x, res, w, y, h, rstd); }
 extern "C" __global__ void __launch_bounds__(256) add_rms_norm_forward_i64_w256_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<long long, 256, 1>(R_, C_, eps, x, res, w, y, h, rstd); }
+extern "C" __global__ void __launch_bounds__(1024, 1) add_rms_norm_forward_i64_w1024_v8(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<long long, 1024, 8>(R_, C_, eps, x, res, w, y, h, rstd); }
+extern "C" __global__ void __launch_bounds__(1024, 1) add_rms_norm_forward_i64_w1024_v1(long long R_, long long C_, float eps, const ftrt_t* __restrict__ x, const ftrt_t* __restrict__ res, const ftrt_t* __restrict__ w, ftrt_t* __restrict__ y, ftrt_t* __restrict__ h, float* __restrict__ rstd) { add_rms_norm_forward_body<long long, 1024, 1>(R_, C_, eps, x, res, w, y, h, rstd); }
 
 // add_rms_norm backward: row pass over (r in R, c in C)
 template <typename I, int TPR, int VEC>
@@ -445,6 +475,7 @@ __device__ __forceinline__ void add_rms_norm_backward_body(long long R_, long lo
     (void)rem_;
     float acc0_p = 0.f;
     const float h0_ = ftrt_ld(rstd[r]);
+    #pragma unroll 2
     for (I c0_ = (I)lane * VEC; c0_ < (C); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, dy + (((r * C) + c0_)));
         float v1_[VEC]; ftrt_load_vec<VEC>(v1_, w + (c0_));
@@ -482,7 +513,11 @@ extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_i32_w32_
 extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_i32_w32_v1(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<int, 32, 1>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
 extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_i32_w256_v8(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<int, 256, 8>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
 extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_i32_w256_v1(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<int, 256, 1>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
+extern "C" __global__ void __launch_bounds__(1024, 1) add_rms_norm_backward_i32_w1024_v8(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<int, 1024, 8>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
+extern "C" __global__ void __launch_bounds__(1024, 1) add_rms_norm_backward_i32_w1024_v1(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<int, 1024, 1>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
 extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_i64_w32_v8(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<long long, 32, 8>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
 extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_i64_w32_v1(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<long long, 32, 1>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
 extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_i64_w256_v8(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<long long, 256, 8>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
 extern "C" __global__ void __launch_bounds__(256) add_rms_norm_backward_i64_w256_v1(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<long long, 256, 1>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
+extern "C" __global__ void __launch_bounds__(1024, 1) add_rms_norm_backward_i64_w1024_v8(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<long long, 1024, 8>(R_, C_, w, h, rstd, dy, dh, dx, dres); }
+extern "C" __global__ void __launch_bounds__(1024, 1) add_rms_norm_backward_i64_w1024_v1(long long R_, long long C_, const ftrt_t* __restrict__ w, const ftrt_t* __restrict__ h, const float* __restrict__ rstd, const ftrt_t* __restrict__ dy, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dx, ftrt_t* __restrict__ dres) { add_rms_norm_backward_body<long long, 1024, 1>(R_, C_, w, h, rstd, dy, dh, dx, dres); }

@@ -11,10 +11,12 @@ use crate::validate::{Name, Scope, Ty};
 use crate::vectorize::{vec_access, vec_loads, VecAccess};
 use std::fmt::Write;
 
-/// Threads per row of the row-kernel variants, and the inner extent up to which the
-/// warp-per-row variant is used.
-pub const ROW_VARIANTS: [u32; 2] = [32, 256];
+/// Threads per row of the row-kernel variants: a warp per row up to `WARP_ROW_MAX_INNER`
+/// elements, else a block of 256 per row, or of 1024 when there are too few rows
+/// (`FEW_ROWS`) to keep enough loads in flight.
+pub const ROW_VARIANTS: [u32; 3] = [32, 256, 1024];
 pub const WARP_ROW_MAX_INNER: i64 = 1024;
+pub const FEW_ROWS: i64 = 2048;
 /// Threads per block of flat kernels.
 pub const FLAT_THREADS: u32 = 256;
 
@@ -104,13 +106,21 @@ fn emit_pass(out: &mut String, op: &OpDef, pass: &Pass) {
             e.row_body(pass, &lowered);
             out.push_str(&e.out);
             out.push_str("}\n");
+            // A row of known short extent only ever takes the warp-per-row variant.
+            let short = matches!(pass.indices.last().map(|i| &i.extent), Some(Expr::Int(n)) if *n <= WARP_ROW_MAX_INNER);
+            let tprs: &[u32] = if short { &ROW_VARIANTS[..1] } else { &ROW_VARIANTS };
             for (iname, ity) in INDEX_TYPES {
-                for tpr in ROW_VARIANTS {
+                for &tpr in tprs {
                     for vec in [8, 1] {
-                        let bpb = if tpr == 32 { 256 } else { tpr };
+                        // A 1024-thread row gets one block per SM's worth of registers (64 each).
+                        let bounds = match tpr {
+                            32 => "256".to_string(),
+                            1024 => "1024, 1".to_string(),
+                            t => t.to_string(),
+                        };
                         writeln!(
                             out,
-                            "extern \"C\" __global__ void __launch_bounds__({bpb}) {}({params}) {{ {base}_body<{ity}, {tpr}, {vec}>({names}); }}",
+                            "extern \"C\" __global__ void __launch_bounds__({bounds}) {}({params}) {{ {base}_body<{ity}, {tpr}, {vec}>({names}); }}",
                             variant_name(&base, Shape::Row, iname, tpr, vec)
                         )
                         .unwrap();
@@ -323,6 +333,8 @@ impl Emitter {
         }
         let bodies: Vec<&Expr> = reds.iter().map(|r| &r.body).collect();
         self.hoist(&bodies);
+        // Two sweep steps per iteration keep twice the loads in flight.
+        self.line("#pragma unroll 2");
         self.line(&format!(
             "for (I {inner}0_ = (I)lane * VEC; {inner}0_ < ({inner_ext}); {inner}0_ += (I)TPR * VEC) {{"
         ));

@@ -6,7 +6,7 @@
 //! harness) and `ftrt_runtime`; the op's family module must bring its PTX module into scope
 //! as `KERNELS`.
 use crate::ast::*;
-use crate::emit_cuda::{FLAT_THREADS, ROW_VARIANTS, WARP_ROW_MAX_INNER};
+use crate::emit_cuda::{FEW_ROWS, FLAT_THREADS, ROW_VARIANTS, WARP_ROW_MAX_INNER};
 use crate::lower::{flat_offset, lower, pass_args, pass_fn_name, Arg, Lowered, Shape, Step};
 use crate::validate::{dims, grad_decl, Name, Scope, Ty};
 use crate::vectorize::{vec_conditions, vec_loads, vec_access};
@@ -465,8 +465,12 @@ fn emit_launcher(o: &mut String, op: &OpDef, pass: &Pass) {
     writeln!(o, "        let idx = if [{}].iter().all(|n| *n < (1i64 << 31)) {{ \"i32\" }} else {{ \"i64\" }};", sizes.join(", ")).unwrap();
     match lowered.shape {
         Shape::Row => {
-            let [w, b] = ROW_VARIANTS;
-            writeln!(o, "        let tpr: u32 = if inner <= {WARP_ROW_MAX_INNER} {{ {w} }} else {{ {b} }};").unwrap();
+            let [w, b, big] = ROW_VARIANTS;
+            writeln!(
+                o,
+                "        let tpr: u32 = if inner <= {WARP_ROW_MAX_INNER} {{ {w} }} else if outer >= {FEW_ROWS} {{ {b} }} else {{ {big} }};"
+            )
+            .unwrap();
             writeln!(o, "        let rows_per_block: u32 = if tpr == {w} {{ 8 }} else {{ 1 }};").unwrap();
             writeln!(o, "        let grid = ((outer + rows_per_block as i64 - 1) / rows_per_block as i64) as u32;").unwrap();
             writeln!(o, "        let block = (tpr, rows_per_block, 1);").unwrap();
