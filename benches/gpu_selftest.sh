@@ -12,7 +12,7 @@ if [ -n "$lt" ]; then
     export LD_LIBRARY_PATH="/tmp/ftrt-libs:$(dirname "$lt")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "cublasLt: $lt"
 fi
-BIN=${FTRT_BIN:-./target/release/ftrt}
+BIN=${FTRT_BIN:-./.bin/ftrt}
 $BIN info
 set -o pipefail
 $BIN selftest "$@" 2>&1 | tee "$OUT/selftest.txt"
