@@ -158,7 +158,8 @@ __device__ __forceinline__ void swiglu_forward_body(long long N_, const ftrt_t* 
         for (int k_ = 0; k_ < VEC; ++k_) {
             __builtin_assume(i0_ % VEC == 0);
             const I i = i0_ + k_; (void)i;
-            const float w0_ = (ftrt_round_t((v0_[k_] * ftrt_sigmoid(v0_[k_]))) * v1_[k_]);
+            const float e0_ = v0_[k_];
+            const float w0_ = (ftrt_round_t((e0_ * ftrt_sigmoid(e0_))) * v1_[k_]);
             s0_[k_] = w0_;
         }
         ftrt_store_vec<VEC>(h + (i0_), s0_);
@@ -293,7 +294,8 @@ __device__ __forceinline__ void geglu_erf_forward_body(long long N_, const ftrt_
         for (int k_ = 0; k_ < VEC; ++k_) {
             __builtin_assume(i0_ % VEC == 0);
             const I i = i0_ + k_; (void)i;
-            const float w0_ = (ftrt_round_t(((0.5f * v0_[k_]) * (1.0f + erff((v0_[k_] * 0.7071067811865476f))))) * v1_[k_]);
+            const float e0_ = v0_[k_];
+            const float w0_ = (ftrt_round_t(((0.5f * e0_) * (1.0f + erff((e0_ * 0.7071067811865476f))))) * v1_[k_]);
             s0_[k_] = w0_;
         }
         ftrt_store_vec<VEC>(h + (i0_), s0_);

@@ -160,9 +160,16 @@ __device__ __forceinline__ float ftrt_ftz(float x) {
     return (x != 0.0f && fabsf(x) < FTRT_F32_MIN_NORMAL) ? copysignf(0.0f, x) : x;
 }
 
-// mul.ftz.f32: subnormal inputs and a subnormal result flushed to signed zero.
+// mul.ftz.f32: subnormal inputs and a subnormal result flushed to signed zero (on NVIDIA the
+// instruction itself, as bitsandbytes' fast-math build emits it).
 __device__ __forceinline__ float ftrt_mul_ftz(float a, float b) {
+#if defined(__HIPCC__)
     return ftrt_ftz(ftrt_ftz(a) * ftrt_ftz(b));
+#else
+    float r;
+    asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+#endif
 }
 
 // 1.0f / absmax as bitsandbytes computes it (see header comment).
@@ -358,8 +365,11 @@ __device__ __forceinline__ void adamw_8bit_forward_body(long long N_, float beta
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const I j = j0_ + k_; (void)j;
-            acc0_p = fmaxf(acc0_p, fabsf((((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f))))));
-            acc1_p = fmaxf(acc1_p, (((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_v[ftrt_ld(qv[((b * 256) + j)])]) * old_av)) : (float)(0.0f)) * beta2) + (((1.0f - beta2) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f))) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f)))));
+            const I e0_ = (b * 256);
+            const I e1_ = (e0_ + j);
+            const float e2_ = (((e1_ < N)) ? (float)(ftrt_ld(g[e1_])) : (float)(0.0f));
+            acc0_p = fmaxf(acc0_p, fabsf((((((e1_ < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[e1_])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * e2_))));
+            acc1_p = fmaxf(acc1_p, (((((e1_ < N)) ? (float)((ftrt_ld(code_v[ftrt_ld(qv[e1_])]) * old_av)) : (float)(0.0f)) * beta2) + (((1.0f - beta2) * e2_) * e2_)));
         }
     }
     const float acc0 = ftrt_row_max<TPR>(acc0_p);
@@ -373,12 +383,14 @@ __device__ __forceinline__ void adamw_8bit_forward_body(long long N_, float beta
         for (int k_ = 0; k_ < VEC; ++k_) {
             __builtin_assume(j0_ % VEC == 0);
             const I j = j0_ + k_; (void)j;
-            const float w0_ = (((((b * 256) + j) < N)) ? (float)(((ftrt_ld(p[((b * 256) + j)]) + ((step_size * (((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f))))) / (sqrtf((((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_v[ftrt_ld(qv[((b * 256) + j)])]) * old_av)) : (float)(0.0f)) * beta2) + (((1.0f - beta2) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f))) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f))))) + eps2))) * decay)) : (float)(0.0f));
-            const I w1_ = (((((b * 256) + j) < N)) ? ((((I)ftrt_dynamic_index(code_m, ((((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f)))) / new_am))) + (((signbit(ftrt_ld(code_m[((I)ftrt_dynamic_index(code_m, ((((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f)))) / new_am)))])) != signbit((((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f))))))) ? (((((((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[((b * 256) + j)])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f)))) > 0.0f)) ? (1) : ((-1)))) : (0)))) : (0));
-            const I w2_ = (((((b * 256) + j) < N)) ? (((I)ftrt_dynamic_index(code_v, ((((((((b * 256) + j) < N)) ? (float)((ftrt_ld(code_v[ftrt_ld(qv[((b * 256) + j)])]) * old_av)) : (float)(0.0f)) * beta2) + (((1.0f - beta2) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f))) * (((((b * 256) + j) < N)) ? (float)(ftrt_ld(g[((b * 256) + j)])) : (float)(0.0f)))) / new_av)))) : (0));
-            if ((((b * 256) + j) < N)) { p[((b * 256) + j)] = (float)(w0_); }
-            if ((((b * 256) + j) < N)) { qm[((b * 256) + j)] = (unsigned char)(w1_); }
-            if ((((b * 256) + j) < N)) { qv[((b * 256) + j)] = (unsigned char)(w2_); }
+            const I e3_ = (b * 256);
+            const I e4_ = (e3_ + j);
+            const float w0_ = (((e4_ < N)) ? (float)(((ftrt_ld(p[e4_]) + ((step_size * (((((e4_ < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[e4_])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((e4_ < N)) ? (float)(ftrt_ld(g[e4_])) : (float)(0.0f))))) / (sqrtf((((((e4_ < N)) ? (float)((ftrt_ld(code_v[ftrt_ld(qv[e4_])]) * old_av)) : (float)(0.0f)) * beta2) + (((1.0f - beta2) * (((e4_ < N)) ? (float)(ftrt_ld(g[e4_])) : (float)(0.0f))) * (((e4_ < N)) ? (float)(ftrt_ld(g[e4_])) : (float)(0.0f))))) + eps2))) * decay)) : (float)(0.0f));
+            const I w1_ = (((e4_ < N)) ? ((((I)ftrt_dynamic_index(code_m, ((((((e4_ < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[e4_])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((e4_ < N)) ? (float)(ftrt_ld(g[e4_])) : (float)(0.0f)))) / new_am))) + (((signbit(ftrt_ld(code_m[((I)ftrt_dynamic_index(code_m, ((((((e4_ < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[e4_])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((e4_ < N)) ? (float)(ftrt_ld(g[e4_])) : (float)(0.0f)))) / new_am)))])) != signbit((((((e4_ < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[e4_])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((e4_ < N)) ? (float)(ftrt_ld(g[e4_])) : (float)(0.0f))))))) ? (((((((((e4_ < N)) ? (float)((ftrt_ld(code_m[ftrt_ld(qm[e4_])]) * old_am)) : (float)(0.0f)) * beta1) + ((1.0f - beta1) * (((e4_ < N)) ? (float)(ftrt_ld(g[e4_])) : (float)(0.0f)))) > 0.0f)) ? (1) : ((-1)))) : (0)))) : (0));
+            const I w2_ = (((e4_ < N)) ? (((I)ftrt_dynamic_index(code_v, ((((((e4_ < N)) ? (float)((ftrt_ld(code_v[ftrt_ld(qv[e4_])]) * old_av)) : (float)(0.0f)) * beta2) + (((1.0f - beta2) * (((e4_ < N)) ? (float)(ftrt_ld(g[e4_])) : (float)(0.0f))) * (((e4_ < N)) ? (float)(ftrt_ld(g[e4_])) : (float)(0.0f)))) / new_av)))) : (0));
+            if ((e4_ < N)) { p[e4_] = (float)(w0_); }
+            if ((e4_ < N)) { qm[e4_] = (unsigned char)(w1_); }
+            if ((e4_ < N)) { qv[e4_] = (unsigned char)(w2_); }
         }
     }
 }

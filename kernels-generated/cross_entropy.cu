@@ -169,8 +169,9 @@ __device__ __forceinline__ void cross_entropy_forward_body(long long R_, long lo
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const I c = c0_ + k_; (void)c;
-            ftrt_lse_push(acc0_m[k_], acc0_s[k_], (((cap > 0.0f)) ? (float)(ftrt_round_t((ftrt_round_t(tanhf(ftrt_round_t((v0_[k_] * (1.0f / cap))))) * cap))) : (float)(v0_[k_])));
-            acc1_p += ((((c + v0) == h0_)) ? (float)((((cap > 0.0f)) ? (float)(ftrt_round_t((ftrt_round_t(tanhf(ftrt_round_t((v0_[k_] * (1.0f / cap))))) * cap))) : (float)(v0_[k_]))) : (float)(0.0f));
+            const float e1_ = (((cap > 0.0f)) ? (float)(ftrt_round_t((ftrt_round_t(tanhf(ftrt_round_t((v0_[k_] * (1.0f / cap))))) * cap))) : (float)(v0_[k_]));
+            ftrt_lse_push(acc0_m[k_], acc0_s[k_], e1_);
+            acc1_p += ((((c + v0) == h0_)) ? (float)(e1_) : (float)(0.0f));
         }
     }
     for (int k_ = 1; k_ < VEC; ++k_) ftrt_lse_merge(acc0_m[0], acc0_s[0], acc0_m[k_], acc0_s[k_]);

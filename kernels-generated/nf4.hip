@@ -126,9 +126,16 @@ __device__ __forceinline__ float ftrt_ftz(float x) {
     return (x != 0.0f && fabsf(x) < FTRT_F32_MIN_NORMAL) ? copysignf(0.0f, x) : x;
 }
 
-// mul.ftz.f32: subnormal inputs and a subnormal result flushed to signed zero.
+// mul.ftz.f32: subnormal inputs and a subnormal result flushed to signed zero (on NVIDIA the
+// instruction itself, as bitsandbytes' fast-math build emits it).
 __device__ __forceinline__ float ftrt_mul_ftz(float a, float b) {
+#if defined(__HIPCC__)
     return ftrt_ftz(ftrt_ftz(a) * ftrt_ftz(b));
+#else
+    float r;
+    asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+#endif
 }
 
 // 1.0f / absmax as bitsandbytes computes it (see header comment).
@@ -272,7 +279,10 @@ __device__ __forceinline__ void nf4_quantize_forward_body(long long N_, const ft
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const I j = j0_ + k_; (void)j;
-            acc0_p = fmaxf(acc0_p, fmaxf(fabsf(ftrt_ld(x[((b * 64) + (2 * j))])), fabsf(ftrt_ld(x[(((b * 64) + (2 * j)) + 1)]))));
+            const I e0_ = (b * 64);
+            const I e1_ = (2 * j);
+            const I e2_ = (e0_ + e1_);
+            acc0_p = fmaxf(acc0_p, fmaxf(fabsf(ftrt_ld(x[e2_])), fabsf(ftrt_ld(x[(e2_ + 1)]))));
         }
     }
     const float acc0 = ftrt_row_max<TPR>(acc0_p);
@@ -284,7 +294,10 @@ __device__ __forceinline__ void nf4_quantize_forward_body(long long N_, const ft
         for (int k_ = 0; k_ < VEC; ++k_) {
             __builtin_assume(j0_ % VEC == 0);
             const I j = j0_ + k_; (void)j;
-            const I w0_ = ((((I)ftrt_nf4_index(ftrt_mul_ftz(ftrt_ld(x[((b * 64) + (2 * j))]), r))) * 16) + ((I)ftrt_nf4_index(ftrt_mul_ftz(ftrt_ld(x[(((b * 64) + (2 * j)) + 1)]), r))));
+            const I e3_ = (b * 64);
+            const I e4_ = (2 * j);
+            const I e5_ = (e3_ + e4_);
+            const I w0_ = ((((I)ftrt_nf4_index(ftrt_mul_ftz(ftrt_ld(x[e5_]), r))) * 16) + ((I)ftrt_nf4_index(ftrt_mul_ftz(ftrt_ld(x[(e5_ + 1)]), r))));
             packed[((b * 32) + j)] = (unsigned char)(w0_);
         }
     }
@@ -314,7 +327,9 @@ __device__ __forceinline__ void absmax_quantize_forward_body(long long NA_, floa
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const I j = j0_ + k_; (void)j;
-            acc0_p = fmaxf(acc0_p, fabsf((((((b * 256) + j) < NA)) ? (float)((ftrt_ld(a[((b * 256) + j)]) - offset)) : (float)(0.0f))));
+            const I e0_ = (b * 256);
+            const I e1_ = (e0_ + j);
+            acc0_p = fmaxf(acc0_p, fabsf((((e1_ < NA)) ? (float)((ftrt_ld(a[e1_]) - offset)) : (float)(0.0f))));
         }
     }
     const float acc0 = ftrt_row_max<TPR>(acc0_p);
@@ -325,8 +340,10 @@ __device__ __forceinline__ void absmax_quantize_forward_body(long long NA_, floa
         for (int k_ = 0; k_ < VEC; ++k_) {
             __builtin_assume(j0_ % VEC == 0);
             const I j = j0_ + k_; (void)j;
-            const I w0_ = (((((b * 256) + j) < NA)) ? (((I)ftrt_dynamic_index(code, ftrt_mul_ftz((((((b * 256) + j) < NA)) ? (float)((ftrt_ld(a[((b * 256) + j)]) - offset)) : (float)(0.0f)), ftrt_bnb_recip(m))))) : (0));
-            if ((((b * 256) + j) < NA)) { q[((b * 256) + j)] = (unsigned char)(w0_); }
+            const I e2_ = (b * 256);
+            const I e3_ = (e2_ + j);
+            const I w0_ = (((e3_ < NA)) ? (((I)ftrt_dynamic_index(code, ftrt_mul_ftz((((e3_ < NA)) ? (float)((ftrt_ld(a[e3_]) - offset)) : (float)(0.0f)), ftrt_bnb_recip(m))))) : (0));
+            if ((e3_ < NA)) { q[e3_] = (unsigned char)(w0_); }
         }
     }
 }

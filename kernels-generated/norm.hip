@@ -129,7 +129,8 @@ __device__ __forceinline__ void rms_norm_forward_body(long long R_, long long C_
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const I c = c0_ + k_; (void)c;
-            acc0_p += (v0_[k_] * v0_[k_]);
+            const float e0_ = v0_[k_];
+            acc0_p += (e0_ * e0_);
         }
     }
     const float acc0 = ftrt_row_sum<TPR>(acc0_p) / (float)(C);
@@ -276,7 +277,8 @@ __device__ __forceinline__ void rms_norm_gemma_forward_body(long long R_, long l
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const I c = c0_ + k_; (void)c;
-            acc0_p += (v0_[k_] * v0_[k_]);
+            const float e0_ = v0_[k_];
+            acc0_p += (e0_ * e0_);
         }
     }
     const float acc0 = ftrt_row_sum<TPR>(acc0_p) / (float)(C);
@@ -390,7 +392,11 @@ __device__ __forceinline__ void add_rms_norm_forward_body(long long R_, long lon
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const I c = c0_ + k_; (void)c;
-            acc0_p += (ftrt_round_t((v0_[k_] + v1_[k_])) * ftrt_round_t((v0_[k_] + v1_[k_])));
+            const float e0_ = v0_[k_];
+            const float e1_ = v1_[k_];
+            const float e2_ = (e0_ + e1_);
+            const float e3_ = ftrt_round_t(e2_);
+            acc0_p += (e3_ * e3_);
         }
     }
     const float acc0 = ftrt_row_sum<TPR>(acc0_p) / (float)(C);
@@ -406,8 +412,12 @@ __device__ __forceinline__ void add_rms_norm_forward_body(long long R_, long lon
         for (int k_ = 0; k_ < VEC; ++k_) {
             __builtin_assume(c0_ % VEC == 0);
             const I c = c0_ + k_; (void)c;
-            const float w0_ = (v0_[k_] * ftrt_round_t((ftrt_round_t((v1_[k_] + v2_[k_])) * rms_norm_rs)));
-            const float w1_ = ftrt_round_t((v1_[k_] + v2_[k_]));
+            const float e4_ = v1_[k_];
+            const float e5_ = v2_[k_];
+            const float e6_ = (e4_ + e5_);
+            const float e7_ = ftrt_round_t(e6_);
+            const float w0_ = (v0_[k_] * ftrt_round_t((e7_ * rms_norm_rs)));
+            const float w1_ = e7_;
             s0_[k_] = w0_;
             s1_[k_] = w1_;
         }
@@ -466,8 +476,20 @@ __device__ __forceinline__ void add_rms_norm_backward_body(long long R_, long lo
         for (int k_ = 0; k_ < VEC; ++k_) {
             __builtin_assume(c0_ % VEC == 0);
             const I c = c0_ + k_; (void)c;
-            const float w0_ = (v0_[k_] + ftrt_round_t((h1_ * (ftrt_round_t((v1_[k_] * v2_[k_])) - ((v3_[k_] * h1_) * rms_norm_m)))));
-            const float w1_ = (v0_[k_] + ftrt_round_t((h1_ * (ftrt_round_t((v1_[k_] * v2_[k_])) - ((v3_[k_] * h1_) * rms_norm_m)))));
+            const float e2_ = v0_[k_];
+            const float e3_ = v1_[k_];
+            const float e4_ = v2_[k_];
+            const float e5_ = (e3_ * e4_);
+            const float e6_ = ftrt_round_t(e5_);
+            const float e7_ = v3_[k_];
+            const float e8_ = (e7_ * h1_);
+            const float e9_ = (e8_ * rms_norm_m);
+            const float e10_ = (e6_ - e9_);
+            const float e11_ = (h1_ * e10_);
+            const float e12_ = ftrt_round_t(e11_);
+            const float e13_ = (e2_ + e12_);
+            const float w0_ = e13_;
+            const float w1_ = e13_;
             s0_[k_] = w0_;
             s1_[k_] = w1_;
         }

@@ -345,6 +345,8 @@ impl Emitter {
         self.line("for (int k_ = 0; k_ < VEC; ++k_) {");
         self.indent += 1;
         self.line(&format!("const I {inner} = {inner}0_ + k_; (void){inner};"));
+        let bodies: Vec<Expr> = reds.iter().map(|r| r.body.clone()).collect();
+        self.cse(&bodies);
         for r in reds {
             let b = self.expr(&r.body);
             let upd = match r.op {
@@ -405,6 +407,34 @@ impl Emitter {
             let ty = if self.ty(&e) == Ty::Float { "float" } else { "I" };
             let v = self.expr(&e);
             let name = format!("h{}_", self.n_locals);
+            self.n_locals += 1;
+            self.line(&format!("const {ty} {name} = {v};"));
+            self.hoisted.push((key, name));
+        }
+    }
+
+    /// Common subexpressions of one element's work, computed once into locals (post-order, so
+    /// larger ones reuse smaller ones): only those some element evaluates unconditionally, so
+    /// no guarded load moves out of its `select`. They live in `hoisted` until the sweep ends.
+    fn cse(&mut self, exprs: &[Expr]) {
+        let mut counts: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+        for e in exprs {
+            count_subexprs(e, &mut counts, false);
+        }
+        let mut order = Vec::new();
+        for e in exprs {
+            post_order(e, &mut order);
+        }
+        for e in order {
+            let key = format!("{e:?}");
+            // Shared, and evaluated unconditionally somewhere: computing it first is safe.
+            let repeated = counts.get(&key).is_some_and(|(n, free)| *n >= 2 && *free >= 1);
+            if !repeated || self.hoisted.iter().any(|(k, _)| *k == key) || self.ty(&e) == Ty::Bool {
+                continue;
+            }
+            let ty = if self.ty(&e) == Ty::Float { "float" } else { "I" };
+            let v = self.expr(&e);
+            let name = format!("e{}_", self.n_locals);
             self.n_locals += 1;
             self.line(&format!("const {ty} {name} = {v};"));
             self.hoisted.push((key, name));
@@ -479,6 +509,11 @@ impl Emitter {
         self.indent += 1;
         self.line(&format!("__builtin_assume({c0} % VEC == 0);"));
         self.line(&format!("const I {inner} = {c0} + k_; (void){inner};"));
+        // Store sweeps of row passes (no per-element lets) share repeated subexpressions.
+        if stmts.iter().all(|s| matches!(s, Stmt::Store { .. })) {
+            let values = self.stmt_exprs(stmts);
+            self.cse(&values);
+        }
         let mut writes = Vec::new();
         for (i, s) in stmts.iter().enumerate() {
             match s {
@@ -641,3 +676,45 @@ fn convert_to(d: DType, v: &str) -> String {
     }
 }
 
+
+/// Counts the non-trivial subexpressions of `e` (calls, loads, arithmetic): (all uses, uses
+/// outside any `select` branch). Serial reductions are opaque.
+fn count_subexprs(e: &Expr, counts: &mut std::collections::BTreeMap<String, (usize, usize)>, guarded: bool) {
+    if matches!(e, Expr::Call { .. } | Expr::Load { .. } | Expr::Binary { .. }) {
+        let c = counts.entry(format!("{e:?}")).or_insert((0, 0));
+        c.0 += 1;
+        c.1 += usize::from(!guarded);
+    }
+    match e {
+        Expr::Call { func, args } if func == "select" => {
+            count_subexprs(&args[0], counts, guarded);
+            count_subexprs(&args[1], counts, true);
+            count_subexprs(&args[2], counts, true);
+        }
+        Expr::Call { args, .. } => args.iter().for_each(|a| count_subexprs(a, counts, guarded)),
+        Expr::Load { index, .. } => index.iter().for_each(|i| count_subexprs(i, counts, guarded)),
+        Expr::Unary { arg, .. } => count_subexprs(arg, counts, guarded),
+        Expr::Binary { lhs, rhs, .. } => {
+            count_subexprs(lhs, counts, guarded);
+            count_subexprs(rhs, counts, guarded);
+        }
+        _ => {}
+    }
+}
+
+/// Subexpressions in post-order (serial reductions opaque).
+fn post_order(e: &Expr, out: &mut Vec<Expr>) {
+    match e {
+        Expr::Call { args, .. } => args.iter().for_each(|a| post_order(a, out)),
+        Expr::Load { index, .. } => index.iter().for_each(|i| post_order(i, out)),
+        Expr::Unary { arg, .. } => post_order(arg, out),
+        Expr::Binary { lhs, rhs, .. } => {
+            post_order(lhs, out);
+            post_order(rhs, out);
+        }
+        _ => {}
+    }
+    if matches!(e, Expr::Call { .. } | Expr::Load { .. } | Expr::Binary { .. }) {
+        out.push(e.clone());
+    }
+}

@@ -21,9 +21,16 @@ __device__ __forceinline__ float ftrt_ftz(float x) {
     return (x != 0.0f && fabsf(x) < FTRT_F32_MIN_NORMAL) ? copysignf(0.0f, x) : x;
 }
 
-// mul.ftz.f32: subnormal inputs and a subnormal result flushed to signed zero.
+// mul.ftz.f32: subnormal inputs and a subnormal result flushed to signed zero (on NVIDIA the
+// instruction itself, as bitsandbytes' fast-math build emits it).
 __device__ __forceinline__ float ftrt_mul_ftz(float a, float b) {
+#if defined(__HIPCC__)
     return ftrt_ftz(ftrt_ftz(a) * ftrt_ftz(b));
+#else
+    float r;
+    asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+#endif
 }
 
 // 1.0f / absmax as bitsandbytes computes it (see header comment).
