@@ -2,7 +2,10 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod generate;
+mod plan;
 mod selftest;
+mod train;
 
 #[derive(Parser)]
 #[command(name = "ftrt", version, about = "Fine-tune LLMs faster and in less GPU memory: LoRA/QLoRA SFT, one binary, no Python")]
@@ -13,6 +16,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune a LoRA adapter (default: SmolLM2-135M-Instruct on the bundled arithmetic data).
+    Train(train::TrainArgs),
+    /// Generate text from a model (HF folder or GGUF), optionally with a LoRA adapter.
+    Generate(generate::GenerateArgs),
+    /// Print the memory plan of a training step (peak, keep/offload/recompute) before loading anything.
+    Plan(plan::PlanArgs),
     /// Print the GPU this machine has (or why none is usable).
     Info,
     /// Check every kernel and the runtime on the GPU against the CPU references.
@@ -22,6 +31,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Train(args) => train::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Info => selftest::info(),
         Command::Selftest(args) => selftest::run(args),
     };

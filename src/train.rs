@@ -22,6 +22,7 @@ use ftrt_models::train::plan::{available_memory, gib};
 use ftrt_models::train::{
     total_steps, warmup_from_ratio, LoraModel, MemoryPlan, TrainConfig, Trainer,
 };
+use ftrt_models::llama::{LlamaModel, LlamaTrainable, Rounding};
 use ftrt_models::LoadedModel;
 use serde::Deserialize;
 
@@ -135,12 +136,8 @@ pub struct TrainArgs {
 /// checkpoint. The CPU Llama-family path (`ftrt_models::llama::LlamaModel`) plugs in here once
 /// it implements [`LoraModel`].
 fn build_model(loaded: &LoadedModel) -> Result<Box<dyn LoraModel>, String> {
-    Err(format!(
-        "model backend not yet available: {} ({:?}) opened, but no LoraModel implementation \
-         is wired into `ftrt train` yet",
-        loaded.path.display(),
-        loaded.config.arch
-    ))
+    let model = LlamaModel::from_loaded(loaded, Rounding::F32).map_err(|e| e.to_string())?;
+    Ok(Box::new(LlamaTrainable::new(model)))
 }
 
 /// The tokenizer, chat template and EOS of an opened model.

@@ -24,6 +24,7 @@ pub mod chat;
 pub mod lora;
 pub mod model;
 pub mod sampling;
+pub mod trainable;
 pub mod weights;
 
 pub use activations::{Activations, LayerActivations};
@@ -34,6 +35,7 @@ pub use chat::{
 pub use lora::{LoraAdapter, LoraSlot};
 pub use model::{Batch, LlamaModel};
 pub use sampling::{Sampler, SamplingParams};
+pub use trainable::LlamaTrainable;
 pub use weights::{Dims, LayerWeights, Proj, WeightStore};
 
 pub use ftrt_ops::dsl::Rounding;
