@@ -26,14 +26,12 @@ __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
     return m + logf(expf(a - m) + expf(b - m));
 }
 // Online logsumexp: running max `m` and sum `s` of exp(x - m).
+// One exp per element while the running max holds (the common case).
 __device__ __forceinline__ void ftrt_lse_push(float& m, float& s, float x) {
-    const float mn = fmaxf(m, x);
-    if (mn == -INFINITY) return;
-    s = s * __expf(m - mn) + __expf(x - mn);
-    m = mn;
+    if (x > m) { s = s * __expf(m - x) + 1.f; m = x; } else if (x != -INFINITY) { s += __expf(x - m); }
 }
 __device__ __forceinline__ void ftrt_lse_merge(float& m, float& s, float m2, float s2) {
-    if (m2 > m) { s = s * expf(m - m2) + s2; m = m2; } else if (m2 != -INFINITY) { s += s2 * expf(m2 - m); }
+    if (m2 > m) { s = s * __expf(m - m2) + s2; m = m2; } else if (m2 != -INFINITY) { s += s2 * __expf(m2 - m); }
 }
 
 // 16-byte vector access: VEC elements to/from f32 registers.

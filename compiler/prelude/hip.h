@@ -20,14 +20,12 @@ __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
     if (m == -INFINITY) return -INFINITY;
     return m + logf(expf(a - m) + expf(b - m));
 }
+// One exp per element while the running max holds (the common case).
 __device__ __forceinline__ void ftrt_lse_push(float& m, float& s, float x) {
-    const float mn = fmaxf(m, x);
-    if (mn == -INFINITY) return;
-    s = s * __expf(m - mn) + __expf(x - mn);
-    m = mn;
+    if (x > m) { s = s * __expf(m - x) + 1.f; m = x; } else if (x != -INFINITY) { s += __expf(x - m); }
 }
 __device__ __forceinline__ void ftrt_lse_merge(float& m, float& s, float m2, float s2) {
-    if (m2 > m) { s = s * expf(m - m2) + s2; m = m2; } else if (m2 != -INFINITY) { s += s2 * expf(m2 - m); }
+    if (m2 > m) { s = s * __expf(m - m2) + s2; m = m2; } else if (m2 != -INFINITY) { s += s2 * __expf(m2 - m); }
 }
 template <int VEC> __device__ __forceinline__ void ftrt_load_vec(float* dst, const ftrt_t* src) {
 #pragma unroll
