@@ -8,7 +8,11 @@ mod selftest;
 mod train;
 
 #[derive(Parser)]
-#[command(name = "ftrt", version, about = "Fine-tune LLMs faster and in less GPU memory: LoRA/QLoRA SFT, one binary, no Python")]
+#[command(
+    name = "ftrt",
+    version,
+    about = "Fine-tune LLMs faster and in less GPU memory: LoRA/QLoRA SFT, one binary, no Python"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -17,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Fine-tune a LoRA adapter (default: SmolLM2-135M-Instruct on the bundled arithmetic data).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Generate text from a model (HF folder or GGUF), optionally with a LoRA adapter.
     Generate(generate::GenerateArgs),
     /// Print the memory plan of a training step (peak, keep/offload/recompute) before loading anything.

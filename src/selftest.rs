@@ -22,7 +22,8 @@ pub fn info() -> Result<(), String> {
 }
 
 pub fn run(args: &SelftestArgs) -> Result<(), String> {
-    let gpu = Gpu::open(args.device).map_err(|e| format!("{e}\nftrt selftest needs an NVIDIA GPU."))?;
+    let gpu =
+        Gpu::open(args.device).map_err(|e| format!("{e}\nftrt selftest needs an NVIDIA GPU."))?;
     println!("{}", gpu.info());
     let both = !args.kernels && !args.runtime;
     let mut rows: Vec<SelftestRow> = Vec::new();

@@ -17,12 +17,12 @@ use std::path::PathBuf;
 use clap::Args;
 use ftrt_models::chat_template::ChatTemplate;
 use ftrt_models::data::PromptRenderer;
+use ftrt_models::llama::{LlamaModel, LlamaTrainable, Rounding};
 use ftrt_models::lora::{linear_targets, select_targets, LoraWeights};
 use ftrt_models::train::plan::{available_memory, gib};
 use ftrt_models::train::{
     total_steps, warmup_from_ratio, LoraModel, MemoryPlan, TrainConfig, Trainer,
 };
-use ftrt_models::llama::{LlamaModel, LlamaTrainable, Rounding};
 use ftrt_models::LoadedModel;
 use serde::Deserialize;
 

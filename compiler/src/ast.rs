@@ -88,9 +88,17 @@ pub struct Pass {
 
 #[derive(Clone, Debug)]
 pub enum Stmt {
-    Let { name: String, value: Expr },
+    Let {
+        name: String,
+        value: Expr,
+    },
     /// `t[i] = v;`, or `if g { t[i] = v; }`: a store that happens only where `guard` holds.
-    Store { tensor: String, index: Vec<Expr>, value: Expr, guard: Option<Expr> },
+    Store {
+        tensor: String,
+        index: Vec<Expr>,
+        value: Expr,
+        guard: Option<Expr>,
+    },
 }
 
 /// What a callee's tensor or scalar is bound to in a `use op.pass(...)` statement, which the
@@ -148,13 +156,19 @@ impl BinOp {
         }
     }
     pub fn is_comparison(self) -> bool {
-        matches!(self, BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge | BinOp::Eq | BinOp::Ne)
+        matches!(
+            self,
+            BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge | BinOp::Eq | BinOp::Ne
+        )
     }
     pub fn is_logical(self) -> bool {
         matches!(self, BinOp::And | BinOp::Or)
     }
     pub fn is_bitwise(self) -> bool {
-        matches!(self, BinOp::Shl | BinOp::Shr | BinOp::BitAnd | BinOp::BitOr | BinOp::Rem)
+        matches!(
+            self,
+            BinOp::Shl | BinOp::Shr | BinOp::BitAnd | BinOp::BitOr | BinOp::Rem
+        )
     }
 }
 
@@ -190,15 +204,37 @@ pub enum Expr {
     /// A loop index, scalar parameter, dim or `let` binding.
     Var(String),
     /// `x[i, j]`: an element of a tensor.
-    Load { tensor: String, index: Vec<Expr> },
-    Unary { op: UnOp, arg: Box<Expr> },
-    Binary { op: BinOp, lhs: Box<Expr>, rhs: Box<Expr> },
+    Load {
+        tensor: String,
+        index: Vec<Expr>,
+    },
+    Unary {
+        op: UnOp,
+        arg: Box<Expr>,
+    },
+    Binary {
+        op: BinOp,
+        lhs: Box<Expr>,
+        rhs: Box<Expr>,
+    },
     /// A builtin function or cast: `exp(e)`, `T(e)`, `f32(e)`, `select(c, a, b)`.
-    Call { func: String, args: Vec<Expr> },
+    Call {
+        func: String,
+        args: Vec<Expr>,
+    },
     /// Reduction over the innermost loop index (parallel across the row's threads).
-    RowReduce { op: ReduceOp, body: Box<Expr> },
+    RowReduce {
+        op: ReduceOp,
+        body: Box<Expr>,
+    },
     /// Reduction in one thread: `sum(k in lo..hi, e)`.
-    SerialReduce { op: ReduceOp, var: String, lo: Box<Expr>, hi: Box<Expr>, body: Box<Expr> },
+    SerialReduce {
+        op: ReduceOp,
+        var: String,
+        lo: Box<Expr>,
+        hi: Box<Expr>,
+        body: Box<Expr>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -240,7 +276,10 @@ impl OpDef {
         self.tensors().find(|t| t.name == name)
     }
     pub fn forward(&self) -> &Pass {
-        self.passes.iter().find(|p| p.kind == PassKind::Forward).expect("validated: one forward")
+        self.passes
+            .iter()
+            .find(|p| p.kind == PassKind::Forward)
+            .expect("validated: one forward")
     }
     pub fn backwards(&self) -> impl Iterator<Item = &Pass> {
         self.passes.iter().filter(|p| p.kind == PassKind::Backward)

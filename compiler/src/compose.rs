@@ -11,27 +11,47 @@ use crate::validate::{grad_decl, map};
 use std::collections::BTreeMap;
 
 fn callee_pass<'a>(lib: &'a OpDef, name: &str) -> Option<&'a Pass> {
-    lib.passes.iter().find(|p| crate::lower::pass_fn_name(lib, p) == format!("{}_{name}", lib.name))
+    lib.passes
+        .iter()
+        .find(|p| crate::lower::pass_fn_name(lib, p) == format!("{}_{name}", lib.name))
 }
 
 /// Declarations the callee's pass can name: its tensors and gradients.
 fn callee_tensors(lib: &OpDef, pass: &Pass) -> BTreeMap<String, TensorDecl> {
-    crate::validate::pass_tensors(lib, pass).into_iter().map(|t| (t.name.clone(), t)).collect()
+    crate::validate::pass_tensors(lib, pass)
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect()
 }
 
 fn caller_tensor(op: &OpDef, pass: &Pass, name: &str) -> Option<TensorDecl> {
     op.tensor(name).cloned().or_else(|| {
-        pass.grads_in.iter().chain(&pass.grads_out).find(|g| *g == name).and_then(|g| grad_decl(op, g))
+        pass.grads_in
+            .iter()
+            .chain(&pass.grads_out)
+            .find(|g| *g == name)
+            .and_then(|g| grad_decl(op, g))
     })
 }
 
 /// The statements of `lib`'s pass `pass_name`, rewritten into the caller's pass (`op`'s header
 /// and the pass's loop nest and gradients; its body may still be empty).
-pub fn inline(op: &OpDef, pass: &Pass, lib: &OpDef, pass_name: &str, bindings: &[(String, Binding)]) -> Result<Vec<Stmt>, String> {
+pub fn inline(
+    op: &OpDef,
+    pass: &Pass,
+    lib: &OpDef,
+    pass_name: &str,
+    bindings: &[(String, Binding)],
+) -> Result<Vec<Stmt>, String> {
     let what = format!("`use {}.{pass_name}`", lib.name);
-    let cp = callee_pass(lib, pass_name).ok_or_else(|| format!("{what}: `{}` has no pass `{pass_name}`", lib.name))?;
+    let cp = callee_pass(lib, pass_name)
+        .ok_or_else(|| format!("{what}: `{}` has no pass `{pass_name}`", lib.name))?;
     if cp.indices.len() != pass.indices.len() {
-        return Err(format!("{what}: the callee loops over {} indices, this pass over {}", cp.indices.len(), pass.indices.len()));
+        return Err(format!(
+            "{what}: the callee loops over {} indices, this pass over {}",
+            cp.indices.len(),
+            pass.indices.len()
+        ));
     }
     let tensors = callee_tensors(lib, cp);
     let bind: BTreeMap<&str, &Binding> = bindings.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -39,7 +59,9 @@ pub fn inline(op: &OpDef, pass: &Pass, lib: &OpDef, pass_name: &str, bindings: &
     let touched = crate::lower::touched_tensors(cp);
     for t in &touched {
         if !bind.contains_key(t.as_str()) {
-            return Err(format!("{what}: bind the callee's tensor `{t}` (e.g. `{t} = <tensor or let>`)"));
+            return Err(format!(
+                "{what}: bind the callee's tensor `{t}` (e.g. `{t} = <tensor or let>`)"
+            ));
         }
     }
     let mut rename: BTreeMap<String, Expr> = BTreeMap::new();
@@ -67,8 +89,13 @@ pub fn inline(op: &OpDef, pass: &Pass, lib: &OpDef, pass_name: &str, bindings: &
             Some(Binding::Name(n)) => {
                 rename.insert(s.name.clone(), Expr::Var(n.clone()));
             }
-            Some(Binding::NewLet(_)) => return Err(format!("{what}: scalar `{}` cannot be `let`", s.name)),
-            None if crate::lower::pass_args(lib, cp).iter().any(|a| matches!(a, crate::lower::Arg::Scalar(x) if x.name == s.name)) => {
+            Some(Binding::NewLet(_)) => {
+                return Err(format!("{what}: scalar `{}` cannot be `let`", s.name))
+            }
+            None if crate::lower::pass_args(lib, cp)
+                .iter()
+                .any(|a| matches!(a, crate::lower::Arg::Scalar(x) if x.name == s.name)) =>
+            {
                 return Err(format!("{what}: bind the callee's scalar `{}`", s.name))
             }
             None => {}
@@ -85,10 +112,15 @@ pub fn inline(op: &OpDef, pass: &Pass, lib: &OpDef, pass_name: &str, bindings: &
         let out = map(e, &mut |x| match x {
             Expr::Var(v) => rename.get(&v).cloned().unwrap_or(Expr::Var(v)),
             Expr::Load { tensor, index } => match bind.get(tensor.as_str()) {
-                Some(Binding::Name(n)) if caller_tensor(op, pass, n).is_some() => Expr::Load { tensor: n.clone(), index },
+                Some(Binding::Name(n)) if caller_tensor(op, pass, n).is_some() => Expr::Load {
+                    tensor: n.clone(),
+                    index,
+                },
                 Some(Binding::Name(n)) => Expr::Var(n.clone()),
                 _ => {
-                    err = Some(format!("{what}: `{tensor}` is read but bound to no caller name"));
+                    err = Some(format!(
+                        "{what}: `{tensor}` is read but bound to no caller name"
+                    ));
                     Expr::Int(0)
                 }
             },
@@ -100,7 +132,19 @@ pub fn inline(op: &OpDef, pass: &Pass, lib: &OpDef, pass_name: &str, bindings: &
                 }
                 Expr::Call { func, args }
             }
-            Expr::SerialReduce { op, var, lo, hi, body } => Expr::SerialReduce { op, var, lo, hi, body },
+            Expr::SerialReduce {
+                op,
+                var,
+                lo,
+                hi,
+                body,
+            } => Expr::SerialReduce {
+                op,
+                var,
+                lo,
+                hi,
+                body,
+            },
             other => other,
         });
         // A let-bound tensor must be read exactly at the callee's loop indices.
@@ -109,7 +153,10 @@ pub fn inline(op: &OpDef, pass: &Pass, lib: &OpDef, pass_name: &str, bindings: &
             if let Expr::Load { tensor, index } = x {
                 if let Some(Binding::Name(n)) = bind.get(tensor.as_str()) {
                     let at_loop = index.len() == loop_vars.len()
-                        && index.iter().zip(&loop_vars).all(|(i, v)| matches!(i, Expr::Var(x) if x == v));
+                        && index
+                            .iter()
+                            .zip(&loop_vars)
+                            .all(|(i, v)| matches!(i, Expr::Var(x) if x == v));
                     if caller_tensor(op, pass, n).is_none() && !at_loop {
                         bad = Some(format!("{what}: `{tensor}` is bound to the let `{n}` but read off the loop indices"));
                     }
@@ -124,10 +171,16 @@ pub fn inline(op: &OpDef, pass: &Pass, lib: &OpDef, pass_name: &str, bindings: &
     let mut out = Vec::new();
     for s in &cp.body {
         match s {
-            Stmt::Let { name, value } => {
-                out.push(Stmt::Let { name: format!("{}_{name}", lib.name), value: rewrite(value)? })
-            }
-            Stmt::Store { tensor, index, value, guard } => match bind.get(tensor.as_str()) {
+            Stmt::Let { name, value } => out.push(Stmt::Let {
+                name: format!("{}_{name}", lib.name),
+                value: rewrite(value)?,
+            }),
+            Stmt::Store {
+                tensor,
+                index,
+                value,
+                guard,
+            } => match bind.get(tensor.as_str()) {
                 Some(Binding::Name(n)) => out.push(Stmt::Store {
                     tensor: n.clone(),
                     index: index.iter().map(&rewrite).collect::<Result<_, _>>()?,
@@ -138,7 +191,10 @@ pub fn inline(op: &OpDef, pass: &Pass, lib: &OpDef, pass_name: &str, bindings: &
                     if guard.is_some() {
                         return Err(format!("{what}: a guarded store cannot become `let {n}`"));
                     }
-                    out.push(Stmt::Let { name: n.clone(), value: rewrite(value)? })
+                    out.push(Stmt::Let {
+                        name: n.clone(),
+                        value: rewrite(value)?,
+                    })
                 }
                 None => return Err(format!("{what}: bind the callee's output `{tensor}`")),
             },

@@ -6,7 +6,9 @@
 //! consecutive elements of the loop nest, grid-stride. `VEC` is 8 (16-byte bf16 accesses) when
 //! the launcher proves alignment, else 1.
 use crate::ast::*;
-use crate::lower::{flat_offset, lower, pass_args, pass_fn_name, Arg, Lowered, Reduction, Shape, Step};
+use crate::lower::{
+    flat_offset, lower, pass_args, pass_fn_name, Arg, Lowered, Reduction, Shape, Step,
+};
 use crate::validate::{Name, Scope, Ty};
 use crate::vectorize::{vec_access, vec_loads, VecAccess};
 use std::fmt::Write;
@@ -61,8 +63,14 @@ fn c_param_list(args: &[Arg]) -> String {
             Arg::Dim(d) => format!("long long {d}_"),
             Arg::Scalar(s) if s.dtype.is_float() => format!("float {}", s.name),
             Arg::Scalar(s) => format!("long long {}_", s.name),
-            Arg::Tensor { decl, written: true } => format!("{}* __restrict__ {}", c_type(decl.dtype), decl.name),
-            Arg::Tensor { decl, written: false } => {
+            Arg::Tensor {
+                decl,
+                written: true,
+            } => format!("{}* __restrict__ {}", c_type(decl.dtype), decl.name),
+            Arg::Tensor {
+                decl,
+                written: false,
+            } => {
                 format!("const {}* __restrict__ {}", c_type(decl.dtype), decl.name)
             }
         })
@@ -89,26 +97,50 @@ fn emit_pass(out: &mut String, op: &OpDef, pass: &Pass) {
     let params = c_param_list(&args);
     let names = c_arg_names(&args);
     let title = crate::validate::pass_title(pass);
-    writeln!(out, "// {} {title}: {} pass over ({})", op.name, shape_word(lowered.shape), loop_desc(pass)).unwrap();
-    let mut e = Emitter { out: String::new(), scope: lowered.scope.clone(), vregs: Vec::new(), hoisted: Vec::new(), n_locals: 0, indent: 1 };
+    writeln!(
+        out,
+        "// {} {title}: {} pass over ({})",
+        op.name,
+        shape_word(lowered.shape),
+        loop_desc(pass)
+    )
+    .unwrap();
+    let mut e = Emitter {
+        out: String::new(),
+        scope: lowered.scope.clone(),
+        vregs: Vec::new(),
+        hoisted: Vec::new(),
+        n_locals: 0,
+        indent: 1,
+    };
     // Dims and integer scalars arrive as 64-bit and are narrowed to the index type I.
     for a in &args {
         match a {
             Arg::Dim(d) => e.line(&format!("const I {d} = (I){d}_;")),
-            Arg::Scalar(s) if !s.dtype.is_float() => e.line(&format!("const I {0} = (I){0}_;", s.name)),
+            Arg::Scalar(s) if !s.dtype.is_float() => {
+                e.line(&format!("const I {0} = (I){0}_;", s.name))
+            }
             _ => {}
         }
     }
     match lowered.shape {
         Shape::Row => {
             writeln!(out, "template <typename I, int TPR, int VEC>").unwrap();
-            writeln!(out, "__device__ __forceinline__ void {base}_body({params}) {{").unwrap();
+            writeln!(
+                out,
+                "__device__ __forceinline__ void {base}_body({params}) {{"
+            )
+            .unwrap();
             e.row_body(pass, &lowered);
             out.push_str(&e.out);
             out.push_str("}\n");
             // A row of known short extent only ever takes the warp-per-row variant.
             let short = matches!(pass.indices.last().map(|i| &i.extent), Some(Expr::Int(n)) if *n <= WARP_ROW_MAX_INNER);
-            let tprs: &[u32] = if short { &ROW_VARIANTS[..1] } else { &ROW_VARIANTS };
+            let tprs: &[u32] = if short {
+                &ROW_VARIANTS[..1]
+            } else {
+                &ROW_VARIANTS
+            };
             for (iname, ity) in INDEX_TYPES {
                 for &tpr in tprs {
                     for vec in [8, 1] {
@@ -130,7 +162,11 @@ fn emit_pass(out: &mut String, op: &OpDef, pass: &Pass) {
         }
         Shape::Flat => {
             writeln!(out, "template <typename I, int VEC>").unwrap();
-            writeln!(out, "__device__ __forceinline__ void {base}_body({params}) {{").unwrap();
+            writeln!(
+                out,
+                "__device__ __forceinline__ void {base}_body({params}) {{"
+            )
+            .unwrap();
             e.flat_body(pass, &lowered);
             out.push_str(&e.out);
             out.push_str("}\n");
@@ -156,7 +192,11 @@ fn shape_word(s: Shape) -> &'static str {
 }
 
 fn loop_desc(pass: &Pass) -> String {
-    pass.indices.iter().map(|i| format!("{} in {}", i.name, expr_text(&i.extent))).collect::<Vec<_>>().join(", ")
+    pass.indices
+        .iter()
+        .map(|i| format!("{} in {}", i.name, expr_text(&i.extent)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Plain text of an expression, for comments.
@@ -166,17 +206,36 @@ pub fn expr_text(e: &Expr) -> String {
         Expr::Int(v) => v.to_string(),
         Expr::Var(v) => v.clone(),
         Expr::Load { tensor, index } => {
-            format!("{tensor}[{}]", index.iter().map(expr_text).collect::<Vec<_>>().join(", "))
+            format!(
+                "{tensor}[{}]",
+                index.iter().map(expr_text).collect::<Vec<_>>().join(", ")
+            )
         }
         Expr::Unary { op: UnOp::Neg, arg } => format!("-{}", expr_text(arg)),
         Expr::Unary { op: UnOp::Not, arg } => format!("!{}", expr_text(arg)),
-        Expr::Binary { op, lhs, rhs } => format!("({} {} {})", expr_text(lhs), op.symbol(), expr_text(rhs)),
+        Expr::Binary { op, lhs, rhs } => {
+            format!("({} {} {})", expr_text(lhs), op.symbol(), expr_text(rhs))
+        }
         Expr::Call { func, args } => {
-            format!("{func}({})", args.iter().map(expr_text).collect::<Vec<_>>().join(", "))
+            format!(
+                "{func}({})",
+                args.iter().map(expr_text).collect::<Vec<_>>().join(", ")
+            )
         }
         Expr::RowReduce { op, body } => format!("{op:?}(row, {})", expr_text(body)),
-        Expr::SerialReduce { op, var, lo, hi, body } => {
-            format!("{op:?}({var} in {}..{}, {})", expr_text(lo), expr_text(hi), expr_text(body))
+        Expr::SerialReduce {
+            op,
+            var,
+            lo,
+            hi,
+            body,
+        } => {
+            format!(
+                "{op:?}({var} in {}..{}, {})",
+                expr_text(lo),
+                expr_text(hi),
+                expr_text(body)
+            )
         }
     }
 }
@@ -223,7 +282,11 @@ impl Emitter {
         let nrows = if outer.is_empty() {
             "1".to_string()
         } else {
-            outer.iter().map(|i| format!("({})", self.expr(&i.extent))).collect::<Vec<_>>().join(" * ")
+            outer
+                .iter()
+                .map(|i| format!("({})", self.expr(&i.extent)))
+                .collect::<Vec<_>>()
+                .join(" * ")
         };
         self.line("const int lane = threadIdx.x;");
         self.line("const I row = (I)((long long)blockIdx.x * blockDim.y + threadIdx.y);");
@@ -236,14 +299,20 @@ impl Emitter {
             match step {
                 Step::Stmt(s) => self.scalar_stmt(s, true),
                 Step::Reduce(reds) => self.reduce_sweep(reds, &inner.name, &inner_ext),
-                Step::Stores(stores) => self.store_sweep(stores, &inner.name, &inner_ext, "lane", "TPR"),
+                Step::Stores(stores) => {
+                    self.store_sweep(stores, &inner.name, &inner_ext, "lane", "TPR")
+                }
             }
         }
     }
 
     fn flat_body(&mut self, pass: &Pass, lowered: &Lowered) {
-        let total =
-            pass.indices.iter().map(|i| format!("({})", self.expr(&i.extent))).collect::<Vec<_>>().join(" * ");
+        let total = pass
+            .indices
+            .iter()
+            .map(|i| format!("({})", self.expr(&i.extent)))
+            .collect::<Vec<_>>()
+            .join(" * ");
         let (outer, inner) = pass.indices.split_at(pass.indices.len() - 1);
         let inner = &inner[0];
         self.line(&format!("const I nchunks = ({total}) / VEC;"));
@@ -251,7 +320,10 @@ impl Emitter {
         self.line("     chunk += (I)gridDim.x * blockDim.x) {");
         self.indent += 1;
         let mut idx: Vec<LoopIndex> = outer.to_vec();
-        idx.push(LoopIndex { name: format!("{}0_", inner.name), extent: inner.extent.clone() });
+        idx.push(LoopIndex {
+            name: format!("{}0_", inner.name),
+            extent: inner.extent.clone(),
+        });
         self.decompose("chunk * VEC", &idx);
         // Lets that do not move along the row are computed once per chunk.
         let mut per_elem = Vec::new();
@@ -276,11 +348,20 @@ impl Emitter {
     fn scalar_stmt(&mut self, s: &Stmt, lane0_stores: bool) {
         match s {
             Stmt::Let { name, value } => {
-                let ty = if self.scope.ty(value).expect("validated") == Ty::Float { "float" } else { "I" };
+                let ty = if self.scope.ty(value).expect("validated") == Ty::Float {
+                    "float"
+                } else {
+                    "I"
+                };
                 let v = self.expr(value);
                 self.line(&format!("const {ty} {name} = {v};"));
             }
-            Stmt::Store { tensor, index, value, guard } => {
+            Stmt::Store {
+                tensor,
+                index,
+                value,
+                guard,
+            } => {
                 let mut st = self.store_expr(tensor, index, value);
                 if let Some(g) = guard {
                     st = format!("if ({}) {{ {st} }}", self.expr(g));
@@ -309,13 +390,18 @@ impl Emitter {
             let index: Vec<Expr> = a
                 .index
                 .iter()
-                .map(|i| crate::validate::map(i, &mut |x| match x {
-                    Expr::Var(v) if v == inner => Expr::Var(c0.to_string()),
-                    o => o,
-                }))
+                .map(|i| {
+                    crate::validate::map(i, &mut |x| match x {
+                        Expr::Var(v) if v == inner => Expr::Var(c0.to_string()),
+                        o => o,
+                    })
+                })
                 .collect();
             let off = self.expr(&flat_offset(&t, &index));
-            self.line(&format!("float {name}[VEC]; ftrt_load_vec<VEC>({name}, {} + ({off}));", a.tensor));
+            self.line(&format!(
+                "float {name}[VEC]; ftrt_load_vec<VEC>({name}, {} + ({off}));",
+                a.tensor
+            ));
             self.vregs.push((a.key(), name));
         }
     }
@@ -378,7 +464,14 @@ impl Emitter {
         }
     }
 
-    fn store_sweep(&mut self, stores: &[Stmt], inner: &str, inner_ext: &str, lane: &str, step: &str) {
+    fn store_sweep(
+        &mut self,
+        stores: &[Stmt],
+        inner: &str,
+        inner_ext: &str,
+        lane: &str,
+        step: &str,
+    ) {
         let exprs = self.stmt_exprs(stores);
         self.hoist(&exprs.iter().collect::<Vec<_>>());
         self.line(&format!(
@@ -404,7 +497,11 @@ impl Emitter {
             if self.hoisted.iter().any(|(k, _)| *k == key) {
                 continue;
             }
-            let ty = if self.ty(&e) == Ty::Float { "float" } else { "I" };
+            let ty = if self.ty(&e) == Ty::Float {
+                "float"
+            } else {
+                "I"
+            };
             let v = self.expr(&e);
             let name = format!("h{}_", self.n_locals);
             self.n_locals += 1;
@@ -428,11 +525,17 @@ impl Emitter {
         for e in order {
             let key = format!("{e:?}");
             // Shared, and evaluated unconditionally somewhere: computing it first is safe.
-            let repeated = counts.get(&key).is_some_and(|(n, free)| *n >= 2 && *free >= 1);
+            let repeated = counts
+                .get(&key)
+                .is_some_and(|(n, free)| *n >= 2 && *free >= 1);
             if !repeated || self.hoisted.iter().any(|(k, _)| *k == key) || self.ty(&e) == Ty::Bool {
                 continue;
             }
-            let ty = if self.ty(&e) == Ty::Float { "float" } else { "I" };
+            let ty = if self.ty(&e) == Ty::Float {
+                "float"
+            } else {
+                "I"
+            };
             let v = self.expr(&e);
             let name = format!("e{}_", self.n_locals);
             self.n_locals += 1;
@@ -447,7 +550,12 @@ impl Emitter {
         for s in stmts {
             match s {
                 Stmt::Let { value, .. } => out.push(value.clone()),
-                Stmt::Store { index, value, guard, .. } => {
+                Stmt::Store {
+                    index,
+                    value,
+                    guard,
+                    ..
+                } => {
                     out.extend(index.iter().cloned());
                     out.push(crate::lower::guarded(&self.scope, value, guard.as_ref()));
                 }
@@ -459,7 +567,9 @@ impl Emitter {
     fn collect_hoistable(&self, e: &Expr, out: &mut Vec<Expr>) {
         if !self.scope.varies(e) {
             let mut work = false;
-            crate::validate::walk(e, &mut |x| work |= matches!(x, Expr::Load { .. } | Expr::Call { .. }));
+            crate::validate::walk(e, &mut |x| {
+                work |= matches!(x, Expr::Load { .. } | Expr::Call { .. })
+            });
             let bool_ty = self.scope.ty(e).map_or(true, |t| t == Ty::Bool);
             if work && !bool_ty && !matches!(e, Expr::Var(_)) {
                 out.push(e.clone());
@@ -486,9 +596,16 @@ impl Emitter {
             .iter()
             .flat_map(|s| match s {
                 Stmt::Let { value, .. } => vec![value],
-                Stmt::Store { index, value, guard, .. } => {
-                    index.iter().chain(std::iter::once(value)).chain(guard.iter()).collect()
-                }
+                Stmt::Store {
+                    index,
+                    value,
+                    guard,
+                    ..
+                } => index
+                    .iter()
+                    .chain(std::iter::once(value))
+                    .chain(guard.iter())
+                    .collect(),
             })
             .collect();
         let accesses = vec_loads(&self.scope, exprs);
@@ -496,7 +613,13 @@ impl Emitter {
         // Vectorised stores collect into register arrays.
         let mut vstores: Vec<(usize, VecAccess, String)> = Vec::new();
         for (i, s) in stmts.iter().enumerate() {
-            if let Stmt::Store { tensor, index, guard: None, .. } = s {
+            if let Stmt::Store {
+                tensor,
+                index,
+                guard: None,
+                ..
+            } = s
+            {
                 if let Some(a) = vec_access(&self.scope, tensor, index) {
                     let name = format!("s{i}_");
                     self.line(&format!("float {name}[VEC];"));
@@ -518,16 +641,28 @@ impl Emitter {
         for (i, s) in stmts.iter().enumerate() {
             match s {
                 Stmt::Let { .. } => self.scalar_stmt(s, false),
-                Stmt::Store { tensor, index, value, guard } => {
+                Stmt::Store {
+                    tensor,
+                    index,
+                    value,
+                    guard,
+                } => {
                     let v = self.expr(&crate::lower::guarded(&self.scope, value, guard.as_ref()));
-                    let ty = if self.ty(value) == Ty::Float { "float" } else { "I" };
+                    let ty = if self.ty(value) == Ty::Float {
+                        "float"
+                    } else {
+                        "I"
+                    };
                     self.line(&format!("const {ty} w{i}_ = {v};"));
                     match vstores.iter().find(|(j, _, _)| *j == i) {
                         Some((_, _, name)) => writes.push(format!("{name}[k_] = w{i}_;")),
                         None => {
                             let t = self.scope.tensors[tensor].clone();
                             let off = self.expr(&flat_offset(&t, index));
-                            let mut w = format!("{tensor}[{off}] = {};", convert_to(t.dtype, &format!("w{i}_")));
+                            let mut w = format!(
+                                "{tensor}[{off}] = {};",
+                                convert_to(t.dtype, &format!("w{i}_"))
+                            );
                             if let Some(g) = guard {
                                 w = format!("if ({}) {{ {w} }}", self.expr(g));
                             }
@@ -547,13 +682,18 @@ impl Emitter {
             let index: Vec<Expr> = a
                 .index
                 .iter()
-                .map(|i| crate::validate::map(i, &mut |x| match x {
-                    Expr::Var(v) if v == inner => Expr::Var(c0.to_string()),
-                    o => o,
-                }))
+                .map(|i| {
+                    crate::validate::map(i, &mut |x| match x {
+                        Expr::Var(v) if v == inner => Expr::Var(c0.to_string()),
+                        o => o,
+                    })
+                })
                 .collect();
             let off = self.expr(&flat_offset(&t, &index));
-            self.line(&format!("ftrt_store_vec<VEC>({} + ({off}), {name});", a.tensor));
+            self.line(&format!(
+                "ftrt_store_vec<VEC>({} + ({off}), {name});",
+                a.tensor
+            ));
         }
         self.vregs.clear();
     }
@@ -570,7 +710,9 @@ impl Emitter {
             }
         }
         match e {
-            Expr::Float(v) if v.is_infinite() => (if *v > 0.0 { "INFINITY" } else { "-INFINITY" }).into(),
+            Expr::Float(v) if v.is_infinite() => {
+                (if *v > 0.0 { "INFINITY" } else { "-INFINITY" }).into()
+            }
             Expr::Float(v) => format!("{v:?}f"),
             Expr::Int(v) if i32::try_from(*v).is_ok() => v.to_string(),
             Expr::Int(v) => format!("{v}LL"),
@@ -594,21 +736,39 @@ impl Emitter {
             }
             Expr::Call { func, args } => self.call(func, args),
             Expr::RowReduce { .. } => unreachable!("row reductions are lowered to sweeps"),
-            Expr::SerialReduce { op, var, lo, hi, body } => {
+            Expr::SerialReduce {
+                op,
+                var,
+                lo,
+                hi,
+                body,
+            } => {
                 let (lo, hi) = (self.expr(lo), self.expr(hi));
                 let saved = self.scope.clone();
                 self.scope.names.insert(var.clone(), Name::Index);
                 let b = self.expr(body);
                 self.scope = saved;
                 let (init, upd, fin) = match op {
-                    ReduceOp::Sum => ("float a_ = 0.f;".to_string(), format!("a_ += {b};"), "a_".to_string()),
+                    ReduceOp::Sum => (
+                        "float a_ = 0.f;".to_string(),
+                        format!("a_ += {b};"),
+                        "a_".to_string(),
+                    ),
                     ReduceOp::Mean => (
                         "float a_ = 0.f;".to_string(),
                         format!("a_ += {b};"),
                         format!("a_ / (float)(({hi}) - ({lo}))"),
                     ),
-                    ReduceOp::Max => ("float a_ = -INFINITY;".into(), format!("a_ = fmaxf(a_, {b});"), "a_".into()),
-                    ReduceOp::Min => ("float a_ = INFINITY;".into(), format!("a_ = fminf(a_, {b});"), "a_".into()),
+                    ReduceOp::Max => (
+                        "float a_ = -INFINITY;".into(),
+                        format!("a_ = fmaxf(a_, {b});"),
+                        "a_".into(),
+                    ),
+                    ReduceOp::Min => (
+                        "float a_ = INFINITY;".into(),
+                        format!("a_ = fminf(a_, {b});"),
+                        "a_".into(),
+                    ),
                     ReduceOp::LogSumExp => (
                         "float m_ = -INFINITY, s_ = 0.f;".into(),
                         format!("ftrt_lse_push(m_, s_, {b});"),
@@ -621,9 +781,14 @@ impl Emitter {
     }
 
     fn call(&mut self, func: &str, args: &[Expr]) -> String {
-        let float_result = self.ty(&Expr::Call { func: func.into(), args: args.to_vec() }) == Ty::Float;
+        let float_result = self.ty(&Expr::Call {
+            func: func.into(),
+            args: args.to_vec(),
+        }) == Ty::Float;
         if func == "dynamic_index" {
-            let Expr::Var(code) = &args[0] else { unreachable!("validated") };
+            let Expr::Var(code) = &args[0] else {
+                unreachable!("validated")
+            };
             let x = self.expr(&args[1]);
             return format!("((I)ftrt_dynamic_index({code}, {x}))");
         }
@@ -646,7 +811,9 @@ impl Emitter {
             "max" => format!("ftrt_max_i({}, {})", a[0], a[1]),
             "min" => format!("ftrt_min_i({}, {})", a[0], a[1]),
             "logaddexp" => format!("ftrt_logaddexp({}, {})", a[0], a[1]),
-            "select" if float_result => format!("(({}) ? (float)({}) : (float)({}))", a[0], a[1], a[2]),
+            "select" if float_result => {
+                format!("(({}) ? (float)({}) : (float)({}))", a[0], a[1], a[2])
+            }
             "select" => format!("(({}) ? ({}) : ({}))", a[0], a[1], a[2]),
             "nf4_index" => format!("((I)ftrt_nf4_index({}))", a[0]),
             "signbit" => format!("signbit({})", a[0]),
@@ -676,11 +843,17 @@ fn convert_to(d: DType, v: &str) -> String {
     }
 }
 
-
 /// Counts the non-trivial subexpressions of `e` (calls, loads, arithmetic): (all uses, uses
 /// outside any `select` branch). Serial reductions are opaque.
-fn count_subexprs(e: &Expr, counts: &mut std::collections::BTreeMap<String, (usize, usize)>, guarded: bool) {
-    if matches!(e, Expr::Call { .. } | Expr::Load { .. } | Expr::Binary { .. }) {
+fn count_subexprs(
+    e: &Expr,
+    counts: &mut std::collections::BTreeMap<String, (usize, usize)>,
+    guarded: bool,
+) {
+    if matches!(
+        e,
+        Expr::Call { .. } | Expr::Load { .. } | Expr::Binary { .. }
+    ) {
         let c = counts.entry(format!("{e:?}")).or_insert((0, 0));
         c.0 += 1;
         c.1 += usize::from(!guarded);
@@ -692,7 +865,9 @@ fn count_subexprs(e: &Expr, counts: &mut std::collections::BTreeMap<String, (usi
             count_subexprs(&args[2], counts, true);
         }
         Expr::Call { args, .. } => args.iter().for_each(|a| count_subexprs(a, counts, guarded)),
-        Expr::Load { index, .. } => index.iter().for_each(|i| count_subexprs(i, counts, guarded)),
+        Expr::Load { index, .. } => index
+            .iter()
+            .for_each(|i| count_subexprs(i, counts, guarded)),
         Expr::Unary { arg, .. } => count_subexprs(arg, counts, guarded),
         Expr::Binary { lhs, rhs, .. } => {
             count_subexprs(lhs, counts, guarded);
@@ -714,7 +889,10 @@ fn post_order(e: &Expr, out: &mut Vec<Expr>) {
         }
         _ => {}
     }
-    if matches!(e, Expr::Call { .. } | Expr::Load { .. } | Expr::Binary { .. }) {
+    if matches!(
+        e,
+        Expr::Call { .. } | Expr::Load { .. } | Expr::Binary { .. }
+    ) {
         out.push(e.clone());
     }
 }

@@ -9,7 +9,7 @@ use crate::ast::*;
 use crate::emit_cuda::{FEW_ROWS, FLAT_THREADS, ROW_VARIANTS, WARP_ROW_MAX_INNER};
 use crate::lower::{flat_offset, lower, pass_args, pass_fn_name, Arg, Lowered, Shape, Step};
 use crate::validate::{dims, grad_decl, Name, Scope, Ty};
-use crate::vectorize::{vec_conditions, vec_loads, vec_access};
+use crate::vectorize::{vec_access, vec_conditions, vec_loads};
 use std::fmt::Write;
 
 /// The whole Rust module for one op, as source text.
@@ -18,7 +18,11 @@ pub fn emit_op(op: &OpDef) -> String {
     for line in &op.doc {
         writeln!(o, "/// {line}").unwrap();
     }
-    writeln!(o, "#[allow(non_snake_case, unused_variables, unused_mut, unused_parens, clippy::all)]").unwrap();
+    writeln!(
+        o,
+        "#[allow(non_snake_case, unused_variables, unused_mut, unused_parens, clippy::all)]"
+    )
+    .unwrap();
     writeln!(o, "pub mod {} {{", op.name).unwrap();
     writeln!(o, "use crate::dsl::{{Real, Rounding}};").unwrap();
     writeln!(o, "use ftrt_runtime::cudarc::driver::PushKernelArg;").unwrap();
@@ -38,10 +42,21 @@ fn emit_dims(o: &mut String, op: &OpDef) {
     let ds = dims(op);
     writeln!(o, "/// Sizes of `{}`'s symbolic dims.", op.name).unwrap();
     writeln!(o, "#[derive(Clone, Copy, Debug, PartialEq, Eq)]").unwrap();
-    writeln!(o, "pub struct Dims {{ {} }}", ds.iter().map(|d| format!("pub {d}: usize")).collect::<Vec<_>>().join(", "))
-        .unwrap();
+    writeln!(
+        o,
+        "pub struct Dims {{ {} }}",
+        ds.iter()
+            .map(|d| format!("pub {d}: usize"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+    .unwrap();
     writeln!(o, "impl Dims {{").unwrap();
-    writeln!(o, "    /// Number of elements of the tensor (or gradient `d<name>`) called `name`.").unwrap();
+    writeln!(
+        o,
+        "    /// Number of elements of the tensor (or gradient `d<name>`) called `name`."
+    )
+    .unwrap();
     writeln!(o, "    pub fn numel(&self, name: &str) -> usize {{").unwrap();
     bind_dims(o, op, "self");
     writeln!(o, "        let n: i64 = match name {{").unwrap();
@@ -51,10 +66,20 @@ fn emit_dims(o: &mut String, op: &OpDef) {
     }
     let scope = dims_scope(op);
     for t in &all {
-        let n = t.dims.iter().map(|d| format!("({})", rx(&scope, d))).collect::<Vec<_>>().join(" * ");
+        let n = t
+            .dims
+            .iter()
+            .map(|d| format!("({})", rx(&scope, d)))
+            .collect::<Vec<_>>()
+            .join(" * ");
         writeln!(o, "            {:?} => {n},", t.name).unwrap();
     }
-    writeln!(o, "            other => panic!(\"`{}` has no tensor `{{other}}`\"),", op.name).unwrap();
+    writeln!(
+        o,
+        "            other => panic!(\"`{}` has no tensor `{{other}}`\"),",
+        op.name
+    )
+    .unwrap();
     writeln!(o, "        }};").unwrap();
     writeln!(o, "        n as usize").unwrap();
     writeln!(o, "    }}").unwrap();
@@ -109,11 +134,24 @@ fn cpu_params(args: &[Arg]) -> String {
 fn emit_cpu_pass(o: &mut String, op: &OpDef, pass: &Pass) {
     let lowered = lower(op, pass);
     let args = pass_args(op, pass);
-    let name = pass_fn_name(op, pass).trim_start_matches(&format!("{}_", op.name)).to_string();
-    writeln!(o, "/// CPU reference of the {} pass.", crate::validate::pass_title(pass)).unwrap();
+    let name = pass_fn_name(op, pass)
+        .trim_start_matches(&format!("{}_", op.name))
+        .to_string();
+    writeln!(
+        o,
+        "/// CPU reference of the {} pass.",
+        crate::validate::pass_title(pass)
+    )
+    .unwrap();
     writeln!(o, "pub fn {name}_cpu<S: Real>({}) {{", cpu_params(&args)).unwrap();
     bind_dims(o, op, "d");
-    for s in args.iter().filter_map(|a| if let Arg::Scalar(s) = a { Some(s) } else { None }) {
+    for s in args.iter().filter_map(|a| {
+        if let Arg::Scalar(s) = a {
+            Some(s)
+        } else {
+            None
+        }
+    }) {
         if s.dtype.is_float() {
             writeln!(o, "        let {0}: S = S::from_f32({0});", s.name).unwrap();
         } else {
@@ -123,7 +161,12 @@ fn emit_cpu_pass(o: &mut String, op: &OpDef, pass: &Pass) {
     let scope0 = dims_scope(op);
     for a in &args {
         if let Arg::Tensor { decl, .. } = a {
-            let n = decl.dims.iter().map(|d| format!("({})", rx(&scope0, d))).collect::<Vec<_>>().join(" * ");
+            let n = decl
+                .dims
+                .iter()
+                .map(|d| format!("({})", rx(&scope0, d)))
+                .collect::<Vec<_>>()
+                .join(" * ");
             writeln!(
                 o,
                 "        assert_eq!({0}.len() as i64, {n}, \"`{0}` of `{1}` has the wrong length\");",
@@ -134,9 +177,17 @@ fn emit_cpu_pass(o: &mut String, op: &OpDef, pass: &Pass) {
     }
     // Code tables for `dynamic_index` as f32, once.
     for t in dynamic_tables(pass) {
-        writeln!(o, "        let {t}_f32: Vec<f32> = {t}.iter().map(|v| v.to_f32()).collect();").unwrap();
+        writeln!(
+            o,
+            "        let {t}_f32: Vec<f32> = {t}.iter().map(|v| v.to_f32()).collect();"
+        )
+        .unwrap();
     }
-    let mut e = RustEmitter { out: String::new(), scope: lowered.scope.clone(), indent: 2 };
+    let mut e = RustEmitter {
+        out: String::new(),
+        scope: lowered.scope.clone(),
+        indent: 2,
+    };
     match lowered.shape {
         Shape::Flat => e.flat(pass, &lowered),
         Shape::Row => e.row(pass, &lowered),
@@ -219,8 +270,16 @@ impl RustEmitter {
                     let v = rx(&self.scope, value);
                     self.line(&format!("let {name} = {v};"));
                 }
-                Stmt::Store { tensor, index, value, guard } => {
-                    let v = rx(&self.scope, &crate::lower::guarded(&self.scope, value, guard.as_ref()));
+                Stmt::Store {
+                    tensor,
+                    index,
+                    value,
+                    guard,
+                } => {
+                    let v = rx(
+                        &self.scope,
+                        &crate::lower::guarded(&self.scope, value, guard.as_ref()),
+                    );
                     self.line(&format!("let w{i}_ = {v};"));
                     let mut w = self.store(tensor, index, &format!("w{i}_"), value);
                     if let Some(g) = guard {
@@ -298,7 +357,10 @@ fn serial(op: ReduceOp, var: &str, lo: &str, hi: &str, body: &str) -> String {
 fn rx(scope: &Scope, e: &Expr) -> String {
     match e {
         Expr::Float(v) if v.is_infinite() => {
-            format!("S::from_f64(f64::{})", if *v > 0.0 { "INFINITY" } else { "NEG_INFINITY" })
+            format!(
+                "S::from_f64(f64::{})",
+                if *v > 0.0 { "INFINITY" } else { "NEG_INFINITY" }
+            )
         }
         Expr::Float(v) => format!("S::from_f64({v:?})"),
         Expr::Int(v) => format!("{v}i64"),
@@ -315,18 +377,41 @@ fn rx(scope: &Scope, e: &Expr) -> String {
         Expr::Unary { op: UnOp::Neg, arg } => format!("(-{})", rx(scope, arg)),
         Expr::Unary { op: UnOp::Not, arg } => format!("(!{})", rx(scope, arg)),
         Expr::Binary { op, lhs, rhs } => {
-            let (lt, rt) = (scope.ty(lhs).expect("validated"), scope.ty(rhs).expect("validated"));
+            let (lt, rt) = (
+                scope.ty(lhs).expect("validated"),
+                scope.ty(rhs).expect("validated"),
+            );
             let mixed = (lt == Ty::Float) != (rt == Ty::Float) && lt != Ty::Bool && rt != Ty::Bool;
-            let l = if mixed && lt == Ty::Int { format!("S::from_i64({})", rx(scope, lhs)) } else { rx(scope, lhs) };
-            let r = if mixed && rt == Ty::Int { format!("S::from_i64({})", rx(scope, rhs)) } else { rx(scope, rhs) };
+            let l = if mixed && lt == Ty::Int {
+                format!("S::from_i64({})", rx(scope, lhs))
+            } else {
+                rx(scope, lhs)
+            };
+            let r = if mixed && rt == Ty::Int {
+                format!("S::from_i64({})", rx(scope, rhs))
+            } else {
+                rx(scope, rhs)
+            };
             format!("({l} {} {r})", op.symbol())
         }
         Expr::Call { func, args } => rcall(scope, func, args),
         Expr::RowReduce { .. } => unreachable!("lowered"),
-        Expr::SerialReduce { op, var, lo, hi, body } => {
+        Expr::SerialReduce {
+            op,
+            var,
+            lo,
+            hi,
+            body,
+        } => {
             let mut inner = scope.clone();
             inner.names.insert(var.clone(), Name::Index);
-            serial(*op, var, &rx(scope, lo), &rx(scope, hi), &as_float(&inner, body))
+            serial(
+                *op,
+                var,
+                &rx(scope, lo),
+                &rx(scope, hi),
+                &as_float(&inner, body),
+            )
         }
     }
 }
@@ -341,10 +426,15 @@ fn as_float(scope: &Scope, e: &Expr) -> String {
 }
 
 fn rcall(scope: &Scope, func: &str, args: &[Expr]) -> String {
-    let call = Expr::Call { func: func.into(), args: args.to_vec() };
+    let call = Expr::Call {
+        func: func.into(),
+        args: args.to_vec(),
+    };
     let float_result = scope.ty(&call).expect("validated") == Ty::Float;
     if func == "dynamic_index" {
-        let Expr::Var(code) = &args[0] else { unreachable!() };
+        let Expr::Var(code) = &args[0] else {
+            unreachable!()
+        };
         return format!(
             "(crate::quant_prelude::dynamic_index(&{code}_f32, {}.to_f32()) as i64)",
             rx(scope, &args[1])
@@ -354,7 +444,9 @@ fn rcall(scope: &Scope, func: &str, args: &[Expr]) -> String {
     match func {
         "T" => format!("rt.t.round({})", f(0)),
         "f32" => format!("rt.f32.round({})", f(0)),
-        "i32" if scope.ty(&args[0]).expect("validated") == Ty::Float => format!("{}.to_i64()", rx(scope, &args[0])),
+        "i32" if scope.ty(&args[0]).expect("validated") == Ty::Float => {
+            format!("{}.to_i64()", rx(scope, &args[0]))
+        }
         "i32" => rx(scope, &args[0]),
         "exp" | "sqrt" | "rsqrt" | "tanh" | "erf" | "sigmoid" => format!("{}.{func}()", f(0)),
         "log" => format!("{}.ln()", f(0)),
@@ -364,7 +456,12 @@ fn rcall(scope: &Scope, func: &str, args: &[Expr]) -> String {
         "max" | "min" => format!("{}.{func}({})", rx(scope, &args[0]), rx(scope, &args[1])),
         "logaddexp" => format!("{}.logaddexp({})", f(0), f(1)),
         "select" if float_result => {
-            format!("(if {} {{ {} }} else {{ {} }})", rx(scope, &args[0]), f(1), f(2))
+            format!(
+                "(if {} {{ {} }} else {{ {} }})",
+                rx(scope, &args[0]),
+                f(1),
+                f(2)
+            )
         }
         "select" => format!(
             "(if {} {{ {} }} else {{ {} }})",
@@ -372,10 +469,20 @@ fn rcall(scope: &Scope, func: &str, args: &[Expr]) -> String {
             rx(scope, &args[1]),
             rx(scope, &args[2])
         ),
-        "nf4_index" => format!("(crate::quant_prelude::nf4_index({}.to_f32()) as i64)", f(0)),
+        "nf4_index" => format!(
+            "(crate::quant_prelude::nf4_index({}.to_f32()) as i64)",
+            f(0)
+        ),
         "signbit" => format!("{}.to_f64().is_sign_negative()", f(0)),
-        "bnb_recip" => format!("S::from_f32(crate::quant_prelude::bnb_recip({}.to_f32()))", f(0)),
-        "mul_ftz" => format!("S::from_f32(crate::quant_prelude::mul_ftz({}.to_f32(), {}.to_f32()))", f(0), f(1)),
+        "bnb_recip" => format!(
+            "S::from_f32(crate::quant_prelude::bnb_recip({}.to_f32()))",
+            f(0)
+        ),
+        "mul_ftz" => format!(
+            "S::from_f32(crate::quant_prelude::mul_ftz({}.to_f32(), {}.to_f32()))",
+            f(0),
+            f(1)
+        ),
         other => unreachable!("validated builtin `{other}`"),
     }
 }
@@ -393,22 +500,45 @@ fn emit_launcher(o: &mut String, op: &OpDef, pass: &Pass) {
     let lowered = lower(op, pass);
     let args = pass_args(op, pass);
     let base = pass_fn_name(op, pass);
-    let fname = base.trim_start_matches(&format!("{}_", op.name)).to_string();
-    let mut params = vec!["gpu: &ftrt_runtime::Gpu".to_string(), "d: &Dims".to_string()];
+    let fname = base
+        .trim_start_matches(&format!("{}_", op.name))
+        .to_string();
+    let mut params = vec![
+        "gpu: &ftrt_runtime::Gpu".to_string(),
+        "d: &Dims".to_string(),
+    ];
     for a in &args {
         match a {
             Arg::Dim(_) => {}
             Arg::Scalar(s) if s.dtype.is_float() => params.push(format!("{}: f32", s.name)),
             Arg::Scalar(s) => params.push(format!("{}: i32", s.name)),
-            Arg::Tensor { decl, .. } => {
-                params.push(format!("{}: ftrt_runtime::DevPtr<{}>", decl.name, gpu_elem(decl.dtype)))
-            }
+            Arg::Tensor { decl, .. } => params.push(format!(
+                "{}: ftrt_runtime::DevPtr<{}>",
+                decl.name,
+                gpu_elem(decl.dtype)
+            )),
         }
     }
-    writeln!(o, "/// Launches the {} pass on the GPU's stream.", crate::validate::pass_title(pass)).unwrap();
-    writeln!(o, "pub fn {fname}({}) -> Result<(), ftrt_runtime::RuntimeError> {{", params.join(", ")).unwrap();
+    writeln!(
+        o,
+        "/// Launches the {} pass on the GPU's stream.",
+        crate::validate::pass_title(pass)
+    )
+    .unwrap();
+    writeln!(
+        o,
+        "pub fn {fname}({}) -> Result<(), ftrt_runtime::RuntimeError> {{",
+        params.join(", ")
+    )
+    .unwrap();
     bind_dims(o, op, "d");
-    for s in args.iter().filter_map(|a| if let Arg::Scalar(s) = a { Some(s) } else { None }) {
+    for s in args.iter().filter_map(|a| {
+        if let Arg::Scalar(s) = a {
+            Some(s)
+        } else {
+            None
+        }
+    }) {
         if !s.dtype.is_float() {
             writeln!(o, "        let {0}: i64 = {0} as i64;", s.name).unwrap();
         }
@@ -420,19 +550,31 @@ fn emit_launcher(o: &mut String, op: &OpDef, pass: &Pass) {
         if ix.is_empty() {
             "1i64".to_string()
         } else {
-            ix.iter().map(|i| format!("({})", rx(scope, &i.extent))).collect::<Vec<_>>().join(" * ")
+            ix.iter()
+                .map(|i| format!("({})", rx(scope, &i.extent)))
+                .collect::<Vec<_>>()
+                .join(" * ")
         }
     };
     writeln!(o, "        let inner: i64 = {};", rx(scope, &inner.extent)).unwrap();
     writeln!(o, "        let outer: i64 = {};", prod(outer)).unwrap();
-    writeln!(o, "        if inner <= 0 || outer <= 0 {{ return Ok(()); }}").unwrap();
+    writeln!(
+        o,
+        "        if inner <= 0 || outer <= 0 {{ return Ok(()); }}"
+    )
+    .unwrap();
     // Vector width: every vectorisable access aligned.
     let mut exprs: Vec<&Expr> = Vec::new();
     let mut stores = Vec::new();
     for s in &pass.body {
         match s {
             Stmt::Let { value, .. } => exprs.push(value),
-            Stmt::Store { tensor, index, value, guard } => {
+            Stmt::Store {
+                tensor,
+                index,
+                value,
+                guard,
+            } => {
                 exprs.push(value);
                 exprs.extend(index.iter());
                 exprs.extend(guard.iter());
@@ -444,15 +586,22 @@ fn emit_launcher(o: &mut String, op: &OpDef, pass: &Pass) {
     }
     let mut accesses = vec_loads(scope, exprs);
     accesses.extend(stores);
-    let mut conds: Vec<String> =
-        vec_conditions(scope, &inner.extent, &accesses).iter().map(|c| rx(scope, c)).collect();
+    let mut conds: Vec<String> = vec_conditions(scope, &inner.extent, &accesses)
+        .iter()
+        .map(|c| rx(scope, c))
+        .collect();
     for a in &accesses {
         let c = format!("{}.addr % 16 == 0", a.tensor);
         if !conds.contains(&c) {
             conds.push(c);
         }
     }
-    writeln!(o, "        let vec: u32 = if {} {{ 8 }} else {{ 1 }};", conds.join(" && ")).unwrap();
+    writeln!(
+        o,
+        "        let vec: u32 = if {} {{ 8 }} else {{ 1 }};",
+        conds.join(" && ")
+    )
+    .unwrap();
     // 32-bit index math unless a tensor or the loop nest reaches 2^31 elements.
     let sizes: Vec<String> = args
         .iter()
@@ -471,10 +620,18 @@ fn emit_launcher(o: &mut String, op: &OpDef, pass: &Pass) {
                 "        let tpr: u32 = if inner <= {WARP_ROW_MAX_INNER} {{ {w} }} else if outer >= {FEW_ROWS} {{ {b} }} else {{ {big} }};"
             )
             .unwrap();
-            writeln!(o, "        let rows_per_block: u32 = if tpr == {w} {{ 8 }} else {{ 1 }};").unwrap();
+            writeln!(
+                o,
+                "        let rows_per_block: u32 = if tpr == {w} {{ 8 }} else {{ 1 }};"
+            )
+            .unwrap();
             writeln!(o, "        let grid = ((outer + rows_per_block as i64 - 1) / rows_per_block as i64) as u32;").unwrap();
             writeln!(o, "        let block = (tpr, rows_per_block, 1);").unwrap();
-            writeln!(o, "        let name = format!(\"{base}_{{idx}}_w{{tpr}}_v{{vec}}\");").unwrap();
+            writeln!(
+                o,
+                "        let name = format!(\"{base}_{{idx}}_w{{tpr}}_v{{vec}}\");"
+            )
+            .unwrap();
         }
         Shape::Flat => {
             writeln!(o, "        let chunks = inner * outer / vec as i64;").unwrap();
@@ -484,7 +641,11 @@ fn emit_launcher(o: &mut String, op: &OpDef, pass: &Pass) {
             )
             .unwrap();
             writeln!(o, "        let block = ({FLAT_THREADS}u32, 1u32, 1u32);").unwrap();
-            writeln!(o, "        let name = format!(\"{base}_{{idx}}_v{{vec}}\");").unwrap();
+            writeln!(
+                o,
+                "        let name = format!(\"{base}_{{idx}}_v{{vec}}\");"
+            )
+            .unwrap();
         }
     }
     writeln!(o, "        let f = gpu.function(&super::KERNELS, &name)?;").unwrap();
@@ -520,13 +681,26 @@ fn emit_gradcheck(o: &mut String, op: &OpDef) {
         }
     }
     let idx = |n: &str| bufs.iter().position(|b| b.name == n).expect("known buffer");
-    let rule = |n: &str| op.check.iter().find(|(k, _)| k == n).map(|(_, r)| r.clone());
+    let rule = |n: &str| {
+        op.check
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, r)| r.clone())
+    };
     let scope = dims_scope(op);
     let draw_int = |r: &Option<CheckRule>, default: &str| -> String {
         match r {
-            Some(CheckRule::Range(lo, hi)) => format!("rng.int_in({}, {})", rx(&scope, lo), rx(&scope, hi)),
+            Some(CheckRule::Range(lo, hi)) => {
+                format!("rng.int_in({}, {})", rx(&scope, lo), rx(&scope, hi))
+            }
             Some(CheckRule::Choice(v)) => {
-                format!("rng.choose(&[{}])", v.iter().map(|e| rx(&scope, e)).collect::<Vec<_>>().join(", "))
+                format!(
+                    "rng.choose(&[{}])",
+                    v.iter()
+                        .map(|e| rx(&scope, e))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             }
             Some(CheckRule::Fixed(e)) => rx(&scope, e),
             None => default.to_string(),
@@ -541,9 +715,18 @@ fn emit_gradcheck(o: &mut String, op: &OpDef) {
     writeln!(o, "        let mut rng = Rng::fresh({:?});", op.name).unwrap();
     writeln!(o, "        for _trial in 0..4 {{").unwrap();
     for d in dims(op) {
-        writeln!(o, "        let {d}: i64 = {};", draw_int(&rule(&d), "rng.int_in(1, 9)")).unwrap();
+        writeln!(
+            o,
+            "        let {d}: i64 = {};",
+            draw_int(&rule(&d), "rng.int_in(1, 9)")
+        )
+        .unwrap();
     }
-    let dims_init = dims(op).iter().map(|d| format!("{d}: {d} as usize")).collect::<Vec<_>>().join(", ");
+    let dims_init = dims(op)
+        .iter()
+        .map(|d| format!("{d}: {d} as usize"))
+        .collect::<Vec<_>>()
+        .join(", ");
     writeln!(o, "        let d = Dims {{ {dims_init} }};").unwrap();
     for s in &op.scalars {
         let v = match (rule(&s.name), s.dtype.is_float()) {
@@ -553,7 +736,10 @@ fn emit_gradcheck(o: &mut String, op: &OpDef) {
             }
             (None, true) => "rng.uniform(0.5, 1.5) as f32".into(),
             (Some(CheckRule::Choice(v)), true) => {
-                format!("rng.choose_f(&[{}]) as f32", v.iter().map(const_f64).collect::<Vec<_>>().join(", "))
+                format!(
+                    "rng.choose_f(&[{}]) as f32",
+                    v.iter().map(const_f64).collect::<Vec<_>>().join(", ")
+                )
             }
             (r, false) => format!("({}) as i32", draw_int(&r, "0i64")),
         };
@@ -565,10 +751,17 @@ fn emit_gradcheck(o: &mut String, op: &OpDef) {
         let n = format!("d.numel({:?})", b.name);
         let init = match (b.dtype, rule(&b.name)) {
             (DType::I32, r) => format!("Buf::I(rng.ints({n}, {}))", int_range(&scope, &r)),
-            (DType::U8, r) => format!("Buf::U(rng.ints({n}, {}).into_iter().map(|v| v as u8).collect())", int_range(&scope, &r)),
+            (DType::U8, r) => format!(
+                "Buf::U(rng.ints({n}, {}).into_iter().map(|v| v as u8).collect())",
+                int_range(&scope, &r)
+            ),
             (_, Some(CheckRule::Fixed(e))) => format!("Buf::F(vec![{}; {n}])", const_f64(&e)),
             (_, Some(CheckRule::Range(lo, hi))) => {
-                format!("Buf::F(rng.uniforms({n}, {}, {}))", const_f64(&lo), const_f64(&hi))
+                format!(
+                    "Buf::F(rng.uniforms({n}, {}, {}))",
+                    const_f64(&lo),
+                    const_f64(&hi)
+                )
             }
             _ if op.inputs.iter().any(|i| i.name == b.name) => format!("Buf::F(rng.normals({n}))"),
             _ => format!("Buf::F(vec![0.0; {n}])"),
@@ -578,7 +771,9 @@ fn emit_gradcheck(o: &mut String, op: &OpDef) {
     // Forward and backward over the buffer list.
     let call = |pass: &Pass| -> String {
         let args = pass_args(op, pass);
-        let fname = pass_fn_name(op, pass).trim_start_matches(&format!("{}_", op.name)).to_string();
+        let fname = pass_fn_name(op, pass)
+            .trim_start_matches(&format!("{}_", op.name))
+            .to_string();
         let mut take = String::new();
         let mut put = String::new();
         let mut call_args = vec!["&d".to_string()];
@@ -595,14 +790,23 @@ fn emit_gradcheck(o: &mut String, op: &OpDef) {
                     };
                     write!(take, "let mut t{i} = b[{i}].{take_fn}(); ").unwrap();
                     write!(put, "b[{i}] = Buf::{ctor}(t{i}); ").unwrap();
-                    call_args.push(if *written { format!("&mut t{i}") } else { format!("&t{i}") });
+                    call_args.push(if *written {
+                        format!("&mut t{i}")
+                    } else {
+                        format!("&t{i}")
+                    });
                 }
             }
         }
         call_args.push("Rounding::EXACT".into());
         format!("{take}{fname}_cpu::<f64>({}); {put}", call_args.join(", "))
     };
-    writeln!(o, "        let forward = |b: &mut Vec<Buf>| {{ {} }};", call(op.forward())).unwrap();
+    writeln!(
+        o,
+        "        let forward = |b: &mut Vec<Buf>| {{ {} }};",
+        call(op.forward())
+    )
+    .unwrap();
     let bwd: String = op.backwards().map(call).collect::<Vec<_>>().join(" ");
     writeln!(o, "        let backward = |b: &mut Vec<Buf>| {{ {bwd} }};").unwrap();
     let mut outs = Vec::new();
@@ -642,7 +846,12 @@ fn int_range(scope: &Scope, r: &Option<CheckRule>) -> String {
 /// A literal check value as f64 text (`-inf`, `1e-5`).
 fn const_f64(e: &Expr) -> String {
     match e {
-        Expr::Float(v) if v.is_infinite() => (if *v > 0.0 { "f64::INFINITY" } else { "f64::NEG_INFINITY" }).into(),
+        Expr::Float(v) if v.is_infinite() => (if *v > 0.0 {
+            "f64::INFINITY"
+        } else {
+            "f64::NEG_INFINITY"
+        })
+        .into(),
         Expr::Float(v) => format!("{v:?}"),
         Expr::Int(v) => format!("{v}.0"),
         Expr::Unary { op: UnOp::Neg, arg } => format!("-{}", const_f64(arg)),

@@ -70,7 +70,11 @@ pub fn lower(op: &OpDef, pass: &Pass) -> Lowered {
             }
         }
         flush_stores(&mut steps, &mut stores);
-        return Lowered { shape: Shape::Flat, steps, scope };
+        return Lowered {
+            shape: Shape::Flat,
+            steps,
+            scope,
+        };
     }
 
     let mut inlined: BTreeMap<String, Expr> = BTreeMap::new();
@@ -89,9 +93,16 @@ pub fn lower(op: &OpDef, pass: &Pass) -> Lowered {
         };
         let (value, index, guard) = match s {
             Stmt::Let { value, .. } => (subst(value), Vec::new(), None),
-            Stmt::Store { value, index, guard, .. } => {
-                (subst(value), index.iter().map(subst).collect(), guard.as_ref().map(subst))
-            }
+            Stmt::Store {
+                value,
+                index,
+                guard,
+                ..
+            } => (
+                subst(value),
+                index.iter().map(subst).collect(),
+                guard.as_ref().map(subst),
+            ),
         };
         // Pull out the row reductions, each becoming an accumulator.
         let mut found = Vec::new();
@@ -99,7 +110,11 @@ pub fn lower(op: &OpDef, pass: &Pass) -> Lowered {
             Expr::RowReduce { op, body } => {
                 let acc = format!("acc{n_acc}");
                 n_acc += 1;
-                found.push(Reduction { acc: acc.clone(), op, body: *body });
+                found.push(Reduction {
+                    acc: acc.clone(),
+                    op,
+                    body: *body,
+                });
                 Expr::Var(acc)
             }
             other => other,
@@ -111,7 +126,9 @@ pub fn lower(op: &OpDef, pass: &Pass) -> Lowered {
                 flush_group(&mut steps, &mut group, &mut post, &mut group_names);
             }
             for r in &found {
-                scope.names.insert(r.acc.clone(), Name::Let(crate::validate::Ty::Float));
+                scope
+                    .names
+                    .insert(r.acc.clone(), Name::Let(crate::validate::Ty::Float));
                 group_names.push(r.acc.clone());
             }
             group.extend(found);
@@ -127,14 +144,25 @@ pub fn lower(op: &OpDef, pass: &Pass) -> Lowered {
                     inlined.insert(name.clone(), value);
                 } else if !group.is_empty() {
                     group_names.push(name.clone());
-                    post.push(Stmt::Let { name: name.clone(), value });
+                    post.push(Stmt::Let {
+                        name: name.clone(),
+                        value,
+                    });
                 } else {
                     flush_stores(&mut steps, &mut stores);
-                    steps.push(Step::Stmt(Stmt::Let { name: name.clone(), value }));
+                    steps.push(Step::Stmt(Stmt::Let {
+                        name: name.clone(),
+                        value,
+                    }));
                 }
             }
             Stmt::Store { tensor, .. } => {
-                let st = Stmt::Store { tensor: tensor.clone(), index, value, guard };
+                let st = Stmt::Store {
+                    tensor: tensor.clone(),
+                    index,
+                    value,
+                    guard,
+                };
                 if varies {
                     flush_group(&mut steps, &mut group, &mut post, &mut group_names);
                     stores.push(st);
@@ -149,7 +177,11 @@ pub fn lower(op: &OpDef, pass: &Pass) -> Lowered {
     }
     flush_group(&mut steps, &mut group, &mut post, &mut group_names);
     flush_stores(&mut steps, &mut stores);
-    Lowered { shape: Shape::Row, steps, scope }
+    Lowered {
+        shape: Shape::Row,
+        steps,
+        scope,
+    }
 }
 
 fn flush_stores(steps: &mut Vec<Step>, stores: &mut Vec<Stmt>) {
@@ -192,7 +224,12 @@ pub fn touched_tensors(pass: &Pass) -> Vec<String> {
     for s in &pass.body {
         let (value, extra) = match s {
             Stmt::Let { value, .. } => (value, None),
-            Stmt::Store { tensor, index, value, guard } => (value, Some((tensor, index, guard))),
+            Stmt::Store {
+                tensor,
+                index,
+                value,
+                guard,
+            } => (value, Some((tensor, index, guard))),
         };
         let mut f = |e: &Expr| match e {
             Expr::Load { tensor, .. } => add(tensor),
@@ -227,7 +264,12 @@ fn referenced_names(pass: &Pass) -> Vec<String> {
     for s in &pass.body {
         match s {
             Stmt::Let { value, .. } => walk(value, &mut f),
-            Stmt::Store { index, value, guard, .. } => {
+            Stmt::Store {
+                index,
+                value,
+                guard,
+                ..
+            } => {
                 walk(value, &mut f);
                 index.iter().for_each(|i| walk(i, &mut f));
                 guard.iter().for_each(|g| walk(g, &mut f));
@@ -260,15 +302,27 @@ pub enum Arg {
 }
 
 pub fn pass_args(op: &OpDef, pass: &Pass) -> Vec<Arg> {
-    let mut args: Vec<Arg> = crate::validate::dims(op).into_iter().map(Arg::Dim).collect();
+    let mut args: Vec<Arg> = crate::validate::dims(op)
+        .into_iter()
+        .map(Arg::Dim)
+        .collect();
     let used = referenced_names(pass);
-    args.extend(op.scalars.iter().filter(|s| used.contains(&s.name)).cloned().map(Arg::Scalar));
+    args.extend(
+        op.scalars
+            .iter()
+            .filter(|s| used.contains(&s.name))
+            .cloned()
+            .map(Arg::Scalar),
+    );
     let touched = touched_tensors(pass);
     let written = written_tensors(pass);
     for t in crate::validate::pass_tensors(op, pass) {
         if touched.contains(&t.name) {
             let w = written.contains(&t.name);
-            args.push(Arg::Tensor { decl: t, written: w });
+            args.push(Arg::Tensor {
+                decl: t,
+                written: w,
+            });
         }
     }
     args
@@ -290,7 +344,11 @@ pub fn flat_offset(t: &TensorDecl, index: &[Expr]) -> Expr {
     for (i, d) in index.iter().zip(&t.dims).skip(1) {
         off = Expr::Binary {
             op: BinOp::Add,
-            lhs: Box::new(Expr::Binary { op: BinOp::Mul, lhs: Box::new(off), rhs: Box::new(d.clone()) }),
+            lhs: Box::new(Expr::Binary {
+                op: BinOp::Mul,
+                lhs: Box::new(off),
+                rhs: Box::new(d.clone()),
+            }),
             rhs: Box::new(i.clone()),
         };
     }
@@ -307,7 +365,10 @@ pub fn guarded(scope: &Scope, value: &Expr, guard: Option<&Expr>) -> Expr {
                 crate::validate::Ty::Float => Expr::Float(0.0),
                 _ => Expr::Int(0),
             };
-            Expr::Call { func: "select".into(), args: vec![g.clone(), value.clone(), zero] }
+            Expr::Call {
+                func: "select".into(),
+                args: vec![g.clone(), value.clone(), zero],
+            }
         }
     }
 }

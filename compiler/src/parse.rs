@@ -49,7 +49,16 @@ fn parse_op_def(input: ParseStream, library: &[OpDef]) -> syn::Result<OpDef> {
         }
         let body;
         braced!(body in input);
-        let mut op = OpDef { name: name.to_string(), doc, inputs, scalars, outputs, saves, passes: vec![], check: vec![] };
+        let mut op = OpDef {
+            name: name.to_string(),
+            doc,
+            inputs,
+            scalars,
+            outputs,
+            saves,
+            passes: vec![],
+            check: vec![],
+        };
         let mut passes = Vec::new();
         let mut check = Vec::new();
         while !body.is_empty() {
@@ -82,7 +91,8 @@ impl Parse for OpBlock {
         while !input.is_empty() {
             let span = input.span();
             let op = parse_op_def(input, &ops)?;
-            crate::validate::validate(&op).map_err(|e| syn::Error::new(span, format!("op `{}`: {e}", op.name)))?;
+            crate::validate::validate(&op)
+                .map_err(|e| syn::Error::new(span, format!("op `{}`: {e}", op.name)))?;
             ops.push(op);
         }
         Ok(OpBlock(ops))
@@ -96,13 +106,20 @@ fn parse_doc(input: ParseStream) -> syn::Result<Vec<String>> {
     for attr in attrs {
         if let syn::Meta::NameValue(nv) = &attr.meta {
             if nv.path.is_ident("doc") {
-                if let syn::Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(s), .. }) = &nv.value {
+                if let syn::Expr::Lit(syn::ExprLit {
+                    lit: syn::Lit::Str(s),
+                    ..
+                }) = &nv.value
+                {
                     doc.push(s.value().trim().to_string());
                     continue;
                 }
             }
         }
-        return Err(syn::Error::new_spanned(attr, "only doc comments may precede an op"));
+        return Err(syn::Error::new_spanned(
+            attr,
+            "only doc comments may precede an op",
+        ));
     }
     Ok(doc)
 }
@@ -124,13 +141,21 @@ fn parse_param(input: ParseStream) -> syn::Result<Param> {
         bracketed!(dims in input);
         let dims = parse_comma_exprs(&dims)?;
         let dtype = parse_dtype(input)?;
-        Ok(Param::Tensor(TensorDecl { name: name.to_string(), dims, dtype, inout }))
+        Ok(Param::Tensor(TensorDecl {
+            name: name.to_string(),
+            dims,
+            dtype,
+            inout,
+        }))
     } else {
         if inout {
             return Err(syn::Error::new(name.span(), "only tensors can be `mut`"));
         }
         let dtype = parse_dtype(input)?;
-        Ok(Param::Scalar(ScalarDecl { name: name.to_string(), dtype }))
+        Ok(Param::Scalar(ScalarDecl {
+            name: name.to_string(),
+            dtype,
+        }))
     }
 }
 
@@ -148,7 +173,10 @@ fn parse_tensor_list(input: ParseStream) -> syn::Result<Vec<TensorDecl>> {
         match parse_param(&list)? {
             Param::Tensor(t) => out.push(t),
             Param::Scalar(s) => {
-                return Err(syn::Error::new(list.span(), format!("output `{}` must be a tensor", s.name)))
+                return Err(syn::Error::new(
+                    list.span(),
+                    format!("output `{}` must be a tensor", s.name),
+                ))
             }
         }
         if !list.is_empty() {
@@ -165,7 +193,12 @@ fn parse_names(input: ParseStream) -> syn::Result<Vec<String>> {
     Ok(names.into_iter().map(|i| i.to_string()).collect())
 }
 
-fn parse_pass(input: ParseStream, kind: PassKind, op: &OpDef, library: &[OpDef]) -> syn::Result<Pass> {
+fn parse_pass(
+    input: ParseStream,
+    kind: PassKind,
+    op: &OpDef,
+    library: &[OpDef],
+) -> syn::Result<Pass> {
     let mut label = None;
     let (mut grads_in, mut grads_out) = (Vec::new(), Vec::new());
     if kind == PassKind::Backward {
@@ -182,7 +215,10 @@ fn parse_pass(input: ParseStream, kind: PassKind, op: &OpDef, library: &[OpDef])
         let name: Ident = input.parse()?;
         input.parse::<Token![in]>()?;
         let extent = parse_expr(input)?;
-        indices.push(LoopIndex { name: name.to_string(), extent });
+        indices.push(LoopIndex {
+            name: name.to_string(),
+            extent,
+        });
         if !input.peek(Token![,]) {
             break;
         }
@@ -190,13 +226,27 @@ fn parse_pass(input: ParseStream, kind: PassKind, op: &OpDef, library: &[OpDef])
     }
     let block;
     braced!(block in input);
-    let mut pass = Pass { kind, label, grads_in, grads_out, indices, body: Vec::new() };
+    let mut pass = Pass {
+        kind,
+        label,
+        grads_in,
+        grads_out,
+        indices,
+        body: Vec::new(),
+    };
     while !block.is_empty() {
         if block.peek(Token![use]) {
             let span = block.span();
-            let (callee, pass_name, bindings) = parse_use(&block)?;
+            let UseStmt {
+                op: callee,
+                pass: pass_name,
+                bindings,
+            } = parse_use(&block)?;
             let lib = library.iter().find(|o| o.name == callee).ok_or_else(|| {
-                syn::Error::new(span, format!("`use {callee}.{pass_name}`: no op `{callee}` earlier in this block"))
+                syn::Error::new(
+                    span,
+                    format!("`use {callee}.{pass_name}`: no op `{callee}` earlier in this block"),
+                )
             })?;
             let stmts = crate::compose::inline(op, &pass, lib, &pass_name, &bindings)
                 .map_err(|e| syn::Error::new(span, e))?;
@@ -208,8 +258,14 @@ fn parse_pass(input: ParseStream, kind: PassKind, op: &OpDef, library: &[OpDef])
     Ok(pass)
 }
 
-/// `use op.pass(name = binding, ...);`
-fn parse_use(input: ParseStream) -> syn::Result<(String, String, Vec<(String, Binding)>)> {
+/// `use op.pass(name = binding, ...);`: the callee op, its pass and the bindings.
+struct UseStmt {
+    op: String,
+    pass: String,
+    bindings: Vec<(String, Binding)>,
+}
+
+fn parse_use(input: ParseStream) -> syn::Result<UseStmt> {
     {
         input.parse::<Token![use]>()?;
         let op: Ident = input.parse()?;
@@ -233,7 +289,11 @@ fn parse_use(input: ParseStream) -> syn::Result<(String, String, Vec<(String, Bi
             }
         }
         input.parse::<Token![;]>()?;
-        Ok((op.to_string(), pass.to_string(), bindings))
+        Ok(UseStmt {
+            op: op.to_string(),
+            pass: pass.to_string(),
+            bindings,
+        })
     }
 }
 
@@ -244,20 +304,34 @@ fn parse_stmt(input: ParseStream) -> syn::Result<Stmt> {
         input.parse::<Token![=]>()?;
         let value = parse_expr(input)?;
         input.parse::<Token![;]>()?;
-        return Ok(Stmt::Let { name: name.to_string(), value });
+        return Ok(Stmt::Let {
+            name: name.to_string(),
+            value,
+        });
     }
     if input.peek(Token![if]) {
         input.parse::<Token![if]>()?;
         let guard = parse_expr(input)?;
         let inner;
         braced!(inner in input);
-        let Stmt::Store { tensor, index, value, .. } = parse_stmt(&inner)? else {
+        let Stmt::Store {
+            tensor,
+            index,
+            value,
+            ..
+        } = parse_stmt(&inner)?
+        else {
             return Err(inner.error("an `if` may only guard one store"));
         };
         if !inner.is_empty() {
             return Err(inner.error("an `if` may only guard one store"));
         }
-        return Ok(Stmt::Store { tensor, index, value, guard: Some(guard) });
+        return Ok(Stmt::Store {
+            tensor,
+            index,
+            value,
+            guard: Some(guard),
+        });
     }
     let tensor: Ident = input.parse()?;
     let idx;
@@ -266,7 +340,12 @@ fn parse_stmt(input: ParseStream) -> syn::Result<Stmt> {
     input.parse::<Token![=]>()?;
     let value = parse_expr(input)?;
     input.parse::<Token![;]>()?;
-    Ok(Stmt::Store { tensor: tensor.to_string(), index, value, guard: None })
+    Ok(Stmt::Store {
+        tensor: tensor.to_string(),
+        index,
+        value,
+        guard: None,
+    })
 }
 
 fn parse_check(input: ParseStream) -> syn::Result<Vec<(String, CheckRule)>> {
@@ -313,7 +392,14 @@ fn parse_comma_exprs(input: ParseStream) -> syn::Result<Vec<Expr>> {
 const LEVELS: &[&[BinOp]] = &[
     &[BinOp::Or],
     &[BinOp::And],
-    &[BinOp::Lt, BinOp::Le, BinOp::Gt, BinOp::Ge, BinOp::Eq, BinOp::Ne],
+    &[
+        BinOp::Lt,
+        BinOp::Le,
+        BinOp::Gt,
+        BinOp::Ge,
+        BinOp::Eq,
+        BinOp::Ne,
+    ],
     &[BinOp::BitOr],
     &[BinOp::BitAnd],
     &[BinOp::Shl, BinOp::Shr],
@@ -333,7 +419,11 @@ fn parse_level(input: ParseStream, level: usize) -> syn::Result<Expr> {
     while let Some(op) = peek_binop(input, LEVELS[level]) {
         eat_binop(input, op)?;
         let rhs = parse_level(input, level + 1)?;
-        lhs = Expr::Binary { op, lhs: Box::new(lhs), rhs: Box::new(rhs) };
+        lhs = Expr::Binary {
+            op,
+            lhs: Box::new(lhs),
+            rhs: Box::new(rhs),
+        };
     }
     Ok(lhs)
 }
@@ -386,11 +476,17 @@ fn eat_binop(input: ParseStream, op: BinOp) -> syn::Result<()> {
 fn parse_unary(input: ParseStream) -> syn::Result<Expr> {
     if input.peek(Token![-]) {
         input.parse::<Token![-]>()?;
-        return Ok(Expr::Unary { op: UnOp::Neg, arg: Box::new(parse_unary(input)?) });
+        return Ok(Expr::Unary {
+            op: UnOp::Neg,
+            arg: Box::new(parse_unary(input)?),
+        });
     }
     if input.peek(Token![!]) {
         input.parse::<Token![!]>()?;
-        return Ok(Expr::Unary { op: UnOp::Not, arg: Box::new(parse_unary(input)?) });
+        return Ok(Expr::Unary {
+            op: UnOp::Not,
+            arg: Box::new(parse_unary(input)?),
+        });
     }
     parse_primary(input)
 }
@@ -417,7 +513,10 @@ fn parse_primary(input: ParseStream) -> syn::Result<Expr> {
     if input.peek(syn::token::Bracket) {
         let idx;
         bracketed!(idx in input);
-        return Ok(Expr::Load { tensor: name, index: parse_comma_exprs(&idx)? });
+        return Ok(Expr::Load {
+            tensor: name,
+            index: parse_comma_exprs(&idx)?,
+        });
     }
     if input.peek(syn::token::Paren) {
         let args;
@@ -427,7 +526,10 @@ fn parse_primary(input: ParseStream) -> syn::Result<Expr> {
                 return Ok(r);
             }
         }
-        return Ok(Expr::Call { func: name, args: parse_comma_exprs(&args)? });
+        return Ok(Expr::Call {
+            func: name,
+            args: parse_comma_exprs(&args)?,
+        });
     }
     Ok(Expr::Var(name))
 }

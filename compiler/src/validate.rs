@@ -58,7 +58,12 @@ pub fn grad_name(t: &str) -> String {
 pub fn grad_decl(op: &OpDef, grad: &str) -> Option<TensorDecl> {
     let base = grad.strip_prefix('d')?;
     let t = op.tensor(base)?;
-    Some(TensorDecl { name: grad.to_string(), dims: t.dims.clone(), dtype: t.dtype, inout: false })
+    Some(TensorDecl {
+        name: grad.to_string(),
+        dims: t.dims.clone(),
+        dtype: t.dtype,
+        inout: false,
+    })
 }
 
 /// Every tensor a pass may touch, with its declaration: the op's tensors plus the pass's grads.
@@ -123,18 +128,34 @@ pub fn walk(e: &Expr, f: &mut dyn FnMut(&Expr)) {
 /// Rebuilds an expression bottom-up through `f`.
 pub fn map(e: &Expr, f: &mut dyn FnMut(Expr) -> Expr) -> Expr {
     let rebuilt = match e {
-        Expr::Load { tensor, index } => {
-            Expr::Load { tensor: tensor.clone(), index: index.iter().map(|i| map(i, f)).collect() }
-        }
-        Expr::Unary { op, arg } => Expr::Unary { op: *op, arg: Box::new(map(arg, f)) },
-        Expr::Binary { op, lhs, rhs } => {
-            Expr::Binary { op: *op, lhs: Box::new(map(lhs, f)), rhs: Box::new(map(rhs, f)) }
-        }
-        Expr::Call { func, args } => {
-            Expr::Call { func: func.clone(), args: args.iter().map(|a| map(a, f)).collect() }
-        }
-        Expr::RowReduce { op, body } => Expr::RowReduce { op: *op, body: Box::new(map(body, f)) },
-        Expr::SerialReduce { op, var, lo, hi, body } => Expr::SerialReduce {
+        Expr::Load { tensor, index } => Expr::Load {
+            tensor: tensor.clone(),
+            index: index.iter().map(|i| map(i, f)).collect(),
+        },
+        Expr::Unary { op, arg } => Expr::Unary {
+            op: *op,
+            arg: Box::new(map(arg, f)),
+        },
+        Expr::Binary { op, lhs, rhs } => Expr::Binary {
+            op: *op,
+            lhs: Box::new(map(lhs, f)),
+            rhs: Box::new(map(rhs, f)),
+        },
+        Expr::Call { func, args } => Expr::Call {
+            func: func.clone(),
+            args: args.iter().map(|a| map(a, f)).collect(),
+        },
+        Expr::RowReduce { op, body } => Expr::RowReduce {
+            op: *op,
+            body: Box::new(map(body, f)),
+        },
+        Expr::SerialReduce {
+            op,
+            var,
+            lo,
+            hi,
+            body,
+        } => Expr::SerialReduce {
             op: *op,
             var: var.clone(),
             lo: Box::new(map(lo, f)),
@@ -150,16 +171,26 @@ pub fn map(e: &Expr, f: &mut dyn FnMut(Expr) -> Expr) -> Expr {
 /// innermost index, or back into elementwise `max(a, b)` / `min(a, b)`.
 pub fn resolve_reductions(op: &mut OpDef) {
     for pass in &mut op.passes {
-        let inner = pass.indices.last().map(|i| i.name.clone()).unwrap_or_default();
+        let inner = pass
+            .indices
+            .last()
+            .map(|i| i.name.clone())
+            .unwrap_or_default();
         let mut fix = |e: Expr| match e {
             Expr::Call { func, mut args } if func.starts_with('@') => {
                 let name = &func[1..];
                 let is_row = matches!(&args[0], Expr::Var(v) if *v == inner);
                 if is_row {
                     let body = args.pop().expect("two args");
-                    Expr::RowReduce { op: ReduceOp::parse(name).expect("parsed"), body: Box::new(body) }
+                    Expr::RowReduce {
+                        op: ReduceOp::parse(name).expect("parsed"),
+                        body: Box::new(body),
+                    }
                 } else {
-                    Expr::Call { func: name.to_string(), args }
+                    Expr::Call {
+                        func: name.to_string(),
+                        args,
+                    }
                 }
             }
             other => other,
@@ -167,7 +198,12 @@ pub fn resolve_reductions(op: &mut OpDef) {
         for s in &mut pass.body {
             match s {
                 Stmt::Let { value, .. } => *value = map(value, &mut fix),
-                Stmt::Store { index, value, guard, .. } => {
+                Stmt::Store {
+                    index,
+                    value,
+                    guard,
+                    ..
+                } => {
                     *value = map(value, &mut fix);
                     if let Some(g) = guard {
                         *g = map(g, &mut fix);
@@ -203,13 +239,24 @@ impl Scope {
         for i in &pass.indices {
             names.insert(i.name.clone(), Name::Index);
         }
-        let tensors: BTreeMap<String, TensorDecl> =
-            pass_tensors(op, pass).into_iter().map(|t| (t.name.clone(), t)).collect();
+        let tensors: BTreeMap<String, TensorDecl> = pass_tensors(op, pass)
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
         for t in tensors.keys() {
             names.insert(t.clone(), Name::Tensor);
         }
-        let inner = pass.indices.last().map(|i| i.name.clone()).unwrap_or_default();
-        Scope { names, tensors, inner, varying: Default::default() }
+        let inner = pass
+            .indices
+            .last()
+            .map(|i| i.name.clone())
+            .unwrap_or_default();
+        Scope {
+            names,
+            tensors,
+            inner,
+            varying: Default::default(),
+        }
     }
 
     /// Type of an expression; errors name the first problem.
@@ -225,7 +272,10 @@ impl Scope {
                 None => return Err(format!("unknown name `{v}`")),
             },
             Expr::Load { tensor, index } => {
-                let t = self.tensors.get(tensor).ok_or_else(|| format!("unknown tensor `{tensor}`"))?;
+                let t = self
+                    .tensors
+                    .get(tensor)
+                    .ok_or_else(|| format!("unknown tensor `{tensor}`"))?;
                 self.check_index(t, index)?;
                 dtype_ty(t.dtype)
             }
@@ -262,7 +312,9 @@ impl Scope {
                 expect_num(self.ty(body)?, "a reduction")?;
                 Ty::Float
             }
-            Expr::SerialReduce { var, lo, hi, body, .. } => {
+            Expr::SerialReduce {
+                var, lo, hi, body, ..
+            } => {
                 expect(self.ty(lo)?, Ty::Int, "a serial reduction's bound")?;
                 expect(self.ty(hi)?, Ty::Int, "a serial reduction's bound")?;
                 let mut inner = self.clone();
@@ -276,7 +328,10 @@ impl Scope {
     fn ty_call(&self, func: &str, args: &[Expr]) -> Result<Ty, String> {
         let (arity, result) = builtin(func).ok_or_else(|| format!("unknown function `{func}`"))?;
         if args.len() != arity {
-            return Err(format!("`{func}` takes {arity} argument(s), got {}", args.len()));
+            return Err(format!(
+                "`{func}` takes {arity} argument(s), got {}",
+                args.len()
+            ));
         }
         if func == "dynamic_index" {
             match &args[0] {
@@ -286,7 +341,10 @@ impl Scope {
             expect(self.ty(&args[1])?, Ty::Float, "`dynamic_index`")?;
             return Ok(Ty::Int);
         }
-        let tys = args.iter().map(|a| self.ty(a)).collect::<Result<Vec<_>, _>>()?;
+        let tys = args
+            .iter()
+            .map(|a| self.ty(a))
+            .collect::<Result<Vec<_>, _>>()?;
         if func == "select" {
             expect(tys[0], Ty::Bool, "`select`'s condition")?;
             return Ok(promote(tys[1], tys[2]));
@@ -372,12 +430,22 @@ fn contains_row_reduce(e: &Expr) -> bool {
 
 /// Checks an op; the error says what is wrong in words a kernel author can act on.
 pub fn validate(op: &OpDef) -> Result<(), String> {
-    let forwards = op.passes.iter().filter(|p| p.kind == PassKind::Forward).count();
+    let forwards = op
+        .passes
+        .iter()
+        .filter(|p| p.kind == PassKind::Forward)
+        .count();
     if forwards != 1 {
-        return Err(format!("an op needs exactly one `forward` pass, found {forwards}"));
+        return Err(format!(
+            "an op needs exactly one `forward` pass, found {forwards}"
+        ));
     }
     let mut seen = Vec::new();
-    for n in op.tensors().map(|t| &t.name).chain(op.scalars.iter().map(|s| &s.name)) {
+    for n in op
+        .tensors()
+        .map(|t| &t.name)
+        .chain(op.scalars.iter().map(|s| &s.name))
+    {
         if seen.contains(&n) {
             return Err(format!("`{n}` is declared twice"));
         }
@@ -443,7 +511,12 @@ fn validate_pass(op: &OpDef, pass: &Pass) -> Result<(), String> {
                 }
                 scope.names.insert(name.clone(), Name::Let(t));
             }
-            Stmt::Store { tensor, index, value, guard } => {
+            Stmt::Store {
+                tensor,
+                index,
+                value,
+                guard,
+            } => {
                 if let Some(g) = guard {
                     expect(scope.ty(g)?, Ty::Bool, "a store's `if` condition")?;
                 }
@@ -457,7 +530,10 @@ fn validate_pass(op: &OpDef, pass: &Pass) -> Result<(), String> {
                 scope.check_index(t, index)?;
                 let vt = scope.ty(value)?;
                 if vt == Ty::Bool || (vt == Ty::Float && !t.dtype.is_float()) {
-                    return Err(format!("store to `{tensor}` ({}) of a {vt:?}", t.dtype.name()));
+                    return Err(format!(
+                        "store to `{tensor}` ({}) of a {vt:?}",
+                        t.dtype.name()
+                    ));
                 }
                 if index.iter().any(contains_row_reduce) {
                     return Err(format!("an index of `{tensor}` contains a reduction"));

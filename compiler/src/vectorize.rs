@@ -36,15 +36,23 @@ pub fn vec_access(scope: &Scope, tensor: &str, index: &[Expr]) -> Option<VecAcce
     let is_inner = |e: &Expr| matches!(e, Expr::Var(v) if *v == scope.inner);
     let shift = match last {
         e if is_inner(e) => Expr::Int(0),
-        Expr::Binary { op: BinOp::Add, lhs, rhs } if is_inner(lhs) && launch_constant(scope, rhs) => {
-            (**rhs).clone()
-        }
-        Expr::Binary { op: BinOp::Add, lhs, rhs } if is_inner(rhs) && launch_constant(scope, lhs) => {
-            (**lhs).clone()
-        }
+        Expr::Binary {
+            op: BinOp::Add,
+            lhs,
+            rhs,
+        } if is_inner(lhs) && launch_constant(scope, rhs) => (**rhs).clone(),
+        Expr::Binary {
+            op: BinOp::Add,
+            lhs,
+            rhs,
+        } if is_inner(rhs) && launch_constant(scope, lhs) => (**lhs).clone(),
         _ => return None,
     };
-    Some(VecAccess { tensor: tensor.to_string(), index: index.to_vec(), shift })
+    Some(VecAccess {
+        tensor: tensor.to_string(),
+        index: index.to_vec(),
+        shift,
+    })
 }
 
 /// Whether `e` is known at launch: only dims, scalar parameters and literals.
@@ -98,7 +106,11 @@ fn collect_loads(scope: &Scope, e: &Expr, out: &mut Vec<VecAccess>) {
 pub fn vec_conditions(scope: &Scope, inner_extent: &Expr, accesses: &[VecAccess]) -> Vec<Expr> {
     let mult8 = |e: &Expr| Expr::Binary {
         op: BinOp::Eq,
-        lhs: Box::new(Expr::Binary { op: BinOp::Rem, lhs: Box::new(e.clone()), rhs: Box::new(Expr::Int(8)) }),
+        lhs: Box::new(Expr::Binary {
+            op: BinOp::Rem,
+            lhs: Box::new(e.clone()),
+            rhs: Box::new(Expr::Int(8)),
+        }),
         rhs: Box::new(Expr::Int(0)),
     };
     let mut conds = vec![mult8(inner_extent)];

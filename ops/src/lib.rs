@@ -6,13 +6,13 @@ pub mod kernels {
     //! Embedded PTX modules, one per kernel family.
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
-pub mod norm;
-pub mod quant_prelude;
 pub mod activation;
+pub mod adamw;
+pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
-pub mod rope;
-pub mod adamw;
 pub mod nf4;
+pub mod norm;
+pub mod quant_prelude;
+pub mod rope;
 pub mod selftest;
-pub mod attention;

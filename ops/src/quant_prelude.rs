@@ -78,18 +78,50 @@ pub fn nf4_index(x: f32) -> u8 {
     if x > t[7] {
         if x > t[11] {
             if x > t[13] {
-                if x > t[14] { 0b1111 } else { 0b1110 }
-            } else if x > t[12] { 0b1101 } else { 0b1100 }
+                if x > t[14] {
+                    0b1111
+                } else {
+                    0b1110
+                }
+            } else if x > t[12] {
+                0b1101
+            } else {
+                0b1100
+            }
         } else if x > t[9] {
-            if x > t[10] { 0b1011 } else { 0b1010 }
-        } else if x > t[8] { 0b1001 } else { 0b1000 }
+            if x > t[10] {
+                0b1011
+            } else {
+                0b1010
+            }
+        } else if x > t[8] {
+            0b1001
+        } else {
+            0b1000
+        }
     } else if x > t[3] {
         if x > t[5] {
-            if x > t[6] { 0b0111 } else { 0b0110 }
-        } else if x > t[4] { 0b0101 } else { 0b0100 }
+            if x > t[6] {
+                0b0111
+            } else {
+                0b0110
+            }
+        } else if x > t[4] {
+            0b0101
+        } else {
+            0b0100
+        }
     } else if x > t[1] {
-        if x > t[2] { 0b0011 } else { 0b0010 }
-    } else if x > t[0] { 0b0001 } else { 0b0000 }
+        if x > t[2] {
+            0b0011
+        } else {
+            0b0010
+        }
+    } else if x > t[0] {
+        0b0001
+    } else {
+        0b0000
+    }
 }
 
 /// Smallest positive normal f32 (2^-126).
@@ -98,7 +130,11 @@ const F32_MIN_NORMAL: f32 = 1.175_494_4e-38;
 /// Flush a subnormal to a zero of the same sign (what `.ftz` instructions do).
 #[inline]
 pub fn ftz(x: f32) -> f32 {
-    if x != 0.0 && x.abs() < F32_MIN_NORMAL { 0.0f32.copysign(x) } else { x }
+    if x != 0.0 && x.abs() < F32_MIN_NORMAL {
+        0.0f32.copysign(x)
+    } else {
+        x
+    }
 }
 
 /// `mul.ftz.f32`: subnormal inputs and a subnormal result are flushed to signed zero.
@@ -218,10 +254,18 @@ pub fn dynamic_index(code: &[f32], x: f32) -> u8 {
     }
     let r = if x > val {
         let midpoint = mul_ftz(ftz(upper + val), 0.5);
-        if x > midpoint { upper_pivot } else { pivot }
+        if x > midpoint {
+            upper_pivot
+        } else {
+            pivot
+        }
     } else {
         let midpoint = mul_ftz(ftz(lower + val), 0.5);
-        if x < midpoint { lower_pivot } else { pivot }
+        if x < midpoint {
+            lower_pivot
+        } else {
+            pivot
+        }
     };
     r as u8
 }
@@ -249,7 +293,12 @@ pub fn quantize_blockwise_cpu(x: &[f32], code: &[f32], blocksize: usize) -> (Vec
 }
 
 /// `dequantize_blockwise` to f32 (`kDequantizeBlockwise`): `code[q] * absmax[block]`.
-pub fn dequantize_blockwise_cpu(q: &[u8], absmax: &[f32], code: &[f32], blocksize: usize) -> Vec<f32> {
+pub fn dequantize_blockwise_cpu(
+    q: &[u8],
+    absmax: &[f32],
+    code: &[f32],
+    blocksize: usize,
+) -> Vec<f32> {
     q.iter()
         .enumerate()
         .map(|(i, &c)| mul_ftz(code[c as usize], absmax[i / blocksize]))
@@ -292,9 +341,9 @@ pub fn absmax_mean(absmax: &[f32]) -> f32 {
 /// per byte, high nibble first. An odd tail is padded with a 0.0 input (index 7, or 0 in an
 /// all-zero block).
 pub fn nf4_pack(x: &[f32], absmax: &[f32], blocksize: usize) -> Vec<u8> {
-    assert!(blocksize % 2 == 0);
+    assert!(blocksize.is_multiple_of(2));
     let n = x.len();
-    let mut packed = vec![0u8; (n + 1) / 2];
+    let mut packed = vec![0u8; n.div_ceil(2)];
     for (j, byte) in packed.iter_mut().enumerate() {
         let i0 = 2 * j;
         let r = bnb_recip(absmax[i0 / blocksize]);
@@ -315,7 +364,11 @@ pub fn quantize_nf4_cpu(x: &[f32], blocksize: usize) -> Nf4Quantized {
 
 /// [`quantize_nf4_cpu`] with an optional `offset` override (use bitsandbytes' stored offset to
 /// reproduce its absmax quantization bit for bit; `None` computes [`absmax_mean`]).
-pub fn quantize_nf4_cpu_with_offset(x: &[f32], blocksize: usize, offset: Option<f32>) -> Nf4Quantized {
+pub fn quantize_nf4_cpu_with_offset(
+    x: &[f32],
+    blocksize: usize,
+    offset: Option<f32>,
+) -> Nf4Quantized {
     let absmax = block_absmax(x, blocksize);
     let packed = nf4_pack(x, &absmax, blocksize);
     let offset = offset.unwrap_or_else(|| absmax_mean(&absmax));
@@ -323,7 +376,14 @@ pub fn quantize_nf4_cpu_with_offset(x: &[f32], blocksize: usize, offset: Option<
     let centered: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
     let code2 = dynamic_map_signed();
     let (absmax_q, absmax2) = quantize_blockwise_cpu(&centered, &code2, NESTED_BLOCKSIZE);
-    Nf4Quantized { packed, absmax_q, absmax2, code2, offset, blocksize }
+    Nf4Quantized {
+        packed,
+        absmax_q,
+        absmax2,
+        code2,
+        offset,
+        blocksize,
+    }
 }
 
 /// The per-block absmax as dequantization sees it: `code2[absmax_q] * absmax2 + offset` (f32).
@@ -343,7 +403,12 @@ pub fn dequantize_nf4_cpu(q: &Nf4Quantized, n: usize) -> Vec<f32> {
 }
 
 /// NF4 dequantization given an f32 absmax per block (no nested quantization).
-pub fn dequantize_nf4_with_absmax(packed: &[u8], absmax: &[f32], blocksize: usize, n: usize) -> Vec<f32> {
+pub fn dequantize_nf4_with_absmax(
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    n: usize,
+) -> Vec<f32> {
     let code = nf4_code();
     (0..n)
         .map(|i| {
@@ -387,10 +452,20 @@ mod tests {
     }
 
     fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("missing tensor {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("missing tensor {name}"));
         match t.dtype() {
-            Dtype::F32 => t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::BF16 => t.data().chunks_exact(2).map(|c| bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+            Dtype::F32 => t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::BF16 => t
+                .data()
+                .chunks_exact(2)
+                .map(|c| bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
             d => panic!("{name}: unexpected dtype {d:?}"),
         }
     }
@@ -440,7 +515,14 @@ mod tests {
         for (k, &t) in NF4_THRESHOLDS.iter().enumerate() {
             // strict '>' : the threshold itself goes down, the next float up goes up
             assert_eq!(nf4_index(t) as usize, k, "at threshold {k}");
-            assert_eq!(nf4_index(f32::from_bits(t.to_bits().wrapping_add(if t > 0.0 { 1 } else { u32::MAX }))) as usize, k + 1);
+            assert_eq!(
+                nf4_index(f32::from_bits(t.to_bits().wrapping_add(if t > 0.0 {
+                    1
+                } else {
+                    u32::MAX
+                }))) as usize,
+                k + 1
+            );
         }
         assert_eq!(nf4_index(f32::NAN), 0);
         assert_eq!(nf4_index(-0.0), 7);
@@ -469,7 +551,15 @@ mod tests {
             }
             for k in 0..255 {
                 let mid = (code[k] + code[k + 1]) * 0.5;
-                let want = if mid == code[k] { k } else if mid == code[k + 1] { k + 1 } else if k % 2 == 0 { k } else { k + 1 };
+                let want = if mid == code[k] {
+                    k
+                } else if mid == code[k + 1] {
+                    k + 1
+                } else if k % 2 == 0 {
+                    k
+                } else {
+                    k + 1
+                };
                 assert_eq!(dynamic_index(&code, mid) as usize, want, "tie at {k}");
             }
             assert_eq!(dynamic_index(&code, 5.0), 255);
@@ -505,8 +595,14 @@ mod tests {
         };
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&f32s(&st, "dynamic_signed")), bits(&dynamic_map_signed()));
-        assert_eq!(bits(&f32s(&st, "dynamic_unsigned")), bits(&dynamic_map_unsigned()));
+        assert_eq!(
+            bits(&f32s(&st, "dynamic_signed")),
+            bits(&dynamic_map_signed())
+        );
+        assert_eq!(
+            bits(&f32s(&st, "dynamic_unsigned")),
+            bits(&dynamic_map_unsigned())
+        );
         assert_eq!(bits(&f32s(&st, "nf4_code")), bits(&nf4_code()));
     }
 
@@ -524,8 +620,14 @@ mod tests {
             let bytes = load(&f).unwrap();
             let st = SafeTensors::deserialize(&bytes).unwrap();
             let m = meta(&bytes);
-            let cuda = m.get("device").map(|d| d.starts_with("cuda")).unwrap_or(false);
-            for (sfx, code) in [("signed", dynamic_map_signed()), ("unsigned", dynamic_map_unsigned())] {
+            let cuda = m
+                .get("device")
+                .map(|d| d.starts_with("cuda"))
+                .unwrap_or(false);
+            for (sfx, code) in [
+                ("signed", dynamic_map_signed()),
+                ("unsigned", dynamic_map_unsigned()),
+            ] {
                 let x = f32s(&st, &format!("x_{sfx}"));
                 let bs: usize = m[&format!("blocksize_{sfx}")].parse().unwrap();
                 let want_q = u8s(&st, &format!("q_{sfx}"));
@@ -540,16 +642,33 @@ mod tests {
                 for i in 0..x.len() {
                     if q[i] != want_q[i] {
                         mism += 1;
-                        assert!(!cuda, "{f} {sfx}: element {i} x={:e}: ours {} bnb {}", x[i], q[i], want_q[i]);
+                        assert!(
+                            !cuda,
+                            "{f} {sfx}: element {i} x={:e}: ours {} bnb {}",
+                            x[i], q[i], want_q[i]
+                        );
                         let y = mul_ftz(x[i], bnb_recip(absmax[i / bs]));
-                        assert!(lut_explains(&code, y, q[i], want_q[i]), "{f} {sfx}: element {i} y={y:e}: ours {} bnb {}", q[i], want_q[i]);
+                        assert!(
+                            lut_explains(&code, y, q[i], want_q[i]),
+                            "{f} {sfx}: element {i} y={y:e}: ours {} bnb {}",
+                            q[i],
+                            want_q[i]
+                        );
                     }
                 }
-                eprintln!("{f} {sfx}: {} values, {mism} index mismatches (device {:?})", x.len(), m.get("device"));
+                eprintln!(
+                    "{f} {sfx}: {} values, {mism} index mismatches (device {:?})",
+                    x.len(),
+                    m.get("device")
+                );
                 let want_dq = f32s(&st, &format!("dequant_{sfx}"));
                 let dq = dequantize_blockwise_cpu(&want_q, &want_absmax, &code, bs);
                 for i in 0..x.len() {
-                    assert_eq!(dq[i].to_bits(), want_dq[i].to_bits(), "{f} {sfx}: dequant {i}");
+                    assert_eq!(
+                        dq[i].to_bits(),
+                        want_dq[i].to_bits(),
+                        "{f} {sfx}: dequant {i}"
+                    );
                 }
             }
         }
@@ -566,7 +685,10 @@ mod tests {
             let bytes = load(&f).unwrap();
             let st = SafeTensors::deserialize(&bytes).unwrap();
             let m = meta(&bytes);
-            let cuda = m.get("device").map(|d| d.starts_with("cuda")).unwrap_or(false);
+            let cuda = m
+                .get("device")
+                .map(|d| d.starts_with("cuda"))
+                .unwrap_or(false);
             let bs: usize = m["blocksize"].parse().unwrap();
             let x = f32s(&st, "x");
             let n = x.len();
@@ -577,7 +699,11 @@ mod tests {
             let absmax = block_absmax(&x, bs);
             assert_eq!(absmax.len(), absmax_raw.len());
             for b in 0..absmax.len() {
-                assert_eq!(absmax[b].to_bits(), absmax_raw[b].to_bits(), "{f}: absmax block {b}");
+                assert_eq!(
+                    absmax[b].to_bits(),
+                    absmax_raw[b].to_bits(),
+                    "{f}: absmax block {b}"
+                );
             }
 
             // 2. packed nibbles
@@ -592,7 +718,7 @@ mod tests {
                     let explained_cpu = !cuda
                         && (absmax[b] == 0.0 // CPU clamps absmax to 1e-38: zeros go to index 7, CUDA gives 0
                             || bnb_recip(absmax[b]) == 0.0 // absmax >= 2^126: CUDA's rcp.approx.ftz flushes 1/absmax to 0
-                            || (b == nblocks - 1 && n % bs != 0)); // CPU divides the partial block
+                            || (b == nblocks - 1 && !n.is_multiple_of(bs))); // CPU divides the partial block
                     assert!(
                         explained_cpu,
                         "{f}: byte {j} (block {b}, absmax {:e}, x = {:e}, {:e}): ours {:#04x} bnb {:#04x}",
@@ -607,7 +733,10 @@ mod tests {
             let offset_bnb = f32s(&st, "offset")[0];
             let offset = absmax_mean(&absmax);
             let tol = 32.0 * f32::EPSILON * offset.abs().max(f32::MIN_POSITIVE); // torch.mean: f32 tree sum
-            assert!((offset - offset_bnb).abs() <= tol, "{f}: offset {offset} vs bnb {offset_bnb}");
+            assert!(
+                (offset - offset_bnb).abs() <= tol,
+                "{f}: offset {offset} vs bnb {offset_bnb}"
+            );
 
             // 4. nested quantization with bnb's offset
             let q = quantize_nf4_cpu_with_offset(&x, bs, Some(offset_bnb));
@@ -618,19 +747,31 @@ mod tests {
                 "{f}: absmax2"
             );
             let code2_bnb = f32s(&st, "code2");
-            assert_eq!(code2_bnb.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), q.code2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(
+                code2_bnb.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                q.code2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
             let absmax_q_bnb = u8s(&st, "absmax_q");
             let mut qm = 0usize;
             for b in 0..nblocks {
                 if q.absmax_q[b] != absmax_q_bnb[b] {
                     qm += 1;
-                    assert!(!cuda, "{f}: absmax_q[{b}] ours {} bnb {}", q.absmax_q[b], absmax_q_bnb[b]);
+                    assert!(
+                        !cuda,
+                        "{f}: absmax_q[{b}] ours {} bnb {}",
+                        q.absmax_q[b], absmax_q_bnb[b]
+                    );
                     let r = bnb_recip(q.absmax2[b / NESTED_BLOCKSIZE]);
                     if r == 0.0 {
                         continue; // absmax2 >= 2^126: CUDA flushes 1/absmax2 to 0, the CPU path does not
                     }
                     let y = mul_ftz(absmax[b] - offset_bnb, r);
-                    assert!(lut_explains(&q.code2, y, q.absmax_q[b], absmax_q_bnb[b]), "{f}: absmax_q[{b}] y={y:e}: ours {} bnb {}", q.absmax_q[b], absmax_q_bnb[b]);
+                    assert!(
+                        lut_explains(&q.code2, y, q.absmax_q[b], absmax_q_bnb[b]),
+                        "{f}: absmax_q[{b}] y={y:e}: ours {} bnb {}",
+                        q.absmax_q[b],
+                        absmax_q_bnb[b]
+                    );
                 }
             }
             eprintln!("{f}: {nblocks} absmax, {qm} nested-index mismatches (bnb CPU LUT)");
@@ -647,13 +788,27 @@ mod tests {
             let dq_absmax_bnb = f32s(&st, "dequant_absmax");
             let dq_absmax = dequantize_nf4_absmax(&theirs);
             for b in 0..nblocks {
-                assert_eq!(dq_absmax[b].to_bits(), dq_absmax_bnb[b].to_bits(), "{f}: dequant absmax {b}");
+                assert_eq!(
+                    dq_absmax[b].to_bits(),
+                    dq_absmax_bnb[b].to_bits(),
+                    "{f}: dequant absmax {b}"
+                );
             }
             let dq_bnb = f32s(&st, "dequant");
             let dq = dequantize_nf4_cpu(&theirs, n);
             for i in 0..n {
-                let ours = if out_bf16 { bf16_bits_to_f32(f32_to_bf16_bits(dq[i])) } else { dq[i] };
-                assert_eq!(ours.to_bits(), dq_bnb[i].to_bits(), "{f}: dequant element {i}: {} vs {}", ours, dq_bnb[i]);
+                let ours = if out_bf16 {
+                    bf16_bits_to_f32(f32_to_bf16_bits(dq[i]))
+                } else {
+                    dq[i]
+                };
+                assert_eq!(
+                    ours.to_bits(),
+                    dq_bnb[i].to_bits(),
+                    "{f}: dequant element {i}: {} vs {}",
+                    ours,
+                    dq_bnb[i]
+                );
             }
         }
     }

@@ -35,17 +35,28 @@ op! {
 pub enum RopeScaling {
     Default,
     /// Llama 3.1's: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
-    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: f32 },
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position: f32,
+    },
 }
 
 /// Inverse frequencies (D/2) f32, computed as transformers does in f32:
 /// inv_freq[i] = 1 / theta^(2i / D), then the llama3 adjustment.
 pub fn inv_freq(head_dim: usize, theta: f32, scaling: RopeScaling) -> Vec<f32> {
-    let base: Vec<f32> =
-        (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+    let base: Vec<f32> = (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
     match scaling {
         RopeScaling::Default => base,
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position,
+        } => {
             let low_wavelen = original_max_position / low_freq_factor;
             let high_wavelen = original_max_position / high_freq_factor;
             base.into_iter()

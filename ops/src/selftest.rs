@@ -19,7 +19,10 @@ struct Bufs<'g> {
 
 impl<'g> Bufs<'g> {
     fn new(gpu: &'g Gpu) -> Self {
-        Bufs { gpu, held: Vec::new() }
+        Bufs {
+            gpu,
+            held: Vec::new(),
+        }
     }
     fn put<T: bytemuck::Pod>(&mut self, v: &[T]) -> Result<DevPtr<T>, RuntimeError> {
         let b = self.gpu.alloc(std::mem::size_of_val(v).max(16))?;
@@ -31,25 +34,38 @@ impl<'g> Bufs<'g> {
     fn bf16(&mut self, v: &[f32]) -> Result<DevPtr<bf16>, RuntimeError> {
         self.put(&v.iter().map(|x| bf16::from_f32(*x)).collect::<Vec<_>>())
     }
-    fn get<T: bytemuck::Pod + Default>(&self, p: DevPtr<T>, n: usize) -> Result<Vec<T>, RuntimeError> {
+    fn get<T: bytemuck::Pod + Default>(
+        &self,
+        p: DevPtr<T>,
+        n: usize,
+    ) -> Result<Vec<T>, RuntimeError> {
         let mut v = vec![T::default(); n];
         self.gpu.download(p, &mut v)?;
         Ok(v)
     }
     fn get_bf16(&self, p: DevPtr<bf16>, n: usize) -> Result<Vec<f32>, RuntimeError> {
-        Ok(self.get(p, n)?.into_iter().map(|x: bf16| x.to_f32()).collect())
+        Ok(self
+            .get(p, n)?
+            .into_iter()
+            .map(|x: bf16| x.to_f32())
+            .collect())
     }
 }
 
 /// Values drawn from N(0, scale^2), rounded to bf16 (the kernels' input type).
 fn randn(rng: &mut Rng, n: usize, scale: f64) -> Vec<f32> {
-    (0..n).map(|_| bf16::from_f64(rng.normal() * scale).to_f32()).collect()
+    (0..n)
+        .map(|_| bf16::from_f64(rng.normal() * scale).to_f32())
+        .collect()
 }
 
 /// max |got - want| / max |want|; NaN anywhere fails.
 pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-30);
+    let scale = want
+        .iter()
+        .fold(0f64, |m, v| m.max(v.abs() as f64))
+        .max(1e-30);
     let mut worst = 0f64;
     for (g, w) in got.iter().zip(want) {
         let e = (*g as f64 - *w as f64).abs();
@@ -62,7 +78,10 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
 }
 
 /// Median time of `reps` launches (after two warm-ups), in microseconds.
-fn time(gpu: &Gpu, mut launch: impl FnMut() -> Result<(), RuntimeError>) -> Result<f64, RuntimeError> {
+fn time(
+    gpu: &Gpu,
+    mut launch: impl FnMut() -> Result<(), RuntimeError>,
+) -> Result<f64, RuntimeError> {
     for _ in 0..2 {
         launch()?;
     }
@@ -99,8 +118,9 @@ impl Report {
     /// Records one kernel: error against the reference (must be <= tol), time, bytes moved.
     fn add(&mut self, name: &str, err: f64, tol: f64, us: f64, bytes: f64) {
         let bps = bytes / (us * 1e-6);
-        if !(err <= tol) {
-            self.failures.push(format!("{name}: max rel err {err:.3e} > {tol:.0e}"));
+        if err.is_nan() || err > tol {
+            self.failures
+                .push(format!("{name}: max rel err {err:.3e} > {tol:.0e}"));
         }
         self.rows.push(SelftestRow {
             name: name.into(),
@@ -120,12 +140,20 @@ impl Report {
 pub fn selftest_kernels(gpu: &Gpu) -> Result<Vec<SelftestRow>, RuntimeError> {
     let mut rng = Rng::fresh("selftest");
     let copy_bps = copy_bandwidth(gpu)?;
-    let mut rep = Report { rows: Vec::new(), copy_bps, failures: Vec::new() };
+    let mut rep = Report {
+        rows: Vec::new(),
+        copy_bps,
+        failures: Vec::new(),
+    };
     rep.rows.push(SelftestRow {
         name: "copy d2d 1 GiB".into(),
         max_rel_err: 0.0,
         time_us: 0.0,
-        detail: format!("{:.0} GB/s (the bandwidth ceiling below; seed {})", copy_bps / 1e9, rng.seed),
+        detail: format!(
+            "{:.0} GB/s (the bandwidth ceiling below; seed {})",
+            copy_bps / 1e9,
+            rng.seed
+        ),
     });
     check_norms(gpu, &mut rng, &mut rep)?;
     check_rope(gpu, &mut rng, &mut rep)?;
@@ -138,7 +166,10 @@ pub fn selftest_kernels(gpu: &Gpu) -> Result<Vec<SelftestRow>, RuntimeError> {
         Ok(rep.rows)
     } else {
         eprintln!("{}", ftrt_runtime::selftest::format_rows(&rep.rows));
-        Err(RuntimeError::InvalidArgument(format!("kernel selftest failed: {}", rep.failures.join("; "))))
+        Err(RuntimeError::InvalidArgument(format!(
+            "kernel selftest failed: {}",
+            rep.failures.join("; ")
+        )))
     }
 }
 
@@ -166,30 +197,77 @@ fn check_norms(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), Runtime
     norm::rms_norm::forward_cpu::<f32>(&d, eps, &x, &w, &mut y, &mut rstd, Rounding::BF16);
     norm::rms_norm::forward(gpu, &d, eps, xd, wd, yd, rstdd)?;
     let err = rel_err(&b.get_bf16(yd, R * C)?, &y).max(rel_err(&b.get(rstdd, R)?, &rstd));
-    let us = time(gpu, || norm::rms_norm::forward(gpu, &d, eps, xd, wd, yd, rstdd))?;
+    let us = time(gpu, || {
+        norm::rms_norm::forward(gpu, &d, eps, xd, wd, yd, rstdd)
+    })?;
     rep.add("rms_norm forward 8192x4096", err, TOLERANCE, us, 2.0 * mat);
     let mut dx = vec![0f32; R * C];
     norm::rms_norm::backward_dx_cpu::<f32>(&d, &x, &w, &rstd, &dy, &mut dx, Rounding::BF16);
     norm::rms_norm::backward_dx(gpu, &d, xd, wd, rstdd, dyd, dxd)?;
     let err = rel_err(&b.get_bf16(dxd, R * C)?, &dx);
-    let us = time(gpu, || norm::rms_norm::backward_dx(gpu, &d, xd, wd, rstdd, dyd, dxd))?;
-    rep.add("rms_norm backward dx 8192x4096", err, TOLERANCE, us, 3.0 * mat);
+    let us = time(gpu, || {
+        norm::rms_norm::backward_dx(gpu, &d, xd, wd, rstdd, dyd, dxd)
+    })?;
+    rep.add(
+        "rms_norm backward dx 8192x4096",
+        err,
+        TOLERANCE,
+        us,
+        3.0 * mat,
+    );
 
     // fused residual add + rms_norm
     let d = norm::add_rms_norm::Dims { R, C };
     let mut h = vec![0f32; R * C];
-    norm::add_rms_norm::forward_cpu::<f32>(&d, eps, &x, &res, &w, &mut y, &mut h, &mut rstd, Rounding::BF16);
+    norm::add_rms_norm::forward_cpu::<f32>(
+        &d,
+        eps,
+        &x,
+        &res,
+        &w,
+        &mut y,
+        &mut h,
+        &mut rstd,
+        Rounding::BF16,
+    );
     norm::add_rms_norm::forward(gpu, &d, eps, xd, resd, wd, yd, hd, rstdd)?;
     let err = rel_err(&b.get_bf16(yd, R * C)?, &y).max(rel_err(&b.get_bf16(hd, R * C)?, &h));
-    let us = time(gpu, || norm::add_rms_norm::forward(gpu, &d, eps, xd, resd, wd, yd, hd, rstdd))?;
-    rep.add("add_rms_norm forward 8192x4096", err, TOLERANCE, us, 4.0 * mat);
+    let us = time(gpu, || {
+        norm::add_rms_norm::forward(gpu, &d, eps, xd, resd, wd, yd, hd, rstdd)
+    })?;
+    rep.add(
+        "add_rms_norm forward 8192x4096",
+        err,
+        TOLERANCE,
+        us,
+        4.0 * mat,
+    );
     let (mut dx, mut dres) = (vec![0f32; R * C], vec![0f32; R * C]);
     // dh: reuse res as the upstream gradient of h
-    norm::add_rms_norm::backward_cpu::<f32>(&d, &w, &h, &rstd, &dy, &res, &mut dx, &mut dres, Rounding::BF16);
+    norm::add_rms_norm::backward_cpu::<f32>(
+        &d,
+        &w,
+        &h,
+        &rstd,
+        &dy,
+        &res,
+        &mut dx,
+        &mut dres,
+        Rounding::BF16,
+    );
     norm::add_rms_norm::backward(gpu, &d, wd, hd, rstdd, dyd, resd, dxd, dresd)?;
-    let err = rel_err(&b.get_bf16(dxd, R * C)?, &dx).max(rel_err(&b.get_bf16(dresd, R * C)?, &dres));
-    let us = time(gpu, || norm::add_rms_norm::backward(gpu, &d, wd, hd, rstdd, dyd, resd, dxd, dresd))?;
-    rep.add("add_rms_norm backward 8192x4096", err, TOLERANCE, us, 5.0 * mat);
+    let err =
+        rel_err(&b.get_bf16(dxd, R * C)?, &dx).max(rel_err(&b.get_bf16(dresd, R * C)?, &dres));
+    let us = time(gpu, || {
+        norm::add_rms_norm::backward(gpu, &d, wd, hd, rstdd, dyd, resd, dxd, dresd)
+    })?;
+    rep.add(
+        "add_rms_norm backward 8192x4096",
+        err,
+        TOLERANCE,
+        us,
+        5.0 * mat,
+    );
     Ok(())
 }
 
@@ -199,23 +277,43 @@ fn check_rope(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), RuntimeE
     let inv = rope::inv_freq(
         dh,
         500000.0,
-        rope::RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position: 8192.0 },
+        rope::RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position: 8192.0,
+        },
     );
     let (cos, sin) = rope::cos_sin_tables(p, &inv);
-    let r = |v: Vec<f32>| v.into_iter().map(|x| bf16::from_f32(x).to_f32()).collect::<Vec<_>>();
+    let r = |v: Vec<f32>| {
+        v.into_iter()
+            .map(|x| bf16::from_f32(x).to_f32())
+            .collect::<Vec<_>>()
+    };
     let (cos, sin) = (r(cos), r(sin));
     // Packed sequences: positions restart at 0 every 1000 tokens.
     let pos: Vec<i32> = (0..n).map(|i| (i % 1000) as i32).collect();
     let x = randn(rng, n * h * dh, 1.0);
     let (cd, sd, posd) = (b.bf16(&cos)?, b.bf16(&sin)?, b.put(&pos)?);
     let xd = b.bf16(&x)?;
-    let d = rope::rope::Dims { N: n, H: h, D: dh, P: p };
+    let d = rope::rope::Dims {
+        N: n,
+        H: h,
+        D: dh,
+        P: p,
+    };
     let mut y = x.clone();
     rope::rope::forward_cpu::<f32>(&d, &mut y, &pos, &cos, &sin, Rounding::BF16);
     rope::rope::forward(gpu, &d, xd, posd, cd, sd)?;
     let err = rel_err(&b.get_bf16(xd, n * h * dh)?, &y);
     let us = time(gpu, || rope::rope::forward(gpu, &d, xd, posd, cd, sd))?;
-    rep.add("rope forward q 8192x32x128", err, TOLERANCE, us, 2.0 * (n * h * dh * 2) as f64);
+    rep.add(
+        "rope forward q 8192x32x128",
+        err,
+        TOLERANCE,
+        us,
+        2.0 * (n * h * dh * 2) as f64,
+    );
     let g = randn(rng, n * h * dh, 1.0);
     let gd = b.bf16(&g)?;
     let mut dg = g.clone();
@@ -223,7 +321,13 @@ fn check_rope(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), RuntimeE
     rope::rope::backward(gpu, &d, posd, cd, sd, gd)?;
     let err = rel_err(&b.get_bf16(gd, n * h * dh)?, &dg);
     let us = time(gpu, || rope::rope::backward(gpu, &d, posd, cd, sd, gd))?;
-    rep.add("rope backward 8192x32x128", err, TOLERANCE, us, 2.0 * (n * h * dh * 2) as f64);
+    rep.add(
+        "rope backward 8192x32x128",
+        err,
+        TOLERANCE,
+        us,
+        2.0 * (n * h * dh * 2) as f64,
+    );
     Ok(())
 }
 
@@ -232,7 +336,11 @@ fn check_activations(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), R
     let n = R * C;
     let (g, u, dh) = (randn(rng, n, 2.0), randn(rng, n, 1.0), randn(rng, n, 1.0));
     let (gd, ud, dhd) = (b.bf16(&g)?, b.bf16(&u)?, b.bf16(&dh)?);
-    let (hd, dgd, dud) = (b.bf16(&vec![0.0; n])?, b.bf16(&vec![0.0; n])?, b.bf16(&vec![0.0; n])?);
+    let (hd, dgd, dud) = (
+        b.bf16(&vec![0.0; n])?,
+        b.bf16(&vec![0.0; n])?,
+        b.bf16(&vec![0.0; n])?,
+    );
     let e = (n * 2) as f64;
     macro_rules! glu {
         ($op:ident, $label:expr) => {{
@@ -242,13 +350,27 @@ fn check_activations(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), R
             activation::$op::forward(gpu, &d, gd, ud, hd)?;
             let err = rel_err(&b.get_bf16(hd, n)?, &h);
             let us = time(gpu, || activation::$op::forward(gpu, &d, gd, ud, hd))?;
-            rep.add(concat!($label, " forward 8192x4096"), err, TOLERANCE, us, 3.0 * e);
+            rep.add(
+                concat!($label, " forward 8192x4096"),
+                err,
+                TOLERANCE,
+                us,
+                3.0 * e,
+            );
             let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
             activation::$op::backward_cpu::<f32>(&d, &g, &u, &dh, &mut dg, &mut du, Rounding::BF16);
             activation::$op::backward(gpu, &d, gd, ud, dhd, dgd, dud)?;
             let err = rel_err(&b.get_bf16(dgd, n)?, &dg).max(rel_err(&b.get_bf16(dud, n)?, &du));
-            let us = time(gpu, || activation::$op::backward(gpu, &d, gd, ud, dhd, dgd, dud))?;
-            rep.add(concat!($label, " backward 8192x4096"), err, TOLERANCE, us, 5.0 * e);
+            let us = time(gpu, || {
+                activation::$op::backward(gpu, &d, gd, ud, dhd, dgd, dud)
+            })?;
+            rep.add(
+                concat!($label, " backward 8192x4096"),
+                err,
+                TOLERANCE,
+                us,
+                5.0 * e,
+            );
         }};
     }
     glu!(swiglu, "swiglu");
@@ -270,7 +392,13 @@ fn check_embedding(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), Run
     embedding::embedding::forward(gpu, &d, idd, wd, yd)?;
     let err = rel_err(&b.get_bf16(yd, n * C)?, &y);
     let us = time(gpu, || embedding::embedding::forward(gpu, &d, idd, wd, yd))?;
-    rep.add("embedding forward 8192x4096 (V 32000)", err, TOLERANCE, us, 2.0 * (n * C * 2) as f64);
+    rep.add(
+        "embedding forward 8192x4096 (V 32000)",
+        err,
+        TOLERANCE,
+        us,
+        2.0 * (n * C * 2) as f64,
+    );
     // Backward: deterministic per-row scan, checked at a small vocabulary.
     let (n, v, c) = (1024usize, 256usize, 1024usize);
     let ids: Vec<i32> = (0..n).map(|_| rng.int_in(0, v as i64) as i32).collect();
@@ -284,42 +412,106 @@ fn check_embedding(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), Run
     let first = b.get_bf16(dwd, v * c)?;
     embedding::embedding::backward(gpu, &d, idd, dyd, dwd)?;
     let same = first == b.get_bf16(dwd, v * c)?;
-    let err = if same { rel_err(&first, &dw) } else { f64::INFINITY };
-    let us = time(gpu, || embedding::embedding::backward(gpu, &d, idd, dyd, dwd))?;
-    rep.add("embedding backward 1024 tok, V 256 (same bits twice)", err, TOLERANCE, us, (v * c * 2 + n * c * 2) as f64);
+    let err = if same {
+        rel_err(&first, &dw)
+    } else {
+        f64::INFINITY
+    };
+    let us = time(gpu, || {
+        embedding::embedding::backward(gpu, &d, idd, dyd, dwd)
+    })?;
+    rep.add(
+        "embedding backward 1024 tok, V 256 (same bits twice)",
+        err,
+        TOLERANCE,
+        us,
+        (v * c * 2 + n * c * 2) as f64,
+    );
     Ok(())
 }
 
 fn check_cross_entropy(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), RuntimeError> {
-    for (rows, v, cap) in [(R, C, 0.0f32), (256usize, 128256usize, 0.0), (256, 128256, 30.0)] {
+    for (rows, v, cap) in [
+        (R, C, 0.0f32),
+        (256usize, 128256usize, 0.0),
+        (256, 128256, 30.0),
+    ] {
         let mut b = Bufs::new(gpu);
         let logits = randn(rng, rows * v, 3.0);
-        let target: Vec<i32> =
-            (0..rows).map(|i| if i % 7 == 3 { -100 } else { rng.int_in(0, v as i64) as i32 }).collect();
+        let target: Vec<i32> = (0..rows)
+            .map(|i| {
+                if i % 7 == 3 {
+                    -100
+                } else {
+                    rng.int_in(0, v as i64) as i32
+                }
+            })
+            .collect();
         let (ld, td) = (b.bf16(&logits)?, b.put(&target)?);
-        let (lsed, pd) = (b.put(&vec![f32::NEG_INFINITY; rows])?, b.put(&vec![0f32; rows])?);
+        let (lsed, pd) = (
+            b.put(&vec![f32::NEG_INFINITY; rows])?,
+            b.put(&vec![0f32; rows])?,
+        );
         let d = cross_entropy::cross_entropy::Dims { R: rows, V: v };
         let (mut lse, mut picked) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
-        cross_entropy::cross_entropy::forward_cpu::<f32>(&d, 0, cap, &logits, &target, &mut lse, &mut picked, Rounding::BF16);
+        cross_entropy::cross_entropy::forward_cpu::<f32>(
+            &d,
+            0,
+            cap,
+            &logits,
+            &target,
+            &mut lse,
+            &mut picked,
+            Rounding::BF16,
+        );
         cross_entropy::cross_entropy::forward(gpu, &d, 0, cap, ld, td, lsed, pd)?;
         let err = rel_err(&b.get(lsed, rows)?, &lse).max(rel_err(&b.get(pd, rows)?, &picked));
-        let label = format!("cross_entropy forward {rows}x{v}{}", if cap > 0.0 { " softcap 30" } else { "" });
+        let label = format!(
+            "cross_entropy forward {rows}x{v}{}",
+            if cap > 0.0 { " softcap 30" } else { "" }
+        );
         // Re-running folds into lse again; time it on a scratch copy of the state.
-        let us = time(gpu, || cross_entropy::cross_entropy::forward(gpu, &d, 0, cap, ld, td, lsed, pd))?;
+        let us = time(gpu, || {
+            cross_entropy::cross_entropy::forward(gpu, &d, 0, cap, ld, td, lsed, pd)
+        })?;
         rep.add(&label, err, TOLERANCE, us, (rows * v * 2) as f64);
         // Backward in place over the logits (dlogits aliases logits).
         let count = target.iter().filter(|t| **t != -100).count() as f32;
-        let dl: Vec<f32> = target.iter().map(|t| if *t == -100 { 0.0 } else { 1.0 / count }).collect();
+        let dl: Vec<f32> = target
+            .iter()
+            .map(|t| if *t == -100 { 0.0 } else { 1.0 / count })
+            .collect();
         let dp: Vec<f32> = dl.iter().map(|x| -x).collect();
         let (dld, dpd) = (b.put(&dl)?, b.put(&dp)?);
         let lsed = b.put(&lse)?;
         let mut dlogits = vec![0f32; rows * v];
-        cross_entropy::cross_entropy::backward_cpu::<f32>(&d, 0, cap, &logits, &target, &lse, &dl, &dp, &mut dlogits, Rounding::BF16);
+        cross_entropy::cross_entropy::backward_cpu::<f32>(
+            &d,
+            0,
+            cap,
+            &logits,
+            &target,
+            &lse,
+            &dl,
+            &dp,
+            &mut dlogits,
+            Rounding::BF16,
+        );
         cross_entropy::cross_entropy::backward(gpu, &d, 0, cap, ld, td, lsed, dld, dpd, ld)?;
         let err = rel_err(&b.get_bf16(ld, rows * v)?, &dlogits);
         let scratch = b.bf16(&logits)?;
-        let us = time(gpu, || cross_entropy::cross_entropy::backward(gpu, &d, 0, cap, scratch, td, lsed, dld, dpd, scratch))?;
-        rep.add(&label.replace("forward", "backward (in place)"), err, TOLERANCE, us, (2 * rows * v * 2) as f64);
+        let us = time(gpu, || {
+            cross_entropy::cross_entropy::backward(
+                gpu, &d, 0, cap, scratch, td, lsed, dld, dpd, scratch,
+            )
+        })?;
+        rep.add(
+            &label.replace("forward", "backward (in place)"),
+            err,
+            TOLERANCE,
+            us,
+            (2 * rows * v * 2) as f64,
+        );
     }
     Ok(())
 }
@@ -336,31 +528,75 @@ fn check_nf4(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), RuntimeEr
     nf4::nf4_quantize::forward(gpu, &d, xd, pd, ad)?;
     let exact = b.get(pd, n / 2)? == packed && b.get(ad, n / 64)? == absmax;
     let us = time(gpu, || nf4::nf4_quantize::forward(gpu, &d, xd, pd, ad))?;
-    rep.add("nf4 quantize 8192x4096 (bit-exact)", if exact { 0.0 } else { 1.0 }, 0.0, us, (n * 2 + n / 2 + n / 16) as f64);
+    rep.add(
+        "nf4 quantize 8192x4096 (bit-exact)",
+        if exact { 0.0 } else { 1.0 },
+        0.0,
+        us,
+        (n * 2 + n / 2 + n / 16) as f64,
+    );
 
     let offset = quant_prelude::absmax_mean(&absmax);
     let code2 = quant_prelude::dynamic_map_signed();
     let na = n / 64;
     let da = nf4::absmax_quantize::Dims { NA: na };
     let (mut q, mut am2) = (vec![0u8; na], vec![0f32; na.div_ceil(256)]);
-    nf4::absmax_quantize::forward_cpu::<f32>(&da, offset, &absmax, &code2, &mut q, &mut am2, Rounding::BF16);
-    let (code2d, qd, am2d) = (b.put(&code2)?, b.put(&vec![0u8; na])?, b.put(&vec![0f32; na.div_ceil(256)])?);
+    nf4::absmax_quantize::forward_cpu::<f32>(
+        &da,
+        offset,
+        &absmax,
+        &code2,
+        &mut q,
+        &mut am2,
+        Rounding::BF16,
+    );
+    let (code2d, qd, am2d) = (
+        b.put(&code2)?,
+        b.put(&vec![0u8; na])?,
+        b.put(&vec![0f32; na.div_ceil(256)])?,
+    );
     nf4::absmax_quantize::forward(gpu, &da, offset, ad, code2d, qd, am2d)?;
     let exact = b.get(qd, na)? == q && b.get(am2d, na.div_ceil(256))? == am2;
-    let us = time(gpu, || nf4::absmax_quantize::forward(gpu, &da, offset, ad, code2d, qd, am2d))?;
-    rep.add("nf4 absmax double-quant (bit-exact)", if exact { 0.0 } else { 1.0 }, 0.0, us, (na * 5 + na / 64) as f64);
+    let us = time(gpu, || {
+        nf4::absmax_quantize::forward(gpu, &da, offset, ad, code2d, qd, am2d)
+    })?;
+    rep.add(
+        "nf4 absmax double-quant (bit-exact)",
+        if exact { 0.0 } else { 1.0 },
+        0.0,
+        us,
+        (na * 5 + na / 64) as f64,
+    );
 
     let nf4c = quant_prelude::nf4_code();
     let nfd = b.put(&nf4c)?;
     let wd = b.bf16(&vec![0.0; n])?;
     let dd = nf4::nf4_dequantize::Dims { N: n };
     let mut w = vec![0f32; n];
-    nf4::nf4_dequantize::forward_cpu::<f32>(&dd, offset, &packed, &q, &am2, &code2, &nf4c, &mut w, Rounding::BF16);
+    nf4::nf4_dequantize::forward_cpu::<f32>(
+        &dd,
+        offset,
+        &packed,
+        &q,
+        &am2,
+        &code2,
+        &nf4c,
+        &mut w,
+        Rounding::BF16,
+    );
     nf4::nf4_dequantize::forward(gpu, &dd, offset, pd, qd, am2d, code2d, nfd, wd)?;
     let got = b.get_bf16(wd, n)?;
     let exact = got.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits());
-    let us = time(gpu, || nf4::nf4_dequantize::forward(gpu, &dd, offset, pd, qd, am2d, code2d, nfd, wd))?;
-    rep.add("nf4 dequantize 8192x4096 (bit-exact)", if exact { 0.0 } else { 1.0 }, 0.0, us, (n / 2 + n / 64 + n * 2) as f64);
+    let us = time(gpu, || {
+        nf4::nf4_dequantize::forward(gpu, &dd, offset, pd, qd, am2d, code2d, nfd, wd)
+    })?;
+    rep.add(
+        "nf4 dequantize 8192x4096 (bit-exact)",
+        if exact { 0.0 } else { 1.0 },
+        0.0,
+        us,
+        (n / 2 + n / 64 + n * 2) as f64,
+    );
     Ok(())
 }
 
@@ -370,16 +606,36 @@ fn check_adamw(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), Runtime
     let p: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
     let g: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.01) as f32).collect();
     let m: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.01) as f32).collect();
-    let v: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.001).powi(2) as f32).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|_| (rng.normal() * 0.001).powi(2) as f32)
+        .collect();
     let (pd, gd, md, vd) = (b.put(&p)?, b.put(&g)?, b.put(&m)?, b.put(&v)?);
     let d = adamw::adamw::Dims { N: n };
     let (lr, wdk, b1, b2, eps) = (1e-3f32, 0.01f32, 0.9f32, 0.999f32, 1e-8f32);
     let (ss, bc2) = (lr / (1.0 - b1.powi(3)), (1.0 - b2.powi(3)).sqrt());
     let (mut pc, mut mc, mut vc) = (p.clone(), m.clone(), v.clone());
-    adamw::adamw::forward_cpu::<f32>(&d, lr, wdk, b1, b2, eps, ss, bc2, &mut pc, &g, &mut mc, &mut vc, Rounding::F32);
+    adamw::adamw::forward_cpu::<f32>(
+        &d,
+        lr,
+        wdk,
+        b1,
+        b2,
+        eps,
+        ss,
+        bc2,
+        &mut pc,
+        &g,
+        &mut mc,
+        &mut vc,
+        Rounding::F32,
+    );
     adamw::adamw::forward(gpu, &d, lr, wdk, b1, b2, eps, ss, bc2, pd, gd, md, vd)?;
-    let err = rel_err(&b.get(pd, n)?, &pc).max(rel_err(&b.get(md, n)?, &mc)).max(rel_err(&b.get(vd, n)?, &vc));
-    let us = time(gpu, || adamw::adamw::forward(gpu, &d, lr, wdk, b1, b2, eps, ss, bc2, pd, gd, md, vd))?;
+    let err = rel_err(&b.get(pd, n)?, &pc)
+        .max(rel_err(&b.get(md, n)?, &mc))
+        .max(rel_err(&b.get(vd, n)?, &vc));
+    let us = time(gpu, || {
+        adamw::adamw::forward(gpu, &d, lr, wdk, b1, b2, eps, ss, bc2, pd, gd, md, vd)
+    })?;
     rep.add("adamw f32 16M params", err, 1e-5, us, (n * 28) as f64);
 
     let code_m = quant_prelude::dynamic_map_signed();
@@ -390,12 +646,46 @@ fn check_adamw(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), Runtime
     let (amd, avd) = (b.put(&vec![0f32; nb])?, b.put(&vec![0f32; nb])?);
     let p8d = b.put(&p)?;
     let d8 = adamw::adamw_8bit::Dims { N: n };
-    let (mut p8, mut qm, mut qv, mut am, mut av) = (p.clone(), vec![0u8; n], vec![0u8; n], vec![0f32; nb], vec![0f32; nb]);
+    let (mut p8, mut qm, mut qv, mut am, mut av) = (
+        p.clone(),
+        vec![0u8; n],
+        vec![0u8; n],
+        vec![0f32; nb],
+        vec![0f32; nb],
+    );
     let (eps2, step, decay) = (bc2 * eps, -ss * bc2, 1.0 - lr * wdk);
-    adamw::adamw_8bit::forward_cpu::<f32>(&d8, b1, b2, eps2, step, decay, &mut p8, &g, &mut qm, &mut qv, &mut am, &mut av, &code_m, &code_v, Rounding::F32);
-    adamw::adamw_8bit::forward(gpu, &d8, b1, b2, eps2, step, decay, p8d, gd, qmd, qvd, amd, avd, cmd, cvd)?;
+    adamw::adamw_8bit::forward_cpu::<f32>(
+        &d8,
+        b1,
+        b2,
+        eps2,
+        step,
+        decay,
+        &mut p8,
+        &g,
+        &mut qm,
+        &mut qv,
+        &mut am,
+        &mut av,
+        &code_m,
+        &code_v,
+        Rounding::F32,
+    );
+    adamw::adamw_8bit::forward(
+        gpu, &d8, b1, b2, eps2, step, decay, p8d, gd, qmd, qvd, amd, avd, cmd, cvd,
+    )?;
     let err = rel_err(&b.get(p8d, n)?, &p8).max(rel_err(&b.get(amd, nb)?, &am));
-    let us = time(gpu, || adamw::adamw_8bit::forward(gpu, &d8, b1, b2, eps2, step, decay, p8d, gd, qmd, qvd, amd, avd, cmd, cvd))?;
-    rep.add("adamw 8-bit blockwise 16M params", err, 1e-5, us, (n * 12 + nb * 16) as f64);
+    let us = time(gpu, || {
+        adamw::adamw_8bit::forward(
+            gpu, &d8, b1, b2, eps2, step, decay, p8d, gd, qmd, qvd, amd, avd, cmd, cvd,
+        )
+    })?;
+    rep.add(
+        "adamw 8-bit blockwise 16M params",
+        err,
+        1e-5,
+        us,
+        (n * 12 + nb * 16) as f64,
+    );
     Ok(())
 }

@@ -20,13 +20,21 @@ impl LlamaTrainable {
     fn adapter_of(&self, lora: &LoraWeights) -> Result<LoraAdapter, String> {
         let cfg = &lora.config;
         let projs = target_projs(lora)?;
-        let mut adapter = LoraAdapter::zeros(&self.model.dims, cfg.r, cfg.lora_alpha as f32, cfg.use_rslora, &projs);
+        let mut adapter = LoraAdapter::zeros(
+            &self.model.dims,
+            cfg.r,
+            cfg.lora_alpha as f32,
+            cfg.use_rslora,
+            &projs,
+        );
         for t in &lora.tensors {
             let proj = proj_of(&t.target.module)?;
-            let slot = adapter
-                .slot(t.target.layer, proj)
-                .cloned()
-                .ok_or_else(|| format!("layer {} {} is not adapted in every layer", t.target.layer, t.target.module))?;
+            let slot = adapter.slot(t.target.layer, proj).cloned().ok_or_else(|| {
+                format!(
+                    "layer {} {} is not adapted in every layer",
+                    t.target.layer, t.target.module
+                )
+            })?;
             adapter.data[slot.a].copy_from_slice(&lora.data[t.a.clone()]);
             adapter.data[slot.b].copy_from_slice(&lora.data[t.b.clone()]);
         }
@@ -35,7 +43,10 @@ impl LlamaTrainable {
 }
 
 fn proj_of(module: &str) -> Result<Proj, String> {
-    Proj::ALL.into_iter().find(|p| p.module() == module).ok_or_else(|| format!("unknown module {module}"))
+    Proj::ALL
+        .into_iter()
+        .find(|p| p.module() == module)
+        .ok_or_else(|| format!("unknown module {module}"))
 }
 
 /// The projections `lora` adapts (the same in every layer).
@@ -57,7 +68,11 @@ fn target_projs(lora: &LoraWeights) -> Result<Vec<Proj>, String> {
 fn batch_of(b: &PackedBatch) -> (Batch, Vec<i32>) {
     let mut targets: Vec<i32> = b.labels.iter().skip(1).copied().collect();
     targets.push(IGNORE_INDEX);
-    let batch = Batch { tokens: b.input_ids.clone(), cu_seqlens: b.cu_seqlens.clone(), positions: b.position_ids.clone() };
+    let batch = Batch {
+        tokens: b.input_ids.clone(),
+        cu_seqlens: b.cu_seqlens.clone(),
+        positions: b.position_ids.clone(),
+    };
     (batch, targets)
 }
 
@@ -66,18 +81,29 @@ impl LoraModel for LlamaTrainable {
         linear_targets(&self.model.config)
     }
 
-    fn loss_and_grads(&mut self, batch: &PackedBatch, lora: &LoraWeights, grads: &mut LoraWeights) -> Result<f32, String> {
+    fn loss_and_grads(
+        &mut self,
+        batch: &PackedBatch,
+        lora: &LoraWeights,
+        grads: &mut LoraWeights,
+    ) -> Result<f32, String> {
         let (b, targets) = batch_of(batch);
         let counted = targets.iter().filter(|t| **t != IGNORE_INDEX).count();
         if counted == 0 {
             return Ok(0.0);
         }
         let adapter = self.adapter_of(lora)?;
-        let (mean, g) = self.model.loss_and_lora_grads(&b, &targets, &adapter).map_err(|e| e.to_string())?;
+        let (mean, g) = self
+            .model
+            .loss_and_lora_grads(&b, &targets, &adapter)
+            .map_err(|e| e.to_string())?;
         // The model differentiates the mean over counted tokens; the trainer wants the sum.
         let n = counted as f32;
         for t in &grads.tensors {
-            let slot = g.slot(t.target.layer, proj_of(&t.target.module)?).cloned().ok_or("gradient slot missing")?;
+            let slot = g
+                .slot(t.target.layer, proj_of(&t.target.module)?)
+                .cloned()
+                .ok_or("gradient slot missing")?;
             for (dst, src) in grads.data[t.a.clone()].iter_mut().zip(&g.data[slot.a]) {
                 *dst += src * n;
             }
@@ -95,13 +121,27 @@ impl LoraModel for LlamaTrainable {
             return Ok(0.0);
         }
         let adapter = self.adapter_of(lora)?;
-        let mean = self.model.loss(&b, &targets, Some(&adapter)).map_err(|e| e.to_string())?;
+        let mean = self
+            .model
+            .loss(&b, &targets, Some(&adapter))
+            .map_err(|e| e.to_string())?;
         Ok(mean * counted as f32)
     }
 
-    fn generate(&mut self, prompt: &[u32], lora: &LoraWeights, max_new: usize, eos: &[u32]) -> Result<Vec<u32>, String> {
+    fn generate(
+        &mut self,
+        prompt: &[u32],
+        lora: &LoraWeights,
+        max_new: usize,
+        eos: &[u32],
+    ) -> Result<Vec<u32>, String> {
         let adapter = self.adapter_of(lora)?;
-        let greedy = SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 };
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        };
         let out = self
             .model
             .generate(&[prompt.to_vec()], max_new, eos, greedy, Some(&adapter))

@@ -72,7 +72,13 @@ pub struct AttentionDims {
 
 impl AttentionDims {
     /// Dims with the standard scale 1 / sqrt(head_dim).
-    pub fn new(n_tokens: usize, num_seqs: usize, n_heads_q: usize, n_heads_kv: usize, head_dim: usize) -> Self {
+    pub fn new(
+        n_tokens: usize,
+        num_seqs: usize,
+        n_heads_q: usize,
+        n_heads_kv: usize,
+        head_dim: usize,
+    ) -> Self {
         Self {
             n_tokens,
             num_seqs,
@@ -99,8 +105,14 @@ impl AttentionDims {
         self.n_heads_q / self.n_heads_kv
     }
     fn check(&self) -> Result<(), String> {
-        if self.n_heads_kv == 0 || self.n_heads_q == 0 || self.n_heads_q % self.n_heads_kv != 0 {
-            return Err(format!("Hq {} must be a positive multiple of Hkv {}", self.n_heads_q, self.n_heads_kv));
+        if self.n_heads_kv == 0
+            || self.n_heads_q == 0
+            || !self.n_heads_q.is_multiple_of(self.n_heads_kv)
+        {
+            return Err(format!(
+                "Hq {} must be a positive multiple of Hkv {}",
+                self.n_heads_q, self.n_heads_kv
+            ));
         }
         if self.head_dim == 0 {
             return Err("head_dim must be positive".into());
@@ -115,8 +127,13 @@ impl AttentionDims {
                 self.head_dim
             )));
         }
-        if self.n_tokens > i32::MAX as usize || self.num_seqs >= i32::MAX as usize || self.n_heads_q > 65535 {
-            return Err(RuntimeError::InvalidArgument(format!("attention dims out of range: {self:?}")));
+        if self.n_tokens > i32::MAX as usize
+            || self.num_seqs >= i32::MAX as usize
+            || self.n_heads_q > 65535
+        {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "attention dims out of range: {self:?}"
+            )));
         }
         Ok(())
     }
@@ -145,14 +162,23 @@ pub fn scratch_bytes(dims: &AttentionDims) -> usize {
 /// The segments [start, end) of the token axis: the S sequences, then (if cu[S] < N) the
 /// trailing padding segment. Panics on a malformed `cu_seqlens`.
 pub fn segments(cu_seqlens: &[i32], n_tokens: usize) -> Vec<(usize, usize)> {
-    assert!(!cu_seqlens.is_empty() && cu_seqlens[0] == 0, "cu_seqlens must start with 0");
+    assert!(
+        !cu_seqlens.is_empty() && cu_seqlens[0] == 0,
+        "cu_seqlens must start with 0"
+    );
     let mut v = Vec::with_capacity(cu_seqlens.len());
     for w in cu_seqlens.windows(2) {
-        assert!(w[0] <= w[1], "cu_seqlens must be nondecreasing: {cu_seqlens:?}");
+        assert!(
+            w[0] <= w[1],
+            "cu_seqlens must be nondecreasing: {cu_seqlens:?}"
+        );
         v.push((w[0] as usize, w[1] as usize));
     }
     let last = *cu_seqlens.last().unwrap() as usize;
-    assert!(last <= n_tokens, "cu_seqlens ends at {last} > n_tokens {n_tokens}");
+    assert!(
+        last <= n_tokens,
+        "cu_seqlens ends at {last} > n_tokens {n_tokens}"
+    );
     if last < n_tokens {
         v.push((last, n_tokens));
     }
@@ -172,7 +198,15 @@ fn token_bounds(cu_seqlens: &[i32], n_tokens: usize) -> Vec<(usize, usize)> {
 
 /// The scalar type of the CPU reference (f32 or f64).
 pub trait Real:
-    Copy + Debug + Default + PartialOrd + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self> + AddAssign
+    Copy
+    + Debug
+    + Default
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + AddAssign
 {
     fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
@@ -227,9 +261,19 @@ pub struct Reference<'a, T: Real> {
 }
 
 impl<'a, T: Real> Reference<'a, T> {
-    pub fn new(dims: AttentionDims, cu_seqlens: &[i32], q: &'a [T], k: &'a [T], v: &'a [T]) -> Self {
+    pub fn new(
+        dims: AttentionDims,
+        cu_seqlens: &[i32],
+        q: &'a [T],
+        k: &'a [T],
+        v: &'a [T],
+    ) -> Self {
         dims.check().unwrap();
-        assert_eq!(cu_seqlens.len(), dims.num_seqs + 1, "cu_seqlens needs num_seqs + 1 entries");
+        assert_eq!(
+            cu_seqlens.len(),
+            dims.num_seqs + 1,
+            "cu_seqlens needs num_seqs + 1 entries"
+        );
         assert_eq!(q.len(), dims.q_len());
         assert_eq!(k.len(), dims.kv_len());
         assert_eq!(v.len(), dims.kv_len());
@@ -266,7 +310,9 @@ impl<'a, T: Real> Reference<'a, T> {
         let hk = h / self.dims.group();
         let scale = T::from_f64(self.dims.scale as f64);
         let qi = self.qrow(i, h);
-        self.keys_of(i).map(|j| dot(qi, self.krow(j, hk)) * scale).collect()
+        self.keys_of(i)
+            .map(|j| dot(qi, self.krow(j, hk)) * scale)
+            .collect()
     }
     /// Forward of query row i, head h: writes out_i (D values), returns lse_i.
     pub fn forward_row(&self, i: usize, h: usize, out: &mut [T]) -> T {
@@ -314,8 +360,22 @@ impl<'a, T: Real> Reference<'a, T> {
     /// dk_j, dv_j of key j of kv head hk (summed over the group's query heads).
     /// `lse`, `dvec`: (Hq, N); `dout`: (N, Hq, D).
     #[allow(clippy::too_many_arguments)]
-    pub fn dkdv_row(&self, j: usize, hk: usize, lse: &[T], dvec: &[T], dout: &[T], dk: &mut [T], dv: &mut [T]) {
-        let (d, n, hq, g) = (self.dims.head_dim, self.dims.n_tokens, self.dims.n_heads_q, self.dims.group());
+    pub fn dkdv_row(
+        &self,
+        j: usize,
+        hk: usize,
+        lse: &[T],
+        dvec: &[T],
+        dout: &[T],
+        dk: &mut [T],
+        dv: &mut [T],
+    ) {
+        let (d, n, hq, g) = (
+            self.dims.head_dim,
+            self.dims.n_tokens,
+            self.dims.n_heads_q,
+            self.dims.group(),
+        );
         let scale = T::from_f64(self.dims.scale as f64);
         dk.iter_mut().for_each(|o| *o = T::default());
         dv.iter_mut().for_each(|o| *o = T::default());
@@ -385,16 +445,31 @@ pub fn attention_backward_cpu<T: Real>(
     dv: &mut [T],
 ) {
     let r = Reference::new(*dims, cu_seqlens, q, k, v);
-    let (d, n, hq, hkv) = (dims.head_dim, dims.n_tokens, dims.n_heads_q, dims.n_heads_kv);
+    let (d, n, hq, hkv) = (
+        dims.head_dim,
+        dims.n_tokens,
+        dims.n_heads_q,
+        dims.n_heads_kv,
+    );
     assert_eq!(out.len(), dims.q_len());
     assert_eq!(dout.len(), dims.q_len());
     assert_eq!(lse.len(), dims.lse_len());
-    assert_eq!((dq.len(), dk.len(), dv.len()), (dims.q_len(), dims.kv_len(), dims.kv_len()));
+    assert_eq!(
+        (dq.len(), dk.len(), dv.len()),
+        (dims.q_len(), dims.kv_len(), dims.kv_len())
+    );
     let dvec = attention_dvec_cpu(dims, out, dout);
     for i in 0..n {
         for h in 0..hq {
             let o = (i * hq + h) * d;
-            r.dq_row(i, h, lse[h * n + i], dvec[h * n + i], &dout[o..o + d], &mut dq[o..o + d]);
+            r.dq_row(
+                i,
+                h,
+                lse[h * n + i],
+                dvec[h * n + i],
+                &dout[o..o + d],
+                &mut dq[o..o + d],
+            );
         }
     }
     for j in 0..n {
@@ -409,13 +484,19 @@ pub fn attention_backward_cpu<T: Real>(
 // ------------------------------------------------------------------------------ GPU launchers
 
 fn check_aligned(name: &str, addr: u64) -> Result<(), RuntimeError> {
-    if addr % 16 != 0 {
-        return Err(RuntimeError::InvalidArgument(format!("attention: {name} must be 16-byte aligned (0x{addr:x})")));
+    if !addr.is_multiple_of(16) {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "attention: {name} must be 16-byte aligned (0x{addr:x})"
+        )));
     }
     Ok(())
 }
 
-fn function(gpu: &Gpu, name: &str, smem: u32) -> Result<cudarc::driver::CudaFunction, RuntimeError> {
+fn function(
+    gpu: &Gpu,
+    name: &str,
+    smem: u32,
+) -> Result<cudarc::driver::CudaFunction, RuntimeError> {
     let f = gpu.function(&KERNELS, name)?;
     if smem > 48 * 1024 {
         // opt in to more than 48 KiB of dynamic shared memory (idempotent, host-side only)
@@ -471,13 +552,23 @@ pub fn attention_forward(
     if dims.n_tokens == 0 {
         return Ok(());
     }
-    for (name, p) in [("q", q.addr), ("k", k.addr), ("v", v.addr), ("out", out.addr)] {
+    for (name, p) in [
+        ("q", q.addr),
+        ("k", k.addr),
+        ("v", v.addr),
+        ("out", out.addr),
+    ] {
         check_aligned(name, p)?;
     }
     let d = dims.head_dim;
     let smem = smem_fwd(d);
     let f = function(gpu, &format!("attention_fwd_d{d}"), smem)?;
-    let (s, n, hq, hkv) = (dims.num_seqs as i32, dims.n_tokens as i32, dims.n_heads_q as i32, dims.n_heads_kv as i32);
+    let (s, n, hq, hkv) = (
+        dims.num_seqs as i32,
+        dims.n_tokens as i32,
+        dims.n_heads_q as i32,
+        dims.n_heads_kv as i32,
+    );
     let scale = dims.scale;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&q.addr);
@@ -532,7 +623,12 @@ pub fn attention_backward(
         check_aligned(name, p)?;
     }
     let d = dims.head_dim;
-    let (s, n, hq, hkv) = (dims.num_seqs as i32, dims.n_tokens as i32, dims.n_heads_q as i32, dims.n_heads_kv as i32);
+    let (s, n, hq, hkv) = (
+        dims.num_seqs as i32,
+        dims.n_tokens as i32,
+        dims.n_heads_q as i32,
+        dims.n_heads_kv as i32,
+    );
     let scale = dims.scale;
     let dvec = scratch;
     let tiles = dims.n_tokens.div_ceil(TILE) as u32;
@@ -604,7 +700,15 @@ pub struct Case {
 impl Case {
     /// `seqlens` must sum to at most `n_tokens` (the rest is trailing padding). q is drawn
     /// from [-q_amp, q_amp) so the softmax is neither flat nor one-hot; k, v, dout from [-1, 1).
-    pub fn random(seed: u64, n_tokens: usize, seqlens: &[usize], hq: usize, hkv: usize, d: usize, q_amp: f32) -> Case {
+    pub fn random(
+        seed: u64,
+        n_tokens: usize,
+        seqlens: &[usize],
+        hq: usize,
+        hkv: usize,
+        d: usize,
+        q_amp: f32,
+    ) -> Case {
         let mut rng = ftrt_runtime::rng::SplitMix64::new(seed);
         let mut cu = vec![0i32];
         for &l in seqlens {
@@ -612,7 +716,11 @@ impl Case {
         }
         assert!(*cu.last().unwrap() as usize <= n_tokens);
         let dims = AttentionDims::new(n_tokens, seqlens.len(), hq, hkv, d);
-        let mut gen = |n: usize, amp: f32| -> Vec<bf16> { (0..n).map(|_| bf16::from_f32(amp * rng.symmetric_f32())).collect() };
+        let mut gen = |n: usize, amp: f32| -> Vec<bf16> {
+            (0..n)
+                .map(|_| bf16::from_f32(amp * rng.symmetric_f32()))
+                .collect()
+        };
         let q = gen(dims.q_len(), q_amp);
         let k = gen(dims.kv_len(), 1.0);
         let v = gen(dims.kv_len(), 1.0);
@@ -663,7 +771,12 @@ pub fn check_against_reference(
     stride: usize,
 ) -> [f64; 5] {
     let dims = c.dims;
-    let (d, n, hq, hkv) = (dims.head_dim, dims.n_tokens, dims.n_heads_q, dims.n_heads_kv);
+    let (d, n, hq, hkv) = (
+        dims.head_dim,
+        dims.n_tokens,
+        dims.n_heads_q,
+        dims.n_heads_kv,
+    );
     let (q, k, v, dout) = (to_f64(&c.q), to_f64(&c.k), to_f64(&c.v), to_f64(&c.dout));
     let out64 = to_f64(out);
     let lse64: Vec<f64> = lse.iter().map(|&x| x as f64).collect();
@@ -691,19 +804,47 @@ pub fn check_against_reference(
             let l = r.forward_row(i, h, &mut row);
             e_lse.push((lse64[h * n + i], l));
             e_out.extend(out64[o..o + d].iter().copied().zip(row.iter().copied()));
-            r.dq_row(i, h, lse64[h * n + i], dvec[h * n + i], &dout[o..o + d], &mut row);
-            e_dq.extend(dq[o..o + d].iter().map(|x| x.to_f64()).zip(row.iter().copied()));
+            r.dq_row(
+                i,
+                h,
+                lse64[h * n + i],
+                dvec[h * n + i],
+                &dout[o..o + d],
+                &mut row,
+            );
+            e_dq.extend(
+                dq[o..o + d]
+                    .iter()
+                    .map(|x| x.to_f64())
+                    .zip(row.iter().copied()),
+            );
         }
     }
     for hk in heads(hkv) {
         for j in (0..n).step_by(stride) {
             let o = (j * hkv + hk) * d;
             r.dkdv_row(j, hk, &lse64, &dvec, &dout, &mut row, &mut row2);
-            e_dk.extend(dk[o..o + d].iter().map(|x| x.to_f64()).zip(row.iter().copied()));
-            e_dv.extend(dv[o..o + d].iter().map(|x| x.to_f64()).zip(row2.iter().copied()));
+            e_dk.extend(
+                dk[o..o + d]
+                    .iter()
+                    .map(|x| x.to_f64())
+                    .zip(row.iter().copied()),
+            );
+            e_dv.extend(
+                dv[o..o + d]
+                    .iter()
+                    .map(|x| x.to_f64())
+                    .zip(row2.iter().copied()),
+            );
         }
     }
-    [rel_err(&e_out), rel_err(&e_lse), rel_err(&e_dq), rel_err(&e_dk), rel_err(&e_dv)]
+    [
+        rel_err(&e_out),
+        rel_err(&e_lse),
+        rel_err(&e_dq),
+        rel_err(&e_dk),
+        rel_err(&e_dv),
+    ]
 }
 
 /// The selftest's cases: (name, case, row stride of the CPU check).
@@ -711,10 +852,18 @@ fn selftest_cases() -> Vec<(String, Case, usize)> {
     let mut v = vec![];
     // Llama-like: D = 128, GQA 4, four uneven sequences filling the 8192-token budget
     let s = [2999, 1001, 2500, 1692];
-    v.push(("d128 N=8192 S=4 Hq=32 Hkv=8".to_string(), Case::random(1, 8192, &s, 32, 8, 128, 2.0), 41));
+    v.push((
+        "d128 N=8192 S=4 Hq=32 Hkv=8".to_string(),
+        Case::random(1, 8192, &s, 32, 8, 128, 2.0),
+        41,
+    ));
     // SmolLM2-135M-like: D = 64, GQA 3, a one-token sequence, a short one and two long ones
     let s = [1, 4095, 63, 4033];
-    v.push(("d64 N=8192 S=4 Hq=9 Hkv=3".to_string(), Case::random(2, 8192, &s, 9, 3, 64, 2.0), 37));
+    v.push((
+        "d64 N=8192 S=4 Hq=9 Hkv=3".to_string(),
+        Case::random(2, 8192, &s, 9, 3, 64, 2.0),
+        37,
+    ));
     // many short sequences, GQA 1, trailing padding (cu[S] < N)
     let mut rng = ftrt_runtime::rng::SplitMix64::new(3);
     let s: Vec<usize> = (0..40).map(|_| rng.range(1, 90)).collect();
@@ -748,7 +897,18 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<(String, f64, f64)>, RuntimeError> {
         gpu.upload(buf_v.ptr(), &c.v)?;
         gpu.upload(buf_do.ptr(), &c.dout)?;
         gpu.upload(buf_cu.ptr(), &c.cu_seqlens)?;
-        let fwd = || attention_forward(gpu, dims, buf_q.ptr(), buf_k.ptr(), buf_v.ptr(), buf_cu.ptr(), buf_o.ptr(), buf_lse.ptr());
+        let fwd = || {
+            attention_forward(
+                gpu,
+                dims,
+                buf_q.ptr(),
+                buf_k.ptr(),
+                buf_v.ptr(),
+                buf_cu.ptr(),
+                buf_o.ptr(),
+                buf_lse.ptr(),
+            )
+        };
         let bwd = || {
             attention_backward(
                 gpu,
@@ -768,8 +928,12 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<(String, f64, f64)>, RuntimeError> {
         };
         let time = |f: &dyn Fn() -> Result<(), RuntimeError>| -> Result<f64, RuntimeError> {
             f()?;
-            let start = gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            let end = gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            let start = gpu
+                .context()
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            let end = gpu
+                .context()
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
             let iters = 10;
             start.record(gpu.stream())?;
             for _ in 0..iters {
@@ -802,16 +966,26 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<(String, f64, f64)>, RuntimeError> {
         gpu.download(buf_dq.ptr(), &mut dq2)?;
         gpu.download(buf_dk.ptr(), &mut dk2)?;
         gpu.download(buf_dv.ptr(), &mut dv2)?;
-        let same = |a: &[bf16], b: &[bf16]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        let same =
+            |a: &[bf16], b: &[bf16]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
         let deterministic = same(&dq, &dq2) && same(&dk, &dk2) && same(&dv, &dv2);
-        let finite = out.iter().chain(&dq).chain(&dk).chain(&dv).all(|x| x.is_finite()) && lse.iter().all(|x| x.is_finite());
+        let finite = out
+            .iter()
+            .chain(&dq)
+            .chain(&dk)
+            .chain(&dv)
+            .all(|x| x.is_finite())
+            && lse.iter().all(|x| x.is_finite());
 
         let e = check_against_reference(&c, &out, &lse, &dq, &dk, &dv, stride);
         let tf = dims.forward_flops(&c.cu_seqlens) / (ms_f * 1e-3) / 1e12;
         let tb = dims.backward_flops(&c.cu_seqlens) / (ms_b * 1e-3) / 1e12;
         let nonfinite = if finite { 0.0 } else { f64::INFINITY };
         rows.push((
-            format!("attention fwd {name}: {tf:.1} TFLOP/s (out {:.1e}, lse {:.1e})", e[0], e[1]),
+            format!(
+                "attention fwd {name}: {tf:.1} TFLOP/s (out {:.1e}, lse {:.1e})",
+                e[0], e[1]
+            ),
             e[0].max(e[1]).max(nonfinite),
             ms_f,
         ));
@@ -821,9 +995,16 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<(String, f64, f64)>, RuntimeError> {
                 e[2],
                 e[3],
                 e[4],
-                if deterministic { "deterministic" } else { "NOT DETERMINISTIC" }
+                if deterministic {
+                    "deterministic"
+                } else {
+                    "NOT DETERMINISTIC"
+                }
             ),
-            e[2].max(e[3]).max(e[4]).max(if deterministic { 0.0 } else { 1.0 }).max(nonfinite),
+            e[2].max(e[3])
+                .max(e[4])
+                .max(if deterministic { 0.0 } else { 1.0 })
+                .max(nonfinite),
             ms_b,
         ));
     }

@@ -55,9 +55,18 @@ fn shapes() -> Vec<(usize, Vec<usize>, usize, usize, usize)> {
 /// Dense f64 attention with the full (N, N) mask: same[i][j] && j <= i, where a token's
 /// sequence id is the number of cu entries after cu[0] that are <= it (padding: id S).
 fn dense(x: &Inputs) -> (Vec<f64>, Vec<f64>) {
-    let (n, hq, hkv, d) = (x.dims.n_tokens, x.dims.n_heads_q, x.dims.n_heads_kv, x.dims.head_dim);
-    let id: Vec<usize> = (0..n).map(|i| x.cu[1..].iter().filter(|&&c| c as usize <= i).count()).collect();
-    let mask: Vec<Vec<bool>> = (0..n).map(|i| (0..n).map(|j| id[i] == id[j] && j <= i).collect()).collect();
+    let (n, hq, hkv, d) = (
+        x.dims.n_tokens,
+        x.dims.n_heads_q,
+        x.dims.n_heads_kv,
+        x.dims.head_dim,
+    );
+    let id: Vec<usize> = (0..n)
+        .map(|i| x.cu[1..].iter().filter(|&&c| c as usize <= i).count())
+        .collect();
+    let mask: Vec<Vec<bool>> = (0..n)
+        .map(|i| (0..n).map(|j| id[i] == id[j] && j <= i).collect())
+        .collect();
     let mut out = vec![0.0; x.dims.q_len()];
     let mut lse = vec![0.0; x.dims.lse_len()];
     let scale = x.dims.scale as f64;
@@ -67,14 +76,19 @@ fn dense(x: &Inputs) -> (Vec<f64>, Vec<f64>) {
             let mut sc = vec![f64::NEG_INFINITY; n];
             for j in 0..n {
                 if mask[i][j] {
-                    sc[j] = scale * (0..d).map(|c| x.q[(i * hq + h) * d + c] * x.k[(j * hkv + kvh) * d + c]).sum::<f64>();
+                    sc[j] = scale
+                        * (0..d)
+                            .map(|c| x.q[(i * hq + h) * d + c] * x.k[(j * hkv + kvh) * d + c])
+                            .sum::<f64>();
                 }
             }
             let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = sc.iter().map(|s| (s - m).exp()).sum();
             lse[h * n + i] = m + z.ln();
             for c in 0..d {
-                out[(i * hq + h) * d + c] = (0..n).map(|j| (sc[j] - m).exp() / z * x.v[(j * hkv + kvh) * d + c]).sum();
+                out[(i * hq + h) * d + c] = (0..n)
+                    .map(|j| (sc[j] - m).exp() / z * x.v[(j * hkv + kvh) * d + c])
+                    .sum();
             }
         }
     }
@@ -92,13 +106,18 @@ fn backward(x: &Inputs, out: &[f64], lse: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f6
     let mut dq = vec![0.0; x.dims.q_len()];
     let mut dk = vec![0.0; x.dims.kv_len()];
     let mut dv = vec![0.0; x.dims.kv_len()];
-    attention_backward_cpu(&x.dims, &x.cu, &x.q, &x.k, &x.v, out, lse, &x.dout, &mut dq, &mut dk, &mut dv);
+    attention_backward_cpu(
+        &x.dims, &x.cu, &x.q, &x.k, &x.v, out, lse, &x.dout, &mut dq, &mut dk, &mut dv,
+    );
     (dq, dk, dv)
 }
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -125,9 +144,17 @@ fn f32_reference_matches_f64() {
     let mut dq32 = vec![0f32; x.dims.q_len()];
     let mut dk32 = vec![0f32; x.dims.kv_len()];
     let mut dv32 = vec![0f32; x.dims.kv_len()];
-    attention_backward_cpu(&x.dims, &x.cu, &q, &k, &v, &out32, &lse32, &dout, &mut dq32, &mut dk32, &mut dv32);
+    attention_backward_cpu(
+        &x.dims, &x.cu, &q, &k, &v, &out32, &lse32, &dout, &mut dq32, &mut dk32, &mut dv32,
+    );
     let up = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
-    for (a, b) in [(&out, up(&out32)), (&lse, up(&lse32)), (&dq, up(&dq32)), (&dk, up(&dk32)), (&dv, up(&dv32))] {
+    for (a, b) in [
+        (&out, up(&out32)),
+        (&lse, up(&lse32)),
+        (&dq, up(&dq32)),
+        (&dk, up(&dk32)),
+        (&dv, up(&dv32)),
+    ] {
         assert!(max_abs_diff(a, &b) < 1e-4);
     }
 }
@@ -152,7 +179,10 @@ fn hand_computed_two_tokens() {
     for i in 0..3 {
         for h in 0..2 {
             assert_eq!(&out[(i * 2 + h) * 4..][..4], &x.v[i * 4..][..4]);
-            let s: f64 = (0..4).map(|c| x.q[(i * 2 + h) * 4 + c] * x.k[i * 4 + c]).sum::<f64>() * x.dims.scale as f64;
+            let s: f64 = (0..4)
+                .map(|c| x.q[(i * 2 + h) * 4 + c] * x.k[i * 4 + c])
+                .sum::<f64>()
+                * x.dims.scale as f64;
             assert!((lse[h * 3 + i] - s).abs() < 1e-12);
         }
     }
@@ -210,7 +240,12 @@ fn sequences_never_attend_across() {
     let mut y = inputs(22, 18, &lens, 4, 2, 8);
     // y = x except in sequence 2 (tokens 5..12), where every input differs
     let (hq, hkv, d) = (4, 2, 8);
-    for (yv, xv, heads) in [(&mut y.q, &x.q, hq), (&mut y.k, &x.k, hkv), (&mut y.v, &x.v, hkv), (&mut y.dout, &x.dout, hq)] {
+    for (yv, xv, heads) in [
+        (&mut y.q, &x.q, hq),
+        (&mut y.k, &x.k, hkv),
+        (&mut y.v, &x.v, hkv),
+        (&mut y.dout, &x.dout, hq),
+    ] {
         for i in (0..18).filter(|i| !(5..12).contains(i)) {
             let r = i * heads * d..(i + 1) * heads * d;
             yv[r.clone()].copy_from_slice(&xv[r]);
@@ -225,7 +260,9 @@ fn sequences_never_attend_across() {
         let mut dq = vec![0f32; x.dims.q_len()];
         let mut dk = vec![0f32; x.dims.kv_len()];
         let mut dv = vec![0f32; x.dims.kv_len()];
-        attention_backward_cpu(&x.dims, &x.cu, &q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv);
+        attention_backward_cpu(
+            &x.dims, &x.cu, &q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv,
+        );
         (out, lse, dq, dk, dv)
     };
     let (a, b) = (run(&x), run(&y));
@@ -233,21 +270,39 @@ fn sequences_never_attend_across() {
     for i in (0..18).filter(|i| !(5..12).contains(i)) {
         let qr = i * hq * d..(i + 1) * hq * d;
         let kr = i * hkv * d..(i + 1) * hkv * d;
-        assert_eq!(bits(&a.0[qr.clone()]), bits(&b.0[qr.clone()]), "out of token {i}");
+        assert_eq!(
+            bits(&a.0[qr.clone()]),
+            bits(&b.0[qr.clone()]),
+            "out of token {i}"
+        );
         assert_eq!(bits(&a.2[qr.clone()]), bits(&b.2[qr]), "dq of token {i}");
-        assert_eq!(bits(&a.3[kr.clone()]), bits(&b.3[kr.clone()]), "dk of token {i}");
+        assert_eq!(
+            bits(&a.3[kr.clone()]),
+            bits(&b.3[kr.clone()]),
+            "dk of token {i}"
+        );
         assert_eq!(bits(&a.4[kr.clone()]), bits(&b.4[kr]), "dv of token {i}");
         for h in 0..hq {
-            assert_eq!(a.1[h * 18 + i].to_bits(), b.1[h * 18 + i].to_bits(), "lse of token {i}");
+            assert_eq!(
+                a.1[h * 18 + i].to_bits(),
+                b.1[h * 18 + i].to_bits(),
+                "lse of token {i}"
+            );
         }
     }
     // and sequence 2's outputs did change
-    assert_ne!(bits(&a.0[5 * hq * d..12 * hq * d]), bits(&b.0[5 * hq * d..12 * hq * d]));
+    assert_ne!(
+        bits(&a.0[5 * hq * d..12 * hq * d]),
+        bits(&b.0[5 * hq * d..12 * hq * d])
+    );
 }
 
 #[test]
 fn segments_and_flops() {
-    assert_eq!(segments(&[0, 3, 3, 5], 8), vec![(0, 3), (3, 3), (3, 5), (5, 8)]);
+    assert_eq!(
+        segments(&[0, 3, 3, 5], 8),
+        vec![(0, 3), (3, 3), (3, 5), (5, 8)]
+    );
     assert_eq!(segments(&[0, 4], 4), vec![(0, 4)]);
     let dims = AttentionDims::new(8, 3, 2, 1, 4);
     // pairs: 3*4/2 + 0 + 2*3/2 + 3*4/2 = 6 + 3 + 6 = 15

@@ -57,7 +57,9 @@ impl Rng {
         let seed = match std::env::var("FTRT_TEST_SEED") {
             Ok(s) => s.parse().expect("FTRT_TEST_SEED is a u64"),
             Err(_) => {
-                let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
                 let mut h = t.as_nanos() as u64 ^ std::process::id() as u64;
                 for b in name.bytes() {
                     h = (h ^ b as u64).wrapping_mul(0x100000001b3);
@@ -136,7 +138,10 @@ impl Check<'_> {
         let upstream: Vec<Vec<f64>> = {
             let mut b = base.clone();
             forward(&mut b);
-            self.outputs.iter().map(|&(o, _)| rng.normals(b[o].f().len())).collect()
+            self.outputs
+                .iter()
+                .map(|&(o, _)| rng.normals(b[o].f().len()))
+                .collect()
         };
         let loss = |b: &Vec<Buf>| -> f64 {
             self.outputs
@@ -167,7 +172,9 @@ impl Check<'_> {
             let picks: Vec<usize> = if n <= SAMPLES {
                 (0..n).collect()
             } else {
-                (0..SAMPLES).map(|_| rng.int_in(0, n as i64) as usize).collect()
+                (0..SAMPLES)
+                    .map(|_| rng.int_in(0, n as i64) as usize)
+                    .collect()
             };
             for j in picks {
                 let mut plus = base.clone();

@@ -28,11 +28,20 @@ pub struct Rounding {
 
 impl Rounding {
     /// Exact arithmetic (f64 references, finite differences).
-    pub const EXACT: Rounding = Rounding { t: Prec::Exact, f32: Prec::Exact };
+    pub const EXACT: Rounding = Rounding {
+        t: Prec::Exact,
+        f32: Prec::Exact,
+    };
     /// The GPU's kernels: `T` is bf16, arithmetic f32.
-    pub const BF16: Rounding = Rounding { t: Prec::Bf16, f32: Prec::F32 };
+    pub const BF16: Rounding = Rounding {
+        t: Prec::Bf16,
+        f32: Prec::F32,
+    };
     /// An f32 model (Hugging Face parity in f32).
-    pub const F32: Rounding = Rounding { t: Prec::F32, f32: Prec::F32 };
+    pub const F32: Rounding = Rounding {
+        t: Prec::F32,
+        f32: Prec::F32,
+    };
 }
 
 /// Arithmetic of CPU references.

@@ -13,10 +13,16 @@ fn load(name: &str) -> Vec<u8> {
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
     let t = st.tensor(name).unwrap();
     match t.dtype() {
-        safetensors::Dtype::F32 => t.data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-        safetensors::Dtype::BF16 => {
-            t.data().chunks(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
-        }
+        safetensors::Dtype::F32 => t
+            .data()
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        safetensors::Dtype::BF16 => t
+            .data()
+            .chunks(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
         d => panic!("{name}: unexpected {d:?}"),
     }
 }
@@ -26,7 +32,10 @@ fn u8s(st: &SafeTensors, name: &str) -> Vec<u8> {
 }
 
 /// Fixtures whose N is a multiple of 64 (the DSL ops' contract).
-const CASES: [&str; 2] = ["bnb_nf4_cpu_weights_bf16.safetensors", "bnb_nf4_cpu_large_bf16.safetensors"];
+const CASES: [&str; 2] = [
+    "bnb_nf4_cpu_weights_bf16.safetensors",
+    "bnb_nf4_cpu_large_bf16.safetensors",
+];
 
 #[test]
 fn quantize_matches_bitsandbytes_packing_and_absmax() {
@@ -42,9 +51,21 @@ fn quantize_matches_bitsandbytes_packing_and_absmax() {
         assert_eq!(absmax, f32s(&st, "absmax_raw"), "{case}: absmax");
         // The CPU fixtures come from bitsandbytes' CPU path (division instead of the CUDA
         // reciprocal); the DSL op follows CUDA, exactly as the scalar model does.
-        assert_eq!(packed, bnb::nf4_pack(&x, &absmax, 64), "{case}: packed vs scalar model");
-        let same = packed.iter().zip(u8s(&st, "packed")).filter(|(a, b)| **a == *b).count();
-        assert!(same as f64 >= 0.999 * packed.len() as f64, "{case}: {same}/{} bytes equal bnb", packed.len());
+        assert_eq!(
+            packed,
+            bnb::nf4_pack(&x, &absmax, 64),
+            "{case}: packed vs scalar model"
+        );
+        let same = packed
+            .iter()
+            .zip(u8s(&st, "packed"))
+            .filter(|(a, b)| **a == *b)
+            .count();
+        assert!(
+            same as f64 >= 0.999 * packed.len() as f64,
+            "{case}: {same}/{} bytes equal bnb",
+            packed.len()
+        );
     }
 }
 
@@ -60,7 +81,15 @@ fn absmax_double_quantization_matches_model() {
         let d = absmax_quantize::Dims { NA: na };
         let mut q = vec![0u8; na];
         let mut am2 = vec![0f32; na.div_ceil(256)];
-        absmax_quantize::forward_cpu::<f32>(&d, offset, &raw, &code, &mut q, &mut am2, Rounding::BF16);
+        absmax_quantize::forward_cpu::<f32>(
+            &d,
+            offset,
+            &raw,
+            &code,
+            &mut q,
+            &mut am2,
+            Rounding::BF16,
+        );
         let shifted: Vec<f32> = raw.iter().map(|a| a - offset).collect();
         let (q_ref, am2_ref) = bnb::quantize_blockwise_cpu(&shifted, &code, 256);
         assert_eq!(am2, am2_ref, "{case}: nested absmax");
@@ -95,7 +124,18 @@ fn dequantize_matches_bitsandbytes_exactly() {
         let d2 = nf4_dequantize_f32_absmax::Dims { N: n };
         let mut w2 = vec![0f32; n];
         let absmax = f32s(&st, "dequant_absmax");
-        nf4_dequantize_f32_absmax::forward_cpu::<f32>(&d2, &u8s(&st, "packed"), &absmax, &f32s(&st, "code"), &mut w2, Rounding::BF16);
-        assert_eq!(bits(&w2), bits(&want), "{case}: dequantized from f32 absmax");
+        nf4_dequantize_f32_absmax::forward_cpu::<f32>(
+            &d2,
+            &u8s(&st, "packed"),
+            &absmax,
+            &f32s(&st, "code"),
+            &mut w2,
+            Rounding::BF16,
+        );
+        assert_eq!(
+            bits(&w2),
+            bits(&want),
+            "{case}: dequantized from f32 absmax"
+        );
     }
 }
