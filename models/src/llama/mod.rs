@@ -21,6 +21,7 @@ pub mod activations;
 pub mod attention;
 pub mod backward;
 pub mod chat;
+pub mod gpu;
 pub mod lora;
 pub mod model;
 pub mod sampling;

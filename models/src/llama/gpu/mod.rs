@@ -1,0 +1,926 @@
+//! The Llama family on the GPU (bf16), for LoRA training: the same math as the CPU model in
+//! `Rounding::BF16` (see `../model.rs` and `../backward.rs`), launched op by op on one stream.
+//!
+//! Layout, llm.c style:
+//! - weights: one bf16 buffer with the ranges of [`WeightStore`] (uploaded from the CPU model's
+//!   store, or random for benchmarks);
+//! - LoRA ([`GpuLora`]): f32 master A/B in [`LoraAdapter`]'s flat layout, a bf16 copy the GEMMs
+//!   read, f32 gradients, AdamW m and v;
+//! - activations ([`Acts`]): one allocation per tensor, sized once for a token budget; fields
+//!   commented with their shapes. Everything the backward reads is kept (no recompute or
+//!   offload yet).
+//!
+//! Per projection: `y = x W^T (+ b)` then `xa = x A^T` and `y += s xa B^T` (beta = 1), three
+//! cuBLASLt GEMMs, f32 accumulation, bf16 outputs. Backward with W frozen:
+//! `dx (+)= dy W`, `dxa = s dy B` (bf16), `dB += s dy^T xa` and `dA += dxa^T x` (f32 outputs of
+//! `gemm_bf16_f32`, beta = 1: gradients accumulate over micro-batches until zeroed), `dx += dxa A`.
+//! The cross-entropy runs over chunks of rows ([`plan::ce_rows`]): logits (rows, V) of one chunk
+//! through the head GEMM, the CE kernel's forward (final lse), its backward in place, and
+//! `dln_f[rows] = dlogits · head` (one bf16 rounding): never the full (N, V) logits.
+//! Attention: the varlen causal GQA kernels; head dims other than 64/128 (the tiny test
+//! models) are zero-padded to 64 through exact selection GEMMs, with the softmax scale of the
+//! true head dim.
+
+pub mod plan;
+pub mod selftest;
+pub mod trainable;
+
+use ftrt_ops::attention::{attention_backward, attention_forward, scratch_bytes, AttentionDims};
+use ftrt_ops::{activation, adamw, cross_entropy, embedding, norm, rope};
+use ftrt_runtime::cudarc::driver::{LaunchConfig, PushKernelArg};
+use ftrt_runtime::{CublasLt, DevPtr, DeviceBuffer, GemmDesc, GemmWorkspace, Gpu, PtxModule};
+use half::bf16;
+
+use super::lora::LoraAdapter;
+use super::model::{inv_freq_of, Batch, LlamaModel};
+use super::weights::{Dims, Proj, WeightStore};
+use crate::config::ModelConfig;
+use plan::ActSizes;
+
+pub use plan::{check_batch, flop_estimate, weight_layout};
+pub use selftest::selftest_model;
+pub use trainable::GpuTrainable;
+
+/// Errors of the GPU model are one-line strings (context + cause).
+pub type GpuResult<T> = Result<T, String>;
+
+trait Ctx<T> {
+    fn ctx(self, what: &str) -> GpuResult<T>;
+}
+impl<T, E: std::fmt::Display> Ctx<T> for Result<T, E> {
+    fn ctx(self, what: &str) -> GpuResult<T> {
+        self.map_err(|e| format!("{what}: {e}"))
+    }
+}
+
+/// f32 -> bf16 cast (hand-written PTX, see cast.ptx).
+static CAST: PtxModule = PtxModule {
+    name: "ftrt_llama_gpu_cast",
+    ptx: include_str!("cast.ptx"),
+    cuda_source: "y[i] = __float2bfloat16_rn(x[i]) (hand-written PTX)",
+};
+
+/// y (n) bf16 = round-to-nearest-even of x (n) f32.
+pub fn cast_f32_bf16(gpu: &Gpu, x: DevPtr<f32>, y: DevPtr<bf16>, n: usize) -> GpuResult<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&CAST, "ftrt_cast_f32_bf16").ctx("loading the cast kernel")?;
+    let blocks = n.div_ceil(256).min(65535) as u32;
+    let n64 = n as u64;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&x.addr);
+    b.arg(&y.addr);
+    b.arg(&n64);
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: x holds n f32 and y n bf16 (caller's contract); the kernel touches [0, n) only.
+    unsafe { b.launch(cfg) }.ctx("launching the cast kernel")?;
+    Ok(())
+}
+
+/// Device buffers owned together; typed pointers into them.
+struct Held {
+    bufs: Vec<DeviceBuffer>,
+    bytes: usize,
+}
+
+impl Held {
+    fn alloc<T>(&mut self, gpu: &Gpu, elems: usize) -> GpuResult<DevPtr<T>> {
+        let bytes = (elems * std::mem::size_of::<T>()).max(256);
+        let b = gpu.alloc(bytes).ctx(&format!("allocating {bytes} bytes of GPU memory"))?;
+        let p = b.ptr::<T>();
+        self.bytes += bytes;
+        self.bufs.push(b);
+        Ok(p)
+    }
+}
+
+/// Uploads `v` as bf16 to `dst` in chunks (no full bf16 host copy).
+fn upload_bf16(gpu: &Gpu, dst: DevPtr<bf16>, v: &[f32]) -> GpuResult<()> {
+    const CHUNK: usize = 1 << 24;
+    for (i, c) in v.chunks(CHUNK).enumerate() {
+        let h: Vec<bf16> = c.iter().map(|&x| bf16::from_f32(x)).collect();
+        gpu.upload(dst.offset(i * CHUNK), &h).ctx("uploading weights")?;
+    }
+    Ok(())
+}
+
+/// LoRA state on the GPU, in [`LoraAdapter`]'s flat layout.
+pub struct GpuLora {
+    /// Ranges of every A and B (its `data` is not kept in sync with the device).
+    pub layout: LoraAdapter,
+    /// Elements of the flat layout.
+    pub len: usize,
+    /// (len) f32 master weights.
+    pub master: DevPtr<f32>,
+    /// (len) bf16 copy the GEMMs read.
+    pub bf16: DevPtr<bf16>,
+    /// (len) f32 gradients (accumulated until [`GpuLlama::zero_grads`]).
+    pub grad: DevPtr<f32>,
+    /// (len) f32 AdamW moments.
+    pub m: DevPtr<f32>,
+    pub v: DevPtr<f32>,
+    /// AdamW steps taken.
+    pub step: u64,
+    _held: Held,
+}
+
+/// Per-layer saved activations for a budget of N tokens (bf16 unless noted).
+struct LayerActs {
+    /// (N, Hq * D) q_proj output before the q norm (Qwen3; else null).
+    q_pre: DevPtr<bf16>,
+    /// (N * Hq) f32 rstd of the q norm (Qwen3).
+    q_rstd: DevPtr<f32>,
+    /// (N, Hkv * D) k_proj output before the k norm (Qwen3).
+    k_pre: DevPtr<bf16>,
+    /// (N * Hkv) f32.
+    k_rstd: DevPtr<f32>,
+    /// (N, Hq, D) queries after norm + RoPE.
+    q: DevPtr<bf16>,
+    /// (N, Hkv, D) keys after norm + RoPE, values.
+    k: DevPtr<bf16>,
+    v: DevPtr<bf16>,
+    /// (N, Hq * D) attention output (o_proj's input).
+    att: DevPtr<bf16>,
+    /// (Hq, N) f32 attention logsumexp.
+    lse: DevPtr<f32>,
+    /// (N, C) residual after attention, post-attention norm output; (N) f32 its rstd.
+    resid_mid: DevPtr<bf16>,
+    ln2: DevPtr<bf16>,
+    rstd2: DevPtr<f32>,
+    /// (N, I) gate, up, and T(silu(gate)) * up (down_proj's input).
+    gate: DevPtr<bf16>,
+    up: DevPtr<bf16>,
+    act: DevPtr<bf16>,
+    /// Per projection: (N, r) x A^T (null when not adapted).
+    xa: [DevPtr<bf16>; 7],
+}
+
+/// Activations and scratch of one forward/backward (llm.c's ActivationTensors).
+struct Acts {
+    sizes: ActSizes,
+    /// (N) i32 token ids, positions, targets; (N + 1) cu_seqlens.
+    ids: DevPtr<i32>,
+    pos: DevPtr<i32>,
+    targets: DevPtr<i32>,
+    cu: DevPtr<i32>,
+    /// L + 1 residual streams (N, C): [0] the embedding, [l + 1] layer l's output.
+    resid: Vec<DevPtr<bf16>>,
+    /// L + 1 norm outputs (N, C): [l] layer l's input norm, [L] the final norm; (N) f32 rstds.
+    ln: Vec<DevPtr<bf16>>,
+    rstd: Vec<DevPtr<f32>>,
+    layers: Vec<LayerActs>,
+    /// Scratch (N, C): projection outputs, dresid ping-pong, norm-backward dx sink, zeros.
+    tmp_c: DevPtr<bf16>,
+    dres_a: DevPtr<bf16>,
+    dres_b: DevPtr<bf16>,
+    sink_c: DevPtr<bf16>,
+    zeros_c: DevPtr<bf16>,
+    /// (N, C) gradient into a norm output (dln1, dln2, dln_f).
+    dln: DevPtr<bf16>,
+    /// (N, I) dact, dgate, dup.
+    dact: DevPtr<bf16>,
+    dgate: DevPtr<bf16>,
+    dup: DevPtr<bf16>,
+    /// (N, Hq * D) datt, dq, dq_pre; (N, Hkv * D) dk, dv, dk_pre.
+    datt: DevPtr<bf16>,
+    dq: DevPtr<bf16>,
+    dq_pre: DevPtr<bf16>,
+    dk: DevPtr<bf16>,
+    dv: DevPtr<bf16>,
+    dk_pre: DevPtr<bf16>,
+    /// (N, r) dxa of the projection being differentiated.
+    dxa: DevPtr<bf16>,
+    /// (Hq * N) f32 attention-backward scratch.
+    attn_scratch: DevPtr<f32>,
+    /// Padded attention operands (N, H, Dp) (null without padding).
+    qp: DevPtr<bf16>,
+    kp: DevPtr<bf16>,
+    vp: DevPtr<bf16>,
+    op: DevPtr<bf16>,
+    dop: DevPtr<bf16>,
+    dqp: DevPtr<bf16>,
+    dkp: DevPtr<bf16>,
+    dvp: DevPtr<bf16>,
+    /// (D, Dp) padding selector.
+    sel: DevPtr<bf16>,
+    /// (ce_rows, V) logits of one cross-entropy chunk (dlogits in place).
+    logits: DevPtr<bf16>,
+    /// (N) f32 running lse, picked logit, d/d lse, d/d picked.
+    ce_lse: DevPtr<f32>,
+    ce_picked: DevPtr<f32>,
+    ce_dlse: DevPtr<f32>,
+    ce_dpicked: DevPtr<f32>,
+    _held: Held,
+}
+
+/// A Llama-family decoder on the GPU, bf16, LoRA-trainable.
+pub struct GpuLlama<'g> {
+    gpu: &'g Gpu,
+    blas: CublasLt,
+    ws: GemmWorkspace,
+    /// The checkpoint's config and the sizes derived from it.
+    pub config: ModelConfig,
+    pub dims: Dims,
+    eps: f32,
+    /// Weight ranges in `weights` (no host data).
+    layout: WeightStore,
+    /// All weights, bf16.
+    weights: DevPtr<bf16>,
+    /// (P, D) bf16 RoPE tables for positions 0..P (P = max_tokens).
+    cos: DevPtr<bf16>,
+    sin: DevPtr<bf16>,
+    max_tokens: usize,
+    /// LoRA rank the activation buffers were sized for.
+    r_cap: usize,
+    lora: Option<GpuLora>,
+    acts: Option<Acts>,
+    /// The batch of the last forward (its token count and cu_seqlens).
+    last: Option<(usize, usize)>,
+    _held: Held,
+}
+
+/// Which adapter projections exist (by [`Proj::index`]) in `layer` of `ad`.
+fn adapted(ad: Option<&LoraAdapter>, layer: usize, p: Proj) -> bool {
+    ad.is_some_and(|a| a.slot(layer, p).is_some())
+}
+
+impl<'g> GpuLlama<'g> {
+    /// Uploads the CPU model's weights (rounded to bf16) and sizes buffers for `max_tokens`
+    /// tokens per micro-batch and LoRA rank up to `max_rank`.
+    pub fn from_model(gpu: &'g Gpu, model: &LlamaModel, max_tokens: usize, max_rank: usize) -> GpuResult<Self> {
+        let mut me = Self::empty(gpu, &model.config, &model.weights, max_tokens, max_rank)?;
+        if model.weights.data.len() != plan::layout_len(&me.layout) {
+            return Err("the CPU model's weight store does not match its config".into());
+        }
+        upload_bf16(gpu, me.weights, &model.weights.data)?;
+        me.finish_init()?;
+        Ok(me)
+    }
+
+    /// Random weights (HF init: normal(0, 0.02), norms 1) for benchmarks: a block of random
+    /// values tiled over the weight buffer.
+    pub fn random(gpu: &'g Gpu, config: &ModelConfig, max_tokens: usize, max_rank: usize, seed: u64) -> GpuResult<Self> {
+        let layout = weight_layout(config);
+        let mut me = Self::empty(gpu, config, &layout, max_tokens, max_rank)?;
+        let total = plan::layout_len(&me.layout);
+        let block: Vec<bf16> = Rng(seed | 1).normals(1 << 22, 0.02).into_iter().map(bf16::from_f32).collect();
+        let mut at = 0;
+        while at < total {
+            let k = block.len().min(total - at);
+            gpu.upload(me.weights.offset(at), &block[..k]).ctx("uploading random weights")?;
+            at += k;
+        }
+        for r in plan::norm_ranges(&me.layout) {
+            gpu.upload(me.weights.offset(r.start), &vec![bf16::ONE; r.len()]).ctx("uploading norm weights")?;
+        }
+        me.finish_init()?;
+        Ok(me)
+    }
+
+    fn empty(gpu: &'g Gpu, config: &ModelConfig, store: &WeightStore, max_tokens: usize, max_rank: usize) -> GpuResult<Self> {
+        let dims = Dims::of(config);
+        if max_tokens == 0 {
+            return Err("the token budget must be positive".into());
+        }
+        if dims.hidden == 0 || dims.kv_heads == 0 || dims.heads % dims.kv_heads != 0 || dims.head_dim % 2 != 0 || dims.head_dim > 128 {
+            return Err(format!(
+                "unsupported shape for the GPU model: hidden {} heads {}/{} head_dim {}",
+                dims.hidden, dims.heads, dims.kv_heads, dims.head_dim
+            ));
+        }
+        let layout = WeightStore {
+            data: Vec::new(),
+            embed: store.embed.clone(),
+            layers: store.layers.clone(),
+            final_norm: store.final_norm.clone(),
+            lm_head: store.lm_head.clone(),
+        };
+        let mut held = Held { bufs: Vec::new(), bytes: 0 };
+        let weights = held.alloc::<bf16>(gpu, plan::layout_len(&layout))?;
+        let ws_bytes = ftrt_runtime::gemm::cublaslt::DEFAULT_WORKSPACE_BYTES;
+        let ws_ptr = held.alloc::<u8>(gpu, ws_bytes)?;
+        let blas = CublasLt::new(gpu).ctx("opening cuBLASLt")?;
+        // RoPE tables (P, D) for positions 0..P, rounded to bf16 like the CPU model's rows.
+        let inv = inv_freq_of(config);
+        let d = dims.head_dim;
+        let half = inv.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(max_tokens * d), Vec::with_capacity(max_tokens * d));
+        for p in 0..max_tokens {
+            for i in 0..d {
+                let a = p as f32 * inv[i % half];
+                cos.push(bf16::from_f32(a.cos()));
+                sin.push(bf16::from_f32(a.sin()));
+            }
+        }
+        let cos_d = held.alloc::<bf16>(gpu, cos.len())?;
+        let sin_d = held.alloc::<bf16>(gpu, sin.len())?;
+        gpu.upload(cos_d, &cos).ctx("uploading RoPE tables")?;
+        gpu.upload(sin_d, &sin).ctx("uploading RoPE tables")?;
+        Ok(Self {
+            gpu,
+            blas,
+            ws: GemmWorkspace { ptr: ws_ptr, bytes: ws_bytes },
+            config: config.clone(),
+            dims,
+            eps: config.rms_norm_eps as f32,
+            layout,
+            weights,
+            cos: cos_d,
+            sin: sin_d,
+            max_tokens,
+            r_cap: max_rank,
+            lora: None,
+            acts: None,
+            last: None,
+            _held: held,
+        })
+    }
+
+    fn finish_init(&mut self) -> GpuResult<()> {
+        self.gpu.synchronize().ctx("after uploading weights")
+    }
+
+    /// The token budget per micro-batch.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Bytes of GPU memory held (weights, tables, LoRA, activations, workspace).
+    pub fn held_bytes(&self) -> usize {
+        self._held.bytes + self.lora.as_ref().map_or(0, |l| l._held.bytes) + self.acts.as_ref().map_or(0, |a| a._held.bytes)
+    }
+
+    fn w(&self, r: &std::ops::Range<usize>) -> DevPtr<bf16> {
+        self.weights.offset(r.start)
+    }
+
+    fn head(&self) -> DevPtr<bf16> {
+        self.w(self.layout.lm_head.as_ref().unwrap_or(&self.layout.embed))
+    }
+
+    /// The adapter on the GPU, if any.
+    pub fn lora(&self) -> Option<&GpuLora> {
+        self.lora.as_ref()
+    }
+
+    /// Sets the adapter: allocates its state when the layout changes (and the activations
+    /// that depend on it), uploads A and B as the f32 master and the bf16 copy. Gradients and
+    /// AdamW state are zeroed when the state is (re)allocated.
+    pub fn set_lora(&mut self, ad: &LoraAdapter) -> GpuResult<()> {
+        if ad.r == 0 || ad.r > self.r_cap {
+            return Err(format!("LoRA rank {} outside 1..={} the GPU model was sized for", ad.r, self.r_cap));
+        }
+        if ad.slots.len() != self.dims.layers {
+            return Err(format!("adapter has {} layers, the model {}", ad.slots.len(), self.dims.layers));
+        }
+        for (l, row) in ad.slots.iter().enumerate() {
+            for p in Proj::ALL {
+                if let Some(s) = &row[p.index()] {
+                    let (out, inn) = p.shape(&self.dims);
+                    if s.a.len() != ad.r * inn || s.b.len() != out * ad.r || s.a.end > ad.data.len() || s.b.end > ad.data.len() {
+                        return Err(format!("adapter slot of layer {l} {} has the wrong size", p.module()));
+                    }
+                }
+            }
+        }
+        let same = self.lora.as_ref().is_some_and(|g| g.layout.slots == ad.slots && g.layout.r == ad.r && g.len == ad.data.len());
+        if !same {
+            self.lora = None;
+            self.acts = None;
+            let gpu = self.gpu;
+            let mut held = Held { bufs: Vec::new(), bytes: 0 };
+            let len = ad.data.len();
+            let master = held.alloc::<f32>(gpu, len)?;
+            let bf = held.alloc::<bf16>(gpu, len)?;
+            let grad = held.alloc::<f32>(gpu, len)?;
+            let m = held.alloc::<f32>(gpu, len)?;
+            let v = held.alloc::<f32>(gpu, len)?;
+            for p in [grad, m, v] {
+                gpu.memset_zero(p.cast(), len * 4).ctx("zeroing LoRA state")?;
+            }
+            let layout = LoraAdapter { r: ad.r, scale: ad.scale, data: Vec::new(), slots: ad.slots.clone() };
+            self.lora = Some(GpuLora { layout, len, master, bf16: bf, grad, m, v, step: 0, _held: held });
+        }
+        let g = self.lora.as_mut().expect("set above");
+        g.layout.scale = ad.scale;
+        self.gpu.upload(g.master, &ad.data).ctx("uploading LoRA weights")?;
+        cast_f32_bf16(self.gpu, g.master, g.bf16, g.len)?;
+        self.gpu.synchronize().ctx("uploading LoRA weights")
+    }
+
+    /// Zeroes the LoRA gradients (call before the first micro-batch of an optimizer step).
+    pub fn zero_grads(&mut self) -> GpuResult<()> {
+        if let Some(g) = &self.lora {
+            self.gpu.memset_zero(g.grad.cast(), g.len * 4).ctx("zeroing LoRA gradients")?;
+        }
+        Ok(())
+    }
+
+    /// The LoRA gradients, in the adapter's layout.
+    pub fn download_grads(&self) -> GpuResult<LoraAdapter> {
+        let g = self.lora.as_ref().ok_or("no adapter is set")?;
+        let mut data = vec![0f32; g.len];
+        self.gpu.download(g.grad, &mut data).ctx("downloading LoRA gradients")?;
+        Ok(LoraAdapter { data, ..g.layout.clone() })
+    }
+
+    /// The LoRA master weights, in the adapter's layout.
+    pub fn download_lora(&self) -> GpuResult<LoraAdapter> {
+        let g = self.lora.as_ref().ok_or("no adapter is set")?;
+        let mut data = vec![0f32; g.len];
+        self.gpu.download(g.master, &mut data).ctx("downloading LoRA weights")?;
+        Ok(LoraAdapter { data, ..g.layout.clone() })
+    }
+
+    /// One AdamW step (torch.optim.AdamW semantics) on the GPU over every LoRA weight (f32
+    /// master, m, v), reading the accumulated gradients as they are (gradients of the mean
+    /// loss), then refreshes the bf16 copy with the f32 -> bf16 cast kernel.
+    pub fn adamw_step(&mut self, lr: f32, weight_decay: f32, beta1: f32, beta2: f32, eps: f32) -> GpuResult<()> {
+        let gpu = self.gpu;
+        let g = self.lora.as_mut().ok_or("no adapter is set")?;
+        g.step += 1;
+        let t = g.step as i32;
+        let step_size = lr / (1.0 - beta1.powi(t));
+        let bc2 = (1.0 - beta2.powi(t)).sqrt();
+        adamw::adamw::forward(gpu, &adamw::adamw::Dims { N: g.len }, lr, weight_decay, beta1, beta2, eps, step_size, bc2, g.master, g.grad, g.m, g.v)
+            .ctx("adamw")?;
+        cast_f32_bf16(gpu, g.master, g.bf16, g.len)
+    }
+
+    fn ensure_acts(&mut self) -> GpuResult<()> {
+        if self.acts.is_some() {
+            return Ok(());
+        }
+        let gpu = self.gpu;
+        let d = self.dims;
+        let lora = self.lora.as_ref().map(|g| &g.layout);
+        let r = lora.map_or(0, |l| l.r);
+        let s = ActSizes::new(&d, self.max_tokens, r);
+        let qk = self.config.qk_norm;
+        let n = s.n;
+        let mut h = Held { bufs: Vec::new(), bytes: 0 };
+        let null = DevPtr::<bf16>::null();
+        let nullf = DevPtr::<f32>::null();
+        let mut layers = Vec::with_capacity(d.layers);
+        for l in 0..d.layers {
+            let mut xa = [null; 7];
+            for p in Proj::ALL {
+                if adapted(lora, l, p) {
+                    xa[p.index()] = h.alloc(gpu, s.nr)?;
+                }
+            }
+            layers.push(LayerActs {
+                q_pre: if qk { h.alloc(gpu, s.nq)? } else { null },
+                q_rstd: if qk { h.alloc(gpu, n * d.heads)? } else { nullf },
+                k_pre: if qk { h.alloc(gpu, s.nkv)? } else { null },
+                k_rstd: if qk { h.alloc(gpu, n * d.kv_heads)? } else { nullf },
+                q: h.alloc(gpu, s.nq)?,
+                k: h.alloc(gpu, s.nkv)?,
+                v: h.alloc(gpu, s.nkv)?,
+                att: h.alloc(gpu, s.nq)?,
+                lse: h.alloc(gpu, s.lse)?,
+                resid_mid: h.alloc(gpu, s.nc)?,
+                ln2: h.alloc(gpu, s.nc)?,
+                rstd2: h.alloc(gpu, n)?,
+                gate: h.alloc(gpu, s.ni)?,
+                up: h.alloc(gpu, s.ni)?,
+                act: h.alloc(gpu, s.ni)?,
+                xa,
+            });
+        }
+        let mut resid = Vec::new();
+        let mut ln = Vec::new();
+        let mut rstd = Vec::new();
+        for _ in 0..=d.layers {
+            resid.push(h.alloc(gpu, s.nc)?);
+            ln.push(h.alloc(gpu, s.nc)?);
+            rstd.push(h.alloc(gpu, n)?);
+        }
+        let pad = s.nq_pad > 0;
+        let dp = s.head_dim_pad;
+        let sel = if pad {
+            let p = h.alloc::<bf16>(gpu, d.head_dim * dp)?;
+            let v: Vec<bf16> = plan::pad_selector(d.head_dim, dp).into_iter().map(bf16::from_f32).collect();
+            gpu.upload(p, &v).ctx("uploading the padding selector")?;
+            p
+        } else {
+            null
+        };
+        let zeros_c = h.alloc::<bf16>(gpu, s.nc)?;
+        gpu.memset_zero(zeros_c.cast(), s.nc * 2).ctx("zeroing")?;
+        let attn_bytes = scratch_bytes(&AttentionDims::new(n, 1, d.heads, d.kv_heads, dp));
+        let pad_alloc = |h: &mut Held, e: usize| -> GpuResult<DevPtr<bf16>> { if pad { h.alloc(gpu, e) } else { Ok(null) } };
+        let acts = Acts {
+            sizes: s,
+            ids: h.alloc(gpu, n)?,
+            pos: h.alloc(gpu, n)?,
+            targets: h.alloc(gpu, n)?,
+            cu: h.alloc(gpu, n + 1)?,
+            resid,
+            ln,
+            rstd,
+            layers,
+            tmp_c: h.alloc(gpu, s.nc)?,
+            dres_a: h.alloc(gpu, s.nc)?,
+            dres_b: h.alloc(gpu, s.nc)?,
+            sink_c: h.alloc(gpu, s.nc)?,
+            zeros_c,
+            dln: h.alloc(gpu, s.nc)?,
+            dact: h.alloc(gpu, s.ni)?,
+            dgate: h.alloc(gpu, s.ni)?,
+            dup: h.alloc(gpu, s.ni)?,
+            datt: h.alloc(gpu, s.nq)?,
+            dq: h.alloc(gpu, s.nq)?,
+            dq_pre: if qk { h.alloc(gpu, s.nq)? } else { null },
+            dk: h.alloc(gpu, s.nkv)?,
+            dv: h.alloc(gpu, s.nkv)?,
+            dk_pre: if qk { h.alloc(gpu, s.nkv)? } else { null },
+            dxa: h.alloc(gpu, s.nr.max(1))?,
+            attn_scratch: h.alloc(gpu, attn_bytes / 4 + 1)?,
+            qp: pad_alloc(&mut h, s.nq_pad)?,
+            kp: pad_alloc(&mut h, s.nkv_pad)?,
+            vp: pad_alloc(&mut h, s.nkv_pad)?,
+            op: pad_alloc(&mut h, s.nq_pad)?,
+            dop: pad_alloc(&mut h, s.nq_pad)?,
+            dqp: pad_alloc(&mut h, s.nq_pad)?,
+            dkp: pad_alloc(&mut h, s.nkv_pad)?,
+            dvp: pad_alloc(&mut h, s.nkv_pad)?,
+            sel,
+            logits: h.alloc(gpu, s.logits)?,
+            ce_lse: h.alloc(gpu, n)?,
+            ce_picked: h.alloc(gpu, n)?,
+            ce_dlse: h.alloc(gpu, n)?,
+            ce_dpicked: h.alloc(gpu, n)?,
+            _held: h,
+        };
+        self.acts = Some(acts);
+        Ok(())
+    }
+
+    fn gemm(&self, desc: &GemmDesc, a: DevPtr<bf16>, b: DevPtr<bf16>, c: DevPtr<bf16>, bias: Option<DevPtr<bf16>>) -> GpuResult<()> {
+        self.blas.gemm_bf16(desc, a, b, c, bias, self.ws).ctx("cuBLASLt GEMM")
+    }
+
+    fn gemm_f32(&self, desc: &GemmDesc, a: DevPtr<bf16>, b: DevPtr<bf16>, c: DevPtr<f32>) -> GpuResult<()> {
+        self.blas.gemm_bf16_f32(desc, a, b, c, None, self.ws).ctx("cuBLASLt GEMM (f32 out)")
+    }
+
+    /// Device pointers of the adapter's A and B (bf16 copy) of `p` in layer `l`, if adapted.
+    fn lora_ab(&self, l: usize, p: Proj) -> Option<(DevPtr<bf16>, DevPtr<bf16>, DevPtr<f32>, DevPtr<f32>, usize, f32)> {
+        let g = self.lora.as_ref()?;
+        let s = g.layout.slot(l, p)?;
+        Some((g.bf16.offset(s.a.start), g.bf16.offset(s.b.start), g.grad.offset(s.a.start), g.grad.offset(s.b.start), g.layout.r, g.layout.scale))
+    }
+
+    /// y (n, out) = x (n, in) W^T (+ b) + s (x A^T) B^T; saves x A^T into `xa`.
+    fn project(&self, l: usize, p: Proj, x: DevPtr<bf16>, y: DevPtr<bf16>, xa: DevPtr<bf16>, n: usize) -> GpuResult<()> {
+        let (out, inn) = p.shape(&self.dims);
+        let lw = &self.layout.layers[l];
+        let bias = lw.bias[p.index()].as_ref().map(|r| self.w(r));
+        self.gemm(&GemmDesc::new(n, out, inn).transposed(false, true), x, self.w(&lw.proj[p.index()]), y, bias)?;
+        if let Some((a, b, _, _, r, s)) = self.lora_ab(l, p) {
+            self.gemm(&GemmDesc::new(n, r, inn).transposed(false, true), x, a, xa, None)?;
+            self.gemm(&GemmDesc::new(n, out, r).transposed(false, true).scaled(s, 1.0), xa, b, y, None)?;
+        }
+        Ok(())
+    }
+
+    /// Backward of [`Self::project`] with W frozen: dx (n, in) = dy W + s (dy B) A (added to dx
+    /// when `accumulate`), dB += s dy^T xa, dA += (s dy B)^T x (f32).
+    #[allow(clippy::too_many_arguments)]
+    fn project_backward(&self, l: usize, p: Proj, x: DevPtr<bf16>, xa: DevPtr<bf16>, dy: DevPtr<bf16>, dx: DevPtr<bf16>, accumulate: bool, n: usize, dxa: DevPtr<bf16>) -> GpuResult<()> {
+        let (out, inn) = p.shape(&self.dims);
+        let wt = self.w(&self.layout.layers[l].proj[p.index()]);
+        self.gemm(&GemmDesc::new(n, inn, out).scaled(1.0, if accumulate { 1.0 } else { 0.0 }), dy, wt, dx, None)?;
+        if let Some((a, b, ga, gb, r, s)) = self.lora_ab(l, p) {
+            // dB (out, r) += s dy^T (out, n) · xa (n, r)
+            self.gemm_f32(&GemmDesc::new(out, r, n).transposed(true, false).scaled(s, 1.0), dy, xa, gb)?;
+            // dxa (n, r) = s dy (n, out) · B (out, r)
+            self.gemm(&GemmDesc::new(n, r, out).scaled(s, 0.0), dy, b, dxa, None)?;
+            // dA (r, in) += dxa^T (r, n) · x (n, in)
+            self.gemm_f32(&GemmDesc::new(r, inn, n).transposed(true, false).scaled(1.0, 1.0), dxa, x, ga)?;
+            // dx += dxa (n, r) · A (r, in)
+            self.gemm(&GemmDesc::new(n, inn, r).scaled(1.0, 1.0), dxa, a, dx, None)?;
+        }
+        Ok(())
+    }
+
+    /// Uploads a batch (checked) and its targets; returns the number of counted targets.
+    fn load_batch(&mut self, batch: &Batch, targets: Option<&[i32]>) -> GpuResult<usize> {
+        let counted = check_batch(
+            &batch.tokens,
+            &batch.cu_seqlens,
+            &batch.positions,
+            targets,
+            self.dims.vocab,
+            self.max_tokens,
+            self.max_tokens,
+            self.config.sliding_window,
+        )?;
+        self.ensure_acts()?;
+        let a = self.acts.as_ref().expect("allocated");
+        let ids: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();
+        self.gpu.upload(a.ids, &ids).ctx("uploading token ids")?;
+        self.gpu.upload(a.pos, &batch.positions).ctx("uploading positions")?;
+        self.gpu.upload(a.cu, &batch.cu_seqlens).ctx("uploading cu_seqlens")?;
+        if let Some(t) = targets {
+            self.gpu.upload(a.targets, t).ctx("uploading targets")?;
+        }
+        self.last = Some((batch.len(), batch.num_seqs()));
+        Ok(counted)
+    }
+
+    /// Attention forward of layer `l` (padding head dims the kernels lack).
+    fn attn_forward(&self, a: &Acts, la: &LayerActs, n: usize, s: usize) -> GpuResult<()> {
+        let d = self.dims;
+        let dp = a.sizes.head_dim_pad;
+        let mut ad = AttentionDims::new(n, s, d.heads, d.kv_heads, dp);
+        if dp == d.head_dim {
+            return attention_forward(self.gpu, ad, la.q, la.k, la.v, a.cu, la.att, la.lse).ctx("attention forward");
+        }
+        ad.scale = 1.0 / (d.head_dim as f32).sqrt();
+        self.pad(la.q, a.qp, n * d.heads, a.sel)?;
+        self.pad(la.k, a.kp, n * d.kv_heads, a.sel)?;
+        self.pad(la.v, a.vp, n * d.kv_heads, a.sel)?;
+        attention_forward(self.gpu, ad, a.qp, a.kp, a.vp, a.cu, a.op, la.lse).ctx("attention forward (padded)")?;
+        self.unpad(a.op, la.att, n * d.heads, a.sel)
+    }
+
+    /// (rows, D) -> (rows, Dp) zero-padded: x · [I | 0].
+    fn pad(&self, x: DevPtr<bf16>, y: DevPtr<bf16>, rows: usize, sel: DevPtr<bf16>) -> GpuResult<()> {
+        let (dh, dp) = (self.dims.head_dim, self.acts.as_ref().map_or(0, |a| a.sizes.head_dim_pad));
+        self.gemm(&GemmDesc::new(rows, dp, dh), x, sel, y, None)
+    }
+
+    /// (rows, Dp) -> (rows, D): x · [I | 0]^T.
+    fn unpad(&self, x: DevPtr<bf16>, y: DevPtr<bf16>, rows: usize, sel: DevPtr<bf16>) -> GpuResult<()> {
+        let (dh, dp) = (self.dims.head_dim, self.acts.as_ref().map_or(0, |a| a.sizes.head_dim_pad));
+        self.gemm(&GemmDesc::new(rows, dh, dp).transposed(false, true), x, sel, y, None)
+    }
+
+    /// Forward of the loaded batch through the final norm, saving every activation.
+    fn forward_loaded(&self) -> GpuResult<()> {
+        let (n, s) = self.last.ok_or("no batch loaded")?;
+        let a = self.acts.as_ref().ok_or("activations not allocated")?;
+        let gpu = self.gpu;
+        let d = self.dims;
+        let (c, hq, hkv, hd, inter) = (d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate);
+        let eps = self.eps;
+        let lw0 = &self.layout.layers[0];
+        embedding::embedding::forward(gpu, &embedding::embedding::Dims { N: n, V: d.vocab, C: c }, a.ids, self.w(&self.layout.embed), a.resid[0])
+            .ctx("embedding")?;
+        norm::rms_norm::forward(gpu, &norm::rms_norm::Dims { R: n, C: c }, eps, a.resid[0], self.w(&lw0.input_norm), a.ln[0], a.rstd[0])
+            .ctx("input norm")?;
+        let and = norm::add_rms_norm::Dims { R: n, C: c };
+        let p_rows = self.max_tokens;
+        for l in 0..d.layers {
+            let lw = &self.layout.layers[l];
+            let la = &a.layers[l];
+            let x = a.ln[l];
+            let qk = lw.q_norm.is_some();
+            let q_out = if qk { la.q_pre } else { la.q };
+            let k_out = if qk { la.k_pre } else { la.k };
+            self.project(l, Proj::Q, x, q_out, la.xa[0], n)?;
+            self.project(l, Proj::K, x, k_out, la.xa[1], n)?;
+            self.project(l, Proj::V, x, la.v, la.xa[2], n)?;
+            if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
+                norm::rms_norm::forward(gpu, &norm::rms_norm::Dims { R: n * hq, C: hd }, eps, la.q_pre, self.w(qn), la.q, la.q_rstd).ctx("q norm")?;
+                norm::rms_norm::forward(gpu, &norm::rms_norm::Dims { R: n * hkv, C: hd }, eps, la.k_pre, self.w(kn), la.k, la.k_rstd).ctx("k norm")?;
+            }
+            rope::rope::forward(gpu, &rope::rope::Dims { N: n, H: hq, D: hd, P: p_rows }, la.q, a.pos, self.cos, self.sin).ctx("rope q")?;
+            rope::rope::forward(gpu, &rope::rope::Dims { N: n, H: hkv, D: hd, P: p_rows }, la.k, a.pos, self.cos, self.sin).ctx("rope k")?;
+            self.attn_forward(a, la, n, s)?;
+            self.project(l, Proj::O, la.att, a.tmp_c, la.xa[3], n)?;
+            norm::add_rms_norm::forward(gpu, &and, eps, a.tmp_c, a.resid[l], self.w(&lw.post_norm), la.ln2, la.resid_mid, la.rstd2).ctx("post-attention norm")?;
+            self.project(l, Proj::Gate, la.ln2, la.gate, la.xa[4], n)?;
+            self.project(l, Proj::Up, la.ln2, la.up, la.xa[5], n)?;
+            activation::swiglu::forward(gpu, &activation::swiglu::Dims { N: n * inter }, la.gate, la.up, la.act).ctx("swiglu")?;
+            self.project(l, Proj::Down, la.act, a.tmp_c, la.xa[6], n)?;
+            let next = if l + 1 < d.layers { &self.layout.layers[l + 1].input_norm } else { &self.layout.final_norm };
+            norm::add_rms_norm::forward(gpu, &and, eps, a.tmp_c, la.resid_mid, self.w(next), a.ln[l + 1], a.resid[l + 1], a.rstd[l + 1])
+                .ctx("residual + next norm")?;
+        }
+        Ok(())
+    }
+
+    /// Chunked cross-entropy over the loaded batch's rows; with `grad`, also writes
+    /// d(mean loss)/d(final norm output) into `acts.dln`. Returns (mean loss, counted rows).
+    fn cross_entropy_loaded(&self, targets: &[i32], grad: bool) -> GpuResult<(f64, usize)> {
+        let (n, _) = self.last.ok_or("no batch loaded")?;
+        let a = self.acts.as_ref().ok_or("activations not allocated")?;
+        let gpu = self.gpu;
+        let (c, v) = (self.dims.hidden, self.dims.vocab);
+        let head = self.head();
+        let ln_f = a.ln[self.dims.layers];
+        gpu.upload(a.ce_lse, &vec![f32::NEG_INFINITY; n]).ctx("init lse")?;
+        gpu.upload(a.ce_picked, &vec![0f32; n]).ctx("init picked")?;
+        if grad {
+            let (dl, dp) = plan::ce_coefficients(targets);
+            gpu.upload(a.ce_dlse, &dl).ctx("uploading dlse")?;
+            gpu.upload(a.ce_dpicked, &dp).ctx("uploading dpicked")?;
+        }
+        let rows = a.sizes.ce_rows;
+        let mut r0 = 0;
+        while r0 < n {
+            let rc = rows.min(n - r0);
+            let x = ln_f.offset(r0 * c);
+            // logits (rc, V) = x (rc, C) · head^T
+            self.gemm(&GemmDesc::new(rc, v, c).transposed(false, true), x, head, a.logits, None)?;
+            let cd = cross_entropy::cross_entropy::Dims { R: rc, V: v };
+            cross_entropy::cross_entropy::forward(gpu, &cd, 0, 0.0, a.logits, a.targets.offset(r0), a.ce_lse.offset(r0), a.ce_picked.offset(r0))
+                .ctx("cross-entropy forward")?;
+            if grad {
+                cross_entropy::cross_entropy::backward(
+                    gpu,
+                    &cd,
+                    0,
+                    0.0,
+                    a.logits,
+                    a.targets.offset(r0),
+                    a.ce_lse.offset(r0),
+                    a.ce_dlse.offset(r0),
+                    a.ce_dpicked.offset(r0),
+                    a.logits,
+                )
+                .ctx("cross-entropy backward")?;
+                // dln_f (rc, C) = dlogits (rc, V) · head (V, C)
+                self.gemm(&GemmDesc::new(rc, c, v), a.logits, head, a.dln.offset(r0 * c), None)?;
+            }
+            r0 += rc;
+        }
+        let mut lse = vec![0f32; n];
+        let mut picked = vec![0f32; n];
+        gpu.download(a.ce_lse, &mut lse).ctx("downloading lse")?;
+        gpu.download(a.ce_picked, &mut picked).ctx("downloading picked logits")?;
+        let (loss, m) = plan::mean_loss(&lse, &picked, targets);
+        if !loss.is_finite() {
+            return Err(format!("the GPU loss is not finite ({loss})"));
+        }
+        Ok((loss, m))
+    }
+
+    /// Backward from `acts.dln` (d loss / d final norm output) to the LoRA gradients.
+    fn backward_loaded(&self) -> GpuResult<()> {
+        let (n, s) = self.last.ok_or("no batch loaded")?;
+        let a = self.acts.as_ref().ok_or("activations not allocated")?;
+        let gpu = self.gpu;
+        let d = self.dims;
+        let (c, hq, hkv, hd, inter) = (d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate);
+        let nd = norm::add_rms_norm::Dims { R: n, C: c };
+        let p_rows = self.max_tokens;
+        // Final norm: d resid after the last layer into dres_a.
+        norm::add_rms_norm::backward(gpu, &nd, self.w(&self.layout.final_norm), a.resid[d.layers], a.rstd[d.layers], a.dln, a.zeros_c, a.sink_c, a.dres_a)
+            .ctx("final norm backward")?;
+        for l in (0..d.layers).rev() {
+            let la = &a.layers[l];
+            let lw = &self.layout.layers[l];
+            // MLP.
+            self.project_backward(l, Proj::Down, la.act, la.xa[6], a.dres_a, a.dact, false, n, a.dxa)?;
+            activation::swiglu::backward(gpu, &activation::swiglu::Dims { N: n * inter }, la.gate, la.up, a.dact, a.dgate, a.dup).ctx("swiglu backward")?;
+            self.project_backward(l, Proj::Gate, la.ln2, la.xa[4], a.dgate, a.dln, false, n, a.dxa)?;
+            self.project_backward(l, Proj::Up, la.ln2, la.xa[5], a.dup, a.dln, true, n, a.dxa)?;
+            norm::add_rms_norm::backward(gpu, &nd, self.w(&lw.post_norm), la.resid_mid, la.rstd2, a.dln, a.dres_a, a.sink_c, a.dres_b)
+                .ctx("post-attention norm backward")?;
+            // Attention block: dres_b is d resid_in (so far) and d o_proj output.
+            self.project_backward(l, Proj::O, la.att, la.xa[3], a.dres_b, a.datt, false, n, a.dxa)?;
+            self.attn_backward(a, la, n, s)?;
+            rope::rope::backward(gpu, &rope::rope::Dims { N: n, H: hq, D: hd, P: p_rows }, a.pos, self.cos, self.sin, a.dq).ctx("rope backward q")?;
+            rope::rope::backward(gpu, &rope::rope::Dims { N: n, H: hkv, D: hd, P: p_rows }, a.pos, self.cos, self.sin, a.dk).ctx("rope backward k")?;
+            let (mut dq, mut dk) = (a.dq, a.dk);
+            if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
+                norm::rms_norm::backward_dx(gpu, &norm::rms_norm::Dims { R: n * hq, C: hd }, la.q_pre, self.w(qn), la.q_rstd, a.dq, a.dq_pre).ctx("q norm backward")?;
+                norm::rms_norm::backward_dx(gpu, &norm::rms_norm::Dims { R: n * hkv, C: hd }, la.k_pre, self.w(kn), la.k_rstd, a.dk, a.dk_pre).ctx("k norm backward")?;
+                dq = a.dq_pre;
+                dk = a.dk_pre;
+            }
+            let x = a.ln[l];
+            self.project_backward(l, Proj::Q, x, la.xa[0], dq, a.dln, false, n, a.dxa)?;
+            self.project_backward(l, Proj::K, x, la.xa[1], dk, a.dln, true, n, a.dxa)?;
+            self.project_backward(l, Proj::V, x, la.xa[2], a.dv, a.dln, true, n, a.dxa)?;
+            if l > 0 {
+                norm::add_rms_norm::backward(gpu, &nd, self.w(&lw.input_norm), a.resid[l], a.rstd[l], a.dln, a.dres_b, a.sink_c, a.dres_a)
+                    .ctx("input norm backward")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attention backward of layer `l` from `acts.datt` into `acts.dq`, `dk`, `dv`.
+    fn attn_backward(&self, a: &Acts, la: &LayerActs, n: usize, s: usize) -> GpuResult<()> {
+        let d = self.dims;
+        let dp = a.sizes.head_dim_pad;
+        let mut ad = AttentionDims::new(n, s, d.heads, d.kv_heads, dp);
+        if dp == d.head_dim {
+            return attention_backward(self.gpu, ad, la.q, la.k, la.v, la.att, la.lse, a.datt, a.cu, a.dq, a.dk, a.dv, a.attn_scratch)
+                .ctx("attention backward");
+        }
+        ad.scale = 1.0 / (d.head_dim as f32).sqrt();
+        self.pad(la.q, a.qp, n * d.heads, a.sel)?;
+        self.pad(la.k, a.kp, n * d.kv_heads, a.sel)?;
+        self.pad(la.v, a.vp, n * d.kv_heads, a.sel)?;
+        self.pad(la.att, a.op, n * d.heads, a.sel)?;
+        self.pad(a.datt, a.dop, n * d.heads, a.sel)?;
+        attention_backward(self.gpu, ad, a.qp, a.kp, a.vp, a.op, la.lse, a.dop, a.cu, a.dqp, a.dkp, a.dvp, a.attn_scratch)
+            .ctx("attention backward (padded)")?;
+        self.unpad(a.dqp, a.dq, n * d.heads, a.sel)?;
+        self.unpad(a.dkp, a.dk, n * d.kv_heads, a.sel)?;
+        self.unpad(a.dvp, a.dv, n * d.kv_heads, a.sel)
+    }
+
+    /// Mean cross-entropy of a packed batch (`targets` (N): next-token ids, -100 ignored).
+    pub fn loss(&mut self, batch: &Batch, targets: &[i32]) -> GpuResult<f32> {
+        let counted = self.load_batch(batch, Some(targets))?;
+        if counted == 0 {
+            return Ok(0.0);
+        }
+        self.forward_loaded()?;
+        let (loss, _) = self.cross_entropy_loaded(targets, false)?;
+        Ok(loss as f32)
+    }
+
+    /// Mean cross-entropy and its LoRA gradients, **added** into the device gradients (call
+    /// [`Self::zero_grads`] first for a fresh step). Requires an adapter ([`Self::set_lora`]).
+    pub fn loss_and_grads(&mut self, batch: &Batch, targets: &[i32]) -> GpuResult<f32> {
+        if self.lora.is_none() {
+            return Err("loss_and_grads needs an adapter (set_lora)".into());
+        }
+        let counted = self.load_batch(batch, Some(targets))?;
+        if counted == 0 {
+            return Ok(0.0);
+        }
+        self.forward_loaded()?;
+        let (loss, _) = self.cross_entropy_loaded(targets, true)?;
+        self.backward_loaded()?;
+        self.gpu.synchronize().ctx("training step")?;
+        Ok(loss as f32)
+    }
+
+    /// Final-norm outputs (N, C) of a batch, as f32 (tests).
+    pub fn hidden(&mut self, batch: &Batch) -> GpuResult<Vec<f32>> {
+        self.load_batch(batch, None)?;
+        self.forward_loaded()?;
+        let a = self.acts.as_ref().expect("allocated");
+        let mut h = vec![bf16::ZERO; batch.len() * self.dims.hidden];
+        self.gpu.download(a.ln[self.dims.layers], &mut h).ctx("downloading hidden states")?;
+        Ok(h.into_iter().map(|x| x.to_f32()).collect())
+    }
+
+    /// The GPU this model runs on.
+    pub fn gpu(&self) -> &'g Gpu {
+        self.gpu
+    }
+}
+
+/// Tiny deterministic PRNG (splitmix64) for random weights and LoRA init.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// `n` normals N(0, std^2) (Box-Muller).
+    pub fn normals(&mut self, n: usize, std: f32) -> Vec<f32> {
+        let mut v = Vec::with_capacity(n + 1);
+        while v.len() < n {
+            let u1 = self.uniform().max(1e-7);
+            let u2 = self.uniform();
+            let r = (-2.0 * u1.ln()).sqrt() * std;
+            let t = 2.0 * std::f32::consts::PI * u2;
+            v.push(r * t.cos());
+            v.push(r * t.sin());
+        }
+        v.truncate(n);
+        v
+    }
+}
+
+/// A PEFT-initialised adapter on every projection of `targets`: A ~ U(-1/sqrt(in), 1/sqrt(in)),
+/// B = 0 (or B ~ U(-b_amp, b_amp) when `b_amp > 0`, so that gradients of A are non-zero in checks).
+pub fn init_adapter(dims: &Dims, r: usize, alpha: f32, targets: &[Proj], seed: u64, b_amp: f32) -> LoraAdapter {
+    let mut ad = LoraAdapter::zeros(dims, r, alpha, false, targets);
+    let mut rng = Rng(seed);
+    for row in ad.slots.clone() {
+        for (i, s) in row.iter().enumerate() {
+            if let Some(s) = s {
+                let inn = Proj::ALL[i].shape(dims).1;
+                let bound = 1.0 / (inn as f32).sqrt();
+                for x in &mut ad.data[s.a.clone()] {
+                    *x = (rng.uniform() * 2.0 - 1.0) * bound;
+                }
+                for x in &mut ad.data[s.b.clone()] {
+                    *x = if b_amp > 0.0 { (rng.uniform() * 2.0 - 1.0) * b_amp } else { 0.0 };
+                }
+            }
+        }
+    }
+    ad
+}

@@ -1,0 +1,364 @@
+//! Host-side planning of the GPU model, testable without a GPU: the weight layout of a config
+//! (the same ranges [`WeightStore::load`] produces), the element count of every activation
+//! buffer for a token budget, the cross-entropy row chunk, and the checks a batch must pass
+//! before any kernel sees it (so no kernel ever reads out of bounds).
+
+use std::ops::Range;
+
+use super::super::weights::{Dims, LayerWeights, Proj, WeightStore};
+use crate::config::ModelConfig;
+
+/// Logit elements held at once by the chunked cross-entropy (bf16: 512 MiB).
+pub const LOGIT_BUDGET: usize = 1 << 28;
+
+/// Head dims the GPU attention kernels are instantiated for; others are zero-padded to 64.
+pub const ATTN_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// The ranges of every weight of `config` in one flat buffer, in [`WeightStore::load`]'s order
+/// (`data` left empty): the layout of the device weight buffer when no host copy exists.
+pub fn weight_layout(config: &ModelConfig) -> WeightStore {
+    let d = Dims::of(config);
+    let mut at = 0usize;
+    let mut take = |n: usize| {
+        let r = at..at + n;
+        at += n;
+        r
+    };
+    let embed = take(d.vocab * d.hidden);
+    let mut layers = Vec::with_capacity(d.layers);
+    for _ in 0..d.layers {
+        let input_norm = take(d.hidden);
+        let mut proj: [Range<usize>; 7] = Default::default();
+        let mut bias: [Option<Range<usize>>; 7] = Default::default();
+        for p in Proj::ALL {
+            let (out, inn) = p.shape(&d);
+            proj[p.index()] = take(out * inn);
+            let wants_bias = match p {
+                Proj::Q | Proj::K | Proj::V => config.qkv_bias,
+                Proj::O => config.o_proj_bias,
+                _ => config.mlp_bias,
+            };
+            if wants_bias {
+                bias[p.index()] = Some(take(out));
+            }
+        }
+        let (q_norm, k_norm) = if config.qk_norm {
+            (Some(take(d.head_dim)), Some(take(d.head_dim)))
+        } else {
+            (None, None)
+        };
+        let post_norm = take(d.hidden);
+        layers.push(LayerWeights { input_norm, proj, bias, q_norm, k_norm, post_norm });
+    }
+    let final_norm = take(d.hidden);
+    let lm_head = if config.tie_word_embeddings { None } else { Some(take(d.vocab * d.hidden)) };
+    WeightStore { data: Vec::new(), embed, layers, final_norm, lm_head }
+}
+
+/// Total elements of a layout (end of its last range).
+pub fn layout_len(w: &WeightStore) -> usize {
+    let mut end = w.embed.end.max(w.final_norm.end);
+    if let Some(h) = &w.lm_head {
+        end = end.max(h.end);
+    }
+    for l in &w.layers {
+        end = end.max(l.input_norm.end).max(l.post_norm.end);
+        for r in l.proj.iter().chain(l.bias.iter().flatten()).chain(l.q_norm.iter()).chain(l.k_norm.iter()) {
+            end = end.max(r.end);
+        }
+    }
+    end
+}
+
+/// Ranges of the norm weights (initialised to 1 by a random init, like Hugging Face).
+pub fn norm_ranges(w: &WeightStore) -> Vec<Range<usize>> {
+    let mut v = vec![w.final_norm.clone()];
+    for l in &w.layers {
+        v.push(l.input_norm.clone());
+        v.push(l.post_norm.clone());
+        v.extend(l.q_norm.clone());
+        v.extend(l.k_norm.clone());
+    }
+    v
+}
+
+/// Element counts of the activation buffers for a budget of `n` tokens (all bf16 unless
+/// noted). Per layer: what the backward reads; shared: forward/backward scratch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActSizes {
+    /// N: token budget.
+    pub n: usize,
+    /// (N, C): residual streams (L + 1 of them), norm outputs (L + 1), resid_mid, ln2 per layer.
+    pub nc: usize,
+    /// (N, Hq * D): q, att (and q_pre with q/k norms).
+    pub nq: usize,
+    /// (N, Hkv * D): k, v (and k_pre).
+    pub nkv: usize,
+    /// (N, I): gate, up, act.
+    pub ni: usize,
+    /// (N, r): x A^T of one adapted projection.
+    pub nr: usize,
+    /// (Hq, N) f32: attention lse.
+    pub lse: usize,
+    /// Padded head dim used by the attention kernel (= D when D is 64 or 128).
+    pub head_dim_pad: usize,
+    /// (N, Hq, Dp) and (N, Hkv, Dp): padded attention operands (0 when no padding is needed).
+    pub nq_pad: usize,
+    pub nkv_pad: usize,
+    /// Rows of one cross-entropy chunk, and its logits (rows, V).
+    pub ce_rows: usize,
+    pub logits: usize,
+}
+
+impl ActSizes {
+    /// Sizes for `n` tokens of a model of `d`, LoRA rank `r` (0: no adapter).
+    pub fn new(d: &Dims, n: usize, r: usize) -> Self {
+        let dp = padded_head_dim(d.head_dim);
+        let pad = dp != d.head_dim;
+        let ce_rows = ce_rows(n, d.vocab);
+        Self {
+            n,
+            nc: n * d.hidden,
+            nq: n * d.q_dim(),
+            nkv: n * d.kv_dim(),
+            ni: n * d.intermediate,
+            nr: n * r,
+            lse: n * d.heads,
+            head_dim_pad: dp,
+            nq_pad: if pad { n * d.heads * dp } else { 0 },
+            nkv_pad: if pad { n * d.kv_heads * dp } else { 0 },
+            ce_rows,
+            logits: ce_rows * d.vocab,
+        }
+    }
+
+    /// Bytes of every buffer [`super::GpuLlama`] allocates for activations (weights and LoRA
+    /// state excluded): per layer saved tensors + the shared scratch.
+    pub fn bytes(&self, d: &Dims, qk_norm: bool, adapted: usize) -> usize {
+        let b = 2usize;
+        let per_layer = b * (2 * self.nc + 2 * self.nq + 2 * self.nkv + 3 * self.ni)
+            + 4 * (self.lse + self.n)
+            + if qk_norm { b * (self.nq + self.nkv) + 4 * self.n * (d.heads + d.kv_heads) } else { 0 };
+        let streams = (d.layers + 1) * (2 * b * self.nc + 4 * self.n);
+        let lora = adapted * b * self.nr;
+        let scratch = b * (4 * self.nc + 3 * self.ni + 3 * self.nq + 2 * self.nkv + self.nr + self.logits)
+            + if qk_norm { b * (self.nq + self.nkv) } else { 0 }
+            + b * (4 * self.nq_pad + 4 * self.nkv_pad)
+            + 4 * (self.lse + 6 * self.n)
+            + 4 * (self.n + 1);
+        d.layers * per_layer + streams + lora + scratch
+    }
+}
+
+/// The head dim the attention kernel runs at: D itself when a kernel exists, else 64 (or 128)
+/// with zero padding, which leaves scores and outputs unchanged.
+pub fn padded_head_dim(d: usize) -> usize {
+    if ATTN_HEAD_DIMS.contains(&d) {
+        d
+    } else if d < 64 {
+        64
+    } else {
+        128
+    }
+}
+
+/// Rows per cross-entropy chunk: as many as fit [`LOGIT_BUDGET`], at least 1, at most `n`.
+pub fn ce_rows(n: usize, vocab: usize) -> usize {
+    (LOGIT_BUDGET / vocab.max(1)).clamp(1, n.max(1))
+}
+
+/// Checks a packed batch against the model and the buffers: tokens in the vocabulary, at most
+/// `max_tokens`, `cu_seqlens` from 0 strictly increasing to N, positions in `0..positions`,
+/// targets in the vocabulary or -100. Returns the number of counted targets.
+#[allow(clippy::too_many_arguments)]
+pub fn check_batch(
+    tokens: &[u32],
+    cu_seqlens: &[i32],
+    positions: &[i32],
+    targets: Option<&[i32]>,
+    vocab: usize,
+    max_tokens: usize,
+    max_positions: usize,
+    sliding_window: Option<usize>,
+) -> Result<usize, String> {
+    let n = tokens.len();
+    if n == 0 {
+        return Err("empty batch".into());
+    }
+    if n > max_tokens {
+        return Err(format!("batch of {n} tokens exceeds the GPU model's budget of {max_tokens}"));
+    }
+    if cu_seqlens.first() != Some(&0)
+        || cu_seqlens.last().map(|&e| e as i64) != Some(n as i64)
+        || cu_seqlens.windows(2).any(|w| w[1] <= w[0])
+    {
+        return Err(format!("cu_seqlens {cu_seqlens:?} must start at 0, increase strictly and end at {n}"));
+    }
+    if positions.len() != n {
+        return Err(format!("{} positions for {n} tokens", positions.len()));
+    }
+    if let Some(&p) = positions.iter().find(|&&p| p < 0 || p as usize >= max_positions) {
+        return Err(format!("position {p} outside the RoPE table of {max_positions} rows"));
+    }
+    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(format!("token id {t} is outside the vocabulary of {vocab}"));
+    }
+    if let Some(w) = sliding_window {
+        let longest = cu_seqlens.windows(2).map(|p| (p[1] - p[0]) as usize).max().unwrap_or(0);
+        if longest > w {
+            return Err(format!(
+                "training attention has no sliding window: a sequence of {longest} tokens exceeds the window of {w}"
+            ));
+        }
+    }
+    let mut counted = 0;
+    if let Some(t) = targets {
+        if t.len() != n {
+            return Err(format!("{} targets for {n} tokens", t.len()));
+        }
+        for &v in t {
+            if v == -100 {
+                continue;
+            }
+            if v < 0 || v as usize >= vocab {
+                return Err(format!("target {v} is outside the vocabulary of {vocab} (and not -100)"));
+            }
+            counted += 1;
+        }
+    }
+    Ok(counted)
+}
+
+/// d(mean loss)/d lse and d/d picked per row: 1/m and -1/m on counted rows, 0 on ignored ones.
+pub fn ce_coefficients(targets: &[i32]) -> (Vec<f32>, Vec<f32>) {
+    let m = targets.iter().filter(|&&t| t != -100).count();
+    let inv = if m == 0 { 0.0 } else { 1.0 / m as f32 };
+    let dlse: Vec<f32> = targets.iter().map(|&t| if t == -100 { 0.0 } else { inv }).collect();
+    let dpicked = dlse.iter().map(|v| -v).collect();
+    (dlse, dpicked)
+}
+
+/// Mean loss over counted rows from the merged lse and picked logits (f64 sum).
+pub fn mean_loss(lse: &[f32], picked: &[f32], targets: &[i32]) -> (f64, usize) {
+    let mut s = 0f64;
+    let mut m = 0usize;
+    for ((l, p), t) in lse.iter().zip(picked).zip(targets) {
+        if *t != -100 {
+            s += *l as f64 - *p as f64;
+            m += 1;
+        }
+    }
+    (if m == 0 { 0.0 } else { s / m as f64 }, m)
+}
+
+/// The (D, Dp) selection matrix [I | 0] (row-major) that zero-pads head vectors from D to Dp
+/// through a GEMM (x (rows, D) · S = (rows, Dp)); S^T takes them back. Exact in bf16.
+pub fn pad_selector(d: usize, dp: usize) -> Vec<f32> {
+    let mut s = vec![0f32; d * dp];
+    for i in 0..d.min(dp) {
+        s[i * dp + i] = 1.0;
+    }
+    s
+}
+
+/// Hugging Face's FLOPs per trained token (hf_baseline.py's `flop_estimate`): returns
+/// (matmul params N + H, LoRA params P, model FLOPs/token, hardware FLOPs/token).
+pub fn flop_estimate(d: &Dims, seq: usize, r: usize, grad_ckpt: bool) -> (f64, f64, f64, f64) {
+    let (c, i, nl) = (d.hidden as f64, d.intermediate as f64, d.layers as f64);
+    let q_out = d.q_dim() as f64;
+    let kv_out = d.kv_dim() as f64;
+    let shapes = [(c, q_out), (c, kv_out), (c, kv_out), (q_out, c), (c, i), (c, i), (i, c)];
+    let n_layers = nl * shapes.iter().map(|(a, b)| a * b).sum::<f64>();
+    let n_head = d.vocab as f64 * c;
+    let p = nl * shapes.iter().map(|(a, b)| r as f64 * (a + b)).sum::<f64>();
+    let attn = 2.0 * seq as f64 * nl * q_out;
+    let fwd = 2.0 * (n_layers + n_head) + 2.0 * p + attn;
+    let bwd = 2.0 * (n_layers + n_head) + 4.0 * p + 2.0 * attn;
+    let rec = if grad_ckpt { 2.0 * n_layers + 2.0 * p + attn } else { 0.0 };
+    (n_layers + n_head, p, fwd + bwd, fwd + bwd + rec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims() -> Dims {
+        Dims { hidden: 64, intermediate: 128, layers: 2, heads: 4, kv_heads: 2, head_dim: 16, vocab: 128 }
+    }
+
+    #[test]
+    fn padding_and_chunks() {
+        assert_eq!(padded_head_dim(16), 64);
+        assert_eq!(padded_head_dim(32), 64);
+        assert_eq!(padded_head_dim(64), 64);
+        assert_eq!(padded_head_dim(96), 128);
+        assert_eq!(padded_head_dim(128), 128);
+        assert_eq!(ce_rows(10, 128), 10);
+        assert_eq!(ce_rows(16384, 128256), LOGIT_BUDGET / 128256);
+        assert!(ce_rows(16384, 128256) * 128256 <= LOGIT_BUDGET);
+        assert_eq!(ce_rows(5, 1 << 30), 1);
+        let s = ActSizes::new(&dims(), 10, 4);
+        assert_eq!((s.nc, s.nq, s.nkv, s.ni, s.nr, s.lse), (640, 640, 320, 1280, 40, 40));
+        assert_eq!((s.head_dim_pad, s.nq_pad, s.nkv_pad), (64, 10 * 4 * 64, 10 * 2 * 64));
+        assert!(s.bytes(&dims(), false, 14) > 0);
+        let sel = pad_selector(3, 5);
+        assert_eq!(sel, vec![1., 0., 0., 0., 0., 0., 1., 0., 0., 0., 0., 0., 1., 0., 0.]);
+    }
+
+    #[test]
+    fn batch_checks() {
+        let ok = check_batch(&[1, 2, 3], &[0, 2, 3], &[0, 1, 0], Some(&[5, -100, 7]), 128, 8, 8, None);
+        assert_eq!(ok, Ok(2));
+        assert!(check_batch(&[], &[0], &[], None, 128, 8, 8, None).is_err());
+        assert!(check_batch(&[1; 9], &[0, 9], &[0; 9], None, 128, 8, 16, None).is_err());
+        assert!(check_batch(&[1, 2], &[0, 2, 2], &[0, 1], None, 128, 8, 8, None).is_err());
+        assert!(check_batch(&[1, 2], &[0, 2], &[0, 8], None, 128, 8, 8, None).is_err());
+        assert!(check_batch(&[1, 200], &[0, 2], &[0, 1], None, 128, 8, 8, None).is_err());
+        assert!(check_batch(&[1, 2], &[0, 2], &[0, 1], Some(&[1, 128]), 128, 8, 8, None).is_err());
+        assert!(check_batch(&[1, 2], &[0, 2], &[0, 1], Some(&[1]), 128, 8, 8, None).is_err());
+        assert!(check_batch(&[1, 2, 3], &[0, 3], &[0, 1, 2], None, 128, 8, 8, Some(2)).is_err());
+        let (dl, dp) = ce_coefficients(&[1, -100, 3, 4]);
+        assert_eq!(dl, vec![1.0 / 3.0, 0.0, 1.0 / 3.0, 1.0 / 3.0]);
+        assert_eq!(dp[1], -0.0);
+        assert_eq!(dp[0], -1.0 / 3.0);
+        let (l, m) = mean_loss(&[3.0, 9.0, 2.0], &[1.0, 0.0, 1.0], &[1, -100, 2]);
+        assert_eq!((l, m), (1.5, 2));
+    }
+
+    #[test]
+    fn flops_match_hf_baseline_formula() {
+        // llama-3.2-1b, seq 2048, r 16 (numbers from hf_baseline.py's flop_estimate).
+        let d = Dims { hidden: 2048, intermediate: 8192, layers: 16, heads: 32, kv_heads: 8, head_dim: 64, vocab: 128256 };
+        let (nm, p, mf, hf) = flop_estimate(&d, 2048, 16, true);
+        let shapes: f64 = (2048.0 * 2048.0) * 2.0 + (2048.0 * 512.0) * 2.0 + 3.0 * 2048.0 * 8192.0;
+        assert_eq!(nm, 16.0 * shapes + 128256.0 * 2048.0);
+        assert_eq!(p, 16.0 * 16.0 * (4096.0 * 2.0 + 2560.0 * 2.0 + 10240.0 * 3.0));
+        assert!(hf > mf && mf > 0.0);
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+    use crate::checkpoint::WeightSource;
+    use crate::safetensors_io::SafetensorsFiles;
+    use ftrt_ops::dsl::Rounding;
+    use std::path::PathBuf;
+
+    #[test]
+    fn layout_matches_weight_store() {
+        for arch in ["llama", "qwen2", "qwen3", "mistral"] {
+            let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama").join(arch);
+            let config = ModelConfig::from_file(&d.join("config.json")).unwrap();
+            let ws = WeightSource::Safetensors(SafetensorsFiles::open(&d).unwrap());
+            let store = WeightStore::load(&config, &ws, Rounding::F32).unwrap();
+            let lay = weight_layout(&config);
+            assert_eq!(lay.embed, store.embed, "{arch}");
+            assert_eq!(lay.layers, store.layers, "{arch}");
+            assert_eq!(lay.final_norm, store.final_norm, "{arch}");
+            assert_eq!(lay.lm_head, store.lm_head, "{arch}");
+            assert_eq!(layout_len(&lay), store.data.len(), "{arch}");
+            assert_eq!(norm_ranges(&lay).len(), 1 + 2 * config.num_hidden_layers * if config.qk_norm { 2 } else { 1 });
+        }
+    }
+}
