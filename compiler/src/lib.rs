@@ -13,6 +13,9 @@ pub mod pipeline;
 pub mod validate;
 pub mod vectorize;
 
+#[cfg(test)]
+mod tests;
+
 pub use ast::OpDef;
 
 /// Parses the ops inside one `op! { ... }` block (later ops may `use` earlier ones).
