@@ -10,6 +10,10 @@ pub struct SelftestArgs {
     /// Only the runtime (GEMM, offload, graph replay).
     #[arg(long)]
     runtime: bool,
+    /// Only the GPU Llama model: tiny fixtures (loss + LoRA grads vs CPU bf16 and PEFT),
+    /// SmolLM2-135M loss GPU vs CPU, 20 GPU AdamW steps.
+    #[arg(long)]
+    model: bool,
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     device: usize,
@@ -25,7 +29,7 @@ pub fn run(args: &SelftestArgs) -> Result<(), String> {
     let gpu =
         Gpu::open(args.device).map_err(|e| format!("{e}\nftrt selftest needs an NVIDIA GPU."))?;
     println!("{}", gpu.info());
-    let both = !args.kernels && !args.runtime;
+    let both = !args.kernels && !args.runtime && !args.model;
     let mut rows: Vec<SelftestRow> = Vec::new();
     let mut failed = Vec::new();
     if args.kernels || both {
@@ -47,6 +51,19 @@ pub fn run(args: &SelftestArgs) -> Result<(), String> {
         match ftrt_runtime::selftest_runtime(&gpu) {
             Ok(r) => rows.extend(r),
             Err(e) => failed.push(format!("runtime: {e}")),
+        }
+    }
+    if args.model || both {
+        match ftrt_models::llama::gpu::selftest_model(&gpu) {
+            Ok(r) => {
+                for (name, err, detail) in r {
+                    if detail.ends_with("FAILED") || detail.contains("FAILED (") {
+                        failed.push(format!("model: {name}: {detail}"));
+                    }
+                    rows.push(SelftestRow { name, max_rel_err: err, time_us: 0.0, detail });
+                }
+            }
+            Err(e) => failed.push(format!("model: {e}")),
         }
     }
     print!("{}", format_rows(&rows));

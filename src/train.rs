@@ -133,11 +133,31 @@ pub struct TrainArgs {
 }
 
 /// The integration point of the model backend: builds a trainable model from an opened
-/// checkpoint. The CPU Llama-family path (`ftrt_models::llama::LlamaModel`) plugs in here once
-/// it implements [`LoraModel`].
-fn build_model(loaded: &LoadedModel) -> Result<Box<dyn LoraModel>, String> {
+/// checkpoint. Device from `FTRT_DEVICE` = `cpu` | `gpu` | `auto` (default: the GPU when
+/// `Gpu::open(0)` succeeds, else the CPU). The GPU model holds buffers for micro-batches of
+/// `token_budget` tokens and LoRA rank `max_rank`; the optimizer stays on the host.
+fn build_model(loaded: &LoadedModel, token_budget: usize, max_rank: usize) -> Result<Box<dyn LoraModel>, String> {
+    let device = std::env::var("FTRT_DEVICE").unwrap_or_else(|_| "auto".into());
     let model = LlamaModel::from_loaded(loaded, Rounding::F32).map_err(|e| e.to_string())?;
-    Ok(Box::new(LlamaTrainable::new(model)))
+    let gpu = match device.as_str() {
+        "cpu" => None,
+        "gpu" => Some(ftrt_runtime::Gpu::open(0).map_err(|e| format!("FTRT_DEVICE=gpu: {e}"))?),
+        "auto" | "" => ftrt_runtime::Gpu::open(0).ok(),
+        other => return Err(format!("FTRT_DEVICE must be cpu, gpu or auto, not {other:?}")),
+    };
+    match gpu {
+        Some(gpu) => {
+            eprintln!("device: GPU {}", gpu.info().name);
+            // One GPU per process, alive until exit.
+            let gpu: &'static ftrt_runtime::Gpu = Box::leak(Box::new(gpu));
+            let m = ftrt_models::llama::gpu::GpuTrainable::new(gpu, model, token_budget, max_rank)?;
+            Ok(Box::new(m))
+        }
+        None => {
+            eprintln!("device: CPU");
+            Ok(Box::new(LlamaTrainable::new(model)))
+        }
+    }
 }
 
 /// The tokenizer, chat template and EOS of an opened model.
@@ -210,7 +230,7 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         eval_set.len(),
         gib(plan.total())
     );
-    let mut model = build_model(&loaded)?;
+    let mut model = build_model(&loaded, s.token_budget(), s.lora.r)?;
     let eos = loaded.eos_token_ids.clone();
     if s.eval_samples > 0 && s.resume.is_none() {
         samples::answer_and_score(

@@ -1,0 +1,172 @@
+//! `ftrt bench`: LoRA training throughput of the GPU Llama model on random-initialised weights
+//! with the shapes of `hf_baseline.py`'s presets (LoRA r=16 on all seven projections), timed
+//! with CUDA events after warm-up; prints tokens/s, ms/step, GPU memory (planned and measured
+//! from the driver: free memory before building the model minus free memory after the steps;
+//! nothing is allocated inside the loop), MFU and HFU with hf_baseline.py's FLOP formula, and
+//! one JSON line starting with `{"bench": "ftrt"`.
+//!
+//! HFU here counts no recomputation (the GPU model keeps every activation), so it equals MFU;
+//! hf_baseline.py's HFU includes its gradient-checkpointing recompute.
+use clap::Args;
+use ftrt_models::llama::gpu::{flop_estimate, init_adapter, GpuLlama};
+use ftrt_models::llama::{Batch, Proj};
+use ftrt_models::ModelConfig;
+use ftrt_runtime::cudarc::driver::sys::CUevent_flags;
+use ftrt_runtime::Gpu;
+use std::path::Path;
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Model shape: llama-3.2-1b | llama-3.1-8b | qwen2.5-7b (as hf_baseline.py).
+    #[arg(long, default_value = "llama-3.2-1b")]
+    pub preset: String,
+    /// lora (qlora: not implemented on the GPU yet).
+    #[arg(long, default_value = "lora")]
+    pub mode: String,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 2048)]
+    pub seq: usize,
+    /// Timed optimizer steps.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// LoRA rank and alpha.
+    #[arg(long, default_value_t = 16)]
+    pub lora_r: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f32,
+    /// Learning rate of the GPU AdamW.
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f32,
+    /// Denominator of MFU/HFU in TFLOP/s (hf_baseline.py's default).
+    #[arg(long, default_value_t = 989.4)]
+    pub peak_tflops: f64,
+    /// GPU ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+}
+
+/// The preset's config.json (hf_baseline.py's PRESETS).
+pub fn preset_json(name: &str) -> Result<String, String> {
+    let (arch, model_type, c, i, l, h, kv, v, tie, theta, eps) = match name {
+        "llama-3.2-1b" => ("LlamaForCausalLM", "llama", 2048, 8192, 16, 32, 8, 128256, true, 500000.0, 1e-5),
+        "llama-3.1-8b" => ("LlamaForCausalLM", "llama", 4096, 14336, 32, 32, 8, 128256, false, 500000.0, 1e-5),
+        "qwen2.5-7b" => ("Qwen2ForCausalLM", "qwen2", 3584, 18944, 28, 28, 4, 152064, false, 1000000.0, 1e-6),
+        other => return Err(format!("unknown preset {other:?}: llama-3.2-1b, llama-3.1-8b or qwen2.5-7b")),
+    };
+    Ok(format!(
+        r#"{{"architectures": ["{arch}"], "model_type": "{model_type}", "hidden_size": {c}, "intermediate_size": {i},
+"num_hidden_layers": {l}, "num_attention_heads": {h}, "num_key_value_heads": {kv}, "vocab_size": {v},
+"tie_word_embeddings": {tie}, "rope_theta": {theta:.1}, "rms_norm_eps": {eps:e}, "max_position_embeddings": 131072,
+"hidden_act": "silu", "torch_dtype": "bfloat16"}}"#
+    ))
+}
+
+/// B sequences of S uniform random tokens; targets = next token within each sequence
+/// (labels = input_ids, shifted as transformers does), -100 at each sequence's end.
+pub fn random_batch(batch: usize, seq: usize, vocab: usize, seed: u64) -> (Batch, Vec<i32>) {
+    let mut rng = ftrt_models::llama::gpu::Rng(seed);
+    let seqs: Vec<Vec<u32>> = (0..batch).map(|_| (0..seq).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()).collect();
+    let b = Batch::packed(&seqs);
+    let mut t = Vec::with_capacity(b.len());
+    for s in &seqs {
+        t.extend(s.iter().skip(1).map(|&x| x as i32));
+        t.push(-100);
+    }
+    (b, t)
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+pub fn run(a: &BenchArgs) -> Result<(), String> {
+    if a.mode != "lora" {
+        return Err(format!("--mode {}: only lora runs on the GPU model so far", a.mode));
+    }
+    if a.batch == 0 || a.seq < 2 || a.steps == 0 {
+        return Err("--batch >= 1, --seq >= 2 and --steps >= 1 are required".into());
+    }
+    let t_setup = std::time::Instant::now();
+    let config = ModelConfig::from_json_str(&preset_json(&a.preset)?, Path::new(&a.preset)).map_err(|e| e.to_string())?;
+    let gpu = Gpu::open(a.device).map_err(|e| format!("{e}\nftrt bench needs an NVIDIA GPU."))?;
+    let (free0, total) = gpu.context().mem_get_info().map_err(|e| e.to_string())?;
+    let n = a.batch * a.seq;
+    let mut model = GpuLlama::random(&gpu, &config, n, a.lora_r, 1234)?;
+    let ad = init_adapter(&model.dims, a.lora_r, a.lora_alpha, &Proj::ALL, 42, 0.0);
+    model.set_lora(&ad)?;
+    let (batch, targets) = random_batch(a.batch, a.seq, model.dims.vocab, 7);
+    let step = |m: &mut GpuLlama| -> Result<f32, String> {
+        m.zero_grads()?;
+        let loss = m.loss_and_grads(&batch, &targets)?;
+        m.adamw_step(a.lr, 0.0, 0.9, 0.999, 1e-8)?;
+        Ok(loss)
+    };
+    let t_warm = std::time::Instant::now();
+    let mut loss = step(&mut model)?;
+    let setup_s = t_setup.elapsed().as_secs_f64();
+    for _ in 1..a.warmup {
+        loss = step(&mut model)?;
+    }
+    let warmup_s = t_warm.elapsed().as_secs_f64();
+    gpu.synchronize().map_err(|e| e.to_string())?;
+    let ev = |g: &Gpu| g.stream().record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| e.to_string());
+    let start = ev(&gpu)?;
+    let first_timed = loss;
+    for _ in 0..a.steps {
+        loss = step(&mut model)?;
+    }
+    let end = ev(&gpu)?;
+    let ms_total = start.elapsed_ms(&end).map_err(|e| e.to_string())? as f64;
+    let (free1, _) = gpu.context().mem_get_info().map_err(|e| e.to_string())?;
+    let ms = ms_total / a.steps as f64;
+    let tok_s = n as f64 / (ms * 1e-3);
+    let (n_mat, n_lora, model_fpt, hw_fpt) = flop_estimate(&model.dims, a.seq, a.lora_r, false);
+    let peak = a.peak_tflops * 1e12;
+    let mfu = model_fpt * tok_s / peak;
+    let hfu = hw_fpt * tok_s / peak;
+    let measured = free0.saturating_sub(free1) as f64 / GIB;
+    let planned = model.held_bytes() as f64 / GIB;
+    let name = gpu.info().name.clone();
+    println!(
+        "ftrt bench {} lora r={} batch {}x{} on {name}: {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% (no recompute), loss {:.4} -> {:.4}",
+        a.preset, a.lora_r, a.batch, a.seq, tok_s, ms, measured, planned, total as f64 / GIB, 100.0 * mfu, 100.0 * hfu, first_timed, loss
+    );
+    let json = serde_json::json!({
+        "bench": "ftrt", "model": a.preset, "mode": a.mode, "optim": "adamw", "lora_r": a.lora_r,
+        "grad_ckpt": false, "gpu": name, "setup_s": (setup_s * 10.0).round() / 10.0,
+        "batch": a.batch, "seq": a.seq, "steps": a.steps, "warmup": a.warmup, "status": "ok",
+        "tokens_per_s": (tok_s * 10.0).round() / 10.0, "ms_per_step": (ms * 100.0).round() / 100.0,
+        "warmup_s": (warmup_s * 100.0).round() / 100.0,
+        "peak_gib": (measured * 1000.0).round() / 1000.0, "planned_gib": (planned * 1000.0).round() / 1000.0,
+        "mfu": (mfu * 1e4).round() / 1e4, "hfu": (hfu * 1e4).round() / 1e4,
+        "model_tflops": (model_fpt * tok_s / 1e11).round() / 10.0, "loss": loss,
+        "n_params_matmul": n_mat, "n_lora": n_lora,
+    });
+    println!("{json}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_parse_with_hf_shapes() {
+        for p in ["llama-3.2-1b", "llama-3.1-8b", "qwen2.5-7b"] {
+            let c = ModelConfig::from_json_str(&preset_json(p).unwrap(), Path::new(p)).unwrap();
+            assert_eq!(c.head_dim, c.hidden_size / c.num_attention_heads, "{p}");
+            assert_eq!(c.qkv_bias, p.starts_with("qwen"), "{p}");
+        }
+        assert!(preset_json("gpt-2").is_err());
+        let (b, t) = random_batch(2, 4, 100, 1);
+        assert_eq!(b.cu_seqlens, vec![0, 4, 8]);
+        assert_eq!(t.len(), 8);
+        assert_eq!(t[3], -100);
+        assert_eq!(t[0], b.tokens[1] as i32);
+        assert_eq!(b.positions, vec![0, 1, 2, 3, 0, 1, 2, 3]);
+    }
+}
