@@ -54,10 +54,50 @@ pub struct BenchArgs {
 /// The preset's config.json (hf_baseline.py's PRESETS).
 pub fn preset_json(name: &str) -> Result<String, String> {
     let (arch, model_type, c, i, l, h, kv, v, tie, theta, eps) = match name {
-        "llama-3.2-1b" => ("LlamaForCausalLM", "llama", 2048, 8192, 16, 32, 8, 128256, true, 500000.0, 1e-5),
-        "llama-3.1-8b" => ("LlamaForCausalLM", "llama", 4096, 14336, 32, 32, 8, 128256, false, 500000.0, 1e-5),
-        "qwen2.5-7b" => ("Qwen2ForCausalLM", "qwen2", 3584, 18944, 28, 28, 4, 152064, false, 1000000.0, 1e-6),
-        other => return Err(format!("unknown preset {other:?}: llama-3.2-1b, llama-3.1-8b or qwen2.5-7b")),
+        "llama-3.2-1b" => (
+            "LlamaForCausalLM",
+            "llama",
+            2048,
+            8192,
+            16,
+            32,
+            8,
+            128256,
+            true,
+            500000.0,
+            1e-5,
+        ),
+        "llama-3.1-8b" => (
+            "LlamaForCausalLM",
+            "llama",
+            4096,
+            14336,
+            32,
+            32,
+            8,
+            128256,
+            false,
+            500000.0,
+            1e-5,
+        ),
+        "qwen2.5-7b" => (
+            "Qwen2ForCausalLM",
+            "qwen2",
+            3584,
+            18944,
+            28,
+            28,
+            4,
+            152064,
+            false,
+            1000000.0,
+            1e-6,
+        ),
+        other => {
+            return Err(format!(
+                "unknown preset {other:?}: llama-3.2-1b, llama-3.1-8b or qwen2.5-7b"
+            ))
+        }
     };
     Ok(format!(
         r#"{{"architectures": ["{arch}"], "model_type": "{model_type}", "hidden_size": {c}, "intermediate_size": {i},
@@ -71,7 +111,13 @@ pub fn preset_json(name: &str) -> Result<String, String> {
 /// (labels = input_ids, shifted as transformers does), -100 at each sequence's end.
 pub fn random_batch(batch: usize, seq: usize, vocab: usize, seed: u64) -> (Batch, Vec<i32>) {
     let mut rng = ftrt_models::llama::gpu::Rng(seed);
-    let seqs: Vec<Vec<u32>> = (0..batch).map(|_| (0..seq).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()).collect();
+    let seqs: Vec<Vec<u32>> = (0..batch)
+        .map(|_| {
+            (0..seq)
+                .map(|_| (rng.next_u64() % vocab as u64) as u32)
+                .collect()
+        })
+        .collect();
     let b = Batch::packed(&seqs);
     let mut t = Vec::with_capacity(b.len());
     for s in &seqs {
@@ -85,13 +131,17 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 pub fn run(a: &BenchArgs) -> Result<(), String> {
     if a.mode != "lora" {
-        return Err(format!("--mode {}: only lora runs on the GPU model so far", a.mode));
+        return Err(format!(
+            "--mode {}: only lora runs on the GPU model so far",
+            a.mode
+        ));
     }
     if a.batch == 0 || a.seq < 2 || a.steps == 0 {
         return Err("--batch >= 1, --seq >= 2 and --steps >= 1 are required".into());
     }
     let t_setup = std::time::Instant::now();
-    let config = ModelConfig::from_json_str(&preset_json(&a.preset)?, Path::new(&a.preset)).map_err(|e| e.to_string())?;
+    let config = ModelConfig::from_json_str(&preset_json(&a.preset)?, Path::new(&a.preset))
+        .map_err(|e| e.to_string())?;
     let gpu = Gpu::open(a.device).map_err(|e| format!("{e}\nftrt bench needs an NVIDIA GPU."))?;
     let (free0, total) = gpu.context().mem_get_info().map_err(|e| e.to_string())?;
     let n = a.batch * a.seq;
@@ -113,7 +163,11 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     }
     let warmup_s = t_warm.elapsed().as_secs_f64();
     gpu.synchronize().map_err(|e| e.to_string())?;
-    let ev = |g: &Gpu| g.stream().record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| e.to_string());
+    let ev = |g: &Gpu| {
+        g.stream()
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| e.to_string())
+    };
     let start = ev(&gpu)?;
     let first_timed = loss;
     for _ in 0..a.steps {

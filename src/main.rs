@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod bench;
 mod generate;
 mod plan;
 mod selftest;
@@ -28,6 +29,8 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Print the GPU this machine has (or why none is usable).
     Info,
+    /// LoRA training throughput on random weights of a preset shape (tokens/s, memory, MFU).
+    Bench(bench::BenchArgs),
     /// Check every kernel and the runtime on the GPU against the CPU references.
     Selftest(selftest::SelftestArgs),
 }
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Info => selftest::info(),
+        Command::Bench(args) => bench::run(args),
         Command::Selftest(args) => selftest::run(args),
     };
     match result {

@@ -60,7 +60,12 @@ pub fn run(args: &SelftestArgs) -> Result<(), String> {
                     if detail.ends_with("FAILED") || detail.contains("FAILED (") {
                         failed.push(format!("model: {name}: {detail}"));
                     }
-                    rows.push(SelftestRow { name, max_rel_err: err, time_us: 0.0, detail });
+                    rows.push(SelftestRow {
+                        name,
+                        max_rel_err: err,
+                        time_us: 0.0,
+                        detail,
+                    });
                 }
             }
             Err(e) => failed.push(format!("model: {e}")),

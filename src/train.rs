@@ -136,14 +136,22 @@ pub struct TrainArgs {
 /// checkpoint. Device from `FTRT_DEVICE` = `cpu` | `gpu` | `auto` (default: the GPU when
 /// `Gpu::open(0)` succeeds, else the CPU). The GPU model holds buffers for micro-batches of
 /// `token_budget` tokens and LoRA rank `max_rank`; the optimizer stays on the host.
-fn build_model(loaded: &LoadedModel, token_budget: usize, max_rank: usize) -> Result<Box<dyn LoraModel>, String> {
+fn build_model(
+    loaded: &LoadedModel,
+    token_budget: usize,
+    max_rank: usize,
+) -> Result<Box<dyn LoraModel>, String> {
     let device = std::env::var("FTRT_DEVICE").unwrap_or_else(|_| "auto".into());
     let model = LlamaModel::from_loaded(loaded, Rounding::F32).map_err(|e| e.to_string())?;
     let gpu = match device.as_str() {
         "cpu" => None,
         "gpu" => Some(ftrt_runtime::Gpu::open(0).map_err(|e| format!("FTRT_DEVICE=gpu: {e}"))?),
         "auto" | "" => ftrt_runtime::Gpu::open(0).ok(),
-        other => return Err(format!("FTRT_DEVICE must be cpu, gpu or auto, not {other:?}")),
+        other => {
+            return Err(format!(
+                "FTRT_DEVICE must be cpu, gpu or auto, not {other:?}"
+            ))
+        }
     };
     match gpu {
         Some(gpu) => {

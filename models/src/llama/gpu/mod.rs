@@ -65,14 +65,20 @@ pub fn cast_f32_bf16(gpu: &Gpu, x: DevPtr<f32>, y: DevPtr<bf16>, n: usize) -> Gp
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(&CAST, "ftrt_cast_f32_bf16").ctx("loading the cast kernel")?;
+    let f = gpu
+        .function(&CAST, "ftrt_cast_f32_bf16")
+        .ctx("loading the cast kernel")?;
     let blocks = n.div_ceil(256).min(65535) as u32;
     let n64 = n as u64;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&x.addr);
     b.arg(&y.addr);
     b.arg(&n64);
-    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
     // SAFETY: x holds n f32 and y n bf16 (caller's contract); the kernel touches [0, n) only.
     unsafe { b.launch(cfg) }.ctx("launching the cast kernel")?;
     Ok(())
@@ -87,7 +93,9 @@ struct Held {
 impl Held {
     fn alloc<T>(&mut self, gpu: &Gpu, elems: usize) -> GpuResult<DevPtr<T>> {
         let bytes = (elems * std::mem::size_of::<T>()).max(256);
-        let b = gpu.alloc(bytes).ctx(&format!("allocating {bytes} bytes of GPU memory"))?;
+        let b = gpu
+            .alloc(bytes)
+            .ctx(&format!("allocating {bytes} bytes of GPU memory"))?;
         let p = b.ptr::<T>();
         self.bytes += bytes;
         self.bufs.push(b);
@@ -100,7 +108,8 @@ fn upload_bf16(gpu: &Gpu, dst: DevPtr<bf16>, v: &[f32]) -> GpuResult<()> {
     const CHUNK: usize = 1 << 24;
     for (i, c) in v.chunks(CHUNK).enumerate() {
         let h: Vec<bf16> = c.iter().map(|&x| bf16::from_f32(x)).collect();
-        gpu.upload(dst.offset(i * CHUNK), &h).ctx("uploading weights")?;
+        gpu.upload(dst.offset(i * CHUNK), &h)
+            .ctx("uploading weights")?;
     }
     Ok(())
 }
@@ -248,7 +257,12 @@ fn adapted(ad: Option<&LoraAdapter>, layer: usize, p: Proj) -> bool {
 impl<'g> GpuLlama<'g> {
     /// Uploads the CPU model's weights (rounded to bf16) and sizes buffers for `max_tokens`
     /// tokens per micro-batch and LoRA rank up to `max_rank`.
-    pub fn from_model(gpu: &'g Gpu, model: &LlamaModel, max_tokens: usize, max_rank: usize) -> GpuResult<Self> {
+    pub fn from_model(
+        gpu: &'g Gpu,
+        model: &LlamaModel,
+        max_tokens: usize,
+        max_rank: usize,
+    ) -> GpuResult<Self> {
         let mut me = Self::empty(gpu, &model.config, &model.weights, max_tokens, max_rank)?;
         if model.weights.data.len() != plan::layout_len(&me.layout) {
             return Err("the CPU model's weight store does not match its config".into());
@@ -260,30 +274,53 @@ impl<'g> GpuLlama<'g> {
 
     /// Random weights (HF init: normal(0, 0.02), norms 1) for benchmarks: a block of random
     /// values tiled over the weight buffer.
-    pub fn random(gpu: &'g Gpu, config: &ModelConfig, max_tokens: usize, max_rank: usize, seed: u64) -> GpuResult<Self> {
+    pub fn random(
+        gpu: &'g Gpu,
+        config: &ModelConfig,
+        max_tokens: usize,
+        max_rank: usize,
+        seed: u64,
+    ) -> GpuResult<Self> {
         let layout = weight_layout(config);
         let mut me = Self::empty(gpu, config, &layout, max_tokens, max_rank)?;
         let total = plan::layout_len(&me.layout);
-        let block: Vec<bf16> = Rng(seed | 1).normals(1 << 22, 0.02).into_iter().map(bf16::from_f32).collect();
+        let block: Vec<bf16> = Rng(seed | 1)
+            .normals(1 << 22, 0.02)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
         let mut at = 0;
         while at < total {
             let k = block.len().min(total - at);
-            gpu.upload(me.weights.offset(at), &block[..k]).ctx("uploading random weights")?;
+            gpu.upload(me.weights.offset(at), &block[..k])
+                .ctx("uploading random weights")?;
             at += k;
         }
         for r in plan::norm_ranges(&me.layout) {
-            gpu.upload(me.weights.offset(r.start), &vec![bf16::ONE; r.len()]).ctx("uploading norm weights")?;
+            gpu.upload(me.weights.offset(r.start), &vec![bf16::ONE; r.len()])
+                .ctx("uploading norm weights")?;
         }
         me.finish_init()?;
         Ok(me)
     }
 
-    fn empty(gpu: &'g Gpu, config: &ModelConfig, store: &WeightStore, max_tokens: usize, max_rank: usize) -> GpuResult<Self> {
+    fn empty(
+        gpu: &'g Gpu,
+        config: &ModelConfig,
+        store: &WeightStore,
+        max_tokens: usize,
+        max_rank: usize,
+    ) -> GpuResult<Self> {
         let dims = Dims::of(config);
         if max_tokens == 0 {
             return Err("the token budget must be positive".into());
         }
-        if dims.hidden == 0 || dims.kv_heads == 0 || dims.heads % dims.kv_heads != 0 || dims.head_dim % 2 != 0 || dims.head_dim > 128 {
+        if dims.hidden == 0
+            || dims.kv_heads == 0
+            || !dims.heads.is_multiple_of(dims.kv_heads)
+            || !dims.head_dim.is_multiple_of(2)
+            || dims.head_dim > 128
+        {
             return Err(format!(
                 "unsupported shape for the GPU model: hidden {} heads {}/{} head_dim {}",
                 dims.hidden, dims.heads, dims.kv_heads, dims.head_dim
@@ -296,7 +333,10 @@ impl<'g> GpuLlama<'g> {
             final_norm: store.final_norm.clone(),
             lm_head: store.lm_head.clone(),
         };
-        let mut held = Held { bufs: Vec::new(), bytes: 0 };
+        let mut held = Held {
+            bufs: Vec::new(),
+            bytes: 0,
+        };
         let weights = held.alloc::<bf16>(gpu, plan::layout_len(&layout))?;
         let ws_bytes = ftrt_runtime::gemm::cublaslt::DEFAULT_WORKSPACE_BYTES;
         let ws_ptr = held.alloc::<u8>(gpu, ws_bytes)?;
@@ -305,7 +345,10 @@ impl<'g> GpuLlama<'g> {
         let inv = inv_freq_of(config);
         let d = dims.head_dim;
         let half = inv.len();
-        let (mut cos, mut sin) = (Vec::with_capacity(max_tokens * d), Vec::with_capacity(max_tokens * d));
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(max_tokens * d),
+            Vec::with_capacity(max_tokens * d),
+        );
         for p in 0..max_tokens {
             for i in 0..d {
                 let a = p as f32 * inv[i % half];
@@ -320,7 +363,10 @@ impl<'g> GpuLlama<'g> {
         Ok(Self {
             gpu,
             blas,
-            ws: GemmWorkspace { ptr: ws_ptr, bytes: ws_bytes },
+            ws: GemmWorkspace {
+                ptr: ws_ptr,
+                bytes: ws_bytes,
+            },
             config: config.clone(),
             dims,
             eps: config.rms_norm_eps as f32,
@@ -348,7 +394,9 @@ impl<'g> GpuLlama<'g> {
 
     /// Bytes of GPU memory held (weights, tables, LoRA, activations, workspace).
     pub fn held_bytes(&self) -> usize {
-        self._held.bytes + self.lora.as_ref().map_or(0, |l| l._held.bytes) + self.acts.as_ref().map_or(0, |a| a._held.bytes)
+        self._held.bytes
+            + self.lora.as_ref().map_or(0, |l| l._held.bytes)
+            + self.acts.as_ref().map_or(0, |a| a._held.bytes)
     }
 
     fn w(&self, r: &std::ops::Range<usize>) -> DevPtr<bf16> {
@@ -369,27 +417,46 @@ impl<'g> GpuLlama<'g> {
     /// AdamW state are zeroed when the state is (re)allocated.
     pub fn set_lora(&mut self, ad: &LoraAdapter) -> GpuResult<()> {
         if ad.r == 0 || ad.r > self.r_cap {
-            return Err(format!("LoRA rank {} outside 1..={} the GPU model was sized for", ad.r, self.r_cap));
+            return Err(format!(
+                "LoRA rank {} outside 1..={} the GPU model was sized for",
+                ad.r, self.r_cap
+            ));
         }
         if ad.slots.len() != self.dims.layers {
-            return Err(format!("adapter has {} layers, the model {}", ad.slots.len(), self.dims.layers));
+            return Err(format!(
+                "adapter has {} layers, the model {}",
+                ad.slots.len(),
+                self.dims.layers
+            ));
         }
         for (l, row) in ad.slots.iter().enumerate() {
             for p in Proj::ALL {
                 if let Some(s) = &row[p.index()] {
                     let (out, inn) = p.shape(&self.dims);
-                    if s.a.len() != ad.r * inn || s.b.len() != out * ad.r || s.a.end > ad.data.len() || s.b.end > ad.data.len() {
-                        return Err(format!("adapter slot of layer {l} {} has the wrong size", p.module()));
+                    if s.a.len() != ad.r * inn
+                        || s.b.len() != out * ad.r
+                        || s.a.end > ad.data.len()
+                        || s.b.end > ad.data.len()
+                    {
+                        return Err(format!(
+                            "adapter slot of layer {l} {} has the wrong size",
+                            p.module()
+                        ));
                     }
                 }
             }
         }
-        let same = self.lora.as_ref().is_some_and(|g| g.layout.slots == ad.slots && g.layout.r == ad.r && g.len == ad.data.len());
+        let same = self.lora.as_ref().is_some_and(|g| {
+            g.layout.slots == ad.slots && g.layout.r == ad.r && g.len == ad.data.len()
+        });
         if !same {
             self.lora = None;
             self.acts = None;
             let gpu = self.gpu;
-            let mut held = Held { bufs: Vec::new(), bytes: 0 };
+            let mut held = Held {
+                bufs: Vec::new(),
+                bytes: 0,
+            };
             let len = ad.data.len();
             let master = held.alloc::<f32>(gpu, len)?;
             let bf = held.alloc::<bf16>(gpu, len)?;
@@ -397,14 +464,32 @@ impl<'g> GpuLlama<'g> {
             let m = held.alloc::<f32>(gpu, len)?;
             let v = held.alloc::<f32>(gpu, len)?;
             for p in [grad, m, v] {
-                gpu.memset_zero(p.cast(), len * 4).ctx("zeroing LoRA state")?;
+                gpu.memset_zero(p.cast(), len * 4)
+                    .ctx("zeroing LoRA state")?;
             }
-            let layout = LoraAdapter { r: ad.r, scale: ad.scale, data: Vec::new(), slots: ad.slots.clone() };
-            self.lora = Some(GpuLora { layout, len, master, bf16: bf, grad, m, v, step: 0, _held: held });
+            let layout = LoraAdapter {
+                r: ad.r,
+                scale: ad.scale,
+                data: Vec::new(),
+                slots: ad.slots.clone(),
+            };
+            self.lora = Some(GpuLora {
+                layout,
+                len,
+                master,
+                bf16: bf,
+                grad,
+                m,
+                v,
+                step: 0,
+                _held: held,
+            });
         }
         let g = self.lora.as_mut().expect("set above");
         g.layout.scale = ad.scale;
-        self.gpu.upload(g.master, &ad.data).ctx("uploading LoRA weights")?;
+        self.gpu
+            .upload(g.master, &ad.data)
+            .ctx("uploading LoRA weights")?;
         cast_f32_bf16(self.gpu, g.master, g.bf16, g.len)?;
         self.gpu.synchronize().ctx("uploading LoRA weights")
     }
@@ -412,7 +497,9 @@ impl<'g> GpuLlama<'g> {
     /// Zeroes the LoRA gradients (call before the first micro-batch of an optimizer step).
     pub fn zero_grads(&mut self) -> GpuResult<()> {
         if let Some(g) = &self.lora {
-            self.gpu.memset_zero(g.grad.cast(), g.len * 4).ctx("zeroing LoRA gradients")?;
+            self.gpu
+                .memset_zero(g.grad.cast(), g.len * 4)
+                .ctx("zeroing LoRA gradients")?;
         }
         Ok(())
     }
@@ -421,30 +508,61 @@ impl<'g> GpuLlama<'g> {
     pub fn download_grads(&self) -> GpuResult<LoraAdapter> {
         let g = self.lora.as_ref().ok_or("no adapter is set")?;
         let mut data = vec![0f32; g.len];
-        self.gpu.download(g.grad, &mut data).ctx("downloading LoRA gradients")?;
-        Ok(LoraAdapter { data, ..g.layout.clone() })
+        self.gpu
+            .download(g.grad, &mut data)
+            .ctx("downloading LoRA gradients")?;
+        Ok(LoraAdapter {
+            data,
+            ..g.layout.clone()
+        })
     }
 
     /// The LoRA master weights, in the adapter's layout.
     pub fn download_lora(&self) -> GpuResult<LoraAdapter> {
         let g = self.lora.as_ref().ok_or("no adapter is set")?;
         let mut data = vec![0f32; g.len];
-        self.gpu.download(g.master, &mut data).ctx("downloading LoRA weights")?;
-        Ok(LoraAdapter { data, ..g.layout.clone() })
+        self.gpu
+            .download(g.master, &mut data)
+            .ctx("downloading LoRA weights")?;
+        Ok(LoraAdapter {
+            data,
+            ..g.layout.clone()
+        })
     }
 
     /// One AdamW step (torch.optim.AdamW semantics) on the GPU over every LoRA weight (f32
     /// master, m, v), reading the accumulated gradients as they are (gradients of the mean
     /// loss), then refreshes the bf16 copy with the f32 -> bf16 cast kernel.
-    pub fn adamw_step(&mut self, lr: f32, weight_decay: f32, beta1: f32, beta2: f32, eps: f32) -> GpuResult<()> {
+    pub fn adamw_step(
+        &mut self,
+        lr: f32,
+        weight_decay: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+    ) -> GpuResult<()> {
         let gpu = self.gpu;
         let g = self.lora.as_mut().ok_or("no adapter is set")?;
         g.step += 1;
         let t = g.step as i32;
         let step_size = lr / (1.0 - beta1.powi(t));
         let bc2 = (1.0 - beta2.powi(t)).sqrt();
-        adamw::adamw::forward(gpu, &adamw::adamw::Dims { N: g.len }, lr, weight_decay, beta1, beta2, eps, step_size, bc2, g.master, g.grad, g.m, g.v)
-            .ctx("adamw")?;
+        adamw::adamw::forward(
+            gpu,
+            &adamw::adamw::Dims { N: g.len },
+            lr,
+            weight_decay,
+            beta1,
+            beta2,
+            eps,
+            step_size,
+            bc2,
+            g.master,
+            g.grad,
+            g.m,
+            g.v,
+        )
+        .ctx("adamw")?;
         cast_f32_bf16(gpu, g.master, g.bf16, g.len)
     }
 
@@ -459,7 +577,10 @@ impl<'g> GpuLlama<'g> {
         let s = ActSizes::new(&d, self.max_tokens, r);
         let qk = self.config.qk_norm;
         let n = s.n;
-        let mut h = Held { bufs: Vec::new(), bytes: 0 };
+        let mut h = Held {
+            bufs: Vec::new(),
+            bytes: 0,
+        };
         let null = DevPtr::<bf16>::null();
         let nullf = DevPtr::<f32>::null();
         let mut layers = Vec::with_capacity(d.layers);
@@ -472,9 +593,17 @@ impl<'g> GpuLlama<'g> {
             }
             layers.push(LayerActs {
                 q_pre: if qk { h.alloc(gpu, s.nq)? } else { null },
-                q_rstd: if qk { h.alloc(gpu, n * d.heads)? } else { nullf },
+                q_rstd: if qk {
+                    h.alloc(gpu, n * d.heads)?
+                } else {
+                    nullf
+                },
                 k_pre: if qk { h.alloc(gpu, s.nkv)? } else { null },
-                k_rstd: if qk { h.alloc(gpu, n * d.kv_heads)? } else { nullf },
+                k_rstd: if qk {
+                    h.alloc(gpu, n * d.kv_heads)?
+                } else {
+                    nullf
+                },
                 q: h.alloc(gpu, s.nq)?,
                 k: h.alloc(gpu, s.nkv)?,
                 v: h.alloc(gpu, s.nkv)?,
@@ -501,7 +630,10 @@ impl<'g> GpuLlama<'g> {
         let dp = s.head_dim_pad;
         let sel = if pad {
             let p = h.alloc::<bf16>(gpu, d.head_dim * dp)?;
-            let v: Vec<bf16> = plan::pad_selector(d.head_dim, dp).into_iter().map(bf16::from_f32).collect();
+            let v: Vec<bf16> = plan::pad_selector(d.head_dim, dp)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
             gpu.upload(p, &v).ctx("uploading the padding selector")?;
             p
         } else {
@@ -510,7 +642,13 @@ impl<'g> GpuLlama<'g> {
         let zeros_c = h.alloc::<bf16>(gpu, s.nc)?;
         gpu.memset_zero(zeros_c.cast(), s.nc * 2).ctx("zeroing")?;
         let attn_bytes = scratch_bytes(&AttentionDims::new(n, 1, d.heads, d.kv_heads, dp));
-        let pad_alloc = |h: &mut Held, e: usize| -> GpuResult<DevPtr<bf16>> { if pad { h.alloc(gpu, e) } else { Ok(null) } };
+        let pad_alloc = |h: &mut Held, e: usize| -> GpuResult<DevPtr<bf16>> {
+            if pad {
+                h.alloc(gpu, e)
+            } else {
+                Ok(null)
+            }
+        };
         let acts = Acts {
             sizes: s,
             ids: h.alloc(gpu, n)?,
@@ -558,30 +696,82 @@ impl<'g> GpuLlama<'g> {
         Ok(())
     }
 
-    fn gemm(&self, desc: &GemmDesc, a: DevPtr<bf16>, b: DevPtr<bf16>, c: DevPtr<bf16>, bias: Option<DevPtr<bf16>>) -> GpuResult<()> {
-        self.blas.gemm_bf16(desc, a, b, c, bias, self.ws).ctx("cuBLASLt GEMM")
+    fn gemm(
+        &self,
+        desc: &GemmDesc,
+        a: DevPtr<bf16>,
+        b: DevPtr<bf16>,
+        c: DevPtr<bf16>,
+        bias: Option<DevPtr<bf16>>,
+    ) -> GpuResult<()> {
+        self.blas
+            .gemm_bf16(desc, a, b, c, bias, self.ws)
+            .ctx("cuBLASLt GEMM")
     }
 
-    fn gemm_f32(&self, desc: &GemmDesc, a: DevPtr<bf16>, b: DevPtr<bf16>, c: DevPtr<f32>) -> GpuResult<()> {
-        self.blas.gemm_bf16_f32(desc, a, b, c, None, self.ws).ctx("cuBLASLt GEMM (f32 out)")
+    fn gemm_f32(
+        &self,
+        desc: &GemmDesc,
+        a: DevPtr<bf16>,
+        b: DevPtr<bf16>,
+        c: DevPtr<f32>,
+    ) -> GpuResult<()> {
+        self.blas
+            .gemm_bf16_f32(desc, a, b, c, None, self.ws)
+            .ctx("cuBLASLt GEMM (f32 out)")
     }
 
     /// Device pointers of the adapter's A and B (bf16 copy) of `p` in layer `l`, if adapted.
-    fn lora_ab(&self, l: usize, p: Proj) -> Option<(DevPtr<bf16>, DevPtr<bf16>, DevPtr<f32>, DevPtr<f32>, usize, f32)> {
+    fn lora_ab(&self, l: usize, p: Proj) -> Option<LoraPtrs> {
         let g = self.lora.as_ref()?;
         let s = g.layout.slot(l, p)?;
-        Some((g.bf16.offset(s.a.start), g.bf16.offset(s.b.start), g.grad.offset(s.a.start), g.grad.offset(s.b.start), g.layout.r, g.layout.scale))
+        Some(LoraPtrs(
+            g.bf16.offset(s.a.start),
+            g.bf16.offset(s.b.start),
+            g.grad.offset(s.a.start),
+            g.grad.offset(s.b.start),
+            g.layout.r,
+            g.layout.scale,
+        ))
     }
 
     /// y (n, out) = x (n, in) W^T (+ b) + s (x A^T) B^T; saves x A^T into `xa`.
-    fn project(&self, l: usize, p: Proj, x: DevPtr<bf16>, y: DevPtr<bf16>, xa: DevPtr<bf16>, n: usize) -> GpuResult<()> {
+    fn project(
+        &self,
+        l: usize,
+        p: Proj,
+        x: DevPtr<bf16>,
+        y: DevPtr<bf16>,
+        xa: DevPtr<bf16>,
+        n: usize,
+    ) -> GpuResult<()> {
         let (out, inn) = p.shape(&self.dims);
         let lw = &self.layout.layers[l];
         let bias = lw.bias[p.index()].as_ref().map(|r| self.w(r));
-        self.gemm(&GemmDesc::new(n, out, inn).transposed(false, true), x, self.w(&lw.proj[p.index()]), y, bias)?;
-        if let Some((a, b, _, _, r, s)) = self.lora_ab(l, p) {
-            self.gemm(&GemmDesc::new(n, r, inn).transposed(false, true), x, a, xa, None)?;
-            self.gemm(&GemmDesc::new(n, out, r).transposed(false, true).scaled(s, 1.0), xa, b, y, None)?;
+        self.gemm(
+            &GemmDesc::new(n, out, inn).transposed(false, true),
+            x,
+            self.w(&lw.proj[p.index()]),
+            y,
+            bias,
+        )?;
+        if let Some(LoraPtrs(a, b, _, _, r, s)) = self.lora_ab(l, p) {
+            self.gemm(
+                &GemmDesc::new(n, r, inn).transposed(false, true),
+                x,
+                a,
+                xa,
+                None,
+            )?;
+            self.gemm(
+                &GemmDesc::new(n, out, r)
+                    .transposed(false, true)
+                    .scaled(s, 1.0),
+                xa,
+                b,
+                y,
+                None,
+            )?;
         }
         Ok(())
     }
@@ -589,17 +779,48 @@ impl<'g> GpuLlama<'g> {
     /// Backward of [`Self::project`] with W frozen: dx (n, in) = dy W + s (dy B) A (added to dx
     /// when `accumulate`), dB += s dy^T xa, dA += (s dy B)^T x (f32).
     #[allow(clippy::too_many_arguments)]
-    fn project_backward(&self, l: usize, p: Proj, x: DevPtr<bf16>, xa: DevPtr<bf16>, dy: DevPtr<bf16>, dx: DevPtr<bf16>, accumulate: bool, n: usize, dxa: DevPtr<bf16>) -> GpuResult<()> {
+    fn project_backward(
+        &self,
+        l: usize,
+        p: Proj,
+        x: DevPtr<bf16>,
+        xa: DevPtr<bf16>,
+        dy: DevPtr<bf16>,
+        dx: DevPtr<bf16>,
+        accumulate: bool,
+        n: usize,
+        dxa: DevPtr<bf16>,
+    ) -> GpuResult<()> {
         let (out, inn) = p.shape(&self.dims);
         let wt = self.w(&self.layout.layers[l].proj[p.index()]);
-        self.gemm(&GemmDesc::new(n, inn, out).scaled(1.0, if accumulate { 1.0 } else { 0.0 }), dy, wt, dx, None)?;
-        if let Some((a, b, ga, gb, r, s)) = self.lora_ab(l, p) {
+        self.gemm(
+            &GemmDesc::new(n, inn, out).scaled(1.0, if accumulate { 1.0 } else { 0.0 }),
+            dy,
+            wt,
+            dx,
+            None,
+        )?;
+        if let Some(LoraPtrs(a, b, ga, gb, r, s)) = self.lora_ab(l, p) {
             // dB (out, r) += s dy^T (out, n) · xa (n, r)
-            self.gemm_f32(&GemmDesc::new(out, r, n).transposed(true, false).scaled(s, 1.0), dy, xa, gb)?;
+            self.gemm_f32(
+                &GemmDesc::new(out, r, n)
+                    .transposed(true, false)
+                    .scaled(s, 1.0),
+                dy,
+                xa,
+                gb,
+            )?;
             // dxa (n, r) = s dy (n, out) · B (out, r)
             self.gemm(&GemmDesc::new(n, r, out).scaled(s, 0.0), dy, b, dxa, None)?;
             // dA (r, in) += dxa^T (r, n) · x (n, in)
-            self.gemm_f32(&GemmDesc::new(r, inn, n).transposed(true, false).scaled(1.0, 1.0), dxa, x, ga)?;
+            self.gemm_f32(
+                &GemmDesc::new(r, inn, n)
+                    .transposed(true, false)
+                    .scaled(1.0, 1.0),
+                dxa,
+                x,
+                ga,
+            )?;
             // dx += dxa (n, r) · A (r, in)
             self.gemm(&GemmDesc::new(n, inn, r).scaled(1.0, 1.0), dxa, a, dx, None)?;
         }
@@ -622,8 +843,12 @@ impl<'g> GpuLlama<'g> {
         let a = self.acts.as_ref().expect("allocated");
         let ids: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();
         self.gpu.upload(a.ids, &ids).ctx("uploading token ids")?;
-        self.gpu.upload(a.pos, &batch.positions).ctx("uploading positions")?;
-        self.gpu.upload(a.cu, &batch.cu_seqlens).ctx("uploading cu_seqlens")?;
+        self.gpu
+            .upload(a.pos, &batch.positions)
+            .ctx("uploading positions")?;
+        self.gpu
+            .upload(a.cu, &batch.cu_seqlens)
+            .ctx("uploading cu_seqlens")?;
         if let Some(t) = targets {
             self.gpu.upload(a.targets, t).ctx("uploading targets")?;
         }
@@ -637,26 +862,52 @@ impl<'g> GpuLlama<'g> {
         let dp = a.sizes.head_dim_pad;
         let mut ad = AttentionDims::new(n, s, d.heads, d.kv_heads, dp);
         if dp == d.head_dim {
-            return attention_forward(self.gpu, ad, la.q, la.k, la.v, a.cu, la.att, la.lse).ctx("attention forward");
+            return attention_forward(self.gpu, ad, la.q, la.k, la.v, a.cu, la.att, la.lse)
+                .ctx("attention forward");
         }
         ad.scale = 1.0 / (d.head_dim as f32).sqrt();
         self.pad(la.q, a.qp, n * d.heads, a.sel)?;
         self.pad(la.k, a.kp, n * d.kv_heads, a.sel)?;
         self.pad(la.v, a.vp, n * d.kv_heads, a.sel)?;
-        attention_forward(self.gpu, ad, a.qp, a.kp, a.vp, a.cu, a.op, la.lse).ctx("attention forward (padded)")?;
+        attention_forward(self.gpu, ad, a.qp, a.kp, a.vp, a.cu, a.op, la.lse)
+            .ctx("attention forward (padded)")?;
         self.unpad(a.op, la.att, n * d.heads, a.sel)
     }
 
     /// (rows, D) -> (rows, Dp) zero-padded: x · [I | 0].
-    fn pad(&self, x: DevPtr<bf16>, y: DevPtr<bf16>, rows: usize, sel: DevPtr<bf16>) -> GpuResult<()> {
-        let (dh, dp) = (self.dims.head_dim, self.acts.as_ref().map_or(0, |a| a.sizes.head_dim_pad));
+    fn pad(
+        &self,
+        x: DevPtr<bf16>,
+        y: DevPtr<bf16>,
+        rows: usize,
+        sel: DevPtr<bf16>,
+    ) -> GpuResult<()> {
+        let (dh, dp) = (
+            self.dims.head_dim,
+            self.acts.as_ref().map_or(0, |a| a.sizes.head_dim_pad),
+        );
         self.gemm(&GemmDesc::new(rows, dp, dh), x, sel, y, None)
     }
 
     /// (rows, Dp) -> (rows, D): x · [I | 0]^T.
-    fn unpad(&self, x: DevPtr<bf16>, y: DevPtr<bf16>, rows: usize, sel: DevPtr<bf16>) -> GpuResult<()> {
-        let (dh, dp) = (self.dims.head_dim, self.acts.as_ref().map_or(0, |a| a.sizes.head_dim_pad));
-        self.gemm(&GemmDesc::new(rows, dh, dp).transposed(false, true), x, sel, y, None)
+    fn unpad(
+        &self,
+        x: DevPtr<bf16>,
+        y: DevPtr<bf16>,
+        rows: usize,
+        sel: DevPtr<bf16>,
+    ) -> GpuResult<()> {
+        let (dh, dp) = (
+            self.dims.head_dim,
+            self.acts.as_ref().map_or(0, |a| a.sizes.head_dim_pad),
+        );
+        self.gemm(
+            &GemmDesc::new(rows, dh, dp).transposed(false, true),
+            x,
+            sel,
+            y,
+            None,
+        )
     }
 
     /// Forward of the loaded batch through the final norm, saving every activation.
@@ -668,10 +919,28 @@ impl<'g> GpuLlama<'g> {
         let (c, hq, hkv, hd, inter) = (d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate);
         let eps = self.eps;
         let lw0 = &self.layout.layers[0];
-        embedding::embedding::forward(gpu, &embedding::embedding::Dims { N: n, V: d.vocab, C: c }, a.ids, self.w(&self.layout.embed), a.resid[0])
-            .ctx("embedding")?;
-        norm::rms_norm::forward(gpu, &norm::rms_norm::Dims { R: n, C: c }, eps, a.resid[0], self.w(&lw0.input_norm), a.ln[0], a.rstd[0])
-            .ctx("input norm")?;
+        embedding::embedding::forward(
+            gpu,
+            &embedding::embedding::Dims {
+                N: n,
+                V: d.vocab,
+                C: c,
+            },
+            a.ids,
+            self.w(&self.layout.embed),
+            a.resid[0],
+        )
+        .ctx("embedding")?;
+        norm::rms_norm::forward(
+            gpu,
+            &norm::rms_norm::Dims { R: n, C: c },
+            eps,
+            a.resid[0],
+            self.w(&lw0.input_norm),
+            a.ln[0],
+            a.rstd[0],
+        )
+        .ctx("input norm")?;
         let and = norm::add_rms_norm::Dims { R: n, C: c };
         let p_rows = self.max_tokens;
         for l in 0..d.layers {
@@ -685,21 +954,97 @@ impl<'g> GpuLlama<'g> {
             self.project(l, Proj::K, x, k_out, la.xa[1], n)?;
             self.project(l, Proj::V, x, la.v, la.xa[2], n)?;
             if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
-                norm::rms_norm::forward(gpu, &norm::rms_norm::Dims { R: n * hq, C: hd }, eps, la.q_pre, self.w(qn), la.q, la.q_rstd).ctx("q norm")?;
-                norm::rms_norm::forward(gpu, &norm::rms_norm::Dims { R: n * hkv, C: hd }, eps, la.k_pre, self.w(kn), la.k, la.k_rstd).ctx("k norm")?;
+                norm::rms_norm::forward(
+                    gpu,
+                    &norm::rms_norm::Dims { R: n * hq, C: hd },
+                    eps,
+                    la.q_pre,
+                    self.w(qn),
+                    la.q,
+                    la.q_rstd,
+                )
+                .ctx("q norm")?;
+                norm::rms_norm::forward(
+                    gpu,
+                    &norm::rms_norm::Dims { R: n * hkv, C: hd },
+                    eps,
+                    la.k_pre,
+                    self.w(kn),
+                    la.k,
+                    la.k_rstd,
+                )
+                .ctx("k norm")?;
             }
-            rope::rope::forward(gpu, &rope::rope::Dims { N: n, H: hq, D: hd, P: p_rows }, la.q, a.pos, self.cos, self.sin).ctx("rope q")?;
-            rope::rope::forward(gpu, &rope::rope::Dims { N: n, H: hkv, D: hd, P: p_rows }, la.k, a.pos, self.cos, self.sin).ctx("rope k")?;
+            rope::rope::forward(
+                gpu,
+                &rope::rope::Dims {
+                    N: n,
+                    H: hq,
+                    D: hd,
+                    P: p_rows,
+                },
+                la.q,
+                a.pos,
+                self.cos,
+                self.sin,
+            )
+            .ctx("rope q")?;
+            rope::rope::forward(
+                gpu,
+                &rope::rope::Dims {
+                    N: n,
+                    H: hkv,
+                    D: hd,
+                    P: p_rows,
+                },
+                la.k,
+                a.pos,
+                self.cos,
+                self.sin,
+            )
+            .ctx("rope k")?;
             self.attn_forward(a, la, n, s)?;
             self.project(l, Proj::O, la.att, a.tmp_c, la.xa[3], n)?;
-            norm::add_rms_norm::forward(gpu, &and, eps, a.tmp_c, a.resid[l], self.w(&lw.post_norm), la.ln2, la.resid_mid, la.rstd2).ctx("post-attention norm")?;
+            norm::add_rms_norm::forward(
+                gpu,
+                &and,
+                eps,
+                a.tmp_c,
+                a.resid[l],
+                self.w(&lw.post_norm),
+                la.ln2,
+                la.resid_mid,
+                la.rstd2,
+            )
+            .ctx("post-attention norm")?;
             self.project(l, Proj::Gate, la.ln2, la.gate, la.xa[4], n)?;
             self.project(l, Proj::Up, la.ln2, la.up, la.xa[5], n)?;
-            activation::swiglu::forward(gpu, &activation::swiglu::Dims { N: n * inter }, la.gate, la.up, la.act).ctx("swiglu")?;
+            activation::swiglu::forward(
+                gpu,
+                &activation::swiglu::Dims { N: n * inter },
+                la.gate,
+                la.up,
+                la.act,
+            )
+            .ctx("swiglu")?;
             self.project(l, Proj::Down, la.act, a.tmp_c, la.xa[6], n)?;
-            let next = if l + 1 < d.layers { &self.layout.layers[l + 1].input_norm } else { &self.layout.final_norm };
-            norm::add_rms_norm::forward(gpu, &and, eps, a.tmp_c, la.resid_mid, self.w(next), a.ln[l + 1], a.resid[l + 1], a.rstd[l + 1])
-                .ctx("residual + next norm")?;
+            let next = if l + 1 < d.layers {
+                &self.layout.layers[l + 1].input_norm
+            } else {
+                &self.layout.final_norm
+            };
+            norm::add_rms_norm::forward(
+                gpu,
+                &and,
+                eps,
+                a.tmp_c,
+                la.resid_mid,
+                self.w(next),
+                a.ln[l + 1],
+                a.resid[l + 1],
+                a.rstd[l + 1],
+            )
+            .ctx("residual + next norm")?;
         }
         Ok(())
     }
@@ -713,7 +1058,8 @@ impl<'g> GpuLlama<'g> {
         let (c, v) = (self.dims.hidden, self.dims.vocab);
         let head = self.head();
         let ln_f = a.ln[self.dims.layers];
-        gpu.upload(a.ce_lse, &vec![f32::NEG_INFINITY; n]).ctx("init lse")?;
+        gpu.upload(a.ce_lse, &vec![f32::NEG_INFINITY; n])
+            .ctx("init lse")?;
         gpu.upload(a.ce_picked, &vec![0f32; n]).ctx("init picked")?;
         if grad {
             let (dl, dp) = plan::ce_coefficients(targets);
@@ -726,10 +1072,25 @@ impl<'g> GpuLlama<'g> {
             let rc = rows.min(n - r0);
             let x = ln_f.offset(r0 * c);
             // logits (rc, V) = x (rc, C) · head^T
-            self.gemm(&GemmDesc::new(rc, v, c).transposed(false, true), x, head, a.logits, None)?;
+            self.gemm(
+                &GemmDesc::new(rc, v, c).transposed(false, true),
+                x,
+                head,
+                a.logits,
+                None,
+            )?;
             let cd = cross_entropy::cross_entropy::Dims { R: rc, V: v };
-            cross_entropy::cross_entropy::forward(gpu, &cd, 0, 0.0, a.logits, a.targets.offset(r0), a.ce_lse.offset(r0), a.ce_picked.offset(r0))
-                .ctx("cross-entropy forward")?;
+            cross_entropy::cross_entropy::forward(
+                gpu,
+                &cd,
+                0,
+                0.0,
+                a.logits,
+                a.targets.offset(r0),
+                a.ce_lse.offset(r0),
+                a.ce_picked.offset(r0),
+            )
+            .ctx("cross-entropy forward")?;
             if grad {
                 cross_entropy::cross_entropy::backward(
                     gpu,
@@ -745,14 +1106,21 @@ impl<'g> GpuLlama<'g> {
                 )
                 .ctx("cross-entropy backward")?;
                 // dln_f (rc, C) = dlogits (rc, V) · head (V, C)
-                self.gemm(&GemmDesc::new(rc, c, v), a.logits, head, a.dln.offset(r0 * c), None)?;
+                self.gemm(
+                    &GemmDesc::new(rc, c, v),
+                    a.logits,
+                    head,
+                    a.dln.offset(r0 * c),
+                    None,
+                )?;
             }
             r0 += rc;
         }
         let mut lse = vec![0f32; n];
         let mut picked = vec![0f32; n];
         gpu.download(a.ce_lse, &mut lse).ctx("downloading lse")?;
-        gpu.download(a.ce_picked, &mut picked).ctx("downloading picked logits")?;
+        gpu.download(a.ce_picked, &mut picked)
+            .ctx("downloading picked logits")?;
         let (loss, m) = plan::mean_loss(&lse, &picked, targets);
         if !loss.is_finite() {
             return Err(format!("the GPU loss is not finite ({loss})"));
@@ -770,27 +1138,130 @@ impl<'g> GpuLlama<'g> {
         let nd = norm::add_rms_norm::Dims { R: n, C: c };
         let p_rows = self.max_tokens;
         // Final norm: d resid after the last layer into dres_a.
-        norm::add_rms_norm::backward(gpu, &nd, self.w(&self.layout.final_norm), a.resid[d.layers], a.rstd[d.layers], a.dln, a.zeros_c, a.sink_c, a.dres_a)
-            .ctx("final norm backward")?;
+        norm::add_rms_norm::backward(
+            gpu,
+            &nd,
+            self.w(&self.layout.final_norm),
+            a.resid[d.layers],
+            a.rstd[d.layers],
+            a.dln,
+            a.zeros_c,
+            a.sink_c,
+            a.dres_a,
+        )
+        .ctx("final norm backward")?;
         for l in (0..d.layers).rev() {
             let la = &a.layers[l];
             let lw = &self.layout.layers[l];
             // MLP.
-            self.project_backward(l, Proj::Down, la.act, la.xa[6], a.dres_a, a.dact, false, n, a.dxa)?;
-            activation::swiglu::backward(gpu, &activation::swiglu::Dims { N: n * inter }, la.gate, la.up, a.dact, a.dgate, a.dup).ctx("swiglu backward")?;
-            self.project_backward(l, Proj::Gate, la.ln2, la.xa[4], a.dgate, a.dln, false, n, a.dxa)?;
+            self.project_backward(
+                l,
+                Proj::Down,
+                la.act,
+                la.xa[6],
+                a.dres_a,
+                a.dact,
+                false,
+                n,
+                a.dxa,
+            )?;
+            activation::swiglu::backward(
+                gpu,
+                &activation::swiglu::Dims { N: n * inter },
+                la.gate,
+                la.up,
+                a.dact,
+                a.dgate,
+                a.dup,
+            )
+            .ctx("swiglu backward")?;
+            self.project_backward(
+                l,
+                Proj::Gate,
+                la.ln2,
+                la.xa[4],
+                a.dgate,
+                a.dln,
+                false,
+                n,
+                a.dxa,
+            )?;
             self.project_backward(l, Proj::Up, la.ln2, la.xa[5], a.dup, a.dln, true, n, a.dxa)?;
-            norm::add_rms_norm::backward(gpu, &nd, self.w(&lw.post_norm), la.resid_mid, la.rstd2, a.dln, a.dres_a, a.sink_c, a.dres_b)
-                .ctx("post-attention norm backward")?;
+            norm::add_rms_norm::backward(
+                gpu,
+                &nd,
+                self.w(&lw.post_norm),
+                la.resid_mid,
+                la.rstd2,
+                a.dln,
+                a.dres_a,
+                a.sink_c,
+                a.dres_b,
+            )
+            .ctx("post-attention norm backward")?;
             // Attention block: dres_b is d resid_in (so far) and d o_proj output.
-            self.project_backward(l, Proj::O, la.att, la.xa[3], a.dres_b, a.datt, false, n, a.dxa)?;
+            self.project_backward(
+                l,
+                Proj::O,
+                la.att,
+                la.xa[3],
+                a.dres_b,
+                a.datt,
+                false,
+                n,
+                a.dxa,
+            )?;
             self.attn_backward(a, la, n, s)?;
-            rope::rope::backward(gpu, &rope::rope::Dims { N: n, H: hq, D: hd, P: p_rows }, a.pos, self.cos, self.sin, a.dq).ctx("rope backward q")?;
-            rope::rope::backward(gpu, &rope::rope::Dims { N: n, H: hkv, D: hd, P: p_rows }, a.pos, self.cos, self.sin, a.dk).ctx("rope backward k")?;
+            rope::rope::backward(
+                gpu,
+                &rope::rope::Dims {
+                    N: n,
+                    H: hq,
+                    D: hd,
+                    P: p_rows,
+                },
+                a.pos,
+                self.cos,
+                self.sin,
+                a.dq,
+            )
+            .ctx("rope backward q")?;
+            rope::rope::backward(
+                gpu,
+                &rope::rope::Dims {
+                    N: n,
+                    H: hkv,
+                    D: hd,
+                    P: p_rows,
+                },
+                a.pos,
+                self.cos,
+                self.sin,
+                a.dk,
+            )
+            .ctx("rope backward k")?;
             let (mut dq, mut dk) = (a.dq, a.dk);
             if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
-                norm::rms_norm::backward_dx(gpu, &norm::rms_norm::Dims { R: n * hq, C: hd }, la.q_pre, self.w(qn), la.q_rstd, a.dq, a.dq_pre).ctx("q norm backward")?;
-                norm::rms_norm::backward_dx(gpu, &norm::rms_norm::Dims { R: n * hkv, C: hd }, la.k_pre, self.w(kn), la.k_rstd, a.dk, a.dk_pre).ctx("k norm backward")?;
+                norm::rms_norm::backward_dx(
+                    gpu,
+                    &norm::rms_norm::Dims { R: n * hq, C: hd },
+                    la.q_pre,
+                    self.w(qn),
+                    la.q_rstd,
+                    a.dq,
+                    a.dq_pre,
+                )
+                .ctx("q norm backward")?;
+                norm::rms_norm::backward_dx(
+                    gpu,
+                    &norm::rms_norm::Dims { R: n * hkv, C: hd },
+                    la.k_pre,
+                    self.w(kn),
+                    la.k_rstd,
+                    a.dk,
+                    a.dk_pre,
+                )
+                .ctx("k norm backward")?;
                 dq = a.dq_pre;
                 dk = a.dk_pre;
             }
@@ -799,8 +1270,18 @@ impl<'g> GpuLlama<'g> {
             self.project_backward(l, Proj::K, x, la.xa[1], dk, a.dln, true, n, a.dxa)?;
             self.project_backward(l, Proj::V, x, la.xa[2], a.dv, a.dln, true, n, a.dxa)?;
             if l > 0 {
-                norm::add_rms_norm::backward(gpu, &nd, self.w(&lw.input_norm), a.resid[l], a.rstd[l], a.dln, a.dres_b, a.sink_c, a.dres_a)
-                    .ctx("input norm backward")?;
+                norm::add_rms_norm::backward(
+                    gpu,
+                    &nd,
+                    self.w(&lw.input_norm),
+                    a.resid[l],
+                    a.rstd[l],
+                    a.dln,
+                    a.dres_b,
+                    a.sink_c,
+                    a.dres_a,
+                )
+                .ctx("input norm backward")?;
             }
         }
         Ok(())
@@ -812,8 +1293,22 @@ impl<'g> GpuLlama<'g> {
         let dp = a.sizes.head_dim_pad;
         let mut ad = AttentionDims::new(n, s, d.heads, d.kv_heads, dp);
         if dp == d.head_dim {
-            return attention_backward(self.gpu, ad, la.q, la.k, la.v, la.att, la.lse, a.datt, a.cu, a.dq, a.dk, a.dv, a.attn_scratch)
-                .ctx("attention backward");
+            return attention_backward(
+                self.gpu,
+                ad,
+                la.q,
+                la.k,
+                la.v,
+                la.att,
+                la.lse,
+                a.datt,
+                a.cu,
+                a.dq,
+                a.dk,
+                a.dv,
+                a.attn_scratch,
+            )
+            .ctx("attention backward");
         }
         ad.scale = 1.0 / (d.head_dim as f32).sqrt();
         self.pad(la.q, a.qp, n * d.heads, a.sel)?;
@@ -821,8 +1316,22 @@ impl<'g> GpuLlama<'g> {
         self.pad(la.v, a.vp, n * d.kv_heads, a.sel)?;
         self.pad(la.att, a.op, n * d.heads, a.sel)?;
         self.pad(a.datt, a.dop, n * d.heads, a.sel)?;
-        attention_backward(self.gpu, ad, a.qp, a.kp, a.vp, a.op, la.lse, a.dop, a.cu, a.dqp, a.dkp, a.dvp, a.attn_scratch)
-            .ctx("attention backward (padded)")?;
+        attention_backward(
+            self.gpu,
+            ad,
+            a.qp,
+            a.kp,
+            a.vp,
+            a.op,
+            la.lse,
+            a.dop,
+            a.cu,
+            a.dqp,
+            a.dkp,
+            a.dvp,
+            a.attn_scratch,
+        )
+        .ctx("attention backward (padded)")?;
         self.unpad(a.dqp, a.dq, n * d.heads, a.sel)?;
         self.unpad(a.dkp, a.dk, n * d.kv_heads, a.sel)?;
         self.unpad(a.dvp, a.dv, n * d.kv_heads, a.sel)
@@ -862,7 +1371,9 @@ impl<'g> GpuLlama<'g> {
         self.forward_loaded()?;
         let a = self.acts.as_ref().expect("allocated");
         let mut h = vec![bf16::ZERO; batch.len() * self.dims.hidden];
-        self.gpu.download(a.ln[self.dims.layers], &mut h).ctx("downloading hidden states")?;
+        self.gpu
+            .download(a.ln[self.dims.layers], &mut h)
+            .ctx("downloading hidden states")?;
         Ok(h.into_iter().map(|x| x.to_f32()).collect())
     }
 
@@ -905,7 +1416,14 @@ impl Rng {
 
 /// A PEFT-initialised adapter on every projection of `targets`: A ~ U(-1/sqrt(in), 1/sqrt(in)),
 /// B = 0 (or B ~ U(-b_amp, b_amp) when `b_amp > 0`, so that gradients of A are non-zero in checks).
-pub fn init_adapter(dims: &Dims, r: usize, alpha: f32, targets: &[Proj], seed: u64, b_amp: f32) -> LoraAdapter {
+pub fn init_adapter(
+    dims: &Dims,
+    r: usize,
+    alpha: f32,
+    targets: &[Proj],
+    seed: u64,
+    b_amp: f32,
+) -> LoraAdapter {
     let mut ad = LoraAdapter::zeros(dims, r, alpha, false, targets);
     let mut rng = Rng(seed);
     for row in ad.slots.clone() {
@@ -917,10 +1435,25 @@ pub fn init_adapter(dims: &Dims, r: usize, alpha: f32, targets: &[Proj], seed: u
                     *x = (rng.uniform() * 2.0 - 1.0) * bound;
                 }
                 for x in &mut ad.data[s.b.clone()] {
-                    *x = if b_amp > 0.0 { (rng.uniform() * 2.0 - 1.0) * b_amp } else { 0.0 };
+                    *x = if b_amp > 0.0 {
+                        (rng.uniform() * 2.0 - 1.0) * b_amp
+                    } else {
+                        0.0
+                    };
                 }
             }
         }
     }
     ad
 }
+
+/// One adapted projection on the device: A and B (bf16 copies, (r, in) and (out, r)), their f32
+/// gradients, the rank r and the scale s.
+struct LoraPtrs(
+    DevPtr<bf16>,
+    DevPtr<bf16>,
+    DevPtr<f32>,
+    DevPtr<f32>,
+    usize,
+    f32,
+);

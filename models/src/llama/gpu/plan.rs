@@ -48,11 +48,28 @@ pub fn weight_layout(config: &ModelConfig) -> WeightStore {
             (None, None)
         };
         let post_norm = take(d.hidden);
-        layers.push(LayerWeights { input_norm, proj, bias, q_norm, k_norm, post_norm });
+        layers.push(LayerWeights {
+            input_norm,
+            proj,
+            bias,
+            q_norm,
+            k_norm,
+            post_norm,
+        });
     }
     let final_norm = take(d.hidden);
-    let lm_head = if config.tie_word_embeddings { None } else { Some(take(d.vocab * d.hidden)) };
-    WeightStore { data: Vec::new(), embed, layers, final_norm, lm_head }
+    let lm_head = if config.tie_word_embeddings {
+        None
+    } else {
+        Some(take(d.vocab * d.hidden))
+    };
+    WeightStore {
+        data: Vec::new(),
+        embed,
+        layers,
+        final_norm,
+        lm_head,
+    }
 }
 
 /// Total elements of a layout (end of its last range).
@@ -63,7 +80,13 @@ pub fn layout_len(w: &WeightStore) -> usize {
     }
     for l in &w.layers {
         end = end.max(l.input_norm.end).max(l.post_norm.end);
-        for r in l.proj.iter().chain(l.bias.iter().flatten()).chain(l.q_norm.iter()).chain(l.k_norm.iter()) {
+        for r in l
+            .proj
+            .iter()
+            .chain(l.bias.iter().flatten())
+            .chain(l.q_norm.iter())
+            .chain(l.k_norm.iter())
+        {
             end = end.max(r.end);
         }
     }
@@ -138,10 +161,15 @@ impl ActSizes {
         let b = 2usize;
         let per_layer = b * (2 * self.nc + 2 * self.nq + 2 * self.nkv + 3 * self.ni)
             + 4 * (self.lse + self.n)
-            + if qk_norm { b * (self.nq + self.nkv) + 4 * self.n * (d.heads + d.kv_heads) } else { 0 };
+            + if qk_norm {
+                b * (self.nq + self.nkv) + 4 * self.n * (d.heads + d.kv_heads)
+            } else {
+                0
+            };
         let streams = (d.layers + 1) * (2 * b * self.nc + 4 * self.n);
         let lora = adapted * b * self.nr;
-        let scratch = b * (4 * self.nc + 3 * self.ni + 3 * self.nq + 2 * self.nkv + self.nr + self.logits)
+        let scratch = b
+            * (4 * self.nc + 3 * self.ni + 3 * self.nq + 2 * self.nkv + self.nr + self.logits)
             + if qk_norm { b * (self.nq + self.nkv) } else { 0 }
             + b * (4 * self.nq_pad + 4 * self.nkv_pad)
             + 4 * (self.lse + 6 * self.n)
@@ -186,25 +214,38 @@ pub fn check_batch(
         return Err("empty batch".into());
     }
     if n > max_tokens {
-        return Err(format!("batch of {n} tokens exceeds the GPU model's budget of {max_tokens}"));
+        return Err(format!(
+            "batch of {n} tokens exceeds the GPU model's budget of {max_tokens}"
+        ));
     }
     if cu_seqlens.first() != Some(&0)
         || cu_seqlens.last().map(|&e| e as i64) != Some(n as i64)
         || cu_seqlens.windows(2).any(|w| w[1] <= w[0])
     {
-        return Err(format!("cu_seqlens {cu_seqlens:?} must start at 0, increase strictly and end at {n}"));
+        return Err(format!(
+            "cu_seqlens {cu_seqlens:?} must start at 0, increase strictly and end at {n}"
+        ));
     }
     if positions.len() != n {
         return Err(format!("{} positions for {n} tokens", positions.len()));
     }
-    if let Some(&p) = positions.iter().find(|&&p| p < 0 || p as usize >= max_positions) {
-        return Err(format!("position {p} outside the RoPE table of {max_positions} rows"));
+    if let Some(&p) = positions
+        .iter()
+        .find(|&&p| p < 0 || p as usize >= max_positions)
+    {
+        return Err(format!(
+            "position {p} outside the RoPE table of {max_positions} rows"
+        ));
     }
     if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(format!("token id {t} is outside the vocabulary of {vocab}"));
     }
     if let Some(w) = sliding_window {
-        let longest = cu_seqlens.windows(2).map(|p| (p[1] - p[0]) as usize).max().unwrap_or(0);
+        let longest = cu_seqlens
+            .windows(2)
+            .map(|p| (p[1] - p[0]) as usize)
+            .max()
+            .unwrap_or(0);
         if longest > w {
             return Err(format!(
                 "training attention has no sliding window: a sequence of {longest} tokens exceeds the window of {w}"
@@ -221,7 +262,9 @@ pub fn check_batch(
                 continue;
             }
             if v < 0 || v as usize >= vocab {
-                return Err(format!("target {v} is outside the vocabulary of {vocab} (and not -100)"));
+                return Err(format!(
+                    "target {v} is outside the vocabulary of {vocab} (and not -100)"
+                ));
             }
             counted += 1;
         }
@@ -233,7 +276,10 @@ pub fn check_batch(
 pub fn ce_coefficients(targets: &[i32]) -> (Vec<f32>, Vec<f32>) {
     let m = targets.iter().filter(|&&t| t != -100).count();
     let inv = if m == 0 { 0.0 } else { 1.0 / m as f32 };
-    let dlse: Vec<f32> = targets.iter().map(|&t| if t == -100 { 0.0 } else { inv }).collect();
+    let dlse: Vec<f32> = targets
+        .iter()
+        .map(|&t| if t == -100 { 0.0 } else { inv })
+        .collect();
     let dpicked = dlse.iter().map(|v| -v).collect();
     (dlse, dpicked)
 }
@@ -267,14 +313,26 @@ pub fn flop_estimate(d: &Dims, seq: usize, r: usize, grad_ckpt: bool) -> (f64, f
     let (c, i, nl) = (d.hidden as f64, d.intermediate as f64, d.layers as f64);
     let q_out = d.q_dim() as f64;
     let kv_out = d.kv_dim() as f64;
-    let shapes = [(c, q_out), (c, kv_out), (c, kv_out), (q_out, c), (c, i), (c, i), (i, c)];
+    let shapes = [
+        (c, q_out),
+        (c, kv_out),
+        (c, kv_out),
+        (q_out, c),
+        (c, i),
+        (c, i),
+        (i, c),
+    ];
     let n_layers = nl * shapes.iter().map(|(a, b)| a * b).sum::<f64>();
     let n_head = d.vocab as f64 * c;
     let p = nl * shapes.iter().map(|(a, b)| r as f64 * (a + b)).sum::<f64>();
     let attn = 2.0 * seq as f64 * nl * q_out;
     let fwd = 2.0 * (n_layers + n_head) + 2.0 * p + attn;
     let bwd = 2.0 * (n_layers + n_head) + 4.0 * p + 2.0 * attn;
-    let rec = if grad_ckpt { 2.0 * n_layers + 2.0 * p + attn } else { 0.0 };
+    let rec = if grad_ckpt {
+        2.0 * n_layers + 2.0 * p + attn
+    } else {
+        0.0
+    };
     (n_layers + n_head, p, fwd + bwd, fwd + bwd + rec)
 }
 
@@ -283,7 +341,15 @@ mod tests {
     use super::*;
 
     fn dims() -> Dims {
-        Dims { hidden: 64, intermediate: 128, layers: 2, heads: 4, kv_heads: 2, head_dim: 16, vocab: 128 }
+        Dims {
+            hidden: 64,
+            intermediate: 128,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            vocab: 128,
+        }
     }
 
     #[test]
@@ -298,16 +364,34 @@ mod tests {
         assert!(ce_rows(16384, 128256) * 128256 <= LOGIT_BUDGET);
         assert_eq!(ce_rows(5, 1 << 30), 1);
         let s = ActSizes::new(&dims(), 10, 4);
-        assert_eq!((s.nc, s.nq, s.nkv, s.ni, s.nr, s.lse), (640, 640, 320, 1280, 40, 40));
-        assert_eq!((s.head_dim_pad, s.nq_pad, s.nkv_pad), (64, 10 * 4 * 64, 10 * 2 * 64));
+        assert_eq!(
+            (s.nc, s.nq, s.nkv, s.ni, s.nr, s.lse),
+            (640, 640, 320, 1280, 40, 40)
+        );
+        assert_eq!(
+            (s.head_dim_pad, s.nq_pad, s.nkv_pad),
+            (64, 10 * 4 * 64, 10 * 2 * 64)
+        );
         assert!(s.bytes(&dims(), false, 14) > 0);
         let sel = pad_selector(3, 5);
-        assert_eq!(sel, vec![1., 0., 0., 0., 0., 0., 1., 0., 0., 0., 0., 0., 1., 0., 0.]);
+        assert_eq!(
+            sel,
+            vec![1., 0., 0., 0., 0., 0., 1., 0., 0., 0., 0., 0., 1., 0., 0.]
+        );
     }
 
     #[test]
     fn batch_checks() {
-        let ok = check_batch(&[1, 2, 3], &[0, 2, 3], &[0, 1, 0], Some(&[5, -100, 7]), 128, 8, 8, None);
+        let ok = check_batch(
+            &[1, 2, 3],
+            &[0, 2, 3],
+            &[0, 1, 0],
+            Some(&[5, -100, 7]),
+            128,
+            8,
+            8,
+            None,
+        );
         assert_eq!(ok, Ok(2));
         assert!(check_batch(&[], &[0], &[], None, 128, 8, 8, None).is_err());
         assert!(check_batch(&[1; 9], &[0, 9], &[0; 9], None, 128, 8, 16, None).is_err());
@@ -328,11 +412,22 @@ mod tests {
     #[test]
     fn flops_match_hf_baseline_formula() {
         // llama-3.2-1b, seq 2048, r 16 (numbers from hf_baseline.py's flop_estimate).
-        let d = Dims { hidden: 2048, intermediate: 8192, layers: 16, heads: 32, kv_heads: 8, head_dim: 64, vocab: 128256 };
+        let d = Dims {
+            hidden: 2048,
+            intermediate: 8192,
+            layers: 16,
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 64,
+            vocab: 128256,
+        };
         let (nm, p, mf, hf) = flop_estimate(&d, 2048, 16, true);
         let shapes: f64 = (2048.0 * 2048.0) * 2.0 + (2048.0 * 512.0) * 2.0 + 3.0 * 2048.0 * 8192.0;
         assert_eq!(nm, 16.0 * shapes + 128256.0 * 2048.0);
-        assert_eq!(p, 16.0 * 16.0 * (4096.0 * 2.0 + 2560.0 * 2.0 + 10240.0 * 3.0));
+        assert_eq!(
+            p,
+            16.0 * 16.0 * (4096.0 * 2.0 + 2560.0 * 2.0 + 10240.0 * 3.0)
+        );
         assert!(hf > mf && mf > 0.0);
     }
 }
@@ -348,7 +443,9 @@ mod layout_tests {
     #[test]
     fn layout_matches_weight_store() {
         for arch in ["llama", "qwen2", "qwen3", "mistral"] {
-            let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama").join(arch);
+            let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/llama")
+                .join(arch);
             let config = ModelConfig::from_file(&d.join("config.json")).unwrap();
             let ws = WeightSource::Safetensors(SafetensorsFiles::open(&d).unwrap());
             let store = WeightStore::load(&config, &ws, Rounding::F32).unwrap();
@@ -358,7 +455,10 @@ mod layout_tests {
             assert_eq!(lay.final_norm, store.final_norm, "{arch}");
             assert_eq!(lay.lm_head, store.lm_head, "{arch}");
             assert_eq!(layout_len(&lay), store.data.len(), "{arch}");
-            assert_eq!(norm_ranges(&lay).len(), 1 + 2 * config.num_hidden_layers * if config.qk_norm { 2 } else { 1 });
+            assert_eq!(
+                norm_ranges(&lay).len(),
+                1 + 2 * config.num_hidden_layers * if config.qk_norm { 2 } else { 1 }
+            );
         }
     }
 }

@@ -28,7 +28,10 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     if got.len() != want.len() {
         return f64::INFINITY;
     }
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-30);
+    let scale = want
+        .iter()
+        .fold(0f64, |m, v| m.max(v.abs() as f64))
+        .max(1e-30);
     let mut worst = 0f64;
     for (g, w) in got.iter().zip(want) {
         let e = (*g as f64 - *w as f64).abs();
@@ -42,11 +45,20 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
 
 fn row(rows: &mut Vec<Row>, name: String, err: f64, tol: f64, detail: String) {
     let ok = err <= tol;
-    rows.push((name, err, format!("{detail} (tol {tol:.0e}){}", if ok { "" } else { "  FAILED" })));
+    rows.push((
+        name,
+        err,
+        format!(
+            "{detail} (tol {tol:.0e}){}",
+            if ok { "" } else { "  FAILED" }
+        ),
+    ));
 }
 
 fn fixture_dir(arch: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama").join(arch)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/llama")
+        .join(arch)
 }
 
 /// Runs every model check; returns the rows (failed checks say FAILED in their detail) or an
@@ -55,11 +67,19 @@ pub fn selftest_model(gpu: &Gpu) -> Result<Vec<Row>, String> {
     let mut rows = Vec::new();
     for arch in ["llama", "qwen2", "qwen3"] {
         if let Err(e) = check_fixture(gpu, arch, &mut rows) {
-            rows.push((format!("model {arch}: fixture check"), f64::INFINITY, format!("error: {e}  FAILED")));
+            rows.push((
+                format!("model {arch}: fixture check"),
+                f64::INFINITY,
+                format!("error: {e}  FAILED"),
+            ));
         }
     }
     if let Err(e) = check_smollm2(gpu, &mut rows) {
-        rows.push(("model smollm2-135m".into(), f64::INFINITY, format!("error: {e}  FAILED")));
+        rows.push((
+            "model smollm2-135m".into(),
+            f64::INFINITY,
+            format!("error: {e}  FAILED"),
+        ));
     }
     Ok(rows)
 }
@@ -74,23 +94,41 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
     let config = ModelConfig::from_file(&d.join("config.json")).map_err(|e| e.to_string())?;
     let weights = WeightSource::Safetensors(SafetensorsFiles::open(&d).map_err(|e| e.to_string())?);
     let cpu = LlamaModel::new(&config, &weights, Rounding::BF16).map_err(|e| e.to_string())?;
-    let golden = SafetensorsFiles::open(&d.join("golden.safetensors")).map_err(|e| e.to_string())?;
+    let golden =
+        SafetensorsFiles::open(&d.join("golden.safetensors")).map_err(|e| e.to_string())?;
     let get = |k: &str| golden.to_f32(k).map_err(|e| format!("golden {k}: {e}"));
     let ids: Vec<u32> = get("train.ids")?.into_iter().map(|v| v as u32).collect();
-    let cu: Vec<i32> = get("train.cu_seqlens")?.into_iter().map(|v| v as i32).collect();
-    let targets: Vec<i32> = get("train.targets")?.into_iter().map(|v| v as i32).collect();
-    let want_loss = *get("train.loss")?.first().ok_or("golden train.loss is empty")? as f64;
+    let cu: Vec<i32> = get("train.cu_seqlens")?
+        .into_iter()
+        .map(|v| v as i32)
+        .collect();
+    let targets: Vec<i32> = get("train.targets")?
+        .into_iter()
+        .map(|v| v as i32)
+        .collect();
+    let want_loss = *get("train.loss")?
+        .first()
+        .ok_or("golden train.loss is empty")? as f64;
     let seqs: Vec<Vec<u32>> = cu
         .windows(2)
-        .map(|w| ids.get(w[0] as usize..w[1] as usize).map(|s| s.to_vec()).ok_or("bad cu_seqlens"))
+        .map(|w| {
+            ids.get(w[0] as usize..w[1] as usize)
+                .map(|s| s.to_vec())
+                .ok_or("bad cu_seqlens")
+        })
         .collect::<Result<_, _>>()?;
     let batch = Batch::packed(&seqs);
     let ad = LoraAdapter::load_peft(&d.join("adapter"), &cpu.dims).map_err(|e| e.to_string())?;
     // Adapter values as bf16 (what the GPU GEMMs read), for the CPU bf16 reference too.
     let mut ad_bf = ad.clone();
-    ad_bf.data.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+    ad_bf
+        .data
+        .iter_mut()
+        .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
 
-    let (cpu_loss, cpu_grads) = cpu.loss_and_lora_grads(&batch, &targets, &ad_bf).map_err(|e| e.to_string())?;
+    let (cpu_loss, cpu_grads) = cpu
+        .loss_and_lora_grads(&batch, &targets, &ad_bf)
+        .map_err(|e| e.to_string())?;
     let mut g = GpuLlama::from_model(gpu, &cpu, batch.len(), ad.r)?;
     g.set_lora(&ad)?;
     g.zero_grads()?;
@@ -99,11 +137,29 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
     let fwd_only = g.loss(&batch, &targets)?;
 
     let le = ((gpu_loss as f64) - cpu_loss as f64).abs() / (cpu_loss as f64).abs().max(1e-30);
-    row(rows, format!("model {arch}: loss GPU vs CPU bf16"), le, TOL_LOSS, format!("gpu {gpu_loss:.5} cpu {cpu_loss:.5}"));
+    row(
+        rows,
+        format!("model {arch}: loss GPU vs CPU bf16"),
+        le,
+        TOL_LOSS,
+        format!("gpu {gpu_loss:.5} cpu {cpu_loss:.5}"),
+    );
     let lp = ((gpu_loss as f64) - want_loss).abs() / want_loss.abs().max(1e-30);
-    row(rows, format!("model {arch}: loss GPU vs PEFT f32"), lp, TOL_LOSS, format!("gpu {gpu_loss:.5} peft {want_loss:.5}"));
+    row(
+        rows,
+        format!("model {arch}: loss GPU vs PEFT f32"),
+        lp,
+        TOL_LOSS,
+        format!("gpu {gpu_loss:.5} peft {want_loss:.5}"),
+    );
     let lf = ((fwd_only - gpu_loss) as f64).abs() / (gpu_loss as f64).abs().max(1e-30);
-    row(rows, format!("model {arch}: loss() == loss_and_grads()"), lf, 1e-6, format!("{fwd_only:.6}"));
+    row(
+        rows,
+        format!("model {arch}: loss() == loss_and_grads()"),
+        lf,
+        1e-6,
+        format!("{fwd_only:.6}"),
+    );
 
     let (mut worst_cpu, mut worst_peft, mut worst_ref) = (0f64, 0f64, 0f64);
     let (mut where_cpu, mut where_peft) = (String::new(), String::new());
@@ -111,13 +167,19 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
     for l in 0..cpu.dims.layers {
         for p in Proj::ALL {
             for which_b in [false, true] {
-                let pick = |a: &LoraAdapter| if which_b { a.b(l, p) } else { a.a(l, p) }.map(|s| s.to_vec());
+                let pick = |a: &LoraAdapter| {
+                    if which_b { a.b(l, p) } else { a.a(l, p) }.map(|s| s.to_vec())
+                };
                 let (Some(got), Some(cref)) = (pick(&grads), pick(&cpu_grads)) else {
                     return Err(format!("gradient of layer {l} {} missing", p.module()));
                 };
                 let key = format!("grad.{}", LoraAdapter::peft_name(l, p, which_b));
                 let peft = get(&key)?;
-                let name = format!("{}.{}", l, key.trim_start_matches("grad.base_model.model.model."));
+                let name = format!(
+                    "{}.{}",
+                    l,
+                    key.trim_start_matches("grad.base_model.model.model.")
+                );
                 let e1 = rel_err(&got, &cref);
                 let e2 = rel_err(&got, &peft);
                 let e3 = rel_err(&cref, &peft);
@@ -134,7 +196,13 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
             }
         }
     }
-    row(rows, format!("model {arch}: {checked} LoRA grads GPU vs CPU bf16"), worst_cpu, TOL_CPU, format!("worst {where_cpu}"));
+    row(
+        rows,
+        format!("model {arch}: {checked} LoRA grads GPU vs CPU bf16"),
+        worst_cpu,
+        TOL_CPU,
+        format!("worst {where_cpu}"),
+    );
     row(
         rows,
         format!("model {arch}: {checked} LoRA grads GPU vs PEFT f32"),
@@ -158,22 +226,36 @@ fn check_smollm2(gpu: &Gpu, rows: &mut Vec<Row>) -> Result<(), String> {
             special.insert(k.to_owned(), v.clone());
         }
     }
-    let template = tc.chat_template.as_deref().map(|s| ChatTemplate::new(s, special)).transpose().map_err(|e| format!("chat template: {e}"))?;
+    let template = tc
+        .chat_template
+        .as_deref()
+        .map(|s| ChatTemplate::new(s, special))
+        .transpose()
+        .map_err(|e| format!("chat template: {e}"))?;
     let renderer = PromptRenderer::new(loaded.tokenizer.clone(), template, tc.eos_token.as_deref());
     let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/train.jsonl");
-    let ds = load_dataset(&data, None, &renderer, &DataOptions::default()).map_err(|e| e.to_string())?;
+    let ds =
+        load_dataset(&data, None, &renderer, &DataOptions::default()).map_err(|e| e.to_string())?;
     let budget = 1024;
     let batches = pack(ds.examples(), budget);
-    let pb = batches.first().ok_or("the bundled dataset packed into no batch")?;
+    let pb = batches
+        .first()
+        .ok_or("the bundled dataset packed into no batch")?;
     let (batch, targets) = super::trainable::batch_of(pb);
     let cpu = LlamaModel::from_loaded(&loaded, Rounding::BF16).map_err(|e| e.to_string())?;
-    let cpu_loss = cpu.loss(&batch, &targets, None).map_err(|e| e.to_string())?;
+    let cpu_loss = cpu
+        .loss(&batch, &targets, None)
+        .map_err(|e| e.to_string())?;
     let mut g = GpuLlama::from_model(gpu, &cpu, budget, 16)?;
     let gpu_loss = g.loss(&batch, &targets)?;
     let e = ((gpu_loss - cpu_loss) as f64).abs() / (cpu_loss as f64).abs().max(1e-30);
     row(
         rows,
-        format!("model smollm2-135m: loss of a packed batch ({} tokens, {} seqs) GPU vs CPU bf16", batch.len(), batch.num_seqs()),
+        format!(
+            "model smollm2-135m: loss of a packed batch ({} tokens, {} seqs) GPU vs CPU bf16",
+            batch.len(),
+            batch.num_seqs()
+        ),
         e,
         TOL_LOSS,
         format!("gpu {gpu_loss:.4} cpu {cpu_loss:.4}"),
@@ -193,7 +275,11 @@ fn check_smollm2(gpu: &Gpu, rows: &mut Vec<Row>) -> Result<(), String> {
     let ms = t1.elapsed().as_secs_f64() * 1e3 / 20.0;
     let first = losses[0];
     let fell = after.is_finite() && after < 0.9 * first;
-    let curve: Vec<String> = losses.iter().step_by(4).map(|l| format!("{l:.3}")).collect();
+    let curve: Vec<String> = losses
+        .iter()
+        .step_by(4)
+        .map(|l| format!("{l:.3}"))
+        .collect();
     rows.push((
         "model smollm2-135m: 20 GPU AdamW steps (lr 1e-3, r 16, all 7)".into(),
         (after / first) as f64,
@@ -201,12 +287,21 @@ fn check_smollm2(gpu: &Gpu, rows: &mut Vec<Row>) -> Result<(), String> {
             "loss {first:.4} -> {after:.4} [{}] {ms:.1} ms/step, total {:.1} s{}",
             curve.join(" "),
             t0.elapsed().as_secs_f64(),
-            if fell { "" } else { "  FAILED (loss did not fall by 10%)" }
+            if fell {
+                ""
+            } else {
+                "  FAILED (loss did not fall by 10%)"
+            }
         ),
     ));
     // Gradients are finite and non-zero.
     let gr = g.download_grads()?;
-    let norm: f64 = gr.data.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt();
+    let norm: f64 = gr
+        .data
+        .iter()
+        .map(|v| (*v as f64) * (*v as f64))
+        .sum::<f64>()
+        .sqrt();
     let ok = norm.is_finite() && norm > 0.0;
     rows.push((
         "model smollm2-135m: LoRA gradient norm after training".into(),

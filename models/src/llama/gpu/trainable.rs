@@ -19,10 +19,19 @@ pub struct GpuTrainable {
 impl GpuTrainable {
     /// Uploads `model` to `gpu` with buffers for micro-batches of up to `max_tokens` tokens and
     /// LoRA rank up to `max_rank`.
-    pub fn new(gpu: &'static Gpu, model: LlamaModel, max_tokens: usize, max_rank: usize) -> GpuResult<Self> {
+    pub fn new(
+        gpu: &'static Gpu,
+        model: LlamaModel,
+        max_tokens: usize,
+        max_rank: usize,
+    ) -> GpuResult<Self> {
         let gpu_model = GpuLlama::from_model(gpu, &model, max_tokens, max_rank)?;
         let targets = linear_targets(&model.config);
-        Ok(Self { gpu_model, cpu: LlamaTrainable::new(model), targets })
+        Ok(Self {
+            gpu_model,
+            cpu: LlamaTrainable::new(model),
+            targets,
+        })
     }
 
     fn adapter_of(&self, lora: &LoraWeights) -> Result<LoraAdapter, String> {
@@ -31,7 +40,10 @@ impl GpuTrainable {
 }
 
 fn proj_of(module: &str) -> Result<Proj, String> {
-    Proj::ALL.into_iter().find(|p| p.module() == module).ok_or_else(|| format!("unknown module {module}"))
+    Proj::ALL
+        .into_iter()
+        .find(|p| p.module() == module)
+        .ok_or_else(|| format!("unknown module {module}"))
 }
 
 /// The model-layout adapter holding the same values as the trainer's `lora`.
@@ -51,9 +63,17 @@ pub fn adapter_of(dims: &crate::llama::Dims, lora: &LoraWeights) -> Result<LoraA
         let slot = ad
             .slot(t.target.layer, proj_of(&t.target.module)?)
             .cloned()
-            .ok_or_else(|| format!("layer {} {} is not adapted in every layer", t.target.layer, t.target.module))?;
+            .ok_or_else(|| {
+                format!(
+                    "layer {} {} is not adapted in every layer",
+                    t.target.layer, t.target.module
+                )
+            })?;
         if slot.a.len() != t.a.len() || slot.b.len() != t.b.len() {
-            return Err(format!("layer {} {}: LoRA shapes differ from the model's", t.target.layer, t.target.module));
+            return Err(format!(
+                "layer {} {}: LoRA shapes differ from the model's",
+                t.target.layer, t.target.module
+            ));
         }
         ad.data[slot.a].copy_from_slice(&lora.data[t.a.clone()]);
         ad.data[slot.b].copy_from_slice(&lora.data[t.b.clone()]);
@@ -69,7 +89,11 @@ pub fn adapter_of(dims: &crate::llama::Dims, lora: &LoraWeights) -> Result<LoraA
 pub fn batch_of(b: &PackedBatch) -> (Batch, Vec<i32>) {
     let mut targets: Vec<i32> = b.labels.iter().skip(1).copied().collect();
     targets.push(IGNORE_INDEX);
-    let batch = Batch { tokens: b.input_ids.clone(), cu_seqlens: b.cu_seqlens.clone(), positions: b.position_ids.clone() };
+    let batch = Batch {
+        tokens: b.input_ids.clone(),
+        cu_seqlens: b.cu_seqlens.clone(),
+        positions: b.position_ids.clone(),
+    };
     (batch, targets)
 }
 
@@ -78,7 +102,12 @@ impl LoraModel for GpuTrainable {
         self.targets.clone()
     }
 
-    fn loss_and_grads(&mut self, batch: &PackedBatch, lora: &LoraWeights, grads: &mut LoraWeights) -> Result<f32, String> {
+    fn loss_and_grads(
+        &mut self,
+        batch: &PackedBatch,
+        lora: &LoraWeights,
+        grads: &mut LoraWeights,
+    ) -> Result<f32, String> {
         let (b, targets) = batch_of(batch);
         let counted = targets.iter().filter(|t| **t != IGNORE_INDEX).count();
         if counted == 0 {
@@ -92,7 +121,10 @@ impl LoraModel for GpuTrainable {
         // The model differentiates the mean over counted tokens; the trainer wants the sum.
         let n = counted as f32;
         for t in &grads.tensors {
-            let slot = g.slot(t.target.layer, proj_of(&t.target.module)?).cloned().ok_or("gradient slot missing")?;
+            let slot = g
+                .slot(t.target.layer, proj_of(&t.target.module)?)
+                .cloned()
+                .ok_or("gradient slot missing")?;
             for (dst, src) in grads.data[t.a.clone()].iter_mut().zip(&g.data[slot.a]) {
                 *dst += src * n;
             }
@@ -115,7 +147,13 @@ impl LoraModel for GpuTrainable {
         Ok(mean * counted as f32)
     }
 
-    fn generate(&mut self, prompt: &[u32], lora: &LoraWeights, max_new: usize, eos: &[u32]) -> Result<Vec<u32>, String> {
+    fn generate(
+        &mut self,
+        prompt: &[u32],
+        lora: &LoraWeights,
+        max_new: usize,
+        eos: &[u32],
+    ) -> Result<Vec<u32>, String> {
         self.cpu.generate(prompt, lora, max_new, eos)
     }
 }
