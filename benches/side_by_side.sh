@@ -17,7 +17,7 @@ if [ -n "$lt" ]; then
     export LD_LIBRARY_PATH="/tmp/ftrt-libs:$(dirname "$lt")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 echo "== ftrt bench $PRESET lora ${B}x${S} ($STEPS steps)"
-OURS=$("$FTRT" bench --preset "$PRESET" --mode lora --batch "$B" --seq "$S" --steps "$STEPS" 2>&1 | tee /dev/stderr | grep '^{"bench": *"ftrt"' | tail -1)
+OURS=$("$FTRT" bench --preset "$PRESET" --mode lora --batch "$B" --seq "$S" --steps "$STEPS" 2>&1 | tee /dev/stderr | grep '"bench": *"ftrt"' | tail -1)
 echo "== hf_baseline.py $PRESET lora ${B}x${S}"
 THEIRS=$(python3 "$BASE" --model "$PRESET" --mode lora --batch "$B" --seq "$S" --steps "$STEPS" 2>&1 | tee /dev/stderr | grep '^{"bench": "hf_baseline"' | tail -1)
 OURS="$OURS" THEIRS="$THEIRS" python3 - <<'PY'
