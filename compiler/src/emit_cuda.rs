@@ -17,7 +17,7 @@ use std::fmt::Write;
 /// elements, else a block of 256 per row, or of 1024 when there are too few rows
 /// (`FEW_ROWS`) to keep enough loads in flight.
 pub const ROW_VARIANTS: [u32; 3] = [32, 256, 1024];
-pub const WARP_ROW_MAX_INNER: i64 = 8192;
+pub const WARP_ROW_MAX_INNER: i64 = 1024;
 pub const FEW_ROWS: i64 = 2048;
 /// Threads per block of flat kernels.
 pub const FLAT_THREADS: u32 = 256;
