@@ -9,13 +9,7 @@ PRESET=${2:-llama-3.2-1b}; B=${3:-2}; S=${4:-2048}; STEPS=${5:-10}
 FTRT=${FTRT:-./.bin/ftrt}
 [ -x "$FTRT" ] || FTRT=target/release/ftrt
 [ -x "$FTRT" ] || FTRT=$(command -v ftrt || echo ftrt)
-# cudarc's 12.4 bindings look for libcublasLt.so / .so.12; CUDA 13 ships .so.13 (as gpu_selftest.sh).
-lt=$(ls /usr/local/cuda/lib64/libcublasLt.so* 2>/dev/null | head -1)
-[ -z "$lt" ] && lt=$(python3 -c "import nvidia, os, glob; print((glob.glob(os.path.join(list(nvidia.__path__)[0], '**', 'libcublasLt.so*'), recursive=True) or [''])[0])" 2>/dev/null)
-if [ -n "$lt" ]; then
-    mkdir -p /tmp/ftrt-libs && ln -sf "$lt" /tmp/ftrt-libs/libcublasLt.so
-    export LD_LIBRARY_PATH="/tmp/ftrt-libs:$(dirname "$lt")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-fi
+. "$(dirname "$0")/cuda-env.sh"
 echo "== ftrt bench $PRESET lora ${B}x${S} ($STEPS steps)"
 OURS=$("$FTRT" bench --preset "$PRESET" --mode lora --batch "$B" --seq "$S" --steps "$STEPS" 2>&1 | tee /dev/stderr | grep '"bench": *"ftrt"' | tail -1)
 echo "== hf_baseline.py $PRESET lora ${B}x${S}"
