@@ -3,7 +3,9 @@
 //! with CUDA events after warm-up; prints tokens/s, ms/step, GPU memory (planned and measured
 //! from the driver: free memory before building the model minus free memory after the steps;
 //! nothing is allocated inside the loop), MFU and HFU with hf_baseline.py's FLOP formula, and
-//! one JSON line starting with `{"bench": "ftrt"`.
+//! one JSON line starting with `{"bench": "ftrt"`. `--mode qlora` stores the projection weights
+//! as NF4 with double-quantized absmax (bitsandbytes' layout) and dequantizes each into a bf16
+//! scratch before its GEMMs; the dequantization is not counted in MFU/HFU.
 //!
 //! HFU here counts no recomputation (the GPU model keeps every activation), so it equals MFU;
 //! hf_baseline.py's HFU includes its gradient-checkpointing recompute.
@@ -20,7 +22,7 @@ pub struct BenchArgs {
     /// Model shape: llama-3.2-1b | llama-3.1-8b | qwen2.5-7b (as hf_baseline.py).
     #[arg(long, default_value = "llama-3.2-1b")]
     pub preset: String,
-    /// lora (qlora: not implemented on the GPU yet).
+    /// lora (bf16 base weights) | qlora (NF4 projection weights, dequantized before each GEMM).
     #[arg(long, default_value = "lora")]
     pub mode: String,
     /// Sequences per step.
@@ -130,12 +132,11 @@ pub fn random_batch(batch: usize, seq: usize, vocab: usize, seed: u64) -> (Batch
 const GIB: f64 = (1u64 << 30) as f64;
 
 pub fn run(a: &BenchArgs) -> Result<(), String> {
-    if a.mode != "lora" {
-        return Err(format!(
-            "--mode {}: only lora runs on the GPU model so far",
-            a.mode
-        ));
-    }
+    let four_bit = match a.mode.as_str() {
+        "lora" => false,
+        "qlora" => true,
+        other => return Err(format!("--mode {other}: lora or qlora")),
+    };
     if a.batch == 0 || a.seq < 2 || a.steps == 0 {
         return Err("--batch >= 1, --seq >= 2 and --steps >= 1 are required".into());
     }
@@ -145,7 +146,11 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let gpu = Gpu::open(a.device).map_err(|e| format!("{e}\nftrt bench needs an NVIDIA GPU."))?;
     let (free0, total) = gpu.context().mem_get_info().map_err(|e| e.to_string())?;
     let n = a.batch * a.seq;
-    let mut model = GpuLlama::random(&gpu, &config, n, a.lora_r, 1234)?;
+    let mut model = if four_bit {
+        GpuLlama::random_4bit(&gpu, &config, n, a.lora_r, 1234)?
+    } else {
+        GpuLlama::random(&gpu, &config, n, a.lora_r, 1234)?
+    };
     let ad = init_adapter(&model.dims, a.lora_r, a.lora_alpha, &Proj::ALL, 42, 0.0);
     model.set_lora(&ad)?;
     let (batch, targets) = random_batch(a.batch, a.seq, model.dims.vocab, 7);
@@ -186,8 +191,8 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let planned = model.held_bytes() as f64 / GIB;
     let name = gpu.info().name.clone();
     println!(
-        "ftrt bench {} lora r={} batch {}x{} on {name}: {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% (no recompute), loss {:.4} -> {:.4}",
-        a.preset, a.lora_r, a.batch, a.seq, tok_s, ms, measured, planned, total as f64 / GIB, 100.0 * mfu, 100.0 * hfu, first_timed, loss
+        "ftrt bench {} {} r={} batch {}x{} on {name}: {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% (no recompute), loss {:.4} -> {:.4}",
+        a.preset, a.mode, a.lora_r, a.batch, a.seq, tok_s, ms, measured, planned, total as f64 / GIB, 100.0 * mfu, 100.0 * hfu, first_timed, loss
     );
     let json = serde_json::json!({
         "bench": "ftrt", "model": a.preset, "mode": a.mode, "optim": "adamw", "lora_r": a.lora_r,

@@ -136,13 +136,9 @@ pub struct TrainArgs {
 /// checkpoint. Device from `FTRT_DEVICE` = `cpu` | `gpu` | `auto` (default: the GPU when
 /// `Gpu::open(0)` succeeds, else the CPU). The GPU model holds buffers for micro-batches of
 /// `token_budget` tokens and LoRA rank `max_rank`; the optimizer stays on the host.
-fn build_model(
-    loaded: &LoadedModel,
-    token_budget: usize,
-    max_rank: usize,
-) -> Result<Box<dyn LoraModel>, String> {
+/// `--load-in-4bit` (QLoRA) needs the GPU: refused on the CPU backend.
+fn open_device(load_in_4bit: bool) -> Result<Option<ftrt_runtime::Gpu>, String> {
     let device = std::env::var("FTRT_DEVICE").unwrap_or_else(|_| "auto".into());
-    let model = LlamaModel::from_loaded(loaded, Rounding::F32).map_err(|e| e.to_string())?;
     let gpu = match device.as_str() {
         "cpu" => None,
         "gpu" => Some(ftrt_runtime::Gpu::open(0).map_err(|e| format!("FTRT_DEVICE=gpu: {e}"))?),
@@ -153,12 +149,40 @@ fn build_model(
             ))
         }
     };
+    if load_in_4bit && gpu.is_none() {
+        return Err(format!("{} (no GPU here)", settings::CPU_4BIT));
+    }
+    Ok(gpu)
+}
+
+fn build_model(
+    loaded: &LoadedModel,
+    gpu: Option<ftrt_runtime::Gpu>,
+    token_budget: usize,
+    max_rank: usize,
+    load_in_4bit: bool,
+) -> Result<Box<dyn LoraModel>, String> {
+    let model = LlamaModel::from_loaded(loaded, Rounding::F32).map_err(|e| e.to_string())?;
     match gpu {
         Some(gpu) => {
-            eprintln!("device: GPU {}", gpu.info().name);
+            eprintln!(
+                "device: GPU {}{}",
+                gpu.info().name,
+                if load_in_4bit {
+                    " (QLoRA: NF4 projection weights)"
+                } else {
+                    ""
+                }
+            );
             // One GPU per process, alive until exit.
             let gpu: &'static ftrt_runtime::Gpu = Box::leak(Box::new(gpu));
-            let m = ftrt_models::llama::gpu::GpuTrainable::new(gpu, model, token_budget, max_rank)?;
+            let m = ftrt_models::llama::gpu::GpuTrainable::new(
+                gpu,
+                model,
+                token_budget,
+                max_rank,
+                load_in_4bit,
+            )?;
             Ok(Box::new(m))
         }
         None => {
@@ -193,6 +217,7 @@ fn renderer_of(loaded: &LoadedModel) -> Result<PromptRenderer, String> {
 /// Runs `ftrt train`.
 pub fn run(args: &TrainArgs) -> Result<(), String> {
     let s = settings::resolve(&settings::merge(args)?)?;
+    let gpu = open_device(s.load_in_4bit)?;
     let files = data::locate_and_check(&s)?;
     let model_path = match &s.model {
         Some(p) => p.clone(),
@@ -238,7 +263,7 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         eval_set.len(),
         gib(plan.total())
     );
-    let mut model = build_model(&loaded, s.token_budget(), s.lora.r)?;
+    let mut model = build_model(&loaded, gpu, s.token_budget(), s.lora.r, s.load_in_4bit)?;
     let eos = loaded.eos_token_ids.clone();
     if s.eval_samples > 0 && s.resume.is_none() {
         samples::answer_and_score(

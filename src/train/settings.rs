@@ -152,6 +152,8 @@ pub struct Settings {
     pub eval_samples: usize,
     /// Show the progress bar.
     pub progress: bool,
+    /// QLoRA: NF4 projection weights on the GPU model.
+    pub load_in_4bit: bool,
 }
 
 impl Settings {
@@ -169,15 +171,16 @@ fn positive(name: &str, v: usize) -> Result<usize, String> {
     }
 }
 
+/// The refusal of `--load-in-4bit` without a GPU.
+pub const CPU_4BIT: &str = "--load-in-4bit (QLoRA on NF4 weights) needs the GPU training path \
+    (FTRT_DEVICE=gpu, or auto on a machine with a GPU); the CPU backend trains LoRA on f32 \
+    weights: drop --load-in-4bit";
+
 /// Resolves merged arguments against the defaults and checks them (no file is read).
 pub fn resolve(a: &TrainArgs) -> Result<Settings, String> {
-    if a.load_in_4bit == Some(true) {
-        return Err(
-            "--load-in-4bit (QLoRA on NF4 weights) needs the GPU training path, which \
-                    `ftrt train` does not drive yet; the CPU backend trains LoRA on f32 weights: \
-                    drop --load-in-4bit"
-                .to_owned(),
-        );
+    let load_in_4bit = a.load_in_4bit.unwrap_or(false);
+    if load_in_4bit && std::env::var("FTRT_DEVICE").is_ok_and(|d| d == "cpu") {
+        return Err(CPU_4BIT.to_owned());
     }
     let lora = LoraConfig {
         r: positive("lora-r", a.lora_r.unwrap_or(16))?,
@@ -253,6 +256,7 @@ pub fn resolve(a: &TrainArgs) -> Result<Settings, String> {
         resume,
         eval_samples: a.eval_samples.unwrap_or(10),
         progress: !a.no_progress.unwrap_or(false),
+        load_in_4bit,
     };
     if !(s.learning_rate.is_finite() && s.learning_rate >= 0.0) {
         return Err(format!("--learning-rate {} must be >= 0", s.learning_rate));

@@ -17,6 +17,14 @@
 //! The cross-entropy runs over chunks of rows ([`plan::ce_rows`]): logits (rows, V) of one chunk
 //! through the head GEMM, the CE kernel's forward (final lse), its backward in place, and
 //! `dln_f[rows] = dlogits · head` (one bf16 rounding): never the full (N, V) logits.
+//! 4-bit mode (QLoRA, [`GpuLlama::from_model_4bit`], [`GpuLlama::random_4bit`]): the seven
+//! projection weights of every layer are stored as NF4 with double-quantized absmax, exactly
+//! bitsandbytes' `quantize_4bit(blocksize=64, compress_statistics=True, quant_type="nf4")`
+//! layout, quantized on the GPU at load from a bf16 upload of one weight at a time (the bf16
+//! model never sits on the GPU whole); embeddings, norms, biases and lm_head stay bf16 in the
+//! weight buffer. Before each base GEMM (forward `x W^T`, backward `dy W`) the projection is
+//! dequantized into one shared bf16 scratch sized for the largest projection; everything runs
+//! on one stream, so the next dequantization cannot overwrite a weight a GEMM still reads.
 //! Attention: the varlen causal GQA kernels; head dims other than 64/128 (the tiny test
 //! models) are zero-padded to 64 through exact selection GEMMs, with the softmax scale of the
 //! true head dim.
@@ -26,7 +34,7 @@ pub mod selftest;
 pub mod trainable;
 
 use ftrt_ops::attention::{attention_backward, attention_forward, scratch_bytes, AttentionDims};
-use ftrt_ops::{activation, adamw, cross_entropy, embedding, norm, rope};
+use ftrt_ops::{activation, adamw, cross_entropy, embedding, nf4, norm, quant_prelude, rope};
 use ftrt_runtime::cudarc::driver::{LaunchConfig, PushKernelArg};
 use ftrt_runtime::{CublasLt, DevPtr, DeviceBuffer, GemmDesc, GemmWorkspace, Gpu, PtxModule};
 use half::bf16;
@@ -223,7 +231,36 @@ struct Acts {
     _held: Held,
 }
 
-/// A Llama-family decoder on the GPU, bf16, LoRA-trainable.
+/// One projection weight as NF4 with double-quantized absmax (bitsandbytes' layout).
+#[derive(Clone, Copy)]
+struct Nf4Weight {
+    /// (N / 2) u8: two codes per byte, element 2i in the high nibble.
+    packed: DevPtr<u8>,
+    /// (N / 64) u8: block absmax minus `offset`, quantized with the signed dynamic map.
+    absmax_q: DevPtr<u8>,
+    /// (ceil(N / 64 / 256)) f32: absmax of each 256-block of the centred absmax.
+    absmax2: DevPtr<f32>,
+    /// Mean of the block absmax (bitsandbytes' `offset`).
+    offset: f32,
+    /// Elements (out * in).
+    n: usize,
+}
+
+/// State of the 4-bit mode.
+struct Nf4Base {
+    /// [layer][Proj::index].
+    w: Vec<[Nf4Weight; 7]>,
+    /// (256) f32 signed dynamic map (absmax codes), (16) f32 NF4 code.
+    code2: DevPtr<f32>,
+    code: DevPtr<f32>,
+    /// (largest out * in) bf16: the dequantized weight of the GEMM in flight; also the staging
+    /// buffer of the bf16 upload while quantizing at load.
+    scratch: DevPtr<bf16>,
+    /// Its capacity in elements.
+    scratch_len: usize,
+}
+
+/// A Llama-family decoder on the GPU, bf16 (or NF4 projection weights), LoRA-trainable.
 pub struct GpuLlama<'g> {
     gpu: &'g Gpu,
     blas: CublasLt,
@@ -234,8 +271,10 @@ pub struct GpuLlama<'g> {
     eps: f32,
     /// Weight ranges in `weights` (no host data).
     layout: WeightStore,
-    /// All weights, bf16.
+    /// All weights, bf16 (in 4-bit mode all but the projections, see [`plan::compact_without_proj`]).
     weights: DevPtr<bf16>,
+    /// The NF4 projection weights in 4-bit mode.
+    nf4: Option<Nf4Base>,
     /// (P, D) bf16 RoPE tables for positions 0..P (P = max_tokens).
     cos: DevPtr<bf16>,
     sin: DevPtr<bf16>,
@@ -263,11 +302,50 @@ impl<'g> GpuLlama<'g> {
         max_tokens: usize,
         max_rank: usize,
     ) -> GpuResult<Self> {
-        let mut me = Self::empty(gpu, &model.config, &model.weights, max_tokens, max_rank)?;
+        let mut me = Self::empty(
+            gpu,
+            &model.config,
+            &model.weights,
+            max_tokens,
+            max_rank,
+            false,
+        )?;
         if model.weights.data.len() != plan::layout_len(&me.layout) {
             return Err("the CPU model's weight store does not match its config".into());
         }
         upload_bf16(gpu, me.weights, &model.weights.data)?;
+        me.finish_init()?;
+        Ok(me)
+    }
+
+    /// [`Self::from_model`] in 4-bit mode (QLoRA): the projection weights, rounded to bf16, are
+    /// uploaded one at a time into the scratch and quantized to NF4 there; the rest is bf16.
+    pub fn from_model_4bit(
+        gpu: &'g Gpu,
+        model: &LlamaModel,
+        max_tokens: usize,
+        max_rank: usize,
+    ) -> GpuResult<Self> {
+        let host = &model.weights;
+        if host.data.len() != plan::layout_len(&weight_layout(&model.config))
+            || host.data.len() != plan::layout_len(host)
+        {
+            return Err("the CPU model's weight store does not match its config".into());
+        }
+        let mut me = Self::empty(gpu, &model.config, host, max_tokens, max_rank, true)?;
+        let (_, pairs) = plan::compact_without_proj(host);
+        for (h, d) in pairs {
+            upload_bf16(gpu, me.weights.offset(d.start), &host.data[h])?;
+        }
+        let tmp = me.absmax_tmp()?;
+        let scratch = me.nf4.as_ref().expect("4-bit").scratch;
+        for l in 0..me.dims.layers {
+            for p in Proj::ALL {
+                let r = host.layers[l].proj[p.index()].clone();
+                upload_bf16(gpu, scratch, &host.data[r])?;
+                me.quantize_proj(l, p, scratch, tmp.ptr())?;
+            }
+        }
         me.finish_init()?;
         Ok(me)
     }
@@ -281,14 +359,54 @@ impl<'g> GpuLlama<'g> {
         max_rank: usize,
         seed: u64,
     ) -> GpuResult<Self> {
+        Self::random_with(gpu, config, max_tokens, max_rank, seed, false)
+    }
+
+    /// [`Self::random`] in 4-bit mode: the same random block tiled over the scratch is quantized
+    /// to NF4 for every projection (the bf16 weights never exist whole on the GPU).
+    pub fn random_4bit(
+        gpu: &'g Gpu,
+        config: &ModelConfig,
+        max_tokens: usize,
+        max_rank: usize,
+        seed: u64,
+    ) -> GpuResult<Self> {
+        Self::random_with(gpu, config, max_tokens, max_rank, seed, true)
+    }
+
+    fn random_with(
+        gpu: &'g Gpu,
+        config: &ModelConfig,
+        max_tokens: usize,
+        max_rank: usize,
+        seed: u64,
+        four_bit: bool,
+    ) -> GpuResult<Self> {
         let layout = weight_layout(config);
-        let mut me = Self::empty(gpu, config, &layout, max_tokens, max_rank)?;
+        let mut me = Self::empty(gpu, config, &layout, max_tokens, max_rank, four_bit)?;
         let total = plan::layout_len(&me.layout);
         let block: Vec<bf16> = Rng(seed | 1)
             .normals(1 << 22, 0.02)
             .into_iter()
             .map(bf16::from_f32)
             .collect();
+        if let Some((scratch, len)) = me.nf4.as_ref().map(|q| (q.scratch, q.scratch_len)) {
+            let mut at = 0;
+            while at < len {
+                let k = block.len().min(len - at);
+                gpu.upload(scratch.offset(at), &block[..k])
+                    .ctx("uploading random weights")?;
+                at += k;
+            }
+            let tmp = me.absmax_tmp()?;
+            for l in 0..me.dims.layers {
+                for p in Proj::ALL {
+                    me.quantize_proj(l, p, scratch, tmp.ptr())?;
+                }
+            }
+            // The last double quantization reads `tmp`: done before it is freed.
+            gpu.synchronize().ctx("quantizing weights")?;
+        }
         let mut at = 0;
         while at < total {
             let k = block.len().min(total - at);
@@ -310,6 +428,7 @@ impl<'g> GpuLlama<'g> {
         store: &WeightStore,
         max_tokens: usize,
         max_rank: usize,
+        four_bit: bool,
     ) -> GpuResult<Self> {
         let dims = Dims::of(config);
         if max_tokens == 0 {
@@ -326,7 +445,7 @@ impl<'g> GpuLlama<'g> {
                 dims.hidden, dims.heads, dims.kv_heads, dims.head_dim
             ));
         }
-        let layout = WeightStore {
+        let full = WeightStore {
             data: Vec::new(),
             embed: store.embed.clone(),
             layers: store.layers.clone(),
@@ -336,6 +455,56 @@ impl<'g> GpuLlama<'g> {
         let mut held = Held {
             bufs: Vec::new(),
             bytes: 0,
+        };
+        let (layout, nf4) = if four_bit {
+            let sizes: Vec<usize> = Proj::ALL
+                .iter()
+                .map(|p| {
+                    let (o, i) = p.shape(&dims);
+                    o * i
+                })
+                .collect();
+            if let Some(p) = Proj::ALL.iter().find(|p| {
+                let (o, i) = p.shape(&dims);
+                !(o * i).is_multiple_of(64)
+            }) {
+                return Err(format!(
+                    "4-bit mode needs projection sizes that are multiples of 64 ({} is not)",
+                    p.module()
+                ));
+            }
+            let code2 = held.alloc::<f32>(gpu, 256)?;
+            gpu.upload(code2, &quant_prelude::dynamic_map_signed())
+                .ctx("uploading the absmax code")?;
+            let code = held.alloc::<f32>(gpu, 16)?;
+            gpu.upload(code, &quant_prelude::nf4_code())
+                .ctx("uploading the NF4 code")?;
+            let scratch_len = sizes.iter().copied().max().unwrap_or(0);
+            let scratch = held.alloc::<bf16>(gpu, scratch_len)?;
+            let mut w = Vec::with_capacity(dims.layers);
+            for _ in 0..dims.layers {
+                let mut row = Vec::with_capacity(7);
+                for &n in &sizes {
+                    row.push(Nf4Weight {
+                        packed: held.alloc(gpu, n / 2)?,
+                        absmax_q: held.alloc(gpu, n / 64)?,
+                        absmax2: held.alloc(gpu, (n / 64).div_ceil(256))?,
+                        offset: 0.0,
+                        n,
+                    });
+                }
+                w.push(row.try_into().map_err(|_| "seven projections")?);
+            }
+            let base = Nf4Base {
+                w,
+                code2,
+                code,
+                scratch,
+                scratch_len,
+            };
+            (plan::compact_without_proj(&full).0, Some(base))
+        } else {
+            (full, None)
         };
         let weights = held.alloc::<bf16>(gpu, plan::layout_len(&layout))?;
         let ws_bytes = ftrt_runtime::gemm::cublaslt::DEFAULT_WORKSPACE_BYTES;
@@ -372,6 +541,7 @@ impl<'g> GpuLlama<'g> {
             eps: config.rms_norm_eps as f32,
             layout,
             weights,
+            nf4,
             cos: cos_d,
             sin: sin_d,
             max_tokens,
@@ -383,6 +553,93 @@ impl<'g> GpuLlama<'g> {
         })
     }
 
+    /// A temporary (largest out * in / 64) f32 buffer for the block absmax while quantizing.
+    fn absmax_tmp(&self) -> GpuResult<DeviceBuffer> {
+        let q = self.nf4.as_ref().ok_or("not in 4-bit mode")?;
+        let bytes = (q.scratch_len / 64 * 4).max(256);
+        self.gpu
+            .alloc(bytes)
+            .ctx(&format!("allocating {bytes} bytes of GPU memory"))
+    }
+
+    /// Quantizes the bf16 weight (out * in) at `src` into projection `p` of layer `l`: NF4 codes
+    /// and f32 block absmax (into `absmax`), the absmax' mean on the host (f64 sum, as
+    /// [`quant_prelude::absmax_mean`]), then the absmax double-quantized around it.
+    fn quantize_proj(
+        &mut self,
+        l: usize,
+        p: Proj,
+        src: DevPtr<bf16>,
+        absmax: DevPtr<f32>,
+    ) -> GpuResult<()> {
+        let gpu = self.gpu;
+        let q = self.nf4.as_mut().ok_or("not in 4-bit mode")?;
+        let w = &mut q.w[l][p.index()];
+        let na = w.n / 64;
+        nf4::nf4_quantize::forward(
+            gpu,
+            &nf4::nf4_quantize::Dims { N: w.n },
+            src,
+            w.packed,
+            absmax,
+        )
+        .ctx("nf4 quantize")?;
+        let mut am = vec![0f32; na];
+        gpu.download(absmax, &mut am)
+            .ctx("downloading the NF4 absmax")?;
+        w.offset = quant_prelude::absmax_mean(&am);
+        nf4::absmax_quantize::forward(
+            gpu,
+            &nf4::absmax_quantize::Dims { NA: na },
+            w.offset,
+            absmax,
+            q.code2,
+            w.absmax_q,
+            w.absmax2,
+        )
+        .ctx("nf4 absmax double quantization")?;
+        Ok(())
+    }
+
+    /// The bf16 weight (out, in) of projection `p` in layer `l` for the next GEMM: its range of
+    /// the weight buffer, or in 4-bit mode the shared scratch after dequantizing into it (stream
+    /// ordered after every GEMM that read the previous weight there).
+    fn proj_weight(&self, l: usize, p: Proj) -> GpuResult<DevPtr<bf16>> {
+        let Some(q) = &self.nf4 else {
+            return Ok(self.w(&self.layout.layers[l].proj[p.index()]));
+        };
+        let w = &q.w[l][p.index()];
+        nf4::nf4_dequantize::forward(
+            self.gpu,
+            &nf4::nf4_dequantize::Dims { N: w.n },
+            w.offset,
+            w.packed,
+            w.absmax_q,
+            w.absmax2,
+            q.code2,
+            q.code,
+            q.scratch,
+        )
+        .ctx("nf4 dequantize")?;
+        Ok(q.scratch)
+    }
+
+    /// Whether the projection weights are NF4 (4-bit mode).
+    pub fn is_4bit(&self) -> bool {
+        self.nf4.is_some()
+    }
+
+    /// The dequantized bf16 weight (out, in) of projection `p` in layer `l`, as f32 (tests).
+    pub fn download_proj_weight(&self, l: usize, p: Proj) -> GpuResult<Vec<f32>> {
+        let (out, inn) = p.shape(&self.dims);
+        let ptr = self.proj_weight(l, p)?;
+        let mut h = vec![bf16::ZERO; out * inn];
+        self.gpu
+            .download(ptr, &mut h)
+            .ctx("downloading a projection weight")?;
+        Ok(h.into_iter().map(|x| x.to_f32()).collect())
+    }
+
     fn finish_init(&mut self) -> GpuResult<()> {
         self.gpu.synchronize().ctx("after uploading weights")
     }
@@ -392,7 +649,8 @@ impl<'g> GpuLlama<'g> {
         self.max_tokens
     }
 
-    /// Bytes of GPU memory held (weights, tables, LoRA, activations, workspace).
+    /// Bytes of GPU memory held (weights, NF4 weights and their bf16 scratch in 4-bit mode,
+    /// tables, LoRA, activations, workspace).
     pub fn held_bytes(&self) -> usize {
         self._held.bytes
             + self.lora.as_ref().map_or(0, |l| l._held.bytes)
@@ -748,10 +1006,11 @@ impl<'g> GpuLlama<'g> {
         let (out, inn) = p.shape(&self.dims);
         let lw = &self.layout.layers[l];
         let bias = lw.bias[p.index()].as_ref().map(|r| self.w(r));
+        let wt = self.proj_weight(l, p)?;
         self.gemm(
             &GemmDesc::new(n, out, inn).transposed(false, true),
             x,
-            self.w(&lw.proj[p.index()]),
+            wt,
             y,
             bias,
         )?;
@@ -792,7 +1051,7 @@ impl<'g> GpuLlama<'g> {
         dxa: DevPtr<bf16>,
     ) -> GpuResult<()> {
         let (out, inn) = p.shape(&self.dims);
-        let wt = self.w(&self.layout.layers[l].proj[p.index()]);
+        let wt = self.proj_weight(l, p)?;
         self.gemm(
             &GemmDesc::new(n, inn, out).scaled(1.0, if accumulate { 1.0 } else { 0.0 }),
             dy,

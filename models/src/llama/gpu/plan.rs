@@ -93,6 +93,60 @@ pub fn layout_len(w: &WeightStore) -> usize {
     end
 }
 
+/// (host range, device range) of one weight.
+pub type RangePair = (Range<usize>, Range<usize>);
+
+/// The device layout of the 4-bit mode: every range of `w` except the seven projection weights,
+/// packed in the same order into one bf16 buffer (projection ranges left empty at the position
+/// they would start, since their NF4 copies live elsewhere), and the (host range, device range)
+/// pairs to copy. `norm_ranges` of the result are the norms' device ranges.
+pub fn compact_without_proj(w: &WeightStore) -> (WeightStore, Vec<RangePair>) {
+    let mut at = 0usize;
+    let mut pairs = Vec::new();
+    let mut mv = |r: &Range<usize>| {
+        let d = at..at + r.len();
+        at += r.len();
+        pairs.push((r.clone(), d.clone()));
+        d
+    };
+    let embed = mv(&w.embed);
+    let mut layers = Vec::with_capacity(w.layers.len());
+    for l in &w.layers {
+        let input_norm = mv(&l.input_norm);
+        let mut proj: [Range<usize>; 7] = Default::default();
+        let mut bias: [Option<Range<usize>>; 7] = Default::default();
+        for (b, src) in bias.iter_mut().zip(&l.bias) {
+            *b = src.as_ref().map(&mut mv);
+        }
+        let q_norm = l.q_norm.as_ref().map(&mut mv);
+        let k_norm = l.k_norm.as_ref().map(&mut mv);
+        let post_norm = mv(&l.post_norm);
+        for p in &mut proj {
+            *p = post_norm.end..post_norm.end;
+        }
+        layers.push(LayerWeights {
+            input_norm,
+            proj,
+            bias,
+            q_norm,
+            k_norm,
+            post_norm,
+        });
+    }
+    let final_norm = mv(&w.final_norm);
+    let lm_head = w.lm_head.as_ref().map(&mut mv);
+    (
+        WeightStore {
+            data: Vec::new(),
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        },
+        pairs,
+    )
+}
+
 /// Ranges of the norm weights (initialised to 1 by a random init, like Hugging Face).
 pub fn norm_ranges(w: &WeightStore) -> Vec<Range<usize>> {
     let mut v = vec![w.final_norm.clone()];
@@ -459,6 +513,30 @@ mod layout_tests {
                 norm_ranges(&lay).len(),
                 1 + 2 * config.num_hidden_layers * if config.qk_norm { 2 } else { 1 }
             );
+            // 4-bit layout: everything but the projections, in order, no gaps or overlaps.
+            let (c, pairs) = compact_without_proj(&lay);
+            let proj_elems: usize = lay
+                .layers
+                .iter()
+                .flat_map(|l| l.proj.iter())
+                .map(|r| r.len())
+                .sum();
+            assert_eq!(layout_len(&c) + proj_elems, layout_len(&lay), "{arch}");
+            let mut end = 0;
+            for (h, d) in &pairs {
+                assert_eq!((h.len(), d.start), (d.len(), end), "{arch}");
+                end = d.end;
+            }
+            assert_eq!(end, layout_len(&c), "{arch}");
+            assert_eq!(pairs[0], (lay.embed.clone(), c.embed.clone()));
+            let want: [Option<Range<usize>>; 7] = std::array::from_fn(|i| {
+                lay.layers[1].bias[i]
+                    .as_ref()
+                    .map(|r| pairs.iter().find(|(h, _)| h == r).unwrap().1.clone())
+            });
+            assert_eq!(c.layers[1].bias, want, "{arch}");
+            assert!(c.layers.iter().all(|l| l.proj.iter().all(|r| r.is_empty())));
+            assert_eq!(norm_ranges(&c).len(), norm_ranges(&lay).len());
         }
     }
 }

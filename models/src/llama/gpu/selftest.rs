@@ -1,6 +1,9 @@
 //! `ftrt selftest --model`: the GPU model against the CPU model in `Rounding::BF16` and the
 //! PEFT goldens on the tiny fixtures (loss and every LoRA gradient), the loss of one real
-//! packed batch of SmolLM2-135M (GGUF) GPU vs CPU, and 20 AdamW steps on the GPU.
+//! packed batch of SmolLM2-135M (GGUF) GPU vs CPU, and 20 AdamW steps on the GPU. The 4-bit
+//! mode (QLoRA) on the Llama fixture: its dequantized NF4 weights bit for bit against the CPU
+//! NF4 round trip (bitsandbytes' algorithm), then loss and LoRA gradients against the CPU bf16
+//! model whose projection weights are replaced by that round trip.
 //!
 //! Errors are relative to the reference's largest magnitude (max |got - ref| / max |ref|, per
 //! tensor; the worst tensor is reported). Nothing here panics: every failure is a row.
@@ -77,6 +80,13 @@ pub fn selftest_model(gpu: &Gpu) -> Result<Vec<Row>, String> {
             ));
         }
     }
+    if let Err(e) = check_fixture_4bit(gpu, "llama", &mut rows) {
+        rows.push((
+            "model llama 4-bit: fixture check".into(),
+            f64::INFINITY,
+            format!("error: {e}  FAILED"),
+        ));
+    }
     match crate::gguf::smollm2_gguf_path() {
         Err(e) => rows.push((
             "model smollm2-135m".into(),
@@ -104,7 +114,18 @@ pub fn all_passed(rows: &[Row]) -> bool {
     rows.iter().all(|r| !r.2.ends_with("FAILED"))
 }
 
-fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), String> {
+/// A fixture: the CPU bf16 model, its training batch and targets, the PEFT adapter, the goldens.
+struct Fixture {
+    cpu: LlamaModel,
+    batch: Batch,
+    targets: Vec<i32>,
+    ad: LoraAdapter,
+    /// The adapter rounded to bf16 (what the GPU GEMMs read), for the CPU reference.
+    ad_bf: LoraAdapter,
+    golden: SafetensorsFiles,
+}
+
+fn load_fixture(arch: &str) -> Result<Fixture, String> {
     let d = fixture_dir(arch);
     let config = ModelConfig::from_file(&d.join("config.json")).map_err(|e| e.to_string())?;
     let weights = WeightSource::Safetensors(SafetensorsFiles::open(&d).map_err(|e| e.to_string())?);
@@ -121,9 +142,6 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
         .into_iter()
         .map(|v| v as i32)
         .collect();
-    let want_loss = *get("train.loss")?
-        .first()
-        .ok_or("golden train.loss is empty")? as f64;
     let seqs: Vec<Vec<u32>> = cu
         .windows(2)
         .map(|w| {
@@ -140,6 +158,145 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
         .data
         .iter_mut()
         .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+    Ok(Fixture {
+        cpu,
+        batch,
+        targets,
+        ad,
+        ad_bf,
+        golden,
+    })
+}
+
+/// Every projection weight of `m` replaced by its NF4 round trip (bitsandbytes' quantize_4bit
+/// with double quantization, then dequantize_4bit to bf16) from its bf16 value: what the GPU's
+/// 4-bit mode computes with.
+pub fn nf4_round_trip(m: &mut LlamaModel) {
+    use ftrt_ops::quant_prelude::{dequantize_nf4_cpu, quantize_nf4_cpu};
+    let bf = |v: f32| half::bf16::from_f32(v).to_f32();
+    for l in 0..m.dims.layers {
+        for p in Proj::ALL {
+            let r = m.weights.layers[l].proj[p.index()].clone();
+            let x: Vec<f32> = m.weights.data[r.clone()].iter().map(|&v| bf(v)).collect();
+            let q = quantize_nf4_cpu(&x, 64);
+            let y = dequantize_nf4_cpu(&q, x.len());
+            for (dst, v) in m.weights.data[r].iter_mut().zip(y) {
+                *dst = bf(v);
+            }
+        }
+    }
+}
+
+/// The 4-bit mode on a fixture (see the module doc).
+fn check_fixture_4bit(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), String> {
+    let Fixture {
+        cpu,
+        batch,
+        targets,
+        ad,
+        ad_bf,
+        ..
+    } = load_fixture(arch)?;
+    let mut cpu4 = cpu.clone();
+    nf4_round_trip(&mut cpu4);
+    let mut g = GpuLlama::from_model_4bit(gpu, &cpu, batch.len(), ad.r)?;
+    if !g.is_4bit() {
+        return Err("from_model_4bit built a bf16 model".into());
+    }
+    // The dequantized weights, bit for bit.
+    let (mut bad, mut total) = (0usize, 0usize);
+    for l in 0..cpu.dims.layers {
+        for p in Proj::ALL {
+            let got = g.download_proj_weight(l, p)?;
+            let want = &cpu4.weights.data[cpu4.weights.layers[l].proj[p.index()].clone()];
+            total += want.len();
+            bad += got
+                .iter()
+                .zip(want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count()
+                + got.len().abs_diff(want.len());
+        }
+    }
+    row(
+        rows,
+        format!("model {arch} 4-bit: NF4 weights GPU vs CPU round trip (bit-exact)"),
+        bad as f64 / total.max(1) as f64,
+        0.0,
+        format!("{bad} of {total} elements differ"),
+    );
+    let (cpu_loss, cpu_grads) = cpu4
+        .loss_and_lora_grads(&batch, &targets, &ad_bf)
+        .map_err(|e| e.to_string())?;
+    let bf16_loss = cpu
+        .loss(&batch, &targets, Some(&ad_bf))
+        .map_err(|e| e.to_string())?;
+    g.set_lora(&ad)?;
+    g.zero_grads()?;
+    let gpu_loss = g.loss_and_grads(&batch, &targets)?;
+    let grads = g.download_grads()?;
+    let le = ((gpu_loss as f64) - cpu_loss as f64).abs() / (cpu_loss as f64).abs().max(1e-30);
+    row(
+        rows,
+        format!("model {arch} 4-bit: loss GPU vs CPU bf16 on NF4 weights"),
+        le,
+        TOL_LOSS,
+        format!("gpu {gpu_loss:.5} cpu {cpu_loss:.5} (bf16 weights: {bf16_loss:.5})"),
+    );
+    let (mut worst, mut at, mut checked) = (0f64, String::new(), 0);
+    for l in 0..cpu.dims.layers {
+        for p in Proj::ALL {
+            for which_b in [false, true] {
+                let pick = |a: &LoraAdapter| {
+                    if which_b { a.b(l, p) } else { a.a(l, p) }.map(|s| s.to_vec())
+                };
+                let (Some(got), Some(cref)) = (pick(&grads), pick(&cpu_grads)) else {
+                    return Err(format!("gradient of layer {l} {} missing", p.module()));
+                };
+                let e = rel_err(&got, &cref);
+                if e > worst || at.is_empty() {
+                    worst = e.max(worst);
+                    at = format!(
+                        "{l}.{}.lora_{}",
+                        p.module(),
+                        if which_b { "B" } else { "A" }
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    row(
+        rows,
+        format!("model {arch} 4-bit: {checked} LoRA grads GPU vs CPU bf16 on NF4 weights"),
+        worst,
+        TOL_CPU,
+        format!("worst {at}"),
+    );
+    let mut trained = GpuLlama::from_model_4bit(gpu, &cpu, batch.len(), 16)?;
+    train_steps(
+        &mut trained,
+        &cpu.dims,
+        &batch,
+        &targets,
+        &format!("model {arch} 4-bit"),
+        rows,
+    )
+}
+
+fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), String> {
+    let Fixture {
+        cpu,
+        batch,
+        targets,
+        ad,
+        ad_bf,
+        golden,
+    } = load_fixture(arch)?;
+    let get = |k: &str| golden.to_f32(k).map_err(|e| format!("golden {k}: {e}"));
+    let want_loss = *get("train.loss")?
+        .first()
+        .ok_or("golden train.loss is empty")? as f64;
 
     let (cpu_loss, cpu_grads) = cpu
         .loss_and_lora_grads(&batch, &targets, &ad_bf)
@@ -354,4 +511,73 @@ fn train_steps(
         format!("{norm:.3e}{}", if ok { "" } else { "  FAILED" }),
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ftrt_ops::dsl::Rounding as OpRounding;
+    use ftrt_ops::{nf4, quant_prelude};
+
+    /// The 4-bit mode's pipeline as the GPU runs it (the ops' CPU twins, which the kernel
+    /// selftest holds the launchers to bit for bit): quantize, host mean of the absmax, double
+    /// quantization, dequantization to bf16, equals the reference the 4-bit selftest row uses.
+    #[test]
+    fn gpu_nf4_pipeline_matches_the_round_trip_reference() {
+        let f = load_fixture("llama").unwrap();
+        let mut want = f.cpu.clone();
+        nf4_round_trip(&mut want);
+        let code2 = quant_prelude::dynamic_map_signed();
+        let code = quant_prelude::nf4_code();
+        let mut changed = 0;
+        for l in 0..f.cpu.dims.layers {
+            for p in Proj::ALL {
+                let r = f.cpu.weights.layers[l].proj[p.index()].clone();
+                let x: Vec<f32> = f.cpu.weights.data[r.clone()]
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_f32())
+                    .collect();
+                let n = x.len();
+                assert_eq!(n % 64, 0);
+                let (na, nb) = (n / 64, (n / 64).div_ceil(256));
+                let (mut packed, mut absmax) = (vec![0u8; n / 2], vec![0f32; na]);
+                nf4::nf4_quantize::forward_cpu::<f32>(
+                    &nf4::nf4_quantize::Dims { N: n },
+                    &x,
+                    &mut packed,
+                    &mut absmax,
+                    OpRounding::BF16,
+                );
+                let offset = quant_prelude::absmax_mean(&absmax);
+                let (mut q, mut am2) = (vec![0u8; na], vec![0f32; nb]);
+                nf4::absmax_quantize::forward_cpu::<f32>(
+                    &nf4::absmax_quantize::Dims { NA: na },
+                    offset,
+                    &absmax,
+                    &code2,
+                    &mut q,
+                    &mut am2,
+                    OpRounding::BF16,
+                );
+                let mut w = vec![0f32; n];
+                nf4::nf4_dequantize::forward_cpu::<f32>(
+                    &nf4::nf4_dequantize::Dims { N: n },
+                    offset,
+                    &packed,
+                    &q,
+                    &am2,
+                    &code2,
+                    &code,
+                    &mut w,
+                    OpRounding::BF16,
+                );
+                let reference = &want.weights.data[r];
+                for (a, b) in w.iter().zip(reference) {
+                    assert_eq!(a.to_bits(), b.to_bits(), "layer {l} {}", p.module());
+                }
+                changed += w.iter().zip(&x).filter(|(a, b)| a != b).count();
+            }
+        }
+        assert!(changed > 0, "the round trip changed nothing");
+    }
 }

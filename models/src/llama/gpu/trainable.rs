@@ -18,14 +18,20 @@ pub struct GpuTrainable {
 
 impl GpuTrainable {
     /// Uploads `model` to `gpu` with buffers for micro-batches of up to `max_tokens` tokens and
-    /// LoRA rank up to `max_rank`.
+    /// LoRA rank up to `max_rank`; with `load_in_4bit`, the projection weights as NF4 (QLoRA,
+    /// [`GpuLlama::from_model_4bit`]).
     pub fn new(
         gpu: &'static Gpu,
         model: LlamaModel,
         max_tokens: usize,
         max_rank: usize,
+        load_in_4bit: bool,
     ) -> GpuResult<Self> {
-        let gpu_model = GpuLlama::from_model(gpu, &model, max_tokens, max_rank)?;
+        let gpu_model = if load_in_4bit {
+            GpuLlama::from_model_4bit(gpu, &model, max_tokens, max_rank)?
+        } else {
+            GpuLlama::from_model(gpu, &model, max_tokens, max_rank)?
+        };
         let targets = linear_targets(&model.config);
         Ok(Self {
             gpu_model,
