@@ -3,7 +3,12 @@
 use std::path::Path;
 
 use super::reader::read_rows;
-use super::rng::permutation;
+use crate::train::rng::SplitMix64;
+
+/// A permutation of `0..len` that depends only on `seed`.
+fn permutation(len: usize, seed: u64) -> Vec<usize> {
+    SplitMix64::new(seed).permutation(len)
+}
 use super::{DataError, DatasetFormat, Example, PromptRenderer, Record};
 
 /// Seed of the permutation that picks held-out rows, so a split never depends on file order.

@@ -13,7 +13,6 @@ mod pack;
 mod reader;
 mod record;
 mod renderer;
-mod rng;
 mod spans;
 
 pub use dataset::{load_dataset, read_records, DataOptions, Dataset, DatasetStats, Holdout};
