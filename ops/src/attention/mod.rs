@@ -37,11 +37,10 @@
 #[cfg(test)]
 mod tests;
 
+use crate::dsl::Real;
 use ftrt_runtime::cudarc::driver::PushKernelArg;
 use ftrt_runtime::{cudarc, DevPtr, Gpu, RuntimeError};
 use half::bf16;
-use std::fmt::Debug;
-use std::ops::{Add, AddAssign, Div, Mul, Sub};
 
 use crate::kernels::ATTENTION as KERNELS;
 
@@ -196,56 +195,10 @@ fn token_bounds(cu_seqlens: &[i32], n_tokens: usize) -> Vec<(usize, usize)> {
     b
 }
 
-/// The scalar type of the CPU reference (f32 or f64).
-pub trait Real:
-    Copy
-    + Debug
-    + Default
-    + PartialOrd
-    + Add<Output = Self>
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + Div<Output = Self>
-    + AddAssign
-{
-    fn from_f64(x: f64) -> Self;
-    fn to_f64(self) -> f64;
-    fn exp(self) -> Self;
-    fn ln(self) -> Self;
-}
-impl Real for f32 {
-    fn from_f64(x: f64) -> Self {
-        x as f32
-    }
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn exp(self) -> Self {
-        f32::exp(self)
-    }
-    fn ln(self) -> Self {
-        f32::ln(self)
-    }
-}
-impl Real for f64 {
-    fn from_f64(x: f64) -> Self {
-        x
-    }
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    fn ln(self) -> Self {
-        f64::ln(self)
-    }
-}
-
 fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    let mut s = T::default();
+    let mut s = T::zero();
     for (&x, &y) in a.iter().zip(b) {
-        s += x * y;
+        s = s + x * y;
     }
     s
 }
@@ -324,19 +277,19 @@ impl<'a, T: Real> Reference<'a, T> {
                 m = s;
             }
         }
-        let mut l = T::default();
+        let mut l = T::zero();
         let p: Vec<T> = x
             .iter()
             .map(|&s| {
                 let e = (s - m).exp();
-                l += e;
+                l = l + e;
                 e
             })
             .collect();
-        out.iter_mut().for_each(|o| *o = T::default());
+        out.iter_mut().for_each(|o| *o = T::zero());
         for (pj, j) in p.iter().zip(self.keys_of(i)) {
             for (o, &vv) in out.iter_mut().zip(self.vrow(j, hk)) {
-                *o += *pj * vv;
+                *o = *o + *pj * vv;
             }
         }
         for o in out.iter_mut() {
@@ -348,12 +301,12 @@ impl<'a, T: Real> Reference<'a, T> {
     pub fn dq_row(&self, i: usize, h: usize, lse_i: T, dvec_i: T, dout_i: &[T], dq: &mut [T]) {
         let hk = h / self.dims.group();
         let scale = T::from_f64(self.dims.scale as f64);
-        dq.iter_mut().for_each(|o| *o = T::default());
+        dq.iter_mut().for_each(|o| *o = T::zero());
         for (x, j) in self.scores(i, h).into_iter().zip(self.keys_of(i)) {
             let p = (x - lse_i).exp();
             let ds = p * (dot(dout_i, self.vrow(j, hk)) - dvec_i);
             for (o, &kk) in dq.iter_mut().zip(self.krow(j, hk)) {
-                *o += scale * ds * kk;
+                *o = *o + scale * ds * kk;
             }
         }
     }
@@ -377,8 +330,8 @@ impl<'a, T: Real> Reference<'a, T> {
             self.dims.group(),
         );
         let scale = T::from_f64(self.dims.scale as f64);
-        dk.iter_mut().for_each(|o| *o = T::default());
-        dv.iter_mut().for_each(|o| *o = T::default());
+        dk.iter_mut().for_each(|o| *o = T::zero());
+        dv.iter_mut().for_each(|o| *o = T::zero());
         let (kj, vj) = (self.krow(j, hk), self.vrow(j, hk));
         for h in hk * g..(hk + 1) * g {
             for i in self.queries_of(j) {
@@ -387,8 +340,8 @@ impl<'a, T: Real> Reference<'a, T> {
                 let p = (scale * dot(qi, kj) - lse[h * n + i]).exp();
                 let ds = p * (dot(doi, vj) - dvec[h * n + i]);
                 for c in 0..d {
-                    dk[c] += scale * ds * qi[c];
-                    dv[c] += p * doi[c];
+                    dk[c] = dk[c] + scale * ds * qi[c];
+                    dv[c] = dv[c] + p * doi[c];
                 }
             }
         }
@@ -398,7 +351,7 @@ impl<'a, T: Real> Reference<'a, T> {
 /// dvec = rowsum(dout * out), (Hq, N).
 pub fn attention_dvec_cpu<T: Real>(dims: &AttentionDims, out: &[T], dout: &[T]) -> Vec<T> {
     let (d, n, hq) = (dims.head_dim, dims.n_tokens, dims.n_heads_q);
-    let mut dvec = vec![T::default(); hq * n];
+    let mut dvec = vec![T::zero(); hq * n];
     for i in 0..n {
         for h in 0..hq {
             let r = (i * hq + h) * d;
