@@ -71,6 +71,9 @@ pub struct PlanArgs {
     /// lora (bf16 base) or qlora (NF4 base).
     #[arg(long, value_enum, default_value_t = Mode::Lora)]
     pub mode: Mode,
+    /// Print every saved tensor's keep/offload/recompute decision and its reason.
+    #[arg(long)]
+    pub verbose: bool,
     /// VRAM budget in GiB; without it every saved tensor is kept and the peak is reported.
     #[arg(long)]
     pub vram_budget_gib: Option<f64>,
@@ -199,7 +202,11 @@ pub fn run(args: &PlanArgs) -> Result<(), String> {
         RuntimeError::DoesNotFit(_) => format!("{e}"),
         other => other.to_string(),
     })?;
-    print!("{p}");
+    if args.verbose {
+        print!("{p:#}");
+    } else {
+        print!("{p}");
+    }
     let cost = CostModel::H200;
     let est = estimate(&g, &p, &cost);
     println!(

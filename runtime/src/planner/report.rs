@@ -3,6 +3,9 @@
 use super::{Plan, SavedChoice};
 use std::fmt;
 
+/// Saved-tensor decisions the plain table lists one by one; longer plans list them under `{:#}`.
+const LISTED_DECISIONS: usize = 40;
+
 /// `1.50 GiB`, `12.0 MiB`, `512 B`.
 pub fn fmt_bytes(b: usize) -> String {
     const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
@@ -91,6 +94,14 @@ impl fmt::Display for Plan {
             count(SavedChoice::Offload),
             count(SavedChoice::Recompute)
         )?;
+        // Every tensor's decision and reason with `{:#}`; otherwise only short lists.
+        if !f.alternate() && self.decisions.len() > LISTED_DECISIONS {
+            return writeln!(
+                f,
+                "    (per-tensor decisions and reasons not listed: {} tensors)",
+                self.decisions.len()
+            );
+        }
         for d in &self.decisions {
             let choice = match d.choice {
                 SavedChoice::Keep => "keep",
