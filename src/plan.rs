@@ -712,6 +712,7 @@ mod tests {
             batch: 1,
             lora_r: 16,
             mode,
+            verbose: false,
             vram_budget_gib: budget,
         }
     }
