@@ -125,26 +125,23 @@ __device__ __forceinline__ void cross_entropy_forward_body(long long R_, long lo
     (void)rem_;
     float acc0_m[VEC], acc0_s[VEC];
     for (int k_ = 0; k_ < VEC; ++k_) { acc0_m[k_] = -INFINITY; acc0_s[k_] = 0.f; }
-    float acc1_p = 0.f;
-    const I h0_ = ftrt_ld(target[r]);
     #pragma unroll 2
     for (I c0_ = (I)lane * VEC; c0_ < (V); c0_ += (I)TPR * VEC) {
         float v0_[VEC]; ftrt_load_vec<VEC>(v0_, logits + (((r * V) + c0_)));
         #pragma unroll
         for (int k_ = 0; k_ < VEC; ++k_) {
             const I c = c0_ + k_; (void)c;
-            const float e1_ = (((cap > 0.0f)) ? (float)(ftrt_round_t((ftrt_round_t(tanhf(ftrt_round_t((v0_[k_] * (1.0f / cap))))) * cap))) : (float)(v0_[k_]));
-            ftrt_lse_push(acc0_m[k_], acc0_s[k_], e1_);
-            acc1_p += ((((c + v0) == h0_)) ? (float)(e1_) : (float)(0.0f));
+            ftrt_lse_push(acc0_m[k_], acc0_s[k_], (((cap > 0.0f)) ? (float)(ftrt_round_t((ftrt_round_t(tanhf(ftrt_round_t((v0_[k_] * (1.0f / cap))))) * cap))) : (float)(v0_[k_])));
         }
     }
     for (int k_ = 1; k_ < VEC; ++k_) ftrt_lse_merge(acc0_m[0], acc0_s[0], acc0_m[k_], acc0_s[k_]);
     const float acc0 = ftrt_row_lse<TPR>(acc0_m[0], acc0_s[0]);
-    const float acc1 = ftrt_row_sum<TPR>(acc1_p);
     const float chunk_lse = acc0;
-    const float hit = acc1;
+    const I t = (ftrt_ld(target[r]) - v0);
+    const float xt = ((((t >= 0) && (t < V))) ? (float)(ftrt_ld(logits[((r * V) + t)])) : (float)(0.0f));
+    const float zt = (((cap > 0.0f)) ? (float)(ftrt_round_t((ftrt_round_t(tanhf(ftrt_round_t((xt * (1.0f / cap))))) * cap))) : (float)(xt));
     if (lane == 0) { lse[r] = (float)(ftrt_logaddexp(ftrt_ld(lse[r]), chunk_lse)); }
-    if (lane == 0) { picked[r] = (float)((ftrt_ld(picked[r]) + hit)); }
+    if (lane == 0) { picked[r] = (float)((ftrt_ld(picked[r]) + ((((t >= 0) && (t < V))) ? (float)(zt) : (float)(0.0f)))); }
 }
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i32_w32_v8(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<int, 32, 8>(R_, V_, v0_, cap, logits, target, lse, picked); }
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_forward_i32_w32_v1(long long R_, long long V_, long long v0_, float cap, const ftrt_t* __restrict__ logits, const int* __restrict__ target, float* __restrict__ lse, float* __restrict__ picked) { cross_entropy_forward_body<int, 32, 1>(R_, V_, v0_, cap, logits, target, lse, picked); }

@@ -22,9 +22,12 @@ op! {
         forward for r in R, c in V {
             let z = select(cap > 0.0, T(T(tanh(T(logits[r, c] * (1.0 / cap)))) * cap), logits[r, c]);
             let chunk_lse = logsumexp(c, z);
-            let hit = sum(c, select(c + v0 == target[r], z, 0.0));
+            // The target's logit is read once per row, when it lies in this chunk.
+            let t = target[r] - v0;
+            let xt = select(t >= 0 && t < V, logits[r, t], 0.0);
+            let zt = select(cap > 0.0, T(T(tanh(T(xt * (1.0 / cap)))) * cap), xt);
             lse[r] = logaddexp(lse[r], chunk_lse);
-            picked[r] = picked[r] + hit;
+            picked[r] = picked[r] + select(t >= 0 && t < V, zt, 0.0);
         }
         backward (dlse, dpicked) -> (dlogits) for r in R, c in V {
             let y = T(tanh(T(logits[r, c] * (1.0 / cap))));
