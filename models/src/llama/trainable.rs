@@ -16,29 +16,8 @@ impl LlamaTrainable {
         Self { model }
     }
 
-    /// The model's adapter with the same values as `lora` (rank, scale and targets from it).
     fn adapter_of(&self, lora: &LoraWeights) -> Result<LoraAdapter, String> {
-        let cfg = &lora.config;
-        let projs = target_projs(lora)?;
-        let mut adapter = LoraAdapter::zeros(
-            &self.model.dims,
-            cfg.r,
-            cfg.lora_alpha as f32,
-            cfg.use_rslora,
-            &projs,
-        );
-        for t in &lora.tensors {
-            let proj = proj_of(&t.target.module)?;
-            let slot = adapter.slot(t.target.layer, proj).cloned().ok_or_else(|| {
-                format!(
-                    "layer {} {} is not adapted in every layer",
-                    t.target.layer, t.target.module
-                )
-            })?;
-            adapter.data[slot.a].copy_from_slice(&lora.data[t.a.clone()]);
-            adapter.data[slot.b].copy_from_slice(&lora.data[t.b.clone()]);
-        }
-        Ok(adapter)
+        adapter_of(&self.model.dims, lora)
     }
 }
 
@@ -49,8 +28,10 @@ fn proj_of(module: &str) -> Result<Proj, String> {
         .ok_or_else(|| format!("unknown module {module}"))
 }
 
-/// The projections `lora` adapts (the same in every layer).
-fn target_projs(lora: &LoraWeights) -> Result<Vec<Proj>, String> {
+/// The model-layout adapter holding the same values as the trainer's `lora` (rank, scale and
+/// targets from it; the same targets in every layer).
+pub fn adapter_of(dims: &crate::llama::Dims, lora: &LoraWeights) -> Result<LoraAdapter, String> {
+    let cfg = &lora.config;
     let mut projs: Vec<Proj> = Vec::new();
     for t in &lora.tensors {
         let p = proj_of(&t.target.module)?;
@@ -59,13 +40,38 @@ fn target_projs(lora: &LoraWeights) -> Result<Vec<Proj>, String> {
         }
     }
     projs.sort_by_key(|p| p.index());
-    Ok(projs)
+    let mut ad = LoraAdapter::zeros(dims, cfg.r, cfg.lora_alpha as f32, cfg.use_rslora, &projs);
+    let mut seen = 0;
+    for t in &lora.tensors {
+        let slot = ad
+            .slot(t.target.layer, proj_of(&t.target.module)?)
+            .cloned()
+            .ok_or_else(|| {
+                format!(
+                    "layer {} {} is not adapted in every layer",
+                    t.target.layer, t.target.module
+                )
+            })?;
+        if slot.a.len() != t.a.len() || slot.b.len() != t.b.len() {
+            return Err(format!(
+                "layer {} {}: LoRA shapes differ from the model's",
+                t.target.layer, t.target.module
+            ));
+        }
+        ad.data[slot.a].copy_from_slice(&lora.data[t.a.clone()]);
+        ad.data[slot.b].copy_from_slice(&lora.data[t.b.clone()]);
+        seen += 1;
+    }
+    if seen != dims.layers * projs.len() {
+        return Err("the model needs the same LoRA targets in every layer".into());
+    }
+    Ok(ad)
 }
 
 /// The model's batch and next-token targets of a packed batch: labels follow Hugging Face
 /// (aligned with the inputs, -100 ignored; each sequence's first label is -100), so the target
 /// of position i is the label of i + 1.
-fn batch_of(b: &PackedBatch) -> (Batch, Vec<i32>) {
+pub fn batch_of(b: &PackedBatch) -> (Batch, Vec<i32>) {
     let mut targets: Vec<i32> = b.labels.iter().skip(1).copied().collect();
     targets.push(IGNORE_INDEX);
     let batch = Batch {
@@ -74,6 +80,24 @@ fn batch_of(b: &PackedBatch) -> (Batch, Vec<i32>) {
         positions: b.position_ids.clone(),
     };
     (batch, targets)
+}
+
+/// Adds `n` times the model-layout gradients `g` (of a mean over `n` tokens) into the trainer's
+/// `grads`, which want the gradient of the sum.
+pub fn add_scaled_grads(grads: &mut LoraWeights, g: &LoraAdapter, n: f32) -> Result<(), String> {
+    for t in &grads.tensors {
+        let slot = g
+            .slot(t.target.layer, proj_of(&t.target.module)?)
+            .cloned()
+            .ok_or("gradient slot missing")?;
+        for (dst, src) in grads.data[t.a.clone()].iter_mut().zip(&g.data[slot.a]) {
+            *dst += src * n;
+        }
+        for (dst, src) in grads.data[t.b.clone()].iter_mut().zip(&g.data[slot.b]) {
+            *dst += src * n;
+        }
+    }
+    Ok(())
 }
 
 impl LoraModel for LlamaTrainable {
@@ -99,18 +123,7 @@ impl LoraModel for LlamaTrainable {
             .map_err(|e| e.to_string())?;
         // The model differentiates the mean over counted tokens; the trainer wants the sum.
         let n = counted as f32;
-        for t in &grads.tensors {
-            let slot = g
-                .slot(t.target.layer, proj_of(&t.target.module)?)
-                .cloned()
-                .ok_or("gradient slot missing")?;
-            for (dst, src) in grads.data[t.a.clone()].iter_mut().zip(&g.data[slot.a]) {
-                *dst += src * n;
-            }
-            for (dst, src) in grads.data[t.b.clone()].iter_mut().zip(&g.data[slot.b]) {
-                *dst += src * n;
-            }
-        }
+        add_scaled_grads(grads, &g, n)?;
         Ok(mean * n)
     }
 

@@ -18,6 +18,7 @@ use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
 use crate::llama::{Batch, LlamaModel, LoraAdapter, Proj, Rounding};
 use crate::safetensors_io::SafetensorsFiles;
+use ftrt_ops::selftest::rel_err;
 
 /// GPU bf16 vs CPU bf16 / vs PEFT f32 tolerances (relative to max |ref|). End-to-end LoRA
 /// gradients through bf16 layers: the CPU bf16 reference is itself 3-4e-2 from PEFT's f32
@@ -29,25 +30,6 @@ pub const TOL_LOSS: f64 = 1e-2;
 
 /// One result row: (name, error, detail); detail ends in "FAILED" when the check failed.
 pub type Row = (String, f64, String);
-
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    if got.len() != want.len() {
-        return f64::INFINITY;
-    }
-    let scale = want
-        .iter()
-        .fold(0f64, |m, v| m.max(v.abs() as f64))
-        .max(1e-30);
-    let mut worst = 0f64;
-    for (g, w) in got.iter().zip(want) {
-        let e = (*g as f64 - *w as f64).abs();
-        if !e.is_finite() {
-            return f64::INFINITY;
-        }
-        worst = worst.max(e);
-    }
-    worst / scale
-}
 
 fn row(rows: &mut Vec<Row>, name: String, err: f64, tol: f64, detail: String) {
     let ok = err <= tol;
@@ -426,7 +408,7 @@ fn check_smollm2(gpu: &Gpu, path: &std::path::Path, rows: &mut Vec<Row>) -> Resu
     let pb = batches
         .first()
         .ok_or("the bundled dataset packed into no batch")?;
-    let (batch, targets) = super::trainable::batch_of(pb);
+    let (batch, targets) = crate::llama::trainable::batch_of(pb);
     let cpu = LlamaModel::from_loaded(&loaded, Rounding::BF16).map_err(|e| e.to_string())?;
     let cpu_loss = cpu
         .loss(&batch, &targets, None)

@@ -4,7 +4,8 @@
 //! Generation runs on the CPU model kept beside it (no GPU decode path yet).
 use super::{GpuLlama, GpuResult};
 use crate::data::{PackedBatch, IGNORE_INDEX};
-use crate::llama::{Batch, LlamaModel, LlamaTrainable, LoraAdapter, Proj};
+use crate::llama::trainable::{adapter_of, add_scaled_grads, batch_of};
+use crate::llama::{LlamaModel, LlamaTrainable, LoraAdapter};
 use crate::lora::{linear_targets, LoraTarget, LoraWeights};
 use crate::train::LoraModel;
 use ftrt_runtime::Gpu;
@@ -45,64 +46,6 @@ impl GpuTrainable {
     }
 }
 
-fn proj_of(module: &str) -> Result<Proj, String> {
-    Proj::ALL
-        .into_iter()
-        .find(|p| p.module() == module)
-        .ok_or_else(|| format!("unknown module {module}"))
-}
-
-/// The model-layout adapter holding the same values as the trainer's `lora`.
-pub fn adapter_of(dims: &crate::llama::Dims, lora: &LoraWeights) -> Result<LoraAdapter, String> {
-    let cfg = &lora.config;
-    let mut projs: Vec<Proj> = Vec::new();
-    for t in &lora.tensors {
-        let p = proj_of(&t.target.module)?;
-        if !projs.contains(&p) {
-            projs.push(p);
-        }
-    }
-    projs.sort_by_key(|p| p.index());
-    let mut ad = LoraAdapter::zeros(dims, cfg.r, cfg.lora_alpha as f32, cfg.use_rslora, &projs);
-    let mut seen = 0;
-    for t in &lora.tensors {
-        let slot = ad
-            .slot(t.target.layer, proj_of(&t.target.module)?)
-            .cloned()
-            .ok_or_else(|| {
-                format!(
-                    "layer {} {} is not adapted in every layer",
-                    t.target.layer, t.target.module
-                )
-            })?;
-        if slot.a.len() != t.a.len() || slot.b.len() != t.b.len() {
-            return Err(format!(
-                "layer {} {}: LoRA shapes differ from the model's",
-                t.target.layer, t.target.module
-            ));
-        }
-        ad.data[slot.a].copy_from_slice(&lora.data[t.a.clone()]);
-        ad.data[slot.b].copy_from_slice(&lora.data[t.b.clone()]);
-        seen += 1;
-    }
-    if seen != dims.layers * projs.len() {
-        return Err("the GPU model needs the same LoRA targets in every layer".into());
-    }
-    Ok(ad)
-}
-
-/// The model's batch and next-token targets of a packed batch (labels shifted by one).
-pub fn batch_of(b: &PackedBatch) -> (Batch, Vec<i32>) {
-    let mut targets: Vec<i32> = b.labels.iter().skip(1).copied().collect();
-    targets.push(IGNORE_INDEX);
-    let batch = Batch {
-        tokens: b.input_ids.clone(),
-        cu_seqlens: b.cu_seqlens.clone(),
-        positions: b.position_ids.clone(),
-    };
-    (batch, targets)
-}
-
 impl LoraModel for GpuTrainable {
     fn lora_shapes(&self) -> Vec<LoraTarget> {
         self.targets.clone()
@@ -126,18 +69,7 @@ impl LoraModel for GpuTrainable {
         let g = self.gpu_model.download_grads()?;
         // The model differentiates the mean over counted tokens; the trainer wants the sum.
         let n = counted as f32;
-        for t in &grads.tensors {
-            let slot = g
-                .slot(t.target.layer, proj_of(&t.target.module)?)
-                .cloned()
-                .ok_or("gradient slot missing")?;
-            for (dst, src) in grads.data[t.a.clone()].iter_mut().zip(&g.data[slot.a]) {
-                *dst += src * n;
-            }
-            for (dst, src) in grads.data[t.b.clone()].iter_mut().zip(&g.data[slot.b]) {
-                *dst += src * n;
-            }
-        }
+        add_scaled_grads(grads, &g, n)?;
         Ok(mean * n)
     }
 
