@@ -7,8 +7,10 @@
 //! as NF4 with double-quantized absmax (bitsandbytes' layout) and dequantizes each into a bf16
 //! scratch before its GEMMs; the dequantization is not counted in MFU/HFU.
 //!
-//! HFU here counts no recomputation (the GPU model keeps every activation), so it equals MFU;
-//! hf_baseline.py's HFU includes its gradient-checkpointing recompute.
+//! `--keep-layers` chooses per-layer gradient checkpointing: `all` keeps every activation (the
+//! throughput mode, HFU = MFU), `0` recomputes every layer in the backward (the lean mode),
+//! `auto` keeps as many layers as fit a memory budget. HFU counts each recomputed layer as one
+//! layer forward, as hf_baseline.py counts its gradient-checkpointing recompute.
 use clap::Args;
 use ftrt_models::llama::gpu::{flop_estimate, init_adapter, GpuLlama};
 use ftrt_models::llama::{Batch, Proj};
@@ -48,6 +50,16 @@ pub struct BenchArgs {
     /// Denominator of MFU/HFU in TFLOP/s (hf_baseline.py's default).
     #[arg(long, default_value_t = 989.4)]
     pub peak_tflops: f64,
+    /// Layers whose activations are kept; the others keep only their input residual and are
+    /// recomputed in the backward (gradient checkpointing). `all`: no recompute (the
+    /// throughput mode); `0`: recompute every layer (the lean mode); `auto`: as many as fit
+    /// --vram-budget-gib.
+    #[arg(long, default_value = "all")]
+    pub keep_layers: String,
+    /// GPU memory the model may hold, in GiB, for `--keep-layers auto` (default: the free
+    /// memory less 1 GiB).
+    #[arg(long)]
+    pub vram_budget_gib: Option<f64>,
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
@@ -153,6 +165,26 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     };
     let ad = init_adapter(&model.dims, a.lora_r, a.lora_alpha, &Proj::ALL, 42, 0.0);
     model.set_lora(&ad)?;
+    let layers = model.dims.layers;
+    let kept = match a.keep_layers.as_str() {
+        "all" => layers,
+        "auto" => {
+            let budget = a
+                .vram_budget_gib
+                .map_or(free0.saturating_sub(1 << 30), |g| (g * GIB) as usize);
+            model.kept_layers_for_budget(budget).ok_or_else(|| {
+                format!(
+                    "--keep-layers auto: even recomputing every layer needs more than {:.2} GiB",
+                    budget as f64 / GIB
+                )
+            })?
+        }
+        k => k.parse().map_err(|_| {
+            format!("--keep-layers {k:?}: a number of layers (0..={layers}), all or auto")
+        })?,
+    };
+    model.set_kept_layers(kept);
+    let recomputed = layers - model.kept_layers();
     let (batch, targets) = random_batch(a.batch, a.seq, model.dims.vocab, 7);
     let step = |m: &mut GpuLlama| -> Result<f32, String> {
         m.zero_grads()?;
@@ -183,7 +215,10 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let (free1, _) = gpu.context().mem_get_info().map_err(|e| e.to_string())?;
     let ms = ms_total / a.steps as f64;
     let tok_s = n as f64 / (ms * 1e-3);
-    let (n_mat, n_lora, model_fpt, hw_fpt) = flop_estimate(&model.dims, a.seq, a.lora_r, false);
+    let (n_mat, n_lora, model_fpt, _) = flop_estimate(&model.dims, a.seq, a.lora_r, false);
+    let (_, _, _, ckpt_fpt) = flop_estimate(&model.dims, a.seq, a.lora_r, true);
+    // Recomputed layers count one layer forward each, as hf_baseline.py counts its recompute.
+    let hw_fpt = model_fpt + (ckpt_fpt - model_fpt) * recomputed as f64 / layers as f64;
     let peak = a.peak_tflops * 1e12;
     let mfu = model_fpt * tok_s / peak;
     let hfu = hw_fpt * tok_s / peak;
@@ -191,12 +226,12 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let planned = model.held_bytes() as f64 / GIB;
     let name = gpu.info().name.clone();
     println!(
-        "ftrt bench {} {} r={} batch {}x{} on {name}: {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% (no recompute), loss {:.4} -> {:.4}",
+        "ftrt bench {} {} r={} batch {}x{} on {name}: {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% ({recomputed} of {layers} layers recomputed), loss {:.4} -> {:.4}",
         a.preset, a.mode, a.lora_r, a.batch, a.seq, tok_s, ms, measured, planned, total as f64 / GIB, 100.0 * mfu, 100.0 * hfu, first_timed, loss
     );
     let json = serde_json::json!({
         "bench": "ftrt", "model": a.preset, "mode": a.mode, "optim": "adamw", "lora_r": a.lora_r,
-        "grad_ckpt": false, "gpu": name, "setup_s": (setup_s * 10.0).round() / 10.0,
+        "grad_ckpt": recomputed > 0, "recomputed_layers": recomputed, "gpu": name, "setup_s": (setup_s * 10.0).round() / 10.0,
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "warmup": a.warmup, "status": "ok",
         "tokens_per_s": (tok_s * 10.0).round() / 10.0, "ms_per_step": (ms * 100.0).round() / 100.0,
         "warmup_s": (warmup_s * 100.0).round() / 100.0,

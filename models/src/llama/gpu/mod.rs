@@ -7,8 +7,10 @@
 //! - LoRA ([`GpuLora`]): f32 master A/B in [`LoraAdapter`]'s flat layout, a bf16 copy the GEMMs
 //!   read, f32 gradients, AdamW m and v;
 //! - activations ([`Acts`]): one allocation per tensor, sized once for a token budget; fields
-//!   commented with their shapes. Everything the backward reads is kept (no recompute or
-//!   offload yet).
+//!   commented with their shapes. Per-layer gradient checkpointing
+//!   ([`GpuLlama::set_kept_layers`]): the last k layers keep everything their backward reads;
+//!   the others keep only their input residual and are recomputed, just before their backward,
+//!   into one shared set of buffers ([`plan::kept_layers_within`] picks k for a memory budget).
 //!
 //! Per projection: `y = x W^T (+ b)` then `xa = x A^T` and `y += s xa B^T` (beta = 1), three
 //! cuBLASLt GEMMs, f32 accumulation, bf16 outputs. Backward with W frozen:
@@ -142,7 +144,9 @@ pub struct GpuLora {
     _held: Held,
 }
 
-/// Per-layer saved activations for a budget of N tokens (bf16 unless noted).
+/// Per-layer saved activations for a budget of N tokens (bf16 unless noted). Kept layers own
+/// theirs; every recomputed layer aliases one shared set (see [`GpuLlama::set_kept_layers`]).
+#[derive(Clone, Copy)]
 struct LayerActs {
     /// (N, Hq * D) q_proj output before the q norm (Qwen3; else null).
     q_pre: DevPtr<bf16>,
@@ -184,6 +188,7 @@ struct Acts {
     /// L + 1 residual streams (N, C): [0] the embedding, [l + 1] layer l's output.
     resid: Vec<DevPtr<bf16>>,
     /// L + 1 norm outputs (N, C): [l] layer l's input norm, [L] the final norm; (N) f32 rstds.
+    /// Recomputed layers' input norms alias one shared buffer.
     ln: Vec<DevPtr<bf16>>,
     rstd: Vec<DevPtr<f32>>,
     layers: Vec<LayerActs>,
@@ -281,6 +286,9 @@ pub struct GpuLlama<'g> {
     max_tokens: usize,
     /// LoRA rank the activation buffers were sized for.
     r_cap: usize,
+    /// Layers whose activations the forward keeps (the last `kept_layers`); the others keep
+    /// only their input residual and are recomputed in the backward.
+    kept_layers: usize,
     lora: Option<GpuLora>,
     acts: Option<Acts>,
     /// The batch of the last forward (its token count and cu_seqlens).
@@ -546,6 +554,7 @@ impl<'g> GpuLlama<'g> {
             sin: sin_d,
             max_tokens,
             r_cap: max_rank,
+            kept_layers: dims.layers,
             lora: None,
             acts: None,
             last: None,
@@ -642,6 +651,56 @@ impl<'g> GpuLlama<'g> {
 
     fn finish_init(&mut self) -> GpuResult<()> {
         self.gpu.synchronize().ctx("after uploading weights")
+    }
+
+    /// Per-layer gradient checkpointing: the forward keeps every saved activation of the last
+    /// `k` layers (clamped to L) and only the input residual of the others, which the backward
+    /// recomputes (input norm + the layer's forward up to down_proj's x A^T) just before it
+    /// differentiates them, into one shared set of buffers. `k = L` (the default) recomputes
+    /// nothing; `k = 0` holds one layer's activations. Changing it frees the activation buffers
+    /// (reallocated at the next batch). [`plan::kept_layers_within`] picks `k` for a budget.
+    pub fn set_kept_layers(&mut self, k: usize) {
+        let k = k.min(self.dims.layers);
+        if k != self.kept_layers {
+            self.kept_layers = k;
+            self.acts = None;
+        }
+    }
+
+    /// Layers whose activations the forward keeps (see [`Self::set_kept_layers`]).
+    pub fn kept_layers(&self) -> usize {
+        self.kept_layers
+    }
+
+    /// The most layers whose activations can be kept (see [`Self::set_kept_layers`]) when the
+    /// model may hold `budget` bytes of GPU memory in all, its weights, tables, workspace and
+    /// LoRA state (allocated by now) included; `None` when even recomputing every layer does
+    /// not fit. Call after [`Self::set_lora`].
+    pub fn kept_layers_for_budget(&self, budget: usize) -> Option<usize> {
+        let lora = self.lora.as_ref();
+        let r = lora.map_or(0, |g| g.layout.r);
+        let adapted = (0..self.dims.layers)
+            .map(|l| {
+                Proj::ALL
+                    .iter()
+                    .filter(|&&p| adapted(lora.map(|g| &g.layout), l, p))
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        let fixed = self._held.bytes + lora.map_or(0, |g| g._held.bytes);
+        plan::kept_layers_within(
+            &self.dims,
+            self.max_tokens,
+            r,
+            self.config.qk_norm,
+            adapted,
+            budget.checked_sub(fixed)?,
+        )
+    }
+
+    fn is_kept(&self, l: usize) -> bool {
+        l + self.kept_layers >= self.dims.layers
     }
 
     /// The token budget per micro-batch.
@@ -832,7 +891,12 @@ impl<'g> GpuLlama<'g> {
         let d = self.dims;
         let lora = self.lora.as_ref().map(|g| &g.layout);
         let r = lora.map_or(0, |l| l.r);
-        let s = ActSizes::new(&d, self.max_tokens, r);
+        let s = ActSizes::new(
+            &d,
+            self.max_tokens,
+            r,
+            plan::logit_budget(self.kept_layers, d.layers),
+        );
         let qk = self.config.qk_norm;
         let n = s.n;
         let mut h = Held {
@@ -841,27 +905,28 @@ impl<'g> GpuLlama<'g> {
         };
         let null = DevPtr::<bf16>::null();
         let nullf = DevPtr::<f32>::null();
-        let mut layers = Vec::with_capacity(d.layers);
-        for l in 0..d.layers {
+        let layer_acts = |h: &mut Held, xa_of: &dyn Fn(Proj) -> bool| -> GpuResult<LayerActs> {
             let mut xa = [null; 7];
             for p in Proj::ALL {
-                if adapted(lora, l, p) {
+                if xa_of(p) {
                     xa[p.index()] = h.alloc(gpu, s.nr)?;
                 }
             }
-            layers.push(LayerActs {
-                q_pre: if qk { h.alloc(gpu, s.nq)? } else { null },
-                q_rstd: if qk {
-                    h.alloc(gpu, n * d.heads)?
-                } else {
-                    nullf
-                },
-                k_pre: if qk { h.alloc(gpu, s.nkv)? } else { null },
-                k_rstd: if qk {
-                    h.alloc(gpu, n * d.kv_heads)?
-                } else {
-                    nullf
-                },
+            let (pre_q, pre_k, rs_q, rs_k) = if qk {
+                (
+                    h.alloc(gpu, s.nq)?,
+                    h.alloc(gpu, s.nkv)?,
+                    h.alloc(gpu, n * d.heads)?,
+                    h.alloc(gpu, n * d.kv_heads)?,
+                )
+            } else {
+                (null, null, nullf, nullf)
+            };
+            Ok(LayerActs {
+                q_pre: pre_q,
+                q_rstd: rs_q,
+                k_pre: pre_k,
+                k_rstd: rs_k,
                 q: h.alloc(gpu, s.nq)?,
                 k: h.alloc(gpu, s.nkv)?,
                 v: h.alloc(gpu, s.nkv)?,
@@ -874,14 +939,36 @@ impl<'g> GpuLlama<'g> {
                 up: h.alloc(gpu, s.ni)?,
                 act: h.alloc(gpu, s.ni)?,
                 xa,
-            });
+            })
+        };
+        // One set shared by the recomputed layers (x A^T for any projection one of them adapts)
+        // and their input norm outputs.
+        let recomputed: Vec<usize> = (0..d.layers).filter(|&l| !self.is_kept(l)).collect();
+        let shared = if recomputed.is_empty() {
+            None
+        } else {
+            let any = |p: Proj| recomputed.iter().any(|&l| adapted(lora, l, p));
+            Some((layer_acts(&mut h, &any)?, h.alloc::<bf16>(gpu, s.nc)?))
+        };
+        let mut layers = Vec::with_capacity(d.layers);
+        let mut ln = Vec::with_capacity(d.layers + 1);
+        for l in 0..d.layers {
+            match shared {
+                Some((la, ln_shared)) if !self.is_kept(l) => {
+                    layers.push(la);
+                    ln.push(ln_shared);
+                }
+                _ => {
+                    layers.push(layer_acts(&mut h, &|p| adapted(lora, l, p))?);
+                    ln.push(h.alloc(gpu, s.nc)?);
+                }
+            }
         }
+        ln.push(h.alloc(gpu, s.nc)?);
         let mut resid = Vec::new();
-        let mut ln = Vec::new();
         let mut rstd = Vec::new();
         for _ in 0..=d.layers {
             resid.push(h.alloc(gpu, s.nc)?);
-            ln.push(h.alloc(gpu, s.nc)?);
             rstd.push(h.alloc(gpu, n)?);
         }
         let pad = s.nq_pad > 0;
@@ -1014,14 +1101,8 @@ impl<'g> GpuLlama<'g> {
             y,
             bias,
         )?;
-        if let Some(LoraPtrs(a, b, _, _, r, s)) = self.lora_ab(l, p) {
-            self.gemm(
-                &GemmDesc::new(n, r, inn).transposed(false, true),
-                x,
-                a,
-                xa,
-                None,
-            )?;
+        if let Some(LoraPtrs(_, b, _, _, r, s)) = self.lora_ab(l, p) {
+            self.project_xa(l, p, x, xa, n)?;
             self.gemm(
                 &GemmDesc::new(n, out, r)
                     .transposed(false, true)
@@ -1033,6 +1114,27 @@ impl<'g> GpuLlama<'g> {
             )?;
         }
         Ok(())
+    }
+
+    /// xa (n, r) = x (n, in) A^T of `p` in layer `l` (nothing when `p` is not adapted).
+    fn project_xa(
+        &self,
+        l: usize,
+        p: Proj,
+        x: DevPtr<bf16>,
+        xa: DevPtr<bf16>,
+        n: usize,
+    ) -> GpuResult<()> {
+        match self.lora_ab(l, p) {
+            Some(LoraPtrs(a, _, _, _, r, _)) => self.gemm(
+                &GemmDesc::new(n, r, p.shape(&self.dims).1).transposed(false, true),
+                x,
+                a,
+                xa,
+                None,
+            ),
+            None => Ok(()),
+        }
     }
 
     /// Backward of [`Self::project`] with W frozen: dx (n, in) = dy W + s (dy B) A (added to dx
@@ -1175,136 +1277,166 @@ impl<'g> GpuLlama<'g> {
         let a = self.acts.as_ref().ok_or("activations not allocated")?;
         let gpu = self.gpu;
         let d = self.dims;
-        let (c, hq, hkv, hd, inter) = (d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate);
-        let eps = self.eps;
-        let lw0 = &self.layout.layers[0];
         embedding::embedding::forward(
             gpu,
             &embedding::embedding::Dims {
                 N: n,
                 V: d.vocab,
-                C: c,
+                C: d.hidden,
             },
             a.ids,
             self.w(&self.layout.embed),
             a.resid[0],
         )
         .ctx("embedding")?;
+        self.input_norm(a, 0, n)?;
+        for l in 0..d.layers {
+            self.layer_forward(a, l, n, s, false)?;
+        }
+        Ok(())
+    }
+
+    /// ln[l] (N, C), rstd[l] (N) = rms_norm(resid[l]) with layer `l`'s input norm weight: the
+    /// first layer's input in the forward, a recomputed layer's in the backward (the same
+    /// values layer l - 1's fused add + norm wrote).
+    fn input_norm(&self, a: &Acts, l: usize, n: usize) -> GpuResult<()> {
         norm::rms_norm::forward(
-            gpu,
-            &norm::rms_norm::Dims { R: n, C: c },
-            eps,
-            a.resid[0],
-            self.w(&lw0.input_norm),
-            a.ln[0],
-            a.rstd[0],
+            self.gpu,
+            &norm::rms_norm::Dims {
+                R: n,
+                C: self.dims.hidden,
+            },
+            self.eps,
+            a.resid[l],
+            self.w(&self.layout.layers[l].input_norm),
+            a.ln[l],
+            a.rstd[l],
         )
-        .ctx("input norm")?;
+        .ctx("input norm")
+    }
+
+    /// Layer `l` of the forward from `acts.ln[l]` (its input norm output) and `acts.resid[l]`:
+    /// writes its saved activations, `resid[l + 1]`, `ln[l + 1]` and `rstd[l + 1]`. With
+    /// `recompute` (in the backward, gradient checkpointing) it stops once everything the
+    /// layer's backward reads exists: after down_proj's x A^T.
+    fn layer_forward(
+        &self,
+        a: &Acts,
+        l: usize,
+        n: usize,
+        s: usize,
+        recompute: bool,
+    ) -> GpuResult<()> {
+        let gpu = self.gpu;
+        let d = self.dims;
+        let (c, hq, hkv, hd, inter) = (d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate);
+        let eps = self.eps;
         let and = norm::add_rms_norm::Dims { R: n, C: c };
         let p_rows = self.max_tokens;
-        for l in 0..d.layers {
-            let lw = &self.layout.layers[l];
-            let la = &a.layers[l];
-            let x = a.ln[l];
-            let qk = lw.q_norm.is_some();
-            let q_out = if qk { la.q_pre } else { la.q };
-            let k_out = if qk { la.k_pre } else { la.k };
-            self.project(l, Proj::Q, x, q_out, la.xa[0], n)?;
-            self.project(l, Proj::K, x, k_out, la.xa[1], n)?;
-            self.project(l, Proj::V, x, la.v, la.xa[2], n)?;
-            if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
-                norm::rms_norm::forward(
-                    gpu,
-                    &norm::rms_norm::Dims { R: n * hq, C: hd },
-                    eps,
-                    la.q_pre,
-                    self.w(qn),
-                    la.q,
-                    la.q_rstd,
-                )
-                .ctx("q norm")?;
-                norm::rms_norm::forward(
-                    gpu,
-                    &norm::rms_norm::Dims { R: n * hkv, C: hd },
-                    eps,
-                    la.k_pre,
-                    self.w(kn),
-                    la.k,
-                    la.k_rstd,
-                )
-                .ctx("k norm")?;
-            }
-            rope::rope::forward(
+        let lw = &self.layout.layers[l];
+        let la = &a.layers[l];
+        let x = a.ln[l];
+        let qk = lw.q_norm.is_some();
+        let q_out = if qk { la.q_pre } else { la.q };
+        let k_out = if qk { la.k_pre } else { la.k };
+        self.project(l, Proj::Q, x, q_out, la.xa[0], n)?;
+        self.project(l, Proj::K, x, k_out, la.xa[1], n)?;
+        self.project(l, Proj::V, x, la.v, la.xa[2], n)?;
+        if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
+            norm::rms_norm::forward(
                 gpu,
-                &rope::rope::Dims {
-                    N: n,
-                    H: hq,
-                    D: hd,
-                    P: p_rows,
-                },
+                &norm::rms_norm::Dims { R: n * hq, C: hd },
+                eps,
+                la.q_pre,
+                self.w(qn),
                 la.q,
-                a.pos,
-                self.cos,
-                self.sin,
+                la.q_rstd,
             )
-            .ctx("rope q")?;
-            rope::rope::forward(
+            .ctx("q norm")?;
+            norm::rms_norm::forward(
                 gpu,
-                &rope::rope::Dims {
-                    N: n,
-                    H: hkv,
-                    D: hd,
-                    P: p_rows,
-                },
+                &norm::rms_norm::Dims { R: n * hkv, C: hd },
+                eps,
+                la.k_pre,
+                self.w(kn),
                 la.k,
-                a.pos,
-                self.cos,
-                self.sin,
+                la.k_rstd,
             )
-            .ctx("rope k")?;
-            self.attn_forward(a, la, n, s)?;
-            self.project(l, Proj::O, la.att, a.tmp_c, la.xa[3], n)?;
-            norm::add_rms_norm::forward(
-                gpu,
-                &and,
-                eps,
-                a.tmp_c,
-                a.resid[l],
-                self.w(&lw.post_norm),
-                la.ln2,
-                la.resid_mid,
-                la.rstd2,
-            )
-            .ctx("post-attention norm")?;
-            self.project(l, Proj::Gate, la.ln2, la.gate, la.xa[4], n)?;
-            self.project(l, Proj::Up, la.ln2, la.up, la.xa[5], n)?;
-            activation::swiglu::forward(
-                gpu,
-                &activation::swiglu::Dims { N: n * inter },
-                la.gate,
-                la.up,
-                la.act,
-            )
-            .ctx("swiglu")?;
-            self.project(l, Proj::Down, la.act, a.tmp_c, la.xa[6], n)?;
-            let next = if l + 1 < d.layers {
-                &self.layout.layers[l + 1].input_norm
-            } else {
-                &self.layout.final_norm
-            };
-            norm::add_rms_norm::forward(
-                gpu,
-                &and,
-                eps,
-                a.tmp_c,
-                la.resid_mid,
-                self.w(next),
-                a.ln[l + 1],
-                a.resid[l + 1],
-                a.rstd[l + 1],
-            )
-            .ctx("residual + next norm")?;
+            .ctx("k norm")?;
         }
+        rope::rope::forward(
+            gpu,
+            &rope::rope::Dims {
+                N: n,
+                H: hq,
+                D: hd,
+                P: p_rows,
+            },
+            la.q,
+            a.pos,
+            self.cos,
+            self.sin,
+        )
+        .ctx("rope q")?;
+        rope::rope::forward(
+            gpu,
+            &rope::rope::Dims {
+                N: n,
+                H: hkv,
+                D: hd,
+                P: p_rows,
+            },
+            la.k,
+            a.pos,
+            self.cos,
+            self.sin,
+        )
+        .ctx("rope k")?;
+        self.attn_forward(a, la, n, s)?;
+        self.project(l, Proj::O, la.att, a.tmp_c, la.xa[3], n)?;
+        norm::add_rms_norm::forward(
+            gpu,
+            &and,
+            eps,
+            a.tmp_c,
+            a.resid[l],
+            self.w(&lw.post_norm),
+            la.ln2,
+            la.resid_mid,
+            la.rstd2,
+        )
+        .ctx("post-attention norm")?;
+        self.project(l, Proj::Gate, la.ln2, la.gate, la.xa[4], n)?;
+        self.project(l, Proj::Up, la.ln2, la.up, la.xa[5], n)?;
+        activation::swiglu::forward(
+            gpu,
+            &activation::swiglu::Dims { N: n * inter },
+            la.gate,
+            la.up,
+            la.act,
+        )
+        .ctx("swiglu")?;
+        if recompute {
+            return self.project_xa(l, Proj::Down, la.act, la.xa[6], n);
+        }
+        self.project(l, Proj::Down, la.act, a.tmp_c, la.xa[6], n)?;
+        let next = if l + 1 < d.layers {
+            &self.layout.layers[l + 1].input_norm
+        } else {
+            &self.layout.final_norm
+        };
+        norm::add_rms_norm::forward(
+            gpu,
+            &and,
+            eps,
+            a.tmp_c,
+            la.resid_mid,
+            self.w(next),
+            a.ln[l + 1],
+            a.resid[l + 1],
+            a.rstd[l + 1],
+        )
+        .ctx("residual + next norm")?;
         Ok(())
     }
 
@@ -1410,6 +1542,10 @@ impl<'g> GpuLlama<'g> {
         )
         .ctx("final norm backward")?;
         for l in (0..d.layers).rev() {
+            if !self.is_kept(l) {
+                self.input_norm(a, l, n)?;
+                self.layer_forward(a, l, n, s, true)?;
+            }
             let la = &a.layers[l];
             let lw = &self.layout.layers[l];
             // MLP.

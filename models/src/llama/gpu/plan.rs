@@ -8,8 +8,23 @@ use std::ops::Range;
 use super::super::weights::{Dims, LayerWeights, Proj, WeightStore};
 use crate::config::ModelConfig;
 
-/// Logit elements held at once by the chunked cross-entropy (bf16: 512 MiB).
+/// Logit elements held at once by the chunked cross-entropy (bf16: 512 MiB), when every
+/// layer's activations are kept (the throughput mode).
 pub const LOGIT_BUDGET: usize = 1 << 28;
+
+/// The same with gradient checkpointing (bf16: 128 MiB): the lean mode trades a few more,
+/// still large, head GEMMs for memory.
+pub const LOGIT_BUDGET_LEAN: usize = 1 << 26;
+
+/// Logit elements of one cross-entropy chunk when `kept` of `layers` layers keep their
+/// activations.
+pub fn logit_budget(kept: usize, layers: usize) -> usize {
+    if kept < layers {
+        LOGIT_BUDGET_LEAN
+    } else {
+        LOGIT_BUDGET
+    }
+}
 
 /// Head dims the GPU attention kernels are instantiated for; others are zero-padded to 64.
 pub const ATTN_HEAD_DIMS: [usize; 2] = [64, 128];
@@ -188,11 +203,12 @@ pub struct ActSizes {
 }
 
 impl ActSizes {
-    /// Sizes for `n` tokens of a model of `d`, LoRA rank `r` (0: no adapter).
-    pub fn new(d: &Dims, n: usize, r: usize) -> Self {
+    /// Sizes for `n` tokens of a model of `d`, LoRA rank `r` (0: no adapter), cross-entropy
+    /// chunks of at most `logit_budget` logits.
+    pub fn new(d: &Dims, n: usize, r: usize, logit_budget: usize) -> Self {
         let dp = padded_head_dim(d.head_dim);
         let pad = dp != d.head_dim;
-        let ce_rows = ce_rows(n, d.vocab);
+        let ce_rows = ce_rows(n, d.vocab, logit_budget);
         Self {
             n,
             nc: n * d.hidden,
@@ -210,26 +226,48 @@ impl ActSizes {
     }
 
     /// Bytes of every buffer [`super::GpuLlama`] allocates for activations (weights and LoRA
-    /// state excluded): per layer saved tensors + the shared scratch.
-    pub fn bytes(&self, d: &Dims, qk_norm: bool, adapted: usize) -> usize {
+    /// state excluded) when it keeps the activations of `kept` of the `d.layers` layers and
+    /// recomputes the others (one shared set of per-layer buffers for them), with
+    /// `adapted_per_layer` adapted projections per layer: per-layer saved tensors, residual
+    /// streams, norm outputs, and the shared scratch.
+    pub fn bytes(&self, d: &Dims, qk_norm: bool, adapted_per_layer: usize, kept: usize) -> usize {
         let b = 2usize;
+        let kept = kept.min(d.layers);
+        let slots = kept + usize::from(kept < d.layers);
         let per_layer = b * (2 * self.nc + 2 * self.nq + 2 * self.nkv + 3 * self.ni)
             + 4 * (self.lse + self.n)
+            + adapted_per_layer * b * self.nr
             + if qk_norm {
                 b * (self.nq + self.nkv) + 4 * self.n * (d.heads + d.kv_heads)
             } else {
                 0
             };
-        let streams = (d.layers + 1) * (2 * b * self.nc + 4 * self.n);
-        let lora = adapted * b * self.nr;
+        let streams = (d.layers + 1) * (b * self.nc + 4 * self.n) + (slots + 1) * b * self.nc;
         let scratch = b
             * (4 * self.nc + 3 * self.ni + 3 * self.nq + 2 * self.nkv + self.nr + self.logits)
             + if qk_norm { b * (self.nq + self.nkv) } else { 0 }
             + b * (4 * self.nq_pad + 4 * self.nkv_pad)
             + 4 * (self.lse + 6 * self.n)
             + 4 * (self.n + 1);
-        d.layers * per_layer + streams + lora + scratch
+        slots * per_layer + streams + scratch
     }
+}
+
+/// The most layers whose activations fit: the largest `kept` in 0..=L whose activation bytes
+/// (`n` tokens, rank `r`, [`logit_budget`] chunks) are at most `budget` (what is left once
+/// weights and LoRA state are placed); `None` when even recomputing every layer does not fit.
+pub fn kept_layers_within(
+    d: &Dims,
+    n: usize,
+    r: usize,
+    qk_norm: bool,
+    adapted_per_layer: usize,
+    budget: usize,
+) -> Option<usize> {
+    (0..=d.layers).rev().find(|&k| {
+        ActSizes::new(d, n, r, logit_budget(k, d.layers)).bytes(d, qk_norm, adapted_per_layer, k)
+            <= budget
+    })
 }
 
 /// The head dim the attention kernel runs at: D itself when a kernel exists, else 64 (or 128)
@@ -244,9 +282,10 @@ pub fn padded_head_dim(d: usize) -> usize {
     }
 }
 
-/// Rows per cross-entropy chunk: as many as fit [`LOGIT_BUDGET`], at least 1, at most `n`.
-pub fn ce_rows(n: usize, vocab: usize) -> usize {
-    (LOGIT_BUDGET / vocab.max(1)).clamp(1, n.max(1))
+/// Rows per cross-entropy chunk: as many as fit `budget` logit elements, at least 1, at most
+/// `n`.
+pub fn ce_rows(n: usize, vocab: usize, budget: usize) -> usize {
+    (budget / vocab.max(1)).clamp(1, n.max(1))
 }
 
 /// Checks a packed batch against the model and the buffers: tokens in the vocabulary, at most
@@ -413,11 +452,11 @@ mod tests {
         assert_eq!(padded_head_dim(64), 64);
         assert_eq!(padded_head_dim(96), 128);
         assert_eq!(padded_head_dim(128), 128);
-        assert_eq!(ce_rows(10, 128), 10);
-        assert_eq!(ce_rows(16384, 128256), LOGIT_BUDGET / 128256);
-        assert!(ce_rows(16384, 128256) * 128256 <= LOGIT_BUDGET);
-        assert_eq!(ce_rows(5, 1 << 30), 1);
-        let s = ActSizes::new(&dims(), 10, 4);
+        assert_eq!(ce_rows(10, 128, LOGIT_BUDGET), 10);
+        assert_eq!(ce_rows(16384, 128256, LOGIT_BUDGET), LOGIT_BUDGET / 128256);
+        assert!(ce_rows(16384, 128256, LOGIT_BUDGET) * 128256 <= LOGIT_BUDGET);
+        assert_eq!(ce_rows(5, 1 << 30, LOGIT_BUDGET), 1);
+        let s = ActSizes::new(&dims(), 10, 4, LOGIT_BUDGET);
         assert_eq!(
             (s.nc, s.nq, s.nkv, s.ni, s.nr, s.lse),
             (640, 640, 320, 1280, 40, 40)
@@ -426,7 +465,32 @@ mod tests {
             (s.head_dim_pad, s.nq_pad, s.nkv_pad),
             (64, 10 * 4 * 64, 10 * 2 * 64)
         );
-        assert!(s.bytes(&dims(), false, 14) > 0);
+        assert!(s.bytes(&dims(), false, 7, 2) > 0);
+    }
+
+    #[test]
+    fn recomputing_layers_saves_their_activations() {
+        let d = Dims {
+            layers: 6,
+            ..dims()
+        };
+        // A vocabulary small enough that both logit budgets hold every row.
+        let s = ActSizes::new(&d, 512, 8, LOGIT_BUDGET_LEAN);
+        let by_kept: Vec<usize> = (0..=6).map(|k| s.bytes(&d, false, 7, k)).collect();
+        // Each kept layer replaces its share of the one shared set by its own buffers (saved
+        // tensors + input norm output); keeping L - 1 layers needs as much as keeping all.
+        let step = by_kept[1] - by_kept[0];
+        for k in 0..5 {
+            assert_eq!(by_kept[k + 1] - by_kept[k], step, "kept {k}");
+        }
+        assert_eq!(by_kept[6], by_kept[5]);
+        let layer = 2 * (3 * s.nc + 2 * s.nq + 2 * s.nkv + 3 * s.ni + 7 * s.nr) + 4 * (s.lse + s.n);
+        assert_eq!(step, layer);
+        let within = |budget| kept_layers_within(&d, 512, 8, false, 7, budget);
+        assert_eq!(within(by_kept[3]), Some(3));
+        assert_eq!(within(by_kept[3] + step - 1), Some(3));
+        assert_eq!(within(usize::MAX), Some(6));
+        assert_eq!(within(by_kept[0] - 1), None);
         let sel = pad_selector(3, 5);
         assert_eq!(
             sel,

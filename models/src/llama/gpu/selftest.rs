@@ -289,6 +289,28 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
     let gpu_loss = g.loss_and_grads(&batch, &targets)?;
     let grads = g.download_grads()?;
     let fwd_only = g.loss(&batch, &targets)?;
+    // Gradient checkpointing: recomputing every layer, then all but the last, must give the
+    // gradients of keeping everything (the same kernels on the same inputs).
+    for kept in [0, cpu.dims.layers - 1] {
+        g.set_kept_layers(kept);
+        g.zero_grads()?;
+        let loss_rc = g.loss_and_grads(&batch, &targets)?;
+        let grads_rc = g.download_grads()?;
+        let e = rel_err(&grads_rc.data, &grads.data)
+            .max(((loss_rc - gpu_loss) as f64).abs() / (gpu_loss as f64).abs().max(1e-30));
+        row(
+            rows,
+            format!(
+                "model {arch}: recompute {} of {} layers == keep all",
+                cpu.dims.layers - kept,
+                cpu.dims.layers
+            ),
+            e,
+            1e-3,
+            format!("loss {loss_rc:.6}"),
+        );
+    }
+    g.set_kept_layers(cpu.dims.layers);
 
     let le = ((gpu_loss as f64) - cpu_loss as f64).abs() / (cpu_loss as f64).abs().max(1e-30);
     row(
