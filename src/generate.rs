@@ -53,6 +53,47 @@ pub struct GenerateArgs {
     /// Print timings: load, prefill and decode tokens/s.
     #[arg(long)]
     pub stats: bool,
+    /// Write the logits that pick each prompt's first new token, (prompts, vocab) f32, with the
+    /// prompts' token ids, to this safetensors file (tensors `logits`, `input_ids`,
+    /// `prompt_lengths`): for comparing against another implementation.
+    #[arg(long)]
+    pub logits_out: Option<PathBuf>,
+}
+
+/// The safetensors bytes of [`GenerateArgs::logits_out`]: `logits` (S, V) f32, `input_ids`
+/// (sum of prompt lengths) i32 concatenated, `prompt_lengths` (S) i32.
+fn logits_file(logits: &[f32], vocab: usize, ids: &[Vec<u32>]) -> Result<Vec<u8>, String> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let flat: Vec<i32> = ids.iter().flatten().map(|&t| t as i32).collect();
+    let lens: Vec<i32> = ids.iter().map(|p| p.len() as i32).collect();
+    let views = [
+        (
+            "logits",
+            Dtype::F32,
+            vec![ids.len(), vocab],
+            bytemuck::cast_slice(logits),
+        ),
+        (
+            "input_ids",
+            Dtype::I32,
+            vec![flat.len()],
+            bytemuck::cast_slice(&flat),
+        ),
+        (
+            "prompt_lengths",
+            Dtype::I32,
+            vec![lens.len()],
+            bytemuck::cast_slice(&lens),
+        ),
+    ]
+    .into_iter()
+    .map(|(name, dtype, shape, bytes)| {
+        TensorView::new(dtype, shape, bytes)
+            .map(|v| (name, v))
+            .map_err(|e| format!("{name}: {e}"))
+    })
+    .collect::<Result<Vec<_>, _>>()?;
+    safetensors::serialize(views, None).map_err(|e| e.to_string())
 }
 
 /// Runs `ftrt generate`.
@@ -125,6 +166,10 @@ pub fn run(args: &GenerateArgs) -> Result<(), String> {
             .prefill(&mut cache, &slots, &ids, adapter.as_ref())
             .map_err(|e| e.to_string())?;
         prefill_s = t1.elapsed().as_secs_f64();
+        if let Some(path) = &args.logits_out {
+            let bytes = logits_file(&logits, v, &ids)?;
+            ftrt_models::train::atomic::write_atomic(path, &bytes)?;
+        }
         let mut active = slots.clone();
         loop {
             let mut next = Vec::new();
