@@ -22,7 +22,7 @@ LEAN=$(bench 0)
 FAST=$(bench all)
 echo "== hf_baseline.py $PRESET $MODE ${B}x${S}"
 THEIRS=$(python3 "$BASE" --model "$PRESET" --mode "$MODE" --batch "$B" --seq "$S" --steps "$STEPS" 2>&1 | tee /dev/stderr | grep '^{"bench": "hf_baseline"' | tail -1)
-LEAN="$LEAN" FAST="$FAST" THEIRS="$THEIRS" python3 - <<'PY'
+MODE="$MODE" LEAN="$LEAN" FAST="$FAST" THEIRS="$THEIRS" python3 - <<'PY'
 import json, os
 def load(k):
     try:

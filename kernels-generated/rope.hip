@@ -26,9 +26,8 @@ __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
 __device__ __forceinline__ void ftrt_lse_push(float& m, float& s, float x) {
     if (x > m) { s = s * __expf(m - x) + 1.f; m = x; } else if (x != -INFINITY) { s += __expf(x - m); }
 }
-__device__ __forceinline__ void ftrt_lse_merge(float& m, float& s, float m2, float s2) {
-    if (m2 > m) { s = s * __expf(m - m2) + s2; m = m2; } else if (m2 != -INFINITY) { s += s2 * __expf(m2 - m); }
-}
+// 2^x (v_exp_f32 with its range handling).
+__device__ __forceinline__ float ftrt_exp2_approx(float x) { return exp2f(x); }
 template <int VEC> __device__ __forceinline__ void ftrt_load_vec(float* dst, const ftrt_t* src) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) dst[i] = (float)src[i];
@@ -83,22 +82,78 @@ template <int TPR> __device__ __forceinline__ float ftrt_row_max(float v) {
 template <int TPR> __device__ __forceinline__ float ftrt_row_min(float v) {
     return -ftrt_row_max<TPR>(-v);
 }
-// logsumexp of a row from per-thread online (max, sum) pairs.
-template <int TPR> __device__ __forceinline__ float ftrt_row_lse(float m, float s) {
+#define FTRT_LOG2E 1.4426950408889634f
+// Online logsumexp of VEC values at once: m rises to their max (s rescaled by exp(m - m') once,
+// when it does), then s += exp(x_k - m) for each, as 2^(x_k log2 e - m log2 e). While m is
+// -inf every x so far is -inf and adds 0, not exp(-inf + inf) = NaN.
+template <int VEC> __device__ __forceinline__ void ftrt_lse_push_vec(float& m, float& s, const float* x) {
+    float mx = x[0];
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ftrt_lse_merge(m, s, FTRT_SHFL_XOR(m, o), FTRT_SHFL_XOR(s, o));
-    m = FTRT_SHFL0(m);
-    s = FTRT_SHFL0(s);
+    for (int k = 1; k < VEC; ++k) mx = fmaxf(mx, x[k]);
+    if (mx > m) { s *= ftrt_exp2_approx((m - mx) * FTRT_LOG2E); m = mx; }
+    const float ml = m == -INFINITY ? 0.f : m * FTRT_LOG2E;
+    float e[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) e[k] = ftrt_exp2_approx(fmaf(x[k], FTRT_LOG2E, -ml));
+    // Pairwise sum: a short dependency chain.
+#pragma unroll
+    for (int w = 1; w < VEC; w *= 2)
+#pragma unroll
+        for (int k = 0; k + w < VEC; k += 2 * w) e[k] += e[k + w];
+    s += e[0];
+}
+// logsumexp of a row from per-thread online (max, sum) pairs: M = the row's max, then
+// S = sum of s * exp(m - M) (one exp per thread, fixed order), result M + log S.
+template <int TPR> __device__ __forceinline__ float ftrt_row_lse(float m, float s) {
+    float mw = m;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mw = fmaxf(mw, FTRT_SHFL_XOR(mw, o));
+    float sw = mw == -INFINITY ? 0.f : s * ftrt_exp2_approx((m - mw) * FTRT_LOG2E);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sw += FTRT_SHFL_XOR(sw, o);
+    sw = FTRT_SHFL0(sw);  // lanes summed in different orders: take lane 0's bits everywhere
     if (TPR > 32) {
         __shared__ float pm[TPR / 32], ps[TPR / 32];
         __syncthreads();
-        if ((threadIdx.x & 31) == 0) { pm[threadIdx.x >> 5] = m; ps[threadIdx.x >> 5] = s; }
+        if ((threadIdx.x & 31) == 0) { pm[threadIdx.x >> 5] = mw; ps[threadIdx.x >> 5] = sw; }
         __syncthreads();
-        m = -INFINITY; s = 0.f;
+        mw = -INFINITY;
 #pragma unroll
-        for (int i = 0; i < TPR / 32; ++i) ftrt_lse_merge(m, s, pm[i], ps[i]);
+        for (int i = 0; i < TPR / 32; ++i) mw = fmaxf(mw, pm[i]);
+        sw = 0.f;
+        if (mw != -INFINITY) {
+#pragma unroll
+            for (int i = 0; i < TPR / 32; ++i) sw += ps[i] * ftrt_exp2_approx((pm[i] - mw) * FTRT_LOG2E);
+        }
     }
-    return m == -INFINITY ? -INFINITY : m + logf(s);
+    return mw == -INFINITY ? -INFINITY : mw + logf(sw);
+}
+
+// N consecutive bytes from src as ints, in 16-, 4- or 2-byte loads (src aligned to the load).
+template <int N> __device__ __forceinline__ void ftrt_load_u8(int* dst, const unsigned char* src) {
+    if (N % 16 == 0) {
+#pragma unroll
+        for (int v = 0; v < N; v += 16) {
+            const uint4 q = *reinterpret_cast<const uint4*>(src + v);
+            const unsigned w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+            for (int i = 0; i < 16; ++i) dst[v + i] = (int)((w[i / 4] >> (8 * (i % 4))) & 255u);
+        }
+    } else if (N % 4 == 0) {
+#pragma unroll
+        for (int v = 0; v < N; v += 4) {
+            const unsigned w = *reinterpret_cast<const unsigned*>(src + v);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) dst[v + i] = (int)((w >> (8 * i)) & 255u);
+        }
+    } else if (N == 2) {
+        const unsigned w = *reinterpret_cast<const unsigned short*>(src);
+        dst[0] = (int)(w & 255u);
+        dst[1] = (int)(w >> 8);
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) dst[i] = (int)src[i];
+    }
 }
 
 // ==== op `rope` ====

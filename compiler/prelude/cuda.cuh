@@ -28,17 +28,23 @@ __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
 __device__ __forceinline__ void ftrt_lse_push(float& m, float& s, float x) {
     if (x > m) { s = s * __expf(m - x) + 1.f; m = x; } else if (x != -INFINITY) { s += __expf(x - m); }
 }
-__device__ __forceinline__ void ftrt_lse_merge(float& m, float& s, float m2, float s2) {
-    if (m2 > m) { s = s * __expf(m - m2) + s2; m = m2; } else if (m2 != -INFINITY) { s += s2 * __expf(m2 - m); }
+// 2^x by the hardware approximation: what __expf(x) computes from x * log2(e).
+__device__ __forceinline__ float ftrt_exp2_approx(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
 }
 
-// 16-byte vector access: VEC elements to/from f32 registers.
+// 16-byte vector access: VEC elements to/from f32 registers, 8 bf16 per 16 bytes.
 template <int VEC> __device__ __forceinline__ void ftrt_load_vec(float* dst, const ftrt_t* src) {
-    if (VEC == 8) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(src);
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    if (VEC % 8 == 0) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) { const float2 f = __bfloat1622float2(h[i]); dst[2 * i] = f.x; dst[2 * i + 1] = f.y; }
+        for (int v = 0; v < VEC; v += 8) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(src + v);
+            const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) { const float2 f = __bfloat1622float2(h[i]); dst[v + 2 * i] = f.x; dst[v + 2 * i + 1] = f.y; }
+        }
     } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) dst[i] = __bfloat162float(src[i]);
@@ -57,12 +63,15 @@ template <int VEC> __device__ __forceinline__ void ftrt_load_vec(float* dst, con
     }
 }
 template <int VEC> __device__ __forceinline__ void ftrt_store_vec(ftrt_t* dst, const float* src) {
-    if (VEC == 8) {
-        uint4 raw;
-        __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+    if (VEC % 8 == 0) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(src[2 * i], src[2 * i + 1]);
-        *reinterpret_cast<uint4*>(dst) = raw;
+        for (int v = 0; v < VEC; v += 8) {
+            uint4 raw;
+            __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(src[v + 2 * i], src[v + 2 * i + 1]);
+            *reinterpret_cast<uint4*>(dst + v) = raw;
+        }
     } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) dst[i] = __float2bfloat16(src[i]);

@@ -24,9 +24,8 @@ __device__ __forceinline__ float ftrt_logaddexp(float a, float b) {
 __device__ __forceinline__ void ftrt_lse_push(float& m, float& s, float x) {
     if (x > m) { s = s * __expf(m - x) + 1.f; m = x; } else if (x != -INFINITY) { s += __expf(x - m); }
 }
-__device__ __forceinline__ void ftrt_lse_merge(float& m, float& s, float m2, float s2) {
-    if (m2 > m) { s = s * __expf(m - m2) + s2; m = m2; } else if (m2 != -INFINITY) { s += s2 * __expf(m2 - m); }
-}
+// 2^x (v_exp_f32 with its range handling).
+__device__ __forceinline__ float ftrt_exp2_approx(float x) { return exp2f(x); }
 template <int VEC> __device__ __forceinline__ void ftrt_load_vec(float* dst, const ftrt_t* src) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) dst[i] = (float)src[i];

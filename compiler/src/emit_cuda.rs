@@ -10,7 +10,10 @@ use crate::lower::{
     flat_offset, lower, pass_args, pass_fn_name, Arg, Lowered, Reduction, Shape, Step,
 };
 use crate::validate::{Name, Scope, Ty};
-use crate::vectorize::{vec_access, vec_loads, VecAccess};
+use crate::vectorize::{
+    launch_constant, packed_access, packed_loads, staged_tables, vec_access, vec_loads,
+    PackedAccess, VecAccess,
+};
 use std::fmt::Write;
 
 /// Threads per row of the row-kernel variants: a warp per row up to `WARP_ROW_MAX_INNER`
@@ -110,9 +113,13 @@ fn emit_pass(out: &mut String, op: &OpDef, pass: &Pass) {
         scope: lowered.scope.clone(),
         vregs: Vec::new(),
         hoisted: Vec::new(),
+        staged: Vec::new(),
         n_locals: 0,
         indent: 1,
     };
+    // Small constant tables read at data-dependent indices live in shared memory, staged
+    // before any thread may leave the kernel.
+    e.stage_tables(pass, &lowered);
     // Dims and integer scalars arrive as 64-bit and are narrowed to the index type I.
     for a in &args {
         match a {
@@ -247,6 +254,8 @@ struct Emitter {
     vregs: Vec<(String, String)>,
     /// Loop-invariant subexpressions computed before the current sweep: (key, local name).
     hoisted: Vec<(String, String)>,
+    /// Tensors copied into the shared-memory array `{name}_s_` at the start of the kernel.
+    staged: Vec<String>,
     /// Locals named so far (hoisted names stay unique across sweeps).
     n_locals: usize,
     indent: usize,
@@ -382,42 +391,126 @@ impl Emitter {
         format!("{tensor}[{off}] = {};", convert_to(t.dtype, &v))
     }
 
+    /// Loads the bytes of every packed access for the `VEC` elements starting at `c0` (a
+    /// multiple of `VEC`): element `c0 + k` reads byte `k / div` of the array.
+    fn preload_packed(&mut self, accesses: &[PackedAccess], inner: &str, c0: &str) {
+        for a in accesses {
+            let name = format!("p{}_", self.vregs.len());
+            let t = self.scope.tensors[&a.tensor].clone();
+            let index = at_chunk_start(&a.index, inner, c0);
+            let off = self.expr(&flat_offset(&t, &index));
+            let n = format!("(VEC + {0} - 1) / {0}", a.div);
+            self.line(&format!(
+                "int {name}[{n}]; ftrt_load_u8<{n}>({name}, {} + ({off}));",
+                a.tensor
+            ));
+            self.vregs
+                .push((a.key(), format!("{name}[k_ / {}]", a.div)));
+        }
+    }
+
     /// Loads every vector access of `exprs` for the `VEC` elements starting at `c0`.
     fn preload(&mut self, accesses: &[VecAccess], inner: &str, c0: &str) {
         for a in accesses {
             let name = format!("v{}_", self.vregs.len());
             let t = self.scope.tensors[&a.tensor].clone();
-            let index: Vec<Expr> = a
-                .index
-                .iter()
-                .map(|i| {
-                    crate::validate::map(i, &mut |x| match x {
-                        Expr::Var(v) if v == inner => Expr::Var(c0.to_string()),
-                        o => o,
-                    })
-                })
-                .collect();
+            let index = at_chunk_start(&a.index, inner, c0);
             let off = self.expr(&flat_offset(&t, &index));
             self.line(&format!(
                 "float {name}[VEC]; ftrt_load_vec<VEC>({name}, {} + ({off}));",
                 a.tensor
             ));
-            self.vregs.push((a.key(), name));
+            self.vregs.push((a.key(), format!("{name}[k_]")));
         }
+    }
+
+    /// Declares every staged lookup table (see [`staged_tables`]) as a shared-memory copy
+    /// `{name}_s_`, filled by the whole block before any thread works or leaves.
+    fn stage_tables(&mut self, pass: &Pass, lowered: &Lowered) {
+        let exprs = step_exprs(&lowered.steps);
+        let written = crate::lower::written_tensors(pass);
+        let tables = staged_tables(&self.scope, &exprs.iter().collect::<Vec<_>>(), &written);
+        for t in &tables {
+            let decl = self.scope.tensors[t].clone();
+            let n = decl
+                .dims
+                .iter()
+                .map(|d| match d {
+                    Expr::Int(k) => *k,
+                    _ => unreachable!("staged tables have constant dims"),
+                })
+                .product::<i64>();
+            let ty = if decl.dtype.is_float() {
+                "float"
+            } else {
+                "int"
+            };
+            self.line(&format!("__shared__ {ty} {t}_s_[{n}];"));
+            self.line(&format!(
+                "for (int i_ = threadIdx.y * blockDim.x + threadIdx.x; i_ < {n}; i_ += blockDim.x * blockDim.y) {t}_s_[i_] = ftrt_ld({t}[i_]);"
+            ));
+        }
+        if !tables.is_empty() {
+            self.line("__syncthreads();");
+        }
+        self.staged = tables;
     }
 
     fn reduce_sweep(&mut self, reds: &[Reduction], inner: &str, inner_ext: &str) {
         for r in reds {
             match r.op {
-                // One online (max, sum) pair per vector slot: VEC independent exp chains.
+                // One online (max, sum) pair per thread, updated once per loaded vector.
                 ReduceOp::LogSumExp => {
-                    self.line(&format!("float {0}_m[VEC], {0}_s[VEC];", r.acc));
-                    self.line(&format!("for (int k_ = 0; k_ < VEC; ++k_) {{ {0}_m[k_] = -INFINITY; {0}_s[k_] = 0.f; }}", r.acc));
+                    self.line(&format!("float {0}_m = -INFINITY, {0}_s = 0.f;", r.acc))
                 }
                 op => self.line(&format!("float {}_p = {};", r.acc, reduce_init(op))),
             }
         }
+        self.reduce_loops(reds, inner, inner_ext, 0);
+        for r in reds {
+            let fin = match r.op {
+                ReduceOp::Sum => format!("ftrt_row_sum<TPR>({}_p)", r.acc),
+                ReduceOp::Mean => format!("ftrt_row_sum<TPR>({}_p) / (float)({inner_ext})", r.acc),
+                ReduceOp::Max => format!("ftrt_row_max<TPR>({}_p)", r.acc),
+                ReduceOp::Min => format!("ftrt_row_min<TPR>({}_p)", r.acc),
+                ReduceOp::LogSumExp => format!("ftrt_row_lse<TPR>({0}_m, {0}_s)", r.acc),
+            };
+            self.line(&format!("const float {} = {fin};", r.acc));
+        }
+    }
+
+    /// The loop of a reduction sweep. A `select` whose condition is known at launch (say
+    /// `cap > 0.0`) becomes one branch around two copies of the loop, each with the select
+    /// resolved, so no element pays for it (at most [`MAX_UNSWITCH`] such conditions).
+    fn reduce_loops(&mut self, reds: &[Reduction], inner: &str, inner_ext: &str, depth: usize) {
         let bodies: Vec<&Expr> = reds.iter().map(|r| &r.body).collect();
+        if depth < MAX_UNSWITCH {
+            if let Some(cond) = uniform_condition(&self.scope, &bodies) {
+                let c = self.expr(&cond);
+                for (i, taken) in [true, false].into_iter().enumerate() {
+                    let resolved: Vec<Reduction> = reds
+                        .iter()
+                        .map(|r| Reduction {
+                            body: resolve_select(&r.body, &cond, taken),
+                            ..r.clone()
+                        })
+                        .collect();
+                    self.line(
+                        if i == 0 {
+                            format!("if ({c}) {{")
+                        } else {
+                            "} else {".to_string()
+                        }
+                        .as_str(),
+                    );
+                    self.indent += 1;
+                    self.reduce_loops(&resolved, inner, inner_ext, depth + 1);
+                    self.indent -= 1;
+                }
+                self.line("}");
+                return;
+            }
+        }
         self.hoist(&bodies);
         // Two sweep steps per iteration keep twice the loads in flight.
         self.line("#pragma unroll 2");
@@ -425,43 +518,42 @@ impl Emitter {
             "for (I {inner}0_ = (I)lane * VEC; {inner}0_ < ({inner_ext}); {inner}0_ += (I)TPR * VEC) {{"
         ));
         self.indent += 1;
+        let c0 = format!("{inner}0_");
         let accesses = vec_loads(&self.scope, reds.iter().map(|r| &r.body));
-        self.preload(&accesses, inner, &format!("{inner}0_"));
+        let packed = packed_loads(&self.scope, reds.iter().map(|r| &r.body));
+        self.preload(&accesses, inner, &c0);
+        self.preload_packed(&packed, inner, &c0);
+        for r in reds.iter().filter(|r| r.op == ReduceOp::LogSumExp) {
+            self.line(&format!("float {}_x[VEC];", r.acc));
+        }
         self.line("#pragma unroll");
         self.line("for (int k_ = 0; k_ < VEC; ++k_) {");
         self.indent += 1;
-        self.line(&format!("const I {inner} = {inner}0_ + k_; (void){inner};"));
-        let bodies: Vec<Expr> = reds.iter().map(|r| r.body.clone()).collect();
-        self.cse(&bodies);
+        self.line(&format!("const I {inner} = {c0} + k_; (void){inner};"));
+        let body_exprs: Vec<Expr> = reds.iter().map(|r| r.body.clone()).collect();
+        self.cse(&body_exprs);
         for r in reds {
             let b = self.expr(&r.body);
             let upd = match r.op {
                 ReduceOp::Sum | ReduceOp::Mean => format!("{0}_p += {b};", r.acc),
                 ReduceOp::Max => format!("{0}_p = fmaxf({0}_p, {b});", r.acc),
                 ReduceOp::Min => format!("{0}_p = fminf({0}_p, {b});", r.acc),
-                ReduceOp::LogSumExp => format!("ftrt_lse_push({0}_m[k_], {0}_s[k_], {b});", r.acc),
+                ReduceOp::LogSumExp => format!("{0}_x[k_] = {b};", r.acc),
             };
             self.line(&upd);
         }
         self.indent -= 1;
         self.line("}");
+        for r in reds.iter().filter(|r| r.op == ReduceOp::LogSumExp) {
+            self.line(&format!(
+                "ftrt_lse_push_vec<VEC>({0}_m, {0}_s, {0}_x);",
+                r.acc
+            ));
+        }
         self.vregs.clear();
         self.hoisted.clear();
         self.indent -= 1;
         self.line("}");
-        for r in reds {
-            let fin = match r.op {
-                ReduceOp::Sum => format!("ftrt_row_sum<TPR>({}_p)", r.acc),
-                ReduceOp::Mean => format!("ftrt_row_sum<TPR>({}_p) / (float)({inner_ext})", r.acc),
-                ReduceOp::Max => format!("ftrt_row_max<TPR>({}_p)", r.acc),
-                ReduceOp::Min => format!("ftrt_row_min<TPR>({}_p)", r.acc),
-                ReduceOp::LogSumExp => {
-                    self.line(&format!("for (int k_ = 1; k_ < VEC; ++k_) ftrt_lse_merge({0}_m[0], {0}_s[0], {0}_m[k_], {0}_s[k_]);", r.acc));
-                    format!("ftrt_row_lse<TPR>({0}_m[0], {0}_s[0])", r.acc)
-                }
-            };
-            self.line(&format!("const float {} = {fin};", r.acc));
-        }
     }
 
     fn store_sweep(
@@ -608,8 +700,10 @@ impl Emitter {
                     .collect(),
             })
             .collect();
+        let packed = packed_loads(&self.scope, exprs.iter().copied());
         let accesses = vec_loads(&self.scope, exprs);
         self.preload(&accesses, inner, c0);
+        self.preload_packed(&packed, inner, c0);
         // Vectorised stores collect into register arrays.
         let mut vstores: Vec<(usize, VecAccess, String)> = Vec::new();
         for (i, s) in stmts.iter().enumerate() {
@@ -679,16 +773,7 @@ impl Emitter {
         self.line("}");
         for (_, a, name) in vstores {
             let t = self.scope.tensors[&a.tensor].clone();
-            let index: Vec<Expr> = a
-                .index
-                .iter()
-                .map(|i| {
-                    crate::validate::map(i, &mut |x| match x {
-                        Expr::Var(v) if v == inner => Expr::Var(c0.to_string()),
-                        o => o,
-                    })
-                })
-                .collect();
+            let index = at_chunk_start(&a.index, inner, c0);
             let off = self.expr(&flat_offset(&t, &index));
             self.line(&format!(
                 "ftrt_store_vec<VEC>({} + ({off}), {name});",
@@ -718,13 +803,19 @@ impl Emitter {
             Expr::Int(v) => format!("{v}LL"),
             Expr::Var(v) => v.clone(),
             Expr::Load { tensor, index } => {
-                if let Some(a) = vec_access(&self.scope, tensor, index) {
-                    if let Some((_, name)) = self.vregs.iter().find(|(k, _)| *k == a.key()) {
-                        return format!("{name}[k_]");
+                let key = vec_access(&self.scope, tensor, index)
+                    .map(|a| a.key())
+                    .or_else(|| packed_access(&self.scope, tensor, index).map(|a| a.key()));
+                if let Some(key) = key {
+                    if let Some((_, reg)) = self.vregs.iter().find(|(k, _)| *k == key) {
+                        return reg.clone();
                     }
                 }
                 let t = self.scope.tensors[tensor].clone();
                 let off = self.expr(&flat_offset(&t, index));
+                if self.staged.contains(tensor) {
+                    return format!("{tensor}_s_[{off}]");
+                }
                 format!("ftrt_ld({tensor}[{off}])")
             }
             Expr::Unary { op: UnOp::Neg, arg } => format!("(-{})", self.expr(arg)),
@@ -895,4 +986,74 @@ fn post_order(e: &Expr, out: &mut Vec<Expr>) {
     ) {
         out.push(e.clone());
     }
+}
+
+/// `index` with the innermost loop index `inner` replaced by the chunk's first index `c0`.
+fn at_chunk_start(index: &[Expr], inner: &str, c0: &str) -> Vec<Expr> {
+    index
+        .iter()
+        .map(|i| {
+            crate::validate::map(i, &mut |x| match x {
+                Expr::Var(v) if v == inner => Expr::Var(c0.to_string()),
+                o => o,
+            })
+        })
+        .collect()
+}
+
+/// Every expression of a lowered pass: values, indices and guards of its statements, and the
+/// bodies of its reductions.
+fn step_exprs(steps: &[Step]) -> Vec<Expr> {
+    let mut out = Vec::new();
+    let stmt = |s: &Stmt, out: &mut Vec<Expr>| match s {
+        Stmt::Let { value, .. } => out.push(value.clone()),
+        Stmt::Store {
+            index,
+            value,
+            guard,
+            ..
+        } => {
+            out.extend(index.iter().cloned());
+            out.push(value.clone());
+            out.extend(guard.iter().cloned());
+        }
+    };
+    for step in steps {
+        match step {
+            Step::Stmt(s) => stmt(s, &mut out),
+            Step::Stores(st) => st.iter().for_each(|s| stmt(s, &mut out)),
+            Step::Reduce(reds) => out.extend(reds.iter().map(|r| r.body.clone())),
+        }
+    }
+    out
+}
+
+/// How many launch-constant `select` conditions a reduction sweep is specialized on (2^n loops).
+const MAX_UNSWITCH: usize = 1;
+
+/// The first `select` condition in `exprs` made only of dims, scalars and literals, which every
+/// element of a launch evaluates the same.
+fn uniform_condition(scope: &Scope, exprs: &[&Expr]) -> Option<Expr> {
+    let mut found = None;
+    for e in exprs {
+        crate::validate::walk(e, &mut |x| {
+            if let Expr::Call { func, args } = x {
+                if func == "select" && found.is_none() && launch_constant(scope, &args[0]) {
+                    found = Some(args[0].clone());
+                }
+            }
+        });
+    }
+    found
+}
+
+/// `e` with every `select(cond, a, b)` replaced by `a` (`taken`) or `b`.
+fn resolve_select(e: &Expr, cond: &Expr, taken: bool) -> Expr {
+    let key = format!("{cond:?}");
+    crate::validate::map(e, &mut |x| match x {
+        Expr::Call { func, mut args } if func == "select" && format!("{:?}", args[0]) == key => {
+            args.swap_remove(if taken { 1 } else { 2 })
+        }
+        o => o,
+    })
 }

@@ -9,7 +9,7 @@ use crate::ast::*;
 use crate::emit_cuda::{FEW_ROWS, FLAT_THREADS, ROW_VARIANTS, WARP_ROW_MAX_INNER};
 use crate::lower::{flat_offset, lower, pass_args, pass_fn_name, Arg, Lowered, Shape, Step};
 use crate::validate::{dims, grad_decl, Name, Scope, Ty};
-use crate::vectorize::{vec_access, vec_conditions, vec_loads};
+use crate::vectorize::{packed_loads, vec_access, vec_conditions, vec_loads};
 use std::fmt::Write;
 
 /// The whole Rust module for one op, as source text.
@@ -584,14 +584,19 @@ fn emit_launcher(o: &mut String, op: &OpDef, pass: &Pass) {
             }
         }
     }
+    let packed = packed_loads(scope, exprs.iter().copied());
     let mut accesses = vec_loads(scope, exprs);
     accesses.extend(stores);
-    let mut conds: Vec<String> = vec_conditions(scope, &inner.extent, &accesses)
+    let mut conds: Vec<String> = vec_conditions(scope, &inner.extent, &accesses, &packed)
         .iter()
         .map(|c| rx(scope, c))
         .collect();
-    for a in &accesses {
-        let c = format!("{}.addr % 16 == 0", a.tensor);
+    let aligns = accesses
+        .iter()
+        .map(|a| (&a.tensor, 16))
+        .chain(packed.iter().map(|a| (&a.tensor, (8 / a.div).max(1))));
+    for (t, bytes) in aligns {
+        let c = format!("{t}.addr % {bytes} == 0");
         if !conds.contains(&c) {
             conds.push(c);
         }

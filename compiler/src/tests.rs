@@ -111,3 +111,67 @@ fn guarded_stores_are_scalar_and_guarded() {
     );
     assert!(!cu.contains("ftrt_store_vec<VEC>(y"), "{cu}");
 }
+
+#[test]
+fn logsumexp_keeps_one_accumulator_per_thread() {
+    let ops = parse_ops(quote! {
+        l(x: [R, C] T, cap: f32) -> (y: [R] f32) {
+            forward for r in R, c in C {
+                y[r] = logsumexp(c, select(cap > 0.0, tanh(x[r, c]) * cap, x[r, c]));
+            }
+        }
+    })
+    .unwrap();
+    let cu = crate::emit_cuda::emit_op(&ops[0]);
+    // One (m, s) pair per thread, pushed once per loaded vector; no per-slot merges.
+    assert!(
+        cu.contains("float acc0_m = -INFINITY, acc0_s = 0.f;"),
+        "{cu}"
+    );
+    assert!(cu.contains("acc0_x[k_] = "), "{cu}");
+    assert!(
+        cu.contains("ftrt_lse_push_vec<VEC>(acc0_m, acc0_s, acc0_x);"),
+        "{cu}"
+    );
+    assert!(
+        !cu.contains("acc0_m[VEC]") && !cu.contains("ftrt_lse_merge"),
+        "{cu}"
+    );
+    assert!(cu.contains("ftrt_row_lse<TPR>(acc0_m, acc0_s)"), "{cu}");
+    // The launch-constant select is one branch around two loops, each without the select.
+    assert!(cu.contains("if ((cap > 0.0f)) {"), "{cu}");
+    assert_eq!(cu.matches("for (I c0_ = (I)lane * VEC").count(), 2, "{cu}");
+    assert_eq!(cu.matches("tanhf(").count(), 1, "{cu}");
+    assert!(!cu.contains("? (float)"), "{cu}");
+}
+
+#[test]
+fn lookup_tables_are_staged_and_packed_codes_loaded_wide() {
+    let ops = parse_ops(quote! {
+        d(packed: [N / 64, 32] u8, scale: [N / 64] f32, table: [16] f32) -> (w: [N / 64, 64] T) {
+            forward for b in N / 64, j in 64 {
+                let byte = packed[b, j / 2];
+                let q = select(j % 2 == 0, byte >> 4, byte & 15);
+                w[b, j] = table[q] * scale[b];
+            }
+        }
+    })
+    .unwrap();
+    let cu = crate::emit_cuda::emit_op(&ops[0]);
+    // The 16-entry table is read from shared memory, filled once per block.
+    assert!(cu.contains("__shared__ float table_s_[16];"), "{cu}");
+    assert!(cu.contains("table_s_[i_] = ftrt_ld(table[i_]);"), "{cu}");
+    assert!(cu.contains("__syncthreads();"), "{cu}");
+    assert!(
+        cu.contains("table_s_[q]") && !cu.contains("ftrt_ld(table[q])"),
+        "{cu}"
+    );
+    // The bytes of a chunk arrive in one load; each element picks its byte from registers.
+    assert!(
+        cu.contains("ftrt_load_u8<(VEC + 2 - 1) / 2>(p0_, packed + "),
+        "{cu}"
+    );
+    assert!(cu.contains("const I byte = p0_[k_ / 2];"), "{cu}");
+    // A table indexed only by loop indices stays in global memory.
+    assert!(!cu.contains("scale_s_"), "{cu}");
+}
