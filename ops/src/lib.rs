@@ -10,6 +10,7 @@ pub mod activation;
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
+pub mod decode;
 pub mod embedding;
 pub mod nf4;
 pub mod norm;

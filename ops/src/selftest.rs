@@ -2,7 +2,7 @@
 //! inputs at real sizes, with its time and achieved bandwidth against the measured copy rate.
 use crate::dsl::gradcheck::Rng;
 use crate::dsl::Rounding;
-use crate::{activation, adamw, cross_entropy, embedding, nf4, norm, quant_prelude, rope};
+use crate::{activation, adamw, cross_entropy, decode, embedding, nf4, norm, quant_prelude, rope};
 use ftrt_runtime::selftest::SelftestRow;
 use ftrt_runtime::{DevPtr, DeviceBuffer, Gpu, RuntimeError};
 use half::bf16;
@@ -164,6 +164,7 @@ pub fn selftest_kernels(gpu: &Gpu) -> Result<Vec<SelftestRow>, RuntimeError> {
     check_cross_entropy(gpu, &mut rng, &mut rep)?;
     check_nf4(gpu, &mut rng, &mut rep)?;
     check_adamw(gpu, &mut rng, &mut rep)?;
+    check_decode(gpu, &mut rng, &mut rep)?;
     if rep.failures.is_empty() {
         Ok(rep.rows)
     } else {
@@ -688,6 +689,88 @@ fn check_adamw(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), Runtime
         1e-5,
         us,
         (n * 12 + nb * 16) as f64,
+    );
+    Ok(())
+}
+
+/// KV-cache store, decode attention and greedy argmax at a batch-64 decode step of an 8B
+/// shape (32/8 heads of 128, cache of 1024 tokens per slot, random fill lengths).
+fn check_decode(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), RuntimeError> {
+    let mut b = Bufs::new(gpu);
+    let (s, t) = (64usize, 1024usize);
+    let cd = decode::CacheDims {
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        capacity: t,
+        scale: 1.0 / (128f32).sqrt(),
+    };
+    let row = cd.kv_heads * cd.head_dim;
+    let cache = randn(rng, s * t * row, 1.0);
+    let (kcd, vcd) = (b.bf16(&cache)?, b.bf16(&randn(rng, s * t * row, 1.0))?);
+    let mut kc = b.get_bf16(kcd, s * t * row)?;
+    let mut vc = b.get_bf16(vcd, s * t * row)?;
+    // This step's keys and values go to position len - 1 of a shuffled slot per sequence.
+    let slots: Vec<i32> = (0..s).map(|i| ((i * 37) % s) as i32).collect();
+    let lens: Vec<i32> = (0..s)
+        .map(|_| 1 + (rng.uniform(0.0, 1.0) * (t as f64 - 1.0)) as i32)
+        .collect();
+    let pos: Vec<i32> = lens.iter().map(|l| l - 1).collect();
+    let (k_new, v_new) = (randn(rng, s * row, 1.0), randn(rng, s * row, 1.0));
+    let (knd, vnd) = (b.bf16(&k_new)?, b.bf16(&v_new)?);
+    let (sd, pd, ld) = (b.put(&slots)?, b.put(&pos)?, b.put(&lens)?);
+    decode::kv_store(gpu, &cd, s, knd, vnd, sd, pd, kcd, vcd)?;
+    decode::kv_store_cpu(&cd, &k_new, &v_new, &slots, &pos, &mut kc, &mut vc);
+    let stored = rel_err(&b.get_bf16(kcd, s * t * row)?, &kc)
+        .max(rel_err(&b.get_bf16(vcd, s * t * row)?, &vc));
+    let us = time(gpu, || {
+        decode::kv_store(gpu, &cd, s, knd, vnd, sd, pd, kcd, vcd)
+    })?;
+    rep.add(
+        "kv_store 64 rows into a 64x1024 cache (exact)",
+        stored,
+        0.0,
+        us,
+        (4 * s * row * 2) as f64,
+    );
+
+    let q = randn(rng, s * cd.heads * cd.head_dim, 1.0);
+    let qd = b.bf16(&q)?;
+    let od = b.bf16(&vec![0.0; q.len()])?;
+    let mut want = vec![0f32; q.len()];
+    decode::decode_attention_cpu(&cd, &q, &kc, &vc, &slots, &lens, &mut want);
+    decode::decode_attention(gpu, &cd, s, qd, kcd, vcd, sd, ld, od)?;
+    let err = rel_err(&b.get_bf16(od, q.len())?, &want);
+    let us = time(gpu, || {
+        decode::decode_attention(gpu, &cd, s, qd, kcd, vcd, sd, ld, od)
+    })?;
+    let kv_bytes: f64 = lens
+        .iter()
+        .map(|&l| (2 * l as usize * row * 2) as f64)
+        .sum();
+    rep.add(
+        "decode attention batch 64, 32/8 heads d128, len <= 1024",
+        err,
+        TOLERANCE,
+        us,
+        kv_bytes,
+    );
+
+    let v = 128256usize;
+    let logits = randn(rng, s * v, 3.0);
+    let lgd = b.bf16(&logits)?;
+    let idxd = b.put(&vec![0i32; s])?;
+    decode::argmax_rows(gpu, s, v, lgd, idxd)?;
+    let got = b.get(idxd, s)?;
+    let want = decode::argmax_rows_cpu(&logits, v);
+    let wrong = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+    let us = time(gpu, || decode::argmax_rows(gpu, s, v, lgd, idxd))?;
+    rep.add(
+        "argmax 64 x 128256 (same indices)",
+        wrong as f64,
+        0.0,
+        us,
+        (s * v * 2) as f64,
     );
     Ok(())
 }

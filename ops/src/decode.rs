@@ -1,0 +1,263 @@
+//! Decoding with a KV cache, raw ops (`ops/kernels/decode.cu`): the CPU references and the
+//! typed launchers.
+//!
+//! Layouts (row-major, bf16 unless noted):
+//! - cache `kc`, `vc`: (slots, T, Hkv, D), T = the cache's capacity per sequence;
+//! - `kv_store`: `k_new`, `v_new` (rows, Hkv, D) with `slot`, `pos` (rows) i32:
+//!   `kc[slot[r], pos[r]] = k_new[r]`, the same for v (prefill stores every prompt token,
+//!   decoding one token per sequence);
+//! - `decode_attention`: `q` (S, Hq, D), `slot`, `len` (S) i32, `out` (S, Hq, D):
+//!   `out[s, h] = sum_{t < len[s]} softmax_t(scale q[s, h] . k[t]) v[t]` over the keys and
+//!   values of kv head h / (Hq / Hkv) in slot `slot[s]`: the last row of causal attention
+//!   over a sequence of `len[s]` tokens (the new token's own key stored first);
+//! - `argmax_rows`: `logits` (rows, V) -> `idx` (rows) i32, the first index of each row's
+//!   largest value (greedy decoding without copying logits to the host).
+
+#[cfg(test)]
+mod tests;
+
+use crate::dsl::Real;
+use ftrt_runtime::cudarc::driver::{LaunchConfig, PushKernelArg};
+use ftrt_runtime::{DevPtr, Gpu, RuntimeError};
+use half::bf16;
+
+use crate::kernels::DECODE as KERNELS;
+
+/// Largest head dim the decode kernels take (one thread per dim in `kv_store`).
+pub const MAX_HEAD_DIM: usize = 128;
+
+/// Shape of a KV cache and of one decode call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheDims {
+    /// Query heads, key/value heads (divides `heads`), head dim (<= [`MAX_HEAD_DIM`]).
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// T: tokens each cache slot holds.
+    pub capacity: usize,
+    /// Softmax scale (1 / sqrt(D) normally).
+    pub scale: f32,
+}
+
+impl CacheDims {
+    fn check(&self) -> Result<(), RuntimeError> {
+        if self.kv_heads == 0
+            || !self.heads.is_multiple_of(self.kv_heads)
+            || self.head_dim == 0
+            || self.head_dim > MAX_HEAD_DIM
+        {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "decode: unsupported heads {}/{} head_dim {} (at most {MAX_HEAD_DIM})",
+                self.heads, self.kv_heads, self.head_dim
+            )));
+        }
+        Ok(())
+    }
+    /// Elements of one row of keys (Hkv * D).
+    fn kv_row(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// CPU reference of [`kv_store`].
+pub fn kv_store_cpu<T: Real>(
+    d: &CacheDims,
+    k_new: &[T],
+    v_new: &[T],
+    slot: &[i32],
+    pos: &[i32],
+    kc: &mut [T],
+    vc: &mut [T],
+) {
+    let w = d.kv_row();
+    for r in 0..slot.len() {
+        let at = (slot[r] as usize * d.capacity + pos[r] as usize) * w;
+        kc[at..at + w].copy_from_slice(&k_new[r * w..(r + 1) * w]);
+        vc[at..at + w].copy_from_slice(&v_new[r * w..(r + 1) * w]);
+    }
+}
+
+/// CPU reference of [`decode_attention`] (softmax in f64 through `T`'s arithmetic).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_cpu<T: Real>(
+    d: &CacheDims,
+    q: &[T],
+    kc: &[T],
+    vc: &[T],
+    slot: &[i32],
+    len: &[i32],
+    out: &mut [T],
+) {
+    let (hd, w, group) = (d.head_dim, d.kv_row(), d.heads / d.kv_heads);
+    for s in 0..slot.len() {
+        let base = slot[s] as usize * d.capacity * w;
+        for h in 0..d.heads {
+            let qrow = &q[(s * d.heads + h) * hd..][..hd];
+            let kvh = h / group;
+            let row = |c: &[T], t: usize| c[base + t * w + kvh * hd..][..hd].to_vec();
+            let scores: Vec<f64> = (0..len[s] as usize)
+                .map(|t| {
+                    let k = row(kc, t);
+                    d.scale as f64
+                        * (0..hd)
+                            .map(|e| qrow[e].to_f64() * k[e].to_f64())
+                            .sum::<f64>()
+                })
+                .collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let p: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = p.iter().sum();
+            let o = &mut out[(s * d.heads + h) * hd..][..hd];
+            for (e, oe) in o.iter_mut().enumerate() {
+                let acc: f64 = p
+                    .iter()
+                    .enumerate()
+                    .map(|(t, pt)| pt * row(vc, t)[e].to_f64())
+                    .sum();
+                *oe = T::from_f64(acc / z);
+            }
+        }
+    }
+}
+
+/// CPU reference of [`argmax_rows`].
+pub fn argmax_rows_cpu(logits: &[f32], v: usize) -> Vec<i32> {
+    logits
+        .chunks(v)
+        .map(|row| {
+            let mut best = 0;
+            for (i, &x) in row.iter().enumerate() {
+                if x > row[best] {
+                    best = i;
+                }
+            }
+            best as i32
+        })
+        .collect()
+}
+
+fn check_aligned(name: &str, p: DevPtr<bf16>) -> Result<(), RuntimeError> {
+    if !p.addr.is_multiple_of(16) {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "decode: {name} must be 16-byte aligned"
+        )));
+    }
+    Ok(())
+}
+
+/// Stores `rows` rows of new keys and values into the cache (compute stream).
+#[allow(clippy::too_many_arguments)]
+pub fn kv_store(
+    gpu: &Gpu,
+    d: &CacheDims,
+    rows: usize,
+    k_new: DevPtr<bf16>,
+    v_new: DevPtr<bf16>,
+    slot: DevPtr<i32>,
+    pos: DevPtr<i32>,
+    kc: DevPtr<bf16>,
+    vc: DevPtr<bf16>,
+) -> Result<(), RuntimeError> {
+    d.check()?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&KERNELS, "kv_store")?;
+    let (hkv, hd, t) = (d.kv_heads as i32, d.head_dim as i32, d.capacity as i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&k_new.addr);
+    b.arg(&v_new.addr);
+    b.arg(&slot.addr);
+    b.arg(&pos.addr);
+    b.arg(&hkv);
+    b.arg(&hd);
+    b.arg(&t);
+    b.arg(&kc.addr);
+    b.arg(&vc.addr);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, d.kv_heads as u32, 1),
+        block_dim: (d.head_dim as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: k_new/v_new hold rows * Hkv * D elements, slot/pos `rows` i32 naming slots and
+    // positions inside the (slots, T, Hkv, D) cache (the caller's contract).
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// Attention of one query row per sequence against its cache (compute stream). Every
+/// `len[s]` must be in 1..=T.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(
+    gpu: &Gpu,
+    d: &CacheDims,
+    seqs: usize,
+    q: DevPtr<bf16>,
+    kc: DevPtr<bf16>,
+    vc: DevPtr<bf16>,
+    slot: DevPtr<i32>,
+    len: DevPtr<i32>,
+    out: DevPtr<bf16>,
+) -> Result<(), RuntimeError> {
+    d.check()?;
+    if seqs == 0 {
+        return Ok(());
+    }
+    for (name, p) in [("kc", kc), ("vc", vc)] {
+        check_aligned(name, p)?;
+    }
+    let f = gpu.function(&KERNELS, "decode_attention")?;
+    let (hq, hkv, hd, t) = (
+        d.heads as i32,
+        d.kv_heads as i32,
+        d.head_dim as i32,
+        d.capacity as i32,
+    );
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&q.addr);
+    b.arg(&kc.addr);
+    b.arg(&vc.addr);
+    b.arg(&slot.addr);
+    b.arg(&len.addr);
+    b.arg(&hq);
+    b.arg(&hkv);
+    b.arg(&hd);
+    b.arg(&t);
+    b.arg(&d.scale);
+    b.arg(&out.addr);
+    let cfg = LaunchConfig {
+        grid_dim: (seqs as u32, d.heads as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: q/out hold seqs * Hq * D elements; slot/len name filled cache rows (caller).
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// Greedy pick per row of `logits` (rows, V) into `idx` (rows) i32 (compute stream).
+pub fn argmax_rows(
+    gpu: &Gpu,
+    rows: usize,
+    v: usize,
+    logits: DevPtr<bf16>,
+    idx: DevPtr<i32>,
+) -> Result<(), RuntimeError> {
+    if rows == 0 || v == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&KERNELS, "argmax_rows")?;
+    let vv = v as i64;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&logits.addr);
+    b.arg(&vv);
+    b.arg(&idx.addr);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: logits holds rows * V elements, idx rows i32.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
