@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Builds the bundled dataset from reasoning-gym's arith_1k.jsonl: keeps the questions with a
 single binary operation (a model of 135M parameters can learn those; longer chains it cannot),
-checks every answer by evaluating its expression, shuffles with a fixed seed and writes the
+each question once, checks every answer by evaluating its expression, shuffles with a fixed seed and writes the
 first 100 rows to eval.jsonl and the rest to train.jsonl.
 
 Run from the repository root:  python3 data/make_split.py [PATH_TO_arith_1k.jsonl]
@@ -40,6 +40,7 @@ def main():
     raw = source.read_bytes()
     rows = [checked(json.loads(line)) for line in raw.decode().splitlines() if line.strip()]
     rows = [row for row in rows if binary_operations(row["question"]) == 1]
+    rows = list({row["question"]: row for row in rows}.values())  # each question once
     random.Random(SEED).shuffle(rows)
     out = pathlib.Path(__file__).resolve().parent
     for name, part in (("eval.jsonl", rows[:EVAL_ROWS]), ("train.jsonl", rows[EVAL_ROWS:])):

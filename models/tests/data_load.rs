@@ -81,7 +81,7 @@ fn bundled_dataset_is_disjoint_and_scorable() {
     let (format, train) = read_records(&root.join("data/train.jsonl"), None).unwrap();
     let (_, eval) = read_records(&root.join("data/eval.jsonl"), None).unwrap();
     assert_eq!(format, DatasetFormat::PromptCompletion);
-    assert_eq!((train.len(), eval.len()), (399, 100));
+    assert_eq!((train.len(), eval.len()), (388, 100));
     let prompt = |record: &Record| match record {
         Record::PromptCompletion { prompt, .. } => prompt.clone(),
         other => panic!("unexpected record {other:?}"),

@@ -35,7 +35,7 @@ pub use chat::{
 };
 pub use lora::{LoraAdapter, LoraSlot};
 pub use model::{Batch, LlamaModel};
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{generate_with, NextTokens, Sampler, SamplingParams};
 pub use trainable::LlamaTrainable;
 pub use weights::{Dims, LayerWeights, Proj, WeightStore};
 

@@ -2,6 +2,7 @@
 //! top-k and top-p (in that order, as transformers' logits warpers apply them), from a seeded
 //! generator so a run is repeatable; and a batched generation loop over the KV cache.
 
+use super::attention::KvCache;
 use super::lora::LoraAdapter;
 use super::model::LlamaModel;
 use super::LlamaError;
@@ -46,6 +47,12 @@ impl Sampler {
     }
 
     /// splitmix64 step: a uniform in [0, 1).
+    /// A fresh 64-bit seed from this sampler's stream (for samplers that run elsewhere, such
+    /// as the GPU's Gumbel-max draw).
+    pub fn draw_seed(&mut self) -> u64 {
+        (self.uniform() * (1u64 << 53) as f64) as u64
+    }
+
     fn uniform(&mut self) -> f64 {
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.state;
@@ -112,10 +119,105 @@ pub fn argmax(x: &[f32]) -> usize {
     best
 }
 
+/// Batched generation, one step at a time: the model side of [`generate_with`]. Slots name
+/// KV-cache rows (one per sequence); each call returns the next token of every listed slot.
+pub trait NextTokens {
+    /// Feeds whole prompts into empty slots and picks each one's first new token.
+    fn prefill(
+        &mut self,
+        slots: &[usize],
+        prompts: &[Vec<u32>],
+        sampler: &mut Sampler,
+    ) -> Result<Vec<u32>, String>;
+    /// Feeds one token per slot and picks each one's next token.
+    fn decode(
+        &mut self,
+        slots: &[usize],
+        tokens: &[u32],
+        sampler: &mut Sampler,
+    ) -> Result<Vec<u32>, String>;
+}
+
+/// Generates up to `max_new` tokens for every prompt (all decoded together, one token per
+/// unfinished sequence per step); a sequence stops after emitting a token of `eos`. Returns
+/// the new tokens of each prompt (eos included when emitted).
+pub fn generate_with(
+    model: &mut impl NextTokens,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    eos: &[u32],
+    params: SamplingParams,
+) -> Result<Vec<Vec<u32>>, String> {
+    let mut out = vec![Vec::new(); prompts.len()];
+    if prompts.is_empty() || max_new == 0 {
+        return Ok(out);
+    }
+    let mut sampler = Sampler::new(params);
+    let mut active: Vec<usize> = (0..prompts.len()).collect();
+    let mut picked = model.prefill(&active, prompts, &mut sampler)?;
+    loop {
+        let mut next = Vec::with_capacity(active.len());
+        let mut still = Vec::with_capacity(active.len());
+        for (&sl, &t) in active.iter().zip(&picked) {
+            out[sl].push(t);
+            if !eos.contains(&t) && out[sl].len() < max_new {
+                still.push(sl);
+                next.push(t);
+            }
+        }
+        if still.is_empty() {
+            return Ok(out);
+        }
+        active = still;
+        picked = model.decode(&active, &next, &mut sampler)?;
+    }
+}
+
+/// The CPU model with its KV cache and adapter, as [`NextTokens`].
+struct CpuSteps<'m> {
+    model: &'m LlamaModel,
+    cache: KvCache,
+    lora: Option<&'m LoraAdapter>,
+}
+
+impl CpuSteps<'_> {
+    fn pick(&self, logits: &[f32], sampler: &mut Sampler) -> Vec<u32> {
+        logits
+            .chunks(self.model.dims.vocab)
+            .map(|row| sampler.pick(row))
+            .collect()
+    }
+}
+
+impl NextTokens for CpuSteps<'_> {
+    fn prefill(
+        &mut self,
+        slots: &[usize],
+        prompts: &[Vec<u32>],
+        sampler: &mut Sampler,
+    ) -> Result<Vec<u32>, String> {
+        let logits = self
+            .model
+            .prefill(&mut self.cache, slots, prompts, self.lora)
+            .map_err(|e| e.to_string())?;
+        Ok(self.pick(&logits, sampler))
+    }
+    fn decode(
+        &mut self,
+        slots: &[usize],
+        tokens: &[u32],
+        sampler: &mut Sampler,
+    ) -> Result<Vec<u32>, String> {
+        let logits = self
+            .model
+            .decode(&mut self.cache, slots, tokens, self.lora)
+            .map_err(|e| e.to_string())?;
+        Ok(self.pick(&logits, sampler))
+    }
+}
+
 impl LlamaModel {
-    /// Generates up to `max_new` tokens after each prompt (all prompts decode together, one
-    /// token per unfinished sequence per step); a sequence stops after emitting a token of
-    /// `eos`. Returns the new tokens of each prompt (eos included when emitted).
+    /// [`generate_with`] on the CPU, with an optional adapter.
     pub fn generate(
         &self,
         prompts: &[Vec<u32>],
@@ -124,34 +226,11 @@ impl LlamaModel {
         params: SamplingParams,
         lora: Option<&LoraAdapter>,
     ) -> Result<Vec<Vec<u32>>, LlamaError> {
-        let s = prompts.len();
-        let mut out = vec![Vec::new(); s];
-        if s == 0 || max_new == 0 {
-            return Ok(out);
-        }
-        let mut sampler = Sampler::new(params);
-        let mut cache = self.new_cache(s);
-        let slots: Vec<usize> = (0..s).collect();
-        let v = self.dims.vocab;
-        let mut logits = self.prefill(&mut cache, &slots, prompts, lora)?;
-        let mut active: Vec<usize> = slots.clone();
-        loop {
-            let mut next = Vec::with_capacity(active.len());
-            let mut still = Vec::with_capacity(active.len());
-            for (row, &sl) in active.iter().enumerate() {
-                let t = sampler.pick(&logits[row * v..(row + 1) * v]);
-                out[sl].push(t);
-                if !eos.contains(&t) && out[sl].len() < max_new {
-                    still.push(sl);
-                    next.push(t);
-                }
-            }
-            if still.is_empty() {
-                break;
-            }
-            active = still;
-            logits = self.decode(&mut cache, &active, &next, lora)?;
-        }
-        Ok(out)
+        let mut steps = CpuSteps {
+            model: self,
+            cache: self.new_cache(prompts.len()),
+            lora,
+        };
+        generate_with(&mut steps, prompts, max_new, eos, params).map_err(LlamaError::Input)
     }
 }

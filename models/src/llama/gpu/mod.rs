@@ -31,6 +31,7 @@
 //! models) are zero-padded to 64 through exact selection GEMMs, with the softmax scale of the
 //! true head dim.
 
+pub mod decode;
 pub mod plan;
 pub mod selftest;
 pub mod trainable;
@@ -47,6 +48,7 @@ use super::weights::{Dims, Proj, WeightStore};
 use crate::config::ModelConfig;
 use plan::ActSizes;
 
+pub use decode::{GpuKvCache, GpuSteps};
 pub use plan::{check_batch, flop_estimate, weight_layout};
 pub use selftest::selftest_model;
 pub use trainable::GpuTrainable;
@@ -92,6 +94,20 @@ pub fn cast_f32_bf16(gpu: &Gpu, x: DevPtr<f32>, y: DevPtr<bf16>, n: usize) -> Gp
     // SAFETY: x holds n f32 and y n bf16 (caller's contract); the kernel touches [0, n) only.
     unsafe { b.launch(cfg) }.ctx("launching the cast kernel")?;
     Ok(())
+}
+
+/// What a forward over the loaded batch is for.
+#[derive(Clone, Copy)]
+enum Pass<'c> {
+    /// Training or scoring: varlen causal attention over the batch.
+    Train,
+    /// Gradient checkpointing, in the backward: stops after down_proj's x A^T.
+    Recompute,
+    /// Generation, prompts: keys and values also stored into the cache (rows' slots and
+    /// positions in the cache's row tables), attention over the batch itself.
+    Prefill(&'c GpuKvCache),
+    /// Generation, one token per sequence: its key and value stored, attention over the cache.
+    Decode(&'c GpuKvCache),
 }
 
 /// Device buffers owned together; typed pointers into them.
@@ -1273,6 +1289,11 @@ impl<'g> GpuLlama<'g> {
 
     /// Forward of the loaded batch through the final norm, saving every activation.
     fn forward_loaded(&self) -> GpuResult<()> {
+        self.forward_pass(Pass::Train)
+    }
+
+    /// Embedding, first input norm and every layer over the loaded batch, for `pass`.
+    fn forward_pass(&self, pass: Pass) -> GpuResult<()> {
         let (n, s) = self.last.ok_or("no batch loaded")?;
         let a = self.acts.as_ref().ok_or("activations not allocated")?;
         let gpu = self.gpu;
@@ -1291,7 +1312,7 @@ impl<'g> GpuLlama<'g> {
         .ctx("embedding")?;
         self.input_norm(a, 0, n)?;
         for l in 0..d.layers {
-            self.layer_forward(a, l, n, s, false)?;
+            self.layer_forward(a, l, n, s, pass)?;
         }
         Ok(())
     }
@@ -1316,17 +1337,10 @@ impl<'g> GpuLlama<'g> {
     }
 
     /// Layer `l` of the forward from `acts.ln[l]` (its input norm output) and `acts.resid[l]`:
-    /// writes its saved activations, `resid[l + 1]`, `ln[l + 1]` and `rstd[l + 1]`. With
-    /// `recompute` (in the backward, gradient checkpointing) it stops once everything the
-    /// layer's backward reads exists: after down_proj's x A^T.
-    fn layer_forward(
-        &self,
-        a: &Acts,
-        l: usize,
-        n: usize,
-        s: usize,
-        recompute: bool,
-    ) -> GpuResult<()> {
+    /// writes its saved activations, `resid[l + 1]`, `ln[l + 1]` and `rstd[l + 1]`. For
+    /// [`Pass::Recompute`] it stops once everything the layer's backward reads exists: after
+    /// down_proj's x A^T.
+    fn layer_forward(&self, a: &Acts, l: usize, n: usize, s: usize, pass: Pass) -> GpuResult<()> {
         let gpu = self.gpu;
         let d = self.dims;
         let (c, hq, hkv, hd, inter) = (d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate);
@@ -1392,7 +1406,17 @@ impl<'g> GpuLlama<'g> {
             self.sin,
         )
         .ctx("rope k")?;
-        self.attn_forward(a, la, n, s)?;
+        match pass {
+            Pass::Train | Pass::Recompute => self.attn_forward(a, la, n, s)?,
+            Pass::Prefill(cache) => {
+                cache.store(gpu, l, n, la.k, la.v)?;
+                self.attn_forward(a, la, n, s)?;
+            }
+            Pass::Decode(cache) => {
+                cache.store(gpu, l, n, la.k, la.v)?;
+                cache.attend(gpu, l, n, la.q, la.att)?;
+            }
+        }
         self.project(l, Proj::O, la.att, a.tmp_c, la.xa[3], n)?;
         norm::add_rms_norm::forward(
             gpu,
@@ -1416,7 +1440,7 @@ impl<'g> GpuLlama<'g> {
             la.act,
         )
         .ctx("swiglu")?;
-        if recompute {
+        if let Pass::Recompute = pass {
             return self.project_xa(l, Proj::Down, la.act, la.xa[6], n);
         }
         self.project(l, Proj::Down, la.act, a.tmp_c, la.xa[6], n)?;
@@ -1544,7 +1568,7 @@ impl<'g> GpuLlama<'g> {
         for l in (0..d.layers).rev() {
             if !self.is_kept(l) {
                 self.input_norm(a, l, n)?;
-                self.layer_forward(a, l, n, s, true)?;
+                self.layer_forward(a, l, n, s, Pass::Recompute)?;
             }
             let la = &a.layers[l];
             let lw = &self.layout.layers[l];

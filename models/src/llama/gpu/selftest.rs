@@ -386,6 +386,14 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
         TOL_PEFT,
         format!("worst {where_peft}; CPU bf16 vs PEFT {worst_ref:.2e}"),
     );
+    check_generation(
+        &mut g,
+        &cpu,
+        Some(&ad_bf),
+        &batch,
+        &format!("model {arch}"),
+        rows,
+    )?;
     if arch == "llama" {
         let mut trained = GpuLlama::from_model(gpu, &cpu, batch.len(), 16)?;
         train_steps(
@@ -397,6 +405,61 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
             rows,
         )?;
     }
+    Ok(())
+}
+
+/// Greedy generation on the GPU (KV cache, prefill + decode steps, next token picked on the
+/// GPU) from the first tokens of each sequence of `batch`, checked against the CPU model's
+/// logits over prompt + generated tokens (teacher forcing): every GPU token must be the CPU's
+/// top-1 or within bf16 noise of it (its logit's gap to the CPU maximum, over the row's range).
+fn check_generation(
+    g: &mut GpuLlama,
+    cpu: &LlamaModel,
+    lora: Option<&crate::llama::LoraAdapter>,
+    batch: &Batch,
+    name: &str,
+    rows: &mut Vec<Row>,
+) -> Result<(), String> {
+    use crate::llama::sampling::{generate_with, SamplingParams};
+    let new = 6;
+    let prompts: Vec<Vec<u32>> = batch.cu_seqlens[..batch.num_seqs()]
+        .iter()
+        .zip(&batch.cu_seqlens[1..])
+        .map(|(&a, &b)| {
+            let len = ((b - a) as usize)
+                .min(g.max_tokens().saturating_sub(new))
+                .max(1);
+            batch.tokens[a as usize..a as usize + len].to_vec()
+        })
+        .collect();
+    let capacity = prompts.iter().map(Vec::len).max().unwrap_or(1) + new;
+    let cache = g.new_kv_cache(prompts.len(), capacity)?;
+    let mut steps = super::GpuSteps { model: g, cache };
+    let out = generate_with(&mut steps, &prompts, new, &[], SamplingParams::default())?;
+    let (mut worst, mut top1, mut total) = (0f64, 0, 0);
+    for (p, gen) in prompts.iter().zip(&out) {
+        let seq: Vec<u32> = p.iter().chain(gen).copied().collect();
+        let logits = cpu
+            .forward(&Batch::packed(&[seq]), lora)
+            .map_err(|e| e.to_string())?;
+        let v = cpu.dims.vocab;
+        for (i, &t) in gen.iter().enumerate() {
+            let row = &logits[(p.len() - 1 + i) * v..][..v];
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let min = row.iter().cloned().fold(f32::INFINITY, f32::min);
+            let gap = (max - row[t as usize]) as f64 / ((max - min) as f64).max(1e-30);
+            worst = worst.max(gap);
+            top1 += usize::from(row[t as usize] == max);
+            total += 1;
+        }
+    }
+    row(
+        rows,
+        format!("{name}: GPU greedy decode (KV cache) vs CPU logits"),
+        worst,
+        2e-2,
+        format!("{top1}/{total} tokens are the CPU's top-1; worst gap to it shown"),
+    );
     Ok(())
 }
 

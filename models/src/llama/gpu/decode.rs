@@ -1,0 +1,365 @@
+//! Generation on the GPU: a KV cache, prefill and one-token decode steps through the same
+//! layer forward as training ([`Pass::Prefill`], [`Pass::Decode`]), and the next token picked
+//! on the GPU (greedy, or a Gumbel-max draw at a temperature: `ftrt_ops::decode::sample_rows`)
+//! or, with top-k / top-p, on the host from downloaded logits.
+//!
+//! Per step: the batch (prompt tokens, or one token per sequence) is loaded like a training
+//! batch (ids, positions, cu_seqlens); every layer stores its keys and values (after RoPE) at
+//! (slot, position) in the cache; prefill attends over the batch itself with the varlen kernel,
+//! decode over each sequence's cache with `decode_attention`; the final norm's rows that
+//! predict a next token go through the head GEMM in chunks of the cross-entropy's logit rows.
+
+use super::{Ctx, GpuLlama, GpuResult, Held, Pass};
+use crate::llama::model::Batch;
+use crate::llama::sampling::{NextTokens, Sampler};
+use ftrt_ops::decode::{self, CacheDims};
+use ftrt_ops::embedding;
+use ftrt_runtime::{DevPtr, GemmDesc, Gpu};
+use half::bf16;
+
+/// Keys and values of every layer for `slots` sequences of up to `capacity` tokens.
+pub struct GpuKvCache {
+    /// Per layer: (slots, T, Hkv, D) bf16 keys and values.
+    k: Vec<DevPtr<bf16>>,
+    v: Vec<DevPtr<bf16>>,
+    dims: CacheDims,
+    /// Tokens stored in each slot.
+    lens: Vec<usize>,
+    /// (max_tokens) i32: each batch row's slot and position (where `kv_store` puts it).
+    row_slot: DevPtr<i32>,
+    row_pos: DevPtr<i32>,
+    /// (slots) i32: each decoded sequence's slot and attention length; the rows of the final
+    /// norm output that predict (prefill: each prompt's last); the picked tokens.
+    seq_slot: DevPtr<i32>,
+    seq_len: DevPtr<i32>,
+    last_rows: DevPtr<i32>,
+    picked: DevPtr<i32>,
+    _held: Held,
+}
+
+impl GpuKvCache {
+    /// Tokens stored in `slot`.
+    pub fn len(&self, slot: usize) -> usize {
+        self.lens[slot]
+    }
+
+    /// Number of slots.
+    pub fn slots(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Stores `rows` keys and values (rows, Hkv, D) of layer `l` at the rows' slots/positions.
+    pub(super) fn store(
+        &self,
+        gpu: &Gpu,
+        l: usize,
+        rows: usize,
+        k: DevPtr<bf16>,
+        v: DevPtr<bf16>,
+    ) -> GpuResult<()> {
+        decode::kv_store(
+            gpu,
+            &self.dims,
+            rows,
+            k,
+            v,
+            self.row_slot,
+            self.row_pos,
+            self.k[l],
+            self.v[l],
+        )
+        .ctx("storing keys and values")
+    }
+
+    /// out (seqs, Hq, D) = attention of q (seqs, Hq, D) over each sequence's cached layer `l`.
+    pub(super) fn attend(
+        &self,
+        gpu: &Gpu,
+        l: usize,
+        seqs: usize,
+        q: DevPtr<bf16>,
+        out: DevPtr<bf16>,
+    ) -> GpuResult<()> {
+        decode::decode_attention(
+            gpu,
+            &self.dims,
+            seqs,
+            q,
+            self.k[l],
+            self.v[l],
+            self.seq_slot,
+            self.seq_len,
+            out,
+        )
+        .ctx("decode attention")
+    }
+}
+
+impl GpuLlama<'_> {
+    /// A KV cache for `slots` sequences of up to `capacity` tokens each (prompt + generated);
+    /// `capacity` is at most the token budget, which sizes the RoPE tables.
+    pub fn new_kv_cache(&self, slots: usize, capacity: usize) -> GpuResult<GpuKvCache> {
+        let d = self.dims;
+        if capacity == 0 || capacity > self.max_tokens {
+            return Err(format!(
+                "a KV cache of {capacity} tokens per sequence: the model was built for at most \
+                 {} positions (its token budget)",
+                self.max_tokens
+            ));
+        }
+        let dims = CacheDims {
+            heads: d.heads,
+            kv_heads: d.kv_heads,
+            head_dim: d.head_dim,
+            capacity,
+            scale: 1.0 / (d.head_dim as f32).sqrt(),
+        };
+        let mut h = Held {
+            bufs: Vec::new(),
+            bytes: 0,
+        };
+        let per_layer = slots * capacity * d.kv_heads * d.head_dim;
+        let mut k = Vec::with_capacity(d.layers);
+        let mut v = Vec::with_capacity(d.layers);
+        for _ in 0..d.layers {
+            k.push(h.alloc(self.gpu, per_layer)?);
+            v.push(h.alloc(self.gpu, per_layer)?);
+        }
+        Ok(GpuKvCache {
+            k,
+            v,
+            dims,
+            lens: vec![0; slots],
+            row_slot: h.alloc(self.gpu, self.max_tokens)?,
+            row_pos: h.alloc(self.gpu, self.max_tokens)?,
+            seq_slot: h.alloc(self.gpu, slots)?,
+            seq_len: h.alloc(self.gpu, slots)?,
+            last_rows: h.alloc(self.gpu, slots)?,
+            picked: h.alloc(self.gpu, slots)?,
+            _held: h,
+        })
+    }
+
+    /// Feeds `prompts` into the empty cache slots `slots` (packed, as many prompts per forward
+    /// as the token budget holds) and picks each one's first new token.
+    pub fn prefill(
+        &mut self,
+        cache: &mut GpuKvCache,
+        slots: &[usize],
+        prompts: &[Vec<u32>],
+        sampler: &mut Sampler,
+    ) -> GpuResult<Vec<u32>> {
+        if slots.len() != prompts.len() {
+            return Err("prefill: one slot per prompt".into());
+        }
+        for (&sl, p) in slots.iter().zip(prompts) {
+            if sl >= cache.slots() || cache.lens[sl] != 0 {
+                return Err(format!(
+                    "prefill: slot {sl} is not an empty slot of the cache"
+                ));
+            }
+            if p.is_empty() || p.len() > cache.dims.capacity {
+                return Err(format!(
+                    "prefill: a prompt of {} tokens (1..={} fit a cache slot)",
+                    p.len(),
+                    cache.dims.capacity
+                ));
+            }
+        }
+        let mut picked = Vec::with_capacity(prompts.len());
+        let mut i = 0;
+        while i < prompts.len() {
+            // As many whole prompts as the token budget holds.
+            let mut j = i;
+            let mut tokens = 0;
+            while j < prompts.len() && tokens + prompts[j].len() <= self.max_tokens {
+                tokens += prompts[j].len();
+                j += 1;
+            }
+            let batch = Batch::packed(&prompts[i..j]);
+            let (mut row_slot, mut row_pos) = (Vec::new(), Vec::new());
+            for (&sl, p) in slots[i..j].iter().zip(&prompts[i..j]) {
+                row_slot.extend(std::iter::repeat_n(sl as i32, p.len()));
+                row_pos.extend(0..p.len() as i32);
+            }
+            let last: Vec<i32> = batch.cu_seqlens[1..].iter().map(|&c| c - 1).collect();
+            self.load_batch(&batch, None)?;
+            self.upload_rows(cache, &row_slot, &row_pos, None)?;
+            self.gpu
+                .upload(cache.last_rows, &last)
+                .ctx("uploading row indices")?;
+            self.forward_pass(Pass::Prefill(cache))?;
+            picked.extend(self.pick_next(cache, Some(j - i), sampler)?);
+            for (&sl, p) in slots[i..j].iter().zip(&prompts[i..j]) {
+                cache.lens[sl] = p.len();
+            }
+            i = j;
+        }
+        Ok(picked)
+    }
+
+    /// Feeds one token per listed slot (each slot already holds its prompt) and picks each
+    /// one's next token.
+    pub fn decode(
+        &mut self,
+        cache: &mut GpuKvCache,
+        slots: &[usize],
+        tokens: &[u32],
+        sampler: &mut Sampler,
+    ) -> GpuResult<Vec<u32>> {
+        let s = slots.len();
+        if tokens.len() != s || s > self.max_tokens {
+            return Err("decode: one token per slot, at most the token budget".into());
+        }
+        let mut pos = Vec::with_capacity(s);
+        for &sl in slots {
+            let len = *cache
+                .lens
+                .get(sl)
+                .ok_or_else(|| format!("decode: no cache slot {sl}"))?;
+            if len == 0 || len >= cache.dims.capacity {
+                return Err(format!(
+                    "decode: slot {sl} holds {len} tokens (needs a prompt, and room: capacity {})",
+                    cache.dims.capacity
+                ));
+            }
+            pos.push(len as i32);
+        }
+        let batch = Batch {
+            tokens: tokens.to_vec(),
+            positions: pos.clone(),
+            cu_seqlens: (0..=s as i32).collect(),
+        };
+        let slot_ids: Vec<i32> = slots.iter().map(|&x| x as i32).collect();
+        let lens: Vec<i32> = pos.iter().map(|p| p + 1).collect();
+        self.load_batch(&batch, None)?;
+        self.upload_rows(cache, &slot_ids, &pos, Some(&lens))?;
+        self.forward_pass(Pass::Decode(cache))?;
+        let picked = self.pick_next(cache, None, sampler)?;
+        for &sl in slots {
+            cache.lens[sl] += 1;
+        }
+        Ok(picked)
+    }
+
+    /// Uploads the batch rows' cache slots and positions; for decode also each sequence's slot
+    /// (the rows' own) and attention length.
+    fn upload_rows(
+        &self,
+        cache: &GpuKvCache,
+        row_slot: &[i32],
+        row_pos: &[i32],
+        seq_len: Option<&[i32]>,
+    ) -> GpuResult<()> {
+        let g = self.gpu;
+        g.upload(cache.row_slot, row_slot).ctx("uploading slots")?;
+        g.upload(cache.row_pos, row_pos)
+            .ctx("uploading positions")?;
+        if let Some(lens) = seq_len {
+            g.upload(cache.seq_slot, row_slot).ctx("uploading slots")?;
+            g.upload(cache.seq_len, lens).ctx("uploading lengths")?;
+        }
+        Ok(())
+    }
+
+    /// Logits of the rows that predict a next token (prefill: `gathered` prompts' last rows
+    /// named by `cache.last_rows`; decode: every row), through the head in chunks, and the
+    /// next token of each: on the GPU unless the sampler needs top-k / top-p.
+    fn pick_next(
+        &self,
+        cache: &GpuKvCache,
+        gathered: Option<usize>,
+        sampler: &mut Sampler,
+    ) -> GpuResult<Vec<u32>> {
+        let (n, _) = self.last.ok_or("no batch loaded")?;
+        let a = self.acts.as_ref().ok_or("activations not allocated")?;
+        let (c, v) = (self.dims.hidden, self.dims.vocab);
+        let ln_f = a.ln[self.dims.layers];
+        let (rows, x) = match gathered {
+            Some(s) => {
+                // The prompts' last rows of the final norm output, gathered into tmp_c.
+                embedding::embedding::forward(
+                    self.gpu,
+                    &embedding::embedding::Dims { N: s, V: n, C: c },
+                    cache.last_rows,
+                    ln_f,
+                    a.tmp_c,
+                )
+                .ctx("gathering last rows")?;
+                (s, a.tmp_c)
+            }
+            None => (n, ln_f),
+        };
+        let p = sampler.params;
+        let on_device = p.top_k == 0 && p.top_p >= 1.0;
+        let inv_temp = if p.temperature > 0.0 {
+            1.0 / p.temperature
+        } else {
+            0.0
+        };
+        let mut out = Vec::with_capacity(rows);
+        let chunk = a.sizes.ce_rows;
+        let mut r0 = 0;
+        while r0 < rows {
+            let rc = chunk.min(rows - r0);
+            self.gemm(
+                &GemmDesc::new(rc, v, c).transposed(false, true),
+                x.offset(r0 * c),
+                self.head(),
+                a.logits,
+                None,
+            )?;
+            if on_device {
+                decode::sample_rows(
+                    self.gpu,
+                    rc,
+                    v,
+                    inv_temp,
+                    sampler.draw_seed(),
+                    a.logits,
+                    cache.picked,
+                )
+                .ctx("sampling")?;
+                let mut ids = vec![0i32; rc];
+                self.gpu
+                    .download(cache.picked, &mut ids)
+                    .ctx("downloading tokens")?;
+                out.extend(ids.into_iter().map(|t| t as u32));
+            } else {
+                let mut logits = vec![bf16::ZERO; rc * v];
+                self.gpu
+                    .download(a.logits, &mut logits)
+                    .ctx("downloading logits")?;
+                let row: Vec<f32> = logits.iter().map(|x| x.to_f32()).collect();
+                out.extend(row.chunks(v).map(|r| sampler.pick(r)));
+            }
+            r0 += rc;
+        }
+        Ok(out)
+    }
+}
+
+/// A GPU model with its cache, as [`NextTokens`] for [`crate::llama::generate_with`].
+pub struct GpuSteps<'a, 'g> {
+    pub model: &'a mut GpuLlama<'g>,
+    pub cache: GpuKvCache,
+}
+
+impl NextTokens for GpuSteps<'_, '_> {
+    fn prefill(
+        &mut self,
+        slots: &[usize],
+        prompts: &[Vec<u32>],
+        sampler: &mut Sampler,
+    ) -> Result<Vec<u32>, String> {
+        self.model.prefill(&mut self.cache, slots, prompts, sampler)
+    }
+    fn decode(
+        &mut self,
+        slots: &[usize],
+        tokens: &[u32],
+        sampler: &mut Sampler,
+    ) -> Result<Vec<u32>, String> {
+        self.model.decode(&mut self.cache, slots, tokens, sampler)
+    }
+}
