@@ -8,8 +8,9 @@
 //                    thread: a dot product over D from a 16-byte-vectorised row), an online
 //                    softmax across chunks, and the weighted sum of V rows with thread t owning
 //                    dim t % D of key subset t / D (coalesced V reads), merged in shared memory.
-// argmax_rows:       greedy pick per row of (rows, V) bf16 logits: the largest value, the lowest
-//                    index among equals (as the CPU `argmax`). One block of 256 threads per row.
+// sample_rows:       the next token per row of (rows, V) bf16 logits: greedy (the largest value,
+//                    the lowest index among equals, as the CPU `argmax`) or a Gumbel-max draw at
+//                    a temperature. One block of 256 threads per row.
 //
 // Portable CUDA C (no inline PTX): NVRTC for sm_80+, hipcc for gfx90a.
 
@@ -147,9 +148,21 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS, 1) decode_attention(
     }
 }
 
-// logits (rows, V) bf16 -> idx (rows) i32: the first index of the row's largest value.
-extern "C" __global__ void __launch_bounds__(256) argmax_rows(
-    const dec_bf16* __restrict__ logits, long long v, int* __restrict__ idx) {
+// Counter-based uniform in (0, 1) from (seed, n): splitmix64's finaliser, top 24 bits.
+__device__ __forceinline__ float dec_uniform(unsigned long long seed, unsigned long long n) {
+    unsigned long long z = seed + (n + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return ((float)(z >> 40) + 0.5f) * (1.0f / 16777216.0f);
+}
+
+// logits (rows, V) bf16 -> idx (rows) i32. inv_temp = 0: the first index of the row's largest
+// logit (greedy). inv_temp > 0: argmax of x * inv_temp + g with g = -log(-log(u)) Gumbel noise,
+// u = dec_uniform(seed, row * V + c): an exact draw from softmax(x / T) (Gumbel-max).
+extern "C" __global__ void __launch_bounds__(256) sample_rows(
+    const dec_bf16* __restrict__ logits, long long v, float inv_temp,
+    unsigned long long seed, int* __restrict__ idx) {
     __shared__ float best_v[256];
     __shared__ long long best_i[256];
     const long long row = blockIdx.x;
@@ -157,7 +170,8 @@ extern "C" __global__ void __launch_bounds__(256) argmax_rows(
     float bv = DEC_NEG_INF;
     long long bi = v; // past the end: loses to any real index
     for (long long c = threadIdx.x; c < v; c += 256) {
-        const float val = dec_to_f32(x[c]);
+        float val = dec_to_f32(x[c]);
+        if (inv_temp > 0.f) val = val * inv_temp - logf(-logf(dec_uniform(seed, row * v + c)));
         if (val > bv || (bi == v && !(val < bv))) { // first in this thread's order
             bv = val;
             bi = c;

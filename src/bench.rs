@@ -11,6 +11,8 @@
 //! throughput mode, HFU = MFU), `0` recomputes every layer in the backward (the lean mode),
 //! `auto` keeps as many layers as fit a memory budget. HFU counts each recomputed layer as one
 //! layer forward, as hf_baseline.py counts its gradient-checkpointing recompute.
+//! `--offload-residuals` moves the recomputed layers' input residuals to pinned host memory
+//! between forward and backward (a ring of device buffers instead of one per layer).
 use clap::Args;
 use ftrt_models::llama::gpu::{flop_estimate, init_adapter, GpuLlama};
 use ftrt_models::llama::{Batch, Proj};
@@ -60,6 +62,10 @@ pub struct BenchArgs {
     /// memory less 1 GiB).
     #[arg(long)]
     pub vram_budget_gib: Option<f64>,
+    /// Offload the recomputed layers' input residuals to pinned host memory (copied out in the
+    /// forward, prefetched in the backward, overlapped with compute); counted by `auto`.
+    #[arg(long, default_value_t = false)]
+    pub offload_residuals: bool,
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
@@ -165,6 +171,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     };
     let ad = init_adapter(&model.dims, a.lora_r, a.lora_alpha, &Proj::ALL, 42, 0.0);
     model.set_lora(&ad)?;
+    model.set_offload_residuals(a.offload_residuals);
     let layers = model.dims.layers;
     let kept = match a.keep_layers.as_str() {
         "all" => layers,
@@ -226,12 +233,14 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let planned = model.held_bytes() as f64 / GIB;
     let name = gpu.info().name.clone();
     println!(
-        "ftrt bench {} {} r={} batch {}x{} on {name}: {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% ({recomputed} of {layers} layers recomputed), loss {:.4} -> {:.4}",
-        a.preset, a.mode, a.lora_r, a.batch, a.seq, tok_s, ms, measured, planned, total as f64 / GIB, 100.0 * mfu, 100.0 * hfu, first_timed, loss
+        "ftrt bench {} {} r={} batch {}x{} on {name}: {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% ({recomputed} of {layers} layers recomputed{}), loss {:.4} -> {:.4}",
+        a.preset, a.mode, a.lora_r, a.batch, a.seq, tok_s, ms, measured, planned, total as f64 / GIB, 100.0 * mfu, 100.0 * hfu,
+        if a.offload_residuals { ", residuals offloaded" } else { "" }, first_timed, loss
     );
     let json = serde_json::json!({
         "bench": "ftrt", "model": a.preset, "mode": a.mode, "optim": "adamw", "lora_r": a.lora_r,
-        "grad_ckpt": recomputed > 0, "recomputed_layers": recomputed, "gpu": name, "setup_s": (setup_s * 10.0).round() / 10.0,
+        "grad_ckpt": recomputed > 0, "recomputed_layers": recomputed,
+        "offload_residuals": a.offload_residuals, "gpu": name, "setup_s": (setup_s * 10.0).round() / 10.0,
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "warmup": a.warmup, "status": "ok",
         "tokens_per_s": (tok_s * 10.0).round() / 10.0, "ms_per_step": (ms * 100.0).round() / 100.0,
         "warmup_s": (warmup_s * 100.0).round() / 100.0,

@@ -10,8 +10,11 @@
 //!   `out[s, h] = sum_{t < len[s]} softmax_t(scale q[s, h] . k[t]) v[t]` over the keys and
 //!   values of kv head h / (Hq / Hkv) in slot `slot[s]`: the last row of causal attention
 //!   over a sequence of `len[s]` tokens (the new token's own key stored first);
-//! - `argmax_rows`: `logits` (rows, V) -> `idx` (rows) i32, the first index of each row's
-//!   largest value (greedy decoding without copying logits to the host).
+//! - `sample_rows`: `logits` (rows, V) -> `idx` (rows) i32 without copying logits to the host:
+//!   at temperature 0 the first index of each row's largest value (greedy); at temperature T
+//!   the argmax of `x / T + g`, g = -ln(-ln u) standard Gumbel noise with u from a counter-based
+//!   hash of (seed, row * V + column): an exact draw from softmax(x / T) (the Gumbel-max trick),
+//!   the same draw on every run with the same seed.
 
 #[cfg(test)]
 mod tests;
@@ -120,15 +123,35 @@ pub fn decode_attention_cpu<T: Real>(
     }
 }
 
-/// CPU reference of [`argmax_rows`].
-pub fn argmax_rows_cpu(logits: &[f32], v: usize) -> Vec<i32> {
+/// The uniform in (0, 1) that [`sample_rows`] draws for element `n` under `seed`
+/// (splitmix64's finaliser, top 24 bits).
+pub fn uniform_of(seed: u64, n: u64) -> f32 {
+    let mut z = seed.wrapping_add((n + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    ((z >> 40) as f32 + 0.5) * (1.0 / 16_777_216.0)
+}
+
+/// CPU reference of [`sample_rows`] (`inv_temp` = 1 / T, 0 for greedy).
+pub fn sample_rows_cpu(logits: &[f32], v: usize, inv_temp: f32, seed: u64) -> Vec<i32> {
     logits
         .chunks(v)
-        .map(|row| {
-            let mut best = 0;
-            for (i, &x) in row.iter().enumerate() {
-                if x > row[best] {
-                    best = i;
+        .enumerate()
+        .map(|(r, row)| {
+            let key = |c: usize| {
+                if inv_temp > 0.0 {
+                    let u = uniform_of(seed, (r * v + c) as u64);
+                    row[c] * inv_temp - (-u.ln()).ln()
+                } else {
+                    row[c]
+                }
+            };
+            let (mut best, mut best_key) = (0, key(0));
+            for c in 1..row.len() {
+                let k = key(c);
+                if k > best_key {
+                    (best, best_key) = (c, k);
                 }
             }
             best as i32
@@ -235,22 +258,27 @@ pub fn decode_attention(
     Ok(())
 }
 
-/// Greedy pick per row of `logits` (rows, V) into `idx` (rows) i32 (compute stream).
-pub fn argmax_rows(
+/// The next token per row of `logits` (rows, V) into `idx` (rows) i32 (compute stream):
+/// greedy when `inv_temp` is 0, else a Gumbel-max draw from softmax(x * inv_temp) under `seed`.
+pub fn sample_rows(
     gpu: &Gpu,
     rows: usize,
     v: usize,
+    inv_temp: f32,
+    seed: u64,
     logits: DevPtr<bf16>,
     idx: DevPtr<i32>,
 ) -> Result<(), RuntimeError> {
     if rows == 0 || v == 0 {
         return Ok(());
     }
-    let f = gpu.function(&KERNELS, "argmax_rows")?;
+    let f = gpu.function(&KERNELS, "sample_rows")?;
     let vv = v as i64;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&logits.addr);
     b.arg(&vv);
+    b.arg(&inv_temp);
+    b.arg(&seed);
     b.arg(&idx.addr);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),

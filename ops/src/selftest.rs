@@ -760,17 +760,23 @@ fn check_decode(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), Runtim
     let logits = randn(rng, s * v, 3.0);
     let lgd = b.bf16(&logits)?;
     let idxd = b.put(&vec![0i32; s])?;
-    decode::argmax_rows(gpu, s, v, lgd, idxd)?;
-    let got = b.get(idxd, s)?;
-    let want = decode::argmax_rows_cpu(&logits, v);
-    let wrong = got.iter().zip(&want).filter(|(a, b)| a != b).count();
-    let us = time(gpu, || decode::argmax_rows(gpu, s, v, lgd, idxd))?;
-    rep.add(
-        "argmax 64 x 128256 (same indices)",
-        wrong as f64,
-        0.0,
-        us,
-        (s * v * 2) as f64,
-    );
+    for (inv_temp, what) in [(0.0f32, "greedy"), (1.0, "T=1 Gumbel-max")] {
+        let seed = 1234;
+        decode::sample_rows(gpu, s, v, inv_temp, seed, lgd, idxd)?;
+        let got = b.get(idxd, s)?;
+        let want = decode::sample_rows_cpu(&logits, v, inv_temp, seed);
+        // A draw may differ where two noisy keys tie within logf's 1-ulp difference: allow one.
+        let wrong = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        let us = time(gpu, || {
+            decode::sample_rows(gpu, s, v, inv_temp, seed, lgd, idxd)
+        })?;
+        rep.add(
+            &format!("sample 64 x 128256 {what} (rows differing)"),
+            wrong as f64,
+            if inv_temp > 0.0 { 1.0 } else { 0.0 },
+            us,
+            (s * v * 2) as f64,
+        );
+    }
     Ok(())
 }

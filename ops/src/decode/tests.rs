@@ -69,10 +69,31 @@ fn cached_decode_equals_the_last_row_of_causal_attention() {
 }
 
 #[test]
-fn argmax_takes_the_first_of_equal_maxima() {
+fn greedy_takes_the_first_of_equal_maxima() {
     let rows = [1.0f32, 3.0, 3.0, -1.0, -5.0, -5.0, -7.0, -5.0];
-    assert_eq!(argmax_rows_cpu(&rows, 4), vec![1, 0]);
-    assert_eq!(argmax_rows_cpu(&rows, 2), vec![1, 0, 0, 1]);
+    assert_eq!(sample_rows_cpu(&rows, 4, 0.0, 1), vec![1, 0]);
+    assert_eq!(sample_rows_cpu(&rows, 2, 0.0, 1), vec![1, 0, 0, 1]);
+}
+
+#[test]
+fn gumbel_max_draws_follow_the_softmax() {
+    // 4000 draws of one 4-way row at T = 2: frequencies within 4 sigma of softmax(x / T).
+    let x = [0.5f32, -1.0, 2.0, 0.0];
+    let t = 2.0f32;
+    let z: f64 = x.iter().map(|&v| ((v / t) as f64).exp()).sum();
+    let seed = rng_seed();
+    let draws = 4000;
+    let rows: Vec<f32> = (0..draws).flat_map(|_| x).collect();
+    let picks = sample_rows_cpu(&rows, 4, 1.0 / t, seed);
+    for (c, &v) in x.iter().enumerate() {
+        let p = ((v / t) as f64).exp() / z;
+        let f = picks.iter().filter(|&&i| i as usize == c).count() as f64 / draws as f64;
+        let sigma = (p * (1.0 - p) / draws as f64).sqrt();
+        assert!(
+            (f - p).abs() < 4.0 * sigma,
+            "token {c}: {f} vs {p} (seed {seed})"
+        );
+    }
 }
 
 fn rng_seed() -> u64 {

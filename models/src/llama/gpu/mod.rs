@@ -11,6 +11,8 @@
 //!   ([`GpuLlama::set_kept_layers`]): the last k layers keep everything their backward reads;
 //!   the others keep only their input residual and are recomputed, just before their backward,
 //!   into one shared set of buffers ([`plan::kept_layers_within`] picks k for a memory budget).
+//!   With [`GpuLlama::set_offload_residuals`] those input residuals live in a small device ring
+//!   and travel to pinned host memory and back on two copy streams ([`resid_offload`]).
 //!
 //! Per projection: `y = x W^T (+ b)` then `xa = x A^T` and `y += s xa B^T` (beta = 1), three
 //! cuBLASLt GEMMs, f32 accumulation, bf16 outputs. Backward with W frozen:
@@ -33,6 +35,7 @@
 
 pub mod decode;
 pub mod plan;
+mod resid_offload;
 pub mod selftest;
 pub mod trainable;
 
@@ -47,6 +50,7 @@ use super::model::{inv_freq_of, Batch, LlamaModel};
 use super::weights::{Dims, Proj, WeightStore};
 use crate::config::ModelConfig;
 use plan::ActSizes;
+use resid_offload::ResidOffload;
 
 pub use decode::{GpuKvCache, GpuSteps};
 pub use plan::{check_batch, flop_estimate, weight_layout};
@@ -201,7 +205,8 @@ struct Acts {
     pos: DevPtr<i32>,
     targets: DevPtr<i32>,
     cu: DevPtr<i32>,
-    /// L + 1 residual streams (N, C): [0] the embedding, [l + 1] layer l's output.
+    /// L + 1 residual streams (N, C): [0] the embedding, [l + 1] layer l's output. With
+    /// residual offload, the recomputed layers' inputs alias the slots of `offload`'s ring.
     resid: Vec<DevPtr<bf16>>,
     /// L + 1 norm outputs (N, C): [l] layer l's input norm, [L] the final norm; (N) f32 rstds.
     /// Recomputed layers' input norms alias one shared buffer.
@@ -249,6 +254,9 @@ struct Acts {
     ce_picked: DevPtr<f32>,
     ce_dlse: DevPtr<f32>,
     ce_dpicked: DevPtr<f32>,
+    /// The residual offload of the recomputed layers, if on. Declared before `_held`: dropped
+    /// first, it waits for its copies before the ring is freed.
+    offload: Option<ResidOffload>,
     _held: Held,
 }
 
@@ -305,6 +313,8 @@ pub struct GpuLlama<'g> {
     /// Layers whose activations the forward keeps (the last `kept_layers`); the others keep
     /// only their input residual and are recomputed in the backward.
     kept_layers: usize,
+    /// Whether the recomputed layers' input residuals are offloaded to host memory.
+    offload_residuals: bool,
     lora: Option<GpuLora>,
     acts: Option<Acts>,
     /// The batch of the last forward (its token count and cu_seqlens).
@@ -571,6 +581,7 @@ impl<'g> GpuLlama<'g> {
             max_tokens,
             r_cap: max_rank,
             kept_layers: dims.layers,
+            offload_residuals: false,
             lora: None,
             acts: None,
             last: None,
@@ -688,10 +699,30 @@ impl<'g> GpuLlama<'g> {
         self.kept_layers
     }
 
+    /// Residual-checkpoint offload (off by default): the input residuals (N, C) of the
+    /// recomputed layers (see [`Self::set_kept_layers`]) live in a ring of
+    /// [`plan::RESID_RING`] device buffers instead of one per layer; the forward copies each
+    /// one a later layer overwrites to pinned host memory on a copy stream, the backward
+    /// prefetches it on another one while the layer above is differentiated (see
+    /// [`resid_offload`]). Kept layers' inputs and the last layer's output stay on the device.
+    /// Changing it frees the activation buffers (reallocated at the next batch).
+    pub fn set_offload_residuals(&mut self, on: bool) {
+        if on != self.offload_residuals {
+            self.offload_residuals = on;
+            self.acts = None;
+        }
+    }
+
+    /// Whether residual offload is on (see [`Self::set_offload_residuals`]).
+    pub fn offload_residuals(&self) -> bool {
+        self.offload_residuals
+    }
+
     /// The most layers whose activations can be kept (see [`Self::set_kept_layers`]) when the
     /// model may hold `budget` bytes of GPU memory in all, its weights, tables, workspace and
     /// LoRA state (allocated by now) included; `None` when even recomputing every layer does
-    /// not fit. Call after [`Self::set_lora`].
+    /// not fit. Call after [`Self::set_lora`] and [`Self::set_offload_residuals`] (the ring
+    /// counts, the pinned host memory does not).
     pub fn kept_layers_for_budget(&self, budget: usize) -> Option<usize> {
         let lora = self.lora.as_ref();
         let r = lora.map_or(0, |g| g.layout.r);
@@ -711,6 +742,7 @@ impl<'g> GpuLlama<'g> {
             r,
             self.config.qk_norm,
             adapted,
+            self.offload_residuals,
             budget.checked_sub(fixed)?,
         )
     }
@@ -981,10 +1013,24 @@ impl<'g> GpuLlama<'g> {
             }
         }
         ln.push(h.alloc(gpu, s.nc)?);
+        let offload = if self.offload_residuals && !recomputed.is_empty() {
+            Some(ResidOffload::new(
+                gpu,
+                &mut h,
+                recomputed.len(),
+                n,
+                d.hidden,
+            )?)
+        } else {
+            None
+        };
         let mut resid = Vec::new();
         let mut rstd = Vec::new();
-        for _ in 0..=d.layers {
-            resid.push(h.alloc(gpu, s.nc)?);
+        for l in 0..=d.layers {
+            resid.push(match &offload {
+                Some(o) if recomputed.contains(&l) => o.slot(l),
+                _ => h.alloc(gpu, s.nc)?,
+            });
             rstd.push(h.alloc(gpu, n)?);
         }
         let pad = s.nq_pad > 0;
@@ -1051,6 +1097,7 @@ impl<'g> GpuLlama<'g> {
             ce_picked: h.alloc(gpu, n)?,
             ce_dlse: h.alloc(gpu, n)?,
             ce_dpicked: h.alloc(gpu, n)?,
+            offload,
             _held: h,
         };
         self.acts = Some(acts);
@@ -1298,23 +1345,43 @@ impl<'g> GpuLlama<'g> {
         let a = self.acts.as_ref().ok_or("activations not allocated")?;
         let gpu = self.gpu;
         let d = self.dims;
-        embedding::embedding::forward(
-            gpu,
-            &embedding::embedding::Dims {
-                N: n,
-                V: d.vocab,
-                C: d.hidden,
-            },
-            a.ids,
-            self.w(&self.layout.embed),
-            a.resid[0],
-        )
-        .ctx("embedding")?;
+        self.write_resid(a, 0, n, || {
+            embedding::embedding::forward(
+                gpu,
+                &embedding::embedding::Dims {
+                    N: n,
+                    V: d.vocab,
+                    C: d.hidden,
+                },
+                a.ids,
+                self.w(&self.layout.embed),
+                a.resid[0],
+            )
+            .ctx("embedding")
+        })?;
         self.input_norm(a, 0, n)?;
         for l in 0..d.layers {
-            self.layer_forward(a, l, n, s, pass)?;
+            self.write_resid(a, l + 1, n, || self.layer_forward(a, l, n, s, pass))?;
         }
         Ok(())
+    }
+
+    /// Runs `write` (compute stream), which writes resid[l] (the embedding, or layer l - 1's
+    /// forward at its end); with residual offload, it first waits until the copy-out of the
+    /// residual resid[l]'s ring slot held before is done, and afterwards copies resid[l] out.
+    fn write_resid(
+        &self,
+        a: &Acts,
+        l: usize,
+        n: usize,
+        write: impl FnOnce() -> GpuResult<()>,
+    ) -> GpuResult<()> {
+        let Some(o) = &a.offload else {
+            return write();
+        };
+        o.before_write(self.gpu, l)?;
+        write()?;
+        o.after_write(self.gpu, l, n)
     }
 
     /// ln[l] (N, C), rstd[l] (N) = rms_norm(resid[l]) with layer `l`'s input norm weight: the
@@ -1567,6 +1634,15 @@ impl<'g> GpuLlama<'g> {
         .ctx("final norm backward")?;
         for l in (0..d.layers).rev() {
             if !self.is_kept(l) {
+                // With residual offload, resid[l]'s ring slot is read by the recompute (input
+                // norm, post-attention norm) and this layer's input-norm backward: wait for its
+                // prefetch; resid[l - 1] comes back into another slot meanwhile.
+                if let Some(o) = &a.offload {
+                    o.wait_prefetched(gpu, l)?;
+                    if l > 0 {
+                        o.prefetch(gpu, l - 1, n)?;
+                    }
+                }
                 self.input_norm(a, l, n)?;
                 self.layer_forward(a, l, n, s, Pass::Recompute)?;
             }

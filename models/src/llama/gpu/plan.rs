@@ -26,6 +26,32 @@ pub fn logit_budget(kept: usize, layers: usize) -> usize {
     }
 }
 
+/// Device slots of the ring holding the recomputed layers' input residuals when they are
+/// offloaded to host memory (see `GpuLlama::set_offload_residuals`).
+pub const RESID_RING: usize = 3;
+
+/// Ring slots for `recomputed` offloaded layers.
+pub fn resid_ring(recomputed: usize) -> usize {
+    recomputed.min(RESID_RING)
+}
+
+/// Residuals of `recomputed` offloaded layers that go through host memory: all but the last
+/// [`resid_ring`], which are still in their slots when the backward reaches them.
+pub fn offloaded_residuals(recomputed: usize) -> usize {
+    recomputed - resid_ring(recomputed)
+}
+
+/// Residual streams (N, C) on the device: L + 1, or with `offload` the ring instead of the
+/// recomputed layers' inputs (the kept layers' inputs and the last layer's output stay).
+pub fn device_residuals(layers: usize, kept: usize, offload: bool) -> usize {
+    let recomputed = layers - kept.min(layers);
+    if offload {
+        layers + 1 - recomputed + resid_ring(recomputed)
+    } else {
+        layers + 1
+    }
+}
+
 /// Head dims the GPU attention kernels are instantiated for; others are zero-padded to 64.
 pub const ATTN_HEAD_DIMS: [usize; 2] = [64, 128];
 
@@ -225,12 +251,20 @@ impl ActSizes {
         }
     }
 
-    /// Bytes of every buffer [`super::GpuLlama`] allocates for activations (weights and LoRA
-    /// state excluded) when it keeps the activations of `kept` of the `d.layers` layers and
-    /// recomputes the others (one shared set of per-layer buffers for them), with
-    /// `adapted_per_layer` adapted projections per layer: per-layer saved tensors, residual
-    /// streams, norm outputs, and the shared scratch.
-    pub fn bytes(&self, d: &Dims, qk_norm: bool, adapted_per_layer: usize, kept: usize) -> usize {
+    /// Bytes of every buffer [`super::GpuLlama`] allocates on the device for activations
+    /// (weights, LoRA state and pinned host memory excluded) when it keeps the activations of
+    /// `kept` of the `d.layers` layers and recomputes the others (one shared set of per-layer
+    /// buffers for them; with `offload`, their input residuals in a ring of [`resid_ring`]
+    /// slots), with `adapted_per_layer` adapted projections per layer: per-layer saved
+    /// tensors, residual streams and rstds, norm outputs, and the shared scratch.
+    pub fn bytes(
+        &self,
+        d: &Dims,
+        qk_norm: bool,
+        adapted_per_layer: usize,
+        kept: usize,
+        offload: bool,
+    ) -> usize {
         let b = 2usize;
         let kept = kept.min(d.layers);
         let slots = kept + usize::from(kept < d.layers);
@@ -242,7 +276,9 @@ impl ActSizes {
             } else {
                 0
             };
-        let streams = (d.layers + 1) * (b * self.nc + 4 * self.n) + (slots + 1) * b * self.nc;
+        let streams = device_residuals(d.layers, kept, offload) * b * self.nc
+            + (d.layers + 1) * 4 * self.n
+            + (slots + 1) * b * self.nc;
         let scratch = b
             * (4 * self.nc + 3 * self.ni + 3 * self.nq + 2 * self.nkv + self.nr + self.logits)
             + if qk_norm { b * (self.nq + self.nkv) } else { 0 }
@@ -254,19 +290,26 @@ impl ActSizes {
 }
 
 /// The most layers whose activations fit: the largest `kept` in 0..=L whose activation bytes
-/// (`n` tokens, rank `r`, [`logit_budget`] chunks) are at most `budget` (what is left once
-/// weights and LoRA state are placed); `None` when even recomputing every layer does not fit.
+/// (`n` tokens, rank `r`, [`logit_budget`] chunks, recomputed layers' residuals offloaded when
+/// `offload`) are at most `budget` (what is left once weights and LoRA state are placed);
+/// `None` when even recomputing every layer does not fit.
 pub fn kept_layers_within(
     d: &Dims,
     n: usize,
     r: usize,
     qk_norm: bool,
     adapted_per_layer: usize,
+    offload: bool,
     budget: usize,
 ) -> Option<usize> {
     (0..=d.layers).rev().find(|&k| {
-        ActSizes::new(d, n, r, logit_budget(k, d.layers)).bytes(d, qk_norm, adapted_per_layer, k)
-            <= budget
+        ActSizes::new(d, n, r, logit_budget(k, d.layers)).bytes(
+            d,
+            qk_norm,
+            adapted_per_layer,
+            k,
+            offload,
+        ) <= budget
     })
 }
 
@@ -465,7 +508,7 @@ mod tests {
             (s.head_dim_pad, s.nq_pad, s.nkv_pad),
             (64, 10 * 4 * 64, 10 * 2 * 64)
         );
-        assert!(s.bytes(&dims(), false, 7, 2) > 0);
+        assert!(s.bytes(&dims(), false, 7, 2, false) > 0);
     }
 
     #[test]
@@ -476,7 +519,7 @@ mod tests {
         };
         // A vocabulary small enough that both logit budgets hold every row.
         let s = ActSizes::new(&d, 512, 8, LOGIT_BUDGET_LEAN);
-        let by_kept: Vec<usize> = (0..=6).map(|k| s.bytes(&d, false, 7, k)).collect();
+        let by_kept: Vec<usize> = (0..=6).map(|k| s.bytes(&d, false, 7, k, false)).collect();
         // Each kept layer replaces its share of the one shared set by its own buffers (saved
         // tensors + input norm output); keeping L - 1 layers needs as much as keeping all.
         let step = by_kept[1] - by_kept[0];
@@ -486,7 +529,7 @@ mod tests {
         assert_eq!(by_kept[6], by_kept[5]);
         let layer = 2 * (3 * s.nc + 2 * s.nq + 2 * s.nkv + 3 * s.ni + 7 * s.nr) + 4 * (s.lse + s.n);
         assert_eq!(step, layer);
-        let within = |budget| kept_layers_within(&d, 512, 8, false, 7, budget);
+        let within = |budget| kept_layers_within(&d, 512, 8, false, 7, false, budget);
         assert_eq!(within(by_kept[3]), Some(3));
         assert_eq!(within(by_kept[3] + step - 1), Some(3));
         assert_eq!(within(usize::MAX), Some(6));
@@ -496,6 +539,47 @@ mod tests {
             sel,
             vec![1., 0., 0., 0., 0., 0., 1., 0., 0., 0., 0., 0., 1., 0., 0.]
         );
+    }
+
+    #[test]
+    fn offloading_residuals_keeps_a_ring() {
+        let d = Dims {
+            layers: 6,
+            ..dims()
+        };
+        let s = ActSizes::new(&d, 512, 8, LOGIT_BUDGET_LEAN);
+        let resid = 2 * s.nc;
+        for k in 0..=6 {
+            let recomputed = 6 - k;
+            // The ring replaces the recomputed layers' residual buffers once there are more of
+            // them than slots; resid[L] and the kept layers' inputs stay.
+            let saved = s.bytes(&d, false, 7, k, false) - s.bytes(&d, false, 7, k, true);
+            assert_eq!(
+                saved,
+                recomputed.saturating_sub(RESID_RING) * resid,
+                "kept {k}"
+            );
+            assert_eq!(
+                offloaded_residuals(recomputed),
+                recomputed.saturating_sub(RESID_RING)
+            );
+            assert_eq!(
+                device_residuals(6, k, true),
+                7 - offloaded_residuals(recomputed)
+            );
+        }
+        assert_eq!(device_residuals(6, 0, false), 7);
+        assert_eq!((resid_ring(2), resid_ring(6)), (2, RESID_RING));
+        // Recomputing every layer with offload fits a budget that keeping 0 without it does not.
+        let lean = s.bytes(&d, false, 7, 0, true);
+        let within = |offload, budget| kept_layers_within(&d, 512, 8, false, 7, offload, budget);
+        assert_eq!(within(false, lean), None);
+        assert_eq!(within(true, lean), Some(0));
+        assert_eq!(within(true, usize::MAX), Some(6));
+        // A budget that keeps 1 layer without offload keeps at least as many with it.
+        let one = s.bytes(&d, false, 7, 1, false);
+        assert_eq!(within(false, one), Some(1));
+        assert!(within(true, one) >= Some(1));
     }
 
     #[test]

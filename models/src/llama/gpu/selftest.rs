@@ -62,6 +62,13 @@ pub fn selftest_model(gpu: &Gpu) -> Result<Vec<Row>, String> {
             ));
         }
     }
+    if let Err(e) = check_offload_deep(gpu, &mut rows) {
+        rows.push((
+            "model llama: residual offload check".into(),
+            f64::INFINITY,
+            format!("error: {e}  FAILED"),
+        ));
+    }
     if let Err(e) = check_fixture_4bit(gpu, "llama", &mut rows) {
         rows.push((
             "model llama 4-bit: fixture check".into(),
@@ -266,6 +273,87 @@ fn check_fixture_4bit(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
     )
 }
 
+/// One row: loss and LoRA gradients of `g` keeping `kept` layers (residuals offloaded when
+/// `offload`) against `want` (loss, gradients) of keeping every layer, tolerance 1e-3.
+#[allow(clippy::too_many_arguments)]
+fn recompute_row(
+    g: &mut GpuLlama,
+    batch: &Batch,
+    targets: &[i32],
+    kept: usize,
+    offload: bool,
+    want: (f32, &LoraAdapter),
+    name: &str,
+    rows: &mut Vec<Row>,
+) -> Result<(), String> {
+    let layers = g.dims.layers;
+    g.set_kept_layers(kept);
+    g.set_offload_residuals(offload);
+    g.zero_grads()?;
+    let loss = g.loss_and_grads(batch, targets)?;
+    let grads = g.download_grads()?;
+    let e = rel_err(&grads.data, &want.1.data)
+        .max(((loss - want.0) as f64).abs() / (want.0 as f64).abs().max(1e-30));
+    let how = if offload {
+        ", residuals offloaded,"
+    } else {
+        ""
+    };
+    row(
+        rows,
+        format!(
+            "model {name}: recompute {} of {layers} layers{how} == keep all",
+            layers - kept
+        ),
+        e,
+        1e-3,
+        format!("loss {loss:.6}"),
+    );
+    Ok(())
+}
+
+/// Layers of [`check_offload_deep`]'s model: more than the device ring holds.
+const OFFLOAD_LAYERS: usize = super::plan::RESID_RING + 3;
+
+/// Residual offload through host memory: the fixtures' two layers fit the device ring, so
+/// this runs the Llama fixture's shape with [`OFFLOAD_LAYERS`] random layers (the first
+/// `OFFLOAD_LAYERS - RESID_RING` residuals travel), two steps (the second reuses the ring and
+/// the events), each against keeping every layer.
+fn check_offload_deep(gpu: &Gpu, rows: &mut Vec<Row>) -> Result<(), String> {
+    let mut config = ModelConfig::from_file(&fixture_dir("llama").join("config.json"))
+        .map_err(|e| e.to_string())?;
+    config.num_hidden_layers = OFFLOAD_LAYERS;
+    let seqs: Vec<Vec<u32>> = [40u64, 24]
+        .iter()
+        .map(|&len| (0..len).map(|i| ((i * 37 + len) % 128) as u32).collect())
+        .collect();
+    let batch = Batch::packed(&seqs);
+    let mut targets: Vec<i32> = Vec::with_capacity(batch.len());
+    for s in &seqs {
+        targets.extend(s.iter().skip(1).map(|&t| t as i32));
+        targets.push(-100);
+    }
+    let mut g = GpuLlama::random(gpu, &config, batch.len(), 4, 11)?;
+    g.set_lora(&init_adapter(&g.dims, 4, 8.0, &Proj::ALL, 5, 0.05))?;
+    g.zero_grads()?;
+    let loss = g.loss_and_grads(&batch, &targets)?;
+    let grads = g.download_grads()?;
+    let name = format!("llama x{OFFLOAD_LAYERS}");
+    for _ in 0..2 {
+        recompute_row(
+            &mut g,
+            &batch,
+            &targets,
+            0,
+            true,
+            (loss, &grads),
+            &name,
+            rows,
+        )?;
+    }
+    Ok(())
+}
+
 fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), String> {
     let Fixture {
         cpu,
@@ -289,28 +377,23 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
     let gpu_loss = g.loss_and_grads(&batch, &targets)?;
     let grads = g.download_grads()?;
     let fwd_only = g.loss(&batch, &targets)?;
-    // Gradient checkpointing: recomputing every layer, then all but the last, must give the
-    // gradients of keeping everything (the same kernels on the same inputs).
-    for kept in [0, cpu.dims.layers - 1] {
-        g.set_kept_layers(kept);
-        g.zero_grads()?;
-        let loss_rc = g.loss_and_grads(&batch, &targets)?;
-        let grads_rc = g.download_grads()?;
-        let e = rel_err(&grads_rc.data, &grads.data)
-            .max(((loss_rc - gpu_loss) as f64).abs() / (gpu_loss as f64).abs().max(1e-30));
-        row(
+    // Gradient checkpointing: recomputing every layer, then all but the last, then every layer
+    // with its input residual offloaded, must give the gradients of keeping everything (the
+    // same kernels on the same inputs).
+    for (kept, offload) in [(0, false), (cpu.dims.layers - 1, false), (0, true)] {
+        recompute_row(
+            &mut g,
+            &batch,
+            &targets,
+            kept,
+            offload,
+            (gpu_loss, &grads),
+            arch,
             rows,
-            format!(
-                "model {arch}: recompute {} of {} layers == keep all",
-                cpu.dims.layers - kept,
-                cpu.dims.layers
-            ),
-            e,
-            1e-3,
-            format!("loss {loss_rc:.6}"),
-        );
+        )?;
     }
     g.set_kept_layers(cpu.dims.layers);
+    g.set_offload_residuals(false);
 
     let le = ((gpu_loss as f64) - cpu_loss as f64).abs() / (cpu_loss as f64).abs().max(1e-30);
     row(
