@@ -14,8 +14,8 @@
 //! `--offload-residuals` moves the recomputed layers' input residuals to pinned host memory
 //! between forward and backward (a ring of device buffers instead of one per layer).
 use clap::Args;
-use ftrt_models::llama::gpu::{flop_estimate, init_adapter, GpuLlama};
-use ftrt_models::llama::{Batch, Proj};
+use ftrt_models::llama::gpu::{flop_estimate, init_adapter, GpuLlama, GpuSteps};
+use ftrt_models::llama::{generate_with, Batch, Proj, SamplingParams};
 use ftrt_models::ModelConfig;
 use ftrt_runtime::cudarc::driver::sys::CUevent_flags;
 use ftrt_runtime::Gpu;
@@ -66,6 +66,16 @@ pub struct BenchArgs {
     /// forward, prefetched in the backward, overlapped with compute); counted by `auto`.
     #[arg(long, default_value_t = false)]
     pub offload_residuals: bool,
+    /// Measure generation instead of training (grpo_baseline.py's `gen`): --batch prompts of
+    /// --seq random tokens, --new-tokens sampled at --temperature with EOS suppressed.
+    #[arg(long)]
+    pub decode: bool,
+    /// Tokens generated per prompt with --decode.
+    #[arg(long, default_value_t = 512)]
+    pub new_tokens: usize,
+    /// Sampling temperature with --decode (0: greedy; the baseline samples at 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
@@ -150,6 +160,9 @@ pub fn random_batch(batch: usize, seq: usize, vocab: usize, seed: u64) -> (Batch
 const GIB: f64 = (1u64 << 30) as f64;
 
 pub fn run(a: &BenchArgs) -> Result<(), String> {
+    if a.decode {
+        return run_decode(a);
+    }
     let four_bit = match a.mode.as_str() {
         "lora" => false,
         "qlora" => true,
@@ -248,6 +261,79 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         "mfu": (mfu * 1e4).round() / 1e4, "hfu": (hfu * 1e4).round() / 1e4,
         "model_tflops": (model_fpt * tok_s / 1e11).round() / 10.0, "loss": loss,
         "n_params_matmul": n_mat, "n_lora": n_lora,
+    });
+    println!("{json}");
+    Ok(())
+}
+
+/// `ftrt bench --decode`: generation throughput on random weights, timed as
+/// grpo_baseline.py's `gen` does (a short untimed warm-up generate, then a 1-token generate for
+/// the prefill time, then the full one): generated tok/s = B * N / full time (prefill
+/// included), decode tok/s = B * (N - 1) / (full - prefill), ms per token step.
+fn run_decode(a: &BenchArgs) -> Result<(), String> {
+    let (b, p, n) = (a.batch, a.seq, a.new_tokens);
+    if b == 0 || p == 0 || n < 2 {
+        return Err("--decode needs --batch >= 1, --seq >= 1 and --new-tokens >= 2".into());
+    }
+    let t_setup = std::time::Instant::now();
+    let config = ModelConfig::from_json_str(&preset_json(&a.preset)?, Path::new(&a.preset))
+        .map_err(|e| e.to_string())?;
+    let gpu = Gpu::open(a.device).map_err(|e| format!("{e}\nftrt bench needs an NVIDIA GPU."))?;
+    let (free0, _) = gpu.context().mem_get_info().map_err(|e| e.to_string())?;
+    // The token budget holds every position (RoPE tables) and sizes the prefill chunks.
+    let budget = (p + n).max(4096);
+    let mut model = GpuLlama::random(&gpu, &config, budget, 1, 1234)?;
+    model.set_kept_layers(0);
+    let setup_s = t_setup.elapsed().as_secs_f64();
+    let mut rng = ftrt_models::llama::gpu::Rng(7);
+    let vocab = model.dims.vocab as u64;
+    let prompts: Vec<Vec<u32>> = (0..b)
+        .map(|_| (0..p).map(|_| (4 + rng.next_u64() % (vocab - 4)) as u32).collect())
+        .collect();
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 0,
+    };
+    // (seconds, tokens generated per prompt, free GPU memory with the cache still held)
+    let mut timed = |new: usize| -> Result<(f64, usize, usize), String> {
+        gpu.synchronize().map_err(|e| e.to_string())?;
+        let t = std::time::Instant::now();
+        let cache = model.new_kv_cache(b, p + new)?;
+        let mut steps = GpuSteps {
+            model: &mut model,
+            cache,
+        };
+        let out = generate_with(&mut steps, &prompts, new, &[], params)?;
+        gpu.synchronize().map_err(|e| e.to_string())?;
+        let s = t.elapsed().as_secs_f64();
+        let (free, _) = gpu.context().mem_get_info().map_err(|e| e.to_string())?;
+        Ok((s, out.iter().map(Vec::len).min().unwrap_or(0), free))
+    };
+    timed(16)?;
+    let (prefill_s, _, _) = timed(1)?;
+    let (full_s, generated, free1) = timed(n)?;
+    let gen_tok_s = (b * generated) as f64 / full_s;
+    let decode_tok_s = (b * (generated - 1)) as f64 / (full_s - prefill_s).max(1e-9);
+    let ms_step = 1e3 * (full_s - prefill_s) / (generated - 1).max(1) as f64;
+    let name = gpu.info().name.clone();
+    println!(
+        "ftrt bench --decode {} batch {b} prompt {p} new {generated} on {name}: {gen_tok_s:.0} generated tok/s, decode {decode_tok_s:.0} tok/s, {ms_step:.2} ms per token step, prefill {:.1} ms, GPU memory {:.2} GiB",
+        a.preset,
+        1e3 * prefill_s,
+        free0.saturating_sub(free1) as f64 / GIB
+    );
+    let json = serde_json::json!({
+        "bench": "ftrt_gen", "model": a.preset, "gpu": name, "batch": b, "prompt_len": p,
+        "new_tokens": n, "generated": generated, "temperature": a.temperature,
+        "status": if generated == n { "ok" } else { "short" },
+        "setup_s": (setup_s * 10.0).round() / 10.0, "gen_s": (full_s * 1e3).round() / 1e3,
+        "prefill_s": (prefill_s * 1e4).round() / 1e4,
+        "gen_tok_s": (gen_tok_s * 10.0).round() / 10.0,
+        "decode_tok_s": (decode_tok_s * 10.0).round() / 10.0,
+        "ms_per_token_step": (ms_step * 100.0).round() / 100.0,
+        "peak_gib": (free0.saturating_sub(free1) as f64 / GIB * 1000.0).round() / 1000.0,
     });
     println!("{json}");
     Ok(())

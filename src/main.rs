@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod bench;
+mod device;
 mod generate;
 mod plan;
 mod selftest;

@@ -138,17 +138,7 @@ pub struct TrainArgs {
 /// `token_budget` tokens and LoRA rank `max_rank`; the optimizer stays on the host.
 /// `--load-in-4bit` (QLoRA) needs the GPU: refused on the CPU backend.
 fn open_device(load_in_4bit: bool) -> Result<Option<ftrt_runtime::Gpu>, String> {
-    let device = std::env::var("FTRT_DEVICE").unwrap_or_else(|_| "auto".into());
-    let gpu = match device.as_str() {
-        "cpu" => None,
-        "gpu" => Some(ftrt_runtime::Gpu::open(0).map_err(|e| format!("FTRT_DEVICE=gpu: {e}"))?),
-        "auto" | "" => ftrt_runtime::Gpu::open(0).ok(),
-        other => {
-            return Err(format!(
-                "FTRT_DEVICE must be cpu, gpu or auto, not {other:?}"
-            ))
-        }
-    };
+    let gpu = crate::device::requested_gpu()?;
     if load_in_4bit && gpu.is_none() {
         return Err(format!("{} (no GPU here)", settings::CPU_4BIT));
     }

@@ -8,8 +8,8 @@ use ftrt_models::train::LoraModel;
 /// Tokens generated per answer.
 const MAX_NEW_TOKENS: usize = 32;
 
-/// Generates answers to the first `n` held-out questions, prints them, and returns the number
-/// answered correctly and the number asked.
+/// Generates answers to the first `n` held-out questions (greedy, all in one batch), prints
+/// them, and returns the number answered correctly and the number asked.
 pub fn answer_and_score(
     label: &str,
     model: &mut dyn LoraModel,
@@ -19,22 +19,26 @@ pub fn answer_and_score(
     eos: &[u32],
     n: usize,
 ) -> Result<(usize, usize), String> {
-    let mut right = 0;
-    let mut asked = 0;
     println!("--- held-out answers {label} ---");
+    // Every question with a reference answer, generated together in one batch.
+    let mut asked_records = Vec::new();
+    let mut prompts = Vec::new();
     for record in eval.records().iter().take(n) {
-        let Some(expected) = record.reference() else {
-            continue;
-        };
-        let prompt = renderer.prompt_ids(record, true)?;
-        let ids = model.generate(&prompt, lora, MAX_NEW_TOKENS, eos)?;
+        if let Some(expected) = record.reference() {
+            prompts.push(renderer.prompt_ids(record, true)?);
+            asked_records.push((record, expected));
+        }
+    }
+    let answers = model.generate(&prompts, lora, MAX_NEW_TOKENS, eos)?;
+    let mut right = 0;
+    let asked = asked_records.len();
+    for ((record, expected), ids) in asked_records.into_iter().zip(&answers) {
         let text = renderer
             .tokenizer()
-            .decode(&ids, true)
+            .decode(ids, true)
             .map_err(|e| format!("tokenizer: {e}"))?;
         let ok = score(expected, &text);
         right += ok as usize;
-        asked += 1;
         let question = match record {
             ftrt_models::data::Record::PromptCompletion { prompt, .. } => prompt.clone(),
             other => format!("{other:?}").chars().take(80).collect(),

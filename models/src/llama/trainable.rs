@@ -143,11 +143,11 @@ impl LoraModel for LlamaTrainable {
 
     fn generate(
         &mut self,
-        prompt: &[u32],
+        prompts: &[Vec<u32>],
         lora: &LoraWeights,
         max_new: usize,
         eos: &[u32],
-    ) -> Result<Vec<u32>, String> {
+    ) -> Result<Vec<Vec<u32>>, String> {
         let adapter = self.adapter_of(lora)?;
         let greedy = SamplingParams {
             temperature: 0.0,
@@ -155,10 +155,8 @@ impl LoraModel for LlamaTrainable {
             top_k: 0,
             seed: 0,
         };
-        let out = self
-            .model
-            .generate(&[prompt.to_vec()], max_new, eos, greedy, Some(&adapter))
-            .map_err(|e| e.to_string())?;
-        Ok(out.into_iter().next().unwrap_or_default())
+        self.model
+            .generate(prompts, max_new, eos, greedy, Some(&adapter))
+            .map_err(|e| e.to_string())
     }
 }

@@ -36,15 +36,16 @@ pub trait LoraModel {
         self.loss_and_grads(batch, lora, &mut scratch)
     }
 
-    /// Greedy decoding: up to `max_new` tokens after `prompt`, stopping after a token of `eos`
-    /// (which is included). Returns the new tokens only.
+    /// Greedy decoding of every prompt (batched where the model can): up to `max_new` tokens
+    /// after each, stopping after a token of `eos` (which is included). Returns the new tokens
+    /// of each prompt.
     fn generate(
         &mut self,
-        prompt: &[u32],
+        prompts: &[Vec<u32>],
         lora: &LoraWeights,
         max_new: usize,
         eos: &[u32],
-    ) -> Result<Vec<u32>, String>;
+    ) -> Result<Vec<Vec<u32>>, String>;
 
     /// Sets LoRA dropout (probability `p` on the LoRA branch's input) for the next
     /// [`LoraModel::loss_and_grads`] call, with masks drawn from `seed` (the trainer derives it

@@ -198,6 +198,21 @@ impl LoraModel for Toy {
 
     fn generate(
         &mut self,
+        prompts: &[Vec<u32>],
+        lora: &LoraWeights,
+        max_new: usize,
+        eos: &[u32],
+    ) -> Result<Vec<Vec<u32>>, String> {
+        prompts
+            .iter()
+            .map(|p| self.generate_one(p, lora, max_new, eos))
+            .collect()
+    }
+}
+
+impl Toy {
+    fn generate_one(
+        &mut self,
         prompt: &[u32],
         lora: &LoraWeights,
         max_new: usize,

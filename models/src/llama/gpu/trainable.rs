@@ -1,19 +1,18 @@
 //! [`GpuLlama`] as a [`LoraModel`] for the trainer: the optimizer stays on the host (the
 //! trainer's AdamW over its f32 [`LoraWeights`]); each micro-batch uploads the adapter (f32
 //! master + bf16 copy), runs forward + backward on the GPU and downloads the f32 gradients.
-//! Generation runs on the CPU model kept beside it (no GPU decode path yet).
-use super::{GpuLlama, GpuResult};
+//! Generation runs on the GPU too (KV cache, all prompts decoded together: [`super::decode`]).
+use super::{GpuLlama, GpuResult, GpuSteps};
 use crate::data::{PackedBatch, IGNORE_INDEX};
 use crate::llama::trainable::{adapter_of, add_scaled_grads, batch_of};
-use crate::llama::{LlamaModel, LlamaTrainable, LoraAdapter};
+use crate::llama::{generate_with, LlamaModel, LoraAdapter, SamplingParams};
 use crate::lora::{linear_targets, LoraTarget, LoraWeights};
 use crate::train::LoraModel;
 use ftrt_runtime::Gpu;
 
-/// The GPU model for training, with the CPU model for generation.
+/// The GPU model for training and generation.
 pub struct GpuTrainable {
     gpu_model: GpuLlama<'static>,
-    cpu: LlamaTrainable,
     targets: Vec<LoraTarget>,
 }
 
@@ -36,7 +35,6 @@ impl GpuTrainable {
         let targets = linear_targets(&model.config);
         Ok(Self {
             gpu_model,
-            cpu: LlamaTrainable::new(model),
             targets,
         })
     }
@@ -87,11 +85,22 @@ impl LoraModel for GpuTrainable {
 
     fn generate(
         &mut self,
-        prompt: &[u32],
+        prompts: &[Vec<u32>],
         lora: &LoraWeights,
         max_new: usize,
         eos: &[u32],
-    ) -> Result<Vec<u32>, String> {
-        self.cpu.generate(prompt, lora, max_new, eos)
+    ) -> Result<Vec<Vec<u32>>, String> {
+        let adapter = self.adapter_of(lora)?;
+        self.gpu_model.set_lora(&adapter)?;
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let capacity = (longest + max_new).min(self.gpu_model.max_tokens());
+        let cache = self.gpu_model.new_kv_cache(prompts.len(), capacity)?;
+        let mut steps = GpuSteps {
+            model: &mut self.gpu_model,
+            cache,
+        };
+        // A prompt that leaves no room in the cache stops early instead of failing the run.
+        let room = capacity.saturating_sub(longest).max(1).min(max_new);
+        generate_with(&mut steps, prompts, room, eos, SamplingParams::default())
     }
 }
