@@ -288,7 +288,11 @@ fn run_decode(a: &BenchArgs) -> Result<(), String> {
     let mut rng = ftrt_models::llama::gpu::Rng(7);
     let vocab = model.dims.vocab as u64;
     let prompts: Vec<Vec<u32>> = (0..b)
-        .map(|_| (0..p).map(|_| (4 + rng.next_u64() % (vocab - 4)) as u32).collect())
+        .map(|_| {
+            (0..p)
+                .map(|_| (4 + rng.next_u64() % (vocab - 4)) as u32)
+                .collect()
+        })
         .collect();
     let params = SamplingParams {
         temperature: a.temperature,

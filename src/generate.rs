@@ -13,8 +13,8 @@ use ftrt_models::llama::{
     chat_template_of, decode_text, encode_prompt, generate_with, parse_prompts_jsonl, LlamaModel,
     LoraAdapter, Prompt, Rounding, SamplingParams,
 };
-use ftrt_runtime::Gpu;
 use ftrt_models::open_model;
+use ftrt_runtime::Gpu;
 
 /// Arguments of `ftrt generate`.
 #[derive(clap::Args, Debug, Clone)]
@@ -246,7 +246,10 @@ fn generate_gpu(
     g.set_kept_layers(0); // inference: one layer's activations are enough
     let cache = g.new_kv_cache(ids.len(), capacity)?;
     let t = Instant::now();
-    let mut steps = GpuSteps { model: &mut g, cache };
+    let mut steps = GpuSteps {
+        model: &mut g,
+        cache,
+    };
     let out = generate_with(&mut steps, ids, args.max_new_tokens, eos, params)?;
     let timing = timing_line(
         &out,

@@ -10,7 +10,8 @@
 //!   `out[s, h] = sum_{t < len[s]} softmax_t(scale q[s, h] . k[t]) v[t]` over the keys and
 //!   values of kv head h / (Hq / Hkv) in slot `slot[s]`: the last row of causal attention
 //!   over a sequence of `len[s]` tokens (the new token's own key stored first);
-//! - `sample_rows`: `logits` (rows, V) -> `idx` (rows) i32 without copying logits to the host:
+//! - `sample_rows`: `logits` (rows, V) f32 -> `idx` (rows) i32 without copying logits to the
+//!   host:
 //!   at temperature 0 the first index of each row's largest value (greedy); at temperature T
 //!   the argmax of `x / T + g`, g = -ln(-ln u) standard Gumbel noise with u from a counter-based
 //!   hash of (seed, row * V + column): an exact draw from softmax(x / T) (the Gumbel-max trick),
@@ -28,6 +29,8 @@ use crate::kernels::DECODE as KERNELS;
 
 /// Largest head dim the decode kernels take (one thread per dim in `kv_store`).
 pub const MAX_HEAD_DIM: usize = 128;
+/// Query heads of one kv head's group that one `decode_attention` block takes.
+const HEADS_PER_BLOCK: usize = 8;
 
 /// Shape of a KV cache and of one decode call.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -248,8 +251,9 @@ pub fn decode_attention(
     b.arg(&t);
     b.arg(&d.scale);
     b.arg(&out.addr);
+    let groups = (d.heads / d.kv_heads).div_ceil(HEADS_PER_BLOCK);
     let cfg = LaunchConfig {
-        grid_dim: (seqs as u32, d.heads as u32, 1),
+        grid_dim: (seqs as u32, d.kv_heads as u32, groups as u32),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -258,7 +262,7 @@ pub fn decode_attention(
     Ok(())
 }
 
-/// The next token per row of `logits` (rows, V) into `idx` (rows) i32 (compute stream):
+/// The next token per row of `logits` (rows, V) f32 into `idx` (rows) i32 (compute stream):
 /// greedy when `inv_temp` is 0, else a Gumbel-max draw from softmax(x * inv_temp) under `seed`.
 pub fn sample_rows(
     gpu: &Gpu,
@@ -266,7 +270,7 @@ pub fn sample_rows(
     v: usize,
     inv_temp: f32,
     seed: u64,
-    logits: DevPtr<bf16>,
+    logits: DevPtr<f32>,
     idx: DevPtr<i32>,
 ) -> Result<(), RuntimeError> {
     if rows == 0 || v == 0 {

@@ -7,7 +7,7 @@
 //! batch (ids, positions, cu_seqlens); every layer stores its keys and values (after RoPE) at
 //! (slot, position) in the cache; prefill attends over the batch itself with the varlen kernel,
 //! decode over each sequence's cache with `decode_attention`; the final norm's rows that
-//! predict a next token go through the head GEMM in chunks of the cross-entropy's logit rows.
+//! predict a next token go through the head GEMM into f32 logits (one row per cache slot).
 
 use super::{Ctx, GpuLlama, GpuResult, Held, Pass};
 use crate::llama::model::Batch;
@@ -34,6 +34,9 @@ pub struct GpuKvCache {
     seq_len: DevPtr<i32>,
     last_rows: DevPtr<i32>,
     picked: DevPtr<i32>,
+    /// (slots, V) f32: logits of the rows that pick a token (f32 from the head GEMM: two
+    /// candidates closer than a bf16 step stay ordered).
+    logits: DevPtr<f32>,
     _held: Held,
 }
 
@@ -136,6 +139,7 @@ impl GpuLlama<'_> {
             seq_len: h.alloc(self.gpu, slots)?,
             last_rows: h.alloc(self.gpu, slots)?,
             picked: h.alloc(self.gpu, slots)?,
+            logits: h.alloc(self.gpu, slots * d.vocab)?,
             _held: h,
         })
     }
@@ -263,8 +267,8 @@ impl GpuLlama<'_> {
     }
 
     /// Logits of the rows that predict a next token (prefill: `gathered` prompts' last rows
-    /// named by `cache.last_rows`; decode: every row), through the head in chunks, and the
-    /// next token of each: on the GPU unless the sampler needs top-k / top-p.
+    /// named by `cache.last_rows`; decode: every row), in f32 through the head, and the next
+    /// token of each: on the GPU unless the sampler needs top-k / top-p.
     fn pick_next(
         &self,
         cache: &GpuKvCache,
@@ -297,44 +301,36 @@ impl GpuLlama<'_> {
         } else {
             0.0
         };
-        let mut out = Vec::with_capacity(rows);
-        let chunk = a.sizes.ce_rows;
-        let mut r0 = 0;
-        while r0 < rows {
-            let rc = chunk.min(rows - r0);
-            self.gemm(
-                &GemmDesc::new(rc, v, c).transposed(false, true),
-                x.offset(r0 * c),
-                self.head(),
-                a.logits,
-                None,
-            )?;
-            if on_device {
-                decode::sample_rows(
-                    self.gpu,
-                    rc,
-                    v,
-                    inv_temp,
-                    sampler.draw_seed(),
-                    a.logits,
-                    cache.picked,
-                )
-                .ctx("sampling")?;
-                let mut ids = vec![0i32; rc];
-                self.gpu
-                    .download(cache.picked, &mut ids)
-                    .ctx("downloading tokens")?;
-                out.extend(ids.into_iter().map(|t| t as u32));
-            } else {
-                let mut logits = vec![bf16::ZERO; rc * v];
-                self.gpu
-                    .download(a.logits, &mut logits)
-                    .ctx("downloading logits")?;
-                let row: Vec<f32> = logits.iter().map(|x| x.to_f32()).collect();
-                out.extend(row.chunks(v).map(|r| sampler.pick(r)));
-            }
-            r0 += rc;
-        }
+        // rows <= slots: one GEMM, f32 logits (rows, V) = x (rows, C) · head^T.
+        self.gemm_f32(
+            &GemmDesc::new(rows, v, c).transposed(false, true),
+            x,
+            self.head(),
+            cache.logits,
+        )?;
+        let out = if on_device {
+            decode::sample_rows(
+                self.gpu,
+                rows,
+                v,
+                inv_temp,
+                sampler.draw_seed(),
+                cache.logits,
+                cache.picked,
+            )
+            .ctx("sampling")?;
+            let mut ids = vec![0i32; rows];
+            self.gpu
+                .download(cache.picked, &mut ids)
+                .ctx("downloading tokens")?;
+            ids.into_iter().map(|t| t as u32).collect()
+        } else {
+            let mut logits = vec![0f32; rows * v];
+            self.gpu
+                .download(cache.logits, &mut logits)
+                .ctx("downloading logits")?;
+            logits.chunks(v).map(|r| sampler.pick(r)).collect()
+        };
         Ok(out)
     }
 }

@@ -33,10 +33,7 @@ impl GpuTrainable {
             GpuLlama::from_model(gpu, &model, max_tokens, max_rank)?
         };
         let targets = linear_targets(&model.config);
-        Ok(Self {
-            gpu_model,
-            targets,
-        })
+        Ok(Self { gpu_model, targets })
     }
 
     fn adapter_of(&self, lora: &LoraWeights) -> Result<LoraAdapter, String> {
