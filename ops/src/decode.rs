@@ -99,28 +99,29 @@ pub fn decode_attention_cpu<T: Real>(
         let base = slot[s] as usize * d.capacity * w;
         for h in 0..d.heads {
             let qrow = &q[(s * d.heads + h) * hd..][..hd];
-            let kvh = h / group;
-            let row = |c: &[T], t: usize| c[base + t * w + kvh * hd..][..hd].to_vec();
+            let at = |t: usize| base + t * w + (h / group) * hd;
             let scores: Vec<f64> = (0..len[s] as usize)
                 .map(|t| {
-                    let k = row(kc, t);
+                    let k = &kc[at(t)..at(t) + hd];
                     d.scale as f64
-                        * (0..hd)
-                            .map(|e| qrow[e].to_f64() * k[e].to_f64())
+                        * qrow
+                            .iter()
+                            .zip(k)
+                            .map(|(a, b)| a.to_f64() * b.to_f64())
                             .sum::<f64>()
                 })
                 .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let p: Vec<f64> = scores.iter().map(|x| (x - m).exp()).collect();
             let z: f64 = p.iter().sum();
-            let o = &mut out[(s * d.heads + h) * hd..][..hd];
-            for (e, oe) in o.iter_mut().enumerate() {
-                let acc: f64 = p
-                    .iter()
-                    .enumerate()
-                    .map(|(t, pt)| pt * row(vc, t)[e].to_f64())
-                    .sum();
-                *oe = T::from_f64(acc / z);
+            let mut acc = vec![0f64; hd];
+            for (t, pt) in p.iter().enumerate() {
+                for (a, v) in acc.iter_mut().zip(&vc[at(t)..at(t) + hd]) {
+                    *a += pt * v.to_f64();
+                }
+            }
+            for (o, a) in out[(s * d.heads + h) * hd..][..hd].iter_mut().zip(&acc) {
+                *o = T::from_f64(a / z);
             }
         }
     }
