@@ -100,6 +100,13 @@ pub struct TrainArgs {
     /// QLoRA on NF4 weights (needs the GPU path; refused on the CPU backend).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub load_in_4bit: Option<bool>,
+    /// GPU memory plan: auto (keep as many layers' activations as fit the free GPU memory,
+    /// recompute the others in the backward), true (recompute every layer and offload their
+    /// residual checkpoints to host memory: the least GPU memory), false (keep everything: the
+    /// fastest) [default: auto]. The CPU backend keeps everything.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(default, deserialize_with = "settings::bool_as_word")]
+    pub gradient_checkpointing: Option<String>,
     /// adamw_torch | adamw_8bit [default: adamw_torch].
     #[arg(long)]
     pub optim: Option<String>,
@@ -148,10 +155,9 @@ fn open_device(load_in_4bit: bool) -> Result<Option<ftrt_runtime::Gpu>, String> 
 fn build_model(
     loaded: &LoadedModel,
     gpu: Option<ftrt_runtime::Gpu>,
-    token_budget: usize,
-    max_rank: usize,
-    load_in_4bit: bool,
+    s: &settings::Settings,
 ) -> Result<Box<dyn LoraModel>, String> {
+    let load_in_4bit = s.load_in_4bit;
     let model = LlamaModel::from_loaded(loaded, Rounding::F32).map_err(|e| e.to_string())?;
     match gpu {
         Some(gpu) => {
@@ -169,9 +175,10 @@ fn build_model(
             let m = ftrt_models::llama::gpu::GpuTrainable::new(
                 gpu,
                 model,
-                token_budget,
-                max_rank,
+                s.token_budget(),
+                s.lora.r,
                 load_in_4bit,
+                s.checkpointing,
             )?;
             Ok(Box::new(m))
         }
@@ -253,7 +260,7 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         eval_set.len(),
         gib(plan.total())
     );
-    let mut model = build_model(&loaded, gpu, s.token_budget(), s.lora.r, s.load_in_4bit)?;
+    let mut model = build_model(&loaded, gpu, &s)?;
     let eos = loaded.eos_token_ids.clone();
     if s.eval_samples > 0 && s.resume.is_none() {
         samples::answer_and_score(

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use ftrt_models::data::DatasetFormat;
+use ftrt_models::llama::gpu::Checkpointing;
 use ftrt_models::lora::LoraConfig;
 use ftrt_models::train::{AdamHyper, OptimKind, SchedulerKind};
 use serde::Deserialize;
@@ -23,6 +24,22 @@ pub fn names_as_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Str
     Ok(Option::<Names>::deserialize(d)?.map(|n| match n {
         Names::One(s) => s,
         Names::Many(v) => v.join(","),
+    }))
+}
+
+/// `gradient_checkpointing` in TOML: `true` / `false` (TRL's bool) or `"auto"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum BoolOrWord {
+    Bool(bool),
+    Word(String),
+}
+
+/// Reads `gradient_checkpointing` from TOML as the flag's word.
+pub fn bool_as_word<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<BoolOrWord>::deserialize(d)?.map(|v| match v {
+        BoolOrWord::Bool(b) => b.to_string(),
+        BoolOrWord::Word(w) => w,
     }))
 }
 
@@ -63,6 +80,7 @@ pub fn merge(flags: &TrainArgs) -> Result<TrainArgs, String> {
         use_rslora,
         target_modules,
         load_in_4bit,
+        gradient_checkpointing,
         optim,
         max_grad_norm,
         seed,
@@ -154,6 +172,8 @@ pub struct Settings {
     pub progress: bool,
     /// QLoRA: NF4 projection weights on the GPU model.
     pub load_in_4bit: bool,
+    /// The GPU model's keep / recompute / offload choice.
+    pub checkpointing: Checkpointing,
 }
 
 impl Settings {
@@ -257,6 +277,16 @@ pub fn resolve(a: &TrainArgs) -> Result<Settings, String> {
         eval_samples: a.eval_samples.unwrap_or(10),
         progress: !a.no_progress.unwrap_or(false),
         load_in_4bit,
+        checkpointing: match a.gradient_checkpointing.as_deref().unwrap_or("auto") {
+            "auto" => Checkpointing::Auto,
+            "true" => Checkpointing::Lean,
+            "false" => Checkpointing::KeepAll,
+            other => {
+                return Err(format!(
+                    "--gradient-checkpointing {other:?}: auto, true or false"
+                ))
+            }
+        },
     };
     if !(s.learning_rate.is_finite() && s.learning_rate >= 0.0) {
         return Err(format!("--learning-rate {} must be >= 0", s.learning_rate));
@@ -265,4 +295,33 @@ pub fn resolve(a: &TrainArgs) -> Result<Settings, String> {
         return Err(format!("--max-grad-norm {} must be >= 0", s.max_grad_norm));
     }
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpointing_of(toml_text: &str) -> Result<Checkpointing, String> {
+        let args: TrainArgs = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        resolve(&args).map(|s| s.checkpointing)
+    }
+
+    #[test]
+    fn gradient_checkpointing_takes_trl_bools_and_auto() {
+        assert_eq!(checkpointing_of(""), Ok(Checkpointing::Auto));
+        assert_eq!(
+            checkpointing_of("gradient_checkpointing = true"),
+            Ok(Checkpointing::Lean)
+        );
+        assert_eq!(
+            checkpointing_of("gradient_checkpointing = false"),
+            Ok(Checkpointing::KeepAll)
+        );
+        assert_eq!(
+            checkpointing_of("gradient_checkpointing = \"auto\""),
+            Ok(Checkpointing::Auto)
+        );
+        let err = checkpointing_of("gradient_checkpointing = \"sometimes\"").unwrap_err();
+        assert!(err.contains("auto, true or false"), "{err}");
+    }
 }

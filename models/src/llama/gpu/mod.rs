@@ -55,7 +55,7 @@ use resid_offload::ResidOffload;
 pub use decode::{GpuKvCache, GpuSteps};
 pub use plan::{check_batch, flop_estimate, weight_layout};
 pub use selftest::selftest_model;
-pub use trainable::GpuTrainable;
+pub use trainable::{Checkpointing, GpuTrainable};
 
 /// Errors of the GPU model are one-line strings (context + cause).
 pub type GpuResult<T> = Result<T, String>;

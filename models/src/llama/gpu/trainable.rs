@@ -10,10 +10,25 @@ use crate::lora::{linear_targets, LoraTarget, LoraWeights};
 use crate::train::LoraModel;
 use ftrt_runtime::Gpu;
 
+/// How the GPU model trades memory for recomputation (`ftrt train --gradient-checkpointing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpointing {
+    /// Keep as many layers' activations as fit the GPU memory that is free once the weights
+    /// and the adapter are placed (less a 1 GiB margin); recompute the others.
+    Auto,
+    /// Recompute every layer and offload their residual checkpoints to pinned host memory.
+    Lean,
+    /// Keep every activation (no recompute).
+    KeepAll,
+}
+
 /// The GPU model for training and generation.
 pub struct GpuTrainable {
     gpu_model: GpuLlama<'static>,
     targets: Vec<LoraTarget>,
+    checkpointing: Checkpointing,
+    /// Whether the memory plan was made (at the first batch, once the adapter is placed).
+    planned: bool,
 }
 
 impl GpuTrainable {
@@ -26,6 +41,7 @@ impl GpuTrainable {
         max_tokens: usize,
         max_rank: usize,
         load_in_4bit: bool,
+        checkpointing: Checkpointing,
     ) -> GpuResult<Self> {
         let gpu_model = if load_in_4bit {
             GpuLlama::from_model_4bit(gpu, &model, max_tokens, max_rank)?
@@ -33,11 +49,56 @@ impl GpuTrainable {
             GpuLlama::from_model(gpu, &model, max_tokens, max_rank)?
         };
         let targets = linear_targets(&model.config);
-        Ok(Self { gpu_model, targets })
+        Ok(Self {
+            gpu_model,
+            targets,
+            checkpointing,
+            planned: false,
+        })
     }
 
     fn adapter_of(&self, lora: &LoraWeights) -> Result<LoraAdapter, String> {
         adapter_of(&self.gpu_model.dims, lora)
+    }
+
+    /// Applies [`Checkpointing`] once the adapter's state is on the GPU (the activations are
+    /// allocated at the next batch) and says what it chose.
+    fn plan_memory(&mut self) -> GpuResult<()> {
+        const MARGIN: usize = 1 << 30;
+        let m = &mut self.gpu_model;
+        let layers = m.dims.layers;
+        let lean = |m: &mut GpuLlama| {
+            m.set_kept_layers(0);
+            m.set_offload_residuals(true);
+        };
+        match self.checkpointing {
+            Checkpointing::KeepAll => m.set_kept_layers(layers),
+            Checkpointing::Lean => lean(m),
+            Checkpointing::Auto => {
+                let (free, _) = m
+                    .gpu()
+                    .context()
+                    .mem_get_info()
+                    .map_err(|e| format!("reading free GPU memory: {e}"))?;
+                let budget = (m.held_bytes() + free).saturating_sub(MARGIN);
+                match m.kept_layers_for_budget(budget) {
+                    Some(k) => m.set_kept_layers(k),
+                    None => lean(m),
+                }
+            }
+        }
+        eprintln!(
+            "GPU memory plan: activations of {} of {layers} layers kept, {} recomputed{}",
+            m.kept_layers(),
+            layers - m.kept_layers(),
+            if m.offload_residuals() {
+                ", their residual checkpoints offloaded to host memory"
+            } else {
+                ""
+            }
+        );
+        self.planned = true;
+        Ok(())
     }
 }
 
@@ -59,6 +120,9 @@ impl LoraModel for GpuTrainable {
         }
         let adapter = self.adapter_of(lora)?;
         self.gpu_model.set_lora(&adapter)?;
+        if !self.planned {
+            self.plan_memory()?;
+        }
         self.gpu_model.zero_grads()?;
         let mean = self.gpu_model.loss_and_grads(&b, &targets)?;
         let g = self.gpu_model.download_grads()?;
