@@ -6,6 +6,7 @@ use half::bf16;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
+use crate::bnb4bit;
 use crate::config::ModelConfig;
 use crate::errors::{Error, ErrorKind, Result};
 use crate::gguf::{config_from_gguf, tokenizer_from_gguf, GgmlType, GgufFile, GgufWeights};
@@ -19,6 +20,8 @@ pub enum StorageType {
     Safetensors(Dtype),
     /// A ggml type (quantized or not), dequantized on read.
     Gguf(GgmlType),
+    /// bitsandbytes NF4 (`load_in_4bit` checkpoints), dequantized on read.
+    Bnb4bit,
 }
 
 /// Shape and storage of one weight.
@@ -50,6 +53,12 @@ impl WeightSource {
     /// Shape and storage type of `name`, if present.
     pub fn info(&self, name: &str) -> Option<WeightInfo> {
         match self {
+            Self::Safetensors(st) if bnb4bit::is_4bit(st, name) => Some(WeightInfo {
+                // A quant state that does not parse shows as an empty shape here; reading the
+                // weight reports why.
+                shape: bnb4bit::shape(st, name).unwrap_or_default(),
+                storage: StorageType::Bnb4bit,
+            }),
             Self::Safetensors(st) => st.meta(name).map(|m| WeightInfo {
                 shape: m.shape.clone(),
                 storage: StorageType::Safetensors(m.dtype),
@@ -64,6 +73,7 @@ impl WeightSource {
     /// `name` as f32, row-major over its shape.
     pub fn to_f32(&self, name: &str) -> Result<Vec<f32>> {
         match self {
+            Self::Safetensors(st) if bnb4bit::is_4bit(st, name) => bnb4bit::dequantize(st, name),
             Self::Safetensors(st) => st.to_f32(name),
             Self::Gguf(g) => g.to_f32(name),
         }
@@ -72,6 +82,12 @@ impl WeightSource {
     /// `name` as bf16 (exact for bf16 safetensors, round-to-nearest-even otherwise).
     pub fn to_bf16(&self, name: &str) -> Result<Vec<bf16>> {
         match self {
+            Self::Safetensors(st) if bnb4bit::is_4bit(st, name) => {
+                Ok(bnb4bit::dequantize(st, name)?
+                    .into_iter()
+                    .map(bf16::from_f32)
+                    .collect())
+            }
             Self::Safetensors(st) => st.to_bf16(name),
             Self::Gguf(g) => Ok(g.to_f32(name)?.into_iter().map(bf16::from_f32).collect()),
         }

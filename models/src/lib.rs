@@ -1,4 +1,5 @@
 //! ftrt-models
+pub mod bnb4bit;
 pub mod chat_template;
 pub mod checkpoint;
 pub mod config;

@@ -169,6 +169,11 @@ impl SafetensorsFiles {
         self.entries.get(name).map(|e| &e.meta)
     }
 
+    /// The first shard file (for errors about the checkpoint as a whole).
+    pub fn first_shard(&self) -> &Path {
+        self.shards[0].path.as_path()
+    }
+
     /// The shard file holding `name`, if present.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
         self.entries

@@ -7,7 +7,7 @@ use std::ops::Range;
 use ftrt_ops::dsl::{Prec, Rounding};
 
 use super::LlamaError;
-use crate::checkpoint::WeightSource;
+use crate::checkpoint::{StorageType, WeightSource};
 use crate::config::ModelConfig;
 
 /// The seven linear projections of a decoder layer (LoRA's targets), in PEFT's usual order.
@@ -234,6 +234,10 @@ impl Builder<'_> {
         let info = self.source.info(name).ok_or_else(|| {
             LlamaError::Weights(format!("weight \"{name}\" is missing from the checkpoint"))
         })?;
+        if info.storage == StorageType::Bnb4bit && info.shape.is_empty() {
+            // The quant state gave no shape: reading the weight says what is wrong with it.
+            self.source.to_f32(name).map_err(LlamaError::Load)?;
+        }
         if info.shape != shape {
             return Err(LlamaError::Weights(format!(
                 "weight \"{name}\" has shape {:?}, the config implies {shape:?}",
