@@ -56,7 +56,7 @@ pub fn dequantize(st: &SafetensorsFiles, name: &str) -> Result<Vec<f32>> {
         Error::new(st.file_of(name).unwrap_or(st.first_shard()), kind, reason)
     };
     let n: usize = qs.shape.iter().product();
-    if qs.blocksize != 64 || n % 64 != 0 {
+    if qs.blocksize != 64 || !n.is_multiple_of(64) {
         return Err(fail(
             ErrorKind::Unsupported,
             format!(
