@@ -140,7 +140,7 @@ pub fn preset_json(name: &str) -> Result<String, String> {
 /// B sequences of S uniform random tokens; targets = next token within each sequence
 /// (labels = input_ids, shifted as transformers does), -100 at each sequence's end.
 pub fn random_batch(batch: usize, seq: usize, vocab: usize, seed: u64) -> (Batch, Vec<i32>) {
-    let mut rng = ftrt_models::llama::gpu::Rng(seed);
+    let mut rng = ftrt_runtime::rng::SplitMix64::new(seed);
     let seqs: Vec<Vec<u32>> = (0..batch)
         .map(|_| {
             (0..seq)
@@ -285,7 +285,7 @@ fn run_decode(a: &BenchArgs) -> Result<(), String> {
     let mut model = GpuLlama::random(&gpu, &config, budget, 1, 1234)?;
     model.set_kept_layers(0);
     let setup_s = t_setup.elapsed().as_secs_f64();
-    let mut rng = ftrt_models::llama::gpu::Rng(7);
+    let mut rng = ftrt_runtime::rng::SplitMix64::new(7);
     let vocab = model.dims.vocab as u64;
     let prompts: Vec<Vec<u32>> = (0..b)
         .map(|_| {

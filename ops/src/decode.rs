@@ -22,6 +22,7 @@ mod tests;
 
 use crate::dsl::Real;
 use ftrt_runtime::cudarc::driver::{LaunchConfig, PushKernelArg};
+use ftrt_runtime::rng::SplitMix64;
 use ftrt_runtime::{DevPtr, Gpu, RuntimeError};
 use half::bf16;
 
@@ -127,14 +128,10 @@ pub fn decode_attention_cpu<T: Real>(
     }
 }
 
-/// The uniform in (0, 1) that [`sample_rows`] draws for element `n` under `seed`
-/// (splitmix64's finaliser, top 24 bits).
+/// The uniform in (0, 1) that [`sample_rows`] draws for element `n` under `seed`: the top 24
+/// bits of splitmix64's draw `n` ([`SplitMix64::nth`], the kernel's `dec_uniform`), centred.
 pub fn uniform_of(seed: u64, n: u64) -> f32 {
-    let mut z = seed.wrapping_add((n + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    ((z >> 40) as f32 + 0.5) * (1.0 / 16_777_216.0)
+    ((SplitMix64::nth(seed, n) >> 40) as f32 + 0.5) * (1.0 / 16_777_216.0)
 }
 
 /// CPU reference of [`sample_rows`] (`inv_temp` = 1 / T, 0 for greedy).

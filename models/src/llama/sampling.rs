@@ -6,6 +6,7 @@ use super::attention::KvCache;
 use super::lora::LoraAdapter;
 use super::model::LlamaModel;
 use super::LlamaError;
+use ftrt_runtime::rng::SplitMix64;
 
 /// Sampling settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -35,31 +36,26 @@ impl Default for SamplingParams {
 #[derive(Debug, Clone)]
 pub struct Sampler {
     pub params: SamplingParams,
-    state: u64,
+    rng: SplitMix64,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         Self {
             params,
-            state: params.seed ^ 0x9E37_79B9_7F4A_7C15,
+            rng: SplitMix64::new(params.seed ^ 0x9E37_79B9_7F4A_7C15),
         }
     }
 
-    /// splitmix64 step: a uniform in [0, 1).
     /// A fresh 64-bit seed from this sampler's stream (for samplers that run elsewhere, such
     /// as the GPU's Gumbel-max draw).
     pub fn draw_seed(&mut self) -> u64 {
-        (self.uniform() * (1u64 << 53) as f64) as u64
+        self.rng.next_u64()
     }
 
+    /// A uniform in [0, 1).
     fn uniform(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
+        self.rng.unit_f64()
     }
 
     /// The next token from one row of logits.

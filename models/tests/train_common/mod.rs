@@ -238,8 +238,8 @@ pub fn rule_examples(count: usize, vocab: usize, seed: u64) -> Vec<Example> {
     let mut rng = SplitMix64::new(seed);
     (0..count)
         .map(|_| {
-            let len = 3 + rng.below(6) as usize;
-            let mut x = rng.below(vocab as u64) as u32;
+            let len = 3 + rng.below(6);
+            let mut x = rng.below(vocab) as u32;
             let mut ids = Vec::with_capacity(len);
             for _ in 0..len {
                 ids.push(x);

@@ -5,6 +5,8 @@
 //! each input x, which is compared with central differences (L(x + h) - L(x - h)) / 2h on
 //! sampled elements.
 
+use ftrt_runtime::rng::SplitMix64;
+
 /// One buffer of the op's tensors (gradients included), as the CPU reference takes it.
 #[derive(Clone, Debug)]
 pub enum Buf {
@@ -48,7 +50,7 @@ impl Buf {
 
 /// SplitMix64 with a fresh seed per run (printed on failure; `FTRT_TEST_SEED` replays one).
 pub struct Rng {
-    state: u64,
+    inner: SplitMix64,
     pub seed: u64,
 }
 
@@ -67,14 +69,13 @@ impl Rng {
                 h
             }
         };
-        Rng { state: seed, seed }
+        Rng {
+            inner: SplitMix64::new(seed),
+            seed,
+        }
     }
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
+        self.inner.next_u64()
     }
     /// Uniform in [0, 1).
     pub fn unit(&mut self) -> f64 {

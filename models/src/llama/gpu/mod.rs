@@ -42,6 +42,7 @@ pub mod trainable;
 use ftrt_ops::attention::{attention_backward, attention_forward, scratch_bytes, AttentionDims};
 use ftrt_ops::{activation, adamw, cross_entropy, embedding, nf4, norm, quant_prelude, rope};
 use ftrt_runtime::cudarc::driver::{LaunchConfig, PushKernelArg};
+use ftrt_runtime::rng::SplitMix64;
 use ftrt_runtime::{CublasLt, DevPtr, DeviceBuffer, GemmDesc, GemmWorkspace, Gpu, PtxModule};
 use half::bf16;
 
@@ -419,8 +420,8 @@ impl<'g> GpuLlama<'g> {
         let layout = weight_layout(config);
         let mut me = Self::empty(gpu, config, &layout, max_tokens, max_rank, four_bit)?;
         let total = plan::layout_len(&me.layout);
-        let block: Vec<bf16> = Rng(seed | 1)
-            .normals(1 << 22, 0.02)
+        let block: Vec<bf16> = SplitMix64::new(seed | 1)
+            .normals_f32(1 << 22, 0.02)
             .into_iter()
             .map(bf16::from_f32)
             .collect();
@@ -1878,37 +1879,6 @@ impl<'g> GpuLlama<'g> {
     }
 }
 
-/// Tiny deterministic PRNG (splitmix64) for random weights and LoRA init.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    /// `n` normals N(0, std^2) (Box-Muller).
-    pub fn normals(&mut self, n: usize, std: f32) -> Vec<f32> {
-        let mut v = Vec::with_capacity(n + 1);
-        while v.len() < n {
-            let u1 = self.uniform().max(1e-7);
-            let u2 = self.uniform();
-            let r = (-2.0 * u1.ln()).sqrt() * std;
-            let t = 2.0 * std::f32::consts::PI * u2;
-            v.push(r * t.cos());
-            v.push(r * t.sin());
-        }
-        v.truncate(n);
-        v
-    }
-}
-
 /// A PEFT-initialised adapter on every projection of `targets`: A ~ U(-1/sqrt(in), 1/sqrt(in)),
 /// B = 0 (or B ~ U(-b_amp, b_amp) when `b_amp > 0`, so that gradients of A are non-zero in checks).
 pub fn init_adapter(
@@ -1920,18 +1890,18 @@ pub fn init_adapter(
     b_amp: f32,
 ) -> LoraAdapter {
     let mut ad = LoraAdapter::zeros(dims, r, alpha, false, targets);
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
     for row in ad.slots.clone() {
         for (i, s) in row.iter().enumerate() {
             if let Some(s) = s {
                 let inn = Proj::ALL[i].shape(dims).1;
                 let bound = 1.0 / (inn as f32).sqrt();
                 for x in &mut ad.data[s.a.clone()] {
-                    *x = (rng.uniform() * 2.0 - 1.0) * bound;
+                    *x = (rng.next_f32() * 2.0 - 1.0) * bound;
                 }
                 for x in &mut ad.data[s.b.clone()] {
                     *x = if b_amp > 0.0 {
-                        (rng.uniform() * 2.0 - 1.0) * b_amp
+                        (rng.next_f32() * 2.0 - 1.0) * b_amp
                     } else {
                         0.0
                     };
