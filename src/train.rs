@@ -213,7 +213,8 @@ fn renderer_of(loaded: &LoadedModel) -> Result<PromptRenderer, String> {
 
 /// Runs `ftrt train`.
 pub fn run(args: &TrainArgs) -> Result<(), String> {
-    let s = settings::resolve(&settings::merge(args)?)?;
+    let merged = settings::merge(args)?;
+    let mut s = settings::resolve(&merged)?;
     let gpu = open_device(s.load_in_4bit)?;
     let files = data::locate_and_check(&s)?;
     let model_path = match &s.model {
@@ -221,6 +222,20 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         None => ftrt_models::gguf::smollm2_gguf_path().map_err(|e| e.to_string())?,
     };
     let loaded = ftrt_models::open_model(&model_path).map_err(|e| e.to_string())?;
+    if loaded.weights.has_bnb_4bit() {
+        // A bitsandbytes 4-bit save trains as QLoRA on the GPU unless asked otherwise.
+        let qlora = gpu.is_some() && merged.load_in_4bit != Some(false);
+        s.load_in_4bit |= qlora;
+        eprintln!(
+            "{}: bitsandbytes 4-bit weights, dequantized on load{}",
+            model_path.display(),
+            if qlora {
+                "; training QLoRA on NF4 weights (--load-in-4bit false: on bf16)"
+            } else {
+                ""
+            }
+        );
+    }
     let available = linear_targets(&loaded.config);
     let targets = select_targets(&s.lora, &available)?;
     let plan = MemoryPlan::estimate(

@@ -36,6 +36,11 @@ struct QuantState {
     nested_offset: Option<f32>,
 }
 
+/// Whether `name` is the quant-state companion of a 4-bit weight.
+pub fn is_quant_state(name: &str) -> bool {
+    name.ends_with(NF4_STATE) || name.ends_with(FP4_STATE)
+}
+
 /// Whether `name` is a bitsandbytes 4-bit weight (it has a quant state beside it).
 pub fn is_4bit(st: &SafetensorsFiles, name: &str) -> bool {
     [NF4_STATE, FP4_STATE]

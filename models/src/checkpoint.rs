@@ -50,6 +50,14 @@ impl WeightSource {
         }
     }
 
+    /// Whether the checkpoint holds bitsandbytes 4-bit weights (a `load_in_4bit` save).
+    pub fn has_bnb_4bit(&self) -> bool {
+        match self {
+            Self::Safetensors(st) => st.names().any(bnb4bit::is_quant_state),
+            Self::Gguf(_) => false,
+        }
+    }
+
     /// Shape and storage type of `name`, if present.
     pub fn info(&self, name: &str) -> Option<WeightInfo> {
         match self {

@@ -23,6 +23,9 @@ fn golden() -> SafetensorsFiles {
 #[test]
 fn weights_dequantize_bit_for_bit_as_bitsandbytes() {
     let weights = WeightSource::Safetensors(SafetensorsFiles::open(&dir()).unwrap());
+    assert!(weights.has_bnb_4bit());
+    let plain = dir().with_file_name("llama");
+    assert!(!WeightSource::Safetensors(SafetensorsFiles::open(&plain).unwrap()).has_bnb_4bit());
     let g = golden();
     let mut checked = 0;
     for key in g.names().filter(|k| k.starts_with("weight.")) {
