@@ -11,11 +11,9 @@ mod data;
 mod samples;
 mod settings;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::Args;
-use ftrt_models::chat_template::ChatTemplate;
 use ftrt_models::data::PromptRenderer;
 use ftrt_models::llama::{LlamaModel, LlamaTrainable, Rounding};
 use ftrt_models::lora::{linear_targets, select_targets, LoraWeights};
@@ -189,28 +187,6 @@ fn build_model(
     }
 }
 
-/// The tokenizer, chat template and EOS of an opened model.
-fn renderer_of(loaded: &LoadedModel) -> Result<PromptRenderer, String> {
-    let tc = &loaded.tokenizer_config;
-    let mut special = BTreeMap::new();
-    for (k, v) in [("bos_token", &tc.bos_token), ("eos_token", &tc.eos_token)] {
-        if let Some(v) = v {
-            special.insert(k.to_owned(), v.clone());
-        }
-    }
-    let template = tc
-        .chat_template
-        .as_deref()
-        .map(|src| ChatTemplate::new(src, special))
-        .transpose()
-        .map_err(|e| format!("chat template: {e}"))?;
-    Ok(PromptRenderer::new(
-        loaded.tokenizer.clone(),
-        template,
-        tc.eos_token.as_deref(),
-    ))
-}
-
 /// Runs `ftrt train`.
 pub fn run(args: &TrainArgs) -> Result<(), String> {
     let merged = settings::merge(args)?;
@@ -253,7 +229,7 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         ),
     }
     let lora = LoraWeights::init(&s.lora, &available, s.seed)?;
-    let renderer = renderer_of(&loaded)?;
+    let renderer = PromptRenderer::of_model(&loaded)?;
     let (train_set, eval_set) = data::tokenize(&files, &s, &renderer)?;
     let train = data::batches(&train_set, &s, true);
     let eval = data::batches(&eval_set, &s, false);

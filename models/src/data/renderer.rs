@@ -17,6 +17,8 @@ use tokenizers::{Encoding, Tokenizer};
 use super::spans::render_with_spans;
 use super::{DataError, Example, Record, IGNORE_INDEX};
 use crate::chat_template::{ChatMessage, ChatTemplate};
+use crate::checkpoint::LoadedModel;
+use std::collections::BTreeMap;
 
 /// Opening of Stanford Alpaca's prompt for an instruction with an input.
 const ALPACA_INTRO_WITH_INPUT: &str = "Below is an instruction that describes a task, paired \
@@ -76,6 +78,28 @@ impl PromptRenderer {
         let template = ChatTemplate::from_tokenizer_config(&config_path)?;
         let eos = crate::chat_template::read_special_tokens(&config_path)?.remove("eos_token");
         Ok(Self::new(tokenizer, template, eos.as_deref()))
+    }
+
+    /// The tokenizer, chat template (with its bos/eos strings) and EOS of an opened checkpoint
+    /// (Hugging Face folder or GGUF).
+    pub fn of_model(loaded: &LoadedModel) -> Result<Self, String> {
+        let tc = &loaded.tokenizer_config;
+        let special: BTreeMap<String, String> =
+            [("bos_token", &tc.bos_token), ("eos_token", &tc.eos_token)]
+                .into_iter()
+                .filter_map(|(k, v)| v.clone().map(|v| (k.to_owned(), v)))
+                .collect();
+        let template = tc
+            .chat_template
+            .as_deref()
+            .map(|src| ChatTemplate::new(src, special))
+            .transpose()
+            .map_err(|e| format!("chat template: {e}"))?;
+        Ok(Self::new(
+            loaded.tokenizer.clone(),
+            template,
+            tc.eos_token.as_deref(),
+        ))
     }
 
     /// The tokenizer.

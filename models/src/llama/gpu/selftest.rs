@@ -8,7 +8,6 @@
 //! Errors are relative to the reference's largest magnitude (max |got - ref| / max |ref|, per
 //! tensor; the worst tensor is reported). Nothing here panics: every failure is a row.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use ftrt_runtime::Gpu;
@@ -551,23 +550,9 @@ fn first_line(s: &str) -> &str {
 }
 
 fn check_smollm2(gpu: &Gpu, path: &std::path::Path, rows: &mut Vec<Row>) -> Result<(), String> {
-    use crate::chat_template::ChatTemplate;
     use crate::data::{load_dataset, pack, DataOptions, PromptRenderer};
     let loaded = crate::open_model(path).map_err(|e| e.to_string())?;
-    let tc = &loaded.tokenizer_config;
-    let mut special = BTreeMap::new();
-    for (k, v) in [("bos_token", &tc.bos_token), ("eos_token", &tc.eos_token)] {
-        if let Some(v) = v {
-            special.insert(k.to_owned(), v.clone());
-        }
-    }
-    let template = tc
-        .chat_template
-        .as_deref()
-        .map(|s| ChatTemplate::new(s, special))
-        .transpose()
-        .map_err(|e| format!("chat template: {e}"))?;
-    let renderer = PromptRenderer::new(loaded.tokenizer.clone(), template, tc.eos_token.as_deref());
+    let renderer = PromptRenderer::of_model(&loaded)?;
     let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/train.jsonl");
     let ds =
         load_dataset(&data, None, &renderer, &DataOptions::default()).map_err(|e| e.to_string())?;
