@@ -14,7 +14,7 @@
 //! `--offload-residuals` moves the recomputed layers' input residuals to pinned host memory
 //! between forward and backward (a ring of device buffers instead of one per layer).
 use clap::Args;
-use ftrt_models::llama::gpu::{flop_estimate, init_adapter, GpuLlama, GpuSteps};
+use ftrt_models::llama::gpu::{flop_estimate, init_adapter, GpuLlama, GpuSteps, KeepBf16};
 use ftrt_models::llama::{generate_with, Batch, Proj, SamplingParams};
 use ftrt_models::ModelConfig;
 use ftrt_runtime::cudarc::driver::sys::CUevent_flags;
@@ -66,6 +66,10 @@ pub struct BenchArgs {
     /// forward, prefetched in the backward, overlapped with compute); counted by `auto`.
     #[arg(long, default_value_t = false)]
     pub offload_residuals: bool,
+    /// With --mode qlora: projections kept in bf16 (dynamic 4-bit), comma-separated substrings
+    /// of their module paths, e.g. `layers.0.mlp.down_proj` [default: none].
+    #[arg(long, default_value = "")]
+    pub llm_int8_skip_modules: String,
     /// Measure generation instead of training (grpo_baseline.py's `gen`): --batch prompts of
     /// --seq random tokens, --new-tokens sampled at --temperature with EOS suppressed.
     #[arg(long)]
@@ -178,7 +182,14 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let (free0, total) = gpu.context().mem_get_info().map_err(|e| e.to_string())?;
     let n = a.batch * a.seq;
     let mut model = if four_bit {
-        GpuLlama::random_4bit(&gpu, &config, n, a.lora_r, 1234)?
+        GpuLlama::random_4bit(
+            &gpu,
+            &config,
+            n,
+            a.lora_r,
+            1234,
+            &KeepBf16::parse(&a.llm_int8_skip_modules),
+        )?
     } else {
         GpuLlama::random(&gpu, &config, n, a.lora_r, 1234)?
     };
@@ -252,7 +263,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     );
     let json = serde_json::json!({
         "bench": "ftrt", "model": a.preset, "mode": a.mode, "optim": "adamw", "lora_r": a.lora_r,
-        "grad_ckpt": recomputed > 0, "recomputed_layers": recomputed,
+        "kept_bf16": a.llm_int8_skip_modules, "grad_ckpt": recomputed > 0, "recomputed_layers": recomputed,
         "offload_residuals": a.offload_residuals, "gpu": name, "setup_s": (setup_s * 10.0).round() / 10.0,
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "warmup": a.warmup, "status": "ok",
         "tokens_per_s": (tok_s * 10.0).round() / 10.0, "ms_per_step": (ms * 100.0).round() / 100.0,

@@ -98,6 +98,13 @@ pub struct TrainArgs {
     /// QLoRA on NF4 weights (needs the GPU path; refused on the CPU backend).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub load_in_4bit: Option<bool>,
+    /// With --load-in-4bit: projections kept in bf16 ("dynamic 4-bit"), comma-separated
+    /// substrings of their module paths as transformers' BitsAndBytesConfig matches them, e.g.
+    /// `layers.0.mlp.down_proj,layers.31.` [default: none; embeddings, norms and lm_head are
+    /// bf16 anyway].
+    #[arg(long)]
+    #[serde(default, deserialize_with = "settings::names_as_csv")]
+    pub llm_int8_skip_modules: Option<String>,
     /// GPU memory plan: auto (keep as many layers' activations as fit the free GPU memory,
     /// recompute the others in the backward), true (recompute every layer and offload their
     /// residual checkpoints to host memory: the least GPU memory), false (keep everything: the
@@ -170,12 +177,20 @@ fn build_model(
             );
             // One GPU per process, alive until exit.
             let gpu: &'static ftrt_runtime::Gpu = Box::leak(Box::new(gpu));
+            let unmatched = s.keep_bf16.unmatched(model.dims.layers);
+            if !unmatched.is_empty() {
+                return Err(format!(
+                    "--llm-int8-skip-modules: {} match no projection (module paths look like \
+                     model.layers.0.mlp.down_proj)",
+                    unmatched.join(", ")
+                ));
+            }
             let m = ftrt_models::llama::gpu::GpuTrainable::new(
                 gpu,
                 model,
                 s.token_budget(),
                 s.lora.r,
-                load_in_4bit,
+                load_in_4bit.then_some(&s.keep_bf16),
                 s.checkpointing,
             )?;
             Ok(Box::new(m))

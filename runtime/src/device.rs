@@ -46,14 +46,14 @@ impl<T> Eq for DevPtr<T> {}
 
 impl<T> DevPtr<T> {
     /// The pointer at byte address `addr`.
-    pub fn new(addr: u64) -> Self {
+    pub const fn new(addr: u64) -> Self {
         Self {
             addr,
             _t: PhantomData,
         }
     }
     /// The null pointer (address 0).
-    pub fn null() -> Self {
+    pub const fn null() -> Self {
         Self::new(0)
     }
     /// The pointer `elems` elements of `T` further on.

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use ftrt_models::data::DatasetFormat;
-use ftrt_models::llama::gpu::Checkpointing;
+use ftrt_models::llama::gpu::{Checkpointing, KeepBf16};
 use ftrt_models::lora::LoraConfig;
 use ftrt_models::train::{AdamHyper, OptimKind, SchedulerKind};
 use serde::Deserialize;
@@ -80,6 +80,7 @@ pub fn merge(flags: &TrainArgs) -> Result<TrainArgs, String> {
         use_rslora,
         target_modules,
         load_in_4bit,
+        llm_int8_skip_modules,
         gradient_checkpointing,
         optim,
         max_grad_norm,
@@ -174,6 +175,8 @@ pub struct Settings {
     pub load_in_4bit: bool,
     /// The GPU model's keep / recompute / offload choice.
     pub checkpointing: Checkpointing,
+    /// Projections the 4-bit mode keeps in bf16.
+    pub keep_bf16: KeepBf16,
 }
 
 impl Settings {
@@ -277,6 +280,7 @@ pub fn resolve(a: &TrainArgs) -> Result<Settings, String> {
         eval_samples: a.eval_samples.unwrap_or(10),
         progress: !a.no_progress.unwrap_or(false),
         load_in_4bit,
+        keep_bf16: KeepBf16::parse(a.llm_int8_skip_modules.as_deref().unwrap_or("")),
         checkpointing: match a.gradient_checkpointing.as_deref().unwrap_or("auto") {
             "auto" => Checkpointing::Auto,
             "true" => Checkpointing::Lean,
@@ -323,5 +327,19 @@ mod tests {
         );
         let err = checkpointing_of("gradient_checkpointing = \"sometimes\"").unwrap_err();
         assert!(err.contains("auto, true or false"), "{err}");
+    }
+
+    #[test]
+    fn skip_modules_take_a_list_or_a_string() {
+        let keep = |text: &str| {
+            let args: TrainArgs = toml::from_str(text).unwrap();
+            resolve(&args).unwrap().keep_bf16.0
+        };
+        assert!(keep("").is_empty());
+        assert_eq!(
+            keep("llm_int8_skip_modules = [\"layers.0.mlp.down_proj\", \"layers.1.\"]"),
+            ["layers.0.mlp.down_proj", "layers.1."]
+        );
+        assert_eq!(keep("llm_int8_skip_modules = \"a, b\""), ["a", "b"]);
     }
 }

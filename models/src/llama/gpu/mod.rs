@@ -54,7 +54,7 @@ use plan::ActSizes;
 use resid_offload::ResidOffload;
 
 pub use decode::{GpuKvCache, GpuSteps};
-pub use plan::{check_batch, flop_estimate, weight_layout};
+pub use plan::{check_batch, flop_estimate, weight_layout, KeepBf16};
 pub use selftest::selftest_model;
 pub use trainable::{Checkpointing, GpuTrainable};
 
@@ -272,8 +272,19 @@ struct Nf4Weight {
     absmax2: DevPtr<f32>,
     /// Mean of the block absmax (bitsandbytes' `offset`).
     offset: f32,
-    /// Elements (out * in).
+    /// Elements (out * in); 0 for a projection kept bf16 ([`KeepBf16`]).
     n: usize,
+}
+
+impl Nf4Weight {
+    /// A projection the 4-bit mode keeps in bf16 (in the weight buffer).
+    const KEPT_BF16: Nf4Weight = Nf4Weight {
+        packed: DevPtr::null(),
+        absmax_q: DevPtr::null(),
+        absmax2: DevPtr::null(),
+        offset: 0.0,
+        n: 0,
+    };
 }
 
 /// State of the 4-bit mode.
@@ -343,7 +354,7 @@ impl<'g> GpuLlama<'g> {
             &model.weights,
             max_tokens,
             max_rank,
-            false,
+            None,
         )?;
         if model.weights.data.len() != plan::layout_len(&me.layout) {
             return Err("the CPU model's weight store does not match its config".into());
@@ -354,12 +365,14 @@ impl<'g> GpuLlama<'g> {
     }
 
     /// [`Self::from_model`] in 4-bit mode (QLoRA): the projection weights, rounded to bf16, are
-    /// uploaded one at a time into the scratch and quantized to NF4 there; the rest is bf16.
+    /// uploaded one at a time into the scratch and quantized to NF4 there; the rest, and the
+    /// projections `keep` names, are bf16.
     pub fn from_model_4bit(
         gpu: &'g Gpu,
         model: &LlamaModel,
         max_tokens: usize,
         max_rank: usize,
+        keep: &KeepBf16,
     ) -> GpuResult<Self> {
         let host = &model.weights;
         if host.data.len() != plan::layout_len(&weight_layout(&model.config))
@@ -367,15 +380,15 @@ impl<'g> GpuLlama<'g> {
         {
             return Err("the CPU model's weight store does not match its config".into());
         }
-        let mut me = Self::empty(gpu, &model.config, host, max_tokens, max_rank, true)?;
-        let (_, pairs) = plan::compact_without_proj(host);
+        let mut me = Self::empty(gpu, &model.config, host, max_tokens, max_rank, Some(keep))?;
+        let (_, pairs) = plan::compact_without_proj(host, keep);
         for (h, d) in pairs {
             upload_bf16(gpu, me.weights.offset(d.start), &host.data[h])?;
         }
         let tmp = me.absmax_tmp()?;
         let scratch = me.nf4.as_ref().expect("4-bit").scratch;
         for l in 0..me.dims.layers {
-            for p in Proj::ALL {
+            for p in Proj::ALL.into_iter().filter(|&p| !keep.keeps(l, p)) {
                 let r = host.layers[l].proj[p.index()].clone();
                 upload_bf16(gpu, scratch, &host.data[r])?;
                 me.quantize_proj(l, p, scratch, tmp.ptr())?;
@@ -394,19 +407,21 @@ impl<'g> GpuLlama<'g> {
         max_rank: usize,
         seed: u64,
     ) -> GpuResult<Self> {
-        Self::random_with(gpu, config, max_tokens, max_rank, seed, false)
+        Self::random_with(gpu, config, max_tokens, max_rank, seed, None)
     }
 
     /// [`Self::random`] in 4-bit mode: the same random block tiled over the scratch is quantized
-    /// to NF4 for every projection (the bf16 weights never exist whole on the GPU).
+    /// to NF4 for every projection but those `keep` names (the bf16 weights never exist whole
+    /// on the GPU).
     pub fn random_4bit(
         gpu: &'g Gpu,
         config: &ModelConfig,
         max_tokens: usize,
         max_rank: usize,
         seed: u64,
+        keep: &KeepBf16,
     ) -> GpuResult<Self> {
-        Self::random_with(gpu, config, max_tokens, max_rank, seed, true)
+        Self::random_with(gpu, config, max_tokens, max_rank, seed, Some(keep))
     }
 
     fn random_with(
@@ -415,7 +430,7 @@ impl<'g> GpuLlama<'g> {
         max_tokens: usize,
         max_rank: usize,
         seed: u64,
-        four_bit: bool,
+        four_bit: Option<&KeepBf16>,
     ) -> GpuResult<Self> {
         let layout = weight_layout(config);
         let mut me = Self::empty(gpu, config, &layout, max_tokens, max_rank, four_bit)?;
@@ -436,7 +451,9 @@ impl<'g> GpuLlama<'g> {
             let tmp = me.absmax_tmp()?;
             for l in 0..me.dims.layers {
                 for p in Proj::ALL {
-                    me.quantize_proj(l, p, scratch, tmp.ptr())?;
+                    if !four_bit.is_some_and(|k| k.keeps(l, p)) {
+                        me.quantize_proj(l, p, scratch, tmp.ptr())?;
+                    }
                 }
             }
             // The last double quantization reads `tmp`: done before it is freed.
@@ -463,7 +480,7 @@ impl<'g> GpuLlama<'g> {
         store: &WeightStore,
         max_tokens: usize,
         max_rank: usize,
-        four_bit: bool,
+        four_bit: Option<&KeepBf16>,
     ) -> GpuResult<Self> {
         let dims = Dims::of(config);
         if max_tokens == 0 {
@@ -491,7 +508,7 @@ impl<'g> GpuLlama<'g> {
             bufs: Vec::new(),
             bytes: 0,
         };
-        let (layout, nf4) = if four_bit {
+        let (layout, nf4) = if let Some(keep) = four_bit {
             let sizes: Vec<usize> = Proj::ALL
                 .iter()
                 .map(|p| {
@@ -517,15 +534,19 @@ impl<'g> GpuLlama<'g> {
             let scratch_len = sizes.iter().copied().max().unwrap_or(0);
             let scratch = held.alloc::<bf16>(gpu, scratch_len)?;
             let mut w = Vec::with_capacity(dims.layers);
-            for _ in 0..dims.layers {
+            for l in 0..dims.layers {
                 let mut row = Vec::with_capacity(7);
-                for &n in &sizes {
-                    row.push(Nf4Weight {
-                        packed: held.alloc(gpu, n / 2)?,
-                        absmax_q: held.alloc(gpu, n / 64)?,
-                        absmax2: held.alloc(gpu, (n / 64).div_ceil(256))?,
-                        offset: 0.0,
-                        n,
+                for (p, &n) in Proj::ALL.iter().zip(&sizes) {
+                    row.push(if keep.keeps(l, *p) {
+                        Nf4Weight::KEPT_BF16
+                    } else {
+                        Nf4Weight {
+                            packed: held.alloc(gpu, n / 2)?,
+                            absmax_q: held.alloc(gpu, n / 64)?,
+                            absmax2: held.alloc(gpu, (n / 64).div_ceil(256))?,
+                            offset: 0.0,
+                            n,
+                        }
                     });
                 }
                 w.push(row.try_into().map_err(|_| "seven projections")?);
@@ -537,7 +558,7 @@ impl<'g> GpuLlama<'g> {
                 scratch,
                 scratch_len,
             };
-            (plan::compact_without_proj(&full).0, Some(base))
+            (plan::compact_without_proj(&full, keep).0, Some(base))
         } else {
             (full, None)
         };
@@ -646,6 +667,9 @@ impl<'g> GpuLlama<'g> {
             return Ok(self.w(&self.layout.layers[l].proj[p.index()]));
         };
         let w = &q.w[l][p.index()];
+        if w.n == 0 {
+            return Ok(self.w(&self.layout.layers[l].proj[p.index()]));
+        }
         nf4::nf4_dequantize::forward(
             self.gpu,
             &nf4::nf4_dequantize::Dims { N: w.n },

@@ -137,11 +137,54 @@ pub fn layout_len(w: &WeightStore) -> usize {
 /// (host range, device range) of one weight.
 pub type RangePair = (Range<usize>, Range<usize>);
 
-/// The device layout of the 4-bit mode: every range of `w` except the seven projection weights,
-/// packed in the same order into one bf16 buffer (projection ranges left empty at the position
-/// they would start, since their NF4 copies live elsewhere), and the (host range, device range)
-/// pairs to copy. `norm_ranges` of the result are the norms' device ranges.
-pub fn compact_without_proj(w: &WeightStore) -> (WeightStore, Vec<RangePair>) {
+/// Projection weights that stay bf16 in the 4-bit mode ("dynamic 4-bit"): those whose Hugging
+/// Face module path (`model.layers.{l}.mlp.down_proj`) contains one of the patterns, as
+/// transformers' `llm_int8_skip_modules` matches. The default, no pattern, quantizes every
+/// decoder projection (embeddings, norms and lm_head are bf16 in any case).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeepBf16(pub Vec<String>);
+
+impl KeepBf16 {
+    /// Patterns from a comma-separated list (empty items dropped).
+    pub fn parse(csv: &str) -> Self {
+        Self(
+            csv.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+        )
+    }
+
+    /// Whether projection `p` of layer `l` stays bf16.
+    pub fn keeps(&self, l: usize, p: Proj) -> bool {
+        let path = p.hf_prefix(l);
+        self.0.iter().any(|pat| path.contains(pat.as_str()))
+    }
+
+    /// The patterns that match no projection of a `layers`-layer model (a typo must not pass
+    /// silently).
+    pub fn unmatched(&self, layers: usize) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|pat| {
+                !(0..layers).any(|l| {
+                    Proj::ALL
+                        .iter()
+                        .any(|p| p.hf_prefix(l).contains(pat.as_str()))
+                })
+            })
+            .map(String::as_str)
+            .collect()
+    }
+}
+
+/// The device layout of the 4-bit mode: every range of `w` except the projection weights that
+/// are quantized (all but those `keep` names), packed in the same order into one bf16 buffer
+/// (quantized projections' ranges left empty at the position they would start, since their NF4
+/// copies live elsewhere), and the (host range, device range) pairs to copy. `norm_ranges` of
+/// the result are the norms' device ranges.
+pub fn compact_without_proj(w: &WeightStore, keep: &KeepBf16) -> (WeightStore, Vec<RangePair>) {
     let mut at = 0usize;
     let mut pairs = Vec::new();
     let mut mv = |r: &Range<usize>| {
@@ -152,7 +195,7 @@ pub fn compact_without_proj(w: &WeightStore) -> (WeightStore, Vec<RangePair>) {
     };
     let embed = mv(&w.embed);
     let mut layers = Vec::with_capacity(w.layers.len());
-    for l in &w.layers {
+    for (li, l) in w.layers.iter().enumerate() {
         let input_norm = mv(&l.input_norm);
         let mut proj: [Range<usize>; 7] = Default::default();
         let mut bias: [Option<Range<usize>>; 7] = Default::default();
@@ -162,8 +205,12 @@ pub fn compact_without_proj(w: &WeightStore) -> (WeightStore, Vec<RangePair>) {
         let q_norm = l.q_norm.as_ref().map(&mut mv);
         let k_norm = l.k_norm.as_ref().map(&mut mv);
         let post_norm = mv(&l.post_norm);
-        for p in &mut proj {
-            *p = post_norm.end..post_norm.end;
+        for (p, (dst, src)) in Proj::ALL.iter().zip(proj.iter_mut().zip(&l.proj)) {
+            *dst = if keep.keeps(li, *p) {
+                mv(src)
+            } else {
+                post_norm.end..post_norm.end
+            };
         }
         layers.push(LayerWeights {
             input_norm,
@@ -643,6 +690,43 @@ mod layout_tests {
     use std::path::PathBuf;
 
     #[test]
+    fn kept_bf16_projections_stay_in_the_compact_layout() {
+        let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/llama");
+        let config = ModelConfig::from_file(&d.join("config.json")).unwrap();
+        let lay = weight_layout(&config);
+        let keep = KeepBf16::parse(" layers.0.mlp.down_proj, layers.1.self_attn.q_proj ,");
+        assert_eq!(keep.0.len(), 2);
+        assert!(keep.keeps(0, Proj::Down) && keep.keeps(1, Proj::Q));
+        assert!(!keep.keeps(1, Proj::Down) && !keep.keeps(0, Proj::Q));
+        assert!(keep.unmatched(2).is_empty());
+        assert_eq!(
+            KeepBf16::parse("mlp.down,layers.7.").unmatched(2),
+            ["layers.7."]
+        );
+        let (all4, _) = compact_without_proj(&lay, &KeepBf16::default());
+        let (c, pairs) = compact_without_proj(&lay, &keep);
+        let kept = |l: usize, p: Proj| lay.layers[l].proj[p.index()].clone();
+        // The kept projections take their bf16 size in the buffer and are copied from the host;
+        // the others stay empty.
+        assert_eq!(
+            layout_len(&c),
+            layout_len(&all4) + kept(0, Proj::Down).len() + kept(1, Proj::Q).len()
+        );
+        for (l, p) in [(0, Proj::Down), (1, Proj::Q)] {
+            let dev = c.layers[l].proj[p.index()].clone();
+            assert_eq!(dev.len(), kept(l, p).len());
+            assert!(pairs.contains(&(kept(l, p), dev)));
+        }
+        assert!(c.layers[0].proj[Proj::Q.index()].is_empty());
+        let mut end = 0;
+        for (h, dv) in &pairs {
+            assert_eq!((h.len(), dv.start), (dv.len(), end));
+            end = dv.end;
+        }
+        assert_eq!(end, layout_len(&c));
+    }
+
+    #[test]
     fn layout_matches_weight_store() {
         for arch in ["llama", "qwen2", "qwen3", "mistral"] {
             let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -662,7 +746,7 @@ mod layout_tests {
                 1 + 2 * config.num_hidden_layers * if config.qk_norm { 2 } else { 1 }
             );
             // 4-bit layout: everything but the projections, in order, no gaps or overlaps.
-            let (c, pairs) = compact_without_proj(&lay);
+            let (c, pairs) = compact_without_proj(&lay, &KeepBf16::default());
             let proj_elems: usize = lay
                 .layers
                 .iter()

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use ftrt_runtime::Gpu;
 
-use super::{init_adapter, GpuLlama};
+use super::{init_adapter, GpuLlama, KeepBf16};
 use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
 use crate::llama::{Batch, LlamaModel, LoraAdapter, Proj, Rounding};
@@ -68,12 +68,15 @@ pub fn selftest_model(gpu: &Gpu) -> Result<Vec<Row>, String> {
             format!("error: {e}  FAILED"),
         ));
     }
-    if let Err(e) = check_fixture_4bit(gpu, "llama", &mut rows) {
-        rows.push((
-            "model llama 4-bit: fixture check".into(),
-            f64::INFINITY,
-            format!("error: {e}  FAILED"),
-        ));
+    let dynamic = KeepBf16::parse("layers.0.mlp.down_proj,layers.1.self_attn.q_proj");
+    for keep in [KeepBf16::default(), dynamic] {
+        if let Err(e) = check_fixture_4bit(gpu, "llama", &keep, &mut rows) {
+            rows.push((
+                format!("model llama 4-bit {:?}: fixture check", keep.0),
+                f64::INFINITY,
+                format!("error: {e}  FAILED"),
+            ));
+        }
     }
     match crate::gguf::smollm2_gguf_path() {
         Err(e) => rows.push((
@@ -156,14 +159,14 @@ fn load_fixture(arch: &str) -> Result<Fixture, String> {
     })
 }
 
-/// Every projection weight of `m` replaced by its NF4 round trip (bitsandbytes' quantize_4bit
-/// with double quantization, then dequantize_4bit to bf16) from its bf16 value: what the GPU's
-/// 4-bit mode computes with.
-pub fn nf4_round_trip(m: &mut LlamaModel) {
+/// Every projection weight of `m` but those `keep` names replaced by its NF4 round trip
+/// (bitsandbytes' quantize_4bit with double quantization, then dequantize_4bit to bf16) from its
+/// bf16 value: what the GPU's 4-bit mode computes with.
+pub fn nf4_round_trip(m: &mut LlamaModel, keep: &KeepBf16) {
     use ftrt_ops::quant_prelude::{dequantize_nf4_cpu, quantize_nf4_cpu};
     let bf = |v: f32| half::bf16::from_f32(v).to_f32();
     for l in 0..m.dims.layers {
-        for p in Proj::ALL {
+        for p in Proj::ALL.into_iter().filter(|&p| !keep.keeps(l, p)) {
             let r = m.weights.layers[l].proj[p.index()].clone();
             let x: Vec<f32> = m.weights.data[r.clone()].iter().map(|&v| bf(v)).collect();
             let q = quantize_nf4_cpu(&x, 64);
@@ -175,8 +178,14 @@ pub fn nf4_round_trip(m: &mut LlamaModel) {
     }
 }
 
-/// The 4-bit mode on a fixture (see the module doc).
-fn check_fixture_4bit(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), String> {
+/// The 4-bit mode on a fixture (see the module doc), with the projections `keep` names left in
+/// bf16 (dynamic 4-bit); AdamW steps when nothing is kept.
+fn check_fixture_4bit(
+    gpu: &Gpu,
+    arch: &str,
+    keep: &KeepBf16,
+    rows: &mut Vec<Row>,
+) -> Result<(), String> {
     let Fixture {
         cpu,
         batch,
@@ -185,9 +194,14 @@ fn check_fixture_4bit(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
         ad_bf,
         ..
     } = load_fixture(arch)?;
+    let arch = &if keep.0.is_empty() {
+        arch.to_owned()
+    } else {
+        format!("{arch} ({} kept bf16)", keep.0.join(", "))
+    };
     let mut cpu4 = cpu.clone();
-    nf4_round_trip(&mut cpu4);
-    let mut g = GpuLlama::from_model_4bit(gpu, &cpu, batch.len(), ad.r)?;
+    nf4_round_trip(&mut cpu4, keep);
+    let mut g = GpuLlama::from_model_4bit(gpu, &cpu, batch.len(), ad.r, keep)?;
     if !g.is_4bit() {
         return Err("from_model_4bit built a bf16 model".into());
     }
@@ -261,7 +275,10 @@ fn check_fixture_4bit(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
         TOL_CPU,
         format!("worst {at}"),
     );
-    let mut trained = GpuLlama::from_model_4bit(gpu, &cpu, batch.len(), 16)?;
+    if !keep.0.is_empty() {
+        return Ok(());
+    }
+    let mut trained = GpuLlama::from_model_4bit(gpu, &cpu, batch.len(), 16, keep)?;
     train_steps(
         &mut trained,
         &cpu.dims,
@@ -661,7 +678,7 @@ mod tests {
     fn gpu_nf4_pipeline_matches_the_round_trip_reference() {
         let f = load_fixture("llama").unwrap();
         let mut want = f.cpu.clone();
-        nf4_round_trip(&mut want);
+        nf4_round_trip(&mut want, &KeepBf16::default());
         let code2 = quant_prelude::dynamic_map_signed();
         let code = quant_prelude::nf4_code();
         let mut changed = 0;
