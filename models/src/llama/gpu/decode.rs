@@ -25,12 +25,11 @@ pub struct GpuKvCache {
     dims: CacheDims,
     /// Tokens stored in each slot.
     lens: Vec<usize>,
-    /// (max_tokens) i32: each batch row's slot and position (where `kv_store` puts it).
+    /// (max_tokens) i32: each batch row's slot (`kv_store` puts it at the row's position, the
+    /// loaded batch's own); in decode, row s is sequence s, so this is also each sequence's slot.
     row_slot: DevPtr<i32>,
-    row_pos: DevPtr<i32>,
-    /// (slots) i32: each decoded sequence's slot and attention length; the rows of the final
-    /// norm output that predict (prefill: each prompt's last); the picked tokens.
-    seq_slot: DevPtr<i32>,
+    /// (slots) i32: each decoded sequence's attention length; the rows of the final norm output
+    /// that predict (prefill: each prompt's last); the picked tokens.
     seq_len: DevPtr<i32>,
     last_rows: DevPtr<i32>,
     picked: DevPtr<i32>,
@@ -51,12 +50,14 @@ impl GpuKvCache {
         self.lens.len()
     }
 
-    /// Stores `rows` keys and values (rows, Hkv, D) of layer `l` at the rows' slots/positions.
+    /// Stores `rows` keys and values (rows, Hkv, D) of layer `l` at the rows' slots and at
+    /// positions `pos` (rows) i32.
     pub(super) fn store(
         &self,
         gpu: &Gpu,
         l: usize,
         rows: usize,
+        pos: DevPtr<i32>,
         k: DevPtr<bf16>,
         v: DevPtr<bf16>,
     ) -> GpuResult<()> {
@@ -67,7 +68,7 @@ impl GpuKvCache {
             k,
             v,
             self.row_slot,
-            self.row_pos,
+            pos,
             self.k[l],
             self.v[l],
         )
@@ -90,7 +91,7 @@ impl GpuKvCache {
             q,
             self.k[l],
             self.v[l],
-            self.seq_slot,
+            self.row_slot,
             self.seq_len,
             out,
         )
@@ -134,8 +135,6 @@ impl GpuLlama<'_> {
             dims,
             lens: vec![0; slots],
             row_slot: h.alloc(self.gpu, self.max_tokens)?,
-            row_pos: h.alloc(self.gpu, self.max_tokens)?,
-            seq_slot: h.alloc(self.gpu, slots)?,
             seq_len: h.alloc(self.gpu, slots)?,
             last_rows: h.alloc(self.gpu, slots)?,
             picked: h.alloc(self.gpu, slots)?,
@@ -181,14 +180,14 @@ impl GpuLlama<'_> {
                 j += 1;
             }
             let batch = Batch::packed(&prompts[i..j]);
-            let (mut row_slot, mut row_pos) = (Vec::new(), Vec::new());
-            for (&sl, p) in slots[i..j].iter().zip(&prompts[i..j]) {
-                row_slot.extend(std::iter::repeat_n(sl as i32, p.len()));
-                row_pos.extend(0..p.len() as i32);
-            }
+            let row_slot: Vec<i32> = slots[i..j]
+                .iter()
+                .zip(&prompts[i..j])
+                .flat_map(|(&sl, p)| std::iter::repeat_n(sl as i32, p.len()))
+                .collect();
             let last: Vec<i32> = batch.cu_seqlens[1..].iter().map(|&c| c - 1).collect();
             self.load_batch(&batch, None)?;
-            self.upload_rows(cache, &row_slot, &row_pos, None)?;
+            self.upload_rows(cache, &row_slot, None)?;
             self.gpu
                 .upload(cache.last_rows, &last)
                 .ctx("uploading row indices")?;
@@ -237,7 +236,7 @@ impl GpuLlama<'_> {
         let slot_ids: Vec<i32> = slots.iter().map(|&x| x as i32).collect();
         let lens: Vec<i32> = pos.iter().map(|p| p + 1).collect();
         self.load_batch(&batch, None)?;
-        self.upload_rows(cache, &slot_ids, &pos, Some(&lens))?;
+        self.upload_rows(cache, &slot_ids, Some(&lens))?;
         self.forward_pass(Pass::Decode(cache))?;
         let picked = self.pick_next(cache, None, sampler)?;
         for &sl in slots {
@@ -246,21 +245,17 @@ impl GpuLlama<'_> {
         Ok(picked)
     }
 
-    /// Uploads the batch rows' cache slots and positions; for decode also each sequence's slot
-    /// (the rows' own) and attention length.
+    /// Uploads the batch rows' cache slots (their positions are the loaded batch's); for decode
+    /// also each sequence's attention length.
     fn upload_rows(
         &self,
         cache: &GpuKvCache,
         row_slot: &[i32],
-        row_pos: &[i32],
         seq_len: Option<&[i32]>,
     ) -> GpuResult<()> {
         let g = self.gpu;
         g.upload(cache.row_slot, row_slot).ctx("uploading slots")?;
-        g.upload(cache.row_pos, row_pos)
-            .ctx("uploading positions")?;
         if let Some(lens) = seq_len {
-            g.upload(cache.seq_slot, row_slot).ctx("uploading slots")?;
             g.upload(cache.seq_len, lens).ctx("uploading lengths")?;
         }
         Ok(())

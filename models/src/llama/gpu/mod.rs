@@ -1501,11 +1501,11 @@ impl<'g> GpuLlama<'g> {
         match pass {
             Pass::Train | Pass::Recompute => self.attn_forward(a, la, n, s)?,
             Pass::Prefill(cache) => {
-                cache.store(gpu, l, n, la.k, la.v)?;
+                cache.store(gpu, l, n, a.pos, la.k, la.v)?;
                 self.attn_forward(a, la, n, s)?;
             }
             Pass::Decode(cache) => {
-                cache.store(gpu, l, n, la.k, la.v)?;
+                cache.store(gpu, l, n, a.pos, la.k, la.v)?;
                 cache.attend(gpu, l, n, la.q, la.att)?;
             }
         }
