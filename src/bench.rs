@@ -80,9 +80,35 @@ pub struct BenchArgs {
     /// Sampling temperature with --decode (0: greedy; the baseline samples at 1).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
+    /// After the timed steps, profile one more step (with --decode: 8 decode steps after a
+    /// prefill) and print its GPU time by node kind (kernel, GEMM class, copy), largest first.
+    #[arg(long)]
+    pub profile: bool,
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
+}
+
+/// Runs `work` inside a GPU profile and prints the per-kind table under `title`.
+fn print_profile(
+    gpu: &Gpu,
+    title: &str,
+    work: impl FnOnce() -> Result<(), String>,
+) -> Result<Vec<ftrt_runtime::ProfileRow>, String> {
+    gpu.synchronize().map_err(|e| e.to_string())?;
+    gpu.profile_begin();
+    let done = work();
+    let rows = gpu.profile_end().map_err(|e| e.to_string())?;
+    done?;
+    println!("{title}\n{}", ftrt_runtime::format_table(&rows));
+    Ok(rows)
+}
+
+/// The profile rows as JSON ([label, calls, ms] each).
+fn profile_json(rows: &[ftrt_runtime::ProfileRow]) -> serde_json::Value {
+    rows.iter()
+        .map(|r| serde_json::json!([r.label, r.calls, (r.ms * 1e3).round() / 1e3]))
+        .collect()
 }
 
 /// The preset's config.json (hf_baseline.py's PRESETS).
@@ -254,6 +280,12 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let mfu = model_fpt * tok_s / peak;
     let hfu = hw_fpt * tok_s / peak;
     let measured = free0.saturating_sub(free1) as f64 / GIB;
+    let profile = if a.profile {
+        let title = format!("GPU time of one profiled step (unprofiled: {ms:.2} ms):");
+        profile_json(&print_profile(&gpu, &title, || step(&mut model).map(drop))?)
+    } else {
+        serde_json::Value::Null
+    };
     let planned = model.held_bytes() as f64 / GIB;
     let name = gpu.info().name.clone();
     println!(
@@ -271,7 +303,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         "peak_gib": (measured * 1000.0).round() / 1000.0, "planned_gib": (planned * 1000.0).round() / 1000.0,
         "mfu": (mfu * 1e4).round() / 1e4, "hfu": (hfu * 1e4).round() / 1e4,
         "model_tflops": (model_fpt * tok_s / 1e11).round() / 10.0, "loss": loss,
-        "n_params_matmul": n_mat, "n_lora": n_lora,
+        "n_params_matmul": n_mat, "n_lora": n_lora, "profile": profile,
     });
     println!("{json}");
     Ok(())
@@ -329,6 +361,22 @@ fn run_decode(a: &BenchArgs) -> Result<(), String> {
     timed(16)?;
     let (prefill_s, _, _) = timed(1)?;
     let (full_s, generated, free1) = timed(n)?;
+    let profile = if a.profile {
+        let steps = 8.min(n - 1);
+        let mut cache = model.new_kv_cache(b, p + steps + 1)?;
+        let slots: Vec<usize> = (0..b).collect();
+        let mut sampler = ftrt_models::llama::Sampler::new(params);
+        let mut next = model.prefill(&mut cache, &slots, &prompts, &mut sampler)?;
+        let title = format!("GPU time of {steps} decode steps at batch {b} (after a {p}-token prefill):");
+        profile_json(&print_profile(&gpu, &title, || {
+            for _ in 0..steps {
+                next = model.decode(&mut cache, &slots, &next, &mut sampler)?;
+            }
+            Ok(())
+        })?)
+    } else {
+        serde_json::Value::Null
+    };
     let gen_tok_s = (b * generated) as f64 / full_s;
     let decode_tok_s = (b * (generated - 1)) as f64 / (full_s - prefill_s).max(1e-9);
     let ms_step = 1e3 * (full_s - prefill_s) / (generated - 1).max(1) as f64;
@@ -349,6 +397,7 @@ fn run_decode(a: &BenchArgs) -> Result<(), String> {
         "decode_tok_s": (decode_tok_s * 10.0).round() / 10.0,
         "ms_per_token_step": (ms_step * 100.0).round() / 100.0,
         "peak_gib": (free0.saturating_sub(free1) as f64 / GIB * 1000.0).round() / 1000.0,
+        "profile": profile,
     });
     println!("{json}");
     Ok(())

@@ -17,10 +17,14 @@ use crate::vectorize::{
 use std::fmt::Write;
 
 /// Threads per row of the row-kernel variants: a warp per row up to `WARP_ROW_MAX_INNER`
-/// elements, else a block of 256 per row, or of 1024 when there are too few rows
-/// (`FEW_ROWS`) to keep enough loads in flight.
+/// elements (`WARP_ROW_MAX_INNER_ONE_SWEEP` for a pass that only reduces over the row, reading
+/// it once: no block reduction, and 8 rows per block keep the loads in flight; measured on the
+/// H200 for the cross-entropy forward at 8192 x 4096: 74% of copy against 51% with a block of
+/// 256), else a block of 256 per row, or of 1024 when there are too few rows (`FEW_ROWS`) to
+/// keep enough loads in flight.
 pub const ROW_VARIANTS: [u32; 3] = [32, 256, 1024];
 pub const WARP_ROW_MAX_INNER: i64 = 1024;
+pub const WARP_ROW_MAX_INNER_ONE_SWEEP: i64 = 8192;
 pub const FEW_ROWS: i64 = 2048;
 /// Threads per block of flat kernels.
 pub const FLAT_THREADS: u32 = 256;

@@ -6,7 +6,9 @@
 //! harness) and `ftrt_runtime`; the op's family module must bring its PTX module into scope
 //! as `KERNELS`.
 use crate::ast::*;
-use crate::emit_cuda::{FEW_ROWS, FLAT_THREADS, ROW_VARIANTS, WARP_ROW_MAX_INNER};
+use crate::emit_cuda::{
+    FEW_ROWS, FLAT_THREADS, ROW_VARIANTS, WARP_ROW_MAX_INNER, WARP_ROW_MAX_INNER_ONE_SWEEP,
+};
 use crate::lower::{flat_offset, lower, pass_args, pass_fn_name, Arg, Lowered, Shape, Step};
 use crate::validate::{dims, grad_decl, Name, Scope, Ty};
 use crate::vectorize::{packed_loads, vec_access, vec_conditions, vec_loads};
@@ -620,9 +622,18 @@ fn emit_launcher(o: &mut String, op: &OpDef, pass: &Pass) {
     match lowered.shape {
         Shape::Row => {
             let [w, b, big] = ROW_VARIANTS;
+            // A pass that stores nothing along the row reads it once (reductions only).
+            let writes_row = pass.body.iter().any(|s| {
+                matches!(s, Stmt::Store { tensor, index, .. } if vec_access(scope, tensor, index).is_some())
+            });
+            let warp_max = if writes_row {
+                WARP_ROW_MAX_INNER
+            } else {
+                WARP_ROW_MAX_INNER_ONE_SWEEP
+            };
             writeln!(
                 o,
-                "        let tpr: u32 = if inner <= {WARP_ROW_MAX_INNER} {{ {w} }} else if outer >= {FEW_ROWS} {{ {b} }} else {{ {big} }};"
+                "        let tpr: u32 = if inner <= {warp_max} {{ {w} }} else if outer >= {FEW_ROWS} {{ {b} }} else {{ {big} }};"
             )
             .unwrap();
             writeln!(

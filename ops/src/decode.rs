@@ -2,7 +2,8 @@
 //! typed launchers.
 //!
 //! Layouts (row-major, bf16 unless noted):
-//! - cache `kc`, `vc`: (slots, T, Hkv, D), T = the cache's capacity per sequence;
+//! - cache `kc`, `vc`: (slots, Hkv, T, D), T = the cache's capacity per sequence: each
+//!   (sequence, kv head)'s keys contiguous, so a decode block streams one contiguous range;
 //! - `kv_store`: `k_new`, `v_new` (rows, Hkv, D) with `slot`, `pos` (rows) i32:
 //!   `kc[slot[r], pos[r]] = k_new[r]`, the same for v (prefill stores every prompt token,
 //!   decoding one token per sequence);
@@ -30,8 +31,8 @@ use crate::kernels::DECODE as KERNELS;
 
 /// Largest head dim the decode kernels take (one thread per dim in `kv_store`).
 pub const MAX_HEAD_DIM: usize = 128;
-/// Query heads of one kv head's group that one `decode_attention` block takes.
-const HEADS_PER_BLOCK: usize = 8;
+/// Query heads of one kv head's group that one `decode_attention` split block takes.
+const HEADS_PER_BLOCK: usize = 4;
 
 /// Shape of a KV cache and of one decode call.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -60,9 +61,22 @@ impl CacheDims {
         }
         Ok(())
     }
-    /// Elements of one row of keys (Hkv * D).
-    fn kv_row(&self) -> usize {
-        self.kv_heads * self.head_dim
+    /// Whether decode attention runs on tensor cores: head dim 64 or 128 and at most 16 query
+    /// heads per kv head (one m16 tile); else the CUDA-core kernel, 4 heads per block.
+    fn tensor_cores(&self) -> bool {
+        matches!(self.head_dim, 64 | 128) && self.heads / self.kv_heads <= 16
+    }
+    /// Split blocks per kv head: one on tensor cores, else one per 4 query heads.
+    fn blocks_per_kv_head(&self) -> usize {
+        if self.tensor_cores() {
+            1
+        } else {
+            (self.heads / self.kv_heads.max(1)).div_ceil(HEADS_PER_BLOCK)
+        }
+    }
+    /// Offset of (slot, kv head, position)'s key (or value) in a (slots, Hkv, T, D) cache.
+    fn at(&self, slot: usize, kv_head: usize, pos: usize) -> usize {
+        ((slot * self.kv_heads + kv_head) * self.capacity + pos) * self.head_dim
     }
 }
 
@@ -76,11 +90,14 @@ pub fn kv_store_cpu<T: Real>(
     kc: &mut [T],
     vc: &mut [T],
 ) {
-    let w = d.kv_row();
+    let hd = d.head_dim;
     for r in 0..slot.len() {
-        let at = (slot[r] as usize * d.capacity + pos[r] as usize) * w;
-        kc[at..at + w].copy_from_slice(&k_new[r * w..(r + 1) * w]);
-        vc[at..at + w].copy_from_slice(&v_new[r * w..(r + 1) * w]);
+        for h in 0..d.kv_heads {
+            let at = d.at(slot[r] as usize, h, pos[r] as usize);
+            let src = (r * d.kv_heads + h) * hd;
+            kc[at..at + hd].copy_from_slice(&k_new[src..src + hd]);
+            vc[at..at + hd].copy_from_slice(&v_new[src..src + hd]);
+        }
     }
 }
 
@@ -95,12 +112,11 @@ pub fn decode_attention_cpu<T: Real>(
     len: &[i32],
     out: &mut [T],
 ) {
-    let (hd, w, group) = (d.head_dim, d.kv_row(), d.heads / d.kv_heads);
+    let (hd, group) = (d.head_dim, d.heads / d.kv_heads);
     for s in 0..slot.len() {
-        let base = slot[s] as usize * d.capacity * w;
         for h in 0..d.heads {
             let qrow = &q[(s * d.heads + h) * hd..][..hd];
-            let at = |t: usize| base + t * w + (h / group) * hd;
+            let at = |t: usize| d.at(slot[s] as usize, h / group, t);
             let scores: Vec<f64> = (0..len[s] as usize)
                 .map(|t| {
                     let k = &kc[at(t)..at(t) + hd];
@@ -204,39 +220,89 @@ pub fn kv_store(
         shared_mem_bytes: 0,
     };
     // SAFETY: k_new/v_new hold rows * Hkv * D elements, slot/pos `rows` i32 naming slots and
-    // positions inside the (slots, T, Hkv, D) cache (the caller's contract).
+    // positions inside the (slots, Hkv, T, D) cache (the caller's contract).
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
 
-/// Attention of one query row per sequence against its cache (compute stream). Every
-/// `len[s]` must be in 1..=T.
+/// How [`decode_attention`] splits each sequence's keys: every split of `keys_per_split`
+/// keys is one block (per sequence, kv head and 4 query heads) writing an online-softmax
+/// partial, and a second kernel merges a sequence's `ceil(len / keys_per_split)` partials.
+/// The grid has `splits` blocks along the keys whatever the lengths (blocks past a sequence's
+/// end return at once), so one launch shape serves a whole generation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SplitPlan {
+    pub keys_per_split: usize,
+    pub splits: usize,
+}
+
+impl SplitPlan {
+    /// Blocks wanted when every sequence is full: about 8 per SM of an H100/H200.
+    const TARGET_BLOCKS: usize = 1024;
+
+    /// Splits of 64..=256 keys (multiples of 64: four warps of 16 keys) for up to `seqs`
+    /// sequences of up to `d.capacity` keys: long enough to amortize each block's partial,
+    /// short enough to give ~1024 blocks at batch 1 too.
+    pub fn new(d: &CacheDims, seqs: usize) -> Self {
+        let per_split = (seqs.max(1) * d.kv_heads * d.blocks_per_kv_head()).max(1);
+        let want = Self::TARGET_BLOCKS.div_ceil(per_split);
+        let keys = d.capacity.div_ceil(want).next_multiple_of(64).clamp(64, 256);
+        SplitPlan {
+            keys_per_split: keys,
+            splits: d.capacity.div_ceil(keys).max(1),
+        }
+    }
+
+    /// f32 scratch of a call on `seqs` sequences: max and sum (S, Hq, splits), then the
+    /// unnormalized outputs (S, Hq, splits, D).
+    pub fn scratch_len(&self, d: &CacheDims, seqs: usize) -> usize {
+        seqs * d.heads * self.splits * (d.head_dim + 2)
+    }
+}
+
+/// Attention of one query row per sequence against its cache (compute stream), in two
+/// launches (split partials, then their merge; see [`SplitPlan`]). Every `len[s]` must be in
+/// 1..=T, and `scratch` hold [`SplitPlan::scratch_len`] f32 for `seqs`.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attention(
     gpu: &Gpu,
     d: &CacheDims,
+    plan: &SplitPlan,
     seqs: usize,
     q: DevPtr<bf16>,
     kc: DevPtr<bf16>,
     vc: DevPtr<bf16>,
     slot: DevPtr<i32>,
     len: DevPtr<i32>,
+    scratch: DevPtr<f32>,
     out: DevPtr<bf16>,
 ) -> Result<(), RuntimeError> {
     d.check()?;
     if seqs == 0 {
         return Ok(());
     }
-    for (name, p) in [("kc", kc), ("vc", vc)] {
+    for (name, p) in [("kc", kc), ("vc", vc), ("q", q)] {
         check_aligned(name, p)?;
     }
-    let f = gpu.function(&KERNELS, "decode_attention")?;
+    let stats = seqs * d.heads * plan.splits;
+    let (pm, pl, pacc) = (scratch, scratch.offset(stats), scratch.offset(2 * stats));
+    let f = if d.tensor_cores() {
+        gpu.function(&KERNELS, &format!("decode_attention_split_mma_d{}", d.head_dim))?
+    } else {
+        let dpl = match d.head_dim {
+            0..=32 => 4,
+            33..=64 => 8,
+            _ => 16,
+        };
+        gpu.function(&KERNELS, &format!("decode_attention_split_p{dpl}"))?
+    };
     let (hq, hkv, hd, t) = (
         d.heads as i32,
         d.kv_heads as i32,
         d.head_dim as i32,
         d.capacity as i32,
     );
+    let (ch, nz) = (plan.keys_per_split as i32, plan.splits as i32);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&q.addr);
     b.arg(&kc.addr);
@@ -245,17 +311,44 @@ pub fn decode_attention(
     b.arg(&len.addr);
     b.arg(&hq);
     b.arg(&hkv);
-    b.arg(&hd);
+    if !d.tensor_cores() {
+        b.arg(&hd);
+    }
     b.arg(&t);
+    b.arg(&ch);
     b.arg(&d.scale);
-    b.arg(&out.addr);
-    let groups = (d.heads / d.kv_heads).div_ceil(HEADS_PER_BLOCK);
+    b.arg(&pm.addr);
+    b.arg(&pl.addr);
+    b.arg(&pacc.addr);
     let cfg = LaunchConfig {
-        grid_dim: (seqs as u32, d.kv_heads as u32, groups as u32),
+        grid_dim: (
+            seqs as u32,
+            (d.kv_heads * d.blocks_per_kv_head()) as u32,
+            plan.splits as u32,
+        ),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: q/out hold seqs * Hq * D elements; slot/len name filled cache rows (caller).
+    // SAFETY: q holds seqs * Hq * D elements, slot/len name filled cache rows (caller), the
+    // scratch holds scratch_len(seqs) f32 (caller).
+    unsafe { b.launch(cfg) }?;
+    let f = gpu.function(&KERNELS, "decode_attention_combine")?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&pm.addr);
+    b.arg(&pl.addr);
+    b.arg(&pacc.addr);
+    b.arg(&len.addr);
+    b.arg(&hq);
+    b.arg(&hd);
+    b.arg(&ch);
+    b.arg(&nz);
+    b.arg(&out.addr);
+    let cfg = LaunchConfig {
+        grid_dim: (seqs as u32, d.heads as u32, 1),
+        block_dim: (MAX_HEAD_DIM as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the partials of every used split were written above; out holds seqs * Hq * D.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }

@@ -693,6 +693,45 @@ fn check_adamw(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), Runtime
     Ok(())
 }
 
+/// Decode attention of `s` random query rows over a filled cache (host copies `kc`, `vc` of
+/// the device's `kcd`, `vcd`) against the f64 CPU reference; GB/s over the keys and values read.
+#[allow(clippy::too_many_arguments)]
+fn check_decode_attention(
+    gpu: &Gpu,
+    rng: &mut Rng,
+    rep: &mut Report,
+    cd: &decode::CacheDims,
+    s: usize,
+    kc: &[f32],
+    vc: &[f32],
+    kcd: DevPtr<bf16>,
+    vcd: DevPtr<bf16>,
+    slots: &[i32],
+    lens: &[i32],
+) -> Result<(), RuntimeError> {
+    let mut b = Bufs::new(gpu);
+    let plan = decode::SplitPlan::new(cd, s);
+    let scratch = b.put(&vec![0f32; plan.scratch_len(cd, s)])?;
+    let (sd, ld) = (b.put(slots)?, b.put(lens)?);
+    let q = randn(rng, s * cd.heads * cd.head_dim, 1.0);
+    let qd = b.bf16(&q)?;
+    let od = b.bf16(&vec![0.0; q.len()])?;
+    let mut want = vec![0f32; q.len()];
+    decode::decode_attention_cpu(cd, &q, kc, vc, slots, lens, &mut want);
+    let run = || decode::decode_attention(gpu, cd, &plan, s, qd, kcd, vcd, sd, ld, scratch, od);
+    run()?;
+    let err = rel_err(&b.get_bf16(od, q.len())?, &want);
+    let us = time(gpu, run)?;
+    let row = cd.kv_heads * cd.head_dim;
+    let kv_bytes: f64 = lens.iter().map(|&l| (2 * l as usize * row * 2) as f64).sum();
+    let name = format!(
+        "decode attention batch {s}, {}/{} heads d{}, len <= {} ({} splits of {})",
+        cd.heads, cd.kv_heads, cd.head_dim, cd.capacity, plan.splits, plan.keys_per_split
+    );
+    rep.add(&name, err, TOLERANCE, us, kv_bytes);
+    Ok(())
+}
+
 /// KV-cache store, decode attention and greedy argmax at a batch-64 decode step of an 8B
 /// shape (32/8 heads of 128, cache of 1024 tokens per slot, random fill lengths).
 fn check_decode(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), RuntimeError> {
@@ -718,7 +757,7 @@ fn check_decode(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), Runtim
     let pos: Vec<i32> = lens.iter().map(|l| l - 1).collect();
     let (k_new, v_new) = (randn(rng, s * row, 1.0), randn(rng, s * row, 1.0));
     let (knd, vnd) = (b.bf16(&k_new)?, b.bf16(&v_new)?);
-    let (sd, pd, ld) = (b.put(&slots)?, b.put(&pos)?, b.put(&lens)?);
+    let (sd, pd) = (b.put(&slots)?, b.put(&pos)?);
     decode::kv_store(gpu, &cd, s, knd, vnd, sd, pd, kcd, vcd)?;
     decode::kv_store_cpu(&cd, &k_new, &v_new, &slots, &pos, &mut kc, &mut vc);
     let stored = rel_err(&b.get_bf16(kcd, s * t * row)?, &kc)
@@ -734,27 +773,25 @@ fn check_decode(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), Runtim
         (4 * s * row * 2) as f64,
     );
 
-    let q = randn(rng, s * cd.heads * cd.head_dim, 1.0);
-    let qd = b.bf16(&q)?;
-    let od = b.bf16(&vec![0.0; q.len()])?;
-    let mut want = vec![0f32; q.len()];
-    decode::decode_attention_cpu(&cd, &q, &kc, &vc, &slots, &lens, &mut want);
-    decode::decode_attention(gpu, &cd, s, qd, kcd, vcd, sd, ld, od)?;
-    let err = rel_err(&b.get_bf16(od, q.len())?, &want);
-    let us = time(gpu, || {
-        decode::decode_attention(gpu, &cd, s, qd, kcd, vcd, sd, ld, od)
-    })?;
-    let kv_bytes: f64 = lens
-        .iter()
-        .map(|&l| (2 * l as usize * row * 2) as f64)
-        .sum();
-    rep.add(
-        "decode attention batch 64, 32/8 heads d128, len <= 1024",
-        err,
-        TOLERANCE,
-        us,
-        kv_bytes,
-    );
+    check_decode_attention(gpu, rng, rep, &cd, s, &kc, &vc, kcd, vcd, &slots, &lens)?;
+    for (heads, kv_heads, head_dim, seqs) in [(32, 8, 64, 1), (16, 1, 128, 2), (28, 4, 80, 3)] {
+        let cd = decode::CacheDims {
+            heads,
+            kv_heads,
+            head_dim,
+            capacity: t,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        };
+        let n = seqs * t * kv_heads * head_dim;
+        let (kc, vc) = (randn(rng, n, 1.0), randn(rng, n, 1.0));
+        let (kcd, vcd) = (b.bf16(&kc)?, b.bf16(&vc)?);
+        let (kc, vc) = (b.get_bf16(kcd, n)?, b.get_bf16(vcd, n)?);
+        let slots: Vec<i32> = (0..seqs as i32).rev().collect();
+        let lens: Vec<i32> = (0..seqs)
+            .map(|_| 1 + (rng.uniform(0.0, 1.0) * (t as f64 - 1.0)) as i32)
+            .collect();
+        check_decode_attention(gpu, rng, rep, &cd, seqs, &kc, &vc, kcd, vcd, &slots, &lens)?;
+    }
 
     let v = 128256usize;
     let logits = randn(rng, s * v, 3.0);

@@ -4,6 +4,7 @@
 use crate::driver_probe::probe_driver;
 use crate::error::RuntimeError;
 use crate::kernel_source::module_ptx;
+use crate::profile::{ProfileLog, ProfileRow};
 pub use cudarc;
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
 use std::collections::HashMap;
@@ -138,6 +139,8 @@ pub struct Gpu {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Module name -> function name -> handle (looked up without allocating).
     functions: Mutex<HashMap<&'static str, HashMap<String, CudaFunction>>>,
+    /// The open profile, if any ([`Gpu::profile_begin`]).
+    profile: Mutex<Option<ProfileLog>>,
 }
 
 impl Gpu {
@@ -165,6 +168,7 @@ impl Gpu {
             info,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            profile: Mutex::new(None),
         })
     }
 
@@ -191,6 +195,7 @@ impl Gpu {
         module: &'static PtxModule,
         name: &str,
     ) -> Result<CudaFunction, RuntimeError> {
+        self.profile_mark(name)?;
         let mut functions = self.functions.lock().expect("function cache poisoned");
         if let Some(f) = functions.get(module.name).and_then(|m| m.get(name)) {
             return Ok(f.clone());
@@ -220,6 +225,33 @@ impl Gpu {
         Ok(m)
     }
 
+    /// Opens a profile: from now on each launch (and each labelled GEMM or copy) records an
+    /// event on the compute stream, until [`Gpu::profile_end`]. Not while capturing a graph.
+    pub fn profile_begin(&self) {
+        *self.profile.lock().expect("profile poisoned") = Some(ProfileLog::default());
+    }
+
+    /// Whether a profile is open (graph capture must wait until it closes).
+    pub fn profiling(&self) -> bool {
+        self.profile.lock().expect("profile poisoned").is_some()
+    }
+
+    /// Charges the compute stream's work from here to the next mark to `label` (a no-op
+    /// without an open profile).
+    pub fn profile_mark(&self, label: &str) -> Result<(), RuntimeError> {
+        match self.profile.lock().expect("profile poisoned").as_mut() {
+            Some(log) => log.mark(&self.stream, label),
+            None => Ok(()),
+        }
+    }
+
+    /// Closes the open profile, waits for the stream and returns GPU time per label.
+    pub fn profile_end(&self) -> Result<Vec<ProfileRow>, RuntimeError> {
+        let log = self.profile.lock().expect("profile poisoned").take();
+        log.ok_or_else(|| RuntimeError::InvalidArgument("profile_end without profile_begin".into()))?
+            .finish(&self.stream)
+    }
+
     /// Waits until all work on the compute stream is done.
     pub fn synchronize(&self) -> Result<(), RuntimeError> {
         self.stream.synchronize()?;
@@ -247,6 +279,7 @@ impl Gpu {
         if src.is_empty() {
             return Ok(());
         }
+        self.profile_mark("copy (host to device, waited)")?;
         self.ctx.bind_to_thread()?;
         // SAFETY: dst holds src.len() elements (caller's contract); we wait before returning,
         // so src outlives the copy.
@@ -263,6 +296,7 @@ impl Gpu {
         if dst.is_empty() {
             return Ok(());
         }
+        self.profile_mark("copy (device to host, waited)")?;
         self.ctx.bind_to_thread()?;
         // SAFETY: src holds dst.len() elements (caller's contract); we wait before returning.
         unsafe { result::memcpy_dtoh_async(dst, src.addr, self.stream.cu_stream()) }?;
@@ -271,6 +305,7 @@ impl Gpu {
 
     /// Zeroes `bytes` bytes at `dst`, asynchronously on the compute stream.
     pub fn memset_zero(&self, dst: DevPtr<u8>, bytes: usize) -> Result<(), RuntimeError> {
+        self.profile_mark("memset")?;
         self.ctx.bind_to_thread()?;
         // SAFETY: caller guarantees [dst, dst+bytes) is device memory.
         unsafe { result::memset_d8_async(dst.addr, 0, bytes, self.stream.cu_stream()) }?;
@@ -284,6 +319,7 @@ impl Gpu {
         src: DevPtr<u8>,
         bytes: usize,
     ) -> Result<(), RuntimeError> {
+        self.profile_mark("copy (device to device)")?;
         self.ctx.bind_to_thread()?;
         // SAFETY: caller guarantees both ranges are device memory of `bytes` bytes.
         unsafe { result::memcpy_dtod_async(dst.addr, src.addr, bytes, self.stream.cu_stream()) }?;

@@ -22,6 +22,7 @@ pub mod graph;
 pub mod kernel_source;
 pub mod offload;
 pub mod planner;
+pub mod profile;
 pub mod rng;
 pub mod selftest;
 pub mod synthetic;
@@ -36,4 +37,5 @@ pub use graph::{
     CpuArgs, CpuKernel, GpuArgs, GpuKernel, Graph, GraphBuilder, Lifetime, Node, TensorId,
 };
 pub use planner::{plan, Plan, PlanOptions};
+pub use profile::{format_table, ProfileRow};
 pub use selftest::{selftest_runtime, SelftestRow};

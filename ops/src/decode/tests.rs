@@ -101,3 +101,29 @@ fn rng_seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(7, |d| d.as_nanos() as u64)
 }
+
+#[test]
+fn split_plans_cover_the_cache_in_64_to_256_key_splits() {
+    let mut rng = SplitMix64::new(rng_seed());
+    for _ in 0..200 {
+        let kv_heads = rng.range(1, 9);
+        let d = CacheDims {
+            heads: kv_heads * rng.range(1, 9),
+            kv_heads,
+            head_dim: [64, 80, 128][rng.range(0, 2)],
+            capacity: rng.range(1, 5000),
+            scale: 1.0,
+        };
+        let seqs = rng.range(1, 129);
+        let p = SplitPlan::new(&d, seqs);
+        let k = p.keys_per_split;
+        assert!(k % 64 == 0 && (64..=256).contains(&k), "{p:?} for {d:?}");
+        // Every position has a split, and no split starts past the capacity.
+        assert!(p.splits * k >= d.capacity && (p.splits - 1) * k < d.capacity, "{p:?} {d:?}");
+        let blocks = seqs * d.kv_heads * d.blocks_per_kv_head() * p.splits;
+        // Short splits whenever longer ones would leave fewer than ~1024 blocks.
+        if k > 64 {
+            assert!(blocks * k / 64 > 1024 || p.splits == 1, "{p:?} {d:?} seqs {seqs}");
+        }
+    }
+}

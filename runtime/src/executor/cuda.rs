@@ -181,6 +181,7 @@ impl<'g> CudaExecutor<'g> {
                 c,
                 bias,
             } => {
+                self.gpu.profile_mark(&nd.name)?;
                 let g = self.graph;
                 let blas = self.blas.as_ref().expect("opened when the graph has GEMMs");
                 let ws = match g.gemm_workspace {

@@ -14,12 +14,30 @@ use crate::llama::model::Batch;
 use crate::llama::sampling::{NextTokens, Sampler};
 use ftrt_ops::decode::{self, CacheDims};
 use ftrt_ops::embedding;
+use ftrt_runtime::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use ftrt_runtime::cudarc::driver::CudaGraph;
 use ftrt_runtime::{DevPtr, GemmDesc, Gpu};
 use half::bf16;
 
+/// What a captured decode step depends on besides the cache: the batch size and the model's
+/// activation and adapter buffers (addresses, rank, scale), which its launches bake in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct StepKey {
+    rows: usize,
+    acts: u64,
+    lora: Option<(u64, usize, u32)>,
+}
+
+/// The layers' forward of a decode step as a CUDA graph: `None` after the first (eager) step
+/// of a key, captured at the second, replayed from then on.
+struct StepGraph {
+    key: StepKey,
+    graph: Option<CudaGraph>,
+}
+
 /// Keys and values of every layer for `slots` sequences of up to `capacity` tokens.
 pub struct GpuKvCache {
-    /// Per layer: (slots, T, Hkv, D) bf16 keys and values.
+    /// Per layer: (slots, Hkv, T, D) bf16 keys and values.
     k: Vec<DevPtr<bf16>>,
     v: Vec<DevPtr<bf16>>,
     dims: CacheDims,
@@ -36,6 +54,11 @@ pub struct GpuKvCache {
     /// (slots, V) f32: logits of the rows that pick a token (f32 from the head GEMM: two
     /// candidates closer than a bf16 step stay ordered).
     logits: DevPtr<f32>,
+    /// How decode attention splits the keys, and its f32 scratch (sized for every slot).
+    splits: decode::SplitPlan,
+    split_scratch: DevPtr<f32>,
+    /// The decode step captured for replay, if any.
+    step_graph: Option<StepGraph>,
     _held: Held,
 }
 
@@ -87,12 +110,14 @@ impl GpuKvCache {
         decode::decode_attention(
             gpu,
             &self.dims,
+            &self.splits,
             seqs,
             q,
             self.k[l],
             self.v[l],
             self.row_slot,
             self.seq_len,
+            self.split_scratch,
             out,
         )
         .ctx("decode attention")
@@ -129,6 +154,7 @@ impl GpuLlama<'_> {
             k.push(h.alloc(self.gpu, per_layer)?);
             v.push(h.alloc(self.gpu, per_layer)?);
         }
+        let splits = decode::SplitPlan::new(&dims, slots);
         Ok(GpuKvCache {
             k,
             v,
@@ -139,6 +165,9 @@ impl GpuLlama<'_> {
             last_rows: h.alloc(self.gpu, slots)?,
             picked: h.alloc(self.gpu, slots)?,
             logits: h.alloc(self.gpu, slots * d.vocab)?,
+            split_scratch: h.alloc(self.gpu, splits.scratch_len(&dims, slots))?,
+            splits,
+            step_graph: None,
             _held: h,
         })
     }
@@ -237,12 +266,68 @@ impl GpuLlama<'_> {
         let lens: Vec<i32> = pos.iter().map(|p| p + 1).collect();
         self.load_batch(&batch, None)?;
         self.upload_rows(cache, &slot_ids, Some(&lens))?;
-        self.forward_pass(Pass::Decode(cache))?;
+        self.decode_forward(cache)?;
         let picked = self.pick_next(cache, None, sampler)?;
         for &sl in slots {
             cache.lens[sl] += 1;
         }
         Ok(picked)
+    }
+
+    /// The layers' forward of the loaded decode batch, as a CUDA graph where possible: replayed
+    /// when the batch size and the model's buffers match the capture, captured at the second
+    /// step of a new key (the first, eager, loads every module and GEMM plan), eager with
+    /// residual offload (copy streams) or while a profile is open.
+    fn decode_forward(&self, cache: &mut GpuKvCache) -> GpuResult<()> {
+        let a = self.acts.as_ref().ok_or("activations not allocated")?;
+        let (rows, _) = self.last.ok_or("no batch loaded")?;
+        if a.offload.is_some() || self.gpu.profiling() {
+            return self.forward_pass(Pass::Decode(cache));
+        }
+        let key = StepKey {
+            rows,
+            acts: a.ids.addr,
+            lora: self
+                .lora
+                .as_ref()
+                .map(|g| (g.bf16.addr, g.layout.r, g.layout.scale.to_bits())),
+        };
+        let graph = match cache.step_graph.take() {
+            Some(StepGraph {
+                key: k,
+                graph: Some(g),
+            }) if k == key => g,
+            Some(StepGraph { key: k, graph: None }) if k == key => {
+                self.capture(|| self.forward_pass(Pass::Decode(cache)))?
+            }
+            _ => {
+                self.forward_pass(Pass::Decode(cache))?;
+                cache.step_graph = Some(StepGraph { key, graph: None });
+                return Ok(());
+            }
+        };
+        graph.launch().ctx("replaying the decode step")?;
+        cache.step_graph = Some(StepGraph {
+            key,
+            graph: Some(graph),
+        });
+        Ok(())
+    }
+
+    /// `enqueue`'s launches on the compute stream captured into an uploaded CUDA graph.
+    fn capture(&self, enqueue: impl FnOnce() -> GpuResult<()>) -> GpuResult<CudaGraph> {
+        let stream = self.gpu.stream();
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .ctx("capturing the decode step")?;
+        let enqueued = enqueue();
+        let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+        enqueued?;
+        let graph = ended
+            .ctx("instantiating the decode step's graph")?
+            .ok_or("captured an empty decode step")?;
+        graph.upload().ctx("uploading the decode step's graph")?;
+        Ok(graph)
     }
 
     /// Uploads the batch rows' cache slots (their positions are the loaded batch's); for decode

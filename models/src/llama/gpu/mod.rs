@@ -1137,6 +1137,7 @@ impl<'g> GpuLlama<'g> {
         c: DevPtr<bf16>,
         bias: Option<DevPtr<bf16>>,
     ) -> GpuResult<()> {
+        self.mark_gemm(desc)?;
         self.blas
             .gemm_bf16(desc, a, b, c, bias, self.ws)
             .ctx("cuBLASLt GEMM")
@@ -1149,9 +1150,25 @@ impl<'g> GpuLlama<'g> {
         b: DevPtr<bf16>,
         c: DevPtr<f32>,
     ) -> GpuResult<()> {
+        self.mark_gemm(desc)?;
         self.blas
             .gemm_bf16_f32(desc, a, b, c, None, self.ws)
             .ctx("cuBLASLt GEMM (f32 out)")
+    }
+
+    /// Profile label of a GEMM by its shape: a LoRA product has the rank as one dimension, the
+    /// head the vocabulary, everything else is a frozen projection.
+    fn mark_gemm(&self, desc: &GemmDesc) -> GpuResult<()> {
+        let dims = [desc.m, desc.n, desc.k];
+        let rank = self.lora.as_ref().map_or(0, |g| g.layout.r);
+        let label = if rank > 0 && dims.contains(&rank) {
+            "GEMM LoRA (rank r)"
+        } else if dims.contains(&self.dims.vocab) {
+            "GEMM head (vocabulary)"
+        } else {
+            "GEMM projection (frozen)"
+        };
+        self.gpu.profile_mark(label).ctx("profiling")
     }
 
     /// Device pointers of the adapter's A and B (bf16 copy) of `p` in layer `l`, if adapted.
