@@ -275,10 +275,10 @@ __device__ __forceinline__ void dec_load_kv(DecKv<D>& kv, const dec_bf16* __rest
 }
 
 // One 16-key step: scores on tensor cores, the online softmax (log2 units, keys past t_end
-// masked), the output accumulators rescaled and P V added. qf: this lane's Q fragments
-// (shared memory, [p][word][lane]).
+// masked), the output accumulators rescaled and P V added. qf: the Q fragments (shared
+// memory, [p][lane][word]: two 16-byte reads per k-step pair).
 template <int D>
-__device__ __forceinline__ void dec_mma_step(const DecKv<D>& kv, const unsigned int (*qf)[8][32],
+__device__ __forceinline__ void dec_mma_step(const DecKv<D>& kv, const unsigned int (*qf)[32][8],
                                              int kb, int t_end, float sl2, int lane,
                                              float (&m)[2], float (&l)[2], float (&o)[D / 8][4]) {
     constexpr int KP = D / 32, NT = D / 8;
@@ -289,9 +289,10 @@ __device__ __forceinline__ void dec_mma_step(const DecKv<D>& kv, const unsigned 
         sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
 #pragma unroll
         for (int p = 0; p < KP; ++p) {
-            const unsigned int* w = &qf[p][0][lane];
-            dec_mma(sc[j], w[0], w[32], w[64], w[96], kv.k[j][p].x, kv.k[j][p].y);
-            dec_mma(sc[j], w[128], w[160], w[192], w[224], kv.k[j][p].z, kv.k[j][p].w);
+            const uint4 a = *reinterpret_cast<const uint4*>(&qf[p][lane][0]);
+            const uint4 b = *reinterpret_cast<const uint4*>(&qf[p][lane][4]);
+            dec_mma(sc[j], a.x, a.y, a.z, a.w, kv.k[j][p].x, kv.k[j][p].y);
+            dec_mma(sc[j], b.x, b.y, b.z, b.w, kv.k[j][p].z, kv.k[j][p].w);
         }
     }
     float corr[2];
@@ -351,10 +352,12 @@ __device__ __forceinline__ void dec_split_mma(
     int hq, int hkv, int t_max, int ch, float scale, float* __restrict__ pm,
     float* __restrict__ pl, float* __restrict__ pacc) {
     constexpr int KP = D / 32, NT = D / 8;
-    // Q fragments [p][word][lane]: words 0-3 the A operand of k-step 2p (a0..a3), 4-7 of 2p + 1.
-    __shared__ unsigned int qf[KP][8][32];
+    // Q fragments [p][lane][word]: words 0-3 the A operand of k-step 2p (a0..a3), 4-7 of 2p + 1.
+    __shared__ __align__(16) unsigned int qf[KP][32][8];
     __shared__ float m_s[DEC_WARPS][16], l_s[DEC_WARPS][16];
-    __shared__ float o_s[DEC_WARPS][16][D];
+    // Each warp's output rows in fragment order (n-tile i, column n at 8i + n: dim NT n + i),
+    // rows padded to D + 8 words: the lanes' 8-byte stores hit distinct banks.
+    __shared__ __align__(16) float o_s[DEC_WARPS][16][D + 8];
     const int s = blockIdx.x, kvh = blockIdx.y, z = blockIdx.z, nz = gridDim.z;
     const int group = hq / hkv, h0 = kvh * group;
     const int t_begin = z * ch, t_end = min(len[s], t_begin + ch);
@@ -372,7 +375,7 @@ __device__ __forceinline__ void dec_split_mma(
             }
             const unsigned int f[8] = {w[0].x, w[1].x, w[0].y, w[1].y, w[0].z, w[1].z, w[0].w, w[1].w};
 #pragma unroll
-            for (int i = 0; i < 8; ++i) qf[p][i][lane] = f[i];
+            for (int i = 0; i < 8; ++i) qf[p][lane][i] = f[i];
         }
     }
     __syncthreads();
@@ -404,15 +407,13 @@ __device__ __forceinline__ void dec_split_mma(
         l_s[warp][g + 8] = l[1];
     }
 #pragma unroll
-    for (int i = 0; i < NT; ++i)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            o_s[warp][g][NT * (2 * t + e) + i] = o[i][e];
-            o_s[warp][g + 8][NT * (2 * t + e) + i] = o[i][2 + e];
-        }
+    for (int i = 0; i < NT; ++i) {
+        *reinterpret_cast<float2*>(&o_s[warp][g][8 * i + 2 * t]) = make_float2(o[i][0], o[i][1]);
+        *reinterpret_cast<float2*>(&o_s[warp][g + 8][8 * i + 2 * t]) = make_float2(o[i][2], o[i][3]);
+    }
     __syncthreads();
     for (int i = tid; i < group * D; i += DEC_THREADS) {
-        const int row = i / D, e = i % D;
+        const int row = i / D, e = i % D, frag = 8 * (e % NT) + e / NT;
         float mx = DEC_NEG_INF;
 #pragma unroll
         for (int w = 0; w < DEC_WARPS; ++w) mx = fmaxf(mx, m_s[w][row]);
@@ -421,7 +422,7 @@ __device__ __forceinline__ void dec_split_mma(
         for (int w = 0; w < DEC_WARPS; ++w) {
             const float f = m_s[w][row] == DEC_NEG_INF ? 0.f : exp2f(m_s[w][row] - mx);
             sum += l_s[w][row] * f;
-            acc += o_s[w][row][e] * f;
+            acc += o_s[w][row][frag] * f;
         }
         const long long at = ((long long)s * hq + h0 + row) * nz + z;
         pacc[at * D + e] = acc;
