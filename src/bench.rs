@@ -367,7 +367,8 @@ fn run_decode(a: &BenchArgs) -> Result<(), String> {
         let slots: Vec<usize> = (0..b).collect();
         let mut sampler = ftrt_models::llama::Sampler::new(params);
         let mut next = model.prefill(&mut cache, &slots, &prompts, &mut sampler)?;
-        let title = format!("GPU time of {steps} decode steps at batch {b} (after a {p}-token prefill):");
+        let title =
+            format!("GPU time of {steps} decode steps at batch {b} (after a {p}-token prefill):");
         profile_json(&print_profile(&gpu, &title, || {
             for _ in 0..steps {
                 next = model.decode(&mut cache, &slots, &next, &mut sampler)?;

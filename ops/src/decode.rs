@@ -246,7 +246,11 @@ impl SplitPlan {
     pub fn new(d: &CacheDims, seqs: usize) -> Self {
         let per_split = (seqs.max(1) * d.kv_heads * d.blocks_per_kv_head()).max(1);
         let want = Self::TARGET_BLOCKS.div_ceil(per_split);
-        let keys = d.capacity.div_ceil(want).next_multiple_of(64).clamp(64, 256);
+        let keys = d
+            .capacity
+            .div_ceil(want)
+            .next_multiple_of(64)
+            .clamp(64, 256);
         SplitPlan {
             keys_per_split: keys,
             splits: d.capacity.div_ceil(keys).max(1),
@@ -287,7 +291,10 @@ pub fn decode_attention(
     let stats = seqs * d.heads * plan.splits;
     let (pm, pl, pacc) = (scratch, scratch.offset(stats), scratch.offset(2 * stats));
     let f = if d.tensor_cores() {
-        gpu.function(&KERNELS, &format!("decode_attention_split_mma_d{}", d.head_dim))?
+        gpu.function(
+            &KERNELS,
+            &format!("decode_attention_split_mma_d{}", d.head_dim),
+        )?
     } else {
         let dpl = match d.head_dim {
             0..=32 => 4,

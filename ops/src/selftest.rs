@@ -723,7 +723,10 @@ fn check_decode_attention(
     let err = rel_err(&b.get_bf16(od, q.len())?, &want);
     let us = time(gpu, run)?;
     let row = cd.kv_heads * cd.head_dim;
-    let kv_bytes: f64 = lens.iter().map(|&l| (2 * l as usize * row * 2) as f64).sum();
+    let kv_bytes: f64 = lens
+        .iter()
+        .map(|&l| (2 * l as usize * row * 2) as f64)
+        .sum();
     let name = format!(
         "decode attention batch {s}, {}/{} heads d{}, len <= {} ({} splits of {})",
         cd.heads, cd.kv_heads, cd.head_dim, cd.capacity, plan.splits, plan.keys_per_split

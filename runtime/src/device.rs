@@ -248,8 +248,10 @@ impl Gpu {
     /// Closes the open profile, waits for the stream and returns GPU time per label.
     pub fn profile_end(&self) -> Result<Vec<ProfileRow>, RuntimeError> {
         let log = self.profile.lock().expect("profile poisoned").take();
-        log.ok_or_else(|| RuntimeError::InvalidArgument("profile_end without profile_begin".into()))?
-            .finish(&self.stream)
+        log.ok_or_else(|| {
+            RuntimeError::InvalidArgument("profile_end without profile_begin".into())
+        })?
+        .finish(&self.stream)
     }
 
     /// Waits until all work on the compute stream is done.

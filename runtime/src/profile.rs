@@ -105,6 +105,9 @@ mod tests {
             .collect();
         assert_eq!(got, vec![("b", 1, 5.0), ("a", 2, 3.5), ("c", 1, 0.5)]);
         let t = format_table(&rows);
-        assert!(t.lines().count() == 5 && t.contains("total") && t.contains("55.6%"), "{t}");
+        assert!(
+            t.lines().count() == 5 && t.contains("total") && t.contains("55.6%"),
+            "{t}"
+        );
     }
 }

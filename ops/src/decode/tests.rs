@@ -117,13 +117,22 @@ fn split_plans_cover_the_cache_in_64_to_256_key_splits() {
         let seqs = rng.range(1, 129);
         let p = SplitPlan::new(&d, seqs);
         let k = p.keys_per_split;
-        assert!(k % 64 == 0 && (64..=256).contains(&k), "{p:?} for {d:?}");
+        assert!(
+            k.is_multiple_of(64) && (64..=256).contains(&k),
+            "{p:?} for {d:?}"
+        );
         // Every position has a split, and no split starts past the capacity.
-        assert!(p.splits * k >= d.capacity && (p.splits - 1) * k < d.capacity, "{p:?} {d:?}");
+        assert!(
+            p.splits * k >= d.capacity && (p.splits - 1) * k < d.capacity,
+            "{p:?} {d:?}"
+        );
         let blocks = seqs * d.kv_heads * d.blocks_per_kv_head() * p.splits;
         // Short splits whenever longer ones would leave fewer than ~1024 blocks.
         if k > 64 {
-            assert!(blocks * k / 64 > 1024 || p.splits == 1, "{p:?} {d:?} seqs {seqs}");
+            assert!(
+                blocks * k / 64 > 1024 || p.splits == 1,
+                "{p:?} {d:?} seqs {seqs}"
+            );
         }
     }
 }

@@ -297,9 +297,10 @@ impl GpuLlama<'_> {
                 key: k,
                 graph: Some(g),
             }) if k == key => g,
-            Some(StepGraph { key: k, graph: None }) if k == key => {
-                self.capture(|| self.forward_pass(Pass::Decode(cache)))?
-            }
+            Some(StepGraph {
+                key: k,
+                graph: None,
+            }) if k == key => self.capture(|| self.forward_pass(Pass::Decode(cache)))?,
             _ => {
                 self.forward_pass(Pass::Decode(cache))?;
                 cache.step_graph = Some(StepGraph { key, graph: None });
