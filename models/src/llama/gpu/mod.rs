@@ -1293,8 +1293,10 @@ impl<'g> GpuLlama<'g> {
         Ok(())
     }
 
-    /// Uploads a batch (checked) and its targets; returns the number of counted targets.
-    fn load_batch(&mut self, batch: &Batch, targets: Option<&[i32]>) -> GpuResult<usize> {
+    /// Checks a batch (and its targets) against the vocabulary and the token budget, allocates
+    /// the activations and records the batch's shape as the loaded one (the uploads are the
+    /// caller's); returns the number of counted targets.
+    fn prepare_batch(&mut self, batch: &Batch, targets: Option<&[i32]>) -> GpuResult<usize> {
         let counted = check_batch(
             &batch.tokens,
             &batch.cu_seqlens,
@@ -1306,6 +1308,13 @@ impl<'g> GpuLlama<'g> {
             self.config.sliding_window,
         )?;
         self.ensure_acts()?;
+        self.last = Some((batch.len(), batch.num_seqs()));
+        Ok(counted)
+    }
+
+    /// Uploads a batch (checked) and its targets; returns the number of counted targets.
+    fn load_batch(&mut self, batch: &Batch, targets: Option<&[i32]>) -> GpuResult<usize> {
+        let counted = self.prepare_batch(batch, targets)?;
         let a = self.acts.as_ref().expect("allocated");
         let ids: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();
         self.gpu.upload(a.ids, &ids).ctx("uploading token ids")?;
@@ -1318,7 +1327,6 @@ impl<'g> GpuLlama<'g> {
         if let Some(t) = targets {
             self.gpu.upload(a.targets, t).ctx("uploading targets")?;
         }
-        self.last = Some((batch.len(), batch.num_seqs()));
         Ok(counted)
     }
 
