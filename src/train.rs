@@ -188,6 +188,7 @@ fn build_model(
             let m = ftrt_models::llama::gpu::GpuTrainable::new(
                 gpu,
                 model,
+                Some(&loaded.weights),
                 s.token_budget(),
                 s.lora.r,
                 load_in_4bit.then_some(&s.keep_bf16),

@@ -11,7 +11,8 @@
 //!
 //! They load as they are: dequantized on read with the NF4 ops' CPU references (bit for bit
 //! what bitsandbytes' dequantize_4bit gives, in the state's dtype), under the Hugging Face
-//! shape the state records.
+//! shape the state records; and for the GPU 4-bit mode, whose layout is bitsandbytes', the
+//! stored parts of double-quantized weights ([`nf4_parts`]) go to the GPU unchanged.
 
 use serde::Deserialize;
 
@@ -53,9 +54,80 @@ pub fn shape(st: &SafetensorsFiles, name: &str) -> Result<Vec<usize>> {
     Ok(state(st, name)?.shape)
 }
 
+/// A double-quantized NF4 weight as bitsandbytes stores it, which is also the GPU 4-bit
+/// mode's layout (uploaded as it is, no re-quantization).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nf4Parts {
+    /// Elements (the product of the Hugging Face shape).
+    pub n: usize,
+    /// (N / 2) u8: two codes per byte, element 2i in the high nibble.
+    pub packed: Vec<u8>,
+    /// (N / 64) u8: each block's absmax minus `offset`, as codes of `code2`.
+    pub absmax_q: Vec<u8>,
+    /// (ceil(N / 64 / 256)) f32: the nested absmax.
+    pub absmax2: Vec<f32>,
+    /// The nested offset (mean of the block absmax).
+    pub offset: f32,
+    /// (256) f32 nested code book (bitsandbytes' signed dynamic map) and (16) f32 NF4 code book.
+    pub code2: Vec<f32>,
+    pub code: Vec<f32>,
+    /// The state's dtype, the rounding of the dequantized values.
+    pub rounding: Rounding,
+}
+
+/// What a 4-bit weight's stored absmax is.
+enum Absmax {
+    /// Double quantized (the parts carry everything).
+    Nested(Nf4Parts),
+    /// Plain f32 block absmax (no nested quantization): packed codes, absmax, code book.
+    Plain(Vec<u8>, Vec<f32>, Vec<f32>, Rounding),
+}
+
 /// The 4-bit weight `name` dequantized (row-major over its shape), rounded to the state's
 /// dtype as bitsandbytes returns it.
 pub fn dequantize(st: &SafetensorsFiles, name: &str) -> Result<Vec<f32>> {
+    match read(st, name)? {
+        Absmax::Nested(q) => {
+            let mut w = vec![0f32; q.n];
+            nf4_dequantize::forward_cpu::<f32>(
+                &nf4_dequantize::Dims { N: q.n },
+                q.offset,
+                &q.packed,
+                &q.absmax_q,
+                &q.absmax2,
+                &q.code2,
+                &q.code,
+                &mut w,
+                q.rounding,
+            );
+            Ok(w)
+        }
+        Absmax::Plain(packed, absmax, code, rounding) => {
+            let mut w = vec![0f32; packed.len() * 2];
+            nf4_dequantize_f32_absmax::forward_cpu::<f32>(
+                &nf4_dequantize_f32_absmax::Dims { N: w.len() },
+                &packed,
+                &absmax,
+                &code,
+                &mut w,
+                rounding,
+            );
+            Ok(w)
+        }
+    }
+}
+
+/// The stored parts of the 4-bit weight `name` when it is double quantized (bitsandbytes'
+/// default), `None` for a plain f32 absmax.
+pub fn nf4_parts(st: &SafetensorsFiles, name: &str) -> Result<Option<Nf4Parts>> {
+    Ok(match read(st, name)? {
+        Absmax::Nested(q) => Some(q),
+        Absmax::Plain(..) => None,
+    })
+}
+
+/// Reads and checks the 4-bit weight `name`: its state, codes, absmax and code books.
+fn read(st: &SafetensorsFiles, name: &str) -> Result<Absmax> {
     let qs = state(st, name)?;
     let fail = |kind, reason: String| {
         Error::new(st.file_of(name).unwrap_or(st.first_shard()), kind, reason)
@@ -83,7 +155,7 @@ pub fn dequantize(st: &SafetensorsFiles, name: &str) -> Result<Vec<f32>> {
     };
     let part = |suffix: &str| format!("{name}.{suffix}");
     let packed = st.bytes(name)?;
-    let quant_map = st.to_f32(&part("quant_map"))?;
+    let code = st.to_f32(&part("quant_map"))?;
     let absmax = part("absmax");
     let blocks = n / 64;
     let sized = |what: &str, got: usize, want: usize| {
@@ -99,8 +171,7 @@ pub fn dequantize(st: &SafetensorsFiles, name: &str) -> Result<Vec<f32>> {
         }
     };
     sized("the packed codes", packed.len() * 2, n)?;
-    sized("quant_map", quant_map.len(), 16)?;
-    let mut w = vec![0f32; n];
+    sized("quant_map", code.len(), 16)?;
     match (qs.nested_blocksize, qs.nested_offset) {
         (Some(nb), Some(offset)) => {
             if nb != 256 {
@@ -115,32 +186,23 @@ pub fn dequantize(st: &SafetensorsFiles, name: &str) -> Result<Vec<f32>> {
             sized("absmax", absmax_q.len(), blocks)?;
             sized("nested_quant_map", code2.len(), 256)?;
             sized("nested_absmax", absmax2.len(), blocks.div_ceil(256))?;
-            nf4_dequantize::forward_cpu::<f32>(
-                &nf4_dequantize::Dims { N: n },
+            Ok(Absmax::Nested(Nf4Parts {
+                n,
+                packed: packed.to_vec(),
+                absmax_q: absmax_q.to_vec(),
+                absmax2,
                 offset,
-                packed,
-                absmax_q,
-                &absmax2,
-                &code2,
-                &quant_map,
-                &mut w,
+                code2,
+                code,
                 rounding,
-            );
+            }))
         }
         _ => {
             let absmax = st.to_f32(&absmax)?;
             sized("absmax", absmax.len(), blocks)?;
-            nf4_dequantize_f32_absmax::forward_cpu::<f32>(
-                &nf4_dequantize_f32_absmax::Dims { N: n },
-                packed,
-                &absmax,
-                &quant_map,
-                &mut w,
-                rounding,
-            );
+            Ok(Absmax::Plain(packed.to_vec(), absmax, code, rounding))
         }
     }
-    Ok(w)
 }
 
 /// The parsed quant state of `name` (NF4 only).

@@ -58,6 +58,15 @@ impl WeightSource {
         }
     }
 
+    /// The stored NF4 parts of `name` when it is a double-quantized bitsandbytes 4-bit weight
+    /// (the GPU 4-bit mode uploads them as they are); `None` for any other weight.
+    pub fn nf4_parts(&self, name: &str) -> Result<Option<bnb4bit::Nf4Parts>> {
+        match self {
+            Self::Safetensors(st) if bnb4bit::is_4bit(st, name) => bnb4bit::nf4_parts(st, name),
+            _ => Ok(None),
+        }
+    }
+
     /// Shape and storage type of `name`, if present.
     pub fn info(&self, name: &str) -> Option<WeightInfo> {
         match self {

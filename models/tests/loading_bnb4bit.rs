@@ -51,6 +51,54 @@ fn weights_dequantize_bit_for_bit_as_bitsandbytes() {
     assert_eq!(checked, 14, "two layers of seven projections");
 }
 
+/// The GPU 4-bit mode uploads a save's double-quantized parts as they are when their code
+/// books are its own: the fixture's are, and the parts dequantize through the NF4 kernel's CPU
+/// reference (which `ftrt selftest --kernels` holds the GPU kernel to, bit for bit) to
+/// bitsandbytes' values.
+#[test]
+fn stored_nf4_parts_carry_the_gpu_code_books_and_dequantize_as_bitsandbytes() {
+    use ftrt_ops::nf4::nf4_dequantize;
+    use ftrt_ops::quant_prelude::{dynamic_map_signed, nf4_code};
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let weights = WeightSource::Safetensors(SafetensorsFiles::open(&dir()).unwrap());
+    let g = golden();
+    let mut checked = 0;
+    for key in g.names().filter(|k| k.starts_with("weight.")) {
+        let name = key.trim_start_matches("weight.");
+        let q = weights.nf4_parts(name).unwrap().expect("double quantized");
+        assert_eq!(bits(&q.code2), bits(&dynamic_map_signed()), "{name}");
+        assert_eq!(bits(&q.code), bits(&nf4_code()), "{name}");
+        assert_eq!(
+            (q.packed.len() * 2, q.absmax_q.len() * 64),
+            (q.n, q.n),
+            "{name}"
+        );
+        let mut w = vec![0f32; q.n];
+        nf4_dequantize::forward_cpu::<f32>(
+            &nf4_dequantize::Dims { N: q.n },
+            q.offset,
+            &q.packed,
+            &q.absmax_q,
+            &q.absmax2,
+            &q.code2,
+            &q.code,
+            &mut w,
+            q.rounding,
+        );
+        assert_eq!(bits(&w), bits(&g.to_f32(key).unwrap()), "{name}");
+        checked += 1;
+    }
+    assert_eq!(checked, 14, "two layers of seven projections");
+    let plain =
+        WeightSource::Safetensors(SafetensorsFiles::open(&dir().with_file_name("llama")).unwrap());
+    assert_eq!(
+        plain
+            .nf4_parts("model.layers.0.self_attn.q_proj.weight")
+            .unwrap(),
+        None
+    );
+}
+
 #[test]
 fn logits_equal_transformers_on_the_dequantized_weights() {
     let config = ModelConfig::from_file(&dir().join("config.json")).unwrap();

@@ -49,6 +49,8 @@ use half::bf16;
 use super::lora::LoraAdapter;
 use super::model::{inv_freq_of, Batch, LlamaModel};
 use super::weights::{Dims, Proj, WeightStore};
+use crate::bnb4bit::Nf4Parts;
+use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
 use plan::ActSizes;
 use resid_offload::ResidOffload;
@@ -299,6 +301,8 @@ struct Nf4Base {
     scratch: DevPtr<bf16>,
     /// Its capacity in elements.
     scratch_len: usize,
+    /// Projections uploaded as a bitsandbytes checkpoint stores them (not re-quantized).
+    as_stored: usize,
 }
 
 /// A Llama-family decoder on the GPU, bf16 (or NF4 projection weights), LoRA-trainable.
@@ -366,13 +370,16 @@ impl<'g> GpuLlama<'g> {
 
     /// [`Self::from_model`] in 4-bit mode (QLoRA): the projection weights, rounded to bf16, are
     /// uploaded one at a time into the scratch and quantized to NF4 there; the rest, and the
-    /// projections `keep` names, are bf16.
+    /// projections `keep` names, are bf16. With the model's checkpoint as `source`, weights it
+    /// stores double-quantized by bitsandbytes go up as stored instead (the same layout and
+    /// code books: the GPU dequantizes them to the values the CPU model holds).
     pub fn from_model_4bit(
         gpu: &'g Gpu,
         model: &LlamaModel,
         max_tokens: usize,
         max_rank: usize,
         keep: &KeepBf16,
+        source: Option<&WeightSource>,
     ) -> GpuResult<Self> {
         let host = &model.weights;
         if host.data.len() != plan::layout_len(&weight_layout(&model.config))
@@ -389,9 +396,19 @@ impl<'g> GpuLlama<'g> {
         let scratch = me.nf4.as_ref().expect("4-bit").scratch;
         for l in 0..me.dims.layers {
             for p in Proj::ALL.into_iter().filter(|&p| !keep.keeps(l, p)) {
-                let r = host.layers[l].proj[p.index()].clone();
-                upload_bf16(gpu, scratch, &host.data[r])?;
-                me.quantize_proj(l, p, scratch, tmp.ptr())?;
+                let name = format!("{}.weight", p.hf_prefix(l));
+                let stored = match source {
+                    Some(w) => w.nf4_parts(&name).map_err(|e| e.to_string())?,
+                    None => None,
+                };
+                match stored {
+                    Some(q) if me.takes_as_stored(l, p, &q) => me.upload_nf4(l, p, &q)?,
+                    _ => {
+                        let r = host.layers[l].proj[p.index()].clone();
+                        upload_bf16(gpu, scratch, &host.data[r])?;
+                        me.quantize_proj(l, p, scratch, tmp.ptr())?;
+                    }
+                }
             }
         }
         me.finish_init()?;
@@ -557,6 +574,7 @@ impl<'g> GpuLlama<'g> {
                 code,
                 scratch,
                 scratch_len,
+                as_stored: 0,
             };
             (plan::compact_without_proj(&full, keep).0, Some(base))
         } else {
@@ -657,6 +675,41 @@ impl<'g> GpuLlama<'g> {
         )
         .ctx("nf4 absmax double quantization")?;
         Ok(())
+    }
+
+    /// Whether the stored NF4 parts `q` of projection `p` in layer `l` fit its slot as they
+    /// are: its element count, and the code books the GPU dequantizes with, bit for bit.
+    fn takes_as_stored(&self, l: usize, p: Proj, q: &Nf4Parts) -> bool {
+        let same = |a: &[f32], b: &[f32]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+        };
+        self.nf4
+            .as_ref()
+            .is_some_and(|b| b.w[l][p.index()].n == q.n)
+            && same(&q.code2, &quant_prelude::dynamic_map_signed())
+            && same(&q.code, &quant_prelude::nf4_code())
+    }
+
+    /// Uploads a checkpoint's NF4 parts of projection `p` in layer `l` as they are (checked by
+    /// [`Self::takes_as_stored`]).
+    fn upload_nf4(&mut self, l: usize, p: Proj, q: &Nf4Parts) -> GpuResult<()> {
+        let gpu = self.gpu;
+        let b = self.nf4.as_mut().ok_or("not in 4-bit mode")?;
+        let w = &mut b.w[l][p.index()];
+        gpu.upload(w.packed, &q.packed).ctx("uploading NF4 codes")?;
+        gpu.upload(w.absmax_q, &q.absmax_q)
+            .ctx("uploading NF4 absmax codes")?;
+        gpu.upload(w.absmax2, &q.absmax2)
+            .ctx("uploading the nested absmax")?;
+        w.offset = q.offset;
+        b.as_stored += 1;
+        Ok(())
+    }
+
+    /// Projections whose NF4 weights came from the checkpoint as stored (4-bit mode built by
+    /// [`Self::from_model_4bit`] from a bitsandbytes save); the others were quantized here.
+    pub fn nf4_as_stored(&self) -> usize {
+        self.nf4.as_ref().map_or(0, |b| b.as_stored)
     }
 
     /// The bf16 weight (out, in) of projection `p` in layer `l` for the next GEMM: its range of

@@ -78,6 +78,13 @@ pub fn selftest_model(gpu: &Gpu) -> Result<Vec<Row>, String> {
             ));
         }
     }
+    if let Err(e) = check_bnb_checkpoint(gpu, &mut rows) {
+        rows.push((
+            "model llama bnb-4bit save".into(),
+            f64::INFINITY,
+            format!("error: {e}  FAILED"),
+        ));
+    }
     match crate::gguf::smollm2_gguf_path() {
         Err(e) => rows.push((
             "model smollm2-135m".into(),
@@ -180,6 +187,56 @@ pub fn nf4_round_trip(m: &mut LlamaModel, keep: &KeepBf16) {
 
 /// The 4-bit mode on a fixture (see the module doc), with the projections `keep` names left in
 /// bf16 (dynamic 4-bit); AdamW steps when nothing is kept.
+/// Elements of the GPU model's projection weights (dequantized in 4-bit mode) whose bits differ
+/// from `want`'s (rounded to bf16), and the total.
+fn weights_differing(g: &GpuLlama, want: &LlamaModel) -> Result<(usize, usize), String> {
+    let (mut bad, mut total) = (0usize, 0usize);
+    for l in 0..want.dims.layers {
+        for p in Proj::ALL {
+            let got = g.download_proj_weight(l, p)?;
+            let w = &want.weights.data[want.weights.layers[l].proj[p.index()].clone()];
+            total += w.len();
+            bad += got
+                .iter()
+                .zip(w)
+                .filter(|(a, b)| a.to_bits() != half::bf16::from_f32(**b).to_f32().to_bits())
+                .count()
+                + got.len().abs_diff(w.len());
+        }
+    }
+    Ok((bad, total))
+}
+
+/// A bitsandbytes 4-bit save (the fixture transformers + bitsandbytes wrote) in the GPU 4-bit
+/// mode: every projection's stored NF4 parts go up as they are, and the GPU dequantizes them
+/// bit for bit to the CPU model's weights (the bnb reader's dequantization, itself bit-exact
+/// with bitsandbytes').
+fn check_bnb_checkpoint(gpu: &Gpu, rows: &mut Vec<Row>) -> Result<(), String> {
+    let dir = fixture_dir("bnb4bit");
+    let config = ModelConfig::from_file(&dir.join("config.json")).map_err(|e| e.to_string())?;
+    let source =
+        WeightSource::Safetensors(SafetensorsFiles::open(&dir).map_err(|e| e.to_string())?);
+    let cpu = LlamaModel::new(&config, &source, Rounding::BF16).map_err(|e| e.to_string())?;
+    let keep = KeepBf16::default();
+    let g = GpuLlama::from_model_4bit(gpu, &cpu, 64, 16, &keep, Some(&source))?;
+    let want = cpu.dims.layers * Proj::ALL.len();
+    let stored = g.nf4_as_stored();
+    let (bad, total) = weights_differing(&g, &cpu)?;
+    row(
+        rows,
+        "model llama bnb-4bit save: NF4 parts uploaded as stored, GPU vs CPU dequant (bit-exact)"
+            .into(),
+        if stored == want {
+            bad as f64 / total.max(1) as f64
+        } else {
+            f64::INFINITY
+        },
+        0.0,
+        format!("{stored} of {want} projections as stored; {bad} of {total} elements differ"),
+    );
+    Ok(())
+}
+
 fn check_fixture_4bit(
     gpu: &Gpu,
     arch: &str,
@@ -201,25 +258,11 @@ fn check_fixture_4bit(
     };
     let mut cpu4 = cpu.clone();
     nf4_round_trip(&mut cpu4, keep);
-    let mut g = GpuLlama::from_model_4bit(gpu, &cpu, batch.len(), ad.r, keep)?;
+    let mut g = GpuLlama::from_model_4bit(gpu, &cpu, batch.len(), ad.r, keep, None)?;
     if !g.is_4bit() {
         return Err("from_model_4bit built a bf16 model".into());
     }
-    // The dequantized weights, bit for bit.
-    let (mut bad, mut total) = (0usize, 0usize);
-    for l in 0..cpu.dims.layers {
-        for p in Proj::ALL {
-            let got = g.download_proj_weight(l, p)?;
-            let want = &cpu4.weights.data[cpu4.weights.layers[l].proj[p.index()].clone()];
-            total += want.len();
-            bad += got
-                .iter()
-                .zip(want)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count()
-                + got.len().abs_diff(want.len());
-        }
-    }
+    let (bad, total) = weights_differing(&g, &cpu4)?;
     row(
         rows,
         format!("model {arch} 4-bit: NF4 weights GPU vs CPU round trip (bit-exact)"),
@@ -278,7 +321,7 @@ fn check_fixture_4bit(
     if !keep.0.is_empty() {
         return Ok(());
     }
-    let mut trained = GpuLlama::from_model_4bit(gpu, &cpu, batch.len(), 16, keep)?;
+    let mut trained = GpuLlama::from_model_4bit(gpu, &cpu, batch.len(), 16, keep, None)?;
     train_steps(
         &mut trained,
         &cpu.dims,

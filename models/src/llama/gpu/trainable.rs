@@ -3,6 +3,7 @@
 //! master + bf16 copy), runs forward + backward on the GPU and downloads the f32 gradients.
 //! Generation runs on the GPU too (KV cache, all prompts decoded together: [`super::decode`]).
 use super::{GpuLlama, GpuResult, GpuSteps, KeepBf16};
+use crate::checkpoint::WeightSource;
 use crate::data::{PackedBatch, IGNORE_INDEX};
 use crate::llama::trainable::{adapter_of, add_scaled_grads, batch_of};
 use crate::llama::{generate_with, LlamaModel, LoraAdapter, SamplingParams};
@@ -34,17 +35,21 @@ pub struct GpuTrainable {
 impl GpuTrainable {
     /// Uploads `model` to `gpu` with buffers for micro-batches of up to `max_tokens` tokens and
     /// LoRA rank up to `max_rank`; with `load_in_4bit`, the projection weights as NF4 (QLoRA,
-    /// [`GpuLlama::from_model_4bit`]) except those it names to keep in bf16.
+    /// [`GpuLlama::from_model_4bit`]: as `source`, the model's checkpoint, stores them when it
+    /// is a bitsandbytes 4-bit save) except those it names to keep in bf16.
     pub fn new(
         gpu: &'static Gpu,
         model: LlamaModel,
+        source: Option<&WeightSource>,
         max_tokens: usize,
         max_rank: usize,
         load_in_4bit: Option<&KeepBf16>,
         checkpointing: Checkpointing,
     ) -> GpuResult<Self> {
         let gpu_model = match load_in_4bit {
-            Some(keep) => GpuLlama::from_model_4bit(gpu, &model, max_tokens, max_rank, keep)?,
+            Some(keep) => {
+                GpuLlama::from_model_4bit(gpu, &model, max_tokens, max_rank, keep, source)?
+            }
             None => GpuLlama::from_model(gpu, &model, max_tokens, max_rank)?,
         };
         let targets = linear_targets(&model.config);
