@@ -84,10 +84,20 @@ pub struct BenchArgs {
     /// prefill) and print its GPU time by node kind (kernel, GEMM class, copy), largest first.
     #[arg(long)]
     pub profile: bool,
+    /// Instead of running, write the benchmark's starting point (weights, adapter, batch,
+    /// optimizer settings) into this folder for `benches/hf_loss_parity.py`; needs no GPU.
+    #[arg(long)]
+    pub save_init: Option<std::path::PathBuf>,
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
 }
+
+/// Seeds of the random weights, the LoRA initialisation and the batch (`--save-init` writes
+/// the same).
+pub const MODEL_SEED: u64 = 1234;
+pub const ADAPTER_SEED: u64 = 42;
+pub const BATCH_SEED: u64 = 7;
 
 /// Runs `work` inside a GPU profile and prints the per-kind table under `title`.
 fn print_profile(
@@ -190,6 +200,14 @@ pub fn random_batch(batch: usize, seq: usize, vocab: usize, seed: u64) -> (Batch
 const GIB: f64 = (1u64 << 30) as f64;
 
 pub fn run(a: &BenchArgs) -> Result<(), String> {
+    if let Some(dir) = &a.save_init {
+        if a.decode {
+            return Err(
+                "--save-init writes a training benchmark's start; not with --decode".into(),
+            );
+        }
+        return crate::bench_init::save_init(a, dir);
+    }
     if a.decode {
         return run_decode(a);
     }
@@ -213,13 +231,20 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
             &config,
             n,
             a.lora_r,
-            1234,
+            MODEL_SEED,
             &KeepBf16::parse(&a.llm_int8_skip_modules),
         )?
     } else {
-        GpuLlama::random(&gpu, &config, n, a.lora_r, 1234)?
+        GpuLlama::random(&gpu, &config, n, a.lora_r, MODEL_SEED)?
     };
-    let ad = init_adapter(&model.dims, a.lora_r, a.lora_alpha, &Proj::ALL, 42, 0.0);
+    let ad = init_adapter(
+        &model.dims,
+        a.lora_r,
+        a.lora_alpha,
+        &Proj::ALL,
+        ADAPTER_SEED,
+        0.0,
+    );
     model.set_lora(&ad)?;
     model.set_offload_residuals(a.offload_residuals);
     let layers = model.dims.layers;
@@ -242,7 +267,8 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     };
     model.set_kept_layers(kept);
     let recomputed = layers - model.kept_layers();
-    let (batch, targets) = random_batch(a.batch, a.seq, model.dims.vocab, 7);
+    let (batch, targets) = random_batch(a.batch, a.seq, model.dims.vocab, BATCH_SEED);
+    let mut losses = Vec::with_capacity(a.warmup.max(1) + a.steps);
     let step = |m: &mut GpuLlama| -> Result<f32, String> {
         m.zero_grads()?;
         let loss = m.loss_and_grads(&batch, &targets)?;
@@ -251,9 +277,11 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     };
     let t_warm = std::time::Instant::now();
     let mut loss = step(&mut model)?;
+    losses.push(loss);
     let setup_s = t_setup.elapsed().as_secs_f64();
     for _ in 1..a.warmup {
         loss = step(&mut model)?;
+        losses.push(loss);
     }
     let warmup_s = t_warm.elapsed().as_secs_f64();
     gpu.synchronize().map_err(|e| e.to_string())?;
@@ -266,6 +294,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     let first_timed = loss;
     for _ in 0..a.steps {
         loss = step(&mut model)?;
+        losses.push(loss);
     }
     let end = ev(&gpu)?;
     let ms_total = start.elapsed_ms(&end).map_err(|e| e.to_string())? as f64;
@@ -304,6 +333,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         "mfu": (mfu * 1e4).round() / 1e4, "hfu": (hfu * 1e4).round() / 1e4,
         "model_tflops": (model_fpt * tok_s / 1e11).round() / 10.0, "loss": loss,
         "n_params_matmul": n_mat, "n_lora": n_lora, "profile": profile,
+        "losses": losses,
     });
     println!("{json}");
     Ok(())

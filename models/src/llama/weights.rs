@@ -223,6 +223,66 @@ impl WeightStore {
     }
 }
 
+impl WeightStore {
+    /// Every tensor's Hugging Face name, range and shape, in layout order: the names
+    /// [`Self::load`] reads (for writing a store as a checkpoint).
+    pub fn hf_tensors(&self, config: &ModelConfig) -> Vec<(String, Range<usize>, Vec<usize>)> {
+        let d = Dims::of(config);
+        let mut v = vec![(
+            "model.embed_tokens.weight".to_owned(),
+            self.embed.clone(),
+            vec![d.vocab, d.hidden],
+        )];
+        for (l, lw) in self.layers.iter().enumerate() {
+            let p = |s: &str| format!("model.layers.{l}.{s}");
+            v.push((
+                p("input_layernorm.weight"),
+                lw.input_norm.clone(),
+                vec![d.hidden],
+            ));
+            for pr in Proj::ALL {
+                let (out, inn) = pr.shape(&d);
+                let prefix = pr.hf_prefix(l);
+                v.push((
+                    format!("{prefix}.weight"),
+                    lw.proj[pr.index()].clone(),
+                    vec![out, inn],
+                ));
+                if let Some(b) = &lw.bias[pr.index()] {
+                    v.push((format!("{prefix}.bias"), b.clone(), vec![out]));
+                }
+            }
+            for (name, r) in [("q_norm", &lw.q_norm), ("k_norm", &lw.k_norm)] {
+                if let Some(r) = r {
+                    v.push((
+                        p(&format!("self_attn.{name}.weight")),
+                        r.clone(),
+                        vec![d.head_dim],
+                    ));
+                }
+            }
+            v.push((
+                p("post_attention_layernorm.weight"),
+                lw.post_norm.clone(),
+                vec![d.hidden],
+            ));
+        }
+        v.push((
+            "model.norm.weight".to_owned(),
+            self.final_norm.clone(),
+            vec![d.hidden],
+        ));
+        if let Some(h) = &self.lm_head {
+            v.push((
+                "lm_head.weight".to_owned(),
+                h.clone(),
+                vec![d.vocab, d.hidden],
+            ));
+        }
+        v
+    }
+}
+
 struct Builder<'a> {
     source: &'a WeightSource,
     data: Vec<f32>,

@@ -35,6 +35,7 @@
 
 pub mod decode;
 pub mod plan;
+pub mod random_init;
 mod resid_offload;
 pub mod selftest;
 pub mod trainable;
@@ -416,7 +417,7 @@ impl<'g> GpuLlama<'g> {
     }
 
     /// Random weights (HF init: normal(0, 0.02), norms 1) for benchmarks: a block of random
-    /// values tiled over the weight buffer.
+    /// values tiled over the weight buffer ([`random_init`]: the same values on the host).
     pub fn random(
         gpu: &'g Gpu,
         config: &ModelConfig,
@@ -452,11 +453,7 @@ impl<'g> GpuLlama<'g> {
         let layout = weight_layout(config);
         let mut me = Self::empty(gpu, config, &layout, max_tokens, max_rank, four_bit)?;
         let total = plan::layout_len(&me.layout);
-        let block: Vec<bf16> = SplitMix64::new(seed | 1)
-            .normals_f32(1 << 22, 0.02)
-            .into_iter()
-            .map(bf16::from_f32)
-            .collect();
+        let block = random_init::random_block(seed);
         if let Some((scratch, len)) = me.nf4.as_ref().map(|q| (q.scratch, q.scratch_len)) {
             let mut at = 0;
             while at < len {
