@@ -34,6 +34,7 @@
 //! true head dim.
 
 pub mod decode;
+mod embed_host;
 pub mod plan;
 pub mod random_init;
 mod resid_offload;
@@ -317,7 +318,9 @@ pub struct GpuLlama<'g> {
     eps: f32,
     /// Weight ranges in `weights` (no host data).
     layout: WeightStore,
-    /// All weights, bf16 (in 4-bit mode all but the projections, see [`plan::compact_without_proj`]).
+    /// All weights, bf16 (in 4-bit mode all but the projections, see [`plan::compact_without_proj`]),
+    /// at `weights + range.start`; with the embedding in host memory the buffer starts after
+    /// the table's range ([`embed_host`]).
     weights: DevPtr<bf16>,
     /// The NF4 projection weights in 4-bit mode.
     nf4: Option<Nf4Base>,
@@ -336,6 +339,8 @@ pub struct GpuLlama<'g> {
     acts: Option<Acts>,
     /// The batch of the last forward (its token count and cu_seqlens).
     last: Option<(usize, usize)>,
+    /// The embedding table when it lives in pinned host memory ([`embed_host`]).
+    embed_host: Option<ftrt_runtime::offload::PinnedHostBuffer>,
     _held: Held,
 }
 
@@ -622,6 +627,7 @@ impl<'g> GpuLlama<'g> {
             lora: None,
             acts: None,
             last: None,
+            embed_host: None,
             _held: held,
         })
     }
@@ -1454,7 +1460,7 @@ impl<'g> GpuLlama<'g> {
                     C: d.hidden,
                 },
                 a.ids,
-                self.w(&self.layout.embed),
+                self.embed_table(),
                 a.resid[0],
             )
             .ctx("embedding")

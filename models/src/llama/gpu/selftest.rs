@@ -332,6 +332,22 @@ fn check_fixture_4bit(
     )
 }
 
+/// Loss of `g` on the batch and the largest relative difference of (loss, LoRA gradients)
+/// from `want`.
+fn loss_grads_err(
+    g: &mut GpuLlama,
+    batch: &Batch,
+    targets: &[i32],
+    want: (f32, &LoraAdapter),
+) -> Result<(f32, f64), String> {
+    g.zero_grads()?;
+    let loss = g.loss_and_grads(batch, targets)?;
+    let grads = g.download_grads()?;
+    let e = rel_err(&grads.data, &want.1.data)
+        .max(((loss - want.0) as f64).abs() / (want.0 as f64).abs().max(1e-30));
+    Ok((loss, e))
+}
+
 /// One row: loss and LoRA gradients of `g` keeping `kept` layers (residuals offloaded when
 /// `offload`) against `want` (loss, gradients) of keeping every layer, tolerance 1e-3.
 #[allow(clippy::too_many_arguments)]
@@ -348,11 +364,7 @@ fn recompute_row(
     let layers = g.dims.layers;
     g.set_kept_layers(kept);
     g.set_offload_residuals(offload);
-    g.zero_grads()?;
-    let loss = g.loss_and_grads(batch, targets)?;
-    let grads = g.download_grads()?;
-    let e = rel_err(&grads.data, &want.1.data)
-        .max(((loss - want.0) as f64).abs() / (want.0 as f64).abs().max(1e-30));
+    let (loss, e) = loss_grads_err(g, batch, targets, want)?;
     let how = if offload {
         ", residuals offloaded,"
     } else {
@@ -453,6 +465,21 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
     }
     g.set_kept_layers(cpu.dims.layers);
     g.set_offload_residuals(false);
+    // An untied embedding table moved to host memory: the same loss and gradients (the gather
+    // reads the same values over PCIe); the generation rows below then run with it there.
+    if !cpu.config.tie_word_embeddings {
+        let before = g.held_bytes();
+        g.set_embeddings_in_host_memory()?;
+        let freed = before.saturating_sub(g.held_bytes());
+        let (loss, e) = loss_grads_err(&mut g, &batch, &targets, (gpu_loss, &grads))?;
+        row(
+            rows,
+            format!("model {arch}: embeddings in host memory == on the GPU"),
+            e,
+            1e-3,
+            format!("loss {loss:.6}, {freed} bytes freed on the GPU"),
+        );
+    }
 
     let le = ((gpu_loss as f64) - cpu_loss as f64).abs() / (cpu_loss as f64).abs().max(1e-30);
     row(
