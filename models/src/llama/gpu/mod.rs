@@ -110,7 +110,8 @@ pub fn cast_f32_bf16(gpu: &Gpu, x: DevPtr<f32>, y: DevPtr<bf16>, n: usize) -> Gp
 enum Pass<'c> {
     /// Training or scoring: varlen causal attention over the batch.
     Train,
-    /// Gradient checkpointing, in the backward: stops after down_proj's x A^T.
+    /// Gradient checkpointing, in the backward: stops after the post-attention norm (the MLP
+    /// is recomputed tile by tile as its backward runs).
     Recompute,
     /// Generation, prompts: keys and values also stored into the cache (rows' slots and
     /// positions in the cache's row tables), attention over the batch itself.
@@ -194,7 +195,8 @@ struct LayerActs {
     resid_mid: DevPtr<bf16>,
     ln2: DevPtr<bf16>,
     rstd2: DevPtr<f32>,
-    /// (N, I) gate, up, and T(silu(gate)) * up (down_proj's input).
+    /// (N, I) gate, up, and T(silu(gate)) * up (down_proj's input); in the set shared by the
+    /// recomputed layers, one MLP tile's rows (see [`GpuLlama::mlp_rows`]).
     gate: DevPtr<bf16>,
     up: DevPtr<bf16>,
     act: DevPtr<bf16>,
@@ -226,7 +228,7 @@ struct Acts {
     zeros_c: DevPtr<bf16>,
     /// (N, C) gradient into a norm output (dln1, dln2, dln_f).
     dln: DevPtr<bf16>,
-    /// (N, I) dact, dgate, dup.
+    /// (rows of one MLP tile, I) dact, dgate, dup.
     dact: DevPtr<bf16>,
     dgate: DevPtr<bf16>,
     dup: DevPtr<bf16>,
@@ -335,6 +337,8 @@ pub struct GpuLlama<'g> {
     kept_layers: usize,
     /// Whether the recomputed layers' input residuals are offloaded to host memory.
     offload_residuals: bool,
+    /// Rows per MLP tile ([`plan::MLP_TILE_ROWS`] unless set for tests).
+    mlp_tile_rows: usize,
     lora: Option<GpuLora>,
     acts: Option<Acts>,
     /// The batch of the last forward (its token count and cu_seqlens).
@@ -624,6 +628,7 @@ impl<'g> GpuLlama<'g> {
             r_cap: max_rank,
             kept_layers: dims.layers,
             offload_residuals: false,
+            mlp_tile_rows: plan::MLP_TILE_ROWS,
             lora: None,
             acts: None,
             last: None,
@@ -763,14 +768,25 @@ impl<'g> GpuLlama<'g> {
 
     /// Per-layer gradient checkpointing: the forward keeps every saved activation of the last
     /// `k` layers (clamped to L) and only the input residual of the others, which the backward
-    /// recomputes (input norm + the layer's forward up to down_proj's x A^T) just before it
-    /// differentiates them, into one shared set of buffers. `k = L` (the default) recomputes
-    /// nothing; `k = 0` holds one layer's activations. Changing it frees the activation buffers
-    /// (reallocated at the next batch). [`plan::kept_layers_within`] picks `k` for a budget.
+    /// recomputes (input norm + the layer's attention block, then the MLP one row tile at a
+    /// time) just before it differentiates them, into one shared set of buffers (its MLP
+    /// buffers one tile's). `k = L` (the default) recomputes nothing; `k = 0` holds one layer's
+    /// activations. Changing it frees the activation buffers (reallocated at the next batch).
+    /// [`plan::kept_layers_within`] picks `k` for a budget.
     pub fn set_kept_layers(&mut self, k: usize) {
         let k = k.min(self.dims.layers);
         if k != self.kept_layers {
             self.kept_layers = k;
+            self.acts = None;
+        }
+    }
+
+    /// Rows per MLP tile (default [`plan::MLP_TILE_ROWS`]); the model selftest sets a few rows
+    /// so that the fixtures' small batches run in several tiles. Frees the activation buffers.
+    pub fn set_mlp_tile_rows(&mut self, rows: usize) {
+        let rows = rows.max(1);
+        if rows != self.mlp_tile_rows {
+            self.mlp_tile_rows = rows;
             self.acts = None;
         }
     }
@@ -1020,11 +1036,12 @@ impl<'g> GpuLlama<'g> {
         let d = self.dims;
         let lora = self.lora.as_ref().map(|g| &g.layout);
         let r = lora.map_or(0, |l| l.r);
-        let s = ActSizes::new(
+        let s = ActSizes::with_mlp_rows(
             &d,
             self.max_tokens,
             r,
             plan::logit_budget(self.kept_layers, d.layers),
+            self.mlp_tile_rows,
         );
         let qk = self.config.qk_norm;
         let n = s.n;
@@ -1034,42 +1051,44 @@ impl<'g> GpuLlama<'g> {
         };
         let null = DevPtr::<bf16>::null();
         let nullf = DevPtr::<f32>::null();
-        let layer_acts = |h: &mut Held, xa_of: &dyn Fn(Proj) -> bool| -> GpuResult<LayerActs> {
-            let mut xa = [null; 7];
-            for p in Proj::ALL {
-                if xa_of(p) {
-                    xa[p.index()] = h.alloc(gpu, s.nr)?;
+        // `mlp`: elements of gate, up and act (a kept layer's N rows, or one tile's).
+        let layer_acts =
+            |h: &mut Held, xa_of: &dyn Fn(Proj) -> bool, mlp: usize| -> GpuResult<LayerActs> {
+                let mut xa = [null; 7];
+                for p in Proj::ALL {
+                    if xa_of(p) {
+                        xa[p.index()] = h.alloc(gpu, s.nr)?;
+                    }
                 }
-            }
-            let (pre_q, pre_k, rs_q, rs_k) = if qk {
-                (
-                    h.alloc(gpu, s.nq)?,
-                    h.alloc(gpu, s.nkv)?,
-                    h.alloc(gpu, n * d.heads)?,
-                    h.alloc(gpu, n * d.kv_heads)?,
-                )
-            } else {
-                (null, null, nullf, nullf)
+                let (pre_q, pre_k, rs_q, rs_k) = if qk {
+                    (
+                        h.alloc(gpu, s.nq)?,
+                        h.alloc(gpu, s.nkv)?,
+                        h.alloc(gpu, n * d.heads)?,
+                        h.alloc(gpu, n * d.kv_heads)?,
+                    )
+                } else {
+                    (null, null, nullf, nullf)
+                };
+                Ok(LayerActs {
+                    q_pre: pre_q,
+                    q_rstd: rs_q,
+                    k_pre: pre_k,
+                    k_rstd: rs_k,
+                    q: h.alloc(gpu, s.nq)?,
+                    k: h.alloc(gpu, s.nkv)?,
+                    v: h.alloc(gpu, s.nkv)?,
+                    att: h.alloc(gpu, s.nq)?,
+                    lse: h.alloc(gpu, s.lse)?,
+                    resid_mid: h.alloc(gpu, s.nc)?,
+                    ln2: h.alloc(gpu, s.nc)?,
+                    rstd2: h.alloc(gpu, n)?,
+                    gate: h.alloc(gpu, mlp)?,
+                    up: h.alloc(gpu, mlp)?,
+                    act: h.alloc(gpu, mlp)?,
+                    xa,
+                })
             };
-            Ok(LayerActs {
-                q_pre: pre_q,
-                q_rstd: rs_q,
-                k_pre: pre_k,
-                k_rstd: rs_k,
-                q: h.alloc(gpu, s.nq)?,
-                k: h.alloc(gpu, s.nkv)?,
-                v: h.alloc(gpu, s.nkv)?,
-                att: h.alloc(gpu, s.nq)?,
-                lse: h.alloc(gpu, s.lse)?,
-                resid_mid: h.alloc(gpu, s.nc)?,
-                ln2: h.alloc(gpu, s.nc)?,
-                rstd2: h.alloc(gpu, n)?,
-                gate: h.alloc(gpu, s.ni)?,
-                up: h.alloc(gpu, s.ni)?,
-                act: h.alloc(gpu, s.ni)?,
-                xa,
-            })
-        };
         // One set shared by the recomputed layers (x A^T for any projection one of them adapts)
         // and their input norm outputs.
         let recomputed: Vec<usize> = (0..d.layers).filter(|&l| !self.is_kept(l)).collect();
@@ -1077,7 +1096,7 @@ impl<'g> GpuLlama<'g> {
             None
         } else {
             let any = |p: Proj| recomputed.iter().any(|&l| adapted(lora, l, p));
-            Some((layer_acts(&mut h, &any)?, h.alloc::<bf16>(gpu, s.nc)?))
+            Some((layer_acts(&mut h, &any, s.ti)?, h.alloc::<bf16>(gpu, s.nc)?))
         };
         let mut layers = Vec::with_capacity(d.layers);
         let mut ln = Vec::with_capacity(d.layers + 1);
@@ -1088,7 +1107,7 @@ impl<'g> GpuLlama<'g> {
                     ln.push(ln_shared);
                 }
                 _ => {
-                    layers.push(layer_acts(&mut h, &|p| adapted(lora, l, p))?);
+                    layers.push(layer_acts(&mut h, &|p| adapted(lora, l, p), s.ni)?);
                     ln.push(h.alloc(gpu, s.nc)?);
                 }
             }
@@ -1153,9 +1172,9 @@ impl<'g> GpuLlama<'g> {
             sink_c: h.alloc(gpu, s.nc)?,
             zeros_c,
             dln: h.alloc(gpu, s.nc)?,
-            dact: h.alloc(gpu, s.ni)?,
-            dgate: h.alloc(gpu, s.ni)?,
-            dup: h.alloc(gpu, s.ni)?,
+            dact: h.alloc(gpu, s.ti)?,
+            dgate: h.alloc(gpu, s.ti)?,
+            dup: h.alloc(gpu, s.ti)?,
             datt: h.alloc(gpu, s.nq)?,
             dq: h.alloc(gpu, s.nq)?,
             dq_pre: if qk { h.alloc(gpu, s.nq)? } else { null },
@@ -1510,13 +1529,13 @@ impl<'g> GpuLlama<'g> {
     }
 
     /// Layer `l` of the forward from `acts.ln[l]` (its input norm output) and `acts.resid[l]`:
-    /// writes its saved activations, `resid[l + 1]`, `ln[l + 1]` and `rstd[l + 1]`. For
-    /// [`Pass::Recompute`] it stops once everything the layer's backward reads exists: after
-    /// down_proj's x A^T.
+    /// writes its saved activations, `resid[l + 1]`, `ln[l + 1]` and `rstd[l + 1]`; the MLP
+    /// runs in row tiles ([`Self::mlp_forward_rows`]). For [`Pass::Recompute`] it stops after
+    /// the post-attention norm: the backward recomputes the MLP tile by tile.
     fn layer_forward(&self, a: &Acts, l: usize, n: usize, s: usize, pass: Pass) -> GpuResult<()> {
         let gpu = self.gpu;
         let d = self.dims;
-        let (c, hq, hkv, hd, inter) = (d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate);
+        let (c, hq, hkv, hd) = (d.hidden, d.heads, d.kv_heads, d.head_dim);
         let eps = self.eps;
         let and = norm::add_rms_norm::Dims { R: n, C: c };
         let p_rows = self.max_tokens;
@@ -1603,20 +1622,13 @@ impl<'g> GpuLlama<'g> {
             la.rstd2,
         )
         .ctx("post-attention norm")?;
-        self.project(l, Proj::Gate, la.ln2, la.gate, la.xa[4], n)?;
-        self.project(l, Proj::Up, la.ln2, la.up, la.xa[5], n)?;
-        activation::swiglu::forward(
-            gpu,
-            &activation::swiglu::Dims { N: n * inter },
-            la.gate,
-            la.up,
-            la.act,
-        )
-        .ctx("swiglu")?;
         if let Pass::Recompute = pass {
-            return self.project_xa(l, Proj::Down, la.act, la.xa[6], n);
+            // The MLP is recomputed tile by tile in the backward.
+            return Ok(());
         }
-        self.project(l, Proj::Down, la.act, a.tmp_c, la.xa[6], n)?;
+        for (r0, t) in self.mlp_tiles(a, n) {
+            self.mlp_forward_rows(a, l, r0, t, Some(a.tmp_c.offset(r0 * c)))?;
+        }
         let next = if l + 1 < d.layers {
             &self.layout.layers[l + 1].input_norm
         } else {
@@ -1635,6 +1647,72 @@ impl<'g> GpuLlama<'g> {
         )
         .ctx("residual + next norm")?;
         Ok(())
+    }
+
+    /// The MLP's row tiles of an `n`-row batch: (first row, rows).
+    fn mlp_tiles(&self, a: &Acts, n: usize) -> impl Iterator<Item = (usize, usize)> {
+        let rows = a.sizes.mlp_rows;
+        (0..n).step_by(rows).map(move |r0| (r0, rows.min(n - r0)))
+    }
+
+    /// Layer `l`'s gate, up and act from row `r0` on: its own (N, I) buffers at that row when
+    /// kept, else the shared set's one-tile buffers.
+    fn mlp_rows(
+        &self,
+        a: &Acts,
+        l: usize,
+        r0: usize,
+    ) -> (DevPtr<bf16>, DevPtr<bf16>, DevPtr<bf16>) {
+        let la = &a.layers[l];
+        let at = if self.is_kept(l) {
+            r0 * self.dims.intermediate
+        } else {
+            0
+        };
+        (la.gate.offset(at), la.up.offset(at), la.act.offset(at))
+    }
+
+    /// Projection `p`'s x A^T (N, r) from row `r0` on (null when `p` is not adapted).
+    fn xa_rows(&self, la: &LayerActs, p: Proj, r0: usize) -> DevPtr<bf16> {
+        let xa = la.xa[p.index()];
+        match &self.lora {
+            Some(g) if xa.addr != 0 => xa.offset(r0 * g.layout.r),
+            _ => xa,
+        }
+    }
+
+    /// Layer `l`'s MLP on rows [r0, r0 + t) of its post-attention norm output: gate and up
+    /// (their x A^T rows saved), act = swiglu, then down_proj into `out`'s rows (`out` is the
+    /// batch's (N, C) output) — or, recomputing for the backward (`out` None), only down_proj's
+    /// x A^T rows.
+    fn mlp_forward_rows(
+        &self,
+        a: &Acts,
+        l: usize,
+        r0: usize,
+        t: usize,
+        out: Option<DevPtr<bf16>>,
+    ) -> GpuResult<()> {
+        let la = &a.layers[l];
+        let x = la.ln2.offset(r0 * self.dims.hidden);
+        let xa = |p: Proj| self.xa_rows(la, p, r0);
+        let (gate, up, act) = self.mlp_rows(a, l, r0);
+        self.project(l, Proj::Gate, x, gate, xa(Proj::Gate), t)?;
+        self.project(l, Proj::Up, x, up, xa(Proj::Up), t)?;
+        activation::swiglu::forward(
+            self.gpu,
+            &activation::swiglu::Dims {
+                N: t * self.dims.intermediate,
+            },
+            gate,
+            up,
+            act,
+        )
+        .ctx("swiglu")?;
+        match out {
+            Some(y) => self.project(l, Proj::Down, act, y, xa(Proj::Down), t),
+            None => self.project_xa(l, Proj::Down, act, xa(Proj::Down), t),
+        }
     }
 
     /// Chunked cross-entropy over the loaded batch's rows; with `grad`, also writes
@@ -1754,40 +1832,49 @@ impl<'g> GpuLlama<'g> {
             }
             let la = &a.layers[l];
             let lw = &self.layout.layers[l];
-            // MLP.
-            self.project_backward(
-                l,
-                Proj::Down,
-                la.act,
-                la.xa[6],
-                a.dres_a,
-                a.dact,
-                false,
-                n,
-                a.dxa,
-            )?;
-            activation::swiglu::backward(
-                gpu,
-                &activation::swiglu::Dims { N: n * inter },
-                la.gate,
-                la.up,
-                a.dact,
-                a.dgate,
-                a.dup,
-            )
-            .ctx("swiglu backward")?;
-            self.project_backward(
-                l,
-                Proj::Gate,
-                la.ln2,
-                la.xa[4],
-                a.dgate,
-                a.dln,
-                false,
-                n,
-                a.dxa,
-            )?;
-            self.project_backward(l, Proj::Up, la.ln2, la.xa[5], a.dup, a.dln, true, n, a.dxa)?;
+            // MLP, one tile of rows at a time (a recomputed layer's recomputed first).
+            for (r0, t) in self.mlp_tiles(a, n) {
+                if !self.is_kept(l) {
+                    self.mlp_forward_rows(a, l, r0, t, None)?;
+                }
+                let (gate, up, act) = self.mlp_rows(a, l, r0);
+                let (x, dln) = (la.ln2.offset(r0 * c), a.dln.offset(r0 * c));
+                let xa = |p: Proj| self.xa_rows(la, p, r0);
+                let dy = a.dres_a.offset(r0 * c);
+                self.project_backward(
+                    l,
+                    Proj::Down,
+                    act,
+                    xa(Proj::Down),
+                    dy,
+                    a.dact,
+                    false,
+                    t,
+                    a.dxa,
+                )?;
+                activation::swiglu::backward(
+                    gpu,
+                    &activation::swiglu::Dims { N: t * inter },
+                    gate,
+                    up,
+                    a.dact,
+                    a.dgate,
+                    a.dup,
+                )
+                .ctx("swiglu backward")?;
+                self.project_backward(
+                    l,
+                    Proj::Gate,
+                    x,
+                    xa(Proj::Gate),
+                    a.dgate,
+                    dln,
+                    false,
+                    t,
+                    a.dxa,
+                )?;
+                self.project_backward(l, Proj::Up, x, xa(Proj::Up), a.dup, dln, true, t, a.dxa)?;
+            }
             norm::add_rms_norm::backward(
                 gpu,
                 &nd,

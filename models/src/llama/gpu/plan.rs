@@ -30,6 +30,11 @@ pub fn logit_budget(kept: usize, layers: usize) -> usize {
 /// offloaded to host memory (see `GpuLlama::set_offload_residuals`).
 pub const RESID_RING: usize = 3;
 
+/// Rows per MLP tile: the MLP (gate, up, act and their gradients) of a recomputed layer runs
+/// over the tokens in tiles of this many rows, so its (rows, I) buffers are a tile's, not the
+/// whole batch's (the intermediate width is 3.5-4x the hidden width).
+pub const MLP_TILE_ROWS: usize = 4096;
+
 /// Ring slots for `recomputed` offloaded layers.
 pub fn resid_ring(recomputed: usize) -> usize {
     recomputed.min(RESID_RING)
@@ -259,8 +264,12 @@ pub struct ActSizes {
     pub nq: usize,
     /// (N, Hkv * D): k, v (and k_pre).
     pub nkv: usize,
-    /// (N, I): gate, up, act.
+    /// (N, I): gate, up, act of a kept layer.
     pub ni: usize,
+    /// Rows per MLP tile (at most N), and (rows, I): a recomputed layer's gate, up, act and
+    /// the backward's d act, d gate, d up.
+    pub mlp_rows: usize,
+    pub ti: usize,
     /// (N, r): x A^T of one adapted projection.
     pub nr: usize,
     /// (Hq, N) f32: attention lse.
@@ -277,8 +286,20 @@ pub struct ActSizes {
 
 impl ActSizes {
     /// Sizes for `n` tokens of a model of `d`, LoRA rank `r` (0: no adapter), cross-entropy
-    /// chunks of at most `logit_budget` logits.
+    /// chunks of at most `logit_budget` logits, MLP tiles of [`MLP_TILE_ROWS`].
     pub fn new(d: &Dims, n: usize, r: usize, logit_budget: usize) -> Self {
+        Self::with_mlp_rows(d, n, r, logit_budget, MLP_TILE_ROWS)
+    }
+
+    /// [`Self::new`] with MLP tiles of `mlp_rows` rows (clamped to 1..=N).
+    pub fn with_mlp_rows(
+        d: &Dims,
+        n: usize,
+        r: usize,
+        logit_budget: usize,
+        mlp_rows: usize,
+    ) -> Self {
+        let mlp_rows = mlp_rows.clamp(1, n.max(1));
         let dp = padded_head_dim(d.head_dim);
         let pad = dp != d.head_dim;
         let ce_rows = ce_rows(n, d.vocab, logit_budget);
@@ -288,6 +309,8 @@ impl ActSizes {
             nq: n * d.q_dim(),
             nkv: n * d.kv_dim(),
             ni: n * d.intermediate,
+            mlp_rows,
+            ti: mlp_rows * d.intermediate,
             nr: n * r,
             lse: n * d.heads,
             head_dim_pad: dp,
@@ -301,9 +324,10 @@ impl ActSizes {
     /// Bytes of every buffer [`super::GpuLlama`] allocates on the device for activations
     /// (weights, LoRA state and pinned host memory excluded) when it keeps the activations of
     /// `kept` of the `d.layers` layers and recomputes the others (one shared set of per-layer
-    /// buffers for them; with `offload`, their input residuals in a ring of [`resid_ring`]
-    /// slots), with `adapted_per_layer` adapted projections per layer: per-layer saved
-    /// tensors, residual streams and rstds, norm outputs, and the shared scratch.
+    /// buffers for them, its MLP buffers one tile's; with `offload`, their input residuals in
+    /// a ring of [`resid_ring`] slots), with `adapted_per_layer` adapted projections per
+    /// layer: per-layer saved tensors, residual streams and rstds, norm outputs, and the
+    /// shared scratch.
     pub fn bytes(
         &self,
         d: &Dims,
@@ -314,25 +338,28 @@ impl ActSizes {
     ) -> usize {
         let b = 2usize;
         let kept = kept.min(d.layers);
-        let slots = kept + usize::from(kept < d.layers);
-        let per_layer = b * (2 * self.nc + 2 * self.nq + 2 * self.nkv + 3 * self.ni)
-            + 4 * (self.lse + self.n)
-            + adapted_per_layer * b * self.nr
-            + if qk_norm {
-                b * (self.nq + self.nkv) + 4 * self.n * (d.heads + d.kv_heads)
-            } else {
-                0
-            };
+        let shared = usize::from(kept < d.layers);
+        let slots = kept + shared;
+        let per_layer = |mlp: usize| {
+            b * (2 * self.nc + 2 * self.nq + 2 * self.nkv + 3 * mlp)
+                + 4 * (self.lse + self.n)
+                + adapted_per_layer * b * self.nr
+                + if qk_norm {
+                    b * (self.nq + self.nkv) + 4 * self.n * (d.heads + d.kv_heads)
+                } else {
+                    0
+                }
+        };
         let streams = device_residuals(d.layers, kept, offload) * b * self.nc
             + (d.layers + 1) * 4 * self.n
             + (slots + 1) * b * self.nc;
         let scratch = b
-            * (4 * self.nc + 3 * self.ni + 3 * self.nq + 2 * self.nkv + self.nr + self.logits)
+            * (4 * self.nc + 3 * self.ti + 3 * self.nq + 2 * self.nkv + self.nr + self.logits)
             + if qk_norm { b * (self.nq + self.nkv) } else { 0 }
             + b * (4 * self.nq_pad + 4 * self.nkv_pad)
             + 4 * (self.lse + 6 * self.n)
             + 4 * (self.n + 1);
-        slots * per_layer + streams + scratch
+        kept * per_layer(self.ni) + shared * per_layer(self.ti) + streams + scratch
     }
 }
 
@@ -586,6 +613,34 @@ mod tests {
             sel,
             vec![1., 0., 0., 0., 0., 0., 1., 0., 0., 0., 0., 0., 1., 0., 0.]
         );
+    }
+
+    #[test]
+    fn mlp_tiles_shrink_the_recomputed_layers_and_the_scratch() {
+        let d = Dims {
+            layers: 6,
+            ..dims()
+        };
+        let full = ActSizes::new(&d, 512, 8, LOGIT_BUDGET_LEAN);
+        let tiled = ActSizes::with_mlp_rows(&d, 512, 8, LOGIT_BUDGET_LEAN, 100);
+        assert_eq!((full.mlp_rows, full.ti), (512, full.ni));
+        assert_eq!((tiled.mlp_rows, tiled.ti), (100, 100 * d.intermediate));
+        assert_eq!(
+            ActSizes::with_mlp_rows(&d, 512, 8, LOGIT_BUDGET_LEAN, 0).mlp_rows,
+            1
+        );
+        // Recomputing: the shared set's gate/up/act and the scratch's three gradients are a
+        // tile's; keeping every layer: only the scratch is.
+        let saved = 2 * 3 * (full.ni - tiled.ti);
+        for k in 0..6 {
+            let diff = full.bytes(&d, false, 7, k, false) - tiled.bytes(&d, false, 7, k, false);
+            assert_eq!(diff, 2 * saved, "kept {k}");
+        }
+        let all = full.bytes(&d, false, 7, 6, false) - tiled.bytes(&d, false, 7, 6, false);
+        assert_eq!(all, saved);
+        // The last kept layer now costs its full MLP over the shared set's tile.
+        let step = tiled.bytes(&d, false, 7, 6, false) - tiled.bytes(&d, false, 7, 5, false);
+        assert_eq!(step, saved);
     }
 
     #[test]

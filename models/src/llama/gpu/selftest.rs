@@ -465,6 +465,27 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
     }
     g.set_kept_layers(cpu.dims.layers);
     g.set_offload_residuals(false);
+    // The MLP in row tiles of 5 (the batch in several tiles and a remainder): every layer
+    // recomputed (its MLP recomputed tile by tile in the backward) and every layer kept, against
+    // one tile. Different GEMM row counts may round differently: bf16 tolerance.
+    let layers = cpu.dims.layers;
+    for kept in [0, layers] {
+        g.set_mlp_tile_rows(5);
+        g.set_kept_layers(kept);
+        let (loss, e) = loss_grads_err(&mut g, &batch, &targets, (gpu_loss, &grads))?;
+        row(
+            rows,
+            format!(
+                "model {arch}: MLP in tiles of 5 rows, {} of {layers} layers recomputed, vs one tile",
+                layers - kept
+            ),
+            e,
+            1e-2,
+            format!("loss {loss:.6}, {} tokens", batch.len()),
+        );
+    }
+    g.set_mlp_tile_rows(super::plan::MLP_TILE_ROWS);
+    g.set_kept_layers(layers);
     // An untied embedding table moved to host memory: the same loss and gradients (the gather
     // reads the same values over PCIe); the generation rows below then run with it there.
     if !cpu.config.tie_word_embeddings {
