@@ -6,6 +6,7 @@
 //! decoder step has (see [`llama_step`]); its kernels are not attached (planning only needs
 //! shapes, dtypes, lifetimes and the schedule).
 
+use ftrt_models::llama::gpu::plan::MLP_TILE_ROWS;
 use ftrt_runtime::gemm::cublaslt::DEFAULT_WORKSPACE_BYTES;
 use ftrt_runtime::offload::estimate;
 use ftrt_runtime::planner::{fmt_bytes, plan, CostModel, PlanOptions};
@@ -252,7 +253,10 @@ struct Linear {
 ///   projection, q, k (after RoPE) and v, the attention output `[T, q]` and its log-sum-exp
 ///   `[heads, T]` f32, the post-attention residual `[T, d]`, gate and up `[T, i]`, and
 ///   silu(gate) * up `[T, i]` (recomputable: one elementwise kernel from gate and up). The
-///   final norm's output and rstd.
+///   final norm's output and rstd. Past `MLP_TILE_ROWS` tokens the MLP runs in row tiles as
+///   the GPU model runs it: one forward node and one backward node per layer stand for the
+///   tile loops, gate, up, act and their gradients are `[tile, i]` scratch (recomputed per
+///   tile in the backward) and only the x A^T rows are saved.
 /// - Activations: projection outputs before RoPE / residual adds. Gradients: `[T, d]`,
 ///   `[T, q]`, `[T, kv]`, `[T, i]` streams of the backward. Scratch: dequantized NF4 weights
 ///   `[d_out, d_in]` bf16 (QLoRA, one per GEMM), attention-backward `delta` `[heads, T]` f32,
@@ -483,6 +487,42 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
     };
     let norm_w = |b: &mut GraphBuilder, name: String| b.tensor(name, &[d], bf16, Lifetime::Weight);
     let attn_flops = 2.0 * s.batch as f64 * (s.seq * s.seq) as f64 * (s.heads * hd) as f64;
+    // The MLP in row tiles of MLP_TILE_ROWS once the batch is longer than one (as the GPU model
+    // runs it): gate, up, act and their gradients exist one tile at a time, recomputed per
+    // tile in the backward; its nodes stand for the whole tile loop (FLOPs of every tile).
+    let tm = t.min(MLP_TILE_ROWS);
+    let tiles = t.div_ceil(tm);
+    // Forward: three base GEMMs and three LoRA pairs; backward: three dx GEMMs, LoRA gradients
+    // (twice the forward's LoRA work), and the recompute of gate and up (two thirds of both).
+    let (mlp_base, mlp_lora) = (6.0 * (t * d * i) as f64, 6.0 * (t * r * (d + i)) as f64);
+    let mlp_flops = mlp_base + mlp_lora;
+    let mlp_bwd_flops = mlp_base * 5.0 / 3.0 + mlp_lora * 8.0 / 3.0;
+    let mlp_tile_scratch = |b: &mut GraphBuilder, p: &str, names: &[&str]| -> Vec<TensorId> {
+        let mut v: Vec<TensorId> = names
+            .iter()
+            .map(|n| {
+                b.tensor(
+                    format!("{p}.mlp.{n}.tile"),
+                    &[tm, i],
+                    bf16,
+                    Lifetime::Scratch,
+                )
+            })
+            .collect();
+        if s.mode == Mode::Qlora {
+            v.push(b.tensor(format!("{p}.mlp.dequant"), &[i, d], bf16, Lifetime::Scratch));
+        }
+        v
+    };
+    // The MLP projections' base weights and LoRA A, B after `first`.
+    let mlp_reads = |first: &[TensorId], lin: &[Linear; 7]| -> Vec<TensorId> {
+        let mut v = first.to_vec();
+        for l in &lin[4..] {
+            v.extend(&l.base);
+            v.extend([l.a, l.b]);
+        }
+        v
+    };
 
     struct Layer {
         x: TensorId,
@@ -496,9 +536,8 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
         x_mid: TensorId,
         h2: TensorId,
         rstd2: TensorId,
-        gate: TensorId,
-        up: TensorId,
-        act: TensorId,
+        /// gate, up, silu(gate) * up, saved; `None` when the MLP runs in row tiles.
+        mlp: Option<[TensorId; 3]>,
         lin: [Linear; 7],
         la: [TensorId; 7],
         w_an: TensorId,
@@ -552,12 +591,33 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
             &[x_mid, w_fn],
             &[h2, rstd2],
         ));
-        let (gate, la_g) = forward(&mut b, &lin[4], h2, Lifetime::Saved);
-        let (up, la_u) = forward(&mut b, &lin[5], h2, Lifetime::Saved);
-        let act = saved(&mut b, format!("{p}.mlp.act"), &[t, i], bf16);
-        b.mark_recomputable(act);
-        b.node(Node::kernel(format!("{p} swiglu"), &[gate, up], &[act]));
-        let (mo, la_d) = forward(&mut b, &lin[6], act, Lifetime::Activation);
+        let (mlp, mo, [la_g, la_u, la_d]) = if tiles > 1 {
+            // Row tiles: only the x A^T rows are saved; gate, up and act live one tile at a
+            // time (and are recomputed tile by tile in the backward).
+            let la =
+                [4, 5, 6].map(|j| saved(&mut b, format!("{}.lora_xA", lin[j].name), &[t, r], bf16));
+            let mo = b.tensor(format!("{p}.mlp.out"), &[t, d], bf16, Lifetime::Activation);
+            let mut writes = vec![mo];
+            writes.extend(la);
+            writes.extend(mlp_tile_scratch(&mut b, &p, &["gate", "up", "act"]));
+            b.node(
+                Node::kernel(
+                    format!("{p} mlp ({tiles} tiles of {tm} rows)"),
+                    &mlp_reads(&[h2], &lin),
+                    &writes,
+                )
+                .with_flops(mlp_flops),
+            );
+            (None, mo, la)
+        } else {
+            let (gate, la_g) = forward(&mut b, &lin[4], h2, Lifetime::Saved);
+            let (up, la_u) = forward(&mut b, &lin[5], h2, Lifetime::Saved);
+            let act = saved(&mut b, format!("{p}.mlp.act"), &[t, i], bf16);
+            b.mark_recomputable(act);
+            b.node(Node::kernel(format!("{p} swiglu"), &[gate, up], &[act]));
+            let (mo, la_d) = forward(&mut b, &lin[6], act, Lifetime::Activation);
+            (Some([gate, up, act]), mo, [la_g, la_u, la_d])
+        };
         let x_next = saved(&mut b, format!("layers.{}.input", li + 1), &[t, d], bf16);
         b.node(Node::kernel(
             format!("{p} residual 2"),
@@ -576,9 +636,7 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
             x_mid,
             h2,
             rstd2,
-            gate,
-            up,
-            act,
+            mlp,
             lin,
             la: [la_q, la_k, la_v, la_o, la_g, la_u, la_d],
             w_an,
@@ -634,18 +692,46 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
         let grad = |b: &mut GraphBuilder, n: &str, shape: &[usize]| {
             b.tensor(format!("{p}.{n}.grad"), shape, bf16, Lifetime::Gradient)
         };
-        let d_act = grad(&mut b, "mlp.act", &[t, i]);
-        backward(&mut b, &l.lin[6], dx, l.act, l.la[6], d_act, false);
-        let d_gate = grad(&mut b, "mlp.gate", &[t, i]);
-        let d_up = grad(&mut b, "mlp.up", &[t, i]);
-        b.node(Node::kernel(
-            format!("{p} swiglu backward"),
-            &[l.gate, l.up, d_act],
-            &[d_gate, d_up],
-        ));
         let d_h2 = grad(&mut b, "mlp_norm.out", &[t, d]);
-        backward(&mut b, &l.lin[4], d_gate, l.h2, l.la[4], d_h2, false);
-        backward(&mut b, &l.lin[5], d_up, l.h2, l.la[5], d_h2, true);
+        match l.mlp {
+            Some([gate, up, act]) => {
+                let d_act = grad(&mut b, "mlp.act", &[t, i]);
+                backward(&mut b, &l.lin[6], dx, act, l.la[6], d_act, false);
+                let d_gate = grad(&mut b, "mlp.gate", &[t, i]);
+                let d_up = grad(&mut b, "mlp.up", &[t, i]);
+                b.node(Node::kernel(
+                    format!("{p} swiglu backward"),
+                    &[gate, up, d_act],
+                    &[d_gate, d_up],
+                ));
+                backward(&mut b, &l.lin[4], d_gate, l.h2, l.la[4], d_h2, false);
+                backward(&mut b, &l.lin[5], d_up, l.h2, l.la[5], d_h2, true);
+            }
+            None => {
+                // Per tile: gate, up, act recomputed, then down, swiglu, gate and up backward.
+                let mut writes = vec![d_h2];
+                for lin in &l.lin[4..] {
+                    writes.extend([lin.grad_a, lin.grad_b]);
+                }
+                let names = ["gate", "up", "act", "act.grad", "gate.grad", "up.grad"];
+                writes.extend(mlp_tile_scratch(&mut b, &p, &names));
+                writes.push(b.tensor(
+                    format!("{p}.mlp.d_lora_xA"),
+                    &[tm, r],
+                    bf16,
+                    Lifetime::Scratch,
+                ));
+                let reads = mlp_reads(&[l.h2, dx, l.la[4], l.la[5], l.la[6]], &l.lin);
+                b.node(
+                    Node::kernel(
+                        format!("{p} mlp backward ({tiles} tiles, recomputing each)"),
+                        &reads,
+                        &writes,
+                    )
+                    .with_flops(mlp_bwd_flops),
+                );
+            }
+        }
         let dx_mid = grad(&mut b, "attn_residual", &[t, d]);
         b.node(Node::kernel(
             format!("{p} mlp rmsnorm backward"),
@@ -751,6 +837,30 @@ mod tests {
             .map(|t| t.bytes())
             .sum();
         assert!((wq as f64) < w * 0.5);
+    }
+
+    #[test]
+    fn long_batches_run_the_mlp_in_row_tiles() {
+        let mut a = args(Preset::Smollm2_135m, Mode::Qlora, None);
+        let short = llama_step(&a.shape().unwrap()).unwrap();
+        a.seq = 4 * MLP_TILE_ROWS + 5;
+        let long = llama_step(&a.shape().unwrap()).unwrap();
+        let has = |g: &Graph, s: &str| g.nodes.iter().any(|n| n.name.contains(s));
+        assert!(!has(&short, "tiles") && has(&short, "swiglu backward"));
+        assert!(has(&long, "layers.0 mlp (5 tiles of 4096 rows)"));
+        assert!(has(
+            &long,
+            "layers.0 mlp backward (5 tiles, recomputing each)"
+        ));
+        // No (T, I) tensor exists: the MLP's intermediates are one tile's.
+        let i = a.shape().unwrap().intermediate;
+        let t = a.seq;
+        assert!(long.tensors.iter().all(|x| x.shape != [t, i]));
+        assert!(long
+            .tensors
+            .iter()
+            .any(|x| x.shape == [MLP_TILE_ROWS, i] && x.lifetime == Lifetime::Scratch));
+        assert!(plan(&long, &PlanOptions::default()).unwrap().arena_bytes > 0);
     }
 
     #[test]
