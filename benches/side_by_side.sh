@@ -6,7 +6,8 @@
 # --save-init: same weights, adapter, batch) for the same steps, compared step by step.
 # Usage: benches/side_by_side.sh HF_BASELINE_PY [PRESET] [MODE] [BATCH] [SEQ] [STEPS]
 #   e.g. benches/side_by_side.sh benches/hf_baseline.py llama-3.1-8b qlora 2 2048 10
-# MODE is lora or qlora (qlora needs bitsandbytes importable for the baseline).
+# MODE is lora or qlora (qlora needs bitsandbytes importable for the baseline). LEAN_FLAGS (env)
+# adds flags to the lean run (e.g. "--offload-residuals --offload-embeddings").
 # FTRT (env) overrides the binary (default: .bin/ftrt, else target/release/ftrt, else PATH).
 set -u
 BASE=${1:?usage: side_by_side.sh HF_BASELINE_PY [PRESET] [MODE] [BATCH] [SEQ] [STEPS]}
@@ -15,12 +16,14 @@ FTRT=${FTRT:-./.bin/ftrt}
 [ -x "$FTRT" ] || FTRT=target/release/ftrt
 [ -x "$FTRT" ] || FTRT=$(command -v ftrt || echo ftrt)
 . "$(dirname "$0")/cuda-env.sh"
+# LEAN_FLAGS (env): extra flags of the lean run, e.g. "--offload-residuals --offload-embeddings".
 bench() {
-    echo "== ftrt bench $PRESET $MODE ${B}x${S} --keep-layers $1 ($STEPS steps)" >&2
+    echo "== ftrt bench $PRESET $MODE ${B}x${S} --keep-layers $*  ($STEPS steps)" >&2
     "$FTRT" bench --preset "$PRESET" --mode "$MODE" --batch "$B" --seq "$S" --steps "$STEPS" \
-        --keep-layers "$1" 2>&1 | tee /dev/stderr | grep '"bench": *"ftrt"' | tail -1
+        --keep-layers "$@" 2>&1 | tee /dev/stderr | grep '"bench": *"ftrt"' | tail -1
 }
-LEAN=$(bench 0)
+# shellcheck disable=SC2086
+LEAN=$(bench 0 ${LEAN_FLAGS:-})
 FAST=$(bench all)
 echo "== hf_baseline.py $PRESET $MODE ${B}x${S}"
 THEIRS=$(python3 "$BASE" --model "$PRESET" --mode "$MODE" --batch "$B" --seq "$S" --steps "$STEPS" 2>&1 | tee /dev/stderr | grep '^{"bench": "hf_baseline"' | tail -1)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The checks a CPU machine cannot make, in one GPU call (about 7 minutes): the kernel and model
+# selftests (every kernel against its CPU reference; the GPU model against the CPU model and
+# PEFT: recompute, residual offload, MLP row tiles, embeddings in host memory, bitsandbytes
+# saves uploaded as stored, decoding through the captured step), then one side-by-side
+# configuration with HF + PEFT and the loss parity (benches/side_by_side.sh).
+# Usage: benches/gpu_check.sh [PRESET] [MODE] [BATCH] [SEQ] [STEPS]   (default 8B QLoRA 2x2048, 10)
+# LEAN_FLAGS (env, default "--offload-residuals --offload-embeddings") goes to the lean run.
+set -u
+HERE=$(dirname "$0")
+OUT="${OUT:-/tmp/ftrt-out}"; mkdir -p "$OUT"
+for part in kernels model; do
+    timeout 200 bash "$HERE/gpu_selftest.sh" --$part > "$OUT/$part.txt" 2>&1
+    echo "== selftest --$part: exit $?"
+    grep -E "FAILED|checks passed|skipped" "$OUT/$part.txt"
+done
+export LEAN_FLAGS="${LEAN_FLAGS---offload-residuals --offload-embeddings}"
+timeout 420 bash "$HERE/side_by_side.sh" "$HERE/hf_baseline.py" "${1:-llama-3.1-8b}" "${2:-qlora}" \
+    "${3:-2}" "${4:-2048}" "${5:-10}" > "$OUT/side_by_side.txt" 2>&1
+echo "== side_by_side: exit $?"
+grep -vE '^\[|it/s\]|Loading|^\{' "$OUT/side_by_side.txt" | tail -30
