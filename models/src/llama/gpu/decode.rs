@@ -20,10 +20,11 @@ use ftrt_runtime::{DevPtr, GemmDesc, Gpu};
 use half::bf16;
 
 /// What a captured decode step depends on besides the cache: the batch size and the model's
-/// activation and adapter buffers (addresses, rank, scale), which its launches bake in.
+/// weight, activation and adapter buffers (addresses, rank, scale), which its launches bake in.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct StepKey {
     rows: usize,
+    weights: u64,
     acts: u64,
     lora: Option<(u64, usize, u32)>,
 }
@@ -330,6 +331,7 @@ impl GpuLlama<'_> {
         }
         let key = StepKey {
             rows,
+            weights: self.weights.addr,
             acts: a.ids.addr,
             lora: self
                 .lora
