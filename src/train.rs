@@ -112,6 +112,11 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(default, deserialize_with = "settings::bool_as_word")]
     pub gradient_checkpointing: Option<String>,
+    /// GPU: keep the input embedding table in pinned host memory (the batch's rows are read
+    /// over PCIe), freeing vocab x hidden bf16 of GPU memory; models with untied embeddings
+    /// only [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub offload_embeddings: Option<bool>,
     /// adamw_torch | adamw_8bit [default: adamw_torch].
     #[arg(long)]
     pub optim: Option<String>,
@@ -193,6 +198,7 @@ fn build_model(
                 s.lora.r,
                 load_in_4bit.then_some(&s.keep_bf16),
                 s.checkpointing,
+                s.offload_embeddings,
             )?;
             Ok(Box::new(m))
         }

@@ -82,6 +82,7 @@ pub fn merge(flags: &TrainArgs) -> Result<TrainArgs, String> {
         load_in_4bit,
         llm_int8_skip_modules,
         gradient_checkpointing,
+        offload_embeddings,
         optim,
         max_grad_norm,
         seed,
@@ -177,6 +178,8 @@ pub struct Settings {
     pub checkpointing: Checkpointing,
     /// Projections the 4-bit mode keeps in bf16.
     pub keep_bf16: KeepBf16,
+    /// The GPU model's input embedding table in pinned host memory.
+    pub offload_embeddings: bool,
 }
 
 impl Settings {
@@ -281,6 +284,7 @@ pub fn resolve(a: &TrainArgs) -> Result<Settings, String> {
         progress: !a.no_progress.unwrap_or(false),
         load_in_4bit,
         keep_bf16: KeepBf16::parse(a.llm_int8_skip_modules.as_deref().unwrap_or("")),
+        offload_embeddings: a.offload_embeddings.unwrap_or(false),
         checkpointing: match a.gradient_checkpointing.as_deref().unwrap_or("auto") {
             "auto" => Checkpointing::Auto,
             "true" => Checkpointing::Lean,
@@ -341,5 +345,30 @@ mod tests {
             ["layers.0.mlp.down_proj", "layers.1."]
         );
         assert_eq!(keep("llm_int8_skip_modules = \"a, b\""), ["a", "b"]);
+    }
+
+    #[test]
+    fn offload_embeddings_from_the_file_or_the_flag() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            train: TrainArgs,
+        }
+        let of_toml = |text: &str| {
+            let args: TrainArgs = toml::from_str(text).unwrap();
+            resolve(&args).unwrap().offload_embeddings
+        };
+        assert!(!of_toml(""));
+        assert!(of_toml("offload_embeddings = true"));
+        let of_flags = |flags: &[&str]| {
+            let cli = Cli::parse_from(std::iter::once("train").chain(flags.iter().copied()));
+            resolve(&merge(&cli.train).unwrap())
+                .unwrap()
+                .offload_embeddings
+        };
+        assert!(of_flags(&["--offload-embeddings"]));
+        assert!(!of_flags(&["--offload-embeddings", "false"]));
+        assert!(!of_flags(&[]));
     }
 }

@@ -36,7 +36,8 @@ impl GpuTrainable {
     /// Uploads `model` to `gpu` with buffers for micro-batches of up to `max_tokens` tokens and
     /// LoRA rank up to `max_rank`; with `load_in_4bit`, the projection weights as NF4 (QLoRA,
     /// [`GpuLlama::from_model_4bit`]: as `source`, the model's checkpoint, stores them when it
-    /// is a bitsandbytes 4-bit save) except those it names to keep in bf16.
+    /// is a bitsandbytes 4-bit save) except those it names to keep in bf16; with
+    /// `offload_embeddings`, the input embedding table in pinned host memory.
     pub fn new(
         gpu: &'static Gpu,
         model: LlamaModel,
@@ -45,13 +46,19 @@ impl GpuTrainable {
         max_rank: usize,
         load_in_4bit: Option<&KeepBf16>,
         checkpointing: Checkpointing,
+        offload_embeddings: bool,
     ) -> GpuResult<Self> {
-        let gpu_model = match load_in_4bit {
+        let mut gpu_model = match load_in_4bit {
             Some(keep) => {
                 GpuLlama::from_model_4bit(gpu, &model, max_tokens, max_rank, keep, source)?
             }
             None => GpuLlama::from_model(gpu, &model, max_tokens, max_rank)?,
         };
+        if offload_embeddings {
+            gpu_model
+                .set_embeddings_in_host_memory()
+                .map_err(|e| format!("--offload-embeddings: {e}"))?;
+        }
         let targets = linear_targets(&model.config);
         Ok(Self {
             gpu_model,
