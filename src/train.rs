@@ -190,15 +190,18 @@ fn build_model(
                     unmatched.join(", ")
                 ));
             }
+            let place = ftrt_models::llama::gpu::GpuPlacement {
+                max_tokens: s.token_budget(),
+                max_rank: s.lora.r,
+                load_in_4bit: load_in_4bit.then_some(&s.keep_bf16),
+                checkpointing: s.checkpointing,
+                offload_embeddings: s.offload_embeddings,
+            };
             let m = ftrt_models::llama::gpu::GpuTrainable::new(
                 gpu,
                 model,
                 Some(&loaded.weights),
-                s.token_budget(),
-                s.lora.r,
-                load_in_4bit.then_some(&s.keep_bf16),
-                s.checkpointing,
-                s.offload_embeddings,
+                &place,
             )?;
             Ok(Box::new(m))
         }

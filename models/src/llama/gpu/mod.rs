@@ -60,7 +60,7 @@ use resid_offload::ResidOffload;
 pub use decode::{GpuKvCache, GpuSteps};
 pub use plan::{check_batch, flop_estimate, weight_layout, KeepBf16};
 pub use selftest::selftest_model;
-pub use trainable::{Checkpointing, GpuTrainable};
+pub use trainable::{Checkpointing, GpuPlacement, GpuTrainable};
 
 /// Errors of the GPU model are one-line strings (context + cause).
 pub type GpuResult<T> = Result<T, String>;

@@ -32,29 +32,37 @@ pub struct GpuTrainable {
     planned: bool,
 }
 
+/// How [`GpuTrainable::new`] places the model on the GPU.
+#[derive(Debug, Clone)]
+pub struct GpuPlacement<'a> {
+    /// Tokens per micro-batch and the largest LoRA rank the buffers are sized for.
+    pub max_tokens: usize,
+    pub max_rank: usize,
+    /// QLoRA: NF4 projection weights except those named to stay bf16.
+    pub load_in_4bit: Option<&'a KeepBf16>,
+    /// The keep / recompute / offload choice, made at the first batch.
+    pub checkpointing: Checkpointing,
+    /// The input embedding table in pinned host memory.
+    pub offload_embeddings: bool,
+}
+
 impl GpuTrainable {
-    /// Uploads `model` to `gpu` with buffers for micro-batches of up to `max_tokens` tokens and
-    /// LoRA rank up to `max_rank`; with `load_in_4bit`, the projection weights as NF4 (QLoRA,
-    /// [`GpuLlama::from_model_4bit`]: as `source`, the model's checkpoint, stores them when it
-    /// is a bitsandbytes 4-bit save) except those it names to keep in bf16; with
-    /// `offload_embeddings`, the input embedding table in pinned host memory.
+    /// Uploads `model` to `gpu` as `place` says: with `load_in_4bit`, the projection weights
+    /// as NF4 ([`GpuLlama::from_model_4bit`]: `source`, the model's checkpoint, stores them
+    /// when it is a bitsandbytes 4-bit save); with `offload_embeddings`, the input embedding
+    /// table in pinned host memory.
     pub fn new(
         gpu: &'static Gpu,
         model: LlamaModel,
         source: Option<&WeightSource>,
-        max_tokens: usize,
-        max_rank: usize,
-        load_in_4bit: Option<&KeepBf16>,
-        checkpointing: Checkpointing,
-        offload_embeddings: bool,
+        place: &GpuPlacement,
     ) -> GpuResult<Self> {
-        let mut gpu_model = match load_in_4bit {
-            Some(keep) => {
-                GpuLlama::from_model_4bit(gpu, &model, max_tokens, max_rank, keep, source)?
-            }
-            None => GpuLlama::from_model(gpu, &model, max_tokens, max_rank)?,
+        let (n, r) = (place.max_tokens, place.max_rank);
+        let mut gpu_model = match place.load_in_4bit {
+            Some(keep) => GpuLlama::from_model_4bit(gpu, &model, n, r, keep, source)?,
+            None => GpuLlama::from_model(gpu, &model, n, r)?,
         };
-        if offload_embeddings {
+        if place.offload_embeddings {
             gpu_model
                 .set_embeddings_in_host_memory()
                 .map_err(|e| format!("--offload-embeddings: {e}"))?;
@@ -63,7 +71,7 @@ impl GpuTrainable {
         Ok(Self {
             gpu_model,
             targets,
-            checkpointing,
+            checkpointing: place.checkpointing,
             planned: false,
         })
     }
