@@ -78,6 +78,10 @@ pub struct PlanArgs {
     /// VRAM budget in GiB; without it every saved tensor is kept and the peak is reported.
     #[arg(long)]
     pub vram_budget_gib: Option<f64>,
+    /// Pinned host memory the offloaded tensors may take, in GiB; a plan needing more is
+    /// refused with what it needs [default: no bound]
+    #[arg(long)]
+    pub host_budget_gib: Option<f64>,
 }
 
 /// A Llama-shaped model and one micro-batch.
@@ -207,6 +211,17 @@ pub fn run(args: &PlanArgs) -> Result<(), String> {
         print!("{p:#}");
     } else {
         print!("{p}");
+    }
+    if let Some(gib) = args.host_budget_gib {
+        let host = (gib * (1u64 << 30) as f64) as usize;
+        if p.host_bytes > host {
+            return Err(format!(
+                "does not fit the host: the plan offloads {} to pinned host memory, the host \
+                 budget is {} (recomputation of whole layers is not modelled yet)",
+                fmt_bytes(p.host_bytes),
+                fmt_bytes(host)
+            ));
+        }
     }
     let cost = CostModel::H200;
     let est = estimate(&g, &p, &cost);
@@ -800,6 +815,7 @@ mod tests {
             mode,
             verbose: false,
             vram_budget_gib: budget,
+            host_budget_gib: None,
         }
     }
 
@@ -861,6 +877,16 @@ mod tests {
             .iter()
             .any(|x| x.shape == [MLP_TILE_ROWS, i] && x.lifetime == Lifetime::Scratch));
         assert!(plan(&long, &PlanOptions::default()).unwrap().arena_bytes > 0);
+    }
+
+    #[test]
+    fn a_host_budget_bounds_the_offloads() {
+        let mut a = args(Preset::Llama31_8b, Mode::Qlora, Some(40.0));
+        a.seq = 65536;
+        assert!(run(&a).is_ok());
+        a.host_budget_gib = Some(1.0);
+        let err = run(&a).unwrap_err();
+        assert!(err.contains("does not fit the host"), "{err}");
     }
 
     #[test]
