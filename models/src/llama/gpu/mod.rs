@@ -1260,7 +1260,10 @@ impl<'g> GpuLlama<'g> {
         ))
     }
 
-    /// y (n, out) = x (n, in) W^T (+ b) + s (x A^T) B^T; saves x A^T into `xa`.
+    /// y (n, out) = x (n, in) W^T (+ b) + s (x A^T) B^T; saves x A^T into `xa`. The low-rank
+    /// term is written first and the base GEMM adds its product to it in the epilogue (beta 1):
+    /// the compute-bound GEMM reads y once, instead of a memory-bound rank-r GEMM reading and
+    /// writing all of y again after it.
     fn project(
         &self,
         l: usize,
@@ -1273,27 +1276,29 @@ impl<'g> GpuLlama<'g> {
         let (out, inn) = p.shape(&self.dims);
         let lw = &self.layout.layers[l];
         let bias = lw.bias[p.index()].as_ref().map(|r| self.w(r));
-        let wt = self.proj_weight(l, p)?;
-        self.gemm(
-            &GemmDesc::new(n, out, inn).transposed(false, true),
-            x,
-            wt,
-            y,
-            bias,
-        )?;
-        if let Some(LoraPtrs(_, b, _, _, r, s)) = self.lora_ab(l, p) {
+        let lora = self.lora_ab(l, p);
+        if let Some(LoraPtrs(_, b, _, _, r, s)) = lora {
             self.project_xa(l, p, x, xa, n)?;
             self.gemm(
                 &GemmDesc::new(n, out, r)
                     .transposed(false, true)
-                    .scaled(s, 1.0),
+                    .scaled(s, 0.0),
                 xa,
                 b,
                 y,
                 None,
             )?;
         }
-        Ok(())
+        let wt = self.proj_weight(l, p)?;
+        self.gemm(
+            &GemmDesc::new(n, out, inn)
+                .transposed(false, true)
+                .scaled(1.0, if lora.is_some() { 1.0 } else { 0.0 }),
+            x,
+            wt,
+            y,
+            bias,
+        )
     }
 
     /// xa (n, r) = x (n, in) A^T of `p` in layer `l` (nothing when `p` is not adapted).
@@ -1318,7 +1323,8 @@ impl<'g> GpuLlama<'g> {
     }
 
     /// Backward of [`Self::project`] with W frozen: dx (n, in) = dy W + s (dy B) A (added to dx
-    /// when `accumulate`), dB += s dy^T xa, dA += (s dy B)^T x (f32).
+    /// when `accumulate`), dB += s dy^T xa, dA += (s dy B)^T x (f32). As in the forward, the
+    /// low-rank term goes into dx first and the base GEMM adds dy W to it (beta 1).
     #[allow(clippy::too_many_arguments)]
     fn project_backward(
         &self,
@@ -1333,14 +1339,7 @@ impl<'g> GpuLlama<'g> {
         dxa: DevPtr<bf16>,
     ) -> GpuResult<()> {
         let (out, inn) = p.shape(&self.dims);
-        let wt = self.proj_weight(l, p)?;
-        self.gemm(
-            &GemmDesc::new(n, inn, out).scaled(1.0, if accumulate { 1.0 } else { 0.0 }),
-            dy,
-            wt,
-            dx,
-            None,
-        )?;
+        let mut beta = if accumulate { 1.0 } else { 0.0 };
         if let Some(LoraPtrs(a, b, ga, gb, r, s)) = self.lora_ab(l, p) {
             // dB (out, r) += s dy^T (out, n) · xa (n, r)
             self.gemm_f32(
@@ -1362,10 +1361,24 @@ impl<'g> GpuLlama<'g> {
                 x,
                 ga,
             )?;
-            // dx += dxa (n, r) · A (r, in)
-            self.gemm(&GemmDesc::new(n, inn, r).scaled(1.0, 1.0), dxa, a, dx, None)?;
+            // dx (+)= dxa (n, r) · A (r, in)
+            self.gemm(
+                &GemmDesc::new(n, inn, r).scaled(1.0, beta),
+                dxa,
+                a,
+                dx,
+                None,
+            )?;
+            beta = 1.0;
         }
-        Ok(())
+        let wt = self.proj_weight(l, p)?;
+        self.gemm(
+            &GemmDesc::new(n, inn, out).scaled(1.0, beta),
+            dy,
+            wt,
+            dx,
+            None,
+        )
     }
 
     /// Checks a batch (and its targets) against the vocabulary and the token budget, allocates
