@@ -1561,56 +1561,41 @@ impl<'g> GpuLlama<'g> {
         self.project(l, Proj::Q, x, q_out, la.xa[0], n)?;
         self.project(l, Proj::K, x, k_out, la.xa[1], n)?;
         self.project(l, Proj::V, x, la.v, la.xa[2], n)?;
+        // Per-head q/k norms (Qwen3) and RoPE on the query and key heads, in place.
+        let head_norm = |rows: usize, x, w, y, rstd, what| {
+            norm::rms_norm::forward(
+                gpu,
+                &norm::rms_norm::Dims { R: rows, C: hd },
+                eps,
+                x,
+                w,
+                y,
+                rstd,
+            )
+            .ctx(what)
+        };
         if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
-            norm::rms_norm::forward(
-                gpu,
-                &norm::rms_norm::Dims { R: n * hq, C: hd },
-                eps,
-                la.q_pre,
-                self.w(qn),
-                la.q,
-                la.q_rstd,
-            )
-            .ctx("q norm")?;
-            norm::rms_norm::forward(
-                gpu,
-                &norm::rms_norm::Dims { R: n * hkv, C: hd },
-                eps,
-                la.k_pre,
-                self.w(kn),
-                la.k,
-                la.k_rstd,
-            )
-            .ctx("k norm")?;
+            head_norm(n * hq, la.q_pre, self.w(qn), la.q, la.q_rstd, "q norm")?;
+            head_norm(n * hkv, la.k_pre, self.w(kn), la.k, la.k_rstd, "k norm")?;
         }
-        rope::rope::forward(
-            gpu,
-            &rope::rope::Dims {
-                N: n,
-                H: hq,
-                D: hd,
-                P: p_rows,
-            },
-            la.q,
-            a.pos,
-            self.cos,
-            self.sin,
-        )
-        .ctx("rope q")?;
-        rope::rope::forward(
-            gpu,
-            &rope::rope::Dims {
-                N: n,
-                H: hkv,
-                D: hd,
-                P: p_rows,
-            },
-            la.k,
-            a.pos,
-            self.cos,
-            self.sin,
-        )
-        .ctx("rope k")?;
+        let rope = |x, heads, what| {
+            rope::rope::forward(
+                gpu,
+                &rope::rope::Dims {
+                    N: n,
+                    H: heads,
+                    D: hd,
+                    P: p_rows,
+                },
+                x,
+                a.pos,
+                self.cos,
+                self.sin,
+            )
+            .ctx(what)
+        };
+        rope(la.q, hq, "rope q")?;
+        rope(la.k, hkv, "rope k")?;
         match pass {
             Pass::Train | Pass::Recompute => self.attn_forward(a, la, n, s)?,
             Pass::Prefill(cache) => {
@@ -1913,56 +1898,56 @@ impl<'g> GpuLlama<'g> {
                 a.dxa,
             )?;
             self.attn_backward(a, la, n, s)?;
-            rope::rope::backward(
-                gpu,
-                &rope::rope::Dims {
-                    N: n,
-                    H: hq,
-                    D: hd,
-                    P: p_rows,
-                },
-                a.pos,
-                self.cos,
-                self.sin,
-                a.dq,
-            )
-            .ctx("rope backward q")?;
-            rope::rope::backward(
-                gpu,
-                &rope::rope::Dims {
-                    N: n,
-                    H: hkv,
-                    D: hd,
-                    P: p_rows,
-                },
-                a.pos,
-                self.cos,
-                self.sin,
-                a.dk,
-            )
-            .ctx("rope backward k")?;
+            let rope_back = |dx, heads, what| {
+                rope::rope::backward(
+                    gpu,
+                    &rope::rope::Dims {
+                        N: n,
+                        H: heads,
+                        D: hd,
+                        P: p_rows,
+                    },
+                    a.pos,
+                    self.cos,
+                    self.sin,
+                    dx,
+                )
+                .ctx(what)
+            };
+            rope_back(a.dq, hq, "rope backward q")?;
+            rope_back(a.dk, hkv, "rope backward k")?;
             let (mut dq, mut dk) = (a.dq, a.dk);
             if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
-                norm::rms_norm::backward_dx(
-                    gpu,
-                    &norm::rms_norm::Dims { R: n * hq, C: hd },
+                let head_norm_back = |rows: usize, x, w, rstd, dy, dx, what| {
+                    norm::rms_norm::backward_dx(
+                        gpu,
+                        &norm::rms_norm::Dims { R: rows, C: hd },
+                        x,
+                        w,
+                        rstd,
+                        dy,
+                        dx,
+                    )
+                    .ctx(what)
+                };
+                head_norm_back(
+                    n * hq,
                     la.q_pre,
                     self.w(qn),
                     la.q_rstd,
                     a.dq,
                     a.dq_pre,
-                )
-                .ctx("q norm backward")?;
-                norm::rms_norm::backward_dx(
-                    gpu,
-                    &norm::rms_norm::Dims { R: n * hkv, C: hd },
+                    "q norm backward",
+                )?;
+                head_norm_back(
+                    n * hkv,
                     la.k_pre,
                     self.w(kn),
                     la.k_rstd,
                     a.dk,
                     a.dk_pre,
-                )
-                .ctx("k norm backward")?;
+                    "k norm backward",
+                )?;
                 dq = a.dq_pre;
                 dk = a.dk_pre;
             }
