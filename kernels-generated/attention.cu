@@ -16,17 +16,21 @@
 //   (dk, dv of a kv head sum over the Hq/Hkv query heads of its group.)
 //
 // Kernels (all 128 threads = 4 warps; tiles of 64 rows; f32 accumulation on tensor cores):
-//   attention_fwd_d{64,128}       grid (ceil(N/64), Hq): one block per 64-query tile and head,
-//                                 online softmax over 64-key tiles, writes out and lse.
+//   attention_fwd_d{64,128}       grid (Hq, ceil(N/64)): one block per head and 64-query tile,
+//                                 online softmax over 64-key tiles, writes out and lse; the Q
+//                                 tile stays in shared memory (3 blocks per SM at D = 128).
 //   attention_bwd_dot_d{64,128}   grid ceil(N*Hq/4): dvec = rowsum(dout * out).
-//   attention_bwd_dkdv_d{64,128}  grid (ceil(N/64), Hkv): one block owns a 64-key tile of one kv
+//   attention_bwd_dkdv_d{64,128}  grid (Hkv, ceil(N/64)): one block owns a 64-key tile of one kv
 //                                 head and loops over the query heads of its group and over the
 //                                 query tiles that can see it; dk, dv accumulate in registers
 //                                 and are written once: deterministic, no atomics.
-//   attention_bwd_dq_d{64,128}    grid (ceil(N/64), Hq): one block owns a 64-query tile and loops
+//   attention_bwd_dq_d{64,128}    grid (Hq, ceil(N/64)): one block owns a 64-query tile and loops
 //                                 over key tiles, recomputing p and dp (2 of its 3 MMAs repeat
 //                                 dkdv's work: ~40% more backward FLOPs than a dq-atomics design,
 //                                 bought for bit-reproducible dq without an f32 scratch).
+// Heads vary fastest in every grid, and tiles go longest-work first (the last query tiles, the
+// first key tiles), so a step's heaviest blocks start in the first wave instead of the last
+// head's (ncu: dK/dV's SMs sat idle a third of the time with the tile index fastest).
 // Tiles are cut from the packed token axis, not per sequence: a tile may straddle a sequence
 // boundary, and the per-element mask (j <= i and j >= seq_start(i)) keeps segments apart. Key
 // tiles wholly above the diagonal are never visited; tiles wholly inside the causal region skip
@@ -47,6 +51,7 @@
 #endif
 #define ATTN_DEV __device__ __forceinline__
 #define ATTN_KERNEL(name) extern "C" __global__ void __launch_bounds__(128) name
+#define ATTN_KERNEL_MIN_BLOCKS(name, blocks) ATTN_KERNEL(name) // occupancy hint tuned for sm_90 only
 #define ATTN_DYN_SMEM(name) extern __shared__ __attribute__((aligned(16))) unsigned char name[]
 #define ATTN_SYNC() __syncthreads()
 #define ATTN_NEG_INF (-__builtin_huge_valf())
@@ -54,6 +59,7 @@
 #else
 #define ATTN_DEV __device__ __forceinline__
 #define ATTN_KERNEL(name) extern "C" __global__ void __launch_bounds__(128) name
+#define ATTN_KERNEL_MIN_BLOCKS(name, blocks) extern "C" __global__ void __launch_bounds__(128, blocks) name
 #define ATTN_DYN_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #define ATTN_SYNC() __syncthreads()
 #define ATTN_NEG_INF (__int_as_float(0xff800000))
@@ -297,11 +303,12 @@ ATTN_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ 
                        float* __restrict__ lse) {
     constexpr int LD = D + PAD, KD = D / 16, NTD = D / 8, NTS = BN / 8;
     ATTN_DYN_SMEM(smem);
-    bf16_t* sK = (bf16_t*)smem;
-    bf16_t* sV = sK + BN * LD; // also stages the Q tile before the loop
+    bf16_t* sQ = (bf16_t*)smem;
+    bf16_t* sK = sQ + BM * LD;
+    bf16_t* sV = sK + BN * LD;
     const int warp = (int)(threadIdx.x >> 5), l = lane_id(), g = l >> 2, t = l & 3;
-    const int q0 = (int)(gridDim.x - 1 - blockIdx.x) * BM; // longest rows first
-    const int h = (int)blockIdx.y, hk = h / (Hq / Hkv);
+    const int q0 = (int)(gridDim.y - 1 - blockIdx.y) * BM; // longest rows first, all heads
+    const int h = (int)blockIdx.x, hk = h / (Hq / Hkv);
     const float sl2 = scale * LOG2E;
     const long long qstr = (long long)Hq * D, kstr = (long long)Hkv * D;
     const bf16_t* qh = q + (long long)h * D;
@@ -315,16 +322,9 @@ ATTN_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ 
     const int last_start = seg_start(cu, S, kend - 1);
     const int ntiles = (kend - kbeg + BN - 1) / BN;
 
-    load_rows<D, BM>(sV, qh, q0, N, qstr);
-    cp_commit();
+    load_rows<D, BM>(sQ, qh, q0, N, qstr);
     load_rows<D, BN>(sK, kh, kbeg, N, kstr);
     cp_commit();
-    cp_wait<1>();
-    ATTN_SYNC();
-    unsigned qf[KD][4];
-#pragma unroll
-    for (int kd = 0; kd < KD; ++kd) frag_a(qf[kd], sV, LD, warp * 16, kd * 16);
-    ATTN_SYNC(); // sV is overwritten by the first V tile below
 
     float o[NTD][4];
 #pragma unroll
@@ -335,19 +335,21 @@ ATTN_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ 
         const int j0 = kbeg + it * BN;
         load_rows<D, BN>(sV, vh, j0, N, kstr);
         cp_commit();
-        cp_wait<1>(); // K tile `it` has landed
+        cp_wait<1>(); // K tile `it` (and, first, the Q tile) has landed
         ATTN_SYNC();
         float s[NTS][4];
 #pragma unroll
         for (int i = 0; i < NTS; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
 #pragma unroll
         for (int kd = 0; kd < KD; ++kd) {
+            unsigned qf[4]; // from shared memory each tile: registers stay for occupancy
+            frag_a(qf, sQ, LD, warp * 16, kd * 16);
 #pragma unroll
             for (int np = 0; np < NTS / 2; ++np) {
                 unsigned b[4];
                 frag_bt(b, sK, LD, np * 16, kd * 16);
-                mma16816(s[2 * np], qf[kd], b[0], b[1]);
-                mma16816(s[2 * np + 1], qf[kd], b[2], b[3]);
+                mma16816(s[2 * np], qf, b[0], b[1]);
+                mma16816(s[2 * np + 1], qf, b[2], b[3]);
             }
         }
         ATTN_SYNC(); // everyone is done with sK: prefetch the next K tile under the softmax
@@ -422,19 +424,19 @@ ATTN_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ 
     lB += shfl_xor(lB, 1);
     lB += shfl_xor(lB, 2);
     const float iA = lA > 0.f ? 1.f / lA : 0.f, iB = lB > 0.f ? 1.f / lB : 0.f;
-    // stage the output tile in sK: each warp writes only its own 16 rows
+    // stage the output tile in sQ: each warp writes only its own 16 rows
 #pragma unroll
     for (int dn = 0; dn < NTD; ++dn) {
         const int col = dn * 8 + 2 * t;
-        *(unsigned*)(sK + (warp * 16 + g) * LD + col) = pack_bf16(o[dn][0] * iA, o[dn][1] * iA);
-        *(unsigned*)(sK + (warp * 16 + g + 8) * LD + col) = pack_bf16(o[dn][2] * iB, o[dn][3] * iB);
+        *(unsigned*)(sQ + (warp * 16 + g) * LD + col) = pack_bf16(o[dn][0] * iA, o[dn][1] * iA);
+        *(unsigned*)(sQ + (warp * 16 + g + 8) * LD + col) = pack_bf16(o[dn][2] * iB, o[dn][3] * iB);
     }
     if (t == 0) {
         if (rA < N) lse[(long long)h * N + rA] = (mA + log2f(lA)) * LN2;
         if (rB < N) lse[(long long)h * N + rB] = (mB + log2f(lB)) * LN2;
     }
     ATTN_SYNC();
-    store_rows<D, BM>(out + (long long)h * D, sK, q0, N, qstr);
+    store_rows<D, BM>(out + (long long)h * D, sQ, q0, N, qstr);
 }
 
 // ---------------------------------------------------------------- backward: dvec
@@ -476,8 +478,8 @@ ATTN_DEV void dkdv_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__
     float* sL = (float*)(sO + BMB * LD); // lse * log2(e) of the query tile
     float* sD = sL + BMB;                // dvec of the query tile
     const int warp = (int)(threadIdx.x >> 5), l = lane_id(), g = l >> 2, t = l & 3;
-    const int j0 = (int)blockIdx.x * BN;
-    const int hk = (int)blockIdx.y, G = Hq / Hkv;
+    const int j0 = (int)blockIdx.y * BN; // all kv heads of a key tile, then the next tile
+    const int hk = (int)blockIdx.x, G = Hq / Hkv;
     const float sl2 = scale * LOG2E;
     const long long qstr = (long long)Hq * D, kstr = (long long)Hkv * D;
 
@@ -604,8 +606,8 @@ ATTN_DEV void dq_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k
     bf16_t* sK = sO + BM * LD;
     bf16_t* sV = sK + BN * LD;
     const int warp = (int)(threadIdx.x >> 5), l = lane_id(), g = l >> 2, t = l & 3;
-    const int q0 = (int)(gridDim.x - 1 - blockIdx.x) * BM;
-    const int h = (int)blockIdx.y, hk = h / (Hq / Hkv);
+    const int q0 = (int)(gridDim.y - 1 - blockIdx.y) * BM; // longest rows first, all heads
+    const int h = (int)blockIdx.x, hk = h / (Hq / Hkv);
     const float sl2 = scale * LOG2E;
     const long long qstr = (long long)Hq * D, kstr = (long long)Hkv * D;
     const bf16_t* kh = k + (long long)hk * D;
@@ -706,11 +708,11 @@ template <int D> struct DkdvRows { static constexpr int value = D >= 128 ? 32 : 
 
 // ---------------------------------------------------------------- entry points
 // Dynamic shared memory (bytes), as the launcher computes it (LD = D + PAD: D + 8 on CUDA, D on HIP):
-//   fwd  2 * 64 * LD * 2          dot  0
+//   fwd  3 * 64 * LD * 2          dot  0
 //   dq   4 * 64 * LD * 2          dkdv (128 + 2 * BMB) * LD * 2 + 2 * BMB * 4,  BMB = 64 (D=64), 32 (D=128)
 
 #define ATTN_ENTRIES(D)                                                                                     \
-    ATTN_KERNEL(attention_fwd_d##D)(const bf16_t* q, const bf16_t* k, const bf16_t* v, const int* cu,        \
+    ATTN_KERNEL_MIN_BLOCKS(attention_fwd_d##D, 3)(const bf16_t* q, const bf16_t* k, const bf16_t* v, const int* cu,        \
                                     int num_seqs, int n_tokens, int hq, int hkv, float scale, bf16_t* out,   \
                                     float* lse) {                                                            \
         attn::fwd_impl<D>(q, k, v, cu, num_seqs, n_tokens, hq, hkv, scale, out, lse);                        \

@@ -24,7 +24,7 @@
 //! the p and dp products: ~7 instead of 5 matmul-equivalents per backward, the price of
 //! bit-reproducible dq without an f32 scratch). Scratch: `dvec`, Hq * N f32.
 //!
-//! Dynamic shared memory per block (CUDA, pitch D + 8): fwd 2*64*(D+8)*2 (18/34 KiB), dq
+//! Dynamic shared memory per block (CUDA, pitch D + 8): fwd 3*64*(D+8)*2 (27/51 KiB), dq
 //! 4*64*(D+8)*2 (36/68 KiB), dkdv (128 + 2*BMB)*(D+8)*2 + 8*BMB with BMB = 64 / 32 rows at
 //! D = 64 / 128 (37/51 KiB): the launchers opt in above 48 KiB. The HIP build uses pitch D so
 //! that dq at D = 128 fits gfx90a's 64 KiB (a HIP launcher must use D there); the HIP path
@@ -128,7 +128,7 @@ impl AttentionDims {
         }
         if self.n_tokens > i32::MAX as usize
             || self.num_seqs >= i32::MAX as usize
-            || self.n_heads_q > 65535
+            || self.n_tokens.div_ceil(TILE) > 65535
         {
             return Err(RuntimeError::InvalidArgument(format!(
                 "attention dims out of range: {self:?}"
@@ -472,7 +472,7 @@ fn config(grid: (u32, u32), smem: u32) -> cudarc::driver::LaunchConfig {
 
 /// Dynamic shared memory of each kernel (must match the layouts in attention.cu).
 fn smem_fwd(d: usize) -> u32 {
-    (2 * TILE * (d + 8) * 2) as u32
+    (3 * TILE * (d + 8) * 2) as u32
 }
 fn smem_dq(d: usize) -> u32 {
     (4 * TILE * (d + 8) * 2) as u32
@@ -535,7 +535,7 @@ pub fn attention_forward(
     b.arg(&scale);
     b.arg(&out.addr);
     b.arg(&lse.addr);
-    let grid = (dims.n_tokens.div_ceil(TILE) as u32, dims.n_heads_q as u32);
+    let grid = (dims.n_heads_q as u32, dims.n_tokens.div_ceil(TILE) as u32);
     unsafe { b.launch(config(grid, smem)) }?;
     Ok(())
 }
@@ -615,7 +615,7 @@ pub fn attention_backward(
     b.arg(&scale);
     b.arg(&dk.addr);
     b.arg(&dv.addr);
-    unsafe { b.launch(config((tiles, dims.n_heads_kv as u32), smem)) }?;
+    unsafe { b.launch(config((dims.n_heads_kv as u32, tiles), smem)) }?;
 
     // dq: one block per (64-query tile, query head)
     let smem = smem_dq(d);
@@ -634,7 +634,7 @@ pub fn attention_backward(
     b.arg(&hkv);
     b.arg(&scale);
     b.arg(&dq.addr);
-    unsafe { b.launch(config((tiles, dims.n_heads_q as u32), smem)) }?;
+    unsafe { b.launch(config((dims.n_heads_q as u32, tiles), smem)) }?;
     Ok(())
 }
 

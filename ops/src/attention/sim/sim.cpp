@@ -145,6 +145,7 @@ static inline void attn_sim_cp_wait(int n) {
 #define gridDim (sim::grid_dim)
 #define ATTN_DEV static inline
 #define ATTN_KERNEL(name) extern "C" void name
+#define ATTN_KERNEL_MIN_BLOCKS(name, blocks) extern "C" void name
 #define ATTN_DYN_SMEM(name) unsigned char* name = sim::smem.data()
 #define ATTN_SYNC() attn_sim_barrier()
 #define ATTN_NEG_INF (-INFINITY)
@@ -245,8 +246,8 @@ static unsigned cdiv(long long a, long long b) { return (unsigned)((a + b - 1) /
 
 extern "C" void attn_sim_fwd(int D, const bf16_t* q, const bf16_t* k, const bf16_t* v, const int* cu, int S, int N,
                              int Hq, int Hkv, float scale, bf16_t* out, float* lse) {
-    const size_t smem = 2 * 64 * (size_t)(D + 8) * 2;
-    sim::launch(sim::cdiv(N, 64), Hq, smem, [&] {
+    const size_t smem = 3 * 64 * (size_t)(D + 8) * 2;
+    sim::launch(Hq, sim::cdiv(N, 64), smem, [&] {
         if (D == 64) attention_fwd_d64(q, k, v, cu, S, N, Hq, Hkv, scale, out, lse);
         else attention_fwd_d128(q, k, v, cu, S, N, Hq, Hkv, scale, out, lse);
     });
@@ -261,12 +262,12 @@ extern "C" void attn_sim_bwd(int D, const bf16_t* q, const bf16_t* k, const bf16
     });
     const int bmb = D >= 128 ? 32 : 64;
     const size_t smem_kv = (size_t)(128 + 2 * bmb) * (D + 8) * 2 + 2 * bmb * 4;
-    sim::launch(sim::cdiv(N, 64), Hkv, smem_kv, [&] {
+    sim::launch(Hkv, sim::cdiv(N, 64), smem_kv, [&] {
         if (D == 64) attention_bwd_dkdv_d64(q, k, v, dout, lse, dvec, cu, S, N, Hq, Hkv, scale, dk, dv);
         else attention_bwd_dkdv_d128(q, k, v, dout, lse, dvec, cu, S, N, Hq, Hkv, scale, dk, dv);
     });
     const size_t smem_q = 4 * 64 * (size_t)(D + 8) * 2;
-    sim::launch(sim::cdiv(N, 64), Hq, smem_q, [&] {
+    sim::launch(Hq, sim::cdiv(N, 64), smem_q, [&] {
         if (D == 64) attention_bwd_dq_d64(q, k, v, dout, lse, dvec, cu, S, N, Hq, Hkv, scale, dq);
         else attention_bwd_dq_d128(q, k, v, dout, lse, dvec, cu, S, N, Hq, Hkv, scale, dq);
     });

@@ -7,6 +7,12 @@ pub mod kernels {
         cuda_source: include_str!("../../../../kernels/attention.cu"),
     };
 }
+#[path = "../../../dsl/real.rs"]
+mod real;
+/// The one piece of `ftrt_ops::dsl` the attention module uses: its scalar trait.
+pub mod dsl {
+    pub use crate::real::Real;
+}
 #[path = "../../mod.rs"]
 pub mod attention;
 #[cfg(test)]
