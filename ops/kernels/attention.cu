@@ -16,9 +16,10 @@
 //   (dk, dv of a kv head sum over the Hq/Hkv query heads of its group.)
 //
 // Kernels (all 128 threads = 4 warps; tiles of 64 rows; f32 accumulation on tensor cores):
-//   attention_fwd_d{64,128}       grid (Hq, ceil(N/64)): one block per head and 64-query tile,
-//                                 online softmax over 64-key tiles, writes out and lse; the Q
-//                                 tile stays in shared memory (3 blocks per SM at D = 128).
+//   attention_fwd_d{64,128}       grid (Hq, ceil(N/128)): one block per head and 128-query tile
+//                                 (32 rows per warp: each K/V fragment feeds two MMAs), online
+//                                 softmax over 64-key tiles, writes out and lse; the Q tile
+//                                 stays in shared memory (2 blocks per SM at D = 128).
 //   attention_bwd_dot_d{64,128}   grid ceil(N*Hq/4): dvec = rowsum(dout * out).
 //   attention_bwd_dkdv_d{64,128}  grid (Hkv, ceil(N/64)): one block owns a 64-key tile of one kv
 //                                 head and loops over the query heads of its group and over the
@@ -296,18 +297,21 @@ ATTN_DEV void frag_b(unsigned r[4], const bf16_t* s, int ld, int k0, int n0) {
 
 // ---------------------------------------------------------------- forward
 
-template <int D>
+// A block owns BMF = 64 * MT query rows: warp w holds rows mt * 64 + 16 w .. + 15 for each of
+// its MT m-tiles, so every K / V fragment read from shared memory feeds MT MMAs (FA2's 128-row
+// tile at MT = 2). Per thread: rows rA[mt] = q0 + 64 mt + 16 w + g and rB[mt] = rA[mt] + 8.
+template <int D, int MT>
 ATTN_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                        const bf16_t* __restrict__ v, const int* __restrict__ cu, int S, int N,
                        int Hq, int Hkv, float scale, bf16_t* __restrict__ out,
                        float* __restrict__ lse) {
-    constexpr int LD = D + PAD, KD = D / 16, NTD = D / 8, NTS = BN / 8;
+    constexpr int LD = D + PAD, KD = D / 16, NTD = D / 8, NTS = BN / 8, BMF = 64 * MT;
     ATTN_DYN_SMEM(smem);
     bf16_t* sQ = (bf16_t*)smem;
-    bf16_t* sK = sQ + BM * LD;
+    bf16_t* sK = sQ + BMF * LD;
     bf16_t* sV = sK + BN * LD;
     const int warp = (int)(threadIdx.x >> 5), l = lane_id(), g = l >> 2, t = l & 3;
-    const int q0 = (int)(gridDim.y - 1 - blockIdx.y) * BM; // longest rows first, all heads
+    const int q0 = (int)(gridDim.y - 1 - blockIdx.y) * BMF; // longest rows first, all heads
     const int h = (int)blockIdx.x, hk = h / (Hq / Hkv);
     const float sl2 = scale * LOG2E;
     const long long qstr = (long long)Hq * D, kstr = (long long)Hkv * D;
@@ -315,21 +319,31 @@ ATTN_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ 
     const bf16_t* kh = k + (long long)hk * D;
     const bf16_t* vh = v + (long long)hk * D;
 
-    const int rA = q0 + warp * 16 + g, rB = rA + 8; // this thread's two query rows
-    const int stA = seg_start(cu, S, imin(rA, N - 1)), stB = seg_start(cu, S, imin(rB, N - 1));
-    const int kend = imin(q0 + BM, N);
+    int rA[MT], stA[MT], stB[MT]; // this thread's query rows (rB = rA + 8) and their segment starts
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        rA[mt] = q0 + mt * 64 + warp * 16 + g;
+        stA[mt] = seg_start(cu, S, imin(rA[mt], N - 1));
+        stB[mt] = seg_start(cu, S, imin(rA[mt] + 8, N - 1));
+    }
+    const int kend = imin(q0 + BMF, N);
     const int kbeg = seg_start(cu, S, q0);
     const int last_start = seg_start(cu, S, kend - 1);
     const int ntiles = (kend - kbeg + BN - 1) / BN;
 
-    load_rows<D, BM>(sQ, qh, q0, N, qstr);
+    load_rows<D, BMF>(sQ, qh, q0, N, qstr);
     load_rows<D, BN>(sK, kh, kbeg, N, kstr);
     cp_commit();
 
-    float o[NTD][4];
+    float o[MT][NTD][4];
 #pragma unroll
-    for (int i = 0; i < NTD; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float mA = ATTN_NEG_INF, mB = ATTN_NEG_INF, lA = 0.f, lB = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < NTD; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+    // running max (of scale * log2(e) * x) and sum of rows A and B of each m-tile
+    float mA[MT], mB[MT], lA[MT], lB[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) mA[mt] = mB[mt] = ATTN_NEG_INF, lA[mt] = lB[mt] = 0.f;
 
     for (int it = 0; it < ntiles; ++it) {
         const int j0 = kbeg + it * BN;
@@ -337,106 +351,133 @@ ATTN_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ 
         cp_commit();
         cp_wait<1>(); // K tile `it` (and, first, the Q tile) has landed
         ATTN_SYNC();
-        float s[NTS][4];
+        float s[MT][NTS][4];
 #pragma unroll
-        for (int i = 0; i < NTS; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < NTS; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
 #pragma unroll
         for (int kd = 0; kd < KD; ++kd) {
-            unsigned qf[4]; // from shared memory each tile: registers stay for occupancy
-            frag_a(qf, sQ, LD, warp * 16, kd * 16);
+            unsigned qf[MT][4]; // from shared memory each tile: registers stay for the accumulators
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) frag_a(qf[mt], sQ, LD, mt * 64 + warp * 16, kd * 16);
 #pragma unroll
             for (int np = 0; np < NTS / 2; ++np) {
                 unsigned b[4];
                 frag_bt(b, sK, LD, np * 16, kd * 16);
-                mma16816(s[2 * np], qf, b[0], b[1]);
-                mma16816(s[2 * np + 1], qf, b[2], b[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816(s[mt][2 * np], qf[mt], b[0], b[1]);
+                    mma16816(s[mt][2 * np + 1], qf[mt], b[2], b[3]);
+                }
             }
         }
         ATTN_SYNC(); // everyone is done with sK: prefetch the next K tile under the softmax
         if (it + 1 < ntiles) load_rows<D, BN>(sK, kh, j0 + BN, N, kstr);
         cp_commit();
 
-        if (!(j0 + BN - 1 <= q0 && j0 >= last_start)) { // tile not wholly inside: mask
+        const bool inside = j0 + BN - 1 <= q0 && j0 >= last_start; // no element masked
 #pragma unroll
-            for (int nt = 0; nt < NTS; ++nt) {
+        for (int mt = 0; mt < MT; ++mt) {
+            if (!inside) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int j = j0 + nt * 8 + 2 * t + (e & 1);
-                    const int i = e < 2 ? rA : rB, st = e < 2 ? stA : stB;
-                    if (j > i || j < st) s[nt][e] = ATTN_NEG_INF;
+                for (int nt = 0; nt < NTS; ++nt) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int j = j0 + nt * 8 + 2 * t + (e & 1);
+                        const int i = rA[mt] + (e < 2 ? 0 : 8), st = e < 2 ? stA[mt] : stB[mt];
+                        if (j > i || j < st) s[mt][nt][e] = ATTN_NEG_INF;
+                    }
                 }
             }
-        }
-        float mxA = mA, mxB = mB;
+            // the max of the raw scores, scaled after (scale > 0): one multiply per row
+            float mxA = ATTN_NEG_INF, mxB = ATTN_NEG_INF;
 #pragma unroll
-        for (int nt = 0; nt < NTS; ++nt) {
-            mxA = fmaxf(mxA, fmaxf(s[nt][0], s[nt][1]) * sl2);
-            mxB = fmaxf(mxB, fmaxf(s[nt][2], s[nt][3]) * sl2);
-        }
-        mxA = fmaxf(mxA, shfl_xor(mxA, 1));
-        mxA = fmaxf(mxA, shfl_xor(mxA, 2));
-        mxB = fmaxf(mxB, shfl_xor(mxB, 1));
-        mxB = fmaxf(mxB, shfl_xor(mxB, 2));
-        const float uA = mxA == ATTN_NEG_INF ? 0.f : mxA, uB = mxB == ATTN_NEG_INF ? 0.f : mxB;
-        const float aA = fast_exp2(mA - uA), aB = fast_exp2(mB - uB);
-        mA = mxA;
-        mB = mxB;
-        float psA = 0.f, psB = 0.f;
+            for (int nt = 0; nt < NTS; ++nt) {
+                mxA = fmaxf(mxA, fmaxf(s[mt][nt][0], s[mt][nt][1]));
+                mxB = fmaxf(mxB, fmaxf(s[mt][nt][2], s[mt][nt][3]));
+            }
+            mxA = fmaxf(mxA, shfl_xor(mxA, 1));
+            mxA = fmaxf(mxA, shfl_xor(mxA, 2));
+            mxB = fmaxf(mxB, shfl_xor(mxB, 1));
+            mxB = fmaxf(mxB, shfl_xor(mxB, 2));
+            mxA = fmaxf(mA[mt], mxA * sl2);
+            mxB = fmaxf(mB[mt], mxB * sl2);
+            const float uA = mxA == ATTN_NEG_INF ? 0.f : mxA, uB = mxB == ATTN_NEG_INF ? 0.f : mxB;
+            const float aA = fast_exp2(mA[mt] - uA), aB = fast_exp2(mB[mt] - uB);
+            mA[mt] = mxA;
+            mB[mt] = mxB;
+            float psA = 0.f, psB = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < NTS; ++nt) {
-            s[nt][0] = fast_exp2(fmaf(s[nt][0], sl2, -uA));
-            s[nt][1] = fast_exp2(fmaf(s[nt][1], sl2, -uA));
-            s[nt][2] = fast_exp2(fmaf(s[nt][2], sl2, -uB));
-            s[nt][3] = fast_exp2(fmaf(s[nt][3], sl2, -uB));
-            psA += s[nt][0] + s[nt][1];
-            psB += s[nt][2] + s[nt][3];
-        }
-        lA = lA * aA + psA;
-        lB = lB * aB + psB;
+            for (int nt = 0; nt < NTS; ++nt) {
+                s[mt][nt][0] = fast_exp2(fmaf(s[mt][nt][0], sl2, -uA));
+                s[mt][nt][1] = fast_exp2(fmaf(s[mt][nt][1], sl2, -uA));
+                s[mt][nt][2] = fast_exp2(fmaf(s[mt][nt][2], sl2, -uB));
+                s[mt][nt][3] = fast_exp2(fmaf(s[mt][nt][3], sl2, -uB));
+                psA += s[mt][nt][0] + s[mt][nt][1];
+                psB += s[mt][nt][2] + s[mt][nt][3];
+            }
+            lA[mt] = lA[mt] * aA + psA;
+            lB[mt] = lB[mt] * aB + psB;
 #pragma unroll
-        for (int dn = 0; dn < NTD; ++dn) {
-            o[dn][0] *= aA;
-            o[dn][1] *= aA;
-            o[dn][2] *= aB;
-            o[dn][3] *= aB;
+            for (int dn = 0; dn < NTD; ++dn) {
+                o[mt][dn][0] *= aA;
+                o[mt][dn][1] *= aA;
+                o[mt][dn][2] *= aB;
+                o[mt][dn][3] *= aB;
+            }
         }
         cp_wait<1>(); // V tile `it` has landed (the K prefetch may still fly)
         ATTN_SYNC();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            unsigned a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                             pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            unsigned a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                a[mt][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                a[mt][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                a[mt][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                a[mt][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int dp = 0; dp < D / 16; ++dp) {
                 unsigned b[4];
                 frag_b(b, sV, LD, kk * 16, dp * 16);
-                mma16816(o[2 * dp], a, b[0], b[1]);
-                mma16816(o[2 * dp + 1], a, b[2], b[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816(o[mt][2 * dp], a[mt], b[0], b[1]);
+                    mma16816(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+                }
             }
         }
         ATTN_SYNC(); // everyone is done with sV before the next V tile
     }
     cp_wait<0>();
 
-    lA += shfl_xor(lA, 1);
-    lA += shfl_xor(lA, 2);
-    lB += shfl_xor(lB, 1);
-    lB += shfl_xor(lB, 2);
-    const float iA = lA > 0.f ? 1.f / lA : 0.f, iB = lB > 0.f ? 1.f / lB : 0.f;
-    // stage the output tile in sQ: each warp writes only its own 16 rows
+    // stage the output tile in sQ (each warp writes only the rows it read) and write lse
 #pragma unroll
-    for (int dn = 0; dn < NTD; ++dn) {
-        const int col = dn * 8 + 2 * t;
-        *(unsigned*)(sQ + (warp * 16 + g) * LD + col) = pack_bf16(o[dn][0] * iA, o[dn][1] * iA);
-        *(unsigned*)(sQ + (warp * 16 + g + 8) * LD + col) = pack_bf16(o[dn][2] * iB, o[dn][3] * iB);
-    }
-    if (t == 0) {
-        if (rA < N) lse[(long long)h * N + rA] = (mA + log2f(lA)) * LN2;
-        if (rB < N) lse[(long long)h * N + rB] = (mB + log2f(lB)) * LN2;
+    for (int mt = 0; mt < MT; ++mt) {
+        float sA = lA[mt], sB = lB[mt];
+        sA += shfl_xor(sA, 1);
+        sA += shfl_xor(sA, 2);
+        sB += shfl_xor(sB, 1);
+        sB += shfl_xor(sB, 2);
+        const float iA = sA > 0.f ? 1.f / sA : 0.f, iB = sB > 0.f ? 1.f / sB : 0.f;
+        const int row = mt * 64 + warp * 16 + g;
+#pragma unroll
+        for (int dn = 0; dn < NTD; ++dn) {
+            const int col = dn * 8 + 2 * t;
+            *(unsigned*)(sQ + row * LD + col) = pack_bf16(o[mt][dn][0] * iA, o[mt][dn][1] * iA);
+            *(unsigned*)(sQ + (row + 8) * LD + col) = pack_bf16(o[mt][dn][2] * iB, o[mt][dn][3] * iB);
+        }
+        const int rB = rA[mt] + 8;
+        if (t == 0) {
+            if (rA[mt] < N) lse[(long long)h * N + rA[mt]] = (mA[mt] + log2f(sA)) * LN2;
+            if (rB < N) lse[(long long)h * N + rB] = (mB[mt] + log2f(sB)) * LN2;
+        }
     }
     ATTN_SYNC();
-    store_rows<D, BM>(out + (long long)h * D, sQ, q0, N, qstr);
+    store_rows<D, BMF>(out + (long long)h * D, sQ, q0, N, qstr);
 }
 
 // ---------------------------------------------------------------- backward: dvec
@@ -701,6 +742,8 @@ ATTN_DEV void dq_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k
     store_rows<D, BM>(dq + (long long)h * D, sQ, q0, N, qstr);
 }
 
+// m-tiles of 16 rows per warp in the forward (a block owns 64 * value query rows)
+template <int D> struct FwdTiles { static constexpr int value = 2; };
 // query rows per dkdv block: 32 at D = 128 keeps dk, dv, s, dp within registers
 template <int D> struct DkdvRows { static constexpr int value = D >= 128 ? 32 : 64; };
 
@@ -708,14 +751,14 @@ template <int D> struct DkdvRows { static constexpr int value = D >= 128 ? 32 : 
 
 // ---------------------------------------------------------------- entry points
 // Dynamic shared memory (bytes), as the launcher computes it (LD = D + PAD: D + 8 on CUDA, D on HIP):
-//   fwd  3 * 64 * LD * 2          dot  0
+//   fwd  4 * 64 * LD * 2          dot  0
 //   dq   4 * 64 * LD * 2          dkdv (128 + 2 * BMB) * LD * 2 + 2 * BMB * 4,  BMB = 64 (D=64), 32 (D=128)
 
 #define ATTN_ENTRIES(D)                                                                                     \
-    ATTN_KERNEL_MIN_BLOCKS(attention_fwd_d##D, 3)(const bf16_t* q, const bf16_t* k, const bf16_t* v, const int* cu,        \
+    ATTN_KERNEL_MIN_BLOCKS(attention_fwd_d##D, 2)(const bf16_t* q, const bf16_t* k, const bf16_t* v, const int* cu,        \
                                     int num_seqs, int n_tokens, int hq, int hkv, float scale, bf16_t* out,   \
                                     float* lse) {                                                            \
-        attn::fwd_impl<D>(q, k, v, cu, num_seqs, n_tokens, hq, hkv, scale, out, lse);                        \
+        attn::fwd_impl<D, attn::FwdTiles<D>::value>(q, k, v, cu, num_seqs, n_tokens, hq, hkv, scale, out, lse);                        \
     }                                                                                                        \
     ATTN_KERNEL(attention_bwd_dot_d##D)(const bf16_t* out, const bf16_t* dout, int n_tokens, int hq,         \
                                         float* dvec) {                                                       \

@@ -24,7 +24,7 @@
 //! the p and dp products: ~7 instead of 5 matmul-equivalents per backward, the price of
 //! bit-reproducible dq without an f32 scratch). Scratch: `dvec`, Hq * N f32.
 //!
-//! Dynamic shared memory per block (CUDA, pitch D + 8): fwd 3*64*(D+8)*2 (27/51 KiB), dq
+//! Dynamic shared memory per block (CUDA, pitch D + 8): fwd 4*64*(D+8)*2 (36/68 KiB), dq
 //! 4*64*(D+8)*2 (36/68 KiB), dkdv (128 + 2*BMB)*(D+8)*2 + 8*BMB with BMB = 64 / 32 rows at
 //! D = 64 / 128 (37/51 KiB): the launchers opt in above 48 KiB. The HIP build uses pitch D so
 //! that dq at D = 128 fits gfx90a's 64 KiB (a HIP launcher must use D there); the HIP path
@@ -46,6 +46,8 @@ use crate::kernels::ATTENTION as KERNELS;
 
 /// Query rows (and keys) per tile, threads per block: fixed by the kernels.
 const TILE: usize = 64;
+/// Query rows per forward block (`64 * FwdTiles` in attention.cu).
+const FWD_ROWS: usize = 128;
 const THREADS: u32 = 128;
 /// Head dims the kernels are instantiated for.
 pub const HEAD_DIMS: [usize; 2] = [64, 128];
@@ -472,7 +474,7 @@ fn config(grid: (u32, u32), smem: u32) -> cudarc::driver::LaunchConfig {
 
 /// Dynamic shared memory of each kernel (must match the layouts in attention.cu).
 fn smem_fwd(d: usize) -> u32 {
-    (3 * TILE * (d + 8) * 2) as u32
+    ((FWD_ROWS + 2 * TILE) * (d + 8) * 2) as u32
 }
 fn smem_dq(d: usize) -> u32 {
     (4 * TILE * (d + 8) * 2) as u32
@@ -535,7 +537,10 @@ pub fn attention_forward(
     b.arg(&scale);
     b.arg(&out.addr);
     b.arg(&lse.addr);
-    let grid = (dims.n_heads_q as u32, dims.n_tokens.div_ceil(TILE) as u32);
+    let grid = (
+        dims.n_heads_q as u32,
+        dims.n_tokens.div_ceil(FWD_ROWS) as u32,
+    );
     unsafe { b.launch(config(grid, smem)) }?;
     Ok(())
 }

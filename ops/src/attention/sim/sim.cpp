@@ -246,8 +246,8 @@ static unsigned cdiv(long long a, long long b) { return (unsigned)((a + b - 1) /
 
 extern "C" void attn_sim_fwd(int D, const bf16_t* q, const bf16_t* k, const bf16_t* v, const int* cu, int S, int N,
                              int Hq, int Hkv, float scale, bf16_t* out, float* lse) {
-    const size_t smem = 3 * 64 * (size_t)(D + 8) * 2;
-    sim::launch(Hq, sim::cdiv(N, 64), smem, [&] {
+    const size_t smem = 4 * 64 * (size_t)(D + 8) * 2;
+    sim::launch(Hq, sim::cdiv(N, 128), smem, [&] {
         if (D == 64) attention_fwd_d64(q, k, v, cu, S, N, Hq, Hkv, scale, out, lse);
         else attention_fwd_d128(q, k, v, cu, S, N, Hq, Hkv, scale, out, lse);
     });
