@@ -11,8 +11,10 @@
 //! throughput mode, HFU = MFU), `0` recomputes every layer in the backward (the lean mode),
 //! `auto` keeps as many layers as fit a memory budget. HFU counts each recomputed layer as one
 //! layer forward, as hf_baseline.py counts its gradient-checkpointing recompute.
-//! `--offload-residuals` moves the recomputed layers' input residuals to pinned host memory
-//! between forward and backward (a ring of device buffers instead of one per layer).
+//! `--offload-residuals` moves the recomputed layers' checkpoints (input residual; attention
+//! output, its log-sum-exp and the post-attention residual) to pinned host memory between
+//! forward and backward (rings of device buffers instead of one per layer): the backward then
+//! recomputes only q, k, v and the MLP.
 use clap::Args;
 use ftrt_models::llama::gpu::{flop_estimate, init_adapter, GpuLlama, GpuSteps, KeepBf16};
 use ftrt_models::llama::{generate_with, Batch, Proj, SamplingParams};
@@ -62,8 +64,10 @@ pub struct BenchArgs {
     /// memory less 1 GiB).
     #[arg(long)]
     pub vram_budget_gib: Option<f64>,
-    /// Offload the recomputed layers' input residuals to pinned host memory (copied out in the
-    /// forward, prefetched in the backward, overlapped with compute); counted by `auto`.
+    /// Offload the recomputed layers' checkpoints (input residual; attention output, log-sum-exp
+    /// and post-attention residual) to pinned host memory (copied out in the forward, prefetched
+    /// in the backward, overlapped with compute): the backward then recomputes only q, k, v and
+    /// the MLP, not the attention; counted by `auto`.
     #[arg(long, default_value_t = false)]
     pub offload_residuals: bool,
     /// Keep the (untied) input embedding table in pinned host memory; the gather reads the
@@ -328,8 +332,8 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         "ftrt bench {} {} r={} batch {}x{} on {name}: {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% ({recomputed} of {layers} layers recomputed{}), loss {:.4} -> {:.4}",
         a.preset, a.mode, a.lora_r, a.batch, a.seq, tok_s, ms, measured, planned, total as f64 / GIB, 100.0 * mfu, 100.0 * hfu,
         match (a.offload_residuals, a.offload_embeddings) {
-            (true, true) => ", residuals and embeddings offloaded",
-            (true, false) => ", residuals offloaded",
+            (true, true) => ", checkpoints and embeddings offloaded",
+            (true, false) => ", checkpoints offloaded",
             (false, true) => ", embeddings offloaded",
             (false, false) => "",
         },

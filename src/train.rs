@@ -107,7 +107,7 @@ pub struct TrainArgs {
     pub llm_int8_skip_modules: Option<String>,
     /// GPU memory plan: auto (keep as many layers' activations as fit the free GPU memory,
     /// recompute the others in the backward), true (recompute every layer and offload their
-    /// residual checkpoints to host memory: the least GPU memory), false (keep everything: the
+    /// checkpoints to host memory: the least GPU memory), false (keep everything: the
     /// fastest) [default: auto]. The CPU backend keeps everything.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(default, deserialize_with = "settings::bool_as_word")]

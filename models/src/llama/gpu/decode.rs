@@ -318,7 +318,7 @@ impl GpuLlama<'_> {
     /// layers' forward of the loaded decode batch, as a CUDA graph where possible: replayed
     /// when the batch size and the model's buffers match the capture, captured at the second
     /// step of a new key (the first, eager, loads every module and GEMM plan), eager with
-    /// residual offload (copy streams) or while a profile is open.
+    /// checkpoint offload (copy streams) or while a profile is open.
     fn decode_forward(&self, cache: &mut GpuKvCache) -> GpuResult<()> {
         let a = self.acts.as_ref().ok_or("activations not allocated")?;
         let (rows, _) = self.last.ok_or("no batch loaded")?;
@@ -326,7 +326,7 @@ impl GpuLlama<'_> {
             self.spread_step_inputs(cache, rows)?;
             self.forward_pass(Pass::Decode(cache))
         };
-        if a.offload.is_some() || self.gpu.profiling() {
+        if a.resid_offload.is_some() || a.attn_offload.is_some() || self.gpu.profiling() {
             return step(cache);
         }
         let key = StepKey {

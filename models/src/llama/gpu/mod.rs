@@ -11,8 +11,9 @@
 //!   ([`GpuLlama::set_kept_layers`]): the last k layers keep everything their backward reads;
 //!   the others keep only their input residual and are recomputed, just before their backward,
 //!   into one shared set of buffers ([`plan::kept_layers_within`] picks k for a memory budget).
-//!   With [`GpuLlama::set_offload_residuals`] those input residuals live in a small device ring
-//!   and travel to pinned host memory and back on two copy streams ([`resid_offload`]).
+//!   With [`GpuLlama::set_offload_residuals`] those input residuals, and the attention half's
+//!   outputs, live in small device rings and travel to pinned host memory and back on copy
+//!   streams ([`layer_offload`]): the recompute then redoes only q, k, v and the MLP.
 //!
 //! Per projection: `y = x W^T (+ b)` then `xa = x A^T` and `y += s xa B^T` (beta = 1), three
 //! cuBLASLt GEMMs, f32 accumulation, bf16 outputs. Backward with W frozen:
@@ -35,9 +36,9 @@
 
 pub mod decode;
 mod embed_host;
+mod layer_offload;
 pub mod plan;
 pub mod random_init;
-mod resid_offload;
 pub mod selftest;
 pub mod trainable;
 
@@ -54,8 +55,8 @@ use super::weights::{Dims, Proj, WeightStore};
 use crate::bnb4bit::Nf4Parts;
 use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
+use layer_offload::LayerOffload;
 use plan::ActSizes;
-use resid_offload::ResidOffload;
 
 pub use decode::{GpuKvCache, GpuSteps};
 pub use plan::{check_batch, flop_estimate, weight_layout, KeepBf16};
@@ -213,7 +214,7 @@ struct Acts {
     targets: DevPtr<i32>,
     cu: DevPtr<i32>,
     /// L + 1 residual streams (N, C): [0] the embedding, [l + 1] layer l's output. With
-    /// residual offload, the recomputed layers' inputs alias the slots of `offload`'s ring.
+    /// residual offload, the recomputed layers' inputs alias the slots of `resid_offload`'s ring.
     resid: Vec<DevPtr<bf16>>,
     /// L + 1 norm outputs (N, C): [l] layer l's input norm, [L] the final norm; (N) f32 rstds.
     /// Recomputed layers' input norms alias one shared buffer.
@@ -261,9 +262,12 @@ struct Acts {
     ce_picked: DevPtr<f32>,
     ce_dlse: DevPtr<f32>,
     ce_dpicked: DevPtr<f32>,
-    /// The residual offload of the recomputed layers, if on. Declared before `_held`: dropped
-    /// first, it waits for its copies before the ring is freed.
-    offload: Option<ResidOffload>,
+    /// The offloads of the recomputed layers' input residuals and of their attention
+    /// checkpoints (att, resid_mid, o_proj's x A^T, lse: what the backward reads of the
+    /// attention half besides q, k, v), if on. Declared before `_held`: dropped first, they
+    /// wait for their copies before the rings are freed.
+    resid_offload: Option<LayerOffload>,
+    attn_offload: Option<LayerOffload>,
     _held: Held,
 }
 
@@ -796,12 +800,14 @@ impl<'g> GpuLlama<'g> {
         self.kept_layers
     }
 
-    /// Residual-checkpoint offload (off by default): the input residuals (N, C) of the
-    /// recomputed layers (see [`Self::set_kept_layers`]) live in a ring of
-    /// [`plan::RESID_RING`] device buffers instead of one per layer; the forward copies each
-    /// one a later layer overwrites to pinned host memory on a copy stream, the backward
+    /// Checkpoint offload (off by default): the input residuals (N, C) of the recomputed layers
+    /// (see [`Self::set_kept_layers`]), and their attention checkpoints (attention output,
+    /// log-sum-exp, post-attention residual, o_proj's x A^T), live in rings of
+    /// [`plan::RESID_RING`] device slots instead of one buffer per layer; the forward copies
+    /// each set a later layer overwrites to pinned host memory on a copy stream, the backward
     /// prefetches it on another one while the layer above is differentiated (see
-    /// [`resid_offload`]). Kept layers' inputs and the last layer's output stay on the device.
+    /// [`layer_offload`]). The recompute then redoes q, k, v and the MLP, not the attention
+    /// and o_proj. Kept layers' activations and the last layer's output stay on the device.
     /// Changing it frees the activation buffers (reallocated at the next batch).
     pub fn set_offload_residuals(&mut self, on: bool) {
         if on != self.offload_residuals {
@@ -810,7 +816,7 @@ impl<'g> GpuLlama<'g> {
         }
     }
 
-    /// Whether residual offload is on (see [`Self::set_offload_residuals`]).
+    /// Whether checkpoint offload is on (see [`Self::set_offload_residuals`]).
     pub fn offload_residuals(&self) -> bool {
         self.offload_residuals
     }
@@ -823,25 +829,42 @@ impl<'g> GpuLlama<'g> {
     pub fn kept_layers_for_budget(&self, budget: usize) -> Option<usize> {
         let lora = self.lora.as_ref();
         let r = lora.map_or(0, |g| g.layout.r);
-        let adapted = (0..self.dims.layers)
-            .map(|l| {
-                Proj::ALL
-                    .iter()
-                    .filter(|&&p| adapted(lora.map(|g| &g.layout), l, p))
-                    .count()
-            })
-            .max()
-            .unwrap_or(0);
         let fixed = self._held.bytes + lora.map_or(0, |g| g._held.bytes);
         plan::kept_layers_within(
             &self.dims,
             self.max_tokens,
             r,
             self.config.qk_norm,
-            adapted,
+            self.adapted_per_layer(),
             self.offload_residuals,
             budget.checked_sub(fixed)?,
         )
+    }
+
+    /// The most adapted projections of any layer.
+    fn adapted_per_layer(&self) -> usize {
+        let lora = self.lora.as_ref().map(|g| &g.layout);
+        (0..self.dims.layers)
+            .map(|l| Proj::ALL.iter().filter(|&&p| adapted(lora, l, p)).count())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Activation bytes on the device: (allocated for the current settings, if allocated;
+    /// what [`plan::ActSizes::bytes`] plans for them). Tests hold the plan to the allocation.
+    pub fn activation_bytes(&self) -> (Option<usize>, usize) {
+        let r = self.lora.as_ref().map_or(0, |g| g.layout.r);
+        let d = &self.dims;
+        let budget = plan::logit_budget(self.kept_layers, d.layers);
+        let sizes = ActSizes::with_mlp_rows(d, self.max_tokens, r, budget, self.mlp_tile_rows);
+        let planned = sizes.bytes(
+            d,
+            self.config.qk_norm,
+            self.adapted_per_layer(),
+            self.kept_layers,
+            self.offload_residuals,
+        );
+        (self.acts.as_ref().map(|a| a._held.bytes), planned)
     }
 
     fn is_kept(&self, l: usize) -> bool {
@@ -1051,44 +1074,57 @@ impl<'g> GpuLlama<'g> {
         };
         let null = DevPtr::<bf16>::null();
         let nullf = DevPtr::<f32>::null();
-        // `mlp`: elements of gate, up and act (a kept layer's N rows, or one tile's).
-        let layer_acts =
-            |h: &mut Held, xa_of: &dyn Fn(Proj) -> bool, mlp: usize| -> GpuResult<LayerActs> {
-                let mut xa = [null; 7];
-                for p in Proj::ALL {
-                    if xa_of(p) {
-                        xa[p.index()] = h.alloc(gpu, s.nr)?;
-                    }
+        // `mlp`: elements of gate, up and act (a kept layer's N rows, or one tile's). With
+        // `in_ring`, the attention checkpoint's tensors are left null: each recomputed layer's
+        // point into its slot of the attention offload's ring.
+        let offloading = self.offload_residuals && (0..d.layers).any(|l| !self.is_kept(l));
+        let layer_acts = |h: &mut Held,
+                          xa_of: &dyn Fn(Proj) -> bool,
+                          mlp: usize,
+                          in_ring: bool|
+         -> GpuResult<LayerActs> {
+            let mut xa = [null; 7];
+            for p in Proj::ALL {
+                if xa_of(p) && !(in_ring && p == Proj::O) {
+                    xa[p.index()] = h.alloc(gpu, s.nr)?;
                 }
-                let (pre_q, pre_k, rs_q, rs_k) = if qk {
-                    (
-                        h.alloc(gpu, s.nq)?,
-                        h.alloc(gpu, s.nkv)?,
-                        h.alloc(gpu, n * d.heads)?,
-                        h.alloc(gpu, n * d.kv_heads)?,
-                    )
+            }
+            let ring_or = |h: &mut Held, e: usize| -> GpuResult<DevPtr<bf16>> {
+                if in_ring {
+                    Ok(null)
                 } else {
-                    (null, null, nullf, nullf)
-                };
-                Ok(LayerActs {
-                    q_pre: pre_q,
-                    q_rstd: rs_q,
-                    k_pre: pre_k,
-                    k_rstd: rs_k,
-                    q: h.alloc(gpu, s.nq)?,
-                    k: h.alloc(gpu, s.nkv)?,
-                    v: h.alloc(gpu, s.nkv)?,
-                    att: h.alloc(gpu, s.nq)?,
-                    lse: h.alloc(gpu, s.lse)?,
-                    resid_mid: h.alloc(gpu, s.nc)?,
-                    ln2: h.alloc(gpu, s.nc)?,
-                    rstd2: h.alloc(gpu, n)?,
-                    gate: h.alloc(gpu, mlp)?,
-                    up: h.alloc(gpu, mlp)?,
-                    act: h.alloc(gpu, mlp)?,
-                    xa,
-                })
+                    h.alloc(gpu, e)
+                }
             };
+            let (pre_q, pre_k, rs_q, rs_k) = if qk {
+                (
+                    h.alloc(gpu, s.nq)?,
+                    h.alloc(gpu, s.nkv)?,
+                    h.alloc(gpu, n * d.heads)?,
+                    h.alloc(gpu, n * d.kv_heads)?,
+                )
+            } else {
+                (null, null, nullf, nullf)
+            };
+            Ok(LayerActs {
+                q_pre: pre_q,
+                q_rstd: rs_q,
+                k_pre: pre_k,
+                k_rstd: rs_k,
+                q: h.alloc(gpu, s.nq)?,
+                k: h.alloc(gpu, s.nkv)?,
+                v: h.alloc(gpu, s.nkv)?,
+                att: ring_or(h, s.nq)?,
+                lse: if in_ring { nullf } else { h.alloc(gpu, s.lse)? },
+                resid_mid: ring_or(h, s.nc)?,
+                ln2: h.alloc(gpu, s.nc)?,
+                rstd2: h.alloc(gpu, n)?,
+                gate: h.alloc(gpu, mlp)?,
+                up: h.alloc(gpu, mlp)?,
+                act: h.alloc(gpu, mlp)?,
+                xa,
+            })
+        };
         // One set shared by the recomputed layers (x A^T for any projection one of them adapts)
         // and their input norm outputs.
         let recomputed: Vec<usize> = (0..d.layers).filter(|&l| !self.is_kept(l)).collect();
@@ -1096,7 +1132,10 @@ impl<'g> GpuLlama<'g> {
             None
         } else {
             let any = |p: Proj| recomputed.iter().any(|&l| adapted(lora, l, p));
-            Some((layer_acts(&mut h, &any, s.ti)?, h.alloc::<bf16>(gpu, s.nc)?))
+            Some((
+                layer_acts(&mut h, &any, s.ti, offloading)?,
+                h.alloc::<bf16>(gpu, s.nc)?,
+            ))
         };
         let mut layers = Vec::with_capacity(d.layers);
         let mut ln = Vec::with_capacity(d.layers + 1);
@@ -1107,28 +1146,43 @@ impl<'g> GpuLlama<'g> {
                     ln.push(ln_shared);
                 }
                 _ => {
-                    layers.push(layer_acts(&mut h, &|p| adapted(lora, l, p), s.ni)?);
+                    layers.push(layer_acts(&mut h, &|p| adapted(lora, l, p), s.ni, false)?);
                     ln.push(h.alloc(gpu, s.nc)?);
                 }
             }
         }
         ln.push(h.alloc(gpu, s.nc)?);
-        let offload = if self.offload_residuals && !recomputed.is_empty() {
-            Some(ResidOffload::new(
-                gpu,
-                &mut h,
-                recomputed.len(),
-                n,
-                d.hidden,
-            )?)
+        let resid_offload = if offloading {
+            let m = recomputed.len();
+            Some(LayerOffload::new(gpu, &mut h, m, n, vec![2 * d.hidden])?)
+        } else {
+            None
+        };
+        let attn_offload = if offloading {
+            // the attention checkpoint's pieces: att, resid_mid, o_proj's x A^T (if any
+            // recomputed layer adapts o_proj), lse (f32 (Hq, n))
+            let o_adapted = recomputed.iter().any(|&l| adapted(lora, l, Proj::O));
+            let xa_o = if o_adapted { 2 * r } else { 0 };
+            let pieces = vec![2 * d.q_dim(), 2 * d.hidden, xa_o, 4 * d.heads];
+            let o = LayerOffload::new(gpu, &mut h, recomputed.len(), n, pieces)?;
+            for &l in &recomputed {
+                let la = &mut layers[l];
+                la.att = o.piece(l, 0);
+                la.resid_mid = o.piece(l, 1);
+                if xa_o > 0 {
+                    la.xa[Proj::O.index()] = o.piece(l, 2);
+                }
+                la.lse = o.piece(l, 3);
+            }
+            Some(o)
         } else {
             None
         };
         let mut resid = Vec::new();
         let mut rstd = Vec::new();
         for l in 0..=d.layers {
-            resid.push(match &offload {
-                Some(o) if recomputed.contains(&l) => o.slot(l),
+            resid.push(match &resid_offload {
+                Some(o) if recomputed.contains(&l) => o.piece(l, 0),
                 _ => h.alloc(gpu, s.nc)?,
             });
             rstd.push(h.alloc(gpu, n)?);
@@ -1197,7 +1251,8 @@ impl<'g> GpuLlama<'g> {
             ce_picked: h.alloc(gpu, n)?,
             ce_dlse: h.alloc(gpu, n)?,
             ce_dpicked: h.alloc(gpu, n)?,
-            offload,
+            resid_offload,
+            attn_offload,
             _held: h,
         };
         self.acts = Some(acts);
@@ -1499,7 +1554,14 @@ impl<'g> GpuLlama<'g> {
         })?;
         self.input_norm(a, 0, n)?;
         for l in 0..d.layers {
-            self.write_resid(a, l + 1, n, || self.layer_forward(a, l, n, s, pass))?;
+            self.write_resid(a, l + 1, n, || {
+                let Some(o) = &a.attn_offload else {
+                    return self.layer_forward(a, l, n, s, pass);
+                };
+                o.before_write(gpu, l)?;
+                self.layer_forward(a, l, n, s, pass)?;
+                o.after_write(gpu, l, n)
+            })?;
         }
         Ok(())
     }
@@ -1514,7 +1576,7 @@ impl<'g> GpuLlama<'g> {
         n: usize,
         write: impl FnOnce() -> GpuResult<()>,
     ) -> GpuResult<()> {
-        let Some(o) = &a.offload else {
+        let Some(o) = &a.resid_offload else {
             return write();
         };
         o.before_write(self.gpu, l)?;
@@ -1541,6 +1603,26 @@ impl<'g> GpuLlama<'g> {
         .ctx("input norm")
     }
 
+    /// ln2[l] (N, C), rstd2[l] (N) = rms_norm(resid_mid[l]) with layer `l`'s post-attention
+    /// norm weight: the values the forward's fused add + norm wrote (it normalizes the rounded
+    /// sum), for a recomputed layer whose resid_mid came back from host memory.
+    fn post_attention_norm(&self, a: &Acts, l: usize, n: usize) -> GpuResult<()> {
+        let la = &a.layers[l];
+        norm::rms_norm::forward(
+            self.gpu,
+            &norm::rms_norm::Dims {
+                R: n,
+                C: self.dims.hidden,
+            },
+            self.eps,
+            la.resid_mid,
+            self.w(&self.layout.layers[l].post_norm),
+            la.ln2,
+            la.rstd2,
+        )
+        .ctx("post-attention norm")
+    }
+
     /// Layer `l` of the forward from `acts.ln[l]` (its input norm output) and `acts.resid[l]`:
     /// writes its saved activations, `resid[l + 1]`, `ln[l + 1]` and `rstd[l + 1]`; the MLP
     /// runs in row tiles ([`Self::mlp_forward_rows`]). For [`Pass::Recompute`] it stops after
@@ -1548,9 +1630,69 @@ impl<'g> GpuLlama<'g> {
     fn layer_forward(&self, a: &Acts, l: usize, n: usize, s: usize, pass: Pass) -> GpuResult<()> {
         let gpu = self.gpu;
         let d = self.dims;
-        let (c, hq, hkv, hd) = (d.hidden, d.heads, d.kv_heads, d.head_dim);
-        let eps = self.eps;
+        let c = d.hidden;
         let and = norm::add_rms_norm::Dims { R: n, C: c };
+        let lw = &self.layout.layers[l];
+        let la = &a.layers[l];
+        self.attention_inputs(a, l, n)?;
+        match pass {
+            Pass::Train | Pass::Recompute => self.attn_forward(a, la, n, s)?,
+            Pass::Prefill(cache) => {
+                cache.store(gpu, l, n, a.pos, la.k, la.v)?;
+                self.attn_forward(a, la, n, s)?;
+            }
+            Pass::Decode(cache) => {
+                cache.store(gpu, l, n, a.pos, la.k, la.v)?;
+                cache.attend(gpu, l, n, la.q, la.att)?;
+            }
+        }
+        self.project(l, Proj::O, la.att, a.tmp_c, la.xa[3], n)?;
+        norm::add_rms_norm::forward(
+            gpu,
+            &and,
+            self.eps,
+            a.tmp_c,
+            a.resid[l],
+            self.w(&lw.post_norm),
+            la.ln2,
+            la.resid_mid,
+            la.rstd2,
+        )
+        .ctx("post-attention norm")?;
+        if let Pass::Recompute = pass {
+            // The MLP is recomputed tile by tile in the backward.
+            return Ok(());
+        }
+        for (r0, t) in self.mlp_tiles(a, n) {
+            self.mlp_forward_rows(a, l, r0, t, Some(a.tmp_c.offset(r0 * c)))?;
+        }
+        let next = if l + 1 < d.layers {
+            &self.layout.layers[l + 1].input_norm
+        } else {
+            &self.layout.final_norm
+        };
+        norm::add_rms_norm::forward(
+            gpu,
+            &and,
+            self.eps,
+            a.tmp_c,
+            la.resid_mid,
+            self.w(next),
+            a.ln[l + 1],
+            a.resid[l + 1],
+            a.rstd[l + 1],
+        )
+        .ctx("residual + next norm")?;
+        Ok(())
+    }
+
+    /// Layer `l`'s attention inputs from `acts.ln[l]`: the q, k, v projections (their x A^T
+    /// saved), the per-head q/k norms (Qwen3) and RoPE on the query and key heads.
+    fn attention_inputs(&self, a: &Acts, l: usize, n: usize) -> GpuResult<()> {
+        let gpu = self.gpu;
+        let d = self.dims;
+        let (hq, hkv, hd) = (d.heads, d.kv_heads, d.head_dim);
+        let eps = self.eps;
         let p_rows = self.max_tokens;
         let lw = &self.layout.layers[l];
         let la = &a.layers[l];
@@ -1595,56 +1737,7 @@ impl<'g> GpuLlama<'g> {
             .ctx(what)
         };
         rope(la.q, hq, "rope q")?;
-        rope(la.k, hkv, "rope k")?;
-        match pass {
-            Pass::Train | Pass::Recompute => self.attn_forward(a, la, n, s)?,
-            Pass::Prefill(cache) => {
-                cache.store(gpu, l, n, a.pos, la.k, la.v)?;
-                self.attn_forward(a, la, n, s)?;
-            }
-            Pass::Decode(cache) => {
-                cache.store(gpu, l, n, a.pos, la.k, la.v)?;
-                cache.attend(gpu, l, n, la.q, la.att)?;
-            }
-        }
-        self.project(l, Proj::O, la.att, a.tmp_c, la.xa[3], n)?;
-        norm::add_rms_norm::forward(
-            gpu,
-            &and,
-            eps,
-            a.tmp_c,
-            a.resid[l],
-            self.w(&lw.post_norm),
-            la.ln2,
-            la.resid_mid,
-            la.rstd2,
-        )
-        .ctx("post-attention norm")?;
-        if let Pass::Recompute = pass {
-            // The MLP is recomputed tile by tile in the backward.
-            return Ok(());
-        }
-        for (r0, t) in self.mlp_tiles(a, n) {
-            self.mlp_forward_rows(a, l, r0, t, Some(a.tmp_c.offset(r0 * c)))?;
-        }
-        let next = if l + 1 < d.layers {
-            &self.layout.layers[l + 1].input_norm
-        } else {
-            &self.layout.final_norm
-        };
-        norm::add_rms_norm::forward(
-            gpu,
-            &and,
-            eps,
-            a.tmp_c,
-            la.resid_mid,
-            self.w(next),
-            a.ln[l + 1],
-            a.resid[l + 1],
-            a.rstd[l + 1],
-        )
-        .ctx("residual + next norm")?;
-        Ok(())
+        rope(la.k, hkv, "rope k")
     }
 
     /// The MLP's row tiles of an `n`-row batch: (first row, rows).
@@ -1816,17 +1909,24 @@ impl<'g> GpuLlama<'g> {
         .ctx("final norm backward")?;
         for l in (0..d.layers).rev() {
             if !self.is_kept(l) {
-                // With residual offload, resid[l]'s ring slot is read by the recompute (input
-                // norm, post-attention norm) and this layer's input-norm backward: wait for its
-                // prefetch; resid[l - 1] comes back into another slot meanwhile.
-                if let Some(o) = &a.offload {
+                // With checkpoint offload, resid[l]'s ring slot is read by the recompute (input
+                // norm) and this layer's input-norm backward, its attention checkpoint by the
+                // rest of its backward: wait for their prefetches; layer l - 1's come back into
+                // other slots meanwhile. The recompute then redoes only q, k, v (and, below,
+                // the MLP): the attention output and the post-attention residual are back.
+                for o in [&a.resid_offload, &a.attn_offload].into_iter().flatten() {
                     o.wait_prefetched(gpu, l)?;
                     if l > 0 {
                         o.prefetch(gpu, l - 1, n)?;
                     }
                 }
                 self.input_norm(a, l, n)?;
-                self.layer_forward(a, l, n, s, Pass::Recompute)?;
+                if a.attn_offload.is_some() {
+                    self.attention_inputs(a, l, n)?;
+                    self.post_attention_norm(a, l, n)?;
+                } else {
+                    self.layer_forward(a, l, n, s, Pass::Recompute)?;
+                }
             }
             let la = &a.layers[l];
             let lw = &self.layout.layers[l];

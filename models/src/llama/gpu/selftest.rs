@@ -348,8 +348,9 @@ fn loss_grads_err(
     Ok((loss, e))
 }
 
-/// One row: loss and LoRA gradients of `g` keeping `kept` layers (residuals offloaded when
-/// `offload`) against `want` (loss, gradients) of keeping every layer, tolerance 1e-3.
+/// Two rows: loss and LoRA gradients of `g` keeping `kept` layers (checkpoints offloaded when
+/// `offload`) against `want` (loss, gradients) of keeping every layer, tolerance 1e-3; the
+/// planner's activation bytes against the allocation.
 #[allow(clippy::too_many_arguments)]
 fn recompute_row(
     g: &mut GpuLlama,
@@ -366,10 +367,24 @@ fn recompute_row(
     g.set_offload_residuals(offload);
     let (loss, e) = loss_grads_err(g, batch, targets, want)?;
     let how = if offload {
-        ", residuals offloaded,"
+        ", checkpoints offloaded,"
     } else {
         ""
     };
+    // the planner's activation bytes against what was allocated for this configuration
+    let (held, planned) = g.activation_bytes();
+    let held = held.ok_or("activations not allocated after a step")?;
+    row(
+        rows,
+        format!(
+            "model {name}: planned activation bytes, {} of {layers} recomputed{how} == allocated",
+            layers - kept
+        ),
+        (planned as f64 - held as f64).abs() / held as f64,
+        // tiny fixtures: every buffer takes at least 256 bytes, which the plan does not count
+        0.1,
+        format!("planned {planned}, allocated {held}"),
+    );
     row(
         rows,
         format!(
@@ -386,10 +401,10 @@ fn recompute_row(
 /// Layers of [`check_offload_deep`]'s model: more than the device ring holds.
 const OFFLOAD_LAYERS: usize = super::plan::RESID_RING + 3;
 
-/// Residual offload through host memory: the fixtures' two layers fit the device ring, so
+/// Checkpoint offload through host memory: the fixtures' two layers fit the device rings, so
 /// this runs the Llama fixture's shape with [`OFFLOAD_LAYERS`] random layers (the first
-/// `OFFLOAD_LAYERS - RESID_RING` residuals travel), two steps (the second reuses the ring and
-/// the events), each against keeping every layer.
+/// `OFFLOAD_LAYERS - RESID_RING` layers' residuals and attention checkpoints travel), two steps
+/// (the second reuses the rings and the events), each against keeping every layer.
 fn check_offload_deep(gpu: &Gpu, rows: &mut Vec<Row>) -> Result<(), String> {
     let mut config = ModelConfig::from_file(&fixture_dir("llama").join("config.json"))
         .map_err(|e| e.to_string())?;

@@ -17,7 +17,7 @@ pub enum Checkpointing {
     /// Keep as many layers' activations as fit the GPU memory that is free once the weights
     /// and the adapter are placed (less a 1 GiB margin); recompute the others.
     Auto,
-    /// Recompute every layer and offload their residual checkpoints to pinned host memory.
+    /// Recompute every layer and offload their checkpoints to pinned host memory.
     Lean,
     /// Keep every activation (no recompute).
     KeepAll,
@@ -111,7 +111,7 @@ impl GpuTrainable {
             m.kept_layers(),
             layers - m.kept_layers(),
             if m.offload_residuals() {
-                ", their residual checkpoints offloaded to host memory"
+                ", their checkpoints offloaded to host memory"
             } else {
                 ""
             }

@@ -1,0 +1,221 @@
+//! Checkpoint offload ([`super::GpuLlama::set_offload_residuals`]): per recomputed layer
+//! 0..m, a set of tensors that the forward writes and the backward reads — the layer's input
+//! residual (N, C) bf16; or the attention half's outputs (attention output, its log-sum-exp,
+//! the post-attention residual, o_proj's x A^T) — lives in a ring of [`plan::RESID_RING`]
+//! device slots (layer l's in slot l % slots) instead of one buffer per layer. A slot holds
+//! the set's tensors ("pieces") one after another, each sized for N tokens and starting on a
+//! 256-byte boundary; a batch of n tokens uses the first n tokens' bytes of each. The sets a later layer overwrites in the
+//! forward (layers 0..m - slots) travel to pinned host memory and back; the last `slots` are
+//! still in their slots when the backward reaches them ("resident").
+//!
+//! Streams and events (per slot s; kernels run on the compute stream `gpu.stream()`):
+//! - forward, after the compute stream wrote layer l's set into s: record `written[s]`
+//!   (compute); the device-to-host stream waits for it, copies s to host row l, records
+//!   `copied_out[s]`;
+//! - forward, before the compute stream writes layer l's set into s: it waits for
+//!   `copied_out[s]` (the copy of the set s held before);
+//! - backward, at the start of layer l + 1 (prefetch of set l): record `free[s]` (compute:
+//!   every earlier reader of s is done); the host-to-device stream waits for `free[s]` and
+//!   `copied_out[s]` (the last copy out of s, so host row l is written: the stream runs its
+//!   copies in order), copies host row l into s, records `copied_in[s]`;
+//! - backward, at the start of layer l: the compute stream waits for `copied_in[s]`.
+//!
+//! A wait on an event never recorded is a no-op (first use of a slot). Only events: no stream
+//! or device synchronisation while a step runs.
+
+use std::sync::Arc;
+
+use ftrt_runtime::cudarc::driver::{sys, CudaEvent, CudaStream};
+use ftrt_runtime::offload::PinnedHostBuffer;
+use ftrt_runtime::{DevPtr, Gpu};
+
+use super::{plan, Ctx, GpuResult, Held};
+
+/// The ring, the pinned host rows, the copy streams and the events of the module doc.
+pub(super) struct LayerOffload {
+    /// Recomputed layers (0..m) whose set lives in the ring.
+    m: usize,
+    /// min(RESID_RING, m) slots of `slot_bytes` (owned by the activations' [`Held`]).
+    slots: Vec<DevPtr<u8>>,
+    /// Token budget N; bytes per token of each piece (see [`Self::piece_start`]).
+    n_max: usize,
+    piece_bytes: Vec<usize>,
+    /// (m - slots) rows of `slot_bytes`: the sets of layers 0..m - slots between forward and
+    /// backward.
+    host: PinnedHostBuffer,
+    d2h: Arc<CudaStream>,
+    h2d: Arc<CudaStream>,
+    written: Vec<CudaEvent>,
+    copied_out: Vec<CudaEvent>,
+    free: Vec<CudaEvent>,
+    copied_in: Vec<CudaEvent>,
+}
+
+impl LayerOffload {
+    /// Allocates the ring (into `held`) for the sets of layers 0..m, each of pieces of
+    /// `piece_bytes` bytes per token for `n_max` tokens, the pinned host rows, two copy streams
+    /// and the events.
+    pub(super) fn new(
+        gpu: &Gpu,
+        held: &mut Held,
+        m: usize,
+        n_max: usize,
+        piece_bytes: Vec<usize>,
+    ) -> GpuResult<Self> {
+        let ring = plan::resid_ring(m);
+        let slot_bytes = piece_start(n_max, &piece_bytes, piece_bytes.len());
+        let slots = (0..ring)
+            .map(|_| held.alloc::<u8>(gpu, slot_bytes))
+            .collect::<GpuResult<Vec<_>>>()?;
+        let events = || {
+            (0..ring)
+                .map(|_| gpu.context().new_event(None))
+                .collect::<Result<Vec<_>, _>>()
+                .ctx("creating offload events")
+        };
+        let host_bytes = plan::offloaded_residuals(m) * slot_bytes;
+        Ok(Self {
+            m,
+            slots,
+            n_max,
+            piece_bytes,
+            host: PinnedHostBuffer::new(gpu, host_bytes).ctx("allocating pinned host memory")?,
+            d2h: gpu.context().new_stream().ctx("creating a copy stream")?,
+            h2d: gpu.context().new_stream().ctx("creating a copy stream")?,
+            written: events()?,
+            copied_out: events()?,
+            free: events()?,
+            copied_in: events()?,
+        })
+    }
+
+    /// Piece `i` of the ring slot holding layer `l`'s set (`l` < m), as a typed pointer.
+    pub(super) fn piece<T>(&self, l: usize, i: usize) -> DevPtr<T> {
+        let start = piece_start(self.n_max, &self.piece_bytes, i);
+        self.slots[l % self.slots.len()].offset(start).cast()
+    }
+
+    /// Whether layer l's set is in the ring at all (`l` is a recomputed layer).
+    fn in_ring(&self, l: usize) -> bool {
+        l < self.m
+    }
+
+    /// Whether layer l's set goes through host memory: no later layer overwrites its slot in
+    /// the forward otherwise.
+    fn travels(&self, l: usize) -> bool {
+        l + self.slots.len() < self.m
+    }
+
+    /// Forward, before the compute stream writes layer l's set: wait until the set its slot
+    /// held before is copied out.
+    pub(super) fn before_write(&self, gpu: &Gpu, l: usize) -> GpuResult<()> {
+        if !self.in_ring(l) {
+            return Ok(());
+        }
+        let s = l % self.slots.len();
+        gpu.stream()
+            .wait(&self.copied_out[s])
+            .ctx("waiting for a checkpoint copy-out")
+    }
+
+    /// Forward, after the compute stream wrote layer l's set (of the batch's n tokens): copy
+    /// it to host row l on the device-to-host stream.
+    pub(super) fn after_write(&self, gpu: &Gpu, l: usize, n: usize) -> GpuResult<()> {
+        if !self.travels(l) {
+            return Ok(());
+        }
+        let s = l % self.slots.len();
+        self.written[s]
+            .record(gpu.stream())
+            .ctx("recording a checkpoint write")?;
+        self.d2h
+            .wait(&self.written[s])
+            .ctx("ordering a checkpoint copy-out")?;
+        gpu.context().bind_to_thread().ctx("binding the context")?;
+        for (dev, host, bytes) in self.pieces(l, n) {
+            // SAFETY: a piece holds n_max >= n tokens in the slot and in host row l
+            // (`pieces`); both outlive the copy (dropping the offload waits for the streams).
+            unsafe { sys::cuMemcpyDtoHAsync_v2(host as *mut _, dev, bytes, self.d2h.cu_stream()) }
+                .result()
+                .ctx("checkpoint copy-out")?;
+        }
+        self.copied_out[s]
+            .record(&self.d2h)
+            .ctx("recording a checkpoint copy-out")
+    }
+
+    /// Backward, at the start of layer l + 1: bring layer l's set back into its slot on the
+    /// host-to-device stream (nothing for sets that stayed in the ring).
+    pub(super) fn prefetch(&self, gpu: &Gpu, l: usize, n: usize) -> GpuResult<()> {
+        if !self.travels(l) {
+            return Ok(());
+        }
+        let s = l % self.slots.len();
+        self.free[s]
+            .record(gpu.stream())
+            .ctx("recording a free checkpoint slot")?;
+        self.h2d
+            .wait(&self.free[s])
+            .ctx("ordering a checkpoint prefetch")?;
+        self.h2d
+            .wait(&self.copied_out[s])
+            .ctx("ordering a checkpoint prefetch")?;
+        gpu.context().bind_to_thread().ctx("binding the context")?;
+        for (dev, host, bytes) in self.pieces(l, n) {
+            // SAFETY: as in after_write, in the other direction.
+            unsafe {
+                sys::cuMemcpyHtoDAsync_v2(dev, host as *const _, bytes, self.h2d.cu_stream())
+            }
+            .result()
+            .ctx("checkpoint prefetch")?;
+        }
+        self.copied_in[s]
+            .record(&self.h2d)
+            .ctx("recording a checkpoint prefetch")
+    }
+
+    /// Backward, before layer `l` reads its set: the compute stream waits for its prefetch.
+    pub(super) fn wait_prefetched(&self, gpu: &Gpu, l: usize) -> GpuResult<()> {
+        if !self.travels(l) {
+            return Ok(());
+        }
+        gpu.stream()
+            .wait(&self.copied_in[l % self.slots.len()])
+            .ctx("waiting for a checkpoint prefetch")
+    }
+
+    /// Per piece of layer l's set, the first `n` tokens: (device address in its slot, host
+    /// address in row l, bytes).
+    fn pieces(&self, l: usize, n: usize) -> Vec<(u64, *mut u8, usize)> {
+        assert!(n <= self.n_max && self.travels(l));
+        let pb = &self.piece_bytes;
+        let row = l * piece_start(self.n_max, pb, pb.len());
+        (0..pb.len())
+            .filter(|&i| pb[i] > 0)
+            .map(|i| {
+                let start = piece_start(self.n_max, pb, i);
+                let dev = self.slots[l % self.slots.len()].addr + start as u64;
+                (dev, self.host.ptr_at(row + start), n * pb[i])
+            })
+            .collect()
+    }
+}
+
+/// Byte offset of piece `i` in a slot (and in a host row): pieces 0..i, each `n_max` tokens of
+/// its bytes per token, rounded up to 256 bytes (every piece aligned for vector loads).
+fn piece_start(n_max: usize, piece_bytes: &[usize], i: usize) -> usize {
+    piece_bytes[..i]
+        .iter()
+        .map(|&b| (n_max * b).next_multiple_of(256))
+        .sum()
+}
+
+impl Drop for LayerOffload {
+    /// Copies may still run (a forward without a backward): wait for them before the slots and
+    /// the host rows are freed.
+    fn drop(&mut self) {
+        for s in [&self.d2h, &self.h2d] {
+            s.context().record_err(s.synchronize());
+        }
+    }
+}
