@@ -18,8 +18,8 @@
 // Kernels (all 128 threads = 4 warps; tiles of 64 rows; f32 accumulation on tensor cores):
 //   attention_fwd_d{64,128}       grid (Hq, ceil(N/128)): one block per head and 128-query tile
 //                                 (32 rows per warp: each K/V fragment feeds two MMAs), online
-//                                 softmax over 64-key tiles, writes out and lse; the Q tile
-//                                 stays in shared memory (2 blocks per SM at D = 128).
+//                                 softmax over key tiles (64 keys; 32 at D = 128), writes out
+//                                 and lse; the Q tile stays in shared memory.
 //   attention_bwd_dot_d{64,128}   grid ceil(N*Hq/4): dvec = rowsum(dout * out).
 //   attention_bwd_dkdv_d{64,128}  grid (Hkv, ceil(N/64)): one block owns a 64-key tile of one kv
 //                                 head and loops over the query heads of its group and over the
@@ -299,17 +299,19 @@ ATTN_DEV void frag_b(unsigned r[4], const bf16_t* s, int ld, int k0, int n0) {
 
 // A block owns BMF = 64 * MT query rows: warp w holds rows mt * 64 + 16 w .. + 15 for each of
 // its MT m-tiles, so every K / V fragment read from shared memory feeds MT MMAs (FA2's 128-row
-// tile at MT = 2). Per thread: rows rA[mt] = q0 + 64 mt + 16 w + g and rB[mt] = rA[mt] + 8.
-template <int D, int MT>
+// tile at MT = 2); key tiles of BNF rows. Per thread: rows q0 + 64 mt + 16 w + g and that
+// + 8. Registers are tight at D = 128 (o alone is 128 f32): row segment starts are looked up
+// only on the tiles that mask, and P is packed to bf16 as soon as its softmax is done.
+template <int D, int MT, int BNF>
 ATTN_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                        const bf16_t* __restrict__ v, const int* __restrict__ cu, int S, int N,
                        int Hq, int Hkv, float scale, bf16_t* __restrict__ out,
                        float* __restrict__ lse) {
-    constexpr int LD = D + PAD, KD = D / 16, NTD = D / 8, NTS = BN / 8, BMF = 64 * MT;
+    constexpr int LD = D + PAD, KD = D / 16, NTD = D / 8, NTS = BNF / 8, BMF = 64 * MT;
     ATTN_DYN_SMEM(smem);
     bf16_t* sQ = (bf16_t*)smem;
     bf16_t* sK = sQ + BMF * LD;
-    bf16_t* sV = sK + BN * LD;
+    bf16_t* sV = sK + BNF * LD;
     const int warp = (int)(threadIdx.x >> 5), l = lane_id(), g = l >> 2, t = l & 3;
     const int q0 = (int)(gridDim.y - 1 - blockIdx.y) * BMF; // longest rows first, all heads
     const int h = (int)blockIdx.x, hk = h / (Hq / Hkv);
@@ -319,20 +321,14 @@ ATTN_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ 
     const bf16_t* kh = k + (long long)hk * D;
     const bf16_t* vh = v + (long long)hk * D;
 
-    int rA[MT], stA[MT], stB[MT]; // this thread's query rows (rB = rA + 8) and their segment starts
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        rA[mt] = q0 + mt * 64 + warp * 16 + g;
-        stA[mt] = seg_start(cu, S, imin(rA[mt], N - 1));
-        stB[mt] = seg_start(cu, S, imin(rA[mt] + 8, N - 1));
-    }
+    const int r0 = q0 + warp * 16 + g; // this thread's first query row
     const int kend = imin(q0 + BMF, N);
     const int kbeg = seg_start(cu, S, q0);
     const int last_start = seg_start(cu, S, kend - 1);
-    const int ntiles = (kend - kbeg + BN - 1) / BN;
+    const int ntiles = (kend - kbeg + BNF - 1) / BNF;
 
     load_rows<D, BMF>(sQ, qh, q0, N, qstr);
-    load_rows<D, BN>(sK, kh, kbeg, N, kstr);
+    load_rows<D, BNF>(sK, kh, kbeg, N, kstr);
     cp_commit();
 
     float o[MT][NTD][4];
@@ -346,8 +342,8 @@ ATTN_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ 
     for (int mt = 0; mt < MT; ++mt) mA[mt] = mB[mt] = ATTN_NEG_INF, lA[mt] = lB[mt] = 0.f;
 
     for (int it = 0; it < ntiles; ++it) {
-        const int j0 = kbeg + it * BN;
-        load_rows<D, BN>(sV, vh, j0, N, kstr);
+        const int j0 = kbeg + it * BNF;
+        load_rows<D, BNF>(sV, vh, j0, N, kstr);
         cp_commit();
         cp_wait<1>(); // K tile `it` (and, first, the Q tile) has landed
         ATTN_SYNC();
@@ -373,19 +369,22 @@ ATTN_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ 
             }
         }
         ATTN_SYNC(); // everyone is done with sK: prefetch the next K tile under the softmax
-        if (it + 1 < ntiles) load_rows<D, BN>(sK, kh, j0 + BN, N, kstr);
+        if (it + 1 < ntiles) load_rows<D, BNF>(sK, kh, j0 + BNF, N, kstr);
         cp_commit();
 
-        const bool inside = j0 + BN - 1 <= q0 && j0 >= last_start; // no element masked
+        const bool inside = j0 + BNF - 1 <= q0 && j0 >= last_start; // no element masked
+        unsigned pk[MT][BNF / 16][4]; // P in bf16, the A fragments of the P V MMAs
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
             if (!inside) {
+                const int rA = r0 + mt * 64, rB = rA + 8;
+                const int stA = seg_start(cu, S, imin(rA, N - 1)), stB = seg_start(cu, S, imin(rB, N - 1));
 #pragma unroll
                 for (int nt = 0; nt < NTS; ++nt) {
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int j = j0 + nt * 8 + 2 * t + (e & 1);
-                        const int i = rA[mt] + (e < 2 ? 0 : 8), st = e < 2 ? stA[mt] : stB[mt];
+                        const int i = e < 2 ? rA : rB, st = e < 2 ? stA : stB;
                         if (j > i || j < st) s[mt][nt][e] = ATTN_NEG_INF;
                     }
                 }
@@ -426,27 +425,26 @@ ATTN_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ 
                 o[mt][dn][2] *= aB;
                 o[mt][dn][3] *= aB;
             }
+#pragma unroll
+            for (int kk = 0; kk < BNF / 16; ++kk) {
+                pk[mt][kk][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pk[mt][kk][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pk[mt][kk][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pk[mt][kk][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
         }
         cp_wait<1>(); // V tile `it` has landed (the K prefetch may still fly)
         ATTN_SYNC();
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            unsigned a[MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                a[mt][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                a[mt][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                a[mt][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                a[mt][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-            }
+        for (int kk = 0; kk < BNF / 16; ++kk) {
 #pragma unroll
             for (int dp = 0; dp < D / 16; ++dp) {
                 unsigned b[4];
                 frag_b(b, sV, LD, kk * 16, dp * 16);
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    mma16816(o[mt][2 * dp], a[mt], b[0], b[1]);
-                    mma16816(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+                    mma16816(o[mt][2 * dp], pk[mt][kk], b[0], b[1]);
+                    mma16816(o[mt][2 * dp + 1], pk[mt][kk], b[2], b[3]);
                 }
             }
         }
@@ -470,9 +468,9 @@ ATTN_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ 
             *(unsigned*)(sQ + row * LD + col) = pack_bf16(o[mt][dn][0] * iA, o[mt][dn][1] * iA);
             *(unsigned*)(sQ + (row + 8) * LD + col) = pack_bf16(o[mt][dn][2] * iB, o[mt][dn][3] * iB);
         }
-        const int rB = rA[mt] + 8;
+        const int rA = r0 + mt * 64, rB = rA + 8;
         if (t == 0) {
-            if (rA[mt] < N) lse[(long long)h * N + rA[mt]] = (mA[mt] + log2f(sA)) * LN2;
+            if (rA < N) lse[(long long)h * N + rA] = (mA[mt] + log2f(sA)) * LN2;
             if (rB < N) lse[(long long)h * N + rB] = (mB[mt] + log2f(sB)) * LN2;
         }
     }
@@ -742,8 +740,12 @@ ATTN_DEV void dq_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k
     store_rows<D, BM>(dq + (long long)h * D, sQ, q0, N, qstr);
 }
 
-// m-tiles of 16 rows per warp in the forward (a block owns 64 * value query rows)
-template <int D> struct FwdTiles { static constexpr int value = 2; };
+// the forward's tiles: m-tiles of 16 rows per warp (a block owns 64 * MT query rows) and keys
+// per tile; 32 keys at D = 128 keep o (128 f32 per thread) and s within 255 registers
+template <int D> struct FwdTiles {
+    static constexpr int MT = 2;
+    static constexpr int BN = D >= 128 ? 32 : 64;
+};
 // query rows per dkdv block: 32 at D = 128 keeps dk, dv, s, dp within registers
 template <int D> struct DkdvRows { static constexpr int value = D >= 128 ? 32 : 64; };
 
@@ -751,14 +753,14 @@ template <int D> struct DkdvRows { static constexpr int value = D >= 128 ? 32 : 
 
 // ---------------------------------------------------------------- entry points
 // Dynamic shared memory (bytes), as the launcher computes it (LD = D + PAD: D + 8 on CUDA, D on HIP):
-//   fwd  4 * 64 * LD * 2          dot  0
+//   fwd  (128 + 2 BN) * LD * 2    dot  0       BN (keys per tile) = 64 at D = 64, 32 at D = 128
 //   dq   4 * 64 * LD * 2          dkdv (128 + 2 * BMB) * LD * 2 + 2 * BMB * 4,  BMB = 64 (D=64), 32 (D=128)
 
 #define ATTN_ENTRIES(D)                                                                                     \
     ATTN_KERNEL_MIN_BLOCKS(attention_fwd_d##D, 2)(const bf16_t* q, const bf16_t* k, const bf16_t* v, const int* cu,        \
                                     int num_seqs, int n_tokens, int hq, int hkv, float scale, bf16_t* out,   \
                                     float* lse) {                                                            \
-        attn::fwd_impl<D, attn::FwdTiles<D>::value>(q, k, v, cu, num_seqs, n_tokens, hq, hkv, scale, out, lse);                        \
+        attn::fwd_impl<D, attn::FwdTiles<D>::MT, attn::FwdTiles<D>::BN>(q, k, v, cu, num_seqs, n_tokens, hq, hkv, scale, out, lse);                        \
     }                                                                                                        \
     ATTN_KERNEL(attention_bwd_dot_d##D)(const bf16_t* out, const bf16_t* dout, int n_tokens, int hq,         \
                                         float* dvec) {                                                       \

@@ -24,11 +24,12 @@
 //! the p and dp products: ~7 instead of 5 matmul-equivalents per backward, the price of
 //! bit-reproducible dq without an f32 scratch). Scratch: `dvec`, Hq * N f32.
 //!
-//! Dynamic shared memory per block (CUDA, pitch D + 8): fwd 4*64*(D+8)*2 (36/68 KiB), dq
-//! 4*64*(D+8)*2 (36/68 KiB), dkdv (128 + 2*BMB)*(D+8)*2 + 8*BMB with BMB = 64 / 32 rows at
-//! D = 64 / 128 (37/51 KiB): the launchers opt in above 48 KiB. The HIP build uses pitch D so
-//! that dq at D = 128 fits gfx90a's 64 KiB (a HIP launcher must use D there); the HIP path
-//! emulates the MMA fragments with shuffles and is correct-first, not fast.
+//! Dynamic shared memory per block (CUDA, pitch D + 8): fwd (128 + 2 KT)*(D+8)*2 with KT = 64
+//! / 32 keys per tile at D = 64 / 128 (36/51 KiB), dq 4*64*(D+8)*2 (36/68 KiB), dkdv
+//! (128 + 2*BMB)*(D+8)*2 + 8*BMB with BMB = 64 / 32 rows at D = 64 / 128 (37/51 KiB): the
+//! launchers opt in above 48 KiB. The HIP build uses pitch D (a HIP launcher must size with
+//! D) so that dq at D = 128 fits gfx90a's 64 KiB;
+//! the HIP path emulates the MMA fragments with shuffles and is correct-first, not fast.
 //!
 //! `sim/` runs these CUDA C kernels on a CPU emulator (every MMA / ldmatrix fragment, warp
 //! schedule and cp.async ordering emulated) against this reference:
@@ -473,8 +474,16 @@ fn config(grid: (u32, u32), smem: u32) -> cudarc::driver::LaunchConfig {
 }
 
 /// Dynamic shared memory of each kernel (must match the layouts in attention.cu).
+/// Keys per forward tile (`FwdTiles::BN` in attention.cu).
+fn fwd_keys(d: usize) -> usize {
+    if d >= 128 {
+        32
+    } else {
+        64
+    }
+}
 fn smem_fwd(d: usize) -> u32 {
-    ((FWD_ROWS + 2 * TILE) * (d + 8) * 2) as u32
+    ((FWD_ROWS + 2 * fwd_keys(d)) * (d + 8) * 2) as u32
 }
 fn smem_dq(d: usize) -> u32 {
     (4 * TILE * (d + 8) * 2) as u32
