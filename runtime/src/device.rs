@@ -10,6 +10,7 @@ use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStr
 use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// PTX of one kernel family embedded at build time (ops' build.rs makes these statics).
@@ -139,8 +140,10 @@ pub struct Gpu {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Module name -> function name -> handle (looked up without allocating).
     functions: Mutex<HashMap<&'static str, HashMap<String, CudaFunction>>>,
-    /// The open profile, if any ([`Gpu::profile_begin`]).
+    /// The open profile, if any ([`Gpu::profile_begin`]), and whether one is open: read
+    /// without the lock at every launch, so an unprofiled launch takes no lock.
     profile: Mutex<Option<ProfileLog>>,
+    profiling: AtomicBool,
 }
 
 impl Gpu {
@@ -169,6 +172,7 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             profile: Mutex::new(None),
+            profiling: AtomicBool::new(false),
         })
     }
 
@@ -229,16 +233,20 @@ impl Gpu {
     /// event on the compute stream, until [`Gpu::profile_end`]. Not while capturing a graph.
     pub fn profile_begin(&self) {
         *self.profile.lock().expect("profile poisoned") = Some(ProfileLog::default());
+        self.profiling.store(true, Ordering::Release);
     }
 
     /// Whether a profile is open (graph capture must wait until it closes).
     pub fn profiling(&self) -> bool {
-        self.profile.lock().expect("profile poisoned").is_some()
+        self.profiling.load(Ordering::Acquire)
     }
 
     /// Charges the compute stream's work from here to the next mark to `label` (a no-op
-    /// without an open profile).
+    /// without an open profile, which takes no lock).
     pub fn profile_mark(&self, label: &str) -> Result<(), RuntimeError> {
+        if !self.profiling() {
+            return Ok(());
+        }
         match self.profile.lock().expect("profile poisoned").as_mut() {
             Some(log) => log.mark(&self.stream, label),
             None => Ok(()),
@@ -247,6 +255,7 @@ impl Gpu {
 
     /// Closes the open profile, waits for the stream and returns GPU time per label.
     pub fn profile_end(&self) -> Result<Vec<ProfileRow>, RuntimeError> {
+        self.profiling.store(false, Ordering::Release);
         let log = self.profile.lock().expect("profile poisoned").take();
         log.ok_or_else(|| {
             RuntimeError::InvalidArgument("profile_end without profile_begin".into())
