@@ -82,6 +82,10 @@ pub struct BenchArgs {
     /// --seq random tokens, --new-tokens sampled at --temperature with EOS suppressed.
     #[arg(long)]
     pub decode: bool,
+    /// With --decode: generate greedily through the model's forward graph on the runtime's CUDA
+    /// executor (the graph the CPU executor also runs), one captured CUDA graph per step
+    #[arg(long, requires = "decode")]
+    pub graph: bool,
     /// Tokens generated per prompt with --decode.
     #[arg(long, default_value_t = 512)]
     pub new_tokens: usize,
@@ -205,7 +209,12 @@ pub fn random_batch(batch: usize, seq: usize, vocab: usize, seed: u64) -> (Batch
     (b, t)
 }
 
-const GIB: f64 = (1u64 << 30) as f64;
+pub const GIB: f64 = (1u64 << 30) as f64;
+
+/// The config of a preset.
+pub fn preset_config(name: &str) -> Result<ModelConfig, String> {
+    ModelConfig::from_json_str(&preset_json(name)?, Path::new(name)).map_err(|e| e.to_string())
+}
 
 pub fn run(a: &BenchArgs) -> Result<(), String> {
     if let Some(dir) = &a.save_init {
@@ -215,6 +224,9 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
             );
         }
         return crate::bench_init::save_init(a, dir);
+    }
+    if a.decode && a.graph {
+        return crate::bench_graph::run_decode_graph(a);
     }
     if a.decode {
         return run_decode(a);
@@ -228,8 +240,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         return Err("--batch >= 1, --seq >= 2 and --steps >= 1 are required".into());
     }
     let t_setup = std::time::Instant::now();
-    let config = ModelConfig::from_json_str(&preset_json(&a.preset)?, Path::new(&a.preset))
-        .map_err(|e| e.to_string())?;
+    let config = preset_config(&a.preset)?;
     let gpu = Gpu::open(a.device).map_err(|e| format!("{e}\nftrt bench needs an NVIDIA GPU."))?;
     let (free0, total) = gpu.context().mem_get_info().map_err(|e| e.to_string())?;
     let n = a.batch * a.seq;
@@ -366,8 +377,7 @@ fn run_decode(a: &BenchArgs) -> Result<(), String> {
         return Err("--decode needs --batch >= 1, --seq >= 1 and --new-tokens >= 2".into());
     }
     let t_setup = std::time::Instant::now();
-    let config = ModelConfig::from_json_str(&preset_json(&a.preset)?, Path::new(&a.preset))
-        .map_err(|e| e.to_string())?;
+    let config = preset_config(&a.preset)?;
     let gpu = Gpu::open(a.device).map_err(|e| format!("{e}\nftrt bench needs an NVIDIA GPU."))?;
     let (free0, _) = gpu.context().mem_get_info().map_err(|e| e.to_string())?;
     // The token budget holds every position (RoPE tables) and sizes the prefill chunks.

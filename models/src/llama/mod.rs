@@ -22,6 +22,7 @@ pub mod attention;
 pub mod backward;
 pub mod chat;
 pub mod gpu;
+pub mod graph;
 pub mod lora;
 pub mod model;
 pub mod sampling;

@@ -199,15 +199,19 @@ impl LlamaModel {
             )));
         }
         let weights = WeightStore::load(config, source, rt)?;
-        let inv_freq = inv_freq_of(config);
-        Ok(Self {
+        Ok(Self::from_store(config, weights, rt))
+    }
+
+    /// The model of `config` over weights already in a store (random benchmark weights).
+    pub fn from_store(config: &ModelConfig, weights: WeightStore, rt: Rounding) -> Self {
+        Self {
             config: config.clone(),
             dims: Dims::of(config),
             weights,
             rt,
-            inv_freq,
+            inv_freq: inv_freq_of(config),
             vocab_chunk: 8192,
-        })
+        }
     }
 
     /// Builds the model of an opened checkpoint.

@@ -163,22 +163,52 @@ impl<'g> CpuExecutor<'g> {
                     .iter()
                     .chain(bias)
                     .all(|t| g.tensor(*t).dtype == dt);
-                if !same {
-                    return Err(err("GEMM operands must share one dtype"));
-                }
                 // Operands in the node's input order: a, b, then bias (c is an output).
                 let mut args = self.args(&ins, &outs);
                 let bias_idx = bias.map(|_| 2);
                 match dt {
-                    DType::F32 => {
+                    DType::F32 if same => {
                         let (i, mut o) = args.split::<f32>();
                         gemm(desc, i[0], i[1], o[0], bias_idx.map(|k| i[k]))
                     }
-                    DType::F64 => {
+                    DType::F64 if same => {
                         let (i, mut o) = args.split::<f64>();
                         gemm(desc, i[0], i[1], o[0], bias_idx.map(|k| i[k]))
                     }
-                    other => Err(err(&format!("CPU GEMM supports f32 and f64, not {other}"))),
+                    _ => {
+                        // bf16 / f32 operands, as on the GPU: f32 arithmetic, c stored in its
+                        // dtype (bf16 rounded to nearest even)
+                        let dtypes: Vec<DType> = [*a, *b]
+                            .iter()
+                            .chain(bias)
+                            .map(|t| g.tensor(*t).dtype)
+                            .collect();
+                        let cdt = g.tensor(*c).dtype;
+                        if let Some(bad) = dtypes
+                            .iter()
+                            .chain([&cdt])
+                            .find(|d| !matches!(d, DType::BF16 | DType::F32))
+                        {
+                            return Err(err(&format!(
+                                "CPU GEMM takes f32, f64 or bf16 / f32 operands, not {bad}"
+                            )));
+                        }
+                        let ins32: Vec<Vec<f32>> = dtypes
+                            .iter()
+                            .zip(&args.inputs)
+                            .map(|(d, x)| to_f32(*d, x))
+                            .collect();
+                        let mut c32 = to_f32(cdt, args.outputs[0]);
+                        gemm(
+                            desc,
+                            &ins32[0],
+                            &ins32[1],
+                            &mut c32,
+                            bias_idx.map(|k| ins32[k].as_slice()),
+                        )?;
+                        from_f32(cdt, &c32, args.outputs[0]);
+                        Ok(())
+                    }
                 }
             }
         }
@@ -218,5 +248,31 @@ impl<'g> CpuExecutor<'g> {
                     .collect(),
             }
         }
+    }
+}
+
+/// A bf16 or f32 tensor's values as f32.
+fn to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        DType::BF16 => bytemuck::cast_slice::<u8, half::bf16>(bytes)
+            .iter()
+            .map(|v| v.to_f32())
+            .collect(),
+        _ => bytemuck::cast_slice::<u8, f32>(bytes).to_vec(),
+    }
+}
+
+/// Stores f32 values into a bf16 (rounded to nearest even) or f32 tensor.
+fn from_f32(dtype: DType, values: &[f32], bytes: &mut [u8]) {
+    match dtype {
+        DType::BF16 => {
+            for (d, v) in bytemuck::cast_slice_mut::<u8, half::bf16>(bytes)
+                .iter_mut()
+                .zip(values)
+            {
+                *d = half::bf16::from_f32(*v);
+            }
+        }
+        _ => bytemuck::cast_slice_mut::<u8, f32>(bytes).copy_from_slice(values),
     }
 }

@@ -222,3 +222,45 @@ fn offload_graph_offloaded_equals_kept_on_cpu() {
     assert_eq!(a, b);
     assert!(a.iter().flatten().any(|&x| x != 0));
 }
+
+#[test]
+fn cpu_gemm_takes_bf16_operands_as_the_gpu_does() {
+    // c (f32) = a (bf16) b^T (bf16) + bias (bf16); d (bf16) = the same rounded to bf16
+    let (m, n, k) = (5, 7, 9);
+    let mut rng = SplitMix64::new(3);
+    let mut vals = |len: usize| -> Vec<half::bf16> {
+        (0..len)
+            .map(|_| half::bf16::from_f32(rng.symmetric_f32()))
+            .collect()
+    };
+    let (av, bv, biasv) = (vals(m * k), vals(n * k), vals(n));
+    let mut b = GraphBuilder::new();
+    let a = b.tensor("a", &[m, k], DType::BF16, Lifetime::Weight);
+    let w = b.tensor("w", &[n, k], DType::BF16, Lifetime::Weight);
+    let bias = b.tensor("bias", &[n], DType::BF16, Lifetime::Weight);
+    let c = b.tensor("c", &[m, n], DType::F32, Lifetime::Weight);
+    let d = b.tensor("d", &[m, n], DType::BF16, Lifetime::Weight);
+    let desc = GemmDesc::new(m, n, k).transposed(false, true);
+    b.node(Node::gemm("c", desc, a, w, c, Some(bias)));
+    b.node(Node::gemm("d", desc, a, w, d, Some(bias)));
+    let g = b.build().unwrap();
+    let p = plan(&g, &PlanOptions::default()).unwrap();
+    let mut ex = CpuExecutor::new(&g, &p);
+    ex.write(a, &av).unwrap();
+    ex.write(w, &bv).unwrap();
+    ex.write(bias, &biasv).unwrap();
+    ex.run_step().unwrap();
+    let got_c: Vec<f32> = ex.read(c).unwrap();
+    let got_d: Vec<half::bf16> = ex.read(d).unwrap();
+    for i in 0..m {
+        for j in 0..n {
+            let want: f64 = biasv[j].to_f64()
+                + (0..k)
+                    .map(|l| av[i * k + l].to_f64() * bv[j * k + l].to_f64())
+                    .sum::<f64>();
+            let got = got_c[i * n + j] as f64;
+            assert!((got - want).abs() < 1e-5, "c[{i}][{j}] {got} vs {want}");
+            assert_eq!(got_d[i * n + j], half::bf16::from_f32(got_c[i * n + j]));
+        }
+    }
+}

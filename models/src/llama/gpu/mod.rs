@@ -36,6 +36,7 @@
 
 pub mod decode;
 mod embed_host;
+mod graph_check;
 mod layer_offload;
 pub mod plan;
 pub mod random_init;

@@ -30,7 +30,7 @@ pub const TOL_LOSS: f64 = 1e-2;
 /// One result row: (name, error, detail); detail ends in "FAILED" when the check failed.
 pub type Row = (String, f64, String);
 
-fn row(rows: &mut Vec<Row>, name: String, err: f64, tol: f64, detail: String) {
+pub(super) fn row(rows: &mut Vec<Row>, name: String, err: f64, tol: f64, detail: String) {
     let ok = err <= tol;
     rows.push((
         name,
@@ -56,6 +56,15 @@ pub fn selftest_model(gpu: &Gpu) -> Result<Vec<Row>, String> {
         if let Err(e) = check_fixture(gpu, arch, &mut rows) {
             rows.push((
                 format!("model {arch}: fixture check"),
+                f64::INFINITY,
+                format!("error: {e}  FAILED"),
+            ));
+        }
+        let graph = load_fixture(arch)
+            .and_then(|f| super::graph_check::check_forward_graph(gpu, &f.cpu, arch, &mut rows));
+        if let Err(e) = graph {
+            rows.push((
+                format!("model {arch}: forward graph check"),
                 f64::INFINITY,
                 format!("error: {e}  FAILED"),
             ));

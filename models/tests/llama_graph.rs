@@ -1,0 +1,194 @@
+//! The forward graph ([`ftrt_models::llama::graph`]) on the runtime's CPU executor, against
+//! transformers' goldens (prefill and step-by-step decoding through the graph's KV cache) and
+//! against the CPU model (a LoRA adapter merged into the graph's weights; the bf16 graph).
+
+mod llama_common;
+
+use ftrt_models::llama::gpu::init_adapter;
+use ftrt_models::llama::graph::{ForwardGraph, StepRow};
+use ftrt_models::llama::{LlamaModel, LoraAdapter, Proj, Rounding};
+use ftrt_runtime::{plan, CpuExecutor, DType, PlanOptions};
+use half::bf16;
+use llama_common::{model, prompts, rel_err, Golden, TOL};
+
+/// Runs steps of one graph on the CPU executor.
+struct CpuForward<'g> {
+    fg: &'g ForwardGraph,
+    ex: CpuExecutor<'g>,
+}
+
+impl<'g> CpuForward<'g> {
+    fn new(
+        fg: &'g ForwardGraph,
+        p: &'g ftrt_runtime::Plan,
+        m: &LlamaModel,
+        lora: Option<&LoraAdapter>,
+    ) -> Self {
+        let mut ex = CpuExecutor::new(&fg.graph, p);
+        fg.for_each_weight(m, lora, |t, v| match fg.dtype {
+            DType::BF16 => {
+                let b: Vec<bf16> = v.iter().map(|x| bf16::from_f32(*x)).collect();
+                ex.write(t, &b)
+            }
+            _ => ex.write(t, v),
+        })
+        .unwrap();
+        Self { fg, ex }
+    }
+
+    /// Logits (rows.len(), V) of one step.
+    fn step(&mut self, rows: &[StepRow]) -> Vec<f32> {
+        let (ids, pos, slot, len) = self.fg.step_inputs(rows).unwrap();
+        for (t, v) in [
+            (self.fg.ids, ids),
+            (self.fg.pos, pos),
+            (self.fg.slot, slot),
+            (self.fg.len, len),
+        ] {
+            self.ex.write(t, &v).unwrap();
+        }
+        self.ex.run_step().unwrap();
+        let all: Vec<f32> = self.ex.read(self.fg.logits).unwrap();
+        all[..rows.len() * all.len() / self.fg.rows].to_vec()
+    }
+}
+
+/// The rows of a prefill of `prompts` into slots 0.. (packed in one step).
+fn prefill_rows(prompts: &[Vec<u32>]) -> (Vec<StepRow>, Vec<usize>) {
+    let mut rows = Vec::new();
+    let mut last = Vec::new();
+    for (s, p) in prompts.iter().enumerate() {
+        for (i, &token) in p.iter().enumerate() {
+            rows.push(StepRow {
+                token,
+                slot: s,
+                pos: i,
+            });
+        }
+        last.push(rows.len() - 1);
+    }
+    (rows, last)
+}
+
+fn row_of(logits: &[f32], v: usize, r: usize) -> &[f32] {
+    &logits[r * v..(r + 1) * v]
+}
+
+#[test]
+fn graph_prefill_and_decode_match_transformers() {
+    // Mistral's sliding window (4 tokens) is not in the graph's cache attention: it refuses
+    for arch in ["llama", "qwen2", "qwen3"] {
+        let m = model(arch, Rounding::F32);
+        let g = Golden::open(arch);
+        let ps = prompts();
+        let v = m.dims.vocab;
+        let fg = ForwardGraph::new(&m, 16, ps.len(), 32, DType::F32).unwrap();
+        let p = plan(&fg.graph, &PlanOptions::default()).unwrap();
+        let mut run = CpuForward::new(&fg, &p, &m, None);
+        // prefill of all prompts in one step: every row's logits against its own prompt's
+        let (rows, last) = prefill_rows(&ps);
+        let logits = run.step(&rows);
+        for (i, pr) in ps.iter().enumerate() {
+            let want = g.f(&format!("logits.{i}"));
+            let first = last[i] + 1 - pr.len();
+            let got: Vec<f32> = (first..=last[i])
+                .flat_map(|r| row_of(&logits, v, r).to_vec())
+                .collect();
+            let e = rel_err(&got, &want);
+            eprintln!("{arch} prompt {i}: graph prefill rel err {e:.2e}");
+            assert!(e < TOL, "{arch} prompt {i}: rel err {e:e}");
+        }
+        // decoding transformers' greedy tokens one step at a time, one row per sequence
+        let toks: Vec<Vec<i32>> = (0..ps.len())
+            .map(|i| g.ints(&format!("tokens.{i}")))
+            .collect();
+        let dec: Vec<Vec<f32>> = (0..ps.len())
+            .map(|i| g.f(&format!("decode_logits.{i}")))
+            .collect();
+        let mut logits: Vec<f32> = last
+            .iter()
+            .flat_map(|&r| row_of(&logits, v, r).to_vec())
+            .collect();
+        let mut lens: Vec<usize> = ps.iter().map(Vec::len).collect();
+        for s in 0..toks[0].len() {
+            for (i, d) in dec.iter().enumerate() {
+                let e = rel_err(row_of(&logits, v, i), &d[s * v..(s + 1) * v]);
+                assert!(e < TOL, "{arch} seq {i} step {s}: rel err {e:e}");
+            }
+            let rows: Vec<StepRow> = (0..ps.len())
+                .map(|i| StepRow {
+                    token: toks[i][s] as u32,
+                    slot: i,
+                    pos: lens[i],
+                })
+                .collect();
+            logits = run.step(&rows);
+            lens.iter_mut().for_each(|l| *l += 1);
+        }
+    }
+}
+
+#[test]
+fn graph_refuses_what_it_cannot_run() {
+    let m = model("mistral", Rounding::F32);
+    assert!(ForwardGraph::new(&m, 4, 1, 64, DType::F32).is_err()); // past the sliding window
+    assert!(ForwardGraph::new(&m, 4, 1, 4, DType::F32).is_ok());
+    let m = model("llama", Rounding::F32);
+    assert!(ForwardGraph::new(&m, 4, 1, 8, DType::F16).is_err());
+    assert!(ForwardGraph::new(&m, 0, 1, 8, DType::F32).is_err());
+    let fg = ForwardGraph::new(&m, 2, 1, 8, DType::F32).unwrap();
+    let row = |slot, pos| StepRow {
+        token: 1,
+        slot,
+        pos,
+    };
+    assert!(fg.step_inputs(&[row(0, 0); 3]).is_err()); // more rows than the graph's
+    assert!(fg.step_inputs(&[row(1, 0)]).is_err()); // no such slot
+    assert!(fg.step_inputs(&[row(0, 8)]).is_err()); // past the capacity
+    let (ids, pos, slot, len) = fg.step_inputs(&[row(0, 3)]).unwrap();
+    assert_eq!(
+        (ids, pos, slot, len),
+        (vec![1, 0], vec![3, 0], vec![0, 1], vec![4, 1])
+    );
+}
+
+#[test]
+fn graph_with_a_merged_adapter_and_in_bf16_matches_the_cpu_model() {
+    let ps = prompts();
+    for (rt, dtype, tol) in [
+        (Rounding::F32, DType::F32, 1e-5),
+        (Rounding::BF16, DType::BF16, 3e-2),
+    ] {
+        let m = model("qwen2", rt);
+        let v = m.dims.vocab;
+        let ad = init_adapter(&m.dims, 4, 8.0, &Proj::ALL, 7, 0.05);
+        let fg = ForwardGraph::new(&m, 16, ps.len(), 32, dtype).unwrap();
+        let p = plan(&fg.graph, &PlanOptions::default()).unwrap();
+        let mut run = CpuForward::new(&fg, &p, &m, Some(&ad));
+        let (rows, last) = prefill_rows(&ps);
+        let logits = run.step(&rows);
+        let got: Vec<f32> = last
+            .iter()
+            .flat_map(|&r| row_of(&logits, v, r).to_vec())
+            .collect();
+        let mut cache = m.new_cache(ps.len());
+        let slots: Vec<usize> = (0..ps.len()).collect();
+        let want = m.prefill(&mut cache, &slots, &ps, Some(&ad)).unwrap();
+        let e = rel_err(&got, &want);
+        eprintln!("{dtype} graph with a merged adapter vs the CPU model: rel err {e:.2e}");
+        assert!(e < tol, "{dtype}: rel err {e:e}");
+        // and one decoding step
+        let next: Vec<u32> = (0..ps.len()).map(|i| (7 * i + 3) as u32).collect();
+        let rows: Vec<StepRow> = (0..ps.len())
+            .map(|i| StepRow {
+                token: next[i],
+                slot: i,
+                pos: ps[i].len(),
+            })
+            .collect();
+        let got = run.step(&rows);
+        let want = m.decode(&mut cache, &slots, &next, Some(&ad)).unwrap();
+        let e = rel_err(&got, &want);
+        assert!(e < tol, "{dtype} decode: rel err {e:e}");
+    }
+}
