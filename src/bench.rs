@@ -211,6 +211,19 @@ pub fn random_batch(batch: usize, seq: usize, vocab: usize, seed: u64) -> (Batch
 
 pub const GIB: f64 = (1u64 << 30) as f64;
 
+/// The decode benchmarks' `b` prompts of `p` random tokens (ids 4.., clear of special tokens).
+pub fn random_prompts(b: usize, p: usize, vocab: usize) -> Vec<Vec<u32>> {
+    let mut rng = ftrt_runtime::rng::SplitMix64::new(BATCH_SEED);
+    let v = vocab as u64;
+    (0..b)
+        .map(|_| {
+            (0..p)
+                .map(|_| (4 + rng.next_u64() % (v - 4)) as u32)
+                .collect()
+        })
+        .collect()
+}
+
 /// The config of a preset.
 pub fn preset_config(name: &str) -> Result<ModelConfig, String> {
     ModelConfig::from_json_str(&preset_json(name)?, Path::new(name)).map_err(|e| e.to_string())
@@ -385,15 +398,7 @@ fn run_decode(a: &BenchArgs) -> Result<(), String> {
     let mut model = GpuLlama::random(&gpu, &config, budget, 1, 1234)?;
     model.set_kept_layers(0);
     let setup_s = t_setup.elapsed().as_secs_f64();
-    let mut rng = ftrt_runtime::rng::SplitMix64::new(7);
-    let vocab = model.dims.vocab as u64;
-    let prompts: Vec<Vec<u32>> = (0..b)
-        .map(|_| {
-            (0..p)
-                .map(|_| (4 + rng.next_u64() % (vocab - 4)) as u32)
-                .collect()
-        })
-        .collect();
+    let prompts = random_prompts(b, p, model.dims.vocab);
     let params = SamplingParams {
         temperature: a.temperature,
         top_p: 1.0,

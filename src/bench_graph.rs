@@ -9,7 +9,7 @@ use ftrt_runtime::graph::TensorId;
 use ftrt_runtime::{plan, CudaExecutor, DType, Gpu, PlanOptions, RuntimeError};
 use half::bf16;
 
-use crate::bench::{preset_config, BenchArgs, GIB, MODEL_SEED};
+use crate::bench::{preset_config, random_prompts, BenchArgs, GIB, MODEL_SEED};
 
 pub fn run_decode_graph(a: &BenchArgs) -> Result<(), String> {
     let (b, p, n) = (a.batch, a.seq, a.new_tokens);
@@ -51,15 +51,7 @@ pub fn run_decode_graph(a: &BenchArgs) -> Result<(), String> {
     let setup_s = t_setup.elapsed().as_secs_f64();
     let (free1, _) = gpu.context().mem_get_info().map_err(|e| e.to_string())?;
 
-    let mut rng = ftrt_runtime::rng::SplitMix64::new(7);
-    let vocab = config.vocab_size as u64;
-    let prompts: Vec<Vec<u32>> = (0..b)
-        .map(|_| {
-            (0..p)
-                .map(|_| (4 + rng.next_u64() % (vocab - 4)) as u32)
-                .collect()
-        })
-        .collect();
+    let prompts = random_prompts(b, p, config.vocab_size);
     // one step: rows, replay, the greedy tokens
     let step = |rows: &[StepRow]| -> Result<Vec<i32>, String> {
         write(&ex, rows)?;

@@ -11,6 +11,16 @@ use ftrt_models::llama::{
 };
 use ftrt_models::open_model;
 
+/// The text of generated tokens, EOS left out.
+fn answer(loaded: &ftrt_models::LoadedModel, gen: &[u32]) -> String {
+    let ids: Vec<u32> = gen
+        .iter()
+        .copied()
+        .filter(|t| !loaded.eos_token_ids.contains(t))
+        .collect();
+    decode_text(loaded, &ids).unwrap()
+}
+
 #[test]
 #[cfg_attr(
     debug_assertions,
@@ -36,12 +46,7 @@ fn smollm2_answers_the_capital_of_france() {
         )
         .unwrap();
     let gen = &out[0];
-    let text_ids: Vec<u32> = gen
-        .iter()
-        .copied()
-        .filter(|t| !loaded.eos_token_ids.contains(t))
-        .collect();
-    let text = decode_text(&loaded, &text_ids).unwrap();
+    let text = answer(&loaded, gen);
     eprintln!(
         "prompt {} tokens, {} generated: {text:?} (load {:.1} s, generate {:.1} s)",
         ids.len(),
@@ -110,12 +115,7 @@ fn smollm2_answers_through_the_forward_graph_on_the_cpu_executor() {
             pos,
         }]) as u32);
     }
-    let text_ids: Vec<u32> = gen
-        .iter()
-        .copied()
-        .filter(|t| !loaded.eos_token_ids.contains(t))
-        .collect();
-    let text = decode_text(&loaded, &text_ids).unwrap();
+    let text = answer(&loaded, &gen);
     eprintln!("forward graph on the CPU executor: {text:?}");
     assert_eq!(text.trim(), "The capital of France is Paris.");
 }
