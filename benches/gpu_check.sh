@@ -2,7 +2,9 @@
 # The checks a CPU machine cannot make, in one GPU call (about 7 minutes): the kernel and model
 # selftests (every kernel against its CPU reference; the GPU model against the CPU model and
 # PEFT: recompute, residual offload, MLP row tiles, embeddings in host memory, bitsandbytes
-# saves uploaded as stored, decoding through the captured step), then one side-by-side
+# saves uploaded as stored, decoding through the captured step, the forward graph on the CUDA
+# executor against the CPU executor), greedy decoding through the forward graph and through the
+# GPU model at batch 64 (1B), then one side-by-side
 # configuration with HF + PEFT and the loss parity (benches/side_by_side.sh).
 # Usage: benches/gpu_check.sh [PRESET] [MODE] [BATCH] [SEQ] [STEPS]   (default 8B QLoRA 2x2048, 10)
 # LEAN_FLAGS (env, default "--offload-residuals --offload-embeddings") goes to the lean run.
@@ -17,6 +19,14 @@ for part in kernels model; do
     timeout 200 bash "$HERE/gpu_selftest.sh" --$part > "$OUT/$part.txt" 2>&1
     echo "== selftest --$part: exit $?"
     grep -E "FAILED|checks passed|skipped" "$OUT/$part.txt"
+done
+# generation through the forward graph on the CUDA executor, then the GPU model's own path
+. "$HERE/cuda-env.sh"
+FTRT=${FTRT:-./.bin/ftrt}
+[ -x "$FTRT" ] || FTRT=target/release/ftrt
+for g in --graph ""; do
+    timeout 90 "$FTRT" bench --decode $g --temperature 0 --preset llama-3.2-1b --batch 64 --seq 64 \
+        --new-tokens 128 2>&1 | grep -E "^ftrt bench|rror"
 done
 export LEAN_FLAGS="${LEAN_FLAGS---offload-residuals --offload-embeddings}"
 timeout 420 bash "$HERE/side_by_side.sh" "$HERE/hf_baseline.py" "${1:-llama-3.1-8b}" "${2:-qlora}" \
