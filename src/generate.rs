@@ -62,6 +62,10 @@ pub struct GenerateArgs {
     /// `prompt_lengths`): for comparing against another implementation. Runs on the CPU (f32).
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
+    /// Generate through the model's forward graph on the runtime's executors: the CPU executor
+    /// in f32, or on a GPU the CUDA executor in bf16 with each step one replayed CUDA graph.
+    #[arg(long, conflicts_with = "logits_out")]
+    pub graph: bool,
 }
 
 /// The safetensors bytes of [`GenerateArgs::logits_out`]: `logits` (S, V) f32, `input_ids`
@@ -164,6 +168,15 @@ pub fn run(args: &GenerateArgs) -> Result<(), String> {
         None => crate::device::requested_gpu()?,
     };
     let (out, timing) = match gpu {
+        _ if args.graph => crate::generate_graph::generate(
+            gpu.as_ref(),
+            &model,
+            adapter.as_ref(),
+            &ids,
+            eos,
+            params,
+            args,
+        )?,
         Some(gpu) => generate_gpu(&gpu, &model, adapter.as_ref(), &ids, eos, params, args)?,
         None => generate_cpu(&model, adapter.as_ref(), &ids, eos, params, args)?,
     };
@@ -215,7 +228,7 @@ fn generate_cpu(
 }
 
 /// "prefill + decode S s (G generated tok/s) | DEVICE".
-fn timing_line(out: &[Vec<u32>], s: f64, device: &str) -> String {
+pub fn timing_line(out: &[Vec<u32>], s: f64, device: &str) -> String {
     let generated: usize = out.iter().map(Vec::len).sum();
     format!(
         "prefill + decode {s:.2} s ({:.1} generated tok/s) | {device}",

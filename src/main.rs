@@ -7,6 +7,7 @@ mod bench_graph;
 mod bench_init;
 mod device;
 mod generate;
+mod generate_graph;
 mod plan;
 mod selftest;
 mod train;

@@ -192,3 +192,27 @@ fn graph_with_a_merged_adapter_and_in_bf16_matches_the_cpu_model() {
         assert!(e < tol, "{dtype} decode: rel err {e:e}");
     }
 }
+
+#[test]
+fn graph_generation_equals_the_cpu_models() {
+    // several prompts decoding together through ftrt generate --graph's loop, greedy, with
+    // prompts longer than a step's rows (fed over several steps)
+    use ftrt_models::llama::graph::GraphSteps;
+    use ftrt_models::llama::{generate_with, SamplingParams};
+    for arch in ["llama", "qwen3"] {
+        let m = model(arch, Rounding::F32);
+        let ps = prompts();
+        let fg = ForwardGraph::new(&m, 4, ps.len(), 24, DType::F32).unwrap();
+        let p = plan(&fg.graph, &PlanOptions::default()).unwrap();
+        let mut ex = CpuExecutor::new(&fg.graph, &p);
+        fg.for_each_weight(&m, None, |t, v| ex.write(t, v)).unwrap();
+        let mut steps = GraphSteps::new(&fg, ex);
+        let params = SamplingParams::default();
+        let got = generate_with(&mut steps, &ps, 8, &[], params).unwrap();
+        let want = m.generate(&ps, 8, &[], params, None).unwrap();
+        assert_eq!(got, want, "{arch}");
+        // a second generation reuses the slots from position 0
+        let again = generate_with(&mut steps, &ps, 8, &[], params).unwrap();
+        assert_eq!(again, want, "{arch}, second run");
+    }
+}

@@ -62,60 +62,33 @@ fn smollm2_answers_the_capital_of_france() {
 }
 
 /// The same question through the forward graph ([`ftrt_models::llama::graph`]) on the runtime's
-/// CPU executor: the prompt in steps of 8 rows, then one row per step (7 padding rows), the
-/// graph's greedy token each time, until EOS.
+/// CPU executor, with `ftrt generate --graph`'s loop: the prompt in steps of 8 rows, then one
+/// row per step (7 padding rows), greedy, until EOS.
 #[test]
 #[cfg_attr(
     debug_assertions,
     ignore = "slow in debug builds: run with cargo test --release"
 )]
 fn smollm2_answers_through_the_forward_graph_on_the_cpu_executor() {
-    use ftrt_models::llama::graph::{ForwardGraph, StepRow};
+    use ftrt_models::llama::generate_with;
+    use ftrt_models::llama::graph::{ForwardGraph, GraphSteps};
     use ftrt_runtime::{plan, CpuExecutor, DType, PlanOptions};
 
-    const ROWS: usize = 8;
     let loaded = open_model(&smollm2_gguf_path().unwrap()).unwrap();
     let model = LlamaModel::from_loaded(&loaded, Rounding::F32).unwrap();
     let template = chat_template_of(&loaded).unwrap().unwrap();
     let prompt = Prompt::Text("What is the capital of France?".into());
     let ids = encode_prompt(&loaded, Some(&template), &prompt).unwrap();
-    let fg = ForwardGraph::new(&model, ROWS, 1, ids.len() + 16, DType::F32).unwrap();
+    let fg = ForwardGraph::new(&model, 8, 1, ids.len() + 16, DType::F32).unwrap();
     let p = plan(&fg.graph, &PlanOptions::default()).unwrap();
     let mut ex = CpuExecutor::new(&fg.graph, &p);
     fg.for_each_weight(&model, None, |t, v| ex.write(t, v))
         .unwrap();
-    let mut step = |rows: &[StepRow]| -> i32 {
-        let (i, pos, slot, len) = fg.step_inputs(rows).unwrap();
-        for (t, v) in [(fg.ids, i), (fg.pos, pos), (fg.slot, slot), (fg.len, len)] {
-            ex.write(t, &v).unwrap();
-        }
-        ex.run_step().unwrap();
-        ex.read::<i32>(fg.next).unwrap()[rows.len() - 1]
-    };
-    let mut next = 0;
-    for (c, chunk) in ids.chunks(ROWS).enumerate() {
-        let rows: Vec<StepRow> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, &token)| StepRow {
-                token,
-                slot: 0,
-                pos: c * ROWS + i,
-            })
-            .collect();
-        next = step(&rows);
-    }
-    let mut gen = vec![next as u32];
-    while !loaded.eos_token_ids.contains(gen.last().unwrap()) && gen.len() < 16 {
-        let pos = ids.len() + gen.len() - 1;
-        let token = *gen.last().unwrap();
-        gen.push(step(&[StepRow {
-            token,
-            slot: 0,
-            pos,
-        }]) as u32);
-    }
-    let text = answer(&loaded, &gen);
+    let mut steps = GraphSteps::new(&fg, ex);
+    let eos = &loaded.eos_token_ids;
+    let out = generate_with(&mut steps, &[ids], 16, eos, SamplingParams::default()).unwrap();
+    let text = answer(&loaded, &out[0]);
     eprintln!("forward graph on the CPU executor: {text:?}");
     assert_eq!(text.trim(), "The capital of France is Paris.");
+    assert!(eos.contains(out[0].last().unwrap()), "stopped at EOS");
 }

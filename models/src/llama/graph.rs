@@ -22,6 +22,7 @@
 //! On the CPU, bf16 tensors are widened to f32 for each op and its outputs rounded back (the
 //! GPU's f32 arithmetic between bf16 stores); an f32 graph computes in f32 throughout.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use ftrt_ops::decode::{self, CacheDims, SplitPlan};
@@ -46,6 +47,8 @@ pub struct ForwardGraph {
     pub rows: usize,
     pub slots: usize,
     pub capacity: usize,
+    /// V: logits per row.
+    pub vocab: usize,
     /// (N) i32 step inputs: token ids, positions, cache slots, attended lengths.
     pub ids: TensorId,
     pub pos: TensorId,
@@ -371,6 +374,7 @@ impl ForwardGraph {
             rows,
             slots,
             capacity,
+            vocab: v,
             ids,
             pos,
             slot,
@@ -468,24 +472,29 @@ fn merged(w: &[f32], a: &[f32], bm: &[f32], r: usize, s: f32, rt: Rounding) -> V
 // ------------------------------------------------------------------ node builders
 // Each op node carries its CPU reference (on f32 views) and its GPU launcher (bf16 tensors).
 
-/// Input `i` of a CPU kernel as f32 values (bf16 widened, f32 copied).
-fn floats(args: &CpuArgs<'_>, i: usize, rt: Rounding) -> Vec<f32> {
-    widen(args.inputs[i], rt)
+/// Input `i` of a CPU kernel as f32 values (bf16 widened; f32 borrowed, not copied: the
+/// embedding table is an input of every step).
+fn floats<'a>(args: &'a CpuArgs<'_>, i: usize, rt: Rounding) -> Cow<'a, [f32]> {
+    match rt.t {
+        Prec::Bf16 => Cow::Owned(widen(args.inputs[i])),
+        _ => Cow::Borrowed(bytemuck::cast_slice::<u8, f32>(args.inputs[i])),
+    }
 }
 
 /// Output `i`'s current values as f32 (for in-place ops).
 fn current(args: &CpuArgs<'_>, i: usize, rt: Rounding) -> Vec<f32> {
-    widen(args.outputs[i], rt)
+    match rt.t {
+        Prec::Bf16 => widen(args.outputs[i]),
+        _ => bytemuck::cast_slice::<u8, f32>(args.outputs[i]).to_vec(),
+    }
 }
 
-fn widen(bytes: &[u8], rt: Rounding) -> Vec<f32> {
-    match rt.t {
-        Prec::Bf16 => bytemuck::cast_slice::<u8, bf16>(bytes)
-            .iter()
-            .map(|v| v.to_f32())
-            .collect(),
-        _ => bytemuck::cast_slice::<u8, f32>(bytes).to_vec(),
-    }
+/// bf16 bytes as f32 values.
+fn widen(bytes: &[u8]) -> Vec<f32> {
+    bytemuck::cast_slice::<u8, bf16>(bytes)
+        .iter()
+        .map(|v| v.to_f32())
+        .collect()
 }
 
 /// Stores f32 values into output `i` of the graph's element type (bf16: nearest even).
@@ -814,4 +823,174 @@ fn greedy_node(n: usize, v: usize, logits: TensorId, next: TensorId) -> Node {
         },
         move |gpu, a| decode::sample_rows(gpu, n, v, 0.0, 0, a.input(0), a.output(0)),
     )
+}
+
+// ------------------------------------------------------------------ generation
+
+/// What a step of the forward graph needs from an executor: write the (N) i32 inputs, run the
+/// step, read the logits. Implemented by the runtime's CPU and CUDA executors.
+pub trait StepExecutor {
+    fn write_inputs(&mut self, t: TensorId, v: &[i32]) -> Result<(), RuntimeError>;
+    fn run(&mut self) -> Result<(), RuntimeError>;
+    fn read_logits(&mut self, t: TensorId) -> Result<Vec<f32>, RuntimeError>;
+}
+
+impl StepExecutor for ftrt_runtime::CpuExecutor<'_> {
+    fn write_inputs(&mut self, t: TensorId, v: &[i32]) -> Result<(), RuntimeError> {
+        self.write(t, v)
+    }
+    fn run(&mut self) -> Result<(), RuntimeError> {
+        self.run_step()
+    }
+    fn read_logits(&mut self, t: TensorId) -> Result<Vec<f32>, RuntimeError> {
+        self.read(t)
+    }
+}
+
+/// On the GPU a step is the captured CUDA graph's replay ([`ftrt_runtime::CudaExecutor::capture`]
+/// first, with [`GraphSteps::capture_inputs`] written).
+impl StepExecutor for ftrt_runtime::CudaExecutor<'_> {
+    fn write_inputs(&mut self, t: TensorId, v: &[i32]) -> Result<(), RuntimeError> {
+        self.write(t, v)
+    }
+    fn run(&mut self) -> Result<(), RuntimeError> {
+        self.replay().map(drop)
+    }
+    fn read_logits(&mut self, t: TensorId) -> Result<Vec<f32>, RuntimeError> {
+        self.read(t)
+    }
+}
+
+/// Generation through the forward graph: prompts fed `rows` tokens per step (packed across
+/// prompts), then one row per unfinished sequence per step; tokens picked from the logits by
+/// the caller's sampler ([`crate::llama::generate_with`]).
+pub struct GraphSteps<'g, E: StepExecutor> {
+    pub fg: &'g ForwardGraph,
+    pub ex: E,
+    /// Tokens in each slot's cache.
+    lens: Vec<usize>,
+}
+
+impl<'g, E: StepExecutor> GraphSteps<'g, E> {
+    /// Steps of `fg` on `ex` (its weights written), every slot empty.
+    pub fn new(fg: &'g ForwardGraph, ex: E) -> Self {
+        Self {
+            lens: vec![0; fg.slots],
+            fg,
+            ex,
+        }
+    }
+
+    /// Writes the inputs of a step of padding rows only (they touch the spare slot): what a
+    /// CUDA executor's capture may run once before recording.
+    pub fn capture_inputs(&mut self) -> Result<(), String> {
+        self.write(&[])
+    }
+
+    fn write(&mut self, rows: &[StepRow]) -> Result<(), String> {
+        let (ids, pos, slot, len) = self.fg.step_inputs(rows).map_err(|e| e.to_string())?;
+        for (t, v) in [
+            (self.fg.ids, ids),
+            (self.fg.pos, pos),
+            (self.fg.slot, slot),
+            (self.fg.len, len),
+        ] {
+            self.ex.write_inputs(t, &v).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Runs `rows` in steps of the graph's rows; returns the logits (V) of the rows `wanted`
+    /// (indices into `rows`), in order.
+    fn run_rows(&mut self, rows: &[StepRow], wanted: &[usize]) -> Result<Vec<f32>, String> {
+        let v = self.fg.vocab;
+        let mut out = vec![0f32; wanted.len() * v];
+        for (c, chunk) in rows.chunks(self.fg.rows).enumerate() {
+            self.write(chunk)?;
+            self.ex.run().map_err(|e| e.to_string())?;
+            let first = c * self.fg.rows;
+            if !wanted
+                .iter()
+                .any(|&w| (first..first + chunk.len()).contains(&w))
+            {
+                continue;
+            }
+            let logits = self
+                .ex
+                .read_logits(self.fg.logits)
+                .map_err(|e| e.to_string())?;
+            for (j, &w) in wanted.iter().enumerate() {
+                if (first..first + chunk.len()).contains(&w) {
+                    let r = w - first;
+                    out[j * v..(j + 1) * v].copy_from_slice(&logits[r * v..(r + 1) * v]);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends `tokens[i]` (several per slot for a prompt) to `slots[i]`; the logits of each
+    /// slot's last new token, and the sampler's picks.
+    fn feed(
+        &mut self,
+        slots: &[usize],
+        tokens: &[&[u32]],
+        sampler: &mut crate::llama::Sampler,
+    ) -> Result<Vec<u32>, String> {
+        let mut rows = Vec::new();
+        let mut last = Vec::new();
+        for (&slot, toks) in slots.iter().zip(tokens) {
+            let start = *self
+                .lens
+                .get(slot)
+                .ok_or_else(|| format!("no slot {slot}"))?;
+            if toks.is_empty() || start + toks.len() > self.fg.capacity {
+                return Err(format!(
+                    "slot {slot}: {} tokens after {start} do not fit the graph's {} positions",
+                    toks.len(),
+                    self.fg.capacity
+                ));
+            }
+            for (i, &token) in toks.iter().enumerate() {
+                rows.push(StepRow {
+                    token,
+                    slot,
+                    pos: start + i,
+                });
+            }
+            self.lens[slot] = start + toks.len();
+            last.push(rows.len() - 1);
+        }
+        let logits = self.run_rows(&rows, &last)?;
+        Ok(logits
+            .chunks(self.fg.vocab)
+            .map(|row| sampler.pick(row))
+            .collect())
+    }
+}
+
+impl<E: StepExecutor> crate::llama::NextTokens for GraphSteps<'_, E> {
+    fn prefill(
+        &mut self,
+        slots: &[usize],
+        prompts: &[Vec<u32>],
+        sampler: &mut crate::llama::Sampler,
+    ) -> Result<Vec<u32>, String> {
+        for &s in slots {
+            if let Some(l) = self.lens.get_mut(s) {
+                *l = 0;
+            }
+        }
+        let toks: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        self.feed(slots, &toks, sampler)
+    }
+    fn decode(
+        &mut self,
+        slots: &[usize],
+        tokens: &[u32],
+        sampler: &mut crate::llama::Sampler,
+    ) -> Result<Vec<u32>, String> {
+        let toks: Vec<&[u32]> = tokens.iter().map(std::slice::from_ref).collect();
+        self.feed(slots, &toks, sampler)
+    }
 }

@@ -1,0 +1,72 @@
+//! `ftrt generate --graph`: generation through the model's forward graph
+//! ([`ftrt_models::llama::graph`]) on the runtime's CPU executor (f32) or, with a GPU, its CUDA
+//! executor (bf16, one captured step replayed per token), with `ftrt generate`'s sampler.
+use std::time::Instant;
+
+use ftrt_models::llama::graph::{ForwardGraph, GraphSteps};
+use ftrt_models::llama::{generate_with, LlamaModel, LoraAdapter, SamplingParams};
+use ftrt_runtime::{plan, CpuExecutor, CudaExecutor, DType, Gpu, PlanOptions};
+use half::bf16;
+
+use crate::generate::{timing_line, GenerateArgs};
+
+/// Rows per step at least (more when more prompts decode together).
+const MIN_ROWS: usize = 16;
+
+/// The new tokens of each prompt and the timing line.
+pub fn generate(
+    gpu: Option<&Gpu>,
+    model: &LlamaModel,
+    adapter: Option<&LoraAdapter>,
+    ids: &[Vec<u32>],
+    eos: &[u32],
+    params: SamplingParams,
+    args: &GenerateArgs,
+) -> Result<(Vec<Vec<u32>>, String), String> {
+    let s = |e: ftrt_runtime::RuntimeError| e.to_string();
+    let longest = ids.iter().map(Vec::len).max().unwrap_or(1);
+    let capacity = longest + args.max_new_tokens;
+    let rows = ids.len().max(MIN_ROWS);
+    let dtype = if gpu.is_some() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let fg =
+        ForwardGraph::new(model, rows, ids.len(), capacity, dtype).map_err(|e| e.to_string())?;
+    let p = plan(&fg.graph, &PlanOptions::default()).map_err(s)?;
+    // (new tokens, seconds generating, the device): the executor's arena and weights first
+    let (out, secs, device) = match gpu {
+        None => {
+            let mut ex = CpuExecutor::new(&fg.graph, &p);
+            fg.for_each_weight(model, adapter, |t, v| ex.write(t, v))
+                .map_err(s)?;
+            let mut steps = GraphSteps::new(&fg, ex);
+            let t = Instant::now();
+            let out = generate_with(&mut steps, ids, args.max_new_tokens, eos, params)?;
+            let secs = t.elapsed().as_secs_f64();
+            (out, secs, "CPU f32, forward graph".to_string())
+        }
+        Some(gpu) => {
+            let ex = CudaExecutor::new(gpu, &fg.graph, &p).map_err(s)?;
+            fg.for_each_weight(model, adapter, |t, v| {
+                let w: Vec<bf16> = v.iter().map(|x| bf16::from_f32(*x)).collect();
+                ex.write(t, &w)
+            })
+            .map_err(s)?;
+            let mut steps = GraphSteps::new(&fg, ex);
+            steps.capture_inputs()?;
+            steps.ex.capture().map_err(s)?;
+            let t = Instant::now();
+            let out = generate_with(&mut steps, ids, args.max_new_tokens, eos, params)?;
+            let secs = t.elapsed().as_secs_f64();
+            let device = format!(
+                "GPU {} bf16, forward graph replayed as a CUDA graph",
+                gpu.info().name
+            );
+            (out, secs, device)
+        }
+    };
+    let timing = timing_line(&out, secs, &device);
+    Ok((out, timing))
+}
