@@ -8,6 +8,7 @@ pub mod kernels {
     };
 }
 #[path = "../../../dsl/real.rs"]
+#[allow(dead_code)] // the whole scalar module; the attention module uses its trait only
 mod real;
 /// The one piece of `ftrt_ops::dsl` the attention module uses: its scalar trait.
 pub mod dsl {
