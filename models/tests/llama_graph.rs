@@ -99,12 +99,7 @@ fn graph_prefill_and_decode_match_transformers() {
             assert!(e < TOL, "{arch} prompt {i}: rel err {e:e}");
         }
         // decoding transformers' greedy tokens one step at a time, one row per sequence
-        let toks: Vec<Vec<i32>> = (0..ps.len())
-            .map(|i| g.ints(&format!("tokens.{i}")))
-            .collect();
-        let dec: Vec<Vec<f32>> = (0..ps.len())
-            .map(|i| g.f(&format!("decode_logits.{i}")))
-            .collect();
+        let (toks, dec) = g.decode_goldens(ps.len());
         let mut logits: Vec<f32> = last
             .iter()
             .flat_map(|&r| row_of(&logits, v, r).to_vec())

@@ -54,12 +54,7 @@ fn decode_with_kv_cache_matches_transformers_step_by_step() {
         let mut cache = m.new_cache(ps.len());
         let slots: Vec<usize> = (0..ps.len()).collect();
         let mut logits = m.prefill(&mut cache, &slots, &ps, None).unwrap();
-        let toks: Vec<Vec<i32>> = (0..ps.len())
-            .map(|i| g.ints(&format!("tokens.{i}")))
-            .collect();
-        let dec: Vec<Vec<f32>> = (0..ps.len())
-            .map(|i| g.f(&format!("decode_logits.{i}")))
-            .collect();
+        let (toks, dec) = g.decode_goldens(ps.len());
         let steps = toks[0].len();
         let mut worst = 0.0f64;
         for s in 0..steps {

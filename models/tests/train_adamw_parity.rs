@@ -3,13 +3,12 @@
 //! LoRA A/B, for the tiny random Llama (llama3 rope scaling, tied embeddings) and Qwen2 (q/k/v
 //! bias) fixtures. The step is the AdamW op's CPU reference over the adapter's flat data.
 
-use std::path::PathBuf;
+mod llama_common;
 
-use ftrt_models::checkpoint::WeightSource;
-use ftrt_models::llama::{Batch, LlamaModel, LoraAdapter, Proj, Rounding};
+use ftrt_models::llama::{Batch, LoraAdapter, Proj, Rounding};
 use ftrt_models::safetensors_io::SafetensorsFiles;
-use ftrt_models::ModelConfig;
 use ftrt_ops::adamw::adamw;
+use llama_common::{dir, model, rel_err};
 
 const ARCHS: [&str; 2] = ["llama", "qwen2"];
 const STEPS: usize = 10;
@@ -21,31 +20,6 @@ const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
 const EPS: f64 = 1e-8;
 const WD: f64 = 0.01;
-
-fn dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/llama")
-        .join(name)
-}
-
-fn model(name: &str) -> LlamaModel {
-    let d = dir(name);
-    let config = ModelConfig::from_file(&d.join("config.json")).unwrap();
-    let weights = WeightSource::Safetensors(SafetensorsFiles::open(&d).unwrap());
-    LlamaModel::new(&config, &weights, Rounding::F32).unwrap()
-}
-
-/// max |a - b| / max |b|.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .fold(0.0, f64::max);
-    let den = b.iter().map(|y| (*y as f64).abs()).fold(0.0, f64::max);
-    num / den.max(1e-30)
-}
 
 /// The packed training batch and targets of golden.safetensors (as llama_parity.rs builds them).
 fn train_batch(g: &SafetensorsFiles) -> (Batch, Vec<i32>) {
@@ -87,7 +61,7 @@ fn adamw_step(t: i32, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
 #[test]
 fn ten_adamw_steps_match_peft_and_torch() {
     for arch in ARCHS {
-        let mut m = model(arch);
+        let mut m = model(arch, Rounding::F32);
         m.vocab_chunk = 48;
         let d = dir(arch);
         let golden = SafetensorsFiles::open(&d.join("golden.safetensors")).unwrap();

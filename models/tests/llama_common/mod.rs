@@ -63,3 +63,17 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let den = b.iter().map(|y| (*y as f64).abs()).fold(0.0, f64::max);
     num / den.max(1e-30)
 }
+
+impl Golden {
+    /// transformers' greedy continuation of each prompt (`tokens.{i}`) and the logits of each
+    /// of its decoding steps (`decode_logits.{i}`, steps x V).
+    pub fn decode_goldens(&self, prompts: usize) -> (Vec<Vec<i32>>, Vec<Vec<f32>>) {
+        let toks = (0..prompts)
+            .map(|i| self.ints(&format!("tokens.{i}")))
+            .collect();
+        let dec = (0..prompts)
+            .map(|i| self.f(&format!("decode_logits.{i}")))
+            .collect();
+        (toks, dec)
+    }
+}
