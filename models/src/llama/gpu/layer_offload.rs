@@ -4,9 +4,10 @@
 //! the post-attention residual, o_proj's x A^T) — lives in a ring of [`plan::RESID_RING`]
 //! device slots (layer l's in slot l % slots) instead of one buffer per layer. A slot holds
 //! the set's tensors ("pieces") one after another, each sized for N tokens and starting on a
-//! 256-byte boundary; a batch of n tokens uses the first n tokens' bytes of each. The sets a later layer overwrites in the
-//! forward (layers 0..m - slots) travel to pinned host memory and back; the last `slots` are
-//! still in their slots when the backward reaches them ("resident").
+//! 256-byte boundary; a batch of n tokens uses the first n tokens' bytes of each. The sets a
+//! later layer overwrites in the forward (layers 0..m - slots) travel to pinned host memory
+//! and back; the last `slots` are still in their slots when the backward reaches them
+//! ("resident").
 //!
 //! Streams and events (per slot s; kernels run on the compute stream `gpu.stream()`):
 //! - forward, after the compute stream wrote layer l's set into s: record `written[s]`
@@ -73,7 +74,7 @@ impl LayerOffload {
                 .collect::<Result<Vec<_>, _>>()
                 .ctx("creating offload events")
         };
-        let host_bytes = plan::offloaded_residuals(m) * slot_bytes;
+        let host_bytes = Self::host_bytes(m, n_max, &piece_bytes);
         Ok(Self {
             m,
             slots,
@@ -87,6 +88,11 @@ impl LayerOffload {
             free: events()?,
             copied_in: events()?,
         })
+    }
+
+    /// Pinned host bytes of an offload of `m` layers' sets of `piece_bytes` for `n_max` tokens.
+    pub(super) fn host_bytes(m: usize, n_max: usize, piece_bytes: &[usize]) -> usize {
+        plan::offloaded_residuals(m) * piece_start(n_max, piece_bytes, piece_bytes.len())
     }
 
     /// Piece `i` of the ring slot holding layer `l`'s set (`l` < m), as a typed pointer.

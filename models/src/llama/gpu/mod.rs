@@ -1126,15 +1126,35 @@ impl<'g> GpuLlama<'g> {
                 xa,
             })
         };
+        let recomputed: Vec<usize> = (0..d.layers).filter(|&l| !self.is_kept(l)).collect();
+        // The attention checkpoint's pieces (bytes per token): att, resid_mid, o_proj's x A^T
+        // (if any recomputed layer adapts o_proj), lse (f32 (Hq, n)). It travels too only
+        // when both offloads' pinned rows fit half the host's available memory; else the
+        // backward recomputes the attention half as without offload (long sequences).
+        let o_adapted = recomputed.iter().any(|&l| adapted(lora, l, Proj::O));
+        let xa_o = if o_adapted { 2 * r } else { 0 };
+        let attn_pieces = vec![2 * d.q_dim(), 2 * d.hidden, xa_o, 4 * d.heads];
+        let m = recomputed.len();
+        let host =
+            [vec![2 * d.hidden], attn_pieces.clone()].map(|p| LayerOffload::host_bytes(m, n, &p));
+        let available = crate::train::plan::available_memory();
+        let attn_offloading =
+            offloading && plan::attention_offload_fits(host[0], host[1], available);
+        if offloading && !attn_offloading {
+            eprintln!(
+                "note: the attention checkpoints of {m} recomputed layers stay on the GPU and are recomputed: with the residuals they would pin {:.1} GiB of host memory, more than half of the {:.1} GiB available",
+                (host[0] + host[1]) as f64 / (1u64 << 30) as f64,
+                available.unwrap_or(0) as f64 / (1u64 << 30) as f64
+            );
+        }
         // One set shared by the recomputed layers (x A^T for any projection one of them adapts)
         // and their input norm outputs.
-        let recomputed: Vec<usize> = (0..d.layers).filter(|&l| !self.is_kept(l)).collect();
         let shared = if recomputed.is_empty() {
             None
         } else {
             let any = |p: Proj| recomputed.iter().any(|&l| adapted(lora, l, p));
             Some((
-                layer_acts(&mut h, &any, s.ti, offloading)?,
+                layer_acts(&mut h, &any, s.ti, attn_offloading)?,
                 h.alloc::<bf16>(gpu, s.nc)?,
             ))
         };
@@ -1154,18 +1174,12 @@ impl<'g> GpuLlama<'g> {
         }
         ln.push(h.alloc(gpu, s.nc)?);
         let resid_offload = if offloading {
-            let m = recomputed.len();
             Some(LayerOffload::new(gpu, &mut h, m, n, vec![2 * d.hidden])?)
         } else {
             None
         };
-        let attn_offload = if offloading {
-            // the attention checkpoint's pieces: att, resid_mid, o_proj's x A^T (if any
-            // recomputed layer adapts o_proj), lse (f32 (Hq, n))
-            let o_adapted = recomputed.iter().any(|&l| adapted(lora, l, Proj::O));
-            let xa_o = if o_adapted { 2 * r } else { 0 };
-            let pieces = vec![2 * d.q_dim(), 2 * d.hidden, xa_o, 4 * d.heads];
-            let o = LayerOffload::new(gpu, &mut h, recomputed.len(), n, pieces)?;
+        let attn_offload = if attn_offloading {
+            let o = LayerOffload::new(gpu, &mut h, m, n, attn_pieces)?;
             for &l in &recomputed {
                 let la = &mut layers[l];
                 la.att = o.piece(l, 0);

@@ -30,6 +30,14 @@ pub fn logit_budget(kept: usize, layers: usize) -> usize {
 /// offloaded to host memory (see `GpuLlama::set_offload_residuals`).
 pub const RESID_RING: usize = 3;
 
+/// Whether the attention checkpoints are offloaded along with the residuals: when both
+/// offloads' pinned host rows (`resid_host` + `attn_host` bytes) fit half of `available` host
+/// memory (unknown: assumed to fit). Long sequences fall back to recomputing the attention
+/// half, whose checkpoints then stay in the GPU's shared buffers.
+pub fn attention_offload_fits(resid_host: usize, attn_host: usize, available: Option<u64>) -> bool {
+    available.is_none_or(|a| (resid_host + attn_host) as u64 <= a / 2)
+}
+
 /// Rows per MLP tile: the MLP (gate, up, act and their gradients) of a recomputed layer runs
 /// over the tokens in tiles of this many rows, so its (rows, I) buffers are a tile's, not the
 /// whole batch's (the intermediate width is 3.5-4x the hidden width).
@@ -326,9 +334,10 @@ impl ActSizes {
     /// `kept` of the `d.layers` layers and recomputes the others (one shared set of per-layer
     /// buffers for them, its MLP buffers one tile's; with `offload`, their input residuals and
     /// their attention checkpoints (att, resid_mid, o_proj's x A^T, lse) each in a ring of
-    /// [`resid_ring`] slots instead), with `adapted_per_layer` adapted projections per
-    /// layer: per-layer saved tensors, residual streams and rstds, norm outputs, and the
-    /// shared scratch.
+    /// [`resid_ring`] slots instead: the upper bound, as the checkpoints stay in the shared set
+    /// when host memory is short, see [`attention_offload_fits`]), with `adapted_per_layer`
+    /// adapted projections per layer: per-layer saved tensors, residual streams and rstds,
+    /// norm outputs, and the shared scratch.
     pub fn bytes(
         &self,
         d: &Dims,
@@ -662,6 +671,22 @@ mod tests {
         // The last kept layer now costs its full MLP over the shared set's tile.
         let step = tiled.bytes(&d, false, 7, 6, false) - tiled.bytes(&d, false, 7, 5, false);
         assert_eq!(step, saved);
+    }
+
+    #[test]
+    fn attention_checkpoints_travel_only_within_half_the_host_memory() {
+        let gib = 1usize << 30;
+        assert!(attention_offload_fits(
+            10 * gib,
+            20 * gib,
+            Some(64 * gib as u64)
+        ));
+        assert!(!attention_offload_fits(
+            10 * gib,
+            30 * gib,
+            Some(64 * gib as u64)
+        ));
+        assert!(attention_offload_fits(usize::MAX / 4, usize::MAX / 4, None));
     }
 
     #[test]
