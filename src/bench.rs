@@ -82,6 +82,19 @@ pub struct BenchArgs {
     /// --seq random tokens, --new-tokens sampled at --temperature with EOS suppressed.
     #[arg(long)]
     pub decode: bool,
+    /// Longest sequence search (hf_baseline.py's): batch 1 at --search-start tokens, doubled up
+    /// to --search-max, --search-steps timed steps each, until a point does not fit
+    #[arg(long, conflicts_with = "decode")]
+    pub max_seq_search: bool,
+    /// First sequence length of --max-seq-search
+    #[arg(long, default_value_t = 16384)]
+    pub search_start: usize,
+    /// Longest sequence --max-seq-search tries
+    #[arg(long, default_value_t = 262144)]
+    pub search_max: usize,
+    /// Timed steps per --max-seq-search point (after one warm-up step)
+    #[arg(long, default_value_t = 1)]
+    pub search_steps: usize,
     /// With --decode: generate greedily through the model's forward graph on the runtime's CUDA
     /// executor (the graph the CPU executor also runs), one captured CUDA graph per step
     #[arg(long, requires = "decode")]
@@ -244,6 +257,43 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     if a.decode {
         return run_decode(a);
     }
+    if a.max_seq_search {
+        return max_seq_search(a);
+    }
+    run_training(a)
+}
+
+/// `--max-seq-search`: batch 1 at seq = --search-start, doubled up to --search-max, each point
+/// a fresh model planned for its length (hf_baseline.py's search), until one does not fit.
+fn max_seq_search(a: &BenchArgs) -> Result<(), String> {
+    let mut seq = a.search_start.max(2);
+    while seq <= a.search_max {
+        let point = BenchArgs {
+            batch: 1,
+            seq,
+            steps: a.search_steps.max(1),
+            warmup: 1,
+            max_seq_search: false,
+            ..a.clone()
+        };
+        if let Err(e) = run_training(&point) {
+            let oom = ["OUT_OF_MEMORY", "out of memory", "needs more than"]
+                .iter()
+                .any(|s| e.contains(s));
+            let json = serde_json::json!({
+                "bench": "ftrt", "model": a.preset, "mode": a.mode, "batch": 1, "seq": seq,
+                "status": if oom { "oom" } else { "error" }, "error": e,
+            });
+            println!("{json}");
+            return if oom { Ok(()) } else { Err(e) };
+        }
+        seq *= 2;
+    }
+    Ok(())
+}
+
+/// One training configuration: its row and JSON line.
+fn run_training(a: &BenchArgs) -> Result<(), String> {
     let four_bit = match a.mode.as_str() {
         "lora" => false,
         "qlora" => true,
