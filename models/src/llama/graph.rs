@@ -28,6 +28,7 @@ use std::ops::Range;
 use ftrt_ops::decode::{self, CacheDims, SplitPlan};
 use ftrt_ops::dsl::{Prec, Real, Rounding};
 use ftrt_ops::{activation, embedding, norm, rope};
+use ftrt_runtime::gemm::cpu::gemm;
 use ftrt_runtime::graph::{CpuArgs, GpuArgs, Graph, GraphBuilder, Lifetime, Node, TensorId};
 use ftrt_runtime::{DType, GemmDesc, Gpu, RuntimeError};
 use half::bf16;
@@ -460,12 +461,9 @@ impl ForwardGraph {
 fn merged(w: &[f32], a: &[f32], bm: &[f32], r: usize, s: f32, rt: Rounding) -> Vec<f32> {
     let inn = a.len() / r.max(1);
     let mut out = w.to_vec();
-    for (o, row) in out.chunks_mut(inn).enumerate() {
-        for (i, x) in row.iter_mut().enumerate() {
-            let ba: f32 = (0..r).map(|j| bm[o * r + j] * a[j * inn + i]).sum();
-            *x = (*x + s * ba).round_to(rt.t);
-        }
-    }
+    let desc = GemmDesc::new(w.len() / inn.max(1), inn, r).scaled(s, 1.0);
+    gemm::<f32>(&desc, bm, a, &mut out, None).expect("adapter shapes match the weight");
+    out.iter_mut().for_each(|x| *x = x.round_to(rt.t));
     out
 }
 
