@@ -40,7 +40,7 @@ pub struct BenchArgs {
     /// Timed optimizer steps.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
-    /// Untimed steps first.
+    /// Untimed steps first (0: the first step is timed too, for sequences whose step takes minutes).
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
     /// LoRA rank and alpha.
@@ -361,8 +361,12 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
         Ok(loss)
     };
     let t_warm = std::time::Instant::now();
-    let mut loss = step(&mut model)?;
-    losses.push(loss);
+    // --warmup 0 times the first step too (a long sequence's step can take minutes)
+    let mut loss = f32::NAN;
+    if a.warmup > 0 {
+        loss = step(&mut model)?;
+        losses.push(loss);
+    }
     let setup_s = t_setup.elapsed().as_secs_f64();
     for _ in 1..a.warmup {
         loss = step(&mut model)?;
@@ -382,6 +386,11 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
         losses.push(loss);
     }
     let end = ev(&gpu)?;
+    let first_timed = if a.warmup == 0 {
+        losses[0]
+    } else {
+        first_timed
+    };
     let ms_total = start.elapsed_ms(&end).map_err(|e| e.to_string())? as f64;
     let (free1, _) = gpu.context().mem_get_info().map_err(|e| e.to_string())?;
     let ms = ms_total / a.steps as f64;
