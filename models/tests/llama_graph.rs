@@ -202,12 +202,20 @@ fn graph_generation_equals_the_cpu_models() {
         let mut ex = CpuExecutor::new(&fg.graph, &p);
         fg.for_each_weight(&m, None, |t, v| ex.write(t, v)).unwrap();
         let mut steps = GraphSteps::new(&fg, ex);
-        let params = SamplingParams::default();
-        let got = generate_with(&mut steps, &ps, 8, &[], params).unwrap();
-        let want = m.generate(&ps, 8, &[], params, None).unwrap();
-        assert_eq!(got, want, "{arch}");
-        // a second generation reuses the slots from position 0
-        let again = generate_with(&mut steps, &ps, 8, &[], params).unwrap();
-        assert_eq!(again, want, "{arch}, second run");
+        // greedy: the graph's own device-side picks; sampled: the sampler over its logits
+        let sampled = SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            top_k: 20,
+            seed: 5,
+        };
+        for params in [SamplingParams::default(), sampled] {
+            let got = generate_with(&mut steps, &ps, 8, &[], params).unwrap();
+            let want = m.generate(&ps, 8, &[], params, None).unwrap();
+            assert_eq!(got, want, "{arch} {params:?}");
+            // a second generation reuses the slots from position 0
+            let again = generate_with(&mut steps, &ps, 8, &[], params).unwrap();
+            assert_eq!(again, want, "{arch} {params:?}, second run");
+        }
     }
 }

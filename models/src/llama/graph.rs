@@ -826,11 +826,13 @@ fn greedy_node(n: usize, v: usize, logits: TensorId, next: TensorId) -> Node {
 // ------------------------------------------------------------------ generation
 
 /// What a step of the forward graph needs from an executor: write the (N) i32 inputs, run the
-/// step, read the logits. Implemented by the runtime's CPU and CUDA executors.
+/// step, read the logits or the greedy tokens. Implemented by the runtime's CPU and CUDA
+/// executors.
 pub trait StepExecutor {
     fn write_inputs(&mut self, t: TensorId, v: &[i32]) -> Result<(), RuntimeError>;
     fn run(&mut self) -> Result<(), RuntimeError>;
     fn read_logits(&mut self, t: TensorId) -> Result<Vec<f32>, RuntimeError>;
+    fn read_tokens(&mut self, t: TensorId) -> Result<Vec<i32>, RuntimeError>;
 }
 
 impl StepExecutor for ftrt_runtime::CpuExecutor<'_> {
@@ -841,6 +843,9 @@ impl StepExecutor for ftrt_runtime::CpuExecutor<'_> {
         self.run_step()
     }
     fn read_logits(&mut self, t: TensorId) -> Result<Vec<f32>, RuntimeError> {
+        self.read(t)
+    }
+    fn read_tokens(&mut self, t: TensorId) -> Result<Vec<i32>, RuntimeError> {
         self.read(t)
     }
 }
@@ -855,6 +860,9 @@ impl StepExecutor for ftrt_runtime::CudaExecutor<'_> {
         self.replay().map(drop)
     }
     fn read_logits(&mut self, t: TensorId) -> Result<Vec<f32>, RuntimeError> {
+        self.read(t)
+    }
+    fn read_tokens(&mut self, t: TensorId) -> Result<Vec<i32>, RuntimeError> {
         self.read(t)
     }
 }
@@ -898,29 +906,30 @@ impl<'g, E: StepExecutor> GraphSteps<'g, E> {
         Ok(())
     }
 
-    /// Runs `rows` in steps of the graph's rows; returns the logits (V) of the rows `wanted`
-    /// (indices into `rows`), in order.
-    fn run_rows(&mut self, rows: &[StepRow], wanted: &[usize]) -> Result<Vec<f32>, String> {
-        let v = self.fg.vocab;
-        let mut out = vec![0f32; wanted.len() * v];
+    /// Runs `rows` in steps of the graph's rows; returns, for the rows `wanted` (indices into
+    /// `rows`) in order, the `width` values per row that `read` takes from the step holding it
+    /// (logits: V f32 per row; the device's greedy tokens: one i32).
+    fn run_rows<T: Copy + Default>(
+        &mut self,
+        rows: &[StepRow],
+        wanted: &[usize],
+        width: usize,
+        read: impl Fn(&mut E) -> Result<Vec<T>, RuntimeError>,
+    ) -> Result<Vec<T>, String> {
+        let mut out = vec![T::default(); wanted.len() * width];
         for (c, chunk) in rows.chunks(self.fg.rows).enumerate() {
             self.write(chunk)?;
             self.ex.run().map_err(|e| e.to_string())?;
-            let first = c * self.fg.rows;
-            if !wanted
-                .iter()
-                .any(|&w| (first..first + chunk.len()).contains(&w))
-            {
+            let step_rows = c * self.fg.rows..c * self.fg.rows + chunk.len();
+            if !wanted.iter().any(|w| step_rows.contains(w)) {
                 continue;
             }
-            let logits = self
-                .ex
-                .read_logits(self.fg.logits)
-                .map_err(|e| e.to_string())?;
+            let values = read(&mut self.ex).map_err(|e| e.to_string())?;
             for (j, &w) in wanted.iter().enumerate() {
-                if (first..first + chunk.len()).contains(&w) {
-                    let r = w - first;
-                    out[j * v..(j + 1) * v].copy_from_slice(&logits[r * v..(r + 1) * v]);
+                if step_rows.contains(&w) {
+                    let r = w - step_rows.start;
+                    out[j * width..(j + 1) * width]
+                        .copy_from_slice(&values[r * width..(r + 1) * width]);
                 }
             }
         }
@@ -959,7 +968,15 @@ impl<'g, E: StepExecutor> GraphSteps<'g, E> {
             self.lens[slot] = start + toks.len();
             last.push(rows.len() - 1);
         }
-        let logits = self.run_rows(&rows, &last)?;
+        if sampler.params.temperature <= 0.0 {
+            // greedy: the graph's own pick (the first index of the largest logit, as the
+            // sampler's), N tokens downloaded instead of N x V logits
+            let next = self.fg.next;
+            let picked = self.run_rows(&rows, &last, 1, |ex| ex.read_tokens(next))?;
+            return Ok(picked.into_iter().map(|t| t as u32).collect());
+        }
+        let logits_t = self.fg.logits;
+        let logits = self.run_rows(&rows, &last, self.fg.vocab, |ex| ex.read_logits(logits_t))?;
         Ok(logits
             .chunks(self.fg.vocab)
             .map(|row| sampler.pick(row))
