@@ -8,6 +8,7 @@ use half::bf16;
 
 use super::selftest::{row, Row};
 use crate::llama::graph::{ForwardGraph, StepRow};
+use crate::llama::sampling::argmax;
 use crate::llama::LlamaModel;
 use ftrt_ops::selftest::rel_err;
 
@@ -58,11 +59,6 @@ pub(super) fn check_forward_graph(
         Ok((got[..used].to_vec(), want[..used].to_vec(), next))
     };
     let v = cpu.dims.vocab;
-    let argmax = |x: &[f32]| {
-        (0..x.len())
-            .max_by(|&a, &b| x[a].total_cmp(&x[b]))
-            .unwrap_or(0)
-    };
     // prefill: all prompts in one step; then one row per sequence
     let mut prefill = Vec::new();
     let mut last = Vec::new();
