@@ -75,6 +75,26 @@ pub struct Nf4Parts {
     pub rounding: Rounding,
 }
 
+impl Nf4Parts {
+    /// The weight's values through the NF4 dequantize op's CPU reference (the GPU kernel's
+    /// bit-exact reference), rounded to the state's dtype as bitsandbytes returns them.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.n];
+        nf4_dequantize::forward_cpu::<f32>(
+            &nf4_dequantize::Dims { N: self.n },
+            self.offset,
+            &self.packed,
+            &self.absmax_q,
+            &self.absmax2,
+            &self.code2,
+            &self.code,
+            &mut w,
+            self.rounding,
+        );
+        w
+    }
+}
+
 /// What a 4-bit weight's stored absmax is.
 enum Absmax {
     /// Double quantized (the parts carry everything).
@@ -87,21 +107,7 @@ enum Absmax {
 /// dtype as bitsandbytes returns it.
 pub fn dequantize(st: &SafetensorsFiles, name: &str) -> Result<Vec<f32>> {
     match read(st, name)? {
-        Absmax::Nested(q) => {
-            let mut w = vec![0f32; q.n];
-            nf4_dequantize::forward_cpu::<f32>(
-                &nf4_dequantize::Dims { N: q.n },
-                q.offset,
-                &q.packed,
-                &q.absmax_q,
-                &q.absmax2,
-                &q.code2,
-                &q.code,
-                &mut w,
-                q.rounding,
-            );
-            Ok(w)
-        }
+        Absmax::Nested(q) => Ok(q.dequantize()),
         Absmax::Plain(packed, absmax, code, rounding) => {
             let mut w = vec![0f32; packed.len() * 2];
             nf4_dequantize_f32_absmax::forward_cpu::<f32>(

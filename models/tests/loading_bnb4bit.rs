@@ -57,7 +57,6 @@ fn weights_dequantize_bit_for_bit_as_bitsandbytes() {
 /// bitsandbytes' values.
 #[test]
 fn stored_nf4_parts_carry_the_gpu_code_books_and_dequantize_as_bitsandbytes() {
-    use ftrt_ops::nf4::nf4_dequantize;
     use ftrt_ops::quant_prelude::{dynamic_map_signed, nf4_code};
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let weights = WeightSource::Safetensors(SafetensorsFiles::open(&dir()).unwrap());
@@ -73,19 +72,11 @@ fn stored_nf4_parts_carry_the_gpu_code_books_and_dequantize_as_bitsandbytes() {
             (q.n, q.n),
             "{name}"
         );
-        let mut w = vec![0f32; q.n];
-        nf4_dequantize::forward_cpu::<f32>(
-            &nf4_dequantize::Dims { N: q.n },
-            q.offset,
-            &q.packed,
-            &q.absmax_q,
-            &q.absmax2,
-            &q.code2,
-            &q.code,
-            &mut w,
-            q.rounding,
+        assert_eq!(
+            bits(&q.dequantize()),
+            bits(&g.to_f32(key).unwrap()),
+            "{name}"
         );
-        assert_eq!(bits(&w), bits(&g.to_f32(key).unwrap()), "{name}");
         checked += 1;
     }
     assert_eq!(checked, 14, "two layers of seven projections");
