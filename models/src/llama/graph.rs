@@ -697,21 +697,22 @@ fn kv_store_node(
         &[k, v, slot, pos],
         &[kc, vc],
         move |a| {
-            // a byte copy of each row's head vectors: the caches hold the rows' element type
-            let dh = cd.head_dim * if rt.t == Prec::Bf16 { 2 } else { 4 };
-            for c in 0..2 {
-                let (src, slots, poss) = (a.inputs[c], a.input::<i32>(2), a.input::<i32>(3));
-                let (slots, poss) = (slots.to_vec(), poss.to_vec());
-                let src = src.to_vec();
-                for r in 0..n {
-                    for hh in 0..cd.kv_heads {
-                        let at = ((slots[r] as usize * cd.kv_heads + hh) * cd.capacity
-                            + poss[r] as usize)
-                            * dh;
-                        let from = (r * cd.kv_heads + hh) * dh;
-                        a.outputs[c][at..at + dh].copy_from_slice(&src[from..from + dh]);
-                    }
-                }
+            // the op's CPU reference: on the f32 caches in place; bf16 caches widened first
+            if rt.t == Prec::Bf16 {
+                let (mut kc, mut vc) = (current(a, 0, rt), current(a, 1, rt));
+                let (k, v) = (floats(a, 0, rt), floats(a, 1, rt));
+                decode::kv_store_cpu(&cd, &k, &v, a.input(2), a.input(3), &mut kc, &mut vc);
+                store(a, 0, rt, &kc);
+                store(a, 1, rt, &vc);
+            } else {
+                let CpuArgs { inputs, outputs } = a;
+                let f = |i: usize| bytemuck::cast_slice::<u8, f32>(inputs[i]);
+                let i32s = |i: usize| bytemuck::cast_slice::<u8, i32>(inputs[i]);
+                let [kc, vc] = &mut outputs[..] else {
+                    return Err(RuntimeError::Graph("kv_store writes two caches".into()));
+                };
+                let (kc, vc) = (bytemuck::cast_slice_mut(kc), bytemuck::cast_slice_mut(vc));
+                decode::kv_store_cpu::<f32>(&cd, f(0), f(1), i32s(2), i32s(3), kc, vc);
             }
             Ok(())
         },
