@@ -4,7 +4,9 @@
 # tokens sampled at temperature 1 with EOS suppressed) on the same preset and batch sizes.
 # Usage: benches/decode_side_by_side.sh [PRESET] [BATCHES] [P] [N]
 #   e.g. benches/decode_side_by_side.sh llama-3.2-1b 1,64 256 512
-# FTRT (env) overrides the binary (default: .bin/ftrt, else target/release/ftrt, else PATH).
+# FTRT (env) overrides the binary (default: .bin/ftrt, else target/release/ftrt, else PATH);
+# FTRT_FLAGS (env) adds flags to ftrt's runs: FTRT_FLAGS=--graph generates through the forward
+# graph (prefill and decoding phases replayed as CUDA graphs) instead of the GPU model.
 set -u
 PRESET=${1:-llama-3.2-1b}; BATCHES=${2:-1,64}; P=${3:-256}; N=${4:-512}
 FTRT=${FTRT:-./.bin/ftrt}
@@ -14,8 +16,8 @@ HERE=$(dirname "$0")
 . "$HERE/cuda-env.sh"
 OURS=""
 for B in ${BATCHES//,/ }; do
-    echo "== ftrt bench --decode $PRESET batch $B prompt $P new $N" >&2
-    OURS="$OURS$("$FTRT" bench --decode --preset "$PRESET" --batch "$B" --seq "$P" --new-tokens "$N" 2>&1 | tee /dev/stderr | grep '"bench": *"ftrt_gen"' | tail -1)"$'\n'
+    echo "== ftrt bench --decode ${FTRT_FLAGS:-} $PRESET batch $B prompt $P new $N" >&2
+    OURS="$OURS$("$FTRT" bench --decode ${FTRT_FLAGS:-} --preset "$PRESET" --batch "$B" --seq "$P" --new-tokens "$N" 2>&1 | tee /dev/stderr | grep '"bench": *"ftrt_gen"' | tail -1)"$'\n'
 done
 echo "== grpo_baseline.py --bench gen $PRESET batches $BATCHES" >&2
 THEIRS=$(python3 "$HERE/grpo_baseline.py" --bench gen --model "$PRESET" --stack hf --batches "$BATCHES" \

@@ -10,7 +10,8 @@
 //                    per block, any head dim), then decode_attention_combine merges the splits.
 // sample_rows:       the next token per row of (rows, V) f32 logits: greedy (the largest value,
 //                    the lowest index among equals, as the CPU `argmax`) or a Gumbel-max draw at
-//                    a temperature. One block of 256 threads per row.
+//                    a temperature (given, or read from device memory: sample_rows_from).
+//                    One block of 256 threads per row.
 //
 // CUDA C for NVRTC (sm_80+) and hipcc (gfx90a); the tensor-core kernel (inline PTX) is CUDA only.
 
@@ -476,7 +477,8 @@ __device__ __forceinline__ float dec_uniform(unsigned long long seed, unsigned l
 // logits (rows, V) f32 -> idx (rows) i32. inv_temp = 0: the first index of the row's largest
 // logit (greedy). inv_temp > 0: argmax of x * inv_temp + g with g = -log(-log(u)) Gumbel noise,
 // u = dec_uniform(seed, row * V + c): an exact draw from softmax(x / T) (Gumbel-max).
-extern "C" __global__ void __launch_bounds__(256) sample_rows(
+// One block (256 threads) per row.
+__device__ __forceinline__ void sample_row(
     const float* __restrict__ logits, long long v, float inv_temp,
     unsigned long long seed, int* __restrict__ idx) {
     __shared__ float best_v[256];
@@ -510,4 +512,18 @@ extern "C" __global__ void __launch_bounds__(256) sample_rows(
         __syncthreads();
     }
     if (threadIdx.x == 0) idx[row] = (int)best_i[0];
+}
+
+extern "C" __global__ void __launch_bounds__(256) sample_rows(
+    const float* __restrict__ logits, long long v, float inv_temp,
+    unsigned long long seed, int* __restrict__ idx) {
+    sample_row(logits, v, inv_temp, seed, idx);
+}
+
+// The same with (inv_temp, seed) read from device memory, params (2) u64 = [the f32 bits of
+// inv_temp, seed]: a captured CUDA graph replays it with what the host wrote before each step.
+extern "C" __global__ void __launch_bounds__(256) sample_rows_from(
+    const float* __restrict__ logits, long long v,
+    const unsigned long long* __restrict__ params, int* __restrict__ idx) {
+    sample_row(logits, v, __uint_as_float((unsigned int)params[0]), params[1], idx);
 }

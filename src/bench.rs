@@ -95,8 +95,9 @@ pub struct BenchArgs {
     /// Timed steps per --max-seq-search point (after one warm-up step)
     #[arg(long, default_value_t = 1)]
     pub search_steps: usize,
-    /// With --decode: generate greedily through the model's forward graph on the runtime's CUDA
-    /// executor (the graph the CPU executor also runs), one captured CUDA graph per step
+    /// With --decode: generate through the model's forward graph on the runtime's CUDA executor
+    /// (the graph the CPU executor also runs): prompts packed into prefill steps, then one
+    /// decoding step per token, each phase one captured CUDA graph replayed
     #[arg(long, requires = "decode")]
     pub graph: bool,
     /// Tokens generated per prompt with --decode.
@@ -467,10 +468,7 @@ fn run_decode(a: &BenchArgs) -> Result<(), String> {
     // One KV cache for every generate call, cleared in between (HF's cache memory comes back
     // from PyTorch's caching allocator the same way); its captured decode step is reused.
     let mut cache = Some(model.new_kv_cache(b, p + n)?);
-    // (seconds, tokens generated per prompt, free GPU memory with the cache still held)
-    let mut timed = |new: usize| -> Result<(f64, usize, usize), String> {
-        gpu.synchronize().map_err(|e| e.to_string())?;
-        let t = std::time::Instant::now();
+    let timing = time_generate(&gpu, free0, setup_s, n, |new| {
         let mut steps = GpuSteps {
             model: &mut model,
             cache: cache.take().ok_or("the KV cache was lost")?,
@@ -478,15 +476,8 @@ fn run_decode(a: &BenchArgs) -> Result<(), String> {
         steps.cache.clear();
         let out = generate_with(&mut steps, &prompts, new, &[], params);
         cache = Some(steps.cache);
-        let out = out?;
-        gpu.synchronize().map_err(|e| e.to_string())?;
-        let s = t.elapsed().as_secs_f64();
-        let (free, _) = gpu.context().mem_get_info().map_err(|e| e.to_string())?;
-        Ok((s, out.iter().map(Vec::len).min().unwrap_or(0), free))
-    };
-    timed(16)?;
-    let (prefill_s, _, _) = timed(1)?;
-    let (full_s, generated, free1) = timed(n)?;
+        out
+    })?;
     let profile = if a.profile {
         let steps = 8.min(n - 1);
         let mut cache = model.new_kv_cache(b, p + steps + 1)?;
@@ -504,30 +495,83 @@ fn run_decode(a: &BenchArgs) -> Result<(), String> {
     } else {
         serde_json::Value::Null
     };
-    let gen_tok_s = (b * generated) as f64 / full_s;
-    let decode_tok_s = (b * (generated - 1)) as f64 / (full_s - prefill_s).max(1e-9);
-    let ms_step = 1e3 * (full_s - prefill_s) / (generated - 1).max(1) as f64;
+    print_gen(a, &gpu, "GPU model", &timing, profile);
+    Ok(())
+}
+
+/// Times `generate(new)` (the new tokens of each prompt) as grpo_baseline.py's `gen` does: a
+/// 16-token warm-up, a 1-token generate (the prefill), then `n` tokens; GPU memory is the
+/// driver's free memory `free0` before setup minus after the full generate.
+pub fn time_generate(
+    gpu: &Gpu,
+    free0: usize,
+    setup_s: f64,
+    n: usize,
+    mut generate: impl FnMut(usize) -> Result<Vec<Vec<u32>>, String>,
+) -> Result<GenTiming, String> {
+    let mut timed = |new: usize| -> Result<(f64, usize), String> {
+        gpu.synchronize().map_err(|e| e.to_string())?;
+        let t = std::time::Instant::now();
+        let out = generate(new)?;
+        gpu.synchronize().map_err(|e| e.to_string())?;
+        Ok((
+            t.elapsed().as_secs_f64(),
+            out.iter().map(Vec::len).min().unwrap_or(0),
+        ))
+    };
+    timed(16)?;
+    let (prefill_s, _) = timed(1)?;
+    let (full_s, generated) = timed(n)?;
+    let (free1, _) = gpu.context().mem_get_info().map_err(|e| e.to_string())?;
+    Ok(GenTiming {
+        setup_s,
+        prefill_s,
+        full_s,
+        generated,
+        gpu_bytes: free0.saturating_sub(free1),
+    })
+}
+
+/// What a generation benchmark measured (grpo_baseline.py's `gen` timings).
+pub struct GenTiming {
+    pub setup_s: f64,
+    /// A 1-token generate (the prefill), the full one, and the tokens it made per prompt.
+    pub prefill_s: f64,
+    pub full_s: f64,
+    pub generated: usize,
+    /// GPU memory taken (driver's free memory before setup minus after the full generate).
+    pub gpu_bytes: usize,
+}
+
+/// Prints a generation benchmark's line and JSON (`"bench": "ftrt_gen"`): generated tok/s =
+/// B * N / full time (prefill included), decode tok/s = B * (N - 1) / (full - prefill).
+pub fn print_gen(a: &BenchArgs, gpu: &Gpu, path: &str, t: &GenTiming, profile: serde_json::Value) {
+    let (b, p, n) = (a.batch, a.seq, a.new_tokens);
+    let generated = t.generated;
+    let gen_tok_s = (b * generated) as f64 / t.full_s;
+    let decode_tok_s =
+        (b * generated.saturating_sub(1)) as f64 / (t.full_s - t.prefill_s).max(1e-9);
+    let ms_step = 1e3 * (t.full_s - t.prefill_s) / (generated.saturating_sub(1)).max(1) as f64;
     let name = gpu.info().name.clone();
+    let gib = t.gpu_bytes as f64 / GIB;
     println!(
-        "ftrt bench --decode {} batch {b} prompt {p} new {generated} on {name}: {gen_tok_s:.0} generated tok/s, decode {decode_tok_s:.0} tok/s, {ms_step:.2} ms per token step, prefill {:.1} ms, GPU memory {:.2} GiB",
+        "ftrt bench --decode {} batch {b} prompt {p} new {generated} on {name} ({path}): {gen_tok_s:.0} generated tok/s, decode {decode_tok_s:.0} tok/s, {ms_step:.2} ms per token step, prefill {:.1} ms, GPU memory {gib:.2} GiB",
         a.preset,
-        1e3 * prefill_s,
-        free0.saturating_sub(free1) as f64 / GIB
+        1e3 * t.prefill_s,
     );
     let json = serde_json::json!({
-        "bench": "ftrt_gen", "model": a.preset, "gpu": name, "batch": b, "prompt_len": p,
-        "new_tokens": n, "generated": generated, "temperature": a.temperature,
+        "bench": "ftrt_gen", "path": path, "model": a.preset, "gpu": name, "batch": b,
+        "prompt_len": p, "new_tokens": n, "generated": generated, "temperature": a.temperature,
         "status": if generated == n { "ok" } else { "short" },
-        "setup_s": (setup_s * 10.0).round() / 10.0, "gen_s": (full_s * 1e3).round() / 1e3,
-        "prefill_s": (prefill_s * 1e4).round() / 1e4,
+        "setup_s": (t.setup_s * 10.0).round() / 10.0, "gen_s": (t.full_s * 1e3).round() / 1e3,
+        "prefill_s": (t.prefill_s * 1e4).round() / 1e4,
         "gen_tok_s": (gen_tok_s * 10.0).round() / 10.0,
         "decode_tok_s": (decode_tok_s * 10.0).round() / 10.0,
         "ms_per_token_step": (ms_step * 100.0).round() / 100.0,
-        "peak_gib": (free0.saturating_sub(free1) as f64 / GIB * 1000.0).round() / 1000.0,
+        "peak_gib": (gib * 1000.0).round() / 1000.0,
         "profile": profile,
     });
     println!("{json}");
-    Ok(())
 }
 
 #[cfg(test)]

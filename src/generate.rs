@@ -63,7 +63,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
     /// Generate through the model's forward graph on the runtime's executors: the CPU executor
-    /// in f32, or on a GPU the CUDA executor in bf16 with each step one replayed CUDA graph.
+    /// in f32, or on a GPU the CUDA executor in bf16 with its prefill and decoding steps
+    /// replayed as CUDA graphs.
     #[arg(long, conflicts_with = "logits_out")]
     pub graph: bool,
 }

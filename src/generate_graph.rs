@@ -1,17 +1,18 @@
 //! `ftrt generate --graph`: generation through the model's forward graph
 //! ([`ftrt_models::llama::graph`]) on the runtime's CPU executor (f32) or, with a GPU, its CUDA
-//! executor (bf16, one captured step replayed per token), with `ftrt generate`'s sampler.
+//! executor (bf16, the prefill and decoding steps captured once and replayed), with
+//! `ftrt generate`'s sampler.
 use std::time::Instant;
 
-use ftrt_models::llama::graph::{ForwardGraph, GraphSteps};
+use ftrt_models::llama::graph::{capture_phases, ForwardGraph, GraphSteps};
 use ftrt_models::llama::{generate_with, LlamaModel, LoraAdapter, SamplingParams};
 use ftrt_runtime::{plan, CpuExecutor, CudaExecutor, DType, Gpu, PlanOptions};
 use half::bf16;
 
 use crate::generate::{timing_line, GenerateArgs};
 
-/// Rows per step at least (more when more prompts decode together).
-const MIN_ROWS: usize = 16;
+/// Prompt tokens per prefill step at most (longer prompts take several steps).
+const MAX_PREFILL_ROWS: usize = 4096;
 
 /// The new tokens of each prompt and the timing line.
 pub fn generate(
@@ -26,7 +27,8 @@ pub fn generate(
     let s = |e: ftrt_runtime::RuntimeError| e.to_string();
     let longest = ids.iter().map(Vec::len).max().unwrap_or(1);
     let capacity = longest + args.max_new_tokens;
-    let rows = ids.len().max(MIN_ROWS);
+    let prompt_tokens: usize = ids.iter().map(Vec::len).sum();
+    let rows = prompt_tokens.clamp(1, MAX_PREFILL_ROWS);
     let dtype = if gpu.is_some() {
         DType::BF16
     } else {
@@ -48,15 +50,14 @@ pub fn generate(
             (out, secs, "CPU f32, forward graph".to_string())
         }
         Some(gpu) => {
-            let ex = CudaExecutor::new(gpu, &fg.graph, &p).map_err(s)?;
+            let mut ex = CudaExecutor::new(gpu, &fg.graph, &p).map_err(s)?;
             fg.for_each_weight(model, adapter, |t, v| {
                 let w: Vec<bf16> = v.iter().map(|x| bf16::from_f32(*x)).collect();
                 ex.write(t, &w)
             })
             .map_err(s)?;
+            capture_phases(&fg, &mut ex)?;
             let mut steps = GraphSteps::new(&fg, ex);
-            steps.capture_inputs()?;
-            steps.ex.capture().map_err(s)?;
             let t = Instant::now();
             let out = generate_with(&mut steps, ids, args.max_new_tokens, eos, params)?;
             let secs = t.elapsed().as_secs_f64();

@@ -5,7 +5,7 @@
 mod llama_common;
 
 use ftrt_models::llama::gpu::init_adapter;
-use ftrt_models::llama::graph::{ForwardGraph, StepRow};
+use ftrt_models::llama::graph::{sampling_words, write_step, ForwardGraph, Phase, StepRow};
 use ftrt_models::llama::{LlamaModel, LoraAdapter, Proj, Rounding};
 use ftrt_runtime::{plan, CpuExecutor, DType, PlanOptions};
 use half::bf16;
@@ -36,20 +36,37 @@ impl<'g> CpuForward<'g> {
         Self { fg, ex }
     }
 
-    /// Logits (rows.len(), V) of one step.
-    fn step(&mut self, rows: &[StepRow]) -> Vec<f32> {
-        let (ids, pos, slot, len) = self.fg.step_inputs(rows).unwrap();
-        for (t, v) in [
-            (self.fg.ids, ids),
-            (self.fg.pos, pos),
-            (self.fg.slot, slot),
-            (self.fg.len, len),
-        ] {
-            self.ex.write(t, &v).unwrap();
-        }
-        self.ex.run_step().unwrap();
-        let all: Vec<f32> = self.ex.read(self.fg.logits).unwrap();
-        all[..rows.len() * all.len() / self.fg.rows].to_vec()
+    /// Logits (picks.len(), V) of one step of `phase` on `rows`: of the rows `picks`.
+    fn step(&mut self, phase: &Phase, rows: &[StepRow], picks: &[usize]) -> Vec<f32> {
+        write_step(
+            self.fg,
+            &mut self.ex,
+            phase,
+            rows,
+            picks,
+            sampling_words(0.0, 0),
+        )
+        .unwrap();
+        self.ex.run_nodes(phase.nodes.clone()).unwrap();
+        let all: Vec<f32> = self.ex.read(phase.logits).unwrap();
+        all[..picks.len() * self.fg.vocab].to_vec()
+    }
+
+    /// Logits (rows.len(), V) of every row of one prefill step: the step run once per group
+    /// of logit rows (storing the same keys and values again).
+    fn prefill(&mut self, rows: &[StepRow]) -> Vec<f32> {
+        let fg = self.fg;
+        let all: Vec<usize> = (0..rows.len()).collect();
+        all.chunks(fg.prefill.logit_rows)
+            .flat_map(|picks| self.step(&fg.prefill, rows, picks))
+            .collect()
+    }
+
+    /// Logits (rows.len(), V) of one decoding step.
+    fn decode(&mut self, rows: &[StepRow]) -> Vec<f32> {
+        let fg = self.fg;
+        let all: Vec<usize> = (0..rows.len()).collect();
+        self.step(&fg.decode, rows, &all)
     }
 }
 
@@ -87,7 +104,7 @@ fn graph_prefill_and_decode_match_transformers() {
         let mut run = CpuForward::new(&fg, &p, &m, None);
         // prefill of all prompts in one step: every row's logits against its own prompt's
         let (rows, last) = prefill_rows(&ps);
-        let logits = run.step(&rows);
+        let logits = run.prefill(&rows);
         for (i, pr) in ps.iter().enumerate() {
             let want = g.f(&format!("logits.{i}"));
             let first = last[i] + 1 - pr.len();
@@ -117,7 +134,7 @@ fn graph_prefill_and_decode_match_transformers() {
                     pos: lens[i],
                 })
                 .collect();
-            logits = run.step(&rows);
+            logits = run.decode(&rows);
             lens.iter_mut().for_each(|l| *l += 1);
         }
     }
@@ -137,10 +154,12 @@ fn graph_refuses_what_it_cannot_run() {
         slot,
         pos,
     };
-    assert!(fg.step_inputs(&[row(0, 0); 3]).is_err()); // more rows than the graph's
-    assert!(fg.step_inputs(&[row(1, 0)]).is_err()); // no such slot
-    assert!(fg.step_inputs(&[row(0, 8)]).is_err()); // past the capacity
-    let (ids, pos, slot, len) = fg.step_inputs(&[row(0, 3)]).unwrap();
+    let pf = &fg.prefill;
+    assert!(fg.step_inputs(pf, &[row(0, 0); 3]).is_err()); // more rows than the phase's
+    assert!(fg.step_inputs(&fg.decode, &[row(0, 0); 2]).is_err()); // one per slot
+    assert!(fg.step_inputs(pf, &[row(1, 0)]).is_err()); // no such slot
+    assert!(fg.step_inputs(pf, &[row(0, 8)]).is_err()); // past the capacity
+    let (ids, pos, slot, len) = fg.step_inputs(pf, &[row(0, 3)]).unwrap();
     assert_eq!(
         (ids, pos, slot, len),
         (vec![1, 0], vec![3, 0], vec![0, 1], vec![4, 1])
@@ -155,17 +174,12 @@ fn graph_with_a_merged_adapter_and_in_bf16_matches_the_cpu_model() {
         (Rounding::BF16, DType::BF16, 3e-2),
     ] {
         let m = model("qwen2", rt);
-        let v = m.dims.vocab;
         let ad = init_adapter(&m.dims, 4, 8.0, &Proj::ALL, 7, 0.05);
         let fg = ForwardGraph::new(&m, 16, ps.len(), 32, dtype).unwrap();
         let p = plan(&fg.graph, &PlanOptions::default()).unwrap();
         let mut run = CpuForward::new(&fg, &p, &m, Some(&ad));
         let (rows, last) = prefill_rows(&ps);
-        let logits = run.step(&rows);
-        let got: Vec<f32> = last
-            .iter()
-            .flat_map(|&r| row_of(&logits, v, r).to_vec())
-            .collect();
+        let got = run.step(&fg.prefill, &rows, &last);
         let mut cache = m.new_cache(ps.len());
         let slots: Vec<usize> = (0..ps.len()).collect();
         let want = m.prefill(&mut cache, &slots, &ps, Some(&ad)).unwrap();
@@ -181,7 +195,7 @@ fn graph_with_a_merged_adapter_and_in_bf16_matches_the_cpu_model() {
                 pos: ps[i].len(),
             })
             .collect();
-        let got = run.step(&rows);
+        let got = run.decode(&rows);
         let want = m.decode(&mut cache, &slots, &next, Some(&ad)).unwrap();
         let e = rel_err(&got, &want);
         assert!(e < tol, "{dtype} decode: rel err {e:e}");
@@ -218,4 +232,56 @@ fn graph_generation_equals_the_cpu_models() {
             assert_eq!(again, want, "{arch} {params:?}, second run");
         }
     }
+}
+
+#[test]
+fn graph_draws_at_a_temperature_on_the_device_as_gumbel_max_over_the_cpu_models_logits() {
+    // T = 0.7 without top-k / top-p: the graph's sample node draws (Gumbel-max under a seed
+    // the sampler hands out per step); the reference redraws from the CPU model's logits of
+    // the same tokens with the same seeds (one per step: a single prefill step here)
+    use ftrt_models::llama::graph::GraphSteps;
+    use ftrt_models::llama::{generate_with, Sampler, SamplingParams};
+    use ftrt_ops::decode::sample_rows_cpu;
+    let m = model("qwen3", Rounding::F32);
+    let ps = prompts();
+    let v = m.dims.vocab;
+    let total: usize = ps.iter().map(Vec::len).sum();
+    let fg = ForwardGraph::new(&m, total, ps.len(), 24, DType::F32).unwrap();
+    let p = plan(&fg.graph, &PlanOptions::default()).unwrap();
+    let mut ex = CpuExecutor::new(&fg.graph, &p);
+    fg.for_each_weight(&m, None, |t, v| ex.write(t, v)).unwrap();
+    let mut steps = GraphSteps::new(&fg, ex);
+    let seed = ftrt_ops::dsl::gradcheck::Rng::fresh("graph_temperature").seed;
+    let params = SamplingParams {
+        temperature: 0.7,
+        top_p: 1.0,
+        top_k: 0,
+        seed,
+    };
+    let new = 8;
+    let got = generate_with(&mut steps, &ps, new, &[], params).unwrap();
+
+    let mut sampler = Sampler::new(params);
+    let mut cache = m.new_cache(ps.len());
+    let slots: Vec<usize> = (0..ps.len()).collect();
+    let logits = m.prefill(&mut cache, &slots, &ps, None).unwrap();
+    let mut want = vec![Vec::new(); ps.len()];
+    let mut picked = sample_rows_cpu(&logits, v, 1.0 / 0.7, sampler.draw_seed());
+    for _ in 1..new {
+        picked
+            .iter()
+            .zip(&mut want)
+            .for_each(|(&t, w)| w.push(t as u32));
+        let toks: Vec<u32> = picked.iter().map(|&t| t as u32).collect();
+        let logits = m.decode(&mut cache, &slots, &toks, None).unwrap();
+        picked = sample_rows_cpu(&logits, v, 1.0 / 0.7, sampler.draw_seed());
+    }
+    picked
+        .iter()
+        .zip(&mut want)
+        .for_each(|(&t, w)| w.push(t as u32));
+    assert_eq!(got, want, "seed {seed}");
+    // not greedy: some draw differs from the top-1 continuation
+    let greedy = generate_with(&mut steps, &ps, new, &[], SamplingParams::default()).unwrap();
+    assert_ne!(got, greedy, "seed {seed}");
 }

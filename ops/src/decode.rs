@@ -360,34 +360,54 @@ pub fn decode_attention(
     Ok(())
 }
 
+/// Where [`sample_rows`] takes its temperature and seed from.
+#[derive(Debug, Clone, Copy)]
+pub enum Sampling {
+    /// `inv_temp` = 1 / T (0: greedy) and the seed, as launch arguments.
+    Given { inv_temp: f32, seed: u64 },
+    /// (2) u64 in device memory, [the f32 bits of inv_temp, seed], read when the kernel runs:
+    /// a captured CUDA graph replays with what the host wrote before each step.
+    InMemory(DevPtr<u64>),
+}
+
 /// The next token per row of `logits` (rows, V) f32 into `idx` (rows) i32 (compute stream):
-/// greedy when `inv_temp` is 0, else a Gumbel-max draw from softmax(x * inv_temp) under `seed`.
+/// greedy when inv_temp is 0, else a Gumbel-max draw from softmax(x * inv_temp) under the seed.
 pub fn sample_rows(
     gpu: &Gpu,
     rows: usize,
     v: usize,
-    inv_temp: f32,
-    seed: u64,
+    sampling: Sampling,
     logits: DevPtr<f32>,
     idx: DevPtr<i32>,
 ) -> Result<(), RuntimeError> {
     if rows == 0 || v == 0 {
         return Ok(());
     }
-    let f = gpu.function(&KERNELS, "sample_rows")?;
+    let name = match sampling {
+        Sampling::Given { .. } => "sample_rows",
+        Sampling::InMemory(_) => "sample_rows_from",
+    };
+    let f = gpu.function(&KERNELS, name)?;
     let vv = v as i64;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&logits.addr);
     b.arg(&vv);
-    b.arg(&inv_temp);
-    b.arg(&seed);
+    match &sampling {
+        Sampling::Given { inv_temp, seed } => {
+            b.arg(inv_temp);
+            b.arg(seed);
+        }
+        Sampling::InMemory(params) => {
+            b.arg(&params.addr);
+        }
+    }
     b.arg(&idx.addr);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: logits holds rows * V elements, idx rows i32.
+    // SAFETY: logits holds rows * V elements, idx rows i32, params (if any) 2 u64.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }

@@ -800,16 +800,38 @@ fn check_decode(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), Runtim
     let logits = randn(rng, s * v, 3.0);
     let lgd = b.put(&logits)?;
     let idxd = b.put(&vec![0i32; s])?;
-    for (inv_temp, what) in [(0.0f32, "greedy"), (1.0, "T=1 Gumbel-max")] {
-        let seed = 1234;
-        decode::sample_rows(gpu, s, v, inv_temp, seed, lgd, idxd)?;
+    let seed = 1234;
+    // T = 0.7's (inv_temp, seed) from device memory, as a captured graph reads them
+    let params = b.put(&[(1.0f32 / 0.7).to_bits() as u64, seed])?;
+    for (inv_temp, sampling, what) in [
+        (
+            0.0f32,
+            decode::Sampling::Given {
+                inv_temp: 0.0,
+                seed,
+            },
+            "greedy",
+        ),
+        (
+            1.0,
+            decode::Sampling::Given {
+                inv_temp: 1.0,
+                seed,
+            },
+            "T=1 Gumbel-max",
+        ),
+        (
+            1.0 / 0.7,
+            decode::Sampling::InMemory(params),
+            "T=0.7 from memory",
+        ),
+    ] {
+        decode::sample_rows(gpu, s, v, sampling, lgd, idxd)?;
         let got = b.get(idxd, s)?;
         let want = decode::sample_rows_cpu(&logits, v, inv_temp, seed);
         // A draw may differ where two noisy keys tie within logf's 1-ulp difference: allow one.
         let wrong = got.iter().zip(&want).filter(|(a, b)| a != b).count();
-        let us = time(gpu, || {
-            decode::sample_rows(gpu, s, v, inv_temp, seed, lgd, idxd)
-        })?;
+        let us = time(gpu, || decode::sample_rows(gpu, s, v, sampling, lgd, idxd))?;
         rep.add(
             &format!("sample 64 x 128256 {what} (rows differing)"),
             wrong as f64,

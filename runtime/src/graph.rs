@@ -449,6 +449,11 @@ impl GraphBuilder {
         t
     }
 
+    /// Nodes appended so far (the index the next one gets).
+    pub fn node_count(&self) -> usize {
+        self.graph.nodes.len()
+    }
+
     /// Appends a node to the schedule; returns its index.
     pub fn node(&mut self, node: Node) -> usize {
         self.graph.nodes.push(node);

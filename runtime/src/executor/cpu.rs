@@ -2,7 +2,9 @@
 //! CPU GEMM, performing the offload schedule's copies (to a host-side "pinned pool") in order,
 //! so that plans with offloads and recomputes are checked end to end on any machine.
 
-use super::{arg_ranges, final_offset, recomputes_before, ArgRange};
+use std::ops::Range;
+
+use super::{arg_ranges, check_phase, final_offset, recomputes_before, ArgRange};
 use crate::dtype::DType;
 use crate::error::RuntimeError;
 use crate::gemm::cpu::gemm;
@@ -86,7 +88,13 @@ impl<'g> CpuExecutor<'g> {
 
     /// Runs one step.
     pub fn run_step(&mut self) -> Result<(), RuntimeError> {
-        for n in 0..self.plan.num_nodes {
+        self.run_nodes(0..self.plan.num_nodes)
+    }
+
+    /// Runs the nodes `nodes` of the step only (one phase of the graph; see [`super`]).
+    pub fn run_nodes(&mut self, nodes: Range<usize>) -> Result<(), RuntimeError> {
+        check_phase(self.plan, &nodes)?;
+        for n in nodes {
             self.copies(n, true);
             for k in 0..self.recomputes[n].len() {
                 self.run_node(self.recomputes[n][k], n)?;

@@ -1,9 +1,10 @@
 //! The CUDA backend: the planned step on one device arena, launched eagerly node by node or
 //! captured once into a CUDA graph (`cuStreamBeginCapture` .. `cuGraphInstantiate`) and
-//! replayed with `cuGraphLaunch`. Offload copies run on the [`OffloadEngine`]'s copy streams
+//! replayed with `cuGraphLaunch`; each phase of a graph (a range of its nodes) may be captured
+//! and replayed on its own. Offload copies run on the [`OffloadEngine`]'s copy streams
 //! and join the capture through events.
 
-use super::{arg_ranges, final_offset, recomputes_before};
+use super::{arg_ranges, check_phase, final_offset, recomputes_before};
 use crate::device::{DevPtr, DeviceBuffer, Gpu};
 use crate::dtype::DType;
 use crate::error::RuntimeError;
@@ -13,6 +14,7 @@ use crate::offload::OffloadEngine;
 use crate::planner::Plan;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::CudaGraph;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 /// Runs steps of one planned graph on a GPU.
@@ -27,7 +29,8 @@ pub struct CudaExecutor<'g> {
     node_args: Vec<GpuArgs>,
     /// Per node: (producer, arguments) of the recomputes to run before it.
     recompute_args: Vec<Vec<(usize, GpuArgs)>>,
-    captured: Option<CudaGraph>,
+    /// The captured CUDA graphs, each of a range of nodes (the whole step, or a phase).
+    captured: Vec<(Range<usize>, CudaGraph)>,
 }
 
 impl<'g> CudaExecutor<'g> {
@@ -68,7 +71,7 @@ impl<'g> CudaExecutor<'g> {
             blas,
             node_args,
             recompute_args,
-            captured: None,
+            captured: Vec::new(),
         };
         gpu.synchronize()?;
         Ok(exec)
@@ -113,42 +116,63 @@ impl<'g> CudaExecutor<'g> {
 
     /// Enqueues one step eagerly; returns the host time spent enqueueing (no wait).
     pub fn run_eager(&self) -> Result<Duration, RuntimeError> {
+        self.run_eager_nodes(0..self.plan.num_nodes)
+    }
+
+    /// Enqueues the nodes `nodes` (one phase) eagerly; returns the host enqueue time.
+    pub fn run_eager_nodes(&self, nodes: Range<usize>) -> Result<Duration, RuntimeError> {
+        check_phase(self.plan, &nodes)?;
         let t0 = Instant::now();
-        self.enqueue(false)?;
+        self.enqueue(nodes, false)?;
         Ok(t0.elapsed())
     }
 
     /// Runs one eager step (loading every module and choosing every GEMM algorithm), then
     /// captures the step into a CUDA graph, instantiates and uploads it.
     pub fn capture(&mut self) -> Result<(), RuntimeError> {
-        self.run_eager()?;
+        self.capture_nodes(0..self.plan.num_nodes)
+    }
+
+    /// [`Self::capture`] for the nodes `nodes` only (one phase), replayed by
+    /// [`Self::replay_nodes`] with the same range; capturing a range again replaces it.
+    pub fn capture_nodes(&mut self, nodes: Range<usize>) -> Result<(), RuntimeError> {
+        self.run_eager_nodes(nodes.clone())?;
         self.gpu.synchronize()?;
         let stream = self.gpu.stream();
         stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-        let enqueued = self.enqueue(true);
+        let enqueued = self.enqueue(nodes.clone(), true);
         let ended = stream.end_capture(CUgraphInstantiate_flags(0));
         enqueued?;
         let graph =
             ended?.ok_or_else(|| RuntimeError::Unsupported("captured an empty step".into()))?;
         graph.upload()?;
-        self.captured = Some(graph);
+        self.captured.retain(|(r, _)| *r != nodes);
+        self.captured.push((nodes, graph));
         Ok(())
     }
 
     /// Launches the captured step; returns the host time of the launch (no wait).
     pub fn replay(&self) -> Result<Duration, RuntimeError> {
-        let g = self
+        self.replay_nodes(0..self.plan.num_nodes)
+    }
+
+    /// Launches the CUDA graph captured for `nodes`; returns the host launch time (no wait).
+    pub fn replay_nodes(&self, nodes: Range<usize>) -> Result<Duration, RuntimeError> {
+        let (_, g) = self
             .captured
-            .as_ref()
-            .ok_or_else(|| RuntimeError::InvalidArgument("replay() before capture()".into()))?;
+            .iter()
+            .find(|(r, _)| *r == nodes)
+            .ok_or_else(|| {
+                RuntimeError::InvalidArgument(format!("replay of nodes {nodes:?} before capture"))
+            })?;
         let t0 = Instant::now();
         g.launch()?;
         Ok(t0.elapsed())
     }
 
-    fn enqueue(&self, capturing: bool) -> Result<(), RuntimeError> {
+    fn enqueue(&self, nodes: Range<usize>, capturing: bool) -> Result<(), RuntimeError> {
         let base = self.arena.ptr::<u8>().addr;
-        for n in 0..self.plan.num_nodes {
+        for n in nodes {
             self.offload.before(self.gpu, n, base)?;
             for (p, args) in &self.recompute_args[n] {
                 self.run_node(*p, args, capturing)?;

@@ -264,3 +264,105 @@ fn cpu_gemm_takes_bf16_operands_as_the_gpu_does() {
         }
     }
 }
+
+#[test]
+fn phases_run_apart_and_share_activation_memory() {
+    // phase A: outa = 2 (x wa^T); phase B: outb = 2 (x wb^T): whole-step inputs and outputs,
+    // each phase's activation live only inside it
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(7, |d| d.as_nanos() as u64);
+    let mut rng = SplitMix64::new(seed);
+    let mut b = GraphBuilder::new();
+    let (m, n, k) = (8, 64, 16);
+    let x = b.tensor("x", &[m, k], DType::F32, Lifetime::Weight);
+    let phase = |b: &mut GraphBuilder, name: &str| {
+        let w = b.tensor(format!("w{name}"), &[n, k], DType::F32, Lifetime::Weight);
+        let act = b.tensor(
+            format!("act{name}"),
+            &[m, n],
+            DType::F32,
+            Lifetime::Activation,
+        );
+        let out = b.tensor(format!("out{name}"), &[m, n], DType::F32, Lifetime::Weight);
+        let first = b.node_count();
+        b.node(Node::gemm(
+            name,
+            GemmDesc::new(m, n, k).transposed(false, true),
+            x,
+            w,
+            act,
+            None,
+        ));
+        b.node(
+            Node::kernel("double", &[act], &[out]).with_cpu(|a: &mut CpuArgs<'_>| {
+                let (i, mut o) = a.split::<f32>();
+                o[0].iter_mut().zip(i[0]).for_each(|(d, s)| *d = 2.0 * s);
+                Ok(())
+            }),
+        );
+        (w, act, out, first..b.node_count())
+    };
+    let (wa, acta, outa, nodes_a) = phase(&mut b, "a");
+    let (wb, actb, outb, nodes_b) = phase(&mut b, "b");
+    let g = b.build().unwrap();
+    let p = plan(&g, &PlanOptions::default()).unwrap();
+    assert_eq!(
+        p.offset_at(acta, nodes_a.start),
+        p.offset_at(actb, nodes_b.start),
+        "the phases' activations share bytes"
+    );
+    let mut ex = CpuExecutor::new(&g, &p);
+    let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.symmetric_f32()).collect() };
+    let (xs, was, wbs) = (rand(m * k), rand(n * k), rand(n * k));
+    for (t, v) in [(x, &xs), (wa, &was), (wb, &wbs)] {
+        ex.write(t, v).unwrap();
+    }
+    let want = |w: &[f32]| -> Vec<f32> {
+        (0..m * n)
+            .map(|e| {
+                2.0 * (0..k)
+                    .map(|j| xs[e / n * k + j] * w[e % n * k + j])
+                    .sum::<f32>()
+            })
+            .collect()
+    };
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5);
+    ex.run_nodes(nodes_b.clone()).unwrap();
+    assert!(
+        close(&ex.read::<f32>(outb).unwrap(), &want(&wbs)),
+        "seed {seed}"
+    );
+    assert!(
+        ex.read::<f32>(outa).unwrap().iter().all(|&v| v == 0.0),
+        "phase A not run"
+    );
+    ex.run_nodes(nodes_a).unwrap();
+    assert!(
+        close(&ex.read::<f32>(outa).unwrap(), &want(&was)),
+        "seed {seed}"
+    );
+    assert!(
+        close(&ex.read::<f32>(outb).unwrap(), &want(&wbs)),
+        "B's output kept"
+    );
+    assert!(ex.run_nodes(3..9).is_err(), "past the last node");
+
+    // a plan with offloads runs whole steps only
+    let g = training_graph(3, 6, 1 << 13);
+    let full = plan(&g, &PlanOptions::default()).unwrap();
+    let p = (70..100)
+        .rev()
+        .filter_map(|pct| {
+            plan(
+                &g,
+                &PlanOptions::default().with_budget(full.arena_bytes * pct / 100),
+            )
+            .ok()
+        })
+        .find(|p| !p.offloads.is_empty() || !p.recomputes.is_empty())
+        .expect("a budget that offloads or recomputes");
+    let mut ex = CpuExecutor::new(&g, &p);
+    assert!(ex.run_nodes(0..1).is_err());
+    assert!(ex.run_nodes(0..p.num_nodes).is_ok());
+}

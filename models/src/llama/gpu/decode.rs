@@ -420,12 +420,12 @@ impl GpuLlama<'_> {
             cache.logits,
         )?;
         let out = if on_device {
+            let seed = sampler.draw_seed();
             decode::sample_rows(
                 self.gpu,
                 rows,
                 v,
-                inv_temp,
-                sampler.draw_seed(),
+                decode::Sampling::Given { inv_temp, seed },
                 cache.logits,
                 cache.picked,
             )

@@ -1,13 +1,16 @@
 //! `ftrt selftest --model` rows for the forward graph ([`crate::llama::graph`]): one bf16 graph
-//! per fixture run by the runtime's CPU executor and by its CUDA executor (captured once,
-//! replayed every step as a CUDA graph): a packed prefill of three prompts, then four greedy
-//! decoding steps through the graph's KV cache, logits compared step by step.
+//! per fixture run by the runtime's CPU executor and by its CUDA executor (each phase captured
+//! once, replayed every step as a CUDA graph): a prefill step packing three prompts (the
+//! logits of their last rows), then four greedy decoding steps through the graph's KV cache,
+//! logits compared step by step.
 
 use ftrt_runtime::{plan, CpuExecutor, CudaExecutor, DType, Gpu, PlanOptions, RuntimeError};
 use half::bf16;
 
 use super::selftest::{row, Row};
-use crate::llama::graph::{ForwardGraph, StepRow};
+use crate::llama::graph::{
+    capture_phases, sampling_words, write_step, ForwardGraph, Phase, StepRow,
+};
 use crate::llama::sampling::argmax;
 use crate::llama::LlamaModel;
 use ftrt_ops::selftest::rel_err;
@@ -42,24 +45,25 @@ pub(super) fn check_forward_graph(
         dev.write(t, &b)
     })
     .map_err(s)?;
-    // capture runs one eager step first: padding rows only (they touch the spare slot)
-    write_inputs(&fg, &[], |t, v| dev.write(t, v))?;
-    dev.capture().map_err(s)?;
+    capture_phases(&fg, &mut dev)?;
 
-    let mut step = |rows_in: &[StepRow]| -> Result<StepOut, String> {
-        write_inputs(&fg, rows_in, |t, v| host.write(t, v))?;
-        write_inputs(&fg, rows_in, |t, v| dev.write(t, v))?;
-        host.run_step().map_err(s)?;
-        dev.replay().map_err(s)?;
-        gpu.synchronize().map_err(s)?;
-        let used = rows_in.len() * cpu.dims.vocab;
-        let want: Vec<f32> = host.read(fg.logits).map_err(s)?;
-        let got: Vec<f32> = dev.read(fg.logits).map_err(s)?;
-        let next: Vec<i32> = dev.read(fg.next).map_err(s)?;
-        Ok((got[..used].to_vec(), want[..used].to_vec(), next))
-    };
     let v = cpu.dims.vocab;
-    // prefill: all prompts in one step; then one row per sequence
+    // one step of `phase` on both executors: GPU logits, CPU logits and the GPU's picks
+    let mut step =
+        |phase: &Phase, rows_in: &[StepRow], picks: &[usize]| -> Result<StepOut, String> {
+            let words = sampling_words(0.0, 0);
+            write_step(&fg, &mut host, phase, rows_in, picks, words)?;
+            write_step(&fg, &mut dev, phase, rows_in, picks, words)?;
+            host.run_nodes(phase.nodes.clone()).map_err(s)?;
+            dev.replay_nodes(phase.nodes.clone()).map_err(s)?;
+            gpu.synchronize().map_err(s)?;
+            let used = picks.len() * v;
+            let want: Vec<f32> = host.read(phase.logits).map_err(s)?;
+            let got: Vec<f32> = dev.read(phase.logits).map_err(s)?;
+            let next: Vec<i32> = dev.read(phase.next).map_err(s)?;
+            Ok((got[..used].to_vec(), want[..used].to_vec(), next))
+        };
+    // prefill: all prompts in one step, the logits of their last rows; then one row per sequence
     let mut prefill = Vec::new();
     let mut last = Vec::new();
     for (slot, pr) in PROMPTS.iter().enumerate() {
@@ -68,28 +72,33 @@ pub(super) fn check_forward_graph(
         }
         last.push(prefill.len() - 1);
     }
-    let (got, want, _) = step(&prefill)?;
+    let (got, want, picked) = step(&fg.prefill, &prefill, &last)?;
     let (mut worst, mut agree, mut total) = (rel_err(&got, &want), 0, 0);
-    let mut next: Vec<u32> = last
-        .iter()
-        .map(|&r| argmax(&want[r * v..(r + 1) * v]) as u32)
-        .collect();
+    let mut next = vec![0u32; slots];
     let mut lens: Vec<usize> = PROMPTS.iter().map(|p| p.len()).collect();
-    for _ in 0..DECODE_STEPS {
-        let rows_in: Vec<StepRow> = (0..slots)
-            .map(|i| StepRow {
-                token: next[i],
-                slot: i,
-                pos: lens[i],
-            })
-            .collect();
-        let (got, want, picked) = step(&rows_in)?;
-        worst = worst.max(rel_err(&got, &want));
+    let all: Vec<usize> = (0..slots).collect();
+    for k in 0..=DECODE_STEPS {
+        let picked = if k == 0 {
+            picked.clone()
+        } else {
+            let rows_in: Vec<StepRow> = (0..slots)
+                .map(|i| StepRow {
+                    token: next[i],
+                    slot: i,
+                    pos: lens[i] - 1,
+                })
+                .collect();
+            let (got, want_k, picked) = step(&fg.decode, &rows_in, &all)?;
+            worst = worst.max(rel_err(&got, &want_k));
+            next = top1(&want_k, v);
+            picked
+        };
+        if k == 0 {
+            next = top1(&want, v);
+        }
         for i in 0..slots {
-            let w = &want[i * v..(i + 1) * v];
             total += 1;
-            agree += usize::from(picked[i] as usize == argmax(w));
-            next[i] = argmax(w) as u32;
+            agree += usize::from(picked[i] as u32 == next[i]);
             lens[i] += 1;
         }
     }
@@ -99,25 +108,17 @@ pub(super) fn check_forward_graph(
         worst,
         TOL,
         format!(
-            "one bf16 graph: packed prefill of {} tokens + {DECODE_STEPS} decode steps; the GPU graph's greedy tokens are the CPU's top-1 {agree}/{total}",
+            "one bf16 graph: a prefill step packing {} tokens, {DECODE_STEPS} decode steps; the GPU graph's greedy tokens are the CPU's top-1 {agree}/{total}",
             prefill.len()
         ),
     );
     Ok(())
 }
 
-/// A step's GPU logits, CPU logits (its rows only) and the GPU graph's greedy tokens.
+/// A step's GPU logits, CPU logits (its logit rows only) and the GPU graph's picks.
 type StepOut = (Vec<f32>, Vec<f32>, Vec<i32>);
 
-/// Writes a step's padded inputs through `write`.
-fn write_inputs(
-    fg: &ForwardGraph,
-    rows: &[StepRow],
-    mut write: impl FnMut(ftrt_runtime::graph::TensorId, &[i32]) -> Result<(), RuntimeError>,
-) -> Result<(), String> {
-    let (ids, pos, slot, len) = fg.step_inputs(rows).map_err(|e| e.to_string())?;
-    for (t, v) in [(fg.ids, ids), (fg.pos, pos), (fg.slot, slot), (fg.len, len)] {
-        write(t, &v).map_err(|e| e.to_string())?;
-    }
-    Ok(())
+/// The top-1 token of each row of (rows, v) logits.
+fn top1(logits: &[f32], v: usize) -> Vec<u32> {
+    logits.chunks(v).map(|r| argmax(r) as u32).collect()
 }
