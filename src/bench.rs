@@ -126,7 +126,7 @@ pub const ADAPTER_SEED: u64 = 42;
 pub const BATCH_SEED: u64 = 7;
 
 /// Runs `work` inside a GPU profile and prints the per-kind table under `title`.
-fn print_profile(
+pub fn print_profile(
     gpu: &Gpu,
     title: &str,
     work: impl FnOnce() -> Result<(), String>,
@@ -141,7 +141,7 @@ fn print_profile(
 }
 
 /// The profile rows as JSON ([label, calls, ms] each).
-fn profile_json(rows: &[ftrt_runtime::ProfileRow]) -> serde_json::Value {
+pub fn profile_json(rows: &[ftrt_runtime::ProfileRow]) -> serde_json::Value {
     rows.iter()
         .map(|r| serde_json::json!([r.label, r.calls, (r.ms * 1e3).round() / 1e3]))
         .collect()

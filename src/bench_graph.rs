@@ -5,13 +5,16 @@
 //! steps, then `--new-tokens` sampled at `--temperature` on the device. The same random
 //! weights as `ftrt bench --decode`.
 use ftrt_models::llama::gpu::random_init::host_weights;
-use ftrt_models::llama::graph::{capture_phases, ForwardGraph, GraphSteps};
+use ftrt_models::llama::graph::{
+    capture_phases, sampling_words, write_step, ForwardGraph, GraphSteps, StepRow,
+};
 use ftrt_models::llama::{generate_with, LlamaModel, Rounding, SamplingParams};
 use ftrt_runtime::{plan, CudaExecutor, DType, Gpu, PlanOptions, RuntimeError};
 use half::bf16;
 
 use crate::bench::{
-    preset_config, print_gen, random_prompts, time_generate, BenchArgs, MODEL_SEED,
+    preset_config, print_gen, print_profile, profile_json, random_prompts, time_generate,
+    BenchArgs, MODEL_SEED,
 };
 
 /// Prompt tokens per prefill step at most.
@@ -35,7 +38,9 @@ pub fn run_decode_graph(a: &BenchArgs) -> Result<(), String> {
     let fg = ForwardGraph::new(&model, rows, b, p + n, DType::BF16).map_err(|e| e.to_string())?;
     let pl = plan(&fg.graph, &PlanOptions::default()).map_err(s)?;
     let mut ex = CudaExecutor::new(&gpu, &fg.graph, &pl).map_err(s)?;
-    fg.for_each_weight(&model, None, |t, v| ex.write(t, &par_map(v, |x| bf16::from_f32(*x))))
+    fg.for_each_weight(&model, None, |t, v| {
+        ex.write(t, &par_map(v, |x| bf16::from_f32(*x)))
+    })
     .map_err(s)?;
     drop(model);
     capture_phases(&fg, &mut ex)?;
@@ -52,9 +57,71 @@ pub fn run_decode_graph(a: &BenchArgs) -> Result<(), String> {
     let timing = time_generate(&gpu, free0, setup_s, n, |new| {
         generate_with(&mut steps, &prompts, new, &[], params)
     })?;
+    let profile = if a.profile {
+        profile_phases(&gpu, &fg, &mut steps.ex, &prompts)?
+    } else {
+        serde_json::Value::Null
+    };
     let path = format!("forward graph, prefill steps of {rows} rows, CUDA graphs replayed");
-    print_gen(a, &gpu, &path, &timing, serde_json::Value::Null);
+    print_gen(a, &gpu, &path, &timing, profile);
     Ok(())
+}
+
+/// GPU time per node kind of one prefill step (the prompts' first rows) and of 8 decoding
+/// steps at the middle of the generated length, run eagerly over the cache the timed
+/// generation left (its keys are valid up to the last position).
+fn profile_phases(
+    gpu: &Gpu,
+    fg: &ForwardGraph,
+    ex: &mut CudaExecutor<'_>,
+    prompts: &[Vec<u32>],
+) -> Result<serde_json::Value, String> {
+    let s = |e: RuntimeError| e.to_string();
+    let p = prompts[0].len();
+    let prefill: Vec<StepRow> = prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(slot, pr)| {
+            pr.iter()
+                .enumerate()
+                .map(move |(pos, &token)| StepRow { token, slot, pos })
+        })
+        .take(fg.prefill.rows)
+        .collect();
+    let last: Vec<usize> = (1..=prompts.len())
+        .map(|i| (i * p).min(prefill.len()) - 1)
+        .take(fg.prefill.logit_rows)
+        .collect();
+    let words = sampling_words(1.0, 7);
+    write_step(fg, ex, &fg.prefill, &prefill, &last, words)?;
+    let title = format!("GPU time of one prefill step of {} rows:", prefill.len());
+    let pre = print_profile(gpu, &title, || {
+        ex.run_eager_nodes(fg.prefill.nodes.clone())
+            .map(drop)
+            .map_err(s)
+    })?;
+    let pos = (p + fg.capacity) / 2;
+    let rows: Vec<StepRow> = (0..fg.slots)
+        .map(|slot| StepRow {
+            token: 3,
+            slot,
+            pos,
+        })
+        .collect();
+    let all: Vec<usize> = (0..rows.len()).collect();
+    write_step(fg, ex, &fg.decode, &rows, &all, words)?;
+    let title = format!(
+        "GPU time of 8 decoding steps of {} rows at position {pos}:",
+        rows.len()
+    );
+    let dec = print_profile(gpu, &title, || {
+        (0..8).try_for_each(|_| {
+            ex.run_eager_nodes(fg.decode.nodes.clone())
+                .map(drop)
+                .map_err(s)
+        })
+    })?;
+    Ok(serde_json::json!({"prefill": profile_json(&pre), "decode_8_steps": profile_json(&dec)}))
 }
 
 /// `f` over `src` on every core (the 8B model's 8e9 weights are converted twice in setup).

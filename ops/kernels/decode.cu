@@ -1,6 +1,7 @@
 // Decoding with a KV cache: raw kernels (see ops/src/decode.rs for the layouts, the math and
 // the CPU references).
 //
+// split_columns:     a fused q/k/v projection's rows split into q, k and v.
 // kv_store:          K, V rows of this step -> cache[slot][pos]. One block per (row, kv head),
 //                    one thread per head-dim element.
 // decode_attention:  one query row per sequence against its cached keys 0..len, split over
@@ -11,7 +12,7 @@
 // sample_rows:       the next token per row of (rows, V) f32 logits: greedy (the largest value,
 //                    the lowest index among equals, as the CPU `argmax`) or a Gumbel-max draw at
 //                    a temperature (given, or read from device memory: sample_rows_from).
-//                    One block of 256 threads per row.
+//                    One block of 1024 threads per row.
 //
 // CUDA C for NVRTC (sm_80+) and hipcc (gfx90a); the tensor-core kernel (inline PTX) is CUDA only.
 
@@ -52,6 +53,22 @@ extern "C" __global__ void __launch_bounds__(DEC_MAX_D) kv_store(
     const long long dst = (((long long)slot[row] * hkv + h) * t_max + pos[row]) * d + e;
     kc[dst] = k_new[src];
     vc[dst] = v_new[src];
+}
+
+// in (rows, w0 + w1 + w2) -> o0 (rows, w0), o1 (rows, w1), o2 (rows, w2): the columns of a
+// fused projection (x [Wq; Wk; Wv]^T) back into q, k, v. One thread per element, a block of
+// 256 columns of one row (blockIdx.y).
+extern "C" __global__ void __launch_bounds__(256) split_columns(
+    const dec_bf16* __restrict__ in, int w0, int w1, int w2,
+    dec_bf16* __restrict__ o0, dec_bf16* __restrict__ o1, dec_bf16* __restrict__ o2) {
+    const long long row = blockIdx.y;
+    const int c = blockIdx.x * 256 + threadIdx.x;
+    const int w = w0 + w1 + w2;
+    if (c >= w) return;
+    const dec_bf16 x = in[row * w + c];
+    if (c < w0) o0[row * w0 + c] = x;
+    else if (c < w0 + w1) o1[row * w1 + (c - w0)] = x;
+    else o2[row * w2 + (c - w0 - w1)] = x;
 }
 
 constexpr int DEC_HEADS = 4;  // query heads per block (a kv head's group, split by 4s)
@@ -477,17 +494,19 @@ __device__ __forceinline__ float dec_uniform(unsigned long long seed, unsigned l
 // logits (rows, V) f32 -> idx (rows) i32. inv_temp = 0: the first index of the row's largest
 // logit (greedy). inv_temp > 0: argmax of x * inv_temp + g with g = -log(-log(u)) Gumbel noise,
 // u = dec_uniform(seed, row * V + c): an exact draw from softmax(x / T) (Gumbel-max).
-// One block (256 threads) per row.
+// One block of SAMPLE_THREADS per row (a batch of 64 rows fills half the SMs, so each block
+// takes as many threads as it may: the Gumbel keys' two logs per element are the work).
+#define SAMPLE_THREADS 1024
 __device__ __forceinline__ void sample_row(
     const float* __restrict__ logits, long long v, float inv_temp,
     unsigned long long seed, int* __restrict__ idx) {
-    __shared__ float best_v[256];
-    __shared__ long long best_i[256];
+    __shared__ float best_v[SAMPLE_THREADS];
+    __shared__ long long best_i[SAMPLE_THREADS];
     const long long row = blockIdx.x;
     const float* x = logits + row * v;
     float bv = DEC_NEG_INF;
     long long bi = v; // past the end: loses to any real index
-    for (long long c = threadIdx.x; c < v; c += 256) {
+    for (long long c = threadIdx.x; c < v; c += SAMPLE_THREADS) {
         float val = x[c];
         if (inv_temp > 0.f) val = val * inv_temp - logf(-logf(dec_uniform(seed, row * v + c)));
         if (val > bv || (bi == v && !(val < bv))) { // first in this thread's order
@@ -498,7 +517,7 @@ __device__ __forceinline__ void sample_row(
     best_v[threadIdx.x] = bv;
     best_i[threadIdx.x] = bi;
     __syncthreads();
-    for (int half = 128; half > 0; half >>= 1) {
+    for (int half = SAMPLE_THREADS / 2; half > 0; half >>= 1) {
         if (threadIdx.x < half) {
             const float ov = best_v[threadIdx.x + half];
             const long long oi = best_i[threadIdx.x + half];
@@ -514,7 +533,7 @@ __device__ __forceinline__ void sample_row(
     if (threadIdx.x == 0) idx[row] = (int)best_i[0];
 }
 
-extern "C" __global__ void __launch_bounds__(256) sample_rows(
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(
     const float* __restrict__ logits, long long v, float inv_temp,
     unsigned long long seed, int* __restrict__ idx) {
     sample_row(logits, v, inv_temp, seed, idx);
@@ -522,7 +541,7 @@ extern "C" __global__ void __launch_bounds__(256) sample_rows(
 
 // The same with (inv_temp, seed) read from device memory, params (2) u64 = [the f32 bits of
 // inv_temp, seed]: a captured CUDA graph replays it with what the host wrote before each step.
-extern "C" __global__ void __launch_bounds__(256) sample_rows_from(
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows_from(
     const float* __restrict__ logits, long long v,
     const unsigned long long* __restrict__ params, int* __restrict__ idx) {
     sample_row(logits, v, __uint_as_float((unsigned int)params[0]), params[1], idx);

@@ -4,6 +4,8 @@
 //! Layouts (row-major, bf16 unless noted):
 //! - cache `kc`, `vc`: (slots, Hkv, T, D), T = the cache's capacity per sequence: each
 //!   (sequence, kv head)'s keys contiguous, so a decode block streams one contiguous range;
+//! - `split_columns`: `x` (rows, w0 + w1 + w2) -> (rows, w0), (rows, w1), (rows, w2): a fused
+//!   q/k/v projection's output split back into q, k and v;
 //! - `kv_store`: `k_new`, `v_new` (rows, Hkv, D) with `slot`, `pos` (rows) i32:
 //!   `kc[slot[r], pos[r]] = k_new[r]`, the same for v (prefill stores every prompt token,
 //!   decoding one token per sequence);
@@ -78,6 +80,20 @@ impl CacheDims {
     fn at(&self, slot: usize, kv_head: usize, pos: usize) -> usize {
         ((slot * self.kv_heads + kv_head) * self.capacity + pos) * self.head_dim
     }
+}
+
+/// CPU reference of [`split_columns`]: the column blocks of `x` (rows, sum of `widths`).
+pub fn split_columns_cpu<T: Copy>(x: &[T], widths: [usize; 3]) -> [Vec<T>; 3] {
+    let w: usize = widths.iter().sum();
+    let mut out: [Vec<T>; 3] = Default::default();
+    for row in x.chunks(w.max(1)) {
+        let mut c = 0;
+        for (o, &wi) in out.iter_mut().zip(&widths) {
+            o.extend_from_slice(&row[c..c + wi]);
+            c += wi;
+        }
+    }
+    out
 }
 
 /// CPU reference of [`kv_store`].
@@ -225,6 +241,44 @@ pub fn kv_store(
     Ok(())
 }
 
+/// `x` (rows, w0 + w1 + w2) into `out[0]` (rows, w0), `out[1]` (rows, w1), `out[2]` (rows, w2)
+/// (compute stream).
+pub fn split_columns(
+    gpu: &Gpu,
+    rows: usize,
+    widths: [usize; 3],
+    x: DevPtr<bf16>,
+    out: [DevPtr<bf16>; 3],
+) -> Result<(), RuntimeError> {
+    let w: usize = widths.iter().sum();
+    if rows == 0 || w == 0 {
+        return Ok(());
+    }
+    if w > i32::MAX as usize || rows > u32::MAX as usize {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "split_columns of {rows} rows of {w} columns is past the kernel's index range"
+        )));
+    }
+    let f = gpu.function(&KERNELS, "split_columns")?;
+    let [w0, w1, w2] = widths.map(|x| x as i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&x.addr);
+    b.arg(&w0);
+    b.arg(&w1);
+    b.arg(&w2);
+    for o in &out {
+        b.arg(&o.addr);
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (w.div_ceil(256) as u32, rows as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: x holds rows * w elements, out[i] rows * widths[i].
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
 /// How [`decode_attention`] splits each sequence's keys: every split of `keys_per_split`
 /// keys is one block (per sequence, kv head and 4 query heads) writing an online-softmax
 /// partial, and a second kernel merges a sequence's `ceil(len / keys_per_split)` partials.
@@ -360,6 +414,9 @@ pub fn decode_attention(
     Ok(())
 }
 
+/// Threads per row of [`sample_rows`] (the kernel's `SAMPLE_THREADS`).
+const SAMPLE_THREADS: u32 = 1024;
+
 /// Where [`sample_rows`] takes its temperature and seed from.
 #[derive(Debug, Clone, Copy)]
 pub enum Sampling {
@@ -404,7 +461,7 @@ pub fn sample_rows(
     b.arg(&idx.addr);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (SAMPLE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: logits holds rows * V elements, idx rows i32, params (if any) 2 u64.

@@ -776,6 +776,31 @@ fn check_decode(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), Runtim
         (4 * s * row * 2) as f64,
     );
 
+    // a fused q/k/v projection's rows (8B: 4096 + 1024 + 1024 columns) split into q, k, v
+    let widths = [cd.heads * cd.head_dim, row, row];
+    let w: usize = widths.iter().sum();
+    let xd = b.bf16(&randn(rng, s * w, 1.0))?;
+    let x = b.get_bf16(xd, s * w)?;
+    let outs = [
+        b.bf16(&vec![0.0; s * w])?,
+        b.bf16(&vec![0.0; s * w])?,
+        b.bf16(&vec![0.0; s * w])?,
+    ];
+    decode::split_columns(gpu, s, widths, xd, outs)?;
+    let want = decode::split_columns_cpu(&x, widths);
+    let mut wrong = 0.0f64;
+    for i in 0..3 {
+        wrong = wrong.max(rel_err(&b.get_bf16(outs[i], s * widths[i])?, &want[i]));
+    }
+    let us = time(gpu, || decode::split_columns(gpu, s, widths, xd, outs))?;
+    rep.add(
+        "split_columns 64 rows of 4096+1024+1024 (exact)",
+        wrong,
+        0.0,
+        us,
+        (2 * s * w * 2) as f64,
+    );
+
     check_decode_attention(gpu, rng, rep, &cd, s, &kc, &vc, kcd, vcd, &slots, &lens)?;
     for (heads, kv_heads, head_dim, seqs) in [(32, 8, 64, 1), (16, 1, 128, 2), (28, 4, 80, 3)] {
         let cd = decode::CacheDims {

@@ -35,6 +35,7 @@ mod steps;
 
 pub use steps::{capture_phases, write_step, GraphSteps, StepExecutor};
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 
@@ -108,6 +109,10 @@ enum WeightOf {
     Store(Range<usize>),
     /// Projection `p` of layer `l` (the adapter merged, if any).
     Proj(usize, Proj),
+    /// Layer `l`'s q, k and v projections stacked, [Wq; Wk; Wv] (Hq D + 2 Hkv D, C), and
+    /// their biases (zeros where a projection has none).
+    Qkv(usize),
+    QkvBias(usize),
     /// RoPE cos or sin (P, D) for positions 0..P.
     Cos,
     Sin,
@@ -301,17 +306,26 @@ impl ForwardGraph {
     ) -> Result<(), RuntimeError> {
         let positions: Vec<i32> = (0..self.capacity as i32).collect();
         let (cos, sin) = model.rope_rows(&positions);
+        // projection p of layer l, the adapter merged if it adapts it
+        let proj = |l: usize, p: Proj| -> Cow<'_, [f32]> {
+            let w = model.weights.get(&model.weights.layers[l].proj[p.index()]);
+            match lora.and_then(|ad| Some((ad, ad.a(l, p)?, ad.b(l, p)?))) {
+                Some((ad, a, bm)) => Cow::Owned(merged(w, a, bm, ad.r, ad.scale, model.rt)),
+                None => Cow::Borrowed(w),
+            }
+        };
+        const QKV: [Proj; 3] = [Proj::Q, Proj::K, Proj::V];
         for (t, of) in &self.weights {
             match of {
                 WeightOf::Store(r) => write(*t, model.weights.get(r))?,
-                WeightOf::Proj(l, p) => {
-                    let w = model.weights.get(&model.weights.layers[*l].proj[p.index()]);
-                    match lora.and_then(|ad| Some((ad, ad.a(*l, *p)?, ad.b(*l, *p)?))) {
-                        Some((ad, a, bm)) => {
-                            write(*t, &merged(w, a, bm, ad.r, ad.scale, model.rt))?
-                        }
-                        None => write(*t, w)?,
-                    }
+                WeightOf::Proj(l, p) => write(*t, &proj(*l, *p))?,
+                WeightOf::Qkv(l) => write(*t, &QKV.map(|p| proj(*l, p)).concat())?,
+                WeightOf::QkvBias(l) => {
+                    let bias = QKV.map(|p| match &model.weights.layers[*l].bias[p.index()] {
+                        Some(r) => model.weights.get(r).to_vec(),
+                        None => vec![0.0; p.shape(&model.dims).0],
+                    });
+                    write(*t, &bias.concat())?
                 }
                 WeightOf::Cos => write(*t, &cos)?,
                 WeightOf::Sin => write(*t, &sin)?,
@@ -440,12 +454,58 @@ fn build_phase(
                 .map(|r| g.weight(&format!("{name}.bias"), &[out], WeightOf::Store(r.clone())));
             let y = g.act(&name, out);
             let desc = GemmDesc::new(n, out, inn).transposed(false, true);
-            g.b.node(Node::gemm(format!("{phase}.{name}"), desc, x, w, y, bias));
+            // named by kind, not layer: a profile sums the layers' GEMMs of one projection
+            let kind = name.rsplit('.').next().unwrap_or(&name);
+            g.b.node(Node::gemm(
+                format!("{phase} GEMM {kind}"),
+                desc,
+                x,
+                w,
+                y,
+                bias,
+            ));
             y
         };
-        let mut q = project(g, Proj::Q, ln);
-        let mut k = project(g, Proj::K, ln);
-        let vv = project(g, Proj::V, ln);
+        // q, k, v from one GEMM on [Wq; Wk; Wv] (decoding reads the three weights in one
+        // pass instead of three narrow ones), split back into three tensors
+        let widths = [hq * hd, hkv * hd, hkv * hd];
+        let fused: usize = widths.iter().sum();
+        let w = g.weight(
+            &p("self_attn.qkv_proj.weight"),
+            &[fused, c],
+            WeightOf::Qkv(l),
+        );
+        let bias = [Proj::Q, Proj::K, Proj::V]
+            .iter()
+            .any(|pr| lw.bias[pr.index()].is_some())
+            .then(|| {
+                g.weight(
+                    &p("self_attn.qkv_proj.bias"),
+                    &[fused],
+                    WeightOf::QkvBias(l),
+                )
+            });
+        let qkv = g.act(&p("qkv_proj"), fused);
+        let desc = GemmDesc::new(n, fused, c).transposed(false, true);
+        g.b.node(Node::gemm(
+            format!("{phase} GEMM qkv_proj"),
+            desc,
+            ln,
+            w,
+            qkv,
+            bias,
+        ));
+        let mut q = g.act(&p("q_proj"), widths[0]);
+        let mut k = g.act(&p("k_proj"), widths[1]);
+        let vv = g.act(&p("v_proj"), widths[2]);
+        g.b.node(split_columns_node(
+            &p("split_qkv"),
+            n,
+            widths,
+            rt,
+            qkv,
+            [q, k, vv],
+        ));
         if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
             for (x, heads, norm_w, name) in
                 [(&mut q, hq, qn, "q_norm"), (&mut k, hkv, kn, "k_norm")]

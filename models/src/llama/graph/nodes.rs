@@ -87,6 +87,41 @@ pub(super) fn embedding_node(
     )
 }
 
+/// x (N, w0 + w1 + w2) -> its column blocks out[0] (N, w0), out[1] (N, w1), out[2] (N, w2).
+pub(super) fn split_columns_node(
+    name: &str,
+    n: usize,
+    widths: [usize; 3],
+    rt: Rounding,
+    x: TensorId,
+    out: [TensorId; 3],
+) -> Node {
+    kernel(
+        name,
+        &[x],
+        &out,
+        move |a| {
+            match rt.t {
+                Prec::Bf16 => split_into::<bf16>(a, widths),
+                _ => split_into::<f32>(a, widths),
+            }
+            Ok(())
+        },
+        move |gpu, a| {
+            let out = [a.output(0), a.output(1), a.output(2)];
+            decode::split_columns(gpu, n, widths, a.input(0), out)
+        },
+    )
+}
+
+/// The CPU side of [`split_columns_node`] on elements `T`.
+fn split_into<T: bytemuck::Pod>(a: &mut CpuArgs<'_>, widths: [usize; 3]) {
+    let parts = decode::split_columns_cpu(a.input::<T>(0), widths);
+    for (i, part) in parts.iter().enumerate() {
+        a.output::<T>(i).copy_from_slice(part);
+    }
+}
+
 /// y (R, C), rstd (R) = rms_norm(x) w.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn rms_norm_node(
