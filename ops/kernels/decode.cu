@@ -1,7 +1,7 @@
 // Decoding with a KV cache: raw kernels (see ops/src/decode.rs for the layouts, the math and
 // the CPU references).
 //
-// split_columns:     a fused q/k/v projection's rows split into q, k and v.
+// split_qkv:         a fused q/k/v projection's rows split into q, k and v heads, with RoPE.
 // kv_store:          K, V rows of this step -> cache[slot][pos]. One block per (row, kv head),
 //                    one thread per head-dim element.
 // decode_attention:  one query row per sequence against its cached keys 0..len, split over
@@ -55,20 +55,33 @@ extern "C" __global__ void __launch_bounds__(DEC_MAX_D) kv_store(
     vc[dst] = v_new[src];
 }
 
-// in (rows, w0 + w1 + w2) -> o0 (rows, w0), o1 (rows, w1), o2 (rows, w2): the columns of a
-// fused projection (x [Wq; Wk; Wv]^T) back into q, k, v. One thread per element, a block of
-// 256 columns of one row (blockIdx.y).
-extern "C" __global__ void __launch_bounds__(256) split_columns(
-    const dec_bf16* __restrict__ in, int w0, int w1, int w2,
-    dec_bf16* __restrict__ o0, dec_bf16* __restrict__ o1, dec_bf16* __restrict__ o2) {
-    const long long row = blockIdx.y;
-    const int c = blockIdx.x * 256 + threadIdx.x;
-    const int w = w0 + w1 + w2;
-    if (c >= w) return;
-    const dec_bf16 x = in[row * w + c];
-    if (c < w0) o0[row * w0 + c] = x;
-    else if (c < w0 + w1) o1[row * w1 + (c - w0)] = x;
-    else o2[row * w2 + (c - w0 - w1)] = x;
+// qkv (rows, (hq + 2 hkv) d) -> q (rows, hq, d), k (rows, hkv, d), v (rows, hkv, d): a fused
+// projection's heads split apart, RoPE applied to q's and k's heads on the way when `rope` is
+// set (cos, sin (P, d) rows picked by pos[row]; HF rotate_half, rounded as ops::rope's T(x1 cos)
+// - T(x2 sin)), or not (q/k norms come first: Qwen3). One block per (row, head), one thread
+// per pair (c, c + d/2).
+extern "C" __global__ void __launch_bounds__(DEC_MAX_D / 2) split_qkv(
+    const dec_bf16* __restrict__ qkv, const int* __restrict__ pos,
+    const dec_bf16* __restrict__ cos, const dec_bf16* __restrict__ sin, int hq, int hkv, int d,
+    int rope, dec_bf16* __restrict__ q, dec_bf16* __restrict__ k, dec_bf16* __restrict__ v) {
+    const long long row = blockIdx.x;
+    const int h = blockIdx.y, c = threadIdx.x, half = d / 2;
+    if (c >= half) return;
+    const dec_bf16* x = qkv + (row * (hq + 2 * hkv) + h) * d;
+    dec_bf16* out = h < hq ? q + (row * hq + h) * d
+                  : h < hq + hkv ? k + (row * hkv + h - hq) * d
+                  : v + (row * hkv + h - hq - hkv) * d;
+    dec_bf16 y1 = x[c], y2 = x[c + half];
+    if (rope && h < hq + hkv) {
+        const long long p = pos[row];
+        const float x1 = dec_to_f32(y1), x2 = dec_to_f32(y2);
+        const float c1 = dec_to_f32(cos[p * d + c]), c2 = dec_to_f32(cos[p * d + c + half]);
+        const float s1 = dec_to_f32(sin[p * d + c]), s2 = dec_to_f32(sin[p * d + c + half]);
+        y1 = dec_to_bf16(dec_to_f32(dec_to_bf16(x1 * c1)) - dec_to_f32(dec_to_bf16(x2 * s1)));
+        y2 = dec_to_bf16(dec_to_f32(dec_to_bf16(x2 * c2)) + dec_to_f32(dec_to_bf16(x1 * s2)));
+    }
+    out[c] = y1;
+    out[c + half] = y2;
 }
 
 constexpr int DEC_HEADS = 4;  // query heads per block (a kv head's group, split by 4s)

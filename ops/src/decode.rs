@@ -4,8 +4,9 @@
 //! Layouts (row-major, bf16 unless noted):
 //! - cache `kc`, `vc`: (slots, Hkv, T, D), T = the cache's capacity per sequence: each
 //!   (sequence, kv head)'s keys contiguous, so a decode block streams one contiguous range;
-//! - `split_columns`: `x` (rows, w0 + w1 + w2) -> (rows, w0), (rows, w1), (rows, w2): a fused
-//!   q/k/v projection's output split back into q, k and v;
+//! - `split_qkv`: `qkv` (rows, Hq + 2 Hkv, D) -> `q` (rows, Hq, D), `k`, `v` (rows, Hkv, D):
+//!   a fused q/k/v projection's heads split apart, RoPE (ops::rope) applied to q and k on the
+//!   way unless q/k norms must come first;
 //! - `kv_store`: `k_new`, `v_new` (rows, Hkv, D) with `slot`, `pos` (rows) i32:
 //!   `kc[slot[r], pos[r]] = k_new[r]`, the same for v (prefill stores every prompt token,
 //!   decoding one token per sequence);
@@ -23,7 +24,7 @@
 #[cfg(test)]
 mod tests;
 
-use crate::dsl::Real;
+use crate::dsl::{Real, Rounding};
 use ftrt_runtime::cudarc::driver::{LaunchConfig, PushKernelArg};
 use ftrt_runtime::rng::SplitMix64;
 use ftrt_runtime::{DevPtr, Gpu, RuntimeError};
@@ -82,15 +83,51 @@ impl CacheDims {
     }
 }
 
-/// CPU reference of [`split_columns`]: the column blocks of `x` (rows, sum of `widths`).
-pub fn split_columns_cpu<T: Copy>(x: &[T], widths: [usize; 3]) -> [Vec<T>; 3] {
+/// Heads of a fused q/k/v projection (Hq, Hkv, D) and, for [`split_qkv`]'s RoPE, the cos / sin
+/// tables' positions P.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QkvDims {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub positions: usize,
+}
+
+impl QkvDims {
+    /// Columns of each of q, k, v.
+    pub fn widths(&self) -> [usize; 3] {
+        let kv = self.kv_heads * self.head_dim;
+        [self.heads * self.head_dim, kv, kv]
+    }
+}
+
+/// CPU reference of [`split_qkv`]: the column blocks of `qkv` (rows, Hq D + 2 Hkv D), then
+/// `rope` = (pos, cos, sin) applied to q and k by ops::rope's own CPU reference.
+pub fn split_qkv_cpu<T: Real>(
+    d: &QkvDims,
+    qkv: &[T],
+    rope: Option<(&[i32], &[T], &[T])>,
+    rt: Rounding,
+) -> [Vec<T>; 3] {
+    let widths = d.widths();
     let w: usize = widths.iter().sum();
     let mut out: [Vec<T>; 3] = Default::default();
-    for row in x.chunks(w.max(1)) {
+    for row in qkv.chunks(w.max(1)) {
         let mut c = 0;
         for (o, &wi) in out.iter_mut().zip(&widths) {
             o.extend_from_slice(&row[c..c + wi]);
             c += wi;
+        }
+    }
+    if let Some((pos, cos, sin)) = rope {
+        for (x, heads) in out.iter_mut().zip([d.heads, d.kv_heads]) {
+            let rd = crate::rope::rope::Dims {
+                N: pos.len(),
+                H: heads,
+                D: d.head_dim,
+                P: d.positions,
+            };
+            crate::rope::rope::forward_cpu(&rd, x, pos, cos, sin, rt);
         }
     }
     out
@@ -241,40 +278,49 @@ pub fn kv_store(
     Ok(())
 }
 
-/// `x` (rows, w0 + w1 + w2) into `out[0]` (rows, w0), `out[1]` (rows, w1), `out[2]` (rows, w2)
-/// (compute stream).
-pub fn split_columns(
+/// `qkv` (rows, Hq + 2 Hkv, D) into `out` = [q (rows, Hq, D), k, v (rows, Hkv, D)], with RoPE
+/// on q and k when `rope` = (pos (rows) i32, cos, sin (P, D)) is given (compute stream).
+pub fn split_qkv(
     gpu: &Gpu,
+    d: &QkvDims,
     rows: usize,
-    widths: [usize; 3],
-    x: DevPtr<bf16>,
+    qkv: DevPtr<bf16>,
+    rope: Option<(DevPtr<i32>, DevPtr<bf16>, DevPtr<bf16>)>,
     out: [DevPtr<bf16>; 3],
 ) -> Result<(), RuntimeError> {
-    let w: usize = widths.iter().sum();
-    if rows == 0 || w == 0 {
-        return Ok(());
-    }
-    if w > i32::MAX as usize || rows > u32::MAX as usize {
+    if !d.head_dim.is_multiple_of(2) || d.head_dim > MAX_HEAD_DIM || rows > u32::MAX as usize {
         return Err(RuntimeError::InvalidArgument(format!(
-            "split_columns of {rows} rows of {w} columns is past the kernel's index range"
+            "split_qkv takes an even head dim up to {MAX_HEAD_DIM} (got {}) and at most 2^32 rows",
+            d.head_dim
         )));
     }
-    let f = gpu.function(&KERNELS, "split_columns")?;
-    let [w0, w1, w2] = widths.map(|x| x as i32);
+    let heads = d.heads + 2 * d.kv_heads;
+    if rows == 0 || heads == 0 || d.head_dim == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&KERNELS, "split_qkv")?;
+    let (hq, hkv, hd) = (d.heads as i32, d.kv_heads as i32, d.head_dim as i32);
+    let (pos, cos, sin) = rope.map_or((0, 0, 0), |(p, c, s)| (p.addr, c.addr, s.addr));
+    let with_rope = i32::from(rope.is_some());
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&x.addr);
-    b.arg(&w0);
-    b.arg(&w1);
-    b.arg(&w2);
+    b.arg(&qkv.addr);
+    b.arg(&pos);
+    b.arg(&cos);
+    b.arg(&sin);
+    b.arg(&hq);
+    b.arg(&hkv);
+    b.arg(&hd);
+    b.arg(&with_rope);
     for o in &out {
         b.arg(&o.addr);
     }
     let cfg = LaunchConfig {
-        grid_dim: (w.div_ceil(256) as u32, rows as u32, 1),
-        block_dim: (256, 1, 1),
+        grid_dim: (rows as u32, heads as u32, 1),
+        block_dim: (d.head_dim as u32 / 2, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: x holds rows * w elements, out[i] rows * widths[i].
+    // SAFETY: qkv holds rows * heads * D elements, out its three blocks; with RoPE, pos holds
+    // rows positions below P and cos / sin P * D elements (the caller's contract).
     unsafe { b.launch(cfg) }?;
     Ok(())
 }

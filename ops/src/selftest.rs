@@ -776,30 +776,50 @@ fn check_decode(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), Runtim
         (4 * s * row * 2) as f64,
     );
 
-    // a fused q/k/v projection's rows (8B: 4096 + 1024 + 1024 columns) split into q, k, v
-    let widths = [cd.heads * cd.head_dim, row, row];
+    // a fused q/k/v projection's rows (8B: 32 + 8 + 8 heads of 128) split into q, k, v, with
+    // RoPE at the rows' positions and without (against the split and ops::rope's CPU reference)
+    let qd = decode::QkvDims {
+        heads: cd.heads,
+        kv_heads: cd.kv_heads,
+        head_dim: cd.head_dim,
+        positions: t,
+    };
+    let widths = qd.widths();
     let w: usize = widths.iter().sum();
     let xd = b.bf16(&randn(rng, s * w, 1.0))?;
     let x = b.get_bf16(xd, s * w)?;
+    let angles: Vec<f32> = (0..t * cd.head_dim).map(|i| i as f32 * 0.37).collect();
+    let (cosd, sind) = (
+        b.bf16(&angles.iter().map(|a| a.cos()).collect::<Vec<_>>())?,
+        b.bf16(&angles.iter().map(|a| a.sin()).collect::<Vec<_>>())?,
+    );
+    let (cosv, sinv) = (
+        b.get_bf16(cosd, t * cd.head_dim)?,
+        b.get_bf16(sind, t * cd.head_dim)?,
+    );
     let outs = [
         b.bf16(&vec![0.0; s * w])?,
         b.bf16(&vec![0.0; s * w])?,
         b.bf16(&vec![0.0; s * w])?,
     ];
-    decode::split_columns(gpu, s, widths, xd, outs)?;
-    let want = decode::split_columns_cpu(&x, widths);
-    let mut wrong = 0.0f64;
-    for i in 0..3 {
-        wrong = wrong.max(rel_err(&b.get_bf16(outs[i], s * widths[i])?, &want[i]));
+    for (rope, what) in [(true, "with RoPE"), (false, "without RoPE")] {
+        let dev_rope = rope.then_some((pd, cosd, sind));
+        decode::split_qkv(gpu, &qd, s, xd, dev_rope, outs)?;
+        let cpu_rope = rope.then_some((&pos[..], &cosv[..], &sinv[..]));
+        let want = decode::split_qkv_cpu(&qd, &x, cpu_rope, Rounding::BF16);
+        let mut err = 0.0f64;
+        for i in 0..3 {
+            err = err.max(rel_err(&b.get_bf16(outs[i], s * widths[i])?, &want[i]));
+        }
+        let us = time(gpu, || decode::split_qkv(gpu, &qd, s, xd, dev_rope, outs))?;
+        rep.add(
+            &format!("split_qkv 64 rows of 32+8+8 heads of 128 {what} (exact)"),
+            err,
+            0.0,
+            us,
+            (2 * s * w * 2) as f64,
+        );
     }
-    let us = time(gpu, || decode::split_columns(gpu, s, widths, xd, outs))?;
-    rep.add(
-        "split_columns 64 rows of 4096+1024+1024 (exact)",
-        wrong,
-        0.0,
-        us,
-        (2 * s * w * 2) as f64,
-    );
 
     check_decode_attention(gpu, rng, rep, &cd, s, &kc, &vc, kcd, vcd, &slots, &lens)?;
     for (heads, kv_heads, head_dim, seqs) in [(32, 8, 64, 1), (16, 1, 128, 2), (28, 4, 80, 3)] {

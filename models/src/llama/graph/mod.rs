@@ -39,7 +39,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 
-use ftrt_ops::decode::{self, CacheDims, SplitPlan};
+use ftrt_ops::decode::{self, CacheDims, QkvDims, SplitPlan};
 use ftrt_ops::dsl::{Real, Rounding};
 use ftrt_runtime::gemm::cpu::gemm;
 use ftrt_runtime::graph::{Graph, GraphBuilder, Lifetime, Node, TensorId};
@@ -468,7 +468,13 @@ fn build_phase(
         };
         // q, k, v from one GEMM on [Wq; Wk; Wv] (decoding reads the three weights in one
         // pass instead of three narrow ones), split back into three tensors
-        let widths = [hq * hd, hkv * hd, hkv * hd];
+        let qd = QkvDims {
+            heads: hq,
+            kv_heads: hkv,
+            head_dim: hd,
+            positions: cd.capacity,
+        };
+        let widths = qd.widths();
         let fused: usize = widths.iter().sum();
         let w = g.weight(
             &p("self_attn.qkv_proj.weight"),
@@ -498,42 +504,54 @@ fn build_phase(
         let mut q = g.act(&p("q_proj"), widths[0]);
         let mut k = g.act(&p("k_proj"), widths[1]);
         let vv = g.act(&p("v_proj"), widths[2]);
-        g.b.node(split_columns_node(
-            &p("split_qkv"),
-            n,
-            widths,
-            rt,
-            qkv,
-            [q, k, vv],
-        ));
-        if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
-            for (x, heads, norm_w, name) in
-                [(&mut q, hq, qn, "q_norm"), (&mut k, hkv, kn, "k_norm")]
-            {
-                let w = g.weight(
-                    &p(&format!("self_attn.{name}")),
-                    &[hd],
-                    WeightOf::Store(norm_w.clone()),
-                );
-                let y = g.act(&p(name), heads * hd);
-                let r = g.rstd(&p(&format!("{name}.rstd")), n * heads);
-                g.b.node(rms_norm_node(&p(name), n * heads, hd, eps, rt, *x, w, y, r));
-                *x = y;
+        let rope = (pos, sh.cos, sh.sin);
+        match (&lw.q_norm, &lw.k_norm) {
+            // Qwen3: split, q/k norms, then RoPE
+            (Some(qn), Some(kn)) => {
+                g.b.node(split_qkv_node(
+                    &p("split_qkv"),
+                    n,
+                    qd,
+                    rt,
+                    qkv,
+                    None,
+                    [q, k, vv],
+                ));
+                for (x, heads, norm_w, name) in
+                    [(&mut q, hq, qn, "q_norm"), (&mut k, hkv, kn, "k_norm")]
+                {
+                    let w = g.weight(
+                        &p(&format!("self_attn.{name}")),
+                        &[hd],
+                        WeightOf::Store(norm_w.clone()),
+                    );
+                    let y = g.act(&p(name), heads * hd);
+                    let r = g.rstd(&p(&format!("{name}.rstd")), n * heads);
+                    g.b.node(rms_norm_node(&p(name), n * heads, hd, eps, rt, *x, w, y, r));
+                    *x = y;
+                }
+                for (x, heads, name) in [(q, hq, "rope_q"), (k, hkv, "rope_k")] {
+                    let (pos, cos, sin) = rope;
+                    g.b.node(rope_node(
+                        &p(name),
+                        n,
+                        heads,
+                        hd,
+                        cd.capacity,
+                        rt,
+                        x,
+                        pos,
+                        cos,
+                        sin,
+                    ));
+                }
             }
-        }
-        for (x, heads, name) in [(q, hq, "rope_q"), (k, hkv, "rope_k")] {
-            g.b.node(rope_node(
-                &p(name),
-                n,
-                heads,
-                hd,
-                cd.capacity,
-                rt,
-                x,
-                pos,
-                sh.cos,
-                sh.sin,
-            ));
+            // RoPE on the way out of the split
+            _ => {
+                let node =
+                    split_qkv_node(&p("split_qkv_rope"), n, qd, rt, qkv, Some(rope), [q, k, vv]);
+                g.b.node(node);
+            }
         }
         let (kc, vc) = (sh.kc[l], sh.vc[l]);
         g.b.node(kv_store_node(

@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 
-use ftrt_ops::decode::{self, CacheDims, SplitPlan};
+use ftrt_ops::decode::{self, CacheDims, QkvDims, SplitPlan};
 use ftrt_ops::dsl::{Prec, Rounding};
 use ftrt_ops::{activation, embedding, norm, rope};
 use ftrt_runtime::graph::{CpuArgs, GpuArgs, Node, TensorId};
@@ -87,38 +87,53 @@ pub(super) fn embedding_node(
     )
 }
 
-/// x (N, w0 + w1 + w2) -> its column blocks out[0] (N, w0), out[1] (N, w1), out[2] (N, w2).
-pub(super) fn split_columns_node(
+/// qkv (N, Hq + 2 Hkv, D) -> out = [q (N, Hq, D), k, v (N, Hkv, D)], RoPE applied to q and k
+/// when `rope` = (pos (N) i32, cos, sin (P, D)) is given.
+pub(super) fn split_qkv_node(
     name: &str,
     n: usize,
-    widths: [usize; 3],
+    d: QkvDims,
     rt: Rounding,
-    x: TensorId,
+    qkv: TensorId,
+    rope: Option<(TensorId, TensorId, TensorId)>,
     out: [TensorId; 3],
 ) -> Node {
+    let reads = match rope {
+        Some((pos, cos, sin)) => vec![qkv, pos, cos, sin],
+        None => vec![qkv],
+    };
+    let with_rope = rope.is_some();
     kernel(
         name,
-        &[x],
+        &reads,
         &out,
         move |a| {
-            match rt.t {
-                Prec::Bf16 => split_into::<bf16>(a, widths),
-                _ => split_into::<f32>(a, widths),
+            let (x, cos, sin) = (
+                floats(a, 0, rt),
+                opt_floats(a, 2, with_rope, rt),
+                opt_floats(a, 3, with_rope, rt),
+            );
+            let r = with_rope.then(|| (a.input::<i32>(1), &cos[..], &sin[..]));
+            let parts = decode::split_qkv_cpu(&d, &x, r, rt);
+            for (i, part) in parts.iter().enumerate() {
+                store(a, i, rt, part);
             }
             Ok(())
         },
         move |gpu, a| {
+            let r = with_rope.then(|| (a.input(1), a.input(2), a.input(3)));
             let out = [a.output(0), a.output(1), a.output(2)];
-            decode::split_columns(gpu, n, widths, a.input(0), out)
+            decode::split_qkv(gpu, &d, n, a.input(0), r, out)
         },
     )
 }
 
-/// The CPU side of [`split_columns_node`] on elements `T`.
-fn split_into<T: bytemuck::Pod>(a: &mut CpuArgs<'_>, widths: [usize; 3]) {
-    let parts = decode::split_columns_cpu(a.input::<T>(0), widths);
-    for (i, part) in parts.iter().enumerate() {
-        a.output::<T>(i).copy_from_slice(part);
+/// Input `i` as f32 values when `present`, else empty.
+fn opt_floats<'a>(args: &'a CpuArgs<'_>, i: usize, present: bool, rt: Rounding) -> Cow<'a, [f32]> {
+    if present {
+        floats(args, i, rt)
+    } else {
+        Cow::Borrowed(&[])
     }
 }
 
