@@ -93,12 +93,12 @@ fn profile_phases(
         .take(fg.prefill.logit_rows)
         .collect();
     let words = sampling_words(1.0, 7);
-    write_step(fg, ex, &fg.prefill, &prefill, &last, words)?;
+    // whole prompts: the phase generation used (flash attention where the head dim has it)
+    let phase = fg.prefill_fresh.as_ref().unwrap_or(&fg.prefill);
+    write_step(fg, ex, phase, &prefill, &last, words)?;
     let title = format!("GPU time of one prefill step of {} rows:", prefill.len());
     let pre = print_profile(gpu, &title, || {
-        ex.run_eager_nodes(fg.prefill.nodes.clone())
-            .map(drop)
-            .map_err(s)
+        ex.run_eager_nodes(phase.nodes.clone()).map(drop).map_err(s)
     })?;
     let pos = (p + fg.capacity) / 2;
     let rows: Vec<StepRow> = (0..fg.slots)

@@ -285,3 +285,57 @@ fn graph_draws_at_a_temperature_on_the_device_as_gumbel_max_over_the_cpu_models_
     let greedy = generate_with(&mut steps, &ps, new, &[], SamplingParams::default()).unwrap();
     assert_ne!(got, greedy, "seed {seed}");
 }
+
+#[test]
+fn graph_flash_prefill_of_whole_prompts_matches_the_cpu_model() {
+    // head dims with flash kernels get a third phase: whole prompts attend within the step
+    use ftrt_models::llama::generate_with;
+    use ftrt_models::llama::gpu::random_init::random_llama;
+    use ftrt_models::llama::graph::GraphSteps;
+    use ftrt_models::llama::SamplingParams;
+    let ps = prompts();
+    for hd in [64, 128] {
+        let m = random_llama(hd, 5, Rounding::F32);
+        let fg = ForwardGraph::new(&m, 32, ps.len(), 40, DType::F32).unwrap();
+        let fresh = fg
+            .prefill_fresh
+            .as_ref()
+            .expect("a flash prefill phase at d 64 / 128");
+        let p = plan(&fg.graph, &PlanOptions::default()).unwrap();
+        let mut run = CpuForward::new(&fg, &p, &m, None);
+        let (rows, last) = prefill_rows(&ps);
+        let got = run.step(fresh, &rows, &last);
+        let mut cache = m.new_cache(ps.len());
+        let slots: Vec<usize> = (0..ps.len()).collect();
+        let want = m.prefill(&mut cache, &slots, &ps, None).unwrap();
+        let e = rel_err(&got, &want);
+        eprintln!("d {hd}: flash prefill vs the CPU model: rel err {e:.2e}");
+        assert!(e < 1e-5, "d {hd}: rel err {e:e}");
+        // a prompt run that does not start at position 0 is refused by the flash phase
+        let mut late = rows.clone();
+        late[0].pos = 1;
+        assert!(write_step(
+            &fg,
+            &mut run.ex,
+            fresh,
+            &late,
+            &last,
+            sampling_words(0.0, 0)
+        )
+        .is_err());
+
+        // generation: prompts packed whole into flash steps (prefill rows 32), or cut across
+        // steps of 4 rows (the cut runs go through the cache phase)
+        for prefill_rows in [32, 4] {
+            let fg = ForwardGraph::new(&m, prefill_rows, ps.len(), 40, DType::F32).unwrap();
+            let p = plan(&fg.graph, &PlanOptions::default()).unwrap();
+            let mut ex = CpuExecutor::new(&fg.graph, &p);
+            fg.for_each_weight(&m, None, |t, v| ex.write(t, v)).unwrap();
+            let mut steps = GraphSteps::new(&fg, ex);
+            let params = SamplingParams::default();
+            let got = generate_with(&mut steps, &ps, 6, &[], params).unwrap();
+            let want = m.generate(&ps, 6, &[], params, None).unwrap();
+            assert_eq!(got, want, "d {hd}, prefill rows {prefill_rows}");
+        }
+    }
+}

@@ -72,7 +72,12 @@ pub(super) fn check_forward_graph(
         }
         last.push(prefill.len() - 1);
     }
-    let (got, want, picked) = step(&fg.prefill, &prefill, &last)?;
+    // whole prompts: the flash-attention prefill where the head dim has it
+    let (phase, how) = match &fg.prefill_fresh {
+        Some(fresh) => (fresh, "flash attention within the step"),
+        None => (&fg.prefill, "cache attention"),
+    };
+    let (got, want, picked) = step(phase, &prefill, &last)?;
     let (mut worst, mut agree, mut total) = (rel_err(&got, &want), 0, 0);
     let mut next = vec![0u32; slots];
     let mut lens: Vec<usize> = PROMPTS.iter().map(|p| p.len()).collect();
@@ -108,7 +113,7 @@ pub(super) fn check_forward_graph(
         worst,
         TOL,
         format!(
-            "one bf16 graph: a prefill step packing {} tokens, {DECODE_STEPS} decode steps; the GPU graph's greedy tokens are the CPU's top-1 {agree}/{total}",
+            "one bf16 graph: a prefill step packing {} tokens ({how}), {DECODE_STEPS} decode steps; the GPU graph's greedy tokens are the CPU's top-1 {agree}/{total}",
             prefill.len()
         ),
     );

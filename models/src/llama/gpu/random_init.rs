@@ -73,3 +73,28 @@ pub fn host_weights(
     }
     (full, v)
 }
+
+/// A small random Llama (2 layers, 4 query and 2 key/value heads of `head_dim`, vocabulary
+/// 128, the weights of [`host_weights`] under `seed`) on the host, rounding as `rt`: the shape
+/// the forward graph's flash-attention prefill needs (head dims 64 and 128), which the tiny
+/// transformers fixtures (head dim 16) do not have.
+pub fn random_llama(
+    head_dim: usize,
+    seed: u64,
+    rt: crate::llama::Rounding,
+) -> crate::llama::LlamaModel {
+    let hidden = 4 * head_dim;
+    let json = format!(
+        r#"{{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": {hidden},
+            "intermediate_size": {}, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": {head_dim}, "vocab_size": 128,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false,
+            "max_position_embeddings": 512, "hidden_act": "silu"}}"#,
+        2 * hidden
+    );
+    let config = ModelConfig::from_json_str(&json, std::path::Path::new("random_llama"))
+        .expect("a valid built-in config");
+    let (mut store, values) = host_weights(&config, seed, None);
+    store.data = values.iter().map(|x| x.to_f32()).collect();
+    crate::llama::LlamaModel::from_store(&config, store, rt)
+}

@@ -70,6 +70,15 @@ pub fn selftest_model(gpu: &Gpu) -> Result<Vec<Row>, String> {
             ));
         }
     }
+    // a head dim with flash kernels: the graph's whole-prompt prefill through flash attention
+    let d64 = super::random_init::random_llama(64, 11, Rounding::BF16);
+    if let Err(e) = super::graph_check::check_forward_graph(gpu, &d64, "llama d64", &mut rows) {
+        rows.push((
+            "model llama d64: forward graph check".into(),
+            f64::INFINITY,
+            format!("error: {e}  FAILED"),
+        ));
+    }
     if let Err(e) = check_offload_deep(gpu, &mut rows) {
         rows.push((
             "model llama: residual offload check".into(),

@@ -39,6 +39,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 
+use ftrt_ops::attention::{self, AttentionDims};
 use ftrt_ops::decode::{self, CacheDims, QkvDims, SplitPlan};
 use ftrt_ops::dsl::{Real, Rounding};
 use ftrt_runtime::gemm::cpu::gemm;
@@ -64,6 +65,10 @@ pub struct ForwardGraph {
     pub vocab: usize,
     /// Prompt chunks: up to `prefill.rows` tokens, the logits of up to S picked rows.
     pub prefill: Phase,
+    /// The same for chunks of whole prompts (each from position 0), attending within the step
+    /// by flash attention instead of reloading keys from the cache row by row; built where the
+    /// head dim has flash kernels (64, 128).
+    pub prefill_fresh: Option<Phase>,
     /// Decoding: one row per slot (S rows), the logits of each.
     pub decode: Phase,
     /// (16) u8: [the f32 bits of 1 / T (0: greedy), the seed] as two little-endian u64, read
@@ -92,6 +97,9 @@ pub struct Phase {
     pub len: TensorId,
     /// (L) i32: the rows whose logits are computed, in order (prefill).
     pub picks: Option<TensorId>,
+    /// (S + 1) i32 prefix sums of the step's prompt segments, each starting at position 0,
+    /// when the phase attends with flash attention within the step (`prefill_fresh`).
+    pub cu_seqlens: Option<TensorId>,
     /// (L, V) f32 logits and each one's next token (L) i32, picked on the device.
     pub logits: TensorId,
     pub next: TensorId,
@@ -274,8 +282,26 @@ impl ForwardGraph {
             kc,
             vc,
         };
-        let prefill = build_phase(&mut g, &sh, "prefill", prefill_rows, Some(slots));
-        let decode = build_phase(&mut g, &sh, "decode", slots, None);
+        let prefill = build_phase(
+            &mut g,
+            &sh,
+            "prefill",
+            prefill_rows,
+            Some(slots),
+            Attention::Cache,
+        );
+        let prefill_fresh = attention::HEAD_DIMS.contains(&d.head_dim).then(|| {
+            let flash = Attention::Flash { segments: slots };
+            build_phase(
+                &mut g,
+                &sh,
+                "prefill_fresh",
+                prefill_rows,
+                Some(slots),
+                flash,
+            )
+        });
+        let decode = build_phase(&mut g, &sh, "decode", slots, None, Attention::Cache);
         let Build { b, weights, .. } = g;
         Ok(Self {
             graph: b
@@ -286,6 +312,7 @@ impl ForwardGraph {
             capacity,
             vocab: d.vocab,
             prefill,
+            prefill_fresh,
             decode,
             sampling,
             kc: sh.kc,
@@ -334,6 +361,17 @@ impl ForwardGraph {
         Ok(())
     }
 
+    /// Every phase, in graph order.
+    pub fn phases(&self) -> impl Iterator<Item = &Phase> {
+        [
+            Some(&self.prefill),
+            self.prefill_fresh.as_ref(),
+            Some(&self.decode),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
     /// The step inputs (ids, pos, slot, len) of `rows` for `phase`, padded to its rows with
     /// token 0 at position 0 of the padding slot.
     pub fn step_inputs(&self, phase: &Phase, rows: &[StepRow]) -> Result<StepInputs, LlamaError> {
@@ -380,6 +418,7 @@ fn build_phase(
     phase: &'static str,
     n: usize,
     logit_rows: Option<usize>,
+    attention: Attention,
 ) -> Phase {
     let model = sh.model;
     let d = model.dims;
@@ -395,19 +434,36 @@ fn build_phase(
     let (eps, rt, cd) = (model.config.rms_norm_eps as f32, sh.rt, sh.cd);
     (g.n, g.phase) = (n, phase);
     let first = g.b.node_count();
-    let split = SplitPlan::new(&cd, n);
     let (ids, pos, slot, len) = (
         g.input("input_ids", n, DType::I32),
         g.input("positions", n, DType::I32),
         g.input("cache_slots", n, DType::I32),
         g.input("attended_lengths", n, DType::I32),
     );
-    let scratch = g.b.tensor(
-        format!("{phase}.decode_attention_scratch"),
-        &[split.scratch_len(&cd, n)],
-        DType::F32,
-        Lifetime::Scratch,
-    );
+    // the cache attention's split partials, or the flash attention's segments and lse
+    let (cache_attention, flash) = match attention {
+        Attention::Cache => {
+            let split = SplitPlan::new(&cd, n);
+            let scratch = g.b.tensor(
+                format!("{phase}.decode_attention_scratch"),
+                &[split.scratch_len(&cd, n)],
+                DType::F32,
+                Lifetime::Scratch,
+            );
+            (Some((split, scratch)), None)
+        }
+        Attention::Flash { segments } => {
+            let dims = AttentionDims::new(n, segments, hq, hkv, hd);
+            let cu = g.input("cu_seqlens", segments + 1, DType::I32);
+            let lse = g.b.tensor(
+                format!("{phase}.lse"),
+                &[hq * n],
+                DType::F32,
+                Lifetime::Scratch,
+            );
+            (None, Some((dims, cu, lse)))
+        }
+    };
 
     let mut resid = g.act("embedding", c);
     g.b.node(embedding_node(
@@ -567,20 +623,31 @@ fn build_phase(
             vc,
         ));
         let att = g.act(&p("attention"), hq * hd);
-        g.b.node(attention_node(
-            &p("attention"),
-            cd,
-            split,
-            n,
-            rt,
-            q,
-            kc,
-            vc,
-            slot,
-            len,
-            scratch,
-            att,
-        ));
+        match (cache_attention, flash) {
+            (Some((split, scratch)), _) => g.b.node(attention_node(
+                &p("attention"),
+                cd,
+                split,
+                n,
+                rt,
+                q,
+                kc,
+                vc,
+                slot,
+                len,
+                scratch,
+                att,
+            )),
+            (_, Some((dims, cu, lse))) => g.b.node(flash_attention_node(
+                &p("flash_attention"),
+                dims,
+                rt,
+                [q, k, vv, cu],
+                att,
+                lse,
+            )),
+            (None, None) => unreachable!("every phase has one attention"),
+        };
         let o = project(g, Proj::O, att);
         let (ln2, mid) = (g.act(&p("post_norm.out"), c), g.act(&p("resid_mid"), c));
         let pw = g.weight(
@@ -685,9 +752,20 @@ fn build_phase(
         slot,
         len,
         picks,
+        cu_seqlens: flash.map(|(_, cu, _)| cu),
         logits,
         next,
     }
+}
+
+/// How a phase's rows attend.
+#[derive(Clone, Copy)]
+enum Attention {
+    /// Over the cache: each row its slot's keys 0..=pos (any rows).
+    Cache,
+    /// Flash attention within the step: rows in up to `segments` runs of one slot each, every
+    /// run starting at position 0 (whole prompts).
+    Flash { segments: usize },
 }
 
 /// W + s B A for W (out, in), A (r, in), B (out, r), rounded to the model's dtype.

@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 
+use ftrt_ops::attention::{self, AttentionDims};
 use ftrt_ops::decode::{self, CacheDims, QkvDims, SplitPlan};
 use ftrt_ops::dsl::{Prec, Rounding};
 use ftrt_ops::{activation, embedding, norm, rope};
@@ -373,6 +374,36 @@ pub(super) fn attention_node(
                 a.output(0),
                 a.output(1),
             )
+        },
+    )
+}
+
+/// out (N, Hq, D), lse (Hq, N) f32 = causal attention of q (N, Hq, D) over k, v (N, Hkv, D)
+/// within the segments of cu_seqlens (S + 1) i32 (`inputs` = [q, k, v, cu_seqlens]).
+pub(super) fn flash_attention_node(
+    name: &str,
+    dims: AttentionDims,
+    rt: Rounding,
+    inputs: [TensorId; 4],
+    out: TensorId,
+    lse: TensorId,
+) -> Node {
+    kernel(
+        name,
+        &inputs,
+        &[out, lse],
+        move |a| {
+            let (q, k, v) = (floats(a, 0, rt), floats(a, 1, rt), floats(a, 2, rt));
+            let mut o = vec![0f32; dims.q_len()];
+            let mut l = vec![0f32; dims.lse_len()];
+            attention::attention_forward_cpu(&dims, a.input::<i32>(3), &q, &k, &v, &mut o, &mut l);
+            store(a, 0, rt, &o);
+            a.output::<f32>(1).copy_from_slice(&l);
+            Ok(())
+        },
+        move |gpu, a| {
+            let (q, k, v, cu) = (a.input(0), a.input(1), a.input(2), a.input(3));
+            attention::attention_forward(gpu, dims, q, k, v, cu, a.output(0), a.output(1))
         },
     )
 }

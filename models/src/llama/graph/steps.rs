@@ -60,7 +60,7 @@ impl StepExecutor for CudaExecutor<'_> {
 /// Writes the inputs of steps of padding rows only (they touch the spare slot) and captures
 /// both phases of `fg` on `ex` (its weights written), each into a CUDA graph.
 pub fn capture_phases(fg: &ForwardGraph, ex: &mut CudaExecutor<'_>) -> Result<(), String> {
-    for phase in [&fg.prefill, &fg.decode] {
+    for phase in fg.phases() {
         write_step(fg, ex, phase, &[], &[], sampling_words(0.0, 0))?;
         ex.capture_nodes(phase.nodes.clone())
             .map_err(|e| e.to_string())?;
@@ -68,7 +68,8 @@ pub fn capture_phases(fg: &ForwardGraph, ex: &mut CudaExecutor<'_>) -> Result<()
     Ok(())
 }
 
-/// Writes a step's inputs: `rows` (padded), the logit rows `picks` (prefill) and the
+/// Writes a step's inputs: `rows` (padded), the logit rows `picks` (prefill), the segments
+/// of a flash-attention phase (runs of one slot; each must start at position 0) and the
 /// sampling words.
 pub fn write_step<E: StepExecutor>(
     fg: &ForwardGraph,
@@ -93,7 +94,42 @@ pub fn write_step<E: StepExecutor>(
         p.resize(phase.logit_rows, 0);
         ex.write_i32(t, &p).map_err(e)?;
     }
+    if let Some(t) = phase.cu_seqlens {
+        ex.write_i32(t, &segments(rows, fg.slots + 1)?).map_err(e)?;
+    }
     ex.write_u64(fg.sampling, &sampling).map_err(e)
+}
+
+/// cu_seqlens (len entries) of `rows` cut into runs of one slot, each starting at position 0;
+/// the entries past the last run repeat its end (empty segments).
+fn segments(rows: &[StepRow], len: usize) -> Result<Vec<i32>, String> {
+    let mut cu = vec![0i32];
+    for (i, r) in rows.iter().enumerate() {
+        let starts = i == 0 || rows[i - 1].slot != r.slot;
+        if starts {
+            if r.pos != 0 {
+                return Err(format!("row {r:?} starts a run away from position 0"));
+            }
+            if i > 0 {
+                cu.push(i as i32);
+            }
+        } else if r.pos != rows[i - 1].pos + 1 {
+            return Err(format!("row {r:?} does not follow its slot's previous row"));
+        }
+    }
+    if !rows.is_empty() {
+        cu.push(rows.len() as i32);
+    }
+    if cu.len() > len {
+        return Err(format!(
+            "{} runs in a step of at most {}",
+            cu.len() - 1,
+            len - 1
+        ));
+    }
+    let end = *cu.last().unwrap_or(&0);
+    cu.resize(len, end);
+    Ok(cu)
 }
 
 /// Generation through the forward graph: prompts packed `fg.prefill.rows` tokens per step,
@@ -198,14 +234,19 @@ impl<E: StepExecutor> crate::llama::NextTokens for GraphSteps<'_, E> {
         }
         let fg = self.fg;
         let mut out = Vec::with_capacity(last.len());
-        for (c, chunk) in rows.chunks(fg.prefill.rows).enumerate() {
-            let start = c * fg.prefill.rows;
+        for chunk in prefill_chunks(&last, fg.prefill.rows) {
             let picks: Vec<usize> = last
                 .iter()
-                .filter(|&&w| (start..start + chunk.len()).contains(&w))
-                .map(|&w| w - start)
+                .filter(|&&w| chunk.contains(&w))
+                .map(|&w| w - chunk.start)
                 .collect();
-            out.extend(self.step(&fg.prefill, chunk, &picks, sampler)?);
+            let step_rows = &rows[chunk];
+            // whole prompts only: attend within the step, not over the cache
+            let phase = match &fg.prefill_fresh {
+                Some(fresh) if segments(step_rows, fg.slots + 1).is_ok() => fresh,
+                _ => &fg.prefill,
+            };
+            out.extend(self.step(phase, step_rows, &picks, sampler)?);
         }
         Ok(out)
     }
@@ -224,5 +265,61 @@ impl<E: StepExecutor> crate::llama::NextTokens for GraphSteps<'_, E> {
         let picks: Vec<usize> = (0..rows.len()).collect();
         let fg = self.fg;
         self.step(&fg.decode, &rows, &picks, sampler)
+    }
+}
+
+/// Row ranges of the prefill steps of prompts whose last rows are `last` (increasing): whole
+/// prompts packed up to `rows` per step, a prompt longer than `rows` in steps of its own.
+fn prefill_chunks(last: &[usize], rows: usize) -> Vec<Range<usize>> {
+    let mut chunks = Vec::new();
+    let (mut start, mut prompt_start) = (0, 0);
+    for &l in last {
+        let end = l + 1;
+        if end - start > rows && prompt_start > start {
+            chunks.push(start..prompt_start); // close the step before this prompt
+            start = prompt_start;
+        }
+        while end - start > rows {
+            chunks.push(start..start + rows); // a prompt longer than a step
+            start += rows;
+        }
+        prompt_start = end;
+    }
+    if prompt_start > start {
+        chunks.push(start..prompt_start);
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_chunks_keep_prompts_whole_when_they_fit() {
+        // prompts of 9, 5 and 1 rows (last rows 8, 13, 14)
+        assert_eq!(prefill_chunks(&[8, 13, 14], 32), vec![0..15]);
+        assert_eq!(prefill_chunks(&[8, 13, 14], 10), vec![0..9, 9..15]);
+        assert_eq!(
+            prefill_chunks(&[8, 13, 14], 4),
+            vec![0..4, 4..8, 8..9, 9..13, 13..15]
+        );
+        assert_eq!(prefill_chunks(&[2, 5], 3), vec![0..3, 3..6]);
+        assert!(prefill_chunks(&[], 3).is_empty());
+    }
+
+    #[test]
+    fn segments_are_runs_of_one_slot_from_position_zero() {
+        let row = |slot, pos| StepRow {
+            token: 1,
+            slot,
+            pos,
+        };
+        let rows = [row(2, 0), row(2, 1), row(0, 0), row(1, 0), row(1, 1)];
+        assert_eq!(segments(&rows, 5).unwrap(), vec![0, 2, 3, 5, 5]);
+        assert!(segments(&rows, 3).is_err()); // three runs need four entries
+        assert!(segments(&[row(0, 1)], 2).is_err()); // not from position 0
+        assert!(segments(&[row(0, 0), row(0, 2)], 2).is_err()); // a gap
+        assert_eq!(segments(&[], 3).unwrap(), vec![0, 0, 0]);
     }
 }
