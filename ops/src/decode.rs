@@ -51,6 +51,17 @@ pub struct CacheDims {
 }
 
 impl CacheDims {
+    /// Dims with the standard softmax scale 1 / sqrt(head_dim).
+    pub fn new(heads: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
+        Self {
+            heads,
+            kv_heads,
+            head_dim,
+            capacity,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+
     fn check(&self) -> Result<(), RuntimeError> {
         if self.kv_heads == 0
             || !self.heads.is_multiple_of(self.kv_heads)

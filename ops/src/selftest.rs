@@ -740,13 +740,7 @@ fn check_decode_attention(
 fn check_decode(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), RuntimeError> {
     let mut b = Bufs::new(gpu);
     let (s, t) = (64usize, 1024usize);
-    let cd = decode::CacheDims {
-        heads: 32,
-        kv_heads: 8,
-        head_dim: 128,
-        capacity: t,
-        scale: 1.0 / (128f32).sqrt(),
-    };
+    let cd = decode::CacheDims::new(32, 8, 128, t);
     let row = cd.kv_heads * cd.head_dim;
     let cache = randn(rng, s * t * row, 1.0);
     let (kcd, vcd) = (b.bf16(&cache)?, b.bf16(&randn(rng, s * t * row, 1.0))?);
@@ -823,13 +817,7 @@ fn check_decode(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), Runtim
 
     check_decode_attention(gpu, rng, rep, &cd, s, &kc, &vc, kcd, vcd, &slots, &lens)?;
     for (heads, kv_heads, head_dim, seqs) in [(32, 8, 64, 1), (16, 1, 128, 2), (28, 4, 80, 3)] {
-        let cd = decode::CacheDims {
-            heads,
-            kv_heads,
-            head_dim,
-            capacity: t,
-            scale: 1.0 / (head_dim as f32).sqrt(),
-        };
+        let cd = decode::CacheDims::new(heads, kv_heads, head_dim, t);
         let n = seqs * t * kv_heads * head_dim;
         let (kc, vc) = (randn(rng, n, 1.0), randn(rng, n, 1.0));
         let (kcd, vcd) = (b.bf16(&kc)?, b.bf16(&vc)?);

@@ -146,13 +146,7 @@ impl GpuLlama<'_> {
                 self.max_tokens
             ));
         }
-        let dims = CacheDims {
-            heads: d.heads,
-            kv_heads: d.kv_heads,
-            head_dim: d.head_dim,
-            capacity,
-            scale: 1.0 / (d.head_dim as f32).sqrt(),
-        };
+        let dims = CacheDims::new(d.heads, d.kv_heads, d.head_dim, capacity);
         let mut h = Held {
             bufs: Vec::new(),
             bytes: 0,

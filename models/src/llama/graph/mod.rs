@@ -229,13 +229,7 @@ impl ForwardGraph {
                 decode::MAX_HEAD_DIM
             ));
         }
-        let cd = CacheDims {
-            heads: d.heads,
-            kv_heads: d.kv_heads,
-            head_dim: d.head_dim,
-            capacity,
-            scale: 1.0 / (d.head_dim as f32).sqrt(),
-        };
+        let cd = CacheDims::new(d.heads, d.kv_heads, d.head_dim, capacity);
         let ws = &model.weights;
         let mut g = Build {
             b: GraphBuilder::new(),
