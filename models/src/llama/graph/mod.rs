@@ -404,6 +404,33 @@ impl ForwardGraph {
     }
 }
 
+/// y (N, out) = x (N, inn) W^T (+ b) for the weight `{name}.weight` (and `{name}.bias`): a GEMM
+/// node named by its kind, the last part of `name`, not its layer (a profile sums the layers'
+/// GEMMs of one kind).
+fn linear(
+    g: &mut Build,
+    name: &str,
+    x: TensorId,
+    (out, inn): (usize, usize),
+    weight: WeightOf,
+    bias: Option<WeightOf>,
+) -> TensorId {
+    let w = g.weight(&format!("{name}.weight"), &[out, inn], weight);
+    let bias = bias.map(|b| g.weight(&format!("{name}.bias"), &[out], b));
+    let y = g.act(name, out);
+    let desc = GemmDesc::new(g.n, out, inn).transposed(false, true);
+    let kind = name.rsplit('.').next().unwrap_or(name);
+    g.b.node(Node::gemm(
+        format!("{} GEMM {kind}", g.phase),
+        desc,
+        x,
+        w,
+        y,
+        bias,
+    ));
+    y
+}
+
 /// Appends one phase: `n` rows per step through every layer, then the logits of all `n` rows
 /// (`logit_rows` None) or of `logit_rows` rows picked by an input, and their next tokens.
 fn build_phase(
@@ -435,7 +462,7 @@ fn build_phase(
         g.input("attended_lengths", n, DType::I32),
     );
     // the cache attention's split partials, or the flash attention's segments and lse
-    let (cache_attention, flash) = match attention {
+    let planned = match attention {
         Attention::Cache => {
             let split = SplitPlan::new(&cd, n);
             let scratch = g.b.tensor(
@@ -444,7 +471,7 @@ fn build_phase(
                 DType::F32,
                 Lifetime::Scratch,
             );
-            (Some((split, scratch)), None)
+            PlannedAttention::Cache { split, scratch }
         }
         Attention::Flash { segments } => {
             let dims = AttentionDims::new(n, segments, hq, hkv, hd);
@@ -455,7 +482,7 @@ fn build_phase(
                 DType::F32,
                 Lifetime::Scratch,
             );
-            (None, Some((dims, cu, lse)))
+            PlannedAttention::Flash { dims, cu, lse }
         }
     };
 
@@ -492,29 +519,15 @@ fn build_phase(
         let lw = &ws.layers[l];
         let p = |s: &str| format!("layers.{l}.{s}");
         let project = |g: &mut Build, pr: Proj, x: TensorId| {
-            let (out, inn) = pr.shape(&d);
-            let name = pr.hf_prefix(l);
-            let w = g.weight(
-                &format!("{name}.weight"),
-                &[out, inn],
-                WeightOf::Proj(l, pr),
-            );
-            let bias = lw.bias[pr.index()]
-                .as_ref()
-                .map(|r| g.weight(&format!("{name}.bias"), &[out], WeightOf::Store(r.clone())));
-            let y = g.act(&name, out);
-            let desc = GemmDesc::new(n, out, inn).transposed(false, true);
-            // named by kind, not layer: a profile sums the layers' GEMMs of one projection
-            let kind = name.rsplit('.').next().unwrap_or(&name);
-            g.b.node(Node::gemm(
-                format!("{phase} GEMM {kind}"),
-                desc,
+            let bias = lw.bias[pr.index()].clone().map(WeightOf::Store);
+            linear(
+                g,
+                &pr.hf_prefix(l),
                 x,
-                w,
-                y,
+                pr.shape(&d),
+                WeightOf::Proj(l, pr),
                 bias,
-            ));
-            y
+            )
         };
         // q, k, v from one GEMM on [Wq; Wk; Wv] (decoding reads the three weights in one
         // pass instead of three narrow ones), split back into three tensors
@@ -526,31 +539,18 @@ fn build_phase(
         };
         let widths = qd.widths();
         let fused: usize = widths.iter().sum();
-        let w = g.weight(
-            &p("self_attn.qkv_proj.weight"),
-            &[fused, c],
-            WeightOf::Qkv(l),
-        );
-        let bias = [Proj::Q, Proj::K, Proj::V]
+        let any_bias = [Proj::Q, Proj::K, Proj::V]
             .iter()
-            .any(|pr| lw.bias[pr.index()].is_some())
-            .then(|| {
-                g.weight(
-                    &p("self_attn.qkv_proj.bias"),
-                    &[fused],
-                    WeightOf::QkvBias(l),
-                )
-            });
-        let qkv = g.act(&p("qkv_proj"), fused);
-        let desc = GemmDesc::new(n, fused, c).transposed(false, true);
-        g.b.node(Node::gemm(
-            format!("{phase} GEMM qkv_proj"),
-            desc,
+            .any(|pr| lw.bias[pr.index()].is_some());
+        let bias = any_bias.then_some(WeightOf::QkvBias(l));
+        let qkv = linear(
+            g,
+            &p("self_attn.qkv_proj"),
             ln,
-            w,
-            qkv,
+            (fused, c),
+            WeightOf::Qkv(l),
             bias,
-        ));
+        );
         let mut q = g.act(&p("q_proj"), widths[0]);
         let mut k = g.act(&p("k_proj"), widths[1]);
         let vv = g.act(&p("v_proj"), widths[2]);
@@ -617,8 +617,8 @@ fn build_phase(
             vc,
         ));
         let att = g.act(&p("attention"), hq * hd);
-        match (cache_attention, flash) {
-            (Some((split, scratch)), _) => g.b.node(attention_node(
+        match planned {
+            PlannedAttention::Cache { split, scratch } => g.b.node(attention_node(
                 &p("attention"),
                 cd,
                 split,
@@ -632,7 +632,7 @@ fn build_phase(
                 scratch,
                 att,
             )),
-            (_, Some((dims, cu, lse))) => g.b.node(flash_attention_node(
+            PlannedAttention::Flash { dims, cu, lse } => g.b.node(flash_attention_node(
                 &p("flash_attention"),
                 dims,
                 rt,
@@ -640,7 +640,6 @@ fn build_phase(
                 att,
                 lse,
             )),
-            (None, None) => unreachable!("every phase has one attention"),
         };
         let o = project(g, Proj::O, att);
         let (ln2, mid) = (g.act(&p("post_norm.out"), c), g.act(&p("resid_mid"), c));
@@ -723,7 +722,7 @@ fn build_phase(
     );
     let desc = GemmDesc::new(l_rows, v, c).transposed(false, true);
     g.b.node(Node::gemm(
-        format!("{phase}.lm_head"),
+        format!("{phase} GEMM lm_head"),
         desc,
         ln,
         head,
@@ -746,7 +745,10 @@ fn build_phase(
         slot,
         len,
         picks,
-        cu_seqlens: flash.map(|(_, cu, _)| cu),
+        cu_seqlens: match planned {
+            PlannedAttention::Flash { cu, .. } => Some(cu),
+            PlannedAttention::Cache { .. } => None,
+        },
         logits,
         next,
     }
@@ -760,6 +762,20 @@ enum Attention {
     /// Flash attention within the step: rows in up to `segments` runs of one slot each, every
     /// run starting at position 0 (whole prompts).
     Flash { segments: usize },
+}
+
+/// A phase's attention with its tensors.
+#[derive(Clone, Copy)]
+enum PlannedAttention {
+    Cache {
+        split: SplitPlan,
+        scratch: TensorId,
+    },
+    Flash {
+        dims: AttentionDims,
+        cu: TensorId,
+        lse: TensorId,
+    },
 }
 
 /// W + s B A for W (out, in), A (r, in), B (out, r), rounded to the model's dtype.
