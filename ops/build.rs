@@ -68,7 +68,8 @@ fn main() {
             write_if_changed(&gen.join(format!("{name}.hip")), hip);
         }
         let ptx_path = gen.join(format!("{name}.ptx"));
-        let hash = pipeline::source_hash(cuda);
+        let arch = pipeline::arch_of(name);
+        let hash = pipeline::source_hash(cuda, arch);
         let committed = std::fs::read_to_string(&ptx_path).ok();
         let fresh = committed.as_deref().and_then(pipeline::ptx_stamp) == Some(hash.as_str());
         if regen || !fresh {
@@ -86,7 +87,7 @@ fn main() {
         }
         let upper = name.to_uppercase();
         rs.push_str(&format!(
-            "/// PTX of the `{name}` kernel family.\npub static {upper}: ftrt_runtime::PtxModule = ftrt_runtime::PtxModule {{ name: {name:?}, ptx: include_str!({:?}), cuda_source: include_str!({:?}) }};\n",
+            "/// PTX of the `{name}` kernel family.\npub static {upper}: ftrt_runtime::PtxModule = ftrt_runtime::PtxModule {{ name: {name:?}, arch: {arch:?}, ptx: include_str!({:?}), cuda_source: include_str!({:?}) }};\n",
             ptx_path.display().to_string(),
             gen.join(format!("{name}.cu")).display().to_string()
         ));

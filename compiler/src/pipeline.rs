@@ -6,9 +6,21 @@
 use crate::ast::OpDef;
 use std::path::Path;
 
-/// NVRTC options every kernel is compiled with: compute_80 PTX (ISA 8.4 from NVRTC 12.4),
+/// The virtual architecture of every kernel family: compute_80 PTX (ISA 8.4 from NVRTC 12.4),
 /// which the driver JITs for Ampere, Ada, Hopper and Blackwell.
 pub const NVRTC_ARCH: &str = "compute_80";
+/// The architecture of Hopper-only raw kernels (`kernels/*_sm90.cu`: wgmma, TMA); their PTX
+/// loads only on compute capability 9.0.
+pub const NVRTC_ARCH_SM90: &str = "compute_90a";
+
+/// The architecture a kernel family compiles for, from its name.
+pub fn arch_of(name: &str) -> &'static str {
+    if name.ends_with("_sm90") {
+        NVRTC_ARCH_SM90
+    } else {
+        NVRTC_ARCH
+    }
+}
 pub const NVRTC_OPTIONS: &[&str] = &["--std=c++17", "-default-device"];
 /// The pip packages that provide NVRTC and its headers.
 pub const NVRTC_INSTALL: &str = "python3 -m pip install nvidia-cuda-nvrtc-cu12==12.4.127 nvidia-cuda-runtime-cu12==12.4.127, then set LD_LIBRARY_PATH to <site-packages>/nvidia/cuda_nvrtc/lib and FTRT_CUDA_INCLUDE to <site-packages>/nvidia/cuda_runtime/include (or run `. .ci/nvrtc-env.sh`)";
@@ -70,10 +82,10 @@ pub fn family_source(
     s
 }
 
-/// FNV-1a 64 of the source and the compile options: the PTX's stamp.
-pub fn source_hash(source: &str) -> String {
+/// FNV-1a 64 of the source and the compile options (`arch` among them): the PTX's stamp.
+pub fn source_hash(source: &str, arch: &str) -> String {
     let mut h: u64 = 0xcbf29ce484222325;
-    let opts = format!("{NVRTC_ARCH} {}", NVRTC_OPTIONS.join(" "));
+    let opts = format!("{arch} {}", NVRTC_OPTIONS.join(" "));
     for b in source.bytes().chain(opts.bytes()) {
         h ^= b as u64;
         h = h.wrapping_mul(0x100000001b3);
@@ -94,10 +106,12 @@ pub fn nvrtc_available() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// Compiles CUDA C to stamped PTX with NVRTC. `include` is the directory of `cuda_bf16.h`.
+/// Compiles CUDA C to stamped PTX with NVRTC for the family `name` ([`arch_of`] it). `include`
+/// is the directory of `cuda_bf16.h`.
 pub fn compile_ptx(source: &str, name: &str, include: Option<&str>) -> Result<String, String> {
+    let arch = arch_of(name);
     let mut options: Vec<String> = NVRTC_OPTIONS.iter().map(|s| s.to_string()).collect();
-    options.push(format!("--gpu-architecture={NVRTC_ARCH}"));
+    options.push(format!("--gpu-architecture={arch}"));
     if let Some(inc) = include {
         options.push(format!("--include-path={inc}"));
     }
@@ -107,5 +121,9 @@ pub fn compile_ptx(source: &str, name: &str, include: Option<&str>) -> Result<St
     };
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts)
         .map_err(|e| format!("NVRTC failed on {name}.cu: {e:?}"))?;
-    Ok(format!("{STAMP}{}\n{}", source_hash(source), ptx.to_src()))
+    Ok(format!(
+        "{STAMP}{}\n{}",
+        source_hash(source, arch),
+        ptx.to_src()
+    ))
 }

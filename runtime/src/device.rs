@@ -17,6 +17,9 @@ use std::sync::{Arc, Mutex};
 pub struct PtxModule {
     /// Module name; also the file stem looked up in `FTRT_KERNEL_DIR` (`<name>.cu`).
     pub name: &'static str,
+    /// NVRTC virtual architecture of the PTX (`compute_80`, or `compute_90a` for Hopper-only
+    /// kernels); an `FTRT_KERNEL_DIR` override compiles for the same one.
+    pub arch: &'static str,
     /// PTX text (NUL-free), loaded with `cuModuleLoadData`.
     pub ptx: &'static str,
     /// The CUDA C the PTX was compiled from (for diagnostics).
@@ -193,7 +196,7 @@ impl Gpu {
 
     /// Loads `module` once per `Gpu` (cached by name) and returns the cached handle of the
     /// function `name`. If `FTRT_KERNEL_DIR` holds `<module.name>.cu`, that source is compiled
-    /// with NVRTC (compute_80, includes from `FTRT_CUDA_INCLUDE`) instead of using `module.ptx`.
+    /// with NVRTC (for `module.arch`, includes from `FTRT_CUDA_INCLUDE`) instead of using `module.ptx`.
     pub fn function(
         &self,
         module: &'static PtxModule,

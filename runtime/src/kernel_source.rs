@@ -11,8 +11,6 @@ use std::path::PathBuf;
 pub const KERNEL_DIR_ENV: &str = "FTRT_KERNEL_DIR";
 /// Environment variable with extra NVRTC include directories (`:`-separated), e.g. CUDA headers.
 pub const CUDA_INCLUDE_ENV: &str = "FTRT_CUDA_INCLUDE";
-/// Virtual architecture every runtime-compiled kernel targets (Ampere and newer JIT it).
-pub const NVRTC_ARCH: &str = "compute_80";
 
 /// The override source path for `module`, if `FTRT_KERNEL_DIR` is set and holds `<name>.cu`.
 pub fn override_path(module: &PtxModule) -> Option<PathBuf> {
@@ -39,7 +37,7 @@ pub fn module_ptx(module: &PtxModule) -> Result<Ptx, RuntimeError> {
         })
         .unwrap_or_default();
     let opts = CompileOptions {
-        arch: Some(NVRTC_ARCH),
+        arch: Some(module.arch),
         include_paths,
         name: Some(format!("{}.cu", module.name)),
         ..Default::default()
@@ -61,6 +59,7 @@ mod tests {
 
     static M: PtxModule = PtxModule {
         name: "no_such_module_for_tests",
+        arch: "compute_80",
         ptx: "// ptx",
         cuda_source: "// cu",
     };

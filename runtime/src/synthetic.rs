@@ -17,6 +17,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 /// `out[i] = fma(a, x[i % nx], b * y[i % ny]) + c` for `i < n` (f32, one thread per element).
 pub static MIX_PTX: PtxModule = PtxModule {
     name: "ftrt_runtime_selftest",
+    arch: "compute_80",
     cuda_source: r#"extern "C" __global__ void ftrt_mix_f32(float* out, const float* x, const float* y,
     unsigned n, unsigned nx, unsigned ny, float a, float b, float c) {
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x;

@@ -43,13 +43,9 @@ use ftrt_runtime::cudarc::driver::PushKernelArg;
 use ftrt_runtime::{cudarc, DevPtr, Gpu, RuntimeError};
 use half::bf16;
 
-use crate::kernels::ATTENTION as KERNELS;
-
-/// Query rows (and keys) per tile, threads per block: fixed by the kernels.
+/// The fewest rows (queries or keys) any launch gives a block: grids have N / 64 tiles at most
+/// along y (limit 65,535).
 const TILE: usize = 64;
-/// Query rows per forward block (`64 * FwdTiles` in attention.cu).
-const FWD_ROWS: usize = 128;
-const THREADS: u32 = 128;
 /// Head dims the kernels are instantiated for.
 pub const HEAD_DIMS: [usize; 2] = [64, 128];
 /// GPU vs CPU tolerance (max |gpu - ref| / max |ref|), bf16 outputs.
@@ -439,6 +435,124 @@ pub fn attention_backward_cpu<T: Real>(
 
 // ------------------------------------------------------------------------------ GPU launchers
 
+/// Which kernel family runs attention on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernels {
+    /// `attention.cu`: per-warp mma.sync tiles, compute_80 PTX (every GPU from Ampere on).
+    Sm80,
+    /// `attention_sm90.cu`: warpgroup MMAs (wgmma), compute_90a PTX (Hopper only).
+    Sm90,
+}
+
+/// Environment variable that forces a kernel family (`sm80` or `sm90`), e.g. to compare them.
+pub const KERNELS_ENV: &str = "FTRT_ATTENTION_KERNELS";
+
+/// The three launches of one kernel family that differ between families (the dvec kernel is
+/// attention.cu's for both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Fwd,
+    Dkdv,
+    Dq,
+}
+
+/// Name, block size, rows (queries or keys) per block and dynamic shared memory of a launch.
+struct Launch {
+    name: String,
+    threads: u32,
+    rows: usize,
+    smem: u32,
+}
+
+impl AttentionKernels {
+    /// Sm90 on compute capability 9.0, Sm80 elsewhere; `FTRT_ATTENTION_KERNELS` overrides
+    /// (sm90 on another GPU fails when the module loads).
+    pub fn for_gpu(gpu: &Gpu) -> Result<Self, RuntimeError> {
+        match std::env::var(KERNELS_ENV).ok().as_deref() {
+            Some("sm80") => Ok(Self::Sm80),
+            Some("sm90") => Ok(Self::Sm90),
+            Some(other) => Err(RuntimeError::InvalidArgument(format!(
+                "{KERNELS_ENV}={other}: expected sm80 or sm90"
+            ))),
+            None if gpu.info().compute_capability == (9, 0) => Ok(Self::Sm90),
+            None => Ok(Self::Sm80),
+        }
+    }
+
+    /// The families this GPU can run (the selftest checks each).
+    pub fn available(gpu: &Gpu) -> Vec<Self> {
+        if gpu.info().compute_capability == (9, 0) {
+            vec![Self::Sm80, Self::Sm90]
+        } else {
+            vec![Self::Sm80]
+        }
+    }
+
+    fn module(self) -> &'static ftrt_runtime::PtxModule {
+        match self {
+            Self::Sm80 => &crate::kernels::ATTENTION,
+            Self::Sm90 => &crate::kernels::ATTENTION_SM90,
+        }
+    }
+
+    /// The launch of `pass` at head dim `d`; shared memory must match the kernels' layouts
+    /// (attention.cu: row pitch d + 8; attention_sm90.cu: tiled, no padding).
+    fn launch(self, pass: Pass, d: usize) -> Launch {
+        let (prefix, suffix) = match self {
+            Self::Sm80 => ("attention", ""),
+            Self::Sm90 => ("attention", "_sm90"),
+        };
+        let name = |p: &str| format!("{prefix}_{p}{suffix}_d{d}");
+        match (self, pass) {
+            (Self::Sm80, Pass::Fwd) => Launch {
+                name: name("fwd"),
+                threads: 128,
+                rows: 128,
+                smem: ((128 + 2 * fwd_keys(d)) * (d + 8) * 2) as u32,
+            },
+            (Self::Sm80, Pass::Dkdv) => Launch {
+                name: name("bwd_dkdv"),
+                threads: 128,
+                rows: 64,
+                smem: ((128 + 2 * dkdv_query_rows(d)) * (d + 8) * 2 + 8 * dkdv_query_rows(d))
+                    as u32,
+            },
+            (Self::Sm80, Pass::Dq) => Launch {
+                name: name("bwd_dq"),
+                threads: 128,
+                rows: 64,
+                smem: (4 * 64 * (d + 8) * 2) as u32,
+            },
+            // fwd: Q (128 rows) + K, V (128 keys, two buffers each)
+            (Self::Sm90, Pass::Fwd) => Launch {
+                name: name("fwd"),
+                threads: 256,
+                rows: 128,
+                smem: ((128 + 4 * 128) * d * 2) as u32,
+            },
+            // dkdv: K, V (128 keys) + Q, dO (64 queries, two buffers each) + lse, dvec
+            (Self::Sm90, Pass::Dkdv) => Launch {
+                name: name("bwd_dkdv"),
+                threads: 256,
+                rows: 128,
+                smem: ((2 * 128 + 4 * 64) * d * 2 + 4 * 64 * 4) as u32,
+            },
+            // dq: Q, dO (128 queries) + K (64 keys, three buffers) + V (two)
+            (Self::Sm90, Pass::Dq) => Launch {
+                name: name("bwd_dq"),
+                threads: 256,
+                rows: 128,
+                smem: ((2 * 128 + 5 * 64) * d * 2) as u32,
+            },
+        }
+    }
+
+    /// The launch function of `pass`, opted in to its shared memory.
+    fn function(self, gpu: &Gpu, l: &Launch) -> Result<cudarc::driver::CudaFunction, RuntimeError> {
+        function(gpu, self.module(), &l.name, l.smem)
+    }
+}
+
 fn check_aligned(name: &str, addr: u64) -> Result<(), RuntimeError> {
     if !addr.is_multiple_of(16) {
         return Err(RuntimeError::InvalidArgument(format!(
@@ -450,10 +564,11 @@ fn check_aligned(name: &str, addr: u64) -> Result<(), RuntimeError> {
 
 fn function(
     gpu: &Gpu,
+    module: &'static ftrt_runtime::PtxModule,
     name: &str,
     smem: u32,
 ) -> Result<cudarc::driver::CudaFunction, RuntimeError> {
-    let f = gpu.function(&KERNELS, name)?;
+    let f = gpu.function(module, name)?;
     if smem > 48 * 1024 {
         // opt in to more than 48 KiB of dynamic shared memory (idempotent, host-side only)
         gpu.context().bind_to_thread()?;
@@ -465,16 +580,15 @@ fn function(
     Ok(f)
 }
 
-fn config(grid: (u32, u32), smem: u32) -> cudarc::driver::LaunchConfig {
+fn config(grid: (u32, u32), threads: u32, smem: u32) -> cudarc::driver::LaunchConfig {
     cudarc::driver::LaunchConfig {
         grid_dim: (grid.0, grid.1, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     }
 }
 
-/// Dynamic shared memory of each kernel (must match the layouts in attention.cu).
-/// Keys per forward tile (`FwdTiles::BN` in attention.cu).
+/// Keys per forward tile of attention.cu (`FwdTiles::BN`).
 fn fwd_keys(d: usize) -> usize {
     if d >= 128 {
         32
@@ -482,12 +596,7 @@ fn fwd_keys(d: usize) -> usize {
         64
     }
 }
-fn smem_fwd(d: usize) -> u32 {
-    ((FWD_ROWS + 2 * fwd_keys(d)) * (d + 8) * 2) as u32
-}
-fn smem_dq(d: usize) -> u32 {
-    (4 * TILE * (d + 8) * 2) as u32
-}
+/// Query rows per dkdv step of attention.cu (`DkdvRows`).
 fn dkdv_query_rows(d: usize) -> usize {
     if d >= 128 {
         32
@@ -495,14 +604,28 @@ fn dkdv_query_rows(d: usize) -> usize {
         64
     }
 }
-fn smem_dkdv(d: usize) -> u32 {
-    let bmb = dkdv_query_rows(d);
-    ((2 * TILE + 2 * bmb) * (d + 8) * 2 + 2 * bmb * 4) as u32
-}
 
-/// Forward on the compute stream: out (N, Hq, D) bf16, lse (Hq, N) f32 from q, k, v.
+/// Forward on the compute stream: out (N, Hq, D) bf16, lse (Hq, N) f32 from q, k, v, with the
+/// GPU's kernel family ([`AttentionKernels::for_gpu`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
+    gpu: &Gpu,
+    dims: AttentionDims,
+    q: DevPtr<bf16>,
+    k: DevPtr<bf16>,
+    v: DevPtr<bf16>,
+    cu_seqlens: DevPtr<i32>,
+    out: DevPtr<bf16>,
+    lse: DevPtr<f32>,
+) -> Result<(), RuntimeError> {
+    let kernels = AttentionKernels::for_gpu(gpu)?;
+    attention_forward_with(kernels, gpu, dims, q, k, v, cu_seqlens, out, lse)
+}
+
+/// [`attention_forward`] with a chosen kernel family.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_with(
+    kernels: AttentionKernels,
     gpu: &Gpu,
     dims: AttentionDims,
     q: DevPtr<bf16>,
@@ -524,9 +647,8 @@ pub fn attention_forward(
     ] {
         check_aligned(name, p)?;
     }
-    let d = dims.head_dim;
-    let smem = smem_fwd(d);
-    let f = function(gpu, &format!("attention_fwd_d{d}"), smem)?;
+    let l = kernels.launch(Pass::Fwd, dims.head_dim);
+    let f = kernels.function(gpu, &l)?;
     let (s, n, hq, hkv) = (
         dims.num_seqs as i32,
         dims.n_tokens as i32,
@@ -546,19 +668,41 @@ pub fn attention_forward(
     b.arg(&scale);
     b.arg(&out.addr);
     b.arg(&lse.addr);
-    let grid = (
-        dims.n_heads_q as u32,
-        dims.n_tokens.div_ceil(FWD_ROWS) as u32,
-    );
-    unsafe { b.launch(config(grid, smem)) }?;
+    let grid = (dims.n_heads_q as u32, dims.n_tokens.div_ceil(l.rows) as u32);
+    unsafe { b.launch(config(grid, l.threads, l.smem)) }?;
     Ok(())
 }
 
 /// Backward on the compute stream: dq (N, Hq, D), dk, dv (N, Hkv, D) bf16 (overwritten, not
-/// accumulated) from the forward's inputs, its out and lse, and dout. `scratch` holds
-/// [`scratch_bytes`] bytes (dvec). Deterministic: the same inputs give the same bits.
+/// accumulated) from the forward's inputs, its out and lse, and dout, with the GPU's kernel
+/// family. `scratch` holds [`scratch_bytes`] bytes (dvec). Deterministic: the same inputs give
+/// the same bits.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
+    gpu: &Gpu,
+    dims: AttentionDims,
+    q: DevPtr<bf16>,
+    k: DevPtr<bf16>,
+    v: DevPtr<bf16>,
+    out: DevPtr<bf16>,
+    lse: DevPtr<f32>,
+    dout: DevPtr<bf16>,
+    cu_seqlens: DevPtr<i32>,
+    dq: DevPtr<bf16>,
+    dk: DevPtr<bf16>,
+    dv: DevPtr<bf16>,
+    scratch: DevPtr<f32>,
+) -> Result<(), RuntimeError> {
+    let kernels = AttentionKernels::for_gpu(gpu)?;
+    attention_backward_with(
+        kernels, gpu, dims, q, k, v, out, lse, dout, cu_seqlens, dq, dk, dv, scratch,
+    )
+}
+
+/// [`attention_backward`] with a chosen kernel family.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_with(
+    kernels: AttentionKernels,
     gpu: &Gpu,
     dims: AttentionDims,
     q: DevPtr<bf16>,
@@ -598,10 +742,14 @@ pub fn attention_backward(
     );
     let scale = dims.scale;
     let dvec = scratch;
-    let tiles = dims.n_tokens.div_ceil(TILE) as u32;
 
     // dvec = rowsum(dout * out): one warp per (token, head) row
-    let f = function(gpu, &format!("attention_bwd_dot_d{d}"), 0)?;
+    let f = function(
+        gpu,
+        &crate::kernels::ATTENTION,
+        &format!("attention_bwd_dot_d{d}"),
+        0,
+    )?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&out.addr);
     b.arg(&dout.addr);
@@ -609,46 +757,34 @@ pub fn attention_backward(
     b.arg(&hq);
     b.arg(&dvec.addr);
     let rows = dims.n_tokens * dims.n_heads_q;
-    unsafe { b.launch(config((rows.div_ceil(4) as u32, 1), 0)) }?;
+    unsafe { b.launch(config((rows.div_ceil(4) as u32, 1), 128, 0)) }?;
 
-    // dk, dv: one block per (64-key tile, kv head)
-    let smem = smem_dkdv(d);
-    let f = function(gpu, &format!("attention_bwd_dkdv_d{d}"), smem)?;
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&q.addr);
-    b.arg(&k.addr);
-    b.arg(&v.addr);
-    b.arg(&dout.addr);
-    b.arg(&lse.addr);
-    b.arg(&dvec.addr);
-    b.arg(&cu_seqlens.addr);
-    b.arg(&s);
-    b.arg(&n);
-    b.arg(&hq);
-    b.arg(&hkv);
-    b.arg(&scale);
-    b.arg(&dk.addr);
-    b.arg(&dv.addr);
-    unsafe { b.launch(config((dims.n_heads_kv as u32, tiles), smem)) }?;
-
-    // dq: one block per (64-query tile, query head)
-    let smem = smem_dq(d);
-    let f = function(gpu, &format!("attention_bwd_dq_d{d}"), smem)?;
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&q.addr);
-    b.arg(&k.addr);
-    b.arg(&v.addr);
-    b.arg(&dout.addr);
-    b.arg(&lse.addr);
-    b.arg(&dvec.addr);
-    b.arg(&cu_seqlens.addr);
-    b.arg(&s);
-    b.arg(&n);
-    b.arg(&hq);
-    b.arg(&hkv);
-    b.arg(&scale);
-    b.arg(&dq.addr);
-    unsafe { b.launch(config((dims.n_heads_q as u32, tiles), smem)) }?;
+    // dk, dv: one block per (key tile, kv head); dq: one block per (query tile, query head)
+    for (pass, heads) in [(Pass::Dkdv, dims.n_heads_kv), (Pass::Dq, dims.n_heads_q)] {
+        let l = kernels.launch(pass, d);
+        let f = kernels.function(gpu, &l)?;
+        let mut b = gpu.stream().launch_builder(&f);
+        b.arg(&q.addr);
+        b.arg(&k.addr);
+        b.arg(&v.addr);
+        b.arg(&dout.addr);
+        b.arg(&lse.addr);
+        b.arg(&dvec.addr);
+        b.arg(&cu_seqlens.addr);
+        b.arg(&s);
+        b.arg(&n);
+        b.arg(&hq);
+        b.arg(&hkv);
+        b.arg(&scale);
+        if pass == Pass::Dkdv {
+            b.arg(&dk.addr);
+            b.arg(&dv.addr);
+        } else {
+            b.arg(&dq.addr);
+        }
+        let grid = (heads as u32, dims.n_tokens.div_ceil(l.rows) as u32);
+        unsafe { b.launch(config(grid, l.threads, l.smem)) }?;
+    }
     Ok(())
 }
 
@@ -844,9 +980,26 @@ fn selftest_cases() -> Vec<(String, Case, usize)> {
 /// TFLOP/s and per-tensor errors, max relative error, ms per call). The backward is also run
 /// twice to check that it is bit-for-bit deterministic (a mismatch reports error 1.0).
 pub fn selftest(gpu: &Gpu) -> Result<Vec<(String, f64, f64)>, RuntimeError> {
+    let mut rows = vec![];
+    for kernels in AttentionKernels::available(gpu) {
+        rows.extend(selftest_family(gpu, kernels)?);
+    }
+    Ok(rows)
+}
+
+/// [`selftest`] of one kernel family.
+fn selftest_family(
+    gpu: &Gpu,
+    kernels: AttentionKernels,
+) -> Result<Vec<(String, f64, f64)>, RuntimeError> {
     use cudarc::driver::sys::CUevent_flags;
+    let family = match kernels {
+        AttentionKernels::Sm80 => "sm80",
+        AttentionKernels::Sm90 => "sm90",
+    };
     let mut rows = vec![];
     for (name, c, stride) in selftest_cases() {
+        let name = format!("{family} {name}");
         let dims = c.dims;
         let buf_q = gpu.alloc(dims.q_len() * 2)?;
         let buf_k = gpu.alloc(dims.kv_len() * 2)?;
@@ -865,7 +1018,8 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<(String, f64, f64)>, RuntimeError> {
         gpu.upload(buf_do.ptr(), &c.dout)?;
         gpu.upload(buf_cu.ptr(), &c.cu_seqlens)?;
         let fwd = || {
-            attention_forward(
+            attention_forward_with(
+                kernels,
                 gpu,
                 dims,
                 buf_q.ptr(),
@@ -877,7 +1031,8 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<(String, f64, f64)>, RuntimeError> {
             )
         };
         let bwd = || {
-            attention_backward(
+            attention_backward_with(
+                kernels,
                 gpu,
                 dims,
                 buf_q.ptr(),

@@ -322,12 +322,40 @@ fn selftest_cases_are_well_formed() {
 
 #[test]
 fn gpu_shared_memory_fits() {
-    // sm_86/sm_89 allow 99 KiB of dynamic shared memory per block; every kernel stays below
     for d in HEAD_DIMS {
-        for s in [smem_fwd(d), smem_dq(d), smem_dkdv(d)] {
-            assert!(s <= 99 * 1024, "d{d}: {s} bytes");
+        // sm_86/sm_89 allow 99 KiB of dynamic shared memory per block; attention.cu stays below
+        for pass in [Pass::Fwd, Pass::Dkdv, Pass::Dq] {
+            let l = AttentionKernels::Sm80.launch(pass, d);
+            assert!(l.smem <= 99 * 1024, "{}: {} bytes", l.name, l.smem);
+            // Hopper: 227 KiB per block
+            let l = AttentionKernels::Sm90.launch(pass, d);
+            assert!(l.smem <= 227 * 1024, "{}: {} bytes", l.name, l.smem);
         }
     }
-    // the forward's occupancy target on sm_90: 2 blocks per SM (228 KiB, 1 KiB reserved each)
-    assert!(2 * (smem_fwd(128) + 1024) <= 228 * 1024);
+    // the sm80 forward's occupancy target on sm_90: 2 blocks per SM (228 KiB, 1 KiB reserved each)
+    assert!(2 * (AttentionKernels::Sm80.launch(Pass::Fwd, 128).smem + 1024) <= 228 * 1024);
+}
+
+#[test]
+fn launches_match_the_kernels() {
+    // every launch names an entry point of its module, with the block size its PTX declares
+    // (.maxntid, from __launch_bounds__): a mismatch would fail every launch
+    for d in HEAD_DIMS {
+        for kernels in [AttentionKernels::Sm80, AttentionKernels::Sm90] {
+            for pass in [Pass::Fwd, Pass::Dkdv, Pass::Dq] {
+                let l = kernels.launch(pass, d);
+                let ptx = kernels.module().ptx;
+                let entry = format!(".entry {}(", l.name);
+                let at = ptx
+                    .find(&entry)
+                    .unwrap_or_else(|| panic!("{entry} missing"));
+                let body = &ptx[at..];
+                let maxntid = body[body.find(".maxntid").expect(".maxntid") + 8..]
+                    .split(',')
+                    .next()
+                    .and_then(|x| x.trim().parse::<u32>().ok());
+                assert_eq!(maxntid, Some(l.threads), "{}", l.name);
+            }
+        }
+    }
 }

@@ -79,6 +79,7 @@ impl<T, E: std::fmt::Display> Ctx<T> for Result<T, E> {
 /// f32 -> bf16 cast (hand-written PTX, see cast.ptx).
 static CAST: PtxModule = PtxModule {
     name: "ftrt_llama_gpu_cast",
+    arch: "compute_80",
     ptx: include_str!("cast.ptx"),
     cuda_source: "y[i] = __float2bfloat16_rn(x[i]) (hand-written PTX)",
 };

@@ -3,6 +3,7 @@
 pub mod kernels {
     pub static ATTENTION: ftrt_runtime::PtxModule = ftrt_runtime::PtxModule {
         name: "attention",
+        arch: "compute_80",
         ptx: "",
         cuda_source: include_str!("../../../../kernels/attention.cu"),
     };

@@ -1,0 +1,705 @@
+// Causal self-attention for Hopper (sm_90a): the FlashAttention-2 algorithm of attention.cu,
+// with the tile products on warpgroup MMAs (wgmma.mma_async) instead of per-warp mma.sync.
+//
+// Same contract as attention.cu (see there): q, out, dout, dq (N, Hq, D) bf16; k, v, dk, dv
+// (N, Hkv, D) bf16; lse, dvec (Hq, N) f32; cu_seqlens (S + 1) i32; causal within segments,
+// tokens from cu[S] to N one trailing segment; query head h reads kv head h / (Hq / Hkv).
+//
+// A warpgroup (4 warps, 128 threads) multiplies a 64-row tile: thread (warp w, lane l) holds
+// rows 16 w + l / 4 and that + 8 of the accumulator, columns 8 j + 2 (l % 4) + {0, 1}: the
+// mma.m16n8k16 fragment of attention.cu repeated over n, so the softmax and masking code is
+// that file's. A operands come from shared memory (Q K^T, dO V^T, K Q^T, V dO^T) or from
+// registers (P and dS, packed to bf16 straight from the accumulator: P V, P^T dO, dS^T Q, dS K).
+//
+// Shared-memory tiles are stored as 8 x 8 "core matrices" (128 contiguous bytes: 8 rows of 16
+// bytes), row groups of 8 rows outermost: element (r, c) of a (R, D) tile sits at
+// ((r / 8) (D / 8) + c / 8) 64 + (r % 8) 8 + c % 8. This is wgmma's unswizzled canonical layout
+// for both K-major operands (rows = M or N, columns = K) and MN-major B operands (rows = K,
+// columns = N), so one cp.async layout serves every product; a thread's 16-byte chunk index is
+// its shared-memory slot, so the copies are conflict-free.
+//
+// Kernels:
+//   attention_fwd_sm90_d{64,128}   256 threads: two warpgroups own 64 query rows each of a 128-row
+//                                  tile; key tiles of 128, K and V double-buffered (cp.async for
+//                                  tile i + 1 under tile i's products). Grid (Hq, ceil(N / 128)).
+//   attention_bwd_dkdv_sm90_d{64,128}  128 threads: one warpgroup owns 64 keys of one kv head,
+//                                  loops over the group's query heads and the 64-query tiles that
+//                                  see it (Q, dO, lse, dvec double-buffered); dk, dv accumulate in
+//                                  registers. Grid (Hkv, ceil(N / 64)).
+//   attention_bwd_dq_sm90_d{64,128}    128 threads: one warpgroup owns 64 queries, loops over
+//                                  64-key tiles (double-buffered). Grid (Hq, ceil(N / 64)).
+// dvec comes from attention.cu's attention_bwd_dot kernel. Heads vary fastest and the heaviest
+// tiles go first, as in attention.cu.
+
+typedef unsigned short bf16_t;
+
+#define WG_DEV __device__ __forceinline__
+
+namespace attn90 {
+
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+#define WG_NEG_INF (__int_as_float(0xff800000))
+#define WG_POS_INF (__int_as_float(0x7f800000))
+
+WG_DEV unsigned smem_u32(const void* p) {
+    unsigned r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+WG_DEV float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+WG_DEV float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m, 32); }
+// two floats -> bf16x2, lo in the low half (fragment order)
+WG_DEV unsigned pack_bf16(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+WG_DEV int imin(int a, int b) { return a < b ? a : b; }
+
+// segment of token i: the largest s with cu[s] <= i; s == S is the trailing padding segment
+WG_DEV int seg_of(const int* cu, int S, int i) {
+    int lo = 0, hi = S + 1;
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (cu[mid] <= i) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+WG_DEV int seg_start(const int* cu, int S, int i) { return cu[seg_of(cu, S, i)]; }
+WG_DEV int seg_end(const int* cu, int S, int N, int i) {
+    const int s = seg_of(cu, S, i);
+    return s < S ? cu[s + 1] : N;
+}
+
+// ---------------------------------------------------------------- copies
+
+WG_DEV void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+WG_DEV void cp_commit() { asm volatile("cp.async.commit_group;"); }
+// waits for this thread's copies, then makes every thread's generic-proxy writes (cp.async,
+// st.shared) visible to wgmma's async proxy once the caller's barrier has passed
+WG_DEV void cp_wait_all() {
+    asm volatile("cp.async.wait_group 0;");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// element offset of (r, c) in a core-matrix tiled (rows, D) tile
+template <int D> WG_DEV int tile_off(int r, int c) {
+    return ((r >> 3) * (D / 8) + (c >> 3)) * 64 + (r & 7) * 8 + (c & 7);
+}
+// ROWS token rows from row0 of one head (g: that head's first element; rows `stride` apart)
+// into a tiled shared-memory tile; rows >= N become zeros. Chunk i is (row (i / D) 8 + i % 8,
+// column chunk (i / 8) % (D / 8)) and lands at byte 16 i.
+template <int D, int ROWS, int THREADS>
+WG_DEV void load_tile(bf16_t* s, const bf16_t* g, int row0, int N, long long stride) {
+    for (int i = (int)threadIdx.x; i < ROWS * D / 8; i += THREADS) {
+        const int r = (i / D) * 8 + (i & 7), c = (i >> 3) & (D / 8 - 1);
+        const int tok = row0 + r;
+        const bool ok = tok < N;
+        cp_async16(s + i * 8, g + (ok ? (long long)tok * stride : 0ll) + c * 8, ok);
+    }
+}
+// the inverse: a tiled tile to global rows row0.. (< N only)
+template <int D, int ROWS, int THREADS>
+WG_DEV void store_tile(bf16_t* g, const bf16_t* s, int row0, int N, long long stride) {
+    for (int i = (int)threadIdx.x; i < ROWS * D / 8; i += THREADS) {
+        const int r = (i / D) * 8 + (i & 7), c = (i >> 3) & (D / 8 - 1);
+        const int tok = row0 + r;
+        if (tok < N) *(uint4*)(g + (long long)tok * stride + c * 8) = *(const uint4*)(s + i * 8);
+    }
+}
+// one accumulator fragment pair (row, cols col, col + 1) into a tiled tile as bf16
+template <int D> WG_DEV void stage_pair(bf16_t* s, int row, int col, float lo, float hi) {
+    *(unsigned*)(s + tile_off<D>(row, col)) = pack_bf16(lo, hi);
+}
+
+// ---------------------------------------------------------------- warpgroup MMA
+
+// Shared-memory matrix descriptor, no swizzle: start address, LBO and SBO in 16-byte units
+WG_DEV unsigned long long make_desc(const bf16_t* p, unsigned lbo, unsigned sbo) {
+    return (unsigned long long)((smem_u32(p) & 0x3ffffu) >> 4) |
+           ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32);
+}
+// K-major operand: rows r0..r0 + 63 (M) or all rows (N) of a tiled tile, columns 16 kk..16 kk + 15.
+// LBO: the next core matrix along K (128 bytes on); SBO: the next 8 rows (D / 8 core matrices on).
+template <int D> WG_DEV unsigned long long desc_k(const bf16_t* tile, int r0, int kk) {
+    return make_desc(tile + tile_off<D>(r0, 16 * kk), 128, 16 * D);
+}
+// MN-major B operand: rows 16 kk..16 kk + 15 (K) of a tiled tile, all D columns (N).
+// For MN-major operands the roles swap: LBO steps along K (the next 8 rows, D / 8 core matrices
+// on), SBO along N (the next core matrix, 128 bytes on). (Measured: the other reading faults.)
+template <int D> WG_DEV unsigned long long desc_mn(const bf16_t* tile, int kk) {
+    return make_desc(tile + tile_off<D>(16 * kk, 0), 16 * D, 128);
+}
+// before the first wgmma of a batch whose accumulators other instructions wrote
+WG_DEV void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+WG_DEV void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+// waits until at most N of this warpgroup's committed batches are still running
+template <int N = 0> WG_DEV void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+// after wg_wait: the asm that issued a product returned before the hardware finished it, so the
+// compiler must neither read its accumulators nor reuse its A-fragment registers before the wait
+template <int N> WG_DEV void wg_hold(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <int N> WG_DEV void wg_hold(unsigned (&a)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(a[i][0]), "+r"(a[i][1]), "+r"(a[i][2]), "+r"(a[i][3])::"memory");
+}
+
+// accumulator operand lists (inline asm takes no loops)
+#define WG_ACC32 "{" "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" "}"
+#define WG_ACC64 "{" "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" "}"
+
+// d (64 x 64, f32) = (accumulate ? d : 0) + A (64 x 16) B (16 x 64); A and B K-major in shared memory
+WG_DEV void wgmma_ss(float (&d)[32], unsigned long long da, unsigned long long db, int accumulate) {
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 \n"
+                 WG_ACC32 ", %32, %33, p, 1, 1, 0, 0; }\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "l"(da), "l"(db), "r"(accumulate));
+}
+// d (64 x 64, f32) += A (64 x 16, bf16 fragments in registers) B (16 x 64); B MN-major in shared memory
+WG_DEV void wgmma_rs(float (&d)[32], const unsigned (&a)[4], unsigned long long db) {
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 \n"
+                 WG_ACC32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1; }\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+// d (64 x 128, f32) = (accumulate ? d : 0) + A (64 x 16) B (16 x 128); A and B K-major in shared memory
+WG_DEV void wgmma_ss(float (&d)[64], unsigned long long da, unsigned long long db, int accumulate) {
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 \n"
+                 WG_ACC64 ", %64, %65, p, 1, 1, 0, 0; }\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(accumulate));
+}
+// d (64 x 128, f32) += A (64 x 16, bf16 fragments in registers) B (16 x 128); B MN-major in shared memory
+WG_DEV void wgmma_rs(float (&d)[64], const unsigned (&a)[4], unsigned long long db) {
+    asm volatile("{ .reg .pred p; setp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 \n"
+                 WG_ACC64 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1; }\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+
+// ---------------------------------------------------------------- forward
+
+// Row state of the online softmax for a thread's two rows (A = l / 4, B = that + 8).
+struct SoftmaxRows {
+    float mA, mB; // running max of scale * log2(e) * x
+    float lA, lB; // running sum of exp2(that - max), this thread's columns only
+};
+
+// Masks tile j0's scores s (64 x BN accumulator), folds them into the running max and sum and
+// leaves exp2(s scale log2(e) - max) in s; returns the factors (aA, aB) the output rows must be
+// rescaled by.
+template <int BN>
+WG_DEV float2 softmax_tile(float (&s)[BN / 2], SoftmaxRows& r, bool masked, int j0, int rA, int stA,
+                           int stB, int t, float sl2) {
+    const int rB = rA + 8;
+    if (masked) {
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = j0 + nt * 8 + 2 * t + (e & 1);
+                const int i = e < 2 ? rA : rB, st = e < 2 ? stA : stB;
+                if (j > i || j < st) s[4 * nt + e] = WG_NEG_INF;
+            }
+        }
+    }
+    // the max of the raw scores, scaled after (scale > 0): one multiply per row
+    float mxA = WG_NEG_INF, mxB = WG_NEG_INF;
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+        mxA = fmaxf(mxA, fmaxf(s[4 * nt], s[4 * nt + 1]));
+        mxB = fmaxf(mxB, fmaxf(s[4 * nt + 2], s[4 * nt + 3]));
+    }
+    mxA = fmaxf(mxA, shfl_xor(mxA, 1));
+    mxA = fmaxf(mxA, shfl_xor(mxA, 2));
+    mxB = fmaxf(mxB, shfl_xor(mxB, 1));
+    mxB = fmaxf(mxB, shfl_xor(mxB, 2));
+    mxA = fmaxf(r.mA, mxA * sl2);
+    mxB = fmaxf(r.mB, mxB * sl2);
+    const float uA = mxA == WG_NEG_INF ? 0.f : mxA, uB = mxB == WG_NEG_INF ? 0.f : mxB;
+    const float aA = fast_exp2(r.mA - uA), aB = fast_exp2(r.mB - uB);
+    r.mA = mxA;
+    r.mB = mxB;
+    float psA = 0.f, psB = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+        s[4 * nt] = fast_exp2(fmaf(s[4 * nt], sl2, -uA));
+        s[4 * nt + 1] = fast_exp2(fmaf(s[4 * nt + 1], sl2, -uA));
+        s[4 * nt + 2] = fast_exp2(fmaf(s[4 * nt + 2], sl2, -uB));
+        s[4 * nt + 3] = fast_exp2(fmaf(s[4 * nt + 3], sl2, -uB));
+        psA += s[4 * nt] + s[4 * nt + 1];
+        psB += s[4 * nt + 2] + s[4 * nt + 3];
+    }
+    r.lA = r.lA * aA + psA;
+    r.lB = r.lB * aB + psB;
+    return make_float2(aA, aB);
+}
+
+// A fragments (k = 16 kk..16 kk + 15) of a 64 x N accumulator, in bf16
+template <int N> WG_DEV void pack_frags(unsigned (&a)[N / 16][4], const float (&s)[N / 2]) {
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[kk][r] = pack_bf16(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+}
+
+// Block of 256 threads: warpgroup wg owns query rows q0 + 64 wg .. + 63; thread rows rA, rB =
+// q0 + 64 wg + 16 w + l / 4 (+ 8). Step `it` issues s = Q K_it^T (SS), then o += P_{it-1}
+// V_{it-1} (RS, P packed from the previous step's s), and runs tile it's masking and online
+// softmax while the second product is still on the tensor cores (FlashAttention-3's
+// intra-warpgroup overlap). The first step has no P V, a last one only P V. K_{it+1} and V_it
+// load meanwhile (cp.async, two buffers each).
+template <int D>
+WG_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                     const bf16_t* __restrict__ v, const int* __restrict__ cu, int S, int N,
+                     int Hq, int Hkv, float scale, bf16_t* __restrict__ out,
+                     float* __restrict__ lse) {
+    constexpr int BM = 128, BN = 128, NO = D / 8;
+    extern __shared__ __align__(128) unsigned char attn90_smem[];
+    bf16_t* sQ = (bf16_t*)attn90_smem; // (BM, D), later the output tile
+    bf16_t* sK = sQ + BM * D;          // 2 x (BN, D): K_it in buffer it & 1
+    bf16_t* sV = sK + 2 * BN * D;      // 2 x (BN, D): V_it in buffer it & 1
+    const int tid = (int)threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3;
+    const int l = tid & 31, g = l >> 2, t = l & 3;
+    const int q0 = (int)(gridDim.y - 1 - blockIdx.y) * BM; // longest rows first, all heads
+    const int h = (int)blockIdx.x, hk = h / (Hq / Hkv);
+    const float sl2 = scale * LOG2E;
+    const long long qstr = (long long)Hq * D, kstr = (long long)Hkv * D;
+    const bf16_t* kh = k + (long long)hk * D;
+    const bf16_t* vh = v + (long long)hk * D;
+
+    const int rA = q0 + 64 * wg + 16 * warp + g, rB = rA + 8;
+    const int kend = imin(q0 + BM, N);
+    const int kbeg = seg_start(cu, S, q0);
+    const int last_start = seg_start(cu, S, kend - 1);
+    const int ntiles = (kend - kbeg + BN - 1) / BN;
+    const int stA = seg_start(cu, S, imin(rA, N - 1)), stB = seg_start(cu, S, imin(rB, N - 1));
+    // whether key tile `it` has a masked element for some row of the block
+    auto masked = [&](int it) { const int j0 = kbeg + it * BN; return !(j0 + BN - 1 <= q0 && j0 >= last_start); };
+    // wait for the step's tiles, then load K_{it+1} and V_it into the buffers step it - 1 freed
+    auto next_tiles = [&](int it) {
+        cp_wait_all();
+        __syncthreads();
+        const int j0 = kbeg + it * BN, b = it & 1;
+        if (it + 1 < ntiles) load_tile<D, BN, 256>(sK + (b ^ 1) * BN * D, kh, j0 + BN, N, kstr);
+        if (it < ntiles) load_tile<D, BN, 256>(sV + b * BN * D, vh, j0, N, kstr);
+        cp_commit();
+    };
+    auto issue_s = [&](float (&s)[BN / 2], int it) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            wgmma_ss(s, desc_k<D>(sQ, 64 * wg, kk), desc_k<D>(sK + (it & 1) * BN * D, 0, kk), kk);
+        wg_commit();
+    };
+    auto issue_pv = [&](float (&o)[D / 2], unsigned (&pk)[BN / 16][4], int it) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs(o, pk[kk], desc_mn<D>(sV + (it & 1) * BN * D, kk));
+        wg_commit();
+    };
+
+    load_tile<D, BM, 256>(sQ, q + (long long)h * D, q0, N, qstr);
+    load_tile<D, BN, 256>(sK, kh, kbeg, N, kstr);
+    cp_commit();
+
+    float o[D / 2], s[BN / 2];
+    unsigned pk[BN / 16][4]; // P_{it-1} in bf16: the A fragments of P V
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    SoftmaxRows rows = {WG_NEG_INF, WG_NEG_INF, 0.f, 0.f};
+
+    next_tiles(0);
+    wg_hold(s);
+    wg_fence();
+    issue_s(s, 0);
+    wg_wait<0>();
+    wg_hold(s);
+    softmax_tile<BN>(s, rows, masked(0), kbeg, rA, stA, stB, t, sl2); // o is zero: no rescale
+    pack_frags<BN>(pk, s);
+    for (int it = 1; it < ntiles; ++it) {
+        next_tiles(it);
+        wg_hold(s);
+        wg_hold(o);
+        wg_hold(pk);
+        wg_fence();
+        issue_s(s, it);
+        issue_pv(o, pk, it - 1);
+        wg_wait<1>(); // s is ready; P V may still run
+        wg_hold(s);
+        const float2 a = softmax_tile<BN>(s, rows, masked(it), kbeg + it * BN, rA, stA, stB, t, sl2);
+        wg_wait<0>(); // P_{it-1} V_{it-1} is in o: rescale it; P_it may take pk's registers
+        wg_hold(o);
+        wg_hold(pk);
+#pragma unroll
+        for (int dn = 0; dn < NO; ++dn) {
+            o[4 * dn] *= a.x;
+            o[4 * dn + 1] *= a.x;
+            o[4 * dn + 2] *= a.y;
+            o[4 * dn + 3] *= a.y;
+        }
+        pack_frags<BN>(pk, s);
+    }
+    next_tiles(ntiles); // V of the last tile
+    wg_hold(o);
+    wg_hold(pk);
+    wg_fence();
+    issue_pv(o, pk, ntiles - 1);
+    wg_wait<0>();
+    wg_hold(o);
+
+    // each warpgroup stages its own 64 rows of the output in sQ, then the block stores it
+    float sA = rows.lA, sB = rows.lB;
+    sA += shfl_xor(sA, 1);
+    sA += shfl_xor(sA, 2);
+    sB += shfl_xor(sB, 1);
+    sB += shfl_xor(sB, 2);
+    const float iA = sA > 0.f ? 1.f / sA : 0.f, iB = sB > 0.f ? 1.f / sB : 0.f;
+    const int row = 64 * wg + 16 * warp + g;
+#pragma unroll
+    for (int dn = 0; dn < NO; ++dn) {
+        stage_pair<D>(sQ, row, dn * 8 + 2 * t, o[4 * dn] * iA, o[4 * dn + 1] * iA);
+        stage_pair<D>(sQ, row + 8, dn * 8 + 2 * t, o[4 * dn + 2] * iB, o[4 * dn + 3] * iB);
+    }
+    if (t == 0) {
+        if (rA < N) lse[(long long)h * N + rA] = (rows.mA + log2f(sA)) * LN2;
+        if (rB < N) lse[(long long)h * N + rB] = (rows.mB + log2f(sB)) * LN2;
+    }
+    __syncthreads();
+    store_tile<D, BM, 256>(out + (long long)h * D, sQ, q0, N, qstr);
+}
+
+// ---------------------------------------------------------------- backward: dk, dv
+
+// WGS warpgroups own keys j0..j0 + 64 WGS - 1 of kv head hk, 64 each (thread rows kA, kB =
+// j0 + 64 wg + 16 w + l / 4 (+ 8)); they share every query tile they load. Per (query head,
+// 64-query tile): s^T = K Q^T and dp^T = V dO^T (SS), then p^T = exp(s^T scale - lse),
+// ds^T = p^T (dp^T - dvec), dv += P^T dO and dk += dS^T Q (RS).
+template <int D, int WGS>
+WG_DEV void dkdv_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                      const bf16_t* __restrict__ v, const bf16_t* __restrict__ dout,
+                      const float* __restrict__ lse, const float* __restrict__ dvec,
+                      const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
+                      bf16_t* __restrict__ dk, bf16_t* __restrict__ dv) {
+    constexpr int BK = 64 * WGS, BQ = 64, NQ = BQ / 8, NO = D / 8, NT = 128 * WGS;
+    extern __shared__ __align__(128) unsigned char attn90_smem[];
+    bf16_t* sK = (bf16_t*)attn90_smem;  // (BK, D), later dk
+    bf16_t* sV = sK + BK * D;    // (BK, D), later dv
+    bf16_t* sQ = sV + BK * D;    // 2 x (BQ, D)
+    bf16_t* sO = sQ + 2 * BQ * D; // 2 x (BQ, D): dout
+    float* sL = (float*)(sO + 2 * BQ * D); // 2 x BQ: lse * log2(e)
+    float* sD = sL + 2 * BQ;               // 2 x BQ: dvec
+    const int tid = (int)threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3;
+    const int l = tid & 31, g = l >> 2, t = l & 3;
+    const int j0 = (int)blockIdx.y * BK; // all kv heads of a key tile, then the next tile
+    const int hk = (int)blockIdx.x, G = Hq / Hkv;
+    const float sl2 = scale * LOG2E;
+    const long long qstr = (long long)Hq * D, kstr = (long long)Hkv * D;
+
+    const int jlast = imin(j0 + BK, N) - 1;
+    const int qend = seg_end(cu, S, N, jlast); // queries past this cannot see any key of the tile
+    const int first_end = seg_end(cu, S, N, j0);
+    const int kA = j0 + 64 * wg + 16 * warp + g, kB = kA + 8;
+    const int eA = kA < N ? seg_end(cu, S, N, kA) : 0, eB = kB < N ? seg_end(cu, S, N, kB) : 0;
+    const int nq = (qend - j0 + BQ - 1) / BQ; // query tiles per head
+    const int ntiles = G * nq;
+
+    // query tile `it` (head hk G + it / nq, rows from j0 + (it % nq) BQ) into buffer it & 1
+    auto load_queries = [&](int it) {
+        const int h = hk * G + it / nq, i0 = j0 + (it % nq) * BQ, b = it & 1;
+        load_tile<D, BQ, NT>(sQ + b * BQ * D, q + (long long)h * D, i0, N, qstr);
+        load_tile<D, BQ, NT>(sO + b * BQ * D, dout + (long long)h * D, i0, N, qstr);
+        for (int r = tid; r < BQ; r += NT) {
+            const int tok = i0 + r;
+            sL[b * BQ + r] = tok < N ? lse[(long long)h * N + tok] * LOG2E : WG_POS_INF;
+            sD[b * BQ + r] = tok < N ? dvec[(long long)h * N + tok] : 0.f;
+        }
+    };
+    load_tile<D, BK, NT>(sK, k + (long long)hk * D, j0, N, kstr);
+    load_tile<D, BK, NT>(sV, v + (long long)hk * D, j0, N, kstr);
+    load_queries(0);
+    cp_commit();
+
+    float ak[D / 2], av[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) ak[i] = av[i] = 0.f;
+
+    for (int it = 0; it < ntiles; ++it) {
+        const int i0 = j0 + (it % nq) * BQ, b = it & 1;
+        const bf16_t* qt = sQ + b * BQ * D;
+        const bf16_t* ot = sO + b * BQ * D;
+        const float* lt = sL + b * BQ;
+        const float* dt = sD + b * BQ;
+        cp_wait_all();
+        __syncthreads();
+        if (it + 1 < ntiles) load_queries(it + 1);
+        cp_commit();
+
+        float s[BQ / 2], dp[BQ / 2];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            wgmma_ss(s, desc_k<D>(sK, 64 * wg, kk), desc_k<D>(qt, 0, kk), kk);
+            wgmma_ss(dp, desc_k<D>(sV, 64 * wg, kk), desc_k<D>(ot, 0, kk), kk);
+        }
+        wg_commit();
+        wg_wait();
+        wg_hold(s);
+        wg_hold(dp);
+
+        const bool full = i0 >= j0 + BK - 1 && i0 + BQ <= first_end && j0 + BK <= N;
+#pragma unroll
+        for (int nt = 0; nt < NQ; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = nt * 8 + 2 * t + (e & 1), i = i0 + c;
+                const int j = e < 2 ? kA : kB, end = e < 2 ? eA : eB;
+                const bool vis = full || (i >= j && i < end);
+                const float p = vis ? fast_exp2(fmaf(s[4 * nt + e], sl2, -lt[c])) : 0.f;
+                s[4 * nt + e] = p;
+                dp[4 * nt + e] = p * (dp[4 * nt + e] - dt[c]);
+            }
+        }
+        unsigned pa[BQ / 16][4], da[BQ / 16][4]; // P^T and dS^T in bf16: A fragments, k = queries
+#pragma unroll
+        for (int kq = 0; kq < BQ / 16; ++kq) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                pa[kq][r] = pack_bf16(s[8 * kq + 2 * r], s[8 * kq + 2 * r + 1]);
+                da[kq][r] = pack_bf16(dp[8 * kq + 2 * r], dp[8 * kq + 2 * r + 1]);
+            }
+        }
+        wg_fence();
+#pragma unroll
+        for (int kq = 0; kq < BQ / 16; ++kq) {
+            wgmma_rs(av, pa[kq], desc_mn<D>(ot, kq));
+            wgmma_rs(ak, da[kq], desc_mn<D>(qt, kq));
+        }
+        wg_commit();
+        wg_wait();
+        wg_hold(av);
+        wg_hold(ak);
+        wg_hold(pa);
+        wg_hold(da);
+    }
+    // stage dk (times scale) and dv over the K and V tiles, then store them
+#pragma unroll
+    for (int dn = 0; dn < NO; ++dn) {
+        const int row = 64 * wg + 16 * warp + g, col = dn * 8 + 2 * t;
+        stage_pair<D>(sK, row, col, ak[4 * dn] * scale, ak[4 * dn + 1] * scale);
+        stage_pair<D>(sK, row + 8, col, ak[4 * dn + 2] * scale, ak[4 * dn + 3] * scale);
+        stage_pair<D>(sV, row, col, av[4 * dn], av[4 * dn + 1]);
+        stage_pair<D>(sV, row + 8, col, av[4 * dn + 2], av[4 * dn + 3]);
+    }
+    __syncthreads();
+    store_tile<D, BK, NT>(dk + (long long)hk * D, sK, j0, N, kstr);
+    store_tile<D, BK, NT>(dv + (long long)hk * D, sV, j0, N, kstr);
+}
+
+// ---------------------------------------------------------------- backward: dq
+
+// WGS warpgroups own queries q0..q0 + 64 WGS - 1 of head h, 64 each (thread rows rA, rB =
+// q0 + 64 wg + 16 w + l / 4 (+ 8)); they share every key tile they load. Step `it` issues
+// s = Q K_it^T and dp = dO V_it^T (SS), then dq += dS_{it-1} K_{it-1} (RS), and forms
+// ds_it = p (dp - dvec) while that last product runs. K takes three buffers (K_{it-1} is still
+// read while K_{it+1} loads), V two.
+template <int D, int WGS>
+WG_DEV void dq_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                    const bf16_t* __restrict__ v, const bf16_t* __restrict__ dout,
+                    const float* __restrict__ lse, const float* __restrict__ dvec,
+                    const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
+                    bf16_t* __restrict__ dq) {
+    constexpr int BQ = 64 * WGS, BK = 64, NO = D / 8, NT = 128 * WGS;
+    extern __shared__ __align__(128) unsigned char attn90_smem[];
+    bf16_t* sQ = (bf16_t*)attn90_smem; // (BQ, D), later dq
+    bf16_t* sO = sQ + BQ * D;          // (BQ, D): dout
+    bf16_t* sK = sO + BQ * D;          // 3 x (BK, D): K_it in buffer it % 3
+    bf16_t* sV = sK + 3 * BK * D;      // 2 x (BK, D): V_it in buffer it & 1
+    const int tid = (int)threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3;
+    const int l = tid & 31, g = l >> 2, t = l & 3;
+    const int q0 = (int)(gridDim.y - 1 - blockIdx.y) * BQ; // longest rows first, all heads
+    const int h = (int)blockIdx.x, hk = h / (Hq / Hkv);
+    const float sl2 = scale * LOG2E;
+    const long long qstr = (long long)Hq * D, kstr = (long long)Hkv * D;
+    const bf16_t* kh = k + (long long)hk * D;
+    const bf16_t* vh = v + (long long)hk * D;
+
+    const int rA = q0 + 64 * wg + 16 * warp + g, rB = rA + 8;
+    const int stA = seg_start(cu, S, imin(rA, N - 1)), stB = seg_start(cu, S, imin(rB, N - 1));
+    const float LA = rA < N ? lse[(long long)h * N + rA] * LOG2E : WG_POS_INF;
+    const float LB = rB < N ? lse[(long long)h * N + rB] * LOG2E : WG_POS_INF;
+    const float DA = rA < N ? dvec[(long long)h * N + rA] : 0.f;
+    const float DB = rB < N ? dvec[(long long)h * N + rB] : 0.f;
+    const int kend = imin(q0 + BQ, N);
+    const int kbeg = seg_start(cu, S, q0);
+    const int last_start = seg_start(cu, S, kend - 1);
+    const int ntiles = (kend - kbeg + BK - 1) / BK;
+    auto kbuf = [&](int it) { return sK + (it % 3) * BK * D; };
+    auto vbuf = [&](int it) { return sV + (it & 1) * BK * D; };
+    // wait for step it's tiles, then load K_{it+1} and V_{it+1}
+    auto next_tiles = [&](int it) {
+        cp_wait_all();
+        __syncthreads();
+        if (it + 1 < ntiles) {
+            load_tile<D, BK, NT>(kbuf(it + 1), kh, kbeg + (it + 1) * BK, N, kstr);
+            load_tile<D, BK, NT>(vbuf(it + 1), vh, kbeg + (it + 1) * BK, N, kstr);
+        }
+        cp_commit();
+    };
+    auto issue_s_dp = [&](float (&s)[BK / 2], float (&dp)[BK / 2], int it) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            wgmma_ss(s, desc_k<D>(sQ, 64 * wg, kk), desc_k<D>(kbuf(it), 0, kk), kk);
+            wgmma_ss(dp, desc_k<D>(sO, 64 * wg, kk), desc_k<D>(vbuf(it), 0, kk), kk);
+        }
+        wg_commit();
+    };
+    auto issue_dq = [&](float (&a)[D / 2], unsigned (&da)[BK / 16][4], int it) {
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) wgmma_rs(a, da[kk], desc_mn<D>(kbuf(it), kk));
+        wg_commit();
+    };
+    // dp <- ds = p (dp - dvec), p = exp(s scale - lse) where visible, for key tile it
+    auto form_ds = [&](const float (&s)[BK / 2], float (&dp)[BK / 2], int it) {
+        const int j0 = kbeg + it * BK;
+        const bool full = j0 + BK - 1 <= q0 && j0 >= last_start;
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = j0 + nt * 8 + 2 * t + (e & 1);
+                const int i = e < 2 ? rA : rB, st = e < 2 ? stA : stB;
+                const bool vis = full || (j <= i && j >= st);
+                const float p = vis ? fast_exp2(fmaf(s[4 * nt + e], sl2, -(e < 2 ? LA : LB))) : 0.f;
+                dp[4 * nt + e] = p * (dp[4 * nt + e] - (e < 2 ? DA : DB));
+            }
+        }
+    };
+
+    load_tile<D, BQ, NT>(sQ, q + (long long)h * D, q0, N, qstr);
+    load_tile<D, BQ, NT>(sO, dout + (long long)h * D, q0, N, qstr);
+    load_tile<D, BK, NT>(kbuf(0), kh, kbeg, N, kstr);
+    load_tile<D, BK, NT>(vbuf(0), vh, kbeg, N, kstr);
+    cp_commit();
+
+    float a[D / 2], s[BK / 2], dp[BK / 2];
+    unsigned da[BK / 16][4]; // dS_{it-1} in bf16: A fragments, k = keys
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) a[i] = 0.f;
+
+    next_tiles(0);
+    wg_hold(s);
+    wg_hold(dp);
+    wg_fence();
+    issue_s_dp(s, dp, 0);
+    wg_wait<0>();
+    wg_hold(s);
+    wg_hold(dp);
+    form_ds(s, dp, 0);
+    pack_frags<BK>(da, dp);
+    for (int it = 1; it < ntiles; ++it) {
+        next_tiles(it);
+        wg_hold(s);
+        wg_hold(dp);
+        wg_hold(a);
+        wg_hold(da);
+        wg_fence();
+        issue_s_dp(s, dp, it);
+        issue_dq(a, da, it - 1);
+        wg_wait<1>(); // s, dp are ready; dq += dS K may still run
+        wg_hold(s);
+        wg_hold(dp);
+        form_ds(s, dp, it);
+        wg_wait<0>();
+        wg_hold(a);
+        wg_hold(da);
+        pack_frags<BK>(da, dp);
+    }
+    wg_hold(a);
+    wg_hold(da);
+    wg_fence();
+    issue_dq(a, da, ntiles - 1);
+    wg_wait<0>();
+    wg_hold(a);
+    // each warpgroup stages its own rows of dq over its own (no longer read) rows of sQ
+#pragma unroll
+    for (int dn = 0; dn < NO; ++dn) {
+        const int row = 64 * wg + 16 * warp + g, col = dn * 8 + 2 * t;
+        stage_pair<D>(sQ, row, col, a[4 * dn] * scale, a[4 * dn + 1] * scale);
+        stage_pair<D>(sQ, row + 8, col, a[4 * dn + 2] * scale, a[4 * dn + 3] * scale);
+    }
+    __syncthreads();
+    store_tile<D, BQ, NT>(dq + (long long)h * D, sQ, q0, N, qstr);
+}
+
+} // namespace attn90
+
+// ---------------------------------------------------------------- entry points
+// Two warpgroups per block everywhere (the backward's 64-row tiles shared by two warpgroups
+// halve its L2 traffic: 873 against 983 us at the 8B shape). Dynamic shared memory (bytes), as
+// the launcher computes it:
+//   fwd  (128 + 4 * 128) * D * 2    dkdv (2 * 128 + 4 * 64) * D * 2 + 1024    dq  (2 * 128 + 5 * 64) * D * 2
+
+#define ATTN90_ENTRIES(D)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                                     \
+        attention_fwd_sm90_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const int* cu,           \
+                                int num_seqs, int n_tokens, int hq, int hkv, float scale, bf16_t* out,      \
+                                float* lse) {                                                                \
+        attn90::fwd_impl<D>(q, k, v, cu, num_seqs, n_tokens, hq, hkv, scale, out, lse);                      \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, 1)                   \
+        attention_bwd_dkdv_sm90_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v,                      \
+                                     const bf16_t* dout, const float* lse, const float* dvec,                \
+                                     const int* cu, int num_seqs, int n_tokens, int hq, int hkv,             \
+                                     float scale, bf16_t* dk, bf16_t* dv) {                                  \
+        attn90::dkdv_impl<D, 2>(q, k, v, dout, lse, dvec, cu, num_seqs, n_tokens, hq, hkv,      \
+                                             scale, dk, dv);                                                 \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, 1)                   \
+        attention_bwd_dq_sm90_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v,                        \
+                                   const bf16_t* dout, const float* lse, const float* dvec,                  \
+                                   const int* cu, int num_seqs, int n_tokens, int hq, int hkv,               \
+                                   float scale, bf16_t* dq) {                                                \
+        attn90::dq_impl<D, 2>(q, k, v, dout, lse, dvec, cu, num_seqs, n_tokens, hq, hkv, scale, \
+                                           dq);                                                              \
+    }
+
+ATTN90_ENTRIES(64)
+ATTN90_ENTRIES(128)
