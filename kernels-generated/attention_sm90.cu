@@ -15,21 +15,27 @@
 // bytes), row groups of 8 rows outermost: element (r, c) of a (R, D) tile sits at
 // ((r / 8) (D / 8) + c / 8) 64 + (r % 8) 8 + c % 8. This is wgmma's unswizzled canonical layout
 // for both K-major operands (rows = M or N, columns = K) and MN-major B operands (rows = K,
-// columns = N), so one cp.async layout serves every product; a thread's 16-byte chunk index is
-// its shared-memory slot, so the copies are conflict-free.
+// columns = N), so one layout serves every product. Tiles arrive by TMA: one thread issues a
+// whole tile (cp.async.bulk.tensor over a five-dimensional view of the tensor that yields this
+// order, see TmaMap) and an mbarrier per buffer tells the block it has landed. Rows past N read
+// as zeros; tiles start on multiples of 8 rows, so N must be a multiple of 8.
 //
-// Kernels:
-//   attention_fwd_sm90_d{64,128}   256 threads: two warpgroups own 64 query rows each of a 128-row
-//                                  tile; key tiles of 128, K and V double-buffered (cp.async for
-//                                  tile i + 1 under tile i's products). Grid (Hq, ceil(N / 128)).
-//   attention_bwd_dkdv_sm90_d{64,128}  128 threads: one warpgroup owns 64 keys of one kv head,
-//                                  loops over the group's query heads and the 64-query tiles that
-//                                  see it (Q, dO, lse, dvec double-buffered); dk, dv accumulate in
-//                                  registers. Grid (Hkv, ceil(N / 64)).
-//   attention_bwd_dq_sm90_d{64,128}    128 threads: one warpgroup owns 64 queries, loops over
-//                                  64-key tiles (double-buffered). Grid (Hq, ceil(N / 64)).
+// Kernels (256 threads = two warpgroups each; the backward's tiles shared by two warpgroups
+// halve its L2 traffic against one warpgroup per block: 873 against 983 us at the 8B shape):
+//   attention_fwd_sm90_d{64,128}       each warpgroup owns 64 query rows of a 128-row tile; key
+//                                      tiles of 128, K and V double-buffered (K_{i+1} and V_i
+//                                      load under step i). Grid (Hq, ceil(N / 128)).
+//   attention_bwd_dkdv_sm90_d{64,128}  each warpgroup owns 64 keys of a 128-key tile of one kv
+//                                      head; the block loops over the group's query heads and the
+//                                      64-query tiles that see it (Q, dO, lse, dvec
+//                                      double-buffered); dk, dv accumulate in registers.
+//                                      Grid (Hkv, ceil(N / 128)).
+//   attention_bwd_dq_sm90_d{64,128}    each warpgroup owns 64 queries of a 128-query tile; the
+//                                      block loops over 64-key tiles (K in three buffers, V in
+//                                      two). Grid (Hq, ceil(N / 128)).
 // dvec comes from attention.cu's attention_bwd_dot kernel. Heads vary fastest and the heaviest
-// tiles go first, as in attention.cu.
+// tiles go first, as in attention.cu. Same math, same accumulation order: dk and dv match
+// attention.cu's bit for bit, out and dq to a bf16 rounding.
 
 typedef unsigned short bf16_t;
 
@@ -79,35 +85,47 @@ WG_DEV int seg_end(const int* cu, int S, int N, int i) {
 
 // ---------------------------------------------------------------- copies
 
-WG_DEV void cp_async16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src),
-                 "r"(valid ? 16 : 0));
+// A TMA descriptor (CUtensorMap, 128 opaque bytes) passed as a __grid_constant__ parameter.
+// The host describes a (N, H, D) tensor as five dimensions, innermost first: (8 elements,
+// 8 rows of a row group, D / 8 column chunks, N / 8 row groups, H heads), so that a box of
+// (8, 8, D / 8, ROWS / 8, 1) lands in shared memory in the core-matrix tiled order below.
+struct alignas(64) TmaMap {
+    unsigned long long opaque[16];
+};
+WG_DEV void mbar_init(unsigned long long* bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bar)));
 }
-WG_DEV void cp_commit() { asm volatile("cp.async.commit_group;"); }
-// waits for this thread's copies, then makes every thread's generic-proxy writes (cp.async,
-// st.shared) visible to wgmma's async proxy once the caller's barrier has passed
-WG_DEV void cp_wait_all() {
-    asm volatile("cp.async.wait_group 0;");
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+// the barriers are visible to the async proxy (TMA) and to every thread after the caller's
+// __syncthreads
+WG_DEV void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+// arms `bar` for `bytes` bytes of TMA writes (one thread)
+WG_DEV void mbar_expect(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes)
+                 : "memory");
+}
+// waits until `bar` completes the phase of the given parity
+WG_DEV void mbar_wait(unsigned long long* bar, int parity) {
+    asm volatile("{ .reg .pred p;\n"
+                 "WG_MBAR_WAIT_%=: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+                 "@!p bra WG_MBAR_WAIT_%=; }\n" ::"r"(smem_u32(bar)),
+                 "r"(parity)
+                 : "memory");
+}
+// rows row0..row0 + ROWS - 1 (row0 a multiple of 8) of head `head` into a tiled tile; rows past
+// the tensor read as zeros. Completes `bar`'s transaction count.
+WG_DEV void tma_rows(bf16_t* dst, const TmaMap* map, int row0, int head, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %2, %2, %3, %4}], [%5];"
+                 ::"r"(smem_u32(dst)), "l"(map), "r"(0), "r"(row0 >> 3), "r"(head), "r"(smem_u32(bar))
+                 : "memory");
 }
 
 // element offset of (r, c) in a core-matrix tiled (rows, D) tile
 template <int D> WG_DEV int tile_off(int r, int c) {
     return ((r >> 3) * (D / 8) + (c >> 3)) * 64 + (r & 7) * 8 + (c & 7);
 }
-// ROWS token rows from row0 of one head (g: that head's first element; rows `stride` apart)
-// into a tiled shared-memory tile; rows >= N become zeros. Chunk i is (row (i / D) 8 + i % 8,
-// column chunk (i / 8) % (D / 8)) and lands at byte 16 i.
-template <int D, int ROWS, int THREADS>
-WG_DEV void load_tile(bf16_t* s, const bf16_t* g, int row0, int N, long long stride) {
-    for (int i = (int)threadIdx.x; i < ROWS * D / 8; i += THREADS) {
-        const int r = (i / D) * 8 + (i & 7), c = (i >> 3) & (D / 8 - 1);
-        const int tok = row0 + r;
-        const bool ok = tok < N;
-        cp_async16(s + i * 8, g + (ok ? (long long)tok * stride : 0ll) + c * 8, ok);
-    }
-}
-// the inverse: a tiled tile to global rows row0.. (< N only)
+// a tiled (ROWS, D) tile to global rows row0.. (< N only; g: the head's first element, rows
+// `stride` apart). Thread i moves the 16-byte chunk at byte 16 i: (row (i / D) 8 + i % 8,
+// column chunk (i / 8) % (D / 8)), so the shared-memory reads are conflict-free.
 template <int D, int ROWS, int THREADS>
 WG_DEV void store_tile(bf16_t* g, const bf16_t* s, int row0, int N, long long stride) {
     for (int i = (int)threadIdx.x; i < ROWS * D / 8; i += THREADS) {
@@ -287,42 +305,47 @@ template <int N> WG_DEV void pack_frags(unsigned (&a)[N / 16][4], const float (&
 // V_{it-1} (RS, P packed from the previous step's s), and runs tile it's masking and online
 // softmax while the second product is still on the tensor cores (FlashAttention-3's
 // intra-warpgroup overlap). The first step has no P V, a last one only P V. K_{it+1} and V_it
-// load meanwhile (cp.async, two buffers each).
+// load meanwhile (TMA, two buffers each).
 template <int D>
-WG_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
-                     const bf16_t* __restrict__ v, const int* __restrict__ cu, int S, int N,
-                     int Hq, int Hkv, float scale, bf16_t* __restrict__ out,
-                     float* __restrict__ lse) {
+WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
+                     bf16_t* __restrict__ out, float* __restrict__ lse, const TmaMap* tq,
+                     const TmaMap* tk, const TmaMap* tv) {
     constexpr int BM = 128, BN = 128, NO = D / 8;
     extern __shared__ __align__(128) unsigned char attn90_smem[];
     bf16_t* sQ = (bf16_t*)attn90_smem; // (BM, D), later the output tile
     bf16_t* sK = sQ + BM * D;          // 2 x (BN, D): K_it in buffer it & 1
     bf16_t* sV = sK + 2 * BN * D;      // 2 x (BN, D): V_it in buffer it & 1
+    unsigned long long* bar = (unsigned long long*)(sV + 2 * BN * D); // Q, K x 2, V x 2 landed
     const int tid = (int)threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3;
     const int l = tid & 31, g = l >> 2, t = l & 3;
     const int q0 = (int)(gridDim.y - 1 - blockIdx.y) * BM; // longest rows first, all heads
     const int h = (int)blockIdx.x, hk = h / (Hq / Hkv);
     const float sl2 = scale * LOG2E;
-    const long long qstr = (long long)Hq * D, kstr = (long long)Hkv * D;
-    const bf16_t* kh = k + (long long)hk * D;
-    const bf16_t* vh = v + (long long)hk * D;
 
     const int rA = q0 + 64 * wg + 16 * warp + g, rB = rA + 8;
     const int kend = imin(q0 + BM, N);
-    const int kbeg = seg_start(cu, S, q0);
+    const int kbeg = seg_start(cu, S, q0) & ~7; // key tiles start on a row group (TMA boxes)
     const int last_start = seg_start(cu, S, kend - 1);
     const int ntiles = (kend - kbeg + BN - 1) / BN;
     const int stA = seg_start(cu, S, imin(rA, N - 1)), stB = seg_start(cu, S, imin(rB, N - 1));
     // whether key tile `it` has a masked element for some row of the block
     auto masked = [&](int it) { const int j0 = kbeg + it * BN; return !(j0 + BN - 1 <= q0 && j0 >= last_start); };
     // wait for the step's tiles, then load K_{it+1} and V_it into the buffers step it - 1 freed
+    // (one thread issues each TMA copy; a tile's barrier completes phase u on its u-th load)
     auto next_tiles = [&](int it) {
-        cp_wait_all();
-        __syncthreads();
         const int j0 = kbeg + it * BN, b = it & 1;
-        if (it + 1 < ntiles) load_tile<D, BN, 256>(sK + (b ^ 1) * BN * D, kh, j0 + BN, N, kstr);
-        if (it < ntiles) load_tile<D, BN, 256>(sV + b * BN * D, vh, j0, N, kstr);
-        cp_commit();
+        if (it == 0) mbar_wait(bar, 0);
+        if (it < ntiles) mbar_wait(bar + 1 + b, (it >> 1) & 1);
+        if (it > 0) mbar_wait(bar + 3 + (b ^ 1), ((it - 1) >> 1) & 1);
+        __syncthreads();
+        if (tid == 0 && it + 1 < ntiles) {
+            mbar_expect(bar + 1 + (b ^ 1), BN * D * 2);
+            tma_rows(sK + (b ^ 1) * BN * D, tk, j0 + BN, hk, bar + 1 + (b ^ 1));
+        }
+        if (tid == 0 && it < ntiles) {
+            mbar_expect(bar + 3 + b, BN * D * 2);
+            tma_rows(sV + b * BN * D, tv, j0, hk, bar + 3 + b);
+        }
     };
     auto issue_s = [&](float (&s)[BN / 2], int it) {
 #pragma unroll
@@ -336,9 +359,17 @@ WG_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
         wg_commit();
     };
 
-    load_tile<D, BM, 256>(sQ, q + (long long)h * D, q0, N, qstr);
-    load_tile<D, BN, 256>(sK, kh, kbeg, N, kstr);
-    cp_commit();
+    if (tid == 0) {
+        for (int i = 0; i < 5; ++i) mbar_init(bar + i);
+        mbar_init_fence();
+    }
+    __syncthreads();
+    if (tid == 0) {
+        mbar_expect(bar, BM * D * 2);
+        tma_rows(sQ, tq, q0, h, bar);
+        mbar_expect(bar + 1, BN * D * 2);
+        tma_rows(sK, tk, kbeg, hk, bar + 1);
+    }
 
     float o[D / 2], s[BN / 2];
     unsigned pk[BN / 16][4]; // P_{it-1} in bf16: the A fragments of P V
@@ -403,7 +434,7 @@ WG_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
         if (rB < N) lse[(long long)h * N + rB] = (rows.mB + log2f(sB)) * LN2;
     }
     __syncthreads();
-    store_tile<D, BM, 256>(out + (long long)h * D, sQ, q0, N, qstr);
+    store_tile<D, BM, 256>(out + (long long)h * D, sQ, q0, N, (long long)Hq * D);
 }
 
 // ---------------------------------------------------------------- backward: dk, dv
@@ -413,11 +444,10 @@ WG_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
 // 64-query tile): s^T = K Q^T and dp^T = V dO^T (SS), then p^T = exp(s^T scale - lse),
 // ds^T = p^T (dp^T - dvec), dv += P^T dO and dk += dS^T Q (RS).
 template <int D, int WGS>
-WG_DEV void dkdv_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
-                      const bf16_t* __restrict__ v, const bf16_t* __restrict__ dout,
-                      const float* __restrict__ lse, const float* __restrict__ dvec,
+WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ dvec,
                       const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
-                      bf16_t* __restrict__ dk, bf16_t* __restrict__ dv) {
+                      bf16_t* __restrict__ dk, bf16_t* __restrict__ dv, const TmaMap* tq,
+                      const TmaMap* tk, const TmaMap* tv, const TmaMap* to) {
     constexpr int BK = 64 * WGS, BQ = 64, NQ = BQ / 8, NO = D / 8, NT = 128 * WGS;
     extern __shared__ __align__(128) unsigned char attn90_smem[];
     bf16_t* sK = (bf16_t*)attn90_smem;  // (BK, D), later dk
@@ -426,12 +456,13 @@ WG_DEV void dkdv_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k
     bf16_t* sO = sQ + 2 * BQ * D; // 2 x (BQ, D): dout
     float* sL = (float*)(sO + 2 * BQ * D); // 2 x BQ: lse * log2(e)
     float* sD = sL + 2 * BQ;               // 2 x BQ: dvec
+    unsigned long long* bar = (unsigned long long*)(sD + 2 * BQ); // K and V, Q and dO x 2 landed
     const int tid = (int)threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3;
     const int l = tid & 31, g = l >> 2, t = l & 3;
     const int j0 = (int)blockIdx.y * BK; // all kv heads of a key tile, then the next tile
     const int hk = (int)blockIdx.x, G = Hq / Hkv;
     const float sl2 = scale * LOG2E;
-    const long long qstr = (long long)Hq * D, kstr = (long long)Hkv * D;
+    const long long kstr = (long long)Hkv * D;
 
     const int jlast = imin(j0 + BK, N) - 1;
     const int qend = seg_end(cu, S, N, jlast); // queries past this cannot see any key of the tile
@@ -441,21 +472,33 @@ WG_DEV void dkdv_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k
     const int nq = (qend - j0 + BQ - 1) / BQ; // query tiles per head
     const int ntiles = G * nq;
 
-    // query tile `it` (head hk G + it / nq, rows from j0 + (it % nq) BQ) into buffer it & 1
+    // query tile `it` (head hk G + it / nq, rows from j0 + (it % nq) BQ) into buffer it & 1:
+    // Q and dO by TMA (barrier 1 + b completes phase u on the buffer's u-th tile), lse and
+    // dvec by every thread (seen after the next __syncthreads)
     auto load_queries = [&](int it) {
         const int h = hk * G + it / nq, i0 = j0 + (it % nq) * BQ, b = it & 1;
-        load_tile<D, BQ, NT>(sQ + b * BQ * D, q + (long long)h * D, i0, N, qstr);
-        load_tile<D, BQ, NT>(sO + b * BQ * D, dout + (long long)h * D, i0, N, qstr);
+        if (tid == 0) {
+            mbar_expect(bar + 1 + b, 2 * BQ * D * 2);
+            tma_rows(sQ + b * BQ * D, tq, i0, h, bar + 1 + b);
+            tma_rows(sO + b * BQ * D, to, i0, h, bar + 1 + b);
+        }
         for (int r = tid; r < BQ; r += NT) {
             const int tok = i0 + r;
             sL[b * BQ + r] = tok < N ? lse[(long long)h * N + tok] * LOG2E : WG_POS_INF;
             sD[b * BQ + r] = tok < N ? dvec[(long long)h * N + tok] : 0.f;
         }
     };
-    load_tile<D, BK, NT>(sK, k + (long long)hk * D, j0, N, kstr);
-    load_tile<D, BK, NT>(sV, v + (long long)hk * D, j0, N, kstr);
+    if (tid == 0) {
+        for (int i = 0; i < 3; ++i) mbar_init(bar + i);
+        mbar_init_fence();
+    }
+    __syncthreads();
+    if (tid == 0) {
+        mbar_expect(bar, 2 * BK * D * 2);
+        tma_rows(sK, tk, j0, hk, bar);
+        tma_rows(sV, tv, j0, hk, bar);
+    }
     load_queries(0);
-    cp_commit();
 
     float ak[D / 2], av[D / 2];
 #pragma unroll
@@ -467,10 +510,10 @@ WG_DEV void dkdv_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k
         const bf16_t* ot = sO + b * BQ * D;
         const float* lt = sL + b * BQ;
         const float* dt = sD + b * BQ;
-        cp_wait_all();
-        __syncthreads();
+        if (it == 0) mbar_wait(bar, 0);
+        mbar_wait(bar + 1 + b, (it >> 1) & 1);
+        __syncthreads(); // everyone sees tile it's lse, dvec and is done with buffer b ^ 1
         if (it + 1 < ntiles) load_queries(it + 1);
-        cp_commit();
 
         float s[BQ / 2], dp[BQ / 2];
         wg_fence();
@@ -541,25 +584,22 @@ WG_DEV void dkdv_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k
 // ds_it = p (dp - dvec) while that last product runs. K takes three buffers (K_{it-1} is still
 // read while K_{it+1} loads), V two.
 template <int D, int WGS>
-WG_DEV void dq_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
-                    const bf16_t* __restrict__ v, const bf16_t* __restrict__ dout,
-                    const float* __restrict__ lse, const float* __restrict__ dvec,
+WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dvec,
                     const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
-                    bf16_t* __restrict__ dq) {
+                    bf16_t* __restrict__ dq, const TmaMap* tq, const TmaMap* tk, const TmaMap* tv,
+                    const TmaMap* to) {
     constexpr int BQ = 64 * WGS, BK = 64, NO = D / 8, NT = 128 * WGS;
     extern __shared__ __align__(128) unsigned char attn90_smem[];
     bf16_t* sQ = (bf16_t*)attn90_smem; // (BQ, D), later dq
     bf16_t* sO = sQ + BQ * D;          // (BQ, D): dout
     bf16_t* sK = sO + BQ * D;          // 3 x (BK, D): K_it in buffer it % 3
     bf16_t* sV = sK + 3 * BK * D;      // 2 x (BK, D): V_it in buffer it & 1
+    unsigned long long* bar = (unsigned long long*)(sV + 2 * BK * D); // Q and dO, K x 3, V x 2
     const int tid = (int)threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3;
     const int l = tid & 31, g = l >> 2, t = l & 3;
     const int q0 = (int)(gridDim.y - 1 - blockIdx.y) * BQ; // longest rows first, all heads
     const int h = (int)blockIdx.x, hk = h / (Hq / Hkv);
     const float sl2 = scale * LOG2E;
-    const long long qstr = (long long)Hq * D, kstr = (long long)Hkv * D;
-    const bf16_t* kh = k + (long long)hk * D;
-    const bf16_t* vh = v + (long long)hk * D;
 
     const int rA = q0 + 64 * wg + 16 * warp + g, rB = rA + 8;
     const int stA = seg_start(cu, S, imin(rA, N - 1)), stB = seg_start(cu, S, imin(rB, N - 1));
@@ -568,20 +608,28 @@ WG_DEV void dq_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
     const float DA = rA < N ? dvec[(long long)h * N + rA] : 0.f;
     const float DB = rB < N ? dvec[(long long)h * N + rB] : 0.f;
     const int kend = imin(q0 + BQ, N);
-    const int kbeg = seg_start(cu, S, q0);
+    const int kbeg = seg_start(cu, S, q0) & ~7; // key tiles start on a row group (TMA boxes)
     const int last_start = seg_start(cu, S, kend - 1);
     const int ntiles = (kend - kbeg + BK - 1) / BK;
     auto kbuf = [&](int it) { return sK + (it % 3) * BK * D; };
     auto vbuf = [&](int it) { return sV + (it & 1) * BK * D; };
+    // K_it and V_it by TMA: barriers 1 + it % 3 and 4 + it % 2 complete phase u on their
+    // buffer's u-th tile
+    auto load_kv = [&](int it) {
+        if (tid == 0) {
+            mbar_expect(bar + 1 + it % 3, BK * D * 2);
+            tma_rows(kbuf(it), tk, kbeg + it * BK, hk, bar + 1 + it % 3);
+            mbar_expect(bar + 4 + (it & 1), BK * D * 2);
+            tma_rows(vbuf(it), tv, kbeg + it * BK, hk, bar + 4 + (it & 1));
+        }
+    };
     // wait for step it's tiles, then load K_{it+1} and V_{it+1}
     auto next_tiles = [&](int it) {
-        cp_wait_all();
+        if (it == 0) mbar_wait(bar, 0);
+        mbar_wait(bar + 1 + it % 3, (it / 3) & 1);
+        mbar_wait(bar + 4 + (it & 1), (it >> 1) & 1);
         __syncthreads();
-        if (it + 1 < ntiles) {
-            load_tile<D, BK, NT>(kbuf(it + 1), kh, kbeg + (it + 1) * BK, N, kstr);
-            load_tile<D, BK, NT>(vbuf(it + 1), vh, kbeg + (it + 1) * BK, N, kstr);
-        }
-        cp_commit();
+        if (it + 1 < ntiles) load_kv(it + 1);
     };
     auto issue_s_dp = [&](float (&s)[BK / 2], float (&dp)[BK / 2], int it) {
 #pragma unroll
@@ -613,11 +661,17 @@ WG_DEV void dq_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
         }
     };
 
-    load_tile<D, BQ, NT>(sQ, q + (long long)h * D, q0, N, qstr);
-    load_tile<D, BQ, NT>(sO, dout + (long long)h * D, q0, N, qstr);
-    load_tile<D, BK, NT>(kbuf(0), kh, kbeg, N, kstr);
-    load_tile<D, BK, NT>(vbuf(0), vh, kbeg, N, kstr);
-    cp_commit();
+    if (tid == 0) {
+        for (int i = 0; i < 6; ++i) mbar_init(bar + i);
+        mbar_init_fence();
+    }
+    __syncthreads();
+    if (tid == 0) {
+        mbar_expect(bar, 2 * BQ * D * 2);
+        tma_rows(sQ, tq, q0, h, bar);
+        tma_rows(sO, to, q0, h, bar);
+    }
+    load_kv(0);
 
     float a[D / 2], s[BK / 2], dp[BK / 2];
     unsigned da[BK / 16][4]; // dS_{it-1} in bf16: A fragments, k = keys
@@ -666,39 +720,40 @@ WG_DEV void dq_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
         stage_pair<D>(sQ, row + 8, col, a[4 * dn + 2] * scale, a[4 * dn + 3] * scale);
     }
     __syncthreads();
-    store_tile<D, BQ, NT>(dq + (long long)h * D, sQ, q0, N, qstr);
+    store_tile<D, BQ, NT>(dq + (long long)h * D, sQ, q0, N, (long long)Hq * D);
 }
 
 } // namespace attn90
 
 // ---------------------------------------------------------------- entry points
-// Two warpgroups per block everywhere (the backward's 64-row tiles shared by two warpgroups
-// halve its L2 traffic: 873 against 983 us at the 8B shape). Dynamic shared memory (bytes), as
-// the launcher computes it:
-//   fwd  (128 + 4 * 128) * D * 2    dkdv (2 * 128 + 4 * 64) * D * 2 + 1024    dq  (2 * 128 + 5 * 64) * D * 2
+// Dynamic shared memory (bytes), as the launcher computes it (64: the mbarriers):
+//   fwd  (128 + 4 * 128) * D * 2 + 64    dkdv (2 * 128 + 4 * 64) * D * 2 + 1024 + 64
+//   dq   (2 * 128 + 5 * 64) * D * 2 + 64
+// The TMA maps describe q, dout (Hq heads) and k, v (Hkv heads) with boxes of the kernel's
+// tile rows: fwd 128 for all; dkdv 128 for k, v and 64 for q, dout; dq 128 for q, dout and 64
+// for k, v.
 
 #define ATTN90_ENTRIES(D)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                                     \
-        attention_fwd_sm90_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const int* cu,           \
-                                int num_seqs, int n_tokens, int hq, int hkv, float scale, bf16_t* out,      \
-                                float* lse) {                                                                \
-        attn90::fwd_impl<D>(q, k, v, cu, num_seqs, n_tokens, hq, hkv, scale, out, lse);                      \
+    extern "C" __global__ void __launch_bounds__(256, 1) attention_fwd_sm90_d##D(                            \
+        const int* cu, int num_seqs, int n_tokens, int hq, int hkv, float scale, bf16_t* out, float* lse,      \
+        const __grid_constant__ attn90::TmaMap tq, const __grid_constant__ attn90::TmaMap tk,               \
+        const __grid_constant__ attn90::TmaMap tv) {                                                         \
+        attn90::fwd_impl<D>(cu, num_seqs, n_tokens, hq, hkv, scale, out, lse, &tq, &tk, &tv);                 \
     }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(256, 1)                   \
-        attention_bwd_dkdv_sm90_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v,                      \
-                                     const bf16_t* dout, const float* lse, const float* dvec,                \
-                                     const int* cu, int num_seqs, int n_tokens, int hq, int hkv,             \
-                                     float scale, bf16_t* dk, bf16_t* dv) {                                  \
-        attn90::dkdv_impl<D, 2>(q, k, v, dout, lse, dvec, cu, num_seqs, n_tokens, hq, hkv,      \
-                                             scale, dk, dv);                                                 \
+    extern "C" __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_sm90_d##D(                       \
+        const float* lse, const float* dvec, const int* cu, int num_seqs, int n_tokens, int hq, int hkv,      \
+        float scale, bf16_t* dk, bf16_t* dv, const __grid_constant__ attn90::TmaMap tq,                      \
+        const __grid_constant__ attn90::TmaMap tk, const __grid_constant__ attn90::TmaMap tv,               \
+        const __grid_constant__ attn90::TmaMap to) {                                                         \
+        attn90::dkdv_impl<D, 2>(lse, dvec, cu, num_seqs, n_tokens, hq, hkv, scale, dk, dv, &tq, &tk, &tv,   \
+                                &to);                                                                        \
     }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(256, 1)                   \
-        attention_bwd_dq_sm90_d##D(const bf16_t* q, const bf16_t* k, const bf16_t* v,                        \
-                                   const bf16_t* dout, const float* lse, const float* dvec,                  \
-                                   const int* cu, int num_seqs, int n_tokens, int hq, int hkv,               \
-                                   float scale, bf16_t* dq) {                                                \
-        attn90::dq_impl<D, 2>(q, k, v, dout, lse, dvec, cu, num_seqs, n_tokens, hq, hkv, scale, \
-                                           dq);                                                              \
+    extern "C" __global__ void __launch_bounds__(256, 1) attention_bwd_dq_sm90_d##D(                         \
+        const float* lse, const float* dvec, const int* cu, int num_seqs, int n_tokens, int hq, int hkv,      \
+        float scale, bf16_t* dq, const __grid_constant__ attn90::TmaMap tq,                                  \
+        const __grid_constant__ attn90::TmaMap tk, const __grid_constant__ attn90::TmaMap tv,               \
+        const __grid_constant__ attn90::TmaMap to) {                                                         \
+        attn90::dq_impl<D, 2>(lse, dvec, cu, num_seqs, n_tokens, hq, hkv, scale, dq, &tq, &tk, &tv, &to);   \
     }
 
 ATTN90_ENTRIES(64)

@@ -456,27 +456,96 @@ enum Pass {
     Dq,
 }
 
-/// Name, block size, rows (queries or keys) per block and dynamic shared memory of a launch.
+/// Name, block size, rows (queries or keys) per block and dynamic shared memory of a launch;
+/// for Sm90, the rows of the TMA boxes of q and dout, and of k and v.
 struct Launch {
     name: String,
     threads: u32,
     rows: usize,
     smem: u32,
+    box_rows: (usize, usize),
+}
+
+/// A TMA descriptor (CUtensorMap) of one (N, H, D) bf16 tensor as attention_sm90.cu reads it:
+/// five dimensions, innermost first (8 elements, the 8 rows of a row group, D / 8 column
+/// chunks, N / 8 row groups, H heads), so a box of one head's rows lands in shared memory as
+/// wgmma's core-matrix tiles; rows past N read as zeros.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct TmaMap(cudarc::driver::sys::CUtensorMap);
+
+// SAFETY: a plain 128-byte value that the kernels take by value (__grid_constant__).
+unsafe impl cudarc::driver::DeviceRepr for TmaMap {}
+
+impl TmaMap {
+    /// The map of `x` (n rows of `heads` heads of d elements), boxes of `rows` rows.
+    fn new(
+        x: DevPtr<bf16>,
+        n: usize,
+        heads: usize,
+        d: usize,
+        rows: usize,
+    ) -> Result<Self, RuntimeError> {
+        use cudarc::driver::sys;
+        let row_bytes = (heads * d * 2) as u64;
+        let dims: [u64; 5] = [8, 8, (d / 8) as u64, n.div_ceil(8) as u64, heads as u64];
+        let strides: [u64; 4] = [row_bytes, 16, 8 * row_bytes, (d * 2) as u64];
+        let boxes: [u32; 5] = [8, 8, (d / 8) as u32, (rows / 8) as u32, 1];
+        let unit: [u32; 5] = [1; 5];
+        let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
+        // SAFETY: dims, boxes and unit hold the rank's 5 entries and strides its 4; the map is
+        // written by the call before it is read.
+        let r = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                map.as_mut_ptr(),
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                5,
+                x.addr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                unit.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(RuntimeError::Driver(cudarc::driver::DriverError(r)));
+        }
+        // SAFETY: initialized by the successful call above.
+        Ok(Self(unsafe { map.assume_init() }))
+    }
 }
 
 impl AttentionKernels {
-    /// Sm90 on compute capability 9.0, Sm80 elsewhere; `FTRT_ATTENTION_KERNELS` overrides
-    /// (sm90 on another GPU fails when the module loads).
-    pub fn for_gpu(gpu: &Gpu) -> Result<Self, RuntimeError> {
+    /// The family for a call of shape `dims` on `gpu`: Sm90 on compute capability 9.0 when
+    /// the token count is a multiple of 8 (its TMA tiles start on row groups), else Sm80;
+    /// `FTRT_ATTENTION_KERNELS` overrides (sm90 then fails where it cannot run).
+    pub fn for_call(gpu: &Gpu, dims: &AttentionDims) -> Result<Self, RuntimeError> {
         match std::env::var(KERNELS_ENV).ok().as_deref() {
             Some("sm80") => Ok(Self::Sm80),
             Some("sm90") => Ok(Self::Sm90),
             Some(other) => Err(RuntimeError::InvalidArgument(format!(
                 "{KERNELS_ENV}={other}: expected sm80 or sm90"
             ))),
-            None if gpu.info().compute_capability == (9, 0) => Ok(Self::Sm90),
+            None if gpu.info().compute_capability == (9, 0) && dims.n_tokens.is_multiple_of(8) => {
+                Ok(Self::Sm90)
+            }
             None => Ok(Self::Sm80),
         }
+    }
+
+    /// Sm90 needs its tiles to start on row groups of 8 tokens.
+    fn check(self, dims: &AttentionDims) -> Result<(), RuntimeError> {
+        if self == Self::Sm90 && !dims.n_tokens.is_multiple_of(8) {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "attention: the sm90 kernels need a token count that is a multiple of 8, not {}",
+                dims.n_tokens
+            )));
+        }
+        Ok(())
     }
 
     /// The families this GPU can run (the selftest checks each).
@@ -509,6 +578,7 @@ impl AttentionKernels {
                 threads: 128,
                 rows: 128,
                 smem: ((128 + 2 * fwd_keys(d)) * (d + 8) * 2) as u32,
+                box_rows: (0, 0),
             },
             (Self::Sm80, Pass::Dkdv) => Launch {
                 name: name("bwd_dkdv"),
@@ -516,35 +586,63 @@ impl AttentionKernels {
                 rows: 64,
                 smem: ((128 + 2 * dkdv_query_rows(d)) * (d + 8) * 2 + 8 * dkdv_query_rows(d))
                     as u32,
+                box_rows: (0, 0),
             },
             (Self::Sm80, Pass::Dq) => Launch {
                 name: name("bwd_dq"),
                 threads: 128,
                 rows: 64,
                 smem: (4 * 64 * (d + 8) * 2) as u32,
+                box_rows: (0, 0),
             },
-            // fwd: Q (128 rows) + K, V (128 keys, two buffers each)
+            // fwd: Q (128 rows) + K, V (128 keys, two buffers each) + 5 mbarriers
             (Self::Sm90, Pass::Fwd) => Launch {
                 name: name("fwd"),
                 threads: 256,
                 rows: 128,
-                smem: ((128 + 4 * 128) * d * 2) as u32,
+                smem: ((128 + 4 * 128) * d * 2 + 64) as u32,
+                box_rows: (128, 128),
             },
-            // dkdv: K, V (128 keys) + Q, dO (64 queries, two buffers each) + lse, dvec
+            // dkdv: K, V (128 keys) + Q, dO (64 queries, two buffers each) + lse, dvec + 3 mbarriers
             (Self::Sm90, Pass::Dkdv) => Launch {
                 name: name("bwd_dkdv"),
                 threads: 256,
                 rows: 128,
-                smem: ((2 * 128 + 4 * 64) * d * 2 + 4 * 64 * 4) as u32,
+                smem: ((2 * 128 + 4 * 64) * d * 2 + 4 * 64 * 4 + 64) as u32,
+                box_rows: (64, 128),
             },
-            // dq: Q, dO (128 queries) + K (64 keys, three buffers) + V (two)
+            // dq: Q, dO (128 queries) + K (64 keys, three buffers) + V (two) + 6 mbarriers
             (Self::Sm90, Pass::Dq) => Launch {
                 name: name("bwd_dq"),
                 threads: 256,
                 rows: 128,
-                smem: ((2 * 128 + 5 * 64) * d * 2) as u32,
+                smem: ((2 * 128 + 5 * 64) * d * 2 + 64) as u32,
+                box_rows: (128, 64),
             },
         }
+    }
+
+    /// Sm90's TMA maps of `x`, a prefix of [q, k, v, dout], for launch `l`; none for Sm80.
+    fn maps(
+        self,
+        dims: &AttentionDims,
+        l: &Launch,
+        x: &[DevPtr<bf16>],
+    ) -> Result<Vec<TmaMap>, RuntimeError> {
+        if self == Self::Sm80 {
+            return Ok(vec![]);
+        }
+        let (hq, hkv) = (dims.n_heads_q, dims.n_heads_kv);
+        let heads_rows = [
+            (hq, l.box_rows.0),
+            (hkv, l.box_rows.1),
+            (hkv, l.box_rows.1),
+            (hq, l.box_rows.0),
+        ];
+        x.iter()
+            .zip(heads_rows)
+            .map(|(&p, (heads, rows))| TmaMap::new(p, dims.n_tokens, heads, dims.head_dim, rows))
+            .collect()
     }
 
     /// The launch function of `pass`, opted in to its shared memory.
@@ -618,7 +716,7 @@ pub fn attention_forward(
     out: DevPtr<bf16>,
     lse: DevPtr<f32>,
 ) -> Result<(), RuntimeError> {
-    let kernels = AttentionKernels::for_gpu(gpu)?;
+    let kernels = AttentionKernels::for_call(gpu, &dims)?;
     attention_forward_with(kernels, gpu, dims, q, k, v, cu_seqlens, out, lse)
 }
 
@@ -647,6 +745,7 @@ pub fn attention_forward_with(
     ] {
         check_aligned(name, p)?;
     }
+    kernels.check(&dims)?;
     let l = kernels.launch(Pass::Fwd, dims.head_dim);
     let f = kernels.function(gpu, &l)?;
     let (s, n, hq, hkv) = (
@@ -656,10 +755,13 @@ pub fn attention_forward_with(
         dims.n_heads_kv as i32,
     );
     let scale = dims.scale;
+    let maps = kernels.maps(&dims, &l, &[q, k, v])?;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&q.addr);
-    b.arg(&k.addr);
-    b.arg(&v.addr);
+    if kernels == AttentionKernels::Sm80 {
+        b.arg(&q.addr);
+        b.arg(&k.addr);
+        b.arg(&v.addr);
+    }
     b.arg(&cu_seqlens.addr);
     b.arg(&s);
     b.arg(&n);
@@ -668,6 +770,9 @@ pub fn attention_forward_with(
     b.arg(&scale);
     b.arg(&out.addr);
     b.arg(&lse.addr);
+    for m in &maps {
+        b.arg(m);
+    }
     let grid = (dims.n_heads_q as u32, dims.n_tokens.div_ceil(l.rows) as u32);
     unsafe { b.launch(config(grid, l.threads, l.smem)) }?;
     Ok(())
@@ -693,7 +798,7 @@ pub fn attention_backward(
     dv: DevPtr<bf16>,
     scratch: DevPtr<f32>,
 ) -> Result<(), RuntimeError> {
-    let kernels = AttentionKernels::for_gpu(gpu)?;
+    let kernels = AttentionKernels::for_call(gpu, &dims)?;
     attention_backward_with(
         kernels, gpu, dims, q, k, v, out, lse, dout, cu_seqlens, dq, dk, dv, scratch,
     )
@@ -733,6 +838,7 @@ pub fn attention_backward_with(
     ] {
         check_aligned(name, p)?;
     }
+    kernels.check(&dims)?;
     let d = dims.head_dim;
     let (s, n, hq, hkv) = (
         dims.num_seqs as i32,
@@ -763,11 +869,14 @@ pub fn attention_backward_with(
     for (pass, heads) in [(Pass::Dkdv, dims.n_heads_kv), (Pass::Dq, dims.n_heads_q)] {
         let l = kernels.launch(pass, d);
         let f = kernels.function(gpu, &l)?;
+        let maps = kernels.maps(&dims, &l, &[q, k, v, dout])?;
         let mut b = gpu.stream().launch_builder(&f);
-        b.arg(&q.addr);
-        b.arg(&k.addr);
-        b.arg(&v.addr);
-        b.arg(&dout.addr);
+        if kernels == AttentionKernels::Sm80 {
+            b.arg(&q.addr);
+            b.arg(&k.addr);
+            b.arg(&v.addr);
+            b.arg(&dout.addr);
+        }
         b.arg(&lse.addr);
         b.arg(&dvec.addr);
         b.arg(&cu_seqlens.addr);
@@ -781,6 +890,9 @@ pub fn attention_backward_with(
             b.arg(&dv.addr);
         } else {
             b.arg(&dq.addr);
+        }
+        for m in &maps {
+            b.arg(m);
         }
         let grid = (heads as u32, dims.n_tokens.div_ceil(l.rows) as u32);
         unsafe { b.launch(config(grid, l.threads, l.smem)) }?;

@@ -359,3 +359,12 @@ fn launches_match_the_kernels() {
         }
     }
 }
+
+#[test]
+fn sm90_needs_row_groups_of_eight() {
+    let ok = AttentionDims::new(1000, 1, 2, 1, 128);
+    let bad = AttentionDims::new(1001, 1, 2, 1, 128);
+    assert!(AttentionKernels::Sm90.check(&ok).is_ok());
+    assert!(AttentionKernels::Sm90.check(&bad).is_err());
+    assert!(AttentionKernels::Sm80.check(&bad).is_ok());
+}
