@@ -565,13 +565,23 @@ impl AttentionKernels {
     }
 
     /// The launch of `pass` at head dim `d`; shared memory must match the kernels' layouts
-    /// (attention.cu: row pitch d + 8; attention_sm90.cu: tiled, no padding).
-    fn launch(self, pass: Pass, d: usize) -> Launch {
-        let (prefix, suffix) = match self {
-            Self::Sm80 => ("attention", ""),
-            Self::Sm90 => ("attention", "_sm90"),
+    /// (attention.cu: row pitch d + 8; attention_sm90.cu: tiled, no padding). `pair`: Sm90's
+    /// forward as cluster pairs of query heads that share a kv head ([`pairs_heads`]): each
+    /// block loads half of every k, v tile (TMA boxes of half the rows) for both.
+    fn launch(self, pass: Pass, d: usize, pair: bool) -> Launch {
+        let suffix = match self {
+            Self::Sm80 => "",
+            Self::Sm90 if pair && pass == Pass::Fwd => "_pair_sm90",
+            Self::Sm90 => "_sm90",
         };
-        let name = |p: &str| format!("{prefix}_{p}{suffix}_d{d}");
+        let kv_box = |rows: usize| {
+            if suffix == "_pair_sm90" {
+                rows / 2
+            } else {
+                rows
+            }
+        };
+        let name = |p: &str| format!("attention_{p}{suffix}_d{d}");
         match (self, pass) {
             (Self::Sm80, Pass::Fwd) => Launch {
                 name: name("fwd"),
@@ -601,7 +611,7 @@ impl AttentionKernels {
                 threads: 256,
                 rows: 128,
                 smem: ((128 + 4 * 128) * d * 2 + 64) as u32,
-                box_rows: (128, 128),
+                box_rows: (128, kv_box(128)),
             },
             // dkdv: K, V (128 keys) + Q, dO (64 queries, two buffers each) + lse, dvec + 3 mbarriers
             (Self::Sm90, Pass::Dkdv) => Launch {
@@ -617,7 +627,7 @@ impl AttentionKernels {
                 threads: 256,
                 rows: 128,
                 smem: ((2 * 128 + 5 * 64) * d * 2 + 64) as u32,
-                box_rows: (128, 64),
+                box_rows: (128, kv_box(64)),
             },
         }
     }
@@ -686,6 +696,12 @@ fn config(grid: (u32, u32), threads: u32, smem: u32) -> cudarc::driver::LaunchCo
     }
 }
 
+/// Whether query heads pair up two by two on one kv head (an even group size), as the sm90
+/// cluster-pair kernels need.
+fn pairs_heads(dims: &AttentionDims) -> bool {
+    (dims.n_heads_q / dims.n_heads_kv).is_multiple_of(2)
+}
+
 /// Keys per forward tile of attention.cu (`FwdTiles::BN`).
 fn fwd_keys(d: usize) -> usize {
     if d >= 128 {
@@ -746,7 +762,7 @@ pub fn attention_forward_with(
         check_aligned(name, p)?;
     }
     kernels.check(&dims)?;
-    let l = kernels.launch(Pass::Fwd, dims.head_dim);
+    let l = kernels.launch(Pass::Fwd, dims.head_dim, pairs_heads(&dims));
     let f = kernels.function(gpu, &l)?;
     let (s, n, hq, hkv) = (
         dims.num_seqs as i32,
@@ -867,7 +883,7 @@ pub fn attention_backward_with(
 
     // dk, dv: one block per (key tile, kv head); dq: one block per (query tile, query head)
     for (pass, heads) in [(Pass::Dkdv, dims.n_heads_kv), (Pass::Dq, dims.n_heads_q)] {
-        let l = kernels.launch(pass, d);
+        let l = kernels.launch(pass, d, pairs_heads(&dims));
         let f = kernels.function(gpu, &l)?;
         let maps = kernels.maps(&dims, &l, &[q, k, v, dout])?;
         let mut b = gpu.stream().launch_builder(&f);
@@ -1078,6 +1094,13 @@ fn selftest_cases() -> Vec<(String, Case, usize)> {
         "d64 N=8192 S=4 Hq=9 Hkv=3".to_string(),
         Case::random(2, 8192, &s, 9, 3, 64, 2.0),
         37,
+    ));
+    // Llama-3.2-1B-like: D = 64, GQA 4 (query heads in pairs per kv head), two sequences
+    let s = [1500, 2596];
+    v.push((
+        "d64 N=4096 S=2 Hq=16 Hkv=4".to_string(),
+        Case::random(5, 4096, &s, 16, 4, 64, 2.0),
+        29,
     ));
     // many short sequences, GQA 1, trailing padding (cu[S] < N)
     let mut rng = ftrt_runtime::rng::SplitMix64::new(3);
