@@ -1,6 +1,8 @@
-//! Causal self-attention, a raw op: hand-written flash-style CUDA C in
-//! `ops/kernels/attention.cu` (read its header for the tiling), this CPU reference, and the
-//! typed launchers.
+//! Causal self-attention, a raw op: hand-written flash-style CUDA C in two families,
+//! `ops/kernels/attention.cu` (mma.sync, any GPU from Ampere on; HIP-portable) and
+//! `ops/kernels/attention_sm90.cu` (Hopper: warpgroup MMAs fed by TMA), with the same math and
+//! layouts (read their headers for the tiling); this CPU reference; and the typed launchers,
+//! which pick the family per call ([`AttentionKernels::for_call`]).
 //!
 //! Layouts (row-major; N = tokens of one packed micro-batch, S sequences):
 //! - `q`, `out`, `dout`, `dq`: (N, Hq, D) bf16; `k`, `v`, `dk`, `dv`: (N, Hkv, D) bf16;
@@ -19,19 +21,20 @@
 //! cu[S] (padding up to the token budget) form one more trailing segment, so every row sees at
 //! least itself and nothing becomes NaN; attention never crosses segments.
 //!
-//! GPU: all four kernels are deterministic (no atomics): dk/dv blocks own a key tile and loop
+//! GPU: every kernel is deterministic (no atomics): dk/dv blocks own a key tile and loop
 //! over the group's query heads and query tiles; dq has its own pass over key tiles (it repeats
 //! the p and dp products: ~7 instead of 5 matmul-equivalents per backward, the price of
 //! bit-reproducible dq without an f32 scratch). Scratch: `dvec`, Hq * N f32.
 //!
-//! Dynamic shared memory per block (CUDA, pitch D + 8): fwd (128 + 2 KT)*(D+8)*2 with KT = 64
+//! Dynamic shared memory per block of attention.cu (pitch D + 8; attention_sm90.cu's are in
+//! [`AttentionKernels::launch`]): fwd (128 + 2 KT)*(D+8)*2 with KT = 64
 //! / 32 keys per tile at D = 64 / 128 (36/51 KiB), dq 4*64*(D+8)*2 (36/68 KiB), dkdv
 //! (128 + 2*BMB)*(D+8)*2 + 8*BMB with BMB = 64 / 32 rows at D = 64 / 128 (37/51 KiB): the
 //! launchers opt in above 48 KiB. The HIP build uses pitch D (a HIP launcher must size with
 //! D) so that dq at D = 128 fits gfx90a's 64 KiB;
 //! the HIP path emulates the MMA fragments with shuffles and is correct-first, not fast.
 //!
-//! `sim/` runs these CUDA C kernels on a CPU emulator (every MMA / ldmatrix fragment, warp
+//! `sim/` runs attention.cu's kernels on a CPU emulator (every MMA / ldmatrix fragment, warp
 //! schedule and cp.async ordering emulated) against this reference:
 //! `cd ops/src/attention/sim && cargo test --release`.
 
