@@ -27,7 +27,7 @@
 //! bit-reproducible dq without an f32 scratch). Scratch: `dvec`, Hq * N f32.
 //!
 //! Dynamic shared memory per block of attention.cu (pitch D + 8; attention_sm90.cu's are in
-//! [`AttentionKernels::launch`]): fwd (128 + 2 KT)*(D+8)*2 with KT = 64
+//! `AttentionKernels::launch`): fwd (128 + 2 KT)*(D+8)*2 with KT = 64
 //! / 32 keys per tile at D = 64 / 128 (36/51 KiB), dq 4*64*(D+8)*2 (36/68 KiB), dkdv
 //! (128 + 2*BMB)*(D+8)*2 + 8*BMB with BMB = 64 / 32 rows at D = 64 / 128 (37/51 KiB): the
 //! launchers opt in above 48 KiB. The HIP build uses pitch D (a HIP launcher must size with
