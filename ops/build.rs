@@ -53,7 +53,10 @@ fn main() {
     raws.sort();
     for path in raws {
         let name = path.file_stem().unwrap().to_string_lossy().to_string();
-        let cuda = std::fs::read_to_string(&path).unwrap();
+        let cuda = paste_includes(
+            &std::fs::read_to_string(&path).unwrap(),
+            &manifest.join("kernels"),
+        );
         families.push((name, cuda, None));
     }
 
@@ -94,6 +97,31 @@ fn main() {
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("kernels.rs");
     std::fs::write(out, rs).expect("write kernels.rs");
+}
+
+/// A raw kernel with each `#include "x.cuh"` line replaced by kernels/x.cuh (one level), so
+/// the generated file stands alone for NVRTC, hipcc and FTRT_KERNEL_DIR.
+fn paste_includes(source: &str, dir: &Path) -> String {
+    let mut out = String::with_capacity(source.len());
+    for line in source.lines() {
+        let header = line
+            .strip_prefix("#include \"")
+            .and_then(|rest| rest.strip_suffix('"'));
+        match header {
+            Some(h) => {
+                let text = std::fs::read_to_string(dir.join(h))
+                    .unwrap_or_else(|e| fail(&format!("ops/kernels/{h}: {e}")));
+                out.push_str(&format!(
+                    "// ---- {h} ----\n{text}// ---- end of {h} ----\n"
+                ));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 fn write_if_changed(path: &Path, text: &str) {

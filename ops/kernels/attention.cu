@@ -67,6 +67,8 @@
 #define ATTN_POS_INF (__int_as_float(0x7f800000))
 #endif
 
+#include "attention_segments.cuh"
+
 typedef unsigned short bf16_t;
 struct alignas(16) attn_u32x4 {
     unsigned int x, y, z, w;
@@ -235,22 +237,10 @@ template <int N> ATTN_DEV void cp_wait() { asm volatile("cp.async.wait_group %0;
 
 // ---------------------------------------------------------------- helpers
 
-// segment of token i: the largest s with cu[s] <= i; s == S is the trailing padding segment
-ATTN_DEV int seg_of(const int* cu, int S, int i) {
-    int lo = 0, hi = S + 1;
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) >> 1;
-        if (cu[mid] <= i) lo = mid;
-        else hi = mid;
-    }
-    return lo;
-}
-ATTN_DEV int seg_start(const int* cu, int S, int i) { return cu[seg_of(cu, S, i)]; }
-ATTN_DEV int seg_end(const int* cu, int S, int N, int i) {
-    const int s = seg_of(cu, S, i);
-    return s < S ? cu[s + 1] : N;
-}
-ATTN_DEV int imin(int a, int b) { return a < b ? a : b; }
+using attn_segments::imin;
+using attn_segments::seg_end;
+using attn_segments::seg_of;
+using attn_segments::seg_start;
 
 // ROWS token rows starting at row0 of one head (g points at that head's first element; rows are
 // `stride` elements apart) into shared memory with row pitch D + PAD; rows >= N become zeros.

@@ -43,6 +43,10 @@
 typedef unsigned short bf16_t;
 
 #define WG_DEV __device__ __forceinline__
+#ifndef ATTN_DEV
+#define ATTN_DEV __device__ __forceinline__
+#endif
+#include "attention_segments.cuh"
 
 namespace attn90 {
 
@@ -68,23 +72,9 @@ WG_DEV unsigned pack_bf16(float lo, float hi) {
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
-WG_DEV int imin(int a, int b) { return a < b ? a : b; }
-
-// segment of token i: the largest s with cu[s] <= i; s == S is the trailing padding segment
-WG_DEV int seg_of(const int* cu, int S, int i) {
-    int lo = 0, hi = S + 1;
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) >> 1;
-        if (cu[mid] <= i) lo = mid;
-        else hi = mid;
-    }
-    return lo;
-}
-WG_DEV int seg_start(const int* cu, int S, int i) { return cu[seg_of(cu, S, i)]; }
-WG_DEV int seg_end(const int* cu, int S, int N, int i) {
-    const int s = seg_of(cu, S, i);
-    return s < S ? cu[s + 1] : N;
-}
+using attn_segments::imin;
+using attn_segments::seg_end;
+using attn_segments::seg_start;
 
 // ---------------------------------------------------------------- copies
 
