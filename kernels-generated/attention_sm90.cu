@@ -120,9 +120,13 @@ struct alignas(64) TmaMap {
 WG_DEV void mbar_init(unsigned long long* bar) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bar)));
 }
-// the barriers are visible to the async proxy (TMA) and to every thread after the caller's
-// __syncthreads
-WG_DEV void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+// thread 0 sets up n barriers (one arrival each); TMA and every thread may use them after the
+// caller's block (or cluster) barrier
+WG_DEV void mbar_init_all(unsigned long long* bar, int n) {
+    if (threadIdx.x != 0) return;
+    for (int i = 0; i < n; ++i) mbar_init(bar + i);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
 // arms `bar` for `bytes` bytes of TMA writes (one thread)
 WG_DEV void mbar_expect(unsigned long long* bar, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes)
@@ -391,10 +395,7 @@ WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, 
         wg_commit();
     };
 
-    if (tid == 0) {
-        for (int i = 0; i < 5; ++i) mbar_init(bar + i);
-        mbar_init_fence();
-    }
+    mbar_init_all(bar, 5);
     step_sync<PAIR>(); // the partner's barriers exist before our multicasts reach them
     if (tid == 0) {
         mbar_expect(bar, BM * D * 2);
@@ -519,10 +520,7 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
             sD[b * BQ + r] = tok < N ? dvec[(long long)h * N + tok] : 0.f;
         }
     };
-    if (tid == 0) {
-        for (int i = 0; i < 3; ++i) mbar_init(bar + i);
-        mbar_init_fence();
-    }
+    mbar_init_all(bar, 3);
     __syncthreads();
     if (tid == 0) {
         mbar_expect(bar, 2 * BK * D * 2);
@@ -688,10 +686,7 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
         }
     };
 
-    if (tid == 0) {
-        for (int i = 0; i < 6; ++i) mbar_init(bar + i);
-        mbar_init_fence();
-    }
+    mbar_init_all(bar, 6);
     __syncthreads();
     if (tid == 0) {
         mbar_expect(bar, 2 * BQ * D * 2);

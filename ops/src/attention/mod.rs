@@ -699,6 +699,39 @@ fn config(grid: (u32, u32), threads: u32, smem: u32) -> cudarc::driver::LaunchCo
     }
 }
 
+/// The arguments every forward and backward kernel takes after its tensor inputs:
+/// cu_seqlens, S, N, Hq, Hkv, scale.
+struct ShapeArgs {
+    cu: u64,
+    s: i32,
+    n: i32,
+    hq: i32,
+    hkv: i32,
+    scale: f32,
+}
+
+impl ShapeArgs {
+    fn new(dims: &AttentionDims, cu_seqlens: DevPtr<i32>) -> Self {
+        Self {
+            cu: cu_seqlens.addr,
+            s: dims.num_seqs as i32,
+            n: dims.n_tokens as i32,
+            hq: dims.n_heads_q as i32,
+            hkv: dims.n_heads_kv as i32,
+            scale: dims.scale,
+        }
+    }
+
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+        b.arg(&self.cu);
+        b.arg(&self.s);
+        b.arg(&self.n);
+        b.arg(&self.hq);
+        b.arg(&self.hkv);
+        b.arg(&self.scale);
+    }
+}
+
 /// Whether query heads pair up two by two on one kv head (an even group size), as the sm90
 /// cluster-pair kernels need.
 fn pairs_heads(dims: &AttentionDims) -> bool {
@@ -767,13 +800,7 @@ pub fn attention_forward_with(
     kernels.check(&dims)?;
     let l = kernels.launch(Pass::Fwd, dims.head_dim, pairs_heads(&dims));
     let f = kernels.function(gpu, &l)?;
-    let (s, n, hq, hkv) = (
-        dims.num_seqs as i32,
-        dims.n_tokens as i32,
-        dims.n_heads_q as i32,
-        dims.n_heads_kv as i32,
-    );
-    let scale = dims.scale;
+    let shape = ShapeArgs::new(&dims, cu_seqlens);
     let maps = kernels.maps(&dims, &l, &[q, k, v])?;
     let mut b = gpu.stream().launch_builder(&f);
     if kernels == AttentionKernels::Sm80 {
@@ -781,12 +808,7 @@ pub fn attention_forward_with(
         b.arg(&k.addr);
         b.arg(&v.addr);
     }
-    b.arg(&cu_seqlens.addr);
-    b.arg(&s);
-    b.arg(&n);
-    b.arg(&hq);
-    b.arg(&hkv);
-    b.arg(&scale);
+    shape.push(&mut b);
     b.arg(&out.addr);
     b.arg(&lse.addr);
     for m in &maps {
@@ -859,13 +881,7 @@ pub fn attention_backward_with(
     }
     kernels.check(&dims)?;
     let d = dims.head_dim;
-    let (s, n, hq, hkv) = (
-        dims.num_seqs as i32,
-        dims.n_tokens as i32,
-        dims.n_heads_q as i32,
-        dims.n_heads_kv as i32,
-    );
-    let scale = dims.scale;
+    let shape = ShapeArgs::new(&dims, cu_seqlens);
     let dvec = scratch;
 
     // dvec = rowsum(dout * out): one warp per (token, head) row
@@ -878,8 +894,8 @@ pub fn attention_backward_with(
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&out.addr);
     b.arg(&dout.addr);
-    b.arg(&n);
-    b.arg(&hq);
+    b.arg(&shape.n);
+    b.arg(&shape.hq);
     b.arg(&dvec.addr);
     let rows = dims.n_tokens * dims.n_heads_q;
     unsafe { b.launch(config((rows.div_ceil(4) as u32, 1), 128, 0)) }?;
@@ -898,12 +914,7 @@ pub fn attention_backward_with(
         }
         b.arg(&lse.addr);
         b.arg(&dvec.addr);
-        b.arg(&cu_seqlens.addr);
-        b.arg(&s);
-        b.arg(&n);
-        b.arg(&hq);
-        b.arg(&hkv);
-        b.arg(&scale);
+        shape.push(&mut b);
         if pass == Pass::Dkdv {
             b.arg(&dk.addr);
             b.arg(&dv.addr);
