@@ -19,6 +19,7 @@ use clap::Args;
 use ftrt_models::llama::gpu::{flop_estimate, init_adapter, GpuLlama, GpuSteps, KeepBf16};
 use ftrt_models::llama::{generate_with, Batch, Proj, SamplingParams};
 use ftrt_models::ModelConfig;
+use ftrt_ops::attention::{AttentionDims, AttentionKernels};
 use ftrt_runtime::cudarc::driver::sys::CUevent_flags;
 use ftrt_runtime::Gpu;
 use std::path::Path;
@@ -412,8 +413,15 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     };
     let planned = model.held_bytes() as f64 / GIB;
     let name = gpu.info().name.clone();
+    let d = &model.dims;
+    let attention = AttentionKernels::for_call(
+        &gpu,
+        &AttentionDims::new(n, a.batch, d.heads, d.kv_heads, d.head_dim),
+    )
+    .map_err(|e| e.to_string())?
+    .name();
     println!(
-        "ftrt bench {} {} r={} batch {}x{} on {name}: {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% ({recomputed} of {layers} layers recomputed{}), loss {:.4} -> {:.4}",
+        "ftrt bench {} {} r={} batch {}x{} on {name} (attention {attention}): {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% ({recomputed} of {layers} layers recomputed{}), loss {:.4} -> {:.4}",
         a.preset, a.mode, a.lora_r, a.batch, a.seq, tok_s, ms, measured, planned, total as f64 / GIB, 100.0 * mfu, 100.0 * hfu,
         match (a.offload_residuals, a.offload_embeddings) {
             (true, true) => ", checkpoints and embeddings offloaded",
@@ -426,7 +434,8 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     let json = serde_json::json!({
         "bench": "ftrt", "model": a.preset, "mode": a.mode, "optim": "adamw", "lora_r": a.lora_r,
         "kept_bf16": a.llm_int8_skip_modules, "grad_ckpt": recomputed > 0, "recomputed_layers": recomputed,
-        "offload_residuals": a.offload_residuals, "offload_embeddings": a.offload_embeddings, "gpu": name, "setup_s": (setup_s * 10.0).round() / 10.0,
+        "offload_residuals": a.offload_residuals, "offload_embeddings": a.offload_embeddings, "gpu": name, "attention": attention,
+        "setup_s": (setup_s * 10.0).round() / 10.0,
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "warmup": a.warmup, "status": "ok",
         "tokens_per_s": (tok_s * 10.0).round() / 10.0, "ms_per_step": (ms * 100.0).round() / 100.0,
         "warmup_s": (warmup_s * 100.0).round() / 100.0,

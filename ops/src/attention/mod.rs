@@ -540,6 +540,14 @@ impl AttentionKernels {
         }
     }
 
+    /// The family's short name, as `FTRT_ATTENTION_KERNELS` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sm80 => "sm80",
+            Self::Sm90 => "sm90",
+        }
+    }
+
     /// Sm90 needs its tiles to start on row groups of 8 tokens.
     fn check(self, dims: &AttentionDims) -> Result<(), RuntimeError> {
         if self == Self::Sm90 && !dims.n_tokens.is_multiple_of(8) {
@@ -756,7 +764,7 @@ fn dkdv_query_rows(d: usize) -> usize {
 }
 
 /// Forward on the compute stream: out (N, Hq, D) bf16, lse (Hq, N) f32 from q, k, v, with the
-/// GPU's kernel family ([`AttentionKernels::for_gpu`]).
+/// kernel family for the call ([`AttentionKernels::for_call`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     gpu: &Gpu,
@@ -1142,10 +1150,7 @@ fn selftest_family(
     kernels: AttentionKernels,
 ) -> Result<Vec<(String, f64, f64)>, RuntimeError> {
     use cudarc::driver::sys::CUevent_flags;
-    let family = match kernels {
-        AttentionKernels::Sm80 => "sm80",
-        AttentionKernels::Sm90 => "sm90",
-    };
+    let family = kernels.name();
     let mut rows = vec![];
     for (name, c, stride) in selftest_cases() {
         let name = format!("{family} {name}");
