@@ -82,6 +82,12 @@ pub struct PlanArgs {
     /// refused with what it needs [default: no bound]
     #[arg(long)]
     pub host_budget_gib: Option<f64>,
+    /// Whole-layer gradient checkpointing, as `ftrt bench --keep-layers 0` runs it: save only
+    /// every K-th layer's input, and re-run in the backward each layer's forward from the
+    /// nearest saved input (K = 1: one layer forward per layer; K: up to K). Without it the
+    /// planner decides tensor by tensor.
+    #[arg(long, value_name = "K")]
+    pub checkpoint_layers: Option<usize>,
 }
 
 /// A Llama-shaped model and one micro-batch.
@@ -98,6 +104,8 @@ pub struct ModelShape {
     pub batch: usize,
     pub lora_r: usize,
     pub mode: Mode,
+    /// Save only every K-th layer's input and recompute the rest (see `--checkpoint-layers`).
+    pub checkpoint: Option<usize>,
 }
 
 impl Preset {
@@ -134,6 +142,7 @@ impl PlanArgs {
             batch: self.batch,
             lora_r: self.lora_r,
             mode: self.mode,
+            checkpoint: self.checkpoint_layers,
         };
         let nonzero = [
             s.hidden,
@@ -145,6 +154,7 @@ impl PlanArgs {
             s.seq,
             s.batch,
             s.lora_r,
+            s.checkpoint.unwrap_or(1),
         ];
         if nonzero.contains(&0) {
             return Err("every size must be at least 1".into());
@@ -217,9 +227,14 @@ pub fn run(args: &PlanArgs) -> Result<(), String> {
         if p.host_bytes > host {
             return Err(format!(
                 "does not fit the host: the plan offloads {} to pinned host memory, the host \
-                 budget is {} (recomputation of whole layers is not modelled yet)",
+                 budget is {}{}",
                 fmt_bytes(p.host_bytes),
-                fmt_bytes(host)
+                fmt_bytes(host),
+                if args.checkpoint_layers.is_some() {
+                    " (a larger --checkpoint-layers saves fewer layer inputs)"
+                } else {
+                    " (--checkpoint-layers K saves only every K-th layer's input and recomputes the rest)"
+                }
             ));
         }
     }
@@ -239,6 +254,7 @@ pub fn run(args: &PlanArgs) -> Result<(), String> {
 }
 
 /// One linear layer `y = x · W^T + s · (x · A^T) · B^T` of a decoder layer, with its LoRA.
+#[derive(Clone)]
 struct Linear {
     name: String,
     d_in: usize,
@@ -280,6 +296,13 @@ struct Linear {
 /// The loss is a fused lm_head + cross-entropy over 1024-token chunks that writes the hidden
 /// gradient directly (no `[T, vocab]` logits); the base is frozen, so only input gradients
 /// flow through it and LoRA gets weight gradients.
+///
+/// With `s.checkpoint = Some(K)` (whole-layer gradient checkpointing): only layer 0's input,
+/// every K-th layer's output and the last layer's are saved; every other per-layer tensor
+/// lives through the forward only, and the backward of layer l first re-runs the forward of
+/// the layers from its segment's saved input up to l (their nodes and tensors named
+/// `(recompute for layer l)` and `(recompute)`), so the planner sees both the smaller saved
+/// set and the recompute's time and working memory.
 pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
     let t = s.batch * s.seq;
     let (d, i, r) = (s.hidden, s.intermediate, s.lora_r);
@@ -408,8 +431,9 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
             }
         }
     };
-    // Forward: y [T, d_out] (of `lifetime`) and the saved LoRA down-projection [T, r].
-    let forward = |b: &mut GraphBuilder, l: &Linear, x: TensorId, lifetime: Lifetime| {
+    // Forward: y [T, d_out] (of `lifetime`) and the LoRA down-projection [T, r] (of `keep`:
+    // Saved, or Activation in a checkpointed step).
+    let forward = |b: &mut GraphBuilder, l: &Linear, x: TensorId, lifetime: Lifetime, keep| {
         let w = weight(b, l, "fwd");
         let y = b.tensor(format!("{}.out", l.name), &[t, l.d_out], bf16, lifetime);
         let tn = |m, n, k| GemmDesc::new(m, n, k).transposed(false, true);
@@ -421,12 +445,7 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
             y,
             None,
         ));
-        let la = b.tensor(
-            format!("{}.lora_xA", l.name),
-            &[t, r],
-            bf16,
-            Lifetime::Saved,
-        );
+        let la = b.tensor(format!("{}.lora_xA", l.name), &[t, r], bf16, keep);
         b.node(Node::gemm(
             format!("{} lora A", l.name),
             tn(t, r, l.d_in),
@@ -539,6 +558,7 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
         v
     };
 
+    /// What a layer's backward reads from its forward (all but x of lifetime `keep`).
     struct Layer {
         x: TensorId,
         hn: TensorId,
@@ -551,56 +571,45 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
         x_mid: TensorId,
         h2: TensorId,
         rstd2: TensorId,
-        /// gate, up, silu(gate) * up, saved; `None` when the MLP runs in row tiles.
+        /// gate, up, silu(gate) * up; `None` when the MLP runs in row tiles.
         mlp: Option<[TensorId; 3]>,
-        lin: [Linear; 7],
         la: [TensorId; 7],
-        w_an: TensorId,
-        w_fn: TensorId,
     }
-    let saved = |b: &mut GraphBuilder, n: String, shape: &[usize], dt| {
-        b.tensor(n, shape, dt, Lifetime::Saved)
-    };
-    let mut x = saved(&mut b, "layers.0.input".into(), &[t, d], bf16);
-    b.node(Node::kernel("embedding", &[ids, embed], &[x]));
-    let mut layers = Vec::new();
-    for li in 0..s.layers {
-        let p = format!("layers.{li}");
-        let w_an = norm_w(&mut b, format!("{p}.input_layernorm"));
-        let w_fn = norm_w(&mut b, format!("{p}.post_attention_layernorm"));
-        let lin = [
-            ("self_attn.q_proj", d, qd),
-            ("self_attn.k_proj", d, kvd),
-            ("self_attn.v_proj", d, kvd),
-            ("self_attn.o_proj", qd, d),
-            ("mlp.gate_proj", d, i),
-            ("mlp.up_proj", d, i),
-            ("mlp.down_proj", i, d),
-        ]
-        .map(|(n, din, dout)| linear(&mut b, format!("{p}.{n}"), din, dout));
-        let hn = saved(&mut b, format!("{p}.attn_norm.out"), &[t, d], bf16);
-        let rstd = saved(&mut b, format!("{p}.attn_norm.rstd"), &[t], DType::F32);
+    // One decoder layer's forward from x (names prefixed `p`): its Layer, whose tensors have
+    // lifetime `keep` (Saved when the backward reads the forward's; Activation when a
+    // checkpointed step recomputes them), and its output of lifetime `next`.
+    let layer_forward = |b: &mut GraphBuilder,
+                         p: &str,
+                         x: TensorId,
+                         lin: &[Linear; 7],
+                         (w_an, w_fn): (TensorId, TensorId),
+                         keep: Lifetime,
+                         next: Lifetime| {
+        let saved =
+            |b: &mut GraphBuilder, n: String, shape: &[usize], dt| b.tensor(n, shape, dt, keep);
+        let hn = saved(b, format!("{p}.attn_norm.out"), &[t, d], bf16);
+        let rstd = saved(b, format!("{p}.attn_norm.rstd"), &[t], DType::F32);
         b.node(Node::kernel(
             format!("{p} attn rmsnorm"),
             &[x, w_an],
             &[hn, rstd],
         ));
-        let (qp, la_q) = forward(&mut b, &lin[0], hn, Lifetime::Activation);
-        let (kp, la_k) = forward(&mut b, &lin[1], hn, Lifetime::Activation);
-        let (v, la_v) = forward(&mut b, &lin[2], hn, Lifetime::Saved);
-        let q = saved(&mut b, format!("{p}.q_rope"), &[t, qd], bf16);
-        let k = saved(&mut b, format!("{p}.k_rope"), &[t, kvd], bf16);
+        let (qp, la_q) = forward(b, &lin[0], hn, Lifetime::Activation, keep);
+        let (kp, la_k) = forward(b, &lin[1], hn, Lifetime::Activation, keep);
+        let (v, la_v) = forward(b, &lin[2], hn, keep, keep);
+        let q = saved(b, format!("{p}.q_rope"), &[t, qd], bf16);
+        let k = saved(b, format!("{p}.k_rope"), &[t, kvd], bf16);
         b.node(Node::kernel(format!("{p} rope"), &[qp, kp, rope], &[q, k]));
-        let o = saved(&mut b, format!("{p}.attn.out"), &[t, qd], bf16);
-        let lse = saved(&mut b, format!("{p}.attn.lse"), &[s.heads, t], DType::F32);
+        let o = saved(b, format!("{p}.attn.out"), &[t, qd], bf16);
+        let lse = saved(b, format!("{p}.attn.lse"), &[s.heads, t], DType::F32);
         b.node(
             Node::kernel(format!("{p} attention"), &[q, k, v], &[o, lse]).with_flops(attn_flops),
         );
-        let (ao, la_o) = forward(&mut b, &lin[3], o, Lifetime::Activation);
-        let x_mid = saved(&mut b, format!("{p}.attn_residual"), &[t, d], bf16);
+        let (ao, la_o) = forward(b, &lin[3], o, Lifetime::Activation, keep);
+        let x_mid = saved(b, format!("{p}.attn_residual"), &[t, d], bf16);
         b.node(Node::kernel(format!("{p} residual 1"), &[x, ao], &[x_mid]));
-        let h2 = saved(&mut b, format!("{p}.mlp_norm.out"), &[t, d], bf16);
-        let rstd2 = saved(&mut b, format!("{p}.mlp_norm.rstd"), &[t], DType::F32);
+        let h2 = saved(b, format!("{p}.mlp_norm.out"), &[t, d], bf16);
+        let rstd2 = saved(b, format!("{p}.mlp_norm.rstd"), &[t], DType::F32);
         b.node(Node::kernel(
             format!("{p} mlp rmsnorm"),
             &[x_mid, w_fn],
@@ -609,37 +618,38 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
         let (mlp, mo, [la_g, la_u, la_d]) = if tiles > 1 {
             // Row tiles: only the x A^T rows are saved; gate, up and act live one tile at a
             // time (and are recomputed tile by tile in the backward).
-            let la =
-                [4, 5, 6].map(|j| saved(&mut b, format!("{}.lora_xA", lin[j].name), &[t, r], bf16));
+            let la = [4, 5, 6].map(|j| saved(b, format!("{}.lora_xA", lin[j].name), &[t, r], bf16));
             let mo = b.tensor(format!("{p}.mlp.out"), &[t, d], bf16, Lifetime::Activation);
             let mut writes = vec![mo];
             writes.extend(la);
-            writes.extend(mlp_tile_scratch(&mut b, &p, &["gate", "up", "act"]));
+            writes.extend(mlp_tile_scratch(b, p, &["gate", "up", "act"]));
             b.node(
                 Node::kernel(
                     format!("{p} mlp ({tiles} tiles of {tm} rows)"),
-                    &mlp_reads(&[h2], &lin),
+                    &mlp_reads(&[h2], lin),
                     &writes,
                 )
                 .with_flops(mlp_flops),
             );
             (None, mo, la)
         } else {
-            let (gate, la_g) = forward(&mut b, &lin[4], h2, Lifetime::Saved);
-            let (up, la_u) = forward(&mut b, &lin[5], h2, Lifetime::Saved);
-            let act = saved(&mut b, format!("{p}.mlp.act"), &[t, i], bf16);
-            b.mark_recomputable(act);
+            let (gate, la_g) = forward(b, &lin[4], h2, keep, keep);
+            let (up, la_u) = forward(b, &lin[5], h2, keep, keep);
+            let act = saved(b, format!("{p}.mlp.act"), &[t, i], bf16);
+            if keep == Lifetime::Saved {
+                b.mark_recomputable(act);
+            }
             b.node(Node::kernel(format!("{p} swiglu"), &[gate, up], &[act]));
-            let (mo, la_d) = forward(&mut b, &lin[6], act, Lifetime::Activation);
+            let (mo, la_d) = forward(b, &lin[6], act, Lifetime::Activation, keep);
             (Some([gate, up, act]), mo, [la_g, la_u, la_d])
         };
-        let x_next = saved(&mut b, format!("layers.{}.input", li + 1), &[t, d], bf16);
+        let x_next = b.tensor(format!("{p}.output"), &[t, d], bf16, next);
         b.node(Node::kernel(
             format!("{p} residual 2"),
             &[x_mid, mo],
             &[x_next],
         ));
-        layers.push(Layer {
+        let layer = Layer {
             x,
             hn,
             rstd,
@@ -652,16 +662,59 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
             h2,
             rstd2,
             mlp,
-            lin,
             la: [la_q, la_k, la_v, la_o, la_g, la_u, la_d],
-            w_an,
-            w_fn,
-        });
+        };
+        (layer, x_next)
+    };
+    // Checkpointed (every K-th layer's input saved): the layers' tensors live only through the
+    // forward, and the backward re-runs them.
+    let keep = match s.checkpoint {
+        Some(_) => Lifetime::Activation,
+        None => Lifetime::Saved,
+    };
+    let mut x = b.tensor("layers.0.input", &[t, d], bf16, Lifetime::Saved);
+    b.node(Node::kernel("embedding", &[ids, embed], &[x]));
+    let mut lins = Vec::new();
+    let mut norms = Vec::new();
+    let mut inputs = Vec::new(); // each layer's input
+    let mut layers = Vec::new();
+    for li in 0..s.layers {
+        let p = format!("layers.{li}");
+        norms.push((
+            norm_w(&mut b, format!("{p}.input_layernorm")),
+            norm_w(&mut b, format!("{p}.post_attention_layernorm")),
+        ));
+        lins.push(
+            [
+                ("self_attn.q_proj", d, qd),
+                ("self_attn.k_proj", d, kvd),
+                ("self_attn.v_proj", d, kvd),
+                ("self_attn.o_proj", qd, d),
+                ("mlp.gate_proj", d, i),
+                ("mlp.up_proj", d, i),
+                ("mlp.down_proj", i, d),
+            ]
+            .map(|(n, din, dout)| linear(&mut b, format!("{p}.{n}"), din, dout)),
+        );
+        // The next layer's input is saved when the backward reads it: always without
+        // checkpoints; with them at segment starts and for the final norm's backward.
+        let boundary = match s.checkpoint {
+            Some(k) => (li + 1) % k == 0 || li + 1 == s.layers,
+            None => true,
+        };
+        let next = if boundary {
+            Lifetime::Saved
+        } else {
+            Lifetime::Activation
+        };
+        inputs.push(x);
+        let (layer, x_next) = layer_forward(&mut b, &p, x, &lins[li], norms[li], keep, next);
+        layers.push(layer);
         x = x_next;
     }
     // Head: final norm, then the chunked fused lm_head + cross-entropy.
-    let hf = saved(&mut b, "norm.out".into(), &[t, d], bf16);
-    let rstdf = saved(&mut b, "norm.rstd".into(), &[t], DType::F32);
+    let hf = b.tensor("norm.out", &[t, d], bf16, Lifetime::Saved);
+    let rstdf = b.tensor("norm.rstd", &[t], DType::F32, Lifetime::Saved);
     b.node(Node::kernel(
         "final rmsnorm",
         &[x, final_norm],
@@ -702,8 +755,38 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
         &[x, rstdf, final_norm, dhf],
         &[dx],
     ));
-    for (li, l) in layers.iter().enumerate().rev() {
+    for li in (0..s.layers).rev() {
         let p = format!("layers.{li}");
+        // Checkpointed: re-run the forward from the segment's saved input up to this layer
+        // (the layers before it only for their outputs), then this layer's backward.
+        let recomputed;
+        let l = match s.checkpoint {
+            None => &layers[li],
+            Some(k) => {
+                let renamed = |j: usize, why: &str| {
+                    lins[j].clone().map(|mut l| {
+                        l.name = format!("{} ({why})", l.name);
+                        l
+                    })
+                };
+                let c = li / k * k;
+                let mut xr = inputs[c];
+                for (j, &norm) in norms.iter().enumerate().take(li).skip(c) {
+                    let why = format!("recompute for layer {li}");
+                    let lin = renamed(j, &why);
+                    let pj = format!("layers.{j} ({why})");
+                    let act = Lifetime::Activation;
+                    xr = layer_forward(&mut b, &pj, xr, &lin, norm, act, act).1;
+                }
+                let lin = renamed(li, "recompute");
+                let pr = format!("{p} (recompute)");
+                let act = Lifetime::Activation;
+                recomputed = layer_forward(&mut b, &pr, xr, &lin, norms[li], act, act).0;
+                &recomputed
+            }
+        };
+        let lin = &lins[li];
+        let (w_an, w_fn) = norms[li];
         let grad = |b: &mut GraphBuilder, n: &str, shape: &[usize]| {
             b.tensor(format!("{p}.{n}.grad"), shape, bf16, Lifetime::Gradient)
         };
@@ -711,7 +794,7 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
         match l.mlp {
             Some([gate, up, act]) => {
                 let d_act = grad(&mut b, "mlp.act", &[t, i]);
-                backward(&mut b, &l.lin[6], dx, act, l.la[6], d_act, false);
+                backward(&mut b, &lin[6], dx, act, l.la[6], d_act, false);
                 let d_gate = grad(&mut b, "mlp.gate", &[t, i]);
                 let d_up = grad(&mut b, "mlp.up", &[t, i]);
                 b.node(Node::kernel(
@@ -719,14 +802,14 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
                     &[gate, up, d_act],
                     &[d_gate, d_up],
                 ));
-                backward(&mut b, &l.lin[4], d_gate, l.h2, l.la[4], d_h2, false);
-                backward(&mut b, &l.lin[5], d_up, l.h2, l.la[5], d_h2, true);
+                backward(&mut b, &lin[4], d_gate, l.h2, l.la[4], d_h2, false);
+                backward(&mut b, &lin[5], d_up, l.h2, l.la[5], d_h2, true);
             }
             None => {
                 // Per tile: gate, up, act recomputed, then down, swiglu, gate and up backward.
                 let mut writes = vec![d_h2];
-                for lin in &l.lin[4..] {
-                    writes.extend([lin.grad_a, lin.grad_b]);
+                for lp in &lin[4..] {
+                    writes.extend([lp.grad_a, lp.grad_b]);
                 }
                 let names = ["gate", "up", "act", "act.grad", "gate.grad", "up.grad"];
                 writes.extend(mlp_tile_scratch(&mut b, &p, &names));
@@ -736,7 +819,7 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
                     bf16,
                     Lifetime::Scratch,
                 ));
-                let reads = mlp_reads(&[l.h2, dx, l.la[4], l.la[5], l.la[6]], &l.lin);
+                let reads = mlp_reads(&[l.h2, dx, l.la[4], l.la[5], l.la[6]], lin);
                 b.node(
                     Node::kernel(
                         format!("{p} mlp backward ({tiles} tiles, recomputing each)"),
@@ -750,11 +833,11 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
         let dx_mid = grad(&mut b, "attn_residual", &[t, d]);
         b.node(Node::kernel(
             format!("{p} mlp rmsnorm backward"),
-            &[l.x_mid, l.rstd2, l.w_fn, d_h2, dx],
+            &[l.x_mid, l.rstd2, w_fn, d_h2, dx],
             &[dx_mid],
         ));
         let d_o = grad(&mut b, "attn.out", &[t, qd]);
-        backward(&mut b, &l.lin[3], dx_mid, l.o, l.la[3], d_o, false);
+        backward(&mut b, &lin[3], dx_mid, l.o, l.la[3], d_o, false);
         let dq = grad(&mut b, "q", &[t, qd]);
         let dk = grad(&mut b, "k", &[t, kvd]);
         let dv = grad(&mut b, "v", &[t, kvd]);
@@ -778,13 +861,13 @@ pub fn llama_step(s: &ModelShape) -> Result<Graph, RuntimeError> {
             &[dq, dk],
         ));
         let d_hn = grad(&mut b, "attn_norm.out", &[t, d]);
-        backward(&mut b, &l.lin[0], dq, l.hn, l.la[0], d_hn, false);
-        backward(&mut b, &l.lin[1], dk, l.hn, l.la[1], d_hn, true);
-        backward(&mut b, &l.lin[2], dv, l.hn, l.la[2], d_hn, true);
+        backward(&mut b, &lin[0], dq, l.hn, l.la[0], d_hn, false);
+        backward(&mut b, &lin[1], dk, l.hn, l.la[1], d_hn, true);
+        backward(&mut b, &lin[2], dv, l.hn, l.la[2], d_hn, true);
         let dx_prev = grad(&mut b, "input", &[t, d]);
         b.node(Node::kernel(
             format!("{p} attn rmsnorm backward"),
-            &[l.x, l.rstd, l.w_an, d_hn, dx_mid],
+            &[l.x, l.rstd, w_an, d_hn, dx_mid],
             &[dx_prev],
         ));
         dx = dx_prev;
@@ -816,6 +899,7 @@ mod tests {
             verbose: false,
             vram_budget_gib: budget,
             host_budget_gib: None,
+            checkpoint_layers: None,
         }
     }
 
@@ -887,6 +971,61 @@ mod tests {
         a.host_budget_gib = Some(1.0);
         let err = run(&a).unwrap_err();
         assert!(err.contains("does not fit the host"), "{err}");
+    }
+
+    #[test]
+    fn checkpointed_steps_save_only_segment_inputs() {
+        let mut a = args(Preset::Smollm2_135m, Mode::Lora, None);
+        let saved = |g: &Graph| {
+            g.tensors
+                .iter()
+                .filter(|t| t.lifetime == Lifetime::Saved)
+                .count()
+        };
+        let full = llama_step(&a.shape().unwrap()).unwrap();
+        let full_plan = plan(&full, &PlanOptions::default()).unwrap();
+        let layers = a.shape().unwrap().layers; // 30
+        for k in [1, 3, 7] {
+            a.checkpoint_layers = Some(k);
+            let g = llama_step(&a.shape().unwrap()).unwrap();
+            // layer 0's input, every K-th layer's output and the last one's, the final norm's
+            // output and rstd
+            let outputs = (0..layers)
+                .filter(|li| (li + 1) % k == 0 || li + 1 == layers)
+                .count();
+            assert_eq!(saved(&g), 1 + outputs + 2, "K = {k}");
+            // the backward re-runs layer l's forward and the l % K layers before it in its segment
+            let reruns = |l: usize| {
+                g.nodes
+                    .iter()
+                    .filter(|n| {
+                        n.name.starts_with(&format!("layers.{l} ("))
+                            && n.name.ends_with("attention")
+                    })
+                    .count()
+            };
+            for l in [0, layers - 1] {
+                let later_in_segment = (l + 1..layers).take_while(|j| j / k == l / k).count();
+                assert_eq!(reruns(l), 1 + later_in_segment, "K = {k}, layer {l}");
+            }
+            let p = plan(&g, &PlanOptions::default()).unwrap();
+            assert!(p.arena_bytes < full_plan.arena_bytes, "K = {k}");
+            let cost = CostModel::H200;
+            assert!(
+                estimate(&g, &p, &cost).compute_s > estimate(&full, &full_plan, &cost).compute_s
+            );
+        }
+    }
+
+    #[test]
+    fn a_million_token_step_fits_an_h200_with_checkpoints() {
+        let mut a = args(Preset::Llama31_8b, Mode::Qlora, Some(141.0));
+        a.seq = 1 << 20;
+        a.host_budget_gib = Some(0.0);
+        let err = run(&a).unwrap_err();
+        assert!(err.contains("--checkpoint-layers"), "{err}");
+        a.checkpoint_layers = Some(8);
+        assert!(run(&a).is_ok());
     }
 
     #[test]
