@@ -67,15 +67,15 @@
 #define ATTN_POS_INF (__int_as_float(0x7f800000))
 #endif
 
-// ---- attention_segments.cuh ----
-// Packed-sequence lookups shared by attention.cu and attention_sm90.cu (build.rs pastes this
-// file in place of its #include, so each generated kernel file stands alone). The includer
-// defines ATTN_DEV.
+// ---- attention_common.cuh ----
+// What attention.cu and attention_sm90.cu share (build.rs pastes this file in place of its
+// #include, so each generated kernel file stands alone): the packed-sequence lookups and, on
+// CUDA, the PTX helpers. The includer defines ATTN_DEV.
 //
 // cu_seqlens (S + 1 prefix sums, cu[0] = 0) cuts the token axis into segments; tokens at or
 // after cu[S] (padding up to N) form one more trailing segment, number S.
-#ifndef FTRT_ATTENTION_SEGMENTS
-#define FTRT_ATTENTION_SEGMENTS
+#ifndef FTRT_ATTENTION_COMMON
+#define FTRT_ATTENTION_COMMON
 namespace attn_segments {
 
 // segment of token i: the largest s with cu[s] <= i
@@ -98,8 +98,31 @@ ATTN_DEV int seg_end(const int* cu, int S, int N, int i) {
 ATTN_DEV int imin(int a, int b) { return a < b ? a : b; }
 
 } // namespace attn_segments
+
+#if !defined(FTRT_ATTN_PORTABLE) && !defined(FTRT_ATTN_CPU_SIM)
+namespace attn_ptx {
+// a generic pointer into shared memory as the 32-bit shared address PTX takes
+ATTN_DEV unsigned smem_u32(const void* p) {
+    unsigned r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+ATTN_DEV float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+ATTN_DEV float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m, 32); }
+// two floats -> bf16x2 in one 32-bit register, lo in the low half (MMA fragment order)
+ATTN_DEV unsigned pack_bf16(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+} // namespace attn_ptx
 #endif
-// ---- end of attention_segments.cuh ----
+#endif
+// ---- end of attention_common.cuh ----
 
 typedef unsigned short bf16_t;
 struct alignas(16) attn_u32x4 {
@@ -138,18 +161,10 @@ ATTN_DEV float shfl_xor(float v, int m) { return __shfl_xor(v, m, 32); }
 #else
 ATTN_DEV unsigned f2u(float f) { return __float_as_uint(f); }
 ATTN_DEV float u2f(unsigned u) { return __uint_as_float(u); }
-ATTN_DEV float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
+using attn_ptx::fast_exp2;
 ATTN_DEV unsigned shfl(unsigned v, int src) { return __shfl_sync(0xffffffffu, v, src, 32); }
-ATTN_DEV float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m, 32); }
-ATTN_DEV unsigned smem_u32(const void* p) {
-    unsigned r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
-}
+using attn_ptx::shfl_xor;
+using attn_ptx::smem_u32;
 #endif
 
 ATTN_DEV float bf2f(bf16_t b) { return u2f(((unsigned)b) << 16); }
@@ -160,15 +175,11 @@ ATTN_DEV bf16_t f2bf(float f) { // round to nearest even
     return (bf16_t)(u >> 16);
 }
 // two floats -> bf16x2 in one 32-bit register, lo in the low half (MMA fragment order)
-ATTN_DEV unsigned pack_bf16(float lo, float hi) {
 #if defined(FTRT_ATTN_PORTABLE) || defined(FTRT_ATTN_CPU_SIM)
-    return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16);
+ATTN_DEV unsigned pack_bf16(float lo, float hi) { return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16); }
 #else
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
+using attn_ptx::pack_bf16;
 #endif
-}
 ATTN_DEV int lane_id() { return (int)(threadIdx.x & 31); }
 
 // ldmatrix.x4: lanes 8m..8m+7 give the row addresses of 8x8 matrix m; register m of lane l

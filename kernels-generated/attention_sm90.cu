@@ -46,15 +46,15 @@ typedef unsigned short bf16_t;
 #ifndef ATTN_DEV
 #define ATTN_DEV __device__ __forceinline__
 #endif
-// ---- attention_segments.cuh ----
-// Packed-sequence lookups shared by attention.cu and attention_sm90.cu (build.rs pastes this
-// file in place of its #include, so each generated kernel file stands alone). The includer
-// defines ATTN_DEV.
+// ---- attention_common.cuh ----
+// What attention.cu and attention_sm90.cu share (build.rs pastes this file in place of its
+// #include, so each generated kernel file stands alone): the packed-sequence lookups and, on
+// CUDA, the PTX helpers. The includer defines ATTN_DEV.
 //
 // cu_seqlens (S + 1 prefix sums, cu[0] = 0) cuts the token axis into segments; tokens at or
 // after cu[S] (padding up to N) form one more trailing segment, number S.
-#ifndef FTRT_ATTENTION_SEGMENTS
-#define FTRT_ATTENTION_SEGMENTS
+#ifndef FTRT_ATTENTION_COMMON
+#define FTRT_ATTENTION_COMMON
 namespace attn_segments {
 
 // segment of token i: the largest s with cu[s] <= i
@@ -77,8 +77,31 @@ ATTN_DEV int seg_end(const int* cu, int S, int N, int i) {
 ATTN_DEV int imin(int a, int b) { return a < b ? a : b; }
 
 } // namespace attn_segments
+
+#if !defined(FTRT_ATTN_PORTABLE) && !defined(FTRT_ATTN_CPU_SIM)
+namespace attn_ptx {
+// a generic pointer into shared memory as the 32-bit shared address PTX takes
+ATTN_DEV unsigned smem_u32(const void* p) {
+    unsigned r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+ATTN_DEV float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+ATTN_DEV float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m, 32); }
+// two floats -> bf16x2 in one 32-bit register, lo in the low half (MMA fragment order)
+ATTN_DEV unsigned pack_bf16(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+} // namespace attn_ptx
 #endif
-// ---- end of attention_segments.cuh ----
+#endif
+// ---- end of attention_common.cuh ----
 
 namespace attn90 {
 
@@ -87,23 +110,10 @@ constexpr float LN2 = 0.6931471805599453f;
 #define WG_NEG_INF (__int_as_float(0xff800000))
 #define WG_POS_INF (__int_as_float(0x7f800000))
 
-WG_DEV unsigned smem_u32(const void* p) {
-    unsigned r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
-}
-WG_DEV float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-WG_DEV float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m, 32); }
-// two floats -> bf16x2, lo in the low half (fragment order)
-WG_DEV unsigned pack_bf16(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
+using attn_ptx::fast_exp2;
+using attn_ptx::pack_bf16;
+using attn_ptx::shfl_xor;
+using attn_ptx::smem_u32;
 using attn_segments::imin;
 using attn_segments::seg_end;
 using attn_segments::seg_start;
@@ -146,6 +156,17 @@ WG_DEV void tma_rows(bf16_t* dst, const TmaMap* map, int row0, int head, unsigne
     asm volatile("cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %2, %2, %3, %4}], [%5];"
                  ::"r"(smem_u32(dst)), "l"(map), "r"(0), "r"(row0 >> 3), "r"(head), "r"(smem_u32(bar))
                  : "memory");
+}
+
+// one thread arms `bar` for two (ROWS, D) tiles and loads rows row0.. of head `head` of both
+// tensors (maps ma, mb) into da, db
+template <int D, int ROWS>
+WG_DEV void load_tile_pair(bf16_t* da, const TmaMap* ma, bf16_t* db, const TmaMap* mb, int row0, int head,
+                           unsigned long long* bar) {
+    if (threadIdx.x != 0) return;
+    mbar_expect(bar, 2 * ROWS * D * 2);
+    tma_rows(da, ma, row0, head, bar);
+    tma_rows(db, mb, row0, head, bar);
 }
 
 // Cluster pairs: two blocks (query heads 2c and 2c + 1 of one kv-head group, the same query
@@ -509,11 +530,7 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
     // dvec by every thread (seen after the next __syncthreads)
     auto load_queries = [&](int it) {
         const int h = hk * G + it / nq, i0 = j0 + (it % nq) * BQ, b = it & 1;
-        if (tid == 0) {
-            mbar_expect(bar + 1 + b, 2 * BQ * D * 2);
-            tma_rows(sQ + b * BQ * D, tq, i0, h, bar + 1 + b);
-            tma_rows(sO + b * BQ * D, to, i0, h, bar + 1 + b);
-        }
+        load_tile_pair<D, BQ>(sQ + b * BQ * D, tq, sO + b * BQ * D, to, i0, h, bar + 1 + b);
         for (int r = tid; r < BQ; r += NT) {
             const int tok = i0 + r;
             sL[b * BQ + r] = tok < N ? lse[(long long)h * N + tok] * LOG2E : WG_POS_INF;
@@ -522,11 +539,7 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
     };
     mbar_init_all(bar, 3);
     __syncthreads();
-    if (tid == 0) {
-        mbar_expect(bar, 2 * BK * D * 2);
-        tma_rows(sK, tk, j0, hk, bar);
-        tma_rows(sV, tv, j0, hk, bar);
-    }
+    load_tile_pair<D, BK>(sK, tk, sV, tv, j0, hk, bar);
     load_queries(0);
 
     float ak[D / 2], av[D / 2];
@@ -688,11 +701,7 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
 
     mbar_init_all(bar, 6);
     __syncthreads();
-    if (tid == 0) {
-        mbar_expect(bar, 2 * BQ * D * 2);
-        tma_rows(sQ, tq, q0, h, bar);
-        tma_rows(sO, to, q0, h, bar);
-    }
+    load_tile_pair<D, BQ>(sQ, tq, sO, to, q0, h, bar);
     load_kv(0);
 
     float a[D / 2], s[BK / 2], dp[BK / 2];

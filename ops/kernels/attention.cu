@@ -67,7 +67,7 @@
 #define ATTN_POS_INF (__int_as_float(0x7f800000))
 #endif
 
-#include "attention_segments.cuh"
+#include "attention_common.cuh"
 
 typedef unsigned short bf16_t;
 struct alignas(16) attn_u32x4 {
@@ -106,18 +106,10 @@ ATTN_DEV float shfl_xor(float v, int m) { return __shfl_xor(v, m, 32); }
 #else
 ATTN_DEV unsigned f2u(float f) { return __float_as_uint(f); }
 ATTN_DEV float u2f(unsigned u) { return __uint_as_float(u); }
-ATTN_DEV float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
+using attn_ptx::fast_exp2;
 ATTN_DEV unsigned shfl(unsigned v, int src) { return __shfl_sync(0xffffffffu, v, src, 32); }
-ATTN_DEV float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m, 32); }
-ATTN_DEV unsigned smem_u32(const void* p) {
-    unsigned r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
-}
+using attn_ptx::shfl_xor;
+using attn_ptx::smem_u32;
 #endif
 
 ATTN_DEV float bf2f(bf16_t b) { return u2f(((unsigned)b) << 16); }
@@ -128,15 +120,11 @@ ATTN_DEV bf16_t f2bf(float f) { // round to nearest even
     return (bf16_t)(u >> 16);
 }
 // two floats -> bf16x2 in one 32-bit register, lo in the low half (MMA fragment order)
-ATTN_DEV unsigned pack_bf16(float lo, float hi) {
 #if defined(FTRT_ATTN_PORTABLE) || defined(FTRT_ATTN_CPU_SIM)
-    return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16);
+ATTN_DEV unsigned pack_bf16(float lo, float hi) { return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16); }
 #else
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
+using attn_ptx::pack_bf16;
 #endif
-}
 ATTN_DEV int lane_id() { return (int)(threadIdx.x & 31); }
 
 // ldmatrix.x4: lanes 8m..8m+7 give the row addresses of 8x8 matrix m; register m of lane l

@@ -533,9 +533,7 @@ impl AttentionKernels {
             Some(other) => Err(RuntimeError::InvalidArgument(format!(
                 "{KERNELS_ENV}={other}: expected sm80 or sm90"
             ))),
-            None if gpu.info().compute_capability == (9, 0) && dims.n_tokens.is_multiple_of(8) => {
-                Ok(Self::Sm90)
-            }
+            None if is_hopper(gpu) && dims.n_tokens.is_multiple_of(8) => Ok(Self::Sm90),
             None => Ok(Self::Sm80),
         }
     }
@@ -561,7 +559,7 @@ impl AttentionKernels {
 
     /// The families this GPU can run (the selftest checks each).
     pub fn available(gpu: &Gpu) -> Vec<Self> {
-        if gpu.info().compute_capability == (9, 0) {
+        if is_hopper(gpu) {
             vec![Self::Sm80, Self::Sm90]
         } else {
             vec![Self::Sm80]
@@ -738,6 +736,11 @@ impl ShapeArgs {
         b.arg(&self.hkv);
         b.arg(&self.scale);
     }
+}
+
+/// Compute capability 9.0: the GPUs the compute_90a kernels run on.
+fn is_hopper(gpu: &Gpu) -> bool {
+    gpu.info().compute_capability == (9, 0)
 }
 
 /// Whether query heads pair up two by two on one kv head (an even group size), as the sm90

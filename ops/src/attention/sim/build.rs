@@ -7,7 +7,7 @@ fn main() {
     let obj = out.join("sim.o");
     println!("cargo:rerun-if-changed=sim.cpp");
     println!("cargo:rerun-if-changed=../../../kernels/attention.cu");
-    println!("cargo:rerun-if-changed=../../../kernels/attention_segments.cuh");
+    println!("cargo:rerun-if-changed=../../../kernels/attention_common.cuh");
     let st = Command::new(std::env::var("CXX").unwrap_or_else(|_| "g++".into()))
         .args(["-std=c++17", "-O2", "-g", "-Wall", "-Wno-unknown-pragmas", "-c", "sim.cpp", "-o"])
         .arg(&obj)
