@@ -1,6 +1,8 @@
 //! LoRA as PEFT defines it, on the seven projections: y = x W^T + b + s * (x A^T) B^T with
 //! A (r, in), B (out, r), s = alpha / r (alpha / sqrt(r) with rslora). The weights live in one
-//! flat store; gradients use the same layout ([`LoraAdapter::zeros_like`]).
+//! flat store; gradients use the same layout ([`LoraAdapter::zeros_like`]). Each layer's A's
+//! come first, back to back in [`Proj::ALL`] order, then its B's: the A's of the projections
+//! that read one input form one matrix ([`LoraAdapter::stack`]).
 
 use std::ops::Range;
 use std::path::Path;
@@ -18,6 +20,25 @@ pub struct LoraSlot {
     pub a: Range<usize>,
     /// B (out, r)
     pub b: Range<usize>,
+}
+
+/// The adapted projections of one input group ([`Proj::INPUT_GROUPS`]) in one layer. Their
+/// A's are adjacent in the flat store: one (m r, in) matrix whose rows [i r, (i + 1) r) are
+/// member i's A, so x [A_1; ...; A_m]^T (n, m r) is one GEMM and member i owns its columns
+/// [i r, (i + 1) r).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoraStack {
+    /// The adapted members, in [`Proj::ALL`] order.
+    pub members: Vec<Proj>,
+    /// The stacked A (m r, in) in the flat store.
+    pub a: Range<usize>,
+}
+
+impl LoraStack {
+    /// Member `p`'s block of the stack (its rows of A, its columns of x A^T), if a member.
+    pub fn position(&self, p: Proj) -> Option<usize> {
+        self.members.iter().position(|&m| m == p)
+    }
 }
 
 /// LoRA weights of every adapted projection (or their gradients, same layout).
@@ -38,14 +59,20 @@ impl LoraAdapter {
     pub fn zeros(dims: &Dims, r: usize, alpha: f32, rslora: bool, targets: &[Proj]) -> Self {
         let mut data = Vec::new();
         let mut slots = Vec::with_capacity(dims.layers);
+        let targets: Vec<Proj> = Proj::ALL
+            .into_iter()
+            .filter(|p| targets.contains(p))
+            .collect();
         for _ in 0..dims.layers {
+            let mut take = |len: usize| {
+                let at = data.len()..data.len() + len;
+                data.resize(at.end, 0.0);
+                at
+            };
+            let a: Vec<Range<usize>> = targets.iter().map(|p| take(r * p.shape(dims).1)).collect();
             let mut row: [Option<LoraSlot>; 7] = Default::default();
-            for &p in targets {
-                let (out, inn) = p.shape(dims);
-                let a = data.len()..data.len() + r * inn;
-                data.resize(a.end, 0.0);
-                let b = data.len()..data.len() + out * r;
-                data.resize(b.end, 0.0);
+            for (&p, a) in targets.iter().zip(a) {
+                let b = take(p.shape(dims).0 * r);
                 row[p.index()] = Some(LoraSlot { a, b });
             }
             slots.push(row);
@@ -76,6 +103,33 @@ impl LoraAdapter {
     /// The slot of `proj` in `layer`, if adapted.
     pub fn slot(&self, layer: usize, proj: Proj) -> Option<&LoraSlot> {
         self.slots.get(layer).and_then(|s| s[proj.index()].as_ref())
+    }
+
+    /// The stack of input group `group` ([`Proj::INPUT_GROUPS`]) in `layer`: None when none of
+    /// it is adapted, an error when the members' A's are not adjacent (a layout not built by
+    /// [`Self::zeros`]).
+    pub fn stack(&self, layer: usize, group: usize) -> Result<Option<LoraStack>, String> {
+        let members: Vec<Proj> = Proj::INPUT_GROUPS[group]
+            .iter()
+            .copied()
+            .filter(|&p| self.slot(layer, p).is_some())
+            .collect();
+        let Some(first) = members.first() else {
+            return Ok(None);
+        };
+        let mut a = self.slot(layer, *first).expect("a member").a.clone();
+        for w in members.windows(2) {
+            let next = &self.slot(layer, w[1]).expect("a member").a;
+            if next.start != a.end {
+                return Err(format!(
+                    "LoRA layout: layer {layer}'s {} A does not follow its {} A",
+                    w[1].module(),
+                    w[0].module()
+                ));
+            }
+            a.end = next.end;
+        }
+        Ok(Some(LoraStack { members, a }))
     }
 
     /// A (r, in) of `proj` in `layer`.
@@ -170,5 +224,90 @@ impl LoraAdapter {
             }
         }
         Ok(ad)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ftrt_runtime::rng::SplitMix64;
+
+    fn dims() -> Dims {
+        Dims {
+            hidden: 24,
+            intermediate: 40,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 6,
+            layers: 3,
+            vocab: 50,
+        }
+    }
+
+    /// Random target sets: every slot sized by its shape, slots disjoint and covering the
+    /// store, and each group's adapted A's one contiguous stack in `Proj::ALL` order.
+    #[test]
+    fn stacks_cover_exactly_the_adapted_members() {
+        let d = dims();
+        let mut rng = SplitMix64::new(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |t| t.as_nanos() as u64),
+        );
+        for _ in 0..50 {
+            let mut targets: Vec<Proj> = Proj::ALL
+                .into_iter()
+                .filter(|_| rng.next_f32() < 0.5)
+                .collect();
+            targets.reverse();
+            let r = 1 + (rng.next_f32() * 8.0) as usize;
+            let ad = LoraAdapter::zeros(&d, r, 16.0, false, &targets);
+            let mut covered = vec![0u8; ad.data.len()];
+            for l in 0..d.layers {
+                for (g, group) in Proj::INPUT_GROUPS.iter().enumerate() {
+                    let want: Vec<Proj> = group
+                        .iter()
+                        .copied()
+                        .filter(|p| targets.contains(p))
+                        .collect();
+                    let st = ad.stack(l, g).expect("adjacent");
+                    let Some(st) = st else {
+                        assert!(want.is_empty());
+                        continue;
+                    };
+                    assert_eq!(st.members, want);
+                    let inn = group[0].shape(&d).1;
+                    assert_eq!(st.a.len(), want.len() * r * inn);
+                    for (i, &p) in want.iter().enumerate() {
+                        let s = ad.slot(l, p).unwrap();
+                        assert_eq!(s.a.start, st.a.start + i * r * inn);
+                        assert_eq!(st.position(p), Some(i));
+                    }
+                }
+                for p in &targets {
+                    let s = ad.slot(l, *p).unwrap();
+                    let (out, inn) = p.shape(&d);
+                    assert_eq!((s.a.len(), s.b.len()), (r * inn, out * r));
+                    for i in s.a.clone().chain(s.b.clone()) {
+                        covered[i] += 1;
+                    }
+                }
+            }
+            assert!(covered.iter().all(|&c| c == 1));
+        }
+    }
+
+    #[test]
+    fn a_stack_with_a_gap_is_refused() {
+        let d = dims();
+        let mut ad = LoraAdapter::zeros(&d, 2, 4.0, false, &[Proj::Q, Proj::K]);
+        let k = ad.slots[1][Proj::K.index()].as_mut().unwrap();
+        k.a = k.a.start + 1..k.a.end + 1;
+        let err = ad.stack(1, 0).unwrap_err();
+        assert!(
+            err.contains("layer 1's k_proj A does not follow its q_proj A"),
+            "{err}"
+        );
+        assert!(ad.stack(0, 0).unwrap().is_some());
     }
 }

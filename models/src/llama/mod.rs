@@ -34,7 +34,7 @@ pub use attention::KvCache;
 pub use chat::{
     chat_template_of, decode_text, encode_prompt, parse_prompts_jsonl, render_prompt, Prompt,
 };
-pub use lora::{LoraAdapter, LoraSlot};
+pub use lora::{LoraAdapter, LoraSlot, LoraStack};
 pub use model::{Batch, LlamaModel};
 pub use sampling::{generate_with, NextTokens, Sampler, SamplingParams};
 pub use trainable::LlamaTrainable;

@@ -34,9 +34,29 @@ impl Proj {
         Proj::Down,
     ];
 
+    /// The projections that read one input, in [`Proj::ALL`] order: q/k/v (the input norm's
+    /// output), o (the attention output), gate/up (the post-attention norm's output), down
+    /// (the activation). LoRA stacks the A's of a group into one GEMM.
+    pub const INPUT_GROUPS: [&'static [Proj]; 4] = [
+        &[Proj::Q, Proj::K, Proj::V],
+        &[Proj::O],
+        &[Proj::Gate, Proj::Up],
+        &[Proj::Down],
+    ];
+
     /// Position in [`Proj::ALL`].
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// Index of this projection's group in [`Proj::INPUT_GROUPS`].
+    pub fn input_group(self) -> usize {
+        match self {
+            Proj::Q | Proj::K | Proj::V => 0,
+            Proj::O => 1,
+            Proj::Gate | Proj::Up => 2,
+            Proj::Down => 3,
+        }
     }
 
     /// PEFT's module name (`q_proj`, ..., `down_proj`).

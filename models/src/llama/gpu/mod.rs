@@ -15,10 +15,11 @@
 //!   outputs, live in small device rings and travel to pinned host memory and back on copy
 //!   streams ([`layer_offload`]): the recompute then redoes only q, k, v and the MLP.
 //!
-//! Per projection: `y = x W^T (+ b)` then `xa = x A^T` and `y += s xa B^T` (beta = 1), three
-//! cuBLASLt GEMMs, f32 accumulation, bf16 outputs. Backward with W frozen:
-//! `dx (+)= dy W`, `dxa = s dy B` (bf16), `dB += s dy^T xa` and `dA += dxa^T x` (f32 outputs of
-//! `gemm_bf16_f32`, beta = 1: gradients accumulate over micro-batches until zeroed), `dx += dxa A`.
+//! Projections ([`lora_gemm`]): `xa = x A^T` once per group of projections reading one input
+//! (q/k/v, gate/up: their A's stacked), `y = s xa B^T`, then `y += x W^T (+ b)` (beta = 1);
+//! cuBLASLt, f32 accumulation, bf16 outputs. Backward with W frozen: `dB += s dy^T xa` and
+//! `dxa = s dy B` per projection, `dA += dxa^T x` and `dx (+)= dxa A` per stack (f32 gradients,
+//! beta = 1: they accumulate over micro-batches until zeroed), `dx += dy W`.
 //! The cross-entropy runs over chunks of rows ([`plan::ce_rows`]): logits (rows, V) of one chunk
 //! through the head GEMM, the CE kernel's forward (final lse), its backward in place, and
 //! `dln_f[rows] = dlogits · head` (one bf16 rounding): never the full (N, V) logits.
@@ -38,6 +39,7 @@ pub mod decode;
 mod embed_host;
 mod graph_check;
 mod layer_offload;
+mod lora_gemm;
 pub mod plan;
 pub mod random_init;
 pub mod selftest;
@@ -50,7 +52,7 @@ use ftrt_runtime::rng::SplitMix64;
 use ftrt_runtime::{CublasLt, DevPtr, DeviceBuffer, GemmDesc, GemmWorkspace, Gpu, PtxModule};
 use half::bf16;
 
-use super::lora::LoraAdapter;
+use super::lora::{LoraAdapter, LoraStack};
 use super::model::{inv_freq_of, Batch, LlamaModel};
 use super::weights::{Dims, Proj, WeightStore};
 use crate::bnb4bit::Nf4Parts;
@@ -170,6 +172,11 @@ pub struct GpuLora {
     pub v: DevPtr<f32>,
     /// AdamW steps taken.
     pub step: u64,
+    /// [layer][input group]: the adapted projections whose A's are stacked (see [`lora_gemm`]).
+    stacks: Vec<[Option<LoraStack>; 4]>,
+    /// [input group]: the most adapted members of the group in any layer (x A^T buffers are
+    /// that many r wide).
+    widths: [usize; 4],
     _held: Held,
 }
 
@@ -203,8 +210,9 @@ struct LayerActs {
     gate: DevPtr<bf16>,
     up: DevPtr<bf16>,
     act: DevPtr<bf16>,
-    /// Per projection: (N, r) x A^T (null when not adapted).
-    xa: [DevPtr<bf16>; 7],
+    /// Per input group ([`Proj::INPUT_GROUPS`]): (N, widths[g] r) x A^T of its stack, member i
+    /// in columns [i r, (i + 1) r) (null when none of the group is adapted).
+    xa: [DevPtr<bf16>; 4],
 }
 
 /// Activations and scratch of one forward/backward (llm.c's ActivationTensors).
@@ -242,7 +250,7 @@ struct Acts {
     dk: DevPtr<bf16>,
     dv: DevPtr<bf16>,
     dk_pre: DevPtr<bf16>,
-    /// (N, r) dxa of the projection being differentiated.
+    /// (N, 3 r) dxa of the stack being differentiated.
     dxa: DevPtr<bf16>,
     /// (Hq * N) f32 attention-backward scratch.
     attn_scratch: DevPtr<f32>,
@@ -843,13 +851,9 @@ impl<'g> GpuLlama<'g> {
         )
     }
 
-    /// The most adapted projections of any layer.
+    /// The (N, r) x A^T buffers of each layer: every input group's widest stack.
     fn adapted_per_layer(&self) -> usize {
-        let lora = self.lora.as_ref().map(|g| &g.layout);
-        (0..self.dims.layers)
-            .map(|l| Proj::ALL.iter().filter(|&&p| adapted(lora, l, p)).count())
-            .max()
-            .unwrap_or(0)
+        self.lora.as_ref().map_or(0, |g| g.widths.iter().sum())
     }
 
     /// Activation bytes on the device: (allocated for the current settings, if allocated;
@@ -937,6 +941,23 @@ impl<'g> GpuLlama<'g> {
             g.layout.slots == ad.slots && g.layout.r == ad.r && g.len == ad.data.len()
         });
         if !same {
+            let stacks = (0..self.dims.layers)
+                .map(|l| -> GpuResult<[Option<LoraStack>; 4]> {
+                    let mut row: [Option<LoraStack>; 4] = Default::default();
+                    for (g, st) in row.iter_mut().enumerate() {
+                        *st = ad.stack(l, g)?;
+                    }
+                    Ok(row)
+                })
+                .collect::<GpuResult<Vec<_>>>()?;
+            let mut widths = [0; 4];
+            for (g, w) in widths.iter_mut().enumerate() {
+                *w = stacks
+                    .iter()
+                    .filter_map(|row| row[g].as_ref().map(|st| st.members.len()))
+                    .max()
+                    .unwrap_or(0);
+            }
             self.lora = None;
             self.acts = None;
             let gpu = self.gpu;
@@ -969,6 +990,8 @@ impl<'g> GpuLlama<'g> {
                 m,
                 v,
                 step: 0,
+                stacks,
+                widths,
                 _held: held,
             });
         }
@@ -1080,15 +1103,12 @@ impl<'g> GpuLlama<'g> {
         // `in_ring`, the attention checkpoint's tensors are left null: each recomputed layer's
         // point into its slot of the attention offload's ring.
         let offloading = self.offload_residuals && (0..d.layers).any(|l| !self.is_kept(l));
-        let layer_acts = |h: &mut Held,
-                          xa_of: &dyn Fn(Proj) -> bool,
-                          mlp: usize,
-                          in_ring: bool|
-         -> GpuResult<LayerActs> {
-            let mut xa = [null; 7];
-            for p in Proj::ALL {
-                if xa_of(p) && !(in_ring && p == Proj::O) {
-                    xa[p.index()] = h.alloc(gpu, s.nr)?;
+        let widths = self.lora.as_ref().map_or([0; 4], |g| g.widths);
+        let layer_acts = |h: &mut Held, mlp: usize, in_ring: bool| -> GpuResult<LayerActs> {
+            let mut xa = [null; 4];
+            for (g, &w) in widths.iter().enumerate() {
+                if w > 0 && !(in_ring && g == Proj::O.input_group()) {
+                    xa[g] = h.alloc(gpu, w * s.nr)?;
                 }
             }
             let ring_or = |h: &mut Held, e: usize| -> GpuResult<DevPtr<bf16>> {
@@ -1148,14 +1168,12 @@ impl<'g> GpuLlama<'g> {
                 available.unwrap_or(0) as f64 / (1u64 << 30) as f64
             );
         }
-        // One set shared by the recomputed layers (x A^T for any projection one of them adapts)
-        // and their input norm outputs.
+        // One set shared by the recomputed layers and their input norm outputs.
         let shared = if recomputed.is_empty() {
             None
         } else {
-            let any = |p: Proj| recomputed.iter().any(|&l| adapted(lora, l, p));
             Some((
-                layer_acts(&mut h, &any, s.ti, attn_offloading)?,
+                layer_acts(&mut h, s.ti, attn_offloading)?,
                 h.alloc::<bf16>(gpu, s.nc)?,
             ))
         };
@@ -1168,7 +1186,7 @@ impl<'g> GpuLlama<'g> {
                     ln.push(ln_shared);
                 }
                 _ => {
-                    layers.push(layer_acts(&mut h, &|p| adapted(lora, l, p), s.ni, false)?);
+                    layers.push(layer_acts(&mut h, s.ni, false)?);
                     ln.push(h.alloc(gpu, s.nc)?);
                 }
             }
@@ -1186,7 +1204,7 @@ impl<'g> GpuLlama<'g> {
                 la.att = o.piece(l, 0);
                 la.resid_mid = o.piece(l, 1);
                 if xa_o > 0 {
-                    la.xa[Proj::O.index()] = o.piece(l, 2);
+                    la.xa[Proj::O.input_group()] = o.piece(l, 2);
                 }
                 la.lse = o.piece(l, 3);
             }
@@ -1251,7 +1269,7 @@ impl<'g> GpuLlama<'g> {
             dk: h.alloc(gpu, s.nkv)?,
             dv: h.alloc(gpu, s.nkv)?,
             dk_pre: if qk { h.alloc(gpu, s.nkv)? } else { null },
-            dxa: h.alloc(gpu, s.nr.max(1))?,
+            dxa: h.alloc(gpu, 3 * s.nr)?,
             attn_scratch: h.alloc(gpu, attn_bytes / 4 + 1)?,
             qp: pad_alloc(&mut h, s.nq_pad)?,
             kp: pad_alloc(&mut h, s.nkv_pad)?,
@@ -1302,154 +1320,16 @@ impl<'g> GpuLlama<'g> {
             .ctx("cuBLASLt GEMM (f32 out)")
     }
 
-    /// Profile label of a GEMM by its shape: a LoRA product has the rank as one dimension, the
-    /// head the vocabulary, everything else is a frozen projection.
+    /// Profile label of a (non-LoRA) GEMM by its shape: the head has the vocabulary as one
+    /// dimension, everything else is a frozen projection.
     fn mark_gemm(&self, desc: &GemmDesc) -> GpuResult<()> {
         let dims = [desc.m, desc.n, desc.k];
-        let rank = self.lora.as_ref().map_or(0, |g| g.layout.r);
-        let label = if rank > 0 && dims.contains(&rank) {
-            "GEMM LoRA (rank r)"
-        } else if dims.contains(&self.dims.vocab) {
+        let label = if dims.contains(&self.dims.vocab) {
             "GEMM head (vocabulary)"
         } else {
             "GEMM projection (frozen)"
         };
         self.gpu.profile_mark(label).ctx("profiling")
-    }
-
-    /// Device pointers of the adapter's A and B (bf16 copy) of `p` in layer `l`, if adapted.
-    fn lora_ab(&self, l: usize, p: Proj) -> Option<LoraPtrs> {
-        let g = self.lora.as_ref()?;
-        let s = g.layout.slot(l, p)?;
-        Some(LoraPtrs(
-            g.bf16.offset(s.a.start),
-            g.bf16.offset(s.b.start),
-            g.grad.offset(s.a.start),
-            g.grad.offset(s.b.start),
-            g.layout.r,
-            g.layout.scale,
-        ))
-    }
-
-    /// y (n, out) = x (n, in) W^T (+ b) + s (x A^T) B^T; saves x A^T into `xa`. The low-rank
-    /// term is written first and the base GEMM adds its product to it in the epilogue (beta 1):
-    /// the compute-bound GEMM reads y once, instead of a memory-bound rank-r GEMM reading and
-    /// writing all of y again after it.
-    fn project(
-        &self,
-        l: usize,
-        p: Proj,
-        x: DevPtr<bf16>,
-        y: DevPtr<bf16>,
-        xa: DevPtr<bf16>,
-        n: usize,
-    ) -> GpuResult<()> {
-        let (out, inn) = p.shape(&self.dims);
-        let lw = &self.layout.layers[l];
-        let bias = lw.bias[p.index()].as_ref().map(|r| self.w(r));
-        let lora = self.lora_ab(l, p);
-        if let Some(LoraPtrs(_, b, _, _, r, s)) = lora {
-            self.project_xa(l, p, x, xa, n)?;
-            self.gemm(
-                &GemmDesc::new(n, out, r)
-                    .transposed(false, true)
-                    .scaled(s, 0.0),
-                xa,
-                b,
-                y,
-                None,
-            )?;
-        }
-        let wt = self.proj_weight(l, p)?;
-        self.gemm(
-            &GemmDesc::new(n, out, inn)
-                .transposed(false, true)
-                .scaled(1.0, if lora.is_some() { 1.0 } else { 0.0 }),
-            x,
-            wt,
-            y,
-            bias,
-        )
-    }
-
-    /// xa (n, r) = x (n, in) A^T of `p` in layer `l` (nothing when `p` is not adapted).
-    fn project_xa(
-        &self,
-        l: usize,
-        p: Proj,
-        x: DevPtr<bf16>,
-        xa: DevPtr<bf16>,
-        n: usize,
-    ) -> GpuResult<()> {
-        match self.lora_ab(l, p) {
-            Some(LoraPtrs(a, _, _, _, r, _)) => self.gemm(
-                &GemmDesc::new(n, r, p.shape(&self.dims).1).transposed(false, true),
-                x,
-                a,
-                xa,
-                None,
-            ),
-            None => Ok(()),
-        }
-    }
-
-    /// Backward of [`Self::project`] with W frozen: dx (n, in) = dy W + s (dy B) A (added to dx
-    /// when `accumulate`), dB += s dy^T xa, dA += (s dy B)^T x (f32). As in the forward, the
-    /// low-rank term goes into dx first and the base GEMM adds dy W to it (beta 1).
-    #[allow(clippy::too_many_arguments)]
-    fn project_backward(
-        &self,
-        l: usize,
-        p: Proj,
-        x: DevPtr<bf16>,
-        xa: DevPtr<bf16>,
-        dy: DevPtr<bf16>,
-        dx: DevPtr<bf16>,
-        accumulate: bool,
-        n: usize,
-        dxa: DevPtr<bf16>,
-    ) -> GpuResult<()> {
-        let (out, inn) = p.shape(&self.dims);
-        let mut beta = if accumulate { 1.0 } else { 0.0 };
-        if let Some(LoraPtrs(a, b, ga, gb, r, s)) = self.lora_ab(l, p) {
-            // dB (out, r) += s dy^T (out, n) · xa (n, r)
-            self.gemm_f32(
-                &GemmDesc::new(out, r, n)
-                    .transposed(true, false)
-                    .scaled(s, 1.0),
-                dy,
-                xa,
-                gb,
-            )?;
-            // dxa (n, r) = s dy (n, out) · B (out, r)
-            self.gemm(&GemmDesc::new(n, r, out).scaled(s, 0.0), dy, b, dxa, None)?;
-            // dA (r, in) += dxa^T (r, n) · x (n, in)
-            self.gemm_f32(
-                &GemmDesc::new(r, inn, n)
-                    .transposed(true, false)
-                    .scaled(1.0, 1.0),
-                dxa,
-                x,
-                ga,
-            )?;
-            // dx (+)= dxa (n, r) · A (r, in)
-            self.gemm(
-                &GemmDesc::new(n, inn, r).scaled(1.0, beta),
-                dxa,
-                a,
-                dx,
-                None,
-            )?;
-            beta = 1.0;
-        }
-        let wt = self.proj_weight(l, p)?;
-        self.gemm(
-            &GemmDesc::new(n, inn, out).scaled(1.0, beta),
-            dy,
-            wt,
-            dx,
-            None,
-        )
     }
 
     /// Checks a batch (and its targets) against the vocabulary and the token budget, allocates
@@ -1662,7 +1542,9 @@ impl<'g> GpuLlama<'g> {
                 cache.attend(gpu, l, n, la.q, la.att)?;
             }
         }
-        self.project(l, Proj::O, la.att, a.tmp_c, la.xa[3], n)?;
+        let g_o = Proj::O.input_group();
+        self.stack_xa(l, g_o, la.att, la.xa[g_o], n)?;
+        self.project(l, Proj::O, la.att, a.tmp_c, la.xa[g_o], n)?;
         norm::add_rms_norm::forward(
             gpu,
             &and,
@@ -1716,9 +1598,11 @@ impl<'g> GpuLlama<'g> {
         let qk = lw.q_norm.is_some();
         let q_out = if qk { la.q_pre } else { la.q };
         let k_out = if qk { la.k_pre } else { la.k };
-        self.project(l, Proj::Q, x, q_out, la.xa[0], n)?;
-        self.project(l, Proj::K, x, k_out, la.xa[1], n)?;
-        self.project(l, Proj::V, x, la.v, la.xa[2], n)?;
+        let xa = la.xa[Proj::Q.input_group()];
+        self.stack_xa(l, Proj::Q.input_group(), x, xa, n)?;
+        self.project(l, Proj::Q, x, q_out, xa, n)?;
+        self.project(l, Proj::K, x, k_out, xa, n)?;
+        self.project(l, Proj::V, x, la.v, xa, n)?;
         // Per-head q/k norms (Qwen3) and RoPE on the query and key heads, in place.
         let head_norm = |rows: usize, x, w, y, rstd, what| {
             norm::rms_norm::forward(
@@ -1779,15 +1663,6 @@ impl<'g> GpuLlama<'g> {
         (la.gate.offset(at), la.up.offset(at), la.act.offset(at))
     }
 
-    /// Projection `p`'s x A^T (N, r) from row `r0` on (null when `p` is not adapted).
-    fn xa_rows(&self, la: &LayerActs, p: Proj, r0: usize) -> DevPtr<bf16> {
-        let xa = la.xa[p.index()];
-        match &self.lora {
-            Some(g) if xa.addr != 0 => xa.offset(r0 * g.layout.r),
-            _ => xa,
-        }
-    }
-
     /// Layer `l`'s MLP on rows [r0, r0 + t) of its post-attention norm output: gate and up
     /// (their x A^T rows saved), act = swiglu, then down_proj into `out`'s rows (`out` is the
     /// batch's (N, C) output) — or, recomputing for the backward (`out` None), only down_proj's
@@ -1802,10 +1677,13 @@ impl<'g> GpuLlama<'g> {
     ) -> GpuResult<()> {
         let la = &a.layers[l];
         let x = la.ln2.offset(r0 * self.dims.hidden);
-        let xa = |p: Proj| self.xa_rows(la, p, r0);
+        let (g_gu, g_down) = (Proj::Gate.input_group(), Proj::Down.input_group());
+        let xa_gu = self.xa_rows(la.xa[g_gu], g_gu, r0);
+        let xa_down = self.xa_rows(la.xa[g_down], g_down, r0);
         let (gate, up, act) = self.mlp_rows(a, l, r0);
-        self.project(l, Proj::Gate, x, gate, xa(Proj::Gate), t)?;
-        self.project(l, Proj::Up, x, up, xa(Proj::Up), t)?;
+        self.stack_xa(l, g_gu, x, xa_gu, t)?;
+        self.project(l, Proj::Gate, x, gate, xa_gu, t)?;
+        self.project(l, Proj::Up, x, up, xa_gu, t)?;
         activation::swiglu::forward(
             self.gpu,
             &activation::swiglu::Dims {
@@ -1816,9 +1694,10 @@ impl<'g> GpuLlama<'g> {
             act,
         )
         .ctx("swiglu")?;
+        self.stack_xa(l, g_down, act, xa_down, t)?;
         match out {
-            Some(y) => self.project(l, Proj::Down, act, y, xa(Proj::Down), t),
-            None => self.project_xa(l, Proj::Down, act, xa(Proj::Down), t),
+            Some(y) => self.project(l, Proj::Down, act, y, xa_down, t),
+            None => Ok(()),
         }
     }
 
@@ -1953,14 +1832,15 @@ impl<'g> GpuLlama<'g> {
                 }
                 let (gate, up, act) = self.mlp_rows(a, l, r0);
                 let (x, dln) = (la.ln2.offset(r0 * c), a.dln.offset(r0 * c));
-                let xa = |p: Proj| self.xa_rows(la, p, r0);
+                let xa = |g: usize| self.xa_rows(la.xa[g], g, r0);
                 let dy = a.dres_a.offset(r0 * c);
-                self.project_backward(
+                let g_down = Proj::Down.input_group();
+                self.group_backward(
                     l,
-                    Proj::Down,
+                    g_down,
                     act,
-                    xa(Proj::Down),
-                    dy,
+                    xa(g_down),
+                    &[(Proj::Down, dy)],
                     a.dact,
                     false,
                     t,
@@ -1976,18 +1856,18 @@ impl<'g> GpuLlama<'g> {
                     a.dup,
                 )
                 .ctx("swiglu backward")?;
-                self.project_backward(
+                let g_gu = Proj::Gate.input_group();
+                self.group_backward(
                     l,
-                    Proj::Gate,
+                    g_gu,
                     x,
-                    xa(Proj::Gate),
-                    a.dgate,
+                    xa(g_gu),
+                    &[(Proj::Gate, a.dgate), (Proj::Up, a.dup)],
                     dln,
                     false,
                     t,
                     a.dxa,
                 )?;
-                self.project_backward(l, Proj::Up, x, xa(Proj::Up), a.dup, dln, true, t, a.dxa)?;
             }
             norm::add_rms_norm::backward(
                 gpu,
@@ -2002,12 +1882,13 @@ impl<'g> GpuLlama<'g> {
             )
             .ctx("post-attention norm backward")?;
             // Attention block: dres_b is d resid_in (so far) and d o_proj output.
-            self.project_backward(
+            let g_o = Proj::O.input_group();
+            self.group_backward(
                 l,
-                Proj::O,
+                g_o,
                 la.att,
-                la.xa[3],
-                a.dres_b,
+                la.xa[g_o],
+                &[(Proj::O, a.dres_b)],
                 a.datt,
                 false,
                 n,
@@ -2068,9 +1949,18 @@ impl<'g> GpuLlama<'g> {
                 dk = a.dk_pre;
             }
             let x = a.ln[l];
-            self.project_backward(l, Proj::Q, x, la.xa[0], dq, a.dln, false, n, a.dxa)?;
-            self.project_backward(l, Proj::K, x, la.xa[1], dk, a.dln, true, n, a.dxa)?;
-            self.project_backward(l, Proj::V, x, la.xa[2], a.dv, a.dln, true, n, a.dxa)?;
+            let g_qkv = Proj::Q.input_group();
+            self.group_backward(
+                l,
+                g_qkv,
+                x,
+                la.xa[g_qkv],
+                &[(Proj::Q, dq), (Proj::K, dk), (Proj::V, a.dv)],
+                a.dln,
+                false,
+                n,
+                a.dxa,
+            )?;
             if l > 0 {
                 norm::add_rms_norm::backward(
                     gpu,
@@ -2217,14 +2107,3 @@ pub fn init_adapter(
     }
     ad
 }
-
-/// One adapted projection on the device: A and B (bf16 copies, (r, in) and (out, r)), their f32
-/// gradients, the rank r and the scale s.
-struct LoraPtrs(
-    DevPtr<bf16>,
-    DevPtr<bf16>,
-    DevPtr<f32>,
-    DevPtr<f32>,
-    usize,
-    f32,
-);

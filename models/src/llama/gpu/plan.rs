@@ -278,7 +278,8 @@ pub struct ActSizes {
     /// the backward's d act, d gate, d up.
     pub mlp_rows: usize,
     pub ti: usize,
-    /// (N, r): x A^T of one adapted projection.
+    /// (N, r): x A^T of one adapted projection (the backward's dxa scratch holds three, one
+    /// q/k/v stack's).
     pub nr: usize,
     /// (Hq, N) f32: attention lse.
     pub lse: usize,
@@ -384,7 +385,7 @@ impl ActSizes {
             + (d.layers + 1) * 4 * self.n
             + (slots + 1) * b * self.nc;
         let scratch = b
-            * (4 * self.nc + 3 * self.ti + 3 * self.nq + 2 * self.nkv + self.nr + self.logits)
+            * (4 * self.nc + 3 * self.ti + 3 * self.nq + 2 * self.nkv + 3 * self.nr + self.logits)
             + if qk_norm { b * (self.nq + self.nkv) } else { 0 }
             + b * (4 * self.nq_pad + 4 * self.nkv_pad)
             + 4 * (self.lse + 6 * self.n)
