@@ -8,10 +8,8 @@
 # configuration with HF + PEFT and the loss parity (benches/side_by_side.sh).
 # Usage: benches/gpu_check.sh [PRESET] [MODE] [BATCH] [SEQ] [STEPS]   (default 8B QLoRA 2x2048, 10)
 # LEAN_FLAGS (env, default "--offload-residuals --offload-embeddings") goes to the lean run.
-# QLoRA's baseline needs bitsandbytes, which the GPU image lacks and whose wheel (43 MB) does not
-# travel with the binary within 64 MiB: a first call carries .whl/ and runs
-# `pip install --no-deps --target /tmp/site .whl/*.whl`, the next one (within the machine's
-# 30 s idle window) carries .bin/ftrt and runs `PYTHONPATH=/tmp/site bash benches/gpu_check.sh`.
+# The baselines beyond HF + PEFT LoRA (bitsandbytes for QLoRA, Unsloth, Liger) need the
+# packages of .whl/site.tar.xz carried along (see side_by_side.sh's header).
 set -u
 HERE=$(dirname "$0")
 OUT="${OUT:-/tmp/ftrt-out}"; mkdir -p "$OUT"
