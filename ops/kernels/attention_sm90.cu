@@ -314,11 +314,16 @@ template <int N> WG_DEV void pack_frags(unsigned (&a)[N / 16][4], const float (&
 // softmax while the second product is still on the tensor cores (FlashAttention-3's
 // intra-warpgroup overlap). The first step has no P V, a last one only P V. K_{it+1} and V_it
 // load meanwhile (TMA, two buffers each).
+// Keys per forward tile: 128, or 64 at d64, whose blocks then fit two to an SM (<= 128
+// registers, __launch_bounds__ below): the other block's products run under one's softmax,
+// which costs as much as the products at d64 (exp2 per score against 2 x 64 x 2 FLOPs).
+constexpr int fwd_keys_sm90(int d) { return d == 64 ? 64 : 128; }
+
 template <int D, bool PAIR>
 WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
                      bf16_t* __restrict__ out, float* __restrict__ lse, const TmaMap* tq,
                      const TmaMap* tk, const TmaMap* tv) {
-    constexpr int BM = 128, BN = 128, NO = D / 8;
+    constexpr int BM = 128, BN = fwd_keys_sm90(D), NO = D / 8;
     extern __shared__ __align__(128) unsigned char attn90_smem[];
     bf16_t* sQ = (bf16_t*)attn90_smem; // (BM, D), later the output tile
     bf16_t* sK = sQ + BM * D;          // 2 x (BN, D): K_it in buffer it & 1
@@ -714,7 +719,7 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
 // pairs measured slower, 358 against 333 us per 8B call: its steps are short, and the pair's
 // lockstep costs more than the halved loads save.)
 #define ATTN90_FWD(D, NAME, PAIR, CLUSTER)                                                                  \
-    extern "C" __global__ void __launch_bounds__(256, 1) CLUSTER NAME(                                       \
+    extern "C" __global__ void __launch_bounds__(256, D == 64 ? 2 : 1) CLUSTER NAME(                        \
         const int* cu, int num_seqs, int n_tokens, int hq, int hkv, float scale, bf16_t* out, float* lse,      \
         const __grid_constant__ attn90::TmaMap tq, const __grid_constant__ attn90::TmaMap tk,               \
         const __grid_constant__ attn90::TmaMap tv) {                                                         \

@@ -614,13 +614,13 @@ impl AttentionKernels {
                 smem: (4 * 64 * (d + 8) * 2) as u32,
                 box_rows: (0, 0),
             },
-            // fwd: Q (128 rows) + K, V (128 keys, two buffers each) + 5 mbarriers
+            // fwd: Q (128 rows) + K, V (128 keys, 64 at d64; two buffers each) + 5 mbarriers
             (Self::Sm90, Pass::Fwd) => Launch {
                 name: name("fwd"),
                 threads: 256,
                 rows: 128,
-                smem: ((128 + 4 * 128) * d * 2 + 64) as u32,
-                box_rows: (128, kv_box(128)),
+                smem: ((128 + 4 * fwd_keys_sm90(d)) * d * 2 + 64) as u32,
+                box_rows: (128, kv_box(fwd_keys_sm90(d))),
             },
             // dkdv: K, V (128 keys) + Q, dO (64 queries, two buffers each) + lse, dvec + 3 mbarriers
             (Self::Sm90, Pass::Dkdv) => Launch {
@@ -757,6 +757,15 @@ fn fwd_keys(d: usize) -> usize {
         64
     }
 }
+/// Keys per forward tile of attention_sm90.cu (`fwd_keys_sm90`).
+fn fwd_keys_sm90(d: usize) -> usize {
+    if d == 64 {
+        64
+    } else {
+        128
+    }
+}
+
 /// Query rows per dkdv step of attention.cu (`DkdvRows`).
 fn dkdv_query_rows(d: usize) -> usize {
     if d >= 128 {
