@@ -11,6 +11,7 @@
 use crate::bench::{preset_json, random_batch, BenchArgs, ADAPTER_SEED, BATCH_SEED, MODEL_SEED};
 use ftrt_models::llama::gpu::random_init::host_weights;
 use ftrt_models::llama::gpu::{init_adapter, KeepBf16};
+use ftrt_models::llama::trainable::copy_adapter_into;
 use ftrt_models::llama::{Dims, Proj};
 use ftrt_models::lora::{linear_targets, LoraConfig, LoraWeights};
 use ftrt_models::ModelConfig;
@@ -73,10 +74,7 @@ fn write_init(config: &ModelConfig, json: &str, a: &BenchArgs, dir: &Path) -> Re
         ..LoraConfig::default()
     };
     let mut lora = LoraWeights::zeros(&lora_config, &linear_targets(config))?;
-    if lora.data.len() != ad.data.len() {
-        return Err("the adapter layouts differ".into());
-    }
-    lora.data.copy_from_slice(&ad.data);
+    copy_adapter_into(&mut lora, &ad)?;
     lora.save_peft(&dir.join("adapter"), None)?;
 
     let (batch, _) = random_batch(a.batch, a.seq, dims.vocab, BATCH_SEED);

@@ -85,16 +85,42 @@ pub fn batch_of(b: &PackedBatch) -> (Batch, Vec<i32>) {
 /// Adds `n` times the model-layout gradients `g` (of a mean over `n` tokens) into the trainer's
 /// `grads`, which want the gradient of the sum.
 pub fn add_scaled_grads(grads: &mut LoraWeights, g: &LoraAdapter, n: f32) -> Result<(), String> {
-    for t in &grads.tensors {
-        let slot = g
+    zip_tensors(grads, g, |dst, src| *dst += src * n)
+}
+
+/// Copies the model-layout adapter `ad` into `lora` (the trainer's layout), tensor by tensor.
+pub fn copy_adapter_into(lora: &mut LoraWeights, ad: &LoraAdapter) -> Result<(), String> {
+    zip_tensors(lora, ad, |dst, src| *dst = src)
+}
+
+/// `f(dst, src)` over every value of every A and B of `lora`, `src` being the same value of
+/// `ad` (the two layouts order their tensors differently).
+fn zip_tensors(
+    lora: &mut LoraWeights,
+    ad: &LoraAdapter,
+    f: impl Fn(&mut f32, f32),
+) -> Result<(), String> {
+    for t in &lora.tensors {
+        let slot = ad
             .slot(t.target.layer, proj_of(&t.target.module)?)
             .cloned()
-            .ok_or("gradient slot missing")?;
-        for (dst, src) in grads.data[t.a.clone()].iter_mut().zip(&g.data[slot.a]) {
-            *dst += src * n;
+            .ok_or_else(|| {
+                format!(
+                    "layer {} {} is not in the adapter",
+                    t.target.layer, t.target.module
+                )
+            })?;
+        if slot.a.len() != t.a.len() || slot.b.len() != t.b.len() {
+            return Err(format!(
+                "layer {} {}: LoRA shapes differ",
+                t.target.layer, t.target.module
+            ));
         }
-        for (dst, src) in grads.data[t.b.clone()].iter_mut().zip(&g.data[slot.b]) {
-            *dst += src * n;
+        for (dst, &src) in lora.data[t.a.clone()].iter_mut().zip(&ad.data[slot.a]) {
+            f(dst, src);
+        }
+        for (dst, &src) in lora.data[t.b.clone()].iter_mut().zip(&ad.data[slot.b]) {
+            f(dst, src);
         }
     }
     Ok(())
