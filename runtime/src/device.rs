@@ -113,6 +113,22 @@ pub struct DeviceBuffer {
 }
 
 impl DeviceBuffer {
+    /// `bytes` of uninitialised device memory in `ctx` (none for 0 bytes).
+    pub(crate) fn alloc_in(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Self, RuntimeError> {
+        ctx.bind_to_thread()?;
+        let addr = if bytes == 0 {
+            0
+        } else {
+            // SAFETY: plain allocation; freed by Drop.
+            unsafe { result::malloc_sync(bytes) }?
+        };
+        Ok(Self {
+            ctx: ctx.clone(),
+            addr,
+            bytes,
+        })
+    }
+
     /// The start of the allocation as a typed pointer.
     pub fn ptr<T>(&self) -> DevPtr<T> {
         DevPtr::new(self.addr)
@@ -274,18 +290,7 @@ impl Gpu {
 
     /// Allocates `bytes` of device memory (`cuMemAlloc`; 256-byte aligned by the driver).
     pub fn alloc(&self, bytes: usize) -> Result<DeviceBuffer, RuntimeError> {
-        self.ctx.bind_to_thread()?;
-        let addr = if bytes == 0 {
-            0
-        } else {
-            // SAFETY: plain allocation; freed by DeviceBuffer's Drop.
-            unsafe { result::malloc_sync(bytes) }?
-        };
-        Ok(DeviceBuffer {
-            ctx: self.ctx.clone(),
-            addr,
-            bytes,
-        })
+        DeviceBuffer::alloc_in(&self.ctx, bytes)
     }
 
     /// Copies `src` to `dst` (ordered on the compute stream) and waits for the copy.

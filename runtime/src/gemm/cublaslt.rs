@@ -5,9 +5,13 @@
 //! Each distinct problem (shape, layout, output dtype, bias, pointer alignment, workspace size)
 //! gets its descriptors built and its algorithm picked by `cublasLtMatmulAlgoGetHeuristic`
 //! once; the result is cached in a `HashMap`, so a repeated GEMM costs one `cublasLtMatmul`.
+//! With `FTRT_GEMM_AUTOTUNE=1` ([`AUTOTUNE_ENV`]) a problem's first call instead times the
+//! heuristic's first [`AUTOTUNE_CANDIDATES`] algorithms on its own operands and keeps the
+//! fastest (C saved and restored around the timing): off by default, since the choice, and
+//! with it the rounding, may differ from one run to the next.
 
 use super::GemmDesc;
-use crate::device::{DevPtr, Gpu};
+use crate::device::{DevPtr, DeviceBuffer, Gpu};
 use crate::driver_probe::probe_cublaslt;
 use crate::error::RuntimeError;
 use cudarc::cublaslt::result::{self as lt, CublasError};
@@ -20,6 +24,15 @@ use std::sync::{Arc, Mutex};
 
 /// cuBLASLt workspace NVIDIA recommends on Hopper (32 MiB); carve it from the arena.
 pub const DEFAULT_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// Set to `1` to autotune every GEMM problem on its first call (see the module docs).
+pub const AUTOTUNE_ENV: &str = "FTRT_GEMM_AUTOTUNE";
+/// Algorithms timed per problem when autotuning (the heuristic's first ones).
+pub const AUTOTUNE_CANDIDATES: usize = 8;
+/// Largest C (bytes) autotuning saves and restores; bigger problems keep the heuristic's pick.
+const AUTOTUNE_MAX_C_BYTES: usize = 256 << 20;
+/// Timed calls per candidate, after one untimed.
+const AUTOTUNE_REPS: usize = 3;
 
 /// Device scratch memory cuBLASLt may use during a GEMM.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +49,14 @@ enum OutType {
 }
 
 impl OutType {
+    /// Bytes per element.
+    fn bytes(self) -> usize {
+        match self {
+            Self::Bf16 => 2,
+            Self::F32 => 4,
+        }
+    }
+
     fn cuda(self) -> sys::cudaDataType {
         match self {
             Self::Bf16 => sys::cudaDataType_t::CUDA_R_16BF,
@@ -74,6 +95,8 @@ struct Plan {
     layout_b: sys::cublasLtMatrixLayout_t,
     layout_c: sys::cublasLtMatrixLayout_t,
     algo: sys::cublasLtMatmulAlgo_t,
+    /// The heuristic's candidates, best first (`algo` is the first until autotuned).
+    candidates: Vec<sys::cublasLtMatmulAlgo_t>,
 }
 
 impl Drop for Plan {
@@ -113,6 +136,8 @@ pub struct CublasLt {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     plans: Mutex<HashMap<PlanKey, Plan>>,
+    /// [`AUTOTUNE_ENV`] was set to 1 when the handle was opened.
+    autotune: bool,
 }
 
 // SAFETY: a cublasLt handle may be used from any thread; the plan cache is behind a mutex.
@@ -139,6 +164,7 @@ impl CublasLt {
             ctx: gpu.context().clone(),
             stream: gpu.stream().clone(),
             plans: Mutex::new(HashMap::new()),
+            autotune: std::env::var(AUTOTUNE_ENV).is_ok_and(|v| v == "1"),
         })
     }
 
@@ -239,10 +265,29 @@ impl CublasLt {
         self.ctx.bind_to_thread()?;
         let mut plans = self.plans.lock().expect("plan cache poisoned");
         if !plans.contains_key(&key) {
-            let plan = self.build(&key)?;
+            let mut plan = self.build(&key)?;
+            if plan.candidates.len() > 1 {
+                let c_bytes = d.required_lens().2 * out.bytes();
+                plan.algo = self.fastest(&plan, d, a, b, c, bias, c_bytes, ws);
+            }
             plans.insert(key.clone(), plan);
         }
-        let plan = &plans[&key];
+        self.matmul(&plans[&key], plans[&key].algo, d, a, b, c, bias, ws)
+    }
+
+    /// One `cublasLtMatmul` of `plan` with `algo`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        plan: &Plan,
+        algo: sys::cublasLtMatmulAlgo_t,
+        d: &GemmDesc,
+        a: DevPtr<bf16>,
+        b: DevPtr<bf16>,
+        c: u64,
+        bias: Option<u64>,
+        ws: GemmWorkspace,
+    ) -> Result<(), RuntimeError> {
         if let Some(bias) = bias {
             // SAFETY: desc is live; the attribute is a CUdeviceptr-sized value.
             check("set BIAS_POINTER", unsafe {
@@ -271,7 +316,7 @@ impl CublasLt {
                 plan.layout_c,
                 c as *mut c_void,
                 plan.layout_c,
-                &plan.algo,
+                &algo,
                 ws.ptr.addr as *mut c_void,
                 ws.bytes,
                 self.stream.cu_stream() as sys::cudaStream_t,
@@ -279,7 +324,76 @@ impl CublasLt {
         })
     }
 
-    /// Builds descriptors for `key` and asks the heuristic for the best algorithm.
+    /// The fastest of `plan`'s candidates on these operands: each run once, then timed over
+    /// [`AUTOTUNE_REPS`] calls; C (`c_bytes`) is saved first and restored after when the GEMM
+    /// reads it (beta != 0). The heuristic's first choice when C is too large to save, the
+    /// stream is capturing a graph, or anything fails.
+    #[allow(clippy::too_many_arguments)]
+    fn fastest(
+        &self,
+        plan: &Plan,
+        d: &GemmDesc,
+        a: DevPtr<bf16>,
+        b: DevPtr<bf16>,
+        c: u64,
+        bias: Option<u64>,
+        c_bytes: usize,
+        ws: GemmWorkspace,
+    ) -> sys::cublasLtMatmulAlgo_t {
+        let first = plan.candidates[0];
+        let idle = cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        let capturing = self.stream.capture_status() != Ok(idle);
+        if capturing || c_bytes > AUTOTUNE_MAX_C_BYTES {
+            return first;
+        }
+        let copy = |dst: u64, src: u64| -> Result<(), RuntimeError> {
+            // SAFETY: both address c_bytes of live device memory (C and its saved copy).
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    dst,
+                    src,
+                    c_bytes,
+                    self.stream.cu_stream(),
+                )
+            }?;
+            Ok(())
+        };
+        let timed = || -> Result<sys::cublasLtMatmulAlgo_t, RuntimeError> {
+            let saved = if d.beta != 0.0 {
+                let s = DeviceBuffer::alloc_in(&self.ctx, c_bytes)?;
+                copy(s.ptr::<u8>().addr, c)?;
+                Some(s)
+            } else {
+                None
+            };
+            let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            let mut best = (f32::INFINITY, first);
+            for &algo in &plan.candidates {
+                if self.matmul(plan, algo, d, a, b, c, bias, ws).is_err() {
+                    continue;
+                }
+                let start = self.stream.record_event(timing)?;
+                for _ in 0..AUTOTUNE_REPS {
+                    self.matmul(plan, algo, d, a, b, c, bias, ws)?;
+                }
+                let end = self.stream.record_event(timing)?;
+                end.synchronize()?;
+                let ms = start.elapsed_ms(&end)?;
+                if ms < best.0 {
+                    best = (ms, algo);
+                }
+            }
+            if let Some(s) = &saved {
+                copy(c, s.ptr::<u8>().addr)?;
+                self.stream.synchronize()?;
+            }
+            Ok(best.1)
+        };
+        timed().unwrap_or(first)
+    }
+
+    /// Builds descriptors for `key` and asks the heuristic for its best algorithms (one, or
+    /// [`AUTOTUNE_CANDIDATES`] when autotuning).
     fn build(&self, key: &PlanKey) -> Result<Plan, RuntimeError> {
         let lt_err = |call: &'static str| move |e| RuntimeError::Cublas(call.to_string(), e);
         let desc = lt::create_matmul_desc(
@@ -306,6 +420,7 @@ impl CublasLt {
             layout_b: std::ptr::null_mut(),
             layout_c: std::ptr::null_mut(),
             algo: unsafe { std::mem::zeroed() },
+            candidates: Vec::new(),
         };
         plan.layout_a = lt::create_matrix_layout(bf, a_rows as u64, a_cols as u64, key.ldb as i64)
             .map_err(lt_err("cublasLtMatrixLayoutCreate(A)"))?;
@@ -374,9 +489,19 @@ impl CublasLt {
                 P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                 &key.align[2],
             )?;
-            // SAFETY: all descriptors are live.
+            let wanted = if self.autotune {
+                AUTOTUNE_CANDIDATES
+            } else {
+                1
+            };
+            // SAFETY: zeroed results are plain data the call overwrites.
+            let mut found = vec![unsafe { std::mem::zeroed() }; wanted];
+            let mut count = 0i32;
+            let heuristic_err =
+                |e| RuntimeError::Cublas(format!("cublasLtMatmulAlgoGetHeuristic for {key:?}"), e);
+            // SAFETY: all descriptors are live; `found` holds `wanted` results.
             unsafe {
-                lt::get_matmul_algo_heuristic(
+                sys::cublasLtMatmulAlgoGetHeuristic(
                     self.handle,
                     plan.desc,
                     plan.layout_a,
@@ -384,15 +509,30 @@ impl CublasLt {
                     plan.layout_c,
                     plan.layout_c,
                     pref,
+                    wanted as i32,
+                    found.as_mut_ptr(),
+                    &mut count,
                 )
+                .result()
             }
-            .map_err(|e| {
-                RuntimeError::Cublas(format!("cublasLtMatmulAlgoGetHeuristic for {key:?}"), e)
-            })
+            .map_err(heuristic_err)?;
+            let algos: Vec<sys::cublasLtMatmulAlgo_t> = found
+                [..(count.max(0) as usize).min(wanted)]
+                .iter()
+                .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+                .map(|r| r.algo)
+                .collect();
+            if algos.is_empty() {
+                return Err(heuristic_err(CublasError(
+                    sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED,
+                )));
+            }
+            Ok(algos)
         })();
         // SAFETY: created above, destroyed once.
         let _ = unsafe { lt::destroy_matmul_pref(pref) };
-        plan.algo = chosen?.algo;
+        plan.candidates = chosen?;
+        plan.algo = plan.candidates[0];
         Ok(plan)
     }
 }
