@@ -1,6 +1,9 @@
 //! The CPU Llama model as a [`LoraModel`] for the trainer: the trainer's flat
 //! [`LoraWeights`] mapped onto the model's [`LoraAdapter`] slots, packed batches onto
 //! [`Batch`]es with next-token targets.
+
+use std::ops::Range;
+
 use super::{Batch, LlamaModel, LoraAdapter, Proj, SamplingParams};
 use crate::data::{PackedBatch, IGNORE_INDEX};
 use crate::lora::{linear_targets, LoraTarget, LoraWeights};
@@ -41,29 +44,12 @@ pub fn adapter_of(dims: &crate::llama::Dims, lora: &LoraWeights) -> Result<LoraA
     }
     projs.sort_by_key(|p| p.index());
     let mut ad = LoraAdapter::zeros(dims, cfg.r, cfg.lora_alpha as f32, cfg.use_rslora, &projs);
-    let mut seen = 0;
-    for t in &lora.tensors {
-        let slot = ad
-            .slot(t.target.layer, proj_of(&t.target.module)?)
-            .cloned()
-            .ok_or_else(|| {
-                format!(
-                    "layer {} {} is not adapted in every layer",
-                    t.target.layer, t.target.module
-                )
-            })?;
-        if slot.a.len() != t.a.len() || slot.b.len() != t.b.len() {
-            return Err(format!(
-                "layer {} {}: LoRA shapes differ from the model's",
-                t.target.layer, t.target.module
-            ));
-        }
-        ad.data[slot.a].copy_from_slice(&lora.data[t.a.clone()]);
-        ad.data[slot.b].copy_from_slice(&lora.data[t.b.clone()]);
-        seen += 1;
-    }
-    if seen != dims.layers * projs.len() {
+    let pairs = tensor_pairs(lora, &ad)?;
+    if pairs.len() != 2 * dims.layers * projs.len() {
         return Err("the model needs the same LoRA targets in every layer".into());
+    }
+    for (src, dst) in pairs {
+        ad.data[dst].copy_from_slice(&lora.data[src]);
     }
     Ok(ad)
 }
@@ -100,30 +86,35 @@ fn zip_tensors(
     ad: &LoraAdapter,
     f: impl Fn(&mut f32, f32),
 ) -> Result<(), String> {
-    for t in &lora.tensors {
-        let slot = ad
-            .slot(t.target.layer, proj_of(&t.target.module)?)
-            .cloned()
-            .ok_or_else(|| {
-                format!(
-                    "layer {} {} is not in the adapter",
-                    t.target.layer, t.target.module
-                )
-            })?;
-        if slot.a.len() != t.a.len() || slot.b.len() != t.b.len() {
-            return Err(format!(
-                "layer {} {}: LoRA shapes differ",
-                t.target.layer, t.target.module
-            ));
-        }
-        for (dst, &src) in lora.data[t.a.clone()].iter_mut().zip(&ad.data[slot.a]) {
-            f(dst, src);
-        }
-        for (dst, &src) in lora.data[t.b.clone()].iter_mut().zip(&ad.data[slot.b]) {
-            f(dst, src);
+    for (dst, src) in tensor_pairs(lora, ad)? {
+        for (d, &v) in lora.data[dst].iter_mut().zip(&ad.data[src]) {
+            f(d, v);
         }
     }
     Ok(())
+}
+
+/// (range in `lora.data`, range in `ad.data`) of one A or B.
+type TensorPair = (Range<usize>, Range<usize>);
+
+/// Where each A and B of `lora` (the trainer's layout) lives in `ad` (the model's), A then B
+/// per tensor.
+fn tensor_pairs(lora: &LoraWeights, ad: &LoraAdapter) -> Result<Vec<TensorPair>, String> {
+    let mut pairs = Vec::with_capacity(2 * lora.tensors.len());
+    for t in &lora.tensors {
+        let (layer, module) = (t.target.layer, &t.target.module);
+        let slot = ad
+            .slot(layer, proj_of(module)?)
+            .ok_or_else(|| format!("layer {layer} {module} is not adapted in every layer"))?;
+        if slot.a.len() != t.a.len() || slot.b.len() != t.b.len() {
+            return Err(format!(
+                "layer {layer} {module}: LoRA shapes differ from the model's"
+            ));
+        }
+        pairs.push((t.a.clone(), slot.a.clone()));
+        pairs.push((t.b.clone(), slot.b.clone()));
+    }
+    Ok(pairs)
 }
 
 impl LoraModel for LlamaTrainable {

@@ -407,12 +407,8 @@ impl GpuLlama<'_> {
             0.0
         };
         // rows <= slots: one GEMM, f32 logits (rows, V) = x (rows, C) · head^T.
-        self.gemm_f32(
-            &GemmDesc::new(rows, v, c).transposed(false, true),
-            x,
-            self.head(),
-            cache.logits,
-        )?;
+        let head = GemmDesc::new(rows, v, c).transposed(false, true);
+        self.gemm_f32_as(self.gemm_label(&head), &head, x, self.head(), cache.logits)?;
         let out = if on_device {
             let seed = sampler.draw_seed();
             decode::sample_rows(

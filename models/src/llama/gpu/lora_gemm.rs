@@ -15,9 +15,12 @@
 use ftrt_runtime::{DevPtr, GemmDesc};
 use half::bf16;
 
-use super::{Ctx, GpuLlama, GpuResult};
+use super::{GpuLlama, GpuResult};
 use crate::llama::lora::LoraStack;
 use crate::llama::weights::Proj;
+
+/// Profile label of the rank-r GEMMs.
+const LORA_GEMM: &str = "GEMM LoRA (rank r)";
 
 impl GpuLlama<'_> {
     /// Layer `l`'s stack of input group `g`, if any member is adapted.
@@ -198,12 +201,7 @@ impl GpuLlama<'_> {
         b: DevPtr<bf16>,
         c: DevPtr<bf16>,
     ) -> GpuResult<()> {
-        self.gpu
-            .profile_mark("GEMM LoRA (rank r)")
-            .ctx("profiling")?;
-        self.blas
-            .gemm_bf16(desc, a, b, c, None, self.ws)
-            .ctx("cuBLASLt GEMM (LoRA)")
+        self.gemm_as(LORA_GEMM, desc, a, b, c, None)
     }
 
     /// A rank-r GEMM into an f32 gradient (beta 1 accumulates).
@@ -214,11 +212,6 @@ impl GpuLlama<'_> {
         b: DevPtr<bf16>,
         c: DevPtr<f32>,
     ) -> GpuResult<()> {
-        self.gpu
-            .profile_mark("GEMM LoRA (rank r)")
-            .ctx("profiling")?;
-        self.blas
-            .gemm_bf16_f32(desc, a, b, c, None, self.ws)
-            .ctx("cuBLASLt GEMM (LoRA gradient)")
+        self.gemm_f32_as(LORA_GEMM, desc, a, b, c)
     }
 }

@@ -1293,6 +1293,7 @@ impl<'g> GpuLlama<'g> {
         Ok(())
     }
 
+    /// A frozen-projection or head GEMM (bf16 out), profiled by its shape.
     fn gemm(
         &self,
         desc: &GemmDesc,
@@ -1301,35 +1302,46 @@ impl<'g> GpuLlama<'g> {
         c: DevPtr<bf16>,
         bias: Option<DevPtr<bf16>>,
     ) -> GpuResult<()> {
-        self.mark_gemm(desc)?;
-        self.blas
-            .gemm_bf16(desc, a, b, c, bias, self.ws)
-            .ctx("cuBLASLt GEMM")
+        self.gemm_as(self.gemm_label(desc), desc, a, b, c, bias)
     }
 
-    fn gemm_f32(
+    /// A GEMM (bf16 out) under the profile label `label`.
+    fn gemm_as(
         &self,
+        label: &str,
+        desc: &GemmDesc,
+        a: DevPtr<bf16>,
+        b: DevPtr<bf16>,
+        c: DevPtr<bf16>,
+        bias: Option<DevPtr<bf16>>,
+    ) -> GpuResult<()> {
+        self.gpu.profile_mark(label).ctx("profiling")?;
+        self.blas.gemm_bf16(desc, a, b, c, bias, self.ws).ctx(label)
+    }
+
+    /// A GEMM with an f32 C (beta 1 accumulates) under the profile label `label`.
+    fn gemm_f32_as(
+        &self,
+        label: &str,
         desc: &GemmDesc,
         a: DevPtr<bf16>,
         b: DevPtr<bf16>,
         c: DevPtr<f32>,
     ) -> GpuResult<()> {
-        self.mark_gemm(desc)?;
+        self.gpu.profile_mark(label).ctx("profiling")?;
         self.blas
             .gemm_bf16_f32(desc, a, b, c, None, self.ws)
-            .ctx("cuBLASLt GEMM (f32 out)")
+            .ctx(label)
     }
 
     /// Profile label of a (non-LoRA) GEMM by its shape: the head has the vocabulary as one
     /// dimension, everything else is a frozen projection.
-    fn mark_gemm(&self, desc: &GemmDesc) -> GpuResult<()> {
-        let dims = [desc.m, desc.n, desc.k];
-        let label = if dims.contains(&self.dims.vocab) {
+    fn gemm_label(&self, desc: &GemmDesc) -> &'static str {
+        if [desc.m, desc.n, desc.k].contains(&self.dims.vocab) {
             "GEMM head (vocabulary)"
         } else {
             "GEMM projection (frozen)"
-        };
-        self.gpu.profile_mark(label).ctx("profiling")
+        }
     }
 
     /// Checks a batch (and its targets) against the vocabulary and the token budget, allocates
