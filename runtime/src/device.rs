@@ -3,17 +3,19 @@
 
 use crate::driver_probe::probe_driver;
 use crate::error::RuntimeError;
-use crate::kernel_source::module_ptx;
+use crate::kernel_source::{module_ptx, override_path};
 use crate::profile::{ProfileLog, ProfileRow};
 pub use cudarc;
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// PTX of one kernel family embedded at build time (ops' build.rs makes these statics).
+/// PTX of one kernel family embedded at build time (ops' build.rs makes these statics), with
+/// the machine code ptxas made of it for some GPU architectures.
 pub struct PtxModule {
     /// Module name; also the file stem looked up in `FTRT_KERNEL_DIR` (`<name>.cu`).
     pub name: &'static str,
@@ -24,6 +26,32 @@ pub struct PtxModule {
     pub ptx: &'static str,
     /// The CUDA C the PTX was compiled from (for diagnostics).
     pub cuda_source: &'static str,
+    /// (ptxas target, cubin) pairs made from exactly this PTX (`sm_80`, `sm_90`, `sm_90a`):
+    /// loaded instead of the PTX on a GPU they run on, so the driver compiles nothing (its
+    /// JIT of every module took ~20 s on a fresh H200 machine).
+    pub cubins: &'static [(&'static str, &'static [u8])],
+}
+
+impl PtxModule {
+    /// The cubin that runs on a GPU of compute capability `cc`, if one was embedded: the same
+    /// major version at or below its minor (sm_80 runs on 8.x), sm_90a only on 9.0.
+    pub fn cubin_for(&self, cc: (i32, i32)) -> Option<&'static [u8]> {
+        self.cubins.iter().find_map(|&(target, bytes)| {
+            let sm = target.strip_prefix("sm_")?;
+            let (digits, arch_specific) = match sm.strip_suffix('a') {
+                Some(d) => (d, true),
+                None => (sm, false),
+            };
+            let v: i32 = digits.parse().ok()?;
+            let (major, minor) = (v / 10, v % 10);
+            let runs = if arch_specific {
+                cc == (major, minor)
+            } else {
+                cc.0 == major && cc.1 >= minor
+            };
+            runs.then_some(bytes)
+        })
+    }
 }
 
 /// A typed raw device address (a view into the arena or any allocation).
@@ -239,11 +267,20 @@ impl Gpu {
         if let Some(m) = modules.get(module.name) {
             return Ok(m.clone());
         }
-        let ptx = module_ptx(module)?;
-        let m = self
-            .ctx
-            .load_module(ptx)
-            .map_err(|e| RuntimeError::Module(format!("loading {}: {e}", module.name)))?;
+        let cubin = match override_path(module) {
+            Some(_) => None,
+            None => module.cubin_for(self.info.compute_capability),
+        };
+        // A cubin the driver refuses falls back to the PTX (JIT-compiled by the driver).
+        let from_cubin =
+            cubin.and_then(|c| self.ctx.load_module(Ptx::from_binary(c.to_vec())).ok());
+        let m = match from_cubin {
+            Some(m) => m,
+            None => self
+                .ctx
+                .load_module(module_ptx(module)?)
+                .map_err(|e| RuntimeError::Module(format!("loading {}: {e}", module.name)))?,
+        };
         modules.insert(module.name, m.clone());
         Ok(m)
     }
@@ -357,6 +394,32 @@ mod tests {
         assert_eq!(p.cast::<f32>().offset(2).addr, 1032);
         assert_eq!(DevPtr::<f32>::null().addr, 0);
         assert_eq!(std::mem::size_of::<DevPtr<f64>>(), 8);
+    }
+
+    #[test]
+    fn cubins_are_picked_by_compute_capability() {
+        static M: PtxModule = PtxModule {
+            name: "m",
+            arch: "compute_80",
+            ptx: "",
+            cuda_source: "",
+            cubins: &[("sm_80", b"a"), ("sm_90", b"h"), ("sm_90a", b"x")],
+        };
+        let pick = |cc| M.cubin_for(cc).map(|b| b[0]);
+        assert_eq!(pick((8, 0)), Some(b'a'));
+        assert_eq!(pick((8, 9)), Some(b'a'));
+        assert_eq!(pick((9, 0)), Some(b'h'));
+        assert_eq!(pick((7, 5)), None);
+        assert_eq!(pick((10, 0)), None);
+        static H: PtxModule = PtxModule {
+            name: "h",
+            arch: "compute_90a",
+            ptx: "",
+            cuda_source: "",
+            cubins: &[("sm_90a", b"x")],
+        };
+        assert_eq!(H.cubin_for((9, 0)), Some(&b"x"[..]));
+        assert_eq!(H.cubin_for((9, 1)), None);
     }
 
     #[test]

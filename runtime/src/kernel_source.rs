@@ -62,6 +62,7 @@ mod tests {
         arch: "compute_80",
         ptx: "// ptx",
         cuda_source: "// cu",
+        cubins: &[],
     };
 
     #[test]

@@ -18,6 +18,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 pub static MIX_PTX: PtxModule = PtxModule {
     name: "ftrt_runtime_selftest",
     arch: "compute_80",
+    cubins: &[],
     cuda_source: r#"extern "C" __global__ void ftrt_mix_f32(float* out, const float* x, const float* y,
     unsigned n, unsigned nx, unsigned ny, float a, float b, float c) {
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x;

@@ -84,6 +84,7 @@ static CAST: PtxModule = PtxModule {
     arch: "compute_80",
     ptx: include_str!("cast.ptx"),
     cuda_source: "y[i] = __float2bfloat16_rn(x[i]) (hand-written PTX)",
+    cubins: &[],
 };
 
 /// y (n) bf16 = round-to-nearest-even of x (n) f32.

@@ -6,12 +6,14 @@ pub mod kernels {
         arch: "compute_80",
         ptx: include_str!("../../../../../kernels-generated/attention.ptx"),
         cuda_source: include_str!("../../../../kernels/attention.cu"),
+        cubins: &[],
     };
     pub static ATTENTION_SM90: ftrt_runtime::PtxModule = ftrt_runtime::PtxModule {
         name: "attention_sm90",
         arch: "compute_90a",
         ptx: include_str!("../../../../../kernels-generated/attention_sm90.ptx"),
         cuda_source: include_str!("../../../../kernels/attention_sm90.cu"),
+        cubins: &[],
     };
 }
 #[path = "../../../dsl/real.rs"]
