@@ -9,6 +9,14 @@ pub struct SplitMix64 {
     state: u64,
 }
 
+/// A seed drawn from the clock (nanoseconds since the epoch), for inputs drawn fresh each run;
+/// print it with the result so a failure can be replayed.
+pub fn fresh_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(7, |d| d.as_nanos() as u64)
+}
+
 /// The state increment (2^64 / golden ratio).
 const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 

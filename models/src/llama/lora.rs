@@ -249,11 +249,7 @@ mod tests {
     #[test]
     fn stacks_cover_exactly_the_adapted_members() {
         let d = dims();
-        let mut rng = SplitMix64::new(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |t| t.as_nanos() as u64),
-        );
+        let mut rng = SplitMix64::new(ftrt_runtime::rng::fresh_seed());
         for _ in 0..50 {
             let mut targets: Vec<Proj> = Proj::ALL
                 .into_iter()

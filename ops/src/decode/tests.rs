@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::attention::{attention_forward_cpu, AttentionDims};
-use ftrt_runtime::rng::SplitMix64;
+use ftrt_runtime::rng::{fresh_seed, SplitMix64};
 
 fn rand_vec(rng: &mut SplitMix64, n: usize) -> Vec<f64> {
     (0..n).map(|_| 2.0 * rng.unit_f64() - 1.0).collect()
@@ -12,7 +12,7 @@ fn rand_vec(rng: &mut SplitMix64, n: usize) -> Vec<f64> {
 
 #[test]
 fn cached_decode_equals_the_last_row_of_causal_attention() {
-    let mut rng = SplitMix64::new(rng_seed());
+    let mut rng = SplitMix64::new(fresh_seed());
     for &(hq, hkv, hd) in &[(4usize, 2usize, 16usize), (6, 3, 8), (2, 2, 64)] {
         let lens: Vec<usize> = (0..3).map(|_| rng.range(1, 9)).collect();
         let n: usize = lens.iter().sum();
@@ -81,7 +81,7 @@ fn gumbel_max_draws_follow_the_softmax() {
     let x = [0.5f32, -1.0, 2.0, 0.0];
     let t = 2.0f32;
     let z: f64 = x.iter().map(|&v| ((v / t) as f64).exp()).sum();
-    let seed = rng_seed();
+    let seed = fresh_seed();
     let draws = 4000;
     let rows: Vec<f32> = (0..draws).flat_map(|_| x).collect();
     let picks = sample_rows_cpu(&rows, 4, 1.0 / t, seed);
@@ -96,15 +96,9 @@ fn gumbel_max_draws_follow_the_softmax() {
     }
 }
 
-fn rng_seed() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(7, |d| d.as_nanos() as u64)
-}
-
 #[test]
 fn split_plans_cover_the_cache_in_64_to_256_key_splits() {
-    let mut rng = SplitMix64::new(rng_seed());
+    let mut rng = SplitMix64::new(fresh_seed());
     for _ in 0..200 {
         let kv_heads = rng.range(1, 9);
         let d = CacheDims {

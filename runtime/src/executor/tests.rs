@@ -269,9 +269,7 @@ fn cpu_gemm_takes_bf16_operands_as_the_gpu_does() {
 fn phases_run_apart_and_share_activation_memory() {
     // phase A: outa = 2 (x wa^T); phase B: outb = 2 (x wb^T): whole-step inputs and outputs,
     // each phase's activation live only inside it
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(7, |d| d.as_nanos() as u64);
+    let seed = crate::rng::fresh_seed();
     let mut rng = SplitMix64::new(seed);
     let mut b = GraphBuilder::new();
     let (m, n, k) = (8, 64, 16);

@@ -272,7 +272,8 @@ impl CublasLt {
             }
             plans.insert(key.clone(), plan);
         }
-        self.matmul(&plans[&key], plans[&key].algo, d, a, b, c, bias, ws)
+        let plan = &plans[&key];
+        self.matmul(plan, plan.algo, d, a, b, c, bias, ws)
     }
 
     /// One `cublasLtMatmul` of `plan` with `algo`.

@@ -649,9 +649,7 @@ fn check_partial_targets(
     arch: &str,
     rows: &mut Vec<Row>,
 ) -> Result<(), String> {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(3, |d| d.as_nanos() as u64);
+    let seed = ftrt_runtime::rng::fresh_seed();
     let only = [Proj::K, Proj::V, Proj::Up];
     let mut ad = init_adapter(&cpu.dims, r, 2.0 * r as f32, &only, seed, 0.05);
     ad.data
