@@ -30,12 +30,13 @@
 //                                      (TMA multicast): 311 -> 279 us per 8B call.
 //   attention_bwd_dkdv_sm90_d{64,128}  each warpgroup owns 64 keys of a 128-key tile of one kv
 //                                      head; the block loops over the group's query heads and the
-//                                      64-query tiles that see it (Q, dO, lse, dvec
-//                                      double-buffered); dk, dv accumulate in registers.
+//                                      64-query tiles that see it (Q, dO, lse, dvec in three
+//                                      buffers, loaded two steps ahead); dk, dv accumulate
+//                                      in registers.
 //                                      Grid (Hkv, ceil(N / 128)).
 //   attention_bwd_dq_sm90_d{64,128}    each warpgroup owns 64 queries of a 128-query tile; the
-//                                      block loops over 64-key tiles (K in three buffers, V in
-//                                      two). Grid (Hq, ceil(N / 128)).
+//                                      block loops over 64-key tiles (K in four buffers, V in
+//                                      three). Grid (Hq, ceil(N / 128)).
 // dvec comes from attention.cu's attention_bwd_dot kernel. Heads vary fastest and the heaviest
 // tiles go first, as in attention.cu. Same math, same accumulation order: dk and dv match
 // attention.cu's bit for bit, out and dq to a bf16 rounding.
@@ -100,6 +101,14 @@ WG_DEV void mbar_wait(unsigned long long* bar, int parity) {
 WG_DEV void tma_rows(bf16_t* dst, const TmaMap* map, int row0, int head, unsigned long long* bar) {
     asm volatile("cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %2, %2, %3, %4}], [%5];"
                  ::"r"(smem_u32(dst)), "l"(map), "r"(0), "r"(row0 >> 3), "r"(head), "r"(smem_u32(bar))
+                 : "memory");
+}
+
+// `bytes` (a multiple of 16; both addresses 16-byte aligned) from global `src` to shared `dst`
+// by the bulk-copy engine; completes `bar`'s transaction count
+WG_DEV void bulk_copy(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar))
                  : "memory");
 }
 
@@ -312,23 +321,26 @@ template <int N> WG_DEV void pack_frags(unsigned (&a)[N / 16][4], const float (&
 // q0 + 64 wg + 16 w + l / 4 (+ 8). Step `it` issues s = Q K_it^T (SS), then o += P_{it-1}
 // V_{it-1} (RS, P packed from the previous step's s), and runs tile it's masking and online
 // softmax while the second product is still on the tensor cores (FlashAttention-3's
-// intra-warpgroup overlap). The first step has no P V, a last one only P V. K_{it+1} and V_it
-// load meanwhile (TMA, two buffers each).
+// intra-warpgroup overlap). The first step has no P V, a last one only P V. K_{it+1} and V_it load
+// meanwhile (TMA, FWD_STAGES buffers each).
 // Keys per forward tile: 128, or 64 at d64, whose blocks then fit two to an SM (<= 128
 // registers, __launch_bounds__ below): the other block's products run under one's softmax,
 // which costs as much as the products at d64 (exp2 per score against 2 x 64 x 2 FLOPs).
 constexpr int fwd_keys_sm90(int d) { return d == 64 ? 64 : 128; }
+// K and V buffers of the forward: tiles load FWD_STAGES - 1 steps ahead of their use (three
+// buffers measured no faster than two: 281.1 against 286.6 TFLOP/s at the 8B-like selftest case)
+constexpr int FWD_STAGES = 2;
 
 template <int D, bool PAIR>
 WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
                      bf16_t* __restrict__ out, float* __restrict__ lse, const TmaMap* tq,
                      const TmaMap* tk, const TmaMap* tv) {
-    constexpr int BM = 128, BN = fwd_keys_sm90(D), NO = D / 8;
+    constexpr int BM = 128, BN = fwd_keys_sm90(D), NO = D / 8, ST = FWD_STAGES;
     extern __shared__ __align__(128) unsigned char attn90_smem[];
     bf16_t* sQ = (bf16_t*)attn90_smem; // (BM, D), later the output tile
-    bf16_t* sK = sQ + BM * D;          // 2 x (BN, D): K_it in buffer it & 1
-    bf16_t* sV = sK + 2 * BN * D;      // 2 x (BN, D): V_it in buffer it & 1
-    unsigned long long* bar = (unsigned long long*)(sV + 2 * BN * D); // Q, K x 2, V x 2 landed
+    bf16_t* sK = sQ + BM * D;          // ST x (BN, D): K_it in buffer it % ST
+    bf16_t* sV = sK + ST * BN * D;     // ST x (BN, D): V_it in buffer it % ST
+    unsigned long long* bar = (unsigned long long*)(sV + ST * BN * D); // Q, K x ST, V x ST landed
     const int tid = (int)threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3;
     const int l = tid & 31, g = l >> 2, t = l & 3;
     const int q0 = (int)(gridDim.y - 1 - blockIdx.y) * BM; // longest rows first, all heads
@@ -343,36 +355,44 @@ WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, 
     const int stA = seg_start(cu, S, imin(rA, N - 1)), stB = seg_start(cu, S, imin(rB, N - 1));
     // whether key tile `it` has a masked element for some row of the block
     auto masked = [&](int it) { const int j0 = kbeg + it * BN; return !(j0 + BN - 1 <= q0 && j0 >= last_start); };
-    // wait for the step's tiles, then load K_{it+1} and V_it into the buffers step it - 1 freed
-    // (one thread issues each TMA copy; a tile's barrier completes phase u on its u-th load)
+    // K_it into buffer it % ST (barrier 1 + it % ST), V_it likewise (barrier 1 + ST + it % ST);
+    // a buffer's barrier completes phase u on its u-th tile
+    auto load_k = [&](int it) {
+        if (it < ntiles) load_kv_tile<D, BN, PAIR>(sK + (it % ST) * BN * D, tk, kbeg + it * BN, hk, bar + 1 + it % ST);
+    };
+    auto load_v = [&](int it) {
+        if (it < ntiles) load_kv_tile<D, BN, PAIR>(sV + (it % ST) * BN * D, tv, kbeg + it * BN, hk, bar + 1 + ST + it % ST);
+    };
+    // wait for step it's tiles (K_it, V_{it-1}), then load K_{it+ST-1} and V_{it+ST-2} into
+    // the buffers step it - 1 freed: loads run ST - 1 steps ahead of their use
     auto next_tiles = [&](int it) {
-        const int j0 = kbeg + it * BN, b = it & 1;
         if (it == 0) mbar_wait(bar, 0);
-        if (it < ntiles) mbar_wait(bar + 1 + b, (it >> 1) & 1);
-        if (it > 0) mbar_wait(bar + 3 + (b ^ 1), ((it - 1) >> 1) & 1);
+        if (it < ntiles) mbar_wait(bar + 1 + it % ST, (it / ST) & 1);
+        if (it > 0) mbar_wait(bar + 1 + ST + (it - 1) % ST, ((it - 1) / ST) & 1);
         step_sync<PAIR>();
-        if (it + 1 < ntiles) load_kv_tile<D, BN, PAIR>(sK + (b ^ 1) * BN * D, tk, j0 + BN, hk, bar + 1 + (b ^ 1));
-        if (it < ntiles) load_kv_tile<D, BN, PAIR>(sV + b * BN * D, tv, j0, hk, bar + 3 + b);
+        load_k(it + ST - 1);
+        load_v(it + ST - 2);
     };
     auto issue_s = [&](float (&s)[BN / 2], int it) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
-            wgmma_ss(s, desc_k<D>(sQ, 64 * wg, kk), desc_k<D>(sK + (it & 1) * BN * D, 0, kk), kk);
+            wgmma_ss(s, desc_k<D>(sQ, 64 * wg, kk), desc_k<D>(sK + (it % ST) * BN * D, 0, kk), kk);
         wg_commit();
     };
     auto issue_pv = [&](float (&o)[D / 2], unsigned (&pk)[BN / 16][4], int it) {
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs(o, pk[kk], desc_mn<D>(sV + (it & 1) * BN * D, kk));
+        for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs(o, pk[kk], desc_mn<D>(sV + (it % ST) * BN * D, kk));
         wg_commit();
     };
 
-    mbar_init_all(bar, 5);
+    mbar_init_all(bar, 1 + 2 * ST);
     step_sync<PAIR>(); // the partner's barriers exist before our multicasts reach them
     if (tid == 0) {
         mbar_expect(bar, BM * D * 2);
         tma_rows(sQ, tq, q0, h, bar);
     }
-    load_kv_tile<D, BN, PAIR>(sK, tk, kbeg, hk, bar + 1);
+    for (int i = 0; i < ST - 1; ++i) load_k(i);
+    for (int i = 0; i < ST - 2; ++i) load_v(i);
 
     float o[D / 2], s[BN / 2];
     unsigned pk[BN / 16][4]; // P_{it-1} in bf16: the A fragments of P V
@@ -446,20 +466,23 @@ WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, 
 // j0 + 64 wg + 16 w + l / 4 (+ 8)); they share every query tile they load. Per (query head,
 // 64-query tile): s^T = K Q^T and dp^T = V dO^T (SS), then p^T = exp(s^T scale - lse),
 // ds^T = p^T (dp^T - dvec), dv += P^T dO and dk += dS^T Q (RS).
+// Query tiles (Q, dO, lse, dvec) in BWD_STAGES buffers: they load two steps ahead of their use.
+constexpr int BWD_STAGES = 3;
+
 template <int D, int WGS>
 WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ dvec,
                       const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
                       bf16_t* __restrict__ dk, bf16_t* __restrict__ dv, const TmaMap* tq,
                       const TmaMap* tk, const TmaMap* tv, const TmaMap* to) {
-    constexpr int BK = 64 * WGS, BQ = 64, NQ = BQ / 8, NO = D / 8, NT = 128 * WGS;
+    constexpr int BK = 64 * WGS, BQ = 64, NQ = BQ / 8, NO = D / 8, NT = 128 * WGS, ST = BWD_STAGES;
     extern __shared__ __align__(128) unsigned char attn90_smem[];
     bf16_t* sK = (bf16_t*)attn90_smem;  // (BK, D), later dk
     bf16_t* sV = sK + BK * D;    // (BK, D), later dv
-    bf16_t* sQ = sV + BK * D;    // 2 x (BQ, D)
-    bf16_t* sO = sQ + 2 * BQ * D; // 2 x (BQ, D): dout
-    float* sL = (float*)(sO + 2 * BQ * D); // 2 x BQ: lse * log2(e)
-    float* sD = sL + 2 * BQ;               // 2 x BQ: dvec
-    unsigned long long* bar = (unsigned long long*)(sD + 2 * BQ); // K and V, Q and dO x 2 landed
+    bf16_t* sQ = sV + BK * D;    // ST x (BQ, D)
+    bf16_t* sO = sQ + ST * BQ * D; // ST x (BQ, D): dout
+    float* sL = (float*)(sO + ST * BQ * D); // ST x BQ: lse
+    float* sD = sL + ST * BQ;               // ST x BQ: dvec
+    unsigned long long* bar = (unsigned long long*)(sD + ST * BQ); // K and V, query tiles x ST landed
     const int tid = (int)threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3;
     const int l = tid & 31, g = l >> 2, t = l & 3;
     const int j0 = (int)blockIdx.y * BK; // all kv heads of a key tile, then the next tile
@@ -475,37 +498,41 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
     const int nq = (qend - j0 + BQ - 1) / BQ; // query tiles per head
     const int ntiles = G * nq;
 
-    // query tile `it` (head hk G + it / nq, rows from j0 + (it % nq) BQ) into buffer it & 1:
-    // Q and dO by TMA (barrier 1 + b completes phase u on the buffer's u-th tile), lse and
-    // dvec by every thread (seen after the next __syncthreads)
+    // query tile `it` (head hk G + it / nq, rows from j0 + (it % nq) BQ) into buffer it % ST,
+    // all four parts by one thread: Q and dO by TMA (rows past N read as zeros), the lse and
+    // dvec of the rows below N by bulk copies (the rest keep finite stale values, which the
+    // mask multiplies by zero). Barrier 1 + it % ST completes phase u on the buffer's u-th tile.
     auto load_queries = [&](int it) {
-        const int h = hk * G + it / nq, i0 = j0 + (it % nq) * BQ, b = it & 1;
-        load_tile_pair<D, BQ>(sQ + b * BQ * D, tq, sO + b * BQ * D, to, i0, h, bar + 1 + b);
-        for (int r = tid; r < BQ; r += NT) {
-            const int tok = i0 + r;
-            sL[b * BQ + r] = tok < N ? lse[(long long)h * N + tok] * LOG2E : WG_POS_INF;
-            sD[b * BQ + r] = tok < N ? dvec[(long long)h * N + tok] : 0.f;
-        }
+        if (it >= ntiles || tid != 0) return;
+        const int h = hk * G + it / nq, i0 = j0 + (it % nq) * BQ, b = it % ST;
+        const unsigned rows = (unsigned)imin(BQ, N - i0); // a multiple of 8: N is
+        mbar_expect(bar + 1 + b, 2 * BQ * D * 2 + 2 * rows * 4);
+        tma_rows(sQ + b * BQ * D, tq, i0, h, bar + 1 + b);
+        tma_rows(sO + b * BQ * D, to, i0, h, bar + 1 + b);
+        bulk_copy(sL + b * BQ, lse + (long long)h * N + i0, rows * 4, bar + 1 + b);
+        bulk_copy(sD + b * BQ, dvec + (long long)h * N + i0, rows * 4, bar + 1 + b);
     };
-    mbar_init_all(bar, 3);
+    for (int r = tid; r < ST * BQ; r += NT) sL[r] = sD[r] = 0.f;
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); // zeros before the copies
+    mbar_init_all(bar, 1 + ST);
     __syncthreads();
     load_tile_pair<D, BK>(sK, tk, sV, tv, j0, hk, bar);
-    load_queries(0);
+    for (int i = 0; i < ST - 1; ++i) load_queries(i);
 
     float ak[D / 2], av[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) ak[i] = av[i] = 0.f;
 
     for (int it = 0; it < ntiles; ++it) {
-        const int i0 = j0 + (it % nq) * BQ, b = it & 1;
+        const int i0 = j0 + (it % nq) * BQ, b = it % ST;
         const bf16_t* qt = sQ + b * BQ * D;
         const bf16_t* ot = sO + b * BQ * D;
         const float* lt = sL + b * BQ;
         const float* dt = sD + b * BQ;
         if (it == 0) mbar_wait(bar, 0);
-        mbar_wait(bar + 1 + b, (it >> 1) & 1);
-        __syncthreads(); // everyone sees tile it's lse, dvec and is done with buffer b ^ 1
-        if (it + 1 < ntiles) load_queries(it + 1);
+        mbar_wait(bar + 1 + b, (it / ST) & 1);
+        __syncthreads(); // everyone is done with buffer (it - 1) % ST: refill it
+        load_queries(it + ST - 1);
 
         float s[BQ / 2], dp[BQ / 2];
         wg_fence();
@@ -527,7 +554,7 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
                 const int c = nt * 8 + 2 * t + (e & 1), i = i0 + c;
                 const int j = e < 2 ? kA : kB, end = e < 2 ? eA : eB;
                 const bool vis = full || (i >= j && i < end);
-                const float p = vis ? fast_exp2(fmaf(s[4 * nt + e], sl2, -lt[c])) : 0.f;
+                const float p = vis ? fast_exp2(fmaf(s[4 * nt + e], sl2, -lt[c] * LOG2E)) : 0.f;
                 s[4 * nt + e] = p;
                 dp[4 * nt + e] = p * (dp[4 * nt + e] - dt[c]);
             }
@@ -573,20 +600,21 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
 // WGS warpgroups own queries q0..q0 + 64 WGS - 1 of head h, 64 each (thread rows rA, rB =
 // q0 + 64 wg + 16 w + l / 4 (+ 8)); they share every key tile they load. Step `it` issues
 // s = Q K_it^T and dp = dO V_it^T (SS), then dq += dS_{it-1} K_{it-1} (RS), and forms
-// ds_it = p (dp - dvec) while that last product runs. K takes three buffers (K_{it-1} is still
-// read while K_{it+1} loads), V two.
+// ds_it = p (dp - dvec) while that last product runs. Tiles load two steps ahead: K takes four
+// buffers (K_{it-1} is still read while K_{it+2} loads), V three.
 template <int D, int WGS>
 WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dvec,
                     const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
                     bf16_t* __restrict__ dq, const TmaMap* tq, const TmaMap* tk, const TmaMap* tv,
                     const TmaMap* to) {
     constexpr int BQ = 64 * WGS, BK = 64, NO = D / 8, NT = 128 * WGS;
+    constexpr int KB = BWD_STAGES + 1, VB = BWD_STAGES; // K_{it-1} is read during step it
     extern __shared__ __align__(128) unsigned char attn90_smem[];
     bf16_t* sQ = (bf16_t*)attn90_smem; // (BQ, D), later dq
     bf16_t* sO = sQ + BQ * D;          // (BQ, D): dout
-    bf16_t* sK = sO + BQ * D;          // 3 x (BK, D): K_it in buffer it % 3
-    bf16_t* sV = sK + 3 * BK * D;      // 2 x (BK, D): V_it in buffer it & 1
-    unsigned long long* bar = (unsigned long long*)(sV + 2 * BK * D); // Q and dO, K x 3, V x 2
+    bf16_t* sK = sO + BQ * D;          // KB x (BK, D): K_it in buffer it % KB
+    bf16_t* sV = sK + KB * BK * D;     // VB x (BK, D): V_it in buffer it % VB
+    unsigned long long* bar = (unsigned long long*)(sV + VB * BK * D); // Q and dO, K x KB, V x VB
     const int tid = (int)threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3;
     const int l = tid & 31, g = l >> 2, t = l & 3;
     const int q0 = (int)(gridDim.y - 1 - blockIdx.y) * BQ; // longest rows first, all heads
@@ -603,21 +631,23 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
     const int kbeg = seg_start(cu, S, q0) & ~7; // key tiles start on a row group (TMA boxes)
     const int last_start = seg_start(cu, S, kend - 1);
     const int ntiles = (kend - kbeg + BK - 1) / BK;
-    auto kbuf = [&](int it) { return sK + (it % 3) * BK * D; };
-    auto vbuf = [&](int it) { return sV + (it & 1) * BK * D; };
-    // K_it and V_it by TMA: barriers 1 + it % 3 and 4 + it % 2 complete phase u on their
+    auto kbuf = [&](int it) { return sK + (it % KB) * BK * D; };
+    auto vbuf = [&](int it) { return sV + (it % VB) * BK * D; };
+    // K_it and V_it by TMA: barriers 1 + it % KB and 1 + KB + it % VB complete phase u on their
     // buffer's u-th tile
     auto load_kv = [&](int it) {
-        load_kv_tile<D, BK, false>(kbuf(it), tk, kbeg + it * BK, hk, bar + 1 + it % 3);
-        load_kv_tile<D, BK, false>(vbuf(it), tv, kbeg + it * BK, hk, bar + 4 + (it & 1));
+        if (it >= ntiles) return;
+        load_kv_tile<D, BK, false>(kbuf(it), tk, kbeg + it * BK, hk, bar + 1 + it % KB);
+        load_kv_tile<D, BK, false>(vbuf(it), tv, kbeg + it * BK, hk, bar + 1 + KB + it % VB);
     };
-    // wait for step it's tiles, then load K_{it+1} and V_{it+1}
+    // wait for step it's tiles, then load K_{it+VB-1} and V_{it+VB-1} into the buffers that
+    // steps it - 2 (K) and it - 1 (V) freed
     auto next_tiles = [&](int it) {
         if (it == 0) mbar_wait(bar, 0);
-        mbar_wait(bar + 1 + it % 3, (it / 3) & 1);
-        mbar_wait(bar + 4 + (it & 1), (it >> 1) & 1);
+        mbar_wait(bar + 1 + it % KB, (it / KB) & 1);
+        mbar_wait(bar + 1 + KB + it % VB, (it / VB) & 1);
         __syncthreads();
-        if (it + 1 < ntiles) load_kv(it + 1);
+        load_kv(it + VB - 1);
     };
     auto issue_s_dp = [&](float (&s)[BK / 2], float (&dp)[BK / 2], int it) {
 #pragma unroll
@@ -649,10 +679,10 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
         }
     };
 
-    mbar_init_all(bar, 6);
+    mbar_init_all(bar, 1 + KB + VB);
     __syncthreads();
     load_tile_pair<D, BQ>(sQ, tq, sO, to, q0, h, bar);
-    load_kv(0);
+    for (int i = 0; i < VB - 1; ++i) load_kv(i);
 
     float a[D / 2], s[BK / 2], dp[BK / 2];
     unsigned da[BK / 16][4]; // dS_{it-1} in bf16: A fragments, k = keys
@@ -708,8 +738,8 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
 
 // ---------------------------------------------------------------- entry points
 // Dynamic shared memory (bytes), as the launcher computes it (64: the mbarriers):
-//   fwd  (128 + 4 * 128) * D * 2 + 64    dkdv (2 * 128 + 4 * 64) * D * 2 + 1024 + 64
-//   dq   (2 * 128 + 5 * 64) * D * 2 + 64
+//   fwd  (128 + 4 * BN) * D * 2 + 64 (BN = fwd_keys_sm90(D))
+//   dkdv (2 * 128 + 6 * 64) * D * 2 + 6 * 64 * 4 + 64    dq (2 * 128 + 7 * 64) * D * 2 + 64
 // The TMA maps describe q, dout (Hq heads) and k, v (Hkv heads) with boxes of the kernel's
 // tile rows: fwd 128 for all; dkdv 128 for k, v and 64 for q, dout; dq 128 for q, dout and 64
 // for k, v.

@@ -622,20 +622,21 @@ impl AttentionKernels {
                 smem: ((128 + 4 * fwd_keys_sm90(d)) * d * 2 + 64) as u32,
                 box_rows: (128, kv_box(fwd_keys_sm90(d))),
             },
-            // dkdv: K, V (128 keys) + Q, dO (64 queries, two buffers each) + lse, dvec + 3 mbarriers
+            // dkdv: K, V (128 keys) + Q, dO, lse, dvec (64 queries, three buffers each) + 4
+            // mbarriers
             (Self::Sm90, Pass::Dkdv) => Launch {
                 name: name("bwd_dkdv"),
                 threads: 256,
                 rows: 128,
-                smem: ((2 * 128 + 4 * 64) * d * 2 + 4 * 64 * 4 + 64) as u32,
+                smem: ((2 * 128 + 6 * 64) * d * 2 + 6 * 64 * 4 + 64) as u32,
                 box_rows: (64, 128),
             },
-            // dq: Q, dO (128 queries) + K (64 keys, three buffers) + V (two) + 6 mbarriers
+            // dq: Q, dO (128 queries) + K (64 keys, four buffers) + V (three) + 8 mbarriers
             (Self::Sm90, Pass::Dq) => Launch {
                 name: name("bwd_dq"),
                 threads: 256,
                 rows: 128,
-                smem: ((2 * 128 + 5 * 64) * d * 2 + 64) as u32,
+                smem: ((2 * 128 + 7 * 64) * d * 2 + 64) as u32,
                 box_rows: (128, kv_box(64)),
             },
         }
@@ -900,6 +901,11 @@ pub fn attention_backward_with(
         check_aligned(name, p)?;
     }
     kernels.check(&dims)?;
+    if kernels == AttentionKernels::Sm90 {
+        // dkdv bulk-copies rows of lse and dvec
+        check_aligned("lse", lse.addr)?;
+        check_aligned("scratch", scratch.addr)?;
+    }
     let d = dims.head_dim;
     let shape = ShapeArgs::new(&dims, cu_seqlens);
     let dvec = scratch;

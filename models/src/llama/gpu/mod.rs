@@ -1316,8 +1316,31 @@ impl<'g> GpuLlama<'g> {
         c: DevPtr<bf16>,
         bias: Option<DevPtr<bf16>>,
     ) -> GpuResult<()> {
-        self.gpu.profile_mark(label).ctx("profiling")?;
+        self.mark_gemm(label, desc)?;
         self.blas.gemm_bf16(desc, a, b, c, bias, self.ws).ctx(label)
+    }
+
+    /// Opens `label`'s profile span for a GEMM; with `FTRT_PROFILE_GEMM_SHAPES=1` the label
+    /// also names the shape (m x n x k, transposes, beta), so the profile shows each shape's
+    /// time per call (the FLOPs are 2 m n k).
+    fn mark_gemm(&self, label: &str, desc: &GemmDesc) -> GpuResult<()> {
+        static SHAPES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let shapes = *SHAPES
+            .get_or_init(|| std::env::var("FTRT_PROFILE_GEMM_SHAPES").is_ok_and(|v| v == "1"));
+        if shapes && self.gpu.profiling() {
+            let t = |x: bool| if x { "T" } else { "N" };
+            let label = format!(
+                "{label} {}x{}x{} {}{} beta {}",
+                desc.m,
+                desc.n,
+                desc.k,
+                t(desc.transa),
+                t(desc.transb),
+                desc.beta
+            );
+            return self.gpu.profile_mark(&label).ctx("profiling");
+        }
+        self.gpu.profile_mark(label).ctx("profiling")
     }
 
     /// A GEMM with an f32 C (beta 1 accumulates) under the profile label `label`.
@@ -1329,7 +1352,7 @@ impl<'g> GpuLlama<'g> {
         b: DevPtr<bf16>,
         c: DevPtr<f32>,
     ) -> GpuResult<()> {
-        self.gpu.profile_mark(label).ctx("profiling")?;
+        self.mark_gemm(label, desc)?;
         self.blas
             .gemm_bf16_f32(desc, a, b, c, None, self.ws)
             .ctx(label)
