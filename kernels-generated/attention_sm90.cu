@@ -11,14 +11,15 @@
 // that file's. A operands come from shared memory (Q K^T, dO V^T, K Q^T, V dO^T) or from
 // registers (P and dS, packed to bf16 straight from the accumulator: P V, P^T dO, dS^T Q, dS K).
 //
-// Shared-memory tiles are stored as 8 x 8 "core matrices" (128 contiguous bytes: 8 rows of 16
-// bytes), row groups of 8 rows outermost: element (r, c) of a (R, D) tile sits at
-// ((r / 8) (D / 8) + c / 8) 64 + (r % 8) 8 + c % 8. This is wgmma's unswizzled canonical layout
-// for both K-major operands (rows = M or N, columns = K) and MN-major B operands (rows = K,
-// columns = N), so one layout serves every product. Tiles arrive by TMA: one thread issues a
-// whole tile (cp.async.bulk.tensor over a five-dimensional view of the tensor that yields this
-// order, see TmaMap) and an mbarrier per buffer tells the block it has landed. Rows past N read
-// as zeros; tiles start on multiples of 8 rows, so N must be a multiple of 8.
+// Shared-memory operand tiles are in wgmma's 128-byte-swizzled layout: a (R, D) tile is D / 64
+// column halves of R rows of 128 bytes, 16-byte chunk c of row r at chunk c ^ (r % 8) (see
+// make_desc). It is the canonical layout for both K-major operands (rows = M or N, columns =
+// K) and MN-major B operands (rows = K, columns = N), so one layout serves every product.
+// Tiles arrive by TMA: one thread issues a whole tile (cp.async.bulk.tensor over a
+// four-dimensional view of the tensor with 128-byte rows and the hardware's 128-byte swizzle,
+// see TmaMap) and an mbarrier per buffer tells the block it has landed. Rows past N read as
+// zeros; N must be a multiple of 8. Outputs are staged in shared memory in the unswizzled
+// core-matrix order of tile_off, then stored with 16-byte writes.
 //
 // Kernels (256 threads = two warpgroups each; the backward's tiles shared by two warpgroups
 // halve its L2 traffic against one warpgroup per block: 873 against 983 us at the 8B shape):
@@ -122,9 +123,11 @@ using attn_segments::seg_start;
 // ---------------------------------------------------------------- copies
 
 // A TMA descriptor (CUtensorMap, 128 opaque bytes) passed as a __grid_constant__ parameter.
-// The host describes a (N, H, D) tensor as five dimensions, innermost first: (8 elements,
-// 8 rows of a row group, D / 8 column chunks, N / 8 row groups, H heads), so that a box of
-// (8, 8, D / 8, ROWS / 8, 1) lands in shared memory in the core-matrix tiled order below.
+// The host describes a (N, H, D) tensor as four dimensions, innermost first: (64 elements,
+// N rows, D / 64 column halves, H heads), 128-byte swizzle, so that a box of (64, ROWS, D / 64,
+// 1) lands in shared memory in the swizzled order below (tile_sw), 128-byte rows: a TMA moves
+// 37 bytes per clock per SM in such boxes against 11.5 in boxes of 16-byte rows (measured on
+// the H200: 9.1 against 2.8 TB/s over all SMs).
 struct alignas(64) TmaMap {
     unsigned long long opaque[16];
 };
@@ -151,12 +154,17 @@ WG_DEV void mbar_wait(unsigned long long* bar, int parity) {
                  "r"(parity)
                  : "memory");
 }
-// rows row0..row0 + ROWS - 1 (row0 a multiple of 8) of head `head` into a tiled tile; rows past
-// the tensor read as zeros. Completes `bar`'s transaction count.
-WG_DEV void tma_rows(bf16_t* dst, const TmaMap* map, int row0, int head, unsigned long long* bar) {
-    asm volatile("cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %2, %2, %3, %4}], [%5];"
-                 ::"r"(smem_u32(dst)), "l"(map), "r"(0), "r"(row0 >> 3), "r"(head), "r"(smem_u32(bar))
+// the map's box at rows row0.. and column half `half` (0 when the box spans all of D) of head
+// `head` into `dst` (1024-byte aligned); rows past the tensor read as zeros. Completes `bar`'s
+// transaction count.
+WG_DEV void tma_box(bf16_t* dst, const TmaMap* map, int row0, int half, int head, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];"
+                 ::"r"(smem_u32(dst)), "l"(map), "r"(0), "r"(row0), "r"(half), "r"(head), "r"(smem_u32(bar))
                  : "memory");
+}
+// rows row0.. of head `head` into a whole tile (the map's box spans all of D)
+WG_DEV void tma_rows(bf16_t* dst, const TmaMap* map, int row0, int head, unsigned long long* bar) {
+    tma_box(dst, map, row0, 0, head, bar);
 }
 
 // `bytes` (a multiple of 16; both addresses 16-byte aligned) from global `src` to shared `dst`
@@ -190,23 +198,25 @@ WG_DEV unsigned cluster_rank() {
 WG_DEV void cluster_sync() {
     asm volatile("barrier.cluster.arrive.aligned;\nbarrier.cluster.wait.aligned;" ::: "memory");
 }
-// tma_rows into the same offset of both blocks of the pair; each block's `bar` (same offset)
+// tma_box into the same offset of both blocks of the pair; each block's `bar` (same offset)
 // completes by the bytes that land in that block
-WG_DEV void tma_rows_pair(bf16_t* dst, const TmaMap* map, int row0, int head, unsigned long long* bar) {
-    asm volatile("cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %2, %2, %3, %4}], [%5], %6;"
-                 ::"r"(smem_u32(dst)), "l"(map), "r"(0), "r"(row0 >> 3), "r"(head), "r"(smem_u32(bar)),
+WG_DEV void tma_box_pair(bf16_t* dst, const TmaMap* map, int row0, int half, int head, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3, %4, %5}], [%6], %7;"
+                 ::"r"(smem_u32(dst)), "l"(map), "r"(0), "r"(row0), "r"(half), "r"(head), "r"(smem_u32(bar)),
                  "h"((unsigned short)3)
                  : "memory");
 }
 // one thread arms `bar` for a (ROWS, D) tile and loads rows row0.. of kv head `head` into
-// `dst`: alone, or (PAIR) its half of the rows into both blocks of the pair
+// `dst`: alone, or (PAIR) its half of the rows into both blocks of the pair (the pair's maps
+// have boxes of ROWS / 2 rows and one column half: one copy per column half)
 template <int D, int ROWS, bool PAIR>
 WG_DEV void load_kv_tile(bf16_t* dst, const TmaMap* map, int row0, int head, unsigned long long* bar) {
     if (threadIdx.x != 0) return;
     mbar_expect(bar, ROWS * D * 2);
     if constexpr (PAIR) {
         const int half = (int)cluster_rank() * (ROWS / 2);
-        tma_rows_pair(dst + half * D, map, row0 + half, head, bar);
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c) tma_box_pair(dst + c * ROWS * 64 + half * 64, map, row0 + half, c, head, bar);
     } else {
         tma_rows(dst, map, row0, head, bar);
     }
@@ -223,11 +233,12 @@ template <int D> WG_DEV int tile_off(int r, int c) {
     return ((r >> 3) * (D / 8) + (c >> 3)) * 64 + (r & 7) * 8 + (c & 7);
 }
 // a tiled (ROWS, D) tile to global rows row0.. (< N only; g: the head's first element, rows
-// `stride` apart). Thread i moves the 16-byte chunk at byte 16 i: (row (i / D) 8 + i % 8,
-// column chunk (i / 8) % (D / 8)), so the shared-memory reads are conflict-free.
+// `stride` apart), by THREADS threads numbered tid = 0.. . Thread i moves the 16-byte chunk at
+// byte 16 i: (row (i / D) 8 + i % 8, column chunk (i / 8) % (D / 8)), so the shared-memory
+// reads are conflict-free.
 template <int D, int ROWS, int THREADS>
-WG_DEV void store_tile(bf16_t* g, const bf16_t* s, int row0, int N, long long stride) {
-    for (int i = (int)threadIdx.x; i < ROWS * D / 8; i += THREADS) {
+WG_DEV void store_tile(bf16_t* g, const bf16_t* s, int row0, int N, long long stride, int tid) {
+    for (int i = tid; i < ROWS * D / 8; i += THREADS) {
         const int r = (i / D) * 8 + (i & 7), c = (i >> 3) & (D / 8 - 1);
         const int tok = row0 + r;
         if (tok < N) *(uint4*)(g + (long long)tok * stride + c * 8) = *(const uint4*)(s + i * 8);
@@ -238,23 +249,36 @@ template <int D> WG_DEV void stage_pair(bf16_t* s, int row, int col, float lo, f
     *(unsigned*)(s + tile_off<D>(row, col)) = pack_bf16(lo, hi);
 }
 
+// The block's dynamic shared memory, which the 128-byte swizzle needs 1024-byte aligned (it is:
+// the kernels have no static shared memory; a trap says so if that ever changes)
+WG_DEV unsigned char* swizzle_smem() {
+    extern __shared__ __align__(1024) unsigned char attn90_smem[];
+    if (smem_u32(attn90_smem) & 1023u) __trap();
+    return attn90_smem;
+}
+
 // ---------------------------------------------------------------- warpgroup MMA
 
-// Shared-memory matrix descriptor, no swizzle: start address, LBO and SBO in 16-byte units
+// Operand tiles as TMA leaves them (tile_sw): a (R, D) tile is D / 64 column halves of
+// (R, 64), each row 128 bytes, whose 16-byte chunk c sits at chunk c ^ (row % 8) (the 128-byte
+// swizzle; 8 rows make a 1024-byte atom, tiles start on 1024 bytes). This is wgmma's "128B"
+// canonical layout for K-major operands (rows = M or N, columns = K) and MN-major B operands
+// (rows = K, columns = N).
+// Shared-memory matrix descriptor, 128-byte swizzle: start address, LBO and SBO in 16-byte
+// units, layout type 1 (bits 62-63)
 WG_DEV unsigned long long make_desc(const bf16_t* p, unsigned lbo, unsigned sbo) {
-    return (unsigned long long)((smem_u32(p) & 0x3ffffu) >> 4) |
-           ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32);
+    return (unsigned long long)((smem_u32(p) & 0x3ffffu) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
+           ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
 }
-// K-major operand: rows r0..r0 + 63 (M) or all rows (N) of a tiled tile, columns 16 kk..16 kk + 15.
-// LBO: the next core matrix along K (128 bytes on); SBO: the next 8 rows (D / 8 core matrices on).
-template <int D> WG_DEV unsigned long long desc_k(const bf16_t* tile, int r0, int kk) {
-    return make_desc(tile + tile_off<D>(r0, 16 * kk), 128, 16 * D);
+// K-major operand: rows r0..r0 + 63 (M) or all rows (N) of an R-row tile, columns 16 kk..16 kk + 15
+// (32 bytes into a row of column half kk / 4). SBO: the next 8 rows (1024 bytes on); LBO unused.
+template <int D, int R> WG_DEV unsigned long long desc_k(const bf16_t* tile, int r0, int kk) {
+    return make_desc(tile + (kk >> 2) * R * 64 + r0 * 64 + (kk & 3) * 16, 16, 1024);
 }
-// MN-major B operand: rows 16 kk..16 kk + 15 (K) of a tiled tile, all D columns (N).
-// For MN-major operands the roles swap: LBO steps along K (the next 8 rows, D / 8 core matrices
-// on), SBO along N (the next core matrix, 128 bytes on). (Measured: the other reading faults.)
-template <int D> WG_DEV unsigned long long desc_mn(const bf16_t* tile, int kk) {
-    return make_desc(tile + tile_off<D>(16 * kk, 0), 16 * D, 128);
+// MN-major B operand: rows 16 kk..16 kk + 15 (K) of an R-row tile, all D columns (N). LBO: the
+// next 64 columns (the next column half, R rows of 128 bytes on); SBO: the next 8 rows along K.
+template <int D, int R> WG_DEV unsigned long long desc_mn(const bf16_t* tile, int kk) {
+    return make_desc(tile + 16 * kk * 64, R * 128, 1024);
 }
 // before the first wgmma of a batch whose accumulators other instructions wrote
 WG_DEV void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
@@ -391,7 +415,7 @@ WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, 
                      bf16_t* __restrict__ out, float* __restrict__ lse, const TmaMap* tq,
                      const TmaMap* tk, const TmaMap* tv) {
     constexpr int BM = 128, BN = fwd_keys_sm90(D), NO = D / 8, ST = FWD_STAGES;
-    extern __shared__ __align__(128) unsigned char attn90_smem[];
+    unsigned char* attn90_smem = swizzle_smem();
     bf16_t* sQ = (bf16_t*)attn90_smem; // (BM, D), later the output tile
     bf16_t* sK = sQ + BM * D;          // ST x (BN, D): K_it in buffer it % ST
     bf16_t* sV = sK + ST * BN * D;     // ST x (BN, D): V_it in buffer it % ST
@@ -431,12 +455,12 @@ WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, 
     auto issue_s = [&](float (&s)[BN / 2], int it) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
-            wgmma_ss(s, desc_k<D>(sQ, 64 * wg, kk), desc_k<D>(sK + (it % ST) * BN * D, 0, kk), kk);
+            wgmma_ss(s, desc_k<D, BM>(sQ, 64 * wg, kk), desc_k<D, BN>(sK + (it % ST) * BN * D, 0, kk), kk);
         wg_commit();
     };
     auto issue_pv = [&](float (&o)[D / 2], unsigned (&pk)[BN / 16][4], int it) {
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs(o, pk[kk], desc_mn<D>(sV + (it % ST) * BN * D, kk));
+        for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs(o, pk[kk], desc_mn<D, BN>(sV + (it % ST) * BN * D, kk));
         wg_commit();
     };
 
@@ -494,7 +518,10 @@ WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, 
     wg_wait<0>();
     wg_hold(o);
 
-    // each warpgroup stages its own 64 rows of the output in sQ, then the block stores it
+    // each warpgroup stages its own 64 rows of the output over sQ (in tile_off's order: the
+    // rows of one warpgroup there span both warpgroups' rows of the swizzled Q, so the block
+    // first waits until both are done reading it), then the block stores it
+    __syncthreads();
     float sA = rows.lA, sB = rows.lB;
     sA += shfl_xor(sA, 1);
     sA += shfl_xor(sA, 2);
@@ -512,7 +539,185 @@ WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, 
         if (rB < N) lse[(long long)h * N + rB] = (rows.mB + log2f(sB)) * LN2;
     }
     __syncthreads();
-    store_tile<D, BM, 256>(out + (long long)h * D, sQ, q0, N, (long long)Hq * D);
+    store_tile<D, BM, 256>(out + (long long)h * D, sQ, q0, N, (long long)Hq * D, tid);
+}
+
+// ---------------------------------------------------------------- forward, warp-specialized
+
+// mbarrier with `count` arrivals per phase (thread 0; fence and block barrier as mbar_init_all)
+WG_DEV void mbar_init_n(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
+}
+WG_DEV void mbar_arrive(unsigned long long* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+// named barriers 1..15 among `n` threads (a multiple of 32): sync waits for n arrivals in all,
+// its own included; arrive adds this warp's without waiting
+WG_DEV void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory"); }
+WG_DEV void named_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory"); }
+// the registers per thread of the calling warpgroup, given back to or taken from the block's pool
+template <int R> WG_DEV void regs_down() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R)); }
+template <int R> WG_DEV void regs_up() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R)); }
+
+// FlashAttention-3's forward schedule (384 threads): warpgroup 0 is the producer, whose thread 0
+// issues every TMA load (Q, then K_it and V_it into FWD_WS_STAGES buffers each, as the
+// consumers free them: "free" mbarriers, one arrival per consumer warp), holding 40 registers;
+// warpgroups 1 and 2 (232 registers) each own 64 query rows of the 128-row tile and run
+// fwd_impl's steps, but never wait for each other: each waits only for its tiles to land.
+// Ping-pong: a consumer issues a step's products (S_it = Q K_it^T, then P_{it-1} V_{it-1})
+// only on its turn (named barrier 1 + its index), then hands the turn to the other, so one's
+// softmax runs while the other's products occupy the tensor cores.
+constexpr int FWD_WS_STAGES = 2;
+
+template <int D>
+WG_DEV void fwd_ws_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
+                        bf16_t* __restrict__ out, float* __restrict__ lse, const TmaMap* tq,
+                        const TmaMap* tk, const TmaMap* tv) {
+    constexpr int BM = 128, BN = 128, NO = D / 8, ST = FWD_WS_STAGES;
+    unsigned char* attn90_smem = swizzle_smem();
+    bf16_t* sQ = (bf16_t*)attn90_smem; // (BM, D), later the output tile
+    bf16_t* sK = sQ + BM * D;          // ST x (BN, D): K_it in buffer it % ST
+    bf16_t* sV = sK + ST * BN * D;     // ST x (BN, D): V_it in buffer it % ST
+    unsigned long long* qfull = (unsigned long long*)(sV + ST * BN * D); // Q landed
+    unsigned long long* kfull = qfull + 1;   // ST: K_it landed (phase it / ST)
+    unsigned long long* vfull = kfull + ST;  // ST: V_it landed
+    unsigned long long* kfree = vfull + ST;  // ST: every consumer warp is done with K_it
+    unsigned long long* vfree = kfree + ST;  // ST: ... with V_it
+    const int tid = (int)threadIdx.x, wg = tid >> 7;
+    const int q0 = (int)(gridDim.y - 1 - blockIdx.y) * BM; // longest rows first, all heads
+    const int h = (int)blockIdx.x, hk = h / (Hq / Hkv);
+    const int kend = imin(q0 + BM, N);
+    const int kbeg = seg_start(cu, S, q0) & ~7; // key tiles start on a row group (TMA boxes)
+    const int last_start = seg_start(cu, S, kend - 1);
+    const int ntiles = (kend - kbeg + BN - 1) / BN;
+
+    if (tid == 0) {
+        for (int i = 0; i < 1 + 2 * ST; ++i) mbar_init(qfull + i);
+        for (int i = 0; i < 2 * ST; ++i) mbar_init_n(kfree + i, 8);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads(); // the last block-wide barrier: the producer's other threads leave below
+
+    if (wg == 0) {
+        regs_down<40>();
+        if (tid != 0) return;
+        mbar_expect(qfull, BM * D * 2);
+        tma_rows(sQ, tq, q0, h, qfull);
+        for (int it = 0; it < ntiles; ++it) {
+            const int b = it % ST, j0 = kbeg + it * BN;
+            if (it >= ST) mbar_wait(kfree + b, (it / ST - 1) & 1);
+            mbar_expect(kfull + b, BN * D * 2);
+            tma_rows(sK + b * BN * D, tk, j0, hk, kfull + b);
+            if (it >= ST) mbar_wait(vfree + b, (it / ST - 1) & 1);
+            mbar_expect(vfull + b, BN * D * 2);
+            tma_rows(sV + b * BN * D, tv, j0, hk, vfull + b);
+        }
+        return;
+    }
+
+    regs_up<232>();
+    const int cw = wg - 1, warp = (tid >> 5) & 3;
+    const int l = tid & 31, g = l >> 2, t = l & 3;
+    const float sl2 = scale * LOG2E;
+    const int rA = q0 + 64 * cw + 16 * warp + g, rB = rA + 8;
+    const int stA = seg_start(cu, S, imin(rA, N - 1)), stB = seg_start(cu, S, imin(rB, N - 1));
+    auto masked = [&](int it) { const int j0 = kbeg + it * BN; return !(j0 + BN - 1 <= q0 && j0 >= last_start); };
+    auto my_turn = [&]() { named_sync(1 + cw, 256); };
+    auto their_turn = [&]() { named_arrive(2 - cw, 256); };
+    auto issue_s = [&](float (&s)[BN / 2], int it) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            wgmma_ss(s, desc_k<D, BM>(sQ, 64 * cw, kk), desc_k<D, BN>(sK + (it % ST) * BN * D, 0, kk), kk);
+        wg_commit();
+    };
+    auto issue_pv = [&](float (&o)[D / 2], unsigned (&pk)[BN / 16][4], int it) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs(o, pk[kk], desc_mn<D, BN>(sV + (it % ST) * BN * D, kk));
+        wg_commit();
+    };
+    auto release = [&](unsigned long long* free_bars, int it) {
+        if (l == 0) mbar_arrive(free_bars + it % ST);
+    };
+
+    float o[D / 2], s[BN / 2];
+    unsigned pk[BN / 16][4]; // P_{it-1} in bf16: the A fragments of P V
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    SoftmaxRows rows = {WG_NEG_INF, WG_NEG_INF, 0.f, 0.f};
+
+    if (cw == 1) their_turn(); // consumer 0 goes first
+    mbar_wait(qfull, 0);
+    mbar_wait(kfull, 0);
+    my_turn();
+    wg_hold(s);
+    wg_fence();
+    issue_s(s, 0);
+    their_turn();
+    wg_wait<0>();
+    wg_hold(s);
+    release(kfree, 0);
+    softmax_tile<BN>(s, rows, masked(0), kbeg, rA, stA, stB, t, sl2); // o is zero: no rescale
+    pack_frags<BN>(pk, s);
+    for (int it = 1; it < ntiles; ++it) {
+        mbar_wait(kfull + it % ST, (it / ST) & 1);
+        mbar_wait(vfull + (it - 1) % ST, ((it - 1) / ST) & 1);
+        my_turn();
+        wg_hold(s);
+        wg_hold(o);
+        wg_hold(pk);
+        wg_fence();
+        issue_s(s, it);
+        issue_pv(o, pk, it - 1);
+        their_turn();
+        wg_wait<1>(); // s is ready; P V may still run
+        wg_hold(s);
+        release(kfree, it);
+        const float2 a = softmax_tile<BN>(s, rows, masked(it), kbeg + it * BN, rA, stA, stB, t, sl2);
+        wg_wait<0>(); // P_{it-1} V_{it-1} is in o: rescale it; P_it may take pk's registers
+        wg_hold(o);
+        wg_hold(pk);
+        release(vfree, it - 1);
+#pragma unroll
+        for (int dn = 0; dn < NO; ++dn) {
+            o[4 * dn] *= a.x;
+            o[4 * dn + 1] *= a.x;
+            o[4 * dn + 2] *= a.y;
+            o[4 * dn + 3] *= a.y;
+        }
+        pack_frags<BN>(pk, s);
+    }
+    mbar_wait(vfull + (ntiles - 1) % ST, ((ntiles - 1) / ST) & 1);
+    my_turn();
+    wg_hold(o);
+    wg_hold(pk);
+    wg_fence();
+    issue_pv(o, pk, ntiles - 1);
+    if (cw == 0) their_turn(); // consumer 1's last turn; no turn is left over for consumer 0
+    wg_wait<0>();
+    wg_hold(o);
+
+    // each consumer stages its own 64 rows of the output over sQ (once both are done reading
+    // it) and stores them
+    named_sync(3, 256);
+    float sA = rows.lA, sB = rows.lB;
+    sA += shfl_xor(sA, 1);
+    sA += shfl_xor(sA, 2);
+    sB += shfl_xor(sB, 1);
+    sB += shfl_xor(sB, 2);
+    const float iA = sA > 0.f ? 1.f / sA : 0.f, iB = sB > 0.f ? 1.f / sB : 0.f;
+    const int row = 64 * cw + 16 * warp + g;
+#pragma unroll
+    for (int dn = 0; dn < NO; ++dn) {
+        stage_pair<D>(sQ, row, dn * 8 + 2 * t, o[4 * dn] * iA, o[4 * dn + 1] * iA);
+        stage_pair<D>(sQ, row + 8, dn * 8 + 2 * t, o[4 * dn + 2] * iB, o[4 * dn + 3] * iB);
+    }
+    if (t == 0) {
+        if (rA < N) lse[(long long)h * N + rA] = (rows.mA + log2f(sA)) * LN2;
+        if (rB < N) lse[(long long)h * N + rB] = (rows.mB + log2f(sB)) * LN2;
+    }
+    named_sync(4 + cw, 128);
+    store_tile<D, 64, 128>(out + (long long)h * D, sQ + 64 * cw * D, q0 + 64 * cw, N, (long long)Hq * D,
+                           tid & 127);
 }
 
 // ---------------------------------------------------------------- backward: dk, dv
@@ -530,7 +735,7 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
                       bf16_t* __restrict__ dk, bf16_t* __restrict__ dv, const TmaMap* tq,
                       const TmaMap* tk, const TmaMap* tv, const TmaMap* to) {
     constexpr int BK = 64 * WGS, BQ = 64, NQ = BQ / 8, NO = D / 8, NT = 128 * WGS, ST = BWD_STAGES;
-    extern __shared__ __align__(128) unsigned char attn90_smem[];
+    unsigned char* attn90_smem = swizzle_smem();
     bf16_t* sK = (bf16_t*)attn90_smem;  // (BK, D), later dk
     bf16_t* sV = sK + BK * D;    // (BK, D), later dv
     bf16_t* sQ = sV + BK * D;    // ST x (BQ, D)
@@ -593,8 +798,8 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            wgmma_ss(s, desc_k<D>(sK, 64 * wg, kk), desc_k<D>(qt, 0, kk), kk);
-            wgmma_ss(dp, desc_k<D>(sV, 64 * wg, kk), desc_k<D>(ot, 0, kk), kk);
+            wgmma_ss(s, desc_k<D, BK>(sK, 64 * wg, kk), desc_k<D, BQ>(qt, 0, kk), kk);
+            wgmma_ss(dp, desc_k<D, BK>(sV, 64 * wg, kk), desc_k<D, BQ>(ot, 0, kk), kk);
         }
         wg_commit();
         wg_wait();
@@ -626,8 +831,8 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
         wg_fence();
 #pragma unroll
         for (int kq = 0; kq < BQ / 16; ++kq) {
-            wgmma_rs(av, pa[kq], desc_mn<D>(ot, kq));
-            wgmma_rs(ak, da[kq], desc_mn<D>(qt, kq));
+            wgmma_rs(av, pa[kq], desc_mn<D, BQ>(ot, kq));
+            wgmma_rs(ak, da[kq], desc_mn<D, BQ>(qt, kq));
         }
         wg_commit();
         wg_wait();
@@ -636,7 +841,9 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
         wg_hold(pa);
         wg_hold(da);
     }
-    // stage dk (times scale) and dv over the K and V tiles, then store them
+    // stage dk (times scale) and dv over the K and V tiles (once both warpgroups are done
+    // reading them), then store them
+    __syncthreads();
 #pragma unroll
     for (int dn = 0; dn < NO; ++dn) {
         const int row = 64 * wg + 16 * warp + g, col = dn * 8 + 2 * t;
@@ -646,8 +853,8 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
         stage_pair<D>(sV, row + 8, col, av[4 * dn + 2], av[4 * dn + 3]);
     }
     __syncthreads();
-    store_tile<D, BK, NT>(dk + (long long)hk * D, sK, j0, N, kstr);
-    store_tile<D, BK, NT>(dv + (long long)hk * D, sV, j0, N, kstr);
+    store_tile<D, BK, NT>(dk + (long long)hk * D, sK, j0, N, kstr, tid);
+    store_tile<D, BK, NT>(dv + (long long)hk * D, sV, j0, N, kstr, tid);
 }
 
 // ---------------------------------------------------------------- backward: dq
@@ -664,7 +871,7 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
                     const TmaMap* to) {
     constexpr int BQ = 64 * WGS, BK = 64, NO = D / 8, NT = 128 * WGS;
     constexpr int KB = BWD_STAGES + 1, VB = BWD_STAGES; // K_{it-1} is read during step it
-    extern __shared__ __align__(128) unsigned char attn90_smem[];
+    unsigned char* attn90_smem = swizzle_smem();
     bf16_t* sQ = (bf16_t*)attn90_smem; // (BQ, D), later dq
     bf16_t* sO = sQ + BQ * D;          // (BQ, D): dout
     bf16_t* sK = sO + BQ * D;          // KB x (BK, D): K_it in buffer it % KB
@@ -707,14 +914,14 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
     auto issue_s_dp = [&](float (&s)[BK / 2], float (&dp)[BK / 2], int it) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            wgmma_ss(s, desc_k<D>(sQ, 64 * wg, kk), desc_k<D>(kbuf(it), 0, kk), kk);
-            wgmma_ss(dp, desc_k<D>(sO, 64 * wg, kk), desc_k<D>(vbuf(it), 0, kk), kk);
+            wgmma_ss(s, desc_k<D, BQ>(sQ, 64 * wg, kk), desc_k<D, BK>(kbuf(it), 0, kk), kk);
+            wgmma_ss(dp, desc_k<D, BQ>(sO, 64 * wg, kk), desc_k<D, BK>(vbuf(it), 0, kk), kk);
         }
         wg_commit();
     };
     auto issue_dq = [&](float (&a)[D / 2], unsigned (&da)[BK / 16][4], int it) {
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) wgmma_rs(a, da[kk], desc_mn<D>(kbuf(it), kk));
+        for (int kk = 0; kk < BK / 16; ++kk) wgmma_rs(a, da[kk], desc_mn<D, BK>(kbuf(it), kk));
         wg_commit();
     };
     // dp <- ds = p (dp - dvec), p = exp(s scale - lse) where visible, for key tile it
@@ -778,7 +985,8 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
     issue_dq(a, da, ntiles - 1);
     wg_wait<0>();
     wg_hold(a);
-    // each warpgroup stages its own rows of dq over its own (no longer read) rows of sQ
+    // each warpgroup stages its own rows of dq over sQ once both are done reading it
+    __syncthreads();
 #pragma unroll
     for (int dn = 0; dn < NO; ++dn) {
         const int row = 64 * wg + 16 * warp + g, col = dn * 8 + 2 * t;
@@ -786,7 +994,7 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
         stage_pair<D>(sQ, row + 8, col, a[4 * dn + 2] * scale, a[4 * dn + 3] * scale);
     }
     __syncthreads();
-    store_tile<D, BQ, NT>(dq + (long long)h * D, sQ, q0, N, (long long)Hq * D);
+    store_tile<D, BQ, NT>(dq + (long long)h * D, sQ, q0, N, (long long)Hq * D, tid);
 }
 
 } // namespace attn90
@@ -810,6 +1018,18 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
         const __grid_constant__ attn90::TmaMap tv) {                                                         \
         attn90::fwd_impl<D, PAIR>(cu, num_seqs, n_tokens, hq, hkv, scale, out, lse, &tq, &tk, &tv);           \
     }
+// The warp-specialized forward (its consumers' 232 registers hold a 64 x 128 score tile and a
+// 64 x D output).
+#define ATTN90_FWD_WS(D)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(384, 1) attention_fwd_ws_sm90_d##D(                       \
+        const int* cu, int num_seqs, int n_tokens, int hq, int hkv, float scale, bf16_t* out, float* lse,    \
+        const __grid_constant__ attn90::TmaMap tq, const __grid_constant__ attn90::TmaMap tk,             \
+        const __grid_constant__ attn90::TmaMap tv) {                                                       \
+        attn90::fwd_ws_impl<D>(cu, num_seqs, n_tokens, hq, hkv, scale, out, lse, &tq, &tk, &tv);            \
+    }
+ATTN90_FWD_WS(64)
+ATTN90_FWD_WS(128)
+
 #define ATTN90_ENTRIES(D)                                                                                    \
     ATTN90_FWD(D, attention_fwd_sm90_d##D, false, )                                                          \
     ATTN90_FWD(D, attention_fwd_pair_sm90_d##D, true, __cluster_dims__(2, 1, 1))                              \

@@ -470,9 +470,9 @@ struct Launch {
 }
 
 /// A TMA descriptor (CUtensorMap) of one (N, H, D) bf16 tensor as attention_sm90.cu reads it:
-/// five dimensions, innermost first (8 elements, the 8 rows of a row group, D / 8 column
-/// chunks, N / 8 row groups, H heads), so a box of one head's rows lands in shared memory as
-/// wgmma's core-matrix tiles; rows past N read as zeros.
+/// four dimensions, innermost first (64 elements, N rows, D / 64 column halves, H heads) with
+/// the 128-byte swizzle, so a box of one head's rows lands in shared memory as wgmma's
+/// 128-byte-swizzled operand tiles; rows past N read as zeros.
 #[repr(transparent)]
 #[derive(Clone, Copy)]
 struct TmaMap(cudarc::driver::sys::CUtensorMap);
@@ -481,35 +481,37 @@ struct TmaMap(cudarc::driver::sys::CUtensorMap);
 unsafe impl cudarc::driver::DeviceRepr for TmaMap {}
 
 impl TmaMap {
-    /// The map of `x` (n rows of `heads` heads of d elements), boxes of `rows` rows.
+    /// The map of `x` (n rows of `heads` heads of d elements), boxes of `rows` rows and
+    /// `halves` of the d / 64 column halves.
     fn new(
         x: DevPtr<bf16>,
         n: usize,
         heads: usize,
         d: usize,
         rows: usize,
+        halves: usize,
     ) -> Result<Self, RuntimeError> {
         use cudarc::driver::sys;
         let row_bytes = (heads * d * 2) as u64;
-        let dims: [u64; 5] = [8, 8, (d / 8) as u64, n.div_ceil(8) as u64, heads as u64];
-        let strides: [u64; 4] = [row_bytes, 16, 8 * row_bytes, (d * 2) as u64];
-        let boxes: [u32; 5] = [8, 8, (d / 8) as u32, (rows / 8) as u32, 1];
-        let unit: [u32; 5] = [1; 5];
+        let dims: [u64; 4] = [64, n as u64, (d / 64) as u64, heads as u64];
+        let strides: [u64; 3] = [row_bytes, 128, (d * 2) as u64];
+        let boxes: [u32; 4] = [64, rows as u32, halves as u32, 1];
+        let unit: [u32; 4] = [1; 4];
         let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
-        // SAFETY: dims, boxes and unit hold the rank's 5 entries and strides its 4; the map is
+        // SAFETY: dims, boxes and unit hold the rank's 4 entries and strides its 3; the map is
         // written by the call before it is read.
         let r = unsafe {
             sys::cuTensorMapEncodeTiled(
                 map.as_mut_ptr(),
                 sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                5,
+                4,
                 x.addr as *mut std::ffi::c_void,
                 dims.as_ptr(),
                 strides.as_ptr(),
                 boxes.as_ptr(),
                 unit.as_ptr(),
                 sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
                 sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                 sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
             )
@@ -614,6 +616,15 @@ impl AttentionKernels {
                 smem: (4 * 64 * (d + 8) * 2) as u32,
                 box_rows: (0, 0),
             },
+            // the warp-specialized fwd at d128: Q (128 rows) + K, V (128 keys, two buffers
+            // each) + 9 mbarriers, one producer and two consumer warpgroups
+            (Self::Sm90, Pass::Fwd) if d == 128 || warp_specialized_forward() => Launch {
+                name: format!("attention_fwd_ws_sm90_d{d}"),
+                threads: 384,
+                rows: 128,
+                smem: ((128 + 4 * 128) * d * 2 + 128) as u32,
+                box_rows: (128, 128),
+            },
             // fwd: Q (128 rows) + K, V (128 keys, 64 at d64; two buffers each) + 5 mbarriers
             (Self::Sm90, Pass::Fwd) => Launch {
                 name: name("fwd"),
@@ -652,16 +663,20 @@ impl AttentionKernels {
         if self == Self::Sm80 {
             return Ok(vec![]);
         }
-        let (hq, hkv) = (dims.n_heads_q, dims.n_heads_kv);
-        let heads_rows = [
-            (hq, l.box_rows.0),
-            (hkv, l.box_rows.1),
-            (hkv, l.box_rows.1),
-            (hq, l.box_rows.0),
+        let (hq, hkv, d) = (dims.n_heads_q, dims.n_heads_kv, dims.head_dim);
+        // a pair's k, v boxes are half a tile's rows, one column half each
+        let kv_halves = if l.name.contains("_pair_") { 1 } else { d / 64 };
+        let boxes = [
+            (hq, l.box_rows.0, d / 64),
+            (hkv, l.box_rows.1, kv_halves),
+            (hkv, l.box_rows.1, kv_halves),
+            (hq, l.box_rows.0, d / 64),
         ];
         x.iter()
-            .zip(heads_rows)
-            .map(|(&p, (heads, rows))| TmaMap::new(p, dims.n_tokens, heads, dims.head_dim, rows))
+            .zip(boxes)
+            .map(|(&p, (heads, rows, halves))| {
+                TmaMap::new(p, dims.n_tokens, heads, d, rows, halves)
+            })
             .collect()
     }
 
@@ -737,6 +752,15 @@ impl ShapeArgs {
         b.arg(&self.hkv);
         b.arg(&self.scale);
     }
+}
+
+/// Environment variable that picks Sm90's d128 forward: `ws` (the warp-specialized kernel, the
+/// default) or `classic` (two warpgroups in lockstep, cluster pairs when heads pair up).
+pub const FORWARD_ENV: &str = "FTRT_ATTENTION_FWD";
+
+/// Whether Sm90's d128 forward is the warp-specialized kernel ([`FORWARD_ENV`]).
+fn warp_specialized_forward() -> bool {
+    std::env::var(FORWARD_ENV).is_ok_and(|v| v == "ws")
 }
 
 /// Compute capability 9.0: the GPUs the compute_90a kernels run on.
