@@ -21,14 +21,12 @@
 // zeros; N must be a multiple of 8. Outputs are staged in shared memory in the unswizzled
 // core-matrix order of tile_off, then stored with 16-byte writes.
 //
-// Kernels (256 threads = two warpgroups each; the backward's tiles shared by two warpgroups
+// Kernels (the backward's: 256 threads = two warpgroups, whose tiles shared by two warpgroups
 // halve its L2 traffic against one warpgroup per block: 873 against 983 us at the 8B shape):
-//   attention_fwd_sm90_d{64,128}       each warpgroup owns 64 query rows of a 128-row tile; key
-//                                      tiles of 128, K and V double-buffered (K_{i+1} and V_i
-//                                      load under step i). Grid (Hq, ceil(N / 128)).
-//   attention_fwd_pair_sm90_d{64,128}  the same in cluster pairs: query heads 2c and 2c + 1 (one
-//                                      kv head) each load half of every K, V tile for both
-//                                      (TMA multicast): 311 -> 279 us per 8B call.
+//   attention_fwd_sm90_d{64,128}       384 threads: a producer warpgroup loads, two consumer
+//                                      warpgroups own 64 query rows each of a 128-row tile;
+//                                      key tiles of 128, K and V double-buffered (fwd_impl).
+//                                      Grid (Hq, ceil(N / 128)).
 //   attention_bwd_dkdv_sm90_d{64,128}  each warpgroup owns 64 keys of a 128-key tile of one kv
 //                                      head; the block loops over the group's query heads and the
 //                                      64-query tiles that see it (Q, dO, lse, dvec in three
@@ -186,46 +184,12 @@ WG_DEV void load_tile_pair(bf16_t* da, const TmaMap* ma, bf16_t* db, const TmaMa
     tma_rows(db, mb, row0, head, bar);
 }
 
-// Cluster pairs: two blocks (query heads 2c and 2c + 1 of one kv-head group, the same query
-// rows) read the same key and value tiles; each loads half of every tile and multicasts it to
-// both, which halves the tile traffic from L2.
-WG_DEV unsigned cluster_rank() {
-    unsigned r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-// a __syncthreads across both blocks of the pair
-WG_DEV void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.aligned;\nbarrier.cluster.wait.aligned;" ::: "memory");
-}
-// tma_box into the same offset of both blocks of the pair; each block's `bar` (same offset)
-// completes by the bytes that land in that block
-WG_DEV void tma_box_pair(bf16_t* dst, const TmaMap* map, int row0, int half, int head, unsigned long long* bar) {
-    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3, %4, %5}], [%6], %7;"
-                 ::"r"(smem_u32(dst)), "l"(map), "r"(0), "r"(row0), "r"(half), "r"(head), "r"(smem_u32(bar)),
-                 "h"((unsigned short)3)
-                 : "memory");
-}
-// one thread arms `bar` for a (ROWS, D) tile and loads rows row0.. of kv head `head` into
-// `dst`: alone, or (PAIR) its half of the rows into both blocks of the pair (the pair's maps
-// have boxes of ROWS / 2 rows and one column half: one copy per column half)
-template <int D, int ROWS, bool PAIR>
+// one thread arms `bar` for a (ROWS, D) tile and loads rows row0.. of kv head `head` into `dst`
+template <int D, int ROWS>
 WG_DEV void load_kv_tile(bf16_t* dst, const TmaMap* map, int row0, int head, unsigned long long* bar) {
     if (threadIdx.x != 0) return;
     mbar_expect(bar, ROWS * D * 2);
-    if constexpr (PAIR) {
-        const int half = (int)cluster_rank() * (ROWS / 2);
-#pragma unroll
-        for (int c = 0; c < D / 64; ++c) tma_box_pair(dst + c * ROWS * 64 + half * 64, map, row0 + half, c, head, bar);
-    } else {
-        tma_rows(dst, map, row0, head, bar);
-    }
-}
-// the step barrier: the block, or both blocks of the pair (a block may refill a buffer only
-// when its partner is done with it too)
-template <bool PAIR> WG_DEV void step_sync() {
-    if constexpr (PAIR) cluster_sync();
-    else __syncthreads();
+    tma_rows(dst, map, row0, head, bar);
 }
 
 // element offset of (r, c) in a core-matrix tiled (rows, D) tile
@@ -396,154 +360,6 @@ template <int N> WG_DEV void pack_frags(unsigned (&a)[N / 16][4], const float (&
         for (int r = 0; r < 4; ++r) a[kk][r] = pack_bf16(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
 }
 
-// Block of 256 threads: warpgroup wg owns query rows q0 + 64 wg .. + 63; thread rows rA, rB =
-// q0 + 64 wg + 16 w + l / 4 (+ 8). Step `it` issues s = Q K_it^T (SS), then o += P_{it-1}
-// V_{it-1} (RS, P packed from the previous step's s), and runs tile it's masking and online
-// softmax while the second product is still on the tensor cores (FlashAttention-3's
-// intra-warpgroup overlap). The first step has no P V, a last one only P V. K_{it+1} and V_it load
-// meanwhile (TMA, FWD_STAGES buffers each).
-// Keys per forward tile: 128, or 64 at d64, whose blocks then fit two to an SM (<= 128
-// registers, __launch_bounds__ below): the other block's products run under one's softmax,
-// which costs as much as the products at d64 (exp2 per score against 2 x 64 x 2 FLOPs).
-constexpr int fwd_keys_sm90(int d) { return d == 64 ? 64 : 128; }
-// K and V buffers of the forward: tiles load FWD_STAGES - 1 steps ahead of their use (three
-// buffers measured no faster than two: 281.1 against 286.6 TFLOP/s at the 8B-like selftest case)
-constexpr int FWD_STAGES = 2;
-
-template <int D, bool PAIR>
-WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
-                     bf16_t* __restrict__ out, float* __restrict__ lse, const TmaMap* tq,
-                     const TmaMap* tk, const TmaMap* tv) {
-    constexpr int BM = 128, BN = fwd_keys_sm90(D), NO = D / 8, ST = FWD_STAGES;
-    unsigned char* attn90_smem = swizzle_smem();
-    bf16_t* sQ = (bf16_t*)attn90_smem; // (BM, D), later the output tile
-    bf16_t* sK = sQ + BM * D;          // ST x (BN, D): K_it in buffer it % ST
-    bf16_t* sV = sK + ST * BN * D;     // ST x (BN, D): V_it in buffer it % ST
-    unsigned long long* bar = (unsigned long long*)(sV + ST * BN * D); // Q, K x ST, V x ST landed
-    const int tid = (int)threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3;
-    const int l = tid & 31, g = l >> 2, t = l & 3;
-    const int q0 = (int)(gridDim.y - 1 - blockIdx.y) * BM; // longest rows first, all heads
-    const int h = (int)blockIdx.x, hk = h / (Hq / Hkv);
-    const float sl2 = scale * LOG2E;
-
-    const int rA = q0 + 64 * wg + 16 * warp + g, rB = rA + 8;
-    const int kend = imin(q0 + BM, N);
-    const int kbeg = seg_start(cu, S, q0) & ~7; // key tiles start on a row group (TMA boxes)
-    const int last_start = seg_start(cu, S, kend - 1);
-    const int ntiles = (kend - kbeg + BN - 1) / BN;
-    const int stA = seg_start(cu, S, imin(rA, N - 1)), stB = seg_start(cu, S, imin(rB, N - 1));
-    // whether key tile `it` has a masked element for some row of the block
-    auto masked = [&](int it) { const int j0 = kbeg + it * BN; return !(j0 + BN - 1 <= q0 && j0 >= last_start); };
-    // K_it into buffer it % ST (barrier 1 + it % ST), V_it likewise (barrier 1 + ST + it % ST);
-    // a buffer's barrier completes phase u on its u-th tile
-    auto load_k = [&](int it) {
-        if (it < ntiles) load_kv_tile<D, BN, PAIR>(sK + (it % ST) * BN * D, tk, kbeg + it * BN, hk, bar + 1 + it % ST);
-    };
-    auto load_v = [&](int it) {
-        if (it < ntiles) load_kv_tile<D, BN, PAIR>(sV + (it % ST) * BN * D, tv, kbeg + it * BN, hk, bar + 1 + ST + it % ST);
-    };
-    // wait for step it's tiles (K_it, V_{it-1}), then load K_{it+ST-1} and V_{it+ST-2} into
-    // the buffers step it - 1 freed: loads run ST - 1 steps ahead of their use
-    auto next_tiles = [&](int it) {
-        if (it == 0) mbar_wait(bar, 0);
-        if (it < ntiles) mbar_wait(bar + 1 + it % ST, (it / ST) & 1);
-        if (it > 0) mbar_wait(bar + 1 + ST + (it - 1) % ST, ((it - 1) / ST) & 1);
-        step_sync<PAIR>();
-        load_k(it + ST - 1);
-        load_v(it + ST - 2);
-    };
-    auto issue_s = [&](float (&s)[BN / 2], int it) {
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-            wgmma_ss(s, desc_k<D, BM>(sQ, 64 * wg, kk), desc_k<D, BN>(sK + (it % ST) * BN * D, 0, kk), kk);
-        wg_commit();
-    };
-    auto issue_pv = [&](float (&o)[D / 2], unsigned (&pk)[BN / 16][4], int it) {
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs(o, pk[kk], desc_mn<D, BN>(sV + (it % ST) * BN * D, kk));
-        wg_commit();
-    };
-
-    mbar_init_all(bar, 1 + 2 * ST);
-    step_sync<PAIR>(); // the partner's barriers exist before our multicasts reach them
-    if (tid == 0) {
-        mbar_expect(bar, BM * D * 2);
-        tma_rows(sQ, tq, q0, h, bar);
-    }
-    for (int i = 0; i < ST - 1; ++i) load_k(i);
-    for (int i = 0; i < ST - 2; ++i) load_v(i);
-
-    float o[D / 2], s[BN / 2];
-    unsigned pk[BN / 16][4]; // P_{it-1} in bf16: the A fragments of P V
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-    SoftmaxRows rows = {WG_NEG_INF, WG_NEG_INF, 0.f, 0.f};
-
-    next_tiles(0);
-    wg_hold(s);
-    wg_fence();
-    issue_s(s, 0);
-    wg_wait<0>();
-    wg_hold(s);
-    softmax_tile<BN>(s, rows, masked(0), kbeg, rA, stA, stB, t, sl2); // o is zero: no rescale
-    pack_frags<BN>(pk, s);
-    for (int it = 1; it < ntiles; ++it) {
-        next_tiles(it);
-        wg_hold(s);
-        wg_hold(o);
-        wg_hold(pk);
-        wg_fence();
-        issue_s(s, it);
-        issue_pv(o, pk, it - 1);
-        wg_wait<1>(); // s is ready; P V may still run
-        wg_hold(s);
-        const float2 a = softmax_tile<BN>(s, rows, masked(it), kbeg + it * BN, rA, stA, stB, t, sl2);
-        wg_wait<0>(); // P_{it-1} V_{it-1} is in o: rescale it; P_it may take pk's registers
-        wg_hold(o);
-        wg_hold(pk);
-#pragma unroll
-        for (int dn = 0; dn < NO; ++dn) {
-            o[4 * dn] *= a.x;
-            o[4 * dn + 1] *= a.x;
-            o[4 * dn + 2] *= a.y;
-            o[4 * dn + 3] *= a.y;
-        }
-        pack_frags<BN>(pk, s);
-    }
-    next_tiles(ntiles); // V of the last tile
-    wg_hold(o);
-    wg_hold(pk);
-    wg_fence();
-    issue_pv(o, pk, ntiles - 1);
-    wg_wait<0>();
-    wg_hold(o);
-
-    // each warpgroup stages its own 64 rows of the output over sQ (in tile_off's order: the
-    // rows of one warpgroup there span both warpgroups' rows of the swizzled Q, so the block
-    // first waits until both are done reading it), then the block stores it
-    __syncthreads();
-    float sA = rows.lA, sB = rows.lB;
-    sA += shfl_xor(sA, 1);
-    sA += shfl_xor(sA, 2);
-    sB += shfl_xor(sB, 1);
-    sB += shfl_xor(sB, 2);
-    const float iA = sA > 0.f ? 1.f / sA : 0.f, iB = sB > 0.f ? 1.f / sB : 0.f;
-    const int row = 64 * wg + 16 * warp + g;
-#pragma unroll
-    for (int dn = 0; dn < NO; ++dn) {
-        stage_pair<D>(sQ, row, dn * 8 + 2 * t, o[4 * dn] * iA, o[4 * dn + 1] * iA);
-        stage_pair<D>(sQ, row + 8, dn * 8 + 2 * t, o[4 * dn + 2] * iB, o[4 * dn + 3] * iB);
-    }
-    if (t == 0) {
-        if (rA < N) lse[(long long)h * N + rA] = (rows.mA + log2f(sA)) * LN2;
-        if (rB < N) lse[(long long)h * N + rB] = (rows.mB + log2f(sB)) * LN2;
-    }
-    __syncthreads();
-    store_tile<D, BM, 256>(out + (long long)h * D, sQ, q0, N, (long long)Hq * D, tid);
-}
-
-// ---------------------------------------------------------------- forward, warp-specialized
-
 // mbarrier with `count` arrivals per phase (thread 0; fence and block barrier as mbar_init_all)
 WG_DEV void mbar_init_n(unsigned long long* bar, unsigned count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
@@ -559,21 +375,27 @@ WG_DEV void named_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;" ::"r
 template <int R> WG_DEV void regs_down() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R)); }
 template <int R> WG_DEV void regs_up() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R)); }
 
-// FlashAttention-3's forward schedule (384 threads): warpgroup 0 is the producer, whose thread 0
-// issues every TMA load (Q, then K_it and V_it into FWD_WS_STAGES buffers each, as the
-// consumers free them: "free" mbarriers, one arrival per consumer warp), holding 40 registers;
-// warpgroups 1 and 2 (232 registers) each own 64 query rows of the 128-row tile and run
-// fwd_impl's steps, but never wait for each other: each waits only for its tiles to land.
-// Ping-pong: a consumer issues a step's products (S_it = Q K_it^T, then P_{it-1} V_{it-1})
-// only on its turn (named barrier 1 + its index), then hands the turn to the other, so one's
-// softmax runs while the other's products occupy the tensor cores.
-constexpr int FWD_WS_STAGES = 2;
+// The forward, FlashAttention-3's schedule (384 threads). Warpgroup 0 is the producer: its
+// thread 0 issues every TMA load (Q, then K_it and V_it into FWD_STAGES buffers each, as the
+// consumers free them: "free" mbarriers, one arrival per consumer warp), at 40 registers.
+// Warpgroups 1 and 2 (232 registers) each own 64 query rows of the 128-row tile (thread rows
+// rA, rB = q0 + 64 c + 16 w + l / 4 (+ 8)) and never wait for each other, only for their tiles.
+// Step `it` issues s = Q K_it^T (SS), then o += P_{it-1} V_{it-1} (RS, P packed from the previous
+// step's s), and runs tile it's masking and online softmax while the second product is still
+// on the tensor cores (intra-warpgroup overlap); the first step has no P V, a last one only
+// P V. Ping-pong: a consumer issues a step's products only on its turn (named barrier 1 + c),
+// then hands the turn to the other, so one's softmax runs while the other's products occupy
+// the tensor cores. Against two warpgroups in lockstep (a block barrier per step, the loads
+// issued by one of them, query heads in cluster pairs multicasting K and V), measured on the
+// H200: 190 against 252 us per 8B call, 16.6 against 20.9 ms per 8B 32k call, 498 against
+// 514 us per 1B call (d64, two such blocks per SM).
+constexpr int FWD_STAGES = 2;
 
 template <int D>
-WG_DEV void fwd_ws_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
+WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
                         bf16_t* __restrict__ out, float* __restrict__ lse, const TmaMap* tq,
                         const TmaMap* tk, const TmaMap* tv) {
-    constexpr int BM = 128, BN = 128, NO = D / 8, ST = FWD_WS_STAGES;
+    constexpr int BM = 128, BN = 128, NO = D / 8, ST = FWD_STAGES;
     unsigned char* attn90_smem = swizzle_smem();
     bf16_t* sQ = (bf16_t*)attn90_smem; // (BM, D), later the output tile
     bf16_t* sK = sQ + BM * D;          // ST x (BN, D): K_it in buffer it % ST
@@ -899,8 +721,8 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
     // buffer's u-th tile
     auto load_kv = [&](int it) {
         if (it >= ntiles) return;
-        load_kv_tile<D, BK, false>(kbuf(it), tk, kbeg + it * BK, hk, bar + 1 + it % KB);
-        load_kv_tile<D, BK, false>(vbuf(it), tv, kbeg + it * BK, hk, bar + 1 + KB + it % VB);
+        load_kv_tile<D, BK>(kbuf(it), tk, kbeg + it * BK, hk, bar + 1 + it % KB);
+        load_kv_tile<D, BK>(vbuf(it), tv, kbeg + it * BK, hk, bar + 1 + KB + it % VB);
     };
     // wait for step it's tiles, then load K_{it+VB-1} and V_{it+VB-1} into the buffers that
     // steps it - 2 (K) and it - 1 (V) freed
@@ -1001,38 +823,23 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
 
 // ---------------------------------------------------------------- entry points
 // Dynamic shared memory (bytes), as the launcher computes it (64: the mbarriers):
-//   fwd  (128 + 4 * BN) * D * 2 + 64 (BN = fwd_keys_sm90(D))
+//   fwd  (128 + 4 * 128) * D * 2 + 128
 //   dkdv (2 * 128 + 6 * 64) * D * 2 + 6 * 64 * 4 + 64    dq (2 * 128 + 7 * 64) * D * 2 + 64
 // The TMA maps describe q, dout (Hq heads) and k, v (Hkv heads) with boxes of the kernel's
 // tile rows: fwd 128 for all; dkdv 128 for k, v and 64 for q, dout; dq 128 for q, dout and 64
 // for k, v.
 
-// The forward comes single (any grouping) and as cluster pairs ("pair": query heads 2c, 2c + 1
-// share a kv head when Hq / Hkv is even; the TMA maps of k and v have boxes of 64 rows). (dq as
-// pairs measured slower, 358 against 333 us per 8B call: its steps are short, and the pair's
-// lockstep costs more than the halved loads save.)
-#define ATTN90_FWD(D, NAME, PAIR, CLUSTER)                                                                  \
-    extern "C" __global__ void __launch_bounds__(256, D == 64 ? 2 : 1) CLUSTER NAME(                        \
-        const int* cu, int num_seqs, int n_tokens, int hq, int hkv, float scale, bf16_t* out, float* lse,      \
-        const __grid_constant__ attn90::TmaMap tq, const __grid_constant__ attn90::TmaMap tk,               \
-        const __grid_constant__ attn90::TmaMap tv) {                                                         \
-        attn90::fwd_impl<D, PAIR>(cu, num_seqs, n_tokens, hq, hkv, scale, out, lse, &tq, &tk, &tv);           \
-    }
-// The warp-specialized forward (its consumers' 232 registers hold a 64 x 128 score tile and a
-// 64 x D output).
-#define ATTN90_FWD_WS(D)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(384, 1) attention_fwd_ws_sm90_d##D(                       \
+// The forward (its consumers' 232 registers hold a 64 x 128 score tile and a 64 x D output).
+#define ATTN90_FWD(D)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(384, 1) attention_fwd_sm90_d##D(                          \
         const int* cu, int num_seqs, int n_tokens, int hq, int hkv, float scale, bf16_t* out, float* lse,    \
         const __grid_constant__ attn90::TmaMap tq, const __grid_constant__ attn90::TmaMap tk,             \
         const __grid_constant__ attn90::TmaMap tv) {                                                       \
-        attn90::fwd_ws_impl<D>(cu, num_seqs, n_tokens, hq, hkv, scale, out, lse, &tq, &tk, &tv);            \
+        attn90::fwd_impl<D>(cu, num_seqs, n_tokens, hq, hkv, scale, out, lse, &tq, &tk, &tv);            \
     }
-ATTN90_FWD_WS(64)
-ATTN90_FWD_WS(128)
 
 #define ATTN90_ENTRIES(D)                                                                                    \
-    ATTN90_FWD(D, attention_fwd_sm90_d##D, false, )                                                          \
-    ATTN90_FWD(D, attention_fwd_pair_sm90_d##D, true, __cluster_dims__(2, 1, 1))                              \
+    ATTN90_FWD(D)                                                                                            \
     extern "C" __global__ void __launch_bounds__(256, 1) attention_bwd_dq_sm90_d##D(                         \
         const float* lse, const float* dvec, const int* cu, int num_seqs, int n_tokens, int hq, int hkv,      \
         float scale, bf16_t* dq, const __grid_constant__ attn90::TmaMap tq,                                  \

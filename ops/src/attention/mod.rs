@@ -481,21 +481,19 @@ struct TmaMap(cudarc::driver::sys::CUtensorMap);
 unsafe impl cudarc::driver::DeviceRepr for TmaMap {}
 
 impl TmaMap {
-    /// The map of `x` (n rows of `heads` heads of d elements), boxes of `rows` rows and
-    /// `halves` of the d / 64 column halves.
+    /// The map of `x` (n rows of `heads` heads of d elements), boxes of `rows` rows.
     fn new(
         x: DevPtr<bf16>,
         n: usize,
         heads: usize,
         d: usize,
         rows: usize,
-        halves: usize,
     ) -> Result<Self, RuntimeError> {
         use cudarc::driver::sys;
         let row_bytes = (heads * d * 2) as u64;
         let dims: [u64; 4] = [64, n as u64, (d / 64) as u64, heads as u64];
         let strides: [u64; 3] = [row_bytes, 128, (d * 2) as u64];
-        let boxes: [u32; 4] = [64, rows as u32, halves as u32, 1];
+        let boxes: [u32; 4] = [64, rows as u32, (d / 64) as u32, 1];
         let unit: [u32; 4] = [1; 4];
         let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
         // SAFETY: dims, boxes and unit hold the rank's 4 entries and strides its 3; the map is
@@ -576,21 +574,11 @@ impl AttentionKernels {
     }
 
     /// The launch of `pass` at head dim `d`; shared memory must match the kernels' layouts
-    /// (attention.cu: row pitch d + 8; attention_sm90.cu: tiled, no padding). `pair`: Sm90's
-    /// forward as cluster pairs of query heads that share a kv head ([`pairs_heads`]): each
-    /// block loads half of every k, v tile (TMA boxes of half the rows) for both.
-    fn launch(self, pass: Pass, d: usize, pair: bool) -> Launch {
+    /// (attention.cu: row pitch d + 8; attention_sm90.cu: swizzled tiles, no padding).
+    fn launch(self, pass: Pass, d: usize) -> Launch {
         let suffix = match self {
             Self::Sm80 => "",
-            Self::Sm90 if pair && pass == Pass::Fwd => "_pair_sm90",
             Self::Sm90 => "_sm90",
-        };
-        let kv_box = |rows: usize| {
-            if suffix == "_pair_sm90" {
-                rows / 2
-            } else {
-                rows
-            }
         };
         let name = |p: &str| format!("attention_{p}{suffix}_d{d}");
         match (self, pass) {
@@ -616,22 +604,14 @@ impl AttentionKernels {
                 smem: (4 * 64 * (d + 8) * 2) as u32,
                 box_rows: (0, 0),
             },
-            // the warp-specialized fwd at d128: Q (128 rows) + K, V (128 keys, two buffers
-            // each) + 9 mbarriers, one producer and two consumer warpgroups
-            (Self::Sm90, Pass::Fwd) if d == 128 || warp_specialized_forward() => Launch {
-                name: format!("attention_fwd_ws_sm90_d{d}"),
+            // fwd: Q (128 rows) + K, V (128 keys, two buffers each) + 9 mbarriers; one
+            // producer and two consumer warpgroups
+            (Self::Sm90, Pass::Fwd) => Launch {
+                name: name("fwd"),
                 threads: 384,
                 rows: 128,
                 smem: ((128 + 4 * 128) * d * 2 + 128) as u32,
                 box_rows: (128, 128),
-            },
-            // fwd: Q (128 rows) + K, V (128 keys, 64 at d64; two buffers each) + 5 mbarriers
-            (Self::Sm90, Pass::Fwd) => Launch {
-                name: name("fwd"),
-                threads: 256,
-                rows: 128,
-                smem: ((128 + 4 * fwd_keys_sm90(d)) * d * 2 + 64) as u32,
-                box_rows: (128, kv_box(fwd_keys_sm90(d))),
             },
             // dkdv: K, V (128 keys) + Q, dO, lse, dvec (64 queries, three buffers each) + 4
             // mbarriers
@@ -648,7 +628,7 @@ impl AttentionKernels {
                 threads: 256,
                 rows: 128,
                 smem: ((2 * 128 + 7 * 64) * d * 2 + 64) as u32,
-                box_rows: (128, kv_box(64)),
+                box_rows: (128, 64),
             },
         }
     }
@@ -663,20 +643,16 @@ impl AttentionKernels {
         if self == Self::Sm80 {
             return Ok(vec![]);
         }
-        let (hq, hkv, d) = (dims.n_heads_q, dims.n_heads_kv, dims.head_dim);
-        // a pair's k, v boxes are half a tile's rows, one column half each
-        let kv_halves = if l.name.contains("_pair_") { 1 } else { d / 64 };
-        let boxes = [
-            (hq, l.box_rows.0, d / 64),
-            (hkv, l.box_rows.1, kv_halves),
-            (hkv, l.box_rows.1, kv_halves),
-            (hq, l.box_rows.0, d / 64),
+        let (hq, hkv) = (dims.n_heads_q, dims.n_heads_kv);
+        let heads_rows = [
+            (hq, l.box_rows.0),
+            (hkv, l.box_rows.1),
+            (hkv, l.box_rows.1),
+            (hq, l.box_rows.0),
         ];
         x.iter()
-            .zip(boxes)
-            .map(|(&p, (heads, rows, halves))| {
-                TmaMap::new(p, dims.n_tokens, heads, d, rows, halves)
-            })
+            .zip(heads_rows)
+            .map(|(&p, (heads, rows))| TmaMap::new(p, dims.n_tokens, heads, dims.head_dim, rows))
             .collect()
     }
 
@@ -754,24 +730,9 @@ impl ShapeArgs {
     }
 }
 
-/// Environment variable that picks Sm90's d128 forward: `ws` (the warp-specialized kernel, the
-/// default) or `classic` (two warpgroups in lockstep, cluster pairs when heads pair up).
-pub const FORWARD_ENV: &str = "FTRT_ATTENTION_FWD";
-
-/// Whether Sm90's d128 forward is the warp-specialized kernel ([`FORWARD_ENV`]).
-fn warp_specialized_forward() -> bool {
-    std::env::var(FORWARD_ENV).is_ok_and(|v| v == "ws")
-}
-
 /// Compute capability 9.0: the GPUs the compute_90a kernels run on.
 fn is_hopper(gpu: &Gpu) -> bool {
     gpu.info().compute_capability == (9, 0)
-}
-
-/// Whether query heads pair up two by two on one kv head (an even group size), as the sm90
-/// cluster-pair kernels need.
-fn pairs_heads(dims: &AttentionDims) -> bool {
-    (dims.n_heads_q / dims.n_heads_kv).is_multiple_of(2)
 }
 
 /// Keys per forward tile of attention.cu (`FwdTiles::BN`).
@@ -782,15 +743,6 @@ fn fwd_keys(d: usize) -> usize {
         64
     }
 }
-/// Keys per forward tile of attention_sm90.cu (`fwd_keys_sm90`).
-fn fwd_keys_sm90(d: usize) -> usize {
-    if d == 64 {
-        64
-    } else {
-        128
-    }
-}
-
 /// Query rows per dkdv step of attention.cu (`DkdvRows`).
 fn dkdv_query_rows(d: usize) -> usize {
     if d >= 128 {
@@ -843,7 +795,7 @@ pub fn attention_forward_with(
         check_aligned(name, p)?;
     }
     kernels.check(&dims)?;
-    let l = kernels.launch(Pass::Fwd, dims.head_dim, pairs_heads(&dims));
+    let l = kernels.launch(Pass::Fwd, dims.head_dim);
     let f = kernels.function(gpu, &l)?;
     let shape = ShapeArgs::new(&dims, cu_seqlens);
     let maps = kernels.maps(&dims, &l, &[q, k, v])?;
@@ -952,7 +904,7 @@ pub fn attention_backward_with(
 
     // dk, dv: one block per (key tile, kv head); dq: one block per (query tile, query head)
     for (pass, heads) in [(Pass::Dkdv, dims.n_heads_kv), (Pass::Dq, dims.n_heads_q)] {
-        let l = kernels.launch(pass, d, pairs_heads(&dims));
+        let l = kernels.launch(pass, d);
         let f = kernels.function(gpu, &l)?;
         let maps = kernels.maps(&dims, &l, &[q, k, v, dout])?;
         let mut b = gpu.stream().launch_builder(&f);

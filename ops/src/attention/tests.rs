@@ -325,17 +325,15 @@ fn gpu_shared_memory_fits() {
     for d in HEAD_DIMS {
         // sm_86/sm_89 allow 99 KiB of dynamic shared memory per block; attention.cu stays below
         for pass in [Pass::Fwd, Pass::Dkdv, Pass::Dq] {
-            let l = AttentionKernels::Sm80.launch(pass, d, false);
+            let l = AttentionKernels::Sm80.launch(pass, d);
             assert!(l.smem <= 99 * 1024, "{}: {} bytes", l.name, l.smem);
             // Hopper: 227 KiB per block
-            for pair in [false, true] {
-                let l = AttentionKernels::Sm90.launch(pass, d, pair);
-                assert!(l.smem <= 227 * 1024, "{}: {} bytes", l.name, l.smem);
-            }
+            let l = AttentionKernels::Sm90.launch(pass, d);
+            assert!(l.smem <= 227 * 1024, "{}: {} bytes", l.name, l.smem);
         }
     }
     // the sm80 forward's occupancy target on sm_90: 2 blocks per SM (228 KiB, 1 KiB reserved each)
-    assert!(2 * (AttentionKernels::Sm80.launch(Pass::Fwd, 128, false).smem + 1024) <= 228 * 1024);
+    assert!(2 * (AttentionKernels::Sm80.launch(Pass::Fwd, 128).smem + 1024) <= 228 * 1024);
 }
 
 #[test]
@@ -343,13 +341,9 @@ fn launches_match_the_kernels() {
     // every launch names an entry point of its module, with the block size its PTX declares
     // (.maxntid, from __launch_bounds__): a mismatch would fail every launch
     for d in HEAD_DIMS {
-        for (kernels, pair) in [
-            (AttentionKernels::Sm80, false),
-            (AttentionKernels::Sm90, false),
-            (AttentionKernels::Sm90, true),
-        ] {
+        for kernels in [AttentionKernels::Sm80, AttentionKernels::Sm90] {
             for pass in [Pass::Fwd, Pass::Dkdv, Pass::Dq] {
-                let l = kernels.launch(pass, d, pair);
+                let l = kernels.launch(pass, d);
                 let ptx = kernels.module().ptx;
                 let entry = format!(".entry {}(", l.name);
                 let at = ptx
@@ -361,14 +355,6 @@ fn launches_match_the_kernels() {
                     .next()
                     .and_then(|x| x.trim().parse::<u32>().ok());
                 assert_eq!(maxntid, Some(l.threads), "{}", l.name);
-                // a pair kernel is compiled for clusters of two blocks
-                let own = &body[..body[1..].find(".entry").map_or(body.len(), |e| e + 1)];
-                assert_eq!(
-                    own.contains(".reqnctapercluster 2, 1, 1"),
-                    pair && pass == Pass::Fwd && !l.name.contains("_ws_"),
-                    "{}",
-                    l.name
-                );
             }
         }
     }
