@@ -21,21 +21,21 @@
 // zeros; N must be a multiple of 8. Outputs are staged in shared memory in the unswizzled
 // core-matrix order of tile_off, then stored with 16-byte writes.
 //
-// Kernels (the backward's: 256 threads = two warpgroups, whose tiles shared by two warpgroups
-// halve its L2 traffic against one warpgroup per block: 873 against 983 us at the 8B shape):
+// Kernels (two warpgroups share every tile they load, which halves the L2 traffic against one
+// warpgroup per block: 873 against 983 us for the backward at the 8B shape):
 //   attention_fwd_sm90_d{64,128}       384 threads: a producer warpgroup loads, two consumer
 //                                      warpgroups own 64 query rows each of a 128-row tile;
 //                                      key tiles of 128, K and V double-buffered (fwd_impl).
 //                                      Grid (Hq, ceil(N / 128)).
-//   attention_bwd_dkdv_sm90_d{64,128}  each warpgroup owns 64 keys of a 128-key tile of one kv
-//                                      head; the block loops over the group's query heads and the
-//                                      64-query tiles that see it (Q, dO, lse, dvec in three
-//                                      buffers, loaded two steps ahead); dk, dv accumulate
-//                                      in registers.
+//   attention_bwd_dkdv_sm90_d{64,128}  384 threads: a producer warpgroup loads, two consumer
+//                                      warpgroups own 64 keys each of a 128-key tile of one kv
+//                                      head; the block loops over the group's query heads and
+//                                      the 64-query tiles that see it (Q, dO, lse, dvec in three
+//                                      buffers); dk, dv accumulate in registers (dkdv_impl).
 //                                      Grid (Hkv, ceil(N / 128)).
-//   attention_bwd_dq_sm90_d{64,128}    each warpgroup owns 64 queries of a 128-query tile; the
-//                                      block loops over 64-key tiles (K in four buffers, V in
-//                                      three). Grid (Hq, ceil(N / 128)).
+//   attention_bwd_dq_sm90_d{64,128}    256 threads: each warpgroup owns 64 queries of a
+//                                      128-query tile; the block loops over 64-key tiles (K in
+//                                      four buffers, V in three). Grid (Hq, ceil(N / 128)).
 // dvec comes from attention.cu's attention_bwd_dot kernel. Heads vary fastest and the heaviest
 // tiles go first, as in attention.cu. Same math, same accumulation order: dk and dv match
 // attention.cu's bit for bit, out and dq to a bf16 rounding.
@@ -489,19 +489,22 @@ WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, 
 
 // ---------------------------------------------------------------- backward: dk, dv
 
-// WGS warpgroups own keys j0..j0 + 64 WGS - 1 of kv head hk, 64 each (thread rows kA, kB =
-// j0 + 64 wg + 16 w + l / 4 (+ 8)); they share every query tile they load. Per (query head,
-// 64-query tile): s^T = K Q^T and dp^T = V dO^T (SS), then p^T = exp(s^T scale - lse),
-// ds^T = p^T (dp^T - dvec), dv += P^T dO and dk += dS^T Q (RS).
+// Warpgroup 0 is the producer (its thread 0 loads K and V once, then every query tile into
+// BWD_STAGES buffers as the consumers free them, at 24 registers); warpgroups 1 and 2 (240
+// registers) own keys j0 + 64 c .. + 63 of kv head hk (thread rows kA, kB = j0 + 64 c + 16 w +
+// l / 4 (+ 8)) and share every query tile, each at its own pace. Per (query head, 64-query
+// tile): s^T = K Q^T and dp^T = V dO^T (SS), then p^T = exp(s^T scale - lse), ds^T = p^T (dp^T -
+// dvec), dv += P^T dO and dk += dS^T Q (RS). Against two warpgroups stepping together on block
+// barriers with the loads issued between steps, measured on the H200: see benches/RESULTS.md.
 // Query tiles (Q, dO, lse, dvec) in BWD_STAGES buffers: they load two steps ahead of their use.
 constexpr int BWD_STAGES = 3;
 
-template <int D, int WGS>
+template <int D>
 WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ dvec,
                       const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
                       bf16_t* __restrict__ dk, bf16_t* __restrict__ dv, const TmaMap* tq,
                       const TmaMap* tk, const TmaMap* tv, const TmaMap* to) {
-    constexpr int BK = 64 * WGS, BQ = 64, NQ = BQ / 8, NO = D / 8, NT = 128 * WGS, ST = BWD_STAGES;
+    constexpr int BK = 128, BQ = 64, NQ = BQ / 8, NO = D / 8, ST = BWD_STAGES;
     unsigned char* attn90_smem = swizzle_smem();
     bf16_t* sK = (bf16_t*)attn90_smem;  // (BK, D), later dk
     bf16_t* sV = sK + BK * D;    // (BK, D), later dv
@@ -509,46 +512,61 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
     bf16_t* sO = sQ + ST * BQ * D; // ST x (BQ, D): dout
     float* sL = (float*)(sO + ST * BQ * D); // ST x BQ: lse
     float* sD = sL + ST * BQ;               // ST x BQ: dvec
-    unsigned long long* bar = (unsigned long long*)(sD + ST * BQ); // K and V, query tiles x ST landed
-    const int tid = (int)threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3;
-    const int l = tid & 31, g = l >> 2, t = l & 3;
+    unsigned long long* kvfull = (unsigned long long*)(sD + ST * BQ); // K and V landed
+    unsigned long long* qfull = kvfull + 1; // ST: query tile it landed (phase it / ST)
+    unsigned long long* qfree = qfull + ST; // ST: every consumer warp is done with it
+    const int tid = (int)threadIdx.x, wg = tid >> 7;
     const int j0 = (int)blockIdx.y * BK; // all kv heads of a key tile, then the next tile
     const int hk = (int)blockIdx.x, G = Hq / Hkv;
-    const float sl2 = scale * LOG2E;
     const long long kstr = (long long)Hkv * D;
-
     const int jlast = imin(j0 + BK, N) - 1;
     const int qend = seg_end(cu, S, N, jlast); // queries past this cannot see any key of the tile
-    const int first_end = seg_end(cu, S, N, j0);
-    const int kA = j0 + 64 * wg + 16 * warp + g, kB = kA + 8;
-    const int eA = kA < N ? seg_end(cu, S, N, kA) : 0, eB = kB < N ? seg_end(cu, S, N, kB) : 0;
     const int nq = (qend - j0 + BQ - 1) / BQ; // query tiles per head
     const int ntiles = G * nq;
 
-    // query tile `it` (head hk G + it / nq, rows from j0 + (it % nq) BQ) into buffer it % ST,
-    // all four parts by one thread: Q and dO by TMA (rows past N read as zeros), the lse and
-    // dvec of the rows below N by bulk copies (the rest keep finite stale values, which the
-    // mask multiplies by zero). Barrier 1 + it % ST completes phase u on the buffer's u-th tile.
-    auto load_queries = [&](int it) {
-        if (it >= ntiles || tid != 0) return;
-        const int h = hk * G + it / nq, i0 = j0 + (it % nq) * BQ, b = it % ST;
-        const unsigned rows = (unsigned)imin(BQ, N - i0); // a multiple of 8: N is
-        mbar_expect(bar + 1 + b, 2 * BQ * D * 2 + 2 * rows * 4);
-        tma_rows(sQ + b * BQ * D, tq, i0, h, bar + 1 + b);
-        tma_rows(sO + b * BQ * D, to, i0, h, bar + 1 + b);
-        bulk_copy(sL + b * BQ, lse + (long long)h * N + i0, rows * 4, bar + 1 + b);
-        bulk_copy(sD + b * BQ, dvec + (long long)h * N + i0, rows * 4, bar + 1 + b);
-    };
-    for (int r = tid; r < ST * BQ; r += NT) sL[r] = sD[r] = 0.f;
+    for (int r = tid; r < ST * BQ; r += 384) sL[r] = sD[r] = 0.f;
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); // zeros before the copies
-    mbar_init_all(bar, 1 + ST);
-    __syncthreads();
-    load_tile_pair<D, BK>(sK, tk, sV, tv, j0, hk, bar);
-    for (int i = 0; i < ST - 1; ++i) load_queries(i);
+    if (tid == 0) {
+        for (int i = 0; i < 1 + ST; ++i) mbar_init(kvfull + i);
+        for (int i = 0; i < ST; ++i) mbar_init_n(qfree + i, 8);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads(); // the last block-wide barrier: the producer's other threads leave below
+
+    if (wg == 0) {
+        regs_down<24>();
+        if (tid != 0) return;
+        mbar_expect(kvfull, 2 * BK * D * 2);
+        tma_rows(sK, tk, j0, hk, kvfull);
+        tma_rows(sV, tv, j0, hk, kvfull);
+        // query tile `it` (head hk G + it / nq, rows from j0 + (it % nq) BQ) into buffer it % ST:
+        // Q and dO by TMA (rows past N read as zeros), the lse and dvec of the rows below N by
+        // bulk copies (the rest keep finite stale values, which the mask multiplies by zero)
+        for (int it = 0; it < ntiles; ++it) {
+            const int h = hk * G + it / nq, i0 = j0 + (it % nq) * BQ, b = it % ST;
+            const unsigned rows = (unsigned)imin(BQ, N - i0); // a multiple of 8: N is
+            if (it >= ST) mbar_wait(qfree + b, (it / ST - 1) & 1);
+            mbar_expect(qfull + b, 2 * BQ * D * 2 + 2 * rows * 4);
+            tma_rows(sQ + b * BQ * D, tq, i0, h, qfull + b);
+            tma_rows(sO + b * BQ * D, to, i0, h, qfull + b);
+            bulk_copy(sL + b * BQ, lse + (long long)h * N + i0, rows * 4, qfull + b);
+            bulk_copy(sD + b * BQ, dvec + (long long)h * N + i0, rows * 4, qfull + b);
+        }
+        return;
+    }
+
+    regs_up<240>();
+    const int cw = wg - 1, warp = (tid >> 5) & 3;
+    const int l = tid & 31, g = l >> 2, t = l & 3;
+    const float sl2 = scale * LOG2E;
+    const int first_end = seg_end(cu, S, N, j0);
+    const int kA = j0 + 64 * cw + 16 * warp + g, kB = kA + 8;
+    const int eA = kA < N ? seg_end(cu, S, N, kA) : 0, eB = kB < N ? seg_end(cu, S, N, kB) : 0;
 
     float ak[D / 2], av[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) ak[i] = av[i] = 0.f;
+    mbar_wait(kvfull, 0);
 
     for (int it = 0; it < ntiles; ++it) {
         const int i0 = j0 + (it % nq) * BQ, b = it % ST;
@@ -556,17 +574,14 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
         const bf16_t* ot = sO + b * BQ * D;
         const float* lt = sL + b * BQ;
         const float* dt = sD + b * BQ;
-        if (it == 0) mbar_wait(bar, 0);
-        mbar_wait(bar + 1 + b, (it / ST) & 1);
-        __syncthreads(); // everyone is done with buffer (it - 1) % ST: refill it
-        load_queries(it + ST - 1);
+        mbar_wait(qfull + b, (it / ST) & 1);
 
         float s[BQ / 2], dp[BQ / 2];
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            wgmma_ss(s, desc_k<D, BK>(sK, 64 * wg, kk), desc_k<D, BQ>(qt, 0, kk), kk);
-            wgmma_ss(dp, desc_k<D, BK>(sV, 64 * wg, kk), desc_k<D, BQ>(ot, 0, kk), kk);
+            wgmma_ss(s, desc_k<D, BK>(sK, 64 * cw, kk), desc_k<D, BQ>(qt, 0, kk), kk);
+            wgmma_ss(dp, desc_k<D, BK>(sV, 64 * cw, kk), desc_k<D, BQ>(ot, 0, kk), kk);
         }
         wg_commit();
         wg_wait();
@@ -607,21 +622,22 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
         wg_hold(ak);
         wg_hold(pa);
         wg_hold(da);
+        if (l == 0) mbar_arrive(qfree + b);
     }
-    // stage dk (times scale) and dv over the K and V tiles (once both warpgroups are done
+    // stage dk (times scale) and dv over the K and V tiles (once both consumers are done
     // reading them), then store them
-    __syncthreads();
+    named_sync(1, 256);
 #pragma unroll
     for (int dn = 0; dn < NO; ++dn) {
-        const int row = 64 * wg + 16 * warp + g, col = dn * 8 + 2 * t;
+        const int row = 64 * cw + 16 * warp + g, col = dn * 8 + 2 * t;
         stage_pair<D>(sK, row, col, ak[4 * dn] * scale, ak[4 * dn + 1] * scale);
         stage_pair<D>(sK, row + 8, col, ak[4 * dn + 2] * scale, ak[4 * dn + 3] * scale);
         stage_pair<D>(sV, row, col, av[4 * dn], av[4 * dn + 1]);
         stage_pair<D>(sV, row + 8, col, av[4 * dn + 2], av[4 * dn + 3]);
     }
-    __syncthreads();
-    store_tile<D, BK, NT>(dk + (long long)hk * D, sK, j0, N, kstr, tid);
-    store_tile<D, BK, NT>(dv + (long long)hk * D, sV, j0, N, kstr, tid);
+    named_sync(1, 256);
+    store_tile<D, BK, 256>(dk + (long long)hk * D, sK, j0, N, kstr, tid - 128);
+    store_tile<D, BK, 256>(dv + (long long)hk * D, sV, j0, N, kstr, tid - 128);
 }
 
 // ---------------------------------------------------------------- backward: dq
@@ -792,12 +808,12 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
         const __grid_constant__ attn90::TmaMap to) {                                                         \
         attn90::dq_impl<D, 2>(lse, dvec, cu, num_seqs, n_tokens, hq, hkv, scale, dq, &tq, &tk, &tv, &to);   \
     }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(256, 1) attention_bwd_dkdv_sm90_d##D(                       \
+    extern "C" __global__ void __launch_bounds__(384, 1) attention_bwd_dkdv_sm90_d##D(                       \
         const float* lse, const float* dvec, const int* cu, int num_seqs, int n_tokens, int hq, int hkv,      \
         float scale, bf16_t* dk, bf16_t* dv, const __grid_constant__ attn90::TmaMap tq,                      \
         const __grid_constant__ attn90::TmaMap tk, const __grid_constant__ attn90::TmaMap tv,               \
         const __grid_constant__ attn90::TmaMap to) {                                                         \
-        attn90::dkdv_impl<D, 2>(lse, dvec, cu, num_seqs, n_tokens, hq, hkv, scale, dk, dv, &tq, &tk, &tv,   \
+        attn90::dkdv_impl<D>(lse, dvec, cu, num_seqs, n_tokens, hq, hkv, scale, dk, dv, &tq, &tk, &tv,      \
                                 &to);                                                                        \
     }
 

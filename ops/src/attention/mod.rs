@@ -613,11 +613,11 @@ impl AttentionKernels {
                 smem: ((128 + 4 * 128) * d * 2 + 128) as u32,
                 box_rows: (128, 128),
             },
-            // dkdv: K, V (128 keys) + Q, dO, lse, dvec (64 queries, three buffers each) + 4
-            // mbarriers
+            // dkdv: K, V (128 keys) + Q, dO, lse, dvec (64 queries, three buffers each) + 7
+            // mbarriers; one producer and two consumer warpgroups
             (Self::Sm90, Pass::Dkdv) => Launch {
                 name: name("bwd_dkdv"),
-                threads: 256,
+                threads: 384,
                 rows: 128,
                 smem: ((2 * 128 + 6 * 64) * d * 2 + 6 * 64 * 4 + 64) as u32,
                 box_rows: (64, 128),
