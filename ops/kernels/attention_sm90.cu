@@ -78,7 +78,7 @@ WG_DEV void mbar_init(unsigned long long* bar) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bar)));
 }
 // thread 0 sets up n barriers (one arrival each); TMA and every thread may use them after the
-// caller's block (or cluster) barrier
+// caller's block barrier
 WG_DEV void mbar_init_all(unsigned long long* bar, int n) {
     if (threadIdx.x != 0) return;
     for (int i = 0; i < n; ++i) mbar_init(bar + i);
@@ -338,8 +338,8 @@ constexpr int FWD_STAGES = 2;
 
 template <int D>
 WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
-                        bf16_t* __restrict__ out, float* __restrict__ lse, const TmaMap* tq,
-                        const TmaMap* tk, const TmaMap* tv) {
+                     bf16_t* __restrict__ out, float* __restrict__ lse, const TmaMap* tq,
+                     const TmaMap* tk, const TmaMap* tv) {
     constexpr int BM = 128, BN = 128, NO = D / 8, ST = FWD_STAGES;
     unsigned char* attn90_smem = swizzle_smem();
     bf16_t* sQ = (bf16_t*)attn90_smem; // (BM, D), later the output tile
