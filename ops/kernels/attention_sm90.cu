@@ -77,11 +77,16 @@ struct alignas(64) TmaMap {
 WG_DEV void mbar_init(unsigned long long* bar) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bar)));
 }
-// thread 0 sets up n barriers (one arrival each); TMA and every thread may use them after the
-// caller's block barrier
-WG_DEV void mbar_init_all(unsigned long long* bar, int n) {
+WG_DEV void mbar_init_n(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
+}
+// A producer/consumer pipeline's barriers, set up by thread 0: `nfull` "landed" barriers (one
+// arrival: the producer's expect_tx, completed by the copies' bytes), then `nfree` "free"
+// barriers (eight arrivals: one per consumer warp). Usable after the caller's block barrier.
+WG_DEV void mbar_init_pipeline(unsigned long long* bar, int nfull, int nfree) {
     if (threadIdx.x != 0) return;
-    for (int i = 0; i < n; ++i) mbar_init(bar + i);
+    for (int i = 0; i < nfull; ++i) mbar_init(bar + i);
+    for (int i = 0; i < nfree; ++i) mbar_init_n(bar + nfull + i, 8);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 }
 // arms `bar` for `bytes` bytes of TMA writes (one thread)
@@ -97,17 +102,12 @@ WG_DEV void mbar_wait(unsigned long long* bar, int parity) {
                  "r"(parity)
                  : "memory");
 }
-// the map's box at rows row0.. and column half `half` (0 when the box spans all of D) of head
-// `head` into `dst` (1024-byte aligned); rows past the tensor read as zeros. Completes `bar`'s
-// transaction count.
-WG_DEV void tma_box(bf16_t* dst, const TmaMap* map, int row0, int half, int head, unsigned long long* bar) {
-    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];"
-                 ::"r"(smem_u32(dst)), "l"(map), "r"(0), "r"(row0), "r"(half), "r"(head), "r"(smem_u32(bar))
-                 : "memory");
-}
-// rows row0.. of head `head` into a whole tile (the map's box spans all of D)
+// the map's box at rows row0.. of head `head` (a whole tile) into `dst` (1024-byte aligned);
+// rows past the tensor read as zeros. Completes `bar`'s transaction count.
 WG_DEV void tma_rows(bf16_t* dst, const TmaMap* map, int row0, int head, unsigned long long* bar) {
-    tma_box(dst, map, row0, 0, head, bar);
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %2, %4}], [%5];"
+                 ::"r"(smem_u32(dst)), "l"(map), "r"(0), "r"(row0), "r"(head), "r"(smem_u32(bar))
+                 : "memory");
 }
 
 // `bytes` (a multiple of 16; both addresses 16-byte aligned) from global `src` to shared `dst`
@@ -305,10 +305,6 @@ template <int N> WG_DEV void pack_frags(unsigned (&a)[N / 16][4], const float (&
         for (int r = 0; r < 4; ++r) a[kk][r] = pack_bf16(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
 }
 
-// mbarrier with `count` arrivals per phase (thread 0; fence and block barrier as mbar_init_all)
-WG_DEV void mbar_init_n(unsigned long long* bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
-}
 WG_DEV void mbar_arrive(unsigned long long* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
 }
@@ -358,11 +354,7 @@ WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, 
     const int last_start = seg_start(cu, S, kend - 1);
     const int ntiles = (kend - kbeg + BN - 1) / BN;
 
-    if (tid == 0) {
-        for (int i = 0; i < 1 + 2 * ST; ++i) mbar_init(qfull + i);
-        for (int i = 0; i < 2 * ST; ++i) mbar_init_n(kfree + i, 8);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
+    mbar_init_pipeline(qfull, 1 + 2 * ST, 2 * ST);
     __syncthreads(); // the last block-wide barrier: the producer's other threads leave below
 
     if (wg == 0) {
@@ -526,11 +518,7 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
 
     for (int r = tid; r < ST * BQ; r += 384) sL[r] = sD[r] = 0.f;
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); // zeros before the copies
-    if (tid == 0) {
-        for (int i = 0; i < 1 + ST; ++i) mbar_init(kvfull + i);
-        for (int i = 0; i < ST; ++i) mbar_init_n(qfree + i, 8);
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
+    mbar_init_pipeline(kvfull, 1 + ST, ST);
     __syncthreads(); // the last block-wide barrier: the producer's other threads leave below
 
     if (wg == 0) {
@@ -724,7 +712,7 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
         }
     };
 
-    mbar_init_all(bar, 1 + KB + VB);
+    mbar_init_pipeline(bar, 1 + KB + VB, 0);
     __syncthreads();
     load_tile_pair<D, BQ>(sQ, tq, sO, to, q0, h, bar);
     for (int i = 0; i < VB - 1; ++i) load_kv(i);
