@@ -33,9 +33,10 @@
 //                                      the 64-query tiles that see it (Q, dO, lse, dvec in three
 //                                      buffers); dk, dv accumulate in registers (dkdv_impl).
 //                                      Grid (Hkv, ceil(N / 128)).
-//   attention_bwd_dq_sm90_d{64,128}    256 threads: each warpgroup owns 64 queries of a
-//                                      128-query tile; the block loops over 64-key tiles (K in
-//                                      four buffers, V in three). Grid (Hq, ceil(N / 128)).
+//   attention_bwd_dq_sm90_d{64,128}    384 threads: a producer warpgroup loads, two consumer
+//                                      warpgroups own 64 queries each of a 128-query tile and
+//                                      loop over 64-key tiles (K in four buffers, V in three;
+//                                      dq_impl). Grid (Hq, ceil(N / 128)).
 // dvec comes from attention.cu's attention_bwd_dot kernel. Heads vary fastest and the heaviest
 // tiles go first, as in attention.cu. Same math, same accumulation order: dk and dv match
 // attention.cu's bit for bit, out and dq to a bf16 rounding.
@@ -116,25 +117,6 @@ WG_DEV void bulk_copy(void* dst, const void* src, unsigned bytes, unsigned long 
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                  ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar))
                  : "memory");
-}
-
-// one thread arms `bar` for two (ROWS, D) tiles and loads rows row0.. of head `head` of both
-// tensors (maps ma, mb) into da, db
-template <int D, int ROWS>
-WG_DEV void load_tile_pair(bf16_t* da, const TmaMap* ma, bf16_t* db, const TmaMap* mb, int row0, int head,
-                           unsigned long long* bar) {
-    if (threadIdx.x != 0) return;
-    mbar_expect(bar, 2 * ROWS * D * 2);
-    tma_rows(da, ma, row0, head, bar);
-    tma_rows(db, mb, row0, head, bar);
-}
-
-// one thread arms `bar` for a (ROWS, D) tile and loads rows row0.. of kv head `head` into `dst`
-template <int D, int ROWS>
-WG_DEV void load_kv_tile(bf16_t* dst, const TmaMap* map, int row0, int head, unsigned long long* bar) {
-    if (threadIdx.x != 0) return;
-    mbar_expect(bar, ROWS * D * 2);
-    tma_rows(dst, map, row0, head, bar);
 }
 
 // element offset of (r, c) in a core-matrix tiled (rows, D) tile
@@ -630,63 +612,82 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
 
 // ---------------------------------------------------------------- backward: dq
 
-// WGS warpgroups own queries q0..q0 + 64 WGS - 1 of head h, 64 each (thread rows rA, rB =
-// q0 + 64 wg + 16 w + l / 4 (+ 8)); they share every key tile they load. Step `it` issues
-// s = Q K_it^T and dp = dO V_it^T (SS), then dq += dS_{it-1} K_{it-1} (RS), and forms
-// ds_it = p (dp - dvec) while that last product runs. Tiles load two steps ahead: K takes four
-// buffers (K_{it-1} is still read while K_{it+2} loads), V three.
-template <int D, int WGS>
+// Warpgroup 0 is the producer (its thread 0 loads Q and dO once, then K_it and V_it into four
+// and three buffers as the consumers free them, at 40 registers); warpgroups 1 and 2 (232
+// registers) own queries q0 + 64 c .. + 63 of head h (thread rows rA, rB = q0 + 64 c + 16 w +
+// l / 4 (+ 8)) and share every key tile, each at its own pace. Step `it` issues s = Q K_it^T
+// and dp = dO V_it^T (SS), then dq += dS_{it-1} K_{it-1} (RS), and forms ds_it = p (dp - dvec)
+// while that last product runs; V_it is free once s and dp are, K_{it-1} once dq's product is.
+template <int D>
 WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dvec,
                     const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
                     bf16_t* __restrict__ dq, const TmaMap* tq, const TmaMap* tk, const TmaMap* tv,
                     const TmaMap* to) {
-    constexpr int BQ = 64 * WGS, BK = 64, NO = D / 8, NT = 128 * WGS;
+    constexpr int BQ = 128, BK = 64, NO = D / 8;
     constexpr int KB = BWD_STAGES + 1, VB = BWD_STAGES; // K_{it-1} is read during step it
     unsigned char* attn90_smem = swizzle_smem();
     bf16_t* sQ = (bf16_t*)attn90_smem; // (BQ, D), later dq
     bf16_t* sO = sQ + BQ * D;          // (BQ, D): dout
     bf16_t* sK = sO + BQ * D;          // KB x (BK, D): K_it in buffer it % KB
     bf16_t* sV = sK + KB * BK * D;     // VB x (BK, D): V_it in buffer it % VB
-    unsigned long long* bar = (unsigned long long*)(sV + VB * BK * D); // Q and dO, K x KB, V x VB
-    const int tid = (int)threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3;
-    const int l = tid & 31, g = l >> 2, t = l & 3;
+    unsigned long long* qfull = (unsigned long long*)(sV + VB * BK * D); // Q and dO landed
+    unsigned long long* kfull = qfull + 1;  // KB: K_it landed (phase it / KB)
+    unsigned long long* vfull = kfull + KB; // VB: V_it landed (phase it / VB)
+    unsigned long long* kfree = vfull + VB; // KB: every consumer warp is done with K_it
+    unsigned long long* vfree = kfree + KB; // VB: ... with V_it
+    const int tid = (int)threadIdx.x, wg = tid >> 7;
     const int q0 = (int)(gridDim.y - 1 - blockIdx.y) * BQ; // longest rows first, all heads
     const int h = (int)blockIdx.x, hk = h / (Hq / Hkv);
-    const float sl2 = scale * LOG2E;
+    const int kend = imin(q0 + BQ, N);
+    const int kbeg = seg_start(cu, S, q0) & ~7; // key tiles start on a row group (TMA boxes)
+    const int last_start = seg_start(cu, S, kend - 1);
+    const int ntiles = (kend - kbeg + BK - 1) / BK;
 
-    const int rA = q0 + 64 * wg + 16 * warp + g, rB = rA + 8;
+    mbar_init_pipeline(qfull, 1 + KB + VB, KB + VB);
+    __syncthreads(); // the last block-wide barrier: the producer's other threads leave below
+
+    if (wg == 0) {
+        regs_down<40>();
+        if (tid != 0) return;
+        mbar_expect(qfull, 2 * BQ * D * 2);
+        tma_rows(sQ, tq, q0, h, qfull);
+        tma_rows(sO, to, q0, h, qfull);
+        for (int it = 0; it < ntiles; ++it) {
+            const int bk = it % KB, bv = it % VB, j0 = kbeg + it * BK;
+            if (it >= KB) mbar_wait(kfree + bk, (it / KB - 1) & 1);
+            mbar_expect(kfull + bk, BK * D * 2);
+            tma_rows(sK + bk * BK * D, tk, j0, hk, kfull + bk);
+            if (it >= VB) mbar_wait(vfree + bv, (it / VB - 1) & 1);
+            mbar_expect(vfull + bv, BK * D * 2);
+            tma_rows(sV + bv * BK * D, tv, j0, hk, vfull + bv);
+        }
+        return;
+    }
+
+    regs_up<232>();
+    const int cw = wg - 1, warp = (tid >> 5) & 3;
+    const int l = tid & 31, g = l >> 2, t = l & 3;
+    const float sl2 = scale * LOG2E;
+    const int rA = q0 + 64 * cw + 16 * warp + g, rB = rA + 8;
     const int stA = seg_start(cu, S, imin(rA, N - 1)), stB = seg_start(cu, S, imin(rB, N - 1));
     const float LA = rA < N ? lse[(long long)h * N + rA] * LOG2E : WG_POS_INF;
     const float LB = rB < N ? lse[(long long)h * N + rB] * LOG2E : WG_POS_INF;
     const float DA = rA < N ? dvec[(long long)h * N + rA] : 0.f;
     const float DB = rB < N ? dvec[(long long)h * N + rB] : 0.f;
-    const int kend = imin(q0 + BQ, N);
-    const int kbeg = seg_start(cu, S, q0) & ~7; // key tiles start on a row group (TMA boxes)
-    const int last_start = seg_start(cu, S, kend - 1);
-    const int ntiles = (kend - kbeg + BK - 1) / BK;
     auto kbuf = [&](int it) { return sK + (it % KB) * BK * D; };
     auto vbuf = [&](int it) { return sV + (it % VB) * BK * D; };
-    // K_it and V_it by TMA: barriers 1 + it % KB and 1 + KB + it % VB complete phase u on their
-    // buffer's u-th tile
-    auto load_kv = [&](int it) {
-        if (it >= ntiles) return;
-        load_kv_tile<D, BK>(kbuf(it), tk, kbeg + it * BK, hk, bar + 1 + it % KB);
-        load_kv_tile<D, BK>(vbuf(it), tv, kbeg + it * BK, hk, bar + 1 + KB + it % VB);
+    auto wait_tiles = [&](int it) {
+        mbar_wait(kfull + it % KB, (it / KB) & 1);
+        mbar_wait(vfull + it % VB, (it / VB) & 1);
     };
-    // wait for step it's tiles, then load K_{it+VB-1} and V_{it+VB-1} into the buffers that
-    // steps it - 2 (K) and it - 1 (V) freed
-    auto next_tiles = [&](int it) {
-        if (it == 0) mbar_wait(bar, 0);
-        mbar_wait(bar + 1 + it % KB, (it / KB) & 1);
-        mbar_wait(bar + 1 + KB + it % VB, (it / VB) & 1);
-        __syncthreads();
-        load_kv(it + VB - 1);
+    auto release = [&](unsigned long long* free_bars, int b) {
+        if (l == 0) mbar_arrive(free_bars + b);
     };
     auto issue_s_dp = [&](float (&s)[BK / 2], float (&dp)[BK / 2], int it) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            wgmma_ss(s, desc_k<D, BQ>(sQ, 64 * wg, kk), desc_k<D, BK>(kbuf(it), 0, kk), kk);
-            wgmma_ss(dp, desc_k<D, BQ>(sO, 64 * wg, kk), desc_k<D, BK>(vbuf(it), 0, kk), kk);
+            wgmma_ss(s, desc_k<D, BQ>(sQ, 64 * cw, kk), desc_k<D, BK>(kbuf(it), 0, kk), kk);
+            wgmma_ss(dp, desc_k<D, BQ>(sO, 64 * cw, kk), desc_k<D, BK>(vbuf(it), 0, kk), kk);
         }
         wg_commit();
     };
@@ -712,17 +713,13 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
         }
     };
 
-    mbar_init_pipeline(bar, 1 + KB + VB, 0);
-    __syncthreads();
-    load_tile_pair<D, BQ>(sQ, tq, sO, to, q0, h, bar);
-    for (int i = 0; i < VB - 1; ++i) load_kv(i);
-
     float a[D / 2], s[BK / 2], dp[BK / 2];
     unsigned da[BK / 16][4]; // dS_{it-1} in bf16: A fragments, k = keys
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) a[i] = 0.f;
 
-    next_tiles(0);
+    mbar_wait(qfull, 0);
+    wait_tiles(0);
     wg_hold(s);
     wg_hold(dp);
     wg_fence();
@@ -730,10 +727,11 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
     wg_wait<0>();
     wg_hold(s);
     wg_hold(dp);
+    release(vfree, 0);
     form_ds(s, dp, 0);
     pack_frags<BK>(da, dp);
     for (int it = 1; it < ntiles; ++it) {
-        next_tiles(it);
+        wait_tiles(it);
         wg_hold(s);
         wg_hold(dp);
         wg_hold(a);
@@ -744,10 +742,12 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
         wg_wait<1>(); // s, dp are ready; dq += dS K may still run
         wg_hold(s);
         wg_hold(dp);
+        release(vfree, it % VB);
         form_ds(s, dp, it);
         wg_wait<0>();
         wg_hold(a);
         wg_hold(da);
+        release(kfree, (it - 1) % KB);
         pack_frags<BK>(da, dp);
     }
     wg_hold(a);
@@ -756,16 +756,16 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
     issue_dq(a, da, ntiles - 1);
     wg_wait<0>();
     wg_hold(a);
-    // each warpgroup stages its own rows of dq over sQ once both are done reading it
-    __syncthreads();
+    // each consumer stages its own rows of dq over sQ once both are done reading it
+    named_sync(1, 256);
 #pragma unroll
     for (int dn = 0; dn < NO; ++dn) {
-        const int row = 64 * wg + 16 * warp + g, col = dn * 8 + 2 * t;
+        const int row = 64 * cw + 16 * warp + g, col = dn * 8 + 2 * t;
         stage_pair<D>(sQ, row, col, a[4 * dn] * scale, a[4 * dn + 1] * scale);
         stage_pair<D>(sQ, row + 8, col, a[4 * dn + 2] * scale, a[4 * dn + 3] * scale);
     }
-    __syncthreads();
-    store_tile<D, BQ, NT>(dq + (long long)h * D, sQ, q0, N, (long long)Hq * D, tid);
+    named_sync(1, 256);
+    store_tile<D, BQ, 256>(dq + (long long)h * D, sQ, q0, N, (long long)Hq * D, tid - 128);
 }
 
 } // namespace attn90
@@ -773,7 +773,7 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
 // ---------------------------------------------------------------- entry points
 // Dynamic shared memory (bytes), as the launcher computes it (64: the mbarriers):
 //   fwd  (128 + 4 * 128) * D * 2 + 128
-//   dkdv (2 * 128 + 6 * 64) * D * 2 + 6 * 64 * 4 + 64    dq (2 * 128 + 7 * 64) * D * 2 + 64
+//   dkdv (2 * 128 + 6 * 64) * D * 2 + 6 * 64 * 4 + 64    dq (2 * 128 + 7 * 64) * D * 2 + 128
 // The TMA maps describe q, dout (Hq heads) and k, v (Hkv heads) with boxes of the kernel's
 // tile rows: fwd 128 for all; dkdv 128 for k, v and 64 for q, dout; dq 128 for q, dout and 64
 // for k, v.
@@ -789,12 +789,12 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
 
 #define ATTN90_ENTRIES(D)                                                                                    \
     ATTN90_FWD(D)                                                                                            \
-    extern "C" __global__ void __launch_bounds__(256, 1) attention_bwd_dq_sm90_d##D(                         \
+    extern "C" __global__ void __launch_bounds__(384, 1) attention_bwd_dq_sm90_d##D(                         \
         const float* lse, const float* dvec, const int* cu, int num_seqs, int n_tokens, int hq, int hkv,      \
         float scale, bf16_t* dq, const __grid_constant__ attn90::TmaMap tq,                                  \
         const __grid_constant__ attn90::TmaMap tk, const __grid_constant__ attn90::TmaMap tv,               \
         const __grid_constant__ attn90::TmaMap to) {                                                         \
-        attn90::dq_impl<D, 2>(lse, dvec, cu, num_seqs, n_tokens, hq, hkv, scale, dq, &tq, &tk, &tv, &to);   \
+        attn90::dq_impl<D>(lse, dvec, cu, num_seqs, n_tokens, hq, hkv, scale, dq, &tq, &tk, &tv, &to);      \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(384, 1) attention_bwd_dkdv_sm90_d##D(                       \
         const float* lse, const float* dvec, const int* cu, int num_seqs, int n_tokens, int hq, int hkv,      \

@@ -622,12 +622,13 @@ impl AttentionKernels {
                 smem: ((2 * 128 + 6 * 64) * d * 2 + 6 * 64 * 4 + 64) as u32,
                 box_rows: (64, 128),
             },
-            // dq: Q, dO (128 queries) + K (64 keys, four buffers) + V (three) + 8 mbarriers
+            // dq: Q, dO (128 queries) + K (64 keys, four buffers) + V (three) + 15 mbarriers;
+            // one producer and two consumer warpgroups
             (Self::Sm90, Pass::Dq) => Launch {
                 name: name("bwd_dq"),
-                threads: 256,
+                threads: 384,
                 rows: 128,
-                smem: ((2 * 128 + 7 * 64) * d * 2 + 64) as u32,
+                smem: ((2 * 128 + 7 * 64) * d * 2 + 128) as u32,
                 box_rows: (128, 64),
             },
         }
