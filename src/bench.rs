@@ -420,21 +420,27 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?
     .name();
+    let qkv = model.checkpoints_carry_qkv();
+    let checkpoints = if qkv {
+        "checkpoints (with q, k, v)"
+    } else {
+        "checkpoints"
+    };
     println!(
         "ftrt bench {} {} r={} batch {}x{} on {name} (attention {attention}): {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% ({recomputed} of {layers} layers recomputed{}), loss {:.4} -> {:.4}",
         a.preset, a.mode, a.lora_r, a.batch, a.seq, tok_s, ms, measured, planned, total as f64 / GIB, 100.0 * mfu, 100.0 * hfu,
         match (a.offload_residuals, a.offload_embeddings) {
-            (true, true) => ", checkpoints and embeddings offloaded",
-            (true, false) => ", checkpoints offloaded",
-            (false, true) => ", embeddings offloaded",
-            (false, false) => "",
+            (true, true) => format!(", {checkpoints} and embeddings offloaded"),
+            (true, false) => format!(", {checkpoints} offloaded"),
+            (false, true) => ", embeddings offloaded".to_string(),
+            (false, false) => String::new(),
         },
         first_timed, loss
     );
     let json = serde_json::json!({
         "bench": "ftrt", "model": a.preset, "mode": a.mode, "optim": "adamw", "lora_r": a.lora_r,
         "kept_bf16": a.llm_int8_skip_modules, "grad_ckpt": recomputed > 0, "recomputed_layers": recomputed,
-        "offload_residuals": a.offload_residuals, "offload_embeddings": a.offload_embeddings, "gpu": name, "attention": attention,
+        "offload_residuals": a.offload_residuals, "checkpoint_qkv": qkv, "offload_embeddings": a.offload_embeddings, "gpu": name, "attention": attention,
         "gemm_autotune": std::env::var(ftrt_runtime::gemm::cublaslt::AUTOTUNE_ENV).is_ok_and(|v| v == "1"),
         "setup_s": (setup_s * 10.0).round() / 10.0,
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "warmup": a.warmup, "status": "ok",

@@ -12,8 +12,9 @@
 //!   the others keep only their input residual and are recomputed, just before their backward,
 //!   into one shared set of buffers ([`plan::kept_layers_within`] picks k for a memory budget).
 //!   With [`GpuLlama::set_offload_residuals`] those input residuals, and the attention half's
-//!   outputs, live in small device rings and travel to pinned host memory and back on copy
-//!   streams ([`layer_offload`]): the recompute then redoes only q, k, v and the MLP.
+//!   outputs (with q, k, v for layers wide enough, [`plan::checkpoint_qkv`]), live in small
+//!   device rings and travel to pinned host memory and back on copy streams
+//!   ([`layer_offload`]): the recompute then redoes only the MLP (and q, k, v when they stay).
 //!
 //! Projections ([`lora_gemm`]): `xa = x A^T` once per group of projections reading one input
 //! (q/k/v, gate/up: their A's stacked), `y = s xa B^T`, then `y += x W^T (+ b)` (beta = 1);
@@ -65,6 +66,10 @@ pub use decode::{GpuKvCache, GpuSteps};
 pub use plan::{check_batch, flop_estimate, weight_layout, KeepBf16};
 pub use selftest::selftest_model;
 pub use trainable::{Checkpointing, GpuPlacement, GpuTrainable};
+
+/// Environment override of [`plan::checkpoint_qkv`]: `0` or `1` (see
+/// [`GpuLlama::set_offload_residuals`]).
+pub const CHECKPOINT_QKV_ENV: &str = "FTRT_CHECKPOINT_QKV";
 
 /// Errors of the GPU model are one-line strings (context + cause).
 pub type GpuResult<T> = Result<T, String>;
@@ -274,11 +279,13 @@ struct Acts {
     ce_dlse: DevPtr<f32>,
     ce_dpicked: DevPtr<f32>,
     /// The offloads of the recomputed layers' input residuals and of their attention
-    /// checkpoints (att, resid_mid, o_proj's x A^T, lse: what the backward reads of the
-    /// attention half besides q, k, v), if on. Declared before `_held`: dropped first, they
+    /// checkpoints ([`plan::attention_checkpoint`]), if on. Declared before `_held`: dropped first, they
     /// wait for their copies before the rings are freed.
     resid_offload: Option<LayerOffload>,
     attn_offload: Option<LayerOffload>,
+    /// Whether the attention checkpoints carry q, k, v (and what the q/k norms read, and
+    /// q/k/v's x A^T): the backward then recomputes no projection of the attention half.
+    qkv_in_checkpoint: bool,
     _held: Held,
 }
 
@@ -350,8 +357,8 @@ pub struct GpuLlama<'g> {
     /// Layers whose activations the forward keeps (the last `kept_layers`); the others keep
     /// only their input residual and are recomputed in the backward.
     kept_layers: usize,
-    /// Whether the recomputed layers' input residuals are offloaded to host memory.
-    offload_residuals: bool,
+    /// What happens to the recomputed layers' checkpoints (input residuals, attention half).
+    offload: plan::Offload,
     /// Rows per MLP tile ([`plan::MLP_TILE_ROWS`] unless set for tests).
     mlp_tile_rows: usize,
     lora: Option<GpuLora>,
@@ -361,11 +368,6 @@ pub struct GpuLlama<'g> {
     /// The embedding table when it lives in pinned host memory ([`embed_host`]).
     embed_host: Option<ftrt_runtime::offload::PinnedHostBuffer>,
     _held: Held,
-}
-
-/// Which adapter projections exist (by [`Proj::index`]) in `layer` of `ad`.
-fn adapted(ad: Option<&LoraAdapter>, layer: usize, p: Proj) -> bool {
-    ad.is_some_and(|a| a.slot(layer, p).is_some())
 }
 
 impl<'g> GpuLlama<'g> {
@@ -642,7 +644,7 @@ impl<'g> GpuLlama<'g> {
             max_tokens,
             r_cap: max_rank,
             kept_layers: dims.layers,
-            offload_residuals: false,
+            offload: plan::Offload::Off,
             mlp_tile_rows: plan::MLP_TILE_ROWS,
             lora: None,
             acts: None,
@@ -817,19 +819,42 @@ impl<'g> GpuLlama<'g> {
     /// [`plan::RESID_RING`] device slots instead of one buffer per layer; the forward copies
     /// each set a later layer overwrites to pinned host memory on a copy stream, the backward
     /// prefetches it on another one while the layer above is differentiated (see
-    /// [`layer_offload`]). The recompute then redoes q, k, v and the MLP, not the attention
-    /// and o_proj. Kept layers' activations and the last layer's output stay on the device.
-    /// Changing it frees the activation buffers (reallocated at the next batch).
+    /// [`layer_offload`]). The recompute then redoes the MLP, and q, k, v unless the
+    /// checkpoints carry them too ([`plan::checkpoint_qkv`] decides by the layer's width;
+    /// `FTRT_CHECKPOINT_QKV=0|1` overrides it), not the attention and o_proj. Kept layers'
+    /// activations and the last layer's output stay on the device. Changing it frees the
+    /// activation buffers (reallocated at the next batch).
     pub fn set_offload_residuals(&mut self, on: bool) {
-        if on != self.offload_residuals {
-            self.offload_residuals = on;
+        let qkv = match std::env::var(CHECKPOINT_QKV_ENV).as_deref() {
+            Ok("0") => false,
+            Ok("1") => true,
+            _ => plan::checkpoint_qkv(&self.dims, self.config.qk_norm),
+        };
+        self.set_offload(if on {
+            plan::Offload::Checkpoints { qkv }
+        } else {
+            plan::Offload::Off
+        });
+    }
+
+    /// [`Self::set_offload_residuals`] with the checkpoints' q, k, v chosen by the caller.
+    pub fn set_offload(&mut self, offload: plan::Offload) {
+        if offload != self.offload {
+            self.offload = offload;
             self.acts = None;
         }
     }
 
+    /// Whether the allocated activations' attention checkpoints carry q, k, v (see
+    /// [`Self::set_offload_residuals`]; false before the first batch, without offload, or when
+    /// host memory was too short for them).
+    pub fn checkpoints_carry_qkv(&self) -> bool {
+        self.acts.as_ref().is_some_and(|a| a.qkv_in_checkpoint)
+    }
+
     /// Whether checkpoint offload is on (see [`Self::set_offload_residuals`]).
     pub fn offload_residuals(&self) -> bool {
-        self.offload_residuals
+        self.offload != plan::Offload::Off
     }
 
     /// The most layers whose activations can be kept (see [`Self::set_kept_layers`]) when the
@@ -846,15 +871,16 @@ impl<'g> GpuLlama<'g> {
             self.max_tokens,
             r,
             self.config.qk_norm,
-            self.adapted_per_layer(),
-            self.offload_residuals,
+            self.stack_widths(),
+            self.offload,
             budget.checked_sub(fixed)?,
         )
     }
 
-    /// The (N, r) x A^T buffers of each layer: every input group's widest stack.
-    fn adapted_per_layer(&self) -> usize {
-        self.lora.as_ref().map_or(0, |g| g.widths.iter().sum())
+    /// Adapted projections in each input group's widest stack (the (N, r) x A^T buffers of a
+    /// layer).
+    fn stack_widths(&self) -> [usize; 4] {
+        self.lora.as_ref().map_or([0; 4], |g| g.widths)
     }
 
     /// Activation bytes on the device: (allocated for the current settings, if allocated;
@@ -867,9 +893,9 @@ impl<'g> GpuLlama<'g> {
         let planned = sizes.bytes(
             d,
             self.config.qk_norm,
-            self.adapted_per_layer(),
+            self.stack_widths(),
             self.kept_layers,
-            self.offload_residuals,
+            self.offload,
         );
         (self.acts.as_ref().map(|a| a._held.bytes), planned)
     }
@@ -1101,30 +1127,42 @@ impl<'g> GpuLlama<'g> {
         let null = DevPtr::<bf16>::null();
         let nullf = DevPtr::<f32>::null();
         // `mlp`: elements of gate, up and act (a kept layer's N rows, or one tile's). With
-        // `in_ring`, the attention checkpoint's tensors are left null: each recomputed layer's
-        // point into its slot of the attention offload's ring.
-        let offloading = self.offload_residuals && (0..d.layers).any(|l| !self.is_kept(l));
-        let widths = self.lora.as_ref().map_or([0; 4], |g| g.widths);
-        let layer_acts = |h: &mut Held, mlp: usize, in_ring: bool| -> GpuResult<LayerActs> {
+        // `ring` Some(qkv), the attention checkpoint's tensors (with q, k, v when `qkv`) are
+        // left null: each recomputed layer's point into its slot of the attention offload's ring.
+        let offloading = self.offload != plan::Offload::Off;
+        let offloading = offloading && (0..d.layers).any(|l| !self.is_kept(l));
+        let widths = self.stack_widths();
+        let (g_qkv, g_o) = (Proj::Q.input_group(), Proj::O.input_group());
+        let layer_acts = |h: &mut Held, mlp: usize, ring: Option<bool>| -> GpuResult<LayerActs> {
+            let in_ring = ring.is_some();
+            let qkv_in_ring = ring == Some(true);
             let mut xa = [null; 4];
             for (g, &w) in widths.iter().enumerate() {
-                if w > 0 && !(in_ring && g == Proj::O.input_group()) {
+                let ringed = (in_ring && g == g_o) || (qkv_in_ring && g == g_qkv);
+                if w > 0 && !ringed {
                     xa[g] = h.alloc(gpu, w * s.nr)?;
                 }
             }
-            let ring_or = |h: &mut Held, e: usize| -> GpuResult<DevPtr<bf16>> {
-                if in_ring {
+            let unless = |h: &mut Held, ringed: bool, e: usize| -> GpuResult<DevPtr<bf16>> {
+                if ringed {
                     Ok(null)
+                } else {
+                    h.alloc(gpu, e)
+                }
+            };
+            let unless_f = |h: &mut Held, ringed: bool, e: usize| -> GpuResult<DevPtr<f32>> {
+                if ringed {
+                    Ok(nullf)
                 } else {
                     h.alloc(gpu, e)
                 }
             };
             let (pre_q, pre_k, rs_q, rs_k) = if qk {
                 (
-                    h.alloc(gpu, s.nq)?,
-                    h.alloc(gpu, s.nkv)?,
-                    h.alloc(gpu, n * d.heads)?,
-                    h.alloc(gpu, n * d.kv_heads)?,
+                    unless(h, qkv_in_ring, s.nq)?,
+                    unless(h, qkv_in_ring, s.nkv)?,
+                    unless_f(h, qkv_in_ring, n * d.heads)?,
+                    unless_f(h, qkv_in_ring, n * d.kv_heads)?,
                 )
             } else {
                 (null, null, nullf, nullf)
@@ -1134,12 +1172,12 @@ impl<'g> GpuLlama<'g> {
                 q_rstd: rs_q,
                 k_pre: pre_k,
                 k_rstd: rs_k,
-                q: h.alloc(gpu, s.nq)?,
-                k: h.alloc(gpu, s.nkv)?,
-                v: h.alloc(gpu, s.nkv)?,
-                att: ring_or(h, s.nq)?,
-                lse: if in_ring { nullf } else { h.alloc(gpu, s.lse)? },
-                resid_mid: ring_or(h, s.nc)?,
+                q: unless(h, qkv_in_ring, s.nq)?,
+                k: unless(h, qkv_in_ring, s.nkv)?,
+                v: unless(h, qkv_in_ring, s.nkv)?,
+                att: unless(h, in_ring, s.nq)?,
+                lse: unless_f(h, in_ring, s.lse)?,
+                resid_mid: unless(h, in_ring, s.nc)?,
                 ln2: h.alloc(gpu, s.nc)?,
                 rstd2: h.alloc(gpu, n)?,
                 gate: h.alloc(gpu, mlp)?,
@@ -1149,23 +1187,36 @@ impl<'g> GpuLlama<'g> {
             })
         };
         let recomputed: Vec<usize> = (0..d.layers).filter(|&l| !self.is_kept(l)).collect();
-        // The attention checkpoint's pieces (bytes per token): att, resid_mid, o_proj's x A^T
-        // (if any recomputed layer adapts o_proj), lse (f32 (Hq, n)). It travels too only
-        // when both offloads' pinned rows fit half the host's available memory; else the
-        // backward recomputes the attention half as without offload (long sequences).
-        let o_adapted = recomputed.iter().any(|&l| adapted(lora, l, Proj::O));
-        let xa_o = if o_adapted { 2 * r } else { 0 };
-        let attn_pieces = vec![2 * d.q_dim(), 2 * d.hidden, xa_o, 4 * d.heads];
+        // The attention checkpoint's pieces ([`plan::attention_checkpoint`]), with q, k, v if
+        // asked. It travels too only when both offloads' pinned rows fit half the host's
+        // available memory: else without q, k, v; else the backward recomputes the attention
+        // half as without offload (long sequences).
         let m = recomputed.len();
-        let host =
-            [vec![2 * d.hidden], attn_pieces.clone()].map(|p| LayerOffload::host_bytes(m, n, &p));
+        let pieces =
+            |qkv| plan::attention_checkpoint(&d, qk, widths[g_o] * r, widths[g_qkv] * r, qkv);
+        let resid_host = LayerOffload::host_bytes(m, n, &[2 * d.hidden]);
         let available = crate::train::plan::available_memory();
-        let attn_offloading =
-            offloading && plan::attention_offload_fits(host[0], host[1], available);
-        if offloading && !attn_offloading {
+        let fits = |qkv| {
+            let attn_host = LayerOffload::host_bytes(m, n, &pieces(qkv));
+            plan::attention_offload_fits(resid_host, attn_host, available)
+        };
+        let wants_qkv = self.offload == plan::Offload::Checkpoints { qkv: true };
+        let ring = match offloading {
+            false => None,
+            true if wants_qkv && fits(true) => Some(true),
+            true if fits(false) => Some(false),
+            true => None,
+        };
+        if offloading && ring != Some(wants_qkv) {
+            let attn_host = LayerOffload::host_bytes(m, n, &pieces(wants_qkv));
             eprintln!(
-                "note: the attention checkpoints of {m} recomputed layers stay on the GPU and are recomputed: with the residuals they would pin {:.1} GiB of host memory, more than half of the {:.1} GiB available",
-                (host[0] + host[1]) as f64 / (1u64 << 30) as f64,
+                "note: the attention checkpoints of {m} recomputed layers {}: with the residuals they would pin {:.1} GiB of host memory, more than half of the {:.1} GiB available",
+                if ring.is_some() {
+                    "travel without q, k, v, which are recomputed"
+                } else {
+                    "stay on the GPU and are recomputed"
+                },
+                (resid_host + attn_host) as f64 / (1u64 << 30) as f64,
                 available.unwrap_or(0) as f64 / (1u64 << 30) as f64
             );
         }
@@ -1173,10 +1224,7 @@ impl<'g> GpuLlama<'g> {
         let shared = if recomputed.is_empty() {
             None
         } else {
-            Some((
-                layer_acts(&mut h, s.ti, attn_offloading)?,
-                h.alloc::<bf16>(gpu, s.nc)?,
-            ))
+            Some((layer_acts(&mut h, s.ti, ring)?, h.alloc::<bf16>(gpu, s.nc)?))
         };
         let mut layers = Vec::with_capacity(d.layers);
         let mut ln = Vec::with_capacity(d.layers + 1);
@@ -1187,7 +1235,7 @@ impl<'g> GpuLlama<'g> {
                     ln.push(ln_shared);
                 }
                 _ => {
-                    layers.push(layer_acts(&mut h, s.ni, false)?);
+                    layers.push(layer_acts(&mut h, s.ni, None)?);
                     ln.push(h.alloc(gpu, s.nc)?);
                 }
             }
@@ -1198,20 +1246,33 @@ impl<'g> GpuLlama<'g> {
         } else {
             None
         };
-        let attn_offload = if attn_offloading {
-            let o = LayerOffload::new(gpu, &mut h, m, n, attn_pieces)?;
-            for &l in &recomputed {
-                let la = &mut layers[l];
-                la.att = o.piece(l, 0);
-                la.resid_mid = o.piece(l, 1);
-                if xa_o > 0 {
-                    la.xa[Proj::O.input_group()] = o.piece(l, 2);
+        let attn_offload = match ring {
+            Some(qkv) => {
+                use plan::ckpt;
+                let o = LayerOffload::new(gpu, &mut h, m, n, pieces(qkv))?;
+                let piece_or_null = |l, i, w: usize| if w > 0 { o.piece(l, i) } else { null };
+                for &l in &recomputed {
+                    let la = &mut layers[l];
+                    la.att = o.piece(l, ckpt::ATT);
+                    la.resid_mid = o.piece(l, ckpt::RESID_MID);
+                    la.xa[g_o] = piece_or_null(l, ckpt::XA_O, widths[g_o]);
+                    la.lse = o.piece(l, ckpt::LSE);
+                    if qkv {
+                        la.q = o.piece(l, ckpt::Q);
+                        la.k = o.piece(l, ckpt::K);
+                        la.v = o.piece(l, ckpt::V);
+                        la.xa[g_qkv] = piece_or_null(l, ckpt::XA_QKV, widths[g_qkv]);
+                    }
+                    if qkv && qk {
+                        la.q_pre = o.piece(l, ckpt::Q_PRE);
+                        la.k_pre = o.piece(l, ckpt::K_PRE);
+                        la.q_rstd = o.piece(l, ckpt::Q_RSTD);
+                        la.k_rstd = o.piece(l, ckpt::K_RSTD);
+                    }
                 }
-                la.lse = o.piece(l, 3);
+                Some(o)
             }
-            Some(o)
-        } else {
-            None
+            None => None,
         };
         let mut resid = Vec::new();
         let mut rstd = Vec::new();
@@ -1288,6 +1349,7 @@ impl<'g> GpuLlama<'g> {
             ce_dpicked: h.alloc(gpu, n)?,
             resid_offload,
             attn_offload,
+            qkv_in_checkpoint: ring == Some(true),
             _held: h,
         };
         self.acts = Some(acts);
@@ -1843,8 +1905,9 @@ impl<'g> GpuLlama<'g> {
                 // With checkpoint offload, resid[l]'s ring slot is read by the recompute (input
                 // norm) and this layer's input-norm backward, its attention checkpoint by the
                 // rest of its backward: wait for their prefetches; layer l - 1's come back into
-                // other slots meanwhile. The recompute then redoes only q, k, v (and, below,
-                // the MLP): the attention output and the post-attention residual are back.
+                // other slots meanwhile. The recompute then redoes q, k, v only if the
+                // checkpoint lacks them (and, below, the MLP): the attention output and the
+                // post-attention residual are back.
                 for o in [&a.resid_offload, &a.attn_offload].into_iter().flatten() {
                     o.wait_prefetched(gpu, l)?;
                     if l > 0 {
@@ -1852,11 +1915,13 @@ impl<'g> GpuLlama<'g> {
                     }
                 }
                 self.input_norm(a, l, n)?;
-                if a.attn_offload.is_some() {
-                    self.attention_inputs(a, l, n)?;
-                    self.post_attention_norm(a, l, n)?;
-                } else {
+                if a.attn_offload.is_none() {
                     self.layer_forward(a, l, n, s, Pass::Recompute)?;
+                } else {
+                    if !a.qkv_in_checkpoint {
+                        self.attention_inputs(a, l, n)?;
+                    }
+                    self.post_attention_norm(a, l, n)?;
                 }
             }
             let la = &a.layers[l];

@@ -32,10 +32,84 @@ pub const RESID_RING: usize = 3;
 
 /// Whether the attention checkpoints are offloaded along with the residuals: when both
 /// offloads' pinned host rows (`resid_host` + `attn_host` bytes) fit half of `available` host
-/// memory (unknown: assumed to fit). Long sequences fall back to recomputing the attention
-/// half, whose checkpoints then stay in the GPU's shared buffers.
+/// memory (unknown: assumed to fit). Long sequences fall back to checkpoints without q, k, v,
+/// then to recomputing the attention half, whose checkpoints then stay in the GPU's shared
+/// buffers.
 pub fn attention_offload_fits(resid_host: usize, attn_host: usize, available: Option<u64>) -> bool {
     available.is_none_or(|a| (resid_host + attn_host) as u64 <= a / 2)
+}
+
+/// What happens to the recomputed layers' checkpoints (see `GpuLlama::set_offload_residuals`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offload {
+    /// They stay on the device (one input residual per layer); the backward recomputes each
+    /// layer's whole attention half.
+    Off,
+    /// Input residuals and attention checkpoints ([`attention_checkpoint`], with q, k and v
+    /// when `qkv`) live in device rings and travel through pinned host memory.
+    Checkpoints { qkv: bool },
+}
+
+/// Piece indices of [`attention_checkpoint`].
+pub mod ckpt {
+    pub const ATT: usize = 0;
+    pub const RESID_MID: usize = 1;
+    pub const XA_O: usize = 2;
+    pub const LSE: usize = 3;
+    pub const Q: usize = 4;
+    pub const K: usize = 5;
+    pub const V: usize = 6;
+    pub const XA_QKV: usize = 7;
+    pub const Q_PRE: usize = 8;
+    pub const K_PRE: usize = 9;
+    pub const Q_RSTD: usize = 10;
+    pub const K_RSTD: usize = 11;
+}
+
+/// The attention checkpoint of a recomputed layer, bytes per token of each piece in ring order
+/// ([`ckpt`]): what its backward reads of the attention half besides its input residual. The
+/// attention output (bf16 (Hq D)), the post-attention residual (C), o_proj's x A^T (`xa_o`
+/// columns) and the log-sum-exp (f32 per query head); with `qkv` also the queries, keys and
+/// values after norm and RoPE, the q/k/v stack's x A^T (`xa_qkv` columns) and, with q/k norms
+/// (`qk_norm`), the norms' inputs and f32 rstds: the backward then recomputes no projection
+/// of the attention half.
+pub fn attention_checkpoint(
+    d: &Dims,
+    qk_norm: bool,
+    xa_o: usize,
+    xa_qkv: usize,
+    qkv: bool,
+) -> Vec<usize> {
+    let mut pieces = vec![2 * d.q_dim(), 2 * d.hidden, 2 * xa_o, 4 * d.heads];
+    if qkv {
+        pieces.extend([2 * d.q_dim(), 2 * d.kv_dim(), 2 * d.kv_dim(), 2 * xa_qkv]);
+        if qk_norm {
+            pieces.extend([2 * d.q_dim(), 2 * d.kv_dim(), 4 * d.heads, 4 * d.kv_heads]);
+        }
+    }
+    pieces
+}
+
+/// Projection FLOPs per second of a lean layer forward, everything in it counted (the 8B
+/// QLoRA forward: ~480 TFLOP/s of its projections' FLOPs, session 9's profile).
+const LAYER_FORWARD_FLOPS_PER_S: f64 = 500e12;
+
+/// Whether the attention checkpoints should carry q, k and v: when a layer's forward, timed by
+/// its projection FLOPs, still covers the device-to-host copies of its offloaded tensors
+/// (input residual plus checkpoint with q, k, v) at the H200's planned copy bandwidth. Else
+/// the copies would stall the forward longer than recomputing the q/k/v projections takes
+/// (the 1B: its narrow layers make ~0.24 us of forward per token against ~0.37 us of copies;
+/// the 8B: 0.87 against 0.74).
+pub fn checkpoint_qkv(d: &Dims, qk_norm: bool) -> bool {
+    let cost = ftrt_runtime::planner::CostModel::H200;
+    let (c, q, kv) = (d.hidden, d.q_dim(), d.kv_dim());
+    let params = c * (2 * q + 2 * kv) + 3 * c * d.intermediate;
+    let forward_s = 2.0 * params as f64 / LAYER_FORWARD_FLOPS_PER_S;
+    let per_token: usize = 2 * c
+        + attention_checkpoint(d, qk_norm, 0, 0, true)
+            .iter()
+            .sum::<usize>();
+    cost.d2h_seconds(per_token) <= forward_s
 }
 
 /// Rows per MLP tile: the MLP (gate, up, act and their gradients) of a recomputed layer runs
@@ -334,23 +408,24 @@ impl ActSizes {
     /// (weights, LoRA state and pinned host memory excluded) when it keeps the activations of
     /// `kept` of the `d.layers` layers and recomputes the others (one shared set of per-layer
     /// buffers for them, its MLP buffers one tile's; with `offload`, their input residuals and
-    /// their attention checkpoints (att, resid_mid, o_proj's x A^T, lse) each in a ring of
-    /// [`resid_ring`] slots instead: the upper bound, as the checkpoints stay in the shared set
-    /// when host memory is short, see [`attention_offload_fits`]), with `adapted_per_layer`
-    /// adapted projections per layer: per-layer saved tensors, residual streams and rstds,
-    /// norm outputs, and the shared scratch.
+    /// their attention checkpoints ([`attention_checkpoint`]) each in a ring of [`resid_ring`]
+    /// slots instead: the upper bound, as the checkpoints stay in the shared set when host
+    /// memory is short, see [`attention_offload_fits`]), with `widths[g]` adapted projections
+    /// in input group g's widest stack ([`Proj::INPUT_GROUPS`]): per-layer saved tensors,
+    /// residual streams and rstds, norm outputs, and the shared scratch.
     pub fn bytes(
         &self,
         d: &Dims,
         qk_norm: bool,
-        adapted_per_layer: usize,
+        widths: [usize; 4],
         kept: usize,
-        offload: bool,
+        offload: Offload,
     ) -> usize {
         let b = 2usize;
         let kept = kept.min(d.layers);
         let shared = usize::from(kept < d.layers);
         let slots = kept + shared;
+        let adapted_per_layer: usize = widths.iter().sum();
         let per_layer = |mlp: usize| {
             b * (2 * self.nc + 2 * self.nq + 2 * self.nkv + 3 * mlp)
                 + 4 * (self.lse + self.n)
@@ -364,24 +439,22 @@ impl ActSizes {
         // the attention checkpoint: out of the shared set, into a ring of slots (256-byte
         // aligned pieces) when offloading
         let recomputed = d.layers - kept;
-        let checkpoint = |align: usize| {
-            let o_adapted = usize::from(adapted_per_layer > 0);
-            [
-                b * self.nq,
-                b * self.nc,
-                o_adapted * b * self.nr,
-                4 * self.lse,
-            ]
-            .iter()
-            .map(|&x| x.next_multiple_of(align))
-            .sum::<usize>()
+        let attn_ring = match offload {
+            Offload::Checkpoints { qkv } if recomputed > 0 => {
+                let r = self.nr / self.n.max(1);
+                let (o, q) = (Proj::O.input_group(), Proj::Q.input_group());
+                let pieces = attention_checkpoint(d, qk_norm, widths[o] * r, widths[q] * r, qkv);
+                let checkpoint = |align: usize| {
+                    pieces
+                        .iter()
+                        .map(|&p| (self.n * p).next_multiple_of(align))
+                        .sum::<usize>()
+                };
+                resid_ring(recomputed) * checkpoint(256) - checkpoint(1)
+            }
+            _ => 0,
         };
-        let attn_ring = if offload && recomputed > 0 {
-            resid_ring(recomputed) * checkpoint(256) - checkpoint(1)
-        } else {
-            0
-        };
-        let streams = device_residuals(d.layers, kept, offload) * b * self.nc
+        let streams = device_residuals(d.layers, kept, offload != Offload::Off) * b * self.nc
             + (d.layers + 1) * 4 * self.n
             + (slots + 1) * b * self.nc;
         let scratch = b
@@ -395,26 +468,21 @@ impl ActSizes {
 }
 
 /// The most layers whose activations fit: the largest `kept` in 0..=L whose activation bytes
-/// (`n` tokens, rank `r`, [`logit_budget`] chunks, recomputed layers' residuals offloaded when
-/// `offload`) are at most `budget` (what is left once weights and LoRA state are placed);
+/// (`n` tokens, rank `r`, [`logit_budget`] chunks, stack widths `widths`, the recomputed
+/// layers' checkpoints as `offload` says; see [`ActSizes::bytes`]) are at most `budget` (what is left once weights and LoRA state are placed);
 /// `None` when even recomputing every layer does not fit.
 pub fn kept_layers_within(
     d: &Dims,
     n: usize,
     r: usize,
     qk_norm: bool,
-    adapted_per_layer: usize,
-    offload: bool,
+    widths: [usize; 4],
+    offload: Offload,
     budget: usize,
 ) -> Option<usize> {
     (0..=d.layers).rev().find(|&k| {
-        ActSizes::new(d, n, r, logit_budget(k, d.layers)).bytes(
-            d,
-            qk_norm,
-            adapted_per_layer,
-            k,
-            offload,
-        ) <= budget
+        ActSizes::new(d, n, r, logit_budget(k, d.layers)).bytes(d, qk_norm, widths, k, offload)
+            <= budget
     })
 }
 
@@ -581,6 +649,11 @@ pub fn flop_estimate(d: &Dims, seq: usize, r: usize, grad_ckpt: bool) -> (f64, f
 mod tests {
     use super::*;
 
+    /// Every projection adapted: q/k/v, o, gate/up, down stacks.
+    const ALL: [usize; 4] = [3, 1, 2, 1];
+    /// Checkpoint offload without q, k, v (the checkpoint the tests below count by hand).
+    const LEAN: Offload = Offload::Checkpoints { qkv: false };
+
     fn dims() -> Dims {
         Dims {
             hidden: 64,
@@ -613,7 +686,7 @@ mod tests {
             (s.head_dim_pad, s.nq_pad, s.nkv_pad),
             (64, 10 * 4 * 64, 10 * 2 * 64)
         );
-        assert!(s.bytes(&dims(), false, 7, 2, false) > 0);
+        assert!(s.bytes(&dims(), false, ALL, 2, Offload::Off) > 0);
     }
 
     #[test]
@@ -624,7 +697,9 @@ mod tests {
         };
         // A vocabulary small enough that both logit budgets hold every row.
         let s = ActSizes::new(&d, 512, 8, LOGIT_BUDGET_LEAN);
-        let by_kept: Vec<usize> = (0..=6).map(|k| s.bytes(&d, false, 7, k, false)).collect();
+        let by_kept: Vec<usize> = (0..=6)
+            .map(|k| s.bytes(&d, false, ALL, k, Offload::Off))
+            .collect();
         // Each kept layer replaces its share of the one shared set by its own buffers (saved
         // tensors + input norm output); keeping L - 1 layers needs as much as keeping all.
         let step = by_kept[1] - by_kept[0];
@@ -634,7 +709,7 @@ mod tests {
         assert_eq!(by_kept[6], by_kept[5]);
         let layer = 2 * (3 * s.nc + 2 * s.nq + 2 * s.nkv + 3 * s.ni + 7 * s.nr) + 4 * (s.lse + s.n);
         assert_eq!(step, layer);
-        let within = |budget| kept_layers_within(&d, 512, 8, false, 7, false, budget);
+        let within = |budget| kept_layers_within(&d, 512, 8, false, ALL, Offload::Off, budget);
         assert_eq!(within(by_kept[3]), Some(3));
         assert_eq!(within(by_kept[3] + step - 1), Some(3));
         assert_eq!(within(usize::MAX), Some(6));
@@ -664,13 +739,16 @@ mod tests {
         // tile's; keeping every layer: only the scratch is.
         let saved = 2 * 3 * (full.ni - tiled.ti);
         for k in 0..6 {
-            let diff = full.bytes(&d, false, 7, k, false) - tiled.bytes(&d, false, 7, k, false);
+            let diff = full.bytes(&d, false, ALL, k, Offload::Off)
+                - tiled.bytes(&d, false, ALL, k, Offload::Off);
             assert_eq!(diff, 2 * saved, "kept {k}");
         }
-        let all = full.bytes(&d, false, 7, 6, false) - tiled.bytes(&d, false, 7, 6, false);
+        let all = full.bytes(&d, false, ALL, 6, Offload::Off)
+            - tiled.bytes(&d, false, ALL, 6, Offload::Off);
         assert_eq!(all, saved);
         // The last kept layer now costs its full MLP over the shared set's tile.
-        let step = tiled.bytes(&d, false, 7, 6, false) - tiled.bytes(&d, false, 7, 5, false);
+        let step = tiled.bytes(&d, false, ALL, 6, Offload::Off)
+            - tiled.bytes(&d, false, ALL, 5, Offload::Off);
         assert_eq!(step, saved);
     }
 
@@ -710,8 +788,8 @@ mod tests {
             // The ring replaces the recomputed layers' residual buffers once there are more of
             // them than slots; resid[L] and the kept layers' inputs stay. The attention
             // checkpoints take a ring of their own.
-            let off = s.bytes(&d, false, 7, k, true) as i64;
-            let on_device = s.bytes(&d, false, 7, k, false) as i64;
+            let off = s.bytes(&d, false, ALL, k, LEAN) as i64;
+            let on_device = s.bytes(&d, false, ALL, k, Offload::Off) as i64;
             let attn_ring = if recomputed > 0 {
                 (resid_ring(recomputed) * slot - ckpt) as i64
             } else {
@@ -736,11 +814,71 @@ mod tests {
             layers: 16,
             ..dims()
         };
-        let lean = s.bytes(&d, false, 7, 0, true);
-        let within = |offload, budget| kept_layers_within(&d, 512, 8, false, 7, offload, budget);
-        assert_eq!(within(false, lean), None);
-        assert_eq!(within(true, lean), Some(0));
-        assert_eq!(within(true, usize::MAX), Some(16));
+        let lean = s.bytes(&d, false, ALL, 0, LEAN);
+        let within = |offload, budget| kept_layers_within(&d, 512, 8, false, ALL, offload, budget);
+        assert_eq!(within(Offload::Off, lean), None);
+        assert_eq!(within(LEAN, lean), Some(0));
+        assert_eq!(within(LEAN, usize::MAX), Some(16));
+    }
+
+    #[test]
+    fn checkpoints_with_qkv_move_q_k_v_from_the_shared_set_into_the_ring() {
+        let d = Dims {
+            layers: 6,
+            ..dims()
+        };
+        let s = ActSizes::new(&d, 512, 8, LOGIT_BUDGET_LEAN);
+        let with = Offload::Checkpoints { qkv: true };
+        for qk in [false, true] {
+            // q, k, v, the q/k/v stack's x A^T (three members), and with q/k norms their
+            // inputs and rstds: once in the shared set without, in every slot with
+            let mut moved = vec![2 * s.nq, 2 * s.nkv, 2 * s.nkv, 2 * 3 * s.nr];
+            if qk {
+                moved.extend([2 * s.nq, 2 * s.nkv, 4 * s.n * d.heads, 4 * s.n * d.kv_heads]);
+            }
+            let slot: usize = moved.iter().map(|x| x.next_multiple_of(256)).sum();
+            let once: usize = moved.iter().sum();
+            for k in 0..=6 {
+                let grow =
+                    s.bytes(&d, qk, ALL, k, with) as i64 - s.bytes(&d, qk, ALL, k, LEAN) as i64;
+                let want = if k < 6 {
+                    (resid_ring(6 - k) * slot) as i64 - once as i64
+                } else {
+                    0
+                };
+                assert_eq!(grow, want, "qk {qk} kept {k}");
+            }
+            // the pieces' list, per token, matches
+            let pieces = attention_checkpoint(&d, qk, 8, 3 * 8, true);
+            assert_eq!(pieces.len(), if qk { 12 } else { 8 });
+            let per_token: usize = pieces[ckpt::Q..].iter().sum();
+            assert_eq!(per_token * s.n, once);
+        }
+    }
+
+    #[test]
+    fn q_k_v_travel_for_wide_layers_only() {
+        // The 8B's layers are long enough to cover their copies with q, k, v; the 1B's are not.
+        let llama8b = Dims {
+            hidden: 4096,
+            intermediate: 14336,
+            layers: 32,
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            vocab: 128256,
+        };
+        let llama1b = Dims {
+            hidden: 2048,
+            intermediate: 8192,
+            layers: 16,
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 64,
+            vocab: 128256,
+        };
+        assert!(checkpoint_qkv(&llama8b, false));
+        assert!(!checkpoint_qkv(&llama1b, false));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use ftrt_runtime::Gpu;
 
+use super::plan::Offload;
 use super::{init_adapter, GpuLlama, KeepBf16};
 use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
@@ -82,12 +83,14 @@ pub fn selftest_model(gpu: &Gpu) -> Result<Vec<Row>, String> {
             format!("error: {e}  FAILED"),
         ));
     }
-    if let Err(e) = check_offload_deep(gpu, &mut rows) {
-        rows.push((
-            "model llama: residual offload check".into(),
-            f64::INFINITY,
-            format!("error: {e}  FAILED"),
-        ));
+    for arch in ["llama", "qwen3"] {
+        if let Err(e) = check_offload_deep(gpu, arch, &mut rows) {
+            rows.push((
+                format!("model {arch}: checkpoint offload check"),
+                f64::INFINITY,
+                format!("error: {e}  FAILED"),
+            ));
+        }
     }
     let dynamic = KeepBf16::parse("layers.0.mlp.down_proj,layers.1.self_attn.q_proj");
     for keep in [KeepBf16::default(), dynamic] {
@@ -369,28 +372,28 @@ fn loss_grads_err(
     Ok((loss, e))
 }
 
-/// Two rows: loss and LoRA gradients of `g` keeping `kept` layers (checkpoints offloaded when
-/// `offload`) against `want` (loss, gradients) of keeping every layer, tolerance 1e-3; the
-/// planner's activation bytes against the allocation.
+/// Two rows: loss and LoRA gradients of `g` keeping `kept` layers (the others' checkpoints as
+/// `offload` says) against `want` (loss, gradients) of keeping every layer, tolerance 1e-3;
+/// the planner's activation bytes against the allocation.
 #[allow(clippy::too_many_arguments)]
 fn recompute_row(
     g: &mut GpuLlama,
     batch: &Batch,
     targets: &[i32],
     kept: usize,
-    offload: bool,
+    offload: Offload,
     want: (f32, &LoraAdapter),
     name: &str,
     rows: &mut Vec<Row>,
 ) -> Result<(), String> {
     let layers = g.dims.layers;
     g.set_kept_layers(kept);
-    g.set_offload_residuals(offload);
+    g.set_offload(offload);
     let (loss, e) = loss_grads_err(g, batch, targets, want)?;
-    let how = if offload {
-        ", checkpoints offloaded,"
-    } else {
-        ""
+    let how = match offload {
+        Offload::Off => "",
+        Offload::Checkpoints { qkv: false } => ", checkpoints offloaded,",
+        Offload::Checkpoints { qkv: true } => ", checkpoints with q/k/v offloaded,",
     };
     // the planner's activation bytes against what was allocated for this configuration
     let (held, planned) = g.activation_bytes();
@@ -423,11 +426,12 @@ fn recompute_row(
 const OFFLOAD_LAYERS: usize = super::plan::RESID_RING + 3;
 
 /// Checkpoint offload through host memory: the fixtures' two layers fit the device rings, so
-/// this runs the Llama fixture's shape with [`OFFLOAD_LAYERS`] random layers (the first
-/// `OFFLOAD_LAYERS - RESID_RING` layers' residuals and attention checkpoints travel), two steps
+/// this runs the `arch` fixture's shape with [`OFFLOAD_LAYERS`] random layers (the first
+/// `OFFLOAD_LAYERS - RESID_RING` layers' residuals and attention checkpoints travel), with and
+/// without q, k, v in the checkpoints (Qwen3: with what its q/k norms read), two steps each
 /// (the second reuses the rings and the events), each against keeping every layer.
-fn check_offload_deep(gpu: &Gpu, rows: &mut Vec<Row>) -> Result<(), String> {
-    let mut config = ModelConfig::from_file(&fixture_dir("llama").join("config.json"))
+fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), String> {
+    let mut config = ModelConfig::from_file(&fixture_dir(arch).join("config.json"))
         .map_err(|e| e.to_string())?;
     config.num_hidden_layers = OFFLOAD_LAYERS;
     let seqs: Vec<Vec<u32>> = [40u64, 24]
@@ -445,14 +449,14 @@ fn check_offload_deep(gpu: &Gpu, rows: &mut Vec<Row>) -> Result<(), String> {
     g.zero_grads()?;
     let loss = g.loss_and_grads(&batch, &targets)?;
     let grads = g.download_grads()?;
-    let name = format!("llama x{OFFLOAD_LAYERS}");
-    for _ in 0..2 {
+    let name = format!("{arch} x{OFFLOAD_LAYERS}");
+    for qkv in [false, false, true, true] {
         recompute_row(
             &mut g,
             &batch,
             &targets,
             0,
-            true,
+            Offload::Checkpoints { qkv },
             (loss, &grads),
             &name,
             rows,
@@ -487,7 +491,13 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
     // Gradient checkpointing: recomputing every layer, then all but the last, then every layer
     // with its input residual offloaded, must give the gradients of keeping everything (the
     // same kernels on the same inputs).
-    for (kept, offload) in [(0, false), (cpu.dims.layers - 1, false), (0, true)] {
+    let offloads = [
+        (0, Offload::Off),
+        (cpu.dims.layers - 1, Offload::Off),
+        (0, Offload::Checkpoints { qkv: false }),
+        (0, Offload::Checkpoints { qkv: true }),
+    ];
+    for (kept, offload) in offloads {
         recompute_row(
             &mut g,
             &batch,
@@ -500,7 +510,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
         )?;
     }
     g.set_kept_layers(cpu.dims.layers);
-    g.set_offload_residuals(false);
+    g.set_offload(Offload::Off);
     // The MLP in row tiles of 5 (the batch in several tiles and a remainder): every layer
     // recomputed (its MLP recomputed tile by tile in the backward) and every layer kept, against
     // one tile. Different GEMM row counts may round differently: bf16 tolerance.
