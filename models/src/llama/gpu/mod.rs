@@ -1133,12 +1133,13 @@ impl<'g> GpuLlama<'g> {
         let offloading = offloading && (0..d.layers).any(|l| !self.is_kept(l));
         let widths = self.stack_widths();
         let (g_qkv, g_o) = (Proj::Q.input_group(), Proj::O.input_group());
+        let (g_gu, g_down) = (Proj::Gate.input_group(), Proj::Down.input_group());
         let layer_acts = |h: &mut Held, mlp: usize, ring: Option<bool>| -> GpuResult<LayerActs> {
             let in_ring = ring.is_some();
             let qkv_in_ring = ring == Some(true);
             let mut xa = [null; 4];
             for (g, &w) in widths.iter().enumerate() {
-                let ringed = (in_ring && g == g_o) || (qkv_in_ring && g == g_qkv);
+                let ringed = (in_ring && g != g_qkv) || (qkv_in_ring && g == g_qkv);
                 if w > 0 && !ringed {
                     xa[g] = h.alloc(gpu, w * s.nr)?;
                 }
@@ -1192,8 +1193,7 @@ impl<'g> GpuLlama<'g> {
         // available memory: else without q, k, v; else the backward recomputes the attention
         // half as without offload (long sequences).
         let m = recomputed.len();
-        let pieces =
-            |qkv| plan::attention_checkpoint(&d, qk, widths[g_o] * r, widths[g_qkv] * r, qkv);
+        let pieces = |qkv| plan::attention_checkpoint(&d, qk, widths.map(|w| w * r), qkv);
         let resid_host = LayerOffload::host_bytes(m, n, &[2 * d.hidden]);
         let available = crate::train::plan::available_memory();
         let fits = |qkv| {
@@ -1257,6 +1257,8 @@ impl<'g> GpuLlama<'g> {
                     la.resid_mid = o.piece(l, ckpt::RESID_MID);
                     la.xa[g_o] = piece_or_null(l, ckpt::XA_O, widths[g_o]);
                     la.lse = o.piece(l, ckpt::LSE);
+                    la.xa[g_gu] = piece_or_null(l, ckpt::XA_GATE_UP, widths[g_gu]);
+                    la.xa[g_down] = piece_or_null(l, ckpt::XA_DOWN, widths[g_down]);
                     if qkv {
                         la.q = o.piece(l, ckpt::Q);
                         la.k = o.piece(l, ckpt::K);
@@ -1764,7 +1766,7 @@ impl<'g> GpuLlama<'g> {
     /// Layer `l`'s MLP on rows [r0, r0 + t) of its post-attention norm output: gate and up
     /// (their x A^T rows saved), act = swiglu, then down_proj into `out`'s rows (`out` is the
     /// batch's (N, C) output) — or, recomputing for the backward (`out` None), only down_proj's
-    /// x A^T rows.
+    /// x A^T rows; neither x A^T when the attention checkpoint brought them back.
     fn mlp_forward_rows(
         &self,
         a: &Acts,
@@ -1779,7 +1781,10 @@ impl<'g> GpuLlama<'g> {
         let xa_gu = self.xa_rows(la.xa[g_gu], g_gu, r0);
         let xa_down = self.xa_rows(la.xa[g_down], g_down, r0);
         let (gate, up, act) = self.mlp_rows(a, l, r0);
-        self.stack_xa(l, g_gu, x, xa_gu, t)?;
+        let xa_saved = out.is_none() && a.attn_offload.is_some();
+        if !xa_saved {
+            self.stack_xa(l, g_gu, x, xa_gu, t)?;
+        }
         self.project(l, Proj::Gate, x, gate, xa_gu, t)?;
         self.project(l, Proj::Up, x, up, xa_gu, t)?;
         activation::swiglu::forward(
@@ -1792,7 +1797,9 @@ impl<'g> GpuLlama<'g> {
             act,
         )
         .ctx("swiglu")?;
-        self.stack_xa(l, g_down, act, xa_down, t)?;
+        if !xa_saved {
+            self.stack_xa(l, g_down, act, xa_down, t)?;
+        }
         match out {
             Some(y) => self.project(l, Proj::Down, act, y, xa_down, t),
             None => Ok(()),

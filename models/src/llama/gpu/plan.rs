@@ -56,33 +56,38 @@ pub mod ckpt {
     pub const RESID_MID: usize = 1;
     pub const XA_O: usize = 2;
     pub const LSE: usize = 3;
-    pub const Q: usize = 4;
-    pub const K: usize = 5;
-    pub const V: usize = 6;
-    pub const XA_QKV: usize = 7;
-    pub const Q_PRE: usize = 8;
-    pub const K_PRE: usize = 9;
-    pub const Q_RSTD: usize = 10;
-    pub const K_RSTD: usize = 11;
+    pub const XA_GATE_UP: usize = 4;
+    pub const XA_DOWN: usize = 5;
+    pub const Q: usize = 6;
+    pub const K: usize = 7;
+    pub const V: usize = 8;
+    pub const XA_QKV: usize = 9;
+    pub const Q_PRE: usize = 10;
+    pub const K_PRE: usize = 11;
+    pub const Q_RSTD: usize = 12;
+    pub const K_RSTD: usize = 13;
 }
 
 /// The attention checkpoint of a recomputed layer, bytes per token of each piece in ring order
-/// ([`ckpt`]): what its backward reads of the attention half besides its input residual. The
-/// attention output (bf16 (Hq D)), the post-attention residual (C), o_proj's x A^T (`xa_o`
-/// columns) and the log-sum-exp (f32 per query head); with `qkv` also the queries, keys and
-/// values after norm and RoPE, the q/k/v stack's x A^T (`xa_qkv` columns) and, with q/k norms
+/// ([`ckpt`]): what its backward reads of the attention half besides its input residual, and
+/// the MLP's x A^T. The attention output (bf16 (Hq D)), the post-attention residual (C),
+/// o_proj's x A^T, the log-sum-exp (f32 per query head), the gate/up and down stacks' x A^T
+/// (`xa[g]` columns for input group g, [`Proj::INPUT_GROUPS`]); with `qkv` also the queries,
+/// keys and values after norm and RoPE, the q/k/v stack's x A^T and, with q/k norms
 /// (`qk_norm`), the norms' inputs and f32 rstds: the backward then recomputes no projection
-/// of the attention half.
-pub fn attention_checkpoint(
-    d: &Dims,
-    qk_norm: bool,
-    xa_o: usize,
-    xa_qkv: usize,
-    qkv: bool,
-) -> Vec<usize> {
-    let mut pieces = vec![2 * d.q_dim(), 2 * d.hidden, 2 * xa_o, 4 * d.heads];
+/// of the attention half, and of the MLP only gate and up.
+pub fn attention_checkpoint(d: &Dims, qk_norm: bool, xa: [usize; 4], qkv: bool) -> Vec<usize> {
+    let g = |p: Proj| 2 * xa[p.input_group()];
+    let mut pieces = vec![
+        2 * d.q_dim(),
+        2 * d.hidden,
+        g(Proj::O),
+        4 * d.heads,
+        g(Proj::Gate),
+        g(Proj::Down),
+    ];
     if qkv {
-        pieces.extend([2 * d.q_dim(), 2 * d.kv_dim(), 2 * d.kv_dim(), 2 * xa_qkv]);
+        pieces.extend([2 * d.q_dim(), 2 * d.kv_dim(), 2 * d.kv_dim(), g(Proj::Q)]);
         if qk_norm {
             pieces.extend([2 * d.q_dim(), 2 * d.kv_dim(), 4 * d.heads, 4 * d.kv_heads]);
         }
@@ -106,7 +111,7 @@ pub fn checkpoint_qkv(d: &Dims, qk_norm: bool) -> bool {
     let params = c * (2 * q + 2 * kv) + 3 * c * d.intermediate;
     let forward_s = 2.0 * params as f64 / LAYER_FORWARD_FLOPS_PER_S;
     let per_token: usize = 2 * c
-        + attention_checkpoint(d, qk_norm, 0, 0, true)
+        + attention_checkpoint(d, qk_norm, [0; 4], true)
             .iter()
             .sum::<usize>();
     cost.d2h_seconds(per_token) <= forward_s
@@ -442,8 +447,7 @@ impl ActSizes {
         let attn_ring = match offload {
             Offload::Checkpoints { qkv } if recomputed > 0 => {
                 let r = self.nr / self.n.max(1);
-                let (o, q) = (Proj::O.input_group(), Proj::Q.input_group());
-                let pieces = attention_checkpoint(d, qk_norm, widths[o] * r, widths[q] * r, qkv);
+                let pieces = attention_checkpoint(d, qk_norm, widths.map(|w| w * r), qkv);
                 let checkpoint = |align: usize| {
                     pieces
                         .iter()
@@ -776,13 +780,21 @@ mod tests {
         };
         let s = ActSizes::new(&d, 512, 8, LOGIT_BUDGET_LEAN);
         let resid = 2 * s.nc;
-        // the attention checkpoint (att, resid_mid, o_proj's x A^T, lse): one set in the shared
-        // buffers without offload, a ring of 256-byte aligned slots with it
-        let ckpt = 2 * s.nq + 2 * s.nc + 2 * s.nr + 4 * s.lse;
-        let slot: usize = [2 * s.nq, 2 * s.nc, 2 * s.nr, 4 * s.lse]
-            .iter()
-            .map(|x| x.next_multiple_of(256))
-            .sum();
+        // the attention checkpoint (att, resid_mid, o_proj's x A^T, lse, gate/up's and down's
+        // x A^T): one set in the shared buffers without offload, a ring of 256-byte aligned
+        // slots with it
+        let ckpt = 2 * s.nq + 2 * s.nc + 2 * s.nr + 4 * s.lse + 2 * 2 * s.nr + 2 * s.nr;
+        let slot: usize = [
+            2 * s.nq,
+            2 * s.nc,
+            2 * s.nr,
+            4 * s.lse,
+            2 * 2 * s.nr,
+            2 * s.nr,
+        ]
+        .iter()
+        .map(|x| x.next_multiple_of(256))
+        .sum();
         for k in 0..=6 {
             let recomputed = 6 - k;
             // The ring replaces the recomputed layers' residual buffers once there are more of
@@ -849,8 +861,8 @@ mod tests {
                 assert_eq!(grow, want, "qk {qk} kept {k}");
             }
             // the pieces' list, per token, matches
-            let pieces = attention_checkpoint(&d, qk, 8, 3 * 8, true);
-            assert_eq!(pieces.len(), if qk { 12 } else { 8 });
+            let pieces = attention_checkpoint(&d, qk, ALL.map(|w| w * 8), true);
+            assert_eq!(pieces.len(), if qk { 14 } else { 10 });
             let per_token: usize = pieces[ckpt::Q..].iter().sum();
             assert_eq!(per_token * s.n, once);
         }
