@@ -42,29 +42,51 @@ constexpr int LR_OUT_LD = LR_TILE + 8;
 constexpr int LR_SMEM_ELEMS = 2 * LR_TILE * (LR_KMAX + LR_KPAD);
 static_assert(LR_TILE * LR_OUT_LD <= LR_SMEM_ELEMS, "the y tile reuses the operand tiles");
 
-// xs[r][k] = x[m0 + r][k] (zero past M), ks = K + 8; rows of K bf16 as 32-bit words.
+// Words (pairs of bf16) each thread loads per operand tile: at most 128 x 64 / 2 / 256.
+constexpr int LR_WORDS = LR_TILE * LR_KMAX / 2 / LR_THREADS;
+
+// xs[r][k] = x[r0 + r][k] (zero past `rows`), ks = K + 8; rows of K bf16 as 32-bit words. All
+// of a thread's loads are issued before its first shared store (one L2 latency per tile, not
+// one per word).
 __device__ __forceinline__ void lr_load_rows(const lr_bf16* __restrict__ x, int ld, int rows,
                                              int r0, int k, int ks, lr_bf16* xs) {
-    const int words = k / 2;
-    for (int i = threadIdx.x; i < LR_TILE * words; i += LR_THREADS) {
-        const int r = i / words, w = i % words;
-        unsigned int v = 0;
-        if (r0 + r < rows)
-            v = *reinterpret_cast<const unsigned int*>(x + (long long)(r0 + r) * ld + 2 * w);
-        *reinterpret_cast<unsigned int*>(xs + r * ks + 2 * w) = v;
+    const int words = k / 2, total = LR_TILE * words;
+    unsigned int v[LR_WORDS];
+#pragma unroll
+    for (int j = 0; j < LR_WORDS; ++j) {
+        const int i = threadIdx.x + j * LR_THREADS, r = i / words, w = i % words;
+        v[j] = 0;
+        if (i < total && r0 + r < rows)
+            v[j] = *reinterpret_cast<const unsigned int*>(x + (long long)(r0 + r) * ld + 2 * w);
+    }
+#pragma unroll
+    for (int j = 0; j < LR_WORDS; ++j) {
+        const int i = threadIdx.x + j * LR_THREADS, r = i / words, w = i % words;
+        if (i < total) *reinterpret_cast<unsigned int*>(xs + r * ks + 2 * w) = v[j];
     }
 }
 
-// ws[n][k] = w[k][n0 + n] (zero past N) for w (K, N) row-major: the nn operand transposed.
+// ws[n][k] = w[k][n0 + n] (zero past `cols`) for w (K, N) row-major: the nn operand transposed
+// (loads first, as in lr_load_rows).
 __device__ __forceinline__ void lr_load_cols(const lr_bf16* __restrict__ w, int ld, int cols,
                                              int n0, int k, int ks, lr_bf16* ws) {
-    for (int i = threadIdx.x; i < k * (LR_TILE / 2); i += LR_THREADS) {
-        const int kk = i / (LR_TILE / 2), n = 2 * (i % (LR_TILE / 2));
-        unsigned int v = 0;
-        if (n0 + n < cols)
-            v = *reinterpret_cast<const unsigned int*>(w + (long long)kk * ld + n0 + n);
-        ws[n * ks + kk] = (lr_bf16)(v & 0xffffu);
-        ws[(n + 1) * ks + kk] = (lr_bf16)(v >> 16);
+    constexpr int PAIRS = LR_TILE / 2;  // words per row of the tile
+    const int total = k * PAIRS;
+    unsigned int v[LR_WORDS];
+#pragma unroll
+    for (int j = 0; j < LR_WORDS; ++j) {
+        const int i = threadIdx.x + j * LR_THREADS, kk = i / PAIRS, n = 2 * (i % PAIRS);
+        v[j] = 0;
+        if (i < total && n0 + n < cols)
+            v[j] = *reinterpret_cast<const unsigned int*>(w + (long long)kk * ld + n0 + n);
+    }
+#pragma unroll
+    for (int j = 0; j < LR_WORDS; ++j) {
+        const int i = threadIdx.x + j * LR_THREADS, kk = i / PAIRS, n = 2 * (i % PAIRS);
+        if (i < total) {
+            ws[n * ks + kk] = (lr_bf16)(v[j] & 0xffffu);
+            ws[(n + 1) * ks + kk] = (lr_bf16)(v[j] >> 16);
+        }
     }
 }
 
