@@ -12,7 +12,6 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod decode;
 pub mod embedding;
-pub mod lora;
 pub mod nf4;
 pub mod norm;
 pub mod quant_prelude;

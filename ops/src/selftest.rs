@@ -2,9 +2,7 @@
 //! inputs at real sizes, with its time and achieved bandwidth against the measured copy rate.
 use crate::dsl::gradcheck::Rng;
 use crate::dsl::Rounding;
-use crate::{
-    activation, adamw, cross_entropy, decode, embedding, lora, nf4, norm, quant_prelude, rope,
-};
+use crate::{activation, adamw, cross_entropy, decode, embedding, nf4, norm, quant_prelude, rope};
 use ftrt_runtime::selftest::SelftestRow;
 use ftrt_runtime::{DevPtr, DeviceBuffer, Gpu, RuntimeError};
 use half::bf16;
@@ -167,7 +165,6 @@ pub fn selftest_kernels(gpu: &Gpu) -> Result<Vec<SelftestRow>, RuntimeError> {
     check_nf4(gpu, &mut rng, &mut rep)?;
     check_adamw(gpu, &mut rng, &mut rep)?;
     check_decode(gpu, &mut rng, &mut rep)?;
-    check_lora(gpu, &mut rng, &mut rep)?;
     if rep.failures.is_empty() {
         Ok(rep.rows)
     } else {
@@ -874,91 +871,6 @@ fn check_decode(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), Runtim
             if inv_temp > 0.0 { 1.0 } else { 0.0 },
             us,
             (s * v * 4) as f64,
-        );
-    }
-    Ok(())
-}
-
-/// The low-rank products against the CPU reference (ragged shapes, a stack member's columns of
-/// a wider x A^T), then at the 8B's sizes against cuBLASLt on the same operands, both timed.
-fn check_lora(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), RuntimeError> {
-    use ftrt_runtime::gemm::cublaslt::{CublasLt, GemmWorkspace};
-    use ftrt_runtime::GemmDesc;
-    let mut b = Bufs::new(gpu);
-    // (m, n, k, x's row width, first column of x, w (K, N))
-    let cases = [
-        (1000, 1032, 16, 48, 16, false),
-        (77, 4096, 64, 64, 0, false),
-        (1000, 3584, 48, 48, 0, true),
-        (300, 14336, 32, 32, 0, true),
-    ];
-    for (m, n, k, width, col, w_kn) in cases {
-        let d = lora::ExpandDims {
-            m,
-            n,
-            k,
-            lda: width,
-            ldb: if w_kn { n } else { k },
-            ldc: n,
-            w_kn,
-            alpha: 2.0,
-        };
-        let xd = b.bf16(&randn(rng, m * width, 1.0))?;
-        let wd = b.bf16(&randn(rng, n * k, 0.1))?;
-        let yd = b.bf16(&vec![f32::NAN; m * n])?;
-        lora::expand(gpu, &d, xd.offset(col), wd, yd)?;
-        let x = b.get_bf16(xd, m * width)?;
-        let want = lora::expand_cpu(&d, &x[col..], &b.get_bf16(wd, n * k)?, Rounding::BF16);
-        let err = rel_err(&b.get_bf16(yd, m * n)?, &want);
-        let us = time(gpu, || lora::expand(gpu, &d, xd.offset(col), wd, yd))?;
-        rep.add(
-            &format!(
-                "lora expand {m}x{n}x{k} w ({}) vs CPU",
-                if w_kn { "K, N" } else { "N, K" }
-            ),
-            err,
-            TOLERANCE,
-            us,
-            (2 * m * n) as f64,
-        );
-    }
-    let blas = CublasLt::new(gpu)?;
-    let ws_buf = gpu.alloc(32 << 20)?;
-    let ws = GemmWorkspace {
-        ptr: ws_buf.ptr(),
-        bytes: 32 << 20,
-    };
-    for (m, n, k, w_kn) in [(4096, 14336, 16, false), (4096, 4096, 48, true)] {
-        let d = lora::ExpandDims {
-            m,
-            n,
-            k,
-            lda: k,
-            ldb: if w_kn { n } else { k },
-            ldc: n,
-            w_kn,
-            alpha: 2.0,
-        };
-        let xd = b.bf16(&randn(rng, m * k, 1.0))?;
-        let wd = b.bf16(&randn(rng, n * k, 0.1))?;
-        let (yd, zd) = (b.bf16(&vec![0.0; m * n])?, b.bf16(&vec![0.0; m * n])?);
-        let g = GemmDesc::new(m, n, k)
-            .transposed(false, !w_kn)
-            .scaled(2.0, 0.0);
-        lora::expand(gpu, &d, xd, wd, yd)?;
-        blas.gemm_bf16(&g, xd, wd, zd, None, ws)?;
-        let err = rel_err(&b.get_bf16(yd, m * n)?, &b.get_bf16(zd, m * n)?);
-        let us = time(gpu, || lora::expand(gpu, &d, xd, wd, yd))?;
-        let blas_us = time(gpu, || blas.gemm_bf16(&g, xd, wd, zd, None, ws))?;
-        rep.add(
-            &format!(
-                "lora expand {m}x{n}x{k} w ({}) vs cuBLASLt ({blas_us:.1} us)",
-                if w_kn { "K, N" } else { "N, K" }
-            ),
-            err,
-            TOLERANCE,
-            us,
-            (2 * m * n) as f64,
         );
     }
     Ok(())

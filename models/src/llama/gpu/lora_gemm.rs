@@ -6,18 +6,16 @@
 //! Forward of a group with adapted members 1..m (stack A_s = [A_1; ...; A_m], (m r, in)):
 //!   xa (n, m r) = x A_s^T                          (one GEMM; member i owns columns i r..)
 //!   y_i (n, out_i) = s xa_i B_i^T, then += x W_i^T (+ b_i)   (the base GEMM adds in its
-//!                                                   epilogue, beta 1: y is read once; the
-//!                                                   first product on `ftrt_ops::lora`)
+//!                                                   epilogue, beta 1: y is read once)
 //! Backward with W frozen:
 //!   dB_i += s dy_i^T xa_i,  dxa_i = s dy_i B_i      (per member; dxa (n, m r))
 //!   dA_s += dxa^T x,  dx (+)= dxa A_s                (one GEMM each for the stack)
 //!   dx += dy_i W_i                                  (per member, beta 1)
 
-use ftrt_ops::lora::ExpandDims;
 use ftrt_runtime::{DevPtr, GemmDesc};
 use half::bf16;
 
-use super::{Ctx, GpuLlama, GpuResult};
+use super::{GpuLlama, GpuResult};
 use crate::llama::lora::LoraStack;
 use crate::llama::weights::Proj;
 
@@ -90,7 +88,7 @@ impl GpuLlama<'_> {
                 .transposed(false, true)
                 .scaled(s, 0.0);
             desc.lda = self.xa_ld(p.input_group());
-            self.lora_expand(&desc, xa.offset(col), b, y)?;
+            self.lora_gemm(&desc, xa.offset(col), b, y)?;
             beta = 1.0;
         }
         let wt = self.proj_weight(l, p)?;
@@ -153,7 +151,7 @@ impl GpuLlama<'_> {
                 lg.grad.offset(st.a.start),
             )?;
             // dx (+)= dxa (n, m r) · A_s (m r, in)
-            self.lora_expand(
+            self.lora_gemm(
                 &GemmDesc::new(n, inn, width).scaled(1.0, beta),
                 dxa,
                 lg.bf16.offset(st.a.start),
@@ -204,34 +202,6 @@ impl GpuLlama<'_> {
         c: DevPtr<bf16>,
     ) -> GpuResult<()> {
         self.gemm_as(LORA_GEMM, desc, a, b, c, None)
-    }
-
-    /// A product of inner dimension m r, bf16 out: y = alpha x w (+ beta y). Overwriting
-    /// (beta 0), it runs on the low-rank kernel (`ftrt_ops::lora`: bound by the write of y,
-    /// which it does faster than cuBLASLt's kernels for these shapes) when the shape allows;
-    /// else it is a [`Self::lora_gemm`].
-    fn lora_expand(
-        &self,
-        desc: &GemmDesc,
-        x: DevPtr<bf16>,
-        w: DevPtr<bf16>,
-        y: DevPtr<bf16>,
-    ) -> GpuResult<()> {
-        let d = ExpandDims {
-            m: desc.m,
-            n: desc.n,
-            k: desc.k,
-            lda: desc.lda,
-            ldb: desc.ldb,
-            ldc: desc.ldc,
-            w_kn: !desc.transb,
-            alpha: desc.alpha,
-        };
-        if desc.beta == 0.0 && !desc.transa && desc.batch == 1 && d.takes(x, w, y) {
-            ftrt_ops::lora::expand(self.gpu, &d, x, w, y).ctx("LoRA expand")
-        } else {
-            self.lora_gemm(desc, x, w, y)
-        }
     }
 
     /// A rank-r GEMM into an f32 gradient (beta 1 accumulates).
