@@ -237,12 +237,11 @@ struct Acts {
     ln: Vec<DevPtr<bf16>>,
     rstd: Vec<DevPtr<f32>>,
     layers: Vec<LayerActs>,
-    /// Scratch (N, C): projection outputs, dresid ping-pong, norm-backward dx sink, zeros.
+    /// Scratch (N, C): projection outputs in the forward (the add + norm backwards' unused dx
+    /// output in the backward, where nothing else reads it); dresid ping-pong.
     tmp_c: DevPtr<bf16>,
     dres_a: DevPtr<bf16>,
     dres_b: DevPtr<bf16>,
-    sink_c: DevPtr<bf16>,
-    zeros_c: DevPtr<bf16>,
     /// (N, C) gradient into a norm output (dln1, dln2, dln_f).
     dln: DevPtr<bf16>,
     /// (rows of one MLP tile, I) dact, dgate, dup.
@@ -1298,8 +1297,6 @@ impl<'g> GpuLlama<'g> {
         } else {
             null
         };
-        let zeros_c = h.alloc::<bf16>(gpu, s.nc)?;
-        gpu.memset_zero(zeros_c.cast(), s.nc * 2).ctx("zeroing")?;
         let attn_bytes = scratch_bytes(&AttentionDims::new(n, 1, d.heads, d.kv_heads, dp));
         let pad_alloc = |h: &mut Held, e: usize| -> GpuResult<DevPtr<bf16>> {
             if pad {
@@ -1321,8 +1318,6 @@ impl<'g> GpuLlama<'g> {
             tmp_c: h.alloc(gpu, s.nc)?,
             dres_a: h.alloc(gpu, s.nc)?,
             dres_b: h.alloc(gpu, s.nc)?,
-            sink_c: h.alloc(gpu, s.nc)?,
-            zeros_c,
             dln: h.alloc(gpu, s.nc)?,
             dact: h.alloc(gpu, s.ti)?,
             dgate: h.alloc(gpu, s.ti)?,
@@ -1894,7 +1889,10 @@ impl<'g> GpuLlama<'g> {
         let (c, hq, hkv, hd, inter) = (d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate);
         let nd = norm::add_rms_norm::Dims { R: n, C: c };
         let p_rows = self.max_tokens;
-        // Final norm: d resid after the last layer into dres_a.
+        // Final norm: d resid after the last layer into dres_a (no residual gradient from
+        // above: dres_b, not yet in use, zeroed).
+        gpu.memset_zero(a.dres_b.cast(), n * c * 2)
+            .ctx("zeroing the residual gradient")?;
         norm::add_rms_norm::backward(
             gpu,
             &nd,
@@ -1902,8 +1900,8 @@ impl<'g> GpuLlama<'g> {
             a.resid[d.layers],
             a.rstd[d.layers],
             a.dln,
-            a.zeros_c,
-            a.sink_c,
+            a.dres_b,
+            a.tmp_c,
             a.dres_a,
         )
         .ctx("final norm backward")?;
@@ -1985,7 +1983,7 @@ impl<'g> GpuLlama<'g> {
                 la.rstd2,
                 a.dln,
                 a.dres_a,
-                a.sink_c,
+                a.tmp_c,
                 a.dres_b,
             )
             .ctx("post-attention norm backward")?;
@@ -2078,7 +2076,7 @@ impl<'g> GpuLlama<'g> {
                     a.rstd[l],
                     a.dln,
                     a.dres_b,
-                    a.sink_c,
+                    a.tmp_c,
                     a.dres_a,
                 )
                 .ctx("input norm backward")?;

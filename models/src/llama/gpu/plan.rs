@@ -461,8 +461,9 @@ impl ActSizes {
         let streams = device_residuals(d.layers, kept, offload != Offload::Off) * b * self.nc
             + (d.layers + 1) * 4 * self.n
             + (slots + 1) * b * self.nc;
+        // tmp_c, dres_a, dres_b, dln; d act, d gate, d up; datt, dq; dk, dv; dxa; logits
         let scratch = b
-            * (4 * self.nc + 3 * self.ti + 3 * self.nq + 2 * self.nkv + 3 * self.nr + self.logits)
+            * (4 * self.nc + 3 * self.ti + 2 * self.nq + 2 * self.nkv + 3 * self.nr + self.logits)
             + if qk_norm { b * (self.nq + self.nkv) } else { 0 }
             + b * (4 * self.nq_pad + 4 * self.nkv_pad)
             + 4 * (self.lse + 6 * self.n)
