@@ -1,8 +1,7 @@
 //! Checkpoint offload ([`super::GpuLlama::set_offload_residuals`]): per recomputed layer
 //! 0..m, a set of tensors that the forward writes and the backward reads — the layer's input
-//! residual (N, C) bf16; or the attention half's outputs (attention output, its log-sum-exp,
-//! the post-attention residual, o_proj's x A^T) — lives in a ring of [`plan::RESID_RING`]
-//! device slots (layer l's in slot l % slots) instead of one buffer per layer. A slot holds
+//! residual (N, C) bf16; or its attention checkpoint ([`plan::attention_checkpoint`]) — lives
+//! in a ring of [`plan::resid_ring`] device slots (layer l's in slot l % slots) instead of one buffer per layer. A slot holds
 //! the set's tensors ("pieces") one after another, each sized for N tokens and starting on a
 //! 256-byte boundary; a batch of n tokens uses the first n tokens' bytes of each. The sets a
 //! later layer overwrites in the forward (layers 0..m - slots) travel to pinned host memory
@@ -36,7 +35,7 @@ use super::{plan, Ctx, GpuResult, Held};
 pub(super) struct LayerOffload {
     /// Recomputed layers (0..m) whose set lives in the ring.
     m: usize,
-    /// min(RESID_RING, m) slots of `slot_bytes` (owned by the activations' [`Held`]).
+    /// [`plan::resid_ring`] slots of `slot_bytes` (owned by the activations' [`Held`]).
     slots: Vec<DevPtr<u8>>,
     /// Token budget N; bytes per token of each piece (see [`Self::piece_start`]).
     n_max: usize,
@@ -63,7 +62,7 @@ impl LayerOffload {
         n_max: usize,
         piece_bytes: Vec<usize>,
     ) -> GpuResult<Self> {
-        let ring = plan::resid_ring(m);
+        let ring = plan::resid_ring(m, n_max);
         let slot_bytes = piece_start(n_max, &piece_bytes, piece_bytes.len());
         let slots = (0..ring)
             .map(|_| held.alloc::<u8>(gpu, slot_bytes))
@@ -92,7 +91,7 @@ impl LayerOffload {
 
     /// Pinned host bytes of an offload of `m` layers' sets of `piece_bytes` for `n_max` tokens.
     pub(super) fn host_bytes(m: usize, n_max: usize, piece_bytes: &[usize]) -> usize {
-        plan::offloaded_residuals(m) * piece_start(n_max, piece_bytes, piece_bytes.len())
+        plan::offloaded_residuals(m, n_max) * piece_start(n_max, piece_bytes, piece_bytes.len())
     }
 
     /// Piece `i` of the ring slot holding layer `l`'s set (`l` < m), as a typed pointer.

@@ -207,7 +207,9 @@ struct LayerActs {
     att: DevPtr<bf16>,
     /// (Hq, N) f32 attention logsumexp.
     lse: DevPtr<f32>,
-    /// (N, C) residual after attention, post-attention norm output; (N) f32 its rstd.
+    /// (N, C) residual after attention; (N, C) the post-attention norm output (the MLP's
+    /// input: in the shared set one MLP tile's rows, see [`GpuLlama::mlp_rows`]); (N) f32 its
+    /// rstd.
     resid_mid: DevPtr<bf16>,
     ln2: DevPtr<bf16>,
     rstd2: DevPtr<f32>,
@@ -238,7 +240,9 @@ struct Acts {
     rstd: Vec<DevPtr<f32>>,
     layers: Vec<LayerActs>,
     /// Scratch (N, C): projection outputs in the forward (the add + norm backwards' unused dx
-    /// output in the backward, where nothing else reads it); dresid ping-pong.
+    /// output in the backward); it is `dq`'s memory when that is as large (nothing reads dq
+    /// between a layer's q/k/v backward and the next layer's attention backward, where tmp_c
+    /// is used). dresid ping-pong.
     tmp_c: DevPtr<bf16>,
     dres_a: DevPtr<bf16>,
     dres_b: DevPtr<bf16>,
@@ -813,12 +817,12 @@ impl<'g> GpuLlama<'g> {
     }
 
     /// Checkpoint offload (off by default): the input residuals (N, C) of the recomputed layers
-    /// (see [`Self::set_kept_layers`]), and their attention checkpoints (attention output,
-    /// log-sum-exp, post-attention residual, o_proj's x A^T), live in rings of
-    /// [`plan::RESID_RING`] device slots instead of one buffer per layer; the forward copies
-    /// each set a later layer overwrites to pinned host memory on a copy stream, the backward
-    /// prefetches it on another one while the layer above is differentiated (see
-    /// [`layer_offload`]). The recompute then redoes the MLP, and q, k, v unless the
+    /// (see [`Self::set_kept_layers`]), and their attention checkpoints
+    /// ([`plan::attention_checkpoint`]), live in rings of [`plan::resid_ring`] device slots
+    /// instead of one buffer per layer; the forward copies each set a later layer overwrites
+    /// to pinned host memory on a copy stream, the backward prefetches it on another one while
+    /// the layer above is differentiated (see [`layer_offload`]). The recompute then redoes
+    /// ln2 and the MLP (gate, up, the activation), and q, k, v unless the
     /// checkpoints carry them too ([`plan::checkpoint_qkv`] decides by the layer's width;
     /// `FTRT_CHECKPOINT_QKV=0|1` overrides it), not the attention and o_proj. Kept layers'
     /// activations and the last layer's output stay on the device. Changing it frees the
@@ -1125,7 +1129,7 @@ impl<'g> GpuLlama<'g> {
         };
         let null = DevPtr::<bf16>::null();
         let nullf = DevPtr::<f32>::null();
-        // `mlp`: elements of gate, up and act (a kept layer's N rows, or one tile's). With
+        // `rows`: rows of ln2, gate, up and act (a kept layer's N, or one MLP tile's). With
         // `ring` Some(qkv), the attention checkpoint's tensors (with q, k, v when `qkv`) are
         // left null: each recomputed layer's point into its slot of the attention offload's ring.
         let offloading = self.offload != plan::Offload::Off;
@@ -1133,7 +1137,8 @@ impl<'g> GpuLlama<'g> {
         let widths = self.stack_widths();
         let (g_qkv, g_o) = (Proj::Q.input_group(), Proj::O.input_group());
         let (g_gu, g_down) = (Proj::Gate.input_group(), Proj::Down.input_group());
-        let layer_acts = |h: &mut Held, mlp: usize, ring: Option<bool>| -> GpuResult<LayerActs> {
+        let layer_acts = |h: &mut Held, rows: usize, ring: Option<bool>| -> GpuResult<LayerActs> {
+            let mlp = rows * d.intermediate;
             let in_ring = ring.is_some();
             let qkv_in_ring = ring == Some(true);
             let mut xa = [null; 4];
@@ -1178,7 +1183,7 @@ impl<'g> GpuLlama<'g> {
                 att: unless(h, in_ring, s.nq)?,
                 lse: unless_f(h, in_ring, s.lse)?,
                 resid_mid: unless(h, in_ring, s.nc)?,
-                ln2: h.alloc(gpu, s.nc)?,
+                ln2: h.alloc(gpu, rows * d.hidden)?,
                 rstd2: h.alloc(gpu, n)?,
                 gate: h.alloc(gpu, mlp)?,
                 up: h.alloc(gpu, mlp)?,
@@ -1223,7 +1228,10 @@ impl<'g> GpuLlama<'g> {
         let shared = if recomputed.is_empty() {
             None
         } else {
-            Some((layer_acts(&mut h, s.ti, ring)?, h.alloc::<bf16>(gpu, s.nc)?))
+            Some((
+                layer_acts(&mut h, s.mlp_rows, ring)?,
+                h.alloc::<bf16>(gpu, s.nc)?,
+            ))
         };
         let mut layers = Vec::with_capacity(d.layers);
         let mut ln = Vec::with_capacity(d.layers + 1);
@@ -1234,7 +1242,7 @@ impl<'g> GpuLlama<'g> {
                     ln.push(ln_shared);
                 }
                 _ => {
-                    layers.push(layer_acts(&mut h, s.ni, None)?);
+                    layers.push(layer_acts(&mut h, n, None)?);
                     ln.push(h.alloc(gpu, s.nc)?);
                 }
             }
@@ -1305,6 +1313,12 @@ impl<'g> GpuLlama<'g> {
                 Ok(null)
             }
         };
+        let dq = h.alloc::<bf16>(gpu, s.nq)?;
+        let tmp_c = if s.nq >= s.nc {
+            dq
+        } else {
+            h.alloc(gpu, s.nc)?
+        };
         let acts = Acts {
             sizes: s,
             ids: h.alloc(gpu, n)?,
@@ -1315,7 +1329,7 @@ impl<'g> GpuLlama<'g> {
             ln,
             rstd,
             layers,
-            tmp_c: h.alloc(gpu, s.nc)?,
+            tmp_c,
             dres_a: h.alloc(gpu, s.nc)?,
             dres_b: h.alloc(gpu, s.nc)?,
             dln: h.alloc(gpu, s.nc)?,
@@ -1323,7 +1337,7 @@ impl<'g> GpuLlama<'g> {
             dgate: h.alloc(gpu, s.ti)?,
             dup: h.alloc(gpu, s.ti)?,
             datt: h.alloc(gpu, s.nq)?,
-            dq: h.alloc(gpu, s.nq)?,
+            dq,
             dq_pre: if qk { h.alloc(gpu, s.nq)? } else { null },
             dk: h.alloc(gpu, s.nkv)?,
             dv: h.alloc(gpu, s.nkv)?,
@@ -1594,30 +1608,30 @@ impl<'g> GpuLlama<'g> {
         .ctx("input norm")
     }
 
-    /// ln2[l] (N, C), rstd2[l] (N) = rms_norm(resid_mid[l]) with layer `l`'s post-attention
-    /// norm weight: the values the forward's fused add + norm wrote (it normalizes the rounded
-    /// sum), for a recomputed layer whose resid_mid came back from host memory.
-    fn post_attention_norm(&self, a: &Acts, l: usize, n: usize) -> GpuResult<()> {
+    /// Rows [r0, r0 + t) of ln2[l] (the MLP tile's buffer, [`Self::mlp_rows`]) and of rstd2[l]
+    /// = rms_norm(resid_mid[l]) with layer `l`'s post-attention norm weight: the values the
+    /// forward's fused add + norm wrote (it normalizes the rounded sum), for a recomputed
+    /// layer's MLP tile in the backward.
+    fn post_attention_norm_rows(&self, a: &Acts, l: usize, r0: usize, t: usize) -> GpuResult<()> {
         let la = &a.layers[l];
+        let c = self.dims.hidden;
         norm::rms_norm::forward(
             self.gpu,
-            &norm::rms_norm::Dims {
-                R: n,
-                C: self.dims.hidden,
-            },
+            &norm::rms_norm::Dims { R: t, C: c },
             self.eps,
-            la.resid_mid,
+            la.resid_mid.offset(r0 * c),
             self.w(&self.layout.layers[l].post_norm),
-            la.ln2,
-            la.rstd2,
+            self.mlp_rows(a, l, r0).0,
+            la.rstd2.offset(r0),
         )
         .ctx("post-attention norm")
     }
 
     /// Layer `l` of the forward from `acts.ln[l]` (its input norm output) and `acts.resid[l]`:
-    /// writes its saved activations, `resid[l + 1]`, `ln[l + 1]` and `rstd[l + 1]`; the MLP
-    /// runs in row tiles ([`Self::mlp_forward_rows`]). For [`Pass::Recompute`] it stops after
-    /// the post-attention norm: the backward recomputes the MLP tile by tile.
+    /// writes its saved activations, `resid[l + 1]`, `ln[l + 1]` and `rstd[l + 1]`; the
+    /// post-attention add + norm and the MLP run in row tiles ([`Self::mlp_forward_rows`]). For
+    /// [`Pass::Recompute`] it stops after the post-attention add + norm (resid_mid and rstd2):
+    /// the backward recomputes ln2 and the MLP tile by tile.
     fn layer_forward(&self, a: &Acts, l: usize, n: usize, s: usize, pass: Pass) -> GpuResult<()> {
         let gpu = self.gpu;
         let d = self.dims;
@@ -1640,24 +1654,28 @@ impl<'g> GpuLlama<'g> {
         let g_o = Proj::O.input_group();
         self.stack_xa(l, g_o, la.att, la.xa[g_o], n)?;
         self.project(l, Proj::O, la.att, a.tmp_c, la.xa[g_o], n)?;
-        norm::add_rms_norm::forward(
-            gpu,
-            &and,
-            self.eps,
-            a.tmp_c,
-            a.resid[l],
-            self.w(&lw.post_norm),
-            la.ln2,
-            la.resid_mid,
-            la.rstd2,
-        )
-        .ctx("post-attention norm")?;
-        if let Pass::Recompute = pass {
-            // The MLP is recomputed tile by tile in the backward.
-            return Ok(());
-        }
+        // A tile's add + norm reads its rows of the o_proj output in tmp_c before its MLP
+        // writes down_proj's output over them.
         for (r0, t) in self.mlp_tiles(a, n) {
-            self.mlp_forward_rows(a, l, r0, t, Some(a.tmp_c.offset(r0 * c)))?;
+            norm::add_rms_norm::forward(
+                gpu,
+                &norm::add_rms_norm::Dims { R: t, C: c },
+                self.eps,
+                a.tmp_c.offset(r0 * c),
+                a.resid[l].offset(r0 * c),
+                self.w(&lw.post_norm),
+                self.mlp_rows(a, l, r0).0,
+                la.resid_mid.offset(r0 * c),
+                la.rstd2.offset(r0),
+            )
+            .ctx("post-attention norm")?;
+            if !matches!(pass, Pass::Recompute) {
+                self.mlp_forward_rows(a, l, r0, t, Some(a.tmp_c.offset(r0 * c)))?;
+            }
+        }
+        if let Pass::Recompute = pass {
+            // ln2 and the MLP are recomputed tile by tile in the backward.
+            return Ok(());
         }
         let next = if l + 1 < d.layers {
             &self.layout.layers[l + 1].input_norm
@@ -1741,21 +1759,23 @@ impl<'g> GpuLlama<'g> {
         (0..n).step_by(rows).map(move |r0| (r0, rows.min(n - r0)))
     }
 
-    /// Layer `l`'s gate, up and act from row `r0` on: its own (N, I) buffers at that row when
-    /// kept, else the shared set's one-tile buffers.
+    /// Layer `l`'s ln2, gate, up and act from row `r0` on: its own (N, C) and (N, I) buffers
+    /// at that row when kept, else the shared set's one-tile buffers.
     fn mlp_rows(
         &self,
         a: &Acts,
         l: usize,
         r0: usize,
-    ) -> (DevPtr<bf16>, DevPtr<bf16>, DevPtr<bf16>) {
+    ) -> (DevPtr<bf16>, DevPtr<bf16>, DevPtr<bf16>, DevPtr<bf16>) {
         let la = &a.layers[l];
-        let at = if self.is_kept(l) {
-            r0 * self.dims.intermediate
-        } else {
-            0
-        };
-        (la.gate.offset(at), la.up.offset(at), la.act.offset(at))
+        let row = if self.is_kept(l) { r0 } else { 0 };
+        let (c, i) = (row * self.dims.hidden, row * self.dims.intermediate);
+        (
+            la.ln2.offset(c),
+            la.gate.offset(i),
+            la.up.offset(i),
+            la.act.offset(i),
+        )
     }
 
     /// Layer `l`'s MLP on rows [r0, r0 + t) of its post-attention norm output: gate and up
@@ -1771,11 +1791,10 @@ impl<'g> GpuLlama<'g> {
         out: Option<DevPtr<bf16>>,
     ) -> GpuResult<()> {
         let la = &a.layers[l];
-        let x = la.ln2.offset(r0 * self.dims.hidden);
         let (g_gu, g_down) = (Proj::Gate.input_group(), Proj::Down.input_group());
         let xa_gu = self.xa_rows(la.xa[g_gu], g_gu, r0);
         let xa_down = self.xa_rows(la.xa[g_down], g_down, r0);
-        let (gate, up, act) = self.mlp_rows(a, l, r0);
+        let (x, gate, up, act) = self.mlp_rows(a, l, r0);
         let xa_saved = out.is_none() && a.attn_offload.is_some();
         if !xa_saved {
             self.stack_xa(l, g_gu, x, xa_gu, t)?;
@@ -1922,22 +1941,21 @@ impl<'g> GpuLlama<'g> {
                 self.input_norm(a, l, n)?;
                 if a.attn_offload.is_none() {
                     self.layer_forward(a, l, n, s, Pass::Recompute)?;
-                } else {
-                    if !a.qkv_in_checkpoint {
-                        self.attention_inputs(a, l, n)?;
-                    }
-                    self.post_attention_norm(a, l, n)?;
+                } else if !a.qkv_in_checkpoint {
+                    self.attention_inputs(a, l, n)?;
                 }
             }
             let la = &a.layers[l];
             let lw = &self.layout.layers[l];
-            // MLP, one tile of rows at a time (a recomputed layer's recomputed first).
+            // MLP, one tile of rows at a time (a recomputed layer's ln2 and MLP recomputed
+            // first).
             for (r0, t) in self.mlp_tiles(a, n) {
                 if !self.is_kept(l) {
+                    self.post_attention_norm_rows(a, l, r0, t)?;
                     self.mlp_forward_rows(a, l, r0, t, None)?;
                 }
-                let (gate, up, act) = self.mlp_rows(a, l, r0);
-                let (x, dln) = (la.ln2.offset(r0 * c), a.dln.offset(r0 * c));
+                let (x, gate, up, act) = self.mlp_rows(a, l, r0);
+                let dln = a.dln.offset(r0 * c);
                 let xa = |g: usize| self.xa_rows(la.xa[g], g, r0);
                 let dy = a.dres_a.offset(r0 * c);
                 let g_down = Proj::Down.input_group();

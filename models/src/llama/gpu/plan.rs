@@ -26,9 +26,16 @@ pub fn logit_budget(kept: usize, layers: usize) -> usize {
     }
 }
 
-/// Device slots of the ring holding the recomputed layers' input residuals when they are
-/// offloaded to host memory (see `GpuLlama::set_offload_residuals`).
+/// Device slots of the rings holding the recomputed layers' offloaded checkpoints (see
+/// `GpuLlama::set_offload_residuals`): a layer's copy-out has two layers' compute to finish in
+/// before its slot is written again.
 pub const RESID_RING: usize = 3;
+
+/// From this many tokens per micro-batch on, the rings take one slot less: a layer's compute
+/// there (tens of milliseconds, most of it attention on long sequences) covers its copies
+/// many times over, and each slot is large (a 65,536-token (N, C) bf16 tensor of the 8B is
+/// 0.5 GiB).
+pub const SHORT_RING_TOKENS: usize = 65_536;
 
 /// Whether the attention checkpoints are offloaded along with the residuals: when both
 /// offloads' pinned host rows (`resid_host` + `attn_host` bytes) fit half of `available` host
@@ -122,23 +129,29 @@ pub fn checkpoint_qkv(d: &Dims, qk_norm: bool) -> bool {
 /// whole batch's (the intermediate width is 3.5-4x the hidden width).
 pub const MLP_TILE_ROWS: usize = 4096;
 
-/// Ring slots for `recomputed` offloaded layers.
-pub fn resid_ring(recomputed: usize) -> usize {
-    recomputed.min(RESID_RING)
+/// Ring slots for `recomputed` offloaded layers at `n` tokens per micro-batch.
+pub fn resid_ring(recomputed: usize, n: usize) -> usize {
+    let slots = if n >= SHORT_RING_TOKENS {
+        RESID_RING - 1
+    } else {
+        RESID_RING
+    };
+    recomputed.min(slots)
 }
 
 /// Residuals of `recomputed` offloaded layers that go through host memory: all but the last
 /// [`resid_ring`], which are still in their slots when the backward reaches them.
-pub fn offloaded_residuals(recomputed: usize) -> usize {
-    recomputed - resid_ring(recomputed)
+pub fn offloaded_residuals(recomputed: usize, n: usize) -> usize {
+    recomputed - resid_ring(recomputed, n)
 }
 
-/// Residual streams (N, C) on the device: L + 1, or with `offload` the ring instead of the
-/// recomputed layers' inputs (the kept layers' inputs and the last layer's output stay).
-pub fn device_residuals(layers: usize, kept: usize, offload: bool) -> usize {
+/// Residual streams (N, C) on the device at `n` tokens: L + 1, or with `offload` the ring
+/// instead of the recomputed layers' inputs (the kept layers' inputs and the last layer's
+/// output stay).
+pub fn device_residuals(layers: usize, kept: usize, offload: bool, n: usize) -> usize {
     let recomputed = layers - kept.min(layers);
     if offload {
-        layers + 1 - recomputed + resid_ring(recomputed)
+        layers + 1 - recomputed + resid_ring(recomputed, n)
     } else {
         layers + 1
     }
@@ -345,7 +358,8 @@ pub fn norm_ranges(w: &WeightStore) -> Vec<Range<usize>> {
 pub struct ActSizes {
     /// N: token budget.
     pub n: usize,
-    /// (N, C): residual streams (L + 1 of them), norm outputs (L + 1), resid_mid, ln2 per layer.
+    /// (N, C): residual streams (L + 1 of them), norm outputs (L + 1), resid_mid (and a kept
+    /// layer's ln2) per layer.
     pub nc: usize,
     /// (N, Hq * D): q, att (and q_pre with q/k norms).
     pub nq: usize,
@@ -353,8 +367,8 @@ pub struct ActSizes {
     pub nkv: usize,
     /// (N, I): gate, up, act of a kept layer.
     pub ni: usize,
-    /// Rows per MLP tile (at most N), and (rows, I): a recomputed layer's gate, up, act and
-    /// the backward's d act, d gate, d up.
+    /// Rows per MLP tile (at most N): a recomputed layer's ln2 holds that many rows; and
+    /// (rows, I): its gate, up, act and the backward's d act, d gate, d up.
     pub mlp_rows: usize,
     pub ti: usize,
     /// (N, r): x A^T of one adapted projection (the backward's dxa scratch holds three, one
@@ -431,8 +445,9 @@ impl ActSizes {
         let shared = usize::from(kept < d.layers);
         let slots = kept + shared;
         let adapted_per_layer: usize = widths.iter().sum();
-        let per_layer = |mlp: usize| {
-            b * (2 * self.nc + 2 * self.nq + 2 * self.nkv + 3 * mlp)
+        // a layer's saved tensors, its ln2, gate, up and act `rows` rows (N, or one MLP tile's)
+        let per_layer = |rows: usize| {
+            b * (self.nc + rows * d.hidden + 2 * self.nq + 2 * self.nkv + 3 * rows * d.intermediate)
                 + 4 * (self.lse + self.n)
                 + adapted_per_layer * b * self.nr
                 + if qk_norm {
@@ -454,21 +469,30 @@ impl ActSizes {
                         .map(|&p| (self.n * p).next_multiple_of(align))
                         .sum::<usize>()
                 };
-                resid_ring(recomputed) * checkpoint(256) - checkpoint(1)
+                resid_ring(recomputed, self.n) * checkpoint(256) - checkpoint(1)
             }
             _ => 0,
         };
-        let streams = device_residuals(d.layers, kept, offload != Offload::Off) * b * self.nc
-            + (d.layers + 1) * 4 * self.n
-            + (slots + 1) * b * self.nc;
-        // tmp_c, dres_a, dres_b, dln; d act, d gate, d up; datt, dq; dk, dv; dxa; logits
+        let streams =
+            device_residuals(d.layers, kept, offload != Offload::Off, self.n) * b * self.nc
+                + (d.layers + 1) * 4 * self.n
+                + (slots + 1) * b * self.nc;
+        // dres_a, dres_b, dln, and tmp_c unless it is dq's memory; d act, d gate, d up; datt,
+        // dq; dk, dv; dxa; logits
+        let tmp_c = usize::from(self.nq < self.nc) * self.nc;
         let scratch = b
-            * (4 * self.nc + 3 * self.ti + 2 * self.nq + 2 * self.nkv + 3 * self.nr + self.logits)
+            * (3 * self.nc
+                + tmp_c
+                + 3 * self.ti
+                + 2 * self.nq
+                + 2 * self.nkv
+                + 3 * self.nr
+                + self.logits)
             + if qk_norm { b * (self.nq + self.nkv) } else { 0 }
             + b * (4 * self.nq_pad + 4 * self.nkv_pad)
             + 4 * (self.lse + 6 * self.n)
             + 4 * (self.n + 1);
-        kept * per_layer(self.ni) + shared * per_layer(self.ti) + attn_ring + streams + scratch
+        kept * per_layer(self.n) + shared * per_layer(self.mlp_rows) + attn_ring + streams + scratch
     }
 }
 
@@ -740,21 +764,22 @@ mod tests {
             ActSizes::with_mlp_rows(&d, 512, 8, LOGIT_BUDGET_LEAN, 0).mlp_rows,
             1
         );
-        // Recomputing: the shared set's gate/up/act and the scratch's three gradients are a
-        // tile's; keeping every layer: only the scratch is.
-        let saved = 2 * 3 * (full.ni - tiled.ti);
+        // Recomputing: the shared set's ln2, gate, up and act and the scratch's three
+        // gradients are a tile's; keeping every layer: only the scratch is.
+        let scratch_saved = 2 * 3 * (full.ni - tiled.ti);
+        let shared_saved = scratch_saved + 2 * (full.nc - 100 * d.hidden);
         for k in 0..6 {
             let diff = full.bytes(&d, false, ALL, k, Offload::Off)
                 - tiled.bytes(&d, false, ALL, k, Offload::Off);
-            assert_eq!(diff, 2 * saved, "kept {k}");
+            assert_eq!(diff, shared_saved + scratch_saved, "kept {k}");
         }
         let all = full.bytes(&d, false, ALL, 6, Offload::Off)
             - tiled.bytes(&d, false, ALL, 6, Offload::Off);
-        assert_eq!(all, saved);
-        // The last kept layer now costs its full MLP over the shared set's tile.
+        assert_eq!(all, scratch_saved);
+        // The last kept layer now costs its full ln2 and MLP over the shared set's tile.
         let step = tiled.bytes(&d, false, ALL, 6, Offload::Off)
             - tiled.bytes(&d, false, ALL, 5, Offload::Off);
-        assert_eq!(step, saved);
+        assert_eq!(step, shared_saved);
     }
 
     #[test]
@@ -804,23 +829,30 @@ mod tests {
             let off = s.bytes(&d, false, ALL, k, LEAN) as i64;
             let on_device = s.bytes(&d, false, ALL, k, Offload::Off) as i64;
             let attn_ring = if recomputed > 0 {
-                (resid_ring(recomputed) * slot - ckpt) as i64
+                (resid_ring(recomputed, 512) * slot - ckpt) as i64
             } else {
                 0
             };
             let resid_saved = (recomputed.saturating_sub(RESID_RING) * resid) as i64;
             assert_eq!(on_device - off, resid_saved - attn_ring, "kept {k}");
             assert_eq!(
-                offloaded_residuals(recomputed),
+                offloaded_residuals(recomputed, 512),
                 recomputed.saturating_sub(RESID_RING)
             );
             assert_eq!(
-                device_residuals(6, k, true),
-                7 - offloaded_residuals(recomputed)
+                device_residuals(6, k, true, 512),
+                7 - offloaded_residuals(recomputed, 512)
             );
         }
-        assert_eq!(device_residuals(6, 0, false), 7);
-        assert_eq!((resid_ring(2), resid_ring(6)), (2, RESID_RING));
+        assert_eq!(device_residuals(6, 0, false, 512), 7);
+        assert_eq!((resid_ring(2, 512), resid_ring(6, 512)), (2, RESID_RING));
+        // long micro-batches: a slot less
+        let long = SHORT_RING_TOKENS;
+        assert_eq!(
+            (resid_ring(1, long), resid_ring(6, long)),
+            (1, RESID_RING - 1)
+        );
+        assert_eq!(offloaded_residuals(6, long), 6 - (RESID_RING - 1));
         // With a model deep enough (the rings cost less than the residuals they replace),
         // recomputing every layer with offload fits a budget that keeping 0 without it does not.
         let d = Dims {
@@ -855,7 +887,7 @@ mod tests {
                 let grow =
                     s.bytes(&d, qk, ALL, k, with) as i64 - s.bytes(&d, qk, ALL, k, LEAN) as i64;
                 let want = if k < 6 {
-                    (resid_ring(6 - k) * slot) as i64 - once as i64
+                    (resid_ring(6 - k, 512) * slot) as i64 - once as i64
                 } else {
                     0
                 };
