@@ -298,6 +298,24 @@ WG_DEV void named_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;" ::"r
 template <int R> WG_DEV void regs_down() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R)); }
 template <int R> WG_DEV void regs_up() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R)); }
 
+// The key/value stream a producer thread issues for the forward and dQ: key tiles it = 0 ..
+// ntiles - 1 of BK rows from kbeg, K_it into buffer it % KB and V_it into buffer it % VB, each
+// load first waiting until every consumer warp freed its buffer's previous tile.
+template <int D, int BK, int KB, int VB>
+WG_DEV void produce_kv(const TmaMap* tk, const TmaMap* tv, int hk, int kbeg, int ntiles,
+                       bf16_t* sK, bf16_t* sV, unsigned long long* kfull, unsigned long long* kfree,
+                       unsigned long long* vfull, unsigned long long* vfree) {
+    for (int it = 0; it < ntiles; ++it) {
+        const int bk = it % KB, bv = it % VB, j0 = kbeg + it * BK;
+        if (it >= KB) mbar_wait(kfree + bk, (it / KB - 1) & 1);
+        mbar_expect(kfull + bk, BK * D * 2);
+        tma_rows(sK + bk * BK * D, tk, j0, hk, kfull + bk);
+        if (it >= VB) mbar_wait(vfree + bv, (it / VB - 1) & 1);
+        mbar_expect(vfull + bv, BK * D * 2);
+        tma_rows(sV + bv * BK * D, tv, j0, hk, vfull + bv);
+    }
+}
+
 // The forward, FlashAttention-3's schedule (384 threads). Warpgroup 0 is the producer: its
 // thread 0 issues every TMA load (Q, then K_it and V_it into FWD_STAGES buffers each, as the
 // consumers free them: "free" mbarriers, one arrival per consumer warp), at 40 registers.
@@ -344,15 +362,7 @@ WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, 
         if (tid != 0) return;
         mbar_expect(qfull, BM * D * 2);
         tma_rows(sQ, tq, q0, h, qfull);
-        for (int it = 0; it < ntiles; ++it) {
-            const int b = it % ST, j0 = kbeg + it * BN;
-            if (it >= ST) mbar_wait(kfree + b, (it / ST - 1) & 1);
-            mbar_expect(kfull + b, BN * D * 2);
-            tma_rows(sK + b * BN * D, tk, j0, hk, kfull + b);
-            if (it >= ST) mbar_wait(vfree + b, (it / ST - 1) & 1);
-            mbar_expect(vfull + b, BN * D * 2);
-            tma_rows(sV + b * BN * D, tv, j0, hk, vfull + b);
-        }
+        produce_kv<D, BN, ST, ST>(tk, tv, hk, kbeg, ntiles, sK, sV, kfull, kfree, vfull, vfree);
         return;
     }
 
@@ -652,15 +662,7 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
         mbar_expect(qfull, 2 * BQ * D * 2);
         tma_rows(sQ, tq, q0, h, qfull);
         tma_rows(sO, to, q0, h, qfull);
-        for (int it = 0; it < ntiles; ++it) {
-            const int bk = it % KB, bv = it % VB, j0 = kbeg + it * BK;
-            if (it >= KB) mbar_wait(kfree + bk, (it / KB - 1) & 1);
-            mbar_expect(kfull + bk, BK * D * 2);
-            tma_rows(sK + bk * BK * D, tk, j0, hk, kfull + bk);
-            if (it >= VB) mbar_wait(vfree + bv, (it / VB - 1) & 1);
-            mbar_expect(vfull + bv, BK * D * 2);
-            tma_rows(sV + bv * BK * D, tv, j0, hk, vfull + bv);
-        }
+        produce_kv<D, BK, KB, VB>(tk, tv, hk, kbeg, ntiles, sK, sV, kfull, kfree, vfull, vfree);
         return;
     }
 

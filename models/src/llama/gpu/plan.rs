@@ -683,6 +683,26 @@ mod tests {
     /// Checkpoint offload without q, k, v (the checkpoint the tests below count by hand).
     const LEAN: Offload = Offload::Checkpoints { qkv: false };
 
+    /// Llama-3.2-1B's shapes.
+    const LLAMA_1B: Dims = Dims {
+        hidden: 2048,
+        intermediate: 8192,
+        layers: 16,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 64,
+        vocab: 128256,
+    };
+
+    /// [`dims`] with six layers, and its sizes for 512 tokens at rank 8.
+    fn six_layers() -> (Dims, ActSizes) {
+        let d = Dims {
+            layers: 6,
+            ..dims()
+        };
+        (d, ActSizes::new(&d, 512, 8, LOGIT_BUDGET_LEAN))
+    }
+
     fn dims() -> Dims {
         Dims {
             hidden: 64,
@@ -720,12 +740,8 @@ mod tests {
 
     #[test]
     fn recomputing_layers_saves_their_activations() {
-        let d = Dims {
-            layers: 6,
-            ..dims()
-        };
         // A vocabulary small enough that both logit budgets hold every row.
-        let s = ActSizes::new(&d, 512, 8, LOGIT_BUDGET_LEAN);
+        let (d, s) = six_layers();
         let by_kept: Vec<usize> = (0..=6)
             .map(|k| s.bytes(&d, false, ALL, k, Offload::Off))
             .collect();
@@ -752,10 +768,7 @@ mod tests {
 
     #[test]
     fn mlp_tiles_shrink_the_recomputed_layers_and_the_scratch() {
-        let d = Dims {
-            layers: 6,
-            ..dims()
-        };
+        let (d, _) = six_layers();
         let full = ActSizes::new(&d, 512, 8, LOGIT_BUDGET_LEAN);
         let tiled = ActSizes::with_mlp_rows(&d, 512, 8, LOGIT_BUDGET_LEAN, 100);
         assert_eq!((full.mlp_rows, full.ti), (512, full.ni));
@@ -800,11 +813,7 @@ mod tests {
 
     #[test]
     fn offloading_residuals_keeps_a_ring() {
-        let d = Dims {
-            layers: 6,
-            ..dims()
-        };
-        let s = ActSizes::new(&d, 512, 8, LOGIT_BUDGET_LEAN);
+        let (d, s) = six_layers();
         let resid = 2 * s.nc;
         // the attention checkpoint (att, resid_mid, o_proj's x A^T, lse, gate/up's and down's
         // x A^T): one set in the shared buffers without offload, a ring of 256-byte aligned
@@ -868,11 +877,7 @@ mod tests {
 
     #[test]
     fn checkpoints_with_qkv_move_q_k_v_from_the_shared_set_into_the_ring() {
-        let d = Dims {
-            layers: 6,
-            ..dims()
-        };
-        let s = ActSizes::new(&d, 512, 8, LOGIT_BUDGET_LEAN);
+        let (d, s) = six_layers();
         let with = Offload::Checkpoints { qkv: true };
         for qk in [false, true] {
             // q, k, v, the q/k/v stack's x A^T (three members), and with q/k norms their
@@ -913,17 +918,8 @@ mod tests {
             head_dim: 128,
             vocab: 128256,
         };
-        let llama1b = Dims {
-            hidden: 2048,
-            intermediate: 8192,
-            layers: 16,
-            heads: 32,
-            kv_heads: 8,
-            head_dim: 64,
-            vocab: 128256,
-        };
         assert!(checkpoint_qkv(&llama8b, false));
-        assert!(!checkpoint_qkv(&llama1b, false));
+        assert!(!checkpoint_qkv(&LLAMA_1B, false));
     }
 
     #[test]
@@ -958,15 +954,7 @@ mod tests {
     #[test]
     fn flops_match_hf_baseline_formula() {
         // llama-3.2-1b, seq 2048, r 16 (numbers from hf_baseline.py's flop_estimate).
-        let d = Dims {
-            hidden: 2048,
-            intermediate: 8192,
-            layers: 16,
-            heads: 32,
-            kv_heads: 8,
-            head_dim: 64,
-            vocab: 128256,
-        };
+        let d = LLAMA_1B;
         let (nm, p, mf, hf) = flop_estimate(&d, 2048, 16, true);
         let shapes: f64 = (2048.0 * 2048.0) * 2.0 + (2048.0 * 512.0) * 2.0 + 3.0 * 2048.0 * 8192.0;
         assert_eq!(nm, 16.0 * shapes + 128256.0 * 2048.0);
