@@ -267,7 +267,8 @@ impl Gpu {
         if let Some(m) = modules.get(module.name) {
             return Ok(m.clone());
         }
-        let cubin = match override_path(module) {
+        let source = override_path(module);
+        let cubin = match source {
             Some(_) => None,
             None => module.cubin_for(self.info.compute_capability),
         };
@@ -278,7 +279,7 @@ impl Gpu {
             Some(m) => m,
             None => self
                 .ctx
-                .load_module(module_ptx(module)?)
+                .load_module(module_ptx(module, source.as_deref())?)
                 .map_err(|e| RuntimeError::Module(format!("loading {}: {e}", module.name)))?,
         };
         modules.insert(module.name, m.clone());

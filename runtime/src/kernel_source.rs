@@ -5,7 +5,7 @@ use crate::device::PtxModule;
 use crate::driver_probe::probe_nvrtc;
 use crate::error::RuntimeError;
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Environment variable naming a directory of edited `.cu` files that override embedded PTX.
 pub const KERNEL_DIR_ENV: &str = "FTRT_KERNEL_DIR";
@@ -19,14 +19,14 @@ pub fn override_path(module: &PtxModule) -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
-/// The PTX to load for `module`: the NVRTC-compiled override when there is one, else the
-/// embedded PTX.
-pub fn module_ptx(module: &PtxModule) -> Result<Ptx, RuntimeError> {
-    let Some(path) = override_path(module) else {
+/// The PTX to load for `module`: NVRTC's compilation of `source` (its override, from
+/// [`override_path`]) when there is one, else the embedded PTX.
+pub fn module_ptx(module: &PtxModule, source: Option<&Path>) -> Result<Ptx, RuntimeError> {
+    let Some(path) = source else {
         return Ok(Ptx::from_src(module.ptx));
     };
     probe_nvrtc()?;
-    let src = std::fs::read_to_string(&path)
+    let src = std::fs::read_to_string(path)
         .map_err(|e| RuntimeError::Io(format!("{}: {e}", path.display())))?;
     let include_paths = std::env::var(CUDA_INCLUDE_ENV)
         .map(|v| {
