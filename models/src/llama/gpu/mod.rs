@@ -138,6 +138,15 @@ struct Held {
 }
 
 impl Held {
+    /// A null pointer when `skip` (the tensor lives elsewhere), else [`Self::alloc`].
+    fn alloc_unless<T>(&mut self, gpu: &Gpu, skip: bool, elems: usize) -> GpuResult<DevPtr<T>> {
+        if skip {
+            Ok(DevPtr::null())
+        } else {
+            self.alloc(gpu, elems)
+        }
+    }
+
     fn alloc<T>(&mut self, gpu: &Gpu, elems: usize) -> GpuResult<DevPtr<T>> {
         let bytes = (elems * std::mem::size_of::<T>()).max(256);
         let b = gpu
@@ -282,8 +291,8 @@ struct Acts {
     ce_dlse: DevPtr<f32>,
     ce_dpicked: DevPtr<f32>,
     /// The offloads of the recomputed layers' input residuals and of their attention
-    /// checkpoints ([`plan::attention_checkpoint`]), if on. Declared before `_held`: dropped first, they
-    /// wait for their copies before the rings are freed.
+    /// checkpoints ([`plan::attention_checkpoint`]), if on. Declared before `_held`: dropped
+    /// first, they wait for their copies before the rings are freed.
     resid_offload: Option<LayerOffload>,
     attn_offload: Option<LayerOffload>,
     /// Whether the attention checkpoints carry q, k, v (and what the q/k norms read, and
@@ -822,11 +831,11 @@ impl<'g> GpuLlama<'g> {
     /// instead of one buffer per layer; the forward copies each set a later layer overwrites
     /// to pinned host memory on a copy stream, the backward prefetches it on another one while
     /// the layer above is differentiated (see [`layer_offload`]). The recompute then redoes
-    /// ln2 and the MLP (gate, up, the activation), and q, k, v unless the
-    /// checkpoints carry them too ([`plan::checkpoint_qkv`] decides by the layer's width;
-    /// `FTRT_CHECKPOINT_QKV=0|1` overrides it), not the attention and o_proj. Kept layers'
-    /// activations and the last layer's output stay on the device. Changing it frees the
-    /// activation buffers (reallocated at the next batch).
+    /// ln2 and the MLP (gate, up, the activation), and q, k, v unless the checkpoints carry
+    /// them too ([`plan::checkpoint_qkv`] decides by the layer's width; `FTRT_CHECKPOINT_QKV=0|1`
+    /// overrides it), not the attention and o_proj. Kept layers' activations and the last
+    /// layer's output stay on the device. Changing it frees the activation buffers
+    /// (reallocated at the next batch).
     pub fn set_offload_residuals(&mut self, on: bool) {
         let qkv = match std::env::var(CHECKPOINT_QKV_ENV).as_deref() {
             Ok("0") => false,
@@ -1132,8 +1141,8 @@ impl<'g> GpuLlama<'g> {
         // `rows`: rows of ln2, gate, up and act (a kept layer's N, or one MLP tile's). With
         // `ring` Some(qkv), the attention checkpoint's tensors (with q, k, v when `qkv`) are
         // left null: each recomputed layer's point into its slot of the attention offload's ring.
-        let offloading = self.offload != plan::Offload::Off;
-        let offloading = offloading && (0..d.layers).any(|l| !self.is_kept(l));
+        let offloading =
+            self.offload != plan::Offload::Off && (0..d.layers).any(|l| !self.is_kept(l));
         let widths = self.stack_widths();
         let (g_qkv, g_o) = (Proj::Q.input_group(), Proj::O.input_group());
         let (g_gu, g_down) = (Proj::Gate.input_group(), Proj::Down.input_group());
@@ -1148,26 +1157,12 @@ impl<'g> GpuLlama<'g> {
                     xa[g] = h.alloc(gpu, w * s.nr)?;
                 }
             }
-            let unless = |h: &mut Held, ringed: bool, e: usize| -> GpuResult<DevPtr<bf16>> {
-                if ringed {
-                    Ok(null)
-                } else {
-                    h.alloc(gpu, e)
-                }
-            };
-            let unless_f = |h: &mut Held, ringed: bool, e: usize| -> GpuResult<DevPtr<f32>> {
-                if ringed {
-                    Ok(nullf)
-                } else {
-                    h.alloc(gpu, e)
-                }
-            };
             let (pre_q, pre_k, rs_q, rs_k) = if qk {
                 (
-                    unless(h, qkv_in_ring, s.nq)?,
-                    unless(h, qkv_in_ring, s.nkv)?,
-                    unless_f(h, qkv_in_ring, n * d.heads)?,
-                    unless_f(h, qkv_in_ring, n * d.kv_heads)?,
+                    h.alloc_unless(gpu, qkv_in_ring, s.nq)?,
+                    h.alloc_unless(gpu, qkv_in_ring, s.nkv)?,
+                    h.alloc_unless(gpu, qkv_in_ring, n * d.heads)?,
+                    h.alloc_unless(gpu, qkv_in_ring, n * d.kv_heads)?,
                 )
             } else {
                 (null, null, nullf, nullf)
@@ -1177,12 +1172,12 @@ impl<'g> GpuLlama<'g> {
                 q_rstd: rs_q,
                 k_pre: pre_k,
                 k_rstd: rs_k,
-                q: unless(h, qkv_in_ring, s.nq)?,
-                k: unless(h, qkv_in_ring, s.nkv)?,
-                v: unless(h, qkv_in_ring, s.nkv)?,
-                att: unless(h, in_ring, s.nq)?,
-                lse: unless_f(h, in_ring, s.lse)?,
-                resid_mid: unless(h, in_ring, s.nc)?,
+                q: h.alloc_unless(gpu, qkv_in_ring, s.nq)?,
+                k: h.alloc_unless(gpu, qkv_in_ring, s.nkv)?,
+                v: h.alloc_unless(gpu, qkv_in_ring, s.nkv)?,
+                att: h.alloc_unless(gpu, in_ring, s.nq)?,
+                lse: h.alloc_unless(gpu, in_ring, s.lse)?,
+                resid_mid: h.alloc_unless(gpu, in_ring, s.nc)?,
                 ln2: h.alloc(gpu, rows * d.hidden)?,
                 rstd2: h.alloc(gpu, n)?,
                 gate: h.alloc(gpu, mlp)?,
@@ -1306,13 +1301,6 @@ impl<'g> GpuLlama<'g> {
             null
         };
         let attn_bytes = scratch_bytes(&AttentionDims::new(n, 1, d.heads, d.kv_heads, dp));
-        let pad_alloc = |h: &mut Held, e: usize| -> GpuResult<DevPtr<bf16>> {
-            if pad {
-                h.alloc(gpu, e)
-            } else {
-                Ok(null)
-            }
-        };
         let dq = h.alloc::<bf16>(gpu, s.nq)?;
         let tmp_c = if s.nq >= s.nc {
             dq
@@ -1338,20 +1326,20 @@ impl<'g> GpuLlama<'g> {
             dup: h.alloc(gpu, s.ti)?,
             datt: h.alloc(gpu, s.nq)?,
             dq,
-            dq_pre: if qk { h.alloc(gpu, s.nq)? } else { null },
+            dq_pre: h.alloc_unless(gpu, !qk, s.nq)?,
             dk: h.alloc(gpu, s.nkv)?,
             dv: h.alloc(gpu, s.nkv)?,
-            dk_pre: if qk { h.alloc(gpu, s.nkv)? } else { null },
+            dk_pre: h.alloc_unless(gpu, !qk, s.nkv)?,
             dxa: h.alloc(gpu, 3 * s.nr)?,
             attn_scratch: h.alloc(gpu, attn_bytes / 4 + 1)?,
-            qp: pad_alloc(&mut h, s.nq_pad)?,
-            kp: pad_alloc(&mut h, s.nkv_pad)?,
-            vp: pad_alloc(&mut h, s.nkv_pad)?,
-            op: pad_alloc(&mut h, s.nq_pad)?,
-            dop: pad_alloc(&mut h, s.nq_pad)?,
-            dqp: pad_alloc(&mut h, s.nq_pad)?,
-            dkp: pad_alloc(&mut h, s.nkv_pad)?,
-            dvp: pad_alloc(&mut h, s.nkv_pad)?,
+            qp: h.alloc_unless(gpu, !pad, s.nq_pad)?,
+            kp: h.alloc_unless(gpu, !pad, s.nkv_pad)?,
+            vp: h.alloc_unless(gpu, !pad, s.nkv_pad)?,
+            op: h.alloc_unless(gpu, !pad, s.nq_pad)?,
+            dop: h.alloc_unless(gpu, !pad, s.nq_pad)?,
+            dqp: h.alloc_unless(gpu, !pad, s.nq_pad)?,
+            dkp: h.alloc_unless(gpu, !pad, s.nkv_pad)?,
+            dvp: h.alloc_unless(gpu, !pad, s.nkv_pad)?,
             sel,
             logits: h.alloc(gpu, s.logits)?,
             ce_lse: h.alloc(gpu, n)?,
