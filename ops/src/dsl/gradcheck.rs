@@ -59,10 +59,7 @@ impl Rng {
         let seed = match std::env::var("FTRT_TEST_SEED") {
             Ok(s) => s.parse().expect("FTRT_TEST_SEED is a u64"),
             Err(_) => {
-                let t = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default();
-                let mut h = t.as_nanos() as u64 ^ std::process::id() as u64;
+                let mut h = ftrt_runtime::rng::fresh_seed() ^ std::process::id() as u64;
                 for b in name.bytes() {
                     h = (h ^ b as u64).wrapping_mul(0x100000001b3);
                 }
