@@ -223,6 +223,49 @@ extern "C" __global__ void __launch_bounds__(256) swiglu_backward_i32_v1(long lo
 extern "C" __global__ void __launch_bounds__(256) swiglu_backward_i64_v8(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { swiglu_backward_body<long long, 8>(N_, g, u, dh, dg, du); }
 extern "C" __global__ void __launch_bounds__(256) swiglu_backward_i64_v1(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { swiglu_backward_body<long long, 1>(N_, g, u, dh, dg, du); }
 
+// ==== op `swiglu_backward_act` ====
+// SwiGLU's backward that also writes the forward's output h: a recomputed layer's MLP
+// needs h only after its down_proj backward (for down's dA), so the recompute skips the
+// forward and this one pass reads g and u once for both.
+
+// swiglu_backward_act forward: flat pass over (i in N)
+template <typename I, int VEC>
+__device__ __forceinline__ void swiglu_backward_act_forward_body(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ h, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) {
+    const I N = (I)N_;
+    const I nchunks = ((N)) / VEC;
+    for (I chunk = (I)blockIdx.x * blockDim.x + threadIdx.x; chunk < nchunks;
+         chunk += (I)gridDim.x * blockDim.x) {
+        I rem_ = chunk * VEC;
+        const I i0_ = rem_;
+        (void)rem_;
+        float v0_[VEC]; ftrt_load_vec<VEC>(v0_, g + (i0_));
+        float v1_[VEC]; ftrt_load_vec<VEC>(v1_, u + (i0_));
+        float v2_[VEC]; ftrt_load_vec<VEC>(v2_, dh + (i0_));
+        float s0_[VEC];
+        float s2_[VEC];
+        float s3_[VEC];
+        #pragma unroll
+        for (int k_ = 0; k_ < VEC; ++k_) {
+            __builtin_assume(i0_ % VEC == 0);
+            const I i = i0_ + k_; (void)i;
+            const float w0_ = (ftrt_round_t((v0_[k_] * ftrt_sigmoid(v0_[k_]))) * v1_[k_]);
+            const float swiglu_s = ftrt_sigmoid(v0_[k_]);
+            const float w2_ = (v2_[k_] * ftrt_round_t((v0_[k_] * swiglu_s)));
+            const float w3_ = ((ftrt_round_t((v2_[k_] * v1_[k_])) * swiglu_s) * (1.0f + (v0_[k_] * (1.0f - swiglu_s))));
+            s0_[k_] = w0_;
+            s2_[k_] = w2_;
+            s3_[k_] = w3_;
+        }
+        ftrt_store_vec<VEC>(h + (i0_), s0_);
+        ftrt_store_vec<VEC>(du + (i0_), s2_);
+        ftrt_store_vec<VEC>(dg + (i0_), s3_);
+    }
+}
+extern "C" __global__ void __launch_bounds__(256) swiglu_backward_act_forward_i32_v8(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ h, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { swiglu_backward_act_forward_body<int, 8>(N_, g, u, dh, h, dg, du); }
+extern "C" __global__ void __launch_bounds__(256) swiglu_backward_act_forward_i32_v1(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ h, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { swiglu_backward_act_forward_body<int, 1>(N_, g, u, dh, h, dg, du); }
+extern "C" __global__ void __launch_bounds__(256) swiglu_backward_act_forward_i64_v8(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ h, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { swiglu_backward_act_forward_body<long long, 8>(N_, g, u, dh, h, dg, du); }
+extern "C" __global__ void __launch_bounds__(256) swiglu_backward_act_forward_i64_v1(long long N_, const ftrt_t* __restrict__ g, const ftrt_t* __restrict__ u, const ftrt_t* __restrict__ dh, ftrt_t* __restrict__ h, ftrt_t* __restrict__ dg, ftrt_t* __restrict__ du) { swiglu_backward_act_forward_body<long long, 1>(N_, g, u, dh, h, dg, du); }
+
 // ==== op `geglu_tanh` ====
 // GeGLU with the tanh approximation (`gelu_pytorch_tanh`):
 // h = T(gelu(g)) * u,  gelu(g) = 0.5 g (1 + tanh(k (g + 0.044715 g^3))),  k = sqrt(2 / pi).

@@ -17,6 +17,16 @@ op! {
             dg[i] = T(dh[i] * u[i]) * s * (1.0 + g[i] * (1.0 - s));
         }
     }
+
+    /// SwiGLU's backward that also writes the forward's output h: a recomputed layer's MLP
+    /// needs h only after its down_proj backward (for down's dA), so the recompute skips the
+    /// forward and this one pass reads g and u once for both.
+    swiglu_backward_act(g: [N] T, u: [N] T, dh: [N] T) -> (h: [N] T, dg: [N] T, du: [N] T) {
+        forward for i in N {
+            use swiglu.forward(g = g, u = u, h = h);
+            use swiglu.backward(g = g, u = u, dh = dh, dg = dg, du = du);
+        }
+    }
 }
 
 op! {

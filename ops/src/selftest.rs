@@ -379,6 +379,27 @@ fn check_activations(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), R
     glu!(swiglu, "swiglu");
     glu!(geglu_tanh, "geglu_tanh");
     glu!(geglu_erf, "geglu_erf");
+    // SwiGLU's backward with the forward's output (reads 3, writes 3)
+    let d = activation::swiglu_backward_act::Dims { N: n };
+    let (mut h, mut dg, mut du) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    activation::swiglu_backward_act::forward_cpu::<f32>(
+        &d,
+        &g,
+        &u,
+        &dh,
+        &mut h,
+        &mut dg,
+        &mut du,
+        Rounding::BF16,
+    );
+    let launch = || activation::swiglu_backward_act::forward(gpu, &d, gd, ud, dhd, hd, dgd, dud);
+    launch()?;
+    let mut err = 0f64;
+    for (dev, want) in [(hd, &h), (dgd, &dg), (dud, &du)] {
+        err = err.max(rel_err(&b.get_bf16(dev, n)?, want));
+    }
+    let us = time(gpu, launch)?;
+    rep.add("swiglu_backward_act 8192x4096", err, TOLERANCE, us, 6.0 * e);
     Ok(())
 }
 

@@ -106,13 +106,14 @@ impl GpuLlama<'_> {
     /// Backward of layer `l`'s projections of group `g` (each `(p, dy)`, dy (n, out_p)) with
     /// W frozen, from their input x (n, in) and x A^T `xa`: dx (n, in) (+)= sum_p dy_p W_p +
     /// s (dy_p B_p) A_p (added to dx when `accumulate`); dB_p += s dy_p^T xa_p and dA_p +=
-    /// (s dy_p B_p)^T x into the f32 gradients. `dxa` is an (n, 3 r) scratch.
+    /// (s dy_p B_p)^T x into the f32 gradients. `dxa` is an (n, 3 r) scratch. With `x` None
+    /// the dA GEMM is left to the caller ([`Self::stack_da`] on the same `dxa`, once x exists).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn group_backward(
         &self,
         l: usize,
         g: usize,
-        x: DevPtr<bf16>,
+        x: Option<DevPtr<bf16>>,
         xa: DevPtr<bf16>,
         dys: &[(Proj, DevPtr<bf16>)],
         dx: DevPtr<bf16>,
@@ -141,15 +142,9 @@ impl GpuLlama<'_> {
                 dxa_p.ldc = width;
                 self.lora_gemm(&dxa_p, dy, b, dxa.offset(col))?;
             }
-            // dA_s (m r, in) += dxa^T (m r, n) · x (n, in)
-            self.lora_gemm_f32(
-                &GemmDesc::new(width, inn, n)
-                    .transposed(true, false)
-                    .scaled(1.0, 1.0),
-                dxa,
-                x,
-                lg.grad.offset(st.a.start),
-            )?;
+            if let Some(x) = x {
+                self.stack_da(l, g, x, n, dxa)?;
+            }
             // dx (+)= dxa (n, m r) · A_s (m r, in)
             self.lora_gemm(
                 &GemmDesc::new(n, inn, width).scaled(1.0, beta),
@@ -172,6 +167,31 @@ impl GpuLlama<'_> {
             beta = 1.0;
         }
         Ok(())
+    }
+
+    /// dA_s (m r, in) += dxa^T (m r, n) · x (n, in) for layer `l`'s stack of group `g` (nothing
+    /// when none of the group is adapted), `dxa` as [`Self::group_backward`] left it.
+    pub(super) fn stack_da(
+        &self,
+        l: usize,
+        g: usize,
+        x: DevPtr<bf16>,
+        n: usize,
+        dxa: DevPtr<bf16>,
+    ) -> GpuResult<()> {
+        let (Some(st), Some(lg)) = (self.stack(l, g), self.lora.as_ref()) else {
+            return Ok(());
+        };
+        let width = st.members.len() * lg.layout.r;
+        let inn = Proj::INPUT_GROUPS[g][0].shape(&self.dims).1;
+        self.lora_gemm_f32(
+            &GemmDesc::new(width, inn, n)
+                .transposed(true, false)
+                .scaled(1.0, 1.0),
+            dxa,
+            x,
+            lg.grad.offset(st.a.start),
+        )
     }
 
     /// The rank r (0 without an adapter).

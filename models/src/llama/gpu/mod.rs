@@ -1768,8 +1768,9 @@ impl<'g> GpuLlama<'g> {
 
     /// Layer `l`'s MLP on rows [r0, r0 + t) of its post-attention norm output: gate and up
     /// (their x A^T rows saved), act = swiglu, then down_proj into `out`'s rows (`out` is the
-    /// batch's (N, C) output) — or, recomputing for the backward (`out` None), only down_proj's
-    /// x A^T rows; neither x A^T when the attention checkpoint brought them back.
+    /// batch's (N, C) output) — or, recomputing for the backward (`out` None), down_proj's
+    /// x A^T rows; when the attention checkpoint brought the x A^T back, only gate and up
+    /// (the backward's fused swiglu writes act).
     fn mlp_forward_rows(
         &self,
         a: &Acts,
@@ -1783,12 +1784,15 @@ impl<'g> GpuLlama<'g> {
         let xa_gu = self.xa_rows(la.xa[g_gu], g_gu, r0);
         let xa_down = self.xa_rows(la.xa[g_down], g_down, r0);
         let (x, gate, up, act) = self.mlp_rows(a, l, r0);
-        let xa_saved = out.is_none() && a.attn_offload.is_some();
-        if !xa_saved {
+        let from_checkpoint = out.is_none() && self.mlp_from_checkpoint(a, l);
+        if !from_checkpoint {
             self.stack_xa(l, g_gu, x, xa_gu, t)?;
         }
         self.project(l, Proj::Gate, x, gate, xa_gu, t)?;
         self.project(l, Proj::Up, x, up, xa_gu, t)?;
+        if from_checkpoint {
+            return Ok(());
+        }
         activation::swiglu::forward(
             self.gpu,
             &activation::swiglu::Dims {
@@ -1799,13 +1803,18 @@ impl<'g> GpuLlama<'g> {
             act,
         )
         .ctx("swiglu")?;
-        if !xa_saved {
-            self.stack_xa(l, g_down, act, xa_down, t)?;
-        }
+        self.stack_xa(l, g_down, act, xa_down, t)?;
         match out {
             Some(y) => self.project(l, Proj::Down, act, y, xa_down, t),
             None => Ok(()),
         }
+    }
+
+    /// Whether layer `l`'s MLP is recomputed from its attention checkpoint: the x A^T of gate/up
+    /// and down came back with it, so the recompute runs only gate and up, and the backward's
+    /// swiglu writes act ([`Self::mlp_forward_rows`]).
+    fn mlp_from_checkpoint(&self, a: &Acts, l: usize) -> bool {
+        !self.is_kept(l) && a.attn_offload.is_some()
     }
 
     /// Chunked cross-entropy over the loaded batch's rows; with `grad`, also writes
@@ -1947,10 +1956,13 @@ impl<'g> GpuLlama<'g> {
                 let xa = |g: usize| self.xa_rows(la.xa[g], g, r0);
                 let dy = a.dres_a.offset(r0 * c);
                 let g_down = Proj::Down.input_group();
+                // A recompute from the checkpoint wrote gate and up but not act: down's dA
+                // waits until swiglu's backward has written act too.
+                let act_later = self.mlp_from_checkpoint(a, l);
                 self.group_backward(
                     l,
                     g_down,
-                    act,
+                    (!act_later).then_some(act),
                     xa(g_down),
                     &[(Proj::Down, dy)],
                     a.dact,
@@ -1958,21 +1970,29 @@ impl<'g> GpuLlama<'g> {
                     t,
                     a.dxa,
                 )?;
-                activation::swiglu::backward(
-                    gpu,
-                    &activation::swiglu::Dims { N: t * inter },
-                    gate,
-                    up,
-                    a.dact,
-                    a.dgate,
-                    a.dup,
-                )
-                .ctx("swiglu backward")?;
+                let swiglu = activation::swiglu::Dims { N: t * inter };
+                if act_later {
+                    activation::swiglu_backward_act::forward(
+                        gpu,
+                        &activation::swiglu_backward_act::Dims { N: swiglu.N },
+                        gate,
+                        up,
+                        a.dact,
+                        act,
+                        a.dgate,
+                        a.dup,
+                    )
+                    .ctx("swiglu backward")?;
+                    self.stack_da(l, g_down, act, t, a.dxa)?;
+                } else {
+                    activation::swiglu::backward(gpu, &swiglu, gate, up, a.dact, a.dgate, a.dup)
+                        .ctx("swiglu backward")?;
+                }
                 let g_gu = Proj::Gate.input_group();
                 self.group_backward(
                     l,
                     g_gu,
-                    x,
+                    Some(x),
                     xa(g_gu),
                     &[(Proj::Gate, a.dgate), (Proj::Up, a.dup)],
                     dln,
@@ -1998,7 +2018,7 @@ impl<'g> GpuLlama<'g> {
             self.group_backward(
                 l,
                 g_o,
-                la.att,
+                Some(la.att),
                 la.xa[g_o],
                 &[(Proj::O, a.dres_b)],
                 a.datt,
@@ -2065,7 +2085,7 @@ impl<'g> GpuLlama<'g> {
             self.group_backward(
                 l,
                 g_qkv,
-                x,
+                Some(x),
                 la.xa[g_qkv],
                 &[(Proj::Q, dq), (Proj::K, dk), (Proj::V, a.dv)],
                 a.dln,
