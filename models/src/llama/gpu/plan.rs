@@ -527,10 +527,20 @@ pub fn padded_head_dim(d: usize) -> usize {
     }
 }
 
-/// Rows per cross-entropy chunk: as many as fit `budget` logit elements, at least 1, at most
-/// `n`.
+/// Rows of one GEMM tile of the head: chunks of whole tiles leave none of the head GEMM's
+/// tiles part empty (523-row chunks of the 8B's 128,256 logits ran at 660 TFLOP/s).
+const CE_ROW_ALIGN: usize = 128;
+
+/// Rows per cross-entropy chunk: as many as fit `budget` logit elements, rounded down to a
+/// multiple of [`CE_ROW_ALIGN`] when that many fit, at least 1, at most `n`.
 pub fn ce_rows(n: usize, vocab: usize, budget: usize) -> usize {
-    (budget / vocab.max(1)).clamp(1, n.max(1))
+    let fit = budget / vocab.max(1);
+    let aligned = if fit >= CE_ROW_ALIGN {
+        fit / CE_ROW_ALIGN * CE_ROW_ALIGN
+    } else {
+        fit
+    };
+    aligned.clamp(1, n.max(1))
 }
 
 /// Checks a packed batch against the model and the buffers: tokens in the vocabulary, at most
@@ -723,8 +733,11 @@ mod tests {
         assert_eq!(padded_head_dim(96), 128);
         assert_eq!(padded_head_dim(128), 128);
         assert_eq!(ce_rows(10, 128, LOGIT_BUDGET), 10);
-        assert_eq!(ce_rows(16384, 128256, LOGIT_BUDGET), LOGIT_BUDGET / 128256);
+        // whole head-GEMM tiles of rows: 2093 fit, 2048 taken; 523 fit the lean budget, 512
+        assert_eq!(ce_rows(16384, 128256, LOGIT_BUDGET), 2048);
+        assert_eq!(ce_rows(4096, 128256, LOGIT_BUDGET_LEAN), 512);
         assert!(ce_rows(16384, 128256, LOGIT_BUDGET) * 128256 <= LOGIT_BUDGET);
+        assert_eq!(ce_rows(16384, 1 << 20, LOGIT_BUDGET_LEAN), 64);
         assert_eq!(ce_rows(5, 1 << 30, LOGIT_BUDGET), 1);
         let s = ActSizes::new(&dims(), 10, 4, LOGIT_BUDGET);
         assert_eq!(
