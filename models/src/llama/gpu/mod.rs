@@ -1742,7 +1742,7 @@ impl<'g> GpuLlama<'g> {
     }
 
     /// The MLP's row tiles of an `n`-row batch: (first row, rows).
-    fn mlp_tiles(&self, a: &Acts, n: usize) -> impl Iterator<Item = (usize, usize)> {
+    fn mlp_tiles(&self, a: &Acts, n: usize) -> impl DoubleEndedIterator<Item = (usize, usize)> {
         let rows = a.sizes.mlp_rows;
         (0..n).step_by(rows).map(move |r0| (r0, rows.min(n - r0)))
     }
@@ -1808,6 +1808,14 @@ impl<'g> GpuLlama<'g> {
             Some(y) => self.project(l, Proj::Down, act, y, xa_down, t),
             None => Ok(()),
         }
+    }
+
+    /// Whether layer `l` is the highest recomputed layer: nothing writes the shared set of the
+    /// recomputed layers ([`Self::set_kept_layers`]) between its forward and its backward (the
+    /// kept layers above it own their buffers), so its input norm, its attention half and its
+    /// last MLP tile are still there, and the backward recomputes none of them.
+    fn forward_still_held(&self, l: usize) -> bool {
+        !self.is_kept(l) && self.is_kept(l + 1)
     }
 
     /// Whether layer `l`'s MLP is recomputed from its attention checkpoint: the x A^T of gate/up
@@ -1935,19 +1943,23 @@ impl<'g> GpuLlama<'g> {
                         o.prefetch(gpu, l - 1, n)?;
                     }
                 }
-                self.input_norm(a, l, n)?;
-                if a.attn_offload.is_none() {
-                    self.layer_forward(a, l, n, s, Pass::Recompute)?;
-                } else if !a.qkv_in_checkpoint {
-                    self.attention_inputs(a, l, n)?;
+                if !self.forward_still_held(l) {
+                    self.input_norm(a, l, n)?;
+                    if a.attn_offload.is_none() {
+                        self.layer_forward(a, l, n, s, Pass::Recompute)?;
+                    } else if !a.qkv_in_checkpoint {
+                        self.attention_inputs(a, l, n)?;
+                    }
                 }
             }
             let la = &a.layers[l];
             let lw = &self.layout.layers[l];
-            // MLP, one tile of rows at a time (a recomputed layer's ln2 and MLP recomputed
-            // first).
-            for (r0, t) in self.mlp_tiles(a, n) {
-                if !self.is_kept(l) {
+            // MLP, one tile of rows at a time, the last first: a recomputed layer's ln2 and
+            // MLP are recomputed tile by tile, except the highest one's last tile, which its
+            // forward left in the shared buffers.
+            for (i, (r0, t)) in self.mlp_tiles(a, n).rev().enumerate() {
+                let on_device = self.is_kept(l) || (i == 0 && self.forward_still_held(l));
+                if !on_device {
                     self.post_attention_norm_rows(a, l, r0, t)?;
                     self.mlp_forward_rows(a, l, r0, t, None)?;
                 }
@@ -1958,7 +1970,7 @@ impl<'g> GpuLlama<'g> {
                 let g_down = Proj::Down.input_group();
                 // A recompute from the checkpoint wrote gate and up but not act: down's dA
                 // waits until swiglu's backward has written act too.
-                let act_later = self.mlp_from_checkpoint(a, l);
+                let act_later = !on_device && self.mlp_from_checkpoint(a, l);
                 self.group_backward(
                     l,
                     g_down,
