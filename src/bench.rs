@@ -421,10 +421,12 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     .map_err(|e| e.to_string())?
     .name();
     let qkv = model.checkpoints_carry_qkv();
-    let checkpoints = if qkv {
-        "checkpoints (with q, k, v)"
-    } else {
-        "checkpoints"
+    let gate_up = model.gate_up_offloaded();
+    let checkpoints = match (qkv, gate_up.len()) {
+        (true, 0) => "checkpoints (with q, k, v)".to_string(),
+        (true, k) => format!("checkpoints (with q, k, v; gate/up of {k} layers)"),
+        (false, 0) => "checkpoints".to_string(),
+        (false, k) => format!("checkpoints (gate/up of {k} layers)"),
     };
     println!(
         "ftrt bench {} {} r={} batch {}x{} on {name} (attention {attention}): {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% ({recomputed} of {layers} layers recomputed{}), loss {:.4} -> {:.4}",
@@ -440,7 +442,7 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     let json = serde_json::json!({
         "bench": "ftrt", "model": a.preset, "mode": a.mode, "optim": "adamw", "lora_r": a.lora_r,
         "kept_bf16": a.llm_int8_skip_modules, "grad_ckpt": recomputed > 0, "recomputed_layers": recomputed,
-        "offload_residuals": a.offload_residuals, "checkpoint_qkv": qkv, "offload_embeddings": a.offload_embeddings, "gpu": name, "attention": attention,
+        "offload_residuals": a.offload_residuals, "checkpoint_qkv": qkv, "gate_up_layers": gate_up, "offload_embeddings": a.offload_embeddings, "gpu": name, "attention": attention,
         "gemm_autotune": std::env::var(ftrt_runtime::gemm::cublaslt::AUTOTUNE_ENV).is_ok_and(|v| v == "1"),
         "setup_s": (setup_s * 10.0).round() / 10.0,
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "warmup": a.warmup, "status": "ok",

@@ -1,24 +1,26 @@
-//! Checkpoint offload ([`super::GpuLlama::set_offload_residuals`]): per recomputed layer
-//! 0..m, a set of tensors that the forward writes and the backward reads — the layer's input
-//! residual (N, C) bf16; or its attention checkpoint ([`plan::attention_checkpoint`]) — lives
-//! in a ring of [`plan::resid_ring`] device slots (layer l's in slot l % slots) instead of one buffer per layer. A slot holds
-//! the set's tensors ("pieces") one after another, each sized for N tokens and starting on a
-//! 256-byte boundary; a batch of n tokens uses the first n tokens' bytes of each. The sets a
-//! later layer overwrites in the forward (layers 0..m - slots) travel to pinned host memory
-//! and back; the last `slots` are still in their slots when the backward reaches them
-//! ("resident").
+//! Checkpoint offload ([`super::GpuLlama::set_offload_residuals`]): per member layer (some of
+//! the recomputed layers, in ascending order), a set of tensors that the forward writes and the
+//! backward reads — the layer's input residual (N, C) bf16; its attention checkpoint
+//! ([`plan::attention_checkpoint`](super::plan::attention_checkpoint)); or its gate and up outputs ([`plan::gate_up_layers`](super::plan::gate_up_layers)) —
+//! lives in a ring of device slots (the member at position p in slot p % slots) instead of one
+//! buffer per layer. A slot holds the set's tensors ("pieces") one after another, each sized
+//! for N tokens and starting on a 256-byte boundary; a batch of n tokens uses the first n
+//! tokens' bytes of each. The sets a later member overwrites in the forward (all but the last
+//! `slots` members) travel to pinned host memory and back; the last `slots` are still in their
+//! slots when the backward reaches them ("resident").
 //!
 //! Streams and events (per slot s; kernels run on the compute stream `gpu.stream()`):
 //! - forward, after the compute stream wrote layer l's set into s: record `written[s]`
-//!   (compute); the device-to-host stream waits for it, copies s to host row l, records
+//!   (compute); the device-to-host stream waits for it, copies s to l's host row, records
 //!   `copied_out[s]`;
 //! - forward, before the compute stream writes layer l's set into s: it waits for
 //!   `copied_out[s]` (the copy of the set s held before);
-//! - backward, at the start of layer l + 1 (prefetch of set l): record `free[s]` (compute:
-//!   every earlier reader of s is done); the host-to-device stream waits for `free[s]` and
-//!   `copied_out[s]` (the last copy out of s, so host row l is written: the stream runs its
-//!   copies in order), copies host row l into s, records `copied_in[s]`;
-//! - backward, at the start of layer l: the compute stream waits for `copied_in[s]`.
+//! - backward, once the set's slot is free (for the residuals and checkpoints: at the start of
+//!   the member above): record `free[s]` (compute: every earlier reader of s is done); the
+//!   host-to-device stream waits for `free[s]` and `copied_out[s]` (the last copy out of s,
+//!   so l's host row is written: the stream runs its copies in order), copies l's host row
+//!   into s, records `copied_in[s]`;
+//! - backward, before layer l reads its set: the compute stream waits for `copied_in[s]`.
 //!
 //! A wait on an event never recorded is a no-op (first use of a slot). Only events: no stream
 //! or device synchronisation while a step runs.
@@ -29,19 +31,19 @@ use ftrt_runtime::cudarc::driver::{sys, CudaEvent, CudaStream};
 use ftrt_runtime::offload::PinnedHostBuffer;
 use ftrt_runtime::{DevPtr, Gpu};
 
-use super::{plan, Ctx, GpuResult, Held};
+use super::{Ctx, GpuResult, Held};
 
 /// The ring, the pinned host rows, the copy streams and the events of the module doc.
 pub(super) struct LayerOffload {
-    /// Recomputed layers (0..m) whose set lives in the ring.
-    m: usize,
-    /// [`plan::resid_ring`] slots of `slot_bytes` (owned by the activations' [`Held`]).
+    /// The layers whose set lives in the ring, ascending.
+    members: Vec<usize>,
+    /// Device slots of `slot_bytes` (owned by the activations' [`Held`]).
     slots: Vec<DevPtr<u8>>,
     /// Token budget N; bytes per token of each piece (see [`Self::piece_start`]).
     n_max: usize,
     piece_bytes: Vec<usize>,
-    /// (m - slots) rows of `slot_bytes`: the sets of layers 0..m - slots between forward and
-    /// backward.
+    /// A row of `slot_bytes` per travelling member (all but the last `slots`): their sets
+    /// between forward and backward.
     host: PinnedHostBuffer,
     d2h: Arc<CudaStream>,
     h2d: Arc<CudaStream>,
@@ -52,17 +54,18 @@ pub(super) struct LayerOffload {
 }
 
 impl LayerOffload {
-    /// Allocates the ring (into `held`) for the sets of layers 0..m, each of pieces of
-    /// `piece_bytes` bytes per token for `n_max` tokens, the pinned host rows, two copy streams
-    /// and the events.
+    /// Allocates a ring of `ring` slots (into `held`) for the sets of the layers `members`
+    /// (ascending), each of pieces of `piece_bytes` bytes per token for `n_max` tokens, the
+    /// pinned host rows, two copy streams and the events.
     pub(super) fn new(
         gpu: &Gpu,
         held: &mut Held,
-        m: usize,
+        members: Vec<usize>,
+        ring: usize,
         n_max: usize,
         piece_bytes: Vec<usize>,
     ) -> GpuResult<Self> {
-        let ring = plan::resid_ring(m, n_max);
+        let ring = ring.min(members.len());
         let slot_bytes = piece_start(n_max, &piece_bytes, piece_bytes.len());
         let slots = (0..ring)
             .map(|_| held.alloc::<u8>(gpu, slot_bytes))
@@ -73,9 +76,9 @@ impl LayerOffload {
                 .collect::<Result<Vec<_>, _>>()
                 .ctx("creating offload events")
         };
-        let host_bytes = Self::host_bytes(m, n_max, &piece_bytes);
+        let host_bytes = Self::host_bytes(members.len(), ring, n_max, &piece_bytes);
         Ok(Self {
-            m,
+            members,
             slots,
             n_max,
             piece_bytes,
@@ -89,35 +92,62 @@ impl LayerOffload {
         })
     }
 
-    /// Pinned host bytes of an offload of `m` layers' sets of `piece_bytes` for `n_max` tokens.
-    pub(super) fn host_bytes(m: usize, n_max: usize, piece_bytes: &[usize]) -> usize {
-        plan::offloaded_residuals(m, n_max) * piece_start(n_max, piece_bytes, piece_bytes.len())
+    /// Pinned host bytes of an offload of `members` layers' sets of `piece_bytes` for `n_max`
+    /// tokens in a ring of `ring` slots.
+    pub(super) fn host_bytes(
+        members: usize,
+        ring: usize,
+        n_max: usize,
+        piece_bytes: &[usize],
+    ) -> usize {
+        members.saturating_sub(ring) * piece_start(n_max, piece_bytes, piece_bytes.len())
     }
 
-    /// Piece `i` of the ring slot holding layer `l`'s set (`l` < m), as a typed pointer.
+    /// Piece `i` of the ring slot holding layer `l`'s set (`l` a member), as a typed pointer.
     pub(super) fn piece<T>(&self, l: usize, i: usize) -> DevPtr<T> {
         let start = piece_start(self.n_max, &self.piece_bytes, i);
-        self.slots[l % self.slots.len()].offset(start).cast()
+        self.slots[self.slot(l)].offset(start).cast()
     }
 
-    /// Whether layer l's set is in the ring at all (`l` is a recomputed layer).
-    fn in_ring(&self, l: usize) -> bool {
-        l < self.m
+    /// The layers whose set lives in the ring, ascending.
+    pub(super) fn members(&self) -> &[usize] {
+        &self.members
     }
 
-    /// Whether layer l's set goes through host memory: no later layer overwrites its slot in
+    /// Layer `l`'s position among the members, if it is one.
+    fn position(&self, l: usize) -> Option<usize> {
+        self.members.binary_search(&l).ok()
+    }
+
+    /// Whether layer `l`'s set is in the ring at all.
+    pub(super) fn holds(&self, l: usize) -> bool {
+        self.position(l).is_some()
+    }
+
+    /// The slot of member `l`.
+    fn slot(&self, l: usize) -> usize {
+        self.position(l).expect("a member of the offload") % self.slots.len()
+    }
+
+    /// The member below `l`, if any.
+    pub(super) fn member_below(&self, l: usize) -> Option<usize> {
+        self.members.iter().rev().find(|&&m| m < l).copied()
+    }
+
+    /// Whether layer l's set goes through host memory: no later member overwrites its slot in
     /// the forward otherwise.
     fn travels(&self, l: usize) -> bool {
-        l + self.slots.len() < self.m
+        self.position(l)
+            .is_some_and(|p| p + self.slots.len() < self.members.len())
     }
 
     /// Forward, before the compute stream writes layer l's set: wait until the set its slot
     /// held before is copied out.
     pub(super) fn before_write(&self, gpu: &Gpu, l: usize) -> GpuResult<()> {
-        if !self.in_ring(l) {
+        if !self.holds(l) {
             return Ok(());
         }
-        let s = l % self.slots.len();
+        let s = self.slot(l);
         gpu.stream()
             .wait(&self.copied_out[s])
             .ctx("waiting for a checkpoint copy-out")
@@ -129,7 +159,7 @@ impl LayerOffload {
         if !self.travels(l) {
             return Ok(());
         }
-        let s = l % self.slots.len();
+        let s = self.slot(l);
         self.written[s]
             .record(gpu.stream())
             .ctx("recording a checkpoint write")?;
@@ -149,13 +179,13 @@ impl LayerOffload {
             .ctx("recording a checkpoint copy-out")
     }
 
-    /// Backward, at the start of layer l + 1: bring layer l's set back into its slot on the
-    /// host-to-device stream (nothing for sets that stayed in the ring).
+    /// Backward, once every reader of its slot's current set is done: bring layer l's set back
+    /// into its slot on the host-to-device stream (nothing for sets that stayed in the ring).
     pub(super) fn prefetch(&self, gpu: &Gpu, l: usize, n: usize) -> GpuResult<()> {
         if !self.travels(l) {
             return Ok(());
         }
-        let s = l % self.slots.len();
+        let s = self.slot(l);
         self.free[s]
             .record(gpu.stream())
             .ctx("recording a free checkpoint slot")?;
@@ -185,21 +215,22 @@ impl LayerOffload {
             return Ok(());
         }
         gpu.stream()
-            .wait(&self.copied_in[l % self.slots.len()])
+            .wait(&self.copied_in[self.slot(l)])
             .ctx("waiting for a checkpoint prefetch")
     }
 
     /// Per piece of layer l's set, the first `n` tokens: (device address in its slot, host
-    /// address in row l, bytes).
+    /// address in its row, bytes).
     fn pieces(&self, l: usize, n: usize) -> Vec<(u64, *mut u8, usize)> {
         assert!(n <= self.n_max && self.travels(l));
         let pb = &self.piece_bytes;
-        let row = l * piece_start(self.n_max, pb, pb.len());
+        let row = self.position(l).expect("a member") * piece_start(self.n_max, pb, pb.len());
+        let slot = self.slots[self.slot(l)].addr;
         (0..pb.len())
             .filter(|&i| pb[i] > 0)
             .map(|i| {
                 let start = piece_start(self.n_max, pb, i);
-                let dev = self.slots[l % self.slots.len()].addr + start as u64;
+                let dev = slot + start as u64;
                 (dev, self.host.ptr_at(row + start), n * pb[i])
             })
             .collect()

@@ -71,6 +71,10 @@ pub use trainable::{Checkpointing, GpuPlacement, GpuTrainable};
 /// [`GpuLlama::set_offload_residuals`]).
 pub const CHECKPOINT_QKV_ENV: &str = "FTRT_CHECKPOINT_QKV";
 
+/// Environment override of [`plan::GateUp::Auto`]: how many recomputed layers carry their gate
+/// and up outputs through host memory (see [`GpuLlama::set_offload_residuals`]).
+pub const GATE_UP_LAYERS_ENV: &str = "FTRT_GATE_UP_LAYERS";
+
 /// Errors of the GPU model are one-line strings (context + cause).
 pub type GpuResult<T> = Result<T, String>;
 
@@ -295,6 +299,9 @@ struct Acts {
     /// first, they wait for their copies before the rings are freed.
     resid_offload: Option<LayerOffload>,
     attn_offload: Option<LayerOffload>,
+    /// The gate and up outputs of [`plan::gate_up_layers`]' layers (pieces 0 and 1, (N, I)
+    /// each), if any.
+    gate_up_offload: Option<LayerOffload>,
     /// Whether the attention checkpoints carry q, k, v (and what the q/k norms read, and
     /// q/k/v's x A^T): the backward then recomputes no projection of the attention half.
     qkv_in_checkpoint: bool,
@@ -833,17 +840,24 @@ impl<'g> GpuLlama<'g> {
     /// the layer above is differentiated (see [`layer_offload`]). The recompute then redoes
     /// ln2 and the MLP (gate, up, the activation), and q, k, v unless the checkpoints carry
     /// them too ([`plan::checkpoint_qkv`] decides by the layer's width; `FTRT_CHECKPOINT_QKV=0|1`
-    /// overrides it), not the attention and o_proj. Kept layers' activations and the last
-    /// layer's output stay on the device. Changing it frees the activation buffers
-    /// (reallocated at the next batch).
+    /// overrides it), not the attention and o_proj. A few recomputed layers' gate and up
+    /// outputs travel too when the forward's copies leave time for them and the batch is one
+    /// MLP tile ([`plan::gate_up_layers`]; `FTRT_GATE_UP_LAYERS=k` sets how many): their
+    /// recompute runs no projection at all. Kept layers' activations and the last layer's
+    /// output stay on the device. Changing it frees the activation buffers (reallocated at the
+    /// next batch).
     pub fn set_offload_residuals(&mut self, on: bool) {
         let qkv = match std::env::var(CHECKPOINT_QKV_ENV).as_deref() {
             Ok("0") => false,
             Ok("1") => true,
             _ => plan::checkpoint_qkv(&self.dims, self.config.qk_norm),
         };
+        let gate_up = match std::env::var(GATE_UP_LAYERS_ENV).map(|v| v.parse::<usize>()) {
+            Ok(Ok(k)) => plan::GateUp::Layers(k),
+            _ => plan::GateUp::Auto,
+        };
         self.set_offload(if on {
-            plan::Offload::Checkpoints { qkv }
+            plan::Offload::Checkpoints { qkv, gate_up }
         } else {
             plan::Offload::Off
         });
@@ -862,6 +876,13 @@ impl<'g> GpuLlama<'g> {
     /// host memory was too short for them).
     pub fn checkpoints_carry_qkv(&self) -> bool {
         self.acts.as_ref().is_some_and(|a| a.qkv_in_checkpoint)
+    }
+
+    /// The layers whose gate and up outputs travel through host memory in the allocated
+    /// activations (see [`Self::set_offload_residuals`]; none before the first batch).
+    pub fn gate_up_offloaded(&self) -> Vec<usize> {
+        let o = self.acts.as_ref().and_then(|a| a.gate_up_offload.as_ref());
+        o.map_or(Vec::new(), |o| o.members().to_vec())
     }
 
     /// Whether checkpoint offload is on (see [`Self::set_offload_residuals`]).
@@ -1192,14 +1213,16 @@ impl<'g> GpuLlama<'g> {
         // available memory: else without q, k, v; else the backward recomputes the attention
         // half as without offload (long sequences).
         let m = recomputed.len();
+        let ring_slots = plan::resid_ring(m, n);
         let pieces = |qkv| plan::attention_checkpoint(&d, qk, widths.map(|w| w * r), qkv);
-        let resid_host = LayerOffload::host_bytes(m, n, &[2 * d.hidden]);
+        let resid_host = LayerOffload::host_bytes(m, ring_slots, n, &[2 * d.hidden]);
         let available = crate::train::plan::available_memory();
-        let fits = |qkv| {
-            let attn_host = LayerOffload::host_bytes(m, n, &pieces(qkv));
-            plan::attention_offload_fits(resid_host, attn_host, available)
+        let attn_host = |qkv| LayerOffload::host_bytes(m, ring_slots, n, &pieces(qkv));
+        let fits = |qkv| plan::attention_offload_fits(resid_host, attn_host(qkv), available);
+        let (wants_qkv, wants_gate_up) = match self.offload {
+            plan::Offload::Checkpoints { qkv, gate_up } => (qkv, gate_up),
+            plan::Offload::Off => (false, plan::GateUp::Layers(0)),
         };
-        let wants_qkv = self.offload == plan::Offload::Checkpoints { qkv: true };
         let ring = match offloading {
             false => None,
             true if wants_qkv && fits(true) => Some(true),
@@ -1207,7 +1230,7 @@ impl<'g> GpuLlama<'g> {
             true => None,
         };
         if offloading && ring != Some(wants_qkv) {
-            let attn_host = LayerOffload::host_bytes(m, n, &pieces(wants_qkv));
+            let attn_host = attn_host(wants_qkv);
             eprintln!(
                 "note: the attention checkpoints of {m} recomputed layers {}: with the residuals they would pin {:.1} GiB of host memory, more than half of the {:.1} GiB available",
                 if ring.is_some() {
@@ -1219,6 +1242,23 @@ impl<'g> GpuLlama<'g> {
                 available.unwrap_or(0) as f64 / (1u64 << 30) as f64
             );
         }
+        // The layers whose gate and up outputs travel ([`plan::gate_up_layers`]): only with the
+        // attention checkpoints (their recompute takes the MLP's x A^T from them), and while
+        // all three offloads' pinned rows fit half the host's available memory.
+        let gate_up_pieces = vec![2 * d.intermediate; 2];
+        let gate_up_layers = match ring {
+            Some(qkv) => {
+                let per_token = pieces(qkv).iter().sum();
+                let picks = plan::gate_up_layers(&d, per_token, m, n, s.mlp_rows, wants_gate_up);
+                let host = LayerOffload::host_bytes(picks.len(), 1, n, &gate_up_pieces);
+                let pinned = resid_host + attn_host(qkv) + host;
+                match plan::attention_offload_fits(0, pinned, available) {
+                    true => picks,
+                    false => Vec::new(),
+                }
+            }
+            None => Vec::new(),
+        };
         // One set shared by the recomputed layers and their input norm outputs.
         let shared = if recomputed.is_empty() {
             None
@@ -1244,14 +1284,22 @@ impl<'g> GpuLlama<'g> {
         }
         ln.push(h.alloc(gpu, s.nc)?);
         let resid_offload = if offloading {
-            Some(LayerOffload::new(gpu, &mut h, m, n, vec![2 * d.hidden])?)
+            Some(LayerOffload::new(
+                gpu,
+                &mut h,
+                recomputed.clone(),
+                ring_slots,
+                n,
+                vec![2 * d.hidden],
+            )?)
         } else {
             None
         };
         let attn_offload = match ring {
             Some(qkv) => {
                 use plan::ckpt;
-                let o = LayerOffload::new(gpu, &mut h, m, n, pieces(qkv))?;
+                let o =
+                    LayerOffload::new(gpu, &mut h, recomputed.clone(), ring_slots, n, pieces(qkv))?;
                 let piece_or_null = |l, i, w: usize| if w > 0 { o.piece(l, i) } else { null };
                 for &l in &recomputed {
                     let la = &mut layers[l];
@@ -1277,6 +1325,17 @@ impl<'g> GpuLlama<'g> {
                 Some(o)
             }
             None => None,
+        };
+        let gate_up_offload = match gate_up_layers.is_empty() {
+            true => None,
+            false => Some(LayerOffload::new(
+                gpu,
+                &mut h,
+                gate_up_layers,
+                1,
+                n,
+                gate_up_pieces,
+            )?),
         };
         let mut resid = Vec::new();
         let mut rstd = Vec::new();
@@ -1348,6 +1407,7 @@ impl<'g> GpuLlama<'g> {
             ce_dpicked: h.alloc(gpu, n)?,
             resid_offload,
             attn_offload,
+            gate_up_offload,
             qkv_in_checkpoint: ring == Some(true),
             _held: h,
         };
@@ -1643,7 +1703,15 @@ impl<'g> GpuLlama<'g> {
         self.stack_xa(l, g_o, la.att, la.xa[g_o], n)?;
         self.project(l, Proj::O, la.att, a.tmp_c, la.xa[g_o], n)?;
         // A tile's add + norm reads its rows of the o_proj output in tmp_c before its MLP
-        // writes down_proj's output over them.
+        // writes down_proj's output over them. Travelling gate/up outputs go out once every
+        // tile has written them.
+        let gate_up = a
+            .gate_up_offload
+            .as_ref()
+            .filter(|_| matches!(pass, Pass::Train));
+        if let Some(o) = gate_up {
+            o.before_write(gpu, l)?;
+        }
         for (r0, t) in self.mlp_tiles(a, n) {
             norm::add_rms_norm::forward(
                 gpu,
@@ -1660,6 +1728,9 @@ impl<'g> GpuLlama<'g> {
             if !matches!(pass, Pass::Recompute) {
                 self.mlp_forward_rows(a, l, r0, t, Some(a.tmp_c.offset(r0 * c)))?;
             }
+        }
+        if let Some(o) = gate_up {
+            o.after_write(gpu, l, n)?;
         }
         if let Pass::Recompute = pass {
             // ln2 and the MLP are recomputed tile by tile in the backward.
@@ -1748,7 +1819,8 @@ impl<'g> GpuLlama<'g> {
     }
 
     /// Layer `l`'s ln2, gate, up and act from row `r0` on: its own (N, C) and (N, I) buffers
-    /// at that row when kept, else the shared set's one-tile buffers.
+    /// at that row when kept, else the shared set's one-tile buffers; gate and up in the
+    /// gate/up offload's slot at that row when they travel.
     fn mlp_rows(
         &self,
         a: &Acts,
@@ -1758,12 +1830,17 @@ impl<'g> GpuLlama<'g> {
         let la = &a.layers[l];
         let row = if self.is_kept(l) { r0 } else { 0 };
         let (c, i) = (row * self.dims.hidden, row * self.dims.intermediate);
-        (
-            la.ln2.offset(c),
-            la.gate.offset(i),
-            la.up.offset(i),
-            la.act.offset(i),
-        )
+        let (gate, up) = match &a.gate_up_offload {
+            Some(o) if o.holds(l) => {
+                let at = r0 * self.dims.intermediate;
+                (
+                    o.piece::<bf16>(l, 0).offset(at),
+                    o.piece::<bf16>(l, 1).offset(at),
+                )
+            }
+            _ => (la.gate.offset(i), la.up.offset(i)),
+        };
+        (la.ln2.offset(c), gate, up, la.act.offset(i))
     }
 
     /// Layer `l`'s MLP on rows [r0, r0 + t) of its post-attention norm output: gate and up
@@ -1943,6 +2020,9 @@ impl<'g> GpuLlama<'g> {
                         o.prefetch(gpu, l - 1, n)?;
                     }
                 }
+                if let Some(o) = &a.gate_up_offload {
+                    o.wait_prefetched(gpu, l)?;
+                }
                 if !self.forward_still_held(l) {
                     self.input_norm(a, l, n)?;
                     if a.attn_offload.is_none() {
@@ -1956,12 +2036,15 @@ impl<'g> GpuLlama<'g> {
             let lw = &self.layout.layers[l];
             // MLP, one tile of rows at a time, the last first: a recomputed layer's ln2 and
             // MLP are recomputed tile by tile, except the highest one's last tile, which its
-            // forward left in the shared buffers.
+            // forward left in the shared buffers; travelling gate/up outputs are back.
+            let gate_up = a.gate_up_offload.as_ref().filter(|o| o.holds(l));
             for (i, (r0, t)) in self.mlp_tiles(a, n).rev().enumerate() {
                 let on_device = self.is_kept(l) || (i == 0 && self.forward_still_held(l));
                 if !on_device {
                     self.post_attention_norm_rows(a, l, r0, t)?;
-                    self.mlp_forward_rows(a, l, r0, t, None)?;
+                    if gate_up.is_none() {
+                        self.mlp_forward_rows(a, l, r0, t, None)?;
+                    }
                 }
                 let (x, gate, up, act) = self.mlp_rows(a, l, r0);
                 let dln = a.dln.offset(r0 * c);
@@ -2012,6 +2095,12 @@ impl<'g> GpuLlama<'g> {
                     t,
                     a.dxa,
                 )?;
+            }
+            // The gate/up slot is free: the next travelling layer's come back meanwhile.
+            if let Some(o) = gate_up {
+                if let Some(below) = o.member_below(l) {
+                    o.prefetch(gpu, below, n)?;
+                }
             }
             norm::add_rms_norm::backward(
                 gpu,

@@ -53,8 +53,19 @@ pub enum Offload {
     /// layer's whole attention half.
     Off,
     /// Input residuals and attention checkpoints ([`attention_checkpoint`], with q, k and v
-    /// when `qkv`) live in device rings and travel through pinned host memory.
-    Checkpoints { qkv: bool },
+    /// when `qkv`) live in device rings and travel through pinned host memory; so do the gate
+    /// and up outputs of the layers [`gate_up_layers`] picks.
+    Checkpoints { qkv: bool, gate_up: GateUp },
+}
+
+/// How many recomputed layers carry their gate and up outputs through host memory (see
+/// [`gate_up_layers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateUp {
+    /// As many as the forward's spare device-to-host time carries.
+    Auto,
+    /// This many (0: none).
+    Layers(usize),
 }
 
 /// Piece indices of [`attention_checkpoint`].
@@ -114,14 +125,67 @@ const LAYER_FORWARD_FLOPS_PER_S: f64 = 500e12;
 /// the 8B: 0.87 against 0.74).
 pub fn checkpoint_qkv(d: &Dims, qk_norm: bool) -> bool {
     let cost = ftrt_runtime::planner::CostModel::H200;
-    let (c, q, kv) = (d.hidden, d.q_dim(), d.kv_dim());
-    let params = c * (2 * q + 2 * kv) + 3 * c * d.intermediate;
-    let forward_s = 2.0 * params as f64 / LAYER_FORWARD_FLOPS_PER_S;
-    let per_token: usize = 2 * c
+    let per_token: usize = 2 * d.hidden
         + attention_checkpoint(d, qk_norm, [0; 4], true)
             .iter()
             .sum::<usize>();
-    cost.d2h_seconds(per_token) <= forward_s
+    cost.d2h_seconds(per_token) <= layer_forward_seconds(d)
+}
+
+/// Seconds per token of one layer's forward, timed by its projection FLOPs at
+/// [`LAYER_FORWARD_FLOPS_PER_S`].
+fn layer_forward_seconds(d: &Dims) -> f64 {
+    let (c, q, kv) = (d.hidden, d.q_dim(), d.kv_dim());
+    let params = c * (2 * q + 2 * kv) + 3 * c * d.intermediate;
+    2.0 * params as f64 / LAYER_FORWARD_FLOPS_PER_S
+}
+
+/// Share of the forward's spare device-to-host time that [`GateUp::Auto`] gives the gate/up
+/// copies (the rest absorbs the forward running faster than planned).
+const GATE_UP_SPARE_USE: f64 = 0.75;
+
+/// The recomputed layers (of `0..m`, ascending) whose gate and up outputs ((N, I) bf16 each)
+/// the forward writes into a one-slot device ring, copied to pinned host memory when the next
+/// one needs the slot and brought back for the backward: their MLP recompute then runs no
+/// projection (only the norm for gate/up's dA and the fused SwiGLU backward). The highest
+/// recomputed layer is left out (its forward's values are on the device anyway) unless
+/// [`GateUp::Layers`] asks for more than the others. The picks are spread evenly, highest
+/// first, so each copy has several layers' compute to hide behind.
+///
+/// [`GateUp::Auto`] takes one that stays in the slot (no copy), plus as many travelling ones as
+/// [`GATE_UP_SPARE_USE`] of the forward's spare device-to-host time carries: `m` layer
+/// forwards ([`layer_forward_seconds`]) less the copies of the travelling input residuals and
+/// attention checkpoints (`checkpoint` bytes per token); none when the batch has more rows
+/// than one MLP tile (`mlp_rows`: the slot holds every row of the batch) or `m` < 2.
+pub fn gate_up_layers(
+    d: &Dims,
+    checkpoint: usize,
+    m: usize,
+    n: usize,
+    mlp_rows: usize,
+    want: GateUp,
+) -> Vec<usize> {
+    let count = match want {
+        GateUp::Layers(k) => k.min(m),
+        GateUp::Auto if n > mlp_rows || m < 2 => 0,
+        GateUp::Auto => {
+            let cost = ftrt_runtime::planner::CostModel::H200;
+            let travelling = (m - resid_ring(m, n)) as f64;
+            let spare = m as f64 * layer_forward_seconds(d)
+                - travelling * cost.d2h_seconds(2 * d.hidden + checkpoint);
+            let per_layer = cost.d2h_seconds(4 * d.intermediate);
+            1 + (GATE_UP_SPARE_USE * spare / per_layer).max(0.0) as usize
+        }
+    };
+    if count == 0 {
+        return Vec::new();
+    }
+    let below_top = if count < m { m - 1 } else { m };
+    let count = count.min(below_top);
+    let step = below_top / count;
+    let mut layers: Vec<usize> = (0..count).map(|i| below_top - 1 - i * step).collect();
+    layers.reverse();
+    layers
 }
 
 /// Rows per MLP tile: the MLP (gate, up, act and their gradients) of a recomputed layer runs
@@ -458,9 +522,10 @@ impl ActSizes {
         };
         // the attention checkpoint: out of the shared set, into a ring of slots (256-byte
         // aligned pieces) when offloading
+        // the gate/up ring's slot (two (N, I) pieces) when some layers use it
         let recomputed = d.layers - kept;
         let attn_ring = match offload {
-            Offload::Checkpoints { qkv } if recomputed > 0 => {
+            Offload::Checkpoints { qkv, gate_up } if recomputed > 0 => {
                 let r = self.nr / self.n.max(1);
                 let pieces = attention_checkpoint(d, qk_norm, widths.map(|w| w * r), qkv);
                 let checkpoint = |align: usize| {
@@ -469,7 +534,15 @@ impl ActSizes {
                         .map(|&p| (self.n * p).next_multiple_of(align))
                         .sum::<usize>()
                 };
-                resid_ring(recomputed, self.n) * checkpoint(256) - checkpoint(1)
+                let per_token = pieces.iter().sum();
+                let gate_up_slot =
+                    match gate_up_layers(d, per_token, recomputed, self.n, self.mlp_rows, gate_up)
+                        .is_empty()
+                    {
+                        true => 0,
+                        false => 2 * (self.n * b * d.intermediate).next_multiple_of(256),
+                    };
+                resid_ring(recomputed, self.n) * checkpoint(256) - checkpoint(1) + gate_up_slot
             }
             _ => 0,
         };
@@ -690,8 +763,12 @@ mod tests {
 
     /// Every projection adapted: q/k/v, o, gate/up, down stacks.
     const ALL: [usize; 4] = [3, 1, 2, 1];
-    /// Checkpoint offload without q, k, v (the checkpoint the tests below count by hand).
-    const LEAN: Offload = Offload::Checkpoints { qkv: false };
+    /// Checkpoint offload without q, k, v and without gate/up (the checkpoint the tests below
+    /// count by hand).
+    const LEAN: Offload = Offload::Checkpoints {
+        qkv: false,
+        gate_up: GateUp::Layers(0),
+    };
 
     /// Llama-3.2-1B's shapes.
     const LLAMA_1B: Dims = Dims {
@@ -891,7 +968,10 @@ mod tests {
     #[test]
     fn checkpoints_with_qkv_move_q_k_v_from_the_shared_set_into_the_ring() {
         let (d, s) = six_layers();
-        let with = Offload::Checkpoints { qkv: true };
+        let with = Offload::Checkpoints {
+            qkv: true,
+            gate_up: GateUp::Layers(0),
+        };
         for qk in [false, true] {
             // q, k, v, the q/k/v stack's x A^T (three members), and with q/k norms their
             // inputs and rstds: once in the shared set without, in every slot with
@@ -916,6 +996,68 @@ mod tests {
             assert_eq!(pieces.len(), if qk { 14 } else { 10 });
             let per_token: usize = pieces[ckpt::Q..].iter().sum();
             assert_eq!(per_token * s.n, once);
+        }
+    }
+
+    #[test]
+    fn gate_up_layers_fill_the_spare_copy_time_and_add_one_slot() {
+        let llama8b = Dims {
+            hidden: 4096,
+            intermediate: 14336,
+            layers: 32,
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            vocab: 128256,
+        };
+        let per_token = |d: &Dims| -> usize {
+            attention_checkpoint(d, false, ALL.map(|w| w * 16), true)
+                .iter()
+                .sum()
+        };
+        // 8B at 2 x 2048: 32 forwards of 0.87 us a token against 29 copies of 0.74 leave
+        // 6.3 us, 4.1 gate/up copies (1.15 us each) at 75%: four travel, one stays, spread
+        // from layer 30 (31 is the highest, already held) down in steps of 31 / 5.
+        let picks = gate_up_layers(&llama8b, per_token(&llama8b), 32, 4096, 4096, GateUp::Auto);
+        assert_eq!(picks, vec![6, 12, 18, 24, 30]);
+        // More rows than one MLP tile, or a single recomputed layer: none.
+        assert!(gate_up_layers(&llama8b, 0, 32, 8192, 4096, GateUp::Auto).is_empty());
+        assert!(gate_up_layers(&llama8b, 0, 1, 4096, 4096, GateUp::Auto).is_empty());
+        // The 1B's copies leave no spare time: only the one that stays in the slot.
+        let one_b = gate_up_layers(
+            &LLAMA_1B,
+            per_token(&LLAMA_1B),
+            16,
+            4096,
+            4096,
+            GateUp::Auto,
+        );
+        assert_eq!(one_b, vec![14]);
+        // Asked for: the highest recomputed layer joins only when the others are too few.
+        let d = dims();
+        assert_eq!(
+            gate_up_layers(&d, 0, 6, 512, 4096, GateUp::Layers(2)),
+            vec![2, 4]
+        );
+        assert_eq!(
+            gate_up_layers(&d, 0, 2, 512, 4096, GateUp::Layers(2)),
+            vec![0, 1]
+        );
+        assert_eq!(
+            gate_up_layers(&d, 0, 2, 512, 8, GateUp::Layers(9)),
+            vec![0, 1]
+        );
+        assert!(gate_up_layers(&d, 0, 6, 512, 4096, GateUp::Layers(0)).is_empty());
+        // The plan grows by the slot: two (N, I) bf16 pieces, whatever the count.
+        let (d, s) = six_layers();
+        let gate_up = |k| Offload::Checkpoints {
+            qkv: false,
+            gate_up: GateUp::Layers(k),
+        };
+        let slot = 2 * (2 * s.n * d.intermediate).next_multiple_of(256);
+        for k in 1..=3 {
+            let grow = s.bytes(&d, false, ALL, 0, gate_up(k)) - s.bytes(&d, false, ALL, 0, LEAN);
+            assert_eq!(grow, slot, "{k} layers");
         }
     }
 

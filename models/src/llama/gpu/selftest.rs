@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use ftrt_runtime::Gpu;
 
-use super::plan::Offload;
+use super::plan::{GateUp, Offload};
 use super::{init_adapter, GpuLlama, KeepBf16};
 use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
@@ -391,9 +391,16 @@ fn recompute_row(
     g.set_offload(offload);
     let (loss, e) = loss_grads_err(g, batch, targets, want)?;
     let how = match offload {
-        Offload::Off => "",
-        Offload::Checkpoints { qkv: false } => ", checkpoints offloaded,",
-        Offload::Checkpoints { qkv: true } => ", checkpoints with q/k/v offloaded,",
+        Offload::Off => String::new(),
+        Offload::Checkpoints { qkv, gate_up } => format!(
+            ", checkpoints{} offloaded{},",
+            if qkv { " with q/k/v" } else { "" },
+            match gate_up {
+                GateUp::Layers(0) => String::new(),
+                GateUp::Layers(k) => format!(", gate/up of {k} layers through the host"),
+                GateUp::Auto => ", gate/up as planned".into(),
+            }
+        ),
     };
     // the planner's activation bytes against what was allocated for this configuration
     let (held, planned) = g.activation_bytes();
@@ -428,8 +435,10 @@ const OFFLOAD_LAYERS: usize = super::plan::RESID_RING + 3;
 /// Checkpoint offload through host memory: the fixtures' two layers fit the device rings, so
 /// this runs the `arch` fixture's shape with [`OFFLOAD_LAYERS`] random layers (the first
 /// `OFFLOAD_LAYERS - RESID_RING` layers' residuals and attention checkpoints travel), with and
-/// without q, k, v in the checkpoints (Qwen3: with what its q/k norms read), two steps each
-/// (the second reuses the rings and the events), each against keeping every layer.
+/// without q, k, v in the checkpoints (Qwen3: with what its q/k norms read), then with three
+/// and with every layer's gate/up outputs through the host (one slot: all but the highest
+/// travel), two steps each (the second reuses the rings and the events), each against keeping
+/// every layer; the last two again with the MLP in tiles of 24 rows (the batch's 64 in three).
 fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), String> {
     let mut config = ModelConfig::from_file(&fixture_dir(arch).join("config.json"))
         .map_err(|e| e.to_string())?;
@@ -449,14 +458,30 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
     g.zero_grads()?;
     let loss = g.loss_and_grads(&batch, &targets)?;
     let grads = g.download_grads()?;
-    let name = format!("{arch} x{OFFLOAD_LAYERS}");
-    for qkv in [false, false, true, true] {
+    let runs = [
+        (false, 0, None),
+        (false, 0, None),
+        (true, 0, None),
+        (true, 0, None),
+        (true, 3, None),
+        (true, 3, None),
+        (false, OFFLOAD_LAYERS, None),
+        (true, 3, Some(24)),
+        (false, OFFLOAD_LAYERS, Some(24)),
+    ];
+    for (qkv, gate_up, tile) in runs {
+        let name = match tile {
+            Some(t) => format!("{arch} x{OFFLOAD_LAYERS}, MLP tiles of {t}"),
+            None => format!("{arch} x{OFFLOAD_LAYERS}"),
+        };
+        g.set_mlp_tile_rows(tile.unwrap_or(super::plan::MLP_TILE_ROWS));
+        let gate_up = GateUp::Layers(gate_up);
         recompute_row(
             &mut g,
             &batch,
             &targets,
             0,
-            Offload::Checkpoints { qkv },
+            Offload::Checkpoints { qkv, gate_up },
             (loss, &grads),
             &name,
             rows,
@@ -494,8 +519,27 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
     let offloads = [
         (0, Offload::Off),
         (cpu.dims.layers - 1, Offload::Off),
-        (0, Offload::Checkpoints { qkv: false }),
-        (0, Offload::Checkpoints { qkv: true }),
+        (
+            0,
+            Offload::Checkpoints {
+                qkv: false,
+                gate_up: GateUp::Layers(0),
+            },
+        ),
+        (
+            0,
+            Offload::Checkpoints {
+                qkv: true,
+                gate_up: GateUp::Layers(0),
+            },
+        ),
+        (
+            0,
+            Offload::Checkpoints {
+                qkv: true,
+                gate_up: GateUp::Layers(2),
+            },
+        ),
     ];
     for (kept, offload) in offloads {
         recompute_row(
