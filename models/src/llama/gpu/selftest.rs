@@ -438,7 +438,9 @@ const OFFLOAD_LAYERS: usize = super::plan::RESID_RING + 3;
 /// without q, k, v in the checkpoints (Qwen3: with what its q/k norms read), then with three
 /// and with every layer's gate/up outputs through the host (one slot: all but the highest
 /// travel), two steps each (the second reuses the rings and the events), each against keeping
-/// every layer; the last two again with the MLP in tiles of 24 rows (the batch's 64 in three).
+/// every layer; the last two again with the MLP in tiles of 24 rows (the batch's 64 in three),
+/// against keeping every layer with the same tiles (tiles change the GEMMs' row counts, so
+/// their rounding).
 fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), String> {
     let mut config = ModelConfig::from_file(&fixture_dir(arch).join("config.json"))
         .map_err(|e| e.to_string())?;
@@ -455,9 +457,17 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
     }
     let mut g = GpuLlama::random(gpu, &config, batch.len(), 4, 11)?;
     g.set_lora(&init_adapter(&g.dims, 4, 8.0, &Proj::ALL, 5, 0.05))?;
-    g.zero_grads()?;
-    let loss = g.loss_and_grads(&batch, &targets)?;
-    let grads = g.download_grads()?;
+    // keeping every layer, with the MLP in one tile or in tiles of `rows`
+    let mut keep_all = |rows| -> Result<(f32, LoraAdapter), String> {
+        g.set_kept_layers(OFFLOAD_LAYERS);
+        g.set_offload(Offload::Off);
+        g.set_mlp_tile_rows(rows);
+        g.zero_grads()?;
+        let loss = g.loss_and_grads(&batch, &targets)?;
+        Ok((loss, g.download_grads()?))
+    };
+    let one_tile = keep_all(super::plan::MLP_TILE_ROWS)?;
+    let tiles = keep_all(24)?;
     let runs = [
         (false, 0, None),
         (false, 0, None),
@@ -470,9 +480,12 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
         (false, OFFLOAD_LAYERS, Some(24)),
     ];
     for (qkv, gate_up, tile) in runs {
-        let name = match tile {
-            Some(t) => format!("{arch} x{OFFLOAD_LAYERS}, MLP tiles of {t}"),
-            None => format!("{arch} x{OFFLOAD_LAYERS}"),
+        let (name, want) = match tile {
+            Some(t) => (
+                format!("{arch} x{OFFLOAD_LAYERS}, MLP tiles of {t}"),
+                &tiles,
+            ),
+            None => (format!("{arch} x{OFFLOAD_LAYERS}"), &one_tile),
         };
         g.set_mlp_tile_rows(tile.unwrap_or(super::plan::MLP_TILE_ROWS));
         let gate_up = GateUp::Layers(gate_up);
@@ -482,7 +495,7 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
             &targets,
             0,
             Offload::Checkpoints { qkv, gate_up },
-            (loss, &grads),
+            (want.0, &want.1),
             &name,
             rows,
         )?;
