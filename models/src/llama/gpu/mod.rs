@@ -1249,7 +1249,9 @@ impl<'g> GpuLlama<'g> {
         let gate_up_layers = match ring {
             Some(qkv) => {
                 let per_token = pieces(qkv).iter().sum();
-                let picks = plan::gate_up_layers(&d, per_token, m, n, s.mlp_rows, wants_gate_up);
+                let rows = (m, n, s.mlp_rows);
+                let travel = self.nf4.is_some();
+                let picks = plan::gate_up_layers(&d, per_token, rows, wants_gate_up, travel);
                 let host = LayerOffload::host_bytes(picks.len(), 1, n, &gate_up_pieces);
                 let pinned = resid_host + attn_host(qkv) + host;
                 match plan::attention_offload_fits(0, pinned, available) {

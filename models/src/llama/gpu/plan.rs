@@ -152,22 +152,25 @@ const GATE_UP_SPARE_USE: f64 = 0.75;
 /// [`GateUp::Layers`] asks for more than the others. The picks are spread evenly, highest
 /// first, so each copy has several layers' compute to hide behind.
 ///
-/// [`GateUp::Auto`] takes one that stays in the slot (no copy), plus as many travelling ones as
-/// [`GATE_UP_SPARE_USE`] of the forward's spare device-to-host time carries: `m` layer
-/// forwards ([`layer_forward_seconds`]) less the copies of the travelling input residuals and
-/// attention checkpoints (`checkpoint` bytes per token); none when the batch has more rows
-/// than one MLP tile (`mlp_rows`: the slot holds every row of the batch) or `m` < 2.
+/// [`GateUp::Auto`] takes one that stays in the slot (no copy); with `travel`, also as many
+/// travelling ones as [`GATE_UP_SPARE_USE`] of the forward's spare device-to-host time carries:
+/// `m` layer forwards ([`layer_forward_seconds`]) less the copies of the travelling input
+/// residuals and attention checkpoints (`checkpoint` bytes per token). None when the batch has
+/// more rows than one MLP tile (`mlp_rows`: the slot holds every row of the batch) or `m` < 2.
+/// The caller allows travel with NF4 weights only: on the H200 at 2 x 2048 the 8B's five
+/// picks gained 1.1% a step in 4-bit mode and lost 0.9% with bf16 weights (the copies slow a
+/// forward that has no dequantization to hide them behind; session 10, call F).
 pub fn gate_up_layers(
     d: &Dims,
     checkpoint: usize,
-    m: usize,
-    n: usize,
-    mlp_rows: usize,
+    (m, n, mlp_rows): (usize, usize, usize),
     want: GateUp,
+    travel: bool,
 ) -> Vec<usize> {
     let count = match want {
         GateUp::Layers(k) => k.min(m),
         GateUp::Auto if n > mlp_rows || m < 2 => 0,
+        GateUp::Auto if !travel => 1,
         GateUp::Auto => {
             let cost = ftrt_runtime::planner::CostModel::H200;
             let travelling = (m - resid_ring(m, n)) as f64;
@@ -535,10 +538,10 @@ impl ActSizes {
                         .sum::<usize>()
                 };
                 let per_token = pieces.iter().sum();
+                // (whether any travel does not change the slot)
+                let rows = (recomputed, self.n, self.mlp_rows);
                 let gate_up_slot =
-                    match gate_up_layers(d, per_token, recomputed, self.n, self.mlp_rows, gate_up)
-                        .is_empty()
-                    {
+                    match gate_up_layers(d, per_token, rows, gate_up, false).is_empty() {
                         true => 0,
                         false => 2 * (self.n * b * d.intermediate).next_multiple_of(256),
                     };
@@ -1018,36 +1021,26 @@ mod tests {
         // 8B at 2 x 2048: 32 forwards of 0.87 us a token against 29 copies of 0.74 leave
         // 6.3 us, 4.1 gate/up copies (1.15 us each) at 75%: four travel, one stays, spread
         // from layer 30 (31 is the highest, already held) down in steps of 31 / 5.
-        let picks = gate_up_layers(&llama8b, per_token(&llama8b), 32, 4096, 4096, GateUp::Auto);
-        assert_eq!(picks, vec![6, 12, 18, 24, 30]);
-        // More rows than one MLP tile, or a single recomputed layer: none.
-        assert!(gate_up_layers(&llama8b, 0, 32, 8192, 4096, GateUp::Auto).is_empty());
-        assert!(gate_up_layers(&llama8b, 0, 1, 4096, 4096, GateUp::Auto).is_empty());
-        // The 1B's copies leave no spare time: only the one that stays in the slot.
-        let one_b = gate_up_layers(
-            &LLAMA_1B,
-            per_token(&LLAMA_1B),
-            16,
-            4096,
-            4096,
-            GateUp::Auto,
+        let auto =
+            |d: &Dims, rows, travel| gate_up_layers(d, per_token(d), rows, GateUp::Auto, travel);
+        assert_eq!(
+            auto(&llama8b, (32, 4096, 4096), true),
+            vec![6, 12, 18, 24, 30]
         );
-        assert_eq!(one_b, vec![14]);
+        // Without travel (bf16 weights), the one that stays.
+        assert_eq!(auto(&llama8b, (32, 4096, 4096), false), vec![30]);
+        // More rows than one MLP tile, or a single recomputed layer: none.
+        assert!(auto(&llama8b, (32, 8192, 4096), true).is_empty());
+        assert!(auto(&llama8b, (1, 4096, 4096), true).is_empty());
+        // The 1B's copies leave no spare time: only the one that stays in the slot.
+        assert_eq!(auto(&LLAMA_1B, (16, 4096, 4096), true), vec![14]);
         // Asked for: the highest recomputed layer joins only when the others are too few.
         let d = dims();
-        assert_eq!(
-            gate_up_layers(&d, 0, 6, 512, 4096, GateUp::Layers(2)),
-            vec![2, 4]
-        );
-        assert_eq!(
-            gate_up_layers(&d, 0, 2, 512, 4096, GateUp::Layers(2)),
-            vec![0, 1]
-        );
-        assert_eq!(
-            gate_up_layers(&d, 0, 2, 512, 8, GateUp::Layers(9)),
-            vec![0, 1]
-        );
-        assert!(gate_up_layers(&d, 0, 6, 512, 4096, GateUp::Layers(0)).is_empty());
+        let asked = |rows, k| gate_up_layers(&d, 0, rows, GateUp::Layers(k), false);
+        assert_eq!(asked((6, 512, 4096), 2), vec![2, 4]);
+        assert_eq!(asked((2, 512, 4096), 2), vec![0, 1]);
+        assert_eq!(asked((2, 512, 8), 9), vec![0, 1]);
+        assert!(asked((6, 512, 4096), 0).is_empty());
         // The plan grows by the slot: two (N, I) bf16 pieces, whatever the count.
         let (d, s) = six_layers();
         let gate_up = |k| Offload::Checkpoints {
