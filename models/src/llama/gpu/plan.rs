@@ -773,6 +773,17 @@ mod tests {
         gate_up: GateUp::Layers(0),
     };
 
+    /// Llama-3.1-8B's shapes.
+    const LLAMA_8B: Dims = Dims {
+        hidden: 4096,
+        intermediate: 14336,
+        layers: 32,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        vocab: 128256,
+    };
+
     /// Llama-3.2-1B's shapes.
     const LLAMA_1B: Dims = Dims {
         hidden: 2048,
@@ -1004,15 +1015,6 @@ mod tests {
 
     #[test]
     fn gate_up_layers_fill_the_spare_copy_time_and_add_one_slot() {
-        let llama8b = Dims {
-            hidden: 4096,
-            intermediate: 14336,
-            layers: 32,
-            heads: 32,
-            kv_heads: 8,
-            head_dim: 128,
-            vocab: 128256,
-        };
         let per_token = |d: &Dims| -> usize {
             attention_checkpoint(d, false, ALL.map(|w| w * 16), true)
                 .iter()
@@ -1024,14 +1026,14 @@ mod tests {
         let auto =
             |d: &Dims, rows, travel| gate_up_layers(d, per_token(d), rows, GateUp::Auto, travel);
         assert_eq!(
-            auto(&llama8b, (32, 4096, 4096), true),
+            auto(&LLAMA_8B, (32, 4096, 4096), true),
             vec![6, 12, 18, 24, 30]
         );
         // Without travel (bf16 weights), the one that stays.
-        assert_eq!(auto(&llama8b, (32, 4096, 4096), false), vec![30]);
+        assert_eq!(auto(&LLAMA_8B, (32, 4096, 4096), false), vec![30]);
         // More rows than one MLP tile, or a single recomputed layer: none.
-        assert!(auto(&llama8b, (32, 8192, 4096), true).is_empty());
-        assert!(auto(&llama8b, (1, 4096, 4096), true).is_empty());
+        assert!(auto(&LLAMA_8B, (32, 8192, 4096), true).is_empty());
+        assert!(auto(&LLAMA_8B, (1, 4096, 4096), true).is_empty());
         // The 1B's copies leave no spare time: only the one that stays in the slot.
         assert_eq!(auto(&LLAMA_1B, (16, 4096, 4096), true), vec![14]);
         // Asked for: the highest recomputed layer joins only when the others are too few.
@@ -1057,16 +1059,7 @@ mod tests {
     #[test]
     fn q_k_v_travel_for_wide_layers_only() {
         // The 8B's layers are long enough to cover their copies with q, k, v; the 1B's are not.
-        let llama8b = Dims {
-            hidden: 4096,
-            intermediate: 14336,
-            layers: 32,
-            heads: 32,
-            kv_heads: 8,
-            head_dim: 128,
-            vocab: 128256,
-        };
-        assert!(checkpoint_qkv(&llama8b, false));
+        assert!(checkpoint_qkv(&LLAMA_8B, false));
         assert!(!checkpoint_qkv(&LLAMA_1B, false));
     }
 
