@@ -175,3 +175,32 @@ fn lookup_tables_are_staged_and_packed_codes_loaded_wide() {
     // A table indexed only by loop indices stays in global memory.
     assert!(!cu.contains("scale_s_"), "{cu}");
 }
+
+/// A row pitch is a dim of its own: an output declared `[R, LY]` while the pass loops `c` over
+/// `C` is stored at `r * LY + c` (the CPU reference too), and the launcher vectorizes only when
+/// the pitch is a multiple of 8 (what the LoRA K-extension needs: a norm writing its rows into
+/// a buffer wider than C, whose extra columns hold x A^T).
+#[test]
+fn pitched_output_rows() {
+    let ops = parse_ops(quote! {
+        f(x: [R, C] T) -> (y: [R, LY] T) {
+            forward for r in R, c in C {
+                let m = mean(c, x[r, c] * x[r, c]);
+                y[r, c] = x[r, c] * m;
+            }
+        }
+    })
+    .unwrap();
+    let cu = crate::emit_cuda::emit_op(&ops[0]);
+    assert!(
+        cu.contains("ftrt_store_vec<VEC>(y + (((r * LY) + c0_))"),
+        "{cu}"
+    );
+    assert!(
+        cu.contains("ftrt_load_vec<VEC>(v0_, x + (((r * C) + c0_)))"),
+        "{cu}"
+    );
+    let rs = crate::emit_rust::emit_op(&ops[0]);
+    assert!(rs.contains("y[(((r * LY) + c)) as usize]"), "{rs}");
+    assert!(rs.contains("((LY % 8i64) == 0i64)"), "{rs}");
+}
