@@ -65,10 +65,13 @@ pub struct BenchArgs {
     /// memory less 1 GiB).
     #[arg(long)]
     pub vram_budget_gib: Option<f64>,
-    /// Offload the recomputed layers' checkpoints (input residual; attention output, log-sum-exp
-    /// and post-attention residual) to pinned host memory (copied out in the forward, prefetched
-    /// in the backward, overlapped with compute): the backward then recomputes only q, k, v and
-    /// the MLP, not the attention; counted by `auto`.
+    /// Offload the recomputed layers' checkpoints (input residual; attention output, log-sum-exp,
+    /// post-attention residual and the LoRA x A^T; q, k, v too where the layer's forward covers
+    /// their copies, as for the 8B) to pinned host memory (copied out in the forward, prefetched
+    /// in the backward, overlapped with compute): the backward then recomputes the norms and the
+    /// MLP's gate and up (and q, k, v where they stayed), not the attention. With one MLP tile a
+    /// layer's gate/up outputs also stay on the GPU (with NF4 weights, a few more travel to the
+    /// host; `FTRT_GATE_UP_LAYERS=k` sets how many); counted by `auto`.
     #[arg(long, default_value_t = false)]
     pub offload_residuals: bool,
     /// Keep the (untied) input embedding table in pinned host memory; the gather reads the
