@@ -1,9 +1,9 @@
 //! Checkpoint offload ([`super::GpuLlama::set_offload_residuals`]): per member layer (some of
 //! the recomputed layers, in ascending order), a set of tensors that the forward writes and the
 //! backward reads — the layer's input residual (N, C) bf16; its attention checkpoint
-//! ([`plan::attention_checkpoint`](super::plan::attention_checkpoint)); or its gate and up outputs ([`plan::gate_up_layers`](super::plan::gate_up_layers)) —
-//! lives in a ring of device slots (the member at position p in slot p % slots) instead of one
-//! buffer per layer. A slot holds the set's tensors ("pieces") one after another, each sized
+//! ([`attention_checkpoint`]); or its gate and up outputs ([`gate_up_layers`]) — lives in a
+//! ring of device slots (the member at position p in slot p % slots) instead of one buffer per
+//! layer. A slot holds the set's tensors ("pieces") one after another, each sized
 //! for N tokens and starting on a 256-byte boundary; a batch of n tokens uses the first n
 //! tokens' bytes of each. The sets a later member overwrites in the forward (all but the last
 //! `slots` members) travel to pinned host memory and back; the last `slots` are still in their
@@ -24,6 +24,9 @@
 //!
 //! A wait on an event never recorded is a no-op (first use of a slot). Only events: no stream
 //! or device synchronisation while a step runs.
+//!
+//! [`attention_checkpoint`]: super::plan::attention_checkpoint
+//! [`gate_up_layers`]: super::plan::gate_up_layers
 
 use std::sync::Arc;
 

@@ -206,12 +206,6 @@ pub fn resid_ring(recomputed: usize, n: usize) -> usize {
     recomputed.min(slots)
 }
 
-/// Residuals of `recomputed` offloaded layers that go through host memory: all but the last
-/// [`resid_ring`], which are still in their slots when the backward reaches them.
-pub fn offloaded_residuals(recomputed: usize, n: usize) -> usize {
-    recomputed - resid_ring(recomputed, n)
-}
-
 /// Residual streams (N, C) on the device at `n` tokens: L + 1, or with `offload` the ring
 /// instead of the recomputed layers' inputs (the kept layers' inputs and the last layer's
 /// output stay).
@@ -948,13 +942,10 @@ mod tests {
             };
             let resid_saved = (recomputed.saturating_sub(RESID_RING) * resid) as i64;
             assert_eq!(on_device - off, resid_saved - attn_ring, "kept {k}");
-            assert_eq!(
-                offloaded_residuals(recomputed, 512),
-                recomputed.saturating_sub(RESID_RING)
-            );
+            // all but the ring's last `resid_ring` travel
             assert_eq!(
                 device_residuals(6, k, true, 512),
-                7 - offloaded_residuals(recomputed, 512)
+                7 - recomputed.saturating_sub(RESID_RING)
             );
         }
         assert_eq!(device_residuals(6, 0, false, 512), 7);
@@ -965,7 +956,6 @@ mod tests {
             (resid_ring(1, long), resid_ring(6, long)),
             (1, RESID_RING - 1)
         );
-        assert_eq!(offloaded_residuals(6, long), 6 - (RESID_RING - 1));
         // With a model deep enough (the rings cost less than the residuals they replace),
         // recomputing every layer with offload fits a budget that keeping 0 without it does not.
         let d = Dims {
