@@ -7,6 +7,9 @@
 # Usage: benches/ab_steps.sh A B [ROUNDS] -- BENCH_ARGS...
 #   e.g. benches/ab_steps.sh .bin/main.xz .bin/wip.xz 2 -- --preset llama-3.1-8b --mode lora \
 #        --batch 2 --seq 2048 --keep-layers 0 --offload-residuals --offload-embeddings
+# A_ENV / B_ENV (optional) set environment variables for one side only, so one binary can be
+# measured against itself under an override, e.g.
+#   A_ENV="FTRT_GATE_UP_LAYERS=1" B_ENV="FTRT_GATE_UP_LAYERS=3" benches/ab_steps.sh B.xz B.xz 2 -- ...
 # Prints each run's tokens/s, ms/step and peak GiB, then B's mean tokens/s over A's.
 set -u
 A=${1:?usage: ab_steps.sh A B [ROUNDS] -- BENCH_ARGS...}
@@ -33,9 +36,10 @@ BIN_B=$(unpack "$B") || exit 1
 sum_a=0 sum_b=0
 for r in $(seq 1 "$ROUNDS"); do
     for side in A B; do
-        bin=$BIN_A
-        [ "$side" = B ] && bin=$BIN_B
-        line=$("$bin" bench "$@" 2>&1 | grep '"bench": *"ftrt"' | tail -1)
+        bin=$BIN_A side_env=${A_ENV:-}
+        [ "$side" = B ] && bin=$BIN_B side_env=${B_ENV:-}
+        # shellcheck disable=SC2086 # side_env is a list of NAME=VALUE words
+        line=$(env $side_env "$bin" bench "$@" 2>&1 | grep '"bench": *"ftrt"' | tail -1)
         if [ -z "$line" ]; then
             echo "round $r $side: no result (run $bin bench $* by hand to see why)"
             exit 1
@@ -43,7 +47,7 @@ for r in $(seq 1 "$ROUNDS"); do
         read -r tps ms gib < <(echo "$line" | python3 -c 'import json, sys
 d = json.load(sys.stdin)
 print(d["tokens_per_s"], d["ms_per_step"], d["peak_gib"])')
-        echo "round $r $side: $tps tok/s, $ms ms/step, $gib GiB"
+        echo "round $r $side${side_env:+ ($side_env)}: $tps tok/s, $ms ms/step, $gib GiB"
         if [ "$side" = A ]; then sum_a=$(python3 -c "print($sum_a + $tps)"); else sum_b=$(python3 -c "print($sum_b + $tps)"); fi
     done
 done
