@@ -1218,7 +1218,7 @@ impl<'g> GpuLlama<'g> {
         let resid_host = LayerOffload::host_bytes(m, ring_slots, n, &[2 * d.hidden]);
         let available = crate::train::plan::available_memory();
         let attn_host = |qkv| LayerOffload::host_bytes(m, ring_slots, n, &pieces(qkv));
-        let fits = |qkv| plan::attention_offload_fits(resid_host, attn_host(qkv), available);
+        let fits = |qkv| plan::pinned_rows_fit(resid_host + attn_host(qkv), available);
         let (wants_qkv, wants_gate_up) = match self.offload {
             plan::Offload::Checkpoints { qkv, gate_up } => (qkv, gate_up),
             plan::Offload::Off => (false, plan::GateUp::Layers(0)),
@@ -1254,7 +1254,7 @@ impl<'g> GpuLlama<'g> {
                 let picks = plan::gate_up_layers(&d, per_token, rows, wants_gate_up, travel);
                 let host = LayerOffload::host_bytes(picks.len(), 1, n, &gate_up_pieces);
                 let pinned = resid_host + attn_host(qkv) + host;
-                match plan::attention_offload_fits(0, pinned, available) {
+                match plan::pinned_rows_fit(pinned, available) {
                     true => picks,
                     false => Vec::new(),
                 }

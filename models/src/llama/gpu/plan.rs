@@ -37,13 +37,13 @@ pub const RESID_RING: usize = 3;
 /// 0.5 GiB).
 pub const SHORT_RING_TOKENS: usize = 65_536;
 
-/// Whether the attention checkpoints are offloaded along with the residuals: when both
-/// offloads' pinned host rows (`resid_host` + `attn_host` bytes) fit half of `available` host
-/// memory (unknown: assumed to fit). Long sequences fall back to checkpoints without q, k, v,
-/// then to recomputing the attention half, whose checkpoints then stay in the GPU's shared
-/// buffers.
-pub fn attention_offload_fits(resid_host: usize, attn_host: usize, available: Option<u64>) -> bool {
-    available.is_none_or(|a| (resid_host + attn_host) as u64 <= a / 2)
+/// Whether the checkpoint offloads may pin `pinned` bytes of host rows: at most half of
+/// `available` host memory (unknown: assumed to fit). The attention checkpoints travel along
+/// with the residuals only then (long sequences fall back to checkpoints without q, k, v, then
+/// to recomputing the attention half, whose checkpoints stay in the GPU's shared buffers), and
+/// gate/up outputs only when all three fit.
+pub fn pinned_rows_fit(pinned: usize, available: Option<u64>) -> bool {
+    available.is_none_or(|a| pinned as u64 <= a / 2)
 }
 
 /// What happens to the recomputed layers' checkpoints (see `GpuLlama::set_offload_residuals`).
@@ -490,7 +490,7 @@ impl ActSizes {
     /// buffers for them, its MLP buffers one tile's; with `offload`, their input residuals and
     /// their attention checkpoints ([`attention_checkpoint`]) each in a ring of [`resid_ring`]
     /// slots instead: the upper bound, as the checkpoints stay in the shared set when host
-    /// memory is short, see [`attention_offload_fits`]), with `widths[g]` adapted projections
+    /// memory is short, see [`pinned_rows_fit`]), with `widths[g]` adapted projections
     /// in input group g's widest stack ([`Proj::INPUT_GROUPS`]): per-layer saved tensors,
     /// residual streams and rstds, norm outputs, and the shared scratch.
     pub fn bytes(
@@ -896,17 +896,9 @@ mod tests {
     #[test]
     fn attention_checkpoints_travel_only_within_half_the_host_memory() {
         let gib = 1usize << 30;
-        assert!(attention_offload_fits(
-            10 * gib,
-            20 * gib,
-            Some(64 * gib as u64)
-        ));
-        assert!(!attention_offload_fits(
-            10 * gib,
-            30 * gib,
-            Some(64 * gib as u64)
-        ));
-        assert!(attention_offload_fits(usize::MAX / 4, usize::MAX / 4, None));
+        assert!(pinned_rows_fit(10 * gib + 20 * gib, Some(64 * gib as u64)));
+        assert!(!pinned_rows_fit(10 * gib + 30 * gib, Some(64 * gib as u64)));
+        assert!(pinned_rows_fit(usize::MAX / 4 + usize::MAX / 4, None));
     }
 
     #[test]
