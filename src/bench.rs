@@ -16,7 +16,9 @@
 //! forward and backward (rings of device buffers instead of one per layer): the backward then
 //! recomputes only q, k, v and the MLP.
 use clap::Args;
-use ftrt_models::llama::gpu::{flop_estimate, init_adapter, GpuLlama, GpuSteps, KeepBf16};
+use ftrt_models::llama::gpu::{
+    flop_estimate, init_adapter, GpuLlama, GpuSteps, KeepBf16, RESIDENT_QKV_LAYERS_ENV,
+};
 use ftrt_models::llama::{generate_with, Batch, Proj, SamplingParams};
 use ftrt_models::ModelConfig;
 use ftrt_ops::attention::{AttentionDims, AttentionKernels};
@@ -58,7 +60,10 @@ pub struct BenchArgs {
     /// Layers whose activations are kept; the others keep only their input residual and are
     /// recomputed in the backward (gradient checkpointing). `all`: no recompute (the
     /// throughput mode); `0`: recompute every layer (the lean mode); `auto`: as many as fit
-    /// --vram-budget-gib.
+    /// --vram-budget-gib, and with --offload-residuals what whole layers leave of it keeps the
+    /// q, k, v of recomputed layers whose checkpoints travel without them (as the 1B's do) on
+    /// the GPU, so their backward recomputes no projection of the attention half
+    /// (`FTRT_RESIDENT_QKV_LAYERS=k` sets how many).
     #[arg(long, default_value = "all")]
     pub keep_layers: String,
     /// GPU memory the model may hold, in GiB, for `--keep-layers auto` (default: the free
@@ -338,12 +343,14 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     model.set_lora(&ad)?;
     model.set_offload_residuals(a.offload_residuals);
     let layers = model.dims.layers;
+    let mut auto_budget = None;
     let kept = match a.keep_layers.as_str() {
         "all" => layers,
         "auto" => {
             let budget = a
                 .vram_budget_gib
                 .map_or(free0.saturating_sub(1 << 30), |g| (g * GIB) as usize);
+            auto_budget = Some(budget);
             model.kept_layers_for_budget(budget).ok_or_else(|| {
                 format!(
                     "--keep-layers auto: even recomputing every layer needs more than {:.2} GiB",
@@ -356,6 +363,9 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
         })?,
     };
     model.set_kept_layers(kept);
+    if let Some(budget) = auto_budget.filter(|_| std::env::var(RESIDENT_QKV_LAYERS_ENV).is_err()) {
+        model.set_resident_qkv(model.resident_qkv_for_budget(budget));
+    }
     let recomputed = layers - model.kept_layers();
     let (batch, targets) = random_batch(a.batch, a.seq, model.dims.vocab, BATCH_SEED);
     let mut losses = Vec::with_capacity(a.warmup.max(1) + a.steps);
@@ -425,11 +435,23 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     .name();
     let qkv = model.checkpoints_carry_qkv();
     let gate_up = model.gate_up_offloaded();
-    let checkpoints = match (qkv, gate_up.len()) {
-        (true, 0) => "checkpoints (with q, k, v)".to_string(),
-        (true, k) => format!("checkpoints (with q, k, v; gate/up of {k} layers)"),
-        (false, 0) => "checkpoints".to_string(),
-        (false, k) => format!("checkpoints (gate/up of {k} layers)"),
+    let resident_qkv = model.resident_qkv_layers();
+    let mut carried = Vec::new();
+    if qkv {
+        carried.push("with q, k, v".to_string());
+    }
+    if !gate_up.is_empty() {
+        carried.push(format!("gate/up of {} layers", gate_up.len()));
+    }
+    if !resident_qkv.is_empty() {
+        carried.push(format!(
+            "q, k, v of {} layers kept on the GPU",
+            resident_qkv.len()
+        ));
+    }
+    let checkpoints = match carried.is_empty() {
+        true => "checkpoints".to_string(),
+        false => format!("checkpoints ({})", carried.join("; ")),
     };
     println!(
         "ftrt bench {} {} r={} batch {}x{} on {name} (attention {attention}): {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% ({recomputed} of {layers} layers recomputed{}), loss {:.4} -> {:.4}",
@@ -445,7 +467,7 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     let json = serde_json::json!({
         "bench": "ftrt", "model": a.preset, "mode": a.mode, "optim": "adamw", "lora_r": a.lora_r,
         "kept_bf16": a.llm_int8_skip_modules, "grad_ckpt": recomputed > 0, "recomputed_layers": recomputed,
-        "offload_residuals": a.offload_residuals, "checkpoint_qkv": qkv, "gate_up_layers": gate_up, "offload_embeddings": a.offload_embeddings, "gpu": name, "attention": attention,
+        "offload_residuals": a.offload_residuals, "checkpoint_qkv": qkv, "gate_up_layers": gate_up, "resident_qkv_layers": resident_qkv, "offload_embeddings": a.offload_embeddings, "gpu": name, "attention": attention,
         "gemm_autotune": std::env::var(ftrt_runtime::gemm::cublaslt::AUTOTUNE_ENV).is_ok_and(|v| v == "1"),
         "setup_s": (setup_s * 10.0).round() / 10.0,
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "warmup": a.warmup, "status": "ok",

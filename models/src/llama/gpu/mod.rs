@@ -75,6 +75,10 @@ pub const CHECKPOINT_QKV_ENV: &str = "FTRT_CHECKPOINT_QKV";
 /// and up outputs through host memory (see [`GpuLlama::set_offload_residuals`]).
 pub const GATE_UP_LAYERS_ENV: &str = "FTRT_GATE_UP_LAYERS";
 
+/// How many recomputed layers keep their q, k and v on the GPU when the checkpoints travel
+/// without them ([`plan::resident_qkv_layers`]; see [`GpuLlama::set_offload_residuals`]).
+pub const RESIDENT_QKV_LAYERS_ENV: &str = "FTRT_RESIDENT_QKV_LAYERS";
+
 /// Errors of the GPU model are one-line strings (context + cause).
 pub type GpuResult<T> = Result<T, String>;
 
@@ -305,6 +309,10 @@ struct Acts {
     /// Whether the attention checkpoints carry q, k, v (and what the q/k norms read, and
     /// q/k/v's x A^T): the backward then recomputes no projection of the attention half.
     qkv_in_checkpoint: bool,
+    /// The recomputed layers whose q, k, v (and x A^T, and what the q/k norms read) have device
+    /// buffers of their own ([`plan::resident_qkv_layers`]): their backward does not recompute
+    /// them either.
+    resident_qkv: Vec<usize>,
     _held: Held,
 }
 
@@ -856,11 +864,78 @@ impl<'g> GpuLlama<'g> {
             Ok(Ok(k)) => plan::GateUp::Layers(k),
             _ => plan::GateUp::Auto,
         };
+        let resident_qkv = std::env::var(RESIDENT_QKV_LAYERS_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         self.set_offload(if on {
-            plan::Offload::Checkpoints { qkv, gate_up }
+            plan::Offload::Checkpoints {
+                qkv,
+                gate_up,
+                resident_qkv,
+            }
         } else {
             plan::Offload::Off
         });
+    }
+
+    /// With checkpoint offload whose checkpoints travel without q, k, v: the most recomputed
+    /// layers ([`plan::resident_qkv_layers`]) whose q, k, v fit next to everything else when
+    /// the model may hold `budget` bytes in all (as [`Self::kept_layers_for_budget`] counts
+    /// them, for the kept layers set now); 0 otherwise. `--keep-layers auto` spends what whole
+    /// layers leave of the budget on them.
+    pub fn resident_qkv_for_budget(&self, budget: usize) -> usize {
+        let plan::Offload::Checkpoints {
+            qkv: false,
+            gate_up,
+            ..
+        } = self.offload
+        else {
+            return 0;
+        };
+        let lora = self.lora.as_ref();
+        let r = lora.map_or(0, |g| g.layout.r);
+        let fixed = self._held.bytes + lora.map_or(0, |g| g._held.bytes);
+        let Some(budget) = budget.checked_sub(fixed) else {
+            return 0;
+        };
+        let d = &self.dims;
+        let logits = plan::logit_budget(self.kept_layers, d.layers);
+        let sizes = ActSizes::with_mlp_rows(d, self.max_tokens, r, logits, self.mlp_tile_rows);
+        let bytes = |resident_qkv| {
+            let offload = plan::Offload::Checkpoints {
+                qkv: false,
+                gate_up,
+                resident_qkv,
+            };
+            let (qk, widths) = (self.config.qk_norm, self.stack_widths());
+            sizes.bytes(d, qk, widths, self.kept_layers, offload)
+        };
+        let recomputed = d.layers - self.kept_layers.min(d.layers);
+        (0..recomputed)
+            .rev()
+            .find(|&k| bytes(k) <= budget)
+            .unwrap_or(0)
+    }
+
+    /// Sets how many recomputed layers keep q, k, v on the GPU (see
+    /// [`plan::Offload::Checkpoints`]); nothing without checkpoint offload.
+    pub fn set_resident_qkv(&mut self, layers: usize) {
+        if let plan::Offload::Checkpoints { qkv, gate_up, .. } = self.offload {
+            self.set_offload(plan::Offload::Checkpoints {
+                qkv,
+                gate_up,
+                resident_qkv: layers,
+            });
+        }
+    }
+
+    /// The recomputed layers whose q, k, v stay on the GPU in the allocated activations (see
+    /// [`plan::resident_qkv_layers`]; none before the first batch).
+    pub fn resident_qkv_layers(&self) -> Vec<usize> {
+        self.acts
+            .as_ref()
+            .map_or(Vec::new(), |a| a.resident_qkv.clone())
     }
 
     /// [`Self::set_offload_residuals`] with the checkpoints' q, k, v chosen by the caller.
@@ -1219,9 +1294,13 @@ impl<'g> GpuLlama<'g> {
         let available = crate::train::plan::available_memory();
         let attn_host = |qkv| LayerOffload::host_bytes(m, ring_slots, n, &pieces(qkv));
         let fits = |qkv| plan::pinned_rows_fit(resid_host + attn_host(qkv), available);
-        let (wants_qkv, wants_gate_up) = match self.offload {
-            plan::Offload::Checkpoints { qkv, gate_up } => (qkv, gate_up),
-            plan::Offload::Off => (false, plan::GateUp::Layers(0)),
+        let (wants_qkv, wants_gate_up, wants_resident) = match self.offload {
+            plan::Offload::Checkpoints {
+                qkv,
+                gate_up,
+                resident_qkv,
+            } => (qkv, gate_up, resident_qkv),
+            plan::Offload::Off => (false, plan::GateUp::Layers(0), 0),
         };
         let ring = match offloading {
             false => None,
@@ -1328,6 +1407,27 @@ impl<'g> GpuLlama<'g> {
             }
             None => None,
         };
+        // Recomputed layers that keep q, k, v (and what the backward reads with them) in
+        // buffers of their own, when the checkpoints travel without them.
+        let resident_qkv = match ring {
+            Some(false) if !wants_qkv => plan::resident_qkv_layers(&recomputed, wants_resident),
+            _ => Vec::new(),
+        };
+        for &l in &resident_qkv {
+            let la = &mut layers[l];
+            la.q = h.alloc(gpu, s.nq)?;
+            la.k = h.alloc(gpu, s.nkv)?;
+            la.v = h.alloc(gpu, s.nkv)?;
+            if widths[g_qkv] > 0 {
+                la.xa[g_qkv] = h.alloc(gpu, widths[g_qkv] * s.nr)?;
+            }
+            if qk {
+                la.q_pre = h.alloc(gpu, s.nq)?;
+                la.k_pre = h.alloc(gpu, s.nkv)?;
+                la.q_rstd = h.alloc(gpu, n * d.heads)?;
+                la.k_rstd = h.alloc(gpu, n * d.kv_heads)?;
+            }
+        }
         let gate_up_offload = match gate_up_layers.is_empty() {
             true => None,
             false => Some(LayerOffload::new(
@@ -1411,6 +1511,7 @@ impl<'g> GpuLlama<'g> {
             attn_offload,
             gate_up_offload,
             qkv_in_checkpoint: ring == Some(true),
+            resident_qkv,
             _held: h,
         };
         self.acts = Some(acts);
@@ -2029,7 +2130,7 @@ impl<'g> GpuLlama<'g> {
                     self.input_norm(a, l, n)?;
                     if a.attn_offload.is_none() {
                         self.layer_forward(a, l, n, s, Pass::Recompute)?;
-                    } else if !a.qkv_in_checkpoint {
+                    } else if !a.qkv_in_checkpoint && !a.resident_qkv.contains(&l) {
                         self.attention_inputs(a, l, n)?;
                     }
                 }

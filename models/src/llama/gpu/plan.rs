@@ -54,8 +54,45 @@ pub enum Offload {
     Off,
     /// Input residuals and attention checkpoints ([`attention_checkpoint`], with q, k and v
     /// when `qkv`) live in device rings and travel through pinned host memory; so do the gate
-    /// and up outputs of the layers [`gate_up_layers`] picks.
-    Checkpoints { qkv: bool, gate_up: GateUp },
+    /// and up outputs of the layers [`gate_up_layers`] picks. Without `qkv`, the q, k and v of
+    /// [`resident_qkv_layers`]`(.., resident_qkv)` stay on the device instead of being
+    /// recomputed.
+    Checkpoints {
+        qkv: bool,
+        gate_up: GateUp,
+        resident_qkv: usize,
+    },
+}
+
+/// The recomputed layers (`recomputed`, ascending) whose q, k and v (after norm and RoPE; with
+/// q/k norms also the norms' inputs and rstds) and q/k/v's x A^T stay in device buffers of
+/// their own, when the attention checkpoints travel without them: the backward then recomputes
+/// no projection of their attention half. The `count` highest below the highest recomputed
+/// layer (whose forward's shared buffers still hold its own), ascending. Memory is the
+/// limit: [`resident_qkv_bytes`] a layer, which `--keep-layers auto` spends after whole layers
+/// (the 1B at 8 x 2048: 100 MB a layer against ~0.5 ms of recompute).
+pub fn resident_qkv_layers(recomputed: &[usize], count: usize) -> Vec<usize> {
+    let below_top = recomputed.len().saturating_sub(1);
+    recomputed[below_top.saturating_sub(count)..below_top].to_vec()
+}
+
+/// Device bytes of one layer [`resident_qkv_layers`] keeps: q, k, v, the q/k/v stack's x A^T
+/// (`xa_qkv` columns) and, with q/k norms, their inputs and f32 rstds; each buffer at least
+/// 256 bytes, as allocated.
+pub fn resident_qkv_bytes(d: &Dims, n: usize, qk_norm: bool, xa_qkv: usize) -> usize {
+    let mut bufs = vec![2 * n * d.q_dim(), 2 * n * d.kv_dim(), 2 * n * d.kv_dim()];
+    if xa_qkv > 0 {
+        bufs.push(2 * n * xa_qkv);
+    }
+    if qk_norm {
+        bufs.extend([
+            2 * n * d.q_dim(),
+            2 * n * d.kv_dim(),
+            4 * n * d.heads,
+            4 * n * d.kv_heads,
+        ]);
+    }
+    bufs.iter().map(|&b| b.max(256)).sum()
 }
 
 /// How many recomputed layers carry their gate and up outputs through host memory (see
@@ -522,7 +559,11 @@ impl ActSizes {
         // the gate/up ring's slot (two (N, I) pieces) when some layers use it
         let recomputed = d.layers - kept;
         let attn_ring = match offload {
-            Offload::Checkpoints { qkv, gate_up } if recomputed > 0 => {
+            Offload::Checkpoints {
+                qkv,
+                gate_up,
+                resident_qkv,
+            } if recomputed > 0 => {
                 let r = self.nr / self.n.max(1);
                 let pieces = attention_checkpoint(d, qk_norm, widths.map(|w| w * r), qkv);
                 let checkpoint = |align: usize| {
@@ -539,7 +580,22 @@ impl ActSizes {
                         true => 0,
                         false => 2 * (self.n * b * d.intermediate).next_multiple_of(256),
                     };
-                resid_ring(recomputed, self.n) * checkpoint(256) - checkpoint(1) + gate_up_slot
+                let resident = match qkv {
+                    true => 0,
+                    false => {
+                        let layers: Vec<usize> = (0..recomputed).collect();
+                        resident_qkv_layers(&layers, resident_qkv).len()
+                            * resident_qkv_bytes(
+                                d,
+                                self.n,
+                                qk_norm,
+                                widths[Proj::Q.input_group()] * r,
+                            )
+                    }
+                };
+                resid_ring(recomputed, self.n) * checkpoint(256) - checkpoint(1)
+                    + gate_up_slot
+                    + resident
             }
             _ => 0,
         };
@@ -765,6 +821,7 @@ mod tests {
     const LEAN: Offload = Offload::Checkpoints {
         qkv: false,
         gate_up: GateUp::Layers(0),
+        resident_qkv: 0,
     };
 
     /// Llama-3.1-8B's shapes.
@@ -967,6 +1024,7 @@ mod tests {
         let with = Offload::Checkpoints {
             qkv: true,
             gate_up: GateUp::Layers(0),
+            resident_qkv: 0,
         };
         for qk in [false, true] {
             // q, k, v, the q/k/v stack's x A^T (three members), and with q/k norms their
@@ -1030,11 +1088,50 @@ mod tests {
         let gate_up = |k| Offload::Checkpoints {
             qkv: false,
             gate_up: GateUp::Layers(k),
+            resident_qkv: 0,
         };
         let slot = 2 * (2 * s.n * d.intermediate).next_multiple_of(256);
         for k in 1..=3 {
             let grow = s.bytes(&d, false, ALL, 0, gate_up(k)) - s.bytes(&d, false, ALL, 0, LEAN);
             assert_eq!(grow, slot, "{k} layers");
+        }
+    }
+
+    #[test]
+    fn resident_q_k_v_stay_below_the_highest_recomputed_layer_and_add_their_buffers() {
+        assert_eq!(resident_qkv_layers(&[0, 1, 2, 3, 4, 5], 2), vec![3, 4]);
+        assert_eq!(resident_qkv_layers(&[0, 1, 2], 9), vec![0, 1]);
+        assert!(resident_qkv_layers(&[0, 1, 2], 0).is_empty());
+        assert!(resident_qkv_layers(&[4], 3).is_empty());
+        assert!(resident_qkv_layers(&[], 3).is_empty());
+        let (d, s) = six_layers();
+        let offload = |qkv, k| Offload::Checkpoints {
+            qkv,
+            gate_up: GateUp::Layers(0),
+            resident_qkv: k,
+        };
+        for qk in [false, true] {
+            // a resident layer's buffers, counted by hand: q, k, v, the three members' x A^T,
+            // and with q/k norms their inputs and rstds
+            let mut bufs = vec![2 * s.nq, 2 * s.nkv, 2 * s.nkv, 2 * 3 * s.nr];
+            if qk {
+                bufs.extend([2 * s.nq, 2 * s.nkv, 4 * s.n * d.heads, 4 * s.n * d.kv_heads]);
+            }
+            let per_layer: usize = bufs.iter().map(|&b| b.max(256)).sum();
+            assert_eq!(resident_qkv_bytes(&d, s.n, qk, 3 * 8), per_layer);
+            for kept in 0..=6 {
+                let base = s.bytes(&d, qk, ALL, kept, LEAN);
+                for k in 0..=7 {
+                    let grow = s.bytes(&d, qk, ALL, kept, offload(false, k)) - base;
+                    let resident = k.min((6 - kept).saturating_sub(1));
+                    assert_eq!(grow, resident * per_layer, "qk {qk} kept {kept} asked {k}");
+                }
+                // checkpoints that carry q, k, v keep none resident
+                assert_eq!(
+                    s.bytes(&d, qk, ALL, kept, offload(true, 4)),
+                    s.bytes(&d, qk, ALL, kept, offload(true, 0))
+                );
+            }
         }
     }
 

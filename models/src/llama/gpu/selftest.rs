@@ -392,13 +392,21 @@ fn recompute_row(
     let (loss, e) = loss_grads_err(g, batch, targets, want)?;
     let how = match offload {
         Offload::Off => String::new(),
-        Offload::Checkpoints { qkv, gate_up } => format!(
-            ", checkpoints{} offloaded{},",
+        Offload::Checkpoints {
+            qkv,
+            gate_up,
+            resident_qkv,
+        } => format!(
+            ", checkpoints{} offloaded{}{},",
             if qkv { " with q/k/v" } else { "" },
             match gate_up {
                 GateUp::Layers(0) => String::new(),
                 GateUp::Layers(k) => format!(", gate/up of {k} layers through the host"),
                 GateUp::Auto => ", gate/up as planned".into(),
+            },
+            match (qkv, resident_qkv) {
+                (false, k @ 1..) => format!(", q/k/v of {k} layers kept on the GPU"),
+                _ => String::new(),
             }
         ),
     };
@@ -437,10 +445,11 @@ const OFFLOAD_LAYERS: usize = super::plan::RESID_RING + 3;
 /// `OFFLOAD_LAYERS - RESID_RING` layers' residuals and attention checkpoints travel), with and
 /// without q, k, v in the checkpoints (Qwen3: with what its q/k norms read), then with three
 /// and with every layer's gate/up outputs through the host (one slot: all but the highest
-/// travel), two steps each (the second reuses the rings and the events), each against keeping
-/// every layer; the last two again with the MLP in tiles of 24 rows (the batch's 64 in three),
-/// against keeping every layer with the same tiles (tiles change the GEMMs' row counts, so
-/// their rounding).
+/// travel), then with the q, k, v of three and of every layer kept on the GPU (the latter with
+/// two layers' gate/up through the host), two steps each (the second reuses the rings and the
+/// events), each against keeping every layer; three again with the MLP in tiles of 24 rows (the
+/// batch's 64 in three), against keeping every layer with the same tiles (tiles change the
+/// GEMMs' row counts, so their rounding).
 fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), String> {
     let mut config = ModelConfig::from_file(&fixture_dir(arch).join("config.json"))
         .map_err(|e| e.to_string())?;
@@ -469,17 +478,21 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
     let one_tile = keep_all(super::plan::MLP_TILE_ROWS)?;
     let tiles = keep_all(24)?;
     let runs = [
-        (false, 0, None),
-        (false, 0, None),
-        (true, 0, None),
-        (true, 0, None),
-        (true, 3, None),
-        (true, 3, None),
-        (false, OFFLOAD_LAYERS, None),
-        (true, 3, Some(24)),
-        (false, OFFLOAD_LAYERS, Some(24)),
+        (false, 0, 0, None),
+        (false, 0, 0, None),
+        (true, 0, 0, None),
+        (true, 0, 0, None),
+        (true, 3, 0, None),
+        (true, 3, 0, None),
+        (false, OFFLOAD_LAYERS, 0, None),
+        (false, 0, 3, None),
+        (false, 0, 3, None),
+        (false, 2, OFFLOAD_LAYERS, None),
+        (true, 3, 0, Some(24)),
+        (false, OFFLOAD_LAYERS, 0, Some(24)),
+        (false, 0, 3, Some(24)),
     ];
-    for (qkv, gate_up, tile) in runs {
+    for (qkv, gate_up, resident_qkv, tile) in runs {
         let (name, want) = match tile {
             Some(t) => (
                 format!("{arch} x{OFFLOAD_LAYERS}, MLP tiles of {t}"),
@@ -494,7 +507,11 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
             &batch,
             &targets,
             0,
-            Offload::Checkpoints { qkv, gate_up },
+            Offload::Checkpoints {
+                qkv,
+                gate_up,
+                resident_qkv,
+            },
             (want.0, &want.1),
             &name,
             rows,
@@ -537,6 +554,15 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
             Offload::Checkpoints {
                 qkv: false,
                 gate_up: GateUp::Layers(0),
+                resident_qkv: 0,
+            },
+        ),
+        (
+            0,
+            Offload::Checkpoints {
+                qkv: false,
+                gate_up: GateUp::Layers(0),
+                resident_qkv: 1,
             },
         ),
         (
@@ -544,6 +570,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
             Offload::Checkpoints {
                 qkv: true,
                 gate_up: GateUp::Layers(0),
+                resident_qkv: 0,
             },
         ),
         (
@@ -551,6 +578,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
             Offload::Checkpoints {
                 qkv: true,
                 gate_up: GateUp::Layers(2),
+                resident_qkv: 0,
             },
         ),
     ];
