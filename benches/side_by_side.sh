@@ -9,6 +9,8 @@
 #   e.g. benches/side_by_side.sh benches/hf_baseline.py llama-3.1-8b qlora 2 2048 10
 # MODE is lora or qlora (qlora needs bitsandbytes importable for the baselines). Env:
 #   LEAN_FLAGS  flags of the lean run (e.g. "--offload-residuals --offload-embeddings");
+#   LEAN_KEEP   the lean run's --keep-layers (default 0; e.g. auto, with "--vram-budget-gib G"
+#               in LEAN_FLAGS);
 #   STACKS      the baselines to run, of "hf unsloth liger" (default all three; unsloth and
 #               liger are skipped when they do not import), or "none";
 #   PARITY=0    skips the loss parity;
@@ -36,7 +38,7 @@ bench() {
         --keep-layers "$@" 2>&1 | tee /dev/stderr | grep '"bench": *"ftrt"' | tail -1
 }
 # shellcheck disable=SC2086
-LEAN=$(bench 0 ${LEAN_FLAGS:-})
+LEAN=$(bench "${LEAN_KEEP:-0}" ${LEAN_FLAGS:-})
 FAST=$(bench all)
 # One baseline run: its JSON line (empty when it did not finish).
 baseline() {
