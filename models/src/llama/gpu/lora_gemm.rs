@@ -195,7 +195,7 @@ impl GpuLlama<'_> {
     }
 
     /// The rank r (0 without an adapter).
-    fn r(&self) -> usize {
+    pub(super) fn r(&self) -> usize {
         self.lora.as_ref().map_or(0, |g| g.layout.r)
     }
 

@@ -893,25 +893,17 @@ impl<'g> GpuLlama<'g> {
         else {
             return 0;
         };
-        let lora = self.lora.as_ref();
-        let r = lora.map_or(0, |g| g.layout.r);
-        let fixed = self._held.bytes + lora.map_or(0, |g| g._held.bytes);
-        let Some(budget) = budget.checked_sub(fixed) else {
+        let Some(budget) = self.activation_budget(budget) else {
             return 0;
         };
-        let d = &self.dims;
-        let logits = plan::logit_budget(self.kept_layers, d.layers);
-        let sizes = ActSizes::with_mlp_rows(d, self.max_tokens, r, logits, self.mlp_tile_rows);
         let bytes = |resident_qkv| {
-            let offload = plan::Offload::Checkpoints {
+            self.planned_activation_bytes(plan::Offload::Checkpoints {
                 qkv: false,
                 gate_up,
                 resident_qkv,
-            };
-            let (qk, widths) = (self.config.qk_norm, self.stack_widths());
-            sizes.bytes(d, qk, widths, self.kept_layers, offload)
+            })
         };
-        let recomputed = d.layers - self.kept_layers.min(d.layers);
+        let recomputed = self.dims.layers - self.kept_layers.min(self.dims.layers);
         (0..recomputed)
             .rev()
             .find(|&k| bytes(k) <= budget)
@@ -971,18 +963,38 @@ impl<'g> GpuLlama<'g> {
     /// not fit. Call after [`Self::set_lora`] and [`Self::set_offload_residuals`] (the ring
     /// counts, the pinned host memory does not).
     pub fn kept_layers_for_budget(&self, budget: usize) -> Option<usize> {
-        let lora = self.lora.as_ref();
-        let r = lora.map_or(0, |g| g.layout.r);
-        let fixed = self._held.bytes + lora.map_or(0, |g| g._held.bytes);
         plan::kept_layers_within(
             &self.dims,
             self.max_tokens,
-            r,
+            self.r(),
             self.config.qk_norm,
             self.stack_widths(),
             self.offload,
-            budget.checked_sub(fixed)?,
+            self.activation_budget(budget)?,
         )
+    }
+
+    /// What `budget` bytes of GPU memory leave for activations once the weights, tables,
+    /// workspace and LoRA state (allocated by now) are placed; `None` when they do not fit.
+    fn activation_budget(&self, budget: usize) -> Option<usize> {
+        let lora = self.lora.as_ref().map_or(0, |g| g._held.bytes);
+        budget.checked_sub(self._held.bytes + lora)
+    }
+
+    /// The activation sizes of the current settings (token budget, rank, kept layers, MLP
+    /// tiles).
+    fn act_sizes(&self) -> ActSizes {
+        let d = &self.dims;
+        let logits = plan::logit_budget(self.kept_layers, d.layers);
+        ActSizes::with_mlp_rows(d, self.max_tokens, self.r(), logits, self.mlp_tile_rows)
+    }
+
+    /// [`plan::ActSizes::bytes`] of the current settings with the recomputed layers'
+    /// checkpoints as `offload` says.
+    fn planned_activation_bytes(&self, offload: plan::Offload) -> usize {
+        let (qk, widths) = (self.config.qk_norm, self.stack_widths());
+        self.act_sizes()
+            .bytes(&self.dims, qk, widths, self.kept_layers, offload)
     }
 
     /// Adapted projections in each input group's widest stack (the (N, r) x A^T buffers of a
@@ -994,17 +1006,7 @@ impl<'g> GpuLlama<'g> {
     /// Activation bytes on the device: (allocated for the current settings, if allocated;
     /// what [`plan::ActSizes::bytes`] plans for them). Tests hold the plan to the allocation.
     pub fn activation_bytes(&self) -> (Option<usize>, usize) {
-        let r = self.lora.as_ref().map_or(0, |g| g.layout.r);
-        let d = &self.dims;
-        let budget = plan::logit_budget(self.kept_layers, d.layers);
-        let sizes = ActSizes::with_mlp_rows(d, self.max_tokens, r, budget, self.mlp_tile_rows);
-        let planned = sizes.bytes(
-            d,
-            self.config.qk_norm,
-            self.stack_widths(),
-            self.kept_layers,
-            self.offload,
-        );
+        let planned = self.planned_activation_bytes(self.offload);
         (self.acts.as_ref().map(|a| a._held.bytes), planned)
     }
 
@@ -1217,15 +1219,8 @@ impl<'g> GpuLlama<'g> {
         }
         let gpu = self.gpu;
         let d = self.dims;
-        let lora = self.lora.as_ref().map(|g| &g.layout);
-        let r = lora.map_or(0, |l| l.r);
-        let s = ActSizes::with_mlp_rows(
-            &d,
-            self.max_tokens,
-            r,
-            plan::logit_budget(self.kept_layers, d.layers),
-            self.mlp_tile_rows,
-        );
+        let r = self.r();
+        let s = self.act_sizes();
         let qk = self.config.qk_norm;
         let n = s.n;
         let mut h = Held {
