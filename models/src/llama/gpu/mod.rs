@@ -1014,6 +1014,14 @@ impl<'g> GpuLlama<'g> {
         l + self.kept_layers >= self.dims.layers
     }
 
+    /// Allocates the activations for the current settings now (the first batch would
+    /// otherwise): with checkpoint offload this pins the host rows, tens of GiB at long
+    /// sequences, which a caller timing its first step keeps out of the time this way. A
+    /// no-op while they are allocated.
+    pub fn allocate_activations(&mut self) -> GpuResult<()> {
+        self.ensure_acts()
+    }
+
     /// The token budget per micro-batch.
     pub fn max_tokens(&self) -> usize {
         self.max_tokens
