@@ -1014,14 +1014,6 @@ impl<'g> GpuLlama<'g> {
         l + self.kept_layers >= self.dims.layers
     }
 
-    /// Allocates the activations for the current settings now (the first batch would
-    /// otherwise): with checkpoint offload this pins the host rows, tens of GiB at long
-    /// sequences, which a caller timing its first step keeps out of the time this way. A
-    /// no-op while they are allocated.
-    pub fn allocate_activations(&mut self) -> GpuResult<()> {
-        self.ensure_acts()
-    }
-
     /// The token budget per micro-batch.
     pub fn max_tokens(&self) -> usize {
         self.max_tokens
@@ -1221,7 +1213,11 @@ impl<'g> GpuLlama<'g> {
         cast_f32_bf16(gpu, g.master, g.bf16, g.len)
     }
 
-    fn ensure_acts(&mut self) -> GpuResult<()> {
+    /// Allocates the activations for the current settings (a no-op while they are allocated;
+    /// the first batch calls it too): with checkpoint offload this pins the host rows, tens of
+    /// GiB at long sequences, which a caller timing its first step keeps out of the time by
+    /// calling it first.
+    pub fn allocate_activations(&mut self) -> GpuResult<()> {
         if self.acts.is_some() {
             return Ok(());
         }
@@ -1609,7 +1605,7 @@ impl<'g> GpuLlama<'g> {
             self.max_tokens,
             self.config.sliding_window,
         )?;
-        self.ensure_acts()?;
+        self.allocate_activations()?;
         self.last = Some((batch.len(), batch.num_seqs()));
         Ok(counted)
     }
