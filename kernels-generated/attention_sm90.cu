@@ -33,6 +33,10 @@
 //                                      the 64-query tiles that see it (Q, dO, lse, dvec in three
 //                                      buffers); dk, dv accumulate in registers (dkdv_impl).
 //                                      Grid (Hkv, ceil(N / 128)).
+//   attention_bwd_dkdvdq_sm90_d128     dkdv that also adds each key tile's part of dq, in key
+//                                      order (deterministic): one launch per kv head, grid
+//                                      (1, ceil(N / 128)); for long sequences, where the dq
+//                                      kernel's recomputed products cost the most.
 //   attention_bwd_dq_sm90_d{64,128}    384 threads: a producer warpgroup loads, two consumer
 //                                      warpgroups own 64 queries each of a 128-query tile and
 //                                      loop over 64-key tiles (K in four buffers, V in three;
@@ -256,13 +260,21 @@ template <int N> WG_DEV void wg_hold(unsigned (&a)[N][4]) {
 #define WG_OUT32 WG_F8(0), WG_F8(8), WG_F8(16), WG_F8(24)
 #define WG_OUT64 WG_OUT32, WG_F8(32), WG_F8(40), WG_F8(48), WG_F8(56)
 // wgmma_ss: d (64 x N, f32) = (accumulate ? d : 0) + A (64 x 16) B (16 x N), A and B K-major in
-// shared memory. wgmma_rs: d += A (64 x 16, bf16 fragments in registers) B (16 x N), B MN-major
-// in shared memory. ACC: the accumulators' count (N / 2), as the operand numbers after them.
+// shared memory; wgmma_ss_mn: the same with B MN-major. wgmma_rs: d += A (64 x 16, bf16
+// fragments in registers) B (16 x N), B MN-major in shared memory. ACC: the accumulators' count
+// (N / 2), as the operand numbers after them.
 #define WG_PRODUCTS(N, ACC, A0, A1, A2, A3, A4, A5)                                                    \
     WG_DEV void wgmma_ss(float (&d)[ACC], unsigned long long da, unsigned long long db, int accumulate) { \
         asm volatile("{ .reg .pred p; setp.ne.b32 p, %" #A2 ", 0;\n"                                       \
                      "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 " WG_ACC##ACC          \
                      ", %" #A0 ", %" #A1 ", p, 1, 1, 0, 0; }\n"                                           \
+                     : WG_OUT##ACC                                                                     \
+                     : "l"(da), "l"(db), "r"(accumulate));                                             \
+    }                                                                                                  \
+    WG_DEV void wgmma_ss_mn(float (&d)[ACC], unsigned long long da, unsigned long long db, int accumulate) { \
+        asm volatile("{ .reg .pred p; setp.ne.b32 p, %" #A2 ", 0;\n"                                       \
+                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 " WG_ACC##ACC          \
+                     ", %" #A0 ", %" #A1 ", p, 1, 1, 0, 1; }\n"                                           \
                      : WG_OUT##ACC                                                                     \
                      : "l"(da), "l"(db), "r"(accumulate));                                             \
     }                                                                                                  \
@@ -526,7 +538,29 @@ WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, 
                            tid & 127);
 }
 
-// ---------------------------------------------------------------- backward: dk, dv
+// FUSED dkdv (see dkdv_impl): the counter wait and the bulk reduce of the dq accumulator.
+WG_DEV unsigned ld_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+// four 8 x 8 bf16 matrices from the warp's fragments (lane l holds row l / 4, columns 2 (l % 4)
+// and + 1 of matrix i in a[i]) stored transposed: lane 8 i + j gives the address of stored row j
+// of matrix i (16 bytes: column j of the fragment's matrix)
+WG_DEV void stmatrix_x4_trans(bf16_t* row, const unsigned (&a)[4]) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(smem_u32(row)),
+                 "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3])
+                 : "memory");
+}
+// global f32 dst[i] += shared src[i] for `bytes` bytes (a multiple of 16) by the bulk-copy
+// engine, in this thread's bulk group
+WG_DEV void bulk_reduce_add(float* dst, const float* src, unsigned bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+                 "cp.async.bulk.commit_group;" ::"l"(dst), "r"(smem_u32(src)), "r"(bytes)
+                 : "memory");
+}
+
+// ---------------------------------------------------------------- backward: dk, dv (and dq)
 
 // Warpgroup 0 is the producer (its thread 0 loads K and V once, then every query tile into
 // BWD_STAGES buffers as the consumers free them, at 24 registers); warpgroups 1 and 2 (240
@@ -536,49 +570,118 @@ WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, 
 // dvec), dv += P^T dO and dk += dS^T Q (RS). Against two warpgroups stepping together on block
 // barriers with the loads issued between steps, measured on the H200: see benches/RESULTS.md.
 // Query tiles (Q, dO, lse, dvec) in BWD_STAGES buffers: they load two steps ahead of their use.
+//
+// FUSED (D = 128; one launch per kv head hk): the block also forms its keys' part of dq,
+// dq_tile (64 x D) += dS (64 x 128) K (128 x D), so no dq kernel recomputes s and dp (5 products
+// a tile instead of 7). Each consumer stores its 64 keys' dS transposed (stmatrix) into its
+// column half of the step's sdS (queries x keys, K-major A layout; two buffers by step parity,
+// so no barrier guards their reuse), issues dv's product, meets the other consumer on one
+// barrier (both halves in), issues the tile's dq columns 64 c .. + 63 over all 128 keys (SS,
+// B = K MN-major), then dk's product, and stores the dq part in fragment order (float4 stores,
+// see attention_dq_from_acc_d128) into sStage while dk's product runs. Off the consumers' path,
+// thread 32 (the producer warpgroup's second warp) adds each staged part into the f32
+// accumulator `dqacc` (a bulk reduce of the whole 64-row tile) in key order, so dq is
+// deterministic: tile (head, i0) keeps a counter in `sem`; key tile j waits until it equals its
+// rank j - floor(seg_start(i0) / 128), and counts it on once its add is done. Query tiles go
+// from the last down, heads innermost, so neighbouring key tiles reach a query tile together.
+// dqacc and sem start zeroed; a convert kernel writes dq = scale * dqacc in bf16 after the
+// launch.
 constexpr int BWD_STAGES = 3;
 
-template <int D>
+template <int D, bool FUSED>
 WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ dvec,
                       const int* __restrict__ cu, int S, int N, int Hq, int Hkv, float scale,
-                      bf16_t* __restrict__ dk, bf16_t* __restrict__ dv, const TmaMap* tq,
-                      const TmaMap* tk, const TmaMap* tv, const TmaMap* to) {
-    constexpr int BK = 128, BQ = 64, NQ = BQ / 8, NO = D / 8, ST = BWD_STAGES;
+                      int hk, bf16_t* __restrict__ dk, bf16_t* __restrict__ dv,
+                      float* __restrict__ dqacc, unsigned* __restrict__ sem,
+                      const TmaMap* tq, const TmaMap* tk, const TmaMap* tv, const TmaMap* to) {
+    // FUSED: two query-tile stages, so that two staged dq parts fit
+    constexpr int BK = 128, BQ = 64, NQ = BQ / 8, NO = D / 8, ST = FUSED ? 2 : BWD_STAGES, SB = 2;
     unsigned char* attn90_smem = swizzle_smem();
     bf16_t* sK = (bf16_t*)attn90_smem;  // (BK, D), later dk
     bf16_t* sV = sK + BK * D;    // (BK, D), later dv
     bf16_t* sQ = sV + BK * D;    // ST x (BQ, D)
     bf16_t* sO = sQ + ST * BQ * D; // ST x (BQ, D): dout
-    float* sL = (float*)(sO + ST * BQ * D); // ST x BQ: lse
+    bf16_t* sdS = sO + ST * BQ * D; // FUSED: 2 x (BQ, BK) dS, queries x keys, step it in it % 2
+    float* sStage = (float*)(sdS + (FUSED ? 2 * BQ * BK : 0)); // FUSED: SB x (BQ, D) f32 dq parts
+    float* sL = sStage + (FUSED ? SB * BQ * D : 0); // ST x BQ: lse
     float* sD = sL + ST * BQ;               // ST x BQ: dvec
     unsigned long long* kvfull = (unsigned long long*)(sD + ST * BQ); // K and V landed
     unsigned long long* qfull = kvfull + 1; // ST: query tile it landed (phase it / ST)
     unsigned long long* qfree = qfull + ST; // ST: every consumer warp is done with it
+    unsigned long long* stage_full = qfree + ST; // FUSED, SB: every consumer warp staged part it
+    unsigned long long* stage_free = stage_full + SB; // FUSED, SB: part it was read out
     const int tid = (int)threadIdx.x, wg = tid >> 7;
     const int j0 = (int)blockIdx.y * BK; // all kv heads of a key tile, then the next tile
-    const int hk = (int)blockIdx.x, G = Hq / Hkv;
+    const int G = Hq / Hkv;
     const long long kstr = (long long)Hkv * D;
     const int jlast = imin(j0 + BK, N) - 1;
     const int qend = seg_end(cu, S, N, jlast); // queries past this cannot see any key of the tile
     const int nq = (qend - j0 + BQ - 1) / BQ; // query tiles per head
     const int ntiles = G * nq;
+    // query tile `it`: its head and first row (FUSED: last tile first, heads innermost)
+    auto tile_of = [&](int it, int& h, int& i0) {
+        if (FUSED) {
+            h = hk * G + it % G;
+            i0 = j0 + (nq - 1 - it / G) * BQ;
+        } else {
+            h = hk * G + it / nq;
+            i0 = j0 + (it % nq) * BQ;
+        }
+    };
 
     for (int r = tid; r < ST * BQ; r += 384) sL[r] = sD[r] = 0.f;
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); // zeros before the copies
+    if (FUSED && tid == 0) {
+        for (int i = 0; i < SB; ++i) {
+            mbar_init_n(stage_full + i, 8);
+            mbar_init(stage_free + i);
+        }
+    }
     mbar_init_pipeline(kvfull, 1 + ST, ST);
     __syncthreads(); // the last block-wide barrier: the producer's other threads leave below
 
+    if (FUSED && wg == 0) {
+        regs_down<40>();
+        if (tid != 32) {
+            if (tid != 0) return;
+        } else {
+            // the ordered adds of the staged dq parts (see above)
+            for (int it = 0; it < ntiles; ++it) {
+                int h, i0;
+                tile_of(it, h, i0);
+                const int hl = h - hk * G;
+                const int rank = j0 / BK - seg_start(cu, S, i0) / BK;
+                unsigned* counter = sem + (long long)hl * ((N + BQ - 1) / BQ) + i0 / BQ;
+                const int sb = it % SB;
+                mbar_wait(stage_full + sb, (it / SB) & 1);
+                if (rank > 0)
+                    while (ld_acquire(counter) != (unsigned)rank) {
+                    }
+                asm volatile("fence.proxy.async.global;" ::: "memory");
+                const long long np = (long long)(N + BQ - 1) / BQ * BQ; // rows per head, padded
+                bulk_reduce_add(dqacc + (hl * np + i0) * D, sStage + sb * BQ * D, BQ * D * 4);
+                asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+                mbar_arrive(stage_free + sb);
+                asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+                asm volatile("fence.proxy.async.global;" ::: "memory");
+                asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+            }
+            return;
+        }
+    }
     if (wg == 0) {
-        regs_down<24>();
+        if (!FUSED) regs_down<24>();
         if (tid != 0) return;
         mbar_expect(kvfull, 2 * BK * D * 2);
         tma_rows(sK, tk, j0, hk, kvfull);
         tma_rows(sV, tv, j0, hk, kvfull);
-        // query tile `it` (head hk G + it / nq, rows from j0 + (it % nq) BQ) into buffer it % ST:
-        // Q and dO by TMA (rows past N read as zeros), the lse and dvec of the rows below N by
-        // bulk copies (the rest keep finite stale values, which the mask multiplies by zero)
+        // query tile `it` into buffer it % ST: Q and dO by TMA (rows past N read as zeros),
+        // the lse and dvec of the rows below N by bulk copies (the rest keep finite stale
+        // values, which the mask multiplies by zero)
         for (int it = 0; it < ntiles; ++it) {
-            const int h = hk * G + it / nq, i0 = j0 + (it % nq) * BQ, b = it % ST;
+            int h, i0;
+            tile_of(it, h, i0);
+            const int b = it % ST;
             const unsigned rows = (unsigned)imin(BQ, N - i0); // a multiple of 8: N is
             if (it >= ST) mbar_wait(qfree + b, (it / ST - 1) & 1);
             mbar_expect(qfull + b, 2 * BQ * D * 2 + 2 * rows * 4);
@@ -590,7 +693,8 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
         return;
     }
 
-    regs_up<240>();
+    if (FUSED) regs_up<232>();
+    else regs_up<240>();
     const int cw = wg - 1, warp = (tid >> 5) & 3;
     const int l = tid & 31, g = l >> 2, t = l & 3;
     const float sl2 = scale * LOG2E;
@@ -604,7 +708,9 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
     mbar_wait(kvfull, 0);
 
     for (int it = 0; it < ntiles; ++it) {
-        const int i0 = j0 + (it % nq) * BQ, b = it % ST;
+        int h, i0;
+        tile_of(it, h, i0);
+        const int b = it % ST;
         const bf16_t* qt = sQ + b * BQ * D;
         const bf16_t* ot = sO + b * BQ * D;
         const float* lt = sL + b * BQ;
@@ -645,13 +751,57 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
                 da[kq][r] = pack_bf16(dp[8 * kq + 2 * r], dp[8 * kq + 2 * r + 1]);
             }
         }
-        wg_fence();
+        if (FUSED) {
+            // this consumer's keys' dS (its accumulators hold dS^T: keys x queries) into column
+            // half cw of this step's sdS, transposed by stmatrix: 8 x 8 blocks (query block
+            // 2 kq + i / 2, key rows 16 warp + 8 (i % 2) ..) from the A fragments da[kq][i],
+            // each stored row 8 keys (16 bytes) of one query, 128-byte swizzled
+            bf16_t* ds = sdS + (it & 1) * BQ * BK + cw * BQ * 64;
+            const int i = l >> 3, row = l & 7; // lane l: row l % 8 of matrix l / 8
 #pragma unroll
-        for (int kq = 0; kq < BQ / 16; ++kq) {
-            wgmma_rs(av, pa[kq], desc_mn<D, BQ>(ot, kq));
-            wgmma_rs(ak, da[kq], desc_mn<D, BQ>(qt, kq));
+            for (int kq = 0; kq < BQ / 16; ++kq) {
+                const int q = 8 * (2 * kq + (i >> 1)) + row, chunk = 2 * warp + (i & 1);
+                stmatrix_x4_trans(ds + q * 64 + ((chunk ^ (q & 7)) << 3), da[kq]);
+            }
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         }
-        wg_commit();
+        float aq[FUSED ? D / 4 : 1]; // FUSED: dq columns 64 cw .. + 63 of the tile
+        wg_fence();
+        if constexpr (FUSED) {
+            // dv's product, then (once both consumers' dS halves are in) dq's over all 128 keys
+            // with dv's in one group, dk's in a second: dq is staged while dk's product runs
+            const bf16_t* ds = sdS + (it & 1) * BQ * BK;
+#pragma unroll
+            for (int kq = 0; kq < BQ / 16; ++kq) wgmma_rs(av, pa[kq], desc_mn<D, BQ>(ot, kq));
+            named_sync(2, 256);
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk)
+                wgmma_ss_mn(aq, desc_k<BK, BQ>(ds, 0, kk), desc_mn<D, BK>(sK + cw * BK * 64, kk), kk);
+            wg_commit();
+#pragma unroll
+            for (int kq = 0; kq < BQ / 16; ++kq) wgmma_rs(ak, da[kq], desc_mn<D, BQ>(qt, kq));
+            wg_commit();
+            wg_wait<1>();
+            wg_hold(aq);
+            // the part in fragment order (float4 k of thread x at (k 128 + x) 4 of the
+            // consumer's half), once thread 32 has read out the one SB steps back
+            const int sb = it % SB;
+            if (it >= SB) mbar_wait(stage_free + sb, (it / SB - 1) & 1);
+            float4* part = (float4*)(sStage + sb * BQ * D + cw * BQ * 64) + (tid & 127);
+#pragma unroll
+            for (int k = 0; k < D / 16; ++k)
+                part[k * 128] = make_float4(aq[4 * k], aq[4 * k + 1], aq[4 * k + 2], aq[4 * k + 3]);
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            __syncwarp();
+            if (l == 0) mbar_arrive(stage_full + sb);
+        } else {
+#pragma unroll
+            for (int kq = 0; kq < BQ / 16; ++kq) {
+                wgmma_rs(av, pa[kq], desc_mn<D, BQ>(ot, kq));
+                wgmma_rs(ak, da[kq], desc_mn<D, BQ>(qt, kq));
+            }
+            wg_commit();
+        }
         wg_wait();
         wg_hold(av);
         wg_hold(ak);
@@ -831,6 +981,8 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
 // Dynamic shared memory (bytes), as the launcher computes it (64: the mbarriers):
 //   fwd  (128 + 4 * 128) * D * 2 + 128
 //   dkdv (2 * 128 + 6 * 64) * D * 2 + 6 * 64 * 4 + 64    dq (2 * 128 + 7 * 64) * D * 2 + 128
+//   dkdvdq (two query stages) (2 * 128 + 4 * 64) * D * 2 + 2 * 64 * 128 * 2 (sdS) + 2 * 64 * D * 4
+//          (sStage) + 4 * 64 * 4 + 128 (the mbarriers)
 // The TMA maps describe q, dout (Hq heads) and k, v (Hkv heads) with boxes of the kernel's
 // tile rows: fwd 128 for all; dkdv 128 for k, v and 64 for q, dout; dq 128 for q, dout and 64
 // for k, v.
@@ -858,9 +1010,44 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
         float scale, bf16_t* dk, bf16_t* dv, const __grid_constant__ attn90::TmaMap tq,                      \
         const __grid_constant__ attn90::TmaMap tk, const __grid_constant__ attn90::TmaMap tv,               \
         const __grid_constant__ attn90::TmaMap to) {                                                         \
-        attn90::dkdv_impl<D>(lse, dvec, cu, num_seqs, n_tokens, hq, hkv, scale, dk, dv, &tq, &tk, &tv,      \
-                                &to);                                                                        \
+        attn90::dkdv_impl<D, false>(lse, dvec, cu, num_seqs, n_tokens, hq, hkv, scale, (int)blockIdx.x, dk,  \
+                                    dv, nullptr, nullptr, &tq, &tk, &tv, &to);                              \
     }
 
 ATTN90_ENTRIES(64)
 ATTN90_ENTRIES(128)
+
+// dk, dv and dq's f32 accumulator in one pass (D = 128): kv head hk's key tiles, grid
+// (1, ceil(N / 128)); dqacc (Hq / Hkv, N rounded up to 64, D) f32 in fragment order (see attention_dq_from_acc_d128) and sem (Hq / Hkv, ceil(N / 64)) u32, both
+// zeroed, serve this launch's query heads (see dkdv_impl).
+extern "C" __global__ void __launch_bounds__(384, 1) attention_bwd_dkdvdq_sm90_d128(
+    const float* lse, const float* dvec, const int* cu, int num_seqs, int n_tokens, int hq, int hkv,
+    float scale, int hk, bf16_t* dk, bf16_t* dv, float* dqacc, unsigned* sem,
+    const __grid_constant__ attn90::TmaMap tq, const __grid_constant__ attn90::TmaMap tk,
+    const __grid_constant__ attn90::TmaMap tv, const __grid_constant__ attn90::TmaMap to) {
+    attn90::dkdv_impl<128, true>(lse, dvec, cu, num_seqs, n_tokens, hq, hkv, scale, hk, dk, dv, dqacc, sem,
+                                 &tq, &tk, &tv, &to);
+}
+
+// dq (N, Hq, 128) bf16 of query heads h0 .. h0 + G - 1 = scale * acc, acc (G, N rounded up to
+// 64, 128) f32 in the fused pass's fragment order: a 64-row tile's element (r, c) sits at
+// (c / 64) 4096 + (((c % 64) / 8) 128 + x) 4 + 2 ((r / 8) % 2) + c % 2 with thread
+// x = 32 (r / 16) + 4 (r % 8) + (c % 8) / 2 of the consumer warpgroup that formed it. A thread
+// per 4 elements of a row.
+extern "C" __global__ void attention_dq_from_acc_d128(const float* acc, bf16_t* dq, int n_tokens, int hq,
+                                                      int h0, int g, float scale) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; // 4-column group index
+    if (i >= (long long)g * n_tokens * 32) return;
+    const long long row = i >> 5; // hl * N + n
+    const int n = (int)(row % n_tokens), hl = (int)(row / n_tokens);
+    const long long np = (long long)(n_tokens + 63) / 64 * 64;
+    const float* tile = acc + (hl * np + (n & ~63)) * 128;
+    const int r = n & 63, c = 4 * (int)(i & 31), cc = c & 63;
+    const int x = 32 * (r >> 4) + 4 * (r & 7) + ((cc & 7) >> 1);
+    const float* p = tile + (c >> 6) * 4096 + ((cc >> 3) * 128 + x) * 4 + 2 * ((r >> 3) & 1);
+    const float2 lo = *(const float2*)p, hi = *(const float2*)(p + 4);
+    uint2 o;
+    o.x = attn_ptx::pack_bf16(lo.x * scale, lo.y * scale);
+    o.y = attn_ptx::pack_bf16(hi.x * scale, hi.y * scale);
+    *(uint2*)(dq + ((long long)n * hq + h0 + hl) * 128 + c) = o;
+}

@@ -311,6 +311,31 @@ fn segments_and_flops() {
 }
 
 #[test]
+fn fused_dq_runs_long_head_dim_128_sequences_with_one_kv_heads_accumulator() {
+    // the 8B at 32k tokens: dvec (32, N) f32, then (4, N, 128) f32 and (4, N / 64) counters
+    let n = 32768;
+    let dims = AttentionDims::new(n, 1, 32, 8, 128);
+    let dvec = 32 * n * 4;
+    assert_eq!(scratch_bytes_for(&dims, DqPass::Split), dvec);
+    let fused = dvec + 4 * n * 128 * 4 + 4 * (n / 64) * 4;
+    assert_eq!(scratch_bytes_for(&dims, DqPass::Fused), fused);
+    assert_eq!(scratch_bytes(&dims), fused);
+    // fewer tokens, or head dim 64: dvec only
+    let short = AttentionDims::new(FUSED_DQ_MIN_TOKENS - 8, 1, 32, 8, 128);
+    assert_eq!(scratch_bytes(&short), 32 * (FUSED_DQ_MIN_TOKENS - 8) * 4);
+    assert_eq!(scratch_bytes(&AttentionDims::new(n, 1, 32, 8, 64)), dvec);
+    // the pass: fused on sm90 at head dim 128 when the sequences average 32k tokens or more
+    if std::env::var(DQ_ENV).is_err() {
+        let pass =
+            |k, seqs, d| DqPass::for_call(k, &AttentionDims::new(n, seqs, 32, 8, d)).unwrap();
+        assert_eq!(pass(AttentionKernels::Sm90, 1, 128), DqPass::Fused);
+        assert_eq!(pass(AttentionKernels::Sm90, 2, 128), DqPass::Split);
+        assert_eq!(pass(AttentionKernels::Sm90, 1, 64), DqPass::Split);
+        assert_eq!(pass(AttentionKernels::Sm80, 1, 128), DqPass::Split);
+    }
+}
+
+#[test]
 fn selftest_cases_are_well_formed() {
     for (_, c, _) in selftest_cases() {
         assert_eq!(c.cu_seqlens.len(), c.dims.num_seqs + 1);

@@ -46,7 +46,7 @@ pub mod random_init;
 pub mod selftest;
 pub mod trainable;
 
-use ftrt_ops::attention::{attention_backward, attention_forward, scratch_bytes, AttentionDims};
+use ftrt_ops::attention::{attention_backward, attention_forward, AttentionDims};
 use ftrt_ops::{activation, adamw, cross_entropy, embedding, nf4, norm, quant_prelude, rope};
 use ftrt_runtime::cudarc::driver::{LaunchConfig, PushKernelArg};
 use ftrt_runtime::rng::SplitMix64;
@@ -1460,7 +1460,6 @@ impl<'g> GpuLlama<'g> {
         } else {
             null
         };
-        let attn_bytes = scratch_bytes(&AttentionDims::new(n, 1, d.heads, d.kv_heads, dp));
         let dq = h.alloc::<bf16>(gpu, s.nq)?;
         let tmp_c = if s.nq >= s.nc {
             dq
@@ -1491,7 +1490,7 @@ impl<'g> GpuLlama<'g> {
             dv: h.alloc(gpu, s.nkv)?,
             dk_pre: h.alloc_unless(gpu, !qk, s.nkv)?,
             dxa: h.alloc(gpu, 3 * s.nr)?,
-            attn_scratch: h.alloc(gpu, attn_bytes / 4 + 1)?,
+            attn_scratch: h.alloc(gpu, s.attn_scratch / 4 + 1)?,
             qp: h.alloc_unless(gpu, !pad, s.nq_pad)?,
             kp: h.alloc_unless(gpu, !pad, s.nkv_pad)?,
             vp: h.alloc_unless(gpu, !pad, s.nkv_pad)?,

@@ -476,6 +476,9 @@ pub struct ActSizes {
     pub lse: usize,
     /// Padded head dim used by the attention kernel (= D when D is 64 or 128).
     pub head_dim_pad: usize,
+    /// Bytes of the attention backward's scratch ([`ftrt_ops::attention::scratch_bytes`]:
+    /// dvec, and from `FUSED_DQ_MIN_TOKENS` tokens at head dim 128 the fused dq pass's accumulator).
+    pub attn_scratch: usize,
     /// (N, Hq, Dp) and (N, Hkv, Dp): padded attention operands (0 when no padding is needed).
     pub nq_pad: usize,
     pub nkv_pad: usize,
@@ -514,6 +517,9 @@ impl ActSizes {
             nr: n * r,
             lse: n * d.heads,
             head_dim_pad: dp,
+            attn_scratch: ftrt_ops::attention::scratch_bytes(
+                &ftrt_ops::attention::AttentionDims::new(n, 1, d.heads, d.kv_heads, dp),
+            ),
             nq_pad: if pad { n * d.heads * dp } else { 0 },
             nkv_pad: if pad { n * d.kv_heads * dp } else { 0 },
             ce_rows,
@@ -616,7 +622,8 @@ impl ActSizes {
                 + self.logits)
             + if qk_norm { b * (self.nq + self.nkv) } else { 0 }
             + b * (4 * self.nq_pad + 4 * self.nkv_pad)
-            + 4 * (self.lse + 6 * self.n)
+            + self.attn_scratch
+            + 4 * (6 * self.n)
             + 4 * (self.n + 1);
         kept * per_layer(self.n) + shared * per_layer(self.mlp_rows) + attn_ring + streams + scratch
     }
