@@ -302,10 +302,6 @@ template <int N> WG_DEV void pack_frags(unsigned (&a)[N / 16][4], const float (&
 WG_DEV void mbar_arrive(unsigned long long* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
 }
-// the column of accumulator element k (of a 64 x N fragment) that thread t = l % 4 holds:
-// k = 4 nt + e is column 8 nt + 2 t + e % 2 of row l / 4 (e < 2) or l / 4 + 8 (e >= 2)
-WG_DEV int frag_col(int k, int t) { return 8 * (k >> 2) + 2 * t + (k & 1); }
-
 // named barriers 1..15 among `n` threads (a multiple of 32): sync waits for n arrivals in all,
 // its own included; arrive adds this warp's without waiting
 WG_DEV void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory"); }
@@ -531,8 +527,7 @@ WG_DEV void bulk_reduce_add(float* dst, const float* src, unsigned bytes) {
 // thread 32 (the producer warpgroup's second warp) adds each staged part into the f32
 // accumulator `dqacc` (a bulk reduce of the whole 64-row tile) in key order, so dq is
 // deterministic: tile (head, i0) keeps a counter in `sem`; key tile j waits until it equals its
-// rank j - floor(seg_start(i0) / 128), and counts it on once its add has landed (waited for
-// after the next tile's add is issued, so one add is in flight). Query tiles go
+// rank j - floor(seg_start(i0) / 128), and counts it on once its add is done. Query tiles go
 // from the last down, heads innermost, so neighbouring key tiles reach a query tile together.
 // dqacc and sem start zeroed; a convert kernel writes dq = scale * dqacc in bf16 after the
 // launch.
@@ -595,15 +590,7 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
         if (tid != 32) {
             if (tid != 0) return;
         } else {
-            // the ordered adds of the staged dq parts (see above). A tile's counter moves on
-            // once its add has landed, which this thread waits for only after issuing the next
-            // tile's add, so one add's global writes overlap the next part's wait
-            const long long np = (long long)(N + BQ - 1) / BQ * BQ; // rows per head, padded
-            auto count_on = [](unsigned* counter) {
-                asm volatile("fence.proxy.async.global;" ::: "memory");
-                asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
-            };
-            unsigned* landing = nullptr; // the counter of the add in flight
+            // the ordered adds of the staged dq parts (see above)
             for (int it = 0; it < ntiles; ++it) {
                 int h, i0;
                 tile_of(it, h, i0);
@@ -616,18 +603,13 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
                     while (ld_acquire(counter) != (unsigned)rank) {
                     }
                 asm volatile("fence.proxy.async.global;" ::: "memory");
+                const long long np = (long long)(N + BQ - 1) / BQ * BQ; // rows per head, padded
                 bulk_reduce_add(dqacc + (hl * np + i0) * D, sStage + sb * BQ * D, BQ * D * 4);
                 asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
                 mbar_arrive(stage_free + sb);
-                if (landing) {
-                    asm volatile("cp.async.bulk.wait_group 1;" ::: "memory"); // the previous add
-                    count_on(landing);
-                }
-                landing = counter;
-            }
-            if (landing) {
                 asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
-                count_on(landing);
+                asm volatile("fence.proxy.async.global;" ::: "memory");
+                asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
             }
             return;
         }
@@ -692,19 +674,19 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
         wg_hold(s);
         wg_hold(dp);
 
-        // p^T, zeroed where hidden (only tiles the diagonal or a segment end cuts: the mask's
-        // integer work stays off the others), then ds^T = p^T (dp^T - dvec)
+        const bool full = i0 >= j0 + BK - 1 && i0 + BQ <= first_end && j0 + BK <= N;
 #pragma unroll
-        for (int k = 0; k < BQ / 2; ++k) s[k] = fast_exp2(fmaf(s[k], sl2, -lt[frag_col(k, t)] * LOG2E));
-        if (!(i0 >= j0 + BK - 1 && i0 + BQ <= first_end && j0 + BK <= N)) {
+        for (int nt = 0; nt < NQ; ++nt) {
 #pragma unroll
-            for (int k = 0; k < BQ / 2; ++k) {
-                const int i = i0 + frag_col(k, t), j = k & 2 ? kB : kA, end = k & 2 ? eB : eA;
-                if (i < j || i >= end) s[k] = 0.f;
+            for (int e = 0; e < 4; ++e) {
+                const int c = nt * 8 + 2 * t + (e & 1), i = i0 + c;
+                const int j = e < 2 ? kA : kB, end = e < 2 ? eA : eB;
+                const bool vis = full || (i >= j && i < end);
+                const float p = vis ? fast_exp2(fmaf(s[4 * nt + e], sl2, -lt[c] * LOG2E)) : 0.f;
+                s[4 * nt + e] = p;
+                dp[4 * nt + e] = p * (dp[4 * nt + e] - dt[c]);
             }
         }
-#pragma unroll
-        for (int k = 0; k < BQ / 2; ++k) dp[k] = s[k] * (dp[k] - dt[frag_col(k, t)]);
         unsigned pa[BQ / 16][4], da[BQ / 16][4]; // P^T and dS^T in bf16: A fragments, k = queries
 #pragma unroll
         for (int kq = 0; kq < BQ / 16; ++kq) {
@@ -866,21 +848,21 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
         for (int kk = 0; kk < BK / 16; ++kk) wgmma_rs(a, da[kk], desc_mn<D, BK>(kbuf(it), kk));
         wg_commit();
     };
-    // s <- p = exp(s scale - lse), zeroed where hidden (only on tiles the diagonal or a segment
-    // start cuts), and dp <- ds = p (dp - dvec), for key tile it
-    auto form_ds = [&](float (&s)[BK / 2], float (&dp)[BK / 2], int it) {
+    // dp <- ds = p (dp - dvec), p = exp(s scale - lse) where visible, for key tile it
+    auto form_ds = [&](const float (&s)[BK / 2], float (&dp)[BK / 2], int it) {
         const int j0 = kbeg + it * BK;
+        const bool full = j0 + BK - 1 <= q0 && j0 >= last_start;
 #pragma unroll
-        for (int k = 0; k < BK / 2; ++k) s[k] = fast_exp2(fmaf(s[k], sl2, -(k & 2 ? LB : LA)));
-        if (!(j0 + BK - 1 <= q0 && j0 >= last_start)) {
+        for (int nt = 0; nt < BK / 8; ++nt) {
 #pragma unroll
-            for (int k = 0; k < BK / 2; ++k) {
-                const int j = j0 + frag_col(k, t), i = k & 2 ? rB : rA, st = k & 2 ? stB : stA;
-                if (j > i || j < st) s[k] = 0.f;
+            for (int e = 0; e < 4; ++e) {
+                const int j = j0 + nt * 8 + 2 * t + (e & 1);
+                const int i = e < 2 ? rA : rB, st = e < 2 ? stA : stB;
+                const bool vis = full || (j <= i && j >= st);
+                const float p = vis ? fast_exp2(fmaf(s[4 * nt + e], sl2, -(e < 2 ? LA : LB))) : 0.f;
+                dp[4 * nt + e] = p * (dp[4 * nt + e] - (e < 2 ? DA : DB));
             }
         }
-#pragma unroll
-        for (int k = 0; k < BK / 2; ++k) dp[k] = s[k] * (dp[k] - (k & 2 ? DB : DA));
     };
 
     float a[D / 2], s[BK / 2], dp[BK / 2];
