@@ -204,24 +204,18 @@ template <int N> WG_DEV void wg_hold(unsigned (&a)[N][4]) {
                  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 #define WG_OUT32 WG_F8(0), WG_F8(8), WG_F8(16), WG_F8(24)
 #define WG_OUT64 WG_OUT32, WG_F8(32), WG_F8(40), WG_F8(48), WG_F8(56)
-// wgmma_ss: d (64 x N, f32) = (accumulate ? d : 0) + A (64 x 16) B (16 x N), A and B K-major in
-// shared memory; wgmma_ss_mn: the same with B MN-major. wgmma_rs: d += A (64 x 16, bf16
+// wgmma_ss: d (64 x N, f32) = (accumulate ? d : 0) + A (64 x 16) B (16 x N), A K-major in
+// shared memory, B too (MN_B = 0) or MN-major (MN_B = 1). wgmma_rs: d += A (64 x 16, bf16
 // fragments in registers) B (16 x N), B MN-major in shared memory. ACC: the accumulators' count
 // (N / 2), as the operand numbers after them.
 #define WG_PRODUCTS(N, ACC, A0, A1, A2, A3, A4, A5)                                                    \
+    template <int MN_B = 0>                                                                            \
     WG_DEV void wgmma_ss(float (&d)[ACC], unsigned long long da, unsigned long long db, int accumulate) { \
         asm volatile("{ .reg .pred p; setp.ne.b32 p, %" #A2 ", 0;\n"                                       \
                      "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 " WG_ACC##ACC          \
-                     ", %" #A0 ", %" #A1 ", p, 1, 1, 0, 0; }\n"                                           \
+                     ", %" #A0 ", %" #A1 ", p, 1, 1, 0, %" #A3 "; }\n"                                    \
                      : WG_OUT##ACC                                                                     \
-                     : "l"(da), "l"(db), "r"(accumulate));                                             \
-    }                                                                                                  \
-    WG_DEV void wgmma_ss_mn(float (&d)[ACC], unsigned long long da, unsigned long long db, int accumulate) { \
-        asm volatile("{ .reg .pred p; setp.ne.b32 p, %" #A2 ", 0;\n"                                       \
-                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 " WG_ACC##ACC          \
-                     ", %" #A0 ", %" #A1 ", p, 1, 1, 0, 1; }\n"                                           \
-                     : WG_OUT##ACC                                                                     \
-                     : "l"(da), "l"(db), "r"(accumulate));                                             \
+                     : "l"(da), "l"(db), "r"(accumulate), "n"(MN_B));                                  \
     }                                                                                                  \
     WG_DEV void wgmma_rs(float (&d)[ACC], const unsigned (&a)[4], unsigned long long db) {              \
         asm volatile("{ .reg .pred p; setp.ne.b32 p, %" #A5 ", 0;\n"                                       \
@@ -721,7 +715,7 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
             named_sync(2, 256);
 #pragma unroll
             for (int kk = 0; kk < BK / 16; ++kk)
-                wgmma_ss_mn(aq, desc_k<BK, BQ>(ds, 0, kk), desc_mn<D, BK>(sK + cw * BK * 64, kk), kk);
+                wgmma_ss<1>(aq, desc_k<BK, BQ>(ds, 0, kk), desc_mn<D, BK>(sK + cw * BK * 64, kk), kk);
             wg_commit();
 #pragma unroll
             for (int kq = 0; kq < BQ / 16; ++kq) wgmma_rs(ak, da[kq], desc_mn<D, BQ>(qt, kq));
