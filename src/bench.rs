@@ -310,8 +310,8 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
         "qlora" => true,
         other => return Err(format!("--mode {other}: lora or qlora")),
     };
-    if a.batch == 0 || a.seq < 2 || a.steps == 0 {
-        return Err("--batch >= 1, --seq >= 2 and --steps >= 1 are required".into());
+    if a.batch == 0 || a.seq < 2 || a.steps == 0 || a.lora_r == 0 {
+        return Err("--batch >= 1, --seq >= 2, --steps >= 1 and --lora-r >= 1 are required".into());
     }
     let t_setup = std::time::Instant::now();
     let config = preset_config(&a.preset)?;
