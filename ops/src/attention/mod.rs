@@ -208,9 +208,9 @@ impl DqPass {
 /// Sequences at least this long on average (tokens per sequence) run the sm90 backward at head
 /// dim 128 as one pass per kv head that also forms dq (`attention_bwd_dkdvdq_sm90_d128`), not
 /// dk/dv then a dq kernel that recomputes the scores. Measured on the H200 (8B QLoRA lean step,
-/// one sequence): at 32,768 tokens the fused pass makes the step 2.7% shorter (4.27 against
-/// 4.39 s); at 2,048-token sequences (64 blocks a launch at 8,192 tokens) it is 4x slower than
-/// the split kernels, so shorter sequences keep those.
+/// one sequence): at 32,768 tokens the fused pass makes the step 2.6-3.0% shorter (4.25-4.29
+/// against 4.38-4.40 s); at 2,048-token sequences (64 blocks a launch at 8,192 tokens) it is
+/// 4x slower than the split kernels, so shorter sequences keep those.
 pub const FUSED_DQ_MIN_TOKENS: usize = 32768;
 
 /// `fused` or `split` forces the sm90 backward's dq path at head dim 128 (see
