@@ -82,6 +82,7 @@ fn main() {
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split_once(' '))
+        .filter(|(f, _)| f.ends_with(".cubin")) // the file's lines only: "<name>.<sm>.cubin <hash>"
         .map(|(f, h)| (f.to_owned(), h.to_owned()))
         .collect();
     let mut rs = String::from(
