@@ -168,11 +168,15 @@ pub fn scratch_bytes(dims: &AttentionDims) -> usize {
 /// (256-byte aligned after it) one kv head's query heads' f32 dq accumulator (rows rounded up
 /// to 64-row tiles, in the kernel's fragment order) and counters.
 pub fn scratch_bytes_for(dims: &AttentionDims, pass: DqPass) -> usize {
-    let dvec = dims.lse_len() * 4;
     match pass {
-        DqPass::Fused => dvec.next_multiple_of(256) + fused_dq_scratch(dims).iter().sum::<usize>(),
-        DqPass::Split => dvec,
+        DqPass::Fused => fused_dq_offset(dims) + fused_dq_scratch(dims).iter().sum::<usize>(),
+        DqPass::Split => dims.lse_len() * 4,
     }
+}
+
+/// Where the fused dq pass's scratch starts: after dvec (Hq, N) f32, 256-byte aligned.
+fn fused_dq_offset(dims: &AttentionDims) -> usize {
+    (dims.lse_len() * 4).next_multiple_of(256)
 }
 
 /// How the backward forms dq.
@@ -191,7 +195,7 @@ impl DqPass {
     /// (`fused` or `split`) overrides where the fused pass can run and [`scratch_bytes`] has
     /// room for it.
     pub fn for_call(kernels: AttentionKernels, dims: &AttentionDims) -> Result<Self, RuntimeError> {
-        let can = kernels == AttentionKernels::Sm90 && dims.head_dim == 128 && fused_dq_fits(dims);
+        let can = kernels == AttentionKernels::Sm90 && fused_dq_fits(dims);
         let long = dims.n_tokens / dims.num_seqs.max(1) >= FUSED_DQ_MIN_TOKENS;
         match std::env::var(DQ_ENV).ok().as_deref() {
             Some("fused") if can => Ok(Self::Fused),
@@ -1013,7 +1017,7 @@ pub fn attention_backward_with(
         let to_bf16 = function(gpu, kernels.module(), "attention_dq_from_acc_d128", 0)?;
         let maps = kernels.maps(&dims, &l, &[q, k, v, dout])?;
         let [acc_bytes, sem_bytes] = fused_dq_scratch(&dims);
-        let acc = scratch.offset((dims.lse_len() * 4).next_multiple_of(256) / 4);
+        let acc = scratch.offset(fused_dq_offset(&dims) / 4);
         let sem = acc.offset(acc_bytes / 4);
         let g = (dims.n_heads_q / dims.n_heads_kv) as i32;
         for hk in 0..dims.n_heads_kv as i32 {
