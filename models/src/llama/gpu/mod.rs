@@ -15,6 +15,9 @@
 //!   outputs (with q, k, v for layers wide enough, [`plan::checkpoint_qkv`]), live in small
 //!   device rings and travel to pinned host memory and back on copy streams
 //!   ([`layer_offload`]): the recompute then redoes only the MLP (and q, k, v when they stay).
+//!   When the residuals' host rows would take more than half the host's memory (the 8B at
+//!   524k tokens: 128 GiB), only the lowest layers' travel and the layers above keep theirs on
+//!   the device ([`plan::resid_travel_cap`]).
 //!
 //! Projections ([`lora_gemm`]): `xa = x A^T` once per group of projections reading one input
 //! (q/k/v, gate/up: their A's stacked), `y = s xa B^T`, then `y += x W^T (+ b)` (beta = 1);
@@ -852,7 +855,8 @@ impl<'g> GpuLlama<'g> {
     /// outputs travel too when the forward's copies leave time for them and the batch is one
     /// MLP tile ([`plan::gate_up_layers`]; `FTRT_GATE_UP_LAYERS=k` sets how many): their
     /// recompute runs no projection at all. Kept layers' activations and the last layer's
-    /// output stay on the device. Changing it frees the activation buffers (reallocated at the
+    /// output stay on the device; so do the input residuals of the recomputed layers above the
+    /// lowest [`plan::resid_travel_cap`] ones, when host memory holds no more (read now). Changing it frees the activation buffers (reallocated at the
     /// next batch).
     pub fn set_offload_residuals(&mut self, on: bool) {
         let qkv = match std::env::var(CHECKPOINT_QKV_ENV).as_deref() {
@@ -868,11 +872,14 @@ impl<'g> GpuLlama<'g> {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
+        let available = crate::train::plan::available_memory();
+        let resid_travel = plan::resid_travel_cap(self.max_tokens, self.dims.hidden, available);
         self.set_offload(if on {
             plan::Offload::Checkpoints {
                 qkv,
                 gate_up,
                 resident_qkv,
+                resid_travel,
             }
         } else {
             plan::Offload::Off
@@ -888,6 +895,7 @@ impl<'g> GpuLlama<'g> {
         let plan::Offload::Checkpoints {
             qkv: false,
             gate_up,
+            resid_travel,
             ..
         } = self.offload
         else {
@@ -901,6 +909,7 @@ impl<'g> GpuLlama<'g> {
                 qkv: false,
                 gate_up,
                 resident_qkv,
+                resid_travel,
             })
         };
         let recomputed = self.dims.layers - self.kept_layers.min(self.dims.layers);
@@ -913,11 +922,18 @@ impl<'g> GpuLlama<'g> {
     /// Sets how many recomputed layers keep q, k, v on the GPU (see
     /// [`plan::Offload::Checkpoints`]); nothing without checkpoint offload.
     pub fn set_resident_qkv(&mut self, layers: usize) {
-        if let plan::Offload::Checkpoints { qkv, gate_up, .. } = self.offload {
+        if let plan::Offload::Checkpoints {
+            qkv,
+            gate_up,
+            resid_travel,
+            ..
+        } = self.offload
+        {
             self.set_offload(plan::Offload::Checkpoints {
                 qkv,
                 gate_up,
                 resident_qkv: layers,
+                resid_travel,
             });
         }
     }
@@ -1282,24 +1298,44 @@ impl<'g> GpuLlama<'g> {
             })
         };
         let recomputed: Vec<usize> = (0..d.layers).filter(|&l| !self.is_kept(l)).collect();
-        // The attention checkpoint's pieces ([`plan::attention_checkpoint`]), with q, k, v if
-        // asked. It travels too only when both offloads' pinned rows fit half the host's
-        // available memory: else without q, k, v; else the backward recomputes the attention
-        // half as without offload (long sequences).
         let m = recomputed.len();
-        let ring_slots = plan::resid_ring(m, n);
-        let pieces = |qkv| plan::attention_checkpoint(&d, qk, widths.map(|w| w * r), qkv);
-        let resid_host = LayerOffload::host_bytes(m, ring_slots, n, &[2 * d.hidden]);
-        let available = crate::train::plan::available_memory();
-        let attn_host = |qkv| LayerOffload::host_bytes(m, ring_slots, n, &pieces(qkv));
-        let fits = |qkv| plan::pinned_rows_fit(resid_host + attn_host(qkv), available);
-        let (wants_qkv, wants_gate_up, wants_resident) = match self.offload {
+        let (wants_qkv, wants_gate_up, wants_resident, resid_travel) = match self.offload {
             plan::Offload::Checkpoints {
                 qkv,
                 gate_up,
                 resident_qkv,
-            } => (qkv, gate_up, resident_qkv),
-            plan::Offload::Off => (false, plan::GateUp::Layers(0), 0),
+                resid_travel,
+            } => (qkv, gate_up, resident_qkv, resid_travel),
+            plan::Offload::Off => (false, plan::GateUp::Layers(0), 0, 0),
+        };
+        // The residual ring's members ([`plan::resid_members`]): the lowest recomputed layers,
+        // all of them unless their host rows would not fit; the layers above keep their input
+        // residuals in buffers of their own.
+        let resid_members = recomputed[..plan::resid_members(m, n, resid_travel)].to_vec();
+        let resid_row = [2 * d.hidden];
+        let resid_host = |k| LayerOffload::host_bytes(k, plan::resid_ring(k, n), n, &resid_row);
+        let available = crate::train::plan::available_memory();
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        if offloading && resid_members.len() < m {
+            eprintln!(
+                "note: the input residuals of {} of {m} recomputed layers stay on the GPU ({:.1} GiB), and every attention checkpoint is recomputed: all residuals would pin {:.1} GiB of host memory, more than half of the {:.1} GiB available",
+                m - resid_members.len(),
+                gib((m - resid_members.len()) * s.nc * 2),
+                gib(resid_host(m)),
+                gib(available.unwrap_or(0) as usize)
+            );
+        }
+        let resid_host = resid_host(resid_members.len());
+        // The attention checkpoint's pieces ([`plan::attention_checkpoint`]), with q, k, v if
+        // asked. It travels too only when every residual does and both offloads' pinned rows
+        // fit half the host's available memory: else without q, k, v; else the backward
+        // recomputes the attention half as without offload (long sequences).
+        let ring_slots = plan::resid_ring(m, n);
+        let pieces = |qkv| plan::attention_checkpoint(&d, qk, widths.map(|w| w * r), qkv);
+        let attn_host = |qkv| LayerOffload::host_bytes(m, ring_slots, n, &pieces(qkv));
+        let fits = |qkv| {
+            resid_members.len() == m
+                && plan::pinned_rows_fit(resid_host + attn_host(qkv), available)
         };
         let ring = match offloading {
             false => None,
@@ -1307,7 +1343,7 @@ impl<'g> GpuLlama<'g> {
             true if fits(false) => Some(false),
             true => None,
         };
-        if offloading && ring != Some(wants_qkv) {
+        if offloading && resid_members.len() == m && ring != Some(wants_qkv) {
             let attn_host = attn_host(wants_qkv);
             eprintln!(
                 "note: the attention checkpoints of {m} recomputed layers {}: with the residuals they would pin {:.1} GiB of host memory, more than half of the {:.1} GiB available",
@@ -1316,8 +1352,8 @@ impl<'g> GpuLlama<'g> {
                 } else {
                     "stay on the GPU and are recomputed"
                 },
-                (resid_host + attn_host) as f64 / (1u64 << 30) as f64,
-                available.unwrap_or(0) as f64 / (1u64 << 30) as f64
+                gib(resid_host + attn_host),
+                gib(available.unwrap_or(0) as usize)
             );
         }
         // The layers whose gate and up outputs travel ([`plan::gate_up_layers`]): only with the
@@ -1364,13 +1400,15 @@ impl<'g> GpuLlama<'g> {
         }
         ln.push(h.alloc(gpu, s.nc)?);
         let resid_offload = if offloading {
+            let slots = plan::resid_ring(resid_members.len(), n);
+            let pieces = resid_row.to_vec();
             Some(LayerOffload::new(
                 gpu,
                 &mut h,
-                recomputed.clone(),
-                ring_slots,
+                resid_members,
+                slots,
                 n,
-                vec![2 * d.hidden],
+                pieces,
             )?)
         } else {
             None
@@ -1442,7 +1480,7 @@ impl<'g> GpuLlama<'g> {
         let mut rstd = Vec::new();
         for l in 0..=d.layers {
             resid.push(match &resid_offload {
-                Some(o) if recomputed.contains(&l) => o.piece(l, 0),
+                Some(o) if o.holds(l) => o.piece(l, 0),
                 _ => h.alloc(gpu, s.nc)?,
             });
             rstd.push(h.alloc(gpu, n)?);

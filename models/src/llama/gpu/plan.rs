@@ -56,12 +56,32 @@ pub enum Offload {
     /// when `qkv`) live in device rings and travel through pinned host memory; so do the gate
     /// and up outputs of the layers [`gate_up_layers`] picks. Without `qkv`, the q, k and v of
     /// [`resident_qkv_layers`]`(.., resident_qkv)` stay on the device instead of being
-    /// recomputed.
+    /// recomputed. At most `resid_travel` input residuals travel ([`resid_members`]; the
+    /// host's memory sets it, [`resid_travel_cap`]): when fewer than all, the higher layers'
+    /// stay in device buffers of their own and the attention checkpoints do not travel.
     Checkpoints {
         qkv: bool,
         gate_up: GateUp,
         resident_qkv: usize,
+        resid_travel: usize,
     },
+}
+
+/// The most input residuals ((`n`, `hidden`) bf16 each) whose pinned host rows fit half the
+/// host's `available` memory ([`pinned_rows_fit`]); unbounded when it is unknown.
+pub fn resid_travel_cap(n: usize, hidden: usize, available: Option<u64>) -> usize {
+    let row = (2 * n * hidden).next_multiple_of(256) as u64;
+    match available {
+        Some(a) => (a / 2 / row.max(1)) as usize,
+        None => usize::MAX,
+    }
+}
+
+/// How many of `recomputed` layers' input residuals live in the residual ring at `n` tokens
+/// when at most `travel` of them go through host memory: the lowest `travel` plus the ring's
+/// slots (those stay in their slots); the layers above keep theirs in device buffers.
+pub fn resid_members(recomputed: usize, n: usize, travel: usize) -> usize {
+    recomputed.min(travel.saturating_add(resid_ring(recomputed, n)))
 }
 
 /// The recomputed layers (`recomputed`, ascending) whose q, k and v (after norm and RoPE; with
@@ -243,15 +263,17 @@ pub fn resid_ring(recomputed: usize, n: usize) -> usize {
     recomputed.min(slots)
 }
 
-/// Residual streams (N, C) on the device at `n` tokens: L + 1, or with `offload` the ring
-/// instead of the recomputed layers' inputs (the kept layers' inputs and the last layer's
-/// output stay).
-pub fn device_residuals(layers: usize, kept: usize, offload: bool, n: usize) -> usize {
+/// Residual streams (N, C) on the device at `n` tokens: L + 1, or with checkpoint offload the
+/// ring instead of its members' inputs ([`resid_members`]; the kept layers' inputs, the last
+/// layer's output and the recomputed layers above the members stay).
+pub fn device_residuals(layers: usize, kept: usize, offload: Offload, n: usize) -> usize {
     let recomputed = layers - kept.min(layers);
-    if offload {
-        layers + 1 - recomputed + resid_ring(recomputed, n)
-    } else {
-        layers + 1
+    match offload {
+        Offload::Checkpoints { resid_travel, .. } => {
+            let members = resid_members(recomputed, n, resid_travel);
+            layers + 1 - members + resid_ring(members, n)
+        }
+        Offload::Off => layers + 1,
     }
 }
 
@@ -533,7 +555,9 @@ impl ActSizes {
     /// buffers for them, its MLP buffers one tile's; with `offload`, their input residuals and
     /// their attention checkpoints ([`attention_checkpoint`]) each in a ring of [`resid_ring`]
     /// slots instead: the upper bound, as the checkpoints stay in the shared set when host
-    /// memory is short, see [`pinned_rows_fit`]), with `widths[g]` adapted projections
+    /// memory is short, see [`pinned_rows_fit`]; only the ring's members' residuals
+    /// ([`resid_members`]), and no attention ring when they are not every recomputed layer),
+    /// with `widths[g]` adapted projections
     /// in input group g's widest stack ([`Proj::INPUT_GROUPS`]): per-layer saved tensors,
     /// residual streams and rstds, norm outputs, and the shared scratch.
     pub fn bytes(
@@ -569,7 +593,10 @@ impl ActSizes {
                 qkv,
                 gate_up,
                 resident_qkv,
-            } if recomputed > 0 => {
+                resid_travel,
+            } if recomputed > 0
+                && resid_members(recomputed, self.n, resid_travel) == recomputed =>
+            {
                 let r = self.nr / self.n.max(1);
                 let pieces = attention_checkpoint(d, qk_norm, widths.map(|w| w * r), qkv);
                 let checkpoint = |align: usize| {
@@ -605,10 +632,9 @@ impl ActSizes {
             }
             _ => 0,
         };
-        let streams =
-            device_residuals(d.layers, kept, offload != Offload::Off, self.n) * b * self.nc
-                + (d.layers + 1) * 4 * self.n
-                + (slots + 1) * b * self.nc;
+        let streams = device_residuals(d.layers, kept, offload, self.n) * b * self.nc
+            + (d.layers + 1) * 4 * self.n
+            + (slots + 1) * b * self.nc;
         // dres_a, dres_b, dln, and tmp_c unless it is dq's memory; d act, d gate, d up; datt,
         // dq; dk, dv; dxa; logits
         let tmp_c = usize::from(self.nq < self.nc) * self.nc;
@@ -829,6 +855,7 @@ mod tests {
         qkv: false,
         gate_up: GateUp::Layers(0),
         resident_qkv: 0,
+        resid_travel: usize::MAX,
     };
 
     /// Llama-3.1-8B's shapes.
@@ -1000,11 +1027,11 @@ mod tests {
             assert_eq!(on_device - off, resid_saved - attn_ring, "kept {k}");
             // all but the ring's last `resid_ring` travel
             assert_eq!(
-                device_residuals(6, k, true, 512),
+                device_residuals(6, k, LEAN, 512),
                 7 - recomputed.saturating_sub(RESID_RING)
             );
         }
-        assert_eq!(device_residuals(6, 0, false, 512), 7);
+        assert_eq!(device_residuals(6, 0, Offload::Off, 512), 7);
         assert_eq!((resid_ring(2, 512), resid_ring(6, 512)), (2, RESID_RING));
         // long micro-batches: a slot less
         let long = SHORT_RING_TOKENS;
@@ -1026,12 +1053,75 @@ mod tests {
     }
 
     #[test]
+    fn residuals_past_half_the_host_memory_stay_on_the_device() {
+        let (d, s) = six_layers();
+        let resid = 2 * s.nc;
+        // the cap: as many (N, C) rows as half the host's available memory holds
+        let host = |rows: usize| Some(2 * rows as u64);
+        assert_eq!(resid_travel_cap(512, d.hidden, host(3 * resid)), 3);
+        assert_eq!(resid_travel_cap(512, d.hidden, host(3 * resid - 1)), 2);
+        assert_eq!(resid_travel_cap(512, d.hidden, None), usize::MAX);
+        let travel = |t| Offload::Checkpoints {
+            qkv: false,
+            gate_up: GateUp::Layers(0),
+            resident_qkv: 0,
+            resid_travel: t,
+        };
+        // six recomputed layers, fewer than the ring's three may travel: the ring takes the
+        // lowest t + 3, the layers above keep their residuals, no attention checkpoint
+        // travels; against no offload at all, only the travelling residuals' buffers go
+        let off = s.bytes(&d, false, ALL, 0, Offload::Off);
+        for t in 0..RESID_RING {
+            assert_eq!(resid_members(6, 512, t), t + RESID_RING);
+            assert_eq!(device_residuals(6, 0, travel(t), 512), 7 - t);
+            assert_eq!(
+                off - s.bytes(&d, false, ALL, 0, travel(t)),
+                t * resid,
+                "{t}"
+            );
+        }
+        // three or more: every recomputed layer is a member, as without a cap
+        for t in [RESID_RING, RESID_RING + 1, usize::MAX] {
+            assert_eq!(resid_members(6, 512, t), 6);
+            let lean = s.bytes(&d, false, ALL, 0, LEAN);
+            assert_eq!(s.bytes(&d, false, ALL, 0, travel(t)), lean);
+        }
+        // two kept layers: four recomputed, the cap counts among them
+        assert_eq!(resid_members(4, 512, 0), RESID_RING);
+        assert_eq!(device_residuals(6, 2, travel(0), 512), 7);
+        assert_eq!(device_residuals(6, 2, travel(1), 512), 6);
+    }
+
+    /// The longest row: Llama-3.1-8B QLoRA r=16, one 524,288-token sequence, every
+    /// layer recomputed, on the H200 machine's host (123.6 GiB available). Its 32 residuals
+    /// (4 GiB each) would pin 128 GiB; 15 travel, the ring's 2 and the 15 above stay, and the
+    /// activations still leave the 4-bit weights room on the 139.8 GiB card.
+    #[test]
+    fn llama_8b_at_524k_tokens_fits_the_h200_with_the_host_short() {
+        let (n, gib) = (524_288, 1u64 << 30);
+        let host = Some(1236 * gib / 10);
+        let t = resid_travel_cap(n, LLAMA_8B.hidden, host);
+        assert_eq!((t, resid_members(32, n, t)), (15, 17));
+        let offload = Offload::Checkpoints {
+            qkv: false,
+            gate_up: GateUp::Layers(0),
+            resident_qkv: 0,
+            resid_travel: t,
+        };
+        assert_eq!(device_residuals(32, 0, offload, n), 18);
+        let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
+        let bytes = s.bytes(&LLAMA_8B, false, ALL, 0, offload) as u64;
+        assert!(bytes < 130 * gib, "{:.1} GiB", bytes as f64 / gib as f64);
+    }
+
+    #[test]
     fn checkpoints_with_qkv_move_q_k_v_from_the_shared_set_into_the_ring() {
         let (d, s) = six_layers();
         let with = Offload::Checkpoints {
             qkv: true,
             gate_up: GateUp::Layers(0),
             resident_qkv: 0,
+            resid_travel: usize::MAX,
         };
         for qk in [false, true] {
             // q, k, v, the q/k/v stack's x A^T (three members), and with q/k norms their
@@ -1096,6 +1186,7 @@ mod tests {
             qkv: false,
             gate_up: GateUp::Layers(k),
             resident_qkv: 0,
+            resid_travel: usize::MAX,
         };
         let slot = 2 * (2 * s.n * d.intermediate).next_multiple_of(256);
         for k in 1..=3 {
@@ -1116,6 +1207,7 @@ mod tests {
             qkv,
             gate_up: GateUp::Layers(0),
             resident_qkv: k,
+            resid_travel: usize::MAX,
         };
         for qk in [false, true] {
             // a resident layer's buffers, counted by hand: q, k, v, the three members' x A^T,

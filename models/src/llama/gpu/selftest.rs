@@ -396,9 +396,14 @@ fn recompute_row(
             qkv,
             gate_up,
             resident_qkv,
+            resid_travel,
         } => format!(
-            ", checkpoints{} offloaded{}{},",
+            ", checkpoints{} offloaded{}{}{},",
             if qkv { " with q/k/v" } else { "" },
+            match resid_travel {
+                usize::MAX => String::new(),
+                k => format!(" (at most {k} residuals through the host, the rest on the GPU)"),
+            },
             match gate_up {
                 GateUp::Layers(0) => String::new(),
                 GateUp::Layers(k) => format!(", gate/up of {k} layers through the host"),
@@ -449,7 +454,8 @@ const OFFLOAD_LAYERS: usize = super::plan::RESID_RING + 3;
 /// two layers' gate/up through the host), two steps each (the second reuses the rings and the
 /// events), each against keeping every layer; three again with the MLP in tiles of 24 rows (the
 /// batch's 64 in three), against keeping every layer with the same tiles (tiles change the
-/// GEMMs' row counts, so their rounding).
+/// GEMMs' row counts, so their rounding); then as if host memory were short (at most one and
+/// no residual through the host: the layers above the ring keep theirs on the GPU).
 fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), String> {
     let mut config = ModelConfig::from_file(&fixture_dir(arch).join("config.json"))
         .map_err(|e| e.to_string())?;
@@ -477,22 +483,29 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
     };
     let one_tile = keep_all(super::plan::MLP_TILE_ROWS)?;
     let tiles = keep_all(24)?;
+    const ALL: usize = usize::MAX;
     let runs = [
-        (false, 0, 0, None),
-        (false, 0, 0, None),
-        (true, 0, 0, None),
-        (true, 0, 0, None),
-        (true, 3, 0, None),
-        (true, 3, 0, None),
-        (false, OFFLOAD_LAYERS, 0, None),
-        (false, 0, 3, None),
-        (false, 0, 3, None),
-        (false, 2, OFFLOAD_LAYERS, None),
-        (true, 3, 0, Some(24)),
-        (false, OFFLOAD_LAYERS, 0, Some(24)),
-        (false, 0, 3, Some(24)),
+        (false, 0, 0, None, ALL),
+        (false, 0, 0, None, ALL),
+        (true, 0, 0, None, ALL),
+        (true, 0, 0, None, ALL),
+        (true, 3, 0, None, ALL),
+        (true, 3, 0, None, ALL),
+        (false, OFFLOAD_LAYERS, 0, None, ALL),
+        (false, 0, 3, None, ALL),
+        (false, 0, 3, None, ALL),
+        (false, 2, OFFLOAD_LAYERS, None, ALL),
+        (true, 3, 0, Some(24), ALL),
+        (false, OFFLOAD_LAYERS, 0, Some(24), ALL),
+        (false, 0, 3, Some(24), ALL),
+        // host memory short: the lowest residual travels, the ring's three stay in their
+        // slots, the two above in buffers of their own (no attention checkpoint travels)
+        (true, 0, 0, None, 1),
+        (true, 0, 0, None, 1),
+        // none travels: the ring's three, two above
+        (false, 0, 0, Some(24), 0),
     ];
-    for (qkv, gate_up, resident_qkv, tile) in runs {
+    for (qkv, gate_up, resident_qkv, tile, resid_travel) in runs {
         let (name, want) = match tile {
             Some(t) => (
                 format!("{arch} x{OFFLOAD_LAYERS}, MLP tiles of {t}"),
@@ -511,6 +524,7 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
                 qkv,
                 gate_up,
                 resident_qkv,
+                resid_travel,
             },
             (want.0, &want.1),
             &name,
@@ -555,6 +569,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
                 qkv: false,
                 gate_up: GateUp::Layers(0),
                 resident_qkv: 0,
+                resid_travel: usize::MAX,
             },
         ),
         (
@@ -563,6 +578,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
                 qkv: false,
                 gate_up: GateUp::Layers(0),
                 resident_qkv: 1,
+                resid_travel: usize::MAX,
             },
         ),
         (
@@ -571,6 +587,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
                 qkv: true,
                 gate_up: GateUp::Layers(0),
                 resident_qkv: 0,
+                resid_travel: usize::MAX,
             },
         ),
         (
@@ -579,6 +596,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
                 qkv: true,
                 gate_up: GateUp::Layers(2),
                 resident_qkv: 0,
+                resid_travel: usize::MAX,
             },
         ),
     ];
