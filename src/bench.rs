@@ -17,7 +17,8 @@
 //! recomputes only q, k, v and the MLP.
 use clap::Args;
 use ftrt_models::llama::gpu::{
-    flop_estimate, init_adapter, GpuLlama, GpuSteps, KeepBf16, RESIDENT_QKV_LAYERS_ENV,
+    flop_estimate, init_adapter, GpuLlama, GpuSteps, KeepBf16, RESIDENT_ATTENTION_LAYERS_ENV,
+    RESIDENT_QKV_LAYERS_ENV,
 };
 use ftrt_models::llama::{generate_with, Batch, Proj, SamplingParams};
 use ftrt_models::ModelConfig;
@@ -367,6 +368,12 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     if let Some(budget) = auto_budget.filter(|_| std::env::var(RESIDENT_QKV_LAYERS_ENV).is_err()) {
         model.set_resident_qkv(model.resident_qkv_for_budget(budget));
     }
+    if let Ok(k) = std::env::var(RESIDENT_ATTENTION_LAYERS_ENV) {
+        let k = k.parse().map_err(|_| {
+            format!("{RESIDENT_ATTENTION_LAYERS_ENV}={k:?}: a number of recomputed layers")
+        })?;
+        model.set_resident_attention(k);
+    }
     let recomputed = layers - model.kept_layers();
     let (batch, targets) = random_batch(a.batch, a.seq, model.dims.vocab, BATCH_SEED);
     let mut losses = Vec::with_capacity(a.warmup.max(1) + a.steps);
@@ -417,7 +424,11 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     let (n_mat, n_lora, model_fpt, _) = flop_estimate(&model.dims, a.seq, a.lora_r, false);
     let (_, _, _, ckpt_fpt) = flop_estimate(&model.dims, a.seq, a.lora_r, true);
     // Recomputed layers count one layer forward each, as hf_baseline.py counts its recompute.
-    let hw_fpt = model_fpt + (ckpt_fpt - model_fpt) * recomputed as f64 / layers as f64;
+    // Resident attention outputs spare their layers' attention forward in the recompute.
+    let resident_attention = model.resident_attention_layers();
+    let attn_fwd_fpt = 2.0 * a.seq as f64 * model.dims.q_dim() as f64;
+    let hw_fpt = model_fpt + (ckpt_fpt - model_fpt) * recomputed as f64 / layers as f64
+        - resident_attention.len() as f64 * attn_fwd_fpt;
     let peak = a.peak_tflops * 1e12;
     let mfu = model_fpt * tok_s / peak;
     let hfu = hw_fpt * tok_s / peak;
@@ -453,6 +464,12 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
             resident_qkv.len()
         ));
     }
+    if !resident_attention.is_empty() {
+        carried.push(format!(
+            "attention outputs of {} layers kept on the GPU",
+            resident_attention.len()
+        ));
+    }
     let checkpoints = match carried.is_empty() {
         true => "checkpoints".to_string(),
         false => format!("checkpoints ({})", carried.join("; ")),
@@ -471,7 +488,7 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     let json = serde_json::json!({
         "bench": "ftrt", "model": a.preset, "mode": a.mode, "optim": "adamw", "lora_r": a.lora_r,
         "kept_bf16": a.llm_int8_skip_modules, "grad_ckpt": recomputed > 0, "recomputed_layers": recomputed,
-        "offload_residuals": a.offload_residuals, "checkpoint_qkv": qkv, "gate_up_layers": gate_up, "resident_qkv_layers": resident_qkv, "offload_embeddings": a.offload_embeddings, "gpu": name, "attention": attention,
+        "offload_residuals": a.offload_residuals, "checkpoint_qkv": qkv, "gate_up_layers": gate_up, "resident_qkv_layers": resident_qkv, "resident_attention_layers": resident_attention, "offload_embeddings": a.offload_embeddings, "gpu": name, "attention": attention,
         "gemm_autotune": std::env::var(ftrt_runtime::gemm::cublaslt::AUTOTUNE_ENV).is_ok_and(|v| v == "1"),
         "setup_s": (setup_s * 10.0).round() / 10.0,
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "warmup": a.warmup, "status": "ok",

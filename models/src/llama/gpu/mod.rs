@@ -79,8 +79,12 @@ pub const CHECKPOINT_QKV_ENV: &str = "FTRT_CHECKPOINT_QKV";
 pub const GATE_UP_LAYERS_ENV: &str = "FTRT_GATE_UP_LAYERS";
 
 /// How many recomputed layers keep their q, k and v on the GPU when the checkpoints travel
-/// without them ([`plan::resident_qkv_layers`]; see [`GpuLlama::set_offload_residuals`]).
+/// without them ([`plan::below_top_layers`]; see [`GpuLlama::set_offload_residuals`]).
 pub const RESIDENT_QKV_LAYERS_ENV: &str = "FTRT_RESIDENT_QKV_LAYERS";
+
+/// How many recomputed layers keep their attention output and lse on the GPU in `ftrt bench`
+/// (see [`GpuLlama::set_resident_attention`]).
+pub const RESIDENT_ATTENTION_LAYERS_ENV: &str = "FTRT_RESIDENT_ATTENTION_LAYERS";
 
 /// Errors of the GPU model are one-line strings (context + cause).
 pub type GpuResult<T> = Result<T, String>;
@@ -313,9 +317,12 @@ struct Acts {
     /// q/k/v's x A^T): the backward then recomputes no projection of the attention half.
     qkv_in_checkpoint: bool,
     /// The recomputed layers whose q, k, v (and x A^T, and what the q/k norms read) have device
-    /// buffers of their own ([`plan::resident_qkv_layers`]): their backward does not recompute
+    /// buffers of their own ([`plan::below_top_layers`]): their backward does not recompute
     /// them either.
     resident_qkv: Vec<usize>,
+    /// The recomputed layers whose attention output and lse have device buffers of their own
+    /// ([`GpuLlama::set_resident_attention`]): their recompute runs no attention kernel.
+    resident_attention: Vec<usize>,
     _held: Held,
 }
 
@@ -391,6 +398,9 @@ pub struct GpuLlama<'g> {
     offload: plan::Offload,
     /// Rows per MLP tile ([`plan::MLP_TILE_ROWS`] unless set for tests).
     mlp_tile_rows: usize,
+    /// Recomputed layers that keep their attention output and lse on the device
+    /// ([`Self::set_resident_attention`]).
+    resident_attention: usize,
     lora: Option<GpuLora>,
     acts: Option<Acts>,
     /// The batch of the last forward (its token count and cu_seqlens).
@@ -676,6 +686,7 @@ impl<'g> GpuLlama<'g> {
             kept_layers: dims.layers,
             offload: plan::Offload::Off,
             mlp_tile_rows: plan::MLP_TILE_ROWS,
+            resident_attention: 0,
             lora: None,
             acts: None,
             last: None,
@@ -887,7 +898,7 @@ impl<'g> GpuLlama<'g> {
     }
 
     /// With checkpoint offload whose checkpoints travel without q, k, v: the most recomputed
-    /// layers ([`plan::resident_qkv_layers`]) whose q, k, v fit next to everything else when
+    /// layers ([`plan::below_top_layers`]) whose q, k, v fit next to everything else when
     /// the model may hold `budget` bytes in all (as [`Self::kept_layers_for_budget`] counts
     /// them, for the kept layers set now); 0 otherwise. `--keep-layers auto` spends what whole
     /// layers leave of the budget on them.
@@ -939,11 +950,33 @@ impl<'g> GpuLlama<'g> {
     }
 
     /// The recomputed layers whose q, k, v stay on the GPU in the allocated activations (see
-    /// [`plan::resident_qkv_layers`]; none before the first batch).
+    /// [`plan::below_top_layers`]; none before the first batch).
     pub fn resident_qkv_layers(&self) -> Vec<usize> {
         self.acts
             .as_ref()
             .map_or(Vec::new(), |a| a.resident_qkv.clone())
+    }
+
+    /// How many recomputed layers keep their attention output (N, Hq D) and log-sum-exp on the
+    /// device from the forward to their backward, whose recompute then runs no attention
+    /// kernel: the highest below the highest recomputed layer ([`plan::below_top_layers`]; it
+    /// recomputes nothing anyway). For long sequences whose attention checkpoints do not fit
+    /// the host (the 8B at 262k tokens: 2 GiB a layer against ~1 s of attention forward);
+    /// with any, no attention checkpoint travels. [`RESIDENT_ATTENTION_LAYERS_ENV`] sets it
+    /// in `ftrt bench`. Changing it frees the activation buffers.
+    pub fn set_resident_attention(&mut self, layers: usize) {
+        if layers != self.resident_attention {
+            self.resident_attention = layers;
+            self.acts = None;
+        }
+    }
+
+    /// The recomputed layers whose attention output and lse stay on the GPU in the allocated
+    /// activations (see [`Self::set_resident_attention`]; none before the first batch).
+    pub fn resident_attention_layers(&self) -> Vec<usize> {
+        self.acts
+            .as_ref()
+            .map_or(Vec::new(), |a| a.resident_attention.clone())
     }
 
     /// [`Self::set_offload_residuals`] with the checkpoints' q, k, v chosen by the caller.
@@ -1009,8 +1042,9 @@ impl<'g> GpuLlama<'g> {
     /// checkpoints as `offload` says.
     fn planned_activation_bytes(&self, offload: plan::Offload) -> usize {
         let (qk, widths) = (self.config.qk_norm, self.stack_widths());
+        let (kept, attention) = (self.kept_layers, self.resident_attention);
         self.act_sizes()
-            .bytes(&self.dims, qk, widths, self.kept_layers, offload)
+            .bytes(&self.dims, qk, widths, kept, offload, attention)
     }
 
     /// Adapted projections in each input group's widest stack (the (N, r) x A^T buffers of a
@@ -1339,11 +1373,16 @@ impl<'g> GpuLlama<'g> {
         };
         let ring = match offloading {
             false => None,
+            true if self.resident_attention > 0 => None,
             true if wants_qkv && fits(true) => Some(true),
             true if fits(false) => Some(false),
             true => None,
         };
-        if offloading && resid_members.len() == m && ring != Some(wants_qkv) {
+        if offloading
+            && resid_members.len() == m
+            && self.resident_attention == 0
+            && ring != Some(wants_qkv)
+        {
             let attn_host = attn_host(wants_qkv);
             eprintln!(
                 "note: the attention checkpoints of {m} recomputed layers {}: with the residuals they would pin {:.1} GiB of host memory, more than half of the {:.1} GiB available",
@@ -1447,7 +1486,7 @@ impl<'g> GpuLlama<'g> {
         // Recomputed layers that keep q, k, v (and what the backward reads with them) in
         // buffers of their own, when the checkpoints travel without them.
         let resident_qkv = match ring {
-            Some(false) if !wants_qkv => plan::resident_qkv_layers(&recomputed, wants_resident),
+            Some(false) if !wants_qkv => plan::below_top_layers(&recomputed, wants_resident),
             _ => Vec::new(),
         };
         for &l in &resident_qkv {
@@ -1464,6 +1503,16 @@ impl<'g> GpuLlama<'g> {
                 la.q_rstd = h.alloc(gpu, n * d.heads)?;
                 la.k_rstd = h.alloc(gpu, n * d.kv_heads)?;
             }
+        }
+        // Recomputed layers whose attention output and lse stay in buffers of their own.
+        let resident_attention = match ring {
+            None => plan::below_top_layers(&recomputed, self.resident_attention),
+            Some(_) => Vec::new(),
+        };
+        for &l in &resident_attention {
+            let la = &mut layers[l];
+            la.att = h.alloc(gpu, s.nq)?;
+            la.lse = h.alloc(gpu, s.lse)?;
         }
         let gate_up_offload = match gate_up_layers.is_empty() {
             true => None,
@@ -1548,6 +1597,7 @@ impl<'g> GpuLlama<'g> {
             gate_up_offload,
             qkv_in_checkpoint: ring == Some(true),
             resident_qkv,
+            resident_attention,
             _held: h,
         };
         self.acts = Some(acts);
@@ -1828,6 +1878,8 @@ impl<'g> GpuLlama<'g> {
         let la = &a.layers[l];
         self.attention_inputs(a, l, n)?;
         match pass {
+            // a resident attention output and lse are still there from the forward
+            Pass::Recompute if a.resident_attention.contains(&l) => {}
             Pass::Train | Pass::Recompute => self.attn_forward(a, la, n, s)?,
             Pass::Prefill(cache) => {
                 cache.store(gpu, l, n, a.pos, la.k, la.v)?;

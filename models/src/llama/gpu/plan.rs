@@ -55,7 +55,7 @@ pub enum Offload {
     /// Input residuals and attention checkpoints ([`attention_checkpoint`], with q, k and v
     /// when `qkv`) live in device rings and travel through pinned host memory; so do the gate
     /// and up outputs of the layers [`gate_up_layers`] picks. Without `qkv`, the q, k and v of
-    /// [`resident_qkv_layers`]`(.., resident_qkv)` stay on the device instead of being
+    /// [`below_top_layers`]`(.., resident_qkv)` stay on the device instead of being
     /// recomputed. At most `resid_travel` input residuals travel ([`resid_members`]; the
     /// host's memory sets it, [`resid_travel_cap`]): when fewer than all, the higher layers'
     /// stay in device buffers of their own and the attention checkpoints do not travel.
@@ -84,19 +84,28 @@ pub fn resid_members(recomputed: usize, n: usize, travel: usize) -> usize {
     recomputed.min(travel.saturating_add(resid_ring(recomputed, n)))
 }
 
-/// The recomputed layers (`recomputed`, ascending) whose q, k and v (after norm and RoPE; with
-/// q/k norms also the norms' inputs and rstds) and q/k/v's x A^T stay in device buffers of
-/// their own, when the attention checkpoints travel without them: the backward then recomputes
-/// no projection of their attention half. The `count` highest below the highest recomputed
-/// layer (whose forward's shared buffers still hold its own), ascending. Memory is the
-/// limit: [`resident_qkv_bytes`] a layer, which `--keep-layers auto` spends after whole layers
-/// (the 1B at 8 x 2048: 100 MB a layer against ~0.5 ms of recompute).
-pub fn resident_qkv_layers(recomputed: &[usize], count: usize) -> Vec<usize> {
+/// The recomputed layers (`recomputed`, ascending) that keep some of their forward's tensors
+/// in device buffers of their own: the `count` highest below the highest recomputed layer
+/// (whose forward's shared buffers still hold its own), ascending. They keep
+/// - q, k and v (after norm and RoPE; with q/k norms also the norms' inputs and rstds) and
+///   q/k/v's x A^T, when the attention checkpoints travel without them: the backward then
+///   recomputes no projection of their attention half. Memory is the limit:
+///   [`resident_qkv_bytes`] a layer, which `--keep-layers auto` spends after whole layers (the
+///   1B at 8 x 2048: 100 MB a layer against ~0.5 ms of recompute);
+/// - or the attention output and log-sum-exp, when no attention checkpoint travels
+///   ([`resident_attention_bytes`]): the backward's recompute then runs no attention kernel.
+pub fn below_top_layers(recomputed: &[usize], count: usize) -> Vec<usize> {
     let below_top = recomputed.len().saturating_sub(1);
     recomputed[below_top.saturating_sub(count)..below_top].to_vec()
 }
 
-/// Device bytes of one layer [`resident_qkv_layers`] keeps: q, k, v, the q/k/v stack's x A^T
+/// Device bytes of the attention output (bf16 (Hq D)) and log-sum-exp (f32 per query head) of
+/// one layer [`below_top_layers`] keeps, each buffer at least 256 bytes, as allocated.
+pub fn resident_attention_bytes(d: &Dims, n: usize) -> usize {
+    (2 * n * d.q_dim()).max(256) + (4 * n * d.heads).max(256)
+}
+
+/// Device bytes of one layer [`below_top_layers`] keeps: q, k, v, the q/k/v stack's x A^T
 /// (`xa_qkv` columns) and, with q/k norms, their inputs and f32 rstds; each buffer at least
 /// 256 bytes, as allocated.
 pub fn resident_qkv_bytes(d: &Dims, n: usize, qk_norm: bool, xa_qkv: usize) -> usize {
@@ -558,7 +567,9 @@ impl ActSizes {
     /// memory is short, see [`pinned_rows_fit`]; only the ring's members' residuals
     /// ([`resid_members`]), and no attention ring when they are not every recomputed layer),
     /// with `widths[g]` adapted projections
-    /// in input group g's widest stack ([`Proj::INPUT_GROUPS`]): per-layer saved tensors,
+    /// in input group g's widest stack ([`Proj::INPUT_GROUPS`]), and the attention output and
+    /// log-sum-exp of `resident_attention` recomputed layers ([`below_top_layers`]) in buffers
+    /// of their own (then no attention checkpoint travels): per-layer saved tensors,
     /// residual streams and rstds, norm outputs, and the shared scratch.
     pub fn bytes(
         &self,
@@ -567,6 +578,7 @@ impl ActSizes {
         widths: [usize; 4],
         kept: usize,
         offload: Offload,
+        resident_attention: usize,
     ) -> usize {
         let b = 2usize;
         let kept = kept.min(d.layers);
@@ -595,6 +607,7 @@ impl ActSizes {
                 resident_qkv,
                 resid_travel,
             } if recomputed > 0
+                && resident_attention == 0
                 && resid_members(recomputed, self.n, resid_travel) == recomputed =>
             {
                 let r = self.nr / self.n.max(1);
@@ -617,7 +630,7 @@ impl ActSizes {
                     true => 0,
                     false => {
                         let layers: Vec<usize> = (0..recomputed).collect();
-                        resident_qkv_layers(&layers, resident_qkv).len()
+                        below_top_layers(&layers, resident_qkv).len()
                             * resident_qkv_bytes(
                                 d,
                                 self.n,
@@ -651,14 +664,23 @@ impl ActSizes {
             + self.attn_scratch
             + 4 * (6 * self.n)
             + 4 * (self.n + 1);
-        kept * per_layer(self.n) + shared * per_layer(self.mlp_rows) + attn_ring + streams + scratch
+        let layers: Vec<usize> = (0..recomputed).collect();
+        let resident_attention = below_top_layers(&layers, resident_attention).len()
+            * resident_attention_bytes(d, self.n);
+        kept * per_layer(self.n)
+            + shared * per_layer(self.mlp_rows)
+            + attn_ring
+            + resident_attention
+            + streams
+            + scratch
     }
 }
 
 /// The most layers whose activations fit: the largest `kept` in 0..=L whose activation bytes
 /// (`n` tokens, rank `r`, [`logit_budget`] chunks, stack widths `widths`, the recomputed
-/// layers' checkpoints as `offload` says; see [`ActSizes::bytes`]) are at most `budget` (what is left once weights and LoRA state are placed);
-/// `None` when even recomputing every layer does not fit.
+/// layers' checkpoints as `offload` says, no resident attention; see [`ActSizes::bytes`]) are
+/// at most `budget` (what is left once weights and LoRA state are placed); `None` when even
+/// recomputing every layer does not fit.
 pub fn kept_layers_within(
     d: &Dims,
     n: usize,
@@ -669,8 +691,8 @@ pub fn kept_layers_within(
     budget: usize,
 ) -> Option<usize> {
     (0..=d.layers).rev().find(|&k| {
-        ActSizes::new(d, n, r, logit_budget(k, d.layers)).bytes(d, qk_norm, widths, k, offload)
-            <= budget
+        let s = ActSizes::new(d, n, r, logit_budget(k, d.layers));
+        s.bytes(d, qk_norm, widths, k, offload, 0) <= budget
     })
 }
 
@@ -924,7 +946,7 @@ mod tests {
             (s.head_dim_pad, s.nq_pad, s.nkv_pad),
             (64, 10 * 4 * 64, 10 * 2 * 64)
         );
-        assert!(s.bytes(&dims(), false, ALL, 2, Offload::Off) > 0);
+        assert!(s.bytes(&dims(), false, ALL, 2, Offload::Off, 0) > 0);
     }
 
     #[test]
@@ -932,7 +954,7 @@ mod tests {
         // A vocabulary small enough that both logit budgets hold every row.
         let (d, s) = six_layers();
         let by_kept: Vec<usize> = (0..=6)
-            .map(|k| s.bytes(&d, false, ALL, k, Offload::Off))
+            .map(|k| s.bytes(&d, false, ALL, k, Offload::Off, 0))
             .collect();
         // Each kept layer replaces its share of the one shared set by its own buffers (saved
         // tensors + input norm output); keeping L - 1 layers needs as much as keeping all.
@@ -971,16 +993,16 @@ mod tests {
         let scratch_saved = 2 * 3 * (full.ni - tiled.ti);
         let shared_saved = scratch_saved + 2 * (full.nc - 100 * d.hidden);
         for k in 0..6 {
-            let diff = full.bytes(&d, false, ALL, k, Offload::Off)
-                - tiled.bytes(&d, false, ALL, k, Offload::Off);
+            let diff = full.bytes(&d, false, ALL, k, Offload::Off, 0)
+                - tiled.bytes(&d, false, ALL, k, Offload::Off, 0);
             assert_eq!(diff, shared_saved + scratch_saved, "kept {k}");
         }
-        let all = full.bytes(&d, false, ALL, 6, Offload::Off)
-            - tiled.bytes(&d, false, ALL, 6, Offload::Off);
+        let all = full.bytes(&d, false, ALL, 6, Offload::Off, 0)
+            - tiled.bytes(&d, false, ALL, 6, Offload::Off, 0);
         assert_eq!(all, scratch_saved);
         // The last kept layer now costs its full ln2 and MLP over the shared set's tile.
-        let step = tiled.bytes(&d, false, ALL, 6, Offload::Off)
-            - tiled.bytes(&d, false, ALL, 5, Offload::Off);
+        let step = tiled.bytes(&d, false, ALL, 6, Offload::Off, 0)
+            - tiled.bytes(&d, false, ALL, 5, Offload::Off, 0);
         assert_eq!(step, shared_saved);
     }
 
@@ -1016,8 +1038,8 @@ mod tests {
             // The ring replaces the recomputed layers' residual buffers once there are more of
             // them than slots; resid[L] and the kept layers' inputs stay. The attention
             // checkpoints take a ring of their own.
-            let off = s.bytes(&d, false, ALL, k, LEAN) as i64;
-            let on_device = s.bytes(&d, false, ALL, k, Offload::Off) as i64;
+            let off = s.bytes(&d, false, ALL, k, LEAN, 0) as i64;
+            let on_device = s.bytes(&d, false, ALL, k, Offload::Off, 0) as i64;
             let attn_ring = if recomputed > 0 {
                 (resid_ring(recomputed, 512) * slot - ckpt) as i64
             } else {
@@ -1045,11 +1067,30 @@ mod tests {
             layers: 16,
             ..dims()
         };
-        let lean = s.bytes(&d, false, ALL, 0, LEAN);
+        let lean = s.bytes(&d, false, ALL, 0, LEAN, 0);
         let within = |offload, budget| kept_layers_within(&d, 512, 8, false, ALL, offload, budget);
         assert_eq!(within(Offload::Off, lean), None);
         assert_eq!(within(LEAN, lean), Some(0));
         assert_eq!(within(LEAN, usize::MAX), Some(16));
+    }
+
+    #[test]
+    fn resident_attention_outputs_add_their_buffers_and_no_attention_ring() {
+        let (d, s) = six_layers();
+        let one = resident_attention_bytes(&d, 512);
+        assert_eq!(one, 2 * s.nq + 4 * s.lse);
+        let bytes = |offload, k| s.bytes(&d, false, ALL, 0, offload, k) as i64;
+        for k in 0..=7 {
+            // every layer below the highest recomputed one at most (five of six)
+            let kept = k.min(5) as i64 * one as i64;
+            assert_eq!(bytes(Offload::Off, k) - bytes(Offload::Off, 0), kept, "{k}");
+            if k > 0 {
+                // with checkpoint offload, no attention ring: only the travelling residuals'
+                // buffers differ from no offload
+                let resid_saved = ((6 - RESID_RING) * 2 * s.nc) as i64;
+                assert_eq!(bytes(Offload::Off, k) - bytes(LEAN, k), resid_saved, "{k}");
+            }
+        }
     }
 
     #[test]
@@ -1070,12 +1111,12 @@ mod tests {
         // six recomputed layers, fewer than the ring's three may travel: the ring takes the
         // lowest t + 3, the layers above keep their residuals, no attention checkpoint
         // travels; against no offload at all, only the travelling residuals' buffers go
-        let off = s.bytes(&d, false, ALL, 0, Offload::Off);
+        let off = s.bytes(&d, false, ALL, 0, Offload::Off, 0);
         for t in 0..RESID_RING {
             assert_eq!(resid_members(6, 512, t), t + RESID_RING);
             assert_eq!(device_residuals(6, 0, travel(t), 512), 7 - t);
             assert_eq!(
-                off - s.bytes(&d, false, ALL, 0, travel(t)),
+                off - s.bytes(&d, false, ALL, 0, travel(t), 0),
                 t * resid,
                 "{t}"
             );
@@ -1083,8 +1124,8 @@ mod tests {
         // three or more: every recomputed layer is a member, as without a cap
         for t in [RESID_RING, RESID_RING + 1, usize::MAX] {
             assert_eq!(resid_members(6, 512, t), 6);
-            let lean = s.bytes(&d, false, ALL, 0, LEAN);
-            assert_eq!(s.bytes(&d, false, ALL, 0, travel(t)), lean);
+            let lean = s.bytes(&d, false, ALL, 0, LEAN, 0);
+            assert_eq!(s.bytes(&d, false, ALL, 0, travel(t), 0), lean);
         }
         // two kept layers: four recomputed, the cap counts among them
         assert_eq!(resid_members(4, 512, 0), RESID_RING);
@@ -1110,7 +1151,7 @@ mod tests {
         };
         assert_eq!(device_residuals(32, 0, offload, n), 18);
         let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
-        let bytes = s.bytes(&LLAMA_8B, false, ALL, 0, offload) as u64;
+        let bytes = s.bytes(&LLAMA_8B, false, ALL, 0, offload, 0) as u64;
         assert!(bytes < 130 * gib, "{:.1} GiB", bytes as f64 / gib as f64);
     }
 
@@ -1133,8 +1174,8 @@ mod tests {
             let slot: usize = moved.iter().map(|x| x.next_multiple_of(256)).sum();
             let once: usize = moved.iter().sum();
             for k in 0..=6 {
-                let grow =
-                    s.bytes(&d, qk, ALL, k, with) as i64 - s.bytes(&d, qk, ALL, k, LEAN) as i64;
+                let grow = s.bytes(&d, qk, ALL, k, with, 0) as i64
+                    - s.bytes(&d, qk, ALL, k, LEAN, 0) as i64;
                 let want = if k < 6 {
                     (resid_ring(6 - k, 512) * slot) as i64 - once as i64
                 } else {
@@ -1190,18 +1231,19 @@ mod tests {
         };
         let slot = 2 * (2 * s.n * d.intermediate).next_multiple_of(256);
         for k in 1..=3 {
-            let grow = s.bytes(&d, false, ALL, 0, gate_up(k)) - s.bytes(&d, false, ALL, 0, LEAN);
+            let grow =
+                s.bytes(&d, false, ALL, 0, gate_up(k), 0) - s.bytes(&d, false, ALL, 0, LEAN, 0);
             assert_eq!(grow, slot, "{k} layers");
         }
     }
 
     #[test]
     fn resident_q_k_v_stay_below_the_highest_recomputed_layer_and_add_their_buffers() {
-        assert_eq!(resident_qkv_layers(&[0, 1, 2, 3, 4, 5], 2), vec![3, 4]);
-        assert_eq!(resident_qkv_layers(&[0, 1, 2], 9), vec![0, 1]);
-        assert!(resident_qkv_layers(&[0, 1, 2], 0).is_empty());
-        assert!(resident_qkv_layers(&[4], 3).is_empty());
-        assert!(resident_qkv_layers(&[], 3).is_empty());
+        assert_eq!(below_top_layers(&[0, 1, 2, 3, 4, 5], 2), vec![3, 4]);
+        assert_eq!(below_top_layers(&[0, 1, 2], 9), vec![0, 1]);
+        assert!(below_top_layers(&[0, 1, 2], 0).is_empty());
+        assert!(below_top_layers(&[4], 3).is_empty());
+        assert!(below_top_layers(&[], 3).is_empty());
         let (d, s) = six_layers();
         let offload = |qkv, k| Offload::Checkpoints {
             qkv,
@@ -1219,16 +1261,16 @@ mod tests {
             let per_layer: usize = bufs.iter().map(|&b| b.max(256)).sum();
             assert_eq!(resident_qkv_bytes(&d, s.n, qk, 3 * 8), per_layer);
             for kept in 0..=6 {
-                let base = s.bytes(&d, qk, ALL, kept, LEAN);
+                let base = s.bytes(&d, qk, ALL, kept, LEAN, 0);
                 for k in 0..=7 {
-                    let grow = s.bytes(&d, qk, ALL, kept, offload(false, k)) - base;
+                    let grow = s.bytes(&d, qk, ALL, kept, offload(false, k), 0) - base;
                     let resident = k.min((6 - kept).saturating_sub(1));
                     assert_eq!(grow, resident * per_layer, "qk {qk} kept {kept} asked {k}");
                 }
                 // checkpoints that carry q, k, v keep none resident
                 assert_eq!(
-                    s.bytes(&d, qk, ALL, kept, offload(true, 4)),
-                    s.bytes(&d, qk, ALL, kept, offload(true, 0))
+                    s.bytes(&d, qk, ALL, kept, offload(true, 4), 0),
+                    s.bytes(&d, qk, ALL, kept, offload(true, 0), 0)
                 );
             }
         }

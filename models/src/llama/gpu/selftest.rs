@@ -455,7 +455,8 @@ const OFFLOAD_LAYERS: usize = super::plan::RESID_RING + 3;
 /// events), each against keeping every layer; three again with the MLP in tiles of 24 rows (the
 /// batch's 64 in three), against keeping every layer with the same tiles (tiles change the
 /// GEMMs' row counts, so their rounding); then as if host memory were short (at most one and
-/// no residual through the host: the layers above the ring keep theirs on the GPU).
+/// no residual through the host: the layers above the ring keep theirs on the GPU); then with
+/// the attention outputs of two layers, and of every layer below the top, kept on the GPU.
 fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), String> {
     let mut config = ModelConfig::from_file(&fixture_dir(arch).join("config.json"))
         .map_err(|e| e.to_string())?;
@@ -531,6 +532,28 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
             rows,
         )?;
     }
+    // Attention outputs kept on the GPU: of two layers with the residuals through the host
+    // (then no attention checkpoint travels), of every layer below the top without offload.
+    g.set_mlp_tile_rows(super::plan::MLP_TILE_ROWS);
+    let lean = Offload::Checkpoints {
+        qkv: true,
+        gate_up: GateUp::Layers(0),
+        resident_qkv: 0,
+        resid_travel: usize::MAX,
+    };
+    for (offload, k) in [(lean, 2), (lean, 2), (Offload::Off, OFFLOAD_LAYERS)] {
+        g.set_resident_attention(k);
+        let name = format!("{arch} x{OFFLOAD_LAYERS}, attention outputs of {k} layers kept");
+        let want = (one_tile.0, &one_tile.1);
+        recompute_row(&mut g, &batch, &targets, 0, offload, want, &name, rows)?;
+        let kept = g.resident_attention_layers().len();
+        if kept != k.min(OFFLOAD_LAYERS - 1) {
+            return Err(format!(
+                "{name}: {kept} layers kept their attention outputs"
+            ));
+        }
+    }
+    g.set_resident_attention(0);
     Ok(())
 }
 
