@@ -14,7 +14,10 @@
 //! `--offload-residuals` moves the recomputed layers' checkpoints (input residual; attention
 //! output, its log-sum-exp and the post-attention residual) to pinned host memory between
 //! forward and backward (rings of device buffers instead of one per layer): the backward then
-//! recomputes only q, k, v and the MLP.
+//! recomputes only q, k, v and the MLP. Where the host cannot hold those checkpoints (long
+//! sequences) the attention is recomputed too, unless `FTRT_RESIDENT_ATTENTION_LAYERS=k` keeps
+//! k recomputed layers' attention outputs on the GPU (HFU then counts no attention forward
+//! for them): the 8B at one 262k sequence, k = 31, 97.9 GiB against the lean 34.9.
 use clap::Args;
 use ftrt_models::llama::gpu::{
     flop_estimate, init_adapter, GpuLlama, GpuSteps, KeepBf16, RESIDENT_ATTENTION_LAYERS_ENV,
