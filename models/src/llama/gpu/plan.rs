@@ -559,18 +559,19 @@ impl ActSizes {
     }
 
     /// Bytes of every buffer [`super::GpuLlama`] allocates on the device for activations
-    /// (weights, LoRA state and pinned host memory excluded) when it keeps the activations of
-    /// `kept` of the `d.layers` layers and recomputes the others (one shared set of per-layer
-    /// buffers for them, its MLP buffers one tile's; with `offload`, their input residuals and
-    /// their attention checkpoints ([`attention_checkpoint`]) each in a ring of [`resid_ring`]
-    /// slots instead: the upper bound, as the checkpoints stay in the shared set when host
-    /// memory is short, see [`pinned_rows_fit`]; only the ring's members' residuals
-    /// ([`resid_members`]), and no attention ring when they are not every recomputed layer),
-    /// with `widths[g]` adapted projections
-    /// in input group g's widest stack ([`Proj::INPUT_GROUPS`]), and the attention output and
-    /// log-sum-exp of `resident_attention` recomputed layers ([`below_top_layers`]) in buffers
-    /// of their own (then no attention checkpoint travels): per-layer saved tensors,
-    /// residual streams and rstds, norm outputs, and the shared scratch.
+    /// (weights, LoRA state and pinned host memory excluded): per-layer saved tensors, residual
+    /// streams and rstds, norm outputs, and the shared scratch, when
+    /// - the last `kept` of the `d.layers` layers keep their activations and the others are
+    ///   recomputed (one shared set of per-layer buffers for them, its MLP buffers one tile's);
+    /// - with checkpoint `offload`, the residual ring's members ([`resid_members`]) keep their
+    ///   input residuals in a ring of [`resid_ring`] slots, and, when every recomputed layer is
+    ///   a member and no attention output is resident, their attention checkpoints
+    ///   ([`attention_checkpoint`]) take a ring too (the upper bound: they stay in the shared
+    ///   set when host memory is short, see [`pinned_rows_fit`]);
+    /// - `widths[g]` adapted projections are in input group g's widest stack
+    ///   ([`Proj::INPUT_GROUPS`]);
+    /// - `resident_attention` recomputed layers ([`below_top_layers`]) keep their attention
+    ///   output and log-sum-exp in buffers of their own.
     pub fn bytes(
         &self,
         d: &Dims,
