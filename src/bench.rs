@@ -20,8 +20,8 @@
 //! for them): the 8B at one 262k sequence, k = 31, 97.9 GiB against the lean 34.9.
 use clap::Args;
 use ftrt_models::llama::gpu::{
-    flop_estimate, init_adapter, GpuLlama, GpuSteps, KeepBf16, RESIDENT_ATTENTION_LAYERS_ENV,
-    RESIDENT_QKV_LAYERS_ENV,
+    attention_forward_flops, flop_estimate, init_adapter, GpuLlama, GpuSteps, KeepBf16,
+    RESIDENT_ATTENTION_LAYERS_ENV, RESIDENT_QKV_LAYERS_ENV,
 };
 use ftrt_models::llama::{generate_with, Batch, Proj, SamplingParams};
 use ftrt_models::ModelConfig;
@@ -429,7 +429,7 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     // Recomputed layers count one layer forward each, as hf_baseline.py counts its recompute.
     // Resident attention outputs spare their layers' attention forward in the recompute.
     let resident_attention = model.resident_attention_layers();
-    let attn_fwd_fpt = 2.0 * a.seq as f64 * model.dims.q_dim() as f64;
+    let attn_fwd_fpt = attention_forward_flops(&model.dims, a.seq);
     let hw_fpt = model_fpt + (ckpt_fpt - model_fpt) * recomputed as f64 / layers as f64
         - resident_attention.len() as f64 * attn_fwd_fpt;
     let peak = a.peak_tflops * 1e12;

@@ -66,7 +66,7 @@ use layer_offload::LayerOffload;
 use plan::ActSizes;
 
 pub use decode::{GpuKvCache, GpuSteps};
-pub use plan::{check_batch, flop_estimate, weight_layout, KeepBf16};
+pub use plan::{attention_forward_flops, check_batch, flop_estimate, weight_layout, KeepBf16};
 pub use selftest::selftest_model;
 pub use trainable::{Checkpointing, GpuPlacement, GpuTrainable};
 
@@ -867,8 +867,8 @@ impl<'g> GpuLlama<'g> {
     /// MLP tile ([`plan::gate_up_layers`]; `FTRT_GATE_UP_LAYERS=k` sets how many): their
     /// recompute runs no projection at all. Kept layers' activations and the last layer's
     /// output stay on the device; so do the input residuals of the recomputed layers above the
-    /// lowest [`plan::resid_travel_cap`] ones, when host memory holds no more (read now). Changing it frees the activation buffers (reallocated at the
-    /// next batch).
+    /// lowest [`plan::resid_travel_cap`] ones, when host memory holds no more (read now).
+    /// Changing it frees the activation buffers (reallocated at the next batch).
     pub fn set_offload_residuals(&mut self, on: bool) {
         let qkv = match std::env::var(CHECKPOINT_QKV_ENV).as_deref() {
             Ok("0") => false,
@@ -1440,7 +1440,7 @@ impl<'g> GpuLlama<'g> {
         ln.push(h.alloc(gpu, s.nc)?);
         let resid_offload = if offloading {
             let slots = plan::resid_ring(resid_members.len(), n);
-            let pieces = resid_row.to_vec();
+            let pieces = resid_row.into();
             Some(LayerOffload::new(
                 gpu,
                 &mut h,

@@ -837,6 +837,13 @@ pub fn pad_selector(d: usize, dp: usize) -> Vec<f32> {
     s
 }
 
+/// FLOPs per token of one layer's causal attention forward in sequences of `seq` tokens (the
+/// QK^T and PV products over the keys before each query: 2 seq (Hq D), as hf_baseline.py
+/// counts them).
+pub fn attention_forward_flops(d: &Dims, seq: usize) -> f64 {
+    2.0 * seq as f64 * d.q_dim() as f64
+}
+
 /// Hugging Face's FLOPs per trained token (hf_baseline.py's `flop_estimate`): returns
 /// (matmul params N + H, LoRA params P, model FLOPs/token, hardware FLOPs/token).
 pub fn flop_estimate(d: &Dims, seq: usize, r: usize, grad_ckpt: bool) -> (f64, f64, f64, f64) {
@@ -855,7 +862,7 @@ pub fn flop_estimate(d: &Dims, seq: usize, r: usize, grad_ckpt: bool) -> (f64, f
     let n_layers = nl * shapes.iter().map(|(a, b)| a * b).sum::<f64>();
     let n_head = d.vocab as f64 * c;
     let p = nl * shapes.iter().map(|(a, b)| r as f64 * (a + b)).sum::<f64>();
-    let attn = 2.0 * seq as f64 * nl * q_out;
+    let attn = nl * attention_forward_flops(d, seq);
     let fwd = 2.0 * (n_layers + n_head) + 2.0 * p + attn;
     let bwd = 2.0 * (n_layers + n_head) + 4.0 * p + 2.0 * attn;
     let rec = if grad_ckpt {
