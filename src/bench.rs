@@ -15,9 +15,11 @@
 //! output, its log-sum-exp and the post-attention residual) to pinned host memory between
 //! forward and backward (rings of device buffers instead of one per layer): the backward then
 //! recomputes only q, k, v and the MLP. Where the host cannot hold those checkpoints (long
-//! sequences) the attention is recomputed too, unless `FTRT_RESIDENT_ATTENTION_LAYERS=k` keeps
-//! k recomputed layers' attention outputs on the GPU (HFU then counts no attention forward
-//! for them): the 8B at one 262k sequence, k = 31, 97.9 GiB against the lean 34.9.
+//! sequences) only the attention outputs of the layers it can hold travel (the 8B at one 262k
+//! sequence: 23 of 32) and the other layers' attention is recomputed too, unless
+//! `FTRT_RESIDENT_ATTENTION_LAYERS=k` keeps k recomputed layers' attention outputs on the GPU
+//! (the 8B at 262k, k = 31: 97.9 GiB against the lean 34.9). HFU counts no attention forward
+//! for the layers whose outputs travel or stay.
 use clap::Args;
 use ftrt_models::llama::gpu::{
     attention_forward_flops, flop_estimate, init_adapter, GpuLlama, GpuSteps, KeepBf16,
@@ -427,11 +429,14 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     let (n_mat, n_lora, model_fpt, _) = flop_estimate(&model.dims, a.seq, a.lora_r, false);
     let (_, _, _, ckpt_fpt) = flop_estimate(&model.dims, a.seq, a.lora_r, true);
     // Recomputed layers count one layer forward each, as hf_baseline.py counts its recompute.
-    // Resident attention outputs spare their layers' attention forward in the recompute.
+    // Resident and travelling attention outputs spare their layers' attention forward in the
+    // recompute.
     let resident_attention = model.resident_attention_layers();
+    let outputs_offloaded = model.outputs_offloaded();
     let attn_fwd_fpt = attention_forward_flops(&model.dims, a.seq);
+    let spared = resident_attention.len() + outputs_offloaded.len();
     let hw_fpt = model_fpt + (ckpt_fpt - model_fpt) * recomputed as f64 / layers as f64
-        - resident_attention.len() as f64 * attn_fwd_fpt;
+        - spared as f64 * attn_fwd_fpt;
     let peak = a.peak_tflops * 1e12;
     let mfu = model_fpt * tok_s / peak;
     let hfu = hw_fpt * tok_s / peak;
@@ -467,6 +472,12 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
             resident_qkv.len()
         ));
     }
+    if !outputs_offloaded.is_empty() {
+        carried.push(format!(
+            "attention outputs of {} layers through the host",
+            outputs_offloaded.len()
+        ));
+    }
     if !resident_attention.is_empty() {
         carried.push(format!(
             "attention outputs of {} layers kept on the GPU",
@@ -491,7 +502,7 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     let json = serde_json::json!({
         "bench": "ftrt", "model": a.preset, "mode": a.mode, "optim": "adamw", "lora_r": a.lora_r,
         "kept_bf16": a.llm_int8_skip_modules, "grad_ckpt": recomputed > 0, "recomputed_layers": recomputed,
-        "offload_residuals": a.offload_residuals, "checkpoint_qkv": qkv, "gate_up_layers": gate_up, "resident_qkv_layers": resident_qkv, "resident_attention_layers": resident_attention, "offload_embeddings": a.offload_embeddings, "gpu": name, "attention": attention,
+        "offload_residuals": a.offload_residuals, "checkpoint_qkv": qkv, "gate_up_layers": gate_up, "resident_qkv_layers": resident_qkv, "resident_attention_layers": resident_attention, "outputs_offloaded": outputs_offloaded, "offload_embeddings": a.offload_embeddings, "gpu": name, "attention": attention,
         "gemm_autotune": std::env::var(ftrt_runtime::gemm::cublaslt::AUTOTUNE_ENV).is_ok_and(|v| v == "1"),
         "setup_s": (setup_s * 10.0).round() / 10.0,
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "warmup": a.warmup, "status": "ok",

@@ -6,8 +6,10 @@
 //! layer. A slot holds the set's tensors ("pieces") one after another, each sized
 //! for N tokens and starting on a 256-byte boundary; a batch of n tokens uses the first n
 //! tokens' bytes of each. The sets a later member overwrites in the forward (all but the last
-//! `slots` members) travel to pinned host memory and back; the last `slots` are still in their
-//! slots when the backward reaches them ("resident").
+//! `slots` members) travel to pinned host memory and back, at most the lowest `travel` of them
+//! (the attention outputs' ring: the host holds no more; the others' sets are lost and their
+//! backward recomputes them into the slot); the last `slots` are still in their slots when the
+//! backward reaches them ("resident").
 //!
 //! Streams and events (per slot s; kernels run on the compute stream `gpu.stream()`):
 //! - forward, after the compute stream wrote layer l's set into s: record `written[s]`
@@ -34,6 +36,7 @@ use ftrt_runtime::cudarc::driver::{sys, CudaEvent, CudaStream};
 use ftrt_runtime::offload::PinnedHostBuffer;
 use ftrt_runtime::{DevPtr, Gpu};
 
+use super::plan::piece_start;
 use super::{Ctx, GpuResult, Held};
 
 /// The ring, the pinned host rows, the copy streams and the events of the module doc.
@@ -42,11 +45,13 @@ pub(super) struct LayerOffload {
     members: Vec<usize>,
     /// Device slots of `slot_bytes` (owned by the activations' [`Held`]).
     slots: Vec<DevPtr<u8>>,
-    /// Token budget N; bytes per token of each piece (see [`Self::piece_start`]).
+    /// Token budget N; bytes per token of each piece ([`piece_start`]).
     n_max: usize,
     piece_bytes: Vec<usize>,
-    /// A row of `slot_bytes` per travelling member (all but the last `slots`): their sets
-    /// between forward and backward.
+    /// How many of the lowest members may travel.
+    travel: usize,
+    /// A row of `slot_bytes` per travelling member (all but the last `slots`, at most
+    /// `travel`): their sets between forward and backward.
     host: PinnedHostBuffer,
     d2h: Arc<CudaStream>,
     h2d: Arc<CudaStream>,
@@ -59,12 +64,12 @@ pub(super) struct LayerOffload {
 impl LayerOffload {
     /// Allocates a ring of `ring` slots (into `held`) for the sets of the layers `members`
     /// (ascending), each of pieces of `piece_bytes` bytes per token for `n_max` tokens, the
-    /// pinned host rows, two copy streams and the events.
+    /// pinned host rows of at most `travel` travelling members, two copy streams and the
+    /// events.
     pub(super) fn new(
         gpu: &Gpu,
         held: &mut Held,
-        members: Vec<usize>,
-        ring: usize,
+        (members, ring, travel): (Vec<usize>, usize, usize),
         n_max: usize,
         piece_bytes: Vec<usize>,
     ) -> GpuResult<Self> {
@@ -79,10 +84,11 @@ impl LayerOffload {
                 .collect::<Result<Vec<_>, _>>()
                 .ctx("creating offload events")
         };
-        let host_bytes = Self::host_bytes(members.len(), ring, n_max, &piece_bytes);
+        let host_bytes = Self::host_bytes((members.len(), ring, travel), n_max, &piece_bytes);
         Ok(Self {
             members,
             slots,
+            travel,
             n_max,
             piece_bytes,
             host: PinnedHostBuffer::new(gpu, host_bytes).ctx("allocating pinned host memory")?,
@@ -96,14 +102,14 @@ impl LayerOffload {
     }
 
     /// Pinned host bytes of an offload of `members` layers' sets of `piece_bytes` for `n_max`
-    /// tokens in a ring of `ring` slots.
+    /// tokens in a ring of `ring` slots, at most `travel` of them travelling.
     pub(super) fn host_bytes(
-        members: usize,
-        ring: usize,
+        (members, ring, travel): (usize, usize, usize),
         n_max: usize,
         piece_bytes: &[usize],
     ) -> usize {
-        members.saturating_sub(ring) * piece_start(n_max, piece_bytes, piece_bytes.len())
+        let rows = members.saturating_sub(ring).min(travel);
+        rows * piece_start(n_max, piece_bytes, piece_bytes.len())
     }
 
     /// Piece `i` of the ring slot holding layer `l`'s set (`l` a member), as a typed pointer.
@@ -115,6 +121,12 @@ impl LayerOffload {
     /// The layers whose set lives in the ring, ascending.
     pub(super) fn members(&self) -> &[usize] {
         &self.members
+    }
+
+    /// The members whose set travels, ascending.
+    pub(super) fn travelling(&self) -> Vec<usize> {
+        let travel = self.members.iter().filter(|&&l| self.travels(l));
+        travel.copied().collect()
     }
 
     /// Layer `l`'s position among the members, if it is one.
@@ -137,11 +149,18 @@ impl LayerOffload {
         self.members.iter().rev().find(|&&m| m < l).copied()
     }
 
-    /// Whether layer l's set goes through host memory: no later member overwrites its slot in
-    /// the forward otherwise.
+    /// Whether layer l's set goes through host memory: one of the lowest `travel` members that
+    /// a later member overwrites in the forward.
     fn travels(&self, l: usize) -> bool {
         self.position(l)
-            .is_some_and(|p| p + self.slots.len() < self.members.len())
+            .is_some_and(|p| p < self.travel && p + self.slots.len() < self.members.len())
+    }
+
+    /// Whether member `l`'s set is back in its slot for its backward: it travels, or no later
+    /// member overwrote it.
+    pub(super) fn keeps(&self, l: usize) -> bool {
+        self.position(l)
+            .is_some_and(|p| p + self.slots.len() >= self.members.len() || self.travels(l))
     }
 
     /// Forward, before the compute stream writes layer l's set: wait until the set its slot
@@ -238,15 +257,6 @@ impl LayerOffload {
             })
             .collect()
     }
-}
-
-/// Byte offset of piece `i` in a slot (and in a host row): pieces 0..i, each `n_max` tokens of
-/// its bytes per token, rounded up to 256 bytes (every piece aligned for vector loads).
-fn piece_start(n_max: usize, piece_bytes: &[usize], i: usize) -> usize {
-    piece_bytes[..i]
-        .iter()
-        .map(|&b| (n_max * b).next_multiple_of(256))
-        .sum()
 }
 
 impl Drop for LayerOffload {

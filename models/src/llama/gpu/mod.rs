@@ -17,7 +17,10 @@
 //!   ([`layer_offload`]): the recompute then redoes only the MLP (and q, k, v when they stay).
 //!   When the residuals' host rows would take more than half the host's memory (the 8B at
 //!   524k tokens: 128 GiB), only the lowest layers' travel and the layers above keep theirs on
-//!   the device ([`plan::resid_travel_cap`]).
+//!   the device ([`plan::resid_travel_cap`]). When the attention checkpoints do not fit the
+//!   host (the 8B at 262k tokens: 4 GiB a layer), the attention outputs of as many layers as
+//!   the host holds next to the residuals travel instead ([`plan::outputs_travel_cap`]), so
+//!   those layers' recompute runs no attention kernel.
 //!
 //! Projections ([`lora_gemm`]): `xa = x A^T` once per group of projections reading one input
 //! (q/k/v, gate/up: their A's stacked), `y = s xa B^T`, then `y += x W^T (+ b)` (beta = 1);
@@ -313,6 +316,10 @@ struct Acts {
     /// The gate and up outputs of [`plan::gate_up_layers`]' layers (pieces 0 and 1, (N, I)
     /// each), if any.
     gate_up_offload: Option<LayerOffload>,
+    /// The attention outputs and lse ([`plan::attention_outputs`]) of every recomputed layer,
+    /// when the attention checkpoints do not travel and the host holds some outputs (see
+    /// [`plan::Offload::Checkpoints`]): a one-slot ring whose lowest members' travel.
+    outputs_offload: Option<LayerOffload>,
     /// Whether the attention checkpoints carry q, k, v (and what the q/k norms read, and
     /// q/k/v's x A^T): the backward then recomputes no projection of the attention half.
     qkv_in_checkpoint: bool,
@@ -867,7 +874,9 @@ impl<'g> GpuLlama<'g> {
     /// MLP tile ([`plan::gate_up_layers`]; `FTRT_GATE_UP_LAYERS=k` sets how many): their
     /// recompute runs no projection at all. Kept layers' activations and the last layer's
     /// output stay on the device; so do the input residuals of the recomputed layers above the
-    /// lowest [`plan::resid_travel_cap`] ones, when host memory holds no more (read now).
+    /// lowest [`plan::resid_travel_cap`] ones, when host memory holds no more (read now); and
+    /// when the attention checkpoints do not fit the host, the attention outputs of the lowest
+    /// [`plan::outputs_travel_cap`] layers travel instead (see [`plan::Offload::Checkpoints`]).
     /// Changing it frees the activation buffers (reallocated at the next batch).
     pub fn set_offload_residuals(&mut self, on: bool) {
         let qkv = match std::env::var(CHECKPOINT_QKV_ENV).as_deref() {
@@ -884,13 +893,16 @@ impl<'g> GpuLlama<'g> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let available = crate::train::plan::available_memory();
-        let resid_travel = plan::resid_travel_cap(self.max_tokens, self.dims.hidden, available);
+        let (n, d) = (self.max_tokens, &self.dims);
+        let resid_travel = plan::resid_travel_cap(n, d.hidden, available);
+        let outputs_travel = plan::outputs_travel_cap(d, n, resid_travel, available);
         self.set_offload(if on {
             plan::Offload::Checkpoints {
                 qkv,
                 gate_up,
                 resident_qkv,
                 resid_travel,
+                outputs_travel,
             }
         } else {
             plan::Offload::Off
@@ -903,26 +915,13 @@ impl<'g> GpuLlama<'g> {
     /// them, for the kept layers set now); 0 otherwise. `--keep-layers auto` spends what whole
     /// layers leave of the budget on them.
     pub fn resident_qkv_for_budget(&self, budget: usize) -> usize {
-        let plan::Offload::Checkpoints {
-            qkv: false,
-            gate_up,
-            resid_travel,
-            ..
-        } = self.offload
-        else {
+        let offload @ plan::Offload::Checkpoints { qkv: false, .. } = self.offload else {
             return 0;
         };
         let Some(budget) = self.activation_budget(budget) else {
             return 0;
         };
-        let bytes = |resident_qkv| {
-            self.planned_activation_bytes(plan::Offload::Checkpoints {
-                qkv: false,
-                gate_up,
-                resident_qkv,
-                resid_travel,
-            })
-        };
+        let bytes = |layers| self.planned_activation_bytes(offload.with_resident_qkv(layers));
         let recomputed = self.dims.layers - self.kept_layers.min(self.dims.layers);
         (0..recomputed)
             .rev()
@@ -933,20 +932,7 @@ impl<'g> GpuLlama<'g> {
     /// Sets how many recomputed layers keep q, k, v on the GPU (see
     /// [`plan::Offload::Checkpoints`]); nothing without checkpoint offload.
     pub fn set_resident_qkv(&mut self, layers: usize) {
-        if let plan::Offload::Checkpoints {
-            qkv,
-            gate_up,
-            resid_travel,
-            ..
-        } = self.offload
-        {
-            self.set_offload(plan::Offload::Checkpoints {
-                qkv,
-                gate_up,
-                resident_qkv: layers,
-                resid_travel,
-            });
-        }
+        self.set_offload(self.offload.with_resident_qkv(layers));
     }
 
     /// The recomputed layers whose q, k, v stay on the GPU in the allocated activations (see
@@ -999,6 +985,13 @@ impl<'g> GpuLlama<'g> {
     pub fn gate_up_offloaded(&self) -> Vec<usize> {
         let o = self.acts.as_ref().and_then(|a| a.gate_up_offload.as_ref());
         o.map_or(Vec::new(), |o| o.members().to_vec())
+    }
+
+    /// The layers whose attention outputs travel through host memory in the allocated
+    /// activations (see [`plan::Offload::Checkpoints`]; none before the first batch).
+    pub fn outputs_offloaded(&self) -> Vec<usize> {
+        let o = self.acts.as_ref().and_then(|a| a.outputs_offload.as_ref());
+        o.map_or(Vec::new(), |o| o.travelling())
     }
 
     /// Whether checkpoint offload is on (see [`Self::set_offload_residuals`]).
@@ -1291,7 +1284,9 @@ impl<'g> GpuLlama<'g> {
         let widths = self.stack_widths();
         let (g_qkv, g_o) = (Proj::Q.input_group(), Proj::O.input_group());
         let (g_gu, g_down) = (Proj::Gate.input_group(), Proj::Down.input_group());
-        let layer_acts = |h: &mut Held, rows: usize, ring: Option<bool>| -> GpuResult<LayerActs> {
+        // With `outputs`, the attention output and lse are left null: each recomputed layer's
+        // point into the attention outputs' ring.
+        let layer_acts = |h: &mut Held, rows: usize, ring: Option<bool>, outputs: bool| {
             let mlp = rows * d.intermediate;
             let in_ring = ring.is_some();
             let qkv_in_ring = ring == Some(true);
@@ -1312,7 +1307,7 @@ impl<'g> GpuLlama<'g> {
             } else {
                 (null, null, nullf, nullf)
             };
-            Ok(LayerActs {
+            GpuResult::Ok(LayerActs {
                 q_pre: pre_q,
                 q_rstd: rs_q,
                 k_pre: pre_k,
@@ -1320,8 +1315,8 @@ impl<'g> GpuLlama<'g> {
                 q: h.alloc_unless(gpu, qkv_in_ring, s.nq)?,
                 k: h.alloc_unless(gpu, qkv_in_ring, s.nkv)?,
                 v: h.alloc_unless(gpu, qkv_in_ring, s.nkv)?,
-                att: h.alloc_unless(gpu, in_ring, s.nq)?,
-                lse: h.alloc_unless(gpu, in_ring, s.lse)?,
+                att: h.alloc_unless(gpu, in_ring || outputs, s.nq)?,
+                lse: h.alloc_unless(gpu, in_ring || outputs, s.lse)?,
                 resid_mid: h.alloc_unless(gpu, in_ring, s.nc)?,
                 ln2: h.alloc(gpu, rows * d.hidden)?,
                 rstd2: h.alloc(gpu, n)?,
@@ -1333,26 +1328,31 @@ impl<'g> GpuLlama<'g> {
         };
         let recomputed: Vec<usize> = (0..d.layers).filter(|&l| !self.is_kept(l)).collect();
         let m = recomputed.len();
-        let (wants_qkv, wants_gate_up, wants_resident, resid_travel) = match self.offload {
-            plan::Offload::Checkpoints {
-                qkv,
-                gate_up,
-                resident_qkv,
-                resid_travel,
-            } => (qkv, gate_up, resident_qkv, resid_travel),
-            plan::Offload::Off => (false, plan::GateUp::Layers(0), 0, 0),
-        };
+        let (wants_qkv, wants_gate_up, wants_resident, resid_travel, outputs_travel) =
+            match self.offload {
+                plan::Offload::Checkpoints {
+                    qkv,
+                    gate_up,
+                    resident_qkv,
+                    resid_travel,
+                    outputs_travel,
+                } => (qkv, gate_up, resident_qkv, resid_travel, outputs_travel),
+                plan::Offload::Off => (false, plan::GateUp::Layers(0), 0, 0, 0),
+            };
         // The residual ring's members ([`plan::resid_members`]): the lowest recomputed layers,
         // all of them unless their host rows would not fit; the layers above keep their input
         // residuals in buffers of their own.
         let resid_members = recomputed[..plan::resid_members(m, n, resid_travel)].to_vec();
         let resid_row = [2 * d.hidden];
-        let resid_host = |k| LayerOffload::host_bytes(k, plan::resid_ring(k, n), n, &resid_row);
+        let resid_host = |k| {
+            let ring = plan::resid_ring(k, n);
+            LayerOffload::host_bytes((k, ring, usize::MAX), n, &resid_row)
+        };
         let available = crate::train::plan::available_memory();
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
         if offloading && resid_members.len() < m {
             eprintln!(
-                "note: the input residuals of {} of {m} recomputed layers stay on the GPU ({:.1} GiB), and every attention checkpoint is recomputed: all residuals would pin {:.1} GiB of host memory, more than half of the {:.1} GiB available",
+                "note: the input residuals of {} of {m} recomputed layers stay on the GPU ({:.1} GiB), and no attention checkpoint travels: all residuals would pin {:.1} GiB of host memory, more than half of the {:.1} GiB available",
                 m - resid_members.len(),
                 gib((m - resid_members.len()) * s.nc * 2),
                 gib(resid_host(m)),
@@ -1361,14 +1361,18 @@ impl<'g> GpuLlama<'g> {
         }
         let resid_host = resid_host(resid_members.len());
         // The attention checkpoint's pieces ([`plan::attention_checkpoint`]), with q, k, v if
-        // asked. It travels too only when every residual does and both offloads' pinned rows
-        // fit half the host's available memory: else without q, k, v; else the backward
-        // recomputes the attention half as without offload (long sequences).
+        // asked. It travels too only when every residual does, both offloads' pinned rows fit
+        // half the host's available memory and every layer's attention outputs fit the host:
+        // else without q, k, v; else the backward recomputes the attention half as without
+        // offload (long sequences), from the attention outputs of the layers whose outputs
+        // travel.
         let ring_slots = plan::resid_ring(m, n);
         let pieces = |qkv| plan::attention_checkpoint(&d, qk, widths.map(|w| w * r), qkv);
-        let attn_host = |qkv| LayerOffload::host_bytes(m, ring_slots, n, &pieces(qkv));
+        let attn_host =
+            |qkv| LayerOffload::host_bytes((m, ring_slots, usize::MAX), n, &pieces(qkv));
         let fits = |qkv| {
             resid_members.len() == m
+                && outputs_travel >= m
                 && plan::pinned_rows_fit(resid_host + attn_host(qkv), available)
         };
         let ring = match offloading {
@@ -1389,10 +1393,27 @@ impl<'g> GpuLlama<'g> {
                 if ring.is_some() {
                     "travel without q, k, v, which are recomputed"
                 } else {
-                    "stay on the GPU and are recomputed"
+                    "do not travel"
                 },
                 gib(resid_host + attn_host),
                 gib(available.unwrap_or(0) as usize)
+            );
+        }
+        // The attention outputs' ring ([`plan::Offload::Checkpoints`]): when the checkpoints do
+        // not travel and no output is resident, the lowest `outputs_travel` layers' travel (the
+        // highest recomputed layer's stays in the slot: its backward recomputes nothing).
+        let outputs_travel = match ring {
+            None if offloading && self.resident_attention == 0 => outputs_travel.min(m - 1),
+            _ => 0,
+        };
+        let output_pieces = plan::attention_outputs(&d).to_vec();
+        if outputs_travel > 0 {
+            let host = LayerOffload::host_bytes((m, 1, outputs_travel), n, &output_pieces);
+            eprintln!(
+                "note: the attention outputs of the lowest {outputs_travel} of {m} recomputed layers travel through host memory ({:.1} GiB pinned next to the residuals' {:.1}), so their recompute runs no attention kernel; the {} above recompute theirs",
+                gib(host),
+                gib(resid_host),
+                m - 1 - outputs_travel
             );
         }
         // The layers whose gate and up outputs travel ([`plan::gate_up_layers`]): only with the
@@ -1405,7 +1426,8 @@ impl<'g> GpuLlama<'g> {
                 let rows = (m, n, s.mlp_rows);
                 let travel = self.nf4.is_some();
                 let picks = plan::gate_up_layers(&d, per_token, rows, wants_gate_up, travel);
-                let host = LayerOffload::host_bytes(picks.len(), 1, n, &gate_up_pieces);
+                let host =
+                    LayerOffload::host_bytes((picks.len(), 1, usize::MAX), n, &gate_up_pieces);
                 let pinned = resid_host + attn_host(qkv) + host;
                 match plan::pinned_rows_fit(pinned, available) {
                     true => picks,
@@ -1419,7 +1441,7 @@ impl<'g> GpuLlama<'g> {
             None
         } else {
             Some((
-                layer_acts(&mut h, s.mlp_rows, ring)?,
+                layer_acts(&mut h, s.mlp_rows, ring, outputs_travel > 0)?,
                 h.alloc::<bf16>(gpu, s.nc)?,
             ))
         };
@@ -1432,7 +1454,7 @@ impl<'g> GpuLlama<'g> {
                     ln.push(ln_shared);
                 }
                 _ => {
-                    layers.push(layer_acts(&mut h, n, None)?);
+                    layers.push(layer_acts(&mut h, n, None, false)?);
                     ln.push(h.alloc(gpu, s.nc)?);
                 }
             }
@@ -1444,8 +1466,7 @@ impl<'g> GpuLlama<'g> {
             Some(LayerOffload::new(
                 gpu,
                 &mut h,
-                resid_members,
-                slots,
+                (resid_members, slots, usize::MAX),
                 n,
                 pieces,
             )?)
@@ -1455,8 +1476,8 @@ impl<'g> GpuLlama<'g> {
         let attn_offload = match ring {
             Some(qkv) => {
                 use plan::ckpt;
-                let o =
-                    LayerOffload::new(gpu, &mut h, recomputed.clone(), ring_slots, n, pieces(qkv))?;
+                let members = (recomputed.clone(), ring_slots, usize::MAX);
+                let o = LayerOffload::new(gpu, &mut h, members, n, pieces(qkv))?;
                 let piece_or_null = |l, i, w: usize| if w > 0 { o.piece(l, i) } else { null };
                 for &l in &recomputed {
                     let la = &mut layers[l];
@@ -1519,11 +1540,22 @@ impl<'g> GpuLlama<'g> {
             false => Some(LayerOffload::new(
                 gpu,
                 &mut h,
-                gate_up_layers,
-                1,
+                (gate_up_layers, 1, usize::MAX),
                 n,
                 gate_up_pieces,
             )?),
+        };
+        let outputs_offload = match outputs_travel {
+            0 => None,
+            travel => {
+                let members = (recomputed.clone(), 1, travel);
+                let o = LayerOffload::new(gpu, &mut h, members, n, output_pieces)?;
+                for &l in &recomputed {
+                    layers[l].att = o.piece(l, 0);
+                    layers[l].lse = o.piece(l, 1);
+                }
+                Some(o)
+            }
         };
         let mut resid = Vec::new();
         let mut rstd = Vec::new();
@@ -1595,6 +1627,7 @@ impl<'g> GpuLlama<'g> {
             resid_offload,
             attn_offload,
             gate_up_offload,
+            outputs_offload,
             qkv_in_checkpoint: ring == Some(true),
             resident_qkv,
             resident_attention,
@@ -1877,10 +1910,21 @@ impl<'g> GpuLlama<'g> {
         let lw = &self.layout.layers[l];
         let la = &a.layers[l];
         self.attention_inputs(a, l, n)?;
+        let outputs = a.outputs_offload.as_ref();
         match pass {
-            // a resident attention output and lse are still there from the forward
+            // a resident attention output and lse are still there from the forward, a
+            // travelling one is back (or on its way) in the outputs' slot
             Pass::Recompute if a.resident_attention.contains(&l) => {}
-            Pass::Train | Pass::Recompute => self.attn_forward(a, la, n, s)?,
+            Pass::Recompute if outputs.is_some_and(|o| o.keeps(l)) => {
+                outputs.map_or(Ok(()), |o| o.wait_prefetched(gpu, l))?
+            }
+            Pass::Recompute => self.attn_forward(a, la, n, s)?,
+            // a travelling output goes out while o_proj and the MLP run
+            Pass::Train => {
+                outputs.map_or(Ok(()), |o| o.before_write(gpu, l))?;
+                self.attn_forward(a, la, n, s)?;
+                outputs.map_or(Ok(()), |o| o.after_write(gpu, l, n))?;
+            }
             Pass::Prefill(cache) => {
                 cache.store(gpu, l, n, a.pos, la.k, la.v)?;
                 self.attn_forward(a, la, n, s)?;
@@ -2319,6 +2363,12 @@ impl<'g> GpuLlama<'g> {
                 a.dxa,
             )?;
             self.attn_backward(a, la, n, s)?;
+            // The outputs' slot is free: the layer below's come back meanwhile.
+            if let Some(o) = &a.outputs_offload {
+                if let Some(below) = o.member_below(l) {
+                    o.prefetch(gpu, below, n)?;
+                }
+            }
             let rope_back = |dx, heads, what| {
                 rope::rope::backward(
                     gpu,

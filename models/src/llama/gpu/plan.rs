@@ -59,11 +59,19 @@ pub enum Offload {
     /// recomputed. At most `resid_travel` input residuals travel ([`resid_members`]; the
     /// host's memory sets it, [`resid_travel_cap`]): when fewer than all, the higher layers'
     /// stay in device buffers of their own and the attention checkpoints do not travel.
+    ///
+    /// The attention checkpoints travel only when at most `outputs_travel` (the host's memory
+    /// sets it, [`outputs_travel_cap`]) is no fewer than the recomputed layers. Else, when no
+    /// attention output is resident, the attention outputs and log-sum-exps
+    /// ([`attention_outputs`]) of every recomputed layer take a one-slot ring instead of the
+    /// shared set, and those of the lowest `outputs_travel` travel through host memory: their
+    /// recompute runs no attention kernel, the others' recomputes theirs into the slot.
     Checkpoints {
         qkv: bool,
         gate_up: GateUp,
         resident_qkv: usize,
         resid_travel: usize,
+        outputs_travel: usize,
     },
 }
 
@@ -75,6 +83,70 @@ pub fn resid_travel_cap(n: usize, hidden: usize, available: Option<u64>) -> usiz
         Some(a) => (a / 2 / row.max(1)) as usize,
         None => usize::MAX,
     }
+}
+
+impl Offload {
+    /// The same with `layers` recomputed layers keeping q, k, v on the device (no change
+    /// without checkpoint offload).
+    pub fn with_resident_qkv(self, layers: usize) -> Self {
+        match self {
+            Offload::Checkpoints {
+                qkv,
+                gate_up,
+                resid_travel,
+                outputs_travel,
+                ..
+            } => Offload::Checkpoints {
+                qkv,
+                gate_up,
+                resident_qkv: layers,
+                resid_travel,
+                outputs_travel,
+            },
+            Offload::Off => Offload::Off,
+        }
+    }
+}
+
+/// Share of the host's available memory the checkpoint offloads never pin when the attention
+/// outputs fill what the residuals leave (1/8: 15.5 GiB of the H200 host's 123.6), for the
+/// process itself and the rest of the machine.
+pub const HOST_RESERVE_DIVISOR: u64 = 8;
+
+/// Bytes per token of the attention outputs' set ([`Offload::Checkpoints`]): the attention
+/// output (bf16 (Hq D)) and the log-sum-exp (f32 per query head).
+pub fn attention_outputs(d: &Dims) -> [usize; 2] {
+    [2 * d.q_dim(), 4 * d.heads]
+}
+
+/// The most recomputed layers whose attention outputs ([`attention_outputs`], `n` tokens) fit
+/// in pinned host rows next to `resid_travel` travelling input residuals (at most one per
+/// layer), within the host's `available` memory less [`HOST_RESERVE_DIVISOR`]'s share;
+/// unbounded when it is unknown. The 8B at one 262,144-token sequence on the H200 host: 30
+/// residuals pin 60 GiB, and 23 layers' outputs (2.03 GiB each) fit the 48 GiB left.
+pub fn outputs_travel_cap(
+    d: &Dims,
+    n: usize,
+    resid_travel: usize,
+    available: Option<u64>,
+) -> usize {
+    let Some(a) = available else {
+        return usize::MAX;
+    };
+    let row = |pieces: &[usize]| piece_start(n, pieces, pieces.len()).max(1) as u64;
+    let resid = resid_travel.min(d.layers) as u64 * row(&[2 * d.hidden]);
+    let free = (a - a / HOST_RESERVE_DIVISOR).saturating_sub(resid);
+    (free / row(&attention_outputs(d))) as usize
+}
+
+/// Byte offset of piece `i` in a checkpoint offload's slot (and in its host row): pieces 0..i
+/// (`piece_bytes` bytes per token each), each `n_max` tokens rounded up to 256 bytes (every
+/// piece aligned for vector loads).
+pub fn piece_start(n_max: usize, piece_bytes: &[usize], i: usize) -> usize {
+    piece_bytes[..i]
+        .iter()
+        .map(|&b| (n_max * b).next_multiple_of(256))
+        .sum()
 }
 
 /// How many of `recomputed` layers' input residuals live in the residual ring at `n` tokens
@@ -565,9 +637,11 @@ impl ActSizes {
     ///   recomputed (one shared set of per-layer buffers for them, its MLP buffers one tile's);
     /// - with checkpoint `offload`, the residual ring's members ([`resid_members`]) keep their
     ///   input residuals in a ring of [`resid_ring`] slots, and, when every recomputed layer is
-    ///   a member and no attention output is resident, their attention checkpoints
-    ///   ([`attention_checkpoint`]) take a ring too (the upper bound: they stay in the shared
-    ///   set when host memory is short, see [`pinned_rows_fit`]);
+    ///   a member, every layer's attention outputs may travel and no attention output is
+    ///   resident, their attention checkpoints ([`attention_checkpoint`]) take a ring too (the
+    ///   upper bound: they stay in the shared set when host memory is short, see
+    ///   [`pinned_rows_fit`]); else, with some outputs travelling and none resident, the
+    ///   attention outputs take a one-slot ring ([`attention_outputs`]);
     /// - `widths[g]` adapted projections are in input group g's widest stack
     ///   ([`Proj::INPUT_GROUPS`]);
     /// - `resident_attention` recomputed layers ([`below_top_layers`]) keep their attention
@@ -607,9 +681,11 @@ impl ActSizes {
                 gate_up,
                 resident_qkv,
                 resid_travel,
+                outputs_travel,
             } if recomputed > 0
                 && resident_attention == 0
-                && resid_members(recomputed, self.n, resid_travel) == recomputed =>
+                && resid_members(recomputed, self.n, resid_travel) == recomputed
+                && outputs_travel >= recomputed =>
             {
                 let r = self.nr / self.n.max(1);
                 let pieces = attention_checkpoint(d, qk_norm, widths.map(|w| w * r), qkv);
@@ -643,6 +719,12 @@ impl ActSizes {
                 resid_ring(recomputed, self.n) * checkpoint(256) - checkpoint(1)
                     + gate_up_slot
                     + resident
+            }
+            // the attention outputs' slot instead of the shared set's output and lse
+            Offload::Checkpoints { outputs_travel, .. }
+                if recomputed > 1 && resident_attention == 0 && outputs_travel > 0 =>
+            {
+                piece_start(self.n, &attention_outputs(d), 2) - b * self.nq - 4 * self.lse
             }
             _ => 0,
         };
@@ -886,6 +968,7 @@ mod tests {
         gate_up: GateUp::Layers(0),
         resident_qkv: 0,
         resid_travel: usize::MAX,
+        outputs_travel: usize::MAX,
     };
 
     /// Llama-3.1-8B's shapes.
@@ -1115,6 +1198,7 @@ mod tests {
             gate_up: GateUp::Layers(0),
             resident_qkv: 0,
             resid_travel: t,
+            outputs_travel: usize::MAX,
         };
         // six recomputed layers, fewer than the ring's three may travel: the ring takes the
         // lowest t + 3, the layers above keep their residuals, no attention checkpoint
@@ -1156,11 +1240,53 @@ mod tests {
             gate_up: GateUp::Layers(0),
             resident_qkv: 0,
             resid_travel: t,
+            outputs_travel: usize::MAX,
         };
         assert_eq!(device_residuals(32, 0, offload, n), 18);
         let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
         let bytes = s.bytes(&LLAMA_8B, false, ALL, 0, offload, 0) as u64;
         assert!(bytes < 130 * gib, "{:.1} GiB", bytes as f64 / gib as f64);
+    }
+
+    /// The 262k row on the H200 machine's host (123.6 GiB available): 30 residuals pin
+    /// 60 GiB (half the host), the attention checkpoints (4.1 GiB a layer) do not fit, and the
+    /// attention outputs (2.03 GiB a layer) of 23 layers travel within the 7/8 of the host
+    /// that the offloads may pin. Their one-slot ring takes the shared set's output and lse:
+    /// the plan grows by the pieces' alignment only (none at this length).
+    #[test]
+    fn attention_outputs_travel_within_what_the_residuals_leave_of_the_host() {
+        let (n, gib) = (262_144, 1u64 << 30);
+        let host = 1236 * gib / 10;
+        let t = resid_travel_cap(n, LLAMA_8B.hidden, Some(host));
+        assert_eq!(t, 30);
+        let out_row = (2 * n * LLAMA_8B.q_dim() + 4 * n * LLAMA_8B.heads) as u64;
+        let resid_row = (2 * n * LLAMA_8B.hidden) as u64;
+        let by_hand = (host - host / 8 - 30 * resid_row) / out_row;
+        assert_eq!(by_hand, 23);
+        assert_eq!(outputs_travel_cap(&LLAMA_8B, n, t, Some(host)), 23);
+        assert_eq!(outputs_travel_cap(&LLAMA_8B, n, t, None), usize::MAX);
+        // the residuals alone past what may be pinned: none
+        assert_eq!(outputs_travel_cap(&LLAMA_8B, n, 32, Some(60 * gib)), 0);
+        let offload = |resid_travel, outputs_travel| Offload::Checkpoints {
+            qkv: false,
+            gate_up: GateUp::Layers(0),
+            resident_qkv: 0,
+            resid_travel,
+            outputs_travel,
+        };
+        let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
+        let plan = |o| s.bytes(&LLAMA_8B, false, ALL, 0, o, 0);
+        assert_eq!(plan(offload(t, 23)), plan(offload(t, 0)));
+        // every layer's outputs may travel: the attention checkpoints' ring is planned
+        assert!(plan(offload(t, usize::MAX)) > plan(offload(t, 0)));
+        // at 500 tokens the lse piece (8,000 bytes) rounds up to 8,192
+        let (d, _) = six_layers();
+        let s = ActSizes::new(&d, 500, 8, LOGIT_BUDGET_LEAN);
+        for kept in [0, 4] {
+            let grow = s.bytes(&d, false, ALL, kept, offload(usize::MAX, 1), 0)
+                - s.bytes(&d, false, ALL, kept, offload(usize::MAX, 0), 0);
+            assert_eq!(grow, 192, "kept {kept}");
+        }
     }
 
     #[test]
@@ -1171,6 +1297,7 @@ mod tests {
             gate_up: GateUp::Layers(0),
             resident_qkv: 0,
             resid_travel: usize::MAX,
+            outputs_travel: usize::MAX,
         };
         for qk in [false, true] {
             // q, k, v, the q/k/v stack's x A^T (three members), and with q/k norms their
@@ -1236,6 +1363,7 @@ mod tests {
             gate_up: GateUp::Layers(k),
             resident_qkv: 0,
             resid_travel: usize::MAX,
+            outputs_travel: usize::MAX,
         };
         let slot = 2 * (2 * s.n * d.intermediate).next_multiple_of(256);
         for k in 1..=3 {
@@ -1258,6 +1386,7 @@ mod tests {
             gate_up: GateUp::Layers(0),
             resident_qkv: k,
             resid_travel: usize::MAX,
+            outputs_travel: usize::MAX,
         };
         for qk in [false, true] {
             // a resident layer's buffers, counted by hand: q, k, v, the three members' x A^T,

@@ -397,12 +397,17 @@ fn recompute_row(
             gate_up,
             resident_qkv,
             resid_travel,
+            outputs_travel,
         } => format!(
-            ", checkpoints{} offloaded{}{}{},",
+            ", checkpoints{} offloaded{}{}{}{},",
             if qkv { " with q/k/v" } else { "" },
             match resid_travel {
                 usize::MAX => String::new(),
                 k => format!(" (at most {k} residuals through the host, the rest on the GPU)"),
+            },
+            match outputs_travel {
+                usize::MAX => String::new(),
+                k => format!(" (at most {k} layers' attention outputs through the host)"),
             },
             match gate_up {
                 GateUp::Layers(0) => String::new(),
@@ -455,8 +460,11 @@ const OFFLOAD_LAYERS: usize = super::plan::RESID_RING + 3;
 /// events), each against keeping every layer; three again with the MLP in tiles of 24 rows (the
 /// batch's 64 in three), against keeping every layer with the same tiles (tiles change the
 /// GEMMs' row counts, so their rounding); then as if host memory were short (at most one and
-/// no residual through the host: the layers above the ring keep theirs on the GPU); then with
-/// the attention outputs of two layers, and of every layer below the top, kept on the GPU.
+/// no residual through the host: the layers above the ring keep theirs on the GPU); as if the
+/// attention checkpoints did not fit the host (the attention outputs of the lowest two layers
+/// through it, the others recomputed; then every layer's with one residual through the host);
+/// then with the attention outputs of two layers, and of every layer below the top, kept on
+/// the GPU.
 fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), String> {
     let mut config = ModelConfig::from_file(&fixture_dir(arch).join("config.json"))
         .map_err(|e| e.to_string())?;
@@ -486,27 +494,33 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
     let tiles = keep_all(24)?;
     const ALL: usize = usize::MAX;
     let runs = [
-        (false, 0, 0, None, ALL),
-        (false, 0, 0, None, ALL),
-        (true, 0, 0, None, ALL),
-        (true, 0, 0, None, ALL),
-        (true, 3, 0, None, ALL),
-        (true, 3, 0, None, ALL),
-        (false, OFFLOAD_LAYERS, 0, None, ALL),
-        (false, 0, 3, None, ALL),
-        (false, 0, 3, None, ALL),
-        (false, 2, OFFLOAD_LAYERS, None, ALL),
-        (true, 3, 0, Some(24), ALL),
-        (false, OFFLOAD_LAYERS, 0, Some(24), ALL),
-        (false, 0, 3, Some(24), ALL),
+        (false, 0, 0, None, ALL, ALL),
+        (false, 0, 0, None, ALL, ALL),
+        (true, 0, 0, None, ALL, ALL),
+        (true, 0, 0, None, ALL, ALL),
+        (true, 3, 0, None, ALL, ALL),
+        (true, 3, 0, None, ALL, ALL),
+        (false, OFFLOAD_LAYERS, 0, None, ALL, ALL),
+        (false, 0, 3, None, ALL, ALL),
+        (false, 0, 3, None, ALL, ALL),
+        (false, 2, OFFLOAD_LAYERS, None, ALL, ALL),
+        (true, 3, 0, Some(24), ALL, ALL),
+        (false, OFFLOAD_LAYERS, 0, Some(24), ALL, ALL),
+        (false, 0, 3, Some(24), ALL, ALL),
         // host memory short: the lowest residual travels, the ring's three stay in their
         // slots, the two above in buffers of their own (no attention checkpoint travels)
-        (true, 0, 0, None, 1),
-        (true, 0, 0, None, 1),
+        (true, 0, 0, None, 1, 0),
+        (true, 0, 0, None, 1, 0),
         // none travels: the ring's three, two above
-        (false, 0, 0, Some(24), 0),
+        (false, 0, 0, Some(24), 0, 0),
+        // the attention checkpoints do not fit, the outputs of the lowest two layers travel
+        // (the three above recompute theirs into the outputs' slot), twice; then every
+        // layer's outputs with one residual through the host
+        (false, 0, 0, None, ALL, 2),
+        (false, 0, 0, None, ALL, 2),
+        (true, 0, 0, Some(24), 1, ALL),
     ];
-    for (qkv, gate_up, resident_qkv, tile, resid_travel) in runs {
+    for (qkv, gate_up, resident_qkv, tile, resid_travel, outputs_travel) in runs {
         let (name, want) = match tile {
             Some(t) => (
                 format!("{arch} x{OFFLOAD_LAYERS}, MLP tiles of {t}"),
@@ -526,11 +540,24 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
                 gate_up,
                 resident_qkv,
                 resid_travel,
+                outputs_travel,
             },
             (want.0, &want.1),
             &name,
             rows,
         )?;
+        let full = resid_travel == ALL && outputs_travel == ALL;
+        let want = if full {
+            0
+        } else {
+            outputs_travel.min(OFFLOAD_LAYERS - 1)
+        };
+        let travelled = g.outputs_offloaded().len();
+        if travelled != want {
+            return Err(format!(
+                "{name}: the attention outputs of {travelled} layers travelled, not {want}"
+            ));
+        }
     }
     // Attention outputs kept on the GPU: of two layers with the residuals through the host
     // (then no attention checkpoint travels), of every layer below the top without offload.
@@ -540,6 +567,7 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
         gate_up: GateUp::Layers(0),
         resident_qkv: 0,
         resid_travel: usize::MAX,
+        outputs_travel: usize::MAX,
     };
     for (offload, k) in [(lean, 2), (lean, 2), (Offload::Off, OFFLOAD_LAYERS)] {
         g.set_resident_attention(k);
@@ -593,6 +621,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
                 gate_up: GateUp::Layers(0),
                 resident_qkv: 0,
                 resid_travel: usize::MAX,
+                outputs_travel: usize::MAX,
             },
         ),
         (
@@ -602,6 +631,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
                 gate_up: GateUp::Layers(0),
                 resident_qkv: 1,
                 resid_travel: usize::MAX,
+                outputs_travel: usize::MAX,
             },
         ),
         (
@@ -611,6 +641,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
                 gate_up: GateUp::Layers(0),
                 resident_qkv: 0,
                 resid_travel: usize::MAX,
+                outputs_travel: usize::MAX,
             },
         ),
         (
@@ -620,6 +651,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
                 gate_up: GateUp::Layers(2),
                 resident_qkv: 0,
                 resid_travel: usize::MAX,
+                outputs_travel: usize::MAX,
             },
         ),
     ];
