@@ -1228,24 +1228,34 @@ mod tests {
     /// The longest row: Llama-3.1-8B QLoRA r=16, one 524,288-token sequence, every
     /// layer recomputed, on the H200 machine's host (123.6 GiB available). Its 32 residuals
     /// (4 GiB each) would pin 128 GiB; 15 travel, the ring's 2 and the 15 above stay, and the
-    /// activations still leave the 4-bit weights room on the 139.8 GiB card.
+    /// activations still leave the 4-bit weights room on the 139.8 GiB card. 11 layers'
+    /// attention outputs travel too.
     #[test]
     fn llama_8b_at_524k_tokens_fits_the_h200_with_the_host_short() {
         let (n, gib) = (524_288, 1u64 << 30);
         let host = Some(1236 * gib / 10);
         let t = resid_travel_cap(n, LLAMA_8B.hidden, host);
         assert_eq!((t, resid_members(32, n, t)), (15, 17));
-        let offload = Offload::Checkpoints {
+        let offload = |outputs_travel| Offload::Checkpoints {
             qkv: false,
             gate_up: GateUp::Layers(0),
             resident_qkv: 0,
             resid_travel: t,
-            outputs_travel: usize::MAX,
+            outputs_travel,
         };
-        assert_eq!(device_residuals(32, 0, offload, n), 18);
+        assert_eq!(device_residuals(32, 0, offload(0), n), 18);
         let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
-        let bytes = s.bytes(&LLAMA_8B, false, ALL, 0, offload, 0) as u64;
-        assert!(bytes < 130 * gib, "{:.1} GiB", bytes as f64 / gib as f64);
+        let bytes = |o| s.bytes(&LLAMA_8B, false, ALL, 0, offload(o), 0) as u64;
+        assert!(
+            bytes(0) < 130 * gib,
+            "{:.1} GiB",
+            bytes(0) as f64 / gib as f64
+        );
+        // next to the 15 travelling residuals (60 GiB), 11 layers' attention outputs (4.06
+        // GiB each) fit 7/8 of the host; their slot takes the shared buffers' place
+        let outputs = outputs_travel_cap(&LLAMA_8B, n, t, host);
+        assert_eq!(outputs, 11);
+        assert_eq!(bytes(outputs), bytes(0));
     }
 
     /// The 262k row on the H200 machine's host (123.6 GiB available): 30 residuals pin
