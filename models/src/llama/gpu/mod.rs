@@ -948,7 +948,8 @@ impl<'g> GpuLlama<'g> {
     /// kernel: the highest below the highest recomputed layer ([`plan::below_top_layers`]; it
     /// recomputes nothing anyway). For long sequences whose attention checkpoints do not fit
     /// the host (the 8B at 262k tokens: 2 GiB a layer against ~1 s of attention forward);
-    /// with any, no attention checkpoint travels. [`RESIDENT_ATTENTION_LAYERS_ENV`] sets it
+    /// with any, no attention checkpoint travels, only the attention outputs of layers below
+    /// them (see [`plan::Offload::Checkpoints`]). [`RESIDENT_ATTENTION_LAYERS_ENV`] sets it
     /// in `ftrt bench`. Changing it frees the activation buffers.
     pub fn set_resident_attention(&mut self, layers: usize) {
         if layers != self.resident_attention {
@@ -1399,21 +1400,31 @@ impl<'g> GpuLlama<'g> {
                 gib(available.unwrap_or(0) as usize)
             );
         }
+        // Recomputed layers whose attention output and lse stay in buffers of their own.
+        let resident_attention = match ring {
+            None => plan::below_top_layers(&recomputed, self.resident_attention),
+            Some(_) => Vec::new(),
+        };
         // The attention outputs' ring ([`plan::Offload::Checkpoints`]): when the checkpoints do
-        // not travel and no output is resident, the lowest `outputs_travel` layers' travel (the
+        // not travel, the lowest `outputs_travel` layers' travel, below the resident ones (the
         // highest recomputed layer's stays in the slot: its backward recomputes nothing).
         let outputs_travel = match ring {
-            None if offloading && self.resident_attention == 0 => outputs_travel.min(m - 1),
+            None if offloading => outputs_travel.min(m - 1 - resident_attention.len()),
             _ => 0,
         };
         let output_pieces = plan::attention_outputs(&d).to_vec();
         if outputs_travel > 0 {
             let host = LayerOffload::host_bytes((m, 1, outputs_travel), n, &output_pieces);
+            let resident = resident_attention.len();
             eprintln!(
-                "note: the attention outputs of the lowest {outputs_travel} of {m} recomputed layers travel through host memory ({:.1} GiB pinned next to the residuals' {:.1}), so their recompute runs no attention kernel; the {} above recompute theirs",
+                "note: the attention outputs of the lowest {outputs_travel} of {m} recomputed layers travel through host memory ({:.1} GiB pinned next to the residuals' {:.1}), so their recompute runs no attention kernel; the {} above recompute theirs{}",
                 gib(host),
                 gib(resid_host),
-                m - 1 - outputs_travel
+                m - 1 - outputs_travel - resident,
+                match resident {
+                    0 => String::new(),
+                    k => format!(", the {k} above those keep theirs on the GPU"),
+                }
             );
         }
         // The layers whose gate and up outputs travel ([`plan::gate_up_layers`]): only with the
@@ -1525,11 +1536,6 @@ impl<'g> GpuLlama<'g> {
                 la.k_rstd = h.alloc(gpu, n * d.kv_heads)?;
             }
         }
-        // Recomputed layers whose attention output and lse stay in buffers of their own.
-        let resident_attention = match ring {
-            None => plan::below_top_layers(&recomputed, self.resident_attention),
-            Some(_) => Vec::new(),
-        };
         for &l in &resident_attention {
             let la = &mut layers[l];
             la.att = h.alloc(gpu, s.nq)?;
@@ -1550,7 +1556,10 @@ impl<'g> GpuLlama<'g> {
             travel => {
                 let members = (recomputed.clone(), 1, travel);
                 let o = LayerOffload::new(gpu, &mut h, members, n, output_pieces)?;
-                for &l in &recomputed {
+                for &l in recomputed
+                    .iter()
+                    .filter(|l| !resident_attention.contains(l))
+                {
                     layers[l].att = o.piece(l, 0);
                     layers[l].lse = o.piece(l, 1);
                 }

@@ -60,12 +60,13 @@ pub enum Offload {
     /// host's memory sets it, [`resid_travel_cap`]): when fewer than all, the higher layers'
     /// stay in device buffers of their own and the attention checkpoints do not travel.
     ///
-    /// The attention checkpoints travel only when at most `outputs_travel` (the host's memory
-    /// sets it, [`outputs_travel_cap`]) is no fewer than the recomputed layers. Else, when no
-    /// attention output is resident, the attention outputs and log-sum-exps
-    /// ([`attention_outputs`]) of every recomputed layer take a one-slot ring instead of the
-    /// shared set, and those of the lowest `outputs_travel` travel through host memory: their
-    /// recompute runs no attention kernel, the others' recomputes theirs into the slot.
+    /// The attention checkpoints travel only when no attention output is resident on the
+    /// device ([`below_top_layers`]) and `outputs_travel` (the host's memory sets it,
+    /// [`outputs_travel_cap`]) is no fewer than the recomputed layers. Else the attention
+    /// outputs and log-sum-exps ([`attention_outputs`]) of the recomputed layers that keep none
+    /// on the device take a one-slot ring instead of the shared set's buffers, and those of
+    /// the lowest `outputs_travel` travel through host memory: their recompute runs no
+    /// attention kernel; the others recompute theirs into the slot.
     Checkpoints {
         qkv: bool,
         gate_up: GateUp,
@@ -640,8 +641,8 @@ impl ActSizes {
     ///   a member, every layer's attention outputs may travel and no attention output is
     ///   resident, their attention checkpoints ([`attention_checkpoint`]) take a ring too (the
     ///   upper bound: they stay in the shared set when host memory is short, see
-    ///   [`pinned_rows_fit`]); else, with some outputs travelling and none resident, the
-    ///   attention outputs take a one-slot ring ([`attention_outputs`]);
+    ///   [`pinned_rows_fit`]); else, with some outputs travelling (below the resident ones),
+    ///   the attention outputs take a one-slot ring ([`attention_outputs`]);
     /// - `widths[g]` adapted projections are in input group g's widest stack
     ///   ([`Proj::INPUT_GROUPS`]);
     /// - `resident_attention` recomputed layers ([`below_top_layers`]) keep their attention
@@ -675,6 +676,8 @@ impl ActSizes {
         // aligned pieces) when offloading
         // the gate/up ring's slot (two (N, I) pieces) when some layers use it
         let recomputed = d.layers - kept;
+        let resident = below_top_layers(&(0..recomputed).collect::<Vec<_>>(), resident_attention);
+        let resident = resident.len();
         let attn_ring = match offload {
             Offload::Checkpoints {
                 qkv,
@@ -720,9 +723,10 @@ impl ActSizes {
                     + gate_up_slot
                     + resident
             }
-            // the attention outputs' slot instead of the shared set's output and lse
+            // the attention outputs' slot instead of the shared set's output and lse, when some
+            // travel (below the resident ones)
             Offload::Checkpoints { outputs_travel, .. }
-                if recomputed > 1 && resident_attention == 0 && outputs_travel > 0 =>
+                if recomputed > 1 && outputs_travel.min(recomputed - 1 - resident) > 0 =>
             {
                 piece_start(self.n, &attention_outputs(d), 2) - b * self.nq - 4 * self.lse
             }
@@ -747,9 +751,7 @@ impl ActSizes {
             + self.attn_scratch
             + 4 * (6 * self.n)
             + 4 * (self.n + 1);
-        let layers: Vec<usize> = (0..recomputed).collect();
-        let resident_attention = below_top_layers(&layers, resident_attention).len()
-            * resident_attention_bytes(d, self.n);
+        let resident_attention = resident * resident_attention_bytes(d, self.n);
         kept * per_layer(self.n)
             + shared * per_layer(self.mlp_rows)
             + attn_ring
@@ -1289,6 +1291,13 @@ mod tests {
         assert_eq!(plan(offload(t, 23)), plan(offload(t, 0)));
         // every layer's outputs may travel: the attention checkpoints' ring is planned
         assert!(plan(offload(t, usize::MAX)) > plan(offload(t, 0)));
+        // with 8 outputs resident on the device (2.03 GiB each) the other 23 travel: the plan
+        // adds the resident buffers only
+        let resident = s.bytes(&LLAMA_8B, false, ALL, 0, offload(t, 23), 8);
+        assert_eq!(
+            resident - plan(offload(t, 23)),
+            8 * resident_attention_bytes(&LLAMA_8B, n)
+        );
         // at 500 tokens the lse piece (8,000 bytes) rounds up to 8,192
         let (d, _) = six_layers();
         let s = ActSizes::new(&d, 500, 8, LOGIT_BUDGET_LEAN);
@@ -1297,6 +1306,14 @@ mod tests {
                 - s.bytes(&d, false, ALL, kept, offload(usize::MAX, 0), 0);
             assert_eq!(grow, 192, "kept {kept}");
         }
+        // the slot goes once no layer below the resident ones is left to travel: of six
+        // recomputed layers, the top and four resident leave one
+        let with = |resident| {
+            s.bytes(&d, false, ALL, 0, offload(usize::MAX, 1), resident)
+                - s.bytes(&d, false, ALL, 0, offload(usize::MAX, 0), resident)
+        };
+        assert_eq!(with(4), 192);
+        assert_eq!(with(5), 0);
     }
 
     #[test]

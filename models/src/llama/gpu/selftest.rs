@@ -560,7 +560,8 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
         }
     }
     // Attention outputs kept on the GPU: of two layers with the residuals through the host
-    // (then no attention checkpoint travels), of every layer below the top without offload.
+    // (then no attention checkpoint travels, the outputs of the three below do), of every layer
+    // below the top without offload.
     g.set_mlp_tile_rows(super::plan::MLP_TILE_ROWS);
     let lean = Offload::Checkpoints {
         qkv: true,
@@ -569,15 +570,21 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
         resid_travel: usize::MAX,
         outputs_travel: usize::MAX,
     };
-    for (offload, k) in [(lean, 2), (lean, 2), (Offload::Off, OFFLOAD_LAYERS)] {
+    let runs = [
+        (lean, 2, 3),
+        (lean, 2, 3),
+        (Offload::Off, OFFLOAD_LAYERS, 0),
+    ];
+    for (offload, k, travelling) in runs {
         g.set_resident_attention(k);
         let name = format!("{arch} x{OFFLOAD_LAYERS}, attention outputs of {k} layers kept");
         let want = (one_tile.0, &one_tile.1);
         recompute_row(&mut g, &batch, &targets, 0, offload, want, &name, rows)?;
         let kept = g.resident_attention_layers().len();
-        if kept != k.min(OFFLOAD_LAYERS - 1) {
+        let travelled = g.outputs_offloaded().len();
+        if (kept, travelled) != (k.min(OFFLOAD_LAYERS - 1), travelling) {
             return Err(format!(
-                "{name}: {kept} layers kept their attention outputs"
+                "{name}: {kept} layers kept their attention outputs, {travelled} sent them through the host"
             ));
         }
     }
