@@ -1417,14 +1417,10 @@ impl<'g> GpuLlama<'g> {
             let host = LayerOffload::host_bytes((m, 1, outputs_travel), n, &output_pieces);
             let resident = resident_attention.len();
             eprintln!(
-                "note: the attention outputs of the lowest {outputs_travel} of {m} recomputed layers travel through host memory ({:.1} GiB pinned next to the residuals' {:.1}), so their recompute runs no attention kernel; the {} above recompute theirs{}",
+                "note: the attention outputs of the lowest {outputs_travel} of {m} recomputed layers travel through host memory ({:.1} GiB pinned next to the residuals' {:.1}), so their recompute runs no attention kernel; of the layers above, {} recompute theirs and {resident} keep theirs on the GPU",
                 gib(host),
                 gib(resid_host),
                 m - 1 - outputs_travel - resident,
-                match resident {
-                    0 => String::new(),
-                    k => format!(", the {k} above those keep theirs on the GPU"),
-                }
             );
         }
         // The layers whose gate and up outputs travel ([`plan::gate_up_layers`]): only with the
