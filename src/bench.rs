@@ -430,13 +430,17 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     let (_, _, _, ckpt_fpt) = flop_estimate(&model.dims, a.seq, a.lora_r, true);
     // Recomputed layers count one layer forward each, as hf_baseline.py counts its recompute.
     // Resident and travelling attention outputs spare their layers' attention forward in the
-    // recompute.
+    // recompute. A layer that stores no input residual re-runs the layer below, counted as one
+    // layer forward without its attention (sparse residuals keep the re-run layers' outputs
+    // whenever the host holds them).
     let resident_attention = model.resident_attention_layers();
     let outputs_offloaded = model.outputs_offloaded();
+    let skipped = model.skipped_residuals();
     let attn_fwd_fpt = attention_forward_flops(&model.dims, a.seq);
     let spared = resident_attention.len() + outputs_offloaded.len();
-    let hw_fpt = model_fpt + (ckpt_fpt - model_fpt) * recomputed as f64 / layers as f64
-        - spared as f64 * attn_fwd_fpt;
+    let layer_fwd_fpt = (ckpt_fpt - model_fpt) / layers as f64;
+    let hw_fpt = model_fpt + layer_fwd_fpt * recomputed as f64 - spared as f64 * attn_fwd_fpt
+        + skipped.len() as f64 * (layer_fwd_fpt - attn_fwd_fpt);
     let peak = a.peak_tflops * 1e12;
     let mfu = model_fpt * tok_s / peak;
     let hfu = hw_fpt * tok_s / peak;
@@ -472,6 +476,12 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
             resident_qkv.len()
         ));
     }
+    if !skipped.is_empty() {
+        carried.push(format!(
+            "every other residual: {} layers re-run the layer below",
+            skipped.len()
+        ));
+    }
     if !outputs_offloaded.is_empty() {
         carried.push(format!(
             "attention outputs of {} layers through the host",
@@ -502,7 +512,7 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     let json = serde_json::json!({
         "bench": "ftrt", "model": a.preset, "mode": a.mode, "optim": "adamw", "lora_r": a.lora_r,
         "kept_bf16": a.llm_int8_skip_modules, "grad_ckpt": recomputed > 0, "recomputed_layers": recomputed,
-        "offload_residuals": a.offload_residuals, "checkpoint_qkv": qkv, "gate_up_layers": gate_up, "resident_qkv_layers": resident_qkv, "resident_attention_layers": resident_attention, "outputs_offloaded": outputs_offloaded, "offload_embeddings": a.offload_embeddings, "gpu": name, "attention": attention,
+        "offload_residuals": a.offload_residuals, "checkpoint_qkv": qkv, "gate_up_layers": gate_up, "resident_qkv_layers": resident_qkv, "resident_attention_layers": resident_attention, "outputs_offloaded": outputs_offloaded, "skipped_residuals": skipped, "offload_embeddings": a.offload_embeddings, "gpu": name, "attention": attention,
         "gemm_autotune": std::env::var(ftrt_runtime::gemm::cublaslt::AUTOTUNE_ENV).is_ok_and(|v| v == "1"),
         "setup_s": (setup_s * 10.0).round() / 10.0,
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "warmup": a.warmup, "status": "ok",

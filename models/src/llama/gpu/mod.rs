@@ -142,6 +142,9 @@ enum Pass<'c> {
     /// Gradient checkpointing, in the backward: stops after the post-attention norm (the MLP
     /// is recomputed tile by tile as its backward runs).
     Recompute,
+    /// Sparse residuals, in the backward: the whole layer again, as [`Pass::Recompute`] takes
+    /// its attention, to rebuild the next layer's input residual ([`plan::skipped_residuals`]).
+    Reforward,
     /// Generation, prompts: keys and values also stored into the cache (rows' slots and
     /// positions in the cache's row tables), attention over the batch itself.
     Prefill(&'c GpuKvCache),
@@ -330,6 +333,9 @@ struct Acts {
     /// The recomputed layers whose attention output and lse have device buffers of their own
     /// ([`GpuLlama::set_resident_attention`]): their recompute runs no attention kernel.
     resident_attention: Vec<usize>,
+    /// The recomputed layers that store no input residual ([`plan::skipped_residuals`]): it
+    /// aliases resid[L], and the backward rebuilds it by re-running the layer below.
+    skipped_resid: Vec<usize>,
     _held: Held,
 }
 
@@ -895,14 +901,16 @@ impl<'g> GpuLlama<'g> {
         let available = crate::train::plan::available_memory();
         let (n, d) = (self.max_tokens, &self.dims);
         let resid_travel = plan::resid_travel_cap(n, d.hidden, available);
-        let outputs_travel = plan::outputs_travel_cap(d, n, resid_travel, available);
+        let outputs_with =
+            |stored: usize| plan::outputs_travel_cap(d, n, resid_travel.min(stored), available);
         self.set_offload(if on {
             plan::Offload::Checkpoints {
                 qkv,
                 gate_up,
                 resident_qkv,
                 resid_travel,
-                outputs_travel,
+                outputs_travel: outputs_with(d.layers),
+                sparse_outputs_travel: outputs_with(d.layers.div_ceil(2)),
             }
         } else {
             plan::Offload::Off
@@ -993,6 +1001,14 @@ impl<'g> GpuLlama<'g> {
     pub fn outputs_offloaded(&self) -> Vec<usize> {
         let o = self.acts.as_ref().and_then(|a| a.outputs_offload.as_ref());
         o.map_or(Vec::new(), |o| o.travelling())
+    }
+
+    /// The recomputed layers that store no input residual in the allocated activations (see
+    /// [`plan::resid_stride`]; none before the first batch).
+    pub fn skipped_residuals(&self) -> Vec<usize> {
+        self.acts
+            .as_ref()
+            .map_or(Vec::new(), |a| a.skipped_resid.clone())
     }
 
     /// Whether checkpoint offload is on (see [`Self::set_offload_residuals`]).
@@ -1329,7 +1345,7 @@ impl<'g> GpuLlama<'g> {
         };
         let recomputed: Vec<usize> = (0..d.layers).filter(|&l| !self.is_kept(l)).collect();
         let m = recomputed.len();
-        let (wants_qkv, wants_gate_up, wants_resident, resid_travel, outputs_travel) =
+        let (wants_qkv, wants_gate_up, wants_resident, resid_travel, all_outputs_fit) =
             match self.offload {
                 plan::Offload::Checkpoints {
                     qkv,
@@ -1337,13 +1353,33 @@ impl<'g> GpuLlama<'g> {
                     resident_qkv,
                     resid_travel,
                     outputs_travel,
-                } => (qkv, gate_up, resident_qkv, resid_travel, outputs_travel),
-                plan::Offload::Off => (false, plan::GateUp::Layers(0), 0, 0, 0),
+                    ..
+                } => (
+                    qkv,
+                    gate_up,
+                    resident_qkv,
+                    resid_travel,
+                    outputs_travel >= m,
+                ),
+                plan::Offload::Off => (false, plan::GateUp::Layers(0), 0, 0, false),
             };
-        // The residual ring's members ([`plan::resid_members`]): the lowest recomputed layers,
-        // all of them unless their host rows would not fit; the layers above keep their input
-        // residuals in buffers of their own.
-        let resid_members = recomputed[..plan::resid_members(m, n, resid_travel)].to_vec();
+        // Sparse residuals ([`plan::resid_stride`]): decided as if no attention checkpoint
+        // travels (when one may, every residual is stored anyway).
+        let resident_count = plan::below_top_layers(&recomputed, self.resident_attention).len();
+        let stride = match offloading {
+            true => plan::resid_stride(self.offload, m, n, resident_count),
+            false => 1,
+        };
+        let skipped_resid = plan::skipped_residuals(&recomputed, stride);
+        let stored: Vec<usize> = recomputed
+            .iter()
+            .copied()
+            .filter(|l| !skipped_resid.contains(l))
+            .collect();
+        // The residual ring's members ([`plan::resid_members`]): the lowest recomputed layers
+        // that store one, all of them unless their host rows would not fit; the layers above
+        // keep their input residuals in buffers of their own.
+        let resid_members = stored[..plan::resid_members(stored.len(), n, resid_travel)].to_vec();
         let resid_row = [2 * d.hidden];
         let resid_host = |k| {
             let ring = plan::resid_ring(k, n);
@@ -1351,12 +1387,13 @@ impl<'g> GpuLlama<'g> {
         };
         let available = crate::train::plan::available_memory();
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-        if offloading && resid_members.len() < m {
+        if offloading && resid_members.len() < stored.len() {
+            let staying = stored.len() - resid_members.len();
             eprintln!(
-                "note: the input residuals of {} of {m} recomputed layers stay on the GPU ({:.1} GiB), and no attention checkpoint travels: all residuals would pin {:.1} GiB of host memory, more than half of the {:.1} GiB available",
-                m - resid_members.len(),
-                gib((m - resid_members.len()) * s.nc * 2),
-                gib(resid_host(m)),
+                "note: the input residuals of {staying} of {} recomputed layers stay on the GPU ({:.1} GiB), and no attention checkpoint travels: all residuals would pin {:.1} GiB of host memory, more than half of the {:.1} GiB available",
+                stored.len(),
+                gib(staying * s.nc * 2),
+                gib(resid_host(stored.len())),
                 gib(available.unwrap_or(0) as usize)
             );
         }
@@ -1373,7 +1410,7 @@ impl<'g> GpuLlama<'g> {
             |qkv| LayerOffload::host_bytes((m, ring_slots, usize::MAX), n, &pieces(qkv));
         let fits = |qkv| {
             resid_members.len() == m
-                && outputs_travel >= m
+                && all_outputs_fit
                 && plan::pinned_rows_fit(resid_host + attn_host(qkv), available)
         };
         let ring = match offloading {
@@ -1409,9 +1446,15 @@ impl<'g> GpuLlama<'g> {
         // not travel, the lowest `outputs_travel` layers' travel, below the resident ones (the
         // highest recomputed layer's stays in the slot: its backward recomputes nothing).
         let outputs_travel = match ring {
-            None if offloading => outputs_travel.min(m - 1 - resident_attention.len()),
+            None if offloading => plan::outputs_travelling(self.offload, m, n, resident_count),
             _ => 0,
         };
+        if !skipped_resid.is_empty() {
+            eprintln!(
+                "note: {} of {m} recomputed layers store no input residual (every other one; the backward rebuilds each by re-running the layer below), so that more attention outputs fit the host",
+                skipped_resid.len()
+            );
+        }
         let output_pieces = plan::attention_outputs(&d).to_vec();
         if outputs_travel > 0 {
             let host = LayerOffload::host_bytes((m, 1, outputs_travel), n, &output_pieces);
@@ -1567,9 +1610,15 @@ impl<'g> GpuLlama<'g> {
         for l in 0..=d.layers {
             resid.push(match &resid_offload {
                 Some(o) if o.holds(l) => o.piece(l, 0),
+                _ if skipped_resid.contains(&l) => null,
                 _ => h.alloc(gpu, s.nc)?,
             });
             rstd.push(h.alloc(gpu, n)?);
+        }
+        // A skipped layer's input lives in the last layer's output's buffer: in the forward
+        // until the layer has run, in the backward once the final norm's backward has read it.
+        for &l in &skipped_resid {
+            resid[l] = resid[d.layers];
         }
         let pad = s.nq_pad > 0;
         let dp = s.head_dim_pad;
@@ -1636,6 +1685,7 @@ impl<'g> GpuLlama<'g> {
             qkv_in_checkpoint: ring == Some(true),
             resident_qkv,
             resident_attention,
+            skipped_resid,
             _held: h,
         };
         self.acts = Some(acts);
@@ -1919,11 +1969,11 @@ impl<'g> GpuLlama<'g> {
         match pass {
             // a resident attention output and lse are still there from the forward, a
             // travelling one is back (or on its way) in the outputs' slot
-            Pass::Recompute if a.resident_attention.contains(&l) => {}
-            Pass::Recompute if outputs.is_some_and(|o| o.keeps(l)) => {
+            Pass::Recompute | Pass::Reforward if a.resident_attention.contains(&l) => {}
+            Pass::Recompute | Pass::Reforward if outputs.is_some_and(|o| o.keeps(l)) => {
                 outputs.map_or(Ok(()), |o| o.wait_prefetched(gpu, l))?
             }
-            Pass::Recompute => self.attn_forward(a, la, n, s)?,
+            Pass::Recompute | Pass::Reforward => self.attn_forward(a, la, n, s)?,
             // a travelling output goes out while o_proj and the MLP run
             Pass::Train => {
                 outputs.map_or(Ok(()), |o| o.before_write(gpu, l))?;
@@ -2254,14 +2304,29 @@ impl<'g> GpuLlama<'g> {
                 // other slots meanwhile. The recompute then redoes q, k, v only if the
                 // checkpoint lacks them (and, below, the MLP): the attention output and the
                 // post-attention residual are back.
+                // A layer without a stored residual waits for the one below, prefetched at the
+                // layer above, and rebuilds its own by re-running the layer below (whose
+                // attention output comes back first: see the prefetch after attention).
+                let skipped = a.skipped_resid.contains(&l);
                 for o in [&a.resid_offload, &a.attn_offload].into_iter().flatten() {
+                    if skipped {
+                        o.wait_prefetched(gpu, l - 1)?;
+                        continue;
+                    }
                     o.wait_prefetched(gpu, l)?;
-                    if l > 0 {
-                        o.prefetch(gpu, l - 1, n)?;
+                    if let Some(below) = o.member_below(l) {
+                        o.prefetch(gpu, below, n)?;
                     }
                 }
                 if let Some(o) = &a.gate_up_offload {
                     o.wait_prefetched(gpu, l)?;
+                }
+                if skipped {
+                    self.input_norm(a, l - 1, n)?;
+                    self.layer_forward(a, l - 1, n, s, Pass::Reforward)?;
+                    if let Some(o) = &a.outputs_offload {
+                        o.prefetch(gpu, l, n)?;
+                    }
                 }
                 if !self.forward_still_held(l) {
                     self.input_norm(a, l, n)?;
@@ -2368,10 +2433,12 @@ impl<'g> GpuLlama<'g> {
                 a.dxa,
             )?;
             self.attn_backward(a, la, n, s)?;
-            // The outputs' slot is free: the layer below's come back meanwhile.
+            // The outputs' slot is free: the layer below's come back meanwhile (when that one
+            // stores no residual, the outputs of the layer it re-runs first).
             if let Some(o) = &a.outputs_offload {
                 if let Some(below) = o.member_below(l) {
-                    o.prefetch(gpu, below, n)?;
+                    let first = below - usize::from(a.skipped_resid.contains(&below));
+                    o.prefetch(gpu, first, n)?;
                 }
             }
             let rope_back = |dx, heads, what| {

@@ -67,12 +67,19 @@ pub enum Offload {
     /// on the device take a one-slot ring instead of the shared set's buffers, and those of
     /// the lowest `outputs_travel` travel through host memory: their recompute runs no
     /// attention kernel; the others recompute theirs into the slot.
+    ///
+    /// When some would recompute theirs and storing every other input residual only lets more
+    /// outputs travel (at most `sparse_outputs_travel` then; 0: never), the residuals are
+    /// sparse ([`resid_stride`]): the recomputed layers at odd positions below the top store
+    /// none ([`skipped_residuals`]), and the backward rebuilds one by re-running the forward of
+    /// the layer below.
     Checkpoints {
         qkv: bool,
         gate_up: GateUp,
         resident_qkv: usize,
         resid_travel: usize,
         outputs_travel: usize,
+        sparse_outputs_travel: usize,
     },
 }
 
@@ -96,6 +103,7 @@ impl Offload {
                 gate_up,
                 resid_travel,
                 outputs_travel,
+                sparse_outputs_travel,
                 ..
             } => Offload::Checkpoints {
                 qkv,
@@ -103,6 +111,7 @@ impl Offload {
                 resident_qkv: layers,
                 resid_travel,
                 outputs_travel,
+                sparse_outputs_travel,
             },
             Offload::Off => Offload::Off,
         }
@@ -121,21 +130,17 @@ pub fn attention_outputs(d: &Dims) -> [usize; 2] {
 }
 
 /// The most recomputed layers whose attention outputs ([`attention_outputs`], `n` tokens) fit
-/// in pinned host rows next to `resid_travel` travelling input residuals (at most one per
-/// layer), within the host's `available` memory less [`HOST_RESERVE_DIVISOR`]'s share;
-/// unbounded when it is unknown. The 8B at one 262,144-token sequence on the H200 host: 30
-/// residuals pin 60 GiB, and 23 layers' outputs (2.03 GiB each) fit the 48 GiB left.
-pub fn outputs_travel_cap(
-    d: &Dims,
-    n: usize,
-    resid_travel: usize,
-    available: Option<u64>,
-) -> usize {
+/// in pinned host rows next to `resid_rows` travelling input residuals, within the host's
+/// `available` memory less [`HOST_RESERVE_DIVISOR`]'s share; unbounded when it is unknown.
+/// The 8B at one 262,144-token sequence on the H200 host: 30 residuals pin 60 GiB, and 23
+/// layers' outputs (2.03 GiB each) fit the 48 GiB left; with every other residual (16 rows)
+/// all 31 below the top fit.
+pub fn outputs_travel_cap(d: &Dims, n: usize, resid_rows: usize, available: Option<u64>) -> usize {
     let Some(a) = available else {
         return usize::MAX;
     };
     let row = |pieces: &[usize]| piece_start(n, pieces, pieces.len()).max(1) as u64;
-    let resid = resid_travel.min(d.layers) as u64 * row(&[2 * d.hidden]);
+    let resid = resid_rows as u64 * row(&[2 * d.hidden]);
     let free = (a - a / HOST_RESERVE_DIVISOR).saturating_sub(resid);
     (free / row(&attention_outputs(d))) as usize
 }
@@ -148,6 +153,72 @@ pub fn piece_start(n_max: usize, piece_bytes: &[usize], i: usize) -> usize {
         .iter()
         .map(|&b| (n_max * b).next_multiple_of(256))
         .sum()
+}
+
+/// Every how many recomputed layers one stores its input residual (1 or 2) with checkpoint
+/// `offload`, `m` recomputed layers at `n` tokens and `resident` of them keeping their
+/// attention outputs on the device: 2 when, storing all, some of the other layers below the
+/// top would recompute their attention (fewer than them travel, [`Offload::Checkpoints`]),
+/// and storing half either lets more travel or, with resident outputs, takes the residuals
+/// that the host cannot hold off the device (the 8B at 524k: 15 of 4 GiB each, room for the
+/// resident outputs). A rebuilt residual costs a layer forward without attention (the 8B at
+/// 262k: ~0.25 s) where a recomputed attention forward costs ~1.1 s.
+pub fn resid_stride(offload: Offload, m: usize, n: usize, resident: usize) -> usize {
+    match offload {
+        Offload::Checkpoints {
+            resid_travel,
+            outputs_travel,
+            sparse_outputs_travel,
+            ..
+        } if m >= 3 => {
+            let below = m - 1 - resident.min(m - 1);
+            let more = sparse_outputs_travel.min(below) > outputs_travel.min(below);
+            let room = resident > 0 && resid_members(m, n, resid_travel) < m;
+            if outputs_travel < below && (more || room) {
+                2
+            } else {
+                1
+            }
+        }
+        _ => 1,
+    }
+}
+
+/// How many of `m` recomputed layers' attention outputs travel at `n` tokens with checkpoint
+/// `offload` when the attention checkpoints do not and `resident` keep theirs on the device: the lowest, at
+/// most the cap of the residuals' [`resid_stride`], none of the resident ones or the top.
+pub fn outputs_travelling(offload: Offload, m: usize, n: usize, resident: usize) -> usize {
+    match offload {
+        Offload::Checkpoints {
+            outputs_travel,
+            sparse_outputs_travel,
+            ..
+        } if m >= 2 => {
+            let cap = match resid_stride(offload, m, n, resident) {
+                2 => sparse_outputs_travel,
+                _ => outputs_travel,
+            };
+            cap.min(m - 1 - resident.min(m - 1))
+        }
+        _ => 0,
+    }
+}
+
+/// The recomputed layers (`recomputed`, ascending) that store no input residual at residual
+/// stride `stride` ([`resid_stride`]): with 2, those at odd positions below the highest (whose
+/// input the backward needs first, with nothing below re-run yet); each one's layer below
+/// stores its own.
+pub fn skipped_residuals(recomputed: &[usize], stride: usize) -> Vec<usize> {
+    let below_top = recomputed.len().saturating_sub(1);
+    match stride {
+        2 => recomputed[..below_top]
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .copied()
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// How many of `recomputed` layers' input residuals live in the residual ring at `n` tokens
@@ -345,15 +416,28 @@ pub fn resid_ring(recomputed: usize, n: usize) -> usize {
     recomputed.min(slots)
 }
 
-/// Residual streams (N, C) on the device at `n` tokens: L + 1, or with checkpoint offload the
-/// ring instead of its members' inputs ([`resid_members`]; the kept layers' inputs, the last
-/// layer's output and the recomputed layers above the members stay).
-pub fn device_residuals(layers: usize, kept: usize, offload: Offload, n: usize) -> usize {
+/// Residual streams (N, C) on the device at `n` tokens when `resident` recomputed layers keep
+/// their attention outputs there: L + 1, or with checkpoint offload the ring instead of its
+/// members' inputs ([`resid_members`] of the layers that store one; the kept layers' inputs,
+/// the last layer's output and the recomputed layers above the members stay; the layers of
+/// [`skipped_residuals`] share the last layer's output's buffer, free while the layers'
+/// backward runs).
+pub fn device_residuals(
+    layers: usize,
+    kept: usize,
+    offload: Offload,
+    n: usize,
+    resident: usize,
+) -> usize {
     let recomputed = layers - kept.min(layers);
     match offload {
         Offload::Checkpoints { resid_travel, .. } => {
-            let members = resid_members(recomputed, n, resid_travel);
-            layers + 1 - members + resid_ring(members, n)
+            let skipped = match resid_stride(offload, recomputed, n, resident) {
+                2 => (recomputed - 1) / 2,
+                _ => 0,
+            };
+            let members = resid_members(recomputed - skipped, n, resid_travel);
+            layers + 1 - skipped - members + resid_ring(members, n)
         }
         Offload::Off => layers + 1,
     }
@@ -685,6 +769,7 @@ impl ActSizes {
                 resident_qkv,
                 resid_travel,
                 outputs_travel,
+                ..
             } if recomputed > 0
                 && resident_attention == 0
                 && resid_members(recomputed, self.n, resid_travel) == recomputed
@@ -725,14 +810,14 @@ impl ActSizes {
             }
             // the attention outputs' slot instead of the shared set's output and lse, when some
             // travel (below the resident ones)
-            Offload::Checkpoints { outputs_travel, .. }
-                if recomputed > 1 && outputs_travel.min(recomputed - 1 - resident) > 0 =>
+            Offload::Checkpoints { .. }
+                if outputs_travelling(offload, recomputed, self.n, resident) > 0 =>
             {
                 piece_start(self.n, &attention_outputs(d), 2) - b * self.nq - 4 * self.lse
             }
             _ => 0,
         };
-        let streams = device_residuals(d.layers, kept, offload, self.n) * b * self.nc
+        let streams = device_residuals(d.layers, kept, offload, self.n, resident) * b * self.nc
             + (d.layers + 1) * 4 * self.n
             + (slots + 1) * b * self.nc;
         // dres_a, dres_b, dln, and tmp_c unless it is dq's memory; d act, d gate, d up; datt,
@@ -971,6 +1056,7 @@ mod tests {
         resident_qkv: 0,
         resid_travel: usize::MAX,
         outputs_travel: usize::MAX,
+        sparse_outputs_travel: 0,
     };
 
     /// Llama-3.1-8B's shapes.
@@ -1142,11 +1228,11 @@ mod tests {
             assert_eq!(on_device - off, resid_saved - attn_ring, "kept {k}");
             // all but the ring's last `resid_ring` travel
             assert_eq!(
-                device_residuals(6, k, LEAN, 512),
+                device_residuals(6, k, LEAN, 512, 0),
                 7 - recomputed.saturating_sub(RESID_RING)
             );
         }
-        assert_eq!(device_residuals(6, 0, Offload::Off, 512), 7);
+        assert_eq!(device_residuals(6, 0, Offload::Off, 512, 0), 7);
         assert_eq!((resid_ring(2, 512), resid_ring(6, 512)), (2, RESID_RING));
         // long micro-batches: a slot less
         let long = SHORT_RING_TOKENS;
@@ -1201,6 +1287,7 @@ mod tests {
             resident_qkv: 0,
             resid_travel: t,
             outputs_travel: usize::MAX,
+            sparse_outputs_travel: 0,
         };
         // six recomputed layers, fewer than the ring's three may travel: the ring takes the
         // lowest t + 3, the layers above keep their residuals, no attention checkpoint
@@ -1208,7 +1295,7 @@ mod tests {
         let off = s.bytes(&d, false, ALL, 0, Offload::Off, 0);
         for t in 0..RESID_RING {
             assert_eq!(resid_members(6, 512, t), t + RESID_RING);
-            assert_eq!(device_residuals(6, 0, travel(t), 512), 7 - t);
+            assert_eq!(device_residuals(6, 0, travel(t), 512, 0), 7 - t);
             assert_eq!(
                 off - s.bytes(&d, false, ALL, 0, travel(t), 0),
                 t * resid,
@@ -1223,8 +1310,8 @@ mod tests {
         }
         // two kept layers: four recomputed, the cap counts among them
         assert_eq!(resid_members(4, 512, 0), RESID_RING);
-        assert_eq!(device_residuals(6, 2, travel(0), 512), 7);
-        assert_eq!(device_residuals(6, 2, travel(1), 512), 6);
+        assert_eq!(device_residuals(6, 2, travel(0), 512, 0), 7);
+        assert_eq!(device_residuals(6, 2, travel(1), 512, 0), 6);
     }
 
     /// The longest row: Llama-3.1-8B QLoRA r=16, one 524,288-token sequence, every
@@ -1244,8 +1331,9 @@ mod tests {
             resident_qkv: 0,
             resid_travel: t,
             outputs_travel,
+            sparse_outputs_travel: 0,
         };
-        assert_eq!(device_residuals(32, 0, offload(0), n), 18);
+        assert_eq!(device_residuals(32, 0, offload(0), n, 0), 18);
         let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
         let bytes = |o| s.bytes(&LLAMA_8B, false, ALL, 0, offload(o), 0) as u64;
         assert!(
@@ -1285,6 +1373,7 @@ mod tests {
             resident_qkv: 0,
             resid_travel,
             outputs_travel,
+            sparse_outputs_travel: 0,
         };
         let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
         let plan = |o| s.bytes(&LLAMA_8B, false, ALL, 0, o, 0);
@@ -1316,6 +1405,135 @@ mod tests {
         assert_eq!(with(5), 0);
     }
 
+    /// Sparse residuals on six layers: layers 1 and 3 store none, and only when some layer below
+    /// the top would recompute its attention that storing half lets travel or (with resident
+    /// outputs) make room for.
+    #[test]
+    fn sparse_residuals_skip_odd_layers_below_the_top_when_that_spares_attention() {
+        let all: Vec<usize> = (0..6).collect();
+        assert_eq!(skipped_residuals(&all, 2), vec![1, 3]);
+        assert_eq!(skipped_residuals(&all[..5], 2), vec![1, 3]);
+        assert_eq!(skipped_residuals(&[4, 5], 2), Vec::<usize>::new());
+        assert!(skipped_residuals(&all, 1).is_empty());
+        let (d, s) = six_layers();
+        let offload = |resid_travel, outputs_travel, sparse_outputs_travel| Offload::Checkpoints {
+            qkv: false,
+            gate_up: GateUp::Layers(0),
+            resident_qkv: 0,
+            resid_travel,
+            outputs_travel,
+            sparse_outputs_travel,
+        };
+        let max = usize::MAX;
+        // (offload, m, resident) -> stride, travelling outputs
+        let cases = [
+            (offload(max, 0, 1), 6, 0, 2, 1),
+            (offload(max, 1, max), 6, 0, 2, 5),
+            (offload(max, 5, max), 6, 0, 1, 5),
+            (offload(max, 1, 1), 6, 0, 1, 1),
+            (offload(max, 3, max), 6, 2, 1, 3),
+            (offload(max, 2, max), 6, 2, 2, 3),
+            (offload(max, 1, max), 2, 0, 1, 1),
+            (Offload::Off, 6, 0, 1, 0),
+        ];
+        for (o, m, resident, stride, travelling) in cases {
+            assert_eq!(
+                resid_stride(o, m, 512, resident),
+                stride,
+                "{o:?} {m} {resident}"
+            );
+            assert_eq!(outputs_travelling(o, m, 512, resident), travelling, "{o:?}");
+        }
+        // resident outputs and residuals the host cannot hold: half make room on the device
+        assert_eq!(resid_stride(offload(0, 0, 0), 6, 512, 0), 1);
+        assert_eq!(resid_stride(offload(0, 0, 0), 6, 512, 1), 2);
+        // every residual travelling: the device keeps the ring either way (the skipped ones
+        // share the last layer's output's buffer)
+        let bytes = |o, resident| s.bytes(&d, false, ALL, 0, o, resident);
+        assert_eq!(device_residuals(6, 0, offload(max, 0, 1), 512, 0), 4);
+        assert_eq!(bytes(offload(max, 0, 1), 0), bytes(offload(max, 1, 1), 0));
+        // none travelling, one resident output: the ring's three hold 0, 2, 4 instead of 0, 1,
+        // 2, and the top keeps its own: two (N, C) buffers fewer than with every residual
+        // stored
+        assert_eq!(device_residuals(6, 0, offload(0, 0, 0), 512, 0), 7);
+        assert_eq!(device_residuals(6, 0, offload(0, 0, 0), 512, 1), 5);
+        let resident = bytes(offload(0, 0, 0), 1) - resident_attention_bytes(&d, 512);
+        assert_eq!(bytes(offload(0, 0, 0), 0) - resident, 2 * 2 * s.nc);
+    }
+
+    /// The long rows with sparse residuals on the H200 host (123.6 GiB available). At
+    /// 262k, 16 stored residuals let every layer's outputs travel (37 would fit), in the same
+    /// device bytes. At 524k the host holds no more outputs (11 either way), but with 14
+    /// outputs resident on the device, half the residuals leave it room for them.
+    #[test]
+    fn sparse_residuals_at_262k_and_524k_tokens() {
+        let gib = 1u64 << 30;
+        let host = Some(1236 * gib / 10);
+        let offload = |n: usize| {
+            let t = resid_travel_cap(n, LLAMA_8B.hidden, host);
+            let cap = |rows: usize| outputs_travel_cap(&LLAMA_8B, n, t.min(rows), host);
+            Offload::Checkpoints {
+                qkv: false,
+                gate_up: GateUp::Layers(0),
+                resident_qkv: 0,
+                resid_travel: t,
+                outputs_travel: cap(32),
+                sparse_outputs_travel: cap(16),
+            }
+        };
+        let n = 262_144;
+        let o = offload(n);
+        assert!(matches!(
+            o,
+            Offload::Checkpoints {
+                outputs_travel: 23,
+                sparse_outputs_travel: 37,
+                ..
+            }
+        ));
+        assert_eq!(
+            (resid_stride(o, 32, n, 0), outputs_travelling(o, 32, n, 0)),
+            (2, 31)
+        );
+        // with the 8 outputs the host cannot hold resident, every residual is stored
+        assert_eq!(
+            (resid_stride(o, 32, n, 8), outputs_travelling(o, 32, n, 8)),
+            (1, 23)
+        );
+        let dense = Offload::Checkpoints {
+            qkv: false,
+            gate_up: GateUp::Layers(0),
+            resident_qkv: 0,
+            resid_travel: 30,
+            outputs_travel: 23,
+            sparse_outputs_travel: 0,
+        };
+        let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
+        let plan = |o| s.bytes(&LLAMA_8B, false, ALL, 0, o, 0);
+        assert_eq!(plan(o), plan(dense));
+        let n = 524_288;
+        let o = offload(n);
+        assert!(matches!(
+            o,
+            Offload::Checkpoints {
+                resid_travel: 15,
+                outputs_travel: 11,
+                sparse_outputs_travel: 11,
+                ..
+            }
+        ));
+        assert_eq!(resid_stride(o, 32, n, 0), 1);
+        assert_eq!(
+            (resid_stride(o, 32, n, 14), outputs_travelling(o, 32, n, 14)),
+            (2, 11)
+        );
+        assert_eq!(device_residuals(32, 0, o, n, 14), 3);
+        let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
+        let bytes = s.bytes(&LLAMA_8B, false, ALL, 0, o, 14) as u64;
+        // next to the 4-bit weights (5.3 GiB measured) on the 139.8 GiB card
+        assert!(bytes < 132 * gib, "{:.1} GiB", bytes as f64 / gib as f64);
+    }
+
     #[test]
     fn checkpoints_with_qkv_move_q_k_v_from_the_shared_set_into_the_ring() {
         let (d, s) = six_layers();
@@ -1325,6 +1543,7 @@ mod tests {
             resident_qkv: 0,
             resid_travel: usize::MAX,
             outputs_travel: usize::MAX,
+            sparse_outputs_travel: 0,
         };
         for qk in [false, true] {
             // q, k, v, the q/k/v stack's x A^T (three members), and with q/k norms their
@@ -1391,6 +1610,7 @@ mod tests {
             resident_qkv: 0,
             resid_travel: usize::MAX,
             outputs_travel: usize::MAX,
+            sparse_outputs_travel: 0,
         };
         let slot = 2 * (2 * s.n * d.intermediate).next_multiple_of(256);
         for k in 1..=3 {
@@ -1414,6 +1634,7 @@ mod tests {
             resident_qkv: k,
             resid_travel: usize::MAX,
             outputs_travel: usize::MAX,
+            sparse_outputs_travel: 0,
         };
         for qk in [false, true] {
             // a resident layer's buffers, counted by hand: q, k, v, the three members' x A^T,

@@ -398,8 +398,9 @@ fn recompute_row(
             resident_qkv,
             resid_travel,
             outputs_travel,
+            sparse_outputs_travel,
         } => format!(
-            ", checkpoints{} offloaded{}{}{}{},",
+            ", checkpoints{} offloaded{}{}{}{}{},",
             if qkv { " with q/k/v" } else { "" },
             match resid_travel {
                 usize::MAX => String::new(),
@@ -408,6 +409,10 @@ fn recompute_row(
             match outputs_travel {
                 usize::MAX => String::new(),
                 k => format!(" (at most {k} layers' attention outputs through the host)"),
+            },
+            match sparse_outputs_travel {
+                0 => String::new(),
+                k => format!(" (at most {k} with every other input residual stored)"),
             },
             match gate_up {
                 GateUp::Layers(0) => String::new(),
@@ -463,6 +468,7 @@ const OFFLOAD_LAYERS: usize = super::plan::RESID_RING + 3;
 /// no residual through the host: the layers above the ring keep theirs on the GPU); as if the
 /// attention checkpoints did not fit the host (the attention outputs of the lowest two layers
 /// through it, the others recomputed; then every layer's with one residual through the host);
+/// with sparse residuals (layers 1 and 3 store none; the backward re-runs layers 0 and 2);
 /// then with the attention outputs of two layers, and of every layer below the top, kept on
 /// the GPU.
 fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), String> {
@@ -541,6 +547,7 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
                 resident_qkv,
                 resid_travel,
                 outputs_travel,
+                sparse_outputs_travel: 0,
             },
             (want.0, &want.1),
             &name,
@@ -559,6 +566,51 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
             ));
         }
     }
+    // Sparse residuals: the attention checkpoints do not fit, and storing every other input
+    // residual lets more outputs travel, so layers 1 and 3 store none and the backward re-runs
+    // layers 0 and 2: (resid_travel, outputs_travel, sparse_outputs_travel, MLP tile,
+    // resident outputs) and the travelling outputs expected. With one output travelling the
+    // re-run of layer 2 recomputes its attention; with no residual through the host the ring
+    // holds three stored ones and the top layer keeps its own; with two resident outputs
+    // (layers 3 and 4) the three below travel.
+    let sparse_runs = [
+        (ALL, 0, 1, None, 0, 1),
+        (ALL, 0, 1, None, 0, 1),
+        (ALL, 1, ALL, Some(24), 0, 5),
+        (0, 0, ALL, None, 0, 5),
+        (ALL, 0, ALL, None, 2, 3),
+    ];
+    for (resid_travel, outputs_travel, sparse, tile, resident, want_travel) in sparse_runs {
+        let (name, want) = match tile {
+            Some(t) => (
+                format!("{arch} x{OFFLOAD_LAYERS}, MLP tiles of {t}, sparse residuals"),
+                &tiles,
+            ),
+            None => (
+                format!("{arch} x{OFFLOAD_LAYERS}, sparse residuals"),
+                &one_tile,
+            ),
+        };
+        g.set_mlp_tile_rows(tile.unwrap_or(super::plan::MLP_TILE_ROWS));
+        g.set_resident_attention(resident);
+        let offload = Offload::Checkpoints {
+            qkv: false,
+            gate_up: GateUp::Layers(0),
+            resident_qkv: 0,
+            resid_travel,
+            outputs_travel,
+            sparse_outputs_travel: sparse,
+        };
+        let want = (want.0, &want.1);
+        recompute_row(&mut g, &batch, &targets, 0, offload, want, &name, rows)?;
+        let (skipped, travelled) = (g.skipped_residuals(), g.outputs_offloaded().len());
+        if skipped != [1, 3] || travelled != want_travel {
+            return Err(format!(
+                "{name}: layers {skipped:?} stored no residual (want [1, 3]), {travelled} layers' attention outputs travelled (want {want_travel})"
+            ));
+        }
+    }
+    g.set_resident_attention(0);
     // Attention outputs kept on the GPU: of two layers with the residuals through the host
     // (then no attention checkpoint travels, the outputs of the three below do), of every layer
     // below the top without offload.
@@ -569,6 +621,7 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
         resident_qkv: 0,
         resid_travel: usize::MAX,
         outputs_travel: usize::MAX,
+        sparse_outputs_travel: 0,
     };
     let runs = [
         (lean, 2, 3),
@@ -629,6 +682,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
                 resident_qkv: 0,
                 resid_travel: usize::MAX,
                 outputs_travel: usize::MAX,
+                sparse_outputs_travel: 0,
             },
         ),
         (
@@ -639,6 +693,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
                 resident_qkv: 1,
                 resid_travel: usize::MAX,
                 outputs_travel: usize::MAX,
+                sparse_outputs_travel: 0,
             },
         ),
         (
@@ -649,6 +704,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
                 resident_qkv: 0,
                 resid_travel: usize::MAX,
                 outputs_travel: usize::MAX,
+                sparse_outputs_travel: 0,
             },
         ),
         (
@@ -659,6 +715,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
                 resident_qkv: 0,
                 resid_travel: usize::MAX,
                 outputs_travel: usize::MAX,
+                sparse_outputs_travel: 0,
             },
         ),
     ];
