@@ -15,11 +15,14 @@
 //! output, its log-sum-exp and the post-attention residual) to pinned host memory between
 //! forward and backward (rings of device buffers instead of one per layer): the backward then
 //! recomputes only q, k, v and the MLP. Where the host cannot hold those checkpoints (long
-//! sequences) only the attention outputs of the layers it can hold travel (the 8B at one 262k
-//! sequence: 23 of 32) and the other layers' attention is recomputed too, unless
+//! sequences) only the attention outputs travel, of as many layers as it holds next to the
+//! residuals, and when some layers would still recompute their attention every other layer
+//! stores no input residual, rebuilt by re-running the layer below (the 8B at one 262k
+//! sequence: 16 residuals and 31 outputs through the host, 1,790 tok/s in 35.0 GiB).
 //! `FTRT_RESIDENT_ATTENTION_LAYERS=k` keeps k recomputed layers' attention outputs on the GPU
-//! (the 8B at 262k, k = 8: 1,889 tok/s in 51.3 GiB against the lean 1,763 in 35.0). HFU counts
-//! no attention forward for the layers whose outputs travel or stay.
+//! instead (the 8B at 262k, k = 8, every residual stored: 1,889 tok/s in 51.3 GiB). HFU counts
+//! no attention forward for the layers whose outputs travel or stay, and one layer forward
+//! without attention for each re-run.
 use clap::Args;
 use ftrt_models::llama::gpu::{
     attention_forward_flops, flop_estimate, init_adapter, GpuLlama, GpuSteps, KeepBf16,
