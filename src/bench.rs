@@ -351,6 +351,7 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
         model.set_embeddings_in_host_memory()?;
     }
     model.set_lora(&ad)?;
+    model.set_max_seq_len(a.seq);
     model.set_offload_residuals(a.offload_residuals);
     let layers = model.dims.layers;
     let mut auto_budget = None;

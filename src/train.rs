@@ -193,6 +193,7 @@ fn build_model(
             let place = ftrt_models::llama::gpu::GpuPlacement {
                 max_tokens: s.token_budget(),
                 max_rank: s.lora.r,
+                max_seq_len: s.max_seq_length,
                 load_in_4bit: load_in_4bit.then_some(&s.keep_bf16),
                 checkpointing: s.checkpointing,
                 offload_embeddings: s.offload_embeddings,

@@ -402,6 +402,9 @@ pub struct GpuLlama<'g> {
     cos: DevPtr<bf16>,
     sin: DevPtr<bf16>,
     max_tokens: usize,
+    /// The longest sequence a batch holds (default: max_tokens): the checkpoint offload weighs
+    /// a recomputed attention forward by it ([`plan::sparse_residuals_pay`]).
+    max_seq_len: usize,
     /// LoRA rank the activation buffers were sized for.
     r_cap: usize,
     /// Layers whose activations the forward keeps (the last `kept_layers`); the others keep
@@ -695,6 +698,7 @@ impl<'g> GpuLlama<'g> {
             cos: cos_d,
             sin: sin_d,
             max_tokens,
+            max_seq_len: max_tokens,
             r_cap: max_rank,
             kept_layers: dims.layers,
             offload: plan::Offload::Off,
@@ -862,6 +866,13 @@ impl<'g> GpuLlama<'g> {
         }
     }
 
+    /// The longest sequence a batch will hold (clamped to 1..=the token budget; default: the
+    /// budget, one sequence). Set it before [`Self::set_offload_residuals`], which weighs a
+    /// recomputed attention forward by it.
+    pub fn set_max_seq_len(&mut self, seq: usize) {
+        self.max_seq_len = seq.clamp(1, self.max_tokens.max(1));
+    }
+
     /// Layers whose activations the forward keeps (see [`Self::set_kept_layers`]).
     pub fn kept_layers(&self) -> usize {
         self.kept_layers
@@ -903,6 +914,10 @@ impl<'g> GpuLlama<'g> {
         let resid_travel = plan::resid_travel_cap(n, d.hidden, available);
         let outputs_with =
             |stored: usize| plan::outputs_travel_cap(d, n, resid_travel.min(stored), available);
+        let sparse = match plan::sparse_residuals_pay(d, n, self.max_seq_len) {
+            true => outputs_with(d.layers.div_ceil(2)),
+            false => 0,
+        };
         self.set_offload(if on {
             plan::Offload::Checkpoints {
                 qkv,
@@ -910,7 +925,7 @@ impl<'g> GpuLlama<'g> {
                 resident_qkv,
                 resid_travel,
                 outputs_travel: outputs_with(d.layers),
-                sparse_outputs_travel: outputs_with(d.layers.div_ceil(2)),
+                sparse_outputs_travel: sparse,
             }
         } else {
             plan::Offload::Off

@@ -69,10 +69,11 @@ pub enum Offload {
     /// attention kernel; the others recompute theirs into the slot.
     ///
     /// When some would recompute theirs and storing every other input residual only lets more
-    /// outputs travel (at most `sparse_outputs_travel` then; 0: never), the residuals are
-    /// sparse ([`resid_stride`]): the recomputed layers at odd positions below the top store
-    /// none ([`skipped_residuals`]), and the backward rebuilds one by re-running the forward of
-    /// the layer below.
+    /// outputs travel (at most `sparse_outputs_travel` then; 0: never, as where the sequences
+    /// are too short for it to pay, [`sparse_residuals_pay`]), the residuals are sparse
+    /// ([`resid_stride`]): the recomputed layers at odd positions below the top store none
+    /// ([`skipped_residuals`]), and the backward rebuilds one by re-running the forward of the
+    /// layer below.
     Checkpoints {
         qkv: bool,
         gate_up: GateUp,
@@ -173,7 +174,8 @@ pub fn resid_stride(offload: Offload, m: usize, n: usize, resident: usize) -> us
         } if m >= 3 => {
             let below = m - 1 - resident.min(m - 1);
             let more = sparse_outputs_travel.min(below) > outputs_travel.min(below);
-            let room = resident > 0 && resid_members(m, n, resid_travel) < m;
+            let room =
+                resident > 0 && sparse_outputs_travel > 0 && resid_members(m, n, resid_travel) < m;
             if outputs_travel < below && (more || room) {
                 2
             } else {
@@ -182,6 +184,19 @@ pub fn resid_stride(offload: Offload, m: usize, n: usize, resident: usize) -> us
         }
         _ => 1,
     }
+}
+
+/// Attention FLOPs per second the checkpoint planner assumes for the kernels inside a long
+/// step (session 14, 262k: ~500 TFLOP/s at the power limit).
+const ATTENTION_FLOPS_PER_S: f64 = 500e12;
+
+/// Whether sparse residuals ([`resid_stride`]) can pay at micro-batches of `n` tokens in
+/// sequences of at most `seq`: a recomputed attention forward they spare costs more than a
+/// layer forward without attention that they add. The 8B at one 262k sequence: 1.1 s against
+/// 0.23 s; at 64 sequences of 4096 tokens in the same budget, 0.02 s: never there.
+pub fn sparse_residuals_pay(d: &Dims, n: usize, seq: usize) -> bool {
+    let attention = attention_forward_flops(d, seq) * n as f64 / ATTENTION_FLOPS_PER_S;
+    attention > layer_forward_seconds(d) * n as f64
 }
 
 /// How many of `m` recomputed layers' attention outputs travel at `n` tokens with checkpoint
@@ -1445,8 +1460,10 @@ mod tests {
             assert_eq!(outputs_travelling(o, m, 512, resident), travelling, "{o:?}");
         }
         // resident outputs and residuals the host cannot hold: half make room on the device
-        assert_eq!(resid_stride(offload(0, 0, 0), 6, 512, 0), 1);
-        assert_eq!(resid_stride(offload(0, 0, 0), 6, 512, 1), 2);
+        // (unless sparse residuals do not pay)
+        assert_eq!(resid_stride(offload(0, 1, 1), 6, 512, 0), 1);
+        assert_eq!(resid_stride(offload(0, 1, 1), 6, 512, 1), 2);
+        assert_eq!(resid_stride(offload(0, 0, 0), 6, 512, 1), 1);
         // every residual travelling: the device keeps the ring either way (the skipped ones
         // share the last layer's output's buffer)
         let bytes = |o, resident| s.bytes(&d, false, ALL, 0, o, resident);
@@ -1455,10 +1472,24 @@ mod tests {
         // none travelling, one resident output: the ring's three hold 0, 2, 4 instead of 0, 1,
         // 2, and the top keeps its own: two (N, C) buffers fewer than with every residual
         // stored
-        assert_eq!(device_residuals(6, 0, offload(0, 0, 0), 512, 0), 7);
-        assert_eq!(device_residuals(6, 0, offload(0, 0, 0), 512, 1), 5);
-        let resident = bytes(offload(0, 0, 0), 1) - resident_attention_bytes(&d, 512);
-        assert_eq!(bytes(offload(0, 0, 0), 0) - resident, 2 * 2 * s.nc);
+        assert_eq!(device_residuals(6, 0, offload(0, 1, 1), 512, 0), 7);
+        assert_eq!(device_residuals(6, 0, offload(0, 1, 1), 512, 1), 5);
+        let resident = bytes(offload(0, 1, 1), 1) - resident_attention_bytes(&d, 512);
+        assert_eq!(bytes(offload(0, 1, 1), 0) - resident, 2 * 2 * s.nc);
+    }
+
+    /// Sparse residuals pay where an attention forward costs more than a layer forward without
+    /// it: the 8B at one long sequence, not at many short ones in the same token budget.
+    #[test]
+    fn sparse_residuals_pay_for_long_sequences_only() {
+        let n = 262_144;
+        assert!(sparse_residuals_pay(&LLAMA_8B, n, n));
+        assert!(!sparse_residuals_pay(&LLAMA_8B, n, 4096));
+        // the crossover: 2 seq Hq D / 500 TFLOP/s against 2 x 218M params / 500 TFLOP/s
+        let params = 4096 * (2 * 4096 + 2 * 1024) + 3 * 4096 * 14336;
+        let cross = params / LLAMA_8B.q_dim();
+        assert!(!sparse_residuals_pay(&LLAMA_8B, n, cross));
+        assert!(sparse_residuals_pay(&LLAMA_8B, n, cross + 1));
     }
 
     /// The long rows with sparse residuals on the H200 host (123.6 GiB available). At

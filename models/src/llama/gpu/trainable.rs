@@ -38,6 +38,9 @@ pub struct GpuPlacement<'a> {
     /// Tokens per micro-batch and the largest LoRA rank the buffers are sized for.
     pub max_tokens: usize,
     pub max_rank: usize,
+    /// The longest sequence in a micro-batch (the checkpoint offload's plan weighs attention by
+    /// it, [`GpuLlama::set_max_seq_len`]).
+    pub max_seq_len: usize,
     /// QLoRA: NF4 projection weights except those named to stay bf16.
     pub load_in_4bit: Option<&'a KeepBf16>,
     /// The keep / recompute / offload choice, made at the first batch.
@@ -62,6 +65,7 @@ impl GpuTrainable {
             Some(keep) => GpuLlama::from_model_4bit(gpu, &model, n, r, keep, source)?,
             None => GpuLlama::from_model(gpu, &model, n, r)?,
         };
+        gpu_model.set_max_seq_len(place.max_seq_len);
         if place.offload_embeddings {
             gpu_model
                 .set_embeddings_in_host_memory()
