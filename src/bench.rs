@@ -73,7 +73,9 @@ pub struct BenchArgs {
     /// --vram-budget-gib, and with --offload-residuals what whole layers leave of it keeps the
     /// q, k, v of recomputed layers whose checkpoints travel without them (as the 1B's do) on
     /// the GPU, so their backward recomputes no projection of the attention half
-    /// (`FTRT_RESIDENT_QKV_LAYERS=k` sets how many).
+    /// (`FTRT_RESIDENT_QKV_LAYERS=k` sets how many); on long sequences it keeps the attention
+    /// outputs that spare the most recompute on the GPU (`FTRT_RESIDENT_ATTENTION_LAYERS=k`
+    /// sets how many).
     #[arg(long, default_value = "all")]
     pub keep_layers: String,
     /// GPU memory the model may hold, in GiB, for `--keep-layers auto` (default: the free
@@ -382,6 +384,8 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
             format!("{RESIDENT_ATTENTION_LAYERS_ENV}={k:?}: a number of recomputed layers")
         })?;
         model.set_resident_attention(k);
+    } else if let Some(budget) = auto_budget {
+        model.set_resident_attention(model.resident_attention_for_budget(budget));
     }
     let recomputed = layers - model.kept_layers();
     let (batch, targets) = random_batch(a.batch, a.seq, model.dims.vocab, BATCH_SEED);

@@ -966,6 +966,20 @@ impl<'g> GpuLlama<'g> {
             .map_or(Vec::new(), |a| a.resident_qkv.clone())
     }
 
+    /// How many recomputed layers should keep their attention outputs on the GPU when the model
+    /// may hold `budget` bytes in all (as [`Self::kept_layers_for_budget`] counts them, for the
+    /// kept layers and checkpoint offload set now): [`plan::resident_attention_within`], 0 for
+    /// short sequences. `--keep-layers auto` and `ftrt train`'s automatic plan set it.
+    pub fn resident_attention_for_budget(&self, budget: usize) -> usize {
+        let Some(budget) = self.activation_budget(budget) else {
+            return 0;
+        };
+        let shapes = (self.config.qk_norm, self.stack_widths());
+        let d = &self.dims;
+        let (s, plan) = (self.act_sizes(), (self.kept_layers, self.offload));
+        plan::resident_attention_within(d, &s, shapes, plan, self.max_seq_len, budget)
+    }
+
     /// How many recomputed layers keep their attention output (N, Hq D) and log-sum-exp on the
     /// device from the forward to their backward, whose recompute then runs no attention
     /// kernel: the highest below the highest recomputed layer ([`plan::below_top_layers`]; it
@@ -979,6 +993,12 @@ impl<'g> GpuLlama<'g> {
             self.resident_attention = layers;
             self.acts = None;
         }
+    }
+
+    /// How many recomputed layers are set to keep their attention outputs on the GPU (see
+    /// [`Self::set_resident_attention`]).
+    pub fn resident_attention(&self) -> usize {
+        self.resident_attention
     }
 
     /// The recomputed layers whose attention output and lse stay on the GPU in the allocated

@@ -190,13 +190,50 @@ pub fn resid_stride(offload: Offload, m: usize, n: usize, resident: usize) -> us
 /// step (session 14, 262k: ~500 TFLOP/s at the power limit).
 const ATTENTION_FLOPS_PER_S: f64 = 500e12;
 
+/// Seconds of one layer's attention forward and of one layer forward without it, at
+/// micro-batches of `n` tokens in sequences of `seq` ([`ATTENTION_FLOPS_PER_S`],
+/// [`layer_forward_seconds`]).
+fn attention_and_layer_seconds(d: &Dims, n: usize, seq: usize) -> (f64, f64) {
+    let attention = attention_forward_flops(d, seq) * n as f64 / ATTENTION_FLOPS_PER_S;
+    (attention, layer_forward_seconds(d) * n as f64)
+}
+
 /// Whether sparse residuals ([`resid_stride`]) can pay at micro-batches of `n` tokens in
 /// sequences of at most `seq`: a recomputed attention forward they spare costs more than a
 /// layer forward without attention that they add. The 8B at one 262k sequence: 1.1 s against
 /// 0.23 s; at 64 sequences of 4096 tokens in the same budget, 0.02 s: never there.
 pub fn sparse_residuals_pay(d: &Dims, n: usize, seq: usize) -> bool {
-    let attention = attention_forward_flops(d, seq) * n as f64 / ATTENTION_FLOPS_PER_S;
-    attention > layer_forward_seconds(d) * n as f64
+    let (attention, layer) = attention_and_layer_seconds(d, n, seq);
+    attention > layer
+}
+
+/// Seconds the backward of `m` recomputed layers spends on forward work that memory could
+/// spare, with checkpoint `offload` and `resident` attention outputs on the device: the
+/// attention forwards of the layers below the top whose outputs neither stay nor travel
+/// ([`outputs_travelling`]; none when the attention checkpoints travel), and the layer
+/// forwards that sparse residuals re-run ([`resid_stride`]).
+pub fn spared_work_seconds(
+    d: &Dims,
+    offload: Offload,
+    (m, n, seq): (usize, usize, usize),
+    resident: usize,
+) -> f64 {
+    let (attention, layer) = attention_and_layer_seconds(d, n, seq);
+    let below = m.saturating_sub(1);
+    let resident = resident.min(below);
+    let full = matches!(offload, Offload::Checkpoints { resid_travel, outputs_travel, .. }
+        if resident == 0 && outputs_travel >= m && resid_members(m, n, resid_travel) == m);
+    let recomputed = match full {
+        true => 0,
+        false => {
+            below - resident - outputs_travelling(offload, m, n, resident).min(below - resident)
+        }
+    };
+    let reruns = match resid_stride(offload, m, n, resident) {
+        2 => (m - 1) / 2,
+        _ => 0,
+    };
+    recomputed as f64 * attention + reruns as f64 * layer
 }
 
 /// How many of `m` recomputed layers' attention outputs travel at `n` tokens with checkpoint
@@ -881,6 +918,31 @@ pub fn kept_layers_within(
     })
 }
 
+/// How many of the recomputed layers (`d.layers - kept`) keep their attention outputs on the
+/// device ([`below_top_layers`]) for the least [`spared_work_seconds`] within `budget`
+/// activation bytes ([`ActSizes::bytes`] of `s`, with `qk_norm` and stack `widths`), the
+/// fewest among equals; 0 where sparse residuals cannot pay ([`sparse_residuals_pay`]: there
+/// the attention is cheap, and whole layers or q, k, v spend the memory better). The 8B at one
+/// 262k sequence: 0 within 36 GiB, 8 (the layers whose outputs the host cannot hold) from 51.
+pub fn resident_attention_within(
+    d: &Dims,
+    s: &ActSizes,
+    (qk_norm, widths): (bool, [usize; 4]),
+    (kept, offload): (usize, Offload),
+    seq: usize,
+    budget: usize,
+) -> usize {
+    let m = d.layers - kept.min(d.layers);
+    if m < 2 || !sparse_residuals_pay(d, s.n, seq) {
+        return 0;
+    }
+    let cost = |k| spared_work_seconds(d, offload, (m, s.n, seq), k);
+    (0..m)
+        .filter(|&k| s.bytes(d, qk_norm, widths, kept, offload, k) <= budget)
+        .min_by(|&a, &b| cost(a).total_cmp(&cost(b)).then(a.cmp(&b)))
+        .unwrap_or(0)
+}
+
 /// The head dim the attention kernel runs at: D itself when a kernel exists, else 64 (or 128)
 /// with zero padding, which leaves scores and outputs unchanged.
 pub fn padded_head_dim(d: usize) -> usize {
@@ -1563,6 +1625,52 @@ mod tests {
         let bytes = s.bytes(&LLAMA_8B, false, ALL, 0, o, 14) as u64;
         // next to the 4-bit weights (5.3 GiB measured) on the 139.8 GiB card
         assert!(bytes < 132 * gib, "{:.1} GiB", bytes as f64 / gib as f64);
+    }
+
+    /// `--keep-layers auto`'s attention outputs on the H200 (123.6 GiB host): the 8B at one
+    /// 262k sequence keeps none within the lean 36 GiB (sparse residuals, all outputs through
+    /// the host), the 8 the host cannot hold from 51 GiB (every residual stored, nothing
+    /// re-run), and no more with more memory; at 524k, as many as the card holds; at 64
+    /// sequences of 4096 tokens, none.
+    #[test]
+    fn auto_keeps_the_attention_outputs_that_spare_the_most_recompute() {
+        let gib = 1usize << 30;
+        let host = Some(1236 * (gib as u64) / 10);
+        let offload = |n: usize| {
+            let t = resid_travel_cap(n, LLAMA_8B.hidden, host);
+            let cap = |rows: usize| outputs_travel_cap(&LLAMA_8B, n, t.min(rows), host);
+            Offload::Checkpoints {
+                qkv: false,
+                gate_up: GateUp::Layers(0),
+                resident_qkv: 0,
+                resid_travel: t,
+                outputs_travel: cap(32),
+                sparse_outputs_travel: cap(16),
+            }
+        };
+        let pick = |n: usize, seq: usize, budget: usize| {
+            let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
+            let plan = (0, offload(n));
+            resident_attention_within(&LLAMA_8B, &s, (false, ALL), plan, seq, budget)
+        };
+        // activation budgets: what a card budget leaves next to the 4-bit weights (~5.3 GiB)
+        let n = 262_144;
+        assert_eq!(pick(n, n, 30 * gib), 0);
+        assert_eq!(pick(n, n, 46 * gib), 8);
+        assert_eq!(pick(n, n, 100 * gib), 8);
+        assert_eq!(pick(n, 4096, 100 * gib), 0);
+        // the lean choice re-runs 15 layers (~3.4 s planned), the 8 resident nothing
+        let o = offload(n);
+        let cost = |k| spared_work_seconds(&LLAMA_8B, o, (32, n, n), k);
+        assert!((cost(0) - 15.0 * layer_forward_seconds(&LLAMA_8B) * n as f64).abs() < 1e-9);
+        assert_eq!(cost(8), 0.0);
+        // 524k: 11 travel; each resident output spares an attention forward (~4.5 s)
+        let n = 524_288;
+        assert_eq!(pick(n, n, 128 * gib), 17);
+        assert_eq!(pick(n, n, 132 * gib), 18);
+        let o = offload(n);
+        let cost = |k| spared_work_seconds(&LLAMA_8B, o, (32, n, n), k);
+        assert!(cost(17) > cost(18) && cost(0) > cost(17));
     }
 
     #[test]

@@ -108,16 +108,21 @@ impl GpuTrainable {
                     Some(k) => m.set_kept_layers(k),
                     None => lean(m),
                 }
+                m.set_resident_attention(m.resident_attention_for_budget(budget));
             }
         }
         eprintln!(
-            "GPU memory plan: activations of {} of {layers} layers kept, {} recomputed{}",
+            "GPU memory plan: activations of {} of {layers} layers kept, {} recomputed{}{}",
             m.kept_layers(),
             layers - m.kept_layers(),
             if m.offload_residuals() {
                 ", their checkpoints offloaded to host memory"
             } else {
                 ""
+            },
+            match m.resident_attention() {
+                0 => String::new(),
+                k => format!(", the attention outputs of {k} of them kept on the GPU"),
             }
         );
         self.planned = true;
