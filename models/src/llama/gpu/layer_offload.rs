@@ -18,7 +18,9 @@
 //! - forward, before the compute stream writes layer l's set into s: it waits for
 //!   `copied_out[s]` (the copy of the set s held before);
 //! - backward, once the set's slot is free (for the residuals and checkpoints: at the start of
-//!   the member above): record `free[s]` (compute: every earlier reader of s is done); the
+//!   the member above; for the attention outputs' one slot: after the attention backward of
+//!   the layer above, and after the re-run of a layer below one that stores no residual):
+//!   record `free[s]` (compute: every earlier reader of s is done); the
 //!   host-to-device stream waits for `free[s]` and `copied_out[s]` (the last copy out of s,
 //!   so l's host row is written: the stream runs its copies in order), copies l's host row
 //!   into s, records `copied_in[s]`;
@@ -202,7 +204,7 @@ impl LayerOffload {
     }
 
     /// Backward, once every reader of its slot's current set is done: bring layer l's set back
-    /// into its slot on the host-to-device stream (nothing for sets that stayed in the ring).
+    /// into its slot on the host-to-device stream (nothing for sets that do not travel).
     pub(super) fn prefetch(&self, gpu: &Gpu, l: usize, n: usize) -> GpuResult<()> {
         if !self.travels(l) {
             return Ok(());

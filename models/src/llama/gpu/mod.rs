@@ -893,8 +893,10 @@ impl<'g> GpuLlama<'g> {
     /// output stay on the device; so do the input residuals of the recomputed layers above the
     /// lowest [`plan::resid_travel_cap`] ones, when host memory holds no more (read now); and
     /// when the attention checkpoints do not fit the host, the attention outputs of the lowest
-    /// [`plan::outputs_travel_cap`] layers travel instead (see [`plan::Offload::Checkpoints`]).
-    /// Changing it frees the activation buffers (reallocated at the next batch).
+    /// [`plan::outputs_travel_cap`] layers travel instead, and where that pays at the longest
+    /// sequence ([`Self::set_max_seq_len`], [`plan::sparse_min_gain`]) every other layer stores
+    /// no input residual (see [`plan::Offload::Checkpoints`]). Changing it frees the activation
+    /// buffers (reallocated at the next batch).
     pub fn set_offload_residuals(&mut self, on: bool) {
         let qkv = match std::env::var(CHECKPOINT_QKV_ENV).as_deref() {
             Ok("0") => false,
@@ -914,10 +916,6 @@ impl<'g> GpuLlama<'g> {
         let resid_travel = plan::resid_travel_cap(n, d.hidden, available);
         let outputs_with =
             |stored: usize| plan::outputs_travel_cap(d, n, resid_travel.min(stored), available);
-        let sparse = match plan::sparse_residuals_pay(d, n, self.max_seq_len) {
-            true => outputs_with(d.layers.div_ceil(2)),
-            false => 0,
-        };
         self.set_offload(if on {
             plan::Offload::Checkpoints {
                 qkv,
@@ -925,7 +923,8 @@ impl<'g> GpuLlama<'g> {
                 resident_qkv,
                 resid_travel,
                 outputs_travel: outputs_with(d.layers),
-                sparse_outputs_travel: sparse,
+                sparse_outputs_travel: outputs_with(d.layers.div_ceil(2)),
+                sparse_min_gain: plan::sparse_min_gain(d, n, self.max_seq_len),
             }
         } else {
             plan::Offload::Off
@@ -1401,11 +1400,10 @@ impl<'g> GpuLlama<'g> {
         // Sparse residuals ([`plan::resid_stride`]): decided as if no attention checkpoint
         // travels (when one may, every residual is stored anyway).
         let resident_count = plan::below_top_layers(&recomputed, self.resident_attention).len();
-        let stride = match offloading {
-            true => plan::resid_stride(self.offload, m, n, resident_count),
-            false => 1,
+        let skipped_resid = match offloading {
+            true => plan::skipped_residuals(self.offload, m, n, resident_count),
+            false => Vec::new(),
         };
-        let skipped_resid = plan::skipped_residuals(&recomputed, stride);
         let stored: Vec<usize> = recomputed
             .iter()
             .copied()
@@ -1425,7 +1423,7 @@ impl<'g> GpuLlama<'g> {
         if offloading && resid_members.len() < stored.len() {
             let staying = stored.len() - resid_members.len();
             eprintln!(
-                "note: the input residuals of {staying} of {} recomputed layers stay on the GPU ({:.1} GiB), and no attention checkpoint travels: all residuals would pin {:.1} GiB of host memory, more than half of the {:.1} GiB available",
+                "note: the input residuals of {staying} of {} recomputed layers storing one stay on the GPU ({:.1} GiB), and no attention checkpoint travels: all residuals would pin {:.1} GiB of host memory, more than half of the {:.1} GiB available",
                 stored.len(),
                 gib(staying * s.nc * 2),
                 gib(resid_host(stored.len())),
@@ -1486,7 +1484,7 @@ impl<'g> GpuLlama<'g> {
         };
         if !skipped_resid.is_empty() {
             eprintln!(
-                "note: {} of {m} recomputed layers store no input residual (every other one; the backward rebuilds each by re-running the layer below), so that more attention outputs fit the host",
+                "note: {} of {m} recomputed layers store no input residual (every other one; the backward rebuilds each by re-running the layer below), so that more attention outputs fit the host or the resident ones the GPU",
                 skipped_resid.len()
             );
         }
@@ -2335,8 +2333,8 @@ impl<'g> GpuLlama<'g> {
             if !self.is_kept(l) {
                 // With checkpoint offload, resid[l]'s ring slot is read by the recompute (input
                 // norm) and this layer's input-norm backward, its attention checkpoint by the
-                // rest of its backward: wait for their prefetches; layer l - 1's come back into
-                // other slots meanwhile. The recompute then redoes q, k, v only if the
+                // rest of its backward: wait for their prefetches; the member below's come back
+                // into other slots meanwhile. The recompute then redoes q, k, v only if the
                 // checkpoint lacks them (and, below, the MLP): the attention output and the
                 // post-attention residual are back.
                 // A layer without a stored residual waits for the one below, prefetched at the

@@ -68,12 +68,12 @@ pub enum Offload {
     /// the lowest `outputs_travel` travel through host memory: their recompute runs no
     /// attention kernel; the others recompute theirs into the slot.
     ///
-    /// When some would recompute theirs and storing every other input residual only lets more
-    /// outputs travel (at most `sparse_outputs_travel` then; 0: never, as where the sequences
-    /// are too short for it to pay, [`sparse_residuals_pay`]), the residuals are sparse
-    /// ([`resid_stride`]): the recomputed layers at odd positions below the top store none
-    /// ([`skipped_residuals`]), and the backward rebuilds one by re-running the forward of the
-    /// layer below.
+    /// When some would recompute theirs and storing every other input residual lets at least
+    /// `sparse_min_gain` more outputs travel (at most `sparse_outputs_travel` then;
+    /// [`sparse_min_gain`]: what pays for the re-runs, usize::MAX: never), the residuals are
+    /// sparse ([`resid_stride`]): the recomputed layers at odd positions below the top store
+    /// none ([`skipped_residuals`]), and the backward rebuilds one by re-running the forward of
+    /// the layer below.
     Checkpoints {
         qkv: bool,
         gate_up: GateUp,
@@ -81,6 +81,7 @@ pub enum Offload {
         resid_travel: usize,
         outputs_travel: usize,
         sparse_outputs_travel: usize,
+        sparse_min_gain: usize,
     },
 }
 
@@ -105,6 +106,7 @@ impl Offload {
                 resid_travel,
                 outputs_travel,
                 sparse_outputs_travel,
+                sparse_min_gain,
                 ..
             } => Offload::Checkpoints {
                 qkv,
@@ -113,6 +115,7 @@ impl Offload {
                 resid_travel,
                 outputs_travel,
                 sparse_outputs_travel,
+                sparse_min_gain,
             },
             Offload::Off => Offload::Off,
         }
@@ -160,22 +163,27 @@ pub fn piece_start(n_max: usize, piece_bytes: &[usize], i: usize) -> usize {
 /// `offload`, `m` recomputed layers at `n` tokens and `resident` of them keeping their
 /// attention outputs on the device: 2 when, storing all, some of the other layers below the
 /// top would recompute their attention (fewer than them travel, [`Offload::Checkpoints`]),
-/// and storing half either lets more travel or, with resident outputs, takes the residuals
-/// that the host cannot hold off the device (the 8B at 524k: 15 of 4 GiB each, room for the
-/// resident outputs). A rebuilt residual costs a layer forward without attention (the 8B at
-/// 262k: ~0.25 s) where a recomputed attention forward costs ~1.1 s.
+/// and storing half either lets enough more travel to pay for the re-runs
+/// ([`sparse_min_gain`]) or, with resident outputs and re-runs cheaper than attention, takes
+/// the residuals that the host cannot hold off the device (the 8B at 524k: 15 of 4 GiB each,
+/// room for the resident outputs).
 pub fn resid_stride(offload: Offload, m: usize, n: usize, resident: usize) -> usize {
     match offload {
         Offload::Checkpoints {
             resid_travel,
             outputs_travel,
             sparse_outputs_travel,
+            sparse_min_gain,
             ..
         } if m >= 3 => {
             let below = m - 1 - resident.min(m - 1);
-            let more = sparse_outputs_travel.min(below) > outputs_travel.min(below);
-            let room =
-                resident > 0 && sparse_outputs_travel > 0 && resid_members(m, n, resid_travel) < m;
+            let gain = sparse_outputs_travel
+                .min(below)
+                .saturating_sub(outputs_travel.min(below));
+            let more = gain > 0 && gain >= sparse_min_gain;
+            let room = resident > 0
+                && sparse_min_gain != usize::MAX
+                && resid_members(m, n, resid_travel) < m;
             if outputs_travel < below && (more || room) {
                 2
             } else {
@@ -198,20 +206,27 @@ fn attention_and_layer_seconds(d: &Dims, n: usize, seq: usize) -> (f64, f64) {
     (attention, layer_forward_seconds(d) * n as f64)
 }
 
-/// Whether sparse residuals ([`resid_stride`]) can pay at micro-batches of `n` tokens in
-/// sequences of at most `seq`: a recomputed attention forward they spare costs more than a
-/// layer forward without attention that they add. The 8B at one 262k sequence: 1.1 s against
-/// 0.23 s; at 64 sequences of 4096 tokens in the same budget, 0.02 s: never there.
-pub fn sparse_residuals_pay(d: &Dims, n: usize, seq: usize) -> bool {
+/// The fewest more layers whose attention outputs sparse residuals ([`resid_stride`]) must let
+/// travel to pay for the layer forwards they add ((L - 1) / 2 re-runs without attention,
+/// against that many attention forwards at micro-batches of `n` tokens in sequences of at most
+/// `seq`); usize::MAX where an attention forward costs no more than a layer forward (short
+/// sequences: never). The 8B at one 262k sequence: 4 (15 re-runs of 0.23 s against 1.1 s
+/// each; 8 more travel there); at 64 sequences of 4096 tokens in the same budget: never.
+pub fn sparse_min_gain(d: &Dims, n: usize, seq: usize) -> usize {
     let (attention, layer) = attention_and_layer_seconds(d, n, seq);
-    attention > layer
+    if attention <= layer {
+        return usize::MAX;
+    }
+    let reruns = (d.layers.saturating_sub(1) / 2) as f64 * layer;
+    (reruns / attention).floor() as usize + 1
 }
 
 /// Seconds the backward of `m` recomputed layers spends on forward work that memory could
 /// spare, with checkpoint `offload` and `resident` attention outputs on the device: the
 /// attention forwards of the layers below the top whose outputs neither stay nor travel
 /// ([`outputs_travelling`]; none when the attention checkpoints travel), and the layer
-/// forwards that sparse residuals re-run ([`resid_stride`]).
+/// forwards that sparse residuals re-run ([`skipped_residuals`]), with their attention where
+/// their outputs are not kept.
 pub fn spared_work_seconds(
     d: &Dims,
     offload: Offload,
@@ -229,11 +244,15 @@ pub fn spared_work_seconds(
             below - resident - outputs_travelling(offload, m, n, resident).min(below - resident)
         }
     };
-    let reruns = match resid_stride(offload, m, n, resident) {
-        2 => (m - 1) / 2,
-        _ => 0,
-    };
-    recomputed as f64 * attention + reruns as f64 * layer
+    // a re-run whose layer keeps no attention output recomputes that attention too
+    let skipped = skipped_residuals(offload, m, n, resident);
+    let reruns_attending = skipped
+        .iter()
+        .filter(|&&l| !keeps_attention_output(offload, m, n, resident, l - 1))
+        .count();
+    recomputed as f64 * attention
+        + skipped.len() as f64 * layer
+        + reruns_attending as f64 * attention
 }
 
 /// How many of `m` recomputed layers' attention outputs travel at `n` tokens with checkpoint
@@ -256,21 +275,29 @@ pub fn outputs_travelling(offload: Offload, m: usize, n: usize, resident: usize)
     }
 }
 
-/// The recomputed layers (`recomputed`, ascending) that store no input residual at residual
-/// stride `stride` ([`resid_stride`]): with 2, those at odd positions below the highest (whose
-/// input the backward needs first, with nothing below re-run yet); each one's layer below
-/// stores its own.
-pub fn skipped_residuals(recomputed: &[usize], stride: usize) -> Vec<usize> {
-    let below_top = recomputed.len().saturating_sub(1);
-    match stride {
-        2 => recomputed[..below_top]
-            .iter()
-            .skip(1)
-            .step_by(2)
-            .copied()
-            .collect(),
+/// The recomputed layers (of `0..m`, the lowest) that store no input residual with checkpoint
+/// `offload` at `n` tokens and `resident` attention outputs on the device: at residual stride 2
+/// ([`resid_stride`]), those at odd positions below the highest (whose input the backward
+/// needs first, with nothing below re-run yet). Each one's layer below stores its own.
+pub fn skipped_residuals(offload: Offload, m: usize, n: usize, resident: usize) -> Vec<usize> {
+    match resid_stride(offload, m, n, resident) {
+        2 => (1..m - 1).step_by(2).collect(),
         _ => Vec::new(),
     }
+}
+
+/// Whether recomputed layer `l` (of `0..m`) keeps its attention outputs from the forward to its
+/// backward when they do not take the checkpoint ring: it is among the lowest
+/// [`outputs_travelling`] or the `resident` below the top ([`below_top_layers`]).
+pub fn keeps_attention_output(
+    offload: Offload,
+    m: usize,
+    n: usize,
+    resident: usize,
+    l: usize,
+) -> bool {
+    let resident_from = m.saturating_sub(1) - resident.min(m.saturating_sub(1));
+    l < outputs_travelling(offload, m, n, resident) || (l >= resident_from && l + 1 < m)
 }
 
 /// How many of `recomputed` layers' input residuals live in the residual ring at `n` tokens
@@ -484,10 +511,7 @@ pub fn device_residuals(
     let recomputed = layers - kept.min(layers);
     match offload {
         Offload::Checkpoints { resid_travel, .. } => {
-            let skipped = match resid_stride(offload, recomputed, n, resident) {
-                2 => (recomputed - 1) / 2,
-                _ => 0,
-            };
+            let skipped = skipped_residuals(offload, recomputed, n, resident).len();
             let members = resid_members(recomputed - skipped, n, resid_travel);
             layers + 1 - skipped - members + resid_ring(members, n)
         }
@@ -776,9 +800,10 @@ impl ActSizes {
     ///   input residuals in a ring of [`resid_ring`] slots, and, when every recomputed layer is
     ///   a member, every layer's attention outputs may travel and no attention output is
     ///   resident, their attention checkpoints ([`attention_checkpoint`]) take a ring too (the
-    ///   upper bound: they stay in the shared set when host memory is short, see
-    ///   [`pinned_rows_fit`]); else, with some outputs travelling (below the resident ones),
-    ///   the attention outputs take a one-slot ring ([`attention_outputs`]);
+    ///   upper bound: when they do not fit half the host, [`pinned_rows_fit`], the attention
+    ///   outputs take a one-slot ring of the shared set's size instead); else, with some
+    ///   outputs travelling (below the resident ones), the attention outputs take a one-slot
+    ///   ring ([`attention_outputs`]); the layers of [`skipped_residuals`] hold no residual;
     /// - `widths[g]` adapted projections are in input group g's widest stack
     ///   ([`Proj::INPUT_GROUPS`]);
     /// - `resident_attention` recomputed layers ([`below_top_layers`]) keep their attention
@@ -921,7 +946,7 @@ pub fn kept_layers_within(
 /// How many of the recomputed layers (`d.layers - kept`) keep their attention outputs on the
 /// device ([`below_top_layers`]) for the least [`spared_work_seconds`] within `budget`
 /// activation bytes ([`ActSizes::bytes`] of `s`, with `qk_norm` and stack `widths`), the
-/// fewest among equals; 0 where sparse residuals cannot pay ([`sparse_residuals_pay`]: there
+/// fewest among equals; 0 where sparse residuals cannot pay ([`sparse_min_gain`]: there
 /// the attention is cheap, and whole layers or q, k, v spend the memory better). The 8B at one
 /// 262k sequence: 0 within 36 GiB, 8 (the layers whose outputs the host cannot hold) from 51.
 pub fn resident_attention_within(
@@ -933,7 +958,7 @@ pub fn resident_attention_within(
     budget: usize,
 ) -> usize {
     let m = d.layers - kept.min(d.layers);
-    if m < 2 || !sparse_residuals_pay(d, s.n, seq) {
+    if m < 2 || sparse_min_gain(d, s.n, seq) == usize::MAX {
         return 0;
     }
     let cost = |k| spared_work_seconds(d, offload, (m, s.n, seq), k);
@@ -1134,6 +1159,7 @@ mod tests {
         resid_travel: usize::MAX,
         outputs_travel: usize::MAX,
         sparse_outputs_travel: 0,
+        sparse_min_gain: usize::MAX,
     };
 
     /// Llama-3.1-8B's shapes.
@@ -1365,6 +1391,7 @@ mod tests {
             resid_travel: t,
             outputs_travel: usize::MAX,
             sparse_outputs_travel: 0,
+            sparse_min_gain: usize::MAX,
         };
         // six recomputed layers, fewer than the ring's three may travel: the ring takes the
         // lowest t + 3, the layers above keep their residuals, no attention checkpoint
@@ -1409,6 +1436,7 @@ mod tests {
             resid_travel: t,
             outputs_travel,
             sparse_outputs_travel: 0,
+            sparse_min_gain: usize::MAX,
         };
         assert_eq!(device_residuals(32, 0, offload(0), n, 0), 18);
         let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
@@ -1451,6 +1479,7 @@ mod tests {
             resid_travel,
             outputs_travel,
             sparse_outputs_travel: 0,
+            sparse_min_gain: usize::MAX,
         };
         let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
         let plan = |o| s.bytes(&LLAMA_8B, false, ALL, 0, o, 0);
@@ -1487,11 +1516,6 @@ mod tests {
     /// outputs) make room for.
     #[test]
     fn sparse_residuals_skip_odd_layers_below_the_top_when_that_spares_attention() {
-        let all: Vec<usize> = (0..6).collect();
-        assert_eq!(skipped_residuals(&all, 2), vec![1, 3]);
-        assert_eq!(skipped_residuals(&all[..5], 2), vec![1, 3]);
-        assert_eq!(skipped_residuals(&[4, 5], 2), Vec::<usize>::new());
-        assert!(skipped_residuals(&all, 1).is_empty());
         let (d, s) = six_layers();
         let offload = |resid_travel, outputs_travel, sparse_outputs_travel| Offload::Checkpoints {
             qkv: false,
@@ -1500,8 +1524,14 @@ mod tests {
             resid_travel,
             outputs_travel,
             sparse_outputs_travel,
+            sparse_min_gain: 1,
         };
         let max = usize::MAX;
+        let sparse = offload(max, 0, 1);
+        assert_eq!(skipped_residuals(sparse, 6, 512, 0), vec![1, 3]);
+        assert_eq!(skipped_residuals(sparse, 5, 512, 0), vec![1, 3]);
+        assert!(skipped_residuals(sparse, 2, 512, 0).is_empty());
+        assert!(skipped_residuals(offload(max, 5, max), 6, 512, 0).is_empty());
         // (offload, m, resident) -> stride, travelling outputs
         let cases = [
             (offload(max, 0, 1), 6, 0, 2, 1),
@@ -1522,10 +1552,31 @@ mod tests {
             assert_eq!(outputs_travelling(o, m, 512, resident), travelling, "{o:?}");
         }
         // resident outputs and residuals the host cannot hold: half make room on the device
-        // (unless sparse residuals do not pay)
+        // (unless sparse residuals never pay: short sequences)
         assert_eq!(resid_stride(offload(0, 1, 1), 6, 512, 0), 1);
         assert_eq!(resid_stride(offload(0, 1, 1), 6, 512, 1), 2);
-        assert_eq!(resid_stride(offload(0, 0, 0), 6, 512, 1), 1);
+        let never = Offload::Checkpoints {
+            qkv: false,
+            gate_up: GateUp::Layers(0),
+            resident_qkv: 0,
+            resid_travel: 0,
+            outputs_travel: 1,
+            sparse_outputs_travel: 1,
+            sparse_min_gain: usize::MAX,
+        };
+        assert_eq!(resid_stride(never, 6, 512, 1), 1);
+        // more travelling outputs pay only from the minimum gain on
+        let gain = |sparse_min_gain| Offload::Checkpoints {
+            qkv: false,
+            gate_up: GateUp::Layers(0),
+            resident_qkv: 0,
+            resid_travel: max,
+            outputs_travel: 1,
+            sparse_outputs_travel: 3,
+            sparse_min_gain,
+        };
+        assert_eq!(resid_stride(gain(2), 6, 512, 0), 2);
+        assert_eq!(resid_stride(gain(3), 6, 512, 0), 1);
         // every residual travelling: the device keeps the ring either way (the skipped ones
         // share the last layer's output's buffer)
         let bytes = |o, resident| s.bytes(&d, false, ALL, 0, o, resident);
@@ -1541,21 +1592,23 @@ mod tests {
     }
 
     /// Sparse residuals pay where an attention forward costs more than a layer forward without
-    /// it: the 8B at one long sequence, not at many short ones in the same token budget.
+    /// it, for enough more travelling outputs: the 8B at one long sequence, not at many short
+    /// ones in the same token budget.
     #[test]
     fn sparse_residuals_pay_for_long_sequences_only() {
         let n = 262_144;
-        assert!(sparse_residuals_pay(&LLAMA_8B, n, n));
-        assert!(!sparse_residuals_pay(&LLAMA_8B, n, 4096));
+        // 15 re-runs of 0.23 s against 1.13 s attention forwards: 3.05, so 4
+        assert_eq!(sparse_min_gain(&LLAMA_8B, n, n), 4);
+        assert_eq!(sparse_min_gain(&LLAMA_8B, n, 4096), usize::MAX);
         // the crossover: 2 seq Hq D / 500 TFLOP/s against 2 x 218M params / 500 TFLOP/s
         let params = 4096 * (2 * 4096 + 2 * 1024) + 3 * 4096 * 14336;
         let cross = params / LLAMA_8B.q_dim();
-        assert!(!sparse_residuals_pay(&LLAMA_8B, n, cross));
-        assert!(sparse_residuals_pay(&LLAMA_8B, n, cross + 1));
+        assert_eq!(sparse_min_gain(&LLAMA_8B, n, cross), usize::MAX);
+        assert_eq!(sparse_min_gain(&LLAMA_8B, n, cross + 1), 15);
     }
 
     /// The long rows with sparse residuals on the H200 host (123.6 GiB available). At
-    /// 262k, 16 stored residuals let every layer's outputs travel (37 would fit), in the same
+    /// 262k, 17 stored residuals (15 through the host) let every layer's outputs travel (37 would fit), in the same
     /// device bytes. At 524k the host holds no more outputs (11 either way), but with 14
     /// outputs resident on the device, half the residuals leave it room for them.
     #[test]
@@ -1572,6 +1625,7 @@ mod tests {
                 resid_travel: t,
                 outputs_travel: cap(32),
                 sparse_outputs_travel: cap(16),
+                sparse_min_gain: sparse_min_gain(&LLAMA_8B, n, n),
             }
         };
         let n = 262_144;
@@ -1600,10 +1654,23 @@ mod tests {
             resid_travel: 30,
             outputs_travel: 23,
             sparse_outputs_travel: 0,
+            sparse_min_gain: usize::MAX,
         };
         let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
         let plan = |o| s.bytes(&LLAMA_8B, false, ALL, 0, o, 0);
         assert_eq!(plan(o), plan(dense));
+        // 224k: 29 travel with every residual stored, 2 more with half: not worth 15 re-runs
+        let n = 229_376;
+        let o = offload(n);
+        assert!(matches!(
+            o,
+            Offload::Checkpoints {
+                outputs_travel: 29,
+                sparse_min_gain: 4,
+                ..
+            }
+        ));
+        assert_eq!(resid_stride(o, 32, n, 0), 1);
         let n = 524_288;
         let o = offload(n);
         assert!(matches!(
@@ -1646,6 +1713,7 @@ mod tests {
                 resid_travel: t,
                 outputs_travel: cap(32),
                 sparse_outputs_travel: cap(16),
+                sparse_min_gain: sparse_min_gain(&LLAMA_8B, n, n),
             }
         };
         let pick = |n: usize, seq: usize, budget: usize| {
@@ -1683,6 +1751,7 @@ mod tests {
             resid_travel: usize::MAX,
             outputs_travel: usize::MAX,
             sparse_outputs_travel: 0,
+            sparse_min_gain: usize::MAX,
         };
         for qk in [false, true] {
             // q, k, v, the q/k/v stack's x A^T (three members), and with q/k norms their
@@ -1750,6 +1819,7 @@ mod tests {
             resid_travel: usize::MAX,
             outputs_travel: usize::MAX,
             sparse_outputs_travel: 0,
+            sparse_min_gain: usize::MAX,
         };
         let slot = 2 * (2 * s.n * d.intermediate).next_multiple_of(256);
         for k in 1..=3 {
@@ -1774,6 +1844,7 @@ mod tests {
             resid_travel: usize::MAX,
             outputs_travel: usize::MAX,
             sparse_outputs_travel: 0,
+            sparse_min_gain: usize::MAX,
         };
         for qk in [false, true] {
             // a resident layer's buffers, counted by hand: q, k, v, the three members' x A^T,

@@ -399,6 +399,7 @@ fn recompute_row(
             resid_travel,
             outputs_travel,
             sparse_outputs_travel,
+            ..
         } => format!(
             ", checkpoints{} offloaded{}{}{}{}{},",
             if qkv { " with q/k/v" } else { "" },
@@ -548,6 +549,7 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
                 resid_travel,
                 outputs_travel,
                 sparse_outputs_travel: 0,
+                sparse_min_gain: usize::MAX,
             },
             (want.0, &want.1),
             &name,
@@ -600,6 +602,7 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
             resid_travel,
             outputs_travel,
             sparse_outputs_travel: sparse,
+            sparse_min_gain: 1,
         };
         let want = (want.0, &want.1);
         recompute_row(&mut g, &batch, &targets, 0, offload, want, &name, rows)?;
@@ -622,6 +625,7 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
         resid_travel: usize::MAX,
         outputs_travel: usize::MAX,
         sparse_outputs_travel: 0,
+        sparse_min_gain: usize::MAX,
     };
     let runs = [
         (lean, 2, 3),
@@ -683,6 +687,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
                 resid_travel: usize::MAX,
                 outputs_travel: usize::MAX,
                 sparse_outputs_travel: 0,
+                sparse_min_gain: usize::MAX,
             },
         ),
         (
@@ -694,6 +699,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
                 resid_travel: usize::MAX,
                 outputs_travel: usize::MAX,
                 sparse_outputs_travel: 0,
+                sparse_min_gain: usize::MAX,
             },
         ),
         (
@@ -705,6 +711,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
                 resid_travel: usize::MAX,
                 outputs_travel: usize::MAX,
                 sparse_outputs_travel: 0,
+                sparse_min_gain: usize::MAX,
             },
         ),
         (
@@ -716,6 +723,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
                 resid_travel: usize::MAX,
                 outputs_travel: usize::MAX,
                 sparse_outputs_travel: 0,
+                sparse_min_gain: usize::MAX,
             },
         ),
     ];
