@@ -912,20 +912,14 @@ impl<'g> GpuLlama<'g> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let available = crate::train::plan::available_memory();
-        let (n, d) = (self.max_tokens, &self.dims);
-        let resid_travel = plan::resid_travel_cap(n, d.hidden, available);
-        let outputs_with =
-            |stored: usize| plan::outputs_travel_cap(d, n, resid_travel.min(stored), available);
+        let (n, seq) = (self.max_tokens, self.max_seq_len);
         self.set_offload(if on {
-            plan::Offload::Checkpoints {
-                qkv,
-                gate_up,
-                resident_qkv,
-                resid_travel,
-                outputs_travel: outputs_with(d.layers),
-                sparse_outputs_travel: outputs_with(d.layers.div_ceil(2)),
-                sparse_min_gain: plan::sparse_min_gain(d, n, self.max_seq_len),
-            }
+            plan::Offload::for_host(
+                &self.dims,
+                (n, seq),
+                available,
+                (qkv, gate_up, resident_qkv),
+            )
         } else {
             plan::Offload::Off
         });

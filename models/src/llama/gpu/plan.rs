@@ -96,6 +96,31 @@ pub fn resid_travel_cap(n: usize, hidden: usize, available: Option<u64>) -> usiz
 }
 
 impl Offload {
+    /// Checkpoint offload for micro-batches of `n` tokens in sequences of at most `seq` on a
+    /// host with `available` memory (unknown: unbounded), with the checkpoints' q, k, v, the
+    /// gate/up choice and the resident q, k, v as given: the residuals' and outputs' travel
+    /// caps ([`resid_travel_cap`], [`outputs_travel_cap`] with every residual stored and with
+    /// every other one) and what sparse residuals must gain ([`sparse_min_gain`]).
+    pub fn for_host(
+        d: &Dims,
+        (n, seq): (usize, usize),
+        available: Option<u64>,
+        (qkv, gate_up, resident_qkv): (bool, GateUp, usize),
+    ) -> Self {
+        let resid_travel = resid_travel_cap(n, d.hidden, available);
+        let outputs_with =
+            |stored: usize| outputs_travel_cap(d, n, resid_travel.min(stored), available);
+        Offload::Checkpoints {
+            qkv,
+            gate_up,
+            resident_qkv,
+            resid_travel,
+            outputs_travel: outputs_with(d.layers),
+            sparse_outputs_travel: outputs_with(d.layers.div_ceil(2)),
+            sparse_min_gain: sparse_min_gain(d, n, seq),
+        }
+    }
+
     /// The same with `layers` recomputed layers keeping q, k, v on the device (no change
     /// without checkpoint offload).
     pub fn with_resident_qkv(self, layers: usize) -> Self {
@@ -1616,17 +1641,8 @@ mod tests {
         let gib = 1u64 << 30;
         let host = Some(1236 * gib / 10);
         let offload = |n: usize| {
-            let t = resid_travel_cap(n, LLAMA_8B.hidden, host);
-            let cap = |rows: usize| outputs_travel_cap(&LLAMA_8B, n, t.min(rows), host);
-            Offload::Checkpoints {
-                qkv: false,
-                gate_up: GateUp::Layers(0),
-                resident_qkv: 0,
-                resid_travel: t,
-                outputs_travel: cap(32),
-                sparse_outputs_travel: cap(16),
-                sparse_min_gain: sparse_min_gain(&LLAMA_8B, n, n),
-            }
+            let lean = (false, GateUp::Layers(0), 0);
+            Offload::for_host(&LLAMA_8B, (n, n), host, lean)
         };
         let n = 262_144;
         let o = offload(n);
@@ -1704,17 +1720,8 @@ mod tests {
         let gib = 1usize << 30;
         let host = Some(1236 * (gib as u64) / 10);
         let offload = |n: usize| {
-            let t = resid_travel_cap(n, LLAMA_8B.hidden, host);
-            let cap = |rows: usize| outputs_travel_cap(&LLAMA_8B, n, t.min(rows), host);
-            Offload::Checkpoints {
-                qkv: false,
-                gate_up: GateUp::Layers(0),
-                resident_qkv: 0,
-                resid_travel: t,
-                outputs_travel: cap(32),
-                sparse_outputs_travel: cap(16),
-                sparse_min_gain: sparse_min_gain(&LLAMA_8B, n, n),
-            }
+            let lean = (false, GateUp::Layers(0), 0);
+            Offload::for_host(&LLAMA_8B, (n, n), host, lean)
         };
         let pick = |n: usize, seq: usize, budget: usize| {
             let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
