@@ -1393,7 +1393,8 @@ impl<'g> GpuLlama<'g> {
             };
         // Sparse residuals ([`plan::resid_stride`]): decided as if no attention checkpoint
         // travels (when one may, every residual is stored anyway).
-        let resident_count = plan::below_top_layers(&recomputed, self.resident_attention).len();
+        let resident_unless_ring = plan::below_top_layers(&recomputed, self.resident_attention);
+        let resident_count = resident_unless_ring.len();
         let skipped_resid = match offloading {
             true => plan::skipped_residuals(self.offload, m, n, resident_count),
             false => Vec::new(),
@@ -1466,7 +1467,7 @@ impl<'g> GpuLlama<'g> {
         }
         // Recomputed layers whose attention output and lse stay in buffers of their own.
         let resident_attention = match ring {
-            None => plan::below_top_layers(&recomputed, self.resident_attention),
+            None => resident_unless_ring,
             Some(_) => Vec::new(),
         };
         // The attention outputs' ring ([`plan::Offload::Checkpoints`]): when the checkpoints do

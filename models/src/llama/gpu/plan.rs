@@ -121,6 +121,21 @@ impl Offload {
         }
     }
 
+    /// Checkpoint offload as on a host with room for everything (every residual and attention
+    /// checkpoint travels, residuals never sparse), with the checkpoints' q, k, v, the gate/up
+    /// choice and the resident q, k, v as given.
+    pub const fn unbounded(qkv: bool, gate_up: GateUp, resident_qkv: usize) -> Self {
+        Offload::Checkpoints {
+            qkv,
+            gate_up,
+            resident_qkv,
+            resid_travel: usize::MAX,
+            outputs_travel: usize::MAX,
+            sparse_outputs_travel: 0,
+            sparse_min_gain: usize::MAX,
+        }
+    }
+
     /// The same with `layers` recomputed layers keeping q, k, v on the device (no change
     /// without checkpoint offload).
     pub fn with_resident_qkv(self, layers: usize) -> Self {
@@ -1177,15 +1192,7 @@ mod tests {
     const ALL: [usize; 4] = [3, 1, 2, 1];
     /// Checkpoint offload without q, k, v and without gate/up (the checkpoint the tests below
     /// count by hand).
-    const LEAN: Offload = Offload::Checkpoints {
-        qkv: false,
-        gate_up: GateUp::Layers(0),
-        resident_qkv: 0,
-        resid_travel: usize::MAX,
-        outputs_travel: usize::MAX,
-        sparse_outputs_travel: 0,
-        sparse_min_gain: usize::MAX,
-    };
+    const LEAN: Offload = Offload::unbounded(false, GateUp::Layers(0), 0);
 
     /// Llama-3.1-8B's shapes.
     const LLAMA_8B: Dims = Dims {
@@ -1751,15 +1758,7 @@ mod tests {
     #[test]
     fn checkpoints_with_qkv_move_q_k_v_from_the_shared_set_into_the_ring() {
         let (d, s) = six_layers();
-        let with = Offload::Checkpoints {
-            qkv: true,
-            gate_up: GateUp::Layers(0),
-            resident_qkv: 0,
-            resid_travel: usize::MAX,
-            outputs_travel: usize::MAX,
-            sparse_outputs_travel: 0,
-            sparse_min_gain: usize::MAX,
-        };
+        let with = Offload::unbounded(true, GateUp::Layers(0), 0);
         for qk in [false, true] {
             // q, k, v, the q/k/v stack's x A^T (three members), and with q/k norms their
             // inputs and rstds: once in the shared set without, in every slot with
@@ -1819,15 +1818,7 @@ mod tests {
         assert!(asked((6, 512, 4096), 0).is_empty());
         // The plan grows by the slot: two (N, I) bf16 pieces, whatever the count.
         let (d, s) = six_layers();
-        let gate_up = |k| Offload::Checkpoints {
-            qkv: false,
-            gate_up: GateUp::Layers(k),
-            resident_qkv: 0,
-            resid_travel: usize::MAX,
-            outputs_travel: usize::MAX,
-            sparse_outputs_travel: 0,
-            sparse_min_gain: usize::MAX,
-        };
+        let gate_up = |k| Offload::unbounded(false, GateUp::Layers(k), 0);
         let slot = 2 * (2 * s.n * d.intermediate).next_multiple_of(256);
         for k in 1..=3 {
             let grow =
@@ -1844,15 +1835,7 @@ mod tests {
         assert!(below_top_layers(&[4], 3).is_empty());
         assert!(below_top_layers(&[], 3).is_empty());
         let (d, s) = six_layers();
-        let offload = |qkv, k| Offload::Checkpoints {
-            qkv,
-            gate_up: GateUp::Layers(0),
-            resident_qkv: k,
-            resid_travel: usize::MAX,
-            outputs_travel: usize::MAX,
-            sparse_outputs_travel: 0,
-            sparse_min_gain: usize::MAX,
-        };
+        let offload = |qkv, k| Offload::unbounded(qkv, GateUp::Layers(0), k);
         for qk in [false, true] {
             // a resident layer's buffers, counted by hand: q, k, v, the three members' x A^T,
             // and with q/k norms their inputs and rstds

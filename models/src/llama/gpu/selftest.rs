@@ -618,15 +618,7 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
     // (then no attention checkpoint travels, the outputs of the three below do), of every layer
     // below the top without offload.
     g.set_mlp_tile_rows(super::plan::MLP_TILE_ROWS);
-    let lean = Offload::Checkpoints {
-        qkv: true,
-        gate_up: GateUp::Layers(0),
-        resident_qkv: 0,
-        resid_travel: usize::MAX,
-        outputs_travel: usize::MAX,
-        sparse_outputs_travel: 0,
-        sparse_min_gain: usize::MAX,
-    };
+    let lean = Offload::unbounded(true, GateUp::Layers(0), 0);
     let runs = [
         (lean, 2, 3),
         (lean, 2, 3),
@@ -678,54 +670,10 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
     let offloads = [
         (0, Offload::Off),
         (cpu.dims.layers - 1, Offload::Off),
-        (
-            0,
-            Offload::Checkpoints {
-                qkv: false,
-                gate_up: GateUp::Layers(0),
-                resident_qkv: 0,
-                resid_travel: usize::MAX,
-                outputs_travel: usize::MAX,
-                sparse_outputs_travel: 0,
-                sparse_min_gain: usize::MAX,
-            },
-        ),
-        (
-            0,
-            Offload::Checkpoints {
-                qkv: false,
-                gate_up: GateUp::Layers(0),
-                resident_qkv: 1,
-                resid_travel: usize::MAX,
-                outputs_travel: usize::MAX,
-                sparse_outputs_travel: 0,
-                sparse_min_gain: usize::MAX,
-            },
-        ),
-        (
-            0,
-            Offload::Checkpoints {
-                qkv: true,
-                gate_up: GateUp::Layers(0),
-                resident_qkv: 0,
-                resid_travel: usize::MAX,
-                outputs_travel: usize::MAX,
-                sparse_outputs_travel: 0,
-                sparse_min_gain: usize::MAX,
-            },
-        ),
-        (
-            0,
-            Offload::Checkpoints {
-                qkv: true,
-                gate_up: GateUp::Layers(2),
-                resident_qkv: 0,
-                resid_travel: usize::MAX,
-                outputs_travel: usize::MAX,
-                sparse_outputs_travel: 0,
-                sparse_min_gain: usize::MAX,
-            },
-        ),
+        (0, Offload::unbounded(false, GateUp::Layers(0), 0)),
+        (0, Offload::unbounded(false, GateUp::Layers(0), 1)),
+        (0, Offload::unbounded(true, GateUp::Layers(0), 0)),
+        (0, Offload::unbounded(true, GateUp::Layers(2), 0)),
     ];
     for (kept, offload) in offloads {
         recompute_row(
