@@ -20,7 +20,8 @@ use crate::device::Gpu;
 use crate::error::RuntimeError;
 use crate::graph::{Graph, TensorId};
 use crate::planner::{CostModel, Plan};
-use cudarc::driver::{result, CudaContext, CudaEvent, CudaStream};
+use cudarc::driver::{CudaEvent, CudaStream};
+pub use pinned::PinnedHostBuffer;
 use std::sync::Arc;
 
 /// The two copy streams.
@@ -197,54 +198,6 @@ pub fn estimate(graph: &Graph, plan: &Plan, cost: &CostModel) -> StepEstimate {
     }
 }
 
-/// Page-locked host memory (`cuMemHostAlloc`), freed on drop.
-pub struct PinnedHostBuffer {
-    ctx: Arc<CudaContext>,
-    ptr: *mut u8,
-    bytes: usize,
-}
-
-// SAFETY: the buffer is plain host memory owned by this value.
-unsafe impl Send for PinnedHostBuffer {}
-unsafe impl Sync for PinnedHostBuffer {}
-
-impl PinnedHostBuffer {
-    /// Allocates `bytes` of pinned host memory.
-    pub fn new(gpu: &Gpu, bytes: usize) -> Result<Self, RuntimeError> {
-        gpu.context().bind_to_thread()?;
-        let ptr = if bytes == 0 {
-            std::ptr::null_mut()
-        } else {
-            // SAFETY: plain allocation, freed in Drop; flags 0 = portable off, not mapped.
-            unsafe { result::malloc_host(bytes, 0) }? as *mut u8
-        };
-        Ok(Self {
-            ctx: gpu.context().clone(),
-            ptr,
-            bytes,
-        })
-    }
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-    /// Host address of byte `offset`.
-    pub fn ptr_at(&self, offset: usize) -> *mut u8 {
-        assert!(offset <= self.bytes);
-        self.ptr.wrapping_add(offset)
-    }
-}
-
-impl Drop for PinnedHostBuffer {
-    fn drop(&mut self) {
-        if !self.ptr.is_null() {
-            self.ctx.record_err(self.ctx.bind_to_thread());
-            // SAFETY: allocated by cuMemHostAlloc in new(), freed once.
-            self.ctx
-                .record_err(unsafe { result::free_host(self.ptr as *mut _) });
-        }
-    }
-}
-
 /// Carries out an [`OffloadSchedule`] on the GPU: pinned host pool, two copy streams, events.
 pub struct OffloadEngine {
     schedule: OffloadSchedule,
@@ -347,5 +300,6 @@ impl OffloadEngine {
     }
 }
 
+mod pinned;
 #[cfg(test)]
 mod tests;

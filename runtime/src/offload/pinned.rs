@@ -1,0 +1,138 @@
+//! Page-locked host memory for activation offload, pinned at the speed of all cores: an
+//! anonymous mapping with transparent huge pages, its pages first touched by every core at
+//! once, then registered with the driver (`cuMemHostRegister`). `cuMemHostAlloc` pins at
+//! ~2 GiB/s on the H200 machine (one thread faults and zeroes 4 KiB pages); this path pins at
+//! ~22 GiB/s there with 16 threads and frees 8x faster, and the copies run at the same
+//! 54-55 GB/s (`benches/pin_probe.cu`, benches/RESULTS.md session 16). The 105 GiB a
+//! 524,288-token 8B step offloads took ~50 s of its setup.
+
+use crate::device::Gpu;
+use crate::error::RuntimeError;
+use cudarc::driver::{sys, CudaContext};
+use memmap2::MmapMut;
+use std::sync::Arc;
+
+/// One write per base page faults the page in (with transparent huge pages, its whole 2 MiB
+/// page: the later writes in it are no-ops).
+const PAGE: usize = 4096;
+/// The mapping's length and the threads' shares are whole huge pages.
+const HUGE_PAGE: usize = 2 << 20;
+/// Touching threads at most (16 reached 22 GiB/s on the 16-core machine, 8 15 GiB/s).
+const MAX_TOUCH_THREADS: usize = 16;
+
+/// Page-locked host memory of `bytes` bytes (zeroed), unregistered and unmapped on drop.
+pub struct PinnedHostBuffer {
+    ctx: Arc<CudaContext>,
+    /// The registered mapping (`None` for 0 bytes).
+    map: Option<MmapMut>,
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: the buffer is plain host memory owned by this value.
+unsafe impl Send for PinnedHostBuffer {}
+unsafe impl Sync for PinnedHostBuffer {}
+
+impl PinnedHostBuffer {
+    /// Maps, faults in and pins `bytes` of host memory.
+    pub fn new(gpu: &Gpu, bytes: usize) -> Result<Self, RuntimeError> {
+        let ctx = gpu.context().clone();
+        if bytes == 0 {
+            let (map, ptr) = (None, std::ptr::null_mut());
+            return Ok(Self {
+                ctx,
+                map,
+                ptr,
+                bytes,
+            });
+        }
+        let len = bytes.next_multiple_of(HUGE_PAGE);
+        let mut map = MmapMut::map_anon(len).map_err(|e| {
+            RuntimeError::Io(format!(
+                "mapping {:.2} GiB of host memory for offload: {e}",
+                len as f64 / (1u64 << 30) as f64
+            ))
+        })?;
+        // A hint: where the kernel has no transparent huge pages, the pages stay 4 KiB.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
+        first_touch(&mut map);
+        ctx.bind_to_thread()?;
+        let ptr = map.as_mut_ptr();
+        // SAFETY: `len` bytes of this process's memory from `ptr`, mapped until Drop, which
+        // unregisters them first.
+        unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len, 0) }.result()?;
+        Ok(Self {
+            ctx,
+            map: Some(map),
+            ptr,
+            bytes,
+        })
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    /// Host address of byte `offset`.
+    pub fn ptr_at(&self, offset: usize) -> *mut u8 {
+        assert!(offset <= self.bytes);
+        self.ptr.wrapping_add(offset)
+    }
+}
+
+impl Drop for PinnedHostBuffer {
+    fn drop(&mut self) {
+        if self.map.is_some() {
+            self.ctx.record_err(self.ctx.bind_to_thread());
+            // SAFETY: registered in new(), unregistered once; the mapping goes after.
+            let unregistered = unsafe { sys::cuMemHostUnregister(self.ptr.cast()) }.result();
+            self.ctx.record_err(unregistered);
+        }
+    }
+}
+
+/// Writes a zero to the first byte of every base page of `buf` (fresh anonymous pages are
+/// zero already), split over up to [`MAX_TOUCH_THREADS`] threads in whole huge pages, so that
+/// the kernel faults the pages in on every core instead of inside the driver's registration.
+fn first_touch(buf: &mut [u8]) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cores.clamp(1, MAX_TOUCH_THREADS);
+    let share = buf.len().div_ceil(threads).next_multiple_of(HUGE_PAGE);
+    std::thread::scope(|s| {
+        for part in buf.chunks_mut(share) {
+            s.spawn(move || {
+                for i in (0..part.len()).step_by(PAGE) {
+                    part[i] = 0;
+                }
+            });
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shares start on huge-page boundaries, so every base page's first byte is written and
+    /// nothing else, for lengths around the share and page sizes.
+    #[test]
+    fn first_touch_writes_each_page_start_and_nothing_else() {
+        for len in [
+            1,
+            PAGE - 1,
+            PAGE + 1,
+            3 * HUGE_PAGE + 5 * PAGE + 7,
+            17 * HUGE_PAGE,
+        ] {
+            let mut buf: Vec<u8> = (0..len).map(|i| (i % 251) as u8 | 1).collect();
+            first_touch(&mut buf);
+            for (i, &b) in buf.iter().enumerate() {
+                let want = if i % PAGE == 0 {
+                    0
+                } else {
+                    (i % 251) as u8 | 1
+                };
+                assert_eq!(b, want, "len {len}, byte {i}");
+            }
+        }
+    }
+}
