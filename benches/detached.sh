@@ -5,9 +5,9 @@
 # `wait` waits for it up to SECONDS and prints its exit status (or "running") and the end of
 # its log.
 # Usage:
-#   benches/detached.sh start LOG CMD...   e.g. the 8B QLoRA step at 524,288 tokens (~11 min):
+#   benches/detached.sh start LOG CMD...   e.g. the 8B QLoRA step at 524,288 tokens (538 s, 571 s with setup):
 #     benches/detached.sh start /tmp/524k.log /tmp/ftrt bench --preset llama-3.1-8b \
-#       --mode qlora --batch 1 --seq 524288 --keep-layers 0 --offload-residuals \
+#       --mode qlora --batch 1 --seq 524288 --keep-layers auto --offload-residuals \
 #       --offload-embeddings --steps 1 --warmup 0
 #   benches/detached.sh wait LOG SECONDS   (exit status 0 once it ended, 1 while it runs)
 set -u
