@@ -17,7 +17,7 @@ use clap::Args;
 use ftrt_models::data::PromptRenderer;
 use ftrt_models::llama::{LlamaModel, LlamaTrainable, Rounding};
 use ftrt_models::lora::{linear_targets, select_targets, LoraWeights};
-use ftrt_models::train::plan::{available_memory, gib};
+use ftrt_models::train::plan::gib;
 use ftrt_models::train::{
     total_steps, warmup_from_ratio, LoraModel, MemoryPlan, TrainConfig, Trainer,
 };
@@ -247,7 +247,7 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         s.token_budget(),
         s.optim,
     );
-    match available_memory() {
+    match ftrt_runtime::offload::available_host_memory() {
         Some(avail) => plan.check_fits(avail)?,
         None => eprintln!(
             "cannot read this machine's free memory; the run needs about {}",

@@ -31,7 +31,8 @@ pub enum RuntimeError {
     InvalidArgument(String),
     /// The graph is malformed (unknown tensor, read before write, ...).
     Graph(String),
-    /// The planned step cannot fit in the VRAM budget, even with every saved tensor offloaded.
+    /// The planned step cannot fit in the VRAM budget, even with every saved tensor offloaded,
+    /// or its offload in the host's memory.
     DoesNotFit(String),
     /// The executor met a node it cannot run on this backend.
     Unsupported(String),

@@ -21,7 +21,7 @@ use crate::error::RuntimeError;
 use crate::graph::{Graph, TensorId};
 use crate::planner::{CostModel, Plan};
 use cudarc::driver::{CudaEvent, CudaStream};
-pub use pinned::PinnedHostBuffer;
+pub use pinned::{available_host_memory, gib, PinnedHostBuffer};
 use std::sync::Arc;
 
 /// The two copy streams.

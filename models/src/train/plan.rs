@@ -100,10 +100,7 @@ impl MemoryPlan {
     }
 }
 
-/// Bytes as GiB text.
-pub fn gib(b: u64) -> String {
-    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
-}
+pub use ftrt_runtime::offload::gib;
 
 impl fmt::Display for MemoryPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -114,29 +111,4 @@ impl fmt::Display for MemoryPlan {
         writeln!(f, "  scratch              {:>12}", gib(self.scratch))?;
         write!(f, "  total                {:>12}", gib(self.total()))
     }
-}
-
-/// Memory this machine can give a new run: `MemAvailable` of /proc/meminfo, lowered by a cgroup
-/// v2 limit when one is set. None when neither can be read (the check is then skipped).
-pub fn available_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let avail_kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    let mut avail = avail_kib * 1024;
-    if let Ok(limit) = std::fs::read_to_string("/sys/fs/cgroup/memory.max") {
-        if let Ok(limit) = limit.trim().parse::<u64>() {
-            let used = std::fs::read_to_string("/sys/fs/cgroup/memory.current")
-                .ok()
-                .and_then(|u| u.trim().parse::<u64>().ok())
-                .unwrap_or(0);
-            avail = avail.min(limit.saturating_sub(used));
-        }
-    }
-    Some(avail)
 }

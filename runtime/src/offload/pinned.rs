@@ -47,10 +47,12 @@ impl PinnedHostBuffer {
             });
         }
         let len = bytes.next_multiple_of(HUGE_PAGE);
+        // Touching more than the host has would summon the kernel's OOM killer: refuse first.
+        check_host_room(len, available_host_memory())?;
         let mut map = MmapMut::map_anon(len).map_err(|e| {
             RuntimeError::Io(format!(
-                "mapping {:.2} GiB of host memory for offload: {e}",
-                len as f64 / (1u64 << 30) as f64
+                "mapping {} of host memory for offload: {e}",
+                gib(len as u64)
             ))
         })?;
         // A hint: where the kernel has no transparent huge pages, the pages stay 4 KiB.
@@ -90,6 +92,50 @@ impl Drop for PinnedHostBuffer {
     }
 }
 
+/// Err when `len` bytes exceed the `available` host memory (None: not known, not checked).
+fn check_host_room(len: usize, available: Option<u64>) -> Result<(), RuntimeError> {
+    match available {
+        Some(avail) if len as u64 > avail => Err(RuntimeError::DoesNotFit(format!(
+            "pinning {} of host memory for offload, but only {} is available (MemAvailable, \
+             or the cgroup's limit): free host memory, or offload less (a shorter sequence or \
+             --max-seq-length, a smaller batch, or no --offload-residuals)",
+            gib(len as u64),
+            gib(avail)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Bytes as GiB text ("4.00 GiB").
+pub fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Memory this machine can give a new run: `MemAvailable` of /proc/meminfo, lowered by a cgroup
+/// v2 limit when one is set. None when neither can be read (the check is then skipped).
+pub fn available_host_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let avail_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let mut avail = avail_kib * 1024;
+    if let Ok(limit) = std::fs::read_to_string("/sys/fs/cgroup/memory.max") {
+        if let Ok(limit) = limit.trim().parse::<u64>() {
+            let used = std::fs::read_to_string("/sys/fs/cgroup/memory.current")
+                .ok()
+                .and_then(|u| u.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            avail = avail.min(limit.saturating_sub(used));
+        }
+    }
+    Some(avail)
+}
+
 /// Writes a zero to the first byte of every base page of `buf` (fresh anonymous pages are
 /// zero already), split over up to [`MAX_TOUCH_THREADS`] threads in whole huge pages, so that
 /// the kernel faults the pages in on every core instead of inside the driver's registration.
@@ -111,6 +157,19 @@ fn first_touch(buf: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn more_than_the_host_has_is_refused_with_both_sizes() {
+        let gib = 1usize << 30;
+        assert!(check_host_room(4 * gib, Some(4 * gib as u64)).is_ok());
+        assert!(check_host_room(4 * gib, None).is_ok());
+        let e = check_host_room(4 * gib + 1, Some(3 * gib as u64)).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("4.00 GiB") && msg.contains("3.00 GiB"),
+            "{msg}"
+        );
+    }
 
     /// Shares start on huge-page boundaries, so every base page's first byte is written and
     /// nothing else, for lengths around the share and page sizes.

@@ -911,7 +911,7 @@ impl<'g> GpuLlama<'g> {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        let available = crate::train::plan::available_memory();
+        let available = ftrt_runtime::offload::available_host_memory();
         let (n, seq) = (self.max_tokens, self.max_seq_len);
         self.set_offload(if on {
             plan::Offload::for_host(
@@ -1413,7 +1413,7 @@ impl<'g> GpuLlama<'g> {
             let ring = plan::resid_ring(k, n);
             LayerOffload::host_bytes((k, ring, usize::MAX), n, &resid_row)
         };
-        let available = crate::train::plan::available_memory();
+        let available = ftrt_runtime::offload::available_host_memory();
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
         if offloading && resid_members.len() < stored.len() {
             let staying = stored.len() - resid_members.len();
