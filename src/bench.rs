@@ -398,7 +398,9 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     };
     // The buffers (and with offload the pinned host rows: ~60 GiB at 262k tokens) before any
     // step, so that --warmup 0 times a step, not the allocation.
+    let t_alloc = std::time::Instant::now();
     model.allocate_activations()?;
+    let alloc_s = t_alloc.elapsed().as_secs_f64();
     let t_warm = std::time::Instant::now();
     // --warmup 0 times the first step too (a long sequence's step can take minutes)
     let mut loss = f32::NAN;
@@ -524,7 +526,7 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
         "kept_bf16": a.llm_int8_skip_modules, "grad_ckpt": recomputed > 0, "recomputed_layers": recomputed,
         "offload_residuals": a.offload_residuals, "checkpoint_qkv": qkv, "gate_up_layers": gate_up, "resident_qkv_layers": resident_qkv, "resident_attention_layers": resident_attention, "outputs_offloaded": outputs_offloaded, "skipped_residuals": skipped, "offload_embeddings": a.offload_embeddings, "gpu": name, "attention": attention,
         "gemm_autotune": std::env::var(ftrt_runtime::gemm::cublaslt::AUTOTUNE_ENV).is_ok_and(|v| v == "1"),
-        "setup_s": (setup_s * 10.0).round() / 10.0,
+        "setup_s": (setup_s * 10.0).round() / 10.0, "alloc_s": (alloc_s * 10.0).round() / 10.0,
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "warmup": a.warmup, "status": "ok",
         "tokens_per_s": (tok_s * 10.0).round() / 10.0, "ms_per_step": (ms * 100.0).round() / 100.0,
         "warmup_s": (warmup_s * 100.0).round() / 100.0,
