@@ -55,9 +55,16 @@ impl PinnedHostBuffer {
                 gib(len as u64)
             ))
         })?;
-        // A hint: where the kernel has no transparent huge pages, the pages stay 4 KiB.
+        // A hint: where the kernel has no transparent huge pages, the pages stay 4 KiB. A
+        // child process (ftrt runs python3 to fetch models) must not share the pinned pages
+        // copy-on-write: the parent's next write would move it off the pages the GPU copies.
         #[cfg(target_os = "linux")]
-        let _ = map.advise(memmap2::Advice::HugePage);
+        {
+            let _ = map.advise(memmap2::Advice::HugePage);
+            map.advise(memmap2::Advice::DontFork).map_err(|e| {
+                RuntimeError::Io(format!("keeping pinned memory out of child processes: {e}"))
+            })?;
+        }
         first_touch(&mut map);
         ctx.bind_to_thread()?;
         let ptr = map.as_mut_ptr();
