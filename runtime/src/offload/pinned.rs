@@ -178,6 +178,23 @@ mod tests {
         );
     }
 
+    /// On Linux the available memory parses, and lies between 0 and MemTotal.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn available_host_memory_is_read_and_within_the_total() {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let total_kib: u64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        let avail = available_host_memory().expect("MemAvailable in /proc/meminfo");
+        assert!(
+            avail > 0 && avail <= total_kib * 1024,
+            "{avail} of {total_kib} KiB"
+        );
+    }
+
     /// Shares start on huge-page boundaries, so every base page's first byte is written and
     /// nothing else, for lengths around the share and page sizes.
     #[test]
