@@ -511,7 +511,7 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
         false => format!("checkpoints ({})", carried.join("; ")),
     };
     println!(
-        "ftrt bench {} {} r={} batch {}x{} on {name} (attention {attention}): {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% ({recomputed} of {layers} layers recomputed{}), loss {:.4} -> {:.4}",
+        "ftrt bench {} {} r={} batch {}x{} on {name} (attention {attention}): {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% ({recomputed} of {layers} layers recomputed{}), loss {:.4} -> {:.4}; setup {setup_s:.1} s (allocations {alloc_s:.1} s)",
         a.preset, a.mode, a.lora_r, a.batch, a.seq, tok_s, ms, measured, planned, total as f64 / GIB, 100.0 * mfu, 100.0 * hfu,
         match (a.offload_residuals, a.offload_embeddings) {
             (true, true) => format!(", {checkpoints} and embeddings offloaded"),
