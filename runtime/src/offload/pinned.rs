@@ -122,15 +122,7 @@ pub fn gib(bytes: u64) -> String {
 /// v2 limit when one is set. None when neither can be read (the check is then skipped).
 pub fn available_host_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let avail_kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    let mut avail = avail_kib * 1024;
+    let mut avail = meminfo_bytes(&meminfo, "MemAvailable")?;
     if let Ok(limit) = std::fs::read_to_string("/sys/fs/cgroup/memory.max") {
         if let Ok(limit) = limit.trim().parse::<u64>() {
             let used = std::fs::read_to_string("/sys/fs/cgroup/memory.current")
@@ -141,6 +133,15 @@ pub fn available_host_memory() -> Option<u64> {
         }
     }
     Some(avail)
+}
+
+/// The bytes of /proc/meminfo's line `key` ("MemAvailable:   123456 kB").
+fn meminfo_bytes(meminfo: &str, key: &str) -> Option<u64> {
+    let value = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?;
+    let kib: u64 = value.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Writes a zero to the first byte of every base page of `buf` (fresh anonymous pages are
@@ -183,16 +184,9 @@ mod tests {
     #[test]
     fn available_host_memory_is_read_and_within_the_total() {
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-        let total_kib: u64 = meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap();
+        let total = meminfo_bytes(&meminfo, "MemTotal").expect("MemTotal in /proc/meminfo");
         let avail = available_host_memory().expect("MemAvailable in /proc/meminfo");
-        assert!(
-            avail > 0 && avail <= total_kib * 1024,
-            "{avail} of {total_kib} KiB"
-        );
+        assert!(avail > 0 && avail <= total, "{avail} of {total} bytes");
     }
 
     /// Shares start on huge-page boundaries, so every base page's first byte is written and
