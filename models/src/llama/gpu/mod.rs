@@ -894,8 +894,9 @@ impl<'g> GpuLlama<'g> {
     /// lowest [`plan::resid_travel_cap`] ones, when host memory holds no more (read now); and
     /// when the attention checkpoints do not fit the host, the attention outputs of the lowest
     /// [`plan::outputs_travel_cap`] layers travel instead, and where that pays at the longest
-    /// sequence ([`Self::set_max_seq_len`], [`plan::sparse_min_gain`]) every other layer stores
-    /// no input residual (see [`plan::Offload::Checkpoints`]). Changing it frees the activation
+    /// sequence ([`Self::set_max_seq_len`], [`plan::sparse_min_gain`]) some layers (at most
+    /// every other one, no more than the host needs) store no input residual (see
+    /// [`plan::Offload::Checkpoints`]). Changing it frees the activation
     /// buffers (reallocated at the next batch).
     pub fn set_offload_residuals(&mut self, on: bool) {
         let qkv = match std::env::var(CHECKPOINT_QKV_ENV).as_deref() {
@@ -1032,7 +1033,7 @@ impl<'g> GpuLlama<'g> {
     }
 
     /// The recomputed layers that store no input residual in the allocated activations (see
-    /// [`plan::resid_stride`]; none before the first batch).
+    /// [`plan::sparse_skips`]; none before the first batch).
     pub fn skipped_residuals(&self) -> Vec<usize> {
         self.acts
             .as_ref()
@@ -1391,7 +1392,7 @@ impl<'g> GpuLlama<'g> {
                 ),
                 plan::Offload::Off => (false, plan::GateUp::Layers(0), 0, 0, false),
             };
-        // Sparse residuals ([`plan::resid_stride`]): decided as if no attention checkpoint
+        // Sparse residuals ([`plan::sparse_skips`]): decided as if no attention checkpoint
         // travels (when one may, every residual is stored anyway).
         let resident_unless_ring = plan::below_top_layers(&recomputed, self.resident_attention);
         let resident_count = resident_unless_ring.len();
@@ -1479,7 +1480,7 @@ impl<'g> GpuLlama<'g> {
         };
         if !skipped_resid.is_empty() {
             eprintln!(
-                "note: {} of {m} recomputed layers store no input residual (every other one; the backward rebuilds each by re-running the layer below), so that more attention outputs fit the host or the resident ones the GPU",
+                "note: {} of {m} recomputed layers store no input residual (at odd positions from the lowest; the backward rebuilds each by re-running the layer below), so that more attention outputs fit the host or the resident ones the GPU",
                 skipped_resid.len()
             );
         }
