@@ -1011,10 +1011,9 @@ pub fn attention_backward_with(
         }
         // one launch per kv head: a block per key tile, its query heads' dq accumulated in
         // key order into the f32 scratch after dvec (it and the counters zeroed first), then
-        // written out as bf16
+        // written out as bf16. Each launch looks its function up right before it, so that a
+        // profile charges the kernel, not the memset before it, with its time.
         let l = kernels.launch(Pass::DkdvDq, d);
-        let f = kernels.function(gpu, &l)?;
-        let to_bf16 = function(gpu, kernels.module(), "attention_dq_from_acc_d128", 0)?;
         let maps = kernels.maps(&dims, &l, &[q, k, v, dout])?;
         let [acc_bytes, sem_bytes] = fused_dq_scratch(&dims);
         let acc = scratch.offset(fused_dq_offset(&dims) / 4);
@@ -1022,6 +1021,7 @@ pub fn attention_backward_with(
         let g = (dims.n_heads_q / dims.n_heads_kv) as i32;
         for hk in 0..dims.n_heads_kv as i32 {
             gpu.memset_zero(acc.cast(), acc_bytes + sem_bytes)?;
+            let f = kernels.function(gpu, &l)?;
             let mut b = gpu.stream().launch_builder(&f);
             b.arg(&lse.addr);
             b.arg(&dvec.addr);
@@ -1037,6 +1037,7 @@ pub fn attention_backward_with(
             let grid = (1, dims.n_tokens.div_ceil(l.rows) as u32);
             unsafe { b.launch(config(grid, l.threads, l.smem)) }?;
             let h0 = hk * g;
+            let to_bf16 = function(gpu, kernels.module(), "attention_dq_from_acc_d128", 0)?;
             let mut b = gpu.stream().launch_builder(&to_bf16);
             b.arg(&acc.addr);
             b.arg(&dq.addr);
