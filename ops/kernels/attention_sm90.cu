@@ -598,9 +598,10 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
                 unsigned* counter = sem + (long long)hl * ((N + BQ - 1) / BQ) + i0 / BQ;
                 const int sb = it % SB;
                 mbar_wait(stage_full + sb, (it / SB) & 1);
+                // a short sleep between polls: the blocks at one query tile poll one counter
+                // (measured 0.27% shorter 64k steps than a tight spin)
                 if (rank > 0)
-                    while (ld_acquire(counter) != (unsigned)rank) {
-                    }
+                    while (ld_acquire(counter) != (unsigned)rank) __nanosleep(32);
                 asm volatile("fence.proxy.async.global;" ::: "memory");
                 const long long np = (long long)(N + BQ - 1) / BQ * BQ; // rows per head, padded
                 bulk_reduce_add(dqacc + (hl * np + i0) * D, sStage + sb * BQ * D, BQ * D * 4);
