@@ -16,9 +16,10 @@
 //! forward and backward (rings of device buffers instead of one per layer): the backward then
 //! recomputes only q, k, v and the MLP. Where the host cannot hold those checkpoints (long
 //! sequences) only the attention outputs travel, of as many layers as it holds next to the
-//! residuals, and when some layers would still recompute their attention every other layer
-//! stores no input residual, rebuilt by re-running the layer below (the 8B at one 262k
-//! sequence: 15 residuals and 31 outputs through the host, 1,790 tok/s in 35.0 GiB).
+//! residuals, and when some layers would still recompute their attention as few layers as the
+//! host needs (at most every other one) store no input residual, rebuilt by re-running the
+//! layer below (the 8B at one 262k sequence: 8 such layers, 22 residuals and 31 outputs through
+//! the host, 1,824-1,834 tok/s in 35.0 GiB).
 //! `FTRT_RESIDENT_ATTENTION_LAYERS=k` keeps k recomputed layers' attention outputs on the GPU
 //! instead (the 8B at 262k, k = 8, every residual stored: 1,889 tok/s in 51.3 GiB). HFU counts
 //! no attention forward for the layers whose outputs travel or stay, and one layer forward for
@@ -490,7 +491,7 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     }
     if !skipped.is_empty() {
         carried.push(format!(
-            "every other residual: {} layers re-run the layer below",
+            "sparse residuals: {} layers re-run the layer below",
             skipped.len()
         ));
     }

@@ -196,8 +196,8 @@ pub fn attention_outputs(d: &Dims) -> [usize; 2] {
 /// in pinned host rows next to `resid_rows` travelling input residuals, within the host's
 /// `available` memory less [`HOST_RESERVE_DIVISOR`]'s share; unbounded when it is unknown.
 /// The 8B at one 262,144-token sequence on the H200 host: 30 residuals pin 60 GiB, and 23
-/// layers' outputs (2.03 GiB each) fit the 48 GiB left; with every other residual (16 rows)
-/// all 31 below the top fit.
+/// layers' outputs (2.03 GiB each) fit the 48 GiB left; with 22 residual rows (8 layers storing
+/// none, [`sparse_skips`]) all 31 below the top fit.
 pub fn outputs_travel_cap(d: &Dims, n: usize, resid_rows: usize, available: Option<u64>) -> usize {
     let Some(a) = available else {
         return usize::MAX;
