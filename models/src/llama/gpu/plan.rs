@@ -133,7 +133,7 @@ impl Offload {
             outputs_travel: outputs_with(d.layers),
             sparse_skips,
             sparse_outputs_travel: outputs_with(d.layers - sparse_skips),
-            sparse_min_gain: sparse_min_gain(d, n, seq),
+            sparse_min_gain: sparse_min_gain(d, n, seq, sparse_skips),
         }
     }
 
@@ -267,19 +267,19 @@ fn attention_and_layer_seconds(d: &Dims, n: usize, seq: usize) -> (f64, f64) {
     (attention, layer_forward_seconds(d) * n as f64)
 }
 
-/// The fewest more layers whose attention outputs sparse residuals ([`sparse_skips`]) must let
-/// travel to pay for the layer forwards they add ((L - 1) / 2 re-runs without attention,
+/// The fewest more layers whose attention outputs `skips` skipped residuals ([`sparse_skips`])
+/// must let travel to pay for the layer forwards they add (`skips` re-runs without attention,
 /// against that many attention forwards at micro-batches of `n` tokens in sequences of at most
 /// `seq`); usize::MAX where an attention forward costs no more than a layer forward (short
-/// sequences: never). The 8B at one 262k sequence: 4 (15 re-runs of 0.23 s against 1.1 s
-/// each; 8 more travel there); at 64 sequences of 4096 tokens in the same budget: never.
-pub fn sparse_min_gain(d: &Dims, n: usize, seq: usize) -> usize {
+/// sequences: never). The 8B at one 262k sequence: 2 for its 8 skips (re-runs of 0.23 s
+/// against 1.1 s attention forwards; 8 more travel there), 4 for 15; at 64 sequences of 4096
+/// tokens in the same budget: never.
+pub fn sparse_min_gain(d: &Dims, n: usize, seq: usize, skips: usize) -> usize {
     let (attention, layer) = attention_and_layer_seconds(d, n, seq);
     if attention <= layer {
         return usize::MAX;
     }
-    let reruns = (d.layers.saturating_sub(1) / 2) as f64 * layer;
-    (reruns / attention).floor() as usize + 1
+    (skips as f64 * layer / attention).floor() as usize + 1
 }
 
 /// Seconds the backward of `m` recomputed layers spends on forward work that memory could
@@ -1018,7 +1018,7 @@ pub fn resident_attention_within(
     budget: usize,
 ) -> usize {
     let m = d.layers - kept.min(d.layers);
-    if m < 2 || sparse_min_gain(d, s.n, seq) == usize::MAX {
+    if m < 2 || sparse_min_gain(d, s.n, seq, 1) == usize::MAX {
         return 0;
     }
     let cost = |k| spared_work_seconds(d, offload, (m, s.n, seq), k);
@@ -1667,14 +1667,16 @@ mod tests {
     #[test]
     fn sparse_residuals_pay_for_long_sequences_only() {
         let n = 262_144;
-        // 15 re-runs of 0.23 s against 1.13 s attention forwards: 3.05, so 4
-        assert_eq!(sparse_min_gain(&LLAMA_8B, n, n), 4);
-        assert_eq!(sparse_min_gain(&LLAMA_8B, n, 4096), usize::MAX);
+        // 15 re-runs of 0.23 s against 1.13 s attention forwards: 3.05, so 4; 8: 1.63, so 2
+        assert_eq!(sparse_min_gain(&LLAMA_8B, n, n, 15), 4);
+        assert_eq!(sparse_min_gain(&LLAMA_8B, n, n, 8), 2);
+        assert_eq!(sparse_min_gain(&LLAMA_8B, n, 4096, 15), usize::MAX);
         // the crossover: 2 seq Hq D / 500 TFLOP/s against 2 x 218M params / 500 TFLOP/s
         let params = 4096 * (2 * 4096 + 2 * 1024) + 3 * 4096 * 14336;
         let cross = params / LLAMA_8B.q_dim();
-        assert_eq!(sparse_min_gain(&LLAMA_8B, n, cross), usize::MAX);
-        assert_eq!(sparse_min_gain(&LLAMA_8B, n, cross + 1), 15);
+        assert_eq!(sparse_min_gain(&LLAMA_8B, n, cross, 15), usize::MAX);
+        assert_eq!(sparse_min_gain(&LLAMA_8B, n, cross + 1, 15), 15);
+        assert_eq!(sparse_min_gain(&LLAMA_8B, n, cross + 1, 8), 8);
     }
 
     /// The long rows with sparse residuals on the H200 host (123.6 GiB available). At
