@@ -223,7 +223,7 @@ pub fn piece_start(n_max: usize, piece_bytes: &[usize], i: usize) -> usize {
 /// (m - 1) / 2: odd positions below the top, [`skipped_residuals`]). None unless, storing all,
 /// some of the other layers below the top would recompute their attention (fewer than them
 /// travel, [`Offload::Checkpoints`]); then `sparse_skips` when that lets enough more travel to
-/// pay for the re-runs ([`sparse_min_gain`]; the 8B at 262k: 9 of 15, every output travels),
+/// pay for the re-runs ([`sparse_min_gain`]; the 8B at 262k: 8 of 15, every output travels),
 /// or all (m - 1) / 2 when, with resident outputs and re-runs cheaper than attention, they take
 /// the residuals that the host cannot hold off the device (the 8B at 524k: 15 of 4 GiB each,
 /// room for the resident outputs).
