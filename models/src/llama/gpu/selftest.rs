@@ -414,6 +414,7 @@ fn recompute_row(
             },
             match sparse_outputs_travel {
                 0 => String::new(),
+                usize::MAX => format!(" (all with {sparse_skips} input residuals not stored)"),
                 k => format!(" (at most {k} with {sparse_skips} input residuals not stored)"),
             },
             match gate_up {
