@@ -55,6 +55,7 @@ pub struct BenchArgs {
     pub steps: usize,
     /// Untimed steps first (0: the first step is timed too, for sequences whose step takes minutes;
     /// the activations, and with offload the pinned host memory, are allocated before it either way).
+    /// The second step of a shape is captured as a CUDA graph the later ones replay.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
     /// LoRA rank and alpha.
@@ -423,11 +424,13 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
     };
     let start = ev(&gpu)?;
     let first_timed = loss;
+    let graph_steps_before = model.graph_steps();
     for _ in 0..a.steps {
         loss = step(&mut model)?;
         losses.push(loss);
     }
     let end = ev(&gpu)?;
+    let graph_steps = model.graph_steps() - graph_steps_before;
     let first_timed = if a.warmup == 0 {
         losses[0]
     } else {
@@ -512,7 +515,7 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
         false => format!("checkpoints ({})", carried.join("; ")),
     };
     println!(
-        "ftrt bench {} {} r={} batch {}x{} on {name} (attention {attention}): {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% ({recomputed} of {layers} layers recomputed{}), loss {:.4} -> {:.4}; setup {setup_s:.1} s (allocations {alloc_s:.1} s)",
+        "ftrt bench {} {} r={} batch {}x{} on {name} (attention {attention}): {:.0} tok/s, {:.2} ms/step, GPU memory {:.2} GiB measured ({:.2} GiB held by the model; {:.1} GiB total), MFU {:.1}%, HFU {:.1}% ({recomputed} of {layers} layers recomputed{}), loss {:.4} -> {:.4}; setup {setup_s:.1} s (allocations {alloc_s:.1} s); {graph_steps} of {} timed steps as CUDA graphs",
         a.preset, a.mode, a.lora_r, a.batch, a.seq, tok_s, ms, measured, planned, total as f64 / GIB, 100.0 * mfu, 100.0 * hfu,
         match (a.offload_residuals, a.offload_embeddings) {
             (true, true) => format!(", {checkpoints} and embeddings offloaded"),
@@ -520,13 +523,14 @@ fn run_training(a: &BenchArgs) -> Result<(), String> {
             (false, true) => ", embeddings offloaded".to_string(),
             (false, false) => String::new(),
         },
-        first_timed, loss
+        first_timed, loss, a.steps
     );
     let json = serde_json::json!({
         "bench": "ftrt", "model": a.preset, "mode": a.mode, "optim": "adamw", "lora_r": a.lora_r,
         "kept_bf16": a.llm_int8_skip_modules, "grad_ckpt": recomputed > 0, "recomputed_layers": recomputed,
         "offload_residuals": a.offload_residuals, "checkpoint_qkv": qkv, "gate_up_layers": gate_up, "resident_qkv_layers": resident_qkv, "resident_attention_layers": resident_attention, "outputs_offloaded": outputs_offloaded, "skipped_residuals": skipped, "offload_embeddings": a.offload_embeddings, "gpu": name, "attention": attention,
         "gemm_autotune": std::env::var(ftrt_runtime::gemm::cublaslt::AUTOTUNE_ENV).is_ok_and(|v| v == "1"),
+        "cuda_graph_steps": graph_steps,
         "setup_s": (setup_s * 10.0).round() / 10.0, "alloc_s": (alloc_s * 10.0).round() / 10.0,
         "batch": a.batch, "seq": a.seq, "steps": a.steps, "warmup": a.warmup, "status": "ok",
         "tokens_per_s": (tok_s * 10.0).round() / 10.0, "ms_per_step": (ms * 100.0).round() / 100.0,

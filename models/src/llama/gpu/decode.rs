@@ -9,32 +9,14 @@
 //! decode over each sequence's cache with `decode_attention`; the final norm's rows that
 //! predict a next token go through the head GEMM into f32 logits (one row per cache slot).
 
+use super::step_graph::{StepGraphs, StepKey};
 use super::{Ctx, GpuLlama, GpuResult, Held, Pass};
 use crate::llama::model::Batch;
 use crate::llama::sampling::{NextTokens, Sampler};
 use ftrt_ops::decode::{self, CacheDims};
 use ftrt_ops::embedding;
-use ftrt_runtime::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use ftrt_runtime::cudarc::driver::CudaGraph;
 use ftrt_runtime::{DevPtr, GemmDesc, Gpu};
 use half::bf16;
-
-/// What a captured decode step depends on besides the cache: the batch size and the model's
-/// weight, activation and adapter buffers (addresses, rank, scale), which its launches bake in.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct StepKey {
-    rows: usize,
-    weights: u64,
-    acts: u64,
-    lora: Option<(u64, usize, u32)>,
-}
-
-/// The layers' forward of a decode step as a CUDA graph: `None` after the first (eager) step
-/// of a key, captured at the second, replayed from then on.
-struct StepGraph {
-    key: StepKey,
-    graph: Option<CudaGraph>,
-}
 
 /// Keys and values of every layer for `slots` sequences of up to `capacity` tokens.
 pub struct GpuKvCache {
@@ -61,8 +43,8 @@ pub struct GpuKvCache {
     /// (5 slots + 1) i32: one decode step's inputs, uploaded in one copy and spread by
     /// device-to-device copies inside the step: ids, positions, cu_seqlens, slots, lengths.
     step_inputs: DevPtr<i32>,
-    /// The decode step captured for replay, if any.
-    step_graph: Option<StepGraph>,
+    /// The decode step as CUDA graphs, one per batch size ([`StepGraphs`]).
+    step_graphs: StepGraphs<StepKey>,
     _held: Held,
 }
 
@@ -172,7 +154,7 @@ impl GpuLlama<'_> {
             split_scratch: h.alloc(self.gpu, splits.scratch_len(&dims, slots))?,
             step_inputs: h.alloc(self.gpu, 5 * slots + 1)?,
             splits,
-            step_graph: None,
+            step_graphs: StepGraphs::default(),
             _held: h,
         })
     }
@@ -323,52 +305,11 @@ impl GpuLlama<'_> {
         if a.resid_offload.is_some() || a.attn_offload.is_some() || self.gpu.profiling() {
             return step(cache);
         }
-        let key = StepKey {
-            rows,
-            weights: self.weights.addr,
-            acts: a.ids.addr,
-            lora: self
-                .lora
-                .as_ref()
-                .map(|g| (g.bf16.addr, g.layout.r, g.layout.scale.to_bits())),
-        };
-        let graph = match cache.step_graph.take() {
-            Some(StepGraph {
-                key: k,
-                graph: Some(g),
-            }) if k == key => g,
-            Some(StepGraph {
-                key: k,
-                graph: None,
-            }) if k == key => self.capture(|| step(cache))?,
-            _ => {
-                step(cache)?;
-                cache.step_graph = Some(StepGraph { key, graph: None });
-                return Ok(());
-            }
-        };
-        graph.launch().ctx("replaying the decode step")?;
-        cache.step_graph = Some(StepGraph {
-            key,
-            graph: Some(graph),
-        });
-        Ok(())
-    }
-
-    /// `enqueue`'s launches on the compute stream captured into an uploaded CUDA graph.
-    fn capture(&self, enqueue: impl FnOnce() -> GpuResult<()>) -> GpuResult<CudaGraph> {
-        let stream = self.gpu.stream();
-        stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .ctx("capturing the decode step")?;
-        let enqueued = enqueue();
-        let ended = stream.end_capture(CUgraphInstantiate_flags(0));
-        enqueued?;
-        let graph = ended
-            .ctx("instantiating the decode step's graph")?
-            .ok_or("captured an empty decode step")?;
-        graph.upload().ctx("uploading the decode step's graph")?;
-        Ok(graph)
+        let key = self.step_key()?;
+        let mut graphs = std::mem::take(&mut cache.step_graphs);
+        let ran = graphs.run(self.gpu, key, "decode step", || step(cache));
+        cache.step_graphs = graphs;
+        ran.map(drop)
     }
 
     /// Logits of the rows that predict a next token (prefill: `gathered` prompts' last rows

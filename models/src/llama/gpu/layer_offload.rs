@@ -16,7 +16,7 @@
 //!   (compute); the device-to-host stream waits for it, copies s to l's host row, records
 //!   `copied_out[s]`;
 //! - forward, before the compute stream writes layer l's set into s: it waits for
-//!   `copied_out[s]` (the copy of the set s held before);
+//!   `copied_out[s]` (the copy of the set s held before in this step, if that travelled);
 //! - backward, once the set's slot is free (for the residuals and checkpoints: at the start of
 //!   the member above; for the attention outputs' one slot: after the attention backward of
 //!   the layer above, and after the re-run of a layer below one that stores no residual):
@@ -26,8 +26,8 @@
 //!   into s, records `copied_in[s]`;
 //! - backward, before layer l reads its set: the compute stream waits for `copied_in[s]`.
 //!
-//! A wait on an event never recorded is a no-op (first use of a slot). Only events: no stream
-//! or device synchronisation while a step runs.
+//! Every wait is on an event recorded earlier in the same step (so a step can be captured into
+//! a CUDA graph). Only events: no stream or device synchronisation while a step runs.
 //!
 //! [`attention_checkpoint`]: super::plan::attention_checkpoint
 //! [`gate_up_layers`]: super::plan::gate_up_layers
@@ -166,14 +166,21 @@ impl LayerOffload {
     }
 
     /// Forward, before the compute stream writes layer l's set: wait until the set its slot
-    /// held before is copied out.
+    /// held before in this step is copied out, if it travels (the member `slots` positions
+    /// below; the wait orders after any earlier copy out of the slot too, which that member's
+    /// own write waited for). A slot's first member of the step waits for nothing: the last
+    /// step's copies of it finished before its backward read the slot, and a step captured
+    /// into a CUDA graph may only wait for events recorded within it.
     pub(super) fn before_write(&self, gpu: &Gpu, l: usize) -> GpuResult<()> {
-        if !self.holds(l) {
+        let Some(p) = self.position(l) else {
+            return Ok(());
+        };
+        let ring = self.slots.len();
+        if p < ring || !self.travels(self.members[p - ring]) {
             return Ok(());
         }
-        let s = self.slot(l);
         gpu.stream()
-            .wait(&self.copied_out[s])
+            .wait(&self.copied_out[self.slot(l)])
             .ctx("waiting for a checkpoint copy-out")
     }
 

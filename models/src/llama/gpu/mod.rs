@@ -50,6 +50,7 @@ mod lora_gemm;
 pub mod plan;
 pub mod random_init;
 pub mod selftest;
+mod step_graph;
 pub mod trainable;
 
 use ftrt_ops::attention::{attention_backward, attention_forward, AttentionDims};
@@ -67,10 +68,12 @@ use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
 use layer_offload::LayerOffload;
 use plan::ActSizes;
+use step_graph::{StepGraphs, StepKey};
 
 pub use decode::{GpuKvCache, GpuSteps};
 pub use plan::{attention_forward_flops, check_batch, flop_estimate, weight_layout, KeepBf16};
 pub use selftest::selftest_model;
+pub use step_graph::CUDA_GRAPH_ENV;
 pub use trainable::{Checkpointing, GpuPlacement, GpuTrainable};
 
 /// Environment override of [`plan::checkpoint_qkv`]: `0` or `1` (see
@@ -336,6 +339,9 @@ struct Acts {
     /// The recomputed layers that store no input residual ([`plan::skipped_residuals`]): it
     /// aliases resid[L], and the backward rebuilds it by re-running the layer below.
     skipped_resid: Vec<usize>,
+    /// The training step as CUDA graphs ([`step_graph`]); they bake in these buffers, so they
+    /// go with them.
+    step_graphs: StepGraphs<StepKey>,
     _held: Held,
 }
 
@@ -423,6 +429,10 @@ pub struct GpuLlama<'g> {
     last: Option<(usize, usize)>,
     /// The embedding table when it lives in pinned host memory ([`embed_host`]).
     embed_host: Option<ftrt_runtime::offload::PinnedHostBuffer>,
+    /// Whether training steps may run as CUDA graphs ([`Self::set_cuda_graphs`]), and how
+    /// many did.
+    cuda_graphs: bool,
+    graph_steps: usize,
     _held: Held,
 }
 
@@ -708,6 +718,8 @@ impl<'g> GpuLlama<'g> {
             acts: None,
             last: None,
             embed_host: None,
+            cuda_graphs: step_graph::graphs_enabled(),
+            graph_steps: 0,
             _held: held,
         })
     }
@@ -1715,6 +1727,7 @@ impl<'g> GpuLlama<'g> {
             resident_qkv,
             resident_attention,
             skipped_resid,
+            step_graphs: StepGraphs::new(8, self.cuda_graphs),
             _held: h,
         };
         self.acts = Some(acts);
@@ -2221,15 +2234,13 @@ impl<'g> GpuLlama<'g> {
         !self.is_kept(l) && a.attn_offload.is_some()
     }
 
-    /// Chunked cross-entropy over the loaded batch's rows; with `grad`, also writes
-    /// d(mean loss)/d(final norm output) into `acts.dln`. Returns (mean loss, counted rows).
-    fn cross_entropy_loaded(&self, targets: &[i32], grad: bool) -> GpuResult<(f64, usize)> {
+    /// The cross-entropy's per-row inputs for `targets`, uploaded before a step's launches:
+    /// lse = -inf and picked = 0 (the forward's running values), with `grad` the coefficients
+    /// of d loss / d lse and d loss / d picked ([`plan::ce_coefficients`]).
+    fn cross_entropy_inputs(&self, targets: &[i32], grad: bool) -> GpuResult<()> {
         let (n, _) = self.last.ok_or("no batch loaded")?;
         let a = self.acts.as_ref().ok_or("activations not allocated")?;
         let gpu = self.gpu;
-        let (c, v) = (self.dims.hidden, self.dims.vocab);
-        let head = self.head();
-        let ln_f = a.ln[self.dims.layers];
         gpu.upload(a.ce_lse, &vec![f32::NEG_INFINITY; n])
             .ctx("init lse")?;
         gpu.upload(a.ce_picked, &vec![0f32; n]).ctx("init picked")?;
@@ -2238,6 +2249,20 @@ impl<'g> GpuLlama<'g> {
             gpu.upload(a.ce_dlse, &dl).ctx("uploading dlse")?;
             gpu.upload(a.ce_dpicked, &dp).ctx("uploading dpicked")?;
         }
+        Ok(())
+    }
+
+    /// Cross-entropy of the final norm output in chunks of `ce_rows` rows: each chunk's
+    /// logits (rows, V) through the head, their lse and picked logit per row, and with `grad`
+    /// d loss / d ln_f into `dln` (the inputs from [`Self::cross_entropy_inputs`]). Launches
+    /// only.
+    fn cross_entropy_loaded(&self, grad: bool) -> GpuResult<()> {
+        let (n, _) = self.last.ok_or("no batch loaded")?;
+        let a = self.acts.as_ref().ok_or("activations not allocated")?;
+        let gpu = self.gpu;
+        let (c, v) = (self.dims.hidden, self.dims.vocab);
+        let head = self.head();
+        let ln_f = a.ln[self.dims.layers];
         let rows = a.sizes.ce_rows;
         let mut r0 = 0;
         while r0 < n {
@@ -2288,6 +2313,15 @@ impl<'g> GpuLlama<'g> {
             }
             r0 += rc;
         }
+        Ok(())
+    }
+
+    /// Mean cross-entropy of the step that ran on the loaded batch, and the rows it counts
+    /// (downloads lse and picked logits: waits for the step).
+    fn mean_loss_loaded(&self, targets: &[i32]) -> GpuResult<(f64, usize)> {
+        let (n, _) = self.last.ok_or("no batch loaded")?;
+        let a = self.acts.as_ref().ok_or("activations not allocated")?;
+        let gpu = self.gpu;
         let mut lse = vec![0f32; n];
         let mut picked = vec![0f32; n];
         gpu.download(a.ce_lse, &mut lse).ctx("downloading lse")?;
@@ -2610,13 +2644,19 @@ impl<'g> GpuLlama<'g> {
         if counted == 0 {
             return Ok(0.0);
         }
+        self.cross_entropy_inputs(targets, false)?;
         self.forward_loaded()?;
-        let (loss, _) = self.cross_entropy_loaded(targets, false)?;
+        self.cross_entropy_loaded(false)?;
+        let (loss, _) = self.mean_loss_loaded(targets)?;
         Ok(loss as f32)
     }
 
     /// Mean cross-entropy and its LoRA gradients, **added** into the device gradients (call
     /// [`Self::zero_grads`] first for a fresh step). Requires an adapter ([`Self::set_lora`]).
+    /// The step (forward, loss, backward) runs as a CUDA graph from the second step of a batch
+    /// shape on ([`step_graph`]), unless a profile is open or gate/up outputs travel through
+    /// the host ([`Self::graph_pays`]): the host uploads the batch and the loss coefficients
+    /// before it and reads the loss after.
     pub fn loss_and_grads(&mut self, batch: &Batch, targets: &[i32]) -> GpuResult<f32> {
         if self.lora.is_none() {
             return Err("loss_and_grads needs an adapter (set_lora)".into());
@@ -2625,11 +2665,51 @@ impl<'g> GpuLlama<'g> {
         if counted == 0 {
             return Ok(0.0);
         }
-        self.forward_loaded()?;
-        let (loss, _) = self.cross_entropy_loaded(targets, true)?;
-        self.backward_loaded()?;
+        self.cross_entropy_inputs(targets, true)?;
+        let step = |m: &Self| {
+            m.forward_loaded()?;
+            m.cross_entropy_loaded(true)?;
+            m.backward_loaded()
+        };
+        if self.gpu.profiling() || !self.graph_pays() {
+            step(self)?;
+        } else {
+            let key = self.step_key()?;
+            let a = self.acts.as_mut().ok_or("activations not allocated")?;
+            let mut graphs = std::mem::take(&mut a.step_graphs);
+            let ran = graphs.run(self.gpu, key, "training step", || step(self));
+            if let Some(a) = self.acts.as_mut() {
+                a.step_graphs = graphs;
+            }
+            self.graph_steps += usize::from(ran?);
+        }
         self.gpu.synchronize().ctx("training step")?;
+        let (loss, _) = self.mean_loss_loaded(targets)?;
         Ok(loss as f32)
+    }
+
+    /// Whether the training step gains from running as a CUDA graph: not when gate/up outputs
+    /// travel through the host (235 MB a layer for the 8B at 2 x 2048). Measured on the H200
+    /// (benches/RESULTS.md, session 18), graph against eager: 3-4% slower with five layers'
+    /// gate/up travelling (8B QLoRA and LoRA at 2 x 2048), +0.3-0.6% without (the 8B QLoRA
+    /// with residuals and attention checkpoints travelling, or nothing; the 1B at 8 x 2048).
+    fn graph_pays(&self) -> bool {
+        let gate_up = self.acts.as_ref().and_then(|a| a.gate_up_offload.as_ref());
+        gate_up.is_none_or(|o| o.travelling().is_empty())
+    }
+
+    /// Lets training steps run as CUDA graphs (the default, unless `FTRT_CUDA_GRAPH=0`) or
+    /// runs every one eagerly.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.cuda_graphs = on;
+        if let Some(a) = self.acts.as_mut() {
+            a.step_graphs.set_enabled(on);
+        }
+    }
+
+    /// Training steps run as CUDA graphs so far (captured and launched, or replayed).
+    pub fn graph_steps(&self) -> usize {
+        self.graph_steps
     }
 
     /// Final-norm outputs (N, C) of a batch, as f32 (tests).

@@ -342,6 +342,9 @@ fn check_fixture_4bit(
         TOL_CPU,
         format!("worst {at}"),
     );
+    let (batch_b, targets_b) = same_shape_batch(&batch, &targets, cpu.dims.vocab);
+    let steps = [(&batch, &targets[..]), (&batch_b, &targets_b[..])];
+    graph_row(&mut g, steps, &format!("{arch} 4-bit"), rows)?;
     if !keep.0.is_empty() {
         return Ok(());
     }
@@ -455,6 +458,59 @@ fn recompute_row(
     Ok(())
 }
 
+/// A batch of the same shape as `batch` (so the same CUDA graph key) with other tokens and
+/// targets (ids below `vocab`; ignored targets stay ignored).
+fn same_shape_batch(batch: &Batch, targets: &[i32], vocab: usize) -> (Batch, Vec<i32>) {
+    let other = |t: u32| (t * 53 + 7) % vocab as u32;
+    let mut b = batch.clone();
+    b.tokens.iter_mut().for_each(|t| *t = other(*t));
+    let t = targets
+        .iter()
+        .map(|&t| if t < 0 { t } else { other(t as u32) as i32 })
+        .collect();
+    (b, t)
+}
+
+/// The training step as a CUDA graph against the same step run eagerly, on `g` as configured:
+/// two batches of one shape (so one graph key) with different tokens, each run eagerly, then
+/// with graphs on A (eager: the key's first sighting), B (captured), A and B (replayed). Each
+/// step's loss and LoRA gradients must equal the eager ones bit for bit (a graph that baked in
+/// the first batch's data, or lost a copy stream's ordering, fails here), and three of the four
+/// steps must have run as graphs.
+fn graph_row(
+    g: &mut GpuLlama,
+    steps: [(&Batch, &[i32]); 2],
+    name: &str,
+    rows: &mut Vec<Row>,
+) -> Result<(), String> {
+    let run = |g: &mut GpuLlama, (batch, targets): (&Batch, &[i32])| {
+        g.zero_grads()?;
+        let loss = g.loss_and_grads(batch, targets)?;
+        Ok::<_, String>((loss, g.download_grads()?.data))
+    };
+    g.set_cuda_graphs(false);
+    let eager = [run(g, steps[0])?, run(g, steps[1])?];
+    g.set_cuda_graphs(true);
+    let before = g.graph_steps();
+    let mut err = 0f64;
+    for i in [0, 1, 0, 1] {
+        let (loss, grads) = run(g, steps[i])?;
+        let (want_loss, want) = &eager[i];
+        err = err
+            .max(rel_err(&grads, want))
+            .max((loss - want_loss).abs() as f64);
+    }
+    let graphs = g.graph_steps() - before;
+    row(
+        rows,
+        format!("model {name}: training step as a CUDA graph (captured, replayed) == eager"),
+        if graphs == 3 { err } else { f64::INFINITY },
+        0.0,
+        format!("{graphs} of 4 steps ran as graphs (want 3), bit for bit"),
+    );
+    Ok(())
+}
+
 /// Layers of [`check_offload_deep`]'s model: more than the device ring holds.
 const OFFLOAD_LAYERS: usize = super::plan::RESID_RING + 3;
 
@@ -488,6 +544,8 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
         targets.extend(s.iter().skip(1).map(|&t| t as i32));
         targets.push(-100);
     }
+    let (batch_b, targets_b) = same_shape_batch(&batch, &targets, 128);
+    let graph_steps = [(&batch, &targets[..]), (&batch_b, &targets_b[..])];
     let mut g = GpuLlama::random(gpu, &config, batch.len(), 4, 11)?;
     g.set_lora(&init_adapter(&g.dims, 4, 8.0, &Proj::ALL, 5, 0.05))?;
     // keeping every layer, with the MLP in one tile or in tiles of `rows`
@@ -501,6 +559,12 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
     };
     let one_tile = keep_all(super::plan::MLP_TILE_ROWS)?;
     let tiles = keep_all(24)?;
+    graph_row(
+        &mut g,
+        graph_steps,
+        &format!("{arch} x{OFFLOAD_LAYERS}, every layer kept, MLP tiles of 24"),
+        rows,
+    )?;
     const ALL: usize = usize::MAX;
     let runs = [
         (false, 0, 0, None, ALL, ALL),
@@ -645,6 +709,29 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
         }
     }
     g.set_resident_attention(0);
+    // CUDA graphs of steps whose checkpoints travel on the copy streams: every layer
+    // recomputed, the input residuals and the checkpoints with q/k/v through the host; then
+    // sparse residuals (layers 1 and 3 store none) with one layer's attention outputs through
+    // the host, in MLP tiles of 24. (Steps whose gate/up outputs travel run eagerly:
+    // `GpuLlama::graph_pays`.)
+    g.set_kept_layers(0);
+    g.set_offload(Offload::unbounded(true, GateUp::Layers(0), 0));
+    let name = format!("{arch} x{OFFLOAD_LAYERS}, checkpoints with q/k/v offloaded");
+    graph_row(&mut g, graph_steps, &name, rows)?;
+    g.set_mlp_tile_rows(24);
+    g.set_offload(Offload::Checkpoints {
+        qkv: false,
+        gate_up: GateUp::Layers(0),
+        resident_qkv: 0,
+        resid_travel: ALL,
+        outputs_travel: 1,
+        sparse_skips: 2,
+        sparse_outputs_travel: ALL,
+        sparse_min_gain: 1,
+    });
+    let name = format!("{arch} x{OFFLOAD_LAYERS}, MLP tiles of 24, sparse residuals offloaded");
+    graph_row(&mut g, graph_steps, &name, rows)?;
+    g.set_mlp_tile_rows(super::plan::MLP_TILE_ROWS);
     Ok(())
 }
 
