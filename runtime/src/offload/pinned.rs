@@ -25,6 +25,9 @@ pub struct PinnedHostBuffer {
     ctx: Arc<CudaContext>,
     /// The registered mapping (`None` for 0 bytes).
     map: Option<MmapMut>,
+    /// The mapping's start, taken once from `as_mut_ptr`: the GPU's copies write through it
+    /// while the buffer is shared (`&self`), which a pointer derived from `&MmapMut` would not
+    /// license.
     ptr: *mut u8,
     bytes: usize,
 }
