@@ -2316,9 +2316,9 @@ impl<'g> GpuLlama<'g> {
         Ok(())
     }
 
-    /// Mean cross-entropy of the step that ran on the loaded batch, and the rows it counts
-    /// (downloads lse and picked logits: waits for the step).
-    fn mean_loss_loaded(&self, targets: &[i32]) -> GpuResult<(f64, usize)> {
+    /// Mean cross-entropy of the step that ran on the loaded batch (downloads lse and picked
+    /// logits: waits for the step).
+    fn mean_loss_loaded(&self, targets: &[i32]) -> GpuResult<f64> {
         let (n, _) = self.last.ok_or("no batch loaded")?;
         let a = self.acts.as_ref().ok_or("activations not allocated")?;
         let gpu = self.gpu;
@@ -2327,11 +2327,11 @@ impl<'g> GpuLlama<'g> {
         gpu.download(a.ce_lse, &mut lse).ctx("downloading lse")?;
         gpu.download(a.ce_picked, &mut picked)
             .ctx("downloading picked logits")?;
-        let (loss, m) = plan::mean_loss(&lse, &picked, targets);
+        let (loss, _) = plan::mean_loss(&lse, &picked, targets);
         if !loss.is_finite() {
             return Err(format!("the GPU loss is not finite ({loss})"));
         }
-        Ok((loss, m))
+        Ok(loss)
     }
 
     /// Backward from `acts.dln` (d loss / d final norm output) to the LoRA gradients.
@@ -2647,7 +2647,7 @@ impl<'g> GpuLlama<'g> {
         self.cross_entropy_inputs(targets, false)?;
         self.forward_loaded()?;
         self.cross_entropy_loaded(false)?;
-        let (loss, _) = self.mean_loss_loaded(targets)?;
+        let loss = self.mean_loss_loaded(targets)?;
         Ok(loss as f32)
     }
 
@@ -2684,7 +2684,7 @@ impl<'g> GpuLlama<'g> {
             self.graph_steps += usize::from(ran?);
         }
         self.gpu.synchronize().ctx("training step")?;
-        let (loss, _) = self.mean_loss_loaded(targets)?;
+        let loss = self.mean_loss_loaded(targets)?;
         Ok(loss as f32)
     }
 
