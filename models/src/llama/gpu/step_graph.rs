@@ -19,7 +19,7 @@ pub const CUDA_GRAPH_ENV: &str = "FTRT_CUDA_GRAPH";
 
 /// What a step of a given key does this time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Turn {
+enum Turn {
     /// First sighting (or graphs off): launch eagerly.
     Eager,
     /// Second sighting: capture, then launch the graph.
@@ -99,7 +99,7 @@ impl<K: PartialEq, G> StepGraphs<K, G> {
 
     /// The turn of a step of `key`, its entry moved to the front; a new key's entry evicts the
     /// least recently used one past `cap`.
-    pub(super) fn turn(&mut self, key: K) -> Turn {
+    fn turn(&mut self, key: K) -> Turn {
         if !self.enabled {
             return Turn::Eager;
         }
