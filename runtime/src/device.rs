@@ -369,6 +369,19 @@ impl Gpu {
         Ok(())
     }
 
+    /// Sets `count` 32-bit words at `dst` to `value` (e.g. `f32::to_bits`), asynchronously on
+    /// the compute stream.
+    pub fn fill_u32(&self, dst: DevPtr<u8>, value: u32, count: usize) -> Result<(), RuntimeError> {
+        self.profile_mark("memset")?;
+        self.ctx.bind_to_thread()?;
+        // SAFETY: caller guarantees [dst, dst + 4 count) is device memory, 4-byte aligned.
+        unsafe {
+            cudarc::driver::sys::cuMemsetD32Async(dst.addr, value, count, self.stream.cu_stream())
+        }
+        .result()?;
+        Ok(())
+    }
+
     /// Copies `bytes` bytes device-to-device, asynchronously on the compute stream.
     pub fn copy_d2d(
         &self,

@@ -2234,32 +2234,31 @@ impl<'g> GpuLlama<'g> {
         !self.is_kept(l) && a.attn_offload.is_some()
     }
 
-    /// The cross-entropy's per-row inputs for `targets`, uploaded before a step's launches:
-    /// lse = -inf and picked = 0 (the forward's running values), with `grad` the coefficients
-    /// of d loss / d lse and d loss / d picked ([`plan::ce_coefficients`]).
-    fn cross_entropy_inputs(&self, targets: &[i32], grad: bool) -> GpuResult<()> {
-        let (n, _) = self.last.ok_or("no batch loaded")?;
+    /// The cross-entropy backward's per-row coefficients of d loss / d lse and d loss /
+    /// d picked for `targets` ([`plan::ce_coefficients`]), computed on the host and uploaded
+    /// before a step's launches.
+    fn upload_ce_coefficients(&self, targets: &[i32]) -> GpuResult<()> {
         let a = self.acts.as_ref().ok_or("activations not allocated")?;
-        let gpu = self.gpu;
-        gpu.upload(a.ce_lse, &vec![f32::NEG_INFINITY; n])
-            .ctx("init lse")?;
-        gpu.upload(a.ce_picked, &vec![0f32; n]).ctx("init picked")?;
-        if grad {
-            let (dl, dp) = plan::ce_coefficients(targets);
-            gpu.upload(a.ce_dlse, &dl).ctx("uploading dlse")?;
-            gpu.upload(a.ce_dpicked, &dp).ctx("uploading dpicked")?;
-        }
+        let (dl, dp) = plan::ce_coefficients(targets);
+        self.gpu.upload(a.ce_dlse, &dl).ctx("uploading dlse")?;
+        self.gpu
+            .upload(a.ce_dpicked, &dp)
+            .ctx("uploading dpicked")?;
         Ok(())
     }
 
     /// Cross-entropy of the final norm output in chunks of `ce_rows` rows: each chunk's
-    /// logits (rows, V) through the head, their lse and picked logit per row, and with `grad`
-    /// d loss / d ln_f into `dln` (the inputs from [`Self::cross_entropy_inputs`]). Launches
-    /// only.
+    /// logits (rows, V) through the head, their lse and picked logit per row (from the running
+    /// values lse = -inf and picked = 0, set here), and with `grad` d loss / d ln_f into `dln`
+    /// (the coefficients from [`Self::upload_ce_coefficients`]). Launches only.
     fn cross_entropy_loaded(&self, grad: bool) -> GpuResult<()> {
         let (n, _) = self.last.ok_or("no batch loaded")?;
         let a = self.acts.as_ref().ok_or("activations not allocated")?;
         let gpu = self.gpu;
+        gpu.fill_u32(a.ce_lse.cast(), f32::NEG_INFINITY.to_bits(), n)
+            .ctx("init lse")?;
+        gpu.memset_zero(a.ce_picked.cast(), n * 4)
+            .ctx("init picked")?;
         let (c, v) = (self.dims.hidden, self.dims.vocab);
         let head = self.head();
         let ln_f = a.ln[self.dims.layers];
@@ -2644,7 +2643,6 @@ impl<'g> GpuLlama<'g> {
         if counted == 0 {
             return Ok(0.0);
         }
-        self.cross_entropy_inputs(targets, false)?;
         self.forward_loaded()?;
         self.cross_entropy_loaded(false)?;
         let loss = self.mean_loss_loaded(targets)?;
@@ -2665,7 +2663,7 @@ impl<'g> GpuLlama<'g> {
         if counted == 0 {
             return Ok(0.0);
         }
-        self.cross_entropy_inputs(targets, true)?;
+        self.upload_ce_coefficients(targets)?;
         let step = |m: &Self| {
             m.forward_loaded()?;
             m.cross_entropy_loaded(true)?;
