@@ -6,7 +6,8 @@
 #   e.g. benches/detached.sh start /tmp/sbs.log bash benches/long_side_by_side.sh \
 #          benches/hf_baseline.py 262144 /tmp/sbs
 # Unsloth comes from .whl/site.tar.xz as in side_by_side.sh; FTRT is the binary (default:
-# .bin/ftrt, else target/release/ftrt).
+# .bin/ftrt, else target/release/ftrt); LEAN_FLAGS ftrt's memory flags (default: the planner's
+# choice at 36 GiB, the bar's budget, as the README's 262k row runs it).
 set -u
 BASE=${1:?usage: long_side_by_side.sh HF_BASELINE_PY [SEQ] [LOG_DIR]}
 SEQ=${2:-262144}
@@ -28,8 +29,10 @@ done > "$LOG_DIR/mon.log" 2>&1 &
 MON=$!
 trap 'kill $MON' EXIT
 echo "== ftrt $(date +%T)"
-"$FTRT" bench --preset llama-3.1-8b --mode qlora --batch 1 --seq "$SEQ" --keep-layers 0 \
-    --offload-residuals --offload-embeddings --steps 1 --warmup 0 2>&1 | tail -4
+LEAN_FLAGS=${LEAN_FLAGS:---keep-layers auto --vram-budget-gib 36 --offload-residuals --offload-embeddings}
+# shellcheck disable=SC2086 # LEAN_FLAGS is a list of flags
+"$FTRT" bench --preset llama-3.1-8b --mode qlora --batch 1 --seq "$SEQ" $LEAN_FLAGS --steps 1 \
+    --warmup 0 2>&1 | tail -4
 echo "== unsloth $(date +%T)"
 python3 "$BASE" --model llama-3.1-8b --mode qlora --unsloth --batch 1 --seq "$SEQ" --steps 1 \
     --warmup 1 2>&1 | grep -v '^ *[0-9]*%|' | tail -8
