@@ -16,6 +16,9 @@
 //   k x 8 blocks of 256 threads, joined at the end.
 // Build and run on the GPU machine:
 //   nvcc -O3 -arch=sm_90 benches/overlap_probe.cu -lcublasLt -ldl -o /tmp/olp && /tmp/olp [ITERS]
+// (It also builds on a machine without the toolkit from pip's wheels: nvidia-cuda-nvcc,
+// -runtime, -crt, nvidia-nvvm, nvidia-cuda-cccl and nvidia-cublas, with -I and -L at their
+// nvidia/cu13 include and lib folders.)
 #include <atomic>
 #include <chrono>
 #include <cstdio>
