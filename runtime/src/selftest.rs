@@ -1,7 +1,8 @@
 //! `ftrt selftest --runtime`: checks of this crate on a real GPU. GEMM against the CPU GEMM at
-//! several shapes and every transpose, bf16 8192^3 throughput, synthetic graphs with offloaded
-//! and recomputed tensors GPU vs CPU (the offload round trip), and CUDA graph replay vs eager
-//! launches (same results; host time per replay and per eager node).
+//! several shapes and every transpose, bf16 8192^3 throughput, the 32-bit fill and the memset,
+//! synthetic graphs with offloaded and recomputed tensors GPU vs CPU (the offload round trip),
+//! and CUDA graph replay vs eager launches (same results; host time per replay and per eager
+//! node).
 
 use crate::device::Gpu;
 use crate::error::RuntimeError;
@@ -67,6 +68,7 @@ pub fn selftest_runtime(gpu: &Gpu) -> Result<Vec<SelftestRow>, RuntimeError> {
         }
     }
     rows.push(gemm_throughput(gpu, &blas, ws, 8192)?);
+    rows.push(fill_check(gpu)?);
     for seed in offloading_seeds(4, 6, 1 << 20) {
         rows.push(graph_gpu_vs_cpu(gpu, seed)?);
     }
@@ -107,6 +109,42 @@ fn fail_if(row: SelftestRow, tol: f64) -> Result<SelftestRow, RuntimeError> {
             row.name, row.max_rel_err, row.detail
         )))
     }
+}
+
+/// [`Gpu::fill_u32`] and [`Gpu::memset_zero`] against the words they should leave in a buffer
+/// of fresh random words: a random word over a random prefix, zeros over a random stretch after
+/// it, the rest as uploaded.
+fn fill_check(gpu: &Gpu) -> Result<SelftestRow, RuntimeError> {
+    let seed = crate::rng::fresh_seed();
+    let mut rng = SplitMix64::new(seed);
+    let n = (1 << 20) + rng.range(1, 4096);
+    let words: Vec<u32> = (0..n).map(|_| rng.next_u64() as u32).collect();
+    let (filled, zeroed) = (rng.range(1, n / 2), rng.range(1, n / 2));
+    let value = rng.next_u64() as u32;
+    let buf = gpu.alloc(n * 4)?;
+    let p = buf.ptr::<u32>();
+    let t = Instant::now();
+    gpu.upload(p, &words)?;
+    gpu.fill_u32(p.cast(), value, filled)?;
+    gpu.memset_zero(p.offset(filled).cast(), zeroed * 4)?;
+    let mut got = vec![0u32; n];
+    gpu.download(p, &mut got)?;
+    let mut want = words;
+    want[..filled].fill(value);
+    want[filled..filled + zeroed].fill(0);
+    let wrong = got.iter().zip(&want).filter(|(g, w)| g != w).count();
+    fail_if(
+        SelftestRow {
+            name: "fill_u32 + memset_zero".into(),
+            max_rel_err: wrong as f64,
+            time_us: t.elapsed().as_secs_f64() * 1e6,
+            detail: format!(
+                "{n} words: {filled} set to {value:#010x}, {zeroed} zeroed, the rest kept; \
+                 {wrong} wrong (seed {seed})"
+            ),
+        },
+        0.0,
+    )
 }
 
 /// cuBLASLt bf16 GEMM (bf16 output) against the f32 CPU GEMM on the same bf16 inputs.
