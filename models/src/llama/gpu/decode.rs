@@ -17,6 +17,7 @@ use ftrt_ops::decode::{self, CacheDims};
 use ftrt_ops::embedding;
 use ftrt_runtime::{DevPtr, GemmDesc, Gpu};
 use half::bf16;
+use std::cell::RefCell;
 
 /// Keys and values of every layer for `slots` sequences of up to `capacity` tokens.
 pub struct GpuKvCache {
@@ -43,8 +44,9 @@ pub struct GpuKvCache {
     /// (5 slots + 1) i32: one decode step's inputs, uploaded in one copy and spread by
     /// device-to-device copies inside the step: ids, positions, cu_seqlens, slots, lengths.
     step_inputs: DevPtr<i32>,
-    /// The decode step as CUDA graphs, one per batch size ([`StepGraphs`]).
-    step_graphs: StepGraphs<StepKey>,
+    /// The decode step as CUDA graphs, one per batch size ([`StepGraphs`]); a cell, so that a
+    /// graph is captured or replayed while the step reads the cache.
+    step_graphs: RefCell<StepGraphs<StepKey>>,
     _held: Held,
 }
 
@@ -154,7 +156,7 @@ impl GpuLlama<'_> {
             split_scratch: h.alloc(self.gpu, splits.scratch_len(&dims, slots))?,
             step_inputs: h.alloc(self.gpu, 5 * slots + 1)?,
             splits,
-            step_graphs: StepGraphs::default(),
+            step_graphs: RefCell::new(StepGraphs::new(8)),
             _held: h,
         })
     }
@@ -294,21 +296,24 @@ impl GpuLlama<'_> {
     /// layers' forward of the loaded decode batch, as a CUDA graph where possible: replayed
     /// when the batch size and the model's buffers match the capture, captured at the second
     /// step of a new key (the first, eager, loads every module and GEMM plan), eager with
-    /// checkpoint offload (copy streams) or while a profile is open.
-    fn decode_forward(&self, cache: &mut GpuKvCache) -> GpuResult<()> {
+    /// checkpoint offload (copy streams), while a profile is open or with graphs switched off
+    /// ([`GpuLlama::set_cuda_graphs`]).
+    fn decode_forward(&self, cache: &GpuKvCache) -> GpuResult<()> {
         let a = self.acts.as_ref().ok_or("activations not allocated")?;
         let (rows, _) = self.last.ok_or("no batch loaded")?;
         let step = |cache: &GpuKvCache| {
             self.spread_step_inputs(cache, rows)?;
             self.forward_pass(Pass::Decode(cache))
         };
-        if a.resid_offload.is_some() || a.attn_offload.is_some() || self.gpu.profiling() {
+        let offload = a.resid_offload.is_some() || a.attn_offload.is_some();
+        if offload || !self.cuda_graphs || self.gpu.profiling() {
             return step(cache);
         }
         let key = self.step_key()?;
-        let mut graphs = std::mem::take(&mut cache.step_graphs);
-        let ran = graphs.run(self.gpu, key, "decode step", || step(cache));
-        cache.step_graphs = graphs;
+        let ran = cache
+            .step_graphs
+            .borrow_mut()
+            .run(self.gpu, key, "decode step", || step(cache));
         ran.map(drop)
     }
 

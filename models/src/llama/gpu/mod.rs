@@ -59,6 +59,7 @@ use ftrt_runtime::cudarc::driver::{LaunchConfig, PushKernelArg};
 use ftrt_runtime::rng::SplitMix64;
 use ftrt_runtime::{CublasLt, DevPtr, DeviceBuffer, GemmDesc, GemmWorkspace, Gpu, PtxModule};
 use half::bf16;
+use std::cell::RefCell;
 
 use super::lora::{LoraAdapter, LoraStack};
 use super::model::{inv_freq_of, Batch, LlamaModel};
@@ -340,8 +341,9 @@ struct Acts {
     /// aliases resid[L], and the backward rebuilds it by re-running the layer below.
     skipped_resid: Vec<usize>,
     /// The training step as CUDA graphs ([`step_graph`]); they bake in these buffers, so they
-    /// go with them.
-    step_graphs: StepGraphs<StepKey>,
+    /// go with them. A cell, so that a graph is captured or replayed while the step reads the
+    /// model.
+    step_graphs: RefCell<StepGraphs<StepKey>>,
     _held: Held,
 }
 
@@ -429,8 +431,8 @@ pub struct GpuLlama<'g> {
     last: Option<(usize, usize)>,
     /// The embedding table when it lives in pinned host memory ([`embed_host`]).
     embed_host: Option<ftrt_runtime::offload::PinnedHostBuffer>,
-    /// Whether training steps may run as CUDA graphs ([`Self::set_cuda_graphs`]), and how
-    /// many did.
+    /// Whether training and decode steps may run as CUDA graphs ([`Self::set_cuda_graphs`]),
+    /// and how many training steps did.
     cuda_graphs: bool,
     graph_steps: usize,
     _held: Held,
@@ -1727,7 +1729,7 @@ impl<'g> GpuLlama<'g> {
             resident_qkv,
             resident_attention,
             skipped_resid,
-            step_graphs: StepGraphs::new(8, self.cuda_graphs),
+            step_graphs: RefCell::new(StepGraphs::new(8)),
             _held: h,
         };
         self.acts = Some(acts);
@@ -2669,16 +2671,15 @@ impl<'g> GpuLlama<'g> {
             m.cross_entropy_loaded(true)?;
             m.backward_loaded()
         };
-        if self.gpu.profiling() || !self.graph_pays() {
+        if !self.cuda_graphs || self.gpu.profiling() || !self.graph_pays() {
             step(self)?;
         } else {
             let key = self.step_key()?;
-            let a = self.acts.as_mut().ok_or("activations not allocated")?;
-            let mut graphs = std::mem::take(&mut a.step_graphs);
-            let ran = graphs.run(self.gpu, key, "training step", || step(self));
-            if let Some(a) = self.acts.as_mut() {
-                a.step_graphs = graphs;
-            }
+            let a = self.acts.as_ref().ok_or("activations not allocated")?;
+            let ran = a
+                .step_graphs
+                .borrow_mut()
+                .run(self.gpu, key, "training step", || step(self));
             self.graph_steps += usize::from(ran?);
         }
         self.gpu.synchronize().ctx("training step")?;
@@ -2696,12 +2697,12 @@ impl<'g> GpuLlama<'g> {
         gate_up.is_none_or(|o| o.travelling().is_empty())
     }
 
-    /// Lets training steps run as CUDA graphs (the default, unless `FTRT_CUDA_GRAPH=0`) or
-    /// runs every one eagerly.
+    /// Lets training and decode steps run as CUDA graphs (the default, unless
+    /// `FTRT_CUDA_GRAPH=0`) or runs every one eagerly (off drops the training step's graphs).
     pub fn set_cuda_graphs(&mut self, on: bool) {
         self.cuda_graphs = on;
-        if let Some(a) = self.acts.as_mut() {
-            a.step_graphs.set_enabled(on);
+        if let (false, Some(a)) = (on, self.acts.as_ref()) {
+            a.step_graphs.borrow_mut().clear();
         }
     }
 

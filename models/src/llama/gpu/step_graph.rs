@@ -5,8 +5,9 @@
 //! shapes and buffer addresses. What changes between steps of one key is data the host writes
 //! to fixed device buffers before each replay (token ids, targets, cu_seqlens).
 //!
-//! `FTRT_CUDA_GRAPH=0` runs every step eagerly. A capture that fails (an operation a graph
-//! cannot hold) reruns the step eagerly, says why once, and turns graphs off for the cache.
+//! `FTRT_CUDA_GRAPH=0` runs every step eagerly (the model's switch, [`graphs_enabled`]). A
+//! capture that fails (an operation a graph cannot hold) reruns the step eagerly, says why
+//! once, and runs every later step of the cache eagerly.
 
 use ftrt_runtime::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use ftrt_runtime::cudarc::driver::CudaGraph;
@@ -58,49 +59,47 @@ impl GpuLlama<'_> {
 }
 
 /// Graphs of the `cap` most recently used keys, most recent first (`G`: the graph type; a
-/// plain value in tests).
+/// plain value in tests). Whether steps use them at all is the model's switch
+/// ([`graphs_enabled`], `GpuLlama::set_cuda_graphs`); this only remembers a failed capture.
 pub(super) struct StepGraphs<K, G = CudaGraph> {
     entries: Vec<(K, Option<G>)>,
     cap: usize,
-    enabled: bool,
+    /// A capture failed: every later step runs eagerly.
+    capture_failed: bool,
 }
 
-impl<K, G> Default for StepGraphs<K, G> {
-    /// Eight keys, enabled unless `FTRT_CUDA_GRAPH=0`.
-    fn default() -> Self {
-        Self::new(8, graphs_enabled())
-    }
-}
-
-/// Whether CUDA graphs are on: unless `FTRT_CUDA_GRAPH=0`.
+/// Whether CUDA graphs are on by default: unless `FTRT_CUDA_GRAPH=0`.
 pub(super) fn graphs_enabled() -> bool {
     std::env::var(CUDA_GRAPH_ENV).as_deref() != Ok("0")
 }
 
 impl<K, G> StepGraphs<K, G> {
-    /// Room for `cap` keys' graphs; `enabled` false: every step eager.
-    pub(super) fn new(cap: usize, enabled: bool) -> Self {
+    /// Room for `cap` keys' graphs.
+    pub(super) fn new(cap: usize) -> Self {
         Self {
             entries: Vec::new(),
             cap: cap.max(1),
-            enabled,
+            capture_failed: false,
         }
+    }
+
+    /// Drops every graph (each key starts eager again).
+    pub(super) fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// After a failed capture: drops every graph and runs every later step eagerly.
+    fn give_up(&mut self) {
+        self.capture_failed = true;
+        self.entries.clear();
     }
 }
 
 impl<K: PartialEq, G> StepGraphs<K, G> {
-    /// Switches graphs on or off (off drops every graph).
-    pub(super) fn set_enabled(&mut self, on: bool) {
-        self.enabled = on;
-        if !on {
-            self.entries.clear();
-        }
-    }
-
     /// The turn of a step of `key`, its entry moved to the front; a new key's entry evicts the
     /// least recently used one past `cap`.
     fn turn(&mut self, key: K) -> Turn {
-        if !self.enabled {
+        if self.capture_failed {
             return Turn::Eager;
         }
         match self.entries.iter().position(|(k, _)| *k == key) {
@@ -148,7 +147,7 @@ impl<K: PartialEq> StepGraphs<K> {
                 Ok(graph) => *self.front() = Some(graph),
                 Err(e) => {
                     eprintln!("note: {what} runs eagerly: its CUDA graph capture failed ({e})");
-                    self.set_enabled(false);
+                    self.give_up();
                     return enqueue().map(|()| false);
                 }
             }
@@ -190,7 +189,7 @@ mod tests {
     /// used key goes when a new one passes the capacity, and comes back eager.
     #[test]
     fn keys_run_eager_then_capture_then_replay_and_the_oldest_is_evicted() {
-        let mut g: StepGraphs<u32, ()> = StepGraphs::new(2, true);
+        let mut g: StepGraphs<u32, ()> = StepGraphs::new(2);
         let step = |g: &mut StepGraphs<u32, ()>, k| {
             let t = g.turn(k);
             if t == Turn::Capture {
@@ -209,23 +208,20 @@ mod tests {
         assert_eq!(step(&mut g, 3), Turn::Eager); // 3 was evicted by 2
     }
 
-    /// Switched off, every step is eager and nothing is kept.
+    /// After a failed capture every step is eager and nothing is kept; a cleared cache sees
+    /// every key anew.
     #[test]
-    fn disabled_graphs_run_every_step_eagerly() {
-        let mut g: StepGraphs<u32, ()> = StepGraphs::new(4, false);
+    fn a_failed_capture_runs_every_later_step_eagerly_and_clear_starts_over() {
+        let mut g: StepGraphs<u32, ()> = StepGraphs::new(4);
+        g.turn(7);
+        assert_eq!(g.turn(7), Turn::Capture);
+        g.clear();
+        assert_eq!(g.turn(7), Turn::Eager, "entries were dropped by clear");
+        assert_eq!(g.turn(7), Turn::Capture);
+        g.give_up();
         for _ in 0..3 {
             assert_eq!(g.turn(7), Turn::Eager);
         }
-        let mut g: StepGraphs<u32, ()> = StepGraphs::new(4, true);
-        g.turn(7);
-        g.set_enabled(false);
-        assert_eq!(g.turn(7), Turn::Eager);
-        g.set_enabled(true);
-        assert_eq!(
-            g.turn(7),
-            Turn::Eager,
-            "entries were dropped when switched off"
-        );
-        assert_eq!(g.turn(7), Turn::Capture);
+        assert!(g.entries.is_empty());
     }
 }
