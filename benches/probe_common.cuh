@@ -1,0 +1,90 @@
+// Helpers shared by the GPU probes (overlap_probe.cu, gemm_algo_probe.cu): error checks, NVML
+// power and SM clock through dlopen, and random bf16 operands.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <dlfcn.h>
+#include <initializer_list>
+#include <thread>
+
+#define CK(x)                                                                                  \
+    do {                                                                                       \
+        cudaError_t ck_err_ = (x);                                                             \
+        if (ck_err_ != cudaSuccess) {                                                          \
+            printf("%s: %s\n", #x, cudaGetErrorString(ck_err_));                               \
+            exit(1);                                                                           \
+        }                                                                                      \
+    } while (0)
+#define LT(x)                                                                                  \
+    do {                                                                                       \
+        cublasStatus_t lt_status_ = (x);                                                       \
+        if (lt_status_ != CUBLAS_STATUS_SUCCESS) {                                             \
+            printf("%s: status %d\n", #x, (int)lt_status_);                                    \
+            exit(1);                                                                           \
+        }                                                                                      \
+    } while (0)
+
+// NVML through dlopen (the driver's library; no header or link flags needed)
+struct Nvml {
+    void* dev = nullptr;
+    int (*power)(void*, unsigned*) = nullptr;          // nvmlDeviceGetPowerUsage, mW
+    int (*clock)(void*, int, unsigned*) = nullptr;     // nvmlDeviceGetClockInfo, MHz
+    bool init() {
+        void* h = dlopen("libnvidia-ml.so.1", RTLD_NOW);
+        if (!h) return false;
+        auto ini = (int (*)())dlsym(h, "nvmlInit_v2");
+        auto get = (int (*)(unsigned, void**))dlsym(h, "nvmlDeviceGetHandleByIndex_v2");
+        power = (int (*)(void*, unsigned*))dlsym(h, "nvmlDeviceGetPowerUsage");
+        clock = (int (*)(void*, int, unsigned*))dlsym(h, "nvmlDeviceGetClockInfo");
+        return ini && get && power && clock && ini() == 0 && get(0, &dev) == 0;
+    }
+};
+
+// what `iters` iterations of `run` took: ms an iteration, mean power (W) and SM clock (MHz)
+struct Sample {
+    double ms, watts, mhz;
+};
+template <class F> Sample sample(Nvml& nv, int iters, F run) {
+    std::atomic<bool> done{false};
+    double watts = 0, mhz = 0;
+    int n = 0;
+    std::thread poll([&] {
+        while (!done) {
+            unsigned mw = 0, c = 0;
+            if (nv.dev && nv.power(nv.dev, &mw) == 0 && nv.clock(nv.dev, 1, &c) == 0) {
+                watts += mw * 1e-3;
+                mhz += c;
+                ++n;
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+    });
+    auto t0 = std::chrono::steady_clock::now();
+    run();
+    CK(cudaDeviceSynchronize());
+    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    done = true;
+    poll.join();
+    return {ms / iters, n ? watts / n : 0.0, n ? mhz / n : 0.0};
+}
+
+// sample() printed as one line under `name`
+template <class F> void sampled(Nvml& nv, const char* name, int iters, F run) {
+    Sample r = sample(nv, iters, run);
+    printf("%-34s %9.3f ms / iteration  %6.1f W  %6.0f MHz\n", name, r.ms, r.watts, r.mhz);
+}
+
+__global__ void fill(__nv_bfloat16* p, size_t n, unsigned seed) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        unsigned h = (unsigned)i * 2654435761u ^ seed;
+        h ^= h >> 15;
+        h *= 2246822519u;
+        h ^= h >> 13;
+        p[i] = __float2bfloat16(((h & 0xffff) / 65536.f - 0.5f) * 0.5f);
+    }
+}
+
