@@ -12,10 +12,12 @@
 // Per shape (Y (n, m) = X (n, k) W^T, bf16 in and out, f32 accumulation, random operands: zeros
 // draw less power, session 10), up to ALGOS of the heuristic's candidates, in its order:
 //   burst: 20 calls timed by events after 1 s idle and 3 warm calls;
-//   sustained: 400 warm calls, then ITERS calls sampled (NVML every 20 ms).
+//   sustained: 400 warm calls (waited for), then calls for about SECONDS at the burst rate,
+//   NVML polled every 20 ms after the first second.
+// Then the first candidate planned for 100 and 66 of the SMs: a kernel made slower on purpose.
 // Prints each candidate's tile and stages ids, TFLOP/s in both, W, MHz and mJ per TFLOP.
 // Build and run on the GPU machine:
-//   nvcc -O3 -arch=sm_90 benches/gemm_algo_probe.cu -lcublasLt -ldl -o /tmp/gap && /tmp/gap [ITERS] [ALGOS]
+//   nvcc -O3 -arch=sm_90 benches/gemm_algo_probe.cu -lcublasLt -ldl -o /tmp/gap && /tmp/gap [SECONDS] [ALGOS]
 #include "probe_common.cuh"
 
 #include <vector>
@@ -32,8 +34,10 @@ struct Problem {
     cublasLtMatrixLayout_t a, b, c;
     void* ws;
     size_t ws_bytes = 64u << 20;
-    Problem(cublasLtHandle_t h, const Shape& s) : lt(h) {
+    // sms > 0: planned for that many SMs (SM_COUNT_TARGET)
+    Problem(cublasLtHandle_t h, const Shape& s, int sms = 0) : lt(h) {
         LT(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+        if (sms > 0) LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &sms, sizeof sms));
         cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
         LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
         LT(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
@@ -42,6 +46,7 @@ struct Problem {
         LT(cublasLtMatrixLayoutCreate(&c, CUDA_R_16BF, s.m, s.n, s.m));
         CK(cudaMalloc(&ws, ws_bytes));
     }
+    ~Problem() { cudaFree(ws); }
     std::vector<cublasLtMatmulHeuristicResult_t> candidates(int most) {
         cublasLtMatmulPreference_t pref;
         LT(cublasLtMatmulPreferenceCreate(&pref));
@@ -67,7 +72,7 @@ int config_id(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttribut
 }
 
 int main(int argc, char** argv) {
-    const int iters = argc > 1 ? atoi(argv[1]) : 1000;
+    const double seconds = argc > 1 ? atof(argv[1]) : 4.0;
     const int most = argc > 2 ? atoi(argv[2]) : 12;
     const Shape shapes[] = {
         {"1B gate/up", 16384, 8192, 2048},
@@ -95,25 +100,38 @@ int main(int argc, char** argv) {
         auto cands = p.candidates(most);
         printf("\n%s: %d x %d x %d (%.0f GFLOP), %zu candidates\n", s.name, s.n, s.m, s.k, flop * 1e-9,
                cands.size());
-        printf("%4s %5s %6s %9s %10s %7s %6s %10s\n", "algo", "tile", "stages", "burst TF", "sustain TF",
+        printf("%10s %5s %6s %9s %10s %7s %6s %10s\n", "algo", "tile", "stages", "burst TF", "sustain TF",
                "W", "MHz", "mJ/TFLOP");
-        for (size_t i = 0; i < cands.size(); ++i) {
-            const cublasLtMatmulAlgo_t& algo = cands[i].algo;
+        auto measure = [&](Problem& prob, const cublasLtMatmulAlgo_t& algo, const char* label) {
             std::this_thread::sleep_for(std::chrono::seconds(1));
-            for (int j = 0; j < 3; ++j) p.run(algo, w, x, y);
+            for (int j = 0; j < 3; ++j) prob.run(algo, w, x, y);
             CK(cudaEventRecord(e0));
-            for (int j = 0; j < 20; ++j) p.run(algo, w, x, y);
+            for (int j = 0; j < 20; ++j) prob.run(algo, w, x, y);
             CK(cudaEventRecord(e1));
             CK(cudaEventSynchronize(e1));
             float burst_ms = 0;
             CK(cudaEventElapsedTime(&burst_ms, e0, e1));
-            for (int j = 0; j < 400; ++j) p.run(algo, w, x, y);
-            Sample r = sample(nv, iters, [&] { for (int j = 0; j < iters; ++j) p.run(algo, w, x, y); });
+            for (int j = 0; j < 400; ++j) prob.run(algo, w, x, y);
+            CK(cudaDeviceSynchronize());
+            const int iters = (int)(seconds * 1e3 / (burst_ms / 20));
+            Sample r = sample(nv, iters, [&] { for (int j = 0; j < iters; ++j) prob.run(algo, w, x, y); }, 1000);
             const double burst_tf = flop / (burst_ms / 20 * 1e-3) * 1e-12;
             const double sustained_tf = flop / (r.ms * 1e-3) * 1e-12;
-            printf("%4zu %5d %6d %9.1f %10.1f %7.1f %6.0f %10.3f\n", i,
+            printf("%10s %5d %6d %9.1f %10.1f %7.1f %6.0f %10.3f\n", label,
                    config_id(algo, CUBLASLT_ALGO_CONFIG_TILE_ID), config_id(algo, CUBLASLT_ALGO_CONFIG_STAGES_ID),
                    burst_tf, sustained_tf, r.watts, r.mhz, r.watts * r.ms / (flop * 1e-12));
+        };
+        for (size_t i = 0; i < cands.size(); ++i) {
+            char label[16];
+            snprintf(label, sizeof label, "%zu", i);
+            measure(p, cands[i].algo, label);
+        }
+        for (int sms : {100, 66}) {
+            Problem fewer(lt, s, sms);
+            auto first = fewer.candidates(1);
+            char label[16];
+            snprintf(label, sizeof label, "0 @%d SMs", sms);
+            if (!first.empty()) measure(fewer, first[0].algo, label);
         }
         CK(cudaFree(w));
         CK(cudaFree(x));

@@ -44,18 +44,22 @@ struct Nvml {
     }
 };
 
-// what `iters` iterations of `run` took: ms an iteration, mean power (W) and SM clock (MHz)
+// what `iters` iterations of `run` took: ms an iteration, mean power (W) and SM clock (MHz),
+// polled every 20 ms from `settle_ms` on (NVML's power reading averages about the last second,
+// so a phase shorter than that reports part of what ran before it)
 struct Sample {
     double ms, watts, mhz;
 };
-template <class F> Sample sample(Nvml& nv, int iters, F run) {
+template <class F> Sample sample(Nvml& nv, int iters, F run, int settle_ms = 0) {
     std::atomic<bool> done{false};
     double watts = 0, mhz = 0;
     int n = 0;
     std::thread poll([&] {
+        const auto start = std::chrono::steady_clock::now();
         while (!done) {
             unsigned mw = 0, c = 0;
-            if (nv.dev && nv.power(nv.dev, &mw) == 0 && nv.clock(nv.dev, 1, &c) == 0) {
+            const bool settled = std::chrono::steady_clock::now() - start >= std::chrono::milliseconds(settle_ms);
+            if (settled && nv.dev && nv.power(nv.dev, &mw) == 0 && nv.clock(nv.dev, 1, &c) == 0) {
                 watts += mw * 1e-3;
                 mhz += c;
                 ++n;
