@@ -260,6 +260,9 @@ struct LayerActs {
 /// Activations and scratch of one forward/backward (llm.c's ActivationTensors).
 struct Acts {
     sizes: ActSizes,
+    /// The step's inputs in one block ([`plan::StepInput`]), uploaded in one copy
+    /// ([`GpuLlama::load_batch`]); the views below point into it.
+    inputs: DevPtr<u32>,
     /// (N) i32 token ids, positions, targets; (N + 1) cu_seqlens.
     ids: DevPtr<i32>,
     pos: DevPtr<i32>,
@@ -310,7 +313,7 @@ struct Acts {
     sel: DevPtr<bf16>,
     /// (ce_rows, V) logits of one cross-entropy chunk (dlogits in place).
     logits: DevPtr<bf16>,
-    /// (N) f32 running lse, picked logit, d/d lse, d/d picked.
+    /// (N) f32 running lse, picked logit, d/d lse, d/d picked (the last two in `inputs`).
     ce_lse: DevPtr<f32>,
     ce_picked: DevPtr<f32>,
     ce_dlse: DevPtr<f32>,
@@ -435,6 +438,8 @@ pub struct GpuLlama<'g> {
     /// and how many training steps did.
     cuda_graphs: bool,
     graph_steps: usize,
+    /// The host image of a step's inputs, reused from step to step ([`Self::load_batch`]).
+    input_image: Vec<u32>,
     _held: Held,
 }
 
@@ -722,6 +727,7 @@ impl<'g> GpuLlama<'g> {
             embed_host: None,
             cuda_graphs: step_graph::graphs_enabled(),
             graph_steps: 0,
+            input_image: Vec::new(),
             _held: held,
         })
     }
@@ -1682,12 +1688,15 @@ impl<'g> GpuLlama<'g> {
         } else {
             h.alloc(gpu, s.nc)?
         };
+        let inputs = h.alloc::<u32>(gpu, plan::StepInput::block_words(n))?;
+        let input = |r: plan::StepInput| inputs.offset(r.offset(n));
         let acts = Acts {
             sizes: s,
-            ids: h.alloc(gpu, n)?,
-            pos: h.alloc(gpu, n)?,
-            targets: h.alloc(gpu, n)?,
-            cu: h.alloc(gpu, n + 1)?,
+            inputs,
+            ids: input(plan::StepInput::Ids).cast(),
+            pos: input(plan::StepInput::Positions).cast(),
+            targets: input(plan::StepInput::Targets).cast(),
+            cu: input(plan::StepInput::CuSeqlens).cast(),
             resid,
             ln,
             rstd,
@@ -1719,8 +1728,8 @@ impl<'g> GpuLlama<'g> {
             logits: h.alloc(gpu, s.logits)?,
             ce_lse: h.alloc(gpu, n)?,
             ce_picked: h.alloc(gpu, n)?,
-            ce_dlse: h.alloc(gpu, n)?,
-            ce_dpicked: h.alloc(gpu, n)?,
+            ce_dlse: input(plan::StepInput::DLse).cast(),
+            ce_dpicked: input(plan::StepInput::DPicked).cast(),
             resid_offload,
             attn_offload,
             gate_up_offload,
@@ -1829,21 +1838,15 @@ impl<'g> GpuLlama<'g> {
         Ok(counted)
     }
 
-    /// Uploads a batch (checked) and its targets; returns the number of counted targets.
+    /// Uploads a batch (checked), its targets and their cross-entropy coefficients in one copy
+    /// ([`plan::step_input_image`]); returns the number of counted targets.
     fn load_batch(&mut self, batch: &Batch, targets: Option<&[i32]>) -> GpuResult<usize> {
         let counted = self.prepare_batch(batch, targets)?;
         let a = self.acts.as_ref().expect("allocated");
-        let ids: Vec<i32> = batch.tokens.iter().map(|&t| t as i32).collect();
-        self.gpu.upload(a.ids, &ids).ctx("uploading token ids")?;
+        plan::step_input_image(a.sizes.n, batch, targets, &mut self.input_image);
         self.gpu
-            .upload(a.pos, &batch.positions)
-            .ctx("uploading positions")?;
-        self.gpu
-            .upload(a.cu, &batch.cu_seqlens)
-            .ctx("uploading cu_seqlens")?;
-        if let Some(t) = targets {
-            self.gpu.upload(a.targets, t).ctx("uploading targets")?;
-        }
+            .upload(a.inputs, &self.input_image)
+            .ctx("uploading the step's inputs")?;
         Ok(counted)
     }
 
@@ -2236,23 +2239,10 @@ impl<'g> GpuLlama<'g> {
         !self.is_kept(l) && a.attn_offload.is_some()
     }
 
-    /// The cross-entropy backward's per-row coefficients of d loss / d lse and d loss /
-    /// d picked for `targets` ([`plan::ce_coefficients`]), computed on the host and uploaded
-    /// before a step's launches.
-    fn upload_ce_coefficients(&self, targets: &[i32]) -> GpuResult<()> {
-        let a = self.acts.as_ref().ok_or("activations not allocated")?;
-        let (dl, dp) = plan::ce_coefficients(targets);
-        self.gpu.upload(a.ce_dlse, &dl).ctx("uploading dlse")?;
-        self.gpu
-            .upload(a.ce_dpicked, &dp)
-            .ctx("uploading dpicked")?;
-        Ok(())
-    }
-
     /// Cross-entropy of the final norm output in chunks of `ce_rows` rows: each chunk's
     /// logits (rows, V) through the head, their lse and picked logit per row (from the running
     /// values lse = -inf and picked = 0, set here), and with `grad` d loss / d ln_f into `dln`
-    /// (the coefficients from [`Self::upload_ce_coefficients`]). Launches only.
+    /// (the coefficients uploaded with the batch, [`Self::load_batch`]). Launches only.
     fn cross_entropy_loaded(&self, grad: bool) -> GpuResult<()> {
         let (n, _) = self.last.ok_or("no batch loaded")?;
         let a = self.acts.as_ref().ok_or("activations not allocated")?;
@@ -2665,7 +2655,6 @@ impl<'g> GpuLlama<'g> {
         if counted == 0 {
             return Ok(0.0);
         }
-        self.upload_ce_coefficients(targets)?;
         let step = |m: &Self| {
             m.forward_loaded()?;
             m.cross_entropy_loaded(true)?;

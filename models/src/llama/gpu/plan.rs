@@ -5,6 +5,7 @@
 
 use std::ops::Range;
 
+use super::super::model::Batch;
 use super::super::weights::{Dims, LayerWeights, Proj, WeightStore};
 use crate::config::ModelConfig;
 
@@ -1133,16 +1134,78 @@ pub fn check_batch(
     Ok(counted)
 }
 
-/// d(mean loss)/d lse and d/d picked per row: 1/m and -1/m on counted rows, 0 on ignored ones.
-pub fn ce_coefficients(targets: &[i32]) -> (Vec<f32>, Vec<f32>) {
-    let m = targets.iter().filter(|&&t| t != -100).count();
-    let inv = if m == 0 { 0.0 } else { 1.0 / m as f32 };
-    let dlse: Vec<f32> = targets
-        .iter()
-        .map(|&t| if t == -100 { 0.0 } else { inv })
-        .collect();
-    let dpicked = dlse.iter().map(|v| -v).collect();
-    (dlse, dpicked)
+/// The regions of a step's input block (i32 words, each `n_max` long but the last, `n_max + 1`;
+/// each starts on a 256-byte boundary, as the vectorized kernels want), in order: token ids,
+/// positions, targets, d(mean loss)/d lse and d/d picked (f32 bits), cu_seqlens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepInput {
+    Ids,
+    Positions,
+    Targets,
+    DLse,
+    DPicked,
+    CuSeqlens,
+}
+
+impl StepInput {
+    /// Word offset of the region in a block for `n_max` tokens.
+    pub fn offset(self, n_max: usize) -> usize {
+        self as usize * n_max.next_multiple_of(64)
+    }
+    /// Words of a block for `n_max` tokens.
+    pub fn block_words(n_max: usize) -> usize {
+        Self::CuSeqlens.offset(n_max) + n_max + 1
+    }
+}
+
+/// The host image of a step's inputs (see [`StepInput`]), uploaded in one copy: the batch's
+/// ids, positions and cu_seqlens; with `targets`, the targets and the cross-entropy
+/// coefficients, 1/m and -1/m on the m counted rows and 0 on ignored ones (without, those
+/// regions are zero). Only each region's first rows are meaningful; `image` is reused from
+/// step to step and ends with cu_seqlens.
+pub fn step_input_image(
+    n_max: usize,
+    batch: &Batch,
+    targets: Option<&[i32]>,
+    image: &mut Vec<u32>,
+) {
+    image.clear();
+    image.resize(
+        StepInput::CuSeqlens.offset(n_max) + batch.cu_seqlens.len(),
+        0,
+    );
+    let region = |image: &mut Vec<u32>, r: StepInput, words: &mut dyn Iterator<Item = u32>| {
+        for (dst, w) in image[r.offset(n_max)..].iter_mut().zip(words) {
+            *dst = w;
+        }
+    };
+    region(image, StepInput::Ids, &mut batch.tokens.iter().copied());
+    region(
+        image,
+        StepInput::Positions,
+        &mut batch.positions.iter().map(|&p| p as u32),
+    );
+    region(
+        image,
+        StepInput::CuSeqlens,
+        &mut batch.cu_seqlens.iter().map(|&c| c as u32),
+    );
+    if let Some(t) = targets {
+        let m = t.iter().filter(|&&t| t != -100).count();
+        let inv = if m == 0 { 0.0 } else { 1.0 / m as f32 };
+        let dlse = |t: i32| if t == -100 { 0.0 } else { inv };
+        region(image, StepInput::Targets, &mut t.iter().map(|&t| t as u32));
+        region(
+            image,
+            StepInput::DLse,
+            &mut t.iter().map(|&t| dlse(t).to_bits()),
+        );
+        region(
+            image,
+            StepInput::DPicked,
+            &mut t.iter().map(|&t| (-dlse(t)).to_bits()),
+        );
+    }
 }
 
 /// Mean loss over counted rows from the merged lse and picked logits (f64 sum).
@@ -1937,12 +2000,49 @@ mod tests {
         assert!(check_batch(&[1, 2], &[0, 2], &[0, 1], Some(&[1, 128]), 128, 8, 8, None).is_err());
         assert!(check_batch(&[1, 2], &[0, 2], &[0, 1], Some(&[1]), 128, 8, 8, None).is_err());
         assert!(check_batch(&[1, 2, 3], &[0, 3], &[0, 1, 2], None, 128, 8, 8, Some(2)).is_err());
-        let (dl, dp) = ce_coefficients(&[1, -100, 3, 4]);
-        assert_eq!(dl, vec![1.0 / 3.0, 0.0, 1.0 / 3.0, 1.0 / 3.0]);
-        assert_eq!(dp[1], -0.0);
-        assert_eq!(dp[0], -1.0 / 3.0);
         let (l, m) = mean_loss(&[3.0, 9.0, 2.0], &[1.0, 0.0, 1.0], &[1, -100, 2]);
         assert_eq!((l, m), (1.5, 2));
+    }
+
+    /// The step's input block: each region at its offset, the coefficients 1/m and -1/m on
+    /// counted rows, a shorter batch's tails zero, and no targets leaving their regions zero.
+    #[test]
+    fn step_input_image_lays_out_every_region() {
+        let batch = Batch {
+            tokens: vec![5, 6, 7, 8],
+            cu_seqlens: vec![0, 3, 4],
+            positions: vec![0, 1, 2, 0],
+        };
+        let mut image = vec![9; 3]; // reused: old words must go
+        let n_max = 6; // regions 64 words apart
+        assert_eq!(StepInput::DLse.offset(n_max), 3 * 64);
+        step_input_image(n_max, &batch, Some(&[6, -100, 8, 1]), &mut image);
+        assert_eq!(image.len(), StepInput::CuSeqlens.offset(n_max) + 3);
+        assert!(image.len() <= StepInput::block_words(n_max));
+        let at = |r: StepInput, i: usize| image[r.offset(n_max) + i];
+        let f = |w: u32| f32::from_bits(w);
+        assert_eq!(
+            (0..4).map(|i| at(StepInput::Ids, i)).collect::<Vec<_>>(),
+            [5, 6, 7, 8]
+        );
+        assert_eq!(at(StepInput::Ids, 4), 0);
+        assert_eq!(at(StepInput::Positions, 2), 2);
+        assert_eq!(at(StepInput::Targets, 1) as i32, -100);
+        assert_eq!(f(at(StepInput::DLse, 0)), 1.0 / 3.0);
+        assert_eq!(f(at(StepInput::DLse, 1)), 0.0);
+        assert_eq!(f(at(StepInput::DPicked, 3)), -1.0 / 3.0);
+        assert_eq!(f(at(StepInput::DLse, 4)), 0.0);
+        assert_eq!(
+            (0..3)
+                .map(|i| at(StepInput::CuSeqlens, i))
+                .collect::<Vec<_>>(),
+            [0, 3, 4]
+        );
+        step_input_image(n_max, &batch, None, &mut image);
+        let at = |r: StepInput, i: usize| image[r.offset(n_max) + i];
+        assert_eq!(at(StepInput::Targets, 0), 0);
+        assert_eq!(f(at(StepInput::DLse, 0)), 0.0);
+        assert_eq!(at(StepInput::Ids, 3), 8);
     }
 
     #[test]
