@@ -2645,8 +2645,8 @@ impl<'g> GpuLlama<'g> {
     /// [`Self::zero_grads`] first for a fresh step). Requires an adapter ([`Self::set_lora`]).
     /// The step (forward, loss, backward) runs as a CUDA graph from the second step of a batch
     /// shape on ([`step_graph`]), unless a profile is open or gate/up outputs travel through
-    /// the host ([`Self::graph_pays`]): the host uploads the batch and the loss coefficients
-    /// before it and reads the loss after.
+    /// the host ([`Self::graph_pays`]): the host uploads the batch, its targets and the loss
+    /// coefficients before it in one copy ([`Self::load_batch`]) and reads the loss after.
     pub fn loss_and_grads(&mut self, batch: &Batch, targets: &[i32]) -> GpuResult<f32> {
         if self.lora.is_none() {
             return Err("loss_and_grads needs an adapter (set_lora)".into());
