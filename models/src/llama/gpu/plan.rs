@@ -959,7 +959,7 @@ impl ActSizes {
             + (d.layers + 1) * 4 * self.n
             + (slots + 1) * b * self.nc;
         // dres_a, dres_b, dln, and tmp_c unless it is dq's memory; d act, d gate, d up; datt,
-        // dq; dk, dv; dxa; logits
+        // dq; dk, dv; dxa; logits; padding operands; attention scratch
         let tmp_c = usize::from(self.nq < self.nc) * self.nc;
         let scratch = b
             * (3 * self.nc
@@ -972,8 +972,8 @@ impl ActSizes {
             + if qk_norm { b * (self.nq + self.nkv) } else { 0 }
             + b * (4 * self.nq_pad + 4 * self.nkv_pad)
             + self.attn_scratch
-            + 4 * (6 * self.n)
-            + 4 * (self.n + 1);
+            // the step's input block, and the cross-entropy's running lse and picked logit
+            + 4 * (StepInput::block_words(self.n) + 2 * self.n);
         let resident_attention = resident * resident_attention_bytes(d, self.n);
         kept * per_layer(self.n)
             + shared * per_layer(self.mlp_rows)
