@@ -6,19 +6,11 @@
 // Times (ms, median of 5): the kernel alone, the two copies alone, and all three together,
 // each eagerly and as a captured graph replayed.
 // Build and run on the GPU machine: nvcc -O2 -arch=sm_90 benches/graph_copy_probe.cu -o /tmp/gcp && /tmp/gcp
+#include "probe_common.cuh"
+
 #include <algorithm>
-#include <cstdio>
 #include <sys/mman.h>
 #include <vector>
-
-#define CK(x)                                                                                  \
-    do {                                                                                       \
-        cudaError_t e = (x);                                                                   \
-        if (e != cudaSuccess) {                                                                \
-            printf("%s: %s\n", #x, cudaGetErrorString(e));                                     \
-            return 1;                                                                          \
-        }                                                                                      \
-    } while (0)
 
 // ~20 ms of FMAs on every SM (its output keeps it from being optimized away)
 __global__ void spin(float* out, int iters) {

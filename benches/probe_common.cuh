@@ -1,4 +1,4 @@
-// Helpers shared by the GPU probes (overlap_probe.cu, gemm_algo_probe.cu): error checks, NVML
+// Helpers shared by the GPU probes (overlap_probe.cu, gemm_algo_probe.cu, graph_copy_probe.cu): error checks, NVML
 // power and SM clock through dlopen, and random bf16 operands.
 #pragma once
 #include <atomic>
