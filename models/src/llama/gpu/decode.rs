@@ -297,7 +297,7 @@ impl GpuLlama<'_> {
     /// when the batch size and the model's buffers match the capture, captured at the second
     /// step of a new key (the first, eager, loads every module and GEMM plan), eager with
     /// checkpoint offload (copy streams), while a profile is open or with graphs switched off
-    /// ([`GpuLlama::set_cuda_graphs`]).
+    /// ([`GpuLlama::set_cuda_graphs`], which also drops the graphs this cache captured before).
     fn decode_forward(&self, cache: &GpuKvCache) -> GpuResult<()> {
         let a = self.acts.as_ref().ok_or("activations not allocated")?;
         let (rows, _) = self.last.ok_or("no batch loaded")?;
@@ -306,6 +306,10 @@ impl GpuLlama<'_> {
             self.forward_pass(Pass::Decode(cache))
         };
         let offload = a.resid_offload.is_some() || a.attn_offload.is_some();
+        if !self.cuda_graphs {
+            // switched off after this cache captured: its graphs would only hold memory
+            cache.step_graphs.borrow_mut().clear();
+        }
         if offload || !self.cuda_graphs || self.gpu.profiling() {
             return step(cache);
         }

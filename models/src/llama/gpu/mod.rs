@@ -2687,7 +2687,8 @@ impl<'g> GpuLlama<'g> {
     }
 
     /// Lets training and decode steps run as CUDA graphs (the default, unless
-    /// `FTRT_CUDA_GRAPH=0`) or runs every one eagerly (off drops the training step's graphs).
+    /// `FTRT_CUDA_GRAPH=0`) or runs every one eagerly (off drops the training step's graphs, and a
+    /// decode cache's at its next step).
     pub fn set_cuda_graphs(&mut self, on: bool) {
         self.cuda_graphs = on;
         if let (false, Some(a)) = (on, self.acts.as_ref()) {
