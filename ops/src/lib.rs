@@ -17,3 +17,4 @@ pub mod norm;
 pub mod quant_prelude;
 pub mod rope;
 pub mod selftest;
+pub mod swiglu_lora;

@@ -2,7 +2,10 @@
 //! inputs at real sizes, with its time and achieved bandwidth against the measured copy rate.
 use crate::dsl::gradcheck::Rng;
 use crate::dsl::Rounding;
-use crate::{activation, adamw, cross_entropy, decode, embedding, nf4, norm, quant_prelude, rope};
+use crate::{
+    activation, adamw, cross_entropy, decode, embedding, nf4, norm, quant_prelude, rope,
+    swiglu_lora,
+};
 use ftrt_runtime::selftest::SelftestRow;
 use ftrt_runtime::{DevPtr, DeviceBuffer, Gpu, RuntimeError};
 use half::bf16;
@@ -160,6 +163,7 @@ pub fn selftest_kernels(gpu: &Gpu) -> Result<Vec<SelftestRow>, RuntimeError> {
     check_norms(gpu, &mut rng, &mut rep)?;
     check_rope(gpu, &mut rng, &mut rep)?;
     check_activations(gpu, &mut rng, &mut rep)?;
+    check_swiglu_lora(gpu, &mut rng, &mut rep)?;
     check_embedding(gpu, &mut rng, &mut rep)?;
     check_cross_entropy(gpu, &mut rng, &mut rep)?;
     check_nf4(gpu, &mut rng, &mut rep)?;
@@ -400,6 +404,98 @@ fn check_activations(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), R
     }
     let us = time(gpu, launch)?;
     rep.add("swiglu_backward_act 8192x4096", err, TOLERANCE, us, 6.0 * e);
+    Ok(())
+}
+
+/// SwiGLU with LoRA's rank-16 terms (gate, up; down's in the backward) at the 1B's MLP tile
+/// width: the forward, and the backward with the forward's h, against the CPU references.
+fn check_swiglu_lora(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), RuntimeError> {
+    use swiglu_lora::{CpuLowRank, Factor, LowRank};
+    let mut b = Bufs::new(gpu);
+    let d = swiglu_lora::Dims {
+        n: 2048,
+        i: 8192,
+        r: 16,
+        s: 2.0,
+    };
+    let (len, r) = (d.n * d.i, d.r);
+    let (g0, u0, dh0) = (
+        randn(rng, len, 2.0),
+        randn(rng, len, 1.0),
+        randn(rng, len, 1.0),
+    );
+    let (xa, dxa) = (randn(rng, d.n * 2 * r, 1.0), randn(rng, d.n * r, 1.0));
+    let (bg, bu, a) = (
+        randn(rng, d.i * r, 0.1),
+        randn(rng, d.i * r, 0.1),
+        randn(rng, r * d.i, 0.1),
+    );
+    let (g0d, u0d, dh0d) = (b.bf16(&g0)?, b.bf16(&u0)?, b.bf16(&dh0)?);
+    let (xad, dxad) = (b.bf16(&xa)?, b.bf16(&dxa)?);
+    let (bgd, bud, ad) = (b.bf16(&bg)?, b.bf16(&bu)?, b.bf16(&a)?);
+    let zeros = vec![0.0; len];
+    let (hd, dgd, dud) = (b.bf16(&zeros)?, b.bf16(&zeros)?, b.bf16(&zeros)?);
+    let dev = |x: DevPtr<bf16>, ld, factor, kind| {
+        Some(LowRank {
+            x,
+            ld,
+            factor,
+            kind,
+        })
+    };
+    let (gate, up) = (
+        dev(xad, 2 * r, bgd, Factor::B),
+        dev(xad.offset(r), 2 * r, bud, Factor::B),
+    );
+    let down = dev(dxad, r, ad, Factor::A);
+    let cpu = |x, ld, col, factor, kind| {
+        Some(CpuLowRank {
+            x,
+            ld,
+            col,
+            factor,
+            kind,
+        })
+    };
+    let (cgate, cup) = (
+        cpu(&xa, 2 * r, 0, &bg, Factor::B),
+        cpu(&xa, 2 * r, r, &bu, Factor::B),
+    );
+    let cdown = cpu(&dxa, r, 0, &a, Factor::A);
+    let mut h = vec![0f32; len];
+    swiglu_lora::forward_cpu(&d, &g0, &u0, cgate, cup, &mut h);
+    let forward = || swiglu_lora::forward(gpu, &d, g0d, u0d, gate, up, hd);
+    forward()?;
+    let err = rel_err(&b.get_bf16(hd, len)?, &h);
+    let us = time(gpu, forward)?;
+    rep.add(
+        "swiglu_lora forward 2048x8192 r16",
+        err,
+        TOLERANCE,
+        us,
+        6.0 * len as f64,
+    );
+    let (mut dg, mut du) = (vec![0f32; len], vec![0f32; len]);
+    let (dg_, du_, h_) = (&mut dg, &mut du, Some(&mut h[..]));
+    swiglu_lora::backward_cpu(&d, &g0, &u0, cgate, cup, &dh0, cdown, dg_, du_, h_);
+    b.gpu.memset_zero(hd.cast(), len * 2)?;
+    let backward = || {
+        let (h, down) = (Some(hd), down);
+        swiglu_lora::backward(gpu, &d, g0d, u0d, gate, up, dh0d, down, dgd, dud, h)
+    };
+    backward()?;
+    let mut err = 0f64;
+    for (dev, want) in [(hd, &h), (dgd, &dg), (dud, &du)] {
+        err = err.max(rel_err(&b.get_bf16(dev, len)?, want));
+    }
+    let us = time(gpu, backward)?;
+    rep.add(
+        "swiglu_lora backward 2048x8192 r16",
+        err,
+        TOLERANCE,
+        us,
+        12.0 * len as f64,
+    );
     Ok(())
 }
 

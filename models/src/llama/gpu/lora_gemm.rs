@@ -69,6 +69,8 @@ impl GpuLlama<'_> {
     /// x A^T `xa` (from [`Self::stack_xa`]). The low-rank term is written first and the base
     /// GEMM adds its product in the epilogue (beta 1): the compute-bound GEMM reads y once,
     /// instead of a memory-bound rank-r GEMM reading and writing all of y again after it.
+    /// Gate's and up's term is left to the activation when [`Self::lora_in_activation`]
+    /// ([`super::mlp_activation`]): y is x W^T alone.
     pub(super) fn project(
         &self,
         l: usize,
@@ -83,7 +85,8 @@ impl GpuLlama<'_> {
             .as_ref()
             .map(|r| self.w(r));
         let mut beta = 0.0;
-        if let Some((col, b, _, s)) = self.member(l, p) {
+        let in_activation = matches!(p, Proj::Gate | Proj::Up) && self.lora_in_activation(l);
+        if let Some((col, b, _, s)) = self.member(l, p).filter(|_| !in_activation) {
             let mut desc = GemmDesc::new(n, out, self.r())
                 .transposed(false, true)
                 .scaled(s, 0.0);
@@ -145,14 +148,17 @@ impl GpuLlama<'_> {
             if let Some(x) = x {
                 self.stack_da(l, g, x, n, dxa)?;
             }
-            // dx (+)= dxa (n, m r) · A_s (m r, in)
-            self.lora_gemm(
-                &GemmDesc::new(n, inn, width).scaled(1.0, beta),
-                dxa,
-                lg.bf16.offset(st.a.start),
-                dx,
-            )?;
-            beta = 1.0;
+            // dx (+)= dxa (n, m r) · A_s (m r, in); down's is left to the activation's backward
+            // when [`Self::lora_in_activation`] (it reads dxa)
+            if g != Proj::Down.input_group() || !self.lora_in_activation(l) {
+                self.lora_gemm(
+                    &GemmDesc::new(n, inn, width).scaled(1.0, beta),
+                    dxa,
+                    lg.bf16.offset(st.a.start),
+                    dx,
+                )?;
+                beta = 1.0;
+            }
         }
         for &(p, dy) in dys {
             let out = p.shape(&self.dims).0;
@@ -194,6 +200,12 @@ impl GpuLlama<'_> {
         )
     }
 
+    /// Layer `l`'s stacked A_s (m r, in) of group `g` (bf16 copy), if any member is adapted.
+    pub(super) fn stack_a(&self, l: usize, g: usize) -> Option<DevPtr<bf16>> {
+        let lg = self.lora.as_ref()?;
+        Some(lg.bf16.offset(self.stack(l, g)?.a.start))
+    }
+
     /// The rank r (0 without an adapter).
     pub(super) fn r(&self) -> usize {
         self.lora.as_ref().map_or(0, |g| g.layout.r)
@@ -201,7 +213,11 @@ impl GpuLlama<'_> {
 
     /// Projection `p` of layer `l`, if adapted: its first column in its group's x A^T, its B
     /// (bf16 copy) and B's f32 gradient, and the scale s.
-    fn member(&self, l: usize, p: Proj) -> Option<(usize, DevPtr<bf16>, DevPtr<f32>, f32)> {
+    pub(super) fn member(
+        &self,
+        l: usize,
+        p: Proj,
+    ) -> Option<(usize, DevPtr<bf16>, DevPtr<f32>, f32)> {
         let lg = self.lora.as_ref()?;
         let i = self.stack(l, p.input_group())?.position(p)?;
         let b = lg.layout.slot(l, p)?.b.start;

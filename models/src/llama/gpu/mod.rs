@@ -47,6 +47,7 @@ mod embed_host;
 mod graph_check;
 mod layer_offload;
 mod lora_gemm;
+mod mlp_activation;
 pub mod plan;
 pub mod random_init;
 pub mod selftest;
@@ -54,7 +55,7 @@ mod step_graph;
 pub mod trainable;
 
 use ftrt_ops::attention::{attention_backward, attention_forward, AttentionDims};
-use ftrt_ops::{activation, adamw, cross_entropy, embedding, nf4, norm, quant_prelude, rope};
+use ftrt_ops::{adamw, cross_entropy, embedding, nf4, norm, quant_prelude, rope};
 use ftrt_runtime::cudarc::driver::{LaunchConfig, PushKernelArg};
 use ftrt_runtime::rng::SplitMix64;
 use ftrt_runtime::{CublasLt, DevPtr, DeviceBuffer, GemmDesc, GemmWorkspace, Gpu, PtxModule};
@@ -72,6 +73,7 @@ use plan::ActSizes;
 use step_graph::{StepGraphs, StepKey};
 
 pub use decode::{GpuKvCache, GpuSteps};
+pub use mlp_activation::LORA_IN_ACTIVATION_ENV;
 pub use plan::{attention_forward_flops, check_batch, flop_estimate, weight_layout, KeepBf16};
 pub use selftest::selftest_model;
 pub use step_graph::CUDA_GRAPH_ENV;
@@ -438,6 +440,9 @@ pub struct GpuLlama<'g> {
     /// and how many training steps did.
     cuda_graphs: bool,
     graph_steps: usize,
+    /// Whether the MLP's activation adds the LoRA terms of gate, up and down
+    /// ([`Self::set_lora_in_activation`], [`mlp_activation`]).
+    activation_lora: bool,
     /// The host image of a step's inputs, reused from step to step ([`Self::load_batch`]).
     input_image: Vec<u32>,
     _held: Held,
@@ -727,6 +732,7 @@ impl<'g> GpuLlama<'g> {
             embed_host: None,
             cuda_graphs: step_graph::graphs_enabled(),
             graph_steps: 0,
+            activation_lora: mlp_activation::lora_in_activation_enabled(),
             input_image: Vec::new(),
             _held: held,
         })
@@ -2207,16 +2213,7 @@ impl<'g> GpuLlama<'g> {
         if from_checkpoint {
             return Ok(());
         }
-        activation::swiglu::forward(
-            self.gpu,
-            &activation::swiglu::Dims {
-                N: t * self.dims.intermediate,
-            },
-            gate,
-            up,
-            act,
-        )
-        .ctx("swiglu")?;
+        self.mlp_activation(l, (gate, up, xa_gu), act, t)?;
         self.stack_xa(l, g_down, act, xa_down, t)?;
         match out {
             Some(y) => self.project(l, Proj::Down, act, y, xa_down, t),
@@ -2331,7 +2328,7 @@ impl<'g> GpuLlama<'g> {
         let a = self.acts.as_ref().ok_or("activations not allocated")?;
         let gpu = self.gpu;
         let d = self.dims;
-        let (c, hq, hkv, hd, inter) = (d.hidden, d.heads, d.kv_heads, d.head_dim, d.intermediate);
+        let (c, hq, hkv, hd) = (d.hidden, d.heads, d.kv_heads, d.head_dim);
         let nd = norm::add_rms_norm::Dims { R: n, C: c };
         let p_rows = self.max_tokens;
         // Final norm: d resid after the last layer into dres_a (no residual gradient from
@@ -2424,25 +2421,18 @@ impl<'g> GpuLlama<'g> {
                     t,
                     a.dxa,
                 )?;
-                let swiglu = activation::swiglu::Dims { N: t * inter };
-                if act_later {
-                    activation::swiglu_backward_act::forward(
-                        gpu,
-                        &activation::swiglu_backward_act::Dims { N: swiglu.N },
-                        gate,
-                        up,
-                        a.dact,
-                        act,
-                        a.dgate,
-                        a.dup,
-                    )
-                    .ctx("swiglu backward")?;
-                    self.stack_da(l, g_down, act, t, a.dxa)?;
-                } else {
-                    activation::swiglu::backward(gpu, &swiglu, gate, up, a.dact, a.dgate, a.dup)
-                        .ctx("swiglu backward")?;
-                }
                 let g_gu = Proj::Gate.input_group();
+                self.mlp_activation_backward(
+                    l,
+                    (gate, up, xa(g_gu)),
+                    (a.dact, a.dxa),
+                    (a.dgate, a.dup),
+                    act_later.then_some(act),
+                    t,
+                )?;
+                if act_later {
+                    self.stack_da(l, g_down, act, t, a.dxa)?;
+                }
                 self.group_backward(
                     l,
                     g_gu,
@@ -2693,6 +2683,18 @@ impl<'g> GpuLlama<'g> {
         self.cuda_graphs = on;
         if let (false, Some(a)) = (on, self.acts.as_ref()) {
             a.step_graphs.borrow_mut().clear();
+        }
+    }
+
+    /// Adds the LoRA terms of gate, up and down in the MLP's activation (the default, unless
+    /// `FTRT_LORA_IN_ACTIVATION=0`) or by rank-r GEMMs over the projections' outputs
+    /// ([`mlp_activation`]); drops the training step's graphs, which captured the other way.
+    pub fn set_lora_in_activation(&mut self, on: bool) {
+        if on != self.activation_lora {
+            self.activation_lora = on;
+            if let Some(a) = self.acts.as_ref() {
+                a.step_graphs.borrow_mut().clear();
+            }
         }
     }
 

@@ -546,8 +546,9 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
     }
     let (batch_b, targets_b) = same_shape_batch(&batch, &targets, 128);
     let graph_steps = [(&batch, &targets[..]), (&batch_b, &targets_b[..])];
-    let mut g = GpuLlama::random(gpu, &config, batch.len(), 4, 11)?;
-    g.set_lora(&init_adapter(&g.dims, 4, 8.0, &Proj::ALL, 5, 0.05))?;
+    // rank 8: the MLP's LoRA terms go through its activation (`mlp_activation`)
+    let mut g = GpuLlama::random(gpu, &config, batch.len(), 8, 11)?;
+    g.set_lora(&init_adapter(&g.dims, 8, 16.0, &Proj::ALL, 5, 0.05))?;
     // keeping every layer, with the MLP in one tile or in tiles of `rows`
     let mut keep_all = |rows| -> Result<(f32, LoraAdapter), String> {
         g.set_kept_layers(OFFLOAD_LAYERS);
@@ -894,7 +895,10 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
         TOL_PEFT.max(2.0 * worst_ref),
         format!("worst {where_peft}; CPU bf16 vs PEFT {worst_ref:.2e}"),
     );
-    check_partial_targets(gpu, &cpu, &batch, &targets, ad.r, arch, rows)?;
+    let partial = [Proj::K, Proj::V, Proj::Up];
+    for (r, only) in [(ad.r, &partial[..]), (8, &partial[..]), (8, &Proj::ALL[..])] {
+        check_targets(gpu, &cpu, &batch, &targets, (r, only), arch, rows)?;
+    }
     check_generation(
         &mut g,
         &cpu,
@@ -917,23 +921,24 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
     Ok(())
 }
 
-/// LoRA on k, v and up only: stacks of two and one member, the q/k/v stack not starting at
-/// its group's first projection (see `lora_gemm`). GPU loss and per-tensor gradients against
-/// the CPU bf16 model on a fresh random adapter (A and B nonzero), keeping every layer and
-/// recomputing every layer.
+/// LoRA of rank `r` on the projections `only` (k, v and up: stacks of two and one member, the
+/// q/k/v stack not starting at its group's first projection, see `lora_gemm`). GPU loss and
+/// per-tensor gradients against the CPU bf16 model on a fresh random adapter (A and B
+/// nonzero), keeping every layer and recomputing every layer, with the LoRA terms of gate, up
+/// and down in the MLP's activation (`mlp_activation`; where r is a multiple of 8) and by the
+/// rank-r GEMMs.
 #[allow(clippy::too_many_arguments)]
-fn check_partial_targets(
+fn check_targets(
     gpu: &Gpu,
     cpu: &LlamaModel,
     batch: &Batch,
     targets: &[i32],
-    r: usize,
+    (r, only): (usize, &[Proj]),
     arch: &str,
     rows: &mut Vec<Row>,
 ) -> Result<(), String> {
     let seed = ftrt_runtime::rng::fresh_seed();
-    let only = [Proj::K, Proj::V, Proj::Up];
-    let mut ad = init_adapter(&cpu.dims, r, 2.0 * r as f32, &only, seed, 0.05);
+    let mut ad = init_adapter(&cpu.dims, r, 2.0 * r as f32, only, seed, 0.05);
     ad.data
         .iter_mut()
         .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
@@ -943,8 +948,13 @@ fn check_partial_targets(
     let layers = cpu.dims.layers;
     let mut g = GpuLlama::from_model(gpu, cpu, batch.len(), r)?;
     g.set_lora(&ad)?;
-    for kept in [layers, 0] {
+    let named: Vec<&str> = only.iter().map(|p| p.module()).collect();
+    for (kept, in_activation) in [(layers, true), (0, true), (layers, false), (0, false)] {
         g.set_kept_layers(kept);
+        g.set_lora_in_activation(in_activation);
+        if in_activation && !g.lora_in_activation(0) {
+            continue; // a rank the kernels do not take: the GEMM rows cover it
+        }
         g.zero_grads()?;
         let loss = g.loss_and_grads(batch, targets)?;
         let grads = g.download_grads()?;
@@ -968,10 +978,16 @@ fn check_partial_targets(
                 }
             }
         }
+        let mlp_terms = if in_activation {
+            "in the activation"
+        } else {
+            "by GEMMs"
+        };
         row(
             rows,
             format!(
-                "model {arch}: LoRA on k/v/up only, {} of {layers} recomputed: loss + {checked} grads GPU vs CPU bf16",
+                "model {arch}: LoRA r {r} on {}, {} of {layers} recomputed, MLP terms {mlp_terms}: loss + {checked} grads GPU vs CPU bf16",
+                named.join("/"),
                 layers - kept
             ),
             worst,
