@@ -267,11 +267,7 @@ struct Emitter {
 
 impl Emitter {
     fn line(&mut self, s: &str) {
-        for _ in 0..self.indent {
-            self.out.push_str("    ");
-        }
-        self.out.push_str(s);
-        self.out.push('\n');
+        crate::push_line(&mut self.out, self.indent, s);
     }
 
     /// Decomposes `flat` into the given loop indices (innermost last) as C locals.
@@ -593,17 +589,23 @@ impl Emitter {
             if self.hoisted.iter().any(|(k, _)| *k == key) {
                 continue;
             }
-            let ty = if self.ty(&e) == Ty::Float {
-                "float"
-            } else {
-                "I"
-            };
-            let v = self.expr(&e);
-            let name = format!("h{}_", self.n_locals);
-            self.n_locals += 1;
-            self.line(&format!("const {ty} {name} = {v};"));
-            self.hoisted.push((key, name));
+            self.bind_local(&e, key, 'h');
         }
+    }
+
+    /// `const T {prefix}{n}_ = e;` (T float or the index type), remembered in `hoisted` under
+    /// `key` so later uses of `e` read the local.
+    fn bind_local(&mut self, e: &Expr, key: String, prefix: char) {
+        let ty = if self.ty(e) == Ty::Float {
+            "float"
+        } else {
+            "I"
+        };
+        let v = self.expr(e);
+        let name = format!("{prefix}{}_", self.n_locals);
+        self.n_locals += 1;
+        self.line(&format!("const {ty} {name} = {v};"));
+        self.hoisted.push((key, name));
     }
 
     /// Common subexpressions of one element's work, computed once into locals (post-order, so
@@ -627,16 +629,7 @@ impl Emitter {
             if !repeated || self.hoisted.iter().any(|(k, _)| *k == key) || self.ty(&e) == Ty::Bool {
                 continue;
             }
-            let ty = if self.ty(&e) == Ty::Float {
-                "float"
-            } else {
-                "I"
-            };
-            let v = self.expr(&e);
-            let name = format!("e{}_", self.n_locals);
-            self.n_locals += 1;
-            self.line(&format!("const {ty} {name} = {v};"));
-            self.hoisted.push((key, name));
+            self.bind_local(&e, key, 'e');
         }
     }
 

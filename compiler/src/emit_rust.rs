@@ -227,11 +227,7 @@ struct RustEmitter {
 
 impl RustEmitter {
     fn line(&mut self, s: &str) {
-        for _ in 0..self.indent {
-            self.out.push_str("    ");
-        }
-        self.out.push_str(s);
-        self.out.push('\n');
+        crate::push_line(&mut self.out, self.indent, s);
     }
 
     fn open_loops(&mut self, idx: &[LoopIndex]) {
