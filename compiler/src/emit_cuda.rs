@@ -134,17 +134,11 @@ fn emit_pass(out: &mut String, op: &OpDef, pass: &Pass) {
             _ => {}
         }
     }
-    match lowered.shape {
+    // One templated body, then an entry point per variant: (launch bounds, name, template
+    // arguments).
+    let mut entries: Vec<(String, String, String)> = Vec::new();
+    let template = match lowered.shape {
         Shape::Row => {
-            writeln!(out, "template <typename I, int TPR, int VEC>").unwrap();
-            writeln!(
-                out,
-                "__device__ __forceinline__ void {base}_body({params}) {{"
-            )
-            .unwrap();
-            e.row_body(pass, &lowered);
-            out.push_str(&e.out);
-            out.push_str("}\n");
             // A row of known short extent only ever takes the warp-per-row variant.
             let short = matches!(pass.indices.last().map(|i| &i.extent), Some(Expr::Int(n)) if *n <= WARP_ROW_MAX_INNER);
             let tprs: &[u32] = if short {
@@ -161,37 +155,39 @@ fn emit_pass(out: &mut String, op: &OpDef, pass: &Pass) {
                             1024 => "1024, 1".to_string(),
                             t => t.to_string(),
                         };
-                        writeln!(
-                            out,
-                            "extern \"C\" __global__ void __launch_bounds__({bounds}) {}({params}) {{ {base}_body<{ity}, {tpr}, {vec}>({names}); }}",
-                            variant_name(&base, Shape::Row, iname, tpr, vec)
-                        )
-                        .unwrap();
+                        let name = variant_name(&base, Shape::Row, iname, tpr, vec);
+                        entries.push((bounds, name, format!("{ity}, {tpr}, {vec}")));
                     }
                 }
             }
+            e.row_body(pass, &lowered);
+            "typename I, int TPR, int VEC"
         }
         Shape::Flat => {
-            writeln!(out, "template <typename I, int VEC>").unwrap();
-            writeln!(
-                out,
-                "__device__ __forceinline__ void {base}_body({params}) {{"
-            )
-            .unwrap();
-            e.flat_body(pass, &lowered);
-            out.push_str(&e.out);
-            out.push_str("}\n");
             for (iname, ity) in INDEX_TYPES {
                 for vec in [8, 1] {
-                    writeln!(
-                        out,
-                        "extern \"C\" __global__ void __launch_bounds__({FLAT_THREADS}) {}({params}) {{ {base}_body<{ity}, {vec}>({names}); }}",
-                        variant_name(&base, Shape::Flat, iname, 0, vec)
-                    )
-                    .unwrap();
+                    let name = variant_name(&base, Shape::Flat, iname, 0, vec);
+                    entries.push((FLAT_THREADS.to_string(), name, format!("{ity}, {vec}")));
                 }
             }
+            e.flat_body(pass, &lowered);
+            "typename I, int VEC"
         }
+    };
+    writeln!(out, "template <{template}>").unwrap();
+    writeln!(
+        out,
+        "__device__ __forceinline__ void {base}_body({params}) {{"
+    )
+    .unwrap();
+    out.push_str(&e.out);
+    out.push_str("}\n");
+    for (bounds, name, targs) in entries {
+        writeln!(
+            out,
+            "extern \"C\" __global__ void __launch_bounds__({bounds}) {name}({params}) {{ {base}_body<{targs}>({names}); }}"
+        )
+        .unwrap();
     }
 }
 
