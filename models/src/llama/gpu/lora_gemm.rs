@@ -11,6 +11,8 @@
 //!   dB_i += s dy_i^T xa_i,  dxa_i = s dy_i B_i      (per member; dxa (n, m r))
 //!   dA_s += dxa^T x,  dx (+)= dxa A_s                (one GEMM each for the stack)
 //!   dx += dy_i W_i                                  (per member, beta 1)
+//! except that gate's and up's `s xa_i B_i^T` and down's `dxa A_s` go into the MLP's
+//! activation instead where it takes them ([`super::mlp_activation`]).
 
 use ftrt_runtime::{DevPtr, GemmDesc};
 use half::bf16;
