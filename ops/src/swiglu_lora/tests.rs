@@ -240,3 +240,22 @@ fn a_factor_stored_as_a_gives_what_its_transpose_stored_as_b_gives() {
     );
     assert_ne!(dg0, dg_b);
 }
+
+#[test]
+fn the_kernels_take_ranks_8_and_16_with_even_rows_only() {
+    let d = |r| Dims {
+        n: 4096,
+        i: 8192,
+        r,
+        s: 2.0,
+    };
+    assert!(supported(&d(16), &[(32, 16), (16, 0)]));
+    assert!(supported(&d(8), &[(16, 8)]));
+    for r in [0, 4, 24, 32, 64] {
+        assert!(!supported(&d(r), &[(2 * r, 0)]), "r {r}");
+    }
+    assert!(!supported(&d(16), &[(33, 0)]), "odd row stride");
+    assert!(!supported(&d(16), &[(32, 15)]), "odd first column");
+    let odd_width = Dims { i: 8196, ..d(16) };
+    assert!(!supported(&odd_width, &[(32, 0)]), "I not a multiple of 8");
+}
