@@ -2688,14 +2688,10 @@ impl<'g> GpuLlama<'g> {
 
     /// Adds the LoRA terms of gate, up and down in the MLP's activation (the default, unless
     /// `FTRT_LORA_IN_ACTIVATION=0`) or by rank-r GEMMs over the projections' outputs
-    /// ([`mlp_activation`]); drops the training step's graphs, which captured the other way.
+    /// ([`mlp_activation`]). Graphs captured the other way are not replayed: the setting is
+    /// part of their key ([`step_graph`]).
     pub fn set_lora_in_activation(&mut self, on: bool) {
-        if on != self.activation_lora {
-            self.activation_lora = on;
-            if let Some(a) = self.acts.as_ref() {
-                a.step_graphs.borrow_mut().clear();
-            }
-        }
+        self.activation_lora = on;
     }
 
     /// Training steps run as CUDA graphs so far (captured and launched, or replayed).

@@ -29,8 +29,9 @@ enum Turn {
     Replay,
 }
 
-/// What a step's launches bake in: the loaded batch's token and segment counts and the
-/// model's weight, activation and adapter buffers (addresses, rank, scale).
+/// What a step's launches bake in: the loaded batch's token and segment counts, the model's
+/// weight, activation and adapter buffers (addresses, rank, scale), and which kernels add the
+/// MLP's LoRA terms ([`GpuLlama::set_lora_in_activation`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct StepKey {
     rows: usize,
@@ -38,6 +39,7 @@ pub(super) struct StepKey {
     weights: u64,
     acts: u64,
     lora: Option<(u64, usize, u32)>,
+    lora_in_activation: bool,
 }
 
 impl GpuLlama<'_> {
@@ -54,6 +56,7 @@ impl GpuLlama<'_> {
                 .lora
                 .as_ref()
                 .map(|g| (g.bf16.addr, g.layout.r, g.layout.scale.to_bits())),
+            lora_in_activation: self.activation_lora,
         })
     }
 }
