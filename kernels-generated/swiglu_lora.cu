@@ -10,8 +10,10 @@
 // four mma.sync.m16n8k16 (A: the x rows, B: the factor's columns, loaded once), staged as bf16
 // in shared memory (the accumulator fragment's layout is not the rows'); then each lane reads
 // them back and finishes 8-column rows with 16-byte loads and stores of the (N, I) tensors,
-// whose loads it issued before the products. A block is 4 warps side by side (128 columns)
-// over 64 rows.
+// whose loads it issued before the products, adding, multiplying and rounding bf16 pairs with
+// one fma.rn.bf16x2 each (f32 only for the sigmoids and dg's last factors). A block is 4 warps
+// side by side (128 columns) over 64 rows; 8 blocks an SM in the forward (64 registers), 6 in
+// the backward (80): occupancy, not the loads' order, hides these kernels' memory latency.
 // HIP (gfx90a): one thread an element, the same math on the CUDA cores.
 // r is 8 or 16 (CUDA: one m16n8k16 step); x rows (stride, first column) and factors 4-byte
 // aligned.
@@ -47,21 +49,7 @@ __device__ __forceinline__ unsigned sl_bits(float f) {
     return u >> 16;
 }
 __device__ __forceinline__ float sl_round(float f) { return __uint_as_float(sl_bits(f) << 16); }
-#else
-__device__ __forceinline__ float sl_round(float f) { return __bfloat162float(__float2bfloat16_rn(f)); }
-// two floats -> bf16x2, lo in the low half
-__device__ __forceinline__ unsigned sl_pack2(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *(const unsigned*)&v;
-}
-#endif
-
-#ifdef SL_HIP
 __device__ __forceinline__ float sl_sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
-#else
-// the fast exp and reciprocal (a few f32 ulps from 1 / (1 + expf(-v)), far below bf16's)
-__device__ __forceinline__ float sl_sigmoid(float v) { return __fdividef(1.f, 1.f + __expf(-v)); }
-#endif
 
 // g or u with its rank-r term: T(base + T(s term)).
 __device__ __forceinline__ float sl_adapted(float base, float term, float s) {
@@ -76,6 +64,15 @@ __device__ __forceinline__ void sl_grads(float g, float u, float dh, float& dg, 
     du = dh * silu;
     h = silu * u;
 }
+#else
+// two floats -> bf16x2, lo in the low half
+__device__ __forceinline__ unsigned sl_pack2(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *(const unsigned*)&v;
+}
+// the fast exp and reciprocal (a few f32 ulps from 1 / (1 + expf(-v)), far below bf16's)
+__device__ __forceinline__ float sl_sigmoid(float v) { return __fdividef(1.f, 1.f + __expf(-v)); }
+#endif
 
 #ifndef SL_HIP
 
@@ -100,21 +97,22 @@ __device__ __forceinline__ unsigned sl_factor_pair(const SlProduct& p, int col, 
 // The B fragments of the factor for the warp's 32 columns from col0 (ranks 0..r, r <= 16):
 // lane = 4 g + t holds ranks 2 t, + 1 and 2 t + 8, + 9 of column col0 + 8 j + g.
 __device__ __forceinline__ void sl_factor_frags(const SlProduct& p, int r, int col0, int I,
-                                                unsigned (&b)[SL_NT][2]) {
+                                                uint2 (&f)[SL_NT]) {
     const int l = threadIdx.x & 31, g = l >> 2, t = l & 3;
 #pragma unroll
     for (int j = 0; j < SL_NT; ++j) {
         const int col = col0 + 8 * j + g;
-        b[j][0] = p.x != nullptr && col < I ? sl_factor_pair(p, col, 2 * t) : 0u;
-        b[j][1] = p.x != nullptr && col < I && r > 8 ? sl_factor_pair(p, col, 8 + 2 * t) : 0u;
+        const bool in = p.x != nullptr && col < I;
+        f[j] = make_uint2(in ? sl_factor_pair(p, col, 2 * t) : 0u,
+                          in && r > 8 ? sl_factor_pair(p, col, 8 + 2 * t) : 0u);
     }
 }
 
 // T(scale sum_k x[row][k] w[col][k]) for the warp's 16-row tile from row0 and its 32 columns,
 // into `tile` (16 rows of SL_LD bf16): four mma.sync.m16n8k16 (A: the x rows, B: the factor's
-// fragments `b`), each lane storing its accumulator fragment (rows g and g + 8, columns 8 j +
+// fragments `f`), each lane storing its accumulator fragment (rows g and g + 8, columns 8 j +
 // 2 t, + 1; lane = 4 g + t) as bf16 pairs.
-__device__ __forceinline__ void sl_stage_terms(const SlProduct& p, int r, const unsigned (&b)[SL_NT][2],
+__device__ __forceinline__ void sl_stage_terms(const SlProduct& p, int r, const uint2 (&f)[SL_NT],
                                                float scale, int row0, int n, sl_bf16* tile) {
     const int l = threadIdx.x & 31, g = l >> 2, t = l & 3;
     const int ra = row0 + g, rb = ra + 8;
@@ -126,11 +124,12 @@ __device__ __forceinline__ void sl_stage_terms(const SlProduct& p, int r, const 
     const unsigned a3 = rb < n && upper ? sl_ld32(xb + 8) : 0u;
 #pragma unroll
     for (int j = 0; j < SL_NT; ++j) {
+        const uint2 b = f[j];
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
         asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
             "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
             : "+f"(acc[0]), "+f"(acc[1]), "+f"(acc[2]), "+f"(acc[3])
-            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b[j][0]), "r"(b[j][1]));
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b.x), "r"(b.y));
         unsigned* at = (unsigned*)(tile + g * SL_LD + 8 * j + 2 * t);
         at[0] = sl_pack2(scale * acc[0], scale * acc[1]);
         at[4 * SL_LD] = sl_pack2(scale * acc[2], scale * acc[3]); // row g + 8
@@ -156,102 +155,137 @@ struct SlTile {
         return has ? *(const uint4*)(tile + row(q) * SL_LD + 8 * (threadIdx.x & 3))
                    : make_uint4(0u, 0u, 0u, 0u);
     }
-    __device__ __forceinline__ void store(sl_bf16* x, int q, const float (&v)[8]) const {
-        if (ok(q))
-            *(uint4*)(x + at(q)) = make_uint4(sl_pack2(v[0], v[1]), sl_pack2(v[2], v[3]),
-                                              sl_pack2(v[4], v[5]), sl_pack2(v[6], v[7]));
+    __device__ __forceinline__ void store(sl_bf16* x, int q, const uint4 v) const {
+        if (ok(q)) *(uint4*)(x + at(q)) = v;
     }
 };
 
-// 8 values base + term, rounded: T(base + T(s term)) with the term already T(s term)
-__device__ __forceinline__ void sl_sum8(const uint4 base, const uint4 term, float (&out)[8]) {
-    const unsigned b[4] = {base.x, base.y, base.z, base.w}, t[4] = {term.x, term.y, term.z, term.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        out[2 * i] = sl_round(sl_lo(b[i]) + sl_lo(t[i]));
-        out[2 * i + 1] = sl_round(sl_hi(b[i]) + sl_hi(t[i]));
-    }
+// Packed bf16 pairs (lo in the low half), each lane rounded once to nearest even as fma.rn
+// rounds: T(a + b) (a 1 + b) and T(a b) (a b + -0), equal to the f32 sum or product of the two
+// bf16 values rounded to bf16 (the product is exact in f32; the sum is, or its f32 rounding
+// is far below a bf16 ulp).
+__device__ __forceinline__ unsigned sl_add2(unsigned a, unsigned b) {
+    unsigned d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(0x3f803f80u), "r"(b));
+    return d;
+}
+__device__ __forceinline__ unsigned sl_mul2(unsigned a, unsigned b) {
+    unsigned d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+    return d;
+}
+__device__ __forceinline__ uint4 sl_add8(const uint4 a, const uint4 b) {
+    return make_uint4(sl_add2(a.x, b.x), sl_add2(a.y, b.y), sl_add2(a.z, b.z), sl_add2(a.w, b.w));
 }
 
-// g0, u0, h (n, I) bf16; gate's and up's rank-r products (x: xa from gate's / up's first
-// column, w: Bg / Bu (I, r)). Grid (ceil(I / 128), ceil(n / 64)), block 128.
-extern "C" __global__ void __launch_bounds__(32 * SL_WARPS, 5) swiglu_lora_forward(
-    const sl_bf16* __restrict__ g0, const sl_bf16* __restrict__ u0, SlProduct pg, SlProduct pu,
-    int r, float s, int n, int I, sl_bf16* __restrict__ h) {
-    __shared__ __align__(16) sl_bf16 staged[SL_WARPS][2][16 * SL_LD];
-    const int warp = threadIdx.x >> 5, col0 = blockIdx.x * SL_BLOCK_COLS + warp * 8 * SL_NT;
-    sl_bf16* const tg = staged[warp][0];
-    sl_bf16* const tu = staged[warp][1];
-    unsigned bg[SL_NT][2], bu[SL_NT][2];
-    sl_factor_frags(pg, r, col0, I, bg);
-    sl_factor_frags(pu, r, col0, I, bu);
+// T(silu(g)) of a pair of g, and the pair's sigmoids
+__device__ __forceinline__ unsigned sl_silu2(unsigned g, float& sa, float& sb) {
+    const float ga = sl_lo(g), gb = sl_hi(g);
+    sa = sl_sigmoid(ga);
+    sb = sl_sigmoid(gb);
+    return sl_pack2(ga * sa, gb * sb);
+}
+
+// h = T(T(silu(g)) u) of 8 packed g and u
+__device__ __forceinline__ uint4 sl_h8(const uint4 g, const uint4 u) {
+    const unsigned gw[4] = {g.x, g.y, g.z, g.w}, uw[4] = {u.x, u.y, u.z, u.w};
+    unsigned h[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float sa, sb;
+        h[i] = sl_mul2(sl_silu2(gw[i], sa, sb), uw[i]);
+    }
+    return make_uint4(h[0], h[1], h[2], h[3]);
+}
+
+// dg, du and h of 8 packed g, u and dh (sl_grads's math, the bf16 products packed)
+__device__ __forceinline__ void sl_grads8(const uint4 g, const uint4 u, const uint4 dh, uint4& dg,
+                                          uint4& du, uint4& h) {
+    const unsigned gw[4] = {g.x, g.y, g.z, g.w}, uw[4] = {u.x, u.y, u.z, u.w};
+    const unsigned dw[4] = {dh.x, dh.y, dh.z, dh.w};
+    unsigned dgw[4], duw[4], hw[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float sa, sb;
+        const unsigned silu = sl_silu2(gw[i], sa, sb), dhu = sl_mul2(dw[i], uw[i]);
+        const float ga = sl_lo(gw[i]), gb = sl_hi(gw[i]);
+        dgw[i] = sl_pack2(sl_lo(dhu) * sa * (1.f + ga * (1.f - sa)),
+                          sl_hi(dhu) * sb * (1.f + gb * (1.f - sb)));
+        duw[i] = sl_mul2(dw[i], silu);
+        hw[i] = sl_mul2(silu, uw[i]);
+    }
+    dg = make_uint4(dgw[0], dgw[1], dgw[2], dgw[3]);
+    du = make_uint4(duw[0], duw[1], duw[2], duw[3]);
+    h = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+}
+
+// The walk both kernels share: the block's 64 rows of its warp's 32 columns, 16 rows at a
+// time. Product k's factor fragments are loaded once; per tile, each of the NP (n, I) tensors
+// `base[k]` is loaded (2 vectors a lane), product k's terms T(scale[k] x . w) are staged in
+// `terms[k]` (zeros without a product), and `finish(tile, q, v)` gets each vector q of the sums
+// T(base + term) as packed bf16.
+template <int NP, class Finish>
+__device__ __forceinline__ void sl_walk(const sl_bf16* const (&base)[NP], const SlProduct (&p)[NP],
+                                        const float (&scale)[NP], int r, int n, int I,
+                                        sl_bf16 (&terms)[NP][16 * SL_LD], Finish finish) {
+    const int col0 = blockIdx.x * SL_BLOCK_COLS + (threadIdx.x >> 5) * 8 * SL_NT;
+    uint2 frags[NP][SL_NT];
+#pragma unroll
+    for (int k = 0; k < NP; ++k) sl_factor_frags(p[k], r, col0, I, frags[k]);
 #pragma unroll 1
     for (int it = 0; it < SL_TILES; ++it) {
         const int row0 = blockIdx.y * SL_BLOCK_ROWS + 16 * it;
         if (row0 >= n) break;
         const SlTile tile(row0, col0, n, I);
-        uint4 gv[SL_VECS], uv[SL_VECS];
-        tile.load(g0, gv);
-        tile.load(u0, uv);
-        if (pg.x) sl_stage_terms(pg, r, bg, s, row0, n, tg);
-        if (pu.x) sl_stage_terms(pu, r, bu, s, row0, n, tu);
+        uint4 v[NP][SL_VECS];
+#pragma unroll
+        for (int k = 0; k < NP; ++k) tile.load(base[k], v[k]);
+#pragma unroll
+        for (int k = 0; k < NP; ++k)
+            if (p[k].x) sl_stage_terms(p[k], r, frags[k], scale[k], row0, n, terms[k]);
         __syncwarp();
 #pragma unroll
         for (int q = 0; q < SL_VECS; ++q) {
-            float g[8], u[8];
-            sl_sum8(gv[q], tile.term(tg, pg.x != nullptr, q), g);
-            sl_sum8(uv[q], tile.term(tu, pu.x != nullptr, q), u);
+            uint4 sum[NP];
 #pragma unroll
-            for (int c = 0; c < 8; ++c) g[c] = sl_h(g[c], u[c]);
-            tile.store(h, q, g);
+            for (int k = 0; k < NP; ++k) sum[k] = sl_add8(v[k][q], tile.term(terms[k], p[k].x != nullptr, q));
+            finish(tile, q, sum);
         }
         __syncwarp(); // the next tile's terms overwrite the stage
     }
 }
 
+// g0, u0, h (n, I) bf16; gate's and up's rank-r products (x: xa from gate's / up's first
+// column, w: Bg / Bu (I, r)). Grid (ceil(I / 128), ceil(n / 64)), block 128.
+extern "C" __global__ void __launch_bounds__(32 * SL_WARPS, 8) swiglu_lora_forward(
+    const sl_bf16* __restrict__ g0, const sl_bf16* __restrict__ u0, SlProduct pg, SlProduct pu,
+    int r, float s, int n, int I, sl_bf16* __restrict__ h) {
+    __shared__ __align__(16) sl_bf16 staged[SL_WARPS][2][16 * SL_LD];
+    const sl_bf16* const base[2] = {g0, u0};
+    const SlProduct p[2] = {pg, pu};
+    const float scale[2] = {s, s};
+    sl_walk(base, p, scale, r, n, I, staged[threadIdx.x >> 5],
+            [&](const SlTile& tile, int q, const uint4 (&gu)[2]) { tile.store(h, q, sl_h8(gu[0], gu[1])); });
+}
+
 // As swiglu_lora_forward, backward: dh0 (n, I) and down's rank-r product (x: dxa (n, r), w: A
 // (r, I)) give dh; out dg, du and, when h is not null, the forward's h.
-extern "C" __global__ void __launch_bounds__(32 * SL_WARPS, 4) swiglu_lora_backward(
+extern "C" __global__ void __launch_bounds__(32 * SL_WARPS, 6) swiglu_lora_backward(
     const sl_bf16* __restrict__ g0, const sl_bf16* __restrict__ u0, SlProduct pg, SlProduct pu,
     const sl_bf16* __restrict__ dh0, SlProduct pd, int r, float s, int n, int I,
     sl_bf16* __restrict__ dg, sl_bf16* __restrict__ du, sl_bf16* __restrict__ h) {
     __shared__ __align__(16) sl_bf16 staged[SL_WARPS][3][16 * SL_LD];
-    const int warp = threadIdx.x >> 5, col0 = blockIdx.x * SL_BLOCK_COLS + warp * 8 * SL_NT;
-    sl_bf16* const tg = staged[warp][0];
-    sl_bf16* const tu = staged[warp][1];
-    sl_bf16* const td = staged[warp][2];
-    unsigned bg[SL_NT][2], bu[SL_NT][2], bd[SL_NT][2];
-    sl_factor_frags(pg, r, col0, I, bg);
-    sl_factor_frags(pu, r, col0, I, bu);
-    sl_factor_frags(pd, r, col0, I, bd);
-#pragma unroll 1
-    for (int it = 0; it < SL_TILES; ++it) {
-        const int row0 = blockIdx.y * SL_BLOCK_ROWS + 16 * it;
-        if (row0 >= n) break;
-        const SlTile tile(row0, col0, n, I);
-        uint4 gv[SL_VECS], uv[SL_VECS], dv[SL_VECS];
-        tile.load(g0, gv);
-        tile.load(u0, uv);
-        tile.load(dh0, dv);
-        if (pg.x) sl_stage_terms(pg, r, bg, s, row0, n, tg);
-        if (pu.x) sl_stage_terms(pu, r, bu, s, row0, n, tu);
-        if (pd.x) sl_stage_terms(pd, r, bd, 1.f, row0, n, td);
-        __syncwarp();
-#pragma unroll
-        for (int q = 0; q < SL_VECS; ++q) {
-            float g[8], u[8], d[8];
-            sl_sum8(gv[q], tile.term(tg, pg.x != nullptr, q), g);
-            sl_sum8(uv[q], tile.term(tu, pu.x != nullptr, q), u);
-            sl_sum8(dv[q], tile.term(td, pd.x != nullptr, q), d);
-            // dg into g, du into d, h into u
-#pragma unroll
-            for (int c = 0; c < 8; ++c) sl_grads(g[c], u[c], d[c], g[c], d[c], u[c]);
-            tile.store(dg, q, g);
-            tile.store(du, q, d);
-            if (h != nullptr) tile.store(h, q, u);
-        }
-        __syncwarp();
-    }
+    const sl_bf16* const base[3] = {g0, u0, dh0};
+    const SlProduct p[3] = {pg, pu, pd};
+    const float scale[3] = {s, s, 1.f};
+    sl_walk(base, p, scale, r, n, I, staged[threadIdx.x >> 5],
+            [&](const SlTile& tile, int q, const uint4 (&gud)[3]) {
+                uint4 dgq, duq, hq;
+                sl_grads8(gud[0], gud[1], gud[2], dgq, duq, hq);
+                tile.store(dg, q, dgq);
+                tile.store(du, q, duq);
+                if (h != nullptr) tile.store(h, q, hq);
+            });
 }
 
 #else // SL_HIP: one thread an element, grid (ceil(n I / 256)), block 256

@@ -926,7 +926,8 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
 /// per-tensor gradients against the CPU bf16 model on a fresh random adapter (A and B
 /// nonzero), keeping every layer and recomputing every layer, with the LoRA terms of gate, up
 /// and down in the MLP's activation (`mlp_activation`; where r is a multiple of 8) and by the
-/// rank-r GEMMs.
+/// rank-r GEMMs; with all seven adapted, greedy generation through the activation's kernels
+/// too.
 #[allow(clippy::too_many_arguments)]
 fn check_targets(
     gpu: &Gpu,
@@ -994,6 +995,13 @@ fn check_targets(
             TOL_CPU,
             format!("loss gpu {loss:.5} cpu {cpu_loss:.5}; seed {seed}"),
         );
+    }
+    // Decoding with the adapter unmerged: with every projection adapted, the MLP's terms go
+    // through the activation's kernels in the prefill and every decode step.
+    g.set_lora_in_activation(true);
+    if only.len() == Proj::ALL.len() && g.lora_in_activation(0) {
+        let name = format!("model {arch}: LoRA r {r} on all, MLP terms in the activation");
+        check_generation(&mut g, cpu, Some(&ad), batch, &name, rows)?;
     }
     Ok(())
 }
