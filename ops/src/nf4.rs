@@ -7,6 +7,9 @@
 //! (`nf4_index`, `dynamic_index`, `bnb_recip`, `mul_ftz`) are in `quant_prelude`.
 use crate::kernels::NF4 as KERNELS;
 use ftrt_macros::op;
+use ftrt_runtime::cudarc::driver::{LaunchConfig, PushKernelArg};
+use ftrt_runtime::{DevPtr, Gpu, RuntimeError};
+use half::bf16;
 
 op! {
     /// NF4 quantization of x (N) in blocks of 64 (N a multiple of 64):
@@ -61,6 +64,59 @@ op! {
             w[b, j] = mul_ftz(nf4[q], absmax[b]);
         }
     }
+}
+
+/// Threads a block, and chunks of 8 elements a thread, of `ops/kernels/nf4_dequant.cu`.
+const WIDE_THREADS: usize = 256;
+const WIDE_CHUNKS: usize = 4;
+
+/// [`nf4_dequantize`] into bf16 by `ops/kernels/nf4_dequant.cu`, the GPU path the model takes:
+/// four 8-element chunks a thread instead of one (the absmax's dependent loads and the code
+/// table's barrier shared by more elements), bit-exact with the op's kernel and its CPU
+/// reference. w (n) bf16 from packed (n / 2), absmax_q (n / 64), absmax2 (n / 16384, rounded
+/// up), code2 (256) and nf4 (16); n a multiple of 64, packed 4-byte and w 16-byte aligned.
+#[allow(clippy::too_many_arguments)]
+pub fn dequantize_bf16(
+    gpu: &Gpu,
+    n: usize,
+    offset: f32,
+    packed: DevPtr<u8>,
+    absmax_q: DevPtr<u8>,
+    absmax2: DevPtr<f32>,
+    code2: DevPtr<f32>,
+    nf4: DevPtr<f32>,
+    w: DevPtr<bf16>,
+) -> Result<(), RuntimeError> {
+    if !n.is_multiple_of(64) || !packed.addr.is_multiple_of(4) || !w.addr.is_multiple_of(16) {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "nf4 dequantize: {n} elements must be a multiple of 64, packed 4-byte aligned \
+             ({:#x}) and w 16-byte aligned ({:#x})",
+            packed.addr, w.addr
+        )));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(&crate::kernels::NF4_DEQUANT, "nf4_dequantize_wide")?;
+    let n64 = n as i64;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&n64);
+    b.arg(&offset);
+    b.arg(&packed.addr);
+    b.arg(&absmax_q.addr);
+    b.arg(&absmax2.addr);
+    b.arg(&code2.addr);
+    b.arg(&nf4.addr);
+    b.arg(&w.addr);
+    let cfg = LaunchConfig {
+        grid_dim: ((n / 8).div_ceil(WIDE_THREADS * WIDE_CHUNKS) as u32, 1, 1),
+        block_dim: (WIDE_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument order and types match nf4_dequantize_wide's signature; the tensors hold
+    // the sizes documented above for n elements (checked: n a multiple of 64, alignment).
+    unsafe { b.launch(cfg) }?;
+    Ok(())
 }
 
 #[cfg(test)]

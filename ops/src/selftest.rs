@@ -717,6 +717,20 @@ fn check_nf4(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), RuntimeEr
         us,
         (n / 2 + n / 64 + n * 2) as f64,
     );
+    // the model's path: four chunks a thread (ops/kernels/nf4_dequant.cu)
+    let wd = b.bf16(&vec![0.0; n])?;
+    let wide = || nf4::dequantize_bf16(gpu, n, offset, pd, qd, am2d, code2d, nfd, wd);
+    wide()?;
+    let got = b.get_bf16(wd, n)?;
+    let exact = got.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits());
+    let us = time(gpu, wide)?;
+    rep.add(
+        "nf4 dequantize, 4 chunks a thread, 8192x4096 (bit-exact)",
+        if exact { 0.0 } else { 1.0 },
+        0.0,
+        us,
+        (n / 2 + n / 64 + n * 2) as f64,
+    );
     Ok(())
 }
 

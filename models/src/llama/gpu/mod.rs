@@ -832,16 +832,8 @@ impl<'g> GpuLlama<'g> {
         if w.n == 0 {
             return Ok(self.w(&self.layout.layers[l].proj[p.index()]));
         }
-        nf4::nf4_dequantize::forward(
-            self.gpu,
-            &nf4::nf4_dequantize::Dims { N: w.n },
-            w.offset,
-            w.packed,
-            w.absmax_q,
-            w.absmax2,
-            q.code2,
-            q.code,
-            q.scratch,
+        nf4::dequantize_bf16(
+            self.gpu, w.n, w.offset, w.packed, w.absmax_q, w.absmax2, q.code2, q.code, q.scratch,
         )
         .ctx("nf4 dequantize")?;
         Ok(q.scratch)
