@@ -9,9 +9,26 @@
 // NF4_CHUNKS chunks a block's width apart (each sub-step coalesced over the block), issues
 // every chunk's independent loads before the dependent ones, and the table and barrier serve
 // NF4_CHUNKS times the elements. Bit-exact with the op: the same f32 products (mul.ftz) and one
-// rounding to bf16 each.
+// rounding to bf16 each. CUDA C for NVRTC (sm_80+) and hipcc (gfx90a).
 
+#if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
+#include <hip/hip_runtime.h>
+// two floats -> bf16x2 (lo in the low half), each rounded to nearest even, NaN kept quiet
+__device__ __forceinline__ unsigned nf4_bits(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return u >> 16;
+}
+__device__ __forceinline__ unsigned nf4_pack2(float lo, float hi) { return nf4_bits(lo) | (nf4_bits(hi) << 16); }
+#else
 #include <cuda_bf16.h>
+// two floats -> bf16x2 (lo in the low half), one cvt.rn.bf16x2.f32
+__device__ __forceinline__ unsigned nf4_pack2(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *(const unsigned*)&v;
+}
+#endif
 // ---- quant_prelude.cuh ----
 // quant_prelude.cuh: bitsandbytes-compatible quantization device functions.
 //
@@ -178,7 +195,7 @@ constexpr int NF4_CHUNKS = 4; // chunks of 8 elements a thread
 extern "C" __global__ void __launch_bounds__(NF4_THREADS) nf4_dequantize_wide(
     long long n, float offset, const unsigned char* __restrict__ packed,
     const unsigned char* __restrict__ absmax_q, const float* __restrict__ absmax2,
-    const float* __restrict__ code2, const float* __restrict__ nf4, __nv_bfloat16* __restrict__ w) {
+    const float* __restrict__ code2, const float* __restrict__ nf4, unsigned short* __restrict__ w) {
     __shared__ float table[16];
     if (threadIdx.x < 16) table[threadIdx.x] = nf4[threadIdx.x];
     const long long chunks = n / 8;
@@ -208,9 +225,7 @@ extern "C" __global__ void __launch_bounds__(NF4_THREADS) nf4_dequantize_wide(
 #pragma unroll
         for (int p = 0; p < 4; ++p) {
             const unsigned byte = (bytes[c] >> (8 * p)) & 255u;
-            const __nv_bfloat162 v = __floats2bfloat162_rn(ftrt_mul_ftz(table[byte >> 4], am[c]),
-                                                           ftrt_mul_ftz(table[byte & 15u], am[c]));
-            out[p] = *(const unsigned*)&v;
+            out[p] = nf4_pack2(ftrt_mul_ftz(table[byte >> 4], am[c]), ftrt_mul_ftz(table[byte & 15u], am[c]));
         }
         *(uint4*)(w + 8 * k) = make_uint4(out[0], out[1], out[2], out[3]);
     }
