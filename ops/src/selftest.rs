@@ -690,7 +690,6 @@ fn check_nf4(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), RuntimeEr
 
     let nf4c = quant_prelude::nf4_code();
     let nfd = b.put(&nf4c)?;
-    let wd = b.bf16(&vec![0.0; n])?;
     let dd = nf4::nf4_dequantize::Dims { N: n };
     let mut w = vec![0f32; n];
     nf4::nf4_dequantize::forward_cpu::<f32>(
@@ -704,33 +703,31 @@ fn check_nf4(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), RuntimeEr
         &mut w,
         Rounding::BF16,
     );
-    nf4::nf4_dequantize::forward(gpu, &dd, offset, pd, qd, am2d, code2d, nfd, wd)?;
-    let got = b.get_bf16(wd, n)?;
-    let exact = got.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits());
-    let us = time(gpu, || {
-        nf4::nf4_dequantize::forward(gpu, &dd, offset, pd, qd, am2d, code2d, nfd, wd)
-    })?;
-    rep.add(
-        "nf4 dequantize 8192x4096 (bit-exact)",
-        if exact { 0.0 } else { 1.0 },
-        0.0,
-        us,
-        (n / 2 + n / 64 + n * 2) as f64,
-    );
-    // the model's path: four chunks a thread (ops/kernels/nf4_dequant.cu)
-    let wd = b.bf16(&vec![0.0; n])?;
-    let wide = || nf4::dequantize_bf16(gpu, n, offset, pd, qd, am2d, code2d, nfd, wd);
-    wide()?;
-    let got = b.get_bf16(wd, n)?;
-    let exact = got.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits());
-    let us = time(gpu, wide)?;
-    rep.add(
-        "nf4 dequantize, 4 chunks a thread, 8192x4096 (bit-exact)",
-        if exact { 0.0 } else { 1.0 },
-        0.0,
-        us,
-        (n / 2 + n / 64 + n * 2) as f64,
-    );
+    // the op's generated kernel, and the model's path (ops/kernels/nf4_dequant.cu)
+    let op = |wd| nf4::nf4_dequantize::forward(gpu, &dd, offset, pd, qd, am2d, code2d, nfd, wd);
+    let wide = |wd| nf4::dequantize_bf16(gpu, n, offset, pd, qd, am2d, code2d, nfd, wd);
+    type Launch<'a> = &'a dyn Fn(DevPtr<bf16>) -> Result<(), RuntimeError>;
+    let kernels: [(&str, Launch); 2] = [
+        ("nf4 dequantize 8192x4096 (bit-exact)", &op),
+        (
+            "nf4 dequantize, 4 chunks a thread, 8192x4096 (bit-exact)",
+            &wide,
+        ),
+    ];
+    for (name, launch) in kernels {
+        let wd = b.bf16(&vec![0.0; n])?;
+        launch(wd)?;
+        let got = b.get_bf16(wd, n)?;
+        let exact = got.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits());
+        let us = time(gpu, || launch(wd))?;
+        rep.add(
+            name,
+            if exact { 0.0 } else { 1.0 },
+            0.0,
+            us,
+            (n / 2 + n / 64 + n * 2) as f64,
+        );
+    }
     Ok(())
 }
 
