@@ -21,7 +21,9 @@
 //! aligned (even strides and first columns; [`supported`]). On the GPU the rank-r terms run on
 //! tensor cores (one `mma.sync` m16n8k16 per 16 x 8 block), so their sums over k add in the
 //! hardware's order, and the sigmoid uses the fast exp and reciprocal: a bf16 rounding apart
-//! from the references at most.
+//! from the references at most. The rounded sums and products of two bf16 values (`T(g0 +
+//! term)`, `T(silu) u`, `T(dh u)`, `dh T(silu)`) run as one `fma.rn.bf16x2` per pair, which
+//! equals the references' f32 operation rounded to bf16.
 
 #[cfg(test)]
 mod tests;
