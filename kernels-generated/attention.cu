@@ -20,7 +20,8 @@
 //                                 (32 rows per warp: each K/V fragment feeds two MMAs), online
 //                                 softmax over key tiles (64 keys; 32 at D = 128), writes out
 //                                 and lse; the Q tile stays in shared memory.
-//   attention_bwd_dot_d{64,128}   grid ceil(N*Hq/4): dvec = rowsum(dout * out).
+//   attention_bwd_dot_d{64,128}   grid ceil(N*Hq/(NT/(D/8) DOT_ROWS)): dvec = rowsum(dout * out),
+//                                 a row by D/8 lanes in 16-byte chunks.
 //   attention_bwd_dkdv_d{64,128}  grid (Hkv, ceil(N/64)): one block owns a 64-key tile of one kv
 //                                 head and loops over the query heads of its group and over the
 //                                 query tiles that can see it; dk, dv accumulate in registers
@@ -513,23 +514,46 @@ ATTN_DEV void fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ 
 
 // ---------------------------------------------------------------- backward: dvec
 
+// Rows a lane group takes in dot_impl, its loads issued before any product.
+constexpr int DOT_ROWS = 4;
+
+// dvec[h N + i] = sum_d dout[i, h, d] out[i, h, d]. A row is D / 8 lanes, each one 16-byte chunk
+// of out and dout, summed by shuffles within the group; row r = h N + i (tokens fastest, so a
+// warp's dvec stores are contiguous). Block b's group g takes rows b NT/(D/8) DOT_ROWS + g +
+// k NT/(D/8), k < DOT_ROWS.
 template <int D>
 ATTN_DEV void dot_impl(const bf16_t* __restrict__ out, const bf16_t* __restrict__ dout, int N,
                        int Hq, float* __restrict__ dvec) {
-    const int warp = (int)(threadIdx.x >> 5), l = lane_id();
-    const long long row = (long long)blockIdx.x * (NT / 32) + warp; // = token * Hq + head
-    const bool ok = row < (long long)N * Hq;
-    float acc = 0.f;
-    if (ok) {
-        const bf16_t* o = out + row * D;
-        const bf16_t* d = dout + row * D;
-        for (int c = l; c < D; c += 32) acc += bf2f(o[c]) * bf2f(d[c]);
+    constexpr int G = D / 8;        // lanes a row
+    constexpr int GROUPS = NT / G;  // rows a block covers in one of its DOT_ROWS steps
+    const int c = (int)threadIdx.x % G;
+    const long long rows = (long long)N * Hq;
+    const long long first = (long long)blockIdx.x * GROUPS * DOT_ROWS + (int)threadIdx.x / G;
+    attn_u32x4 o[DOT_ROWS], d[DOT_ROWS];
+#pragma unroll
+    for (int k = 0; k < DOT_ROWS; ++k) {
+        const long long r = first + (long long)k * GROUPS;
+        if (r < rows) {
+            const long long at = ((r % N) * Hq + r / N) * D + c * 8;
+            o[k] = *(const attn_u32x4*)(out + at);
+            d[k] = *(const attn_u32x4*)(dout + at);
+        }
     }
 #pragma unroll
-    for (int m = 16; m >= 1; m >>= 1) acc += shfl_xor(acc, m);
-    if (ok && l == 0) {
-        const long long i = row / Hq, h = row % Hq;
-        dvec[h * N + i] = acc;
+    for (int k = 0; k < DOT_ROWS; ++k) {
+        const long long r = first + (long long)k * GROUPS;
+        float acc = 0.f;
+        if (r < rows) {
+            const unsigned ow[4] = {o[k].x, o[k].y, o[k].z, o[k].w}, dw[4] = {d[k].x, d[k].y, d[k].z, d[k].w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                acc += u2f(ow[j] << 16) * u2f(dw[j] << 16);
+                acc += u2f(ow[j] & 0xffff0000u) * u2f(dw[j] & 0xffff0000u);
+            }
+        }
+#pragma unroll
+        for (int m = G / 2; m >= 1; m >>= 1) acc += shfl_xor(acc, m);
+        if (r < rows && c == 0) dvec[r] = acc;
     }
 }
 

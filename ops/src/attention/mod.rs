@@ -49,6 +49,8 @@ use half::bf16;
 /// The fewest rows (queries or keys) any launch gives a block: grids have N / 64 tiles at most
 /// along y (limit 65,535).
 const TILE: usize = 64;
+/// Rows each lane group of `attention_bwd_dot` takes (attention.cu's `DOT_ROWS`).
+const DOT_ROWS: usize = 4;
 /// Head dims the kernels are instantiated for.
 pub const HEAD_DIMS: [usize; 2] = [64, 128];
 /// GPU vs CPU tolerance (max |gpu - ref| / max |ref|), bf16 outputs.
@@ -986,7 +988,7 @@ pub fn attention_backward_with(
     let shape = ShapeArgs::new(&dims, cu_seqlens);
     let dvec = scratch;
 
-    // dvec = rowsum(dout * out): one warp per (token, head) row
+    // dvec = rowsum(dout * out): a (token, head) row by d / 8 lanes, DOT_ROWS rows a lane group
     let f = function(
         gpu,
         &crate::kernels::ATTENTION,
@@ -1000,7 +1002,8 @@ pub fn attention_backward_with(
     b.arg(&shape.hq);
     b.arg(&dvec.addr);
     let rows = dims.n_tokens * dims.n_heads_q;
-    unsafe { b.launch(config((rows.div_ceil(4) as u32, 1), 128, 0)) }?;
+    let rows_a_block = 128 / (d / 8) * DOT_ROWS;
+    unsafe { b.launch(config((rows.div_ceil(rows_a_block) as u32, 1), 128, 0)) }?;
 
     if pass == DqPass::Fused {
         if kernels != AttentionKernels::Sm90 || d != 128 {

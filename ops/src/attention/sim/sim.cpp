@@ -256,7 +256,7 @@ extern "C" void attn_sim_fwd(int D, const bf16_t* q, const bf16_t* k, const bf16
 extern "C" void attn_sim_bwd(int D, const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* out,
                              const bf16_t* dout, const float* lse, const int* cu, int S, int N, int Hq, int Hkv,
                              float scale, bf16_t* dq, bf16_t* dk, bf16_t* dv, float* dvec) {
-    sim::launch(sim::cdiv((long long)N * Hq, 4), 1, 0, [&] {
+    sim::launch(sim::cdiv((long long)N * Hq, attn::NT / (D / 8) * attn::DOT_ROWS), 1, 0, [&] {
         if (D == 64) attention_bwd_dot_d64(out, dout, N, Hq, dvec);
         else attention_bwd_dot_d128(out, dout, N, Hq, dvec);
     });
