@@ -8,6 +8,9 @@
 //! caller passes dlse = dpicked = 0 for them; the mean over counted tokens is the caller's scale.
 use crate::kernels::CROSS_ENTROPY as KERNELS;
 use ftrt_macros::op;
+use ftrt_runtime::{DevPtr, Gpu, RuntimeError};
+use half::bf16;
+use std::ffi::c_void;
 
 op! {
     /// z = T(T(tanh(T(logits / cap))) * cap) when cap > 0 (Gemma 2's logit softcap, in the
@@ -46,6 +49,103 @@ op! {
             loss[r] = select(target[r] == -100, 0.0, lse[r] - picked[r]);
         }
     }
+}
+
+
+/// Threads a block of `ops/kernels/cross_entropy_sm90.cu` (its `CE_THREADS`).
+const FUSED_THREADS: u32 = 256;
+/// The most blocks a row's cluster takes (the portable cluster size).
+const FUSED_MAX_BLOCKS: usize = 8;
+
+/// Columns a block holds in shared memory (the kernel's instantiations, 16,384 and 32,768) and
+/// blocks a row of [`forward_backward`] over `v` vocabulary columns: the smaller slice that
+/// covers a row in at most 8 blocks. None when `v` is not a positive multiple of 8 or past
+/// 8 x 32,768 = 262,144.
+pub fn fused_shape(v: usize) -> Option<(usize, usize)> {
+    if v == 0 || !v.is_multiple_of(8) {
+        return None;
+    }
+    [16384, 32768].into_iter().find_map(|slice| {
+        let blocks = v.div_ceil(slice);
+        (blocks <= FUSED_MAX_BLOCKS).then_some((slice, blocks))
+    })
+}
+
+/// Whether [`forward_backward`] runs on `gpu` for `v` vocabulary columns: a Hopper GPU
+/// (compute capability 9.0, thread-block clusters) and a [`fused_shape`].
+pub fn fused_supported(gpu: &Gpu, v: usize) -> bool {
+    gpu.info().compute_capability == (9, 0) && fused_shape(v).is_some()
+}
+
+/// [`cross_entropy`]'s forward and backward over logits (R, V) bf16 that span the whole
+/// vocabulary (v0 = 0), without a softcap, in one pass (`ops/kernels/cross_entropy_sm90.cu`):
+/// lse[r] and picked[r] are written as the forward leaves them from lse = -inf and picked = 0,
+/// and dlogits = dlse exp(z - lse) + [c == target] dpicked replaces the logits in place. Each
+/// row is read once (into shared memory) and written once (the two kernels read it twice). Needs
+/// [`fused_supported`]; logits 16-byte aligned.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward(
+    gpu: &Gpu,
+    rows: usize,
+    v: usize,
+    logits: DevPtr<bf16>,
+    target: DevPtr<i32>,
+    dlse: DevPtr<f32>,
+    dpicked: DevPtr<f32>,
+    lse: DevPtr<f32>,
+    picked: DevPtr<f32>,
+) -> Result<(), RuntimeError> {
+    let shape = fused_shape(v).filter(|_| fused_supported(gpu, v));
+    let Some((slice, blocks)) = shape else {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "fused cross-entropy: needs a Hopper GPU (compute capability 9.0, found {:?}) and a \
+             vocabulary that is a multiple of 8 up to 262,144 (found {v})",
+            gpu.info().compute_capability
+        )));
+    };
+    if !logits.addr.is_multiple_of(16) {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "fused cross-entropy: logits must be 16-byte aligned ({:#x})",
+            logits.addr
+        )));
+    }
+    let grid = rows * blocks;
+    if grid == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(
+        &crate::kernels::CROSS_ENTROPY_SM90,
+        &format!("cross_entropy_fused_s{slice}"),
+    )?;
+    let smem = (2 * slice) as u32;
+    // opt in to more than 48 KiB of dynamic shared memory (idempotent, host-side only)
+    gpu.context().bind_to_thread()?;
+    f.set_attribute(
+        ftrt_runtime::cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )?;
+    let mut v32 = v as i32;
+    let mut ptrs = [
+        logits.addr,
+        target.addr,
+        dlse.addr,
+        dpicked.addr,
+        lse.addr,
+        picked.addr,
+    ];
+    let mut args: Vec<*mut c_void> = vec![(&mut v32 as *mut i32).cast()];
+    args.extend(ptrs.iter_mut().map(|p| (p as *mut u64).cast::<c_void>()));
+    let dims = (
+        u32::try_from(grid).map_err(|_| {
+            RuntimeError::InvalidArgument(format!("fused cross-entropy: {rows} rows is too many"))
+        })?,
+        FUSED_THREADS,
+        blocks as u32,
+    );
+    // SAFETY: args match cross_entropy_fused_s{16384,32768}(int V, bf16* logits, const int* target,
+    // const float* dlse, const float* dpicked, float* lse, float* picked), each pointing at a
+    // local that outlives the launch call; the tensors hold R x V and R elements.
+    unsafe { gpu.launch_clustered(&f, dims, smem, &mut args) }
 }
 
 #[cfg(test)]

@@ -550,6 +550,72 @@ fn check_embedding(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), Run
     Ok(())
 }
 
+/// One cross-entropy check's inputs (logits (rows, v) ~ N(0, 3) in bf16, targets with every
+/// 7th ignored, the trainer's dlse = 1 / count and dpicked = -1 / count) and the CPU's lse and
+/// picked (from -inf and 0) and dlogits.
+struct CeCase {
+    logits: Vec<f32>,
+    target: Vec<i32>,
+    dl: Vec<f32>,
+    dp: Vec<f32>,
+    lse: Vec<f32>,
+    picked: Vec<f32>,
+    dlogits: Vec<f32>,
+}
+
+fn ce_case(rng: &mut Rng, rows: usize, v: usize, cap: f32) -> CeCase {
+    let logits = randn(rng, rows * v, 3.0);
+    let target: Vec<i32> = (0..rows)
+        .map(|i| {
+            if i % 7 == 3 {
+                -100
+            } else {
+                rng.int_in(0, v as i64) as i32
+            }
+        })
+        .collect();
+    let count = target.iter().filter(|t| **t != -100).count() as f32;
+    let dl: Vec<f32> = target
+        .iter()
+        .map(|t| if *t == -100 { 0.0 } else { 1.0 / count })
+        .collect();
+    let dp: Vec<f32> = dl.iter().map(|x| -x).collect();
+    let d = cross_entropy::cross_entropy::Dims { R: rows, V: v };
+    let (mut lse, mut picked) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
+    cross_entropy::cross_entropy::forward_cpu::<f32>(
+        &d,
+        0,
+        cap,
+        &logits,
+        &target,
+        &mut lse,
+        &mut picked,
+        Rounding::BF16,
+    );
+    let mut dlogits = vec![0f32; rows * v];
+    cross_entropy::cross_entropy::backward_cpu::<f32>(
+        &d,
+        0,
+        cap,
+        &logits,
+        &target,
+        &lse,
+        &dl,
+        &dp,
+        &mut dlogits,
+        Rounding::BF16,
+    );
+    CeCase {
+        logits,
+        target,
+        dl,
+        dp,
+        lse,
+        picked,
+        dlogits,
+    }
+}
+
 fn check_cross_entropy(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(), RuntimeError> {
     for (rows, v, cap) in [
         (R, C, 0.0f32),
@@ -557,35 +623,15 @@ fn check_cross_entropy(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(),
         (256, 128256, 30.0),
     ] {
         let mut b = Bufs::new(gpu);
-        let logits = randn(rng, rows * v, 3.0);
-        let target: Vec<i32> = (0..rows)
-            .map(|i| {
-                if i % 7 == 3 {
-                    -100
-                } else {
-                    rng.int_in(0, v as i64) as i32
-                }
-            })
-            .collect();
-        let (ld, td) = (b.bf16(&logits)?, b.put(&target)?);
+        let k = ce_case(rng, rows, v, cap);
+        let (ld, td) = (b.bf16(&k.logits)?, b.put(&k.target)?);
         let (lsed, pd) = (
             b.put(&vec![f32::NEG_INFINITY; rows])?,
             b.put(&vec![0f32; rows])?,
         );
         let d = cross_entropy::cross_entropy::Dims { R: rows, V: v };
-        let (mut lse, mut picked) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
-        cross_entropy::cross_entropy::forward_cpu::<f32>(
-            &d,
-            0,
-            cap,
-            &logits,
-            &target,
-            &mut lse,
-            &mut picked,
-            Rounding::BF16,
-        );
         cross_entropy::cross_entropy::forward(gpu, &d, 0, cap, ld, td, lsed, pd)?;
-        let err = rel_err(&b.get(lsed, rows)?, &lse).max(rel_err(&b.get(pd, rows)?, &picked));
+        let err = rel_err(&b.get(lsed, rows)?, &k.lse).max(rel_err(&b.get(pd, rows)?, &k.picked));
         let label = format!(
             "cross_entropy forward {rows}x{v}{}",
             if cap > 0.0 { " softcap 30" } else { "" }
@@ -596,30 +642,11 @@ fn check_cross_entropy(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(),
         })?;
         rep.add(&label, err, TOLERANCE, us, (rows * v * 2) as f64);
         // Backward in place over the logits (dlogits aliases logits).
-        let count = target.iter().filter(|t| **t != -100).count() as f32;
-        let dl: Vec<f32> = target
-            .iter()
-            .map(|t| if *t == -100 { 0.0 } else { 1.0 / count })
-            .collect();
-        let dp: Vec<f32> = dl.iter().map(|x| -x).collect();
-        let (dld, dpd) = (b.put(&dl)?, b.put(&dp)?);
-        let lsed = b.put(&lse)?;
-        let mut dlogits = vec![0f32; rows * v];
-        cross_entropy::cross_entropy::backward_cpu::<f32>(
-            &d,
-            0,
-            cap,
-            &logits,
-            &target,
-            &lse,
-            &dl,
-            &dp,
-            &mut dlogits,
-            Rounding::BF16,
-        );
+        let (dld, dpd) = (b.put(&k.dl)?, b.put(&k.dp)?);
+        let lsed = b.put(&k.lse)?;
         cross_entropy::cross_entropy::backward(gpu, &d, 0, cap, ld, td, lsed, dld, dpd, ld)?;
-        let err = rel_err(&b.get_bf16(ld, rows * v)?, &dlogits);
-        let scratch = b.bf16(&logits)?;
+        let err = rel_err(&b.get_bf16(ld, rows * v)?, &k.dlogits);
+        let scratch = b.bf16(&k.logits)?;
         let us = time(gpu, || {
             cross_entropy::cross_entropy::backward(
                 gpu, &d, 0, cap, scratch, td, lsed, dld, dpd, scratch,
@@ -627,6 +654,36 @@ fn check_cross_entropy(gpu: &Gpu, rng: &mut Rng, rep: &mut Report) -> Result<(),
         })?;
         rep.add(
             &label.replace("forward", "backward (in place)"),
+            err,
+            TOLERANCE,
+            us,
+            (2 * rows * v * 2) as f64,
+        );
+    }
+    // Forward and backward in one pass (Hopper): Llama 3's vocabulary, SmolLM2's (3 blocks a
+    // row) and Qwen2.5's (32,768 columns a block, 5 blocks a row)
+    for (rows, v) in [(256usize, 128256usize), (512, 49152), (256, 151936)] {
+        if !cross_entropy::fused_supported(gpu, v) {
+            continue;
+        }
+        let mut b = Bufs::new(gpu);
+        let k = ce_case(rng, rows, v, 0.0);
+        let (ld, td, dld, dpd) = (
+            b.bf16(&k.logits)?,
+            b.put(&k.target)?,
+            b.put(&k.dl)?,
+            b.put(&k.dp)?,
+        );
+        let (lsed, pd) = (b.put(&vec![0f32; rows])?, b.put(&vec![0f32; rows])?);
+        cross_entropy::forward_backward(gpu, rows, v, ld, td, dld, dpd, lsed, pd)?;
+        let err = rel_err(&b.get(lsed, rows)?, &k.lse)
+            .max(rel_err(&b.get(pd, rows)?, &k.picked))
+            .max(rel_err(&b.get_bf16(ld, rows * v)?, &k.dlogits));
+        let us = time(gpu, || {
+            cross_entropy::forward_backward(gpu, rows, v, ld, td, dld, dpd, lsed, pd)
+        })?;
+        rep.add(
+            &format!("cross_entropy forward+backward (one pass) {rows}x{v}"),
             err,
             TOLERANCE,
             us,

@@ -382,6 +382,62 @@ impl Gpu {
         Ok(())
     }
 
+    /// Launches `f` on the compute stream as a grid of `grid_x` blocks of `block_x` threads in
+    /// thread-block clusters of `cluster_x` blocks along x (compute capability 9.0 and later;
+    /// `grid_x` a multiple of `cluster_x`, which is at most 8), with `shared_bytes` of dynamic
+    /// shared memory. cudarc's launch builder has no cluster attribute, hence this raw
+    /// `cuLaunchKernelEx`.
+    ///
+    /// # Safety
+    /// `args` holds one pointer per kernel parameter, in order, each to a live value of the
+    /// parameter's type, and the kernel's memory accesses are valid for that grid.
+    pub unsafe fn launch_clustered(
+        &self,
+        f: &CudaFunction,
+        (grid_x, block_x, cluster_x): (u32, u32, u32),
+        shared_bytes: u32,
+        args: &mut [*mut std::ffi::c_void],
+    ) -> Result<(), RuntimeError> {
+        if cluster_x == 0 || cluster_x > 8 || !grid_x.is_multiple_of(cluster_x) {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "a clustered launch needs 1..=8 blocks a cluster dividing the grid: {grid_x} \
+                 blocks in clusters of {cluster_x}"
+            )));
+        }
+        self.ctx.bind_to_thread()?;
+        // SAFETY: zeroed is a valid bit pattern for this plain-data union.
+        let mut cluster: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        cluster.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        cluster.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
+            x: cluster_x,
+            y: 1,
+            z: 1,
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid_x,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: block_x,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: shared_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut cluster,
+            numAttrs: 1,
+        };
+        // SAFETY: the config and its attribute outlive the call; the caller vouches for args.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                f.cu_function(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()?;
+        Ok(())
+    }
+
     /// Copies `bytes` bytes device-to-device, asynchronously on the compute stream.
     pub fn copy_d2d(
         &self,

@@ -417,3 +417,23 @@ fn edge_shapes() {
     );
     assert_eq!(dl, [0.0; 6]);
 }
+
+#[test]
+fn fused_shape_covers_a_row_in_at_most_eight_blocks() {
+    // (columns a block, blocks a row): the smaller slice that fits 8 blocks
+    assert_eq!(fused_shape(49152), Some((16384, 3))); // SmolLM2
+    assert_eq!(fused_shape(128256), Some((16384, 8))); // Llama 3
+    assert_eq!(fused_shape(131072), Some((16384, 8)));
+    assert_eq!(fused_shape(131080), Some((32768, 5)));
+    assert_eq!(fused_shape(151936), Some((32768, 5))); // Qwen2.5
+    assert_eq!(fused_shape(262144), Some((32768, 8)));
+    for v in [0, 4, 32004, 262152] {
+        assert_eq!(fused_shape(v), None, "v = {v}");
+    }
+    for v in (8..300_000).step_by(8 * 997) {
+        if let Some((slice, blocks)) = fused_shape(v) {
+            assert!(blocks * slice >= v && blocks <= 8 && (slice == 16384 || slice == 32768));
+            assert!(slice == 16384 || v > 8 * 16384, "v = {v} fits the smaller slice");
+        }
+    }
+}

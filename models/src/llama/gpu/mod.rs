@@ -2231,7 +2231,8 @@ impl<'g> GpuLlama<'g> {
     /// Cross-entropy of the final norm output in chunks of `ce_rows` rows: each chunk's
     /// logits (rows, V) through the head, their lse and picked logit per row (from the running
     /// values lse = -inf and picked = 0, set here), and with `grad` d loss / d ln_f into `dln`
-    /// (the coefficients uploaded with the batch, [`Self::load_batch`]). Launches only.
+    /// (the coefficients uploaded with the batch, [`Self::load_batch`]; forward and backward
+    /// in one pass where [`cross_entropy::fused_supported`]). Launches only.
     fn cross_entropy_loaded(&self, grad: bool) -> GpuResult<()> {
         let (n, _) = self.last.ok_or("no batch loaded")?;
         let a = self.acts.as_ref().ok_or("activations not allocated")?;
@@ -2244,6 +2245,8 @@ impl<'g> GpuLlama<'g> {
         let head = self.head();
         let ln_f = a.ln[self.dims.layers];
         let rows = a.sizes.ce_rows;
+        // each chunk spans the whole vocabulary: on Hopper its forward and backward are one pass
+        let fused = cross_entropy::fused_supported(gpu, v);
         let mut r0 = 0;
         while r0 < n {
             let rc = rows.min(n - r0);
@@ -2257,19 +2260,22 @@ impl<'g> GpuLlama<'g> {
                 None,
             )?;
             let cd = cross_entropy::cross_entropy::Dims { R: rc, V: v };
-            cross_entropy::cross_entropy::forward(
-                gpu,
-                &cd,
-                0,
-                0.0,
-                a.logits,
-                a.targets.offset(r0),
-                a.ce_lse.offset(r0),
-                a.ce_picked.offset(r0),
-            )
-            .ctx("cross-entropy forward")?;
-            if grad {
-                cross_entropy::cross_entropy::backward(
+            if grad && fused {
+                // forward and backward in one pass over the logits, dlogits in place
+                cross_entropy::forward_backward(
+                    gpu,
+                    rc,
+                    v,
+                    a.logits,
+                    a.targets.offset(r0),
+                    a.ce_dlse.offset(r0),
+                    a.ce_dpicked.offset(r0),
+                    a.ce_lse.offset(r0),
+                    a.ce_picked.offset(r0),
+                )
+                .ctx("cross-entropy forward and backward")?;
+            } else {
+                cross_entropy::cross_entropy::forward(
                     gpu,
                     &cd,
                     0,
@@ -2277,11 +2283,26 @@ impl<'g> GpuLlama<'g> {
                     a.logits,
                     a.targets.offset(r0),
                     a.ce_lse.offset(r0),
-                    a.ce_dlse.offset(r0),
-                    a.ce_dpicked.offset(r0),
-                    a.logits,
+                    a.ce_picked.offset(r0),
                 )
-                .ctx("cross-entropy backward")?;
+                .ctx("cross-entropy forward")?;
+                if grad {
+                    cross_entropy::cross_entropy::backward(
+                        gpu,
+                        &cd,
+                        0,
+                        0.0,
+                        a.logits,
+                        a.targets.offset(r0),
+                        a.ce_lse.offset(r0),
+                        a.ce_dlse.offset(r0),
+                        a.ce_dpicked.offset(r0),
+                        a.logits,
+                    )
+                    .ctx("cross-entropy backward")?;
+                }
+            }
+            if grad {
                 // dln_f (rc, C) = dlogits (rc, V) · head (V, C)
                 self.gemm(
                     &GemmDesc::new(rc, c, v),
