@@ -51,7 +51,6 @@ op! {
     }
 }
 
-
 /// Threads a block of `ops/kernels/cross_entropy_sm90.cu` (its `CE_THREADS`).
 const FUSED_THREADS: u32 = 256;
 /// The most blocks a row's cluster takes (the portable cluster size).

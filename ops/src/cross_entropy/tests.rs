@@ -433,7 +433,10 @@ fn fused_shape_covers_a_row_in_at_most_eight_blocks() {
     for v in (8..300_000).step_by(8 * 997) {
         if let Some((slice, blocks)) = fused_shape(v) {
             assert!(blocks * slice >= v && blocks <= 8 && (slice == 16384 || slice == 32768));
-            assert!(slice == 16384 || v > 8 * 16384, "v = {v} fits the smaller slice");
+            assert!(
+                slice == 16384 || v > 8 * 16384,
+                "v = {v} fits the smaller slice"
+            );
         }
     }
 }
