@@ -47,29 +47,12 @@ struct Problem {
         CK(cudaMalloc(&ws, ws_bytes));
     }
     ~Problem() { cudaFree(ws); }
-    std::vector<cublasLtMatmulHeuristicResult_t> candidates(int most) {
-        cublasLtMatmulPreference_t pref;
-        LT(cublasLtMatmulPreferenceCreate(&pref));
-        LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
-                                                sizeof ws_bytes));
-        std::vector<cublasLtMatmulHeuristicResult_t> res(most);
-        int found = 0;
-        LT(cublasLtMatmulAlgoGetHeuristic(lt, op, a, b, c, c, pref, most, res.data(), &found));
-        res.resize(found);
-        return res;
-    }
+    std::vector<cublasLtMatmulHeuristicResult_t> candidates(int most) { return heuristic(lt, op, a, b, c, ws_bytes, most); }
     void run(const cublasLtMatmulAlgo_t& algo, const void* w, const void* x, void* y) {
         const float one = 1.f, zero = 0.f;
         LT(cublasLtMatmul(lt, op, &one, w, a, x, b, &zero, y, c, y, c, &algo, ws, ws_bytes, 0));
     }
 };
-
-int config_id(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t attr) {
-    int v = -1;
-    size_t written = 0;
-    cublasLtMatmulAlgoConfigGetAttribute(&algo, attr, &v, sizeof v, &written);
-    return v;
-}
 
 int main(int argc, char** argv) {
     const double seconds = argc > 1 ? atof(argv[1]) : 4.0;
@@ -118,7 +101,7 @@ int main(int argc, char** argv) {
             const double burst_tf = flop / (burst_ms / 20 * 1e-3) * 1e-12;
             const double sustained_tf = flop / (r.ms * 1e-3) * 1e-12;
             printf("%10s %5d %6d %9.1f %10.1f %7.1f %6.0f %10.3f\n", label,
-                   config_id(algo, CUBLASLT_ALGO_CONFIG_TILE_ID), config_id(algo, CUBLASLT_ALGO_CONFIG_STAGES_ID),
+                   algo_config(algo, CUBLASLT_ALGO_CONFIG_TILE_ID), algo_config(algo, CUBLASLT_ALGO_CONFIG_STAGES_ID),
                    burst_tf, sustained_tf, r.watts, r.mhz, r.watts * r.ms / (flop * 1e-12));
         };
         for (size_t i = 0; i < cands.size(); ++i) {

@@ -24,13 +24,6 @@ struct Shape {
     float beta;
 };
 
-int attr(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t a) {
-    int v = -1;
-    size_t written = 0;
-    cublasLtMatmulAlgoConfigGetAttribute(&algo, a, &v, sizeof v, &written);
-    return v;
-}
-
 // Row-major C (M, N) = op(A) op(B) handed to column-major cuBLASLt as C^T = op(B)^T op(A)^T.
 struct Problem {
     cublasLtHandle_t lt;
@@ -71,16 +64,7 @@ struct Problem {
         return 2.0 * s.m * s.k + 2.0 * s.k * s.n + (double)s.m * s.n * (s.f32_out ? 4 : 2) * (s.beta != 0 ? 2 : 1);
     }
     std::vector<cublasLtMatmulHeuristicResult_t> candidates(int most) {
-        cublasLtMatmulPreference_t pref;
-        LT(cublasLtMatmulPreferenceCreate(&pref));
-        LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
-                                                sizeof ws_bytes));
-        std::vector<cublasLtMatmulHeuristicResult_t> res(most);
-        int found = 0;
-        LT(cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, pref, most, res.data(), &found));
-        res.resize(found);
-        cublasLtMatmulPreferenceDestroy(pref);
-        return res;
+        return heuristic(lt, op, la, lb, lc, ws_bytes, most);
     }
     bool accepts(const cublasLtMatmulAlgo_t& algo) {
         cublasLtMatmulHeuristicResult_t r;
@@ -111,10 +95,10 @@ struct Problem {
 
 void print_row(const char* label, double us, double floor_us, const cublasLtMatmulAlgo_t& algo) {
     printf("  %-22s %8.1f us %5.0f%% of floor  algo %3d tile %3d stages %3d splitK %3d red %2d swz %d custom %d\n",
-           label, us, 100 * floor_us / us, attr(algo, CUBLASLT_ALGO_CONFIG_ID), attr(algo, CUBLASLT_ALGO_CONFIG_TILE_ID),
-           attr(algo, CUBLASLT_ALGO_CONFIG_STAGES_ID), attr(algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
-           attr(algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME), attr(algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
-           attr(algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION));
+           label, us, 100 * floor_us / us, algo_config(algo, CUBLASLT_ALGO_CONFIG_ID), algo_config(algo, CUBLASLT_ALGO_CONFIG_TILE_ID),
+           algo_config(algo, CUBLASLT_ALGO_CONFIG_STAGES_ID), algo_config(algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
+           algo_config(algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME), algo_config(algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
+           algo_config(algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION));
 }
 
 int main() {

@@ -1,5 +1,6 @@
-// Helpers shared by the GPU probes (overlap_probe.cu, gemm_algo_probe.cu, graph_copy_probe.cu): error checks, NVML
-// power and SM clock through dlopen, and random bf16 operands.
+// Helpers shared by the GPU probes (overlap_probe.cu, gemm_algo_probe.cu, graph_copy_probe.cu,
+// lora_gemm_probe.cu): error checks, NVML power and SM clock through dlopen, random bf16 operands,
+// cuBLASLt's heuristic candidates and their configurations.
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -10,6 +11,7 @@
 #include <dlfcn.h>
 #include <initializer_list>
 #include <thread>
+#include <vector>
 
 #define CK(x)                                                                                  \
     do {                                                                                       \
@@ -92,3 +94,26 @@ __global__ void fill(__nv_bfloat16* p, size_t n, unsigned seed) {
     }
 }
 
+// the heuristic's first `most` algorithms for D = C = op(A) op(B) (cuBLASLt's operand order)
+// with up to `ws_bytes` of workspace
+inline std::vector<cublasLtMatmulHeuristicResult_t> heuristic(cublasLtHandle_t lt, cublasLtMatmulDesc_t op,
+                                                              cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                                                              cublasLtMatrixLayout_t c, size_t ws_bytes, int most) {
+    cublasLtMatmulPreference_t pref;
+    LT(cublasLtMatmulPreferenceCreate(&pref));
+    LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof ws_bytes));
+    std::vector<cublasLtMatmulHeuristicResult_t> res(most);
+    int found = 0;
+    LT(cublasLtMatmulAlgoGetHeuristic(lt, op, a, b, c, c, pref, most, res.data(), &found));
+    res.resize(found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    return res;
+}
+
+// one integer attribute of an algorithm's configuration (tile id, stages id, split-K count, ...)
+inline int algo_config(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t attr) {
+    int v = -1;
+    size_t written = 0;
+    cublasLtMatmulAlgoConfigGetAttribute(&algo, attr, &v, sizeof v, &written);
+    return v;
+}

@@ -66,6 +66,21 @@ __device__ __forceinline__ unsigned ce_smem_u32(const void* p) {
     return r;
 }
 
+// f(j, w) for each of this thread's 16-byte chunks j < chunks of a block's slice, w its four
+// bf16 pairs (lo in the low half)
+template <int S, class F>
+__device__ __forceinline__ void ce_chunks(const uint4* slice, int chunks, F f) {
+#pragma unroll
+    for (int k = 0; k < S / 8 / CE_THREADS; ++k) {
+        const int j = (int)threadIdx.x + k * CE_THREADS;
+        if (j < chunks) {
+            const uint4 x = slice[j];
+            const unsigned w[4] = {x.x, x.y, x.z, x.w};
+            f(j, w);
+        }
+    }
+}
+
 // logits (R, V) bf16, V a multiple of 8, 16-byte aligned; target, dlse, dpicked, lse, picked
 // (R). Grid R C blocks of CE_THREADS in clusters of C along x, C S >= V; 2 S bytes of dynamic
 // shared memory.
@@ -109,30 +124,18 @@ __device__ __forceinline__ void ce_fused(int V, unsigned short* __restrict__ log
 
     // the max on bf16 pairs (exact: a max rounds nothing), unpacked once
     __nv_bfloat162 m2 = __halves2bfloat162(__ushort_as_bfloat16(0xff80), __ushort_as_bfloat16(0xff80));
+    ce_chunks<S>(slice, chunks, [&](int, const unsigned* w) {
 #pragma unroll
-    for (int k = 0; k < S / 8 / CE_THREADS; ++k) {
-        const int j = tid + k * CE_THREADS;
-        if (j < chunks) {
-            const uint4 x = slice[j];
-            const unsigned w[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i) m2 = __hmax2(m2, *(const __nv_bfloat162*)&w[i]);
-        }
-    }
+        for (int i = 0; i < 4; ++i) m2 = __hmax2(m2, *(const __nv_bfloat162*)&w[i]);
+    });
     float m = fmaxf(__low2float(m2), __high2float(m2)), s = 0.f;
     if (m != CE_NEG_INF) {
         const float ml = m * CE_LOG2E;
+        ce_chunks<S>(slice, chunks, [&](int, const unsigned* w) {
 #pragma unroll
-        for (int k = 0; k < S / 8 / CE_THREADS; ++k) {
-            const int j = tid + k * CE_THREADS;
-            if (j < chunks) {
-                const uint4 x = slice[j];
-                const unsigned w[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-                    s += ce_exp2(fmaf(ce_lo(w[i]), CE_LOG2E, -ml)) + ce_exp2(fmaf(ce_hi(w[i]), CE_LOG2E, -ml));
-            }
-        }
+            for (int i = 0; i < 4; ++i)
+                s += ce_exp2(fmaf(ce_lo(w[i]), CE_LOG2E, -ml)) + ce_exp2(fmaf(ce_hi(w[i]), CE_LOG2E, -ml));
+        });
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -161,37 +164,31 @@ __device__ __forceinline__ void ce_fused(int V, unsigned short* __restrict__ log
     // its sign put back on the bf16 pair; the target's chunk alone adds dpicked
     const float shift = row_lse * CE_LOG2E - log2f(fabsf(dl));
     const unsigned sign = dl < 0.f ? 0x80008000u : 0u;
+    ce_chunks<S>(slice, chunks, [&](int j, const unsigned* w) {
+        const int c0 = c_first + 8 * j;
+        unsigned g[4];
+        if ((unsigned)(t - c0) >= 8u) {
 #pragma unroll
-    for (int k = 0; k < S / 8 / CE_THREADS; ++k) {
-        const int j = tid + k * CE_THREADS;
-        if (j < chunks) {
-            const uint4 x = slice[j];
-            const unsigned w[4] = {x.x, x.y, x.z, x.w};
-            const int c0 = c_first + 8 * j;
-            unsigned g[4];
-            if ((unsigned)(t - c0) >= 8u) {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float lo = ce_exp2(fmaf(ce_lo(w[i]), CE_LOG2E, -shift));
-                    const float hi = ce_exp2(fmaf(ce_hi(w[i]), CE_LOG2E, -shift));
-                    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-                    g[i] = *(const unsigned*)&v ^ sign;
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int c = c0 + 2 * i;
-                    const float e_lo = ce_exp2(fmaf(ce_lo(w[i]), CE_LOG2E, -shift));
-                    const float e_hi = ce_exp2(fmaf(ce_hi(w[i]), CE_LOG2E, -shift));
-                    const float lo = (sign ? -e_lo : e_lo) + (c == t ? dp : 0.f);
-                    const float hi = (sign ? -e_hi : e_hi) + (c + 1 == t ? dp : 0.f);
-                    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-                    g[i] = *(const unsigned*)&v;
-                }
+            for (int i = 0; i < 4; ++i) {
+                const float lo = ce_exp2(fmaf(ce_lo(w[i]), CE_LOG2E, -shift));
+                const float hi = ce_exp2(fmaf(ce_hi(w[i]), CE_LOG2E, -shift));
+                const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+                g[i] = *(const unsigned*)&v ^ sign;
             }
-            *(uint4*)(row + 8 * j) = make_uint4(g[0], g[1], g[2], g[3]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int c = c0 + 2 * i;
+                const float e_lo = ce_exp2(fmaf(ce_lo(w[i]), CE_LOG2E, -shift));
+                const float e_hi = ce_exp2(fmaf(ce_hi(w[i]), CE_LOG2E, -shift));
+                const float lo = (sign ? -e_lo : e_lo) + (c == t ? dp : 0.f);
+                const float hi = (sign ? -e_hi : e_hi) + (c + 1 == t ? dp : 0.f);
+                const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+                g[i] = *(const unsigned*)&v;
+            }
         }
-    }
+        *(uint4*)(row + 8 * j) = make_uint4(g[0], g[1], g[2], g[3]);
+    });
     if (rank == 0 && tid == 0) {
         lse[r] = row_lse;
         picked[r] = 0.f + zt;

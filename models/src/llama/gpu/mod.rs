@@ -2260,44 +2260,26 @@ impl<'g> GpuLlama<'g> {
                 None,
             )?;
             let cd = cross_entropy::cross_entropy::Dims { R: rc, V: v };
+            let (target, lse, picked) = (
+                a.targets.offset(r0),
+                a.ce_lse.offset(r0),
+                a.ce_picked.offset(r0),
+            );
+            let (dlse, dpicked) = (a.ce_dlse.offset(r0), a.ce_dpicked.offset(r0));
             if grad && fused {
                 // forward and backward in one pass over the logits, dlogits in place
                 cross_entropy::forward_backward(
-                    gpu,
-                    rc,
-                    v,
-                    a.logits,
-                    a.targets.offset(r0),
-                    a.ce_dlse.offset(r0),
-                    a.ce_dpicked.offset(r0),
-                    a.ce_lse.offset(r0),
-                    a.ce_picked.offset(r0),
+                    gpu, rc, v, a.logits, target, dlse, dpicked, lse, picked,
                 )
                 .ctx("cross-entropy forward and backward")?;
             } else {
                 cross_entropy::cross_entropy::forward(
-                    gpu,
-                    &cd,
-                    0,
-                    0.0,
-                    a.logits,
-                    a.targets.offset(r0),
-                    a.ce_lse.offset(r0),
-                    a.ce_picked.offset(r0),
+                    gpu, &cd, 0, 0.0, a.logits, target, lse, picked,
                 )
                 .ctx("cross-entropy forward")?;
                 if grad {
                     cross_entropy::cross_entropy::backward(
-                        gpu,
-                        &cd,
-                        0,
-                        0.0,
-                        a.logits,
-                        a.targets.offset(r0),
-                        a.ce_lse.offset(r0),
-                        a.ce_dlse.offset(r0),
-                        a.ce_dpicked.offset(r0),
-                        a.logits,
+                        gpu, &cd, 0, 0.0, a.logits, target, lse, dlse, dpicked, a.logits,
                     )
                     .ctx("cross-entropy backward")?;
                 }
