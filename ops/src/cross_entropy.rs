@@ -73,7 +73,12 @@ pub fn fused_shape(v: usize) -> Option<(usize, usize)> {
 /// Whether [`forward_backward`] runs on `gpu` for `v` vocabulary columns: a Hopper GPU
 /// (compute capability 9.0, thread-block clusters) and a [`fused_shape`].
 pub fn fused_supported(gpu: &Gpu, v: usize) -> bool {
-    gpu.info().compute_capability == (9, 0) && fused_shape(v).is_some()
+    fused_shape_on(gpu, v).is_some()
+}
+
+/// [`fused_shape`] on a Hopper GPU (compute capability 9.0: thread-block clusters), else None.
+fn fused_shape_on(gpu: &Gpu, v: usize) -> Option<(usize, usize)> {
+    fused_shape(v).filter(|_| gpu.info().compute_capability == (9, 0))
 }
 
 /// [`cross_entropy`]'s forward and backward over logits (R, V) bf16 that span the whole
@@ -94,8 +99,7 @@ pub fn forward_backward(
     lse: DevPtr<f32>,
     picked: DevPtr<f32>,
 ) -> Result<(), RuntimeError> {
-    let shape = fused_shape(v).filter(|_| fused_supported(gpu, v));
-    let Some((slice, blocks)) = shape else {
+    let Some((slice, blocks)) = fused_shape_on(gpu, v) else {
         return Err(RuntimeError::InvalidArgument(format!(
             "fused cross-entropy: needs a Hopper GPU (compute capability 9.0, found {:?}) and a \
              vocabulary that is a multiple of 8 up to 262,144 (found {v})",
@@ -112,16 +116,11 @@ pub fn forward_backward(
     if grid == 0 {
         return Ok(());
     }
-    let f = gpu.function(
+    let smem = (2 * slice) as u32;
+    let f = gpu.function_with_smem(
         &crate::kernels::CROSS_ENTROPY_SM90,
         &format!("cross_entropy_fused_s{slice}"),
-    )?;
-    let smem = (2 * slice) as u32;
-    // opt in to more than 48 KiB of dynamic shared memory (idempotent, host-side only)
-    gpu.context().bind_to_thread()?;
-    f.set_attribute(
-        ftrt_runtime::cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        smem as i32,
+        smem,
     )?;
     let mut v32 = v as i32;
     let mut ptrs = [

@@ -262,6 +262,25 @@ impl Gpu {
         Ok(f)
     }
 
+    /// [`Gpu::function`], opted in to `smem` bytes of dynamic shared memory where that is past
+    /// the default 48 KiB (a function attribute: idempotent, host-side only).
+    pub fn function_with_smem(
+        &self,
+        module: &'static PtxModule,
+        name: &str,
+        smem: u32,
+    ) -> Result<CudaFunction, RuntimeError> {
+        let f = self.function(module, name)?;
+        if smem > 48 * 1024 {
+            self.ctx.bind_to_thread()?;
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )?;
+        }
+        Ok(f)
+    }
+
     fn module(&self, module: &'static PtxModule) -> Result<Arc<CudaModule>, RuntimeError> {
         let mut modules = self.modules.lock().expect("module cache poisoned");
         if let Some(m) = modules.get(module.name) {

@@ -756,7 +756,7 @@ impl AttentionKernels {
 
     /// The launch function of `pass`, opted in to its shared memory.
     fn function(self, gpu: &Gpu, l: &Launch) -> Result<cudarc::driver::CudaFunction, RuntimeError> {
-        function(gpu, self.module(), &l.name, l.smem)
+        gpu.function_with_smem(self.module(), &l.name, l.smem)
     }
 }
 
@@ -767,24 +767,6 @@ fn check_aligned(name: &str, addr: u64) -> Result<(), RuntimeError> {
         )));
     }
     Ok(())
-}
-
-fn function(
-    gpu: &Gpu,
-    module: &'static ftrt_runtime::PtxModule,
-    name: &str,
-    smem: u32,
-) -> Result<cudarc::driver::CudaFunction, RuntimeError> {
-    let f = gpu.function(module, name)?;
-    if smem > 48 * 1024 {
-        // opt in to more than 48 KiB of dynamic shared memory (idempotent, host-side only)
-        gpu.context().bind_to_thread()?;
-        f.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )?;
-    }
-    Ok(f)
 }
 
 fn config(grid: (u32, u32), threads: u32, smem: u32) -> cudarc::driver::LaunchConfig {
@@ -989,11 +971,9 @@ pub fn attention_backward_with(
     let dvec = scratch;
 
     // dvec = rowsum(dout * out): a (token, head) row by d / 8 lanes, DOT_ROWS rows a lane group
-    let f = function(
-        gpu,
+    let f = gpu.function(
         &crate::kernels::ATTENTION,
         &format!("attention_bwd_dot_d{d}"),
-        0,
     )?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&out.addr);
@@ -1040,7 +1020,7 @@ pub fn attention_backward_with(
             let grid = (1, dims.n_tokens.div_ceil(l.rows) as u32);
             unsafe { b.launch(config(grid, l.threads, l.smem)) }?;
             let h0 = hk * g;
-            let to_bf16 = function(gpu, kernels.module(), "attention_dq_from_acc_d128", 0)?;
+            let to_bf16 = gpu.function(kernels.module(), "attention_dq_from_acc_d128")?;
             let mut b = gpu.stream().launch_builder(&to_bf16);
             b.arg(&acc.addr);
             b.arg(&dq.addr);
