@@ -165,15 +165,27 @@ WG_DEV unsigned long long make_desc(const bf16_t* p, unsigned lbo, unsigned sbo)
     return (unsigned long long)((smem_u32(p) & 0x3ffffu) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
            ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
 }
+// The operand `elems` bf16 elements past the one `desc` describes: its start address field (bits
+// 0-13, 16-byte units) cannot carry, as shared addresses stay below 2^18. With kk unrolled, a
+// product's descriptors are then one tile descriptor plus constants, a uniform add each, not a
+// cvta, mask and shift each (~18 instructions between products; the consumers' warpgroup index
+// is broadcast from lane 0 so that the compiler keeps tile addresses in uniform registers).
+// The fused dq pass keeps the latter and a plain index (HOIST = false): either change makes
+// ptxas serialize its products for want of registers (warning C7512).
+WG_DEV unsigned long long desc_at(unsigned long long desc, int elems) {
+    return (desc & ~0xffffffffull) | (unsigned)((unsigned)desc + (unsigned)(elems >> 3));
+}
 // K-major operand: rows r0..r0 + 63 (M) or all rows (N) of an R-row tile, columns 16 kk..16 kk + 15
 // (32 bytes into a row of column half kk / 4). SBO: the next 8 rows (1024 bytes on); LBO unused.
-template <int D, int R> WG_DEV unsigned long long desc_k(const bf16_t* tile, int r0, int kk) {
-    return make_desc(tile + (kk >> 2) * R * 64 + r0 * 64 + (kk & 3) * 16, 16, 1024);
+template <int D, int R, bool HOIST = true> WG_DEV unsigned long long desc_k(const bf16_t* tile, int r0, int kk) {
+    if (!HOIST) return make_desc(tile + (kk >> 2) * R * 64 + r0 * 64 + (kk & 3) * 16, 16, 1024);
+    return desc_at(make_desc(tile + r0 * 64, 16, 1024), (kk >> 2) * R * 64 + (kk & 3) * 16);
 }
 // MN-major B operand: rows 16 kk..16 kk + 15 (K) of an R-row tile, all D columns (N). LBO: the
 // next 64 columns (the next column half, R rows of 128 bytes on); SBO: the next 8 rows along K.
-template <int D, int R> WG_DEV unsigned long long desc_mn(const bf16_t* tile, int kk) {
-    return make_desc(tile + 16 * kk * 64, R * 128, 1024);
+template <int D, int R, bool HOIST = true> WG_DEV unsigned long long desc_mn(const bf16_t* tile, int kk) {
+    if (!HOIST) return make_desc(tile + 16 * kk * 64, R * 128, 1024);
+    return desc_at(make_desc(tile, R * 128, 1024), 16 * kk * 64);
 }
 // before the first wgmma of a batch whose accumulators other instructions wrote
 WG_DEV void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
@@ -373,7 +385,7 @@ WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, 
     }
 
     regs_up<232>();
-    const int cw = wg - 1, warp = (tid >> 5) & 3;
+    const int cw = __shfl_sync(0xffffffffu, wg - 1, 0), warp = (tid >> 5) & 3; // cw: uniform
     const int l = tid & 31, g = l >> 2, t = l & 3;
     const float sl2 = scale * LOG2E;
     const int rA = q0 + 64 * cw + 16 * warp + g, rB = rA + 8;
@@ -640,7 +652,7 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
 
     if (FUSED) regs_up<232>();
     else regs_up<240>();
-    const int cw = wg - 1, warp = (tid >> 5) & 3;
+    const int cw = FUSED ? wg - 1 : __shfl_sync(0xffffffffu, wg - 1, 0), warp = (tid >> 5) & 3; // see desc_at
     const int l = tid & 31, g = l >> 2, t = l & 3;
     const float sl2 = scale * LOG2E;
     const int first_end = seg_end(cu, S, N, j0);
@@ -666,8 +678,8 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            wgmma_ss(s, desc_k<D, BK>(sK, 64 * cw, kk), desc_k<D, BQ>(qt, 0, kk), kk);
-            wgmma_ss(dp, desc_k<D, BK>(sV, 64 * cw, kk), desc_k<D, BQ>(ot, 0, kk), kk);
+            wgmma_ss(s, desc_k<D, BK, !FUSED>(sK, 64 * cw, kk), desc_k<D, BQ, !FUSED>(qt, 0, kk), kk);
+            wgmma_ss(dp, desc_k<D, BK, !FUSED>(sV, 64 * cw, kk), desc_k<D, BQ, !FUSED>(ot, 0, kk), kk);
         }
         wg_commit();
         wg_wait();
@@ -717,14 +729,14 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
             // with dv's in one group, dk's in a second: dq is staged while dk's product runs
             const bf16_t* ds = sdS + (it & 1) * BQ * BK;
 #pragma unroll
-            for (int kq = 0; kq < BQ / 16; ++kq) wgmma_rs(av, pa[kq], desc_mn<D, BQ>(ot, kq));
+            for (int kq = 0; kq < BQ / 16; ++kq) wgmma_rs(av, pa[kq], desc_mn<D, BQ, false>(ot, kq));
             named_sync(2, 256);
 #pragma unroll
             for (int kk = 0; kk < BK / 16; ++kk)
-                wgmma_ss<1>(aq, desc_k<BK, BQ>(ds, 0, kk), desc_mn<D, BK>(sK + cw * BK * 64, kk), kk);
+                wgmma_ss<1>(aq, desc_k<BK, BQ, false>(ds, 0, kk), desc_mn<D, BK, false>(sK + cw * BK * 64, kk), kk);
             wg_commit();
 #pragma unroll
-            for (int kq = 0; kq < BQ / 16; ++kq) wgmma_rs(ak, da[kq], desc_mn<D, BQ>(qt, kq));
+            for (int kq = 0; kq < BQ / 16; ++kq) wgmma_rs(ak, da[kq], desc_mn<D, BQ, false>(qt, kq));
             wg_commit();
             wg_wait<1>();
             wg_hold(aq);
@@ -817,7 +829,7 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
     }
 
     regs_up<232>();
-    const int cw = wg - 1, warp = (tid >> 5) & 3;
+    const int cw = __shfl_sync(0xffffffffu, wg - 1, 0), warp = (tid >> 5) & 3; // cw: uniform
     const int l = tid & 31, g = l >> 2, t = l & 3;
     const float sl2 = scale * LOG2E;
     const int rA = q0 + 64 * cw + 16 * warp + g, rB = rA + 8;
