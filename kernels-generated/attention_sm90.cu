@@ -230,6 +230,8 @@ WG_DEV unsigned long long make_desc(const bf16_t* p, unsigned lbo, unsigned sbo)
 WG_DEV unsigned long long desc_at(unsigned long long desc, int elems) {
     return (desc & ~0xffffffffull) | (unsigned)((unsigned)desc + (unsigned)(elems >> 3));
 }
+// v, which is the same in every lane, read from lane 0: the compiler then knows it is uniform
+WG_DEV int warp_uniform(int v) { return __shfl_sync(0xffffffffu, v, 0); }
 // K-major operand: rows r0..r0 + 63 (M) or all rows (N) of an R-row tile, columns 16 kk..16 kk + 15
 // (32 bytes into a row of column half kk / 4). SBO: the next 8 rows (1024 bytes on); LBO unused.
 template <int D, int R, bool HOIST = true> WG_DEV unsigned long long desc_k(const bf16_t* tile, int r0, int kk) {
@@ -440,7 +442,7 @@ WG_DEV void fwd_impl(const int* __restrict__ cu, int S, int N, int Hq, int Hkv, 
     }
 
     regs_up<232>();
-    const int cw = __shfl_sync(0xffffffffu, wg - 1, 0), warp = (tid >> 5) & 3; // cw: uniform
+    const int cw = warp_uniform(wg - 1), warp = (tid >> 5) & 3; // cw: uniform
     const int l = tid & 31, g = l >> 2, t = l & 3;
     const float sl2 = scale * LOG2E;
     const int rA = q0 + 64 * cw + 16 * warp + g, rB = rA + 8;
@@ -707,7 +709,7 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
 
     if (FUSED) regs_up<232>();
     else regs_up<240>();
-    const int cw = FUSED ? wg - 1 : __shfl_sync(0xffffffffu, wg - 1, 0), warp = (tid >> 5) & 3; // see desc_at
+    const int cw = FUSED ? wg - 1 : warp_uniform(wg - 1), warp = (tid >> 5) & 3; // see desc_at
     const int l = tid & 31, g = l >> 2, t = l & 3;
     const float sl2 = scale * LOG2E;
     const int first_end = seg_end(cu, S, N, j0);
@@ -884,7 +886,7 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
     }
 
     regs_up<232>();
-    const int cw = __shfl_sync(0xffffffffu, wg - 1, 0), warp = (tid >> 5) & 3; // cw: uniform
+    const int cw = warp_uniform(wg - 1), warp = (tid >> 5) & 3; // cw: uniform
     const int l = tid & 31, g = l >> 2, t = l & 3;
     const float sl2 = scale * LOG2E;
     const int rA = q0 + 64 * cw + 16 * warp + g, rB = rA + 8;
