@@ -170,8 +170,6 @@ WG_DEV unsigned long long make_desc(const bf16_t* p, unsigned lbo, unsigned sbo)
 // product's descriptors are then one tile descriptor plus constants, a uniform add each, not a
 // cvta, mask and shift each (~18 instructions between products; the consumers' warpgroup index
 // is broadcast from lane 0 so that the compiler keeps tile addresses in uniform registers).
-// The fused dq pass keeps the latter and a plain index (HOIST = false): either change makes
-// ptxas serialize its products for want of registers (warning C7512).
 WG_DEV unsigned long long desc_at(unsigned long long desc, int elems) {
     return (desc & ~0xffffffffull) | (unsigned)((unsigned)desc + (unsigned)(elems >> 3));
 }
@@ -179,14 +177,12 @@ WG_DEV unsigned long long desc_at(unsigned long long desc, int elems) {
 WG_DEV int warp_uniform(int v) { return __shfl_sync(0xffffffffu, v, 0); }
 // K-major operand: rows r0..r0 + 63 (M) or all rows (N) of an R-row tile, columns 16 kk..16 kk + 15
 // (32 bytes into a row of column half kk / 4). SBO: the next 8 rows (1024 bytes on); LBO unused.
-template <int D, int R, bool HOIST = true> WG_DEV unsigned long long desc_k(const bf16_t* tile, int r0, int kk) {
-    if (!HOIST) return make_desc(tile + (kk >> 2) * R * 64 + r0 * 64 + (kk & 3) * 16, 16, 1024);
+template <int D, int R> WG_DEV unsigned long long desc_k(const bf16_t* tile, int r0, int kk) {
     return desc_at(make_desc(tile + r0 * 64, 16, 1024), (kk >> 2) * R * 64 + (kk & 3) * 16);
 }
 // MN-major B operand: rows 16 kk..16 kk + 15 (K) of an R-row tile, all D columns (N). LBO: the
 // next 64 columns (the next column half, R rows of 128 bytes on); SBO: the next 8 rows along K.
-template <int D, int R, bool HOIST = true> WG_DEV unsigned long long desc_mn(const bf16_t* tile, int kk) {
-    if (!HOIST) return make_desc(tile + 16 * kk * 64, R * 128, 1024);
+template <int D, int R> WG_DEV unsigned long long desc_mn(const bf16_t* tile, int kk) {
     return desc_at(make_desc(tile, R * 128, 1024), 16 * kk * 64);
 }
 // before the first wgmma of a batch whose accumulators other instructions wrote
@@ -315,6 +311,8 @@ WG_DEV void mbar_arrive(unsigned long long* bar) {
 WG_DEV void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory"); }
 WG_DEV void named_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory"); }
 // the registers per thread of the calling warpgroup, given back to or taken from the block's pool
+// (the launch's 168 a thread, 65,536 / 384 rounded down to a multiple of 8, x 384 = 64,512). The
+// warpgroups' counts must fit it (24 x 128 + 240 x 256 exactly), or an inc waits forever.
 template <int R> WG_DEV void regs_down() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R)); }
 template <int R> WG_DEV void regs_up() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R)); }
 
@@ -595,11 +593,9 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
     mbar_init_pipeline(kvfull, 1 + ST, ST);
     __syncthreads(); // the last block-wide barrier: the producer's other threads leave below
 
-    if (FUSED && wg == 0) {
-        regs_down<40>();
-        if (tid != 32 && tid != 64) {
-            if (tid != 0) return;
-        } else {
+    if (wg == 0) {
+        regs_down<24>();
+        if (FUSED && (tid == 32 || tid == 64)) {
             // the ordered adds of the staged dq parts (see above): threads 32 and 64 (warps 1
             // and 2) each own one stage buffer, so two adds are in flight, each counted on as
             // soon as it lands
@@ -627,9 +623,6 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
             }
             return;
         }
-    }
-    if (wg == 0) {
-        if (!FUSED) regs_down<24>();
         if (tid != 0) return;
         mbar_expect(kvfull, 2 * BK * D * 2);
         tma_rows(sK, tk, j0, hk, kvfull);
@@ -652,9 +645,8 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
         return;
     }
 
-    if (FUSED) regs_up<232>();
-    else regs_up<240>();
-    const int cw = FUSED ? wg - 1 : warp_uniform(wg - 1), warp = (tid >> 5) & 3; // see desc_at
+    regs_up<240>();
+    const int cw = warp_uniform(wg - 1), warp = (tid >> 5) & 3; // cw: uniform
     const int l = tid & 31, g = l >> 2, t = l & 3;
     const float sl2 = scale * LOG2E;
     const int first_end = seg_end(cu, S, N, j0);
@@ -680,8 +672,8 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            wgmma_ss(s, desc_k<D, BK, !FUSED>(sK, 64 * cw, kk), desc_k<D, BQ, !FUSED>(qt, 0, kk), kk);
-            wgmma_ss(dp, desc_k<D, BK, !FUSED>(sV, 64 * cw, kk), desc_k<D, BQ, !FUSED>(ot, 0, kk), kk);
+            wgmma_ss(s, desc_k<D, BK>(sK, 64 * cw, kk), desc_k<D, BQ>(qt, 0, kk), kk);
+            wgmma_ss(dp, desc_k<D, BK>(sV, 64 * cw, kk), desc_k<D, BQ>(ot, 0, kk), kk);
         }
         wg_commit();
         wg_wait();
@@ -731,14 +723,14 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
             // with dv's in one group, dk's in a second: dq is staged while dk's product runs
             const bf16_t* ds = sdS + (it & 1) * BQ * BK;
 #pragma unroll
-            for (int kq = 0; kq < BQ / 16; ++kq) wgmma_rs(av, pa[kq], desc_mn<D, BQ, false>(ot, kq));
+            for (int kq = 0; kq < BQ / 16; ++kq) wgmma_rs(av, pa[kq], desc_mn<D, BQ>(ot, kq));
             named_sync(2, 256);
 #pragma unroll
             for (int kk = 0; kk < BK / 16; ++kk)
-                wgmma_ss<1>(aq, desc_k<BK, BQ, false>(ds, 0, kk), desc_mn<D, BK, false>(sK + cw * BK * 64, kk), kk);
+                wgmma_ss<1>(aq, desc_k<BK, BQ>(ds, 0, kk), desc_mn<D, BK>(sK + cw * BK * 64, kk), kk);
             wg_commit();
 #pragma unroll
-            for (int kq = 0; kq < BQ / 16; ++kq) wgmma_rs(ak, da[kq], desc_mn<D, BQ, false>(qt, kq));
+            for (int kq = 0; kq < BQ / 16; ++kq) wgmma_rs(ak, da[kq], desc_mn<D, BQ>(qt, kq));
             wg_commit();
             wg_wait<1>();
             wg_hold(aq);
