@@ -735,15 +735,25 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
         wg_hold(s);
         wg_hold(dp);
 
-        const bool full = i0 >= j0 + BK - 1 && i0 + BQ <= first_end && j0 + BK <= N;
+        // scores that query i may not see of key j: -inf, so p = 0 (and ds = 0: dp - dvec is
+        // finite); tiles all visible skip the test
+        if (!(i0 >= j0 + BK - 1 && i0 + BQ <= first_end && j0 + BK <= N)) {
+#pragma unroll
+            for (int nt = 0; nt < NQ; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = i0 + nt * 8 + 2 * t + (e & 1);
+                    const int j = e < 2 ? kA : kB, end = e < 2 ? eA : eB;
+                    if (i < j || i >= end) s[4 * nt + e] = WG_NEG_INF;
+                }
+            }
+        }
 #pragma unroll
         for (int nt = 0; nt < NQ; ++nt) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int c = nt * 8 + 2 * t + (e & 1), i = i0 + c;
-                const int j = e < 2 ? kA : kB, end = e < 2 ? eA : eB;
-                const bool vis = full || (i >= j && i < end);
-                const float p = vis ? fast_exp2(fmaf(s[4 * nt + e], sl2, -lt[c] * LOG2E)) : 0.f;
+                const int c = nt * 8 + 2 * t + (e & 1);
+                const float p = fast_exp2(fmaf(s[4 * nt + e], sl2, -lt[c] * LOG2E));
                 s[4 * nt + e] = p;
                 dp[4 * nt + e] = p * (dp[4 * nt + e] - dt[c]);
             }
@@ -909,18 +919,26 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
         for (int kk = 0; kk < BK / 16; ++kk) wgmma_rs(a, da[kk], desc_mn<D, BK>(kbuf(it), kk));
         wg_commit();
     };
-    // dp <- ds = p (dp - dvec), p = exp(s scale - lse) where visible, for key tile it
-    auto form_ds = [&](const float (&s)[BK / 2], float (&dp)[BK / 2], int it) {
+    // dp <- ds = p (dp - dvec), p = exp(s scale - lse) where visible (else s = -inf, p = 0),
+    // for key tile it; tiles all visible skip the test
+    auto form_ds = [&](float (&s)[BK / 2], float (&dp)[BK / 2], int it) {
         const int j0 = kbeg + it * BK;
-        const bool full = j0 + BK - 1 <= q0 && j0 >= last_start;
+        if (!(j0 + BK - 1 <= q0 && j0 >= last_start)) {
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int j = j0 + nt * 8 + 2 * t + (e & 1);
+                    const int i = e < 2 ? rA : rB, st = e < 2 ? stA : stB;
+                    if (j > i || j < st) s[4 * nt + e] = WG_NEG_INF;
+                }
+            }
+        }
 #pragma unroll
         for (int nt = 0; nt < BK / 8; ++nt) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int j = j0 + nt * 8 + 2 * t + (e & 1);
-                const int i = e < 2 ? rA : rB, st = e < 2 ? stA : stB;
-                const bool vis = full || (j <= i && j >= st);
-                const float p = vis ? fast_exp2(fmaf(s[4 * nt + e], sl2, -(e < 2 ? LA : LB))) : 0.f;
+                const float p = fast_exp2(fmaf(s[4 * nt + e], sl2, -(e < 2 ? LA : LB)));
                 dp[4 * nt + e] = p * (dp[4 * nt + e] - (e < 2 ? DA : DB));
             }
         }
