@@ -300,24 +300,29 @@ struct SoftmaxRows {
     float lA, lB; // running sum of exp2(that - max), this thread's columns only
 };
 
+// -inf into the scores of a 64 x BN accumulator tile (keys j0 ..; the thread's rows rA and rA + 8,
+// whose segments start at stA and stB) that its row may not see: a later key or an earlier
+// segment's. The forward's softmax and the dq backward's ds then give them 0.
+template <int BN>
+WG_DEV void mask_rows(float (&s)[BN / 2], int j0, int rA, int stA, int stB, int t) {
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int j = j0 + nt * 8 + 2 * t + (e & 1);
+            const int i = e < 2 ? rA : rA + 8, st = e < 2 ? stA : stB;
+            if (j > i || j < st) s[4 * nt + e] = WG_NEG_INF;
+        }
+    }
+}
+
 // Masks tile j0's scores s (64 x BN accumulator), folds them into the running max and sum and
 // leaves exp2(s scale log2(e) - max) in s; returns the factors (aA, aB) the output rows must be
 // rescaled by.
 template <int BN>
 WG_DEV float2 softmax_tile(float (&s)[BN / 2], SoftmaxRows& r, bool masked, int j0, int rA, int stA,
                            int stB, int t, float sl2) {
-    const int rB = rA + 8;
-    if (masked) {
-#pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int j = j0 + nt * 8 + 2 * t + (e & 1);
-                const int i = e < 2 ? rA : rB, st = e < 2 ? stA : stB;
-                if (j > i || j < st) s[4 * nt + e] = WG_NEG_INF;
-            }
-        }
-    }
+    if (masked) mask_rows<BN>(s, j0, rA, stA, stB, t);
     // the max of the raw scores, scaled after (scale > 0): one multiply per row
     float mxA = WG_NEG_INF, mxB = WG_NEG_INF;
 #pragma unroll
@@ -923,17 +928,7 @@ WG_DEV void dq_impl(const float* __restrict__ lse, const float* __restrict__ dve
     // for key tile it; tiles all visible skip the test
     auto form_ds = [&](float (&s)[BK / 2], float (&dp)[BK / 2], int it) {
         const int j0 = kbeg + it * BK;
-        if (!(j0 + BK - 1 <= q0 && j0 >= last_start)) {
-#pragma unroll
-            for (int nt = 0; nt < BK / 8; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int j = j0 + nt * 8 + 2 * t + (e & 1);
-                    const int i = e < 2 ? rA : rB, st = e < 2 ? stA : stB;
-                    if (j > i || j < st) s[4 * nt + e] = WG_NEG_INF;
-                }
-            }
-        }
+        if (!(j0 + BK - 1 <= q0 && j0 >= last_start)) mask_rows<BK>(s, j0, rA, stA, stB, t);
 #pragma unroll
         for (int nt = 0; nt < BK / 8; ++nt) {
 #pragma unroll
