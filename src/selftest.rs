@@ -7,6 +7,11 @@ pub struct SelftestArgs {
     /// Only the kernels (every op at real sizes against its CPU reference).
     #[arg(long)]
     kernels: bool,
+    /// Only the attention kernels' rows of --kernels (both families, forward and backward:
+    /// errors against the CPU reference, determinism and TFLOP/s), for a quick check of an
+    /// attention change.
+    #[arg(long)]
+    attention: bool,
     /// Only the runtime (GEMM, offload, graph replay).
     #[arg(long)]
     runtime: bool,
@@ -29,7 +34,7 @@ pub fn run(args: &SelftestArgs) -> Result<(), String> {
     let gpu =
         Gpu::open(args.device).map_err(|e| format!("{e}\nftrt selftest needs an NVIDIA GPU."))?;
     println!("{}", gpu.info());
-    let both = !args.kernels && !args.runtime && !args.model;
+    let both = !args.kernels && !args.attention && !args.runtime && !args.model;
     let mut rows: Vec<SelftestRow> = Vec::new();
     let mut failed = Vec::new();
     if args.kernels || both {
@@ -37,6 +42,8 @@ pub fn run(args: &SelftestArgs) -> Result<(), String> {
             Ok(r) => rows.extend(r),
             Err(e) => failed.push(e.to_string()),
         }
+    }
+    if args.kernels || args.attention || both {
         match ftrt_ops::attention::selftest(&gpu) {
             Ok(r) => {
                 for (name, err, ms) in r {
