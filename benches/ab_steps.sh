@@ -12,38 +12,12 @@
 #   A_ENV="FTRT_GATE_UP_LAYERS=1" B_ENV="FTRT_GATE_UP_LAYERS=3" benches/ab_steps.sh B.xz B.xz 2 -- ...
 # Prints each run's tokens/s, ms/step and peak GiB, then each side's mean tokens/s over A's.
 set -u
-BINS=()
-ROUNDS=2
-while [ $# -gt 0 ] && [ "$1" != "--" ]; do
-    case "$1" in
-    *[!0-9]* | "") BINS+=("$1") ;;
-    *) ROUNDS=$1 ;;
-    esac
-    shift
-done
-[ "${1:-}" = "--" ] && shift
-if [ ${#BINS[@]} -lt 2 ]; then
-    echo "usage: ab_steps.sh A B [C ...] [ROUNDS] -- BENCH_ARGS..." >&2
-    exit 2
-fi
+. "$(dirname "$0")/binaries.sh"
+parse_binaries 2 "ab_steps.sh A B [C ...] [ROUNDS] -- BENCH_ARGS..." "$@"
+set -- "${REST[@]}"
 . "$(dirname "$0")/cuda-env.sh"
-unpack() { # a runnable path for binary $1 (unpacked to /tmp when it is .xz)
-    case "$1" in
-    *.xz)
-        local out="/tmp/ab-$(basename "${1%.xz}")"
-        xz -dc "$1" > "$out" && chmod +x "$out" && echo "$out"
-        ;;
-    *) echo "$1" ;;
-    esac
-}
-SIDES=(A B C D E F G H)
-[ ${#BINS[@]} -le ${#SIDES[@]} ] || { echo "at most ${#SIDES[@]} binaries" >&2; exit 2; }
-RUN=()
 SUM=()
-for i in "${!BINS[@]}"; do
-    RUN[i]=$(unpack "${BINS[i]}") || exit 1
-    SUM[i]=0
-done
+for i in "${!BINS[@]}"; do SUM[i]=0; done
 for r in $(seq 1 "$ROUNDS"); do
     for i in "${!BINS[@]}"; do
         side=${SIDES[i]}

@@ -18,33 +18,10 @@ KERNEL=${KERNEL:?set KERNEL to the kernel-name regex, e.g. KERNEL=attention_fwd_
 SKIP=${SKIP:-8}
 COUNT=${COUNT:-2}
 NCU=${NCU:-/usr/local/cuda/bin/ncu}
-BINS=()
-ROUNDS=1
-while [ $# -gt 0 ] && [ "$1" != "--" ]; do
-    case "$1" in
-    *[!0-9]* | "") BINS+=("$1") ;;
-    *) ROUNDS=$1 ;;
-    esac
-    shift
-done
-[ "${1:-}" = "--" ] && shift
-if [ ${#BINS[@]} -lt 2 ]; then
-    echo "usage: KERNEL=REGEX [SKIP=N] [COUNT=N] ncu_ab.sh A B [C ...] [ROUNDS] -- BENCH_ARGS..." >&2
-    exit 2
-fi
+. "$(dirname "$0")/binaries.sh"
+parse_binaries 1 "KERNEL=REGEX [SKIP=N] [COUNT=N] ncu_ab.sh A B [C ...] [ROUNDS] -- BENCH_ARGS..." "$@"
+set -- "${REST[@]}"
 . "$(dirname "$0")/cuda-env.sh"
-SIDES=(A B C D E F G H)
-[ ${#BINS[@]} -le ${#SIDES[@]} ] || { echo "at most ${#SIDES[@]} binaries" >&2; exit 2; }
-RUN=()
-for i in "${!BINS[@]}"; do
-    case "${BINS[i]}" in
-    *.xz)
-        RUN[i]="/tmp/ncu-ab-$i-$(basename "${BINS[i]%.xz}")"
-        xz -dc "${BINS[i]}" > "${RUN[i]}" && chmod +x "${RUN[i]}" || exit 1
-        ;;
-    *) RUN[i]=${BINS[i]} ;;
-    esac
-done
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
 for r in $(seq 1 "$ROUNDS"); do
