@@ -636,6 +636,15 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
             i0 = j0 + (it % nq) * BQ;
         }
     };
+    // from query tile it's (h, i0) to tile it + 1's, without tile_of's divisions by G or nq
+    auto next_tile = [&](int& h, int& i0) {
+        if (FUSED) {
+            if (++h == (hk + 1) * G) h = hk * G, i0 -= BQ;
+        } else {
+            i0 += BQ;
+            if (i0 == j0 + nq * BQ) i0 = j0, ++h;
+        }
+    };
 
     for (int r = tid; r < ST * BQ; r += 384) sL[r] = sD[r] = 0.f;
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); // zeros before the copies
@@ -713,9 +722,9 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
     for (int i = 0; i < D / 2; ++i) ak[i] = av[i] = 0.f;
     mbar_wait(kvfull, 0);
 
-    for (int it = 0; it < ntiles; ++it) {
-        int h, i0;
-        tile_of(it, h, i0);
+    int h, i0; // the consumers' query tile
+    tile_of(0, h, i0);
+    for (int it = 0; it < ntiles; ++it, next_tile(h, i0)) {
         const int b = it % ST;
         const bf16_t* qt = sQ + b * BQ * D;
         const bf16_t* ot = sO + b * BQ * D;
