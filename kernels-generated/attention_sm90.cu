@@ -269,18 +269,18 @@ template <int N> WG_DEV void wg_hold(unsigned (&a)[N][4]) {
                  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 #define WG_OUT32 WG_F8(0), WG_F8(8), WG_F8(16), WG_F8(24)
 #define WG_OUT64 WG_OUT32, WG_F8(32), WG_F8(40), WG_F8(48), WG_F8(56)
-// wgmma_ss: d (64 x N, f32) = (accumulate ? d : 0) + A (64 x 16) B (16 x N), A K-major in
-// shared memory, B too (MN_B = 0) or MN-major (MN_B = 1). wgmma_rs: d += A (64 x 16, bf16
-// fragments in registers) B (16 x N), B MN-major in shared memory. ACC: the accumulators' count
+// wgmma_ss: d (64 x N, f32) = (accumulate ? d : 0) + SIGN_A A (64 x 16) B (16 x N), SIGN_A
+// = 1 or -1, A K-major in shared memory, B too (MN_B = 0) or MN-major (MN_B = 1). wgmma_rs:
+// d += A (64 x 16, bf16 fragments in registers) B (16 x N), B MN-major in shared memory. ACC: the accumulators' count
 // (N / 2), as the operand numbers after them.
 #define WG_PRODUCTS(N, ACC, A0, A1, A2, A3, A4, A5)                                                    \
-    template <int MN_B = 0>                                                                            \
+    template <int MN_B = 0, int SIGN_A = 1>                                                            \
     WG_DEV void wgmma_ss(float (&d)[ACC], unsigned long long da, unsigned long long db, int accumulate) { \
         asm volatile("{ .reg .pred p; setp.ne.b32 p, %" #A2 ", 0;\n"                                       \
                      "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 " WG_ACC##ACC          \
-                     ", %" #A0 ", %" #A1 ", p, 1, 1, 0, %" #A3 "; }\n"                                    \
+                     ", %" #A0 ", %" #A1 ", p, %" #A4 ", 1, 0, %" #A3 "; }\n"                            \
                      : WG_OUT##ACC                                                                     \
-                     : "l"(da), "l"(db), "r"(accumulate), "n"(MN_B));                                  \
+                     : "l"(da), "l"(db), "r"(accumulate), "n"(MN_B), "n"(SIGN_A));                     \
     }                                                                                                  \
     WG_DEV void wgmma_rs(float (&d)[ACC], const unsigned (&a)[4], unsigned long long db) {              \
         asm volatile("{ .reg .pred p; setp.ne.b32 p, %" #A5 ", 0;\n"                                       \
@@ -641,6 +641,15 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
             i0 = j0 + (it % nq) * BQ;
         }
     };
+    // from query tile it's (h, i0) to tile it + 1's, without tile_of's divisions by G or nq
+    auto next_tile = [&](int& h, int& i0) {
+        if (FUSED) {
+            if (++h == (hk + 1) * G) h = hk * G, i0 -= BQ;
+        } else {
+            i0 += BQ;
+            if (i0 == j0 + nq * BQ) i0 = j0, ++h;
+        }
+    };
 
     for (int r = tid; r < ST * BQ; r += 384) sL[r] = sD[r] = 0.f;
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); // zeros before the copies
@@ -718,9 +727,9 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
     for (int i = 0; i < D / 2; ++i) ak[i] = av[i] = 0.f;
     mbar_wait(kvfull, 0);
 
-    for (int it = 0; it < ntiles; ++it) {
-        int h, i0;
-        tile_of(it, h, i0);
+    int h, i0; // the consumers' query tile
+    tile_of(0, h, i0);
+    for (int it = 0; it < ntiles; ++it, next_tile(h, i0)) {
         const int b = it % ST;
         const bf16_t* qt = sQ + b * BQ * D;
         const bf16_t* ot = sO + b * BQ * D;
@@ -728,19 +737,27 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
         const float* dt = sD + b * BQ;
         mbar_wait(qfull + b, (it / ST) & 1);
 
+        // dp^T starts at dvec (query c's in column c) and takes V's products negated, so it
+        // holds dvec - dp^T: ds^T = p^T (dp^T - dvec) is then one multiply, by -p
         float s[BQ / 2], dp[BQ / 2];
+#pragma unroll
+        for (int nt = 0; nt < NQ; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dp[4 * nt + e] = dt[nt * 8 + 2 * t + (e & 1)];
+        }
+        wg_hold(dp); // each in its own register before the products (else ptxas waits, C7517)
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             wgmma_ss(s, desc_k<D, BK>(sK, 64 * cw, kk), desc_k<D, BQ>(qt, 0, kk), kk);
-            wgmma_ss(dp, desc_k<D, BK>(sV, 64 * cw, kk), desc_k<D, BQ>(ot, 0, kk), kk);
+            wgmma_ss<0, -1>(dp, desc_k<D, BK>(sV, 64 * cw, kk), desc_k<D, BQ>(ot, 0, kk), 1);
         }
         wg_commit();
         wg_wait();
         wg_hold(s);
         wg_hold(dp);
 
-        // scores that query i may not see of key j: -inf, so p = 0 (and ds = 0: dp - dvec is
+        // scores that query i may not see of key j: -inf, so p = 0 (and ds = 0: dvec - dp is
         // finite); tiles all visible skip the test
         if (!(i0 >= j0 + BK - 1 && i0 + BQ <= first_end && j0 + BK <= N)) {
 #pragma unroll
@@ -760,7 +777,7 @@ WG_DEV void dkdv_impl(const float* __restrict__ lse, const float* __restrict__ d
                 const int c = nt * 8 + 2 * t + (e & 1);
                 const float p = fast_exp2(fmaf(s[4 * nt + e], sl2, -lt[c] * LOG2E));
                 s[4 * nt + e] = p;
-                dp[4 * nt + e] = p * (dp[4 * nt + e] - dt[c]);
+                dp[4 * nt + e] *= -p;
             }
         }
         unsigned pa[BQ / 16][4], da[BQ / 16][4]; // P^T and dS^T in bf16: A fragments, k = queries
