@@ -13,6 +13,10 @@
 # launches profiled (default 2). Binaries may be .xz (as in ab_steps.sh). NCU overrides the
 # profiler's path. Prints each launch (kernel, duration, SM clock), then per kernel each side's
 # mean duration and its ratio to A's.
+# Time: a side of the 8B QLoRA step at one 32k sequence took over 75 s under ncu (session 26:
+# two sides outlived a 150 s timeout; ncu's kernel replay saves and restores the memory a
+# launch touches, likely most of it), the 1B step 8 x 2048 ~12 s. Size a call's timeout for
+# that, or profile a shorter sequence.
 set -u -o pipefail
 KERNEL=${KERNEL:?set KERNEL to the kernel-name regex, e.g. KERNEL=attention_fwd_sm90_d128}
 SKIP=${SKIP:-8}
