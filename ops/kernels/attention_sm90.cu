@@ -216,8 +216,8 @@ template <int N> WG_DEV void wg_hold(unsigned (&a)[N][4]) {
 #define WG_OUT64 WG_OUT32, WG_F8(32), WG_F8(40), WG_F8(48), WG_F8(56)
 // wgmma_ss: d (64 x N, f32) = (accumulate ? d : 0) + SIGN_A A (64 x 16) B (16 x N), SIGN_A
 // = 1 or -1, A K-major in shared memory, B too (MN_B = 0) or MN-major (MN_B = 1). wgmma_rs:
-// d += A (64 x 16, bf16 fragments in registers) B (16 x N), B MN-major in shared memory. ACC: the accumulators' count
-// (N / 2), as the operand numbers after them.
+// d += A (64 x 16, bf16 fragments in registers) B (16 x N), B MN-major in shared memory.
+// ACC: the accumulators' count (N / 2), as the operand numbers after them.
 #define WG_PRODUCTS(N, ACC, A0, A1, A2, A3, A4, A5)                                                    \
     template <int MN_B = 0, int SIGN_A = 1>                                                            \
     WG_DEV void wgmma_ss(float (&d)[ACC], unsigned long long da, unsigned long long db, int accumulate) { \
