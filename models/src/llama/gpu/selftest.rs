@@ -315,27 +315,20 @@ fn check_fixture_4bit(
             format!("gpu {gpu_loss:.5} cpu {cpu_loss:.5} (bf16 weights: {bf16_loss:.5})"),
         );
         let (mut worst, mut at, mut checked) = (0f64, String::new(), 0);
-        for l in 0..cpu.dims.layers {
-            for p in Proj::ALL {
-                for which_b in [false, true] {
-                    let pick = |a: &LoraAdapter| {
-                        if which_b { a.b(l, p) } else { a.a(l, p) }.map(|s| s.to_vec())
-                    };
-                    let (Some(got), Some(cref)) = (pick(&grads), pick(&cpu_grads)) else {
-                        return Err(format!("gradient of layer {l} {} missing", p.module()));
-                    };
-                    let e = rel_err(&got, &cref);
-                    if e > worst || at.is_empty() {
-                        worst = e.max(worst);
-                        at = format!(
-                            "{l}.{}.lora_{}",
-                            p.module(),
-                            if which_b { "B" } else { "A" }
-                        );
-                    }
-                    checked += 1;
-                }
+        for (l, p, which_b) in factors(cpu.dims.layers) {
+            let (Some(got), Some(cref)) = (
+                factor(&grads, l, p, which_b),
+                factor(&cpu_grads, l, p, which_b),
+            ) else {
+                return Err(format!("gradient of layer {l} {} missing", p.module()));
+            };
+            let e = rel_err(&got, &cref);
+            if e > worst || at.is_empty() {
+                worst = e.max(worst);
+                let ab = if which_b { "B" } else { "A" };
+                at = format!("{l}.{}.lora_{ab}", p.module());
             }
+            checked += 1;
         }
         row(
             rows,
@@ -483,6 +476,21 @@ fn same_shape_batch(batch: &Batch, targets: &[i32], vocab: usize) -> (Batch, Vec
 /// step's loss and LoRA gradients must equal the eager ones bit for bit (a graph that baked in
 /// the first batch's data, or lost a copy stream's ordering, fails here), and three of the four
 /// steps must have run as graphs.
+/// Every LoRA factor of `layers` layers as (layer, projection, B (else A)): layers, then
+/// projections, then A before B.
+fn factors(layers: usize) -> impl Iterator<Item = (usize, Proj, bool)> {
+    (0..layers).flat_map(|l| {
+        Proj::ALL
+            .into_iter()
+            .flat_map(move |p| [(l, p, false), (l, p, true)])
+    })
+}
+
+/// That factor's values in `a` (its B when `b`, else its A), if `a` adapts that projection.
+fn factor(a: &LoraAdapter, l: usize, p: Proj, b: bool) -> Option<Vec<f32>> {
+    if b { a.b(l, p) } else { a.a(l, p) }.map(|s| s.to_vec())
+}
+
 /// The planner's activation bytes against what was allocated for `g`'s configuration (after
 /// a step), as row "model {what} == allocated".
 fn planned_bytes_row(g: &GpuLlama, what: String, rows: &mut Vec<Row>) -> Result<(), String> {
@@ -871,37 +879,32 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
     let (mut worst_cpu, mut worst_peft, mut worst_ref) = (0f64, 0f64, 0f64);
     let (mut where_cpu, mut where_peft) = (String::new(), String::new());
     let mut checked = 0;
-    for l in 0..cpu.dims.layers {
-        for p in Proj::ALL {
-            for which_b in [false, true] {
-                let pick = |a: &LoraAdapter| {
-                    if which_b { a.b(l, p) } else { a.a(l, p) }.map(|s| s.to_vec())
-                };
-                let (Some(got), Some(cref)) = (pick(&grads), pick(&cpu_grads)) else {
-                    return Err(format!("gradient of layer {l} {} missing", p.module()));
-                };
-                let key = format!("grad.{}", LoraAdapter::peft_name(l, p, which_b));
-                let peft = get(&key)?;
-                let name = format!(
-                    "{}.{}",
-                    l,
-                    key.trim_start_matches("grad.base_model.model.model.")
-                );
-                let e1 = rel_err(&got, &cref);
-                let e2 = rel_err(&got, &peft);
-                let e3 = rel_err(&cref, &peft);
-                if e1 > worst_cpu || where_cpu.is_empty() {
-                    worst_cpu = e1.max(worst_cpu);
-                    where_cpu = name.clone();
-                }
-                if e2 > worst_peft || where_peft.is_empty() {
-                    worst_peft = e2.max(worst_peft);
-                    where_peft = name;
-                }
-                worst_ref = worst_ref.max(e3);
-                checked += 1;
-            }
+    for (l, p, which_b) in factors(cpu.dims.layers) {
+        let (Some(got), Some(cref)) = (
+            factor(&grads, l, p, which_b),
+            factor(&cpu_grads, l, p, which_b),
+        ) else {
+            return Err(format!("gradient of layer {l} {} missing", p.module()));
+        };
+        let key = format!("grad.{}", LoraAdapter::peft_name(l, p, which_b));
+        let peft = get(&key)?;
+        let name = format!(
+            "{l}.{}",
+            key.trim_start_matches("grad.base_model.model.model.")
+        );
+        let e1 = rel_err(&got, &cref);
+        let e2 = rel_err(&got, &peft);
+        let e3 = rel_err(&cref, &peft);
+        if e1 > worst_cpu || where_cpu.is_empty() {
+            worst_cpu = e1.max(worst_cpu);
+            where_cpu = name.clone();
         }
+        if e2 > worst_peft || where_peft.is_empty() {
+            worst_peft = e2.max(worst_peft);
+            where_peft = name;
+        }
+        worst_ref = worst_ref.max(e3);
+        checked += 1;
     }
     row(
         rows,
@@ -983,22 +986,18 @@ fn check_targets(
         let grads = g.download_grads()?;
         let mut worst = ((loss - cpu_loss) as f64).abs() / (cpu_loss as f64).abs().max(1e-30);
         let mut checked = 0;
-        for l in 0..layers {
-            for p in Proj::ALL {
-                let adapted = only.contains(&p);
-                for which_b in [false, true] {
-                    let pick = |a: &LoraAdapter| {
-                        if which_b { a.b(l, p) } else { a.a(l, p) }.map(|s| s.to_vec())
-                    };
-                    match (pick(&grads), pick(&cpu_grads)) {
-                        (Some(got), Some(want)) if adapted => {
-                            worst = worst.max(rel_err(&got, &want));
-                            checked += 1;
-                        }
-                        (None, None) if !adapted => {}
-                        _ => return Err(format!("layer {l} {}: wrong adapter layout", p.module())),
-                    }
+        for (l, p, which_b) in factors(layers) {
+            let adapted = only.contains(&p);
+            match (
+                factor(&grads, l, p, which_b),
+                factor(&cpu_grads, l, p, which_b),
+            ) {
+                (Some(got), Some(want)) if adapted => {
+                    worst = worst.max(rel_err(&got, &want));
+                    checked += 1;
                 }
+                (None, None) if !adapted => {}
+                _ => return Err(format!("layer {l} {}: wrong adapter layout", p.module())),
             }
         }
         let mlp_terms = if in_activation {
