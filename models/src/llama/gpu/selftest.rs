@@ -316,12 +316,7 @@ fn check_fixture_4bit(
         );
         let (mut worst, mut at, mut checked) = (0f64, String::new(), 0);
         for (l, p, which_b) in factors(cpu.dims.layers) {
-            let (Some(got), Some(cref)) = (
-                factor(&grads, l, p, which_b),
-                factor(&cpu_grads, l, p, which_b),
-            ) else {
-                return Err(format!("gradient of layer {l} {} missing", p.module()));
-            };
+            let (got, cref) = factor_pair(&grads, &cpu_grads, (l, p, which_b))?;
             let e = rel_err(&got, &cref);
             if e > worst || at.is_empty() {
                 worst = e.max(worst);
@@ -489,6 +484,18 @@ fn factors(layers: usize) -> impl Iterator<Item = (usize, Proj, bool)> {
 /// That factor's values in `a` (its B when `b`, else its A), if `a` adapts that projection.
 fn factor(a: &LoraAdapter, l: usize, p: Proj, b: bool) -> Option<Vec<f32>> {
     if b { a.b(l, p) } else { a.a(l, p) }.map(|s| s.to_vec())
+}
+
+/// That factor in `got` and in `want`; an error naming it when either lacks it.
+fn factor_pair(
+    got: &LoraAdapter,
+    want: &LoraAdapter,
+    (l, p, b): (usize, Proj, bool),
+) -> Result<(Vec<f32>, Vec<f32>), String> {
+    match (factor(got, l, p, b), factor(want, l, p, b)) {
+        (Some(x), Some(y)) => Ok((x, y)),
+        _ => Err(format!("gradient of layer {l} {} missing", p.module())),
+    }
 }
 
 /// The planner's activation bytes against what was allocated for `g`'s configuration (after
@@ -880,12 +887,7 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
     let (mut where_cpu, mut where_peft) = (String::new(), String::new());
     let mut checked = 0;
     for (l, p, which_b) in factors(cpu.dims.layers) {
-        let (Some(got), Some(cref)) = (
-            factor(&grads, l, p, which_b),
-            factor(&cpu_grads, l, p, which_b),
-        ) else {
-            return Err(format!("gradient of layer {l} {} missing", p.module()));
-        };
+        let (got, cref) = factor_pair(&grads, &cpu_grads, (l, p, which_b))?;
         let key = format!("grad.{}", LoraAdapter::peft_name(l, p, which_b));
         let peft = get(&key)?;
         let name = format!(
