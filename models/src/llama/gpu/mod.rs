@@ -36,8 +36,10 @@
 //! layout, quantized on the GPU at load from a bf16 upload of one weight at a time (the bf16
 //! model never sits on the GPU whole); embeddings, norms, biases and lm_head stay bf16 in the
 //! weight buffer. Before each base GEMM (forward `x W^T`, backward `dy W`) the projection is
-//! dequantized into one shared bf16 scratch sized for the largest projection; everything runs
-//! on one stream, so the next dequantization cannot overwrite a weight a GEMM still reads.
+//! dequantized into one shared bf16 scratch sized for the largest projection (up's and down's
+//! into slots of their own when the MLP runs in several tiles, so a weight is dequantized once
+//! a pass, not once a tile); everything runs on one stream, so the next dequantization cannot
+//! overwrite a weight a GEMM still reads.
 //! Attention: the varlen causal GQA kernels; head dims other than 64/128 (the tiny test
 //! models) are zero-padded to 64 through exact selection GEMMs, with the softmax scale of the
 //! true head dim.
@@ -60,7 +62,7 @@ use ftrt_runtime::cudarc::driver::{LaunchConfig, PushKernelArg};
 use ftrt_runtime::rng::SplitMix64;
 use ftrt_runtime::{CublasLt, DevPtr, DeviceBuffer, GemmDesc, GemmWorkspace, Gpu, PtxModule};
 use half::bf16;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use super::lora::{LoraAdapter, LoraStack};
 use super::model::{inv_freq_of, Batch, LlamaModel};
@@ -302,6 +304,11 @@ struct Acts {
     dxa: DevPtr<bf16>,
     /// (Hq * N) f32 attention-backward scratch.
     attn_scratch: DevPtr<f32>,
+    /// 4-bit mode with the MLP in several tiles ([`plan::ActSizes::nf4_slots`]): (I, C) and
+    /// (C, I) bf16, up's and down's dequantized weights (gate's goes to the model's scratch), so
+    /// that a tile after the first dequantizes none of its three ([`GpuLlama::proj_weight`]);
+    /// null otherwise.
+    nf4_slots: [DevPtr<bf16>; 2],
     /// Padded attention operands (N, H, Dp) (null without padding).
     qp: DevPtr<bf16>,
     kp: DevPtr<bf16>,
@@ -385,11 +392,17 @@ struct Nf4Base {
     /// (256) f32 signed dynamic map (absmax codes), (16) f32 NF4 code.
     code2: DevPtr<f32>,
     code: DevPtr<f32>,
-    /// (largest out * in) bf16: the dequantized weight of the GEMM in flight; also the staging
-    /// buffer of the bf16 upload while quantizing at load.
+    /// (largest out * in) bf16: the dequantized weight of the GEMM in flight (up's and down's
+    /// go to their own slots when the MLP runs in several tiles, [`Acts::nf4_slots`]); also
+    /// the staging buffer of the bf16 upload while quantizing at load.
     scratch: DevPtr<bf16>,
     /// Its capacity in elements.
     scratch_len: usize,
+    /// The (layer, projection) whose weight the scratch, up's slot and down's slot hold, as
+    /// dequantized within the current pass ([`GpuLlama::proj_weight`]; each
+    /// [`GpuLlama::forward_pass`] starts with none, so a pass, captured as a CUDA graph or not,
+    /// dequantizes every weight at its first use).
+    dequantized: Cell<[Option<(usize, Proj)>; 3]>,
     /// Projections uploaded as a bitsandbytes checkpoint stores them (not re-quantized).
     as_stored: usize,
 }
@@ -675,6 +688,7 @@ impl<'g> GpuLlama<'g> {
                 code,
                 scratch,
                 scratch_len,
+                dequantized: Cell::new([None; 3]),
                 as_stored: 0,
             };
             (plan::compact_without_proj(&full, keep).0, Some(base))
@@ -822,8 +836,11 @@ impl<'g> GpuLlama<'g> {
     }
 
     /// The bf16 weight (out, in) of projection `p` in layer `l` for the next GEMM: its range of
-    /// the weight buffer, or in 4-bit mode the shared scratch after dequantizing into it (stream
-    /// ordered after every GEMM that read the previous weight there).
+    /// the weight buffer, or in 4-bit mode a dequantized copy: up's and down's in their own
+    /// slots when the activations have them ([`Acts::nf4_slots`]), the others in the shared
+    /// scratch. A buffer that already holds that weight in this pass is not dequantized again
+    /// (so the MLP's tiles after the first dequantize nothing); else the dequantization is
+    /// stream ordered after every GEMM that read the buffer's previous weight.
     fn proj_weight(&self, l: usize, p: Proj) -> GpuResult<DevPtr<bf16>> {
         let Some(q) = &self.nf4 else {
             return Ok(self.w(&self.layout.layers[l].proj[p.index()]));
@@ -832,11 +849,30 @@ impl<'g> GpuLlama<'g> {
         if w.n == 0 {
             return Ok(self.w(&self.layout.layers[l].proj[p.index()]));
         }
-        nf4::dequantize_bf16(
-            self.gpu, w.n, w.offset, w.packed, w.absmax_q, w.absmax2, q.code2, q.code, q.scratch,
-        )
-        .ctx("nf4 dequantize")?;
-        Ok(q.scratch)
+        let slots = self.acts.as_ref().map(|a| a.nf4_slots);
+        let (i, dst) = match (p, slots) {
+            (Proj::Up, Some([up, _])) if up != DevPtr::null() => (1, up),
+            (Proj::Down, Some([_, down])) if down != DevPtr::null() => (2, down),
+            _ => (0, q.scratch),
+        };
+        let mut held = q.dequantized.get();
+        if held[i] != Some((l, p)) {
+            nf4::dequantize_bf16(
+                self.gpu, w.n, w.offset, w.packed, w.absmax_q, w.absmax2, q.code2, q.code, dst,
+            )
+            .ctx("nf4 dequantize")?;
+            held[i] = Some((l, p));
+            q.dequantized.set(held);
+        }
+        Ok(dst)
+    }
+
+    /// Forgets which weights the 4-bit mode's buffers hold, so that each is dequantized at its
+    /// next use ([`Self::proj_weight`]).
+    fn forget_dequantized(&self) {
+        if let Some(q) = &self.nf4 {
+            q.dequantized.set([None; 3]);
+        }
     }
 
     /// Whether the projection weights are NF4 (4-bit mode).
@@ -847,6 +883,8 @@ impl<'g> GpuLlama<'g> {
     /// The dequantized bf16 weight (out, in) of projection `p` in layer `l`, as f32 (tests).
     pub fn download_proj_weight(&self, l: usize, p: Proj) -> GpuResult<Vec<f32>> {
         let (out, inn) = p.shape(&self.dims);
+        // a replayed CUDA graph leaves the buffers holding what the host did not see
+        self.forget_dequantized();
         let ptr = self.proj_weight(l, p)?;
         let mut h = vec![bf16::ZERO; out * inn];
         self.gpu
@@ -1071,10 +1109,8 @@ impl<'g> GpuLlama<'g> {
     pub fn kept_layers_for_budget(&self, budget: usize) -> Option<usize> {
         plan::kept_layers_within(
             &self.dims,
-            self.max_tokens,
-            self.r(),
-            self.config.qk_norm,
-            self.stack_widths(),
+            |kept| self.act_sizes_for(kept),
+            (self.config.qk_norm, self.stack_widths()),
             self.offload,
             self.activation_budget(budget)?,
         )
@@ -1088,11 +1124,17 @@ impl<'g> GpuLlama<'g> {
     }
 
     /// The activation sizes of the current settings (token budget, rank, kept layers, MLP
-    /// tiles).
+    /// tiles, 4-bit mode).
     fn act_sizes(&self) -> ActSizes {
+        self.act_sizes_for(self.kept_layers)
+    }
+
+    /// [`Self::act_sizes`] with `kept` layers kept.
+    fn act_sizes_for(&self, kept: usize) -> ActSizes {
         let d = &self.dims;
-        let logits = plan::logit_budget(self.kept_layers, d.layers);
+        let logits = plan::logit_budget(kept, d.layers);
         ActSizes::with_mlp_rows(d, self.max_tokens, self.r(), logits, self.mlp_tile_rows)
+            .with_nf4_slots(d, self.nf4.is_some())
     }
 
     /// [`plan::ActSizes::bytes`] of the current settings with the recomputed layers'
@@ -1714,6 +1756,10 @@ impl<'g> GpuLlama<'g> {
             dk_pre: h.alloc_unless(gpu, !qk, s.nkv)?,
             dxa: h.alloc(gpu, 3 * s.nr)?,
             attn_scratch: h.alloc(gpu, s.attn_scratch / 4 + 1)?,
+            nf4_slots: [
+                h.alloc_unless(gpu, s.nf4_slots == 0, s.nf4_slots / 2)?,
+                h.alloc_unless(gpu, s.nf4_slots == 0, s.nf4_slots / 2)?,
+            ],
             qp: h.alloc_unless(gpu, !pad, s.nq_pad)?,
             kp: h.alloc_unless(gpu, !pad, s.nkv_pad)?,
             vp: h.alloc_unless(gpu, !pad, s.nkv_pad)?,
@@ -1913,6 +1959,7 @@ impl<'g> GpuLlama<'g> {
         let a = self.acts.as_ref().ok_or("activations not allocated")?;
         let gpu = self.gpu;
         let d = self.dims;
+        self.forget_dequantized();
         self.write_resid(a, 0, n, || {
             embedding::embedding::forward(
                 gpu,

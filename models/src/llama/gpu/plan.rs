@@ -810,6 +810,9 @@ pub struct ActSizes {
     /// Rows of one cross-entropy chunk, and its logits (rows, V).
     pub ce_rows: usize,
     pub logits: usize,
+    /// 4-bit mode with the MLP in more than one tile: 2 I C, up's and down's dequantized
+    /// weights in slots of their own (0 otherwise; [`Self::with_nf4_slots`]).
+    pub nf4_slots: usize,
 }
 
 impl ActSizes {
@@ -849,7 +852,20 @@ impl ActSizes {
             nkv_pad: if pad { n * d.kv_heads * dp } else { 0 },
             ce_rows,
             logits: ce_rows * d.vocab,
+            nf4_slots: 0,
         }
+    }
+
+    /// These sizes for a model whose projections are NF4 (`four_bit`): when the MLP runs in
+    /// more than one tile, up's and down's weights are dequantized into slots of their own
+    /// (gate's into the model's scratch, [`super::GpuLlama::proj_weight`]), once a pass
+    /// instead of once a tile. The 8B at one 262k sequence (64 tiles): +224 MiB, and a layer's
+    /// MLP dequantizes 6 weights a step instead of 512 (the step's 18,330 dequantizations took
+    /// 0.9 s of 142.8, session 17).
+    pub fn with_nf4_slots(mut self, d: &Dims, four_bit: bool) -> Self {
+        let tiled = self.mlp_rows < self.n;
+        self.nf4_slots = usize::from(four_bit && tiled) * 2 * d.intermediate * d.hidden;
+        self
     }
 
     /// Bytes of every buffer [`super::GpuLlama`] allocates on the device for activations
@@ -972,6 +988,7 @@ impl ActSizes {
             + if qk_norm { b * (self.nq + self.nkv) } else { 0 }
             + b * (4 * self.nq_pad + 4 * self.nkv_pad)
             + self.attn_scratch
+            + b * self.nf4_slots
             // the step's input block, and the cross-entropy's running lse and picked logit
             + 4 * (StepInput::block_words(self.n) + 2 * self.n);
         let resident_attention = resident * resident_attention_bytes(d, self.n);
@@ -985,23 +1002,20 @@ impl ActSizes {
 }
 
 /// The most layers whose activations fit: the largest `kept` in 0..=L whose activation bytes
-/// (`n` tokens, rank `r`, [`logit_budget`] chunks, stack widths `widths`, the recomputed
-/// layers' checkpoints as `offload` says, no resident attention; see [`ActSizes::bytes`]) are
-/// at most `budget` (what is left once weights and LoRA state are placed); `None` when even
-/// recomputing every layer does not fit.
+/// (`sizes(kept)`, which sets the [`logit_budget`] of `kept`; stack widths `widths`, the
+/// recomputed layers' checkpoints as `offload` says, no resident attention; see
+/// [`ActSizes::bytes`]) are at most `budget` (what is left once weights and LoRA state are
+/// placed); `None` when even recomputing every layer does not fit.
 pub fn kept_layers_within(
     d: &Dims,
-    n: usize,
-    r: usize,
-    qk_norm: bool,
-    widths: [usize; 4],
+    sizes: impl Fn(usize) -> ActSizes,
+    (qk_norm, widths): (bool, [usize; 4]),
     offload: Offload,
     budget: usize,
 ) -> Option<usize> {
-    (0..=d.layers).rev().find(|&k| {
-        let s = ActSizes::new(d, n, r, logit_budget(k, d.layers));
-        s.bytes(d, qk_norm, widths, k, offload, 0) <= budget
-    })
+    (0..=d.layers)
+        .rev()
+        .find(|&k| sizes(k).bytes(d, qk_norm, widths, k, offload, 0) <= budget)
 }
 
 /// How many of the recomputed layers (`d.layers - kept`) keep their attention outputs on the
@@ -1362,7 +1376,8 @@ mod tests {
         assert_eq!(by_kept[6], by_kept[5]);
         let layer = 2 * (3 * s.nc + 2 * s.nq + 2 * s.nkv + 3 * s.ni + 7 * s.nr) + 4 * (s.lse + s.n);
         assert_eq!(step, layer);
-        let within = |budget| kept_layers_within(&d, 512, 8, false, ALL, Offload::Off, budget);
+        let sizes = |k| ActSizes::new(&d, 512, 8, logit_budget(k, d.layers));
+        let within = |budget| kept_layers_within(&d, sizes, (false, ALL), Offload::Off, budget);
         assert_eq!(within(by_kept[3]), Some(3));
         assert_eq!(within(by_kept[3] + step - 1), Some(3));
         assert_eq!(within(usize::MAX), Some(6));
@@ -1401,6 +1416,36 @@ mod tests {
         let step = tiled.bytes(&d, false, ALL, 6, Offload::Off, 0)
             - tiled.bytes(&d, false, ALL, 5, Offload::Off, 0);
         assert_eq!(step, shared_saved);
+    }
+
+    #[test]
+    fn nf4_slots_only_when_four_bit_and_tiled() {
+        let (d, _) = six_layers();
+        let full = ActSizes::new(&d, 512, 8, LOGIT_BUDGET_LEAN);
+        let tiled = ActSizes::with_mlp_rows(&d, 512, 8, LOGIT_BUDGET_LEAN, 100);
+        assert_eq!(
+            full.with_nf4_slots(&d, true),
+            full,
+            "one tile: gate, up, down take turns"
+        );
+        assert_eq!(
+            tiled.with_nf4_slots(&d, false),
+            tiled,
+            "bf16 weights: nothing to hold"
+        );
+        let slots = tiled.with_nf4_slots(&d, true);
+        assert_eq!(slots.nf4_slots, 2 * d.intermediate * d.hidden);
+        // up's and down's bf16 weights, whatever is kept or offloaded
+        for (k, offload) in [
+            (0, Offload::Off),
+            (3, Offload::Off),
+            (6, Offload::Off),
+            (0, LEAN),
+        ] {
+            let more = slots.bytes(&d, false, ALL, k, offload, 0)
+                - tiled.bytes(&d, false, ALL, k, offload, 0);
+            assert_eq!(more, 4 * d.intermediate * d.hidden, "kept {k}");
+        }
     }
 
     #[test]
@@ -1465,7 +1510,8 @@ mod tests {
             ..dims()
         };
         let lean = s.bytes(&d, false, ALL, 0, LEAN, 0);
-        let within = |offload, budget| kept_layers_within(&d, 512, 8, false, ALL, offload, budget);
+        let sizes = |k| ActSizes::new(&d, 512, 8, logit_budget(k, d.layers));
+        let within = |offload, budget| kept_layers_within(&d, sizes, (false, ALL), offload, budget);
         assert_eq!(within(Offload::Off, lean), None);
         assert_eq!(within(LEAN, lean), Some(0));
         assert_eq!(within(LEAN, usize::MAX), Some(16));

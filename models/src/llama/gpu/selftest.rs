@@ -301,50 +301,57 @@ fn check_fixture_4bit(
         .loss(&batch, &targets, Some(&ad_bf))
         .map_err(|e| e.to_string())?;
     g.set_lora(&ad)?;
-    g.zero_grads()?;
-    let gpu_loss = g.loss_and_grads(&batch, &targets)?;
-    let grads = g.download_grads()?;
-    let le = ((gpu_loss as f64) - cpu_loss as f64).abs() / (cpu_loss as f64).abs().max(1e-30);
-    row(
-        rows,
-        format!("model {arch} 4-bit: loss GPU vs CPU bf16 on NF4 weights"),
-        le,
-        TOL_LOSS,
-        format!("gpu {gpu_loss:.5} cpu {cpu_loss:.5} (bf16 weights: {bf16_loss:.5})"),
-    );
-    let (mut worst, mut at, mut checked) = (0f64, String::new(), 0);
-    for l in 0..cpu.dims.layers {
-        for p in Proj::ALL {
-            for which_b in [false, true] {
-                let pick = |a: &LoraAdapter| {
-                    if which_b { a.b(l, p) } else { a.a(l, p) }.map(|s| s.to_vec())
-                };
-                let (Some(got), Some(cref)) = (pick(&grads), pick(&cpu_grads)) else {
-                    return Err(format!("gradient of layer {l} {} missing", p.module()));
-                };
-                let e = rel_err(&got, &cref);
-                if e > worst || at.is_empty() {
-                    worst = e.max(worst);
-                    at = format!(
-                        "{l}.{}.lora_{}",
-                        p.module(),
-                        if which_b { "B" } else { "A" }
-                    );
-                }
-                checked += 1;
+    // one step's loss and LoRA gradients against the CPU's on the same NF4 weights
+    let against_cpu = |g: &mut GpuLlama, what: &str, rows: &mut Vec<Row>| {
+        g.zero_grads()?;
+        let gpu_loss = g.loss_and_grads(&batch, &targets)?;
+        let grads = g.download_grads()?;
+        let le = ((gpu_loss as f64) - cpu_loss as f64).abs() / (cpu_loss as f64).abs().max(1e-30);
+        row(
+            rows,
+            format!("model {arch} 4-bit{what}: loss GPU vs CPU bf16 on NF4 weights"),
+            le,
+            TOL_LOSS,
+            format!("gpu {gpu_loss:.5} cpu {cpu_loss:.5} (bf16 weights: {bf16_loss:.5})"),
+        );
+        let (mut worst, mut at, mut checked) = (0f64, String::new(), 0);
+        for (l, p, which_b) in factors(cpu.dims.layers) {
+            let (got, cref) = factor_pair(&grads, &cpu_grads, (l, p, which_b))?;
+            let e = rel_err(&got, &cref);
+            if e > worst || at.is_empty() {
+                worst = e.max(worst);
+                let ab = if which_b { "B" } else { "A" };
+                at = format!("{l}.{}.lora_{ab}", p.module());
             }
+            checked += 1;
         }
-    }
-    row(
-        rows,
-        format!("model {arch} 4-bit: {checked} LoRA grads GPU vs CPU bf16 on NF4 weights"),
-        worst,
-        TOL_CPU,
-        format!("worst {at}"),
-    );
+        row(
+            rows,
+            format!(
+                "model {arch} 4-bit{what}: {checked} LoRA grads GPU vs CPU bf16 on NF4 weights"
+            ),
+            worst,
+            TOL_CPU,
+            format!("worst {at}"),
+        );
+        Ok::<_, String>(())
+    };
+    against_cpu(&mut g, "", rows)?;
     let (batch_b, targets_b) = same_shape_batch(&batch, &targets, cpu.dims.vocab);
     let steps = [(&batch, &targets[..]), (&batch_b, &targets_b[..])];
     graph_row(&mut g, steps, &format!("{arch} 4-bit"), rows)?;
+    // the MLP in three tiles: up's and down's weights in slots of their own, each weight
+    // dequantized once a pass (`GpuLlama::proj_weight`), eager and replayed as a graph
+    g.set_mlp_tile_rows(batch.len().div_ceil(3));
+    against_cpu(&mut g, ", MLP in three tiles", rows)?;
+    let what = format!("{arch} 4-bit, MLP in three tiles: planned activation bytes");
+    planned_bytes_row(&g, what, rows)?;
+    graph_row(
+        &mut g,
+        steps,
+        &format!("{arch} 4-bit, MLP in three tiles"),
+        rows,
+    )?;
     if !keep.0.is_empty() {
         return Ok(());
     }
@@ -431,26 +438,13 @@ fn recompute_row(
             }
         ),
     };
-    // the planner's activation bytes against what was allocated for this configuration
-    let (held, planned) = g.activation_bytes();
-    let held = held.ok_or("activations not allocated after a step")?;
+    let recomputed = layers - kept;
+    let what =
+        format!("{name}: planned activation bytes, {recomputed} of {layers} recomputed{how}");
+    planned_bytes_row(g, what, rows)?;
     row(
         rows,
-        format!(
-            "model {name}: planned activation bytes, {} of {layers} recomputed{how} == allocated",
-            layers - kept
-        ),
-        (planned as f64 - held as f64).abs() / held as f64,
-        // tiny fixtures: every buffer takes at least 256 bytes, which the plan does not count
-        0.1,
-        format!("planned {planned}, allocated {held}"),
-    );
-    row(
-        rows,
-        format!(
-            "model {name}: recompute {} of {layers} layers{how} == keep all",
-            layers - kept
-        ),
+        format!("model {name}: recompute {recomputed} of {layers} layers{how} == keep all"),
         e,
         1e-3,
         format!("loss {loss:.6}"),
@@ -477,6 +471,49 @@ fn same_shape_batch(batch: &Batch, targets: &[i32], vocab: usize) -> (Batch, Vec
 /// step's loss and LoRA gradients must equal the eager ones bit for bit (a graph that baked in
 /// the first batch's data, or lost a copy stream's ordering, fails here), and three of the four
 /// steps must have run as graphs.
+/// Every LoRA factor of `layers` layers as (layer, projection, B (else A)): layers, then
+/// projections, then A before B.
+fn factors(layers: usize) -> impl Iterator<Item = (usize, Proj, bool)> {
+    (0..layers).flat_map(|l| {
+        Proj::ALL
+            .into_iter()
+            .flat_map(move |p| [(l, p, false), (l, p, true)])
+    })
+}
+
+/// That factor's values in `a` (its B when `b`, else its A), if `a` adapts that projection.
+fn factor(a: &LoraAdapter, l: usize, p: Proj, b: bool) -> Option<Vec<f32>> {
+    if b { a.b(l, p) } else { a.a(l, p) }.map(|s| s.to_vec())
+}
+
+/// That factor in `got` and in `want`; an error naming it when either lacks it.
+fn factor_pair(
+    got: &LoraAdapter,
+    want: &LoraAdapter,
+    (l, p, b): (usize, Proj, bool),
+) -> Result<(Vec<f32>, Vec<f32>), String> {
+    match (factor(got, l, p, b), factor(want, l, p, b)) {
+        (Some(x), Some(y)) => Ok((x, y)),
+        _ => Err(format!("gradient of layer {l} {} missing", p.module())),
+    }
+}
+
+/// The planner's activation bytes against what was allocated for `g`'s configuration (after
+/// a step), as row "model {what} == allocated".
+fn planned_bytes_row(g: &GpuLlama, what: String, rows: &mut Vec<Row>) -> Result<(), String> {
+    let (held, planned) = g.activation_bytes();
+    let held = held.ok_or("activations not allocated after a step")?;
+    row(
+        rows,
+        format!("model {what} == allocated"),
+        (planned as f64 - held as f64).abs() / held as f64,
+        // tiny fixtures: every buffer takes at least 256 bytes, which the plan does not count
+        0.1,
+        format!("planned {planned}, allocated {held}"),
+    );
+    Ok(())
+}
+
 fn graph_row(
     g: &mut GpuLlama,
     steps: [(&Batch, &[i32]); 2],
@@ -849,37 +886,27 @@ fn check_fixture(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), Strin
     let (mut worst_cpu, mut worst_peft, mut worst_ref) = (0f64, 0f64, 0f64);
     let (mut where_cpu, mut where_peft) = (String::new(), String::new());
     let mut checked = 0;
-    for l in 0..cpu.dims.layers {
-        for p in Proj::ALL {
-            for which_b in [false, true] {
-                let pick = |a: &LoraAdapter| {
-                    if which_b { a.b(l, p) } else { a.a(l, p) }.map(|s| s.to_vec())
-                };
-                let (Some(got), Some(cref)) = (pick(&grads), pick(&cpu_grads)) else {
-                    return Err(format!("gradient of layer {l} {} missing", p.module()));
-                };
-                let key = format!("grad.{}", LoraAdapter::peft_name(l, p, which_b));
-                let peft = get(&key)?;
-                let name = format!(
-                    "{}.{}",
-                    l,
-                    key.trim_start_matches("grad.base_model.model.model.")
-                );
-                let e1 = rel_err(&got, &cref);
-                let e2 = rel_err(&got, &peft);
-                let e3 = rel_err(&cref, &peft);
-                if e1 > worst_cpu || where_cpu.is_empty() {
-                    worst_cpu = e1.max(worst_cpu);
-                    where_cpu = name.clone();
-                }
-                if e2 > worst_peft || where_peft.is_empty() {
-                    worst_peft = e2.max(worst_peft);
-                    where_peft = name;
-                }
-                worst_ref = worst_ref.max(e3);
-                checked += 1;
-            }
+    for (l, p, which_b) in factors(cpu.dims.layers) {
+        let (got, cref) = factor_pair(&grads, &cpu_grads, (l, p, which_b))?;
+        let key = format!("grad.{}", LoraAdapter::peft_name(l, p, which_b));
+        let peft = get(&key)?;
+        let name = format!(
+            "{l}.{}",
+            key.trim_start_matches("grad.base_model.model.model.")
+        );
+        let e1 = rel_err(&got, &cref);
+        let e2 = rel_err(&got, &peft);
+        let e3 = rel_err(&cref, &peft);
+        if e1 > worst_cpu || where_cpu.is_empty() {
+            worst_cpu = e1.max(worst_cpu);
+            where_cpu = name.clone();
         }
+        if e2 > worst_peft || where_peft.is_empty() {
+            worst_peft = e2.max(worst_peft);
+            where_peft = name;
+        }
+        worst_ref = worst_ref.max(e3);
+        checked += 1;
     }
     row(
         rows,
@@ -961,22 +988,18 @@ fn check_targets(
         let grads = g.download_grads()?;
         let mut worst = ((loss - cpu_loss) as f64).abs() / (cpu_loss as f64).abs().max(1e-30);
         let mut checked = 0;
-        for l in 0..layers {
-            for p in Proj::ALL {
-                let adapted = only.contains(&p);
-                for which_b in [false, true] {
-                    let pick = |a: &LoraAdapter| {
-                        if which_b { a.b(l, p) } else { a.a(l, p) }.map(|s| s.to_vec())
-                    };
-                    match (pick(&grads), pick(&cpu_grads)) {
-                        (Some(got), Some(want)) if adapted => {
-                            worst = worst.max(rel_err(&got, &want));
-                            checked += 1;
-                        }
-                        (None, None) if !adapted => {}
-                        _ => return Err(format!("layer {l} {}: wrong adapter layout", p.module())),
-                    }
+        for (l, p, which_b) in factors(layers) {
+            let adapted = only.contains(&p);
+            match (
+                factor(&grads, l, p, which_b),
+                factor(&cpu_grads, l, p, which_b),
+            ) {
+                (Some(got), Some(want)) if adapted => {
+                    worst = worst.max(rel_err(&got, &want));
+                    checked += 1;
                 }
+                (None, None) if !adapted => {}
+                _ => return Err(format!("layer {l} {}: wrong adapter layout", p.module())),
             }
         }
         let mlp_terms = if in_activation {
