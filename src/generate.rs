@@ -5,13 +5,13 @@
 //! `--max-new-tokens`. All prompts decode together, one token per unfinished sequence per
 //! step, over one KV cache.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ftrt_models::llama::gpu::{GpuLlama, GpuSteps};
 use ftrt_models::llama::{
     chat_template_of, decode_text, encode_prompt, generate_with, parse_prompts_jsonl, LlamaModel,
-    LoraAdapter, Prompt, Rounding, SamplingParams,
+    LoraAdapter, NextTokens, Prompt, Rounding, SamplingParams,
 };
 use ftrt_models::open_model;
 use ftrt_runtime::Gpu;
@@ -168,18 +168,18 @@ pub fn run(args: &GenerateArgs) -> Result<(), String> {
         Some(_) => None,
         None => crate::device::requested_gpu()?,
     };
+    let job = Generation {
+        model: &model,
+        adapter: adapter.as_ref(),
+        ids: &ids,
+        eos,
+        params,
+        max_new_tokens: args.max_new_tokens,
+    };
     let (out, timing) = match gpu {
-        _ if args.graph => crate::generate_graph::generate(
-            gpu.as_ref(),
-            &model,
-            adapter.as_ref(),
-            &ids,
-            eos,
-            params,
-            args,
-        )?,
-        Some(gpu) => generate_gpu(&gpu, &model, adapter.as_ref(), &ids, eos, params, args)?,
-        None => generate_cpu(&model, adapter.as_ref(), &ids, eos, params, args)?,
+        _ if args.graph => crate::generate_graph::generate(gpu.as_ref(), &job)?,
+        Some(gpu) => generate_gpu(&gpu, &job)?,
+        None => generate_cpu(&job, args.logits_out.as_deref())?,
     };
     for (i, gen) in out.iter().enumerate() {
         let text_ids: Vec<u32> = gen.iter().copied().filter(|t| !eos.contains(t)).collect();
@@ -201,28 +201,52 @@ pub fn run(args: &GenerateArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// What every generation path takes: the model (and adapter), the tokenized prompts, the
+/// tokens that end a sequence, the sampler and how many tokens to add at most.
+pub struct Generation<'a> {
+    pub model: &'a LlamaModel,
+    pub adapter: Option<&'a LoraAdapter>,
+    /// One token list per prompt.
+    pub ids: &'a [Vec<u32>],
+    pub eos: &'a [u32],
+    pub params: SamplingParams,
+    pub max_new_tokens: usize,
+}
+
+impl Generation<'_> {
+    /// Tokens a sequence may hold: the longest prompt plus the new tokens.
+    pub fn capacity(&self) -> usize {
+        self.ids.iter().map(Vec::len).max().unwrap_or(1) + self.max_new_tokens
+    }
+
+    /// Runs the sampler over `steps` (a backend's prefill and decode): the new tokens of each
+    /// prompt and the seconds it took.
+    pub fn sample(&self, steps: &mut impl NextTokens) -> Result<(Vec<Vec<u32>>, f64), String> {
+        let t = Instant::now();
+        let out = generate_with(steps, self.ids, self.max_new_tokens, self.eos, self.params)?;
+        Ok((out, t.elapsed().as_secs_f64()))
+    }
+}
+
 /// Generation on the CPU (f32); returns the new tokens of each prompt and the timing line.
-/// With `--logits-out`, the prompts' next-token logits are written first.
+/// With `logits_out` (`--logits-out`), the prompts' next-token logits are written there first.
 fn generate_cpu(
-    model: &LlamaModel,
-    adapter: Option<&LoraAdapter>,
-    ids: &[Vec<u32>],
-    eos: &[u32],
-    params: SamplingParams,
-    args: &GenerateArgs,
+    job: &Generation,
+    logits_out: Option<&Path>,
 ) -> Result<(Vec<Vec<u32>>, String), String> {
-    if let Some(path) = &args.logits_out {
+    let (model, ids) = (job.model, job.ids);
+    if let Some(path) = logits_out {
         let mut cache = model.new_cache(ids.len());
         let slots: Vec<usize> = (0..ids.len()).collect();
         let logits = model
-            .prefill(&mut cache, &slots, ids, adapter)
+            .prefill(&mut cache, &slots, ids, job.adapter)
             .map_err(|e| e.to_string())?;
         let bytes = logits_file(&logits, model.dims.vocab, ids)?;
         ftrt_models::train::atomic::write_atomic(path, &bytes)?;
     }
     let t = Instant::now();
     let out = model
-        .generate(ids, args.max_new_tokens, eos, params, adapter)
+        .generate(ids, job.max_new_tokens, job.eos, job.params, job.adapter)
         .map_err(|e| e.to_string())?;
     let timing = timing_line(&out, t.elapsed().as_secs_f64(), "CPU f32");
     Ok((out, timing))
@@ -239,36 +263,22 @@ pub fn timing_line(out: &[Vec<u32>], s: f64, device: &str) -> String {
 
 /// Generation on the GPU (bf16 weights, KV cache, next token picked on the GPU unless top-k /
 /// top-p need the host); returns the new tokens of each prompt and the timing line.
-fn generate_gpu(
-    gpu: &Gpu,
-    model: &LlamaModel,
-    adapter: Option<&LoraAdapter>,
-    ids: &[Vec<u32>],
-    eos: &[u32],
-    params: SamplingParams,
-    args: &GenerateArgs,
-) -> Result<(Vec<Vec<u32>>, String), String> {
-    let longest = ids.iter().map(Vec::len).max().unwrap_or(1);
-    let capacity = longest + args.max_new_tokens;
+fn generate_gpu(gpu: &Gpu, job: &Generation) -> Result<(Vec<Vec<u32>>, String), String> {
+    let capacity = job.capacity();
     // The token budget sizes the RoPE tables (every position) and the prefill chunks.
     let budget = capacity.max(4096);
-    let rank = adapter.map_or(1, |a| a.r);
-    let mut g = GpuLlama::from_model(gpu, model, budget, rank)?;
-    if let Some(a) = adapter {
+    let rank = job.adapter.map_or(1, |a| a.r);
+    let mut g = GpuLlama::from_model(gpu, job.model, budget, rank)?;
+    if let Some(a) = job.adapter {
         g.set_lora(a)?;
     }
     g.set_kept_layers(0); // inference: one layer's activations are enough
-    let cache = g.new_kv_cache(ids.len(), capacity)?;
-    let t = Instant::now();
+    let cache = g.new_kv_cache(job.ids.len(), capacity)?;
     let mut steps = GpuSteps {
         model: &mut g,
         cache,
     };
-    let out = generate_with(&mut steps, ids, args.max_new_tokens, eos, params)?;
-    let timing = timing_line(
-        &out,
-        t.elapsed().as_secs_f64(),
-        &format!("GPU {} bf16", gpu.info().name),
-    );
+    let (out, secs) = job.sample(&mut steps)?;
+    let timing = timing_line(&out, secs, &format!("GPU {} bf16", gpu.info().name));
     Ok((out, timing))
 }

@@ -2,31 +2,20 @@
 //! ([`ftrt_models::llama::graph`]) on the runtime's CPU executor (f32) or, with a GPU, its CUDA
 //! executor (bf16, the prefill and decoding steps captured once and replayed), with
 //! `ftrt generate`'s sampler.
-use std::time::Instant;
-
 use ftrt_models::llama::graph::{capture_phases, ForwardGraph, GraphSteps};
-use ftrt_models::llama::{generate_with, LlamaModel, LoraAdapter, SamplingParams};
 use ftrt_runtime::{plan, CpuExecutor, CudaExecutor, DType, Gpu, PlanOptions};
 use half::bf16;
 
-use crate::generate::{timing_line, GenerateArgs};
+use crate::generate::{timing_line, Generation};
 
 /// Prompt tokens per prefill step at most (longer prompts take several steps).
 const MAX_PREFILL_ROWS: usize = 4096;
 
 /// The new tokens of each prompt and the timing line.
-pub fn generate(
-    gpu: Option<&Gpu>,
-    model: &LlamaModel,
-    adapter: Option<&LoraAdapter>,
-    ids: &[Vec<u32>],
-    eos: &[u32],
-    params: SamplingParams,
-    args: &GenerateArgs,
-) -> Result<(Vec<Vec<u32>>, String), String> {
+pub fn generate(gpu: Option<&Gpu>, job: &Generation) -> Result<(Vec<Vec<u32>>, String), String> {
     let s = |e: ftrt_runtime::RuntimeError| e.to_string();
-    let longest = ids.iter().map(Vec::len).max().unwrap_or(1);
-    let capacity = longest + args.max_new_tokens;
+    let (model, adapter, ids) = (job.model, job.adapter, job.ids);
+    let capacity = job.capacity();
     let prompt_tokens: usize = ids.iter().map(Vec::len).sum();
     let rows = prompt_tokens.clamp(1, MAX_PREFILL_ROWS);
     let dtype = if gpu.is_some() {
@@ -43,10 +32,7 @@ pub fn generate(
             let mut ex = CpuExecutor::new(&fg.graph, &p);
             fg.for_each_weight(model, adapter, |t, v| ex.write(t, v))
                 .map_err(s)?;
-            let mut steps = GraphSteps::new(&fg, ex);
-            let t = Instant::now();
-            let out = generate_with(&mut steps, ids, args.max_new_tokens, eos, params)?;
-            let secs = t.elapsed().as_secs_f64();
+            let (out, secs) = job.sample(&mut GraphSteps::new(&fg, ex))?;
             (out, secs, "CPU f32, forward graph".to_string())
         }
         Some(gpu) => {
@@ -57,10 +43,7 @@ pub fn generate(
             })
             .map_err(s)?;
             capture_phases(&fg, &mut ex)?;
-            let mut steps = GraphSteps::new(&fg, ex);
-            let t = Instant::now();
-            let out = generate_with(&mut steps, ids, args.max_new_tokens, eos, params)?;
-            let secs = t.elapsed().as_secs_f64();
+            let (out, secs) = job.sample(&mut GraphSteps::new(&fg, ex))?;
             let device = format!(
                 "GPU {} bf16, forward graph replayed as a CUDA graph",
                 gpu.info().name
