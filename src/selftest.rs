@@ -34,16 +34,16 @@ pub fn run(args: &SelftestArgs) -> Result<(), String> {
     let gpu =
         Gpu::open(args.device).map_err(|e| format!("{e}\nftrt selftest needs an NVIDIA GPU."))?;
     println!("{}", gpu.info());
-    let both = !args.kernels && !args.attention && !args.runtime && !args.model;
+    let all = !args.kernels && !args.attention && !args.runtime && !args.model;
     let mut rows: Vec<SelftestRow> = Vec::new();
     let mut failed = Vec::new();
-    if args.kernels || both {
+    if args.kernels || all {
         match ftrt_ops::selftest::selftest_kernels(&gpu) {
             Ok(r) => rows.extend(r),
             Err(e) => failed.push(e.to_string()),
         }
     }
-    if args.kernels || args.attention || both {
+    if args.kernels || args.attention || all {
         match ftrt_ops::attention::selftest(&gpu) {
             Ok(r) => {
                 for (name, err, ms) in r {
@@ -55,13 +55,13 @@ pub fn run(args: &SelftestArgs) -> Result<(), String> {
             Err(e) => failed.push(format!("attention: {e}")),
         }
     }
-    if args.runtime || both {
+    if args.runtime || all {
         match ftrt_runtime::selftest_runtime(&gpu) {
             Ok(r) => rows.extend(r),
             Err(e) => failed.push(format!("runtime: {e}")),
         }
     }
-    if args.model || both {
+    if args.model || all {
         match ftrt_models::llama::gpu::selftest_model(&gpu) {
             Ok(r) => {
                 for (name, err, detail) in r {

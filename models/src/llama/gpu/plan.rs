@@ -860,8 +860,8 @@ impl ActSizes {
     /// more than one tile, up's and down's weights are dequantized into slots of their own
     /// (gate's into the model's scratch, [`super::GpuLlama::proj_weight`]), once a pass
     /// instead of once a tile. The 8B at one 262k sequence (64 tiles): +224 MiB, and a layer's
-    /// MLP dequantizes 6 weights a step instead of 512 (the step's 18,330 dequantizations took
-    /// 0.9 s of 142.8, session 17).
+    /// MLP dequantizes 8 weights a step (forward 3, the recompute's gate and up, backward 3)
+    /// instead of 512 (the step's 18,330 dequantizations took 0.9 s of 142.8, session 17).
     pub fn with_nf4_slots(mut self, d: &Dims, four_bit: bool) -> Self {
         let tiled = self.mlp_rows < self.n;
         self.nf4_slots = usize::from(four_bit && tiled) * 2 * d.intermediate * d.hidden;

@@ -465,12 +465,6 @@ fn same_shape_batch(batch: &Batch, targets: &[i32], vocab: usize) -> (Batch, Vec
     (b, t)
 }
 
-/// The training step as a CUDA graph against the same step run eagerly, on `g` as configured:
-/// two batches of one shape (so one graph key) with different tokens, each run eagerly, then
-/// with graphs on A (eager: the key's first sighting), B (captured), A and B (replayed). Each
-/// step's loss and LoRA gradients must equal the eager ones bit for bit (a graph that baked in
-/// the first batch's data, or lost a copy stream's ordering, fails here), and three of the four
-/// steps must have run as graphs.
 /// Every LoRA factor of `layers` layers as (layer, projection, B (else A)): layers, then
 /// projections, then A before B.
 fn factors(layers: usize) -> impl Iterator<Item = (usize, Proj, bool)> {
@@ -514,6 +508,12 @@ fn planned_bytes_row(g: &GpuLlama, what: String, rows: &mut Vec<Row>) -> Result<
     Ok(())
 }
 
+/// The training step as a CUDA graph against the same step run eagerly, on `g` as configured:
+/// two batches of one shape (so one graph key) with different tokens, each run eagerly, then
+/// with graphs on A (eager: the key's first sighting), B (captured), A and B (replayed). Each
+/// step's loss and LoRA gradients must equal the eager ones bit for bit (a graph that baked in
+/// the first batch's data, or lost a copy stream's ordering, fails here), and three of the four
+/// steps must have run as graphs.
 fn graph_row(
     g: &mut GpuLlama,
     steps: [(&Batch, &[i32]); 2],
