@@ -1636,7 +1636,11 @@ mod tests {
         assert_eq!(t, 30);
         let out_row = (2 * n * LLAMA_8B.q_dim() + 4 * n * LLAMA_8B.heads) as u64;
         let resid_row = (2 * n * LLAMA_8B.hidden) as u64;
+        // the reserve: 1/16 of the host, at least 8 GiB (a host under 8 GiB pins no outputs)
         assert_eq!(host_reserve(host), 8 * gib);
+        assert_eq!(host_reserve(256 * gib), 16 * gib);
+        assert_eq!(host_reserve(4 * gib), 8 * gib);
+        assert_eq!(outputs_travel_cap(&LLAMA_8B, n, 0, Some(4 * gib)), 0);
         let by_hand = (host - 8 * gib - 30 * resid_row) / out_row;
         assert_eq!(by_hand, 27);
         assert_eq!(outputs_travel_cap(&LLAMA_8B, n, t, Some(host)), 27);
