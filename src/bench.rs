@@ -18,8 +18,9 @@
 //! sequences) only the attention outputs travel, of as many layers as it holds next to the
 //! residuals, and when some layers would still recompute their attention as few layers as the
 //! host needs (at most every other one) store no input residual, rebuilt by re-running the
-//! layer below (the 8B at one 262k sequence: 8 such layers, 22 residuals and 31 outputs through
-//! the host, 1,824-1,834 tok/s in 35.0 GiB).
+//! layer below (the 8B at one 262k sequence on the H200 host: 4 such layers, 26 residuals and
+//! 31 outputs through the host; with the host's former 1/8 reserve 8 such layers ran 1,973-1,996
+//! tok/s in 35.2 GiB, session 27).
 //! `FTRT_RESIDENT_ATTENTION_LAYERS=k` keeps k recomputed layers' attention outputs on the GPU
 //! instead (the 8B at 262k, k = 8, every residual stored: 1,889 tok/s in 51.3 GiB). HFU counts
 //! no attention forward for the layers whose outputs travel or stay, and one layer forward for

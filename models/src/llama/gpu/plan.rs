@@ -182,10 +182,16 @@ impl Offload {
     }
 }
 
-/// Share of the host's available memory the checkpoint offloads never pin when the attention
-/// outputs fill what the residuals leave (1/8: 15.5 GiB of the H200 host's 123.6), for the
-/// process itself and the rest of the machine.
-pub const HOST_RESERVE_DIVISOR: u64 = 8;
+/// Host memory the checkpoint offloads never pin when the attention outputs fill what the
+/// residuals leave, for the process itself and the rest of the machine: 1/16 of the
+/// `available` memory, at least [`HOST_RESERVE_MIN`] (8 GiB of the H200 host's 123.6, where
+/// the 262k step's process holds ~3 GiB besides its pinned rows).
+pub fn host_reserve(available: u64) -> u64 {
+    (available / 16).max(HOST_RESERVE_MIN)
+}
+
+/// The least [`host_reserve`]: 8 GiB.
+pub const HOST_RESERVE_MIN: u64 = 8 << 30;
 
 /// Bytes per token of the attention outputs' set ([`Offload::Checkpoints`]): the attention
 /// output (bf16 (Hq D)) and the log-sum-exp (f32 per query head).
@@ -195,17 +201,17 @@ pub fn attention_outputs(d: &Dims) -> [usize; 2] {
 
 /// The most recomputed layers whose attention outputs ([`attention_outputs`], `n` tokens) fit
 /// in pinned host rows next to `resid_rows` travelling input residuals, within the host's
-/// `available` memory less [`HOST_RESERVE_DIVISOR`]'s share; unbounded when it is unknown.
-/// The 8B at one 262,144-token sequence on the H200 host: 30 residuals pin 60 GiB, and 23
-/// layers' outputs (2.03 GiB each) fit the 48 GiB left; with 22 residual rows (8 layers storing
-/// none, [`sparse_skips`]) all 31 below the top fit.
+/// `available` memory less [`host_reserve`]; unbounded when it is unknown.
+/// The 8B at one 262,144-token sequence on the H200 host (123.6 GiB available, 8 reserved):
+/// 30 residuals pin 60 GiB, and 27 layers' outputs (2.03 GiB each) fit the 55.6 GiB left; with
+/// 26 residual rows (4 layers storing none, [`sparse_skips`]) all 31 below the top fit.
 pub fn outputs_travel_cap(d: &Dims, n: usize, resid_rows: usize, available: Option<u64>) -> usize {
     let Some(a) = available else {
         return usize::MAX;
     };
     let row = |pieces: &[usize]| piece_start(n, pieces, pieces.len()).max(1) as u64;
     let resid = resid_rows as u64 * row(&[2 * d.hidden]);
-    let free = (a - a / HOST_RESERVE_DIVISOR).saturating_sub(resid);
+    let free = a.saturating_sub(host_reserve(a)).saturating_sub(resid);
     (free / row(&attention_outputs(d))) as usize
 }
 
@@ -224,7 +230,7 @@ pub fn piece_start(n_max: usize, piece_bytes: &[usize], i: usize) -> usize {
 /// (m - 1) / 2: odd positions below the top, [`skipped_residuals`]). None unless, storing all,
 /// some of the other layers below the top would recompute their attention (fewer than them
 /// travel, [`Offload::Checkpoints`]); then `sparse_skips` when that lets enough more travel to
-/// pay for the re-runs ([`sparse_min_gain`]; the 8B at 262k: 8 of 15, every output travels),
+/// pay for the re-runs ([`sparse_min_gain`]; the 8B at 262k: 4 of 15, every output travels),
 /// or all (m - 1) / 2 when, with resident outputs and re-runs cheaper than attention, they take
 /// the residuals that the host cannot hold off the device (the 8B at 524k: 15 of 4 GiB each,
 /// room for the resident outputs).
@@ -1023,7 +1029,7 @@ pub fn kept_layers_within(
 /// activation bytes ([`ActSizes::bytes`] of `s`, with `qk_norm` and stack `widths`), the
 /// fewest among equals; 0 where sparse residuals cannot pay ([`sparse_min_gain`]: there
 /// the attention is cheap, and whole layers or q, k, v spend the memory better). The 8B at one
-/// 262k sequence: 0 within 36 GiB, 8 (the layers whose outputs the host cannot hold) from 51.
+/// 262k sequence: 0 within 36 GiB, 4 (the layers whose outputs the host cannot hold) from ~44.
 pub fn resident_attention_within(
     d: &Dims,
     s: &ActSizes,
@@ -1583,7 +1589,7 @@ mod tests {
     /// The longest row: Llama-3.1-8B QLoRA r=16, one 524,288-token sequence, every
     /// layer recomputed, on the H200 machine's host (123.6 GiB available). Its 32 residuals
     /// (4 GiB each) would pin 128 GiB; 15 travel, the ring's 2 and the 15 above stay, and the
-    /// activations still leave the 4-bit weights room on the 139.8 GiB card. 11 layers'
+    /// activations still leave the 4-bit weights room on the 139.8 GiB card. 13 layers'
     /// attention outputs travel too.
     #[test]
     fn llama_8b_at_524k_tokens_fits_the_h200_with_the_host_short() {
@@ -1609,17 +1615,18 @@ mod tests {
             "{:.1} GiB",
             bytes(0) as f64 / gib as f64
         );
-        // next to the 15 travelling residuals (60 GiB), 11 layers' attention outputs (4.06
-        // GiB each) fit 7/8 of the host; their slot takes the shared buffers' place
+        // next to the 15 travelling residuals (60 GiB), 13 layers' attention outputs (4.06
+        // GiB each) fit the host less its 8 GiB reserve; their slot takes the shared buffers'
+        // place
         let outputs = outputs_travel_cap(&LLAMA_8B, n, t, host);
-        assert_eq!(outputs, 11);
+        assert_eq!(outputs, 13);
         assert_eq!(bytes(outputs), bytes(0));
     }
 
     /// The 262k row on the H200 machine's host (123.6 GiB available): 30 residuals pin
     /// 60 GiB (half the host), the attention checkpoints (4.1 GiB a layer) do not fit, and the
-    /// attention outputs (2.03 GiB a layer) of 23 layers travel within the 7/8 of the host
-    /// that the offloads may pin. Their one-slot ring takes the shared set's output and lse:
+    /// attention outputs (2.03 GiB a layer) of 27 layers travel within what the offloads may
+    /// pin (the host less [`host_reserve`], here 8 GiB). Their one-slot ring takes the shared set's output and lse:
     /// the plan grows by the pieces' alignment only (none at this length).
     #[test]
     fn attention_outputs_travel_within_what_the_residuals_leave_of_the_host() {
@@ -1629,9 +1636,14 @@ mod tests {
         assert_eq!(t, 30);
         let out_row = (2 * n * LLAMA_8B.q_dim() + 4 * n * LLAMA_8B.heads) as u64;
         let resid_row = (2 * n * LLAMA_8B.hidden) as u64;
-        let by_hand = (host - host / 8 - 30 * resid_row) / out_row;
-        assert_eq!(by_hand, 23);
-        assert_eq!(outputs_travel_cap(&LLAMA_8B, n, t, Some(host)), 23);
+        // the reserve: 1/16 of the host, at least 8 GiB (a host under 8 GiB pins no outputs)
+        assert_eq!(host_reserve(host), 8 * gib);
+        assert_eq!(host_reserve(256 * gib), 16 * gib);
+        assert_eq!(host_reserve(4 * gib), 8 * gib);
+        assert_eq!(outputs_travel_cap(&LLAMA_8B, n, 0, Some(4 * gib)), 0);
+        let by_hand = (host - 8 * gib - 30 * resid_row) / out_row;
+        assert_eq!(by_hand, 27);
+        assert_eq!(outputs_travel_cap(&LLAMA_8B, n, t, Some(host)), 27);
         assert_eq!(outputs_travel_cap(&LLAMA_8B, n, t, None), usize::MAX);
         // the residuals alone past what may be pinned: none
         assert_eq!(outputs_travel_cap(&LLAMA_8B, n, 32, Some(60 * gib)), 0);
@@ -1647,15 +1659,15 @@ mod tests {
         };
         let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
         let plan = |o| s.bytes(&LLAMA_8B, false, ALL, 0, o, 0);
-        assert_eq!(plan(offload(t, 23)), plan(offload(t, 0)));
+        assert_eq!(plan(offload(t, 27)), plan(offload(t, 0)));
         // every layer's outputs may travel: the attention checkpoints' ring is planned
         assert!(plan(offload(t, usize::MAX)) > plan(offload(t, 0)));
-        // with 8 outputs resident on the device (2.03 GiB each) the other 23 travel: the plan
+        // with 4 outputs resident on the device (2.03 GiB each) the other 27 travel: the plan
         // adds the resident buffers only
-        let resident = s.bytes(&LLAMA_8B, false, ALL, 0, offload(t, 23), 8);
+        let resident = s.bytes(&LLAMA_8B, false, ALL, 0, offload(t, 27), 4);
         assert_eq!(
-            resident - plan(offload(t, 23)),
-            8 * resident_attention_bytes(&LLAMA_8B, n)
+            resident - plan(offload(t, 27)),
+            4 * resident_attention_bytes(&LLAMA_8B, n)
         );
         // at 500 tokens the lse piece (8,000 bytes) rounds up to 8,192
         let (d, _) = six_layers();
@@ -1789,9 +1801,9 @@ mod tests {
     }
 
     /// The long rows with sparse residuals on the H200 host (123.6 GiB available). At
-    /// 262k, 8 skipped residuals (24 stored, 22 through the host) let every layer's outputs
-    /// travel, in the same device bytes; 7 would leave one layer recomputing its attention. At
-    /// 524k the host holds no more outputs (11 either way), but with 14 outputs resident on the
+    /// 262k, 4 skipped residuals (28 stored, 26 through the host) let every layer's outputs
+    /// travel, in the same device bytes; 3 would leave one layer recomputing its attention. At
+    /// 524k the host holds no more outputs (13 either way), but with 14 outputs resident on the
     /// device, half the residuals leave it room for them.
     #[test]
     fn sparse_residuals_at_262k_and_524k_tokens() {
@@ -1806,8 +1818,8 @@ mod tests {
         assert!(matches!(
             o,
             Offload::Checkpoints {
-                outputs_travel: 23,
-                sparse_skips: 8,
+                outputs_travel: 27,
+                sparse_skips: 4,
                 sparse_outputs_travel: 31,
                 ..
             }
@@ -1817,21 +1829,21 @@ mod tests {
                 skipped_residuals(o, 32, n, 0),
                 outputs_travelling(o, 32, n, 0)
             ),
-            (vec![1, 3, 5, 7, 9, 11, 13, 15], 31)
+            (vec![1, 3, 5, 7], 31)
         );
         // one skip fewer: 30 would fit
-        assert_eq!(outputs_travel_cap(&LLAMA_8B, n, 32 - 7 - 2, host), 30);
-        // with the 8 outputs the host cannot hold resident, every residual is stored
+        assert_eq!(outputs_travel_cap(&LLAMA_8B, n, 32 - 3 - 2, host), 30);
+        // with the 4 outputs the host cannot hold resident, every residual is stored
         assert_eq!(
-            (sparse_skips(o, 32, n, 8), outputs_travelling(o, 32, n, 8)),
-            (0, 23)
+            (sparse_skips(o, 32, n, 4), outputs_travelling(o, 32, n, 4)),
+            (0, 27)
         );
         let dense = Offload::Checkpoints {
             qkv: false,
             gate_up: GateUp::Layers(0),
             resident_qkv: 0,
             resid_travel: 30,
-            outputs_travel: 23,
+            outputs_travel: 27,
             sparse_skips: 0,
             sparse_outputs_travel: 0,
             sparse_min_gain: usize::MAX,
@@ -1842,30 +1854,26 @@ mod tests {
         // 224k: all 31 travel with every residual stored (30 rows on the host, 2 in the ring)
         let n = 229_376;
         let o = offload(n);
-        assert!(matches!(
-            o,
-            Offload::Checkpoints {
-                outputs_travel: 31,
-                ..
-            }
-        ));
-        assert_eq!(sparse_skips(o, 32, n, 0), 0);
+        assert_eq!(
+            (sparse_skips(o, 32, n, 0), outputs_travelling(o, 32, n, 0)),
+            (0, 31)
+        );
         let n = 524_288;
         let o = offload(n);
         assert!(matches!(
             o,
             Offload::Checkpoints {
                 resid_travel: 15,
-                outputs_travel: 11,
+                outputs_travel: 13,
                 sparse_skips: 15,
-                sparse_outputs_travel: 11,
+                sparse_outputs_travel: 13,
                 ..
             }
         ));
         assert_eq!(sparse_skips(o, 32, n, 0), 0);
         assert_eq!(
             (sparse_skips(o, 32, n, 14), outputs_travelling(o, 32, n, 14)),
-            (15, 11)
+            (15, 13)
         );
         assert_eq!(device_residuals(32, 0, o, n, 14), 3);
         let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
@@ -1876,7 +1884,7 @@ mod tests {
 
     /// `--keep-layers auto`'s attention outputs on the H200 (123.6 GiB host): the 8B at one
     /// 262k sequence keeps none within the lean 36 GiB (sparse residuals, all outputs through
-    /// the host), the 8 the host cannot hold from 51 GiB (every residual stored, nothing
+    /// the host), the 4 the host cannot hold from ~44 GiB (every residual stored, nothing
     /// re-run), and no more with more memory; at 524k, as many as the card holds; at 64
     /// sequences of 4096 tokens, none.
     #[test]
@@ -1895,21 +1903,25 @@ mod tests {
         // activation budgets: what a card budget leaves next to the 4-bit weights (~5.3 GiB)
         let n = 262_144;
         assert_eq!(pick(n, n, 30 * gib), 0);
-        assert_eq!(pick(n, n, 46 * gib), 8);
-        assert_eq!(pick(n, n, 100 * gib), 8);
+        assert_eq!(pick(n, n, 46 * gib), 4);
+        assert_eq!(pick(n, n, 100 * gib), 4);
         assert_eq!(pick(n, 4096, 100 * gib), 0);
-        // the lean choice re-runs 8 layers (~1.8 s planned), the 8 resident nothing
+        // the lean choice re-runs 4 layers (~0.9 s planned), the 4 resident nothing
         let o = offload(n);
         let cost = |k| spared_work_seconds(&LLAMA_8B, o, (32, n, n), k);
-        assert!((cost(0) - 8.0 * layer_forward_seconds(&LLAMA_8B) * n as f64).abs() < 1e-9);
-        assert_eq!(cost(8), 0.0);
-        // 524k: 11 travel; each resident output spares an attention forward (~4.5 s)
+        assert!((cost(0) - 4.0 * layer_forward_seconds(&LLAMA_8B) * n as f64).abs() < 1e-9);
+        assert_eq!(cost(4), 0.0);
+        // 524k: 13 travel; each resident output spares an attention forward (~4.5 s)
         let n = 524_288;
+        assert_eq!(pick(n, n, 124 * gib), 16);
         assert_eq!(pick(n, n, 128 * gib), 17);
-        assert_eq!(pick(n, n, 132 * gib), 18);
         let o = offload(n);
         let cost = |k| spared_work_seconds(&LLAMA_8B, o, (32, n, n), k);
-        assert!(cost(17) > cost(18) && cost(0) > cost(17));
+        assert!(cost(16) > cost(17) && cost(0) > cost(16));
+        // the 18th would leave no layer recomputing its attention, so no residual skipped:
+        // 15 more (4 GiB each) on the device, past the card
+        assert_eq!(cost(18), 0.0);
+        assert_eq!(pick(n, n, 140 * gib), 17);
     }
 
     #[test]
