@@ -280,20 +280,29 @@ struct Acts {
     ln: Vec<DevPtr<bf16>>,
     rstd: Vec<DevPtr<f32>>,
     layers: Vec<LayerActs>,
-    /// Scratch (N, C): projection outputs in the forward (the add + norm backwards' unused dx
-    /// output in the backward); it is `dq`'s memory when that is as large (nothing reads dq
-    /// between a layer's q/k/v backward and the next layer's attention backward, where tmp_c
-    /// is used). dresid ping-pong.
+    /// Scratch (N, C): projection outputs in the forward, the recompute and the re-runs of
+    /// layers below skipped residuals. It is `dln`'s memory: those run at the start of a
+    /// layer's backward, after the layer above's input norm backward has read dln and before
+    /// this layer's MLP backward writes it.
     tmp_c: DevPtr<bf16>,
-    dres_a: DevPtr<bf16>,
-    dres_b: DevPtr<bf16>,
+    /// (N, C) d loss / d residual stream, updated in place by each add + norm backward (its
+    /// dx and dres outputs are equal, and each thread reads an element of dh before it writes
+    /// it). It is the final norm output's memory, `ln[L]`, which nothing reads after the
+    /// cross-entropy.
+    dres: DevPtr<bf16>,
     /// (N, C) gradient into a norm output (dln1, dln2, dln_f).
     dln: DevPtr<bf16>,
     /// (rows of one MLP tile, I) dact, dgate, dup.
     dact: DevPtr<bf16>,
     dgate: DevPtr<bf16>,
     dup: DevPtr<bf16>,
-    /// (N, Hq * D) datt, dq, dq_pre; (N, Hkv * D) dk, dv, dk_pre.
+    /// (N, Hq * D) datt, dq, dq_pre; (N, Hkv * D) dk, dv, dk_pre. dq is the recomputed layers'
+    /// shared resid_mid where [`plan::dq_in_resid_mid`] says: a layer's post-attention norm
+    /// backward has read resid_mid before its attention backward writes dq, and its q/k/v
+    /// backward has read dq before the next layer's recompute writes resid_mid. datt is `dln`'s memory (the
+    /// larger of the two sizes): a layer's o_proj backward writes datt after its
+    /// post-attention norm backward has read dln, and its attention backward has read datt
+    /// before its q/k/v backward writes dln.
     datt: DevPtr<bf16>,
     dq: DevPtr<bf16>,
     dq_pre: DevPtr<bf16>,
@@ -1722,11 +1731,11 @@ impl<'g> GpuLlama<'g> {
         } else {
             null
         };
-        let dq = h.alloc::<bf16>(gpu, s.nq)?;
-        let tmp_c = if s.nq >= s.nc {
-            dq
-        } else {
-            h.alloc(gpu, s.nc)?
+        let dln = h.alloc::<bf16>(gpu, s.nc.max(s.nq))?;
+        let dres = ln[d.layers];
+        let dq = match shared {
+            Some((la, _)) if plan::dq_in_resid_mid(&d, m, la.resid_mid.addr != 0) => la.resid_mid,
+            _ => h.alloc::<bf16>(gpu, s.nq)?,
         };
         let inputs = h.alloc::<u32>(gpu, plan::StepInput::block_words(n))?;
         let input = |r: plan::StepInput| inputs.offset(r.offset(n));
@@ -1741,14 +1750,13 @@ impl<'g> GpuLlama<'g> {
             ln,
             rstd,
             layers,
-            tmp_c,
-            dres_a: h.alloc(gpu, s.nc)?,
-            dres_b: h.alloc(gpu, s.nc)?,
-            dln: h.alloc(gpu, s.nc)?,
+            tmp_c: dln,
+            dres,
+            dln,
             dact: h.alloc(gpu, s.ti)?,
             dgate: h.alloc(gpu, s.ti)?,
             dup: h.alloc(gpu, s.ti)?,
-            datt: h.alloc(gpu, s.nq)?,
+            datt: dln,
             dq,
             dq_pre: h.alloc_unless(gpu, !qk, s.nq)?,
             dk: h.alloc(gpu, s.nkv)?,
@@ -2373,22 +2381,20 @@ impl<'g> GpuLlama<'g> {
         let (c, hq, hkv, hd) = (d.hidden, d.heads, d.kv_heads, d.head_dim);
         let nd = norm::add_rms_norm::Dims { R: n, C: c };
         let p_rows = self.max_tokens;
-        // Final norm: d resid after the last layer into dres_a (no residual gradient from
-        // above: dres_b, not yet in use, zeroed).
-        gpu.memset_zero(a.dres_b.cast(), n * c * 2)
+        // Each add + norm backward adds the norm's dx into d resid in place.
+        let add_norm_backward = |w, x, rstd, what| {
+            norm::add_rms_norm::backward(gpu, &nd, w, x, rstd, a.dln, a.dres, a.dres, a.dres)
+                .ctx(what)
+        };
+        // Final norm: d resid after the last layer (no residual gradient from above: zero).
+        gpu.memset_zero(a.dres.cast(), n * c * 2)
             .ctx("zeroing the residual gradient")?;
-        norm::add_rms_norm::backward(
-            gpu,
-            &nd,
+        add_norm_backward(
             self.w(&self.layout.final_norm),
             a.resid[d.layers],
             a.rstd[d.layers],
-            a.dln,
-            a.dres_b,
-            a.tmp_c,
-            a.dres_a,
-        )
-        .ctx("final norm backward")?;
+            "final norm backward",
+        )?;
         for l in (0..d.layers).rev() {
             if !self.is_kept(l) {
                 // With checkpoint offload, resid[l]'s ring slot is read by the recompute (input
@@ -2447,7 +2453,7 @@ impl<'g> GpuLlama<'g> {
                 let (x, gate, up, act) = self.mlp_rows(a, l, r0);
                 let dln = a.dln.offset(r0 * c);
                 let xa = |g: usize| self.xa_rows(la.xa[g], g, r0);
-                let dy = a.dres_a.offset(r0 * c);
+                let dy = a.dres.offset(r0 * c);
                 let g_down = Proj::Down.input_group();
                 // A recompute from the checkpoint wrote gate and up but not act: down's dA
                 // waits until swiglu's backward has written act too.
@@ -2493,26 +2499,20 @@ impl<'g> GpuLlama<'g> {
                     o.prefetch(gpu, below, n)?;
                 }
             }
-            norm::add_rms_norm::backward(
-                gpu,
-                &nd,
+            add_norm_backward(
                 self.w(&lw.post_norm),
                 la.resid_mid,
                 la.rstd2,
-                a.dln,
-                a.dres_a,
-                a.tmp_c,
-                a.dres_b,
-            )
-            .ctx("post-attention norm backward")?;
-            // Attention block: dres_b is d resid_in (so far) and d o_proj output.
+                "post-attention norm backward",
+            )?;
+            // Attention block: dres is d resid_in (so far) and d o_proj output.
             let g_o = Proj::O.input_group();
             self.group_backward(
                 l,
                 g_o,
                 Some(la.att),
                 la.xa[g_o],
-                &[(Proj::O, a.dres_b)],
+                &[(Proj::O, a.dres)],
                 a.datt,
                 false,
                 n,
@@ -2594,18 +2594,12 @@ impl<'g> GpuLlama<'g> {
                 a.dxa,
             )?;
             if l > 0 {
-                norm::add_rms_norm::backward(
-                    gpu,
-                    &nd,
+                add_norm_backward(
                     self.w(&lw.input_norm),
                     a.resid[l],
                     a.rstd[l],
-                    a.dln,
-                    a.dres_b,
-                    a.tmp_c,
-                    a.dres_a,
-                )
-                .ctx("input norm backward")?;
+                    "input norm backward",
+                )?;
             }
         }
         Ok(())

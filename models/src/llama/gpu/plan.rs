@@ -74,7 +74,10 @@ pub enum Offload {
     /// then; [`sparse_min_gain`]: what pays for the re-runs, usize::MAX: never), the residuals
     /// are sparse ([`sparse_skips`]): that many recomputed layers at odd positions below the
     /// top, the lowest, store none ([`skipped_residuals`]), and the backward rebuilds one by
-    /// re-running the forward of the layer below.
+    /// re-running the forward of the layer below. With `resident_spares_skip` (an attention
+    /// output's host row is no smaller than an input residual's: q_dim >= hidden, as in every
+    /// supported model), each attention output kept on the device lets one skipped layer
+    /// store its residual in the host rows the output would have taken.
     Checkpoints {
         qkv: bool,
         gate_up: GateUp,
@@ -84,6 +87,7 @@ pub enum Offload {
         sparse_skips: usize,
         sparse_outputs_travel: usize,
         sparse_min_gain: usize,
+        resident_spares_skip: bool,
     },
 }
 
@@ -135,6 +139,7 @@ impl Offload {
             sparse_skips,
             sparse_outputs_travel: outputs_with(d.layers - sparse_skips),
             sparse_min_gain: sparse_min_gain(d, n, seq, sparse_skips),
+            resident_spares_skip: attention_outputs(d).iter().sum::<usize>() >= 2 * d.hidden,
         }
     }
 
@@ -151,6 +156,7 @@ impl Offload {
             sparse_skips: 0,
             sparse_outputs_travel: 0,
             sparse_min_gain: usize::MAX,
+            resident_spares_skip: true,
         }
     }
 
@@ -166,6 +172,7 @@ impl Offload {
                 sparse_skips,
                 sparse_outputs_travel,
                 sparse_min_gain,
+                resident_spares_skip,
                 ..
             } => Offload::Checkpoints {
                 qkv,
@@ -176,6 +183,7 @@ impl Offload {
                 sparse_skips,
                 sparse_outputs_travel,
                 sparse_min_gain,
+                resident_spares_skip,
             },
             Offload::Off => Offload::Off,
         }
@@ -229,9 +237,10 @@ pub fn piece_start(n_max: usize, piece_bytes: &[usize], i: usize) -> usize {
 /// tokens, `resident` of them keeping their attention outputs on the device (at most
 /// (m - 1) / 2: odd positions below the top, [`skipped_residuals`]). None unless, storing all,
 /// some of the other layers below the top would recompute their attention (fewer than them
-/// travel, [`Offload::Checkpoints`]); then `sparse_skips` when that lets enough more travel to
-/// pay for the re-runs ([`sparse_min_gain`]; the 8B at 262k: 4 of 15, every output travels),
-/// or all (m - 1) / 2 when, with resident outputs and re-runs cheaper than attention, they take
+/// travel, [`Offload::Checkpoints`]); then `sparse_skips` (one fewer for each resident output
+/// with `resident_spares_skip` when `sparse_skips` let every output below the top travel), when that lets enough more travel to pay for the re-runs
+/// ([`sparse_min_gain`]; the 8B at 262k: 4 of 15, every output travels; 1 with 3 resident), or
+/// all (m - 1) / 2 when, with resident outputs and re-runs cheaper than attention, they take
 /// the residuals that the host cannot hold off the device (the 8B at 524k: 15 of 4 GiB each,
 /// room for the resident outputs).
 pub fn sparse_skips(offload: Offload, m: usize, n: usize, resident: usize) -> usize {
@@ -242,6 +251,7 @@ pub fn sparse_skips(offload: Offload, m: usize, n: usize, resident: usize) -> us
             sparse_skips,
             sparse_outputs_travel,
             sparse_min_gain,
+            resident_spares_skip,
             ..
         } if m >= 3 => {
             let below = m - 1 - resident.min(m - 1);
@@ -252,9 +262,13 @@ pub fn sparse_skips(offload: Offload, m: usize, n: usize, resident: usize) -> us
             let room = resident > 0
                 && sparse_min_gain != usize::MAX
                 && resid_members(m, n, resid_travel) < m;
+            // with every output below the top travelling at `sparse_skips`, a resident output's
+            // host row holds a residual's
+            let spares = resident_spares_skip && sparse_outputs_travel >= m - 1;
+            let spared = usize::from(spares) * resident;
             match outputs_travel < below {
                 true if room => (m - 1) / 2,
-                true if more => sparse_skips.min((m - 1) / 2),
+                true if more => sparse_skips.min((m - 1) / 2).saturating_sub(spared),
                 _ => 0,
             }
         }
@@ -922,19 +936,27 @@ impl ActSizes {
         let recomputed = d.layers - kept;
         let resident = below_top_layers(&(0..recomputed).collect::<Vec<_>>(), resident_attention);
         let resident = resident.len();
+        // (an upper bound: the checkpoints may not fit the host, [`pinned_rows_fit`])
+        let checkpoints_travel = match offload {
+            Offload::Checkpoints {
+                resid_travel,
+                outputs_travel,
+                ..
+            } => {
+                recomputed > 0
+                    && resident_attention == 0
+                    && resid_members(recomputed, self.n, resid_travel) == recomputed
+                    && outputs_travel >= recomputed
+            }
+            Offload::Off => false,
+        };
         let attn_ring = match offload {
             Offload::Checkpoints {
                 qkv,
                 gate_up,
                 resident_qkv,
-                resid_travel,
-                outputs_travel,
                 ..
-            } if recomputed > 0
-                && resident_attention == 0
-                && resid_members(recomputed, self.n, resid_travel) == recomputed
-                && outputs_travel >= recomputed =>
-            {
+            } if checkpoints_travel => {
                 let r = self.nr / self.n.max(1);
                 let pieces = attention_checkpoint(d, qk_norm, widths.map(|w| w * r), qkv);
                 let checkpoint = |align: usize| {
@@ -980,14 +1002,14 @@ impl ActSizes {
         let streams = device_residuals(d.layers, kept, offload, self.n, resident) * b * self.nc
             + (d.layers + 1) * 4 * self.n
             + (slots + 1) * b * self.nc;
-        // dres_a, dres_b, dln, and tmp_c unless it is dq's memory; d act, d gate, d up; datt,
-        // dq; dk, dv; dxa; logits; padding operands; attention scratch
-        let tmp_c = usize::from(self.nq < self.nc) * self.nc;
+        // dln, datt and tmp_c in one buffer (d resid is the final norm output's, in `streams`);
+        // d act, d gate, d up; dq unless it is the shared resid_mid; dk, dv; dxa; logits;
+        // padding operands; attention scratch
+        let dq = usize::from(!dq_in_resid_mid(d, recomputed, !checkpoints_travel)) * self.nq;
         let scratch = b
-            * (3 * self.nc
-                + tmp_c
+            * (self.nc.max(self.nq)
                 + 3 * self.ti
-                + 2 * self.nq
+                + dq
                 + 2 * self.nkv
                 + 3 * self.nr
                 + self.logits)
@@ -1005,6 +1027,16 @@ impl ActSizes {
             + streams
             + scratch
     }
+}
+
+/// Whether the backward's dq ((N, Hq D) bf16) lives in the recomputed layers' shared resid_mid
+/// ((N, C)) for a model of `d` with `recomputed` of its layers recomputed, when the shared set
+/// holds resid_mid in a buffer of its own (`resid_mid_own`: the attention checkpoints do not
+/// travel, or it would be in their ring): only when every layer is recomputed (a kept layer's
+/// backward would write dq over the highest recomputed layer's resid_mid, which its forward
+/// left for its backward) and dq fits.
+pub fn dq_in_resid_mid(d: &Dims, recomputed: usize, resid_mid_own: bool) -> bool {
+    recomputed == d.layers && resid_mid_own && d.q_dim() <= d.hidden
 }
 
 /// The most layers whose activations fit: the largest `kept` in 0..=L whose activation bytes
@@ -1029,7 +1061,9 @@ pub fn kept_layers_within(
 /// activation bytes ([`ActSizes::bytes`] of `s`, with `qk_norm` and stack `widths`), the
 /// fewest among equals; 0 where sparse residuals cannot pay ([`sparse_min_gain`]: there
 /// the attention is cheap, and whole layers or q, k, v spend the memory better). The 8B at one
-/// 262k sequence: 0 within 36 GiB, 4 (the layers whose outputs the host cannot hold) from ~44.
+/// 262k sequence: one for each ~2 GiB past ~23.5 GiB of activations (each one skipped
+/// residual fewer, [`sparse_skips`]), all 4 whose outputs the host cannot hold from ~29.6 (the
+/// lean 36 GiB card budget leaves ~30.5).
 pub fn resident_attention_within(
     d: &Dims,
     s: &ActSizes,
@@ -1374,9 +1408,11 @@ mod tests {
             .map(|k| s.bytes(&d, false, ALL, k, Offload::Off, 0))
             .collect();
         // Each kept layer replaces its share of the one shared set by its own buffers (saved
-        // tensors + input norm output); keeping L - 1 layers needs as much as keeping all.
-        let step = by_kept[1] - by_kept[0];
-        for k in 0..5 {
+        // tensors + input norm output); keeping L - 1 layers needs as much as keeping all. With
+        // every layer recomputed, dq lives in the shared set's resid_mid.
+        let step = by_kept[2] - by_kept[1];
+        assert_eq!(by_kept[1] - by_kept[0], step + 2 * s.nq);
+        for k in 1..5 {
             assert_eq!(by_kept[k + 1] - by_kept[k], step, "kept {k}");
         }
         assert_eq!(by_kept[6], by_kept[5]);
@@ -1494,7 +1530,13 @@ mod tests {
                 0
             };
             let resid_saved = (recomputed.saturating_sub(RESID_RING) * resid) as i64;
-            assert_eq!(on_device - off, resid_saved - attn_ring, "kept {k}");
+            // with every layer recomputed and no ring, dq lives in the shared resid_mid
+            let dq_shared = (usize::from(k == 0) * 2 * s.nq) as i64;
+            assert_eq!(
+                on_device - off,
+                resid_saved - attn_ring - dq_shared,
+                "kept {k}"
+            );
             // all but the ring's last `resid_ring` travel
             assert_eq!(
                 device_residuals(6, k, LEAN, 512, 0),
@@ -1560,6 +1602,7 @@ mod tests {
             sparse_skips: 0,
             sparse_outputs_travel: 0,
             sparse_min_gain: usize::MAX,
+            resident_spares_skip: true,
         };
         // six recomputed layers, fewer than the ring's three may travel: the ring takes the
         // lowest t + 3, the layers above keep their residuals, no attention checkpoint
@@ -1606,6 +1649,7 @@ mod tests {
             sparse_skips: 0,
             sparse_outputs_travel: 0,
             sparse_min_gain: usize::MAX,
+            resident_spares_skip: true,
         };
         assert_eq!(device_residuals(32, 0, offload(0), n, 0), 18);
         let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
@@ -1656,6 +1700,7 @@ mod tests {
             sparse_skips: 0,
             sparse_outputs_travel: 0,
             sparse_min_gain: usize::MAX,
+            resident_spares_skip: true,
         };
         let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
         let plan = |o| s.bytes(&LLAMA_8B, false, ALL, 0, o, 0);
@@ -1703,6 +1748,7 @@ mod tests {
                 sparse_skips,
                 sparse_outputs_travel,
                 sparse_min_gain: 1,
+                resident_spares_skip: false,
             }
         };
         let offload = |r, o, s| skipping(2, r, o, s);
@@ -1750,6 +1796,7 @@ mod tests {
             sparse_skips: 2,
             sparse_outputs_travel: 1,
             sparse_min_gain: usize::MAX,
+            resident_spares_skip: true,
         };
         assert_eq!(sparse_skips(never, 6, 512, 1), 0);
         // more travelling outputs pay only from the minimum gain on
@@ -1762,9 +1809,34 @@ mod tests {
             sparse_skips: 2,
             sparse_outputs_travel: 3,
             sparse_min_gain,
+            resident_spares_skip: true,
         };
         assert_eq!(sparse_skips(gain(2), 6, 512, 0), 2);
         assert_eq!(sparse_skips(gain(3), 6, 512, 0), 0);
+        // an output's host row holding a residual's: each resident output stores one skipped
+        // residual again, when the skips let every output below the top travel
+        let spares = |sparse_outputs_travel| Offload::Checkpoints {
+            qkv: false,
+            gate_up: GateUp::Layers(0),
+            resident_qkv: 0,
+            resid_travel: max,
+            outputs_travel: 3,
+            sparse_skips: 2,
+            sparse_outputs_travel,
+            sparse_min_gain: 1,
+            resident_spares_skip: true,
+        };
+        // (offload, resident) -> skipped residuals, travelling outputs
+        let cases = [
+            (spares(5), 0, 2, 5),
+            (spares(5), 1, 1, 4),
+            (spares(5), 2, 0, 3),
+            (spares(4), 1, 2, 4),
+        ];
+        for (o, resident, skips, travelling) in cases {
+            assert_eq!(sparse_skips(o, 6, 512, resident), skips, "{o:?} {resident}");
+            assert_eq!(outputs_travelling(o, 6, 512, resident), travelling);
+        }
         // every residual travelling: the device keeps the ring either way (the skipped ones
         // share the last layer's output's buffer)
         let bytes = |o, resident| s.bytes(&d, false, ALL, 0, o, resident);
@@ -1847,6 +1919,7 @@ mod tests {
             sparse_skips: 0,
             sparse_outputs_travel: 0,
             sparse_min_gain: usize::MAX,
+            resident_spares_skip: true,
         };
         let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
         let plan = |o| s.bytes(&LLAMA_8B, false, ALL, 0, o, 0);
@@ -1883,10 +1956,11 @@ mod tests {
     }
 
     /// `--keep-layers auto`'s attention outputs on the H200 (123.6 GiB host): the 8B at one
-    /// 262k sequence keeps none within the lean 36 GiB (sparse residuals, all outputs through
-    /// the host), the 4 the host cannot hold from ~44 GiB (every residual stored, nothing
-    /// re-run), and no more with more memory; at 524k, as many as the card holds; at 64
-    /// sequences of 4096 tokens, none.
+    /// 262k sequence keeps one more for each ~2 GiB from ~23.5 GiB of activations, each storing
+    /// one more residual in the host row its output leaves (one re-run fewer), up to the 4 the
+    /// host cannot hold from ~29.6 GiB (every residual stored, nothing re-run; the lean 36 GiB
+    /// card budget leaves ~30.5), and no more with more memory; at 524k, as many as the card
+    /// holds; at 64 sequences of 4096 tokens, none.
     #[test]
     fn auto_keeps_the_attention_outputs_that_spare_the_most_recompute() {
         let gib = 1usize << 30;
@@ -1900,21 +1974,27 @@ mod tests {
             let plan = (0, offload(n));
             resident_attention_within(&LLAMA_8B, &s, (false, ALL), plan, seq, budget)
         };
-        // activation budgets: what a card budget leaves next to the 4-bit weights (~5.3 GiB)
+        // activation budgets: what a card budget leaves next to the 4-bit weights (~5.5 GiB)
         let n = 262_144;
-        assert_eq!(pick(n, n, 30 * gib), 0);
-        assert_eq!(pick(n, n, 46 * gib), 4);
+        assert_eq!(pick(n, n, 23 * gib), 0);
+        assert_eq!(pick(n, n, 24 * gib), 1);
+        assert_eq!(pick(n, n, 28 * gib), 3);
+        assert_eq!(pick(n, n, 30 * gib), 4);
         assert_eq!(pick(n, n, 100 * gib), 4);
         assert_eq!(pick(n, 4096, 100 * gib), 0);
-        // the lean choice re-runs 4 layers (~0.9 s planned), the 4 resident nothing
+        // with none resident 4 layers are re-run (~0.9 s planned), one fewer per resident
+        // output, none with 4
         let o = offload(n);
         let cost = |k| spared_work_seconds(&LLAMA_8B, o, (32, n, n), k);
-        assert!((cost(0) - 4.0 * layer_forward_seconds(&LLAMA_8B) * n as f64).abs() < 1e-9);
-        assert_eq!(cost(4), 0.0);
+        let rerun = layer_forward_seconds(&LLAMA_8B) * n as f64;
+        for k in 0..=4 {
+            assert!((cost(k) - (4 - k) as f64 * rerun).abs() < 1e-9, "{k}");
+            assert_eq!(outputs_travelling(o, 32, n, k), 31 - k);
+        }
         // 524k: 13 travel; each resident output spares an attention forward (~4.5 s)
         let n = 524_288;
-        assert_eq!(pick(n, n, 124 * gib), 16);
-        assert_eq!(pick(n, n, 128 * gib), 17);
+        assert_eq!(pick(n, n, 110 * gib), 16);
+        assert_eq!(pick(n, n, 112 * gib), 17);
         let o = offload(n);
         let cost = |k| spared_work_seconds(&LLAMA_8B, o, (32, n, n), k);
         assert!(cost(16) > cost(17) && cost(0) > cost(16));

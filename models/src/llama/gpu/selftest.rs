@@ -655,6 +655,7 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
                 sparse_skips: 0,
                 sparse_outputs_travel: 0,
                 sparse_min_gain: usize::MAX,
+                resident_spares_skip: true,
             },
             (want.0, &want.1),
             &name,
@@ -676,20 +677,26 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
     // Sparse residuals: the attention checkpoints do not fit, and storing fewer input residuals
     // lets more outputs travel, so layers 1 and 3 (or, skipping one, layer 1) store none and
     // the backward re-runs layers 0 and 2: (resid_travel, outputs_travel, sparse_skips,
-    // sparse_outputs_travel, MLP tile, resident outputs) and the travelling outputs expected.
+    // sparse_outputs_travel, MLP tile, resident outputs), the travelling outputs expected, and
+    // whether a resident output spares a skip.
     // With one output travelling the re-run of layer 2 recomputes its attention; with no
     // residual through the host the ring holds three stored ones and the top layer keeps its
-    // own; with two resident outputs (layers 3 and 4) the three below travel.
+    // own; with two resident outputs (layers 3 and 4) the three below travel; with one
+    // resident output (layer 4) whose host row holds a residual, layer 3 stores its residual
+    // again and the four below travel.
     let sparse_runs = [
-        (ALL, 0, 2, 1, None, 0, 1),
-        (ALL, 0, 2, 1, None, 0, 1),
-        (ALL, 1, 2, ALL, Some(24), 0, 5),
-        (0, 0, 2, ALL, None, 0, 5),
-        (ALL, 0, 2, ALL, None, 2, 3),
-        (ALL, 0, 1, 1, None, 0, 1),
-        (ALL, 1, 1, ALL, Some(24), 0, 5),
+        (ALL, 0, 2, 1, None, 0, 1, false),
+        (ALL, 0, 2, 1, None, 0, 1, false),
+        (ALL, 1, 2, ALL, Some(24), 0, 5, false),
+        (0, 0, 2, ALL, None, 0, 5, false),
+        (ALL, 0, 2, ALL, None, 2, 3, false),
+        (ALL, 0, 1, 1, None, 0, 1, false),
+        (ALL, 1, 1, ALL, Some(24), 0, 5, false),
+        (ALL, 2, 2, ALL, None, 1, 4, true),
     ];
-    for (resid_travel, outputs_travel, skips, sparse, tile, resident, want_travel) in sparse_runs {
+    for (resid_travel, outputs_travel, skips, sparse, tile, resident, want_travel, spares) in
+        sparse_runs
+    {
         let (name, want) = match tile {
             Some(t) => (
                 format!("{arch} x{OFFLOAD_LAYERS}, MLP tiles of {t}, sparse residuals"),
@@ -711,11 +718,12 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
             sparse_skips: skips,
             sparse_outputs_travel: sparse,
             sparse_min_gain: 1,
+            resident_spares_skip: spares,
         };
         let want = (want.0, &want.1);
         recompute_row(&mut g, &batch, &targets, 0, offload, want, &name, rows)?;
         let (skipped, travelled) = (g.skipped_residuals(), g.outputs_offloaded().len());
-        let want_skipped = &[1, 3][..skips];
+        let want_skipped = &[1, 3][..skips - usize::from(spares) * resident];
         if skipped != want_skipped || travelled != want_travel {
             return Err(format!(
                 "{name}: layers {skipped:?} stored no residual (want {want_skipped:?}), {travelled} layers' attention outputs travelled (want {want_travel})"
@@ -766,6 +774,7 @@ fn check_offload_deep(gpu: &Gpu, arch: &str, rows: &mut Vec<Row>) -> Result<(), 
         sparse_skips: 2,
         sparse_outputs_travel: ALL,
         sparse_min_gain: 1,
+        resident_spares_skip: false,
     });
     let name = format!("{arch} x{OFFLOAD_LAYERS}, MLP tiles of 24, sparse residuals offloaded");
     graph_row(&mut g, graph_steps, &name, rows)?;
