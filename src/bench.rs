@@ -19,10 +19,11 @@
 //! residuals, and when some layers would still recompute their attention as few layers as the
 //! host needs (at most every other one) store no input residual, rebuilt by re-running the
 //! layer below (the 8B at one 262k sequence on the H200 host: 4 such layers, 26 residuals and
-//! 31 outputs through the host; with the host's former 1/8 reserve 8 such layers ran 1,973-1,996
-//! tok/s in 35.2 GiB, session 27).
-//! `FTRT_RESIDENT_ATTENTION_LAYERS=k` keeps k recomputed layers' attention outputs on the GPU
-//! instead (the 8B at 262k, k = 8, every residual stored: 1,889 tok/s in 51.3 GiB). HFU counts
+//! 31 outputs through the host, 1,967 tok/s on one card in session 28). With `auto` and a
+//! budget, the memory left keeps attention outputs on the GPU instead, each one letting a
+//! skipped layer store its residual again in the host row it leaves (the 8B at 262k within 36
+//! GiB: 4 kept, 27 through the host, every residual stored, 1,973-1,976 tok/s in 35.4 GiB,
+//! session 28). `FTRT_RESIDENT_ATTENTION_LAYERS=k` sets k. HFU counts
 //! no attention forward for the layers whose outputs travel or stay, and one layer forward for
 //! each re-run (without attention where the re-run layer's outputs are kept).
 use clap::Args;
