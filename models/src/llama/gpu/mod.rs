@@ -296,13 +296,14 @@ struct Acts {
     dact: DevPtr<bf16>,
     dgate: DevPtr<bf16>,
     dup: DevPtr<bf16>,
-    /// (N, Hq * D) datt, dq, dq_pre; (N, Hkv * D) dk, dv, dk_pre. dq is the recomputed layers'
-    /// shared resid_mid where [`plan::dq_in_resid_mid`] says: a layer's post-attention norm
-    /// backward has read resid_mid before its attention backward writes dq, and its q/k/v
-    /// backward has read dq before the next layer's recompute writes resid_mid. datt is `dln`'s memory (the
-    /// larger of the two sizes): a layer's o_proj backward writes datt after its
-    /// post-attention norm backward has read dln, and its attention backward has read datt
-    /// before its q/k/v backward writes dln.
+    /// (N, Hq * D) datt, dq, dq_pre; (N, Hkv * D) dk, dv, dk_pre.
+    /// - datt is `dln`'s memory (the larger of the two sizes): a layer's o_proj backward writes
+    ///   datt after its post-attention norm backward has read dln, and its attention backward
+    ///   has read datt before its q/k/v backward writes dln.
+    /// - dq is the recomputed layers' shared resid_mid where [`plan::dq_in_resid_mid`] says: a
+    ///   layer's post-attention norm backward has read resid_mid before its attention backward
+    ///   writes dq, and its q/k/v backward has read dq before the next layer's recompute
+    ///   writes resid_mid.
     datt: DevPtr<bf16>,
     dq: DevPtr<bf16>,
     dq_pre: DevPtr<bf16>,

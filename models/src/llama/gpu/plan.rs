@@ -238,11 +238,12 @@ pub fn piece_start(n_max: usize, piece_bytes: &[usize], i: usize) -> usize {
 /// (m - 1) / 2: odd positions below the top, [`skipped_residuals`]). None unless, storing all,
 /// some of the other layers below the top would recompute their attention (fewer than them
 /// travel, [`Offload::Checkpoints`]); then `sparse_skips` (one fewer for each resident output
-/// with `resident_spares_skip` when `sparse_skips` let every output below the top travel), when that lets enough more travel to pay for the re-runs
-/// ([`sparse_min_gain`]; the 8B at 262k: 4 of 15, every output travels; 1 with 3 resident), or
-/// all (m - 1) / 2 when, with resident outputs and re-runs cheaper than attention, they take
-/// the residuals that the host cannot hold off the device (the 8B at 524k: 15 of 4 GiB each,
-/// room for the resident outputs).
+/// with `resident_spares_skip` when `sparse_skips` let every output below the top travel),
+/// when that lets enough more travel to pay for the re-runs ([`sparse_min_gain`]; the 8B at
+/// 262k: 4 of 15, every output travels; 1 with 3 resident), or all (m - 1) / 2 when, with
+/// resident outputs and re-runs cheaper than attention, they take the residuals that the host
+/// cannot hold off the device (the 8B at 524k: 15 of 4 GiB each, room for the resident
+/// outputs).
 pub fn sparse_skips(offload: Offload, m: usize, n: usize, resident: usize) -> usize {
     match offload {
         Offload::Checkpoints {
@@ -1670,8 +1671,9 @@ mod tests {
     /// The 262k row on the H200 machine's host (123.6 GiB available): 30 residuals pin
     /// 60 GiB (half the host), the attention checkpoints (4.1 GiB a layer) do not fit, and the
     /// attention outputs (2.03 GiB a layer) of 27 layers travel within what the offloads may
-    /// pin (the host less [`host_reserve`], here 8 GiB). Their one-slot ring takes the shared set's output and lse:
-    /// the plan grows by the pieces' alignment only (none at this length).
+    /// pin (the host less [`host_reserve`], here 8 GiB). Their one-slot ring takes the shared
+    /// set's output and lse: the plan grows by the pieces' alignment only (none at this
+    /// length).
     #[test]
     fn attention_outputs_travel_within_what_the_residuals_leave_of_the_host() {
         let (n, gib) = (262_144, 1u64 << 30);
