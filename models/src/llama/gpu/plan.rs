@@ -1859,6 +1859,62 @@ mod tests {
     /// Sparse residuals pay where an attention forward costs more than a layer forward without
     /// it, for enough more travelling outputs: the 8B at one long sequence, not at many short
     /// ones in the same token budget.
+    /// What a plan pins on the host (the stored residuals' rows, at most `resid_travel`, and the
+    /// travelling attention outputs' rows, [`sparse_skips`] and [`outputs_travelling`] for each
+    /// count of resident outputs) stays within the host less its reserve whenever outputs
+    /// travel: on random hosts, lengths, recomputed counts and shapes, with an output row at
+    /// least a residual's (`resident_spares_skip`) and without (q_dim < hidden; the first
+    /// case, where sparing skips there would pin past the host).
+    #[test]
+    fn sparse_plans_pin_no_more_than_the_host_allows() {
+        let narrow_q = Dims {
+            heads: 8,
+            head_dim: 128,
+            ..LLAMA_1B
+        };
+        let lean = (false, GateUp::Layers(0), 0);
+        // (shape, tokens, host bytes, recomputed layers) -> resident counts that stored some
+        // skipped residuals again (but not all: 0 skips is where every output travels anyway)
+        let check = |d: Dims, n: usize, available: u64, m: usize| {
+            let o = Offload::for_host(&d, (n, n), Some(available), lean);
+            let Offload::Checkpoints { resid_travel, .. } = o else {
+                unreachable!("for_host plans checkpoint offload")
+            };
+            let resid_row = piece_start(n, &[2 * d.hidden], 1);
+            let output_row = piece_start(n, &attention_outputs(&d), 2);
+            let budget = available.saturating_sub(host_reserve(available)) as usize;
+            let mut spared = 0;
+            for resident in 0..m {
+                let skips = sparse_skips(o, m, n, resident);
+                spared += usize::from(0 < skips && skips < sparse_skips(o, m, n, 0));
+                let stored = m - skips;
+                let rows = stored
+                    .saturating_sub(resid_ring(stored, n))
+                    .min(resid_travel);
+                let travel = outputs_travelling(o, m, n, resident);
+                let pinned = rows * resid_row + travel * output_row;
+                assert!(
+                    travel == 0 || pinned <= budget,
+                    "{d:?} n {n} host {available} m {m} resident {resident}: {skips} skips, \
+                     {rows} residual rows and {travel} outputs pin {pinned} > {budget}"
+                );
+            }
+            spared
+        };
+        assert_eq!(check(narrow_q, 65_536, 12 << 30, 16), 0);
+        let mut rng = ftrt_runtime::rng::SplitMix64::new(ftrt_runtime::rng::fresh_seed());
+        let shapes = [LLAMA_8B, LLAMA_1B, narrow_q];
+        let mut spared = 0;
+        for _ in 0..3000 {
+            let d = shapes[rng.below(shapes.len())];
+            let n = (1 + rng.below(128)) * 4096;
+            let available = (4 + rng.below(252) as u64) << 30;
+            spared += check(d, n, available, 3 + rng.below(d.layers - 2));
+        }
+        // the rule that resident outputs spare skips took part
+        assert!(spared > 0);
+    }
+
     #[test]
     fn sparse_residuals_pay_for_long_sequences_only() {
         let n = 262_144;
