@@ -22,8 +22,9 @@
 //! 31 outputs through the host, 1,967 tok/s on one card in session 28). With `auto` and a
 //! budget, the memory left keeps attention outputs on the GPU instead, each one letting a
 //! skipped layer store its residual again in the host row it leaves (the 8B at 262k within 36
-//! GiB: 4 kept, 27 through the host, every residual stored, 1,973-1,976 tok/s in 35.4 GiB,
-//! session 28). `FTRT_RESIDENT_ATTENTION_LAYERS=k` sets k. HFU counts
+//! GiB: 4 kept, 27 through the host, every residual stored: 2,008 tok/s in 35.4 GiB side by
+//! side with Unsloth's 1,507 in session 29, 1,941-1,976 on slower cards in session 28).
+//! `FTRT_RESIDENT_ATTENTION_LAYERS=k` sets k. HFU counts
 //! no attention forward for the layers whose outputs travel or stay, and one layer forward for
 //! each re-run (without attention where the re-run layer's outputs are kept).
 use clap::Args;
