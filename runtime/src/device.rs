@@ -89,6 +89,10 @@ impl<T> DevPtr<T> {
     pub const fn null() -> Self {
         Self::new(0)
     }
+    /// Whether this is the null pointer: a buffer the plan left out.
+    pub const fn is_null(self) -> bool {
+        self.addr == 0
+    }
     /// The pointer `elems` elements of `T` further on.
     pub fn offset(self, elems: usize) -> Self {
         Self::new(self.addr + (elems * std::mem::size_of::<T>()) as u64)
@@ -482,6 +486,8 @@ mod tests {
         assert_eq!(p.offset(3).addr, 1030);
         assert_eq!(p.cast::<f32>().offset(2).addr, 1032);
         assert_eq!(DevPtr::<f32>::null().addr, 0);
+        assert!(DevPtr::<f32>::null().is_null());
+        assert!(!p.is_null() && !DevPtr::<u8>::new(1).is_null());
         assert_eq!(std::mem::size_of::<DevPtr<f64>>(), 8);
     }
 

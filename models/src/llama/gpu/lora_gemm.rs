@@ -40,7 +40,7 @@ impl GpuLlama<'_> {
 
     /// The rows of group `g`'s x A^T buffer `xa` from row `r0` on.
     pub(super) fn xa_rows(&self, xa: DevPtr<bf16>, g: usize, r0: usize) -> DevPtr<bf16> {
-        if xa.addr == 0 {
+        if xa.is_null() {
             xa
         } else {
             xa.offset(r0 * self.xa_ld(g))

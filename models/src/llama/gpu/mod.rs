@@ -861,8 +861,8 @@ impl<'g> GpuLlama<'g> {
         }
         let slots = self.acts.as_ref().map(|a| a.nf4_slots);
         let (i, dst) = match (p, slots) {
-            (Proj::Up, Some([up, _])) if up != DevPtr::null() => (1, up),
-            (Proj::Down, Some([_, down])) if down != DevPtr::null() => (2, down),
+            (Proj::Up, Some([up, _])) if !up.is_null() => (1, up),
+            (Proj::Down, Some([_, down])) if !down.is_null() => (2, down),
             _ => (0, q.scratch),
         };
         let mut held = q.dequantized.get();
@@ -1735,7 +1735,7 @@ impl<'g> GpuLlama<'g> {
         let dln = h.alloc::<bf16>(gpu, s.nc.max(s.nq))?;
         let dres = ln[d.layers];
         let dq = match shared {
-            Some((la, _)) if plan::dq_in_resid_mid(&d, m, la.resid_mid.addr != 0) => la.resid_mid,
+            Some((la, _)) if plan::dq_in_resid_mid(&d, m, !la.resid_mid.is_null()) => la.resid_mid,
             _ => h.alloc::<bf16>(gpu, s.nq)?,
         };
         let inputs = h.alloc::<u32>(gpu, plan::StepInput::block_words(n))?;
