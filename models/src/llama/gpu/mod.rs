@@ -946,9 +946,10 @@ impl<'g> GpuLlama<'g> {
 
     /// Checkpoint offload (off by default): the input residuals (N, C) of the recomputed layers
     /// (see [`Self::set_kept_layers`]), and their attention checkpoints
-    /// ([`plan::attention_checkpoint`]), live in rings of [`plan::resid_ring`] device slots
-    /// instead of one buffer per layer; the forward copies each set a later layer overwrites
-    /// to pinned host memory on a copy stream, the backward prefetches it on another one while
+    /// ([`plan::attention_checkpoint`]), live in rings of [`plan::resid_ring`] device slots (one
+    /// more while gate/up sets travel) instead of one buffer per layer; the forward copies each
+    /// set a later layer overwrites to pinned host memory on a copy stream, the backward
+    /// prefetches it on another one while
     /// the layer above is differentiated (see [`layer_offload`]). The recompute then redoes
     /// ln2 and the MLP (gate, up, the activation), and q, k, v unless the checkpoints carry
     /// them too ([`plan::checkpoint_qkv`] decides by the layer's width; `FTRT_CHECKPOINT_QKV=0|1`
@@ -1481,7 +1482,7 @@ impl<'g> GpuLlama<'g> {
         let resid_members = stored[..plan::resid_members(stored.len(), n, resid_travel)].to_vec();
         let resid_row = [2 * d.hidden];
         let resid_host = |k| {
-            let ring = plan::resid_ring(k, n);
+            let ring = plan::resid_ring(k, n, false);
             LayerOffload::host_bytes((k, ring, usize::MAX), n, &resid_row)
         };
         let available = ftrt_runtime::offload::available_host_memory();
@@ -1503,10 +1504,12 @@ impl<'g> GpuLlama<'g> {
         // else without q, k, v; else the backward recomputes the attention half as without
         // offload (long sequences), from the attention outputs of the layers whose outputs
         // travel.
-        let ring_slots = plan::resid_ring(m, n);
+        // (the pinned rows with the rings' base slots: gate/up's travel adds one, which only
+        // takes a row off)
+        let base_slots = plan::resid_ring(m, n, false);
         let pieces = |qkv| plan::attention_checkpoint(&d, qk, widths.map(|w| w * r), qkv);
         let attn_host =
-            |qkv| LayerOffload::host_bytes((m, ring_slots, usize::MAX), n, &pieces(qkv));
+            |qkv| LayerOffload::host_bytes((m, base_slots, usize::MAX), n, &pieces(qkv));
         let fits = |qkv| {
             resid_members.len() == m
                 && all_outputs_fit
@@ -1585,6 +1588,8 @@ impl<'g> GpuLlama<'g> {
             }
             None => Vec::new(),
         };
+        // all but the top one of them travel: the rings take a slot more
+        let gate_up_travel = gate_up_layers.len() > 1;
         // One set shared by the recomputed layers and their input norm outputs.
         let shared = if recomputed.is_empty() {
             None
@@ -1610,7 +1615,7 @@ impl<'g> GpuLlama<'g> {
         }
         ln.push(h.alloc(gpu, s.nc)?);
         let resid_offload = if offloading {
-            let slots = plan::resid_ring(resid_members.len(), n);
+            let slots = plan::resid_ring(resid_members.len(), n, gate_up_travel);
             let pieces = resid_row.into();
             Some(LayerOffload::new(
                 gpu,
@@ -1625,7 +1630,8 @@ impl<'g> GpuLlama<'g> {
         let attn_offload = match ring {
             Some(qkv) => {
                 use plan::ckpt;
-                let members = (recomputed.clone(), ring_slots, usize::MAX);
+                let slots = plan::resid_ring(m, n, gate_up_travel);
+                let members = (recomputed.clone(), slots, usize::MAX);
                 let o = LayerOffload::new(gpu, &mut h, members, n, pieces(qkv))?;
                 let piece_or_null = |l, i, w: usize| if w > 0 { o.piece(l, i) } else { null };
                 for &l in &recomputed {

@@ -29,7 +29,7 @@ pub fn logit_budget(kept: usize, layers: usize) -> usize {
 
 /// Device slots of the rings holding the recomputed layers' offloaded checkpoints (see
 /// `GpuLlama::set_offload_residuals`): a layer's copy-out has two layers' compute to finish in
-/// before its slot is written again.
+/// before its slot is written again. One more while gate/up sets travel ([`resid_ring`]).
 pub const RESID_RING: usize = 3;
 
 /// From this many tokens per micro-batch on, the rings take one slot less: a layer's compute
@@ -121,7 +121,7 @@ impl Offload {
         // the host rows of `stored` residuals: the ring's slots stay on the device
         let outputs_with = |stored: usize| {
             let rows = stored
-                .saturating_sub(resid_ring(stored, n))
+                .saturating_sub(resid_ring(stored, n, false))
                 .min(resid_travel);
             outputs_travel_cap(d, n, rows, available)
         };
@@ -386,7 +386,8 @@ pub fn keeps_attention_output(
 /// when at most `travel` of them go through host memory: the lowest `travel` plus the ring's
 /// slots (those stay in their slots); the layers above keep theirs in device buffers.
 pub fn resid_members(recomputed: usize, n: usize, travel: usize) -> usize {
-    recomputed.min(travel.saturating_add(resid_ring(recomputed, n)))
+    // (gate/up sets travel only when every residual does: the ring without their slot)
+    recomputed.min(travel.saturating_add(resid_ring(recomputed, n, false)))
 }
 
 /// The recomputed layers (`recomputed`, ascending) that keep some of their forward's tensors
@@ -544,7 +545,8 @@ pub fn gate_up_layers(
         GateUp::Auto if !travel => 1,
         GateUp::Auto => {
             let cost = ftrt_runtime::planner::CostModel::H200;
-            let travelling = (m - resid_ring(m, n)) as f64;
+            // the sets that travel with the ring's base slots (one more stays with gate/up's)
+            let travelling = (m - resid_ring(m, n, false)) as f64;
             let spare = m as f64 * layer_forward_seconds(d)
                 - travelling * cost.d2h_seconds(2 * d.hidden + checkpoint);
             let per_layer = cost.d2h_seconds(4 * d.intermediate);
@@ -567,14 +569,20 @@ pub fn gate_up_layers(
 /// whole batch's (the intermediate width is 3.5-4x the hidden width).
 pub const MLP_TILE_ROWS: usize = 4096;
 
-/// Ring slots for `recomputed` offloaded layers at `n` tokens per micro-batch.
-pub fn resid_ring(recomputed: usize, n: usize) -> usize {
+/// Ring slots for `recomputed` offloaded layers at `n` tokens per micro-batch: [`RESID_RING`],
+/// one fewer from [`SHORT_RING_TOKENS`] tokens on, and one more while some layers' gate/up sets
+/// travel (`gate_up_travel`, [`gate_up_layers`]). Such a set's copy to the host (two (N, I)
+/// bf16 tensors: 224 MiB, ~4.5 ms on the 8B at 4096 tokens) outlasts a layer's forward, and
+/// the copies queued behind it would hold up the ring's next writes: a fourth slot gives them
+/// a third layer's compute (the 8B QLoRA lean at 2 x 2048: +1.4% a step for 0.14 GiB,
+/// session 29).
+pub fn resid_ring(recomputed: usize, n: usize, gate_up_travel: bool) -> usize {
     let slots = if n >= SHORT_RING_TOKENS {
         RESID_RING - 1
     } else {
         RESID_RING
     };
-    recomputed.min(slots)
+    recomputed.min(slots + usize::from(gate_up_travel))
 }
 
 /// Residual streams (N, C) on the device at `n` tokens when `resident` recomputed layers keep
@@ -582,20 +590,21 @@ pub fn resid_ring(recomputed: usize, n: usize) -> usize {
 /// members' inputs ([`resid_members`] of the layers that store one; the kept layers' inputs,
 /// the last layer's output and the recomputed layers above the members stay; the layers of
 /// [`skipped_residuals`] share the last layer's output's buffer, free while the layers'
-/// backward runs).
+/// backward runs; the ring has a slot more while gate/up sets travel, `gate_up_travel`).
 pub fn device_residuals(
     layers: usize,
     kept: usize,
     offload: Offload,
     n: usize,
     resident: usize,
+    gate_up_travel: bool,
 ) -> usize {
     let recomputed = layers - kept.min(layers);
     match offload {
         Offload::Checkpoints { resid_travel, .. } => {
             let skipped = skipped_residuals(offload, recomputed, n, resident).len();
             let members = resid_members(recomputed - skipped, n, resid_travel);
-            layers + 1 - skipped - members + resid_ring(members, n)
+            layers + 1 - skipped - members + resid_ring(members, n, gate_up_travel)
         }
         Offload::Off => layers + 1,
     }
@@ -834,6 +843,8 @@ pub struct ActSizes {
     /// 4-bit mode with the MLP in more than one tile: 2 I C, up's and down's dequantized
     /// weights in slots of their own (0 otherwise; [`Self::with_nf4_slots`]).
     pub nf4_slots: usize,
+    /// Whether the projections are NF4: then the gate/up sets of [`gate_up_layers`] travel.
+    pub four_bit: bool,
 }
 
 impl ActSizes {
@@ -874,6 +885,7 @@ impl ActSizes {
             ce_rows,
             logits: ce_rows * d.vocab,
             nf4_slots: 0,
+            four_bit: false,
         }
     }
 
@@ -883,9 +895,11 @@ impl ActSizes {
     /// instead of once a tile. The 8B at one 262k sequence (64 tiles): +224 MiB, and a layer's
     /// MLP dequantizes 8 weights a step (forward 3, the recompute's gate and up, backward 3)
     /// instead of 512 (the step's 18,330 dequantizations took 0.9 s of 142.8, session 17).
+    /// Their gate/up sets may travel too ([`Self::four_bit`]).
     pub fn with_nf4_slots(mut self, d: &Dims, four_bit: bool) -> Self {
         let tiled = self.mlp_rows < self.n;
         self.nf4_slots = usize::from(four_bit && tiled) * 2 * d.intermediate * d.hidden;
+        self.four_bit = four_bit;
         self
     }
 
@@ -951,7 +965,7 @@ impl ActSizes {
             }
             Offload::Off => false,
         };
-        let attn_ring = match offload {
+        let (attn_ring, gate_up_travel) = match offload {
             Offload::Checkpoints {
                 qkv,
                 gate_up,
@@ -967,13 +981,15 @@ impl ActSizes {
                         .sum::<usize>()
                 };
                 let per_token = pieces.iter().sum();
-                // (whether any travel does not change the slot)
+                // with 4-bit weights all but the top one of them travel, and the rings take a
+                // slot more ([`resid_ring`])
                 let rows = (recomputed, self.n, self.mlp_rows);
-                let gate_up_slot =
-                    match gate_up_layers(d, per_token, rows, gate_up, false).is_empty() {
-                        true => 0,
-                        false => 2 * (self.n * b * d.intermediate).next_multiple_of(256),
-                    };
+                let gate_up = gate_up_layers(d, per_token, rows, gate_up, self.four_bit).len();
+                let gate_up_travel = gate_up > 1;
+                let gate_up_slot = match gate_up {
+                    0 => 0,
+                    _ => 2 * (self.n * b * d.intermediate).next_multiple_of(256),
+                };
                 let resident = match qkv {
                     true => 0,
                     false => {
@@ -987,20 +1003,23 @@ impl ActSizes {
                             )
                     }
                 };
-                resid_ring(recomputed, self.n) * checkpoint(256) - checkpoint(1)
-                    + gate_up_slot
-                    + resident
+                let ring = resid_ring(recomputed, self.n, gate_up_travel);
+                let bytes = ring * checkpoint(256) - checkpoint(1) + gate_up_slot + resident;
+                (bytes, gate_up_travel)
             }
             // the attention outputs' slot instead of the shared set's output and lse, when some
             // travel (below the resident ones)
             Offload::Checkpoints { .. }
                 if outputs_travelling(offload, recomputed, self.n, resident) > 0 =>
             {
-                piece_start(self.n, &attention_outputs(d), 2) - b * self.nq - 4 * self.lse
+                let slot = piece_start(self.n, &attention_outputs(d), 2);
+                (slot - b * self.nq - 4 * self.lse, false)
             }
-            _ => 0,
+            _ => (0, false),
         };
-        let streams = device_residuals(d.layers, kept, offload, self.n, resident) * b * self.nc
+        let streams = device_residuals(d.layers, kept, offload, self.n, resident, gate_up_travel)
+            * b
+            * self.nc
             + (d.layers + 1) * 4 * self.n
             + (slots + 1) * b * self.nc;
         // dln, datt and tmp_c in one buffer (d resid is the final norm output's, in `streams`);
@@ -1467,8 +1486,8 @@ mod tests {
         let full = ActSizes::new(&d, 512, 8, LOGIT_BUDGET_LEAN);
         let tiled = ActSizes::with_mlp_rows(&d, 512, 8, LOGIT_BUDGET_LEAN, 100);
         assert_eq!(
-            full.with_nf4_slots(&d, true),
-            full,
+            full.with_nf4_slots(&d, true).nf4_slots,
+            0,
             "one tile: gate, up, down take turns"
         );
         assert_eq!(
@@ -1526,7 +1545,7 @@ mod tests {
             let off = s.bytes(&d, false, ALL, k, LEAN, 0) as i64;
             let on_device = s.bytes(&d, false, ALL, k, Offload::Off, 0) as i64;
             let attn_ring = if recomputed > 0 {
-                (resid_ring(recomputed, 512) * slot - ckpt) as i64
+                (resid_ring(recomputed, 512, false) * slot - ckpt) as i64
             } else {
                 0
             };
@@ -1540,16 +1559,19 @@ mod tests {
             );
             // all but the ring's last `resid_ring` travel
             assert_eq!(
-                device_residuals(6, k, LEAN, 512, 0),
+                device_residuals(6, k, LEAN, 512, 0, false),
                 7 - recomputed.saturating_sub(RESID_RING)
             );
         }
-        assert_eq!(device_residuals(6, 0, Offload::Off, 512, 0), 7);
-        assert_eq!((resid_ring(2, 512), resid_ring(6, 512)), (2, RESID_RING));
+        assert_eq!(device_residuals(6, 0, Offload::Off, 512, 0, false), 7);
+        assert_eq!(
+            (resid_ring(2, 512, false), resid_ring(6, 512, false)),
+            (2, RESID_RING)
+        );
         // long micro-batches: a slot less
         let long = SHORT_RING_TOKENS;
         assert_eq!(
-            (resid_ring(1, long), resid_ring(6, long)),
+            (resid_ring(1, long, false), resid_ring(6, long, false)),
             (1, RESID_RING - 1)
         );
         // With a model deep enough (the rings cost less than the residuals they replace),
@@ -1611,7 +1633,7 @@ mod tests {
         let off = s.bytes(&d, false, ALL, 0, Offload::Off, 0);
         for t in 0..RESID_RING {
             assert_eq!(resid_members(6, 512, t), t + RESID_RING);
-            assert_eq!(device_residuals(6, 0, travel(t), 512, 0), 7 - t);
+            assert_eq!(device_residuals(6, 0, travel(t), 512, 0, false), 7 - t);
             assert_eq!(
                 off - s.bytes(&d, false, ALL, 0, travel(t), 0),
                 t * resid,
@@ -1626,8 +1648,8 @@ mod tests {
         }
         // two kept layers: four recomputed, the cap counts among them
         assert_eq!(resid_members(4, 512, 0), RESID_RING);
-        assert_eq!(device_residuals(6, 2, travel(0), 512, 0), 7);
-        assert_eq!(device_residuals(6, 2, travel(1), 512, 0), 6);
+        assert_eq!(device_residuals(6, 2, travel(0), 512, 0, false), 7);
+        assert_eq!(device_residuals(6, 2, travel(1), 512, 0, false), 6);
     }
 
     /// The longest row: Llama-3.1-8B QLoRA r=16, one 524,288-token sequence, every
@@ -1652,7 +1674,7 @@ mod tests {
             sparse_min_gain: usize::MAX,
             resident_spares_skip: true,
         };
-        assert_eq!(device_residuals(32, 0, offload(0), n, 0), 18);
+        assert_eq!(device_residuals(32, 0, offload(0), n, 0, false), 18);
         let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
         let bytes = |o| s.bytes(&LLAMA_8B, false, ALL, 0, offload(o), 0) as u64;
         assert!(
@@ -1842,18 +1864,18 @@ mod tests {
         // every residual travelling: the device keeps the ring either way (the skipped ones
         // share the last layer's output's buffer)
         let bytes = |o, resident| s.bytes(&d, false, ALL, 0, o, resident);
-        assert_eq!(device_residuals(6, 0, offload(max, 0, 1), 512, 0), 4);
+        assert_eq!(device_residuals(6, 0, offload(max, 0, 1), 512, 0, false), 4);
         assert_eq!(bytes(offload(max, 0, 1), 0), bytes(offload(max, 1, 1), 0));
         // none travelling, one resident output: the ring's three hold 0, 2, 4 instead of 0, 1,
         // 2, and the top keeps its own: two (N, C) buffers fewer than with every residual
         // stored
-        assert_eq!(device_residuals(6, 0, offload(0, 1, 1), 512, 0), 7);
-        assert_eq!(device_residuals(6, 0, offload(0, 1, 1), 512, 1), 5);
+        assert_eq!(device_residuals(6, 0, offload(0, 1, 1), 512, 0, false), 7);
+        assert_eq!(device_residuals(6, 0, offload(0, 1, 1), 512, 1, false), 5);
         let resident = bytes(offload(0, 1, 1), 1) - resident_attention_bytes(&d, 512);
         assert_eq!(bytes(offload(0, 1, 1), 0) - resident, 2 * 2 * s.nc);
         // one skip where two would do: one (N, C) buffer more than with two
-        assert_eq!(device_residuals(6, 0, one(0, 1, 1), 512, 0), 7);
-        assert_eq!(device_residuals(6, 0, one(max, 0, 1), 512, 0), 4);
+        assert_eq!(device_residuals(6, 0, one(0, 1, 1), 512, 0, false), 7);
+        assert_eq!(device_residuals(6, 0, one(max, 0, 1), 512, 0, false), 4);
     }
 
     /// Sparse residuals pay where an attention forward costs more than a layer forward without
@@ -1889,7 +1911,7 @@ mod tests {
                 spared += usize::from(0 < skips && skips < sparse_skips(o, m, n, 0));
                 let stored = m - skips;
                 let rows = stored
-                    .saturating_sub(resid_ring(stored, n))
+                    .saturating_sub(resid_ring(stored, n, false))
                     .min(resid_travel);
                 let travel = outputs_travelling(o, m, n, resident);
                 let pinned = rows * resid_row + travel * output_row;
@@ -2006,7 +2028,7 @@ mod tests {
             (sparse_skips(o, 32, n, 14), outputs_travelling(o, 32, n, 14)),
             (15, 13)
         );
-        assert_eq!(device_residuals(32, 0, o, n, 14), 3);
+        assert_eq!(device_residuals(32, 0, o, n, 14, false), 3);
         let s = ActSizes::new(&LLAMA_8B, n, 16, logit_budget(0, 32));
         let bytes = s.bytes(&LLAMA_8B, false, ALL, 0, o, 14) as u64;
         // next to the 4-bit weights (5.3 GiB measured) on the 139.8 GiB card
@@ -2079,7 +2101,7 @@ mod tests {
                 let grow = s.bytes(&d, qk, ALL, k, with, 0) as i64
                     - s.bytes(&d, qk, ALL, k, LEAN, 0) as i64;
                 let want = if k < 6 {
-                    (resid_ring(6 - k, 512) * slot) as i64 - once as i64
+                    (resid_ring(6 - k, 512, false) * slot) as i64 - once as i64
                 } else {
                     0
                 };
@@ -2123,15 +2145,44 @@ mod tests {
         assert_eq!(asked((2, 512, 4096), 2), vec![0, 1]);
         assert_eq!(asked((2, 512, 8), 9), vec![0, 1]);
         assert!(asked((6, 512, 4096), 0).is_empty());
-        // The plan grows by the slot: two (N, I) bf16 pieces, whatever the count.
+        // The plan grows by the slot, two (N, I) bf16 pieces; and once some travel (all but
+        // the top one of two or more), the residual and attention checkpoint rings by a slot
+        // each.
         let (d, s) = six_layers();
         let gate_up = |k| Offload::unbounded(false, GateUp::Layers(k), 0);
         let slot = 2 * (2 * s.n * d.intermediate).next_multiple_of(256);
+        let r = s.nr / s.n;
+        let checkpoint: usize = attention_checkpoint(&d, false, ALL.map(|w| w * r), false)
+            .iter()
+            .map(|&p| (s.n * p).next_multiple_of(256))
+            .sum();
+        let ring_slot = 2 * s.nc + checkpoint;
         for k in 1..=3 {
             let grow =
                 s.bytes(&d, false, ALL, 0, gate_up(k), 0) - s.bytes(&d, false, ALL, 0, LEAN, 0);
-            assert_eq!(grow, slot, "{k} layers");
+            assert_eq!(grow, slot + usize::from(k > 1) * ring_slot, "{k} layers");
         }
+        assert_eq!(
+            (resid_ring(6, 512, true), resid_ring(3, 512, true)),
+            (RESID_RING + 1, 3)
+        );
+        assert_eq!(
+            resid_ring(6, SHORT_RING_TOKENS, true),
+            resid_ring(6, 512, false)
+        );
+        // Auto: the 8B at 2 x 2048 with 4-bit weights (five layers, four travelling) plans
+        // the deeper rings; with bf16 weights (the one that stays) it does not.
+        let s8 = ActSizes::new(&LLAMA_8B, 4096, 16, LOGIT_BUDGET_LEAN);
+        let auto = Offload::unbounded(true, GateUp::Auto, 0);
+        let plan = |four_bit| {
+            s8.with_nf4_slots(&LLAMA_8B, four_bit)
+                .bytes(&LLAMA_8B, false, ALL, 0, auto, 0)
+        };
+        let checkpoint: usize = attention_checkpoint(&LLAMA_8B, false, ALL.map(|w| w * 16), true)
+            .iter()
+            .map(|&p| (4096 * p).next_multiple_of(256))
+            .sum();
+        assert_eq!(plan(true) - plan(false), 2 * s8.nc + checkpoint);
     }
 
     #[test]
