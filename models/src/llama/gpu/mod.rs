@@ -947,24 +947,23 @@ impl<'g> GpuLlama<'g> {
     /// Checkpoint offload (off by default): the input residuals (N, C) of the recomputed layers
     /// (see [`Self::set_kept_layers`]), and their attention checkpoints
     /// ([`plan::attention_checkpoint`]), live in rings of [`plan::resid_ring`] device slots (one
-    /// more while gate/up sets travel) instead of one buffer per layer; the forward copies each
-    /// set a later layer overwrites to pinned host memory on a copy stream, the backward
-    /// prefetches it on another one while
-    /// the layer above is differentiated (see [`layer_offload`]). The recompute then redoes
-    /// ln2 and the MLP (gate, up, the activation), and q, k, v unless the checkpoints carry
-    /// them too ([`plan::checkpoint_qkv`] decides by the layer's width; `FTRT_CHECKPOINT_QKV=0|1`
-    /// overrides it), not the attention and o_proj. A few recomputed layers' gate and up
-    /// outputs travel too when the forward's copies leave time for them and the batch is one
-    /// MLP tile ([`plan::gate_up_layers`]; `FTRT_GATE_UP_LAYERS=k` sets how many): their
-    /// recompute runs no projection at all. Kept layers' activations and the last layer's
+    /// more while gate/up sets travel) instead of one buffer per layer; the forward copies each set
+    /// a later layer overwrites to pinned host memory on a copy stream, the backward prefetches it
+    /// on another one while the layer above is differentiated (see [`layer_offload`]). The
+    /// recompute then redoes ln2 and the MLP (gate, up, the activation), and q, k, v unless the
+    /// checkpoints carry them too ([`plan::checkpoint_qkv`] decides by the layer's width;
+    /// `FTRT_CHECKPOINT_QKV=0|1` overrides it), not the attention and o_proj. A few recomputed
+    /// layers' gate and up outputs travel too when the forward's copies leave time for them and the
+    /// batch is one MLP tile ([`plan::gate_up_layers`]; `FTRT_GATE_UP_LAYERS=k` sets how many):
+    /// their recompute runs no projection at all. Kept layers' activations and the last layer's
     /// output stay on the device; so do the input residuals of the recomputed layers above the
-    /// lowest [`plan::resid_travel_cap`] ones, when host memory holds no more (read now); and
-    /// when the attention checkpoints do not fit the host, the attention outputs of the lowest
+    /// lowest [`plan::resid_travel_cap`] ones, when host memory holds no more (read now); and when
+    /// the attention checkpoints do not fit the host, the attention outputs of the lowest
     /// [`plan::outputs_travel_cap`] layers travel instead, and where that pays at the longest
-    /// sequence ([`Self::set_max_seq_len`], [`plan::sparse_min_gain`]) some layers (at most
-    /// every other one, no more than the host needs) store no input residual (see
-    /// [`plan::Offload::Checkpoints`]). Changing it frees the activation
-    /// buffers (reallocated at the next batch).
+    /// sequence ([`Self::set_max_seq_len`], [`plan::sparse_min_gain`]) some layers (at most every
+    /// other one, no more than the host needs) store no input residual (see
+    /// [`plan::Offload::Checkpoints`]). Changing it frees the activation buffers (reallocated at
+    /// the next batch).
     pub fn set_offload_residuals(&mut self, on: bool) {
         let qkv = match std::env::var(CHECKPOINT_QKV_ENV).as_deref() {
             Ok("0") => false,

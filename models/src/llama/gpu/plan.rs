@@ -843,7 +843,8 @@ pub struct ActSizes {
     /// 4-bit mode with the MLP in more than one tile: 2 I C, up's and down's dequantized
     /// weights in slots of their own (0 otherwise; [`Self::with_nf4_slots`]).
     pub nf4_slots: usize,
-    /// Whether the projections are NF4: then the gate/up sets of [`gate_up_layers`] travel.
+    /// Whether the projections are NF4: then `GateUp::Auto` may send gate/up sets through the
+    /// host ([`gate_up_layers`]).
     pub four_bit: bool,
 }
 
@@ -981,8 +982,8 @@ impl ActSizes {
                         .sum::<usize>()
                 };
                 let per_token = pieces.iter().sum();
-                // with 4-bit weights all but the top one of them travel, and the rings take a
-                // slot more ([`resid_ring`])
+                // all but the top one of them travel (`Auto` picks several with 4-bit weights,
+                // the one that stays with bf16), and then the rings take a slot more
                 let rows = (recomputed, self.n, self.mlp_rows);
                 let gate_up = gate_up_layers(d, per_token, rows, gate_up, self.four_bit).len();
                 let gate_up_travel = gate_up > 1;
