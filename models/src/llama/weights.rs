@@ -330,9 +330,6 @@ impl Builder<'_> {
             Prec::Bf16 => self
                 .data
                 .extend(values.iter().map(|&v| half::bf16::from_f32(v).to_f32())),
-            Prec::F16 => self
-                .data
-                .extend(values.iter().map(|&v| half::f16::from_f32(v).to_f32())),
             Prec::F32 | Prec::Exact => self.data.extend_from_slice(&values),
         }
         Ok(start..self.data.len())

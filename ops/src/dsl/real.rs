@@ -9,7 +9,6 @@ pub enum Prec {
     /// No rounding: the gradient check's exact arithmetic.
     Exact,
     Bf16,
-    F16,
     F32,
 }
 
@@ -142,18 +141,8 @@ impl Real for f32 {
         match p {
             Prec::Exact | Prec::F32 => self,
             Prec::Bf16 => half::bf16::from_f32(self).to_f32(),
-            Prec::F16 => f16_round(self),
         }
     }
-}
-
-/// f32 to f16 and back, out of line: half's conversion checks the CPU's features at run time,
-/// and inside `round_to` it made that too large to inline, so the CPU backend's loops called it
-/// once an element (11% of the default `ftrt train` step on 2 cores; f16 is the rare case).
-#[cold]
-#[inline(never)]
-fn f16_round(v: f32) -> f32 {
-    half::f16::from_f32(v).to_f32()
 }
 
 impl Real for f64 {
@@ -205,7 +194,6 @@ impl Real for f64 {
             Prec::Exact => self,
             Prec::F32 => self as f32 as f64,
             Prec::Bf16 => half::bf16::from_f64(self).to_f64(),
-            Prec::F16 => half::f16::from_f64(self).to_f64(),
         }
     }
 }
