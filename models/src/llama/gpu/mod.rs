@@ -1587,8 +1587,7 @@ impl<'g> GpuLlama<'g> {
             }
             None => Vec::new(),
         };
-        // all but the top one of them travel: the rings take a slot more
-        let gate_up_travel = gate_up_layers.len() > 1;
+        let gate_up_travel = plan::gate_up_travel(gate_up_layers.len());
         // One set shared by the recomputed layers and their input norm outputs.
         let shared = if recomputed.is_empty() {
             None

@@ -569,6 +569,13 @@ pub fn gate_up_layers(
 /// whole batch's (the intermediate width is 3.5-4x the hidden width).
 pub const MLP_TILE_ROWS: usize = 4096;
 
+/// Whether some of [`gate_up_layers`]' `count` picks travel through the host: all but the
+/// top one do (it stays in the device slot), and then the rings take a slot more
+/// ([`resid_ring`]).
+pub fn gate_up_travel(count: usize) -> bool {
+    count > 1
+}
+
 /// Ring slots for `recomputed` offloaded layers at `n` tokens per micro-batch: [`RESID_RING`],
 /// one fewer from [`SHORT_RING_TOKENS`] tokens on, and one more while some layers' gate/up sets
 /// travel (`gate_up_travel`, [`gate_up_layers`]). Such a set's copy to the host (two (N, I)
@@ -982,11 +989,10 @@ impl ActSizes {
                         .sum::<usize>()
                 };
                 let per_token = pieces.iter().sum();
-                // all but the top one of them travel (`Auto` picks several with 4-bit weights,
-                // the one that stays with bf16), and then the rings take a slot more
+                // (`Auto` picks several with 4-bit weights, the one that stays with bf16)
                 let rows = (recomputed, self.n, self.mlp_rows);
                 let gate_up = gate_up_layers(d, per_token, rows, gate_up, self.four_bit).len();
-                let gate_up_travel = gate_up > 1;
+                let gate_up_travel = gate_up_travel(gate_up);
                 let gate_up_slot = match gate_up {
                     0 => 0,
                     _ => 2 * (self.n * b * d.intermediate).next_multiple_of(256),
@@ -1879,9 +1885,6 @@ mod tests {
         assert_eq!(device_residuals(6, 0, one(max, 0, 1), 512, 0, false), 4);
     }
 
-    /// Sparse residuals pay where an attention forward costs more than a layer forward without
-    /// it, for enough more travelling outputs: the 8B at one long sequence, not at many short
-    /// ones in the same token budget.
     /// What a plan pins on the host (the stored residuals' rows, at most `resid_travel`, and the
     /// travelling attention outputs' rows, [`sparse_skips`] and [`outputs_travelling`] for each
     /// count of resident outputs) stays within the host less its reserve whenever outputs
@@ -1938,6 +1941,9 @@ mod tests {
         assert!(spared > 0);
     }
 
+    /// Sparse residuals pay where an attention forward costs more than a layer forward without
+    /// it, for enough more travelling outputs: the 8B at one long sequence, not at many short
+    /// ones in the same token budget.
     #[test]
     fn sparse_residuals_pay_for_long_sequences_only() {
         let n = 262_144;
