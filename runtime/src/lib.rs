@@ -1,5 +1,6 @@
 //! ftrt-runtime: the thin runtime under the kernels. Index of modules:
 //!
+//! - [`cpu_rows`]: row-parallel loops for the CPU references (`FTRT_CPU_THREADS`).
 //! - [`device`]: CUDA device, kernel modules, [`DevPtr`], allocations and copies
 //!   ([`driver_probe`]: clear errors instead of loader panics; [`kernel_source`]:
 //!   `FTRT_KERNEL_DIR` overrides compiled with NVRTC).
@@ -12,6 +13,7 @@
 //! - [`synthetic`], [`rng`]: synthetic graphs, a trivial PTX kernel and a seeded PRNG for
 //!   tests and the selftest.
 
+pub mod cpu_rows;
 pub mod device;
 pub mod driver_probe;
 pub mod dtype;

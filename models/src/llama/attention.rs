@@ -7,6 +7,10 @@
 //! ops' varlen reference (`ftrt_ops::attention`), which has the backward and no KV cache.
 
 use ftrt_ops::dsl::{Real, Rounding};
+use ftrt_runtime::cpu_rows::for_row_blocks;
+
+/// Fewest query rows a thread takes at once (each row is Hq heads' pass over its keys).
+const ROW_BLOCK: usize = 16;
 
 /// Keys and values (after RoPE) of every layer for a set of sequence slots.
 #[derive(Debug, Clone)]
@@ -77,7 +81,8 @@ pub struct CachedAttnDims {
 
 /// Appends the new keys/values (N, Hkv, D) of `layer` to their slots, then computes
 /// out (N, Hq * D) for queries q (N, Hq, D); token n belongs to `slots[n]` at `positions[n]`,
-/// which must equal its index in the slot's cache.
+/// which must equal its index in the slot's cache. Query rows run in parallel
+/// ([`for_row_blocks`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_cached(
     cache: &mut KvCache,
@@ -100,45 +105,48 @@ pub fn attend_cached(
     }
     let group = hq / hkv;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut scores: Vec<f32> = Vec::new();
-    for t in 0..n {
-        let p = positions[t] as usize;
-        let (kc, vc) = (&cache.k[layer][slots[t]], &cache.v[layer][slots[t]]);
-        debug_assert!(kc.len() >= (p + 1) * kvd, "position beyond the cached keys");
-        let first = match dims.window {
-            Some(w) if p + 1 > w => p + 1 - w,
-            _ => 0,
-        };
-        for h in 0..hq {
-            let hk = h / group;
-            let qr = &q[(t * hq + h) * d..][..d];
-            scores.clear();
-            let mut m = f32::NEG_INFINITY;
-            for j in first..=p {
-                let kr = &kc[j * kvd + hk * d..][..d];
-                let s = dot(qr, kr) * scale;
-                m = m.max(s);
-                scores.push(s);
-            }
-            let mut l = 0.0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - m).exp();
-                l += *s;
-            }
-            let o = &mut out[(t * hq + h) * d..][..d];
-            o.iter_mut().for_each(|x| *x = 0.0);
-            for (i, j) in (first..=p).enumerate() {
-                let pj = (scores[i] / l).round_to(rt.t);
-                let vr = &vc[j * kvd + hk * d..][..d];
-                for (x, &vv) in o.iter_mut().zip(vr) {
-                    *x += pj * vv;
+    let cache = &*cache;
+    for_row_blocks([out], n, ROW_BLOCK, |rows, [out]| {
+        let mut scores: Vec<f32> = Vec::new();
+        for (r, t) in rows.enumerate() {
+            let p = positions[t] as usize;
+            let (kc, vc) = (&cache.k[layer][slots[t]], &cache.v[layer][slots[t]]);
+            debug_assert!(kc.len() >= (p + 1) * kvd, "position beyond the cached keys");
+            let first = match dims.window {
+                Some(w) if p + 1 > w => p + 1 - w,
+                _ => 0,
+            };
+            for h in 0..hq {
+                let hk = h / group;
+                let qr = &q[(t * hq + h) * d..][..d];
+                scores.clear();
+                let mut m = f32::NEG_INFINITY;
+                for j in first..=p {
+                    let kr = &kc[j * kvd + hk * d..][..d];
+                    let s = dot(qr, kr) * scale;
+                    m = m.max(s);
+                    scores.push(s);
+                }
+                let mut l = 0.0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - m).exp();
+                    l += *s;
+                }
+                let o = &mut out[(r * hq + h) * d..][..d];
+                o.iter_mut().for_each(|x| *x = 0.0);
+                for (i, j) in (first..=p).enumerate() {
+                    let pj = (scores[i] / l).round_to(rt.t);
+                    let vr = &vc[j * kvd + hk * d..][..d];
+                    for (x, &vv) in o.iter_mut().zip(vr) {
+                        *x += pj * vv;
+                    }
+                }
+                for x in o.iter_mut() {
+                    *x = x.round_to(rt.t);
                 }
             }
-            for x in o.iter_mut() {
-                *x = x.round_to(rt.t);
-            }
         }
-    }
+    });
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -42,6 +42,7 @@
 mod tests;
 
 use crate::dsl::Real;
+use ftrt_runtime::cpu_rows::for_row_blocks;
 use ftrt_runtime::cudarc::driver::PushKernelArg;
 use ftrt_runtime::{cudarc, DevPtr, Gpu, RuntimeError};
 use half::bf16;
@@ -444,7 +445,11 @@ pub fn attention_dvec_cpu<T: Real>(dims: &AttentionDims, out: &[T], dout: &[T]) 
     dvec
 }
 
-/// CPU forward: out (N, Hq, D), lse (Hq, N).
+/// Fewest token rows a thread of the CPU references takes at once (each row is Hq heads' pass
+/// over up to N keys).
+const ROW_BLOCK: usize = 16;
+
+/// CPU forward: out (N, Hq, D), lse (Hq, N). Token rows run in parallel ([`for_row_blocks`]).
 pub fn attention_forward_cpu<T: Real>(
     dims: &AttentionDims,
     cu_seqlens: &[i32],
@@ -458,14 +463,29 @@ pub fn attention_forward_cpu<T: Real>(
     let (d, n, hq) = (dims.head_dim, dims.n_tokens, dims.n_heads_q);
     assert_eq!(out.len(), dims.q_len());
     assert_eq!(lse.len(), dims.lse_len());
+    let mut lse_rows = vec![T::zero(); n * hq]; // (N, Hq): row-major by token, as out
+    for_row_blocks(
+        [out, &mut lse_rows],
+        n,
+        ROW_BLOCK,
+        |rows, [out, lse_rows]| {
+            for (t, i) in rows.enumerate() {
+                for h in 0..hq {
+                    let o = &mut out[(t * hq + h) * d..][..d];
+                    lse_rows[t * hq + h] = r.forward_row(i, h, o);
+                }
+            }
+        },
+    );
     for i in 0..n {
         for h in 0..hq {
-            lse[h * n + i] = r.forward_row(i, h, &mut out[(i * hq + h) * d..][..d]);
+            lse[h * n + i] = lse_rows[i * hq + h];
         }
     }
 }
 
-/// CPU backward from the forward's out and lse: dq (N, Hq, D), dk, dv (N, Hkv, D).
+/// CPU backward from the forward's out and lse: dq (N, Hq, D), dk, dv (N, Hkv, D). Token rows
+/// run in parallel ([`for_row_blocks`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_cpu<T: Real>(
     dims: &AttentionDims,
@@ -495,26 +515,25 @@ pub fn attention_backward_cpu<T: Real>(
         (dims.q_len(), dims.kv_len(), dims.kv_len())
     );
     let dvec = attention_dvec_cpu(dims, out, dout);
-    for i in 0..n {
-        for h in 0..hq {
-            let o = (i * hq + h) * d;
-            r.dq_row(
-                i,
-                h,
-                lse[h * n + i],
-                dvec[h * n + i],
-                &dout[o..o + d],
-                &mut dq[o..o + d],
-            );
+    for_row_blocks([dq], n, ROW_BLOCK, |rows, [dq]| {
+        for (t, i) in rows.enumerate() {
+            for h in 0..hq {
+                let o = (i * hq + h) * d;
+                let (lse_i, dvec_i) = (lse[h * n + i], dvec[h * n + i]);
+                let dqi = &mut dq[(t * hq + h) * d..][..d];
+                r.dq_row(i, h, lse_i, dvec_i, &dout[o..o + d], dqi);
+            }
         }
-    }
-    for j in 0..n {
-        for hk in 0..hkv {
-            let o = (j * hkv + hk) * d;
-            let (dkj, dvj) = (&mut dk[o..o + d], &mut dv[o..o + d]);
-            r.dkdv_row(j, hk, lse, &dvec, dout, dkj, dvj);
+    });
+    for_row_blocks([dk, dv], n, ROW_BLOCK, |rows, [dk, dv]| {
+        for (t, j) in rows.enumerate() {
+            for hk in 0..hkv {
+                let o = (t * hkv + hk) * d;
+                let (dkj, dvj) = (&mut dk[o..o + d], &mut dv[o..o + d]);
+                r.dkdv_row(j, hk, lse, &dvec, dout, dkj, dvj);
+            }
         }
-    }
+    });
 }
 
 // ------------------------------------------------------------------------------ GPU launchers
