@@ -8,19 +8,22 @@
 use std::ops::Range;
 
 /// `FTRT_CPU_THREADS`: how many threads the CPU references use (default: the machine's
-/// available parallelism; `1` runs every loop on the calling thread).
+/// available parallelism; `1` runs every loop on the calling thread). Read at the first loop.
 pub const CPU_THREADS_ENV: &str = "FTRT_CPU_THREADS";
 
 /// Blocks a thread takes in turn: enough for a row-growing load to even out.
 const BLOCKS_PER_THREAD: usize = 8;
 
-/// Threads the CPU references use ([`CPU_THREADS_ENV`]).
-pub fn cpu_threads() -> usize {
-    std::env::var(CPU_THREADS_ENV)
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&t| t > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+/// Threads the CPU references use ([`CPU_THREADS_ENV`]), read once a process.
+fn cpu_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::env::var(CPU_THREADS_ENV)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    })
 }
 
 /// A block of rows and its slice of each output.

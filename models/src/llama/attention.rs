@@ -6,11 +6,9 @@
 //! This is the small function boundary for the inference path; the training path uses the
 //! ops' varlen reference (`ftrt_ops::attention`), which has the backward and no KV cache.
 
+use ftrt_ops::attention::CPU_ROW_BLOCK;
 use ftrt_ops::dsl::{Real, Rounding};
 use ftrt_runtime::cpu_rows::for_row_blocks;
-
-/// Fewest query rows a thread takes at once (each row is Hq heads' pass over its keys).
-const ROW_BLOCK: usize = 16;
 
 /// Keys and values (after RoPE) of every layer for a set of sequence slots.
 #[derive(Debug, Clone)]
@@ -106,7 +104,7 @@ pub fn attend_cached(
     let group = hq / hkv;
     let scale = 1.0 / (d as f32).sqrt();
     let cache = &*cache;
-    for_row_blocks([out], n, ROW_BLOCK, |rows, [out]| {
+    for_row_blocks([out], n, CPU_ROW_BLOCK, |rows, [out]| {
         let mut scores: Vec<f32> = Vec::new();
         for (r, t) in rows.enumerate() {
             let p = positions[t] as usize;

@@ -445,9 +445,9 @@ pub fn attention_dvec_cpu<T: Real>(dims: &AttentionDims, out: &[T], dout: &[T]) 
     dvec
 }
 
-/// Fewest token rows a thread of the CPU references takes at once (each row is Hq heads' pass
-/// over up to N keys).
-const ROW_BLOCK: usize = 16;
+/// Fewest token rows a thread of the CPU attention references (these and the model's KV-cache
+/// attention) takes at once: each row is Hq heads' pass over up to N keys.
+pub const CPU_ROW_BLOCK: usize = 16;
 
 /// CPU forward: out (N, Hq, D), lse (Hq, N). Token rows run in parallel ([`for_row_blocks`]).
 pub fn attention_forward_cpu<T: Real>(
@@ -467,7 +467,7 @@ pub fn attention_forward_cpu<T: Real>(
     for_row_blocks(
         [out, &mut lse_rows],
         n,
-        ROW_BLOCK,
+        CPU_ROW_BLOCK,
         |rows, [out, lse_rows]| {
             for (t, i) in rows.enumerate() {
                 for h in 0..hq {
@@ -515,7 +515,7 @@ pub fn attention_backward_cpu<T: Real>(
         (dims.q_len(), dims.kv_len(), dims.kv_len())
     );
     let dvec = attention_dvec_cpu(dims, out, dout);
-    for_row_blocks([dq], n, ROW_BLOCK, |rows, [dq]| {
+    for_row_blocks([dq], n, CPU_ROW_BLOCK, |rows, [dq]| {
         for (t, i) in rows.enumerate() {
             for h in 0..hq {
                 let o = (i * hq + h) * d;
@@ -525,7 +525,7 @@ pub fn attention_backward_cpu<T: Real>(
             }
         }
     });
-    for_row_blocks([dk, dv], n, ROW_BLOCK, |rows, [dk, dv]| {
+    for_row_blocks([dk, dv], n, CPU_ROW_BLOCK, |rows, [dk, dv]| {
         for (t, j) in rows.enumerate() {
             for hk in 0..hkv {
                 let o = (t * hkv + hk) * d;
