@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod errors;
+pub mod export;
 pub mod gguf;
 pub mod safetensors_io;
 pub mod tokenizer;

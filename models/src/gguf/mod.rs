@@ -11,6 +11,7 @@ pub mod tokenizer;
 pub mod types;
 pub mod value;
 pub mod weights;
+pub mod writer;
 
 pub use config::config_from_gguf;
 pub use fetch::smollm2_gguf_path;

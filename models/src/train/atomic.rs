@@ -4,7 +4,7 @@
 //! temporary file remains, which the next write replaces.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// A fully written and synced temporary file, not yet renamed over its target. Dropping it
@@ -27,15 +27,26 @@ pub fn temp_path(target: &Path) -> PathBuf {
 
 /// Writes `bytes` to the temporary file of `target` and syncs it to disk.
 pub fn stage(target: &Path, bytes: &[u8]) -> Result<Staged, String> {
+    stage_with(target, |w| w.write_all(bytes))
+}
+
+/// Streams the temporary file of `target` through `write` (buffered), then syncs it to disk:
+/// [`stage`] for files too large to hold in memory at once.
+pub fn stage_with(
+    target: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
+) -> Result<Staged, String> {
     let tmp = temp_path(target);
     let err = |what: &str, e: std::io::Error| format!("{}: cannot {what}: {e}", tmp.display());
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(&tmp)
         .map_err(|e| err("create", e))?;
-    f.write_all(bytes).map_err(|e| err("write", e))?;
+    let mut w = BufWriter::with_capacity(1 << 20, f);
+    write(&mut w).map_err(|e| err("write", e))?;
+    let f = w.into_inner().map_err(|e| err("write", e.into_error()))?;
     f.sync_all().map_err(|e| err("sync", e))?;
     Ok(Staged {
         tmp,
