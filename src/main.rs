@@ -6,6 +6,7 @@ mod bench;
 mod bench_graph;
 mod bench_init;
 mod device;
+mod export;
 mod generate;
 mod generate_graph;
 mod plan;
@@ -29,6 +30,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Generate text from a model (HF folder or GGUF), optionally with a LoRA adapter.
     Generate(generate::GenerateArgs),
+    /// Merge a LoRA adapter into its base model and save it: a Hugging Face folder (safetensors) or a GGUF file for llama.cpp.
+    Export(export::ExportArgs),
     /// Print the memory plan of a training step (peak, keep/offload/recompute) before loading anything.
     Plan(plan::PlanArgs),
     /// Print the GPU this machine has (or why none is usable).
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Train(args) => train::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Export(args) => export::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Info => selftest::info(),
         Command::Bench(args) => bench::run(args),

@@ -6,6 +6,27 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::metrics::StepLog;
 
+/// stderr, or nowhere when `enabled` is false.
+fn draw_target(enabled: bool) -> ProgressDrawTarget {
+    if enabled {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    }
+}
+
+/// A bar over `total` items called `unit` (e.g. "tensors") on stderr, for work other than
+/// training steps; set its message to the current item's name.
+pub fn count_bar(total: usize, unit: &str, enabled: bool) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(total as u64), draw_target(enabled));
+    let template =
+        format!("{{bar:30.cyan/blue}} {{pos}}/{{len}} {unit} [{{elapsed_precise}}] {{msg}}");
+    if let Ok(style) = ProgressStyle::with_template(&template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
 /// Progress of a run on stderr.
 #[derive(Debug)]
 pub struct Progress {
@@ -15,12 +36,7 @@ pub struct Progress {
 impl Progress {
     /// A bar over `total` steps starting at `done`; `enabled = false` prints nothing at all.
     pub fn new(total: usize, done: usize, enabled: bool) -> Self {
-        let target = if enabled {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
-        let bar = ProgressBar::with_draw_target(Some(total as u64), target);
+        let bar = ProgressBar::with_draw_target(Some(total as u64), draw_target(enabled));
         let style = ProgressStyle::with_template(
             "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
         )
