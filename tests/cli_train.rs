@@ -1,8 +1,12 @@
 //! `ftrt train` on bad input: every case ends with a clear message and exit status 1, never a
 //! panic (status 101), and before any weight is loaded.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output};
+
+use common::{fails_with, tiny_model, write};
 
 fn ftrt(args: &[&str], dir: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ftrt"))
@@ -16,75 +20,6 @@ fn ftrt(args: &[&str], dir: &Path) -> Output {
         .current_dir(dir)
         .output()
         .expect("run ftrt")
-}
-
-/// Asserts a clean failure whose stderr contains every one of `needles`.
-fn fails_with(out: &Output, needles: &[&str]) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "expected a clean failure, got {:?}: {err}",
-        out.status
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
-    }
-    err
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-/// A tiny Hugging Face folder (config, a word-level tokenizer, one tensor): enough to open the
-/// model and check targets, memory and data, without weights worth loading.
-fn tiny_model(dir: &Path, hidden: usize, layers: usize) -> PathBuf {
-    let m = dir.join("model");
-    std::fs::create_dir_all(&m).unwrap();
-    let config = format!(
-        r#"{{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": {hidden},
-        "intermediate_size": {}, "num_hidden_layers": {layers}, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-        "max_position_embeddings": 64, "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2}}"#,
-        hidden * 3 / 2
-    );
-    write(&m, "config.json", &config);
-    let words = [
-        "<unk>",
-        "<s>",
-        "</s>",
-        "Calculate",
-        "1",
-        "2",
-        "3",
-        "+",
-        ".",
-        "###",
-        "Instruction:",
-        "Response:",
-    ];
-    let vocab: Vec<String> = words
-        .iter()
-        .enumerate()
-        .map(|(i, w)| format!("\"{w}\": {i}"))
-        .collect();
-    let tokenizer = format!(
-        r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null,
-        "decoder": null, "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "<unk>"}}}}"#,
-        vocab.join(", ")
-    );
-    write(&m, "tokenizer.json", &tokenizer);
-    let header = br#"{"model.norm.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
-    let mut st = (header.len() as u64).to_le_bytes().to_vec();
-    st.extend_from_slice(header);
-    st.extend_from_slice(&1f32.to_le_bytes());
-    std::fs::write(m.join("model.safetensors"), st).unwrap();
-    m
 }
 
 const GOOD_ROWS: &str = "{\"question\": \"Calculate 1 + 2.\", \"answer\": \"3\"}\n\
