@@ -1,17 +1,20 @@
-//! A merged model as a GGUF file for llama.cpp, from a GGUF source: the source's metadata
-//! (architecture, hyperparameters, tokenizer, chat template) with `general.file_type` set to
-//! the written type, and its tensors in their order, the adapted ones merged. Matrices are
-//! written in the chosen type (Q8_0 rows not a multiple of 32 fall back to F16, as llama.cpp's
-//! converter does), vectors (norms, biases, rope factors) in F32, and Q/K rows back in
-//! llama.cpp's permuted order.
+//! A merged model as a GGUF file for llama.cpp. From a GGUF base: the source's metadata
+//! (architecture, hyperparameters, tokenizer, chat template) and its tensors in their order;
+//! from a Hugging Face folder: metadata as llama.cpp's converter writes it ([`super::gguf_meta`])
+//! and tensors in its order. `general.file_type` states the written type. Matrices are written
+//! in the chosen type (Q8_0 rows not a multiple of 32 fall back to F16, as llama.cpp's
+//! converter does), vectors (norms, biases, rope factors) in F32, and for the llama
+//! architecture Q/K rows in llama.cpp's permuted order.
 
 use std::path::Path;
 
+use super::gguf_meta::{gguf_arch_name, hf_gguf_metadata};
 use super::merge::MergedWeights;
 use super::ExportDtype;
 use crate::checkpoint::WeightSource;
-use crate::config::Architecture;
-use crate::gguf::names::{hf_name, permuted_projection, QkProjection};
+use crate::gguf::names::{
+    file_order, gguf_name, hf_name, permuted_projection, QkProjection, ROPE_FREQS,
+};
 use crate::gguf::permute::permute_rows;
 use crate::gguf::types::GgmlType;
 use crate::gguf::value::MetaValue;
@@ -26,8 +29,18 @@ const REWRITTEN_KEYS: [&str; 3] = [
 /// ggml's quantization format version, written with quantized tensors.
 const QUANTIZATION_VERSION: u32 = 2;
 
-/// Writes `merged` (whose model must come from a GGUF file) to the GGUF file `out` in `dtype`.
-/// `on_tensor` is called after each tensor is written, with its GGUF name.
+/// Where a tensor's values come from.
+enum Values {
+    /// A merged weight under its Hugging Face name.
+    Weight(String),
+    /// Given values (a Hugging Face model's rope factors).
+    Given(Vec<f32>),
+    /// Stored in the GGUF source as they are (its rope factors).
+    Stored,
+}
+
+/// Writes `merged` to the GGUF file `out` in `dtype`. `on_tensor` is called after each tensor
+/// is written, with its GGUF name.
 pub fn write_gguf_file(
     merged: &MergedWeights,
     dtype: ExportDtype,
@@ -35,44 +48,65 @@ pub fn write_gguf_file(
     on_tensor: &mut dyn FnMut(&str),
 ) -> Result<(), String> {
     let model = merged.model();
-    let WeightSource::Gguf(source) = &model.weights else {
-        return Err(format!(
-            "{}: GGUF export needs a GGUF base model (--model file.gguf). From a Hugging Face \
-             folder, export safetensors (--format safetensors) and convert them with llama.cpp's \
-             convert_hf_to_gguf.py",
-            model.path.display()
-        ));
+    // (GGUF name, row-major shape, values) of every tensor, in file order, and the metadata
+    let (mut metadata, entries) = match &model.weights {
+        WeightSource::Gguf(source) => {
+            let file = source.file();
+            let metadata: Vec<(String, MetaValue)> = file
+                .metadata()
+                .iter()
+                .filter(|(k, _)| !REWRITTEN_KEYS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let entries = file
+                .tensors()
+                .iter()
+                .map(|t| {
+                    let values = hf_name(&t.name).map_or(Values::Stored, Values::Weight);
+                    (t.name.clone(), t.shape(), values)
+                })
+                .collect();
+            (metadata, entries)
+        }
+        WeightSource::Safetensors(_) => {
+            let (metadata, rope_factors) = hf_gguf_metadata(model)?;
+            let mut entries: Vec<(String, Vec<usize>, Values)> = Vec::new();
+            if let Some(f) = rope_factors {
+                entries.push((ROPE_FREQS.to_owned(), vec![f.len()], Values::Given(f)));
+            }
+            for hf in merged.names() {
+                let name =
+                    gguf_name(&hf).ok_or_else(|| format!("{hf}: no GGUF name for this tensor"))?;
+                entries.push((name, merged.shape(&hf)?, Values::Weight(hf)));
+            }
+            entries.sort_by_key(|e| file_order(&e.0));
+            (metadata, entries)
+        }
     };
-    let file = source.file();
-    let matrix_type = dtype.ggml_type();
-    let mut tensors = Vec::new();
-    for t in file.tensors() {
-        let shape = t.shape();
-        let ggml_type = if shape.len() < 2 {
-            GgmlType::F32
-        } else if matrix_type == GgmlType::Q8_0
-            && !shape[shape.len() - 1].is_multiple_of(Q8_0_BLOCK)
-        {
-            GgmlType::F16
-        } else {
-            matrix_type
-        };
-        tensors.push(TensorOut {
-            name: t.name.clone(),
-            shape,
-            ggml_type,
-        });
-    }
-    let mut metadata: Vec<(String, MetaValue)> = file
-        .metadata()
-        .iter()
-        .filter(|(k, _)| !REWRITTEN_KEYS.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
     // general.architecture first, as llama.cpp's writer orders it; then by key
     metadata.sort_by(|a, b| {
         (a.0 != "general.architecture", &a.0).cmp(&(b.0 != "general.architecture", &b.0))
     });
+    let matrix_type = dtype.ggml_type();
+    let tensors: Vec<TensorOut> = entries
+        .iter()
+        .map(|(name, shape, _)| {
+            let ggml_type = if shape.len() < 2 {
+                GgmlType::F32
+            } else if matrix_type == GgmlType::Q8_0
+                && !shape[shape.len() - 1].is_multiple_of(Q8_0_BLOCK)
+            {
+                GgmlType::F16
+            } else {
+                matrix_type
+            };
+            TensorOut {
+                name: name.clone(),
+                shape: shape.clone(),
+                ggml_type,
+            }
+        })
+        .collect();
     metadata.push((
         "general.file_type".into(),
         MetaValue::U32(dtype.llama_file_type()),
@@ -83,18 +117,22 @@ pub fn write_gguf_file(
             MetaValue::U32(QUANTIZATION_VERSION),
         ));
     }
-    let permuted = model.config.arch == Architecture::Llama;
+    let permuted = gguf_arch_name(model.config.arch) == "llama";
     let (heads, kv_heads) = (
         model.config.num_attention_heads,
         model.config.num_key_value_heads,
     );
     write_gguf(out, &metadata, &tensors, |i| {
-        let t = &tensors[i];
-        let values = match hf_name(&t.name) {
-            None => file.dequantize(&t.name).map_err(|e| e.to_string())?,
-            Some(hf) => {
-                let merged_values = merged.get(&hf)?;
-                let n_head = match permuted_projection(&hf) {
+        let (t, (_, _, source)) = (&tensors[i], &entries[i]);
+        let values = match source {
+            Values::Given(v) => v.clone(),
+            Values::Stored => match &model.weights {
+                WeightSource::Gguf(g) => g.file().dequantize(&t.name).map_err(|e| e.to_string())?,
+                WeightSource::Safetensors(_) => return Err(format!("{}: not stored", t.name)),
+            },
+            Values::Weight(hf) => {
+                let merged_values = merged.get(hf)?;
+                let n_head = match permuted_projection(hf) {
                     Some(QkProjection::Q) if permuted => heads,
                     Some(QkProjection::K) if permuted => kv_heads,
                     _ => 0,

@@ -4,13 +4,13 @@
 //! - [`merge`]: W' = W + s B A for every adapted Linear, in f32, rounded once when written;
 //! - [`hf_folder`]: a Hugging Face folder (safetensors shards, config, tokenizer files), for
 //!   transformers, vLLM or another fine-tune;
-//! - [`gguf_file`]: a GGUF file for llama.cpp / Ollama, from a GGUF base.
+//! - [`gguf_file`]: a GGUF file for llama.cpp / Ollama, its metadata copied from a GGUF base or
+//!   built from a Hugging Face folder ([`gguf_meta`]).
 
 pub mod gguf_file;
+pub mod gguf_meta;
 pub mod hf_folder;
 pub mod merge;
-#[cfg(test)]
-mod tests;
 
 use std::fmt;
 

@@ -53,6 +53,50 @@ pub fn hf_name(name: &str) -> Option<String> {
     Some(format!("{hf_module}.{suffix}"))
 }
 
+/// The GGUF name of Hugging Face tensor `hf` (the inverse of [`hf_name`]), or `None` if the
+/// name is not a known one.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let (module, suffix) = hf.rsplit_once('.')?;
+    if suffix != "weight" && suffix != "bias" {
+        return None;
+    }
+    let gguf_module = match module {
+        "model.embed_tokens" => "token_embd".to_string(),
+        "model.norm" => "output_norm".to_string(),
+        "lm_head" => "output".to_string(),
+        _ => {
+            let rest = module.strip_prefix("model.layers.")?;
+            let (layer, hf_module) = rest.split_once('.')?;
+            let layer: usize = layer.parse().ok()?;
+            let (g, _) = LAYER_MODULES.iter().find(|(_, h)| *h == hf_module)?;
+            format!("blk.{layer}.{g}")
+        }
+    };
+    Some(format!("{gguf_module}.{suffix}"))
+}
+
+/// Where llama.cpp's converter puts GGUF tensor `name` in a file: rope factors, the embedding,
+/// each block's tensors in [`LAYER_MODULES`] order, the final norm, the head (a sort key).
+pub fn file_order(name: &str) -> (usize, usize, usize) {
+    let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
+    match module {
+        "rope_freqs" => (0, 0, 0),
+        "token_embd" => (1, 0, 0),
+        "output_norm" => (3, 0, 0),
+        "output" => (4, 0, 0),
+        _ => {
+            let rest = module.strip_prefix("blk.").unwrap_or(module);
+            let (layer, m) = rest.split_once('.').unwrap_or((rest, ""));
+            let at = LAYER_MODULES.iter().position(|(g, _)| *g == m);
+            (
+                2,
+                layer.parse().unwrap_or(usize::MAX),
+                at.unwrap_or(usize::MAX),
+            )
+        }
+    }
+}
+
 /// Whether `hf` is a q_proj or k_proj tensor (whose rows llama.cpp permutes).
 pub fn permuted_projection(hf: &str) -> Option<QkProjection> {
     if hf.contains(".self_attn.q_proj.") {
@@ -71,4 +115,33 @@ pub enum QkProjection {
     Q,
     /// k_proj: permuted per key/value head.
     K,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gguf_names_invert_hf_names() {
+        let mut names = vec![
+            "token_embd.weight".to_owned(),
+            "output_norm.weight".to_owned(),
+            "output.weight".to_owned(),
+        ];
+        for (g, _) in LAYER_MODULES {
+            names.push(format!("blk.17.{g}.weight"));
+            names.push(format!("blk.3.{g}.bias"));
+        }
+        for g in &names {
+            let hf = hf_name(g).unwrap();
+            assert_eq!(gguf_name(&hf).as_deref(), Some(g.as_str()), "{hf}");
+        }
+        assert_eq!(gguf_name("model.layers.0.mlp.gate_proj.scales"), None);
+        assert_eq!(gguf_name("model.layers.x.mlp.gate_proj.weight"), None);
+        let mut sorted = names.clone();
+        sorted.sort_by_key(|n| file_order(n));
+        assert_eq!(sorted[0], "token_embd.weight");
+        assert_eq!(sorted[1], "blk.3.attn_norm.bias");
+        assert_eq!(sorted[sorted.len() - 1], "output.weight");
+    }
 }

@@ -160,7 +160,7 @@ pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<(Tokenizer, TokenizerConfi
 
 /// (normalizer, pre-tokenizer, ignore_merges) of a llama.cpp pre-tokenizer name, as the
 /// Hugging Face tokenizer of that family writes them.
-fn pre_tokenizer(pre: &str) -> Option<(Value, Value, bool)> {
+pub(crate) fn pre_tokenizer(pre: &str) -> Option<(Value, Value, bool)> {
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let split = |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
     Some(match pre {

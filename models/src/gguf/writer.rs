@@ -19,6 +19,9 @@ const VERSION: u32 = 3;
 /// Weights in one Q8_0 block.
 pub const Q8_0_BLOCK: usize = 32;
 
+/// Metadata entries in file order.
+pub type Metadata = Vec<(String, MetaValue)>;
+
 /// One tensor to write: its GGUF name, row-major shape (outermost first, as Hugging Face's; the
 /// file stores the reverse as `ne`) and storage type.
 #[derive(Debug, Clone, PartialEq)]

@@ -2,28 +2,62 @@
 //! CPU model: the merged model's logits against the base model running the adapter unmerged
 //! (the path checked against PEFT), on fresh random weights and tokens each run.
 
+mod loading_common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use ftrt_models::checkpoint::{open_model, LoadedModel};
+use ftrt_models::export::{
+    write_gguf_file, write_hf_folder, ExportDtype, ExportFormat, MergedWeights, MAX_SHARD_BYTES,
+};
+use ftrt_models::gguf::permute::permute_rows;
+use ftrt_models::gguf::reader::GgufFile;
+use ftrt_models::gguf::types::GgmlType;
+use ftrt_models::gguf::value::MetaValue;
+use ftrt_models::gguf::writer::{encode, write_gguf, TensorOut};
+use ftrt_models::llama::{Batch, LlamaModel, LoraAdapter, Rounding};
+use ftrt_models::lora::{linear_targets, LoraConfig, LoraWeights, ALL_LINEAR};
+use ftrt_models::train::rng::SplitMix64;
+use loading_common::{assets, vocab_vectors};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
-use super::*;
-use crate::checkpoint::{open_model, LoadedModel};
-use crate::gguf::permute::permute_rows;
-use crate::gguf::reader::GgufFile;
-use crate::gguf::value::MetaValue;
-use crate::gguf::writer::{encode, write_gguf, TensorOut};
-use crate::llama::{Batch, LlamaModel, LoraAdapter, Rounding};
-use crate::lora::{linear_targets, LoraConfig, LoraWeights, ALL_LINEAR};
-use crate::train::rng::SplitMix64;
+/// A tiny model's shape.
+struct Tiny {
+    /// `model_type` in config.json.
+    arch: &'static str,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    ffn: usize,
+    layers: usize,
+    vocab: usize,
+    tied: bool,
+    /// q/k/v biases (Qwen2).
+    qkv_bias: bool,
+}
 
-const HIDDEN: usize = 64;
-const HEADS: usize = 4;
-const KV_HEADS: usize = 2;
-const HEAD_DIM: usize = 16;
-const FFN: usize = 96;
-const LAYERS: usize = 2;
+/// The shape of the word-level and GGUF sources.
+const TINY: Tiny = Tiny {
+    arch: "llama",
+    hidden: 64,
+    heads: 4,
+    kv_heads: 2,
+    head_dim: 16,
+    ffn: 96,
+    layers: 2,
+    vocab: 30,
+    tied: false,
+    qkv_bias: false,
+};
+const HIDDEN: usize = TINY.hidden;
+const HEADS: usize = TINY.heads;
+const KV_HEADS: usize = TINY.kv_heads;
+const HEAD_DIM: usize = TINY.head_dim;
+const FFN: usize = TINY.ffn;
+const LAYERS: usize = TINY.layers;
 /// Byte-level BPE tokens of the GGUF source: control token 0, the letters, "Ġ" (a space) and
 /// two merges.
 const MERGES: [&str; 2] = ["a b", "Ġ a"];
@@ -38,7 +72,7 @@ fn tokens() -> Vec<String> {
 /// Random weights under Hugging Face names, row-major shapes.
 type Weights = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
-fn random_weights(rng: &mut SplitMix64, vocab: usize) -> Weights {
+fn random_weights(rng: &mut SplitMix64, t: &Tiny) -> Weights {
     let mut w = Weights::new();
     let mut put = |name: String, shape: Vec<usize>, std: f32| {
         let n = shape.iter().product();
@@ -49,27 +83,33 @@ fn random_weights(rng: &mut SplitMix64, vocab: usize) -> Weights {
         };
         w.insert(name, (shape, values));
     };
-    put("model.embed_tokens.weight".into(), vec![vocab, HIDDEN], 1.0);
-    put("model.norm.weight".into(), vec![HIDDEN], 0.0);
-    put("lm_head.weight".into(), vec![vocab, HIDDEN], 0.1);
-    for l in 0..LAYERS {
+    let (h, q, kv) = (t.hidden, t.heads * t.head_dim, t.kv_heads * t.head_dim);
+    put("model.embed_tokens.weight".into(), vec![t.vocab, h], 1.0);
+    put("model.norm.weight".into(), vec![h], 0.0);
+    if !t.tied {
+        put("lm_head.weight".into(), vec![t.vocab, h], 0.1);
+    }
+    for l in 0..t.layers {
         let p = format!("model.layers.{l}");
-        put(format!("{p}.input_layernorm.weight"), vec![HIDDEN], 0.0);
-        put(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![HIDDEN],
-            0.0,
-        );
+        put(format!("{p}.input_layernorm.weight"), vec![h], 0.0);
+        put(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.0);
         for (m, out, inn) in [
-            ("self_attn.q_proj", HEADS * HEAD_DIM, HIDDEN),
-            ("self_attn.k_proj", KV_HEADS * HEAD_DIM, HIDDEN),
-            ("self_attn.v_proj", KV_HEADS * HEAD_DIM, HIDDEN),
-            ("self_attn.o_proj", HIDDEN, HEADS * HEAD_DIM),
-            ("mlp.gate_proj", FFN, HIDDEN),
-            ("mlp.up_proj", FFN, HIDDEN),
-            ("mlp.down_proj", HIDDEN, FFN),
+            ("self_attn.q_proj", q, h),
+            ("self_attn.k_proj", kv, h),
+            ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, q),
+            ("mlp.gate_proj", t.ffn, h),
+            ("mlp.up_proj", t.ffn, h),
+            ("mlp.down_proj", h, t.ffn),
         ] {
             put(format!("{p}.{m}.weight"), vec![out, inn], 0.15);
+            if t.qkv_bias
+                && ["q_proj", "k_proj", "v_proj"]
+                    .iter()
+                    .any(|x| m.ends_with(x))
+            {
+                put(format!("{p}.{m}.bias"), vec![out], 0.1);
+            }
         }
     }
     w
@@ -155,7 +195,7 @@ fn write_gguf_source(path: &Path, w: &Weights) {
         .map(|n| TensorOut {
             name: gguf_name(n),
             shape: w[*n].0.clone(),
-            ggml_type: crate::gguf::types::GgmlType::F32,
+            ggml_type: GgmlType::F32,
         })
         .collect();
     write_gguf(path, &metadata, &tensors, |i| {
@@ -177,29 +217,41 @@ fn write_gguf_source(path: &Path, w: &Weights) {
     .unwrap();
 }
 
-/// A Hugging Face folder with the same weights (f32 safetensors), a word-level tokenizer.
-fn write_hf_source(dir: &Path, w: &Weights, vocab: usize) {
+/// A Hugging Face folder with the weights `w` of shape `t` (f32 safetensors): a word-level
+/// tokenizer over [`tokens`], or a real `tokenizer.json` and `tokenizer_config.json` copied
+/// from `tokenizer`; `extra` adds config.json fields.
+fn write_hf_source(dir: &Path, t: &Tiny, w: &Weights, tokenizer: Option<&Path>, extra: &str) {
     std::fs::create_dir_all(dir).unwrap();
     let config = format!(
-        r#"{{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": {HIDDEN},
-        "intermediate_size": {FFN}, "num_hidden_layers": {LAYERS}, "num_attention_heads": {HEADS},
-        "num_key_value_heads": {KV_HEADS}, "vocab_size": {vocab}, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "max_position_embeddings": 128, "tie_word_embeddings": false,
-        "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "float32"}}"#
+        r#"{{"model_type": "{}", "hidden_size": {}, "intermediate_size": {},
+        "num_hidden_layers": {}, "num_attention_heads": {}, "num_key_value_heads": {},
+        "head_dim": {}, "vocab_size": {}, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 128, "tie_word_embeddings": {}, "bos_token_id": 0,
+        "eos_token_id": 0, "torch_dtype": "float32"{extra}}}"#,
+        t.arch, t.hidden, t.ffn, t.layers, t.heads, t.kv_heads, t.head_dim, t.vocab, t.tied
     );
     std::fs::write(dir.join("config.json"), config).unwrap();
-    let vocab_json: Vec<String> = tokens()
-        .iter()
-        .enumerate()
-        .map(|(i, t)| format!("\"{t}\": {i}"))
-        .collect();
-    let tokenizer = format!(
-        r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null,
-        "decoder": null, "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "<|endoftext|>"}}}}"#,
-        vocab_json.join(", ")
-    );
-    std::fs::write(dir.join("tokenizer.json"), tokenizer).unwrap();
+    match tokenizer {
+        Some(src) => {
+            for f in ["tokenizer.json", "tokenizer_config.json"] {
+                std::fs::copy(src.join(f), dir.join(f)).unwrap();
+            }
+        }
+        None => {
+            let vocab_json: Vec<String> = tokens()
+                .iter()
+                .enumerate()
+                .map(|(i, t)| format!("\"{t}\": {i}"))
+                .collect();
+            let tokenizer = format!(
+                r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+                "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null,
+                "decoder": null, "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "<|endoftext|>"}}}}"#,
+                vocab_json.join(", ")
+            );
+            std::fs::write(dir.join("tokenizer.json"), tokenizer).unwrap();
+        }
+    }
     let views: Vec<(String, TensorView)> = w
         .iter()
         .map(|(n, (shape, v))| {
@@ -260,14 +312,14 @@ impl Case {
         let mut rng = SplitMix64::new(seed);
         let dir = tempfile::tempdir().unwrap();
         let vocab = tokens().len();
-        let w = random_weights(&mut rng, vocab);
+        let w = random_weights(&mut rng, &TINY);
         let src = if gguf {
             let p = dir.path().join("base.gguf");
             write_gguf_source(&p, &w);
             p
         } else {
             let p = dir.path().join("base");
-            write_hf_source(&p, &w, vocab);
+            write_hf_source(&p, &TINY, &w, None, "");
             p
         };
         let base = open_model(&src).unwrap();
@@ -390,7 +442,7 @@ fn merged_folder_matches_the_adapter_run_unmerged() {
         )
         .err()
         .unwrap();
-    assert!(e.contains("convert_hf_to_gguf"), "{e}");
+    assert!(e.contains("not BPE"), "{e}");
     let e = c
         .export(
             ExportFormat::Safetensors,
@@ -459,9 +511,9 @@ fn merged_gguf_and_its_folder_match_the_adapter_run_unmerged() {
         assert_eq!(out.get(key), src.get(key), "{key}");
     }
     let t = out.tensor("blk.0.ffn_down.weight").unwrap();
-    assert_eq!(t.ggml_type, crate::gguf::types::GgmlType::Q8_0);
+    assert_eq!(t.ggml_type, GgmlType::Q8_0);
     let t = out.tensor("blk.0.attn_norm.weight").unwrap();
-    assert_eq!(t.ggml_type, crate::gguf::types::GgmlType::F32);
+    assert_eq!(t.ggml_type, GgmlType::F32);
 
     let folder = c
         .export(
@@ -482,4 +534,172 @@ fn merged_gguf_and_its_folder_match_the_adapter_run_unmerged() {
         folder.tokenizer_config.chat_template,
         c.base.tokenizer_config.chat_template
     );
+}
+
+/// Hugging Face folders with real tokenizers (Llama 3 with llama3 rope scaling; Qwen2 with q/k/v
+/// biases, tied embeddings and a vocabulary padded past the tokenizer's; SmolLM2), exported to
+/// GGUF with an adapter: the metadata llama.cpp reads (the pre-tokenizer named by what it
+/// does, bos added where the tokenizer adds it, the rope factors), the GGUF reader's model gives
+/// the adapter's logits, and its tokenizer gives llama.cpp's own token ids (`ggml-vocab-*`
+/// vectors) or, for SmolLM2, the folder's.
+#[test]
+fn folders_with_real_tokenizers_export_to_gguf() {
+    let llama3_rope = r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}"#;
+    // tokenizer, model_type, vocab, tied, biases, config extra, vectors, pre, add_bos (stated
+    // only where the folder says; else llama.cpp's default for the pre-tokenizer)
+    let cases = [
+        (
+            "llama3",
+            "llama",
+            128256,
+            false,
+            false,
+            llama3_rope,
+            Some("llama-bpe"),
+            "llama-bpe",
+            None,
+        ),
+        (
+            "qwen3",
+            "qwen2",
+            151680,
+            true,
+            true,
+            "",
+            Some("qwen2"),
+            "qwen2",
+            Some(false),
+        ),
+        (
+            "smollm2", "llama", 49152, true, false, "", None, "smollm", None,
+        ),
+    ];
+    for (tok, arch, vocab, tied, qkv_bias, extra, vectors, pre, add_bos) in cases {
+        let seed = ftrt_runtime::rng::fresh_seed();
+        let mut rng = SplitMix64::new(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tiny {
+            arch,
+            hidden: 32,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            ffn: 64,
+            layers: 2,
+            vocab,
+            tied,
+            qkv_bias,
+        };
+        let src = dir.path().join(tok);
+        let w = random_weights(&mut rng, &t);
+        write_hf_source(
+            &src,
+            &t,
+            &w,
+            Some(&assets().join("tokenizers").join(tok)),
+            extra,
+        );
+        let base = open_model(&src).unwrap();
+        let lora = random_adapter(&base, &mut rng, &dir.path().join("adapter"));
+        let dims = LlamaModel::from_loaded(&base, Rounding::EXACT)
+            .unwrap()
+            .dims;
+        let adapter = LoraAdapter::load_peft(&dir.path().join("adapter"), &dims).unwrap();
+        let ids: Vec<u32> = (0..12).map(|_| rng.below(vocab) as u32).collect();
+        let want = logits(&base, Some(&adapter), &ids);
+
+        let out = dir.path().join("m.gguf");
+        let merged = MergedWeights::new(&base, Some(&lora));
+        write_gguf_file(&merged, ExportDtype::F32, &out, &mut |_| {}).unwrap();
+        let f = GgufFile::open(&out).unwrap();
+        let gguf_arch = if arch == "qwen2" { "qwen2" } else { "llama" };
+        assert_eq!(
+            f.get("general.architecture").and_then(MetaValue::as_str),
+            Some(gguf_arch)
+        );
+        assert_eq!(
+            f.get("tokenizer.ggml.pre").and_then(MetaValue::as_str),
+            Some(pre),
+            "{tok}"
+        );
+        assert_eq!(
+            f.get("tokenizer.ggml.add_bos_token"),
+            add_bos.map(MetaValue::Bool).as_ref(),
+            "{tok}"
+        );
+        let n_tokens = f
+            .get("tokenizer.ggml.tokens")
+            .and_then(MetaValue::as_array)
+            .unwrap()
+            .len();
+        assert_eq!(n_tokens, vocab, "{tok}");
+        assert_eq!(
+            f.tensor("rope_freqs.weight").is_some(),
+            !extra.is_empty(),
+            "{tok}"
+        );
+        assert_eq!(f.tensor("output.weight").is_none(), tied, "{tok}");
+
+        let exported = open_model(&out).unwrap();
+        let err = rel_err(&logits(&exported, None, &ids), &want);
+        assert!(err < 1e-5, "{tok}: rel err {err:.2e} (seed {seed})");
+        let (c, e) = (&base.config, &exported.config);
+        assert_eq!(
+            (
+                c.hidden_size,
+                c.intermediate_size,
+                c.num_hidden_layers,
+                c.num_attention_heads
+            ),
+            (
+                e.hidden_size,
+                e.intermediate_size,
+                e.num_hidden_layers,
+                e.num_attention_heads
+            )
+        );
+        assert_eq!(
+            (
+                c.num_key_value_heads,
+                c.head_dim,
+                c.vocab_size,
+                c.tie_word_embeddings,
+                c.qkv_bias
+            ),
+            (
+                e.num_key_value_heads,
+                e.head_dim,
+                e.vocab_size,
+                e.tie_word_embeddings,
+                e.qkv_bias
+            )
+        );
+        assert_eq!(
+            (c.rms_norm_eps, c.rope_theta),
+            (e.rms_norm_eps, e.rope_theta)
+        );
+
+        let encode = |m: &LoadedModel, text: &str| {
+            m.tokenizer.encode(text, false).unwrap().get_ids().to_vec()
+        };
+        match vectors {
+            Some(v) => {
+                let cases = vocab_vectors(v);
+                assert!(cases.len() > 40, "{v}");
+                for (text, ids) in &cases {
+                    assert_eq!(&encode(&exported, text), ids, "{tok}: {text:?}");
+                }
+            }
+            None => {
+                for (text, _) in vocab_vectors("gpt-2") {
+                    assert_eq!(
+                        encode(&exported, &text),
+                        encode(&base, &text),
+                        "{tok}: {text:?}"
+                    );
+                }
+            }
+        }
+    }
 }
