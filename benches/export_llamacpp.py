@@ -3,7 +3,9 @@ from source: `pip install llama-cpp-python==0.3.36 numpy`, a few minutes on a CP
 
 For each exported GGUF given, llama.cpp evaluates the token ids that `ftrt generate --logits-out`
 stored with its logits (the base model running the adapter unmerged), and the script compares
-llama.cpp's logits for the last token with ftrt's: max |diff| / max |logit| and the argmax.
+llama.cpp's logits for the last token with ftrt's: max |diff| / max |logit| and the argmax. It
+also checks llama.cpp's tokenizer on the file: the prompt's ids detokenized and tokenized again
+(special tokens parsed) must give the same ids.
 
 Usage: python3 benches/export_llamacpp.py REFERENCE.safetensors MODEL.gguf [MODEL.gguf ...]
 """
@@ -40,8 +42,11 @@ def main():
         llm.eval(ids)
         got = np.asarray(llm.scores[len(ids) - 1], dtype=np.float64)
         err = float(np.abs(got - want).max() / np.abs(want).max())
+        text = llm.detokenize(ids, special=True)
+        retokenized = llm.tokenize(text, add_bos=False, special=True)
         print(json.dumps({"gguf": path, "tokens": len(ids), "max_rel_logit_diff": err,
-                          "argmax_llama_cpp": int(got.argmax()), "argmax_ftrt": int(want.argmax())}))
+                          "argmax_llama_cpp": int(got.argmax()), "argmax_ftrt": int(want.argmax()),
+                          "tokenizer_round_trip": retokenized == ids}))
 
 
 if __name__ == "__main__":

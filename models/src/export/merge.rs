@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use crate::bnb4bit;
 use crate::checkpoint::LoadedModel;
 use crate::lora::{LoraTensor, LoraWeights};
+use ftrt_runtime::cpu_rows::for_row_blocks;
 
 /// A model's weights under Hugging Face names, each read as f32 with its adapter's product
 /// added (the others as stored).
@@ -94,18 +95,25 @@ impl<'a> MergedWeights<'a> {
 
 /// w (out, in) += s b (out, r) a (r, in): each row's product summed over k = 0..r in order
 /// (row-wise, so the inner loop runs along contiguous rows of a), then scaled and added once.
+/// Blocks of rows run on the CPU threads ([`for_row_blocks`]); the result does not depend on
+/// their number.
 fn add_low_rank(w: &mut [f32], b: &[f32], a: &[f32], r: usize, s: f32) {
-    let inn = a.len() / r.max(1);
-    let mut acc = vec![0f32; inn];
-    for (row, b_row) in w.chunks_exact_mut(inn).zip(b.chunks_exact(r)) {
-        acc.fill(0.0);
-        for (&bk, a_row) in b_row.iter().zip(a.chunks_exact(inn)) {
-            for (c, &av) in acc.iter_mut().zip(a_row) {
-                *c += bk * av;
+    let (out, inn) = (b.len() / r.max(1), a.len() / r.max(1));
+    for_row_blocks([w], out, 64, |rows, [w]| {
+        let mut acc = vec![0f32; inn];
+        for (row, b_row) in w
+            .chunks_exact_mut(inn)
+            .zip(b[rows.start * r..rows.end * r].chunks_exact(r))
+        {
+            acc.fill(0.0);
+            for (&bk, a_row) in b_row.iter().zip(a.chunks_exact(inn)) {
+                for (c, &av) in acc.iter_mut().zip(a_row) {
+                    *c += bk * av;
+                }
+            }
+            for (x, c) in row.iter_mut().zip(&acc) {
+                *x += s * c;
             }
         }
-        for (x, c) in row.iter_mut().zip(&acc) {
-            *x += s * c;
-        }
-    }
+    });
 }
