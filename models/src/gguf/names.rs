@@ -1,4 +1,4 @@
-//! GGUF tensor names (llama.cpp's) to Hugging Face names.
+//! GGUF tensor names (llama.cpp's) to Hugging Face names and back.
 //!
 //! | GGUF                     | Hugging Face                                   |
 //! |--------------------------|------------------------------------------------|
@@ -32,47 +32,52 @@ const LAYER_MODULES: [(&str, &str); 11] = [
 /// GGUF name of the rotary frequency factors (folded into the config, not a weight).
 pub const ROPE_FREQS: &str = "rope_freqs.weight";
 
+/// Whole-model modules: (GGUF, Hugging Face).
+const MODEL_MODULES: [(&str, &str); 3] = [
+    ("token_embd", "model.embed_tokens"),
+    ("output_norm", "model.norm"),
+    ("output", "lm_head"),
+];
+/// Prefixes of a layer's modules: (GGUF, Hugging Face), each followed by `N.`.
+const LAYER_PREFIX: (&str, &str) = ("blk.", "model.layers.");
+
 /// The Hugging Face name of GGUF tensor `name`, or `None` if the name is not a known one.
 pub fn hf_name(name: &str) -> Option<String> {
-    let (module, suffix) = name.rsplit_once('.')?;
-    if suffix != "weight" && suffix != "bias" {
-        return None;
-    }
-    let hf_module = match module {
-        "token_embd" => "model.embed_tokens".to_string(),
-        "output_norm" => "model.norm".to_string(),
-        "output" => "lm_head".to_string(),
-        _ => {
-            let rest = module.strip_prefix("blk.")?;
-            let (layer, gguf_module) = rest.split_once('.')?;
-            let layer: usize = layer.parse().ok()?;
-            let (_, hf) = LAYER_MODULES.iter().find(|(g, _)| *g == gguf_module)?;
-            format!("model.layers.{layer}.{hf}")
-        }
-    };
-    Some(format!("{hf_module}.{suffix}"))
+    rename(name, true)
 }
 
 /// The GGUF name of Hugging Face tensor `hf` (the inverse of [`hf_name`]), or `None` if the
 /// name is not a known one.
 pub fn gguf_name(hf: &str) -> Option<String> {
-    let (module, suffix) = hf.rsplit_once('.')?;
+    rename(hf, false)
+}
+
+/// `name` (a `.weight` or `.bias`) from GGUF's names to Hugging Face's (`to_hf`) or back.
+fn rename(name: &str, to_hf: bool) -> Option<String> {
+    let (module, suffix) = name.rsplit_once('.')?;
     if suffix != "weight" && suffix != "bias" {
         return None;
     }
-    let gguf_module = match module {
-        "model.embed_tokens" => "token_embd".to_string(),
-        "model.norm" => "output_norm".to_string(),
-        "lm_head" => "output".to_string(),
-        _ => {
-            let rest = module.strip_prefix("model.layers.")?;
-            let (layer, hf_module) = rest.split_once('.')?;
+    // (from, to) of a pair as this direction reads it
+    let dir = |(g, h): (&'static str, &'static str)| if to_hf { (g, h) } else { (h, g) };
+    let renamed = match MODEL_MODULES
+        .iter()
+        .map(|&p| dir(p))
+        .find(|(f, _)| *f == module)
+    {
+        Some((_, to)) => to.to_string(),
+        None => {
+            let (from_prefix, to_prefix) = dir(LAYER_PREFIX);
+            let (layer, layer_module) = module.strip_prefix(from_prefix)?.split_once('.')?;
             let layer: usize = layer.parse().ok()?;
-            let (g, _) = LAYER_MODULES.iter().find(|(_, h)| *h == hf_module)?;
-            format!("blk.{layer}.{g}")
+            let (_, to) = LAYER_MODULES
+                .iter()
+                .map(|&p| dir(p))
+                .find(|(f, _)| *f == layer_module)?;
+            format!("{to_prefix}{layer}.{to}")
         }
     };
-    Some(format!("{gguf_module}.{suffix}"))
+    Some(format!("{renamed}.{suffix}"))
 }
 
 /// Where llama.cpp's converter puts GGUF tensor `name` in a file: rope factors, the embedding,
