@@ -116,10 +116,9 @@ pub fn run(args: &ExportArgs) -> Result<(), String> {
             names.len()
         ),
     }
-    let tensors = match &model.weights {
-        WeightSource::Gguf(g) if format == ExportFormat::Gguf => g.file().tensors().len(),
-        _ => names.len(),
-    };
+    // a GGUF also holds the rope factors of a scaled rope (`rope_freqs.weight`)
+    let rope_factors = format == ExportFormat::Gguf && model.config.rope_scaling.is_some();
+    let tensors = names.len() + usize::from(rope_factors);
     let bar = count_bar(tensors, "tensors", !args.no_progress);
     let mut on_tensor = |name: &str| {
         bar.set_message(name.to_owned());
