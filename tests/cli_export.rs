@@ -104,7 +104,7 @@ fn bad_input_is_refused_with_what_to_do() {
     fails_with(&out, &["q8_0", "GGUF"]);
 
     let out = export(&["--adapter", "h32/adapter", "--format", "gguf"], d);
-    fails_with(&out, &["GGUF base", "convert_hf_to_gguf"]);
+    fails_with(&out, &["tokenizer.json", "not BPE", "byte-level BPE"]);
 
     write(d, "h32/adapter/adapter_config.json", "{\"r\": 4,");
     let out = export(&["--adapter", "h32/adapter"], d);
