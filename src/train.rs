@@ -333,5 +333,9 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
          loss_curve.svg beside it",
         summary.adapter_dir.display()
     );
+    println!(
+        "merged into the model for llama.cpp or transformers: ftrt export --adapter {}",
+        summary.adapter_dir.display()
+    );
     Ok(())
 }

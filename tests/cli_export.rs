@@ -1,6 +1,6 @@
-//! `ftrt export` end to end on a tiny random model: a run that writes a folder transformers'
-//! layout, and bad input that ends with a clear message and exit status 1, never a panic. The
-//! merged values are checked in `ftrt_models::export`'s tests and against PEFT by
+//! `ftrt export` end to end on a tiny random model: a run that writes a Hugging Face folder,
+//! and bad input that ends with a clear message and exit status 1, never a panic. The merged
+//! values are checked in `models/tests/export.rs` and against PEFT by
 //! `benches/export_parity.py`.
 
 mod common;

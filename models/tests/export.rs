@@ -1,6 +1,8 @@
-//! Exports of a tiny random Llama with a random adapter, checked through the readers and the
-//! CPU model: the merged model's logits against the base model running the adapter unmerged
-//! (the path checked against PEFT), on fresh random weights and tokens each run.
+//! `ftrt_models::export` on tiny random models (Llama and Qwen2 shapes, word-level and real
+//! tokenizers) with random adapters, checked through the readers and the CPU model: the merged
+//! model's logits against the base model running the adapter unmerged (the path checked against
+//! PEFT), on fresh random weights and tokens each run; GGUF tokenizers against llama.cpp's own
+//! token ids.
 
 mod loading_common;
 
