@@ -20,6 +20,7 @@ use ftrt_models::gguf::value::MetaValue;
 use ftrt_models::gguf::writer::{encode, write_gguf, TensorOut};
 use ftrt_models::llama::{Batch, LlamaModel, LoraAdapter, Rounding};
 use ftrt_models::lora::{linear_targets, LoraConfig, LoraWeights, ALL_LINEAR};
+use ftrt_models::safetensors_io::SafetensorsFiles;
 use ftrt_models::train::rng::SplitMix64;
 use loading_common::{assets, vocab_vectors};
 use safetensors::tensor::TensorView;
@@ -219,6 +220,21 @@ fn write_gguf_source(path: &Path, w: &Weights) {
     .unwrap();
 }
 
+/// A word-level tokenizer.json over [`tokens`].
+fn word_level_tokenizer() -> String {
+    let vocab: Vec<String> = tokens()
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("\"{t}\": {i}"))
+        .collect();
+    format!(
+        r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null,
+        "decoder": null, "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "<|endoftext|>"}}}}"#,
+        vocab.join(", ")
+    )
+}
+
 /// A Hugging Face folder with the weights `w` of shape `t` (f32 safetensors): a word-level
 /// tokenizer over [`tokens`], or a real `tokenizer.json` and `tokenizer_config.json` copied
 /// from `tokenizer`; `extra` adds config.json fields.
@@ -239,20 +255,7 @@ fn write_hf_source(dir: &Path, t: &Tiny, w: &Weights, tokenizer: Option<&Path>, 
                 std::fs::copy(src.join(f), dir.join(f)).unwrap();
             }
         }
-        None => {
-            let vocab_json: Vec<String> = tokens()
-                .iter()
-                .enumerate()
-                .map(|(i, t)| format!("\"{t}\": {i}"))
-                .collect();
-            let tokenizer = format!(
-                r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-                "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null,
-                "decoder": null, "model": {{"type": "WordLevel", "vocab": {{{}}}, "unk_token": "<|endoftext|>"}}}}"#,
-                vocab_json.join(", ")
-            );
-            std::fs::write(dir.join("tokenizer.json"), tokenizer).unwrap();
-        }
+        None => std::fs::write(dir.join("tokenizer.json"), word_level_tokenizer()).unwrap(),
     }
     let views: Vec<(String, TensorView)> = w
         .iter()
@@ -703,5 +706,43 @@ fn folders_with_real_tokenizers_export_to_gguf() {
                 }
             }
         }
+    }
+}
+
+/// A bitsandbytes `load_in_4bit` save (the fixture transformers and bitsandbytes wrote) converted
+/// to a dense folder: no `quantization_config` left, and the logits transformers computed on
+/// the dequantized weights.
+#[test]
+fn a_4bit_checkpoint_exports_dense() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/bnb4bit");
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("bnb");
+    std::fs::create_dir_all(&src).unwrap();
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(f), src.join(f)).unwrap();
+    }
+    std::fs::write(src.join("tokenizer.json"), word_level_tokenizer()).unwrap();
+    let base = open_model(&src).unwrap();
+    assert!(base.weights.has_bnb_4bit());
+    let out = dir.path().join("dense");
+    write_hf_folder(
+        &MergedWeights::new(&base, None),
+        ExportDtype::F32,
+        &out,
+        MAX_SHARD_BYTES,
+        &mut |_| {},
+    )
+    .unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert!(config.get("quantization_config").is_none());
+    let dense = open_model(&out).unwrap();
+    assert!(!dense.weights.has_bnb_4bit());
+    let golden = SafetensorsFiles::open(&fixture.join("golden.safetensors")).unwrap();
+    let prompts: [&[u32]; 2] = [&[1, 17, 33, 5, 99, 64, 2, 120, 45], &[7, 3, 88, 12, 127]];
+    for (i, p) in prompts.iter().enumerate() {
+        let want = golden.to_f32(&format!("logits.{i}")).unwrap();
+        let err = rel_err(&logits(&dense, None, p), &want);
+        assert!(err < 2e-5, "prompt {i}: max rel err {err:e}");
     }
 }
