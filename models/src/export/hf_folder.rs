@@ -20,12 +20,13 @@ use crate::train::atomic::{stage_with, write_atomic};
 /// Hugging Face's default `max_shard_size`: 5 GB.
 pub const MAX_SHARD_BYTES: usize = 5_000_000_000;
 /// Files of a Hugging Face folder that describe the tokenizer and generation, copied as they are.
-const COPIED_FILES: [&str; 5] = [
+const COPIED_FILES: [&str; 6] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
     "chat_template.jinja",
+    "tokenizer.model",
 ];
 
 /// Writes the merged weights of `merged` in `dtype` (F32, F16 or BF16) and the config and
