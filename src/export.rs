@@ -1,7 +1,7 @@
 //! `ftrt export`: a base model with a PEFT LoRA adapter merged into its weights (PEFT's
 //! `merge_and_unload`; Unsloth's `save_pretrained_merged` / `save_pretrained_gguf`), saved as
 //! a Hugging Face folder (safetensors, for transformers or vLLM) or as a GGUF file (for
-//! llama.cpp or Ollama; from a GGUF base). Runs on the CPU, one tensor at a time.
+//! llama.cpp or Ollama). Runs on the CPU, one tensor at a time.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -32,8 +32,9 @@ pub struct ExportArgs {
     /// train` uses it].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// `safetensors` (a Hugging Face folder) or `gguf` (one file; needs a GGUF base) [default:
-    /// gguf for a GGUF base, safetensors for a folder].
+    /// `safetensors` (a Hugging Face folder) or `gguf` (one file for llama.cpp; from a folder,
+    /// its tokenizer must be byte-level BPE: Llama 3, Qwen2/3, SmolLM, GPT-2) [default: gguf for
+    /// a GGUF base, safetensors for a folder].
     #[arg(long, value_parser = ["safetensors", "gguf"])]
     pub format: Option<String>,
     /// Type of the written matrices: f32, f16, bf16, or q8_0 (GGUF only; vectors stay f32)
