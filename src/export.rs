@@ -85,10 +85,8 @@ pub fn run(args: &ExportArgs) -> Result<(), String> {
         (None, ExportFormat::Gguf) => ExportDtype::Q8_0,
         (None, ExportFormat::Safetensors) => ExportDtype::BF16,
     };
-    if format == ExportFormat::Safetensors && dtype == ExportDtype::Q8_0 {
-        return Err(
-            "--dtype q8_0 is a GGUF type; safetensors are written as f32, f16 or bf16".into(),
-        );
+    if format == ExportFormat::Safetensors {
+        dtype.safetensors_name()?; // refused before loading anything
     }
     let lora = match adapter_dir {
         Some(dir) => Some(LoraWeights::load_peft(dir, &linear_targets(&model.config))?),

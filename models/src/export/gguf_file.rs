@@ -16,6 +16,7 @@ use crate::gguf::names::{
     file_order, gguf_name, hf_name, permuted_projection, QkProjection, ROPE_FREQS,
 };
 use crate::gguf::permute::permute_rows;
+use crate::gguf::reader::GgufFile;
 use crate::gguf::types::GgmlType;
 use crate::gguf::value::MetaValue;
 use crate::gguf::writer::{encode, write_gguf, TensorOut, Q8_0_BLOCK};
@@ -30,13 +31,13 @@ const REWRITTEN_KEYS: [&str; 3] = [
 const QUANTIZATION_VERSION: u32 = 2;
 
 /// Where a tensor's values come from.
-enum Values {
+enum Values<'a> {
     /// A merged weight under its Hugging Face name.
     Weight(String),
     /// Given values (a Hugging Face model's rope factors).
     Given(Vec<f32>),
     /// Stored in the GGUF source as they are (its rope factors).
-    Stored,
+    Stored(&'a GgufFile),
 }
 
 /// Writes `merged` to the GGUF file `out` in `dtype`. `on_tensor` is called after each tensor
@@ -62,7 +63,7 @@ pub fn write_gguf_file(
                 .tensors()
                 .iter()
                 .map(|t| {
-                    let values = hf_name(&t.name).map_or(Values::Stored, Values::Weight);
+                    let values = hf_name(&t.name).map_or(Values::Stored(file), Values::Weight);
                     (t.name.clone(), t.shape(), values)
                 })
                 .collect();
@@ -126,10 +127,7 @@ pub fn write_gguf_file(
         let (t, (_, _, source)) = (&tensors[i], &entries[i]);
         let values = match source {
             Values::Given(v) => v.clone(),
-            Values::Stored => match &model.weights {
-                WeightSource::Gguf(g) => g.file().dequantize(&t.name).map_err(|e| e.to_string())?,
-                WeightSource::Safetensors(_) => return Err(format!("{}: not stored", t.name)),
-            },
+            Values::Stored(file) => file.dequantize(&t.name).map_err(|e| e.to_string())?,
             Values::Weight(hf) => {
                 let merged_values = merged.get(hf)?;
                 let n_head = match permuted_projection(hf) {

@@ -39,14 +39,12 @@ pub fn write_hf_folder(
     max_shard_bytes: usize,
     on_tensor: &mut dyn FnMut(&str),
 ) -> Result<(), String> {
-    let st_dtype = dtype.safetensors_name().ok_or_else(|| {
-        format!("{dtype} is a GGUF type; safetensors are written as f32, f16 or bf16")
-    })?;
+    let st_dtype = dtype.safetensors_name()?;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: cannot create: {e}", out.display()))?;
     let mut tensors = Vec::new();
     for name in merged.names() {
         let shape = merged.shape(&name)?;
-        let bytes = shape.iter().product::<usize>() * dtype.bytes_per_value();
+        let bytes = shape.iter().product::<usize>() * dtype.ggml_type().type_size();
         tensors.push((name, shape, bytes));
     }
     let shards = split_shards(&tensors, max_shard_bytes);

@@ -41,19 +41,16 @@ impl<'a> MergedWeights<'a> {
         self.model
     }
 
-    /// Every weight name, sorted (a 4-bit checkpoint's quantization state is part of its
-    /// weight, not a name of its own).
+    /// Every weight name, sorted (a 4-bit checkpoint's
+    /// quantization state is part of its weight, not a name of its own).
     pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .model
+        self.model
             .weights
             .names()
             .into_iter()
             .filter(|n| !bnb4bit::is_quant_state(n))
             .map(str::to_owned)
-            .collect();
-        names.sort();
-        names
+            .collect()
     }
 
     /// Row-major shape of weight `name`.

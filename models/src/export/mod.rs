@@ -57,13 +57,15 @@ impl ExportDtype {
             .ok_or_else(|| format!("unknown dtype {name:?}: f32, f16, bf16 or q8_0"))
     }
 
-    /// The safetensors dtype name, `None` for Q8_0.
-    pub fn safetensors_name(self) -> Option<&'static str> {
+    /// The safetensors dtype name; Q8_0 has none (a GGUF type), which is an error saying so.
+    pub fn safetensors_name(self) -> Result<&'static str, String> {
         match self {
-            Self::F32 => Some("F32"),
-            Self::F16 => Some("F16"),
-            Self::BF16 => Some("BF16"),
-            Self::Q8_0 => None,
+            Self::F32 => Ok("F32"),
+            Self::F16 => Ok("F16"),
+            Self::BF16 => Ok("BF16"),
+            Self::Q8_0 => Err(format!(
+                "{self} is a GGUF type; safetensors are written as f32, f16 or bf16"
+            )),
         }
     }
 
@@ -73,15 +75,6 @@ impl ExportDtype {
             Self::F32 => "float32",
             Self::F16 => "float16",
             Self::BF16 | Self::Q8_0 => "bfloat16",
-        }
-    }
-
-    /// Bytes per value of a plain (unquantized) type.
-    fn bytes_per_value(self) -> usize {
-        match self {
-            Self::F32 => 4,
-            Self::F16 | Self::BF16 => 2,
-            Self::Q8_0 => 1,
         }
     }
 
